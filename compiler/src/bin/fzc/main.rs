@@ -1,0 +1,353 @@
+//! `fzc`: check, compile and query fz policy trees. Exit codes are a contract for CI and
+//! scripts: 0 success, 1 errors in the tree or failing tests, 2 usage or IO errors.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod query;
+mod render;
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use fz_compiler::{Bundle, Checked, DecisionTable};
+use render::{Format, Renderer};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fzc",
+    version,
+    about = "Check, compile and query fz access policy trees"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Parse, resolve and analyse a tree, and run its tests and invariants.
+    Check {
+        /// The policy tree.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Treat warnings as errors.
+        #[arg(long)]
+        deny_warnings: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Write the decision table bundle of a tree that passes `check`.
+    Compile {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Where to write the bundle.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Decide requests against a tree (or a compiled bundle) and name the rules that decided.
+    Query(QueryArgs),
+}
+
+#[derive(Debug, Args)]
+struct QueryArgs {
+    /// The policy tree, or a bundle written by `fzc compile`.
+    #[arg(default_value = "policies")]
+    dir: PathBuf,
+    #[arg(long, required_unless_present = "requests")]
+    user: Option<String>,
+    /// A group the identity provider says the user is in; repeat for more.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    #[arg(long, required_unless_present = "requests")]
+    resource: Option<String>,
+    /// `tcp/443`, `udp/53`, `icmp`.
+    #[arg(long)]
+    port: Option<String>,
+    /// RFC 3339 time of the request.
+    #[arg(long)]
+    at: Option<String>,
+    /// The client's public IP.
+    #[arg(long)]
+    from: Option<String>,
+    /// ISO 3166 alpha-2 country of the client's address.
+    #[arg(long)]
+    country: Option<String>,
+    /// Identity provider the user signed in with.
+    #[arg(long)]
+    provider: Option<String>,
+    /// The device is marked verified.
+    #[arg(long)]
+    verified: bool,
+    /// Read one JSON request per line from this file and write one decision per line.
+    #[arg(long, conflicts_with_all = ["user", "resource", "groups", "port", "at", "from", "country", "provider", "verified"])]
+    requests: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "human")]
+    format: Format,
+}
+
+/// Exit codes of the contract.
+const TREE_ERRORS: u8 = 1;
+const USAGE_OR_IO: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { USAGE_OR_IO } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(USAGE_OR_IO)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check {
+            dir,
+            deny_warnings,
+            format,
+        } => {
+            let checked = check(&dir)?;
+            print!("{}", report(&checked, &dir, format));
+            let failed = checked.has_errors() || (deny_warnings && !checked.diagnostics.is_empty());
+            Ok(if failed {
+                ExitCode::from(TREE_ERRORS)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Compile {
+            dir,
+            output,
+            format,
+        } => {
+            let checked = check(&dir)?;
+            let Some(table) = checked.table.clone() else {
+                eprint!("{}", report(&checked, &dir, format));
+                eprintln!("error: `{}` has errors; no bundle written", dir.display());
+                return Ok(ExitCode::from(TREE_ERRORS));
+            };
+            let bundle = Bundle::new(table)?;
+            let bytes = bundle.to_bytes()?;
+            write_atomically(&output, &bytes)?;
+            if format == Format::Human {
+                for diagnostic in &checked.diagnostics {
+                    eprint!(
+                        "{}",
+                        Renderer {
+                            sources: &checked.sources,
+                            root: &display(&dir)
+                        }
+                        .human(diagnostic)
+                    );
+                }
+                println!(
+                    "wrote {} ({} rules, {} resources, {} bytes), {}",
+                    output.display(),
+                    bundle.table.rules.len(),
+                    bundle.table.resources.len(),
+                    bytes.len(),
+                    bundle.hash
+                );
+            } else {
+                let summary = serde_json::json!({
+                    "output": output.display().to_string(),
+                    "hash": bundle.hash,
+                    "rules": bundle.table.rules.len(),
+                    "resources": bundle.table.resources.len(),
+                    "bytes": bytes.len(),
+                });
+                println!("{summary}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Query(args) => run_query(args),
+    }
+}
+
+fn check(dir: &Path) -> anyhow::Result<Checked> {
+    let sources = fz_compiler::load_tree(dir)?;
+    Ok(fz_compiler::check(sources))
+}
+
+fn display(dir: &Path) -> String {
+    dir.display().to_string()
+}
+
+/// The report of `check` (and of a refused `compile`).
+fn report(checked: &Checked, dir: &Path, format: Format) -> String {
+    let root = display(dir);
+    let renderer = Renderer {
+        sources: &checked.sources,
+        root: &root,
+    };
+    match format {
+        Format::Json => {
+            let diagnostics: Vec<_> = checked
+                .diagnostics
+                .iter()
+                .map(|d| renderer.json(d))
+                .collect();
+            let report = serde_json::json!({
+                "diagnostics": diagnostics,
+                "tests": { "passed": checked.tests.passed, "failed": checked.tests.failed },
+            });
+            format!("{report}\n")
+        }
+        Format::Human => {
+            let mut out = String::new();
+            for diagnostic in &checked.diagnostics {
+                out += &renderer.human(diagnostic);
+                out += "\n";
+            }
+            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+            let warnings = checked.diagnostics.len() - errors;
+            let summary = match &checked.table {
+                Some(table) => format!(
+                    "{} resources, {} rules; tests and invariants: {} passed, {} failed",
+                    table.resources.len(),
+                    table.rules.len(),
+                    checked.tests.passed,
+                    checked.tests.failed
+                ),
+                None if checked.tests.failed > 0 => {
+                    format!(
+                        "tests and invariants: {} passed, {} failed",
+                        checked.tests.passed, checked.tests.failed
+                    )
+                }
+                None => "tests not run".to_owned(),
+            };
+            out += &format!(
+                "{}: {} files checked, {summary}; {errors} {}, {warnings} {}\n",
+                root,
+                checked.sources.len(),
+                plural(errors, "error"),
+                plural(warnings, "warning")
+            );
+            out
+        }
+    }
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        word.to_owned()
+    } else {
+        format!("{word}s")
+    }
+}
+
+/// Writes to a temporary file beside the target and renames it over, so a reader never sees a
+/// half-written bundle.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".to_owned());
+    let temporary = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&temporary, bytes)
+        .with_context(|| format!("cannot write `{}`", temporary.display()))?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("cannot write `{}`", path.display()))?;
+    Ok(())
+}
+
+fn run_query(args: QueryArgs) -> anyhow::Result<ExitCode> {
+    let decisions = if args.dir.is_file() {
+        let bytes = std::fs::read(&args.dir)
+            .with_context(|| format!("cannot read `{}`", args.dir.display()))?;
+        let bundle = match Bundle::from_bytes(&bytes) {
+            Ok(bundle) => bundle,
+            Err(error) => {
+                eprintln!("error: `{}`: {error}", args.dir.display());
+                return Ok(ExitCode::from(TREE_ERRORS));
+            }
+        };
+        DecisionTable::new(bundle.table)
+    } else {
+        let checked = check(&args.dir)?;
+        let Some(table) = checked.table.clone() else {
+            eprint!("{}", report(&checked, &args.dir, Format::Human));
+            return Ok(ExitCode::from(TREE_ERRORS));
+        };
+        DecisionTable::new(table)
+    };
+
+    let Some(path) = &args.requests else {
+        let line = query::RequestLine {
+            user: args.user.unwrap_or_default(),
+            groups: args.groups,
+            resource: args.resource.unwrap_or_default(),
+            port: args.port,
+            at: args.at,
+            from: args.from,
+            country: args.country,
+            provider: args.provider,
+            verified: args.verified,
+        };
+        let request = match line.into_request(&decisions) {
+            Ok(request) => request,
+            Err(message) => {
+                eprintln!("error: {message}");
+                return Ok(ExitCode::from(USAGE_OR_IO));
+            }
+        };
+        let decision = decisions.decide(&request);
+        match args.format {
+            Format::Human => print!("{}", query::human(&request, &decision, &decisions)),
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string(&query::DecisionJson::new(&decision, &decisions))?
+            ),
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+
+    // Batch: one decision (or one error) per input line, so outputs line up with inputs.
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut bad_lines = 0usize;
+    for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read `{}`", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<query::RequestLine>(&line)
+            .map_err(|e| format!("{}:{}: {e}", path.display(), number + 1))
+            .and_then(|r| {
+                r.into_request(&decisions)
+                    .map_err(|e| format!("{}:{}: {e}", path.display(), number + 1))
+            });
+        match parsed {
+            Ok(request) => {
+                let decision = decisions.decide(&request);
+                serde_json::to_writer(&mut out, &query::DecisionJson::new(&decision, &decisions))?;
+            }
+            Err(message) => {
+                bad_lines += 1;
+                eprintln!("error: {message}");
+                serde_json::to_writer(&mut out, &serde_json::json!({ "error": message }))?;
+            }
+        }
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(if bad_lines > 0 {
+        ExitCode::from(USAGE_OR_IO)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

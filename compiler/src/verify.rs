@@ -1,0 +1,392 @@
+//! Policy tests and invariants, run by `fzc check` against the decision table itself.
+//!
+//! Invariants are decided exhaustively, not sampled. Identity-provider membership is unknown
+//! when compiling: a user may be in any group that is synced from a provider (and always in
+//! `everyone`), but in a static-only group just when listed. The search is exact because:
+//! - adding groups beyond what an allow rule and the assertion need can only make more deny
+//!   rules apply, so the smallest membership for each way of matching each allow rule suffices;
+//! - every condition splits its fact's domain at finitely many boundaries (codes and providers
+//!   named, network edges, window starts and ends in their zone), so one representative per
+//!   region, plus "missing", covers every context. Time is sampled at every window boundary
+//!   of a winter and a summer reference week, which covers both offsets of every zone with
+//!   daylight saving time.
+
+use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
+use fz_lang::ast::Quantifier;
+use fz_lang::{Code, Diagnostic};
+
+use crate::condition::{Condition, Context};
+use crate::decide::DecisionTable;
+use crate::resolve::{Invariant, Resolved};
+use crate::table::*;
+
+/// Tests and invariants that held and that did not. A test counts once, however many
+/// expectations it has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestReport {
+    pub passed: usize,
+    pub failed: usize,
+}
+
+/// Stands for every user the tree does not name, in counterexamples.
+const UNNAMED_USER: &str = "unnamed-user@example.invalid";
+
+pub fn run(
+    resolved: &Resolved,
+    decisions: &DecisionTable,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> TestReport {
+    let mut report = TestReport::default();
+    for test in &resolved.tests {
+        let mut failed = false;
+        for expectation in &test.expectations {
+            let decision = decisions.decide(&expectation.request);
+            if decision.effect == expectation.effect {
+                continue;
+            }
+            failed = true;
+            let request = &expectation.request;
+            let mut diagnostic = Diagnostic::new(
+                Code::TestFailed,
+                expectation.loc,
+                format!(
+                    "test \"{}\": expected {} but `{}` is {}ed `{}`",
+                    test.name, expectation.effect, request.user, decision.effect, request.resource
+                ),
+            )
+            .with_label(decision.reason.describe());
+            for line in decisions.explain(request, &decision) {
+                diagnostic = diagnostic.with_note(line);
+            }
+            diagnostics.push(diagnostic);
+        }
+        if failed {
+            report.failed += 1
+        } else {
+            report.passed += 1
+        }
+    }
+    for invariant in &resolved.invariants {
+        match counterexample(invariant, decisions) {
+            None => report.passed += 1,
+            Some(found) => {
+                report.failed += 1;
+                diagnostics.push(found.diagnostic(invariant, decisions));
+            }
+        }
+    }
+    report
+}
+
+/// A request the invariant forbids that the table allows.
+#[derive(Debug)]
+struct Counterexample {
+    user: String,
+    groups: Vec<GroupIdx>,
+    resource: ResourceIdx,
+    port: Option<PortRange>,
+    context: Context,
+    rules: Vec<RuleIdx>,
+}
+
+impl Counterexample {
+    fn diagnostic(&self, invariant: &Invariant, decisions: &DecisionTable) -> Diagnostic {
+        let table = decisions.table();
+        let groups: Vec<String> = self
+            .groups
+            .iter()
+            .filter_map(|g| table.groups.get(*g as usize))
+            .map(|g| format!("`{}`", g.id))
+            .collect();
+        let user = if self.user == UNNAMED_USER {
+            "a user the tree does not name".to_owned()
+        } else {
+            format!("`{}`", self.user)
+        };
+        let resource = table
+            .resources
+            .get(self.resource as usize)
+            .map_or("", |r| r.id.as_str());
+        let port = self
+            .port
+            .map_or_else(|| "any port".to_owned(), |p| p.to_string());
+        let mut diagnostic = Diagnostic::new(
+            Code::InvariantFailed,
+            invariant.loc,
+            format!("invariant `{}` does not hold", invariant.text),
+        )
+        .with_label("a counterexample is below")
+        .with_note(format!(
+            "counterexample: {user} in groups {}",
+            groups.join(", ")
+        ))
+        .with_note(format!(
+            "reaches `{resource}` on {port} {}",
+            describe_context(&self.context)
+        ));
+        for note in decisions.rule_notes(&self.rules) {
+            diagnostic = diagnostic.with_note(format!("let through by {note}"));
+        }
+        diagnostic
+    }
+}
+
+fn describe_context(context: &Context) -> String {
+    let mut words = Vec::new();
+    words.push(context.at.map_or_else(
+        || "at any time".to_owned(),
+        |at| format!("at {}", at.to_rfc3339()),
+    ));
+    words.push(context.source.map_or_else(
+        || "from an unknown address".to_owned(),
+        |ip| format!("from {ip}"),
+    ));
+    words.push(context.country.as_ref().map_or_else(
+        || "in an unknown country".to_owned(),
+        |c| format!("in country {c}"),
+    ));
+    words.push(context.provider.as_ref().map_or_else(
+        || "signed in with any provider".to_owned(),
+        |p| format!("signed in with {p}"),
+    ));
+    words.push(
+        if context.verified {
+            "on a verified device"
+        } else {
+            "on an unverified device"
+        }
+        .to_owned(),
+    );
+    words.join(", ")
+}
+
+fn counterexample(invariant: &Invariant, decisions: &DecisionTable) -> Option<Counterexample> {
+    let table = decisions.table();
+    let everyone = decisions.group_index(EVERYONE);
+    // Every user the tree or the invariant names, and one neither does.
+    let named_only_here = invariant
+        .users
+        .iter()
+        .filter(|u| !table.users.iter().any(|t| &t.email == *u));
+    let candidates: Vec<(&str, &[GroupIdx])> = table
+        .users
+        .iter()
+        .map(|u| (u.email.as_str(), u.groups.as_slice()))
+        .chain(named_only_here.map(|u| (u.as_str(), &[][..])))
+        .chain([(UNNAMED_USER, &[][..])])
+        .collect();
+    for &resource in &invariant.resources {
+        let entry = table.resources.get(resource as usize)?;
+        let port = entry
+            .ports
+            .as_ref()
+            .and_then(|p| p.first())
+            .map(|p| PortRange {
+                last: p.first,
+                ..*p
+            });
+        let contexts = representative_contexts(entry, table);
+        for &allow in &entry.allow {
+            let rule = table.rules.get(allow as usize)?;
+            for (email, static_groups) in &candidates {
+                for groups in memberships(invariant, rule, email, static_groups, table, everyone) {
+                    let names: Vec<&str> = groups
+                        .iter()
+                        .filter_map(|g| table.groups.get(*g as usize))
+                        .map(|g| g.id.as_str())
+                        .collect();
+                    let membership = decisions.membership(email, names.iter().copied());
+                    for context in &contexts {
+                        let decision =
+                            decisions.decide_for(&membership, resource, port.as_ref(), context);
+                        if decision.effect == Effect::Allow {
+                            return Some(Counterexample {
+                                user: (*email).to_owned(),
+                                groups,
+                                resource,
+                                port,
+                                context: context.clone(),
+                                rules: decision.rules,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The smallest group sets, for one user, that match `rule` and fall under the invariant's
+/// quantifier (members of its subjects for `never`, non-members for `only`).
+fn memberships(
+    invariant: &Invariant,
+    rule: &Rule,
+    email: &str,
+    static_groups: &[GroupIdx],
+    table: &Table,
+    everyone: Option<GroupIdx>,
+) -> Vec<Vec<GroupIdx>> {
+    let is_open = |g: &GroupIdx| table.groups.get(*g as usize).is_some_and(Group::is_open);
+    let base: Vec<GroupIdx> = static_groups.iter().copied().chain(everyone).collect();
+    let user_named_by_rule = table
+        .users
+        .iter()
+        .position(|u| u.email == email)
+        .is_some_and(|u| rule.users.contains(&(u as UserIdx)));
+    // Ways to match the rule: by name, or through a group the user is or may be in.
+    let mut matched: Vec<Vec<GroupIdx>> = Vec::new();
+    if user_named_by_rule || rule.groups.iter().any(|g| base.contains(g)) {
+        matched.push(base.clone());
+    } else {
+        for g in rule.groups.iter().filter(|g| is_open(g)) {
+            matched.push(with(&base, *g));
+        }
+    }
+    let named = invariant.users.iter().any(|u| u == email);
+    let mut result = Vec::new();
+    for groups in matched {
+        match invariant.quantifier {
+            Quantifier::Never => {
+                if named || invariant.groups.iter().any(|g| groups.contains(g)) {
+                    result.push(groups);
+                } else {
+                    result.extend(
+                        invariant
+                            .groups
+                            .iter()
+                            .filter(|g| is_open(g))
+                            .map(|g| with(&groups, *g)),
+                    );
+                }
+            }
+            Quantifier::Only => {
+                if !named && !invariant.groups.iter().any(|g| groups.contains(g)) {
+                    result.push(groups);
+                }
+            }
+        }
+    }
+    result
+}
+
+fn with(groups: &[GroupIdx], group: GroupIdx) -> Vec<GroupIdx> {
+    let mut groups = groups.to_vec();
+    if !groups.contains(&group) {
+        groups.push(group);
+        groups.sort_unstable();
+    }
+    groups
+}
+
+/// One context per region of the facts the resource's rules test, plus missing facts.
+fn representative_contexts(resource: &Resource, table: &Table) -> Vec<Context> {
+    let conditions: Vec<&Condition> = resource
+        .allow
+        .iter()
+        .chain(&resource.deny)
+        .filter_map(|r| table.rules.get(*r as usize))
+        .flat_map(|r| &r.conditions)
+        .collect();
+
+    let mut instants: Vec<Option<DateTime<Utc>>> = vec![None];
+    let mut countries: Vec<Option<String>> = vec![None];
+    let mut sources = vec![None];
+    let mut providers: Vec<Option<String>> = vec![None];
+    let mut verified = vec![false];
+    for condition in &conditions {
+        match condition {
+            Condition::Time(time) => {
+                for week in reference_weeks() {
+                    for day in 0..7 {
+                        let Some(date) = week.checked_add_days(Days::new(day)) else {
+                            continue;
+                        };
+                        for window in &time.windows {
+                            for minute in [window.start, window.end % 1440] {
+                                let Some(local) = date.and_hms_opt(
+                                    u32::from(minute / 60),
+                                    u32::from(minute % 60),
+                                    0,
+                                ) else {
+                                    continue;
+                                };
+                                if let Some(at) = time.zone.from_local_datetime(&local).earliest() {
+                                    instants.push(Some(at.with_timezone(&Utc)));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Condition::Country { codes, .. } => {
+                countries.extend(codes.iter().cloned().map(Some));
+                // A code no rule names.
+                countries.push(Some(unnamed(codes, ["ZW", "AQ"])));
+            }
+            Condition::Source { networks, .. } => {
+                for network in networks {
+                    sources.push(Some(network.addr()));
+                    sources.extend(network.next_after().map(Some));
+                }
+                sources.extend(
+                    ["0.0.0.0", "::"]
+                        .iter()
+                        .filter_map(|ip| ip.parse().ok())
+                        .map(Some),
+                );
+            }
+            Condition::Provider { provider } => {
+                providers.push(Some(provider.clone()));
+                providers.push(Some("email".to_owned()));
+                providers.push(Some("unnamed-provider".to_owned()));
+            }
+            Condition::ClientVerified => verified.push(true),
+        }
+    }
+    for list in [&mut countries, &mut providers] {
+        list.sort();
+        list.dedup();
+    }
+    instants.sort();
+    instants.dedup();
+    sources.sort();
+    sources.dedup();
+    verified.dedup();
+
+    let mut contexts = Vec::new();
+    for at in &instants {
+        for country in &countries {
+            for source in &sources {
+                for provider in &providers {
+                    for verified in &verified {
+                        contexts.push(Context {
+                            at: *at,
+                            source: *source,
+                            country: country.clone(),
+                            provider: provider.clone(),
+                            verified: *verified,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    contexts
+}
+
+fn unnamed<const N: usize>(codes: &[String], spare: [&str; N]) -> String {
+    spare
+        .iter()
+        .find(|s| !codes.iter().any(|c| c == *s))
+        .copied()
+        .unwrap_or("ZW")
+        .to_owned()
+}
+
+/// Mondays of a winter and a summer week.
+fn reference_weeks() -> impl Iterator<Item = NaiveDate> {
+    [(2026, 1, 5), (2026, 7, 6)]
+        .into_iter()
+        .filter_map(|(y, m, d)| NaiveDate::from_ymd_opt(y, m, d))
+}

@@ -1,0 +1,841 @@
+//! From text to [`PolicyFile`]: a statement splitter, the pest grammar, and the translation of
+//! pest's output (pairs and errors) into syntax nodes and diagnostics. Pest types never leave
+//! this module.
+
+use pest::Parser as _;
+use pest::error::{ErrorVariant, InputLocation};
+use pest::iterators::Pair;
+
+use crate::ast::*;
+use crate::diagnostic::{Code, Diagnostic};
+use crate::source::{FileId, Loc, Node, Span};
+
+#[derive(pest_derive::Parser)]
+#[grammar = "fz.pest"]
+struct Grammar;
+
+/// Parses one file, collecting a diagnostic for every statement that does not parse. The
+/// statements that do parse are returned either way.
+pub fn parse_file(file: FileId, text: &str) -> (PolicyFile, Vec<Diagnostic>) {
+    let mut policy = PolicyFile::default();
+    let mut diagnostics = Vec::new();
+    for chunk in split_statements(text) {
+        let Some(chunk_text) = text.get(chunk.start..chunk.end) else {
+            continue;
+        };
+        let builder = Builder {
+            file,
+            offset: chunk.start,
+        };
+        match Grammar::parse(Rule::statement, chunk_text) {
+            Ok(mut pairs) => {
+                let Some(statement) = pairs.next() else {
+                    continue;
+                };
+                match builder.statement(statement, chunk_text, &mut diagnostics) {
+                    Some(s) => policy.statements.push(s),
+                    None => continue,
+                }
+            }
+            Err(error) => diagnostics.push(builder.syntax_error(&error, chunk_text)),
+        }
+    }
+    (policy, diagnostics)
+}
+
+/// A statement's byte range in the file.
+#[derive(Debug, PartialEq, Eq)]
+struct Chunk {
+    start: usize,
+    end: usize,
+}
+
+/// Words that begin a statement. A line starting with one of these ends an unclosed block, so
+/// that a missing `}` costs one diagnostic, not the rest of the file. (`site` is left out: it
+/// is also a property inside `resource` blocks.)
+const STATEMENT_KEYWORDS: [&str; 6] = ["resource", "group", "allow", "deny", "test", "assert"];
+
+/// Cuts a file at newlines and `;` that stand outside braces, strings and comments.
+fn split_statements(text: &str) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut in_comment = false;
+    let mut escaped = false;
+    let mut has_content = false;
+    let mut push = |start: usize, end: usize, has_content: bool| {
+        if has_content {
+            chunks.push(Chunk { start, end });
+        }
+    };
+    for (i, c) in text.char_indices() {
+        if c == '\n' {
+            // Strings and comments never span lines.
+            in_string = false;
+            in_comment = false;
+            escaped = false;
+            let rest = text.get(i + 1..).unwrap_or("");
+            if depth > 0 && starts_statement(rest) {
+                depth = 0;
+            }
+            if depth == 0 {
+                push(start, i, has_content);
+                start = i + 1;
+                has_content = false;
+            }
+            continue;
+        }
+        if in_comment {
+            continue;
+        }
+        if in_string {
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => escaped = false,
+            }
+            continue;
+        }
+        match c {
+            '#' => in_comment = true,
+            '"' => in_string = true,
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            ';' if depth == 0 => {
+                push(start, i, has_content);
+                start = i + 1;
+                has_content = false;
+                continue;
+            }
+            _ => {}
+        }
+        if !c.is_whitespace() && c != '#' {
+            has_content = true;
+        }
+    }
+    push(start, text.len(), has_content);
+    chunks
+}
+
+fn starts_statement(line: &str) -> bool {
+    let line = line.trim_start_matches([' ', '\t']);
+    STATEMENT_KEYWORDS.iter().any(|kw| {
+        line.strip_prefix(kw)
+            .is_some_and(|rest| rest.starts_with([' ', '\t']))
+    })
+}
+
+/// Comments dropped, runs of whitespace collapsed to one space, strings kept as written.
+fn normalize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut in_comment = false;
+    let mut pending_space = false;
+    for c in text.chars() {
+        if in_comment {
+            if c == '\n' {
+                in_comment = false;
+                pending_space = true;
+            }
+            continue;
+        }
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => escaped = false,
+            }
+            continue;
+        }
+        if c == '#' {
+            in_comment = true;
+            continue;
+        }
+        if c.is_whitespace() {
+            pending_space = true;
+            continue;
+        }
+        if pending_space && !out.is_empty() {
+            out.push(' ');
+        }
+        pending_space = false;
+        if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Turns pest pairs of one statement into syntax nodes, with spans made file-relative.
+struct Builder {
+    file: FileId,
+    offset: usize,
+}
+
+impl Builder {
+    fn loc(&self, pair: &Pair<'_, Rule>) -> Loc {
+        let span = pair.as_span();
+        Loc {
+            file: self.file,
+            span: Span::new(self.offset + span.start(), self.offset + span.end()),
+        }
+    }
+
+    fn node<T>(&self, pair: &Pair<'_, Rule>, value: T) -> Node<T> {
+        Node::new(value, self.loc(pair))
+    }
+
+    fn text(&self, pair: &Pair<'_, Rule>) -> Node<String> {
+        self.node(pair, pair.as_str().to_owned())
+    }
+
+    fn statement(
+        &self,
+        pair: Pair<'_, Rule>,
+        chunk_text: &str,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> Option<Statement> {
+        let inner = pair.into_inner().find(|p| p.as_rule() != Rule::EOI)?;
+        Some(match inner.as_rule() {
+            Rule::site_decl => Statement::Site(self.site(inner)),
+            Rule::resource_decl => Statement::Resource(self.resource(inner, diagnostics)),
+            Rule::group_decl => Statement::Group(self.group(inner, diagnostics)),
+            Rule::access_rule => Statement::Rule(self.rule(inner, chunk_text)),
+            Rule::test_block => Statement::Test(self.test(inner)),
+            Rule::assertion => Statement::Assert(self.assertion(inner)),
+            _ => return None,
+        })
+    }
+
+    fn site(&self, pair: Pair<'_, Rule>) -> Node<SiteDecl> {
+        let loc = self.loc(&pair);
+        let mut name = Node::new(String::new(), loc);
+        let mut description = None;
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::ident => name = self.text(&p),
+                Rule::string => description = Some(unescape(&p)),
+                _ => {}
+            }
+        }
+        Node::new(SiteDecl { name, description }, loc)
+    }
+
+    fn resource(
+        &self,
+        pair: Pair<'_, Rule>,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> Node<ResourceDecl> {
+        let loc = self.loc(&pair);
+        let mut decl = ResourceDecl {
+            name: Node::new(String::new(), loc),
+            address: None,
+            site: None,
+            ports: None,
+            description: None,
+        };
+        let mut seen = PropertyTracker::default();
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::ident => decl.name = self.text(&p),
+                Rule::resource_block => {
+                    for prop in p.into_inner() {
+                        let rule = prop.as_rule();
+                        if matches!(rule, Rule::open | Rule::close) {
+                            continue;
+                        }
+                        seen.note(self, &prop, diagnostics);
+                        let mut values = prop.into_inner();
+                        if rule == Rule::ports_prop {
+                            decl.ports = Some(values.map(|spec| self.port(spec)).collect());
+                            continue;
+                        }
+                        let Some(value) = values.next() else { continue };
+                        match rule {
+                            Rule::address_prop => {
+                                let text = match value.as_rule() {
+                                    Rule::internet => AddressText::Internet,
+                                    _ => AddressText::Quoted(unescape(&value)),
+                                };
+                                decl.address = Some(self.node(&value, text));
+                            }
+                            Rule::site_prop => decl.site = Some(self.text(&value)),
+                            Rule::description_prop => decl.description = Some(unescape(&value)),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Node::new(decl, loc)
+    }
+
+    fn port(&self, pair: Pair<'_, Rule>) -> Node<PortSpec> {
+        let loc = self.loc(&pair);
+        let mut spec = PortSpec {
+            protocol: Protocol::Icmp,
+            first: 0,
+            last: 0,
+        };
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::icmp => spec.protocol = Protocol::Icmp,
+                Rule::protocol => {
+                    spec.protocol = if p.as_str() == "udp" {
+                        Protocol::Udp
+                    } else {
+                        Protocol::Tcp
+                    };
+                }
+                Rule::port_range => {
+                    let numbers: Vec<u32> = p
+                        .into_inner()
+                        .map(|n| n.as_str().parse::<u32>().unwrap_or(u32::MAX))
+                        .collect();
+                    spec.first = numbers.first().copied().unwrap_or(0);
+                    spec.last = numbers.get(1).copied().unwrap_or(spec.first);
+                }
+                _ => {}
+            }
+        }
+        Node::new(spec, loc)
+    }
+
+    fn group(&self, pair: Pair<'_, Rule>, diagnostics: &mut Vec<Diagnostic>) -> Node<GroupDecl> {
+        let loc = self.loc(&pair);
+        let mut decl = GroupDecl {
+            name: Node::new(String::new(), loc),
+            members: Vec::new(),
+            idp: Vec::new(),
+            description: None,
+        };
+        let mut seen = PropertyTracker::default();
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::ident => decl.name = self.text(&p),
+                Rule::group_block => {
+                    for prop in p.into_inner() {
+                        match prop.as_rule() {
+                            Rule::members_prop => decl
+                                .members
+                                .extend(prop.into_inner().map(|s| self.node(&s, unescape(&s)))),
+                            Rule::idp_prop => {
+                                let prop_loc = self.loc(&prop);
+                                let mut provider = Node::new(String::new(), prop_loc);
+                                let mut group = String::new();
+                                for part in prop.into_inner() {
+                                    match part.as_rule() {
+                                        Rule::ident => provider = self.text(&part),
+                                        Rule::string => group = unescape(&part),
+                                        _ => {}
+                                    }
+                                }
+                                decl.idp
+                                    .push(Node::new(IdpBinding { provider, group }, prop_loc));
+                            }
+                            Rule::description_prop => {
+                                seen.note(self, &prop, diagnostics);
+                                decl.description = prop.into_inner().next().map(|s| unescape(&s));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Node::new(decl, loc)
+    }
+
+    fn rule(&self, pair: Pair<'_, Rule>, chunk_text: &str) -> Node<RuleDecl> {
+        let loc = self.loc(&pair);
+        let mut decl = RuleDecl {
+            effect: Effect::Allow,
+            subjects: Vec::new(),
+            targets: Vec::new(),
+            conditions: Vec::new(),
+            name: None,
+            normalized_text: String::new(),
+        };
+        let span = pair.as_span();
+        let rule_text = chunk_text.get(span.start()..span.end()).unwrap_or("");
+        let mut text_end = rule_text.len();
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::effect => decl.effect = effect(&p),
+                Rule::subjects => decl.subjects = self.subjects(p),
+                Rule::targets => decl.targets = self.targets(p),
+                Rule::when_clause => {
+                    decl.conditions = p
+                        .into_inner()
+                        .filter(|c| c.as_rule() != Rule::kw_and && c.as_rule() != Rule::kw_when)
+                        .map(|c| self.condition(c))
+                        .collect();
+                }
+                Rule::as_clause => {
+                    text_end = p.as_span().start() - span.start();
+                    decl.name = p
+                        .into_inner()
+                        .find(|n| n.as_rule() == Rule::ident)
+                        .map(|n| self.text(&n));
+                }
+                _ => {}
+            }
+        }
+        decl.normalized_text = normalize(rule_text.get(..text_end).unwrap_or(rule_text));
+        Node::new(decl, loc)
+    }
+
+    fn subjects(&self, pair: Pair<'_, Rule>) -> Vec<Node<Subject>> {
+        pair.into_inner()
+            .map(|subject| {
+                let loc = self.loc(&subject);
+                let value = match subject.into_inner().next() {
+                    Some(inner) if inner.as_rule() == Rule::user_subject => {
+                        let email = inner.into_inner().find(|p| p.as_rule() == Rule::string);
+                        Subject::User(email.map(|e| unescape(&e)).unwrap_or_default())
+                    }
+                    Some(inner) => Subject::Group(inner.as_str().to_owned()),
+                    None => Subject::Group(String::new()),
+                };
+                Node::new(value, loc)
+            })
+            .collect()
+    }
+
+    fn targets(&self, pair: Pair<'_, Rule>) -> Vec<Node<Target>> {
+        pair.into_inner()
+            .map(|target| {
+                let loc = self.loc(&target);
+                let value = match target.into_inner().next() {
+                    Some(inner) if inner.as_rule() == Rule::site_target => {
+                        let site = inner.into_inner().find(|p| p.as_rule() == Rule::ident);
+                        Target::Site(site.map(|s| s.as_str().to_owned()).unwrap_or_default())
+                    }
+                    Some(inner) => Target::Resource(inner.as_str().to_owned()),
+                    None => Target::Resource(String::new()),
+                };
+                Node::new(value, loc)
+            })
+            .collect()
+    }
+
+    fn condition(&self, pair: Pair<'_, Rule>) -> Node<Condition> {
+        let loc = self.loc(&pair);
+        let rule = pair.as_rule();
+        let negated = pair
+            .clone()
+            .into_inner()
+            .any(|p| p.as_rule() == Rule::kw_not);
+        let condition = match rule {
+            Rule::time_cond => {
+                let mut days = Vec::new();
+                let mut windows = Vec::new();
+                let mut zone = Node::new(String::new(), loc);
+                for p in pair.into_inner() {
+                    match p.as_rule() {
+                        Rule::days => {
+                            for range in p.into_inner() {
+                                let names: Vec<String> = range
+                                    .clone()
+                                    .into_inner()
+                                    .map(|d| d.as_str().to_owned())
+                                    .collect();
+                                let mut names = names.into_iter();
+                                let first = names.next().unwrap_or_default();
+                                days.push(self.node(
+                                    &range,
+                                    DayRange {
+                                        first,
+                                        last: names.next(),
+                                    },
+                                ));
+                            }
+                        }
+                        Rule::window => {
+                            let clocks: Vec<String> = p
+                                .clone()
+                                .into_inner()
+                                .map(|c| c.as_str().to_owned())
+                                .collect();
+                            let mut clocks = clocks.into_iter();
+                            let start = clocks.next().unwrap_or_default();
+                            let end = clocks.next().unwrap_or_default();
+                            windows.push(self.node(&p, Window { start, end }));
+                        }
+                        Rule::time_zone => zone = self.text(&p),
+                        _ => {}
+                    }
+                }
+                Condition::Time {
+                    days,
+                    windows,
+                    zone,
+                }
+            }
+            Rule::country_cond => Condition::Country {
+                negated,
+                codes: pair
+                    .into_inner()
+                    .filter(|p| p.as_rule() == Rule::country_code)
+                    .map(|p| self.text(&p))
+                    .collect(),
+            },
+            Rule::source_cond => Condition::Source {
+                negated,
+                networks: pair
+                    .into_inner()
+                    .filter(|p| p.as_rule() == Rule::network)
+                    .map(|p| self.text(&p))
+                    .collect(),
+            },
+            Rule::provider_cond => Condition::Provider(
+                pair.into_inner()
+                    .next()
+                    .map(|p| self.text(&p))
+                    .unwrap_or_else(|| Node::new(String::new(), loc)),
+            ),
+            _ => Condition::ClientVerified,
+        };
+        Node::new(condition, loc)
+    }
+
+    fn test(&self, pair: Pair<'_, Rule>) -> Node<TestDecl> {
+        let loc = self.loc(&pair);
+        let mut decl = TestDecl {
+            name: Node::new(String::new(), loc),
+            steps: Vec::new(),
+        };
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::string => decl.name = self.node(&p, unescape(&p)),
+                Rule::test_body => {
+                    for step in p.into_inner() {
+                        match step.as_rule() {
+                            Rule::given => decl.steps.push(TestStep::Given(self.given(step))),
+                            Rule::expect => decl.steps.push(TestStep::Expect(self.expect(step))),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Node::new(decl, loc)
+    }
+
+    fn given(&self, pair: Pair<'_, Rule>) -> Node<Given> {
+        let loc = self.loc(&pair);
+        let mut given = Given {
+            user: Node::new(String::new(), loc),
+            groups: Vec::new(),
+        };
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::string => given.user = self.node(&p, unescape(&p)),
+                Rule::ident => given.groups.push(self.text(&p)),
+                _ => {}
+            }
+        }
+        Node::new(given, loc)
+    }
+
+    fn expect(&self, pair: Pair<'_, Rule>) -> Node<Expect> {
+        let loc = self.loc(&pair);
+        let mut expect = Expect {
+            effect: Effect::Allow,
+            user: Node::new(String::new(), loc),
+            resource: Node::new(String::new(), loc),
+            port: None,
+            context: Vec::new(),
+        };
+        for p in pair.into_inner() {
+            let word_loc = self.loc(&p);
+            let value = || {
+                p.clone()
+                    .into_inner()
+                    .next()
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            match p.as_rule() {
+                Rule::effect => expect.effect = effect(&p),
+                Rule::string => expect.user = self.node(&p, unescape(&p)),
+                Rule::ident => expect.resource = self.text(&p),
+                Rule::port_spec => expect.port = Some(self.port(p)),
+                Rule::at_ctx => expect
+                    .context
+                    .push(Node::new(ContextWord::At(value()), word_loc)),
+                Rule::from_ctx => expect
+                    .context
+                    .push(Node::new(ContextWord::From(value()), word_loc)),
+                Rule::country_ctx => {
+                    expect
+                        .context
+                        .push(Node::new(ContextWord::Country(value()), word_loc));
+                }
+                Rule::provider_ctx => {
+                    expect
+                        .context
+                        .push(Node::new(ContextWord::Provider(value()), word_loc));
+                }
+                Rule::verified_ctx => expect
+                    .context
+                    .push(Node::new(ContextWord::Verified, word_loc)),
+                _ => {}
+            }
+        }
+        Node::new(expect, loc)
+    }
+
+    fn assertion(&self, pair: Pair<'_, Rule>) -> Node<AssertDecl> {
+        let loc = self.loc(&pair);
+        let mut decl = AssertDecl {
+            quantifier: Quantifier::Never,
+            subjects: Vec::new(),
+            targets: Vec::new(),
+        };
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::quantifier => {
+                    decl.quantifier = if p.as_str() == "only" {
+                        Quantifier::Only
+                    } else {
+                        Quantifier::Never
+                    };
+                }
+                Rule::subjects => decl.subjects = self.subjects(p),
+                Rule::targets => decl.targets = self.targets(p),
+                _ => {}
+            }
+        }
+        Node::new(decl, loc)
+    }
+
+    fn syntax_error(&self, error: &pest::error::Error<Rule>, chunk_text: &str) -> Diagnostic {
+        let position = match error.location {
+            InputLocation::Pos(p) => p,
+            InputLocation::Span((start, _)) => start,
+        };
+        let found = found_at(chunk_text, position);
+        let loc = Loc {
+            file: self.file,
+            span: Span::new(
+                self.offset + position,
+                self.offset + position + found.len().max(1),
+            ),
+        };
+        let expected = match &error.variant {
+            ErrorVariant::ParsingError { positives, .. } => expected_words(positives),
+            ErrorVariant::CustomError { message } => message.clone(),
+        };
+        let found_words = if found.is_empty() {
+            "the end of the statement".to_owned()
+        } else {
+            format!("`{found}`")
+        };
+        let mut diagnostic = Diagnostic::new(
+            Code::Syntax,
+            loc,
+            format!("expected {expected}, found {found_words}"),
+        );
+        if position == 0 {
+            diagnostic = diagnostic.with_help(
+                "a statement starts with `site`, `resource`, `group`, `allow`, `deny`, `test` or `assert`",
+            );
+        } else if found.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+            diagnostic = diagnostic.with_help("names are lowercase: letters, digits, `_` and `-`");
+        }
+        diagnostic
+    }
+}
+
+/// Catches properties given twice in one block.
+#[derive(Default)]
+struct PropertyTracker {
+    seen: Vec<Rule>,
+}
+
+impl PropertyTracker {
+    fn note(
+        &mut self,
+        builder: &Builder,
+        prop: &Pair<'_, Rule>,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) {
+        let rule = prop.as_rule();
+        if self.seen.contains(&rule) {
+            let word = prop.as_str().split_whitespace().next().unwrap_or("");
+            diagnostics.push(
+                Diagnostic::new(
+                    Code::Property,
+                    builder.loc(prop),
+                    format!("property `{word}` is given twice"),
+                )
+                .with_help("give each property once; list several ports on one `ports` line"),
+            );
+        } else {
+            self.seen.push(rule);
+        }
+    }
+}
+
+fn effect(pair: &Pair<'_, Rule>) -> Effect {
+    if pair.as_str() == "deny" {
+        Effect::Deny
+    } else {
+        Effect::Allow
+    }
+}
+
+/// The text of a `string` pair without quotes and with `\"` and `\\` resolved.
+fn unescape(pair: &Pair<'_, Rule>) -> String {
+    let raw = pair.as_str();
+    let inner = raw
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(raw);
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(next) = chars.next() {
+                out.push(next);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The token at a position, for "found ..." in messages.
+fn found_at(text: &str, position: usize) -> &str {
+    let rest = text.get(position..).unwrap_or("");
+    let rest = rest.split(['\n', '\r']).next().unwrap_or("");
+    let first = rest.chars().next();
+    let end = match first {
+        None => 0,
+        Some(c) if c.is_alphanumeric() || c == '_' => rest
+            .find(|c: char| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | ':')))
+            .unwrap_or(rest.len()),
+        Some('"') => rest
+            .get(1..)
+            .and_then(|r| r.find('"'))
+            .map_or(rest.len(), |i| i + 2),
+        Some(c) => c.len_utf8(),
+    };
+    rest.get(..end).unwrap_or(rest)
+}
+
+fn expected_words(rules: &[Rule]) -> String {
+    let mut words: Vec<&str> = rules.iter().filter_map(|r| describe(*r)).collect();
+    words.sort_unstable();
+    words.dedup();
+    match words.as_slice() {
+        [] => "something else".to_owned(),
+        [one] => (*one).to_owned(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
+/// Grammar rule names in words a user knows.
+fn describe(rule: Rule) -> Option<&'static str> {
+    Some(match rule {
+        Rule::ident => "a name such as `engineering`",
+        Rule::string | Rule::string_inner => "a quoted string",
+        Rule::arrow => "`->`",
+        Rule::open => "`{`",
+        Rule::close => "`}`",
+        Rule::kw_site | Rule::site_decl => "`site`",
+        Rule::kw_resource | Rule::resource_decl => "`resource`",
+        Rule::kw_group | Rule::group_decl => "`group`",
+        Rule::kw_allow | Rule::kw_deny | Rule::effect | Rule::access_rule => "`allow` or `deny`",
+        Rule::kw_user | Rule::user_subject => "`user \"EMAIL\"`",
+        Rule::kw_when | Rule::when_clause => "`when`",
+        Rule::kw_and => "`and`",
+        Rule::kw_as | Rule::as_clause => "`as NAME`",
+        Rule::kw_in => "`in`",
+        Rule::kw_not => "`not`",
+        Rule::kw_test | Rule::test_block => "`test`",
+        Rule::kw_given | Rule::given => "`given \"EMAIL\" in GROUP`",
+        Rule::kw_expect | Rule::expect => "`expect allow|deny \"EMAIL\" -> RESOURCE`",
+        Rule::kw_assert | Rule::assertion => "`assert`",
+        Rule::kw_never | Rule::kw_only | Rule::quantifier => "`never` or `only`",
+        Rule::address_prop => "`address`",
+        Rule::internet => "`internet`",
+        Rule::site_prop | Rule::site_target => "`site`",
+        Rule::ports_prop => "`ports`",
+        Rule::description_prop => "`description`",
+        Rule::members_prop => "`members`",
+        Rule::idp_prop => "`idp`",
+        Rule::port_spec | Rule::protocol | Rule::icmp => "a port such as `tcp/443`",
+        Rule::port_range | Rule::port_number => {
+            "a port number such as `443` or a range such as `8000-8100`"
+        }
+        Rule::subjects | Rule::subject => "a group name or `user \"EMAIL\"`",
+        Rule::targets | Rule::target => "a resource name or `site NAME`",
+        Rule::time_cond => "`time`",
+        Rule::country_cond | Rule::country_ctx => "`country`",
+        Rule::source_cond => "`source`",
+        Rule::provider_cond | Rule::provider_ctx => "`provider`",
+        Rule::verified_cond => "`client verified`",
+        Rule::days | Rule::day_range | Rule::day => "days such as `mon-fri`",
+        Rule::window | Rule::clock => "a time window such as `08:00-18:00`",
+        Rule::time_zone => "a time zone such as `Europe/Berlin`",
+        Rule::country_code => "a country code such as `DE`",
+        Rule::network => "an address or range such as `10.0.0.0/8`",
+        Rule::at_ctx => "`at`",
+        Rule::timestamp => "a timestamp such as `2026-11-26T10:00:00+01:00`",
+        Rule::from_ctx => "`from`",
+        Rule::verified_ctx => "`verified`",
+        Rule::EOI => "the end of the statement",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(text: &str) -> Vec<&str> {
+        split_statements(text)
+            .iter()
+            .map(|c| &text[c.start..c.end])
+            .collect()
+    }
+
+    #[test]
+    fn splits_at_newlines_and_semicolons_outside_blocks_strings_and_comments() {
+        assert_eq!(
+            chunks("site a; site b\n\nsite c # x; y\n"),
+            ["site a", " site b", "site c # x; y"]
+        );
+        assert_eq!(
+            chunks("resource r {\n address \"a;b\"\n}\nsite s"),
+            ["resource r {\n address \"a;b\"\n}", "site s"]
+        );
+    }
+
+    #[test]
+    fn a_missing_brace_ends_at_the_next_statement_keyword() {
+        assert_eq!(
+            chunks("group g {\n members \"a@b.c\"\nallow g -> r\n"),
+            ["group g {\n members \"a@b.c\"", "allow g -> r"]
+        );
+    }
+
+    #[test]
+    fn normalizes_rule_text() {
+        assert_eq!(normalize("allow  a ->\tb # note\n"), "allow a -> b");
+        assert_eq!(
+            normalize("allow user \"x  y\" -> b"),
+            "allow user \"x  y\" -> b"
+        );
+    }
+}
