@@ -75,11 +75,11 @@ pub fn analyse(resolved: &Resolved, sources: &Sources, diagnostics: &mut Vec<Dia
         diagnostics.push(
             Diagnostic::new(
                 Code::OverlappingResources,
-                at(&locations.resources, loser),
+                at(&locations.addresses, loser),
                 format!("resources `{}` (`{}`) and `{}` (`{}`) overlap", l.id, l.address, w.id, w.address),
             )
             .with_label(format!("`{}` serves the addresses both match", w.id))
-            .with_note(format!("`{}` is declared at {}", w.id, origin(at(&locations.resources, winner))))
+            .with_note(format!("`{}` is declared at {}", w.id, origin(at(&locations.addresses, winner))))
             .with_help("the most specific address wins: an exact name before `?`, `*`, `**`; the longest prefix"),
         );
     }

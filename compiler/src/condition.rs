@@ -176,12 +176,11 @@ impl std::fmt::Display for Condition {
         let not = |negated: bool| if negated { "not " } else { "" };
         match self {
             Condition::Time(t) => {
-                let days: Vec<&str> = t.days.iter().map(|d| d.as_str()).collect();
                 let windows: Vec<String> = t.windows.iter().map(ClockWindow::to_string).collect();
                 write!(
                     f,
                     "time {} {} {}",
-                    days.join(","),
+                    day_list(&t.days),
                     windows.join(", "),
                     t.zone.name()
                 )
@@ -197,6 +196,30 @@ impl std::fmt::Display for Condition {
             Condition::ClientVerified => f.write_str("client verified"),
         }
     }
+}
+
+/// Sorted days as the language writes them: `any`, runs as `mon-fri`, others with commas.
+fn day_list(days: &[Day]) -> String {
+    if days.len() == 7 {
+        return "any".to_owned();
+    }
+    let mut parts: Vec<String> = Vec::new();
+    let mut run: Vec<Day> = Vec::new();
+    let mut flush = |run: &mut Vec<Day>| match run.as_slice() {
+        [] => {}
+        [one] => parts.push(one.as_str().to_owned()),
+        [first, .., last] if run.len() > 2 => parts.push(format!("{}-{}", first.as_str(), last.as_str())),
+        _ => parts.extend(run.iter().map(|d| d.as_str().to_owned())),
+    };
+    for day in days {
+        if run.last().is_some_and(|last| last.index() + 1 != day.index()) {
+            flush(&mut run);
+            run.clear();
+        }
+        run.push(*day);
+    }
+    flush(&mut run);
+    parts.join(",")
 }
 
 impl std::fmt::Display for ClockWindow {
@@ -324,5 +347,8 @@ mod tests {
         );
         assert_eq!(Day::parse("sun"), Some(Day::Sun));
         assert_eq!(Day::parse("sunday"), None);
+        assert_eq!(day_list(&Day::Mon.through(Day::Fri)), "mon-fri");
+        assert_eq!(day_list(&[Day::Mon, Day::Tue, Day::Thu, Day::Sat, Day::Sun]), "mon,tue,thu,sat,sun");
+        assert_eq!(day_list(&DAYS), "any");
     }
 }

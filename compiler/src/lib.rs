@@ -24,7 +24,6 @@ use fz_lang::{Diagnostic, SourceFile, Sources};
 
 pub use bundle::{Bundle, BundleError};
 pub use decide::{Decision, DecisionTable, Reason, Request};
-pub use resolve::did_you_mean;
 pub use table::Table;
 pub use verify::TestReport;
 

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use fz_lang::ast::{self, Statement};
-use fz_lang::{Code, Diagnostic, Loc, Node, Sources};
+use fz_lang::{Code, Diagnostic, Loc, Node, Sources, did_you_mean};
 use sha2::{Digest, Sha256};
 
 use crate::address::{Address, AddressError, Network, NetworkError};
@@ -35,7 +35,9 @@ pub struct Locations {
     pub sites: Vec<Loc>,
     /// `None` for the built-in `everyone`.
     pub groups: Vec<Option<Loc>>,
+    /// Resource names, then the addresses of the same resources.
     pub resources: Vec<Loc>,
+    pub addresses: Vec<Loc>,
     pub rules: Vec<Loc>,
 }
 
@@ -111,19 +113,24 @@ struct Indexes {
 impl Resolver<'_> {
     fn run(&mut self, files: &[ast::PolicyFile]) -> Resolved {
         let statements: Vec<&Statement> = files.iter().flat_map(|f| &f.statements).collect();
-        let sites: BTreeMap<String, &Node<ast::SiteDecl>> =
-            self.declare(&statements, Kind::Site, |s| match s {
-                Statement::Site(d) => Some((d, &d.node.name)),
-                _ => None,
-            });
-        let groups = self.declare(&statements, Kind::Group, |s| match s {
-            Statement::Group(d) => Some((d, &d.node.name)),
-            _ => None,
-        });
-        let resources = self.declare(&statements, Kind::Resource, |s| match s {
-            Statement::Resource(d) => Some((d, &d.node.name)),
-            _ => None,
-        });
+        let mut sites = BTreeMap::new();
+        let mut groups = BTreeMap::new();
+        let mut resources = BTreeMap::new();
+        // One pass in source order, so "declared twice" points at the later declaration.
+        for statement in &statements {
+            match statement {
+                Statement::Site(d) if self.declare(&d.node.name, Kind::Site) => {
+                    sites.insert(d.node.name.node.clone(), d);
+                }
+                Statement::Group(d) if self.declare(&d.node.name, Kind::Group) => {
+                    groups.insert(d.node.name.node.clone(), d);
+                }
+                Statement::Resource(d) if self.declare(&d.node.name, Kind::Resource) => {
+                    resources.insert(d.node.name.node.clone(), d);
+                }
+                _ => {}
+            }
+        }
 
         let mut group_ids: Vec<&str> = groups
             .keys()
@@ -153,7 +160,7 @@ impl Resolver<'_> {
                 description: decl.node.description.clone(),
                 resources: Vec::new(),
             });
-            resolved.locations.sites.push(decl.loc);
+            resolved.locations.sites.push(decl.node.name.loc);
         }
         for id in &group_ids {
             let Some(decl) = groups.get(*id) else {
@@ -167,7 +174,7 @@ impl Resolver<'_> {
                 continue;
             };
             table.groups.push(self.group(decl));
-            resolved.locations.groups.push(Some(decl.loc));
+            resolved.locations.groups.push(Some(decl.node.name.loc));
         }
         let mut invalid_resources = BTreeSet::new();
         for (idx, (id, decl)) in (0..).zip(&resources) {
@@ -189,11 +196,12 @@ impl Resolver<'_> {
                     deny: Vec::new(),
                 });
             }
-            resolved.locations.resources.push(decl.loc);
+            resolved.locations.resources.push(decl.node.name.loc);
+            resolved.locations.addresses.push(decl.node.address.as_ref().map_or(decl.node.name.loc, |a| a.loc));
         }
         self.check_duplicate_addresses(
             &table.resources,
-            &resolved.locations.resources,
+            &resolved.locations.addresses,
             &invalid_resources,
         );
 
@@ -268,54 +276,29 @@ impl Resolver<'_> {
         resolved
     }
 
-    /// Collects declarations of one kind, reporting names declared twice (across kinds too:
-    /// names are global to the tree).
-    fn declare<'s, T>(
-        &mut self,
-        statements: &[&'s Statement],
-        kind: Kind,
-        pick: impl Fn(&'s Statement) -> Option<(&'s Node<T>, &'s Node<String>)>,
-    ) -> BTreeMap<String, &'s Node<T>> {
-        let mut declared = BTreeMap::new();
-        for statement in statements {
-            let Some((decl, name)) = pick(statement) else {
-                continue;
-            };
-            if kind == Kind::Group && name.node == EVERYONE {
-                self.diagnostics.push(
-                    Diagnostic::new(
-                        Code::DuplicateName,
-                        name.loc,
-                        "group `everyone` is built in",
-                    )
+    /// Records a declared name, or reports it as declared before (names are global to the
+    /// tree, across kinds). Returns whether the declaration stands.
+    fn declare(&mut self, name: &Node<String>, kind: Kind) -> bool {
+        if kind == Kind::Group && name.node == EVERYONE {
+            self.diagnostics.push(
+                Diagnostic::new(Code::DuplicateName, name.loc, "group `everyone` is built in")
                     .with_label("cannot be declared")
-                    .with_help(
-                        "`everyone` already holds every user of the account; choose another name",
-                    ),
-                );
-                continue;
-            }
-            if let Some((first_kind, first_loc)) = self.names.get(&name.node) {
-                let (path, line, _) = self.sources.position(*first_loc);
-                self.diagnostics.push(
-                    Diagnostic::new(
-                        Code::DuplicateName,
-                        name.loc,
-                        format!("`{}` is declared twice", name.node),
-                    )
-                    .with_label(format!("{} declared again here", kind.as_str()))
-                    .with_note(format!(
-                        "first declared as a {} at {path}:{line}",
-                        first_kind.as_str()
-                    ))
-                    .with_help("names are global to the tree; rename one of them"),
-                );
-                continue;
-            }
-            self.names.insert(name.node.clone(), (kind, name.loc));
-            declared.insert(name.node.clone(), decl);
+                    .with_help("`everyone` already holds every user of the account; choose another name"),
+            );
+            return false;
         }
-        declared
+        if let Some((first_kind, first_loc)) = self.names.get(&name.node) {
+            let (path, line, _) = self.sources.position(*first_loc);
+            self.diagnostics.push(
+                Diagnostic::new(Code::DuplicateName, name.loc, format!("`{}` is declared twice", name.node))
+                    .with_label(format!("{} declared again here", kind.as_str()))
+                    .with_note(format!("first declared as a {} at {path}:{line}", first_kind.as_str()))
+                    .with_help("names are global to the tree; rename one of them"),
+            );
+            return false;
+        }
+        self.names.insert(name.node.clone(), (kind, name.loc));
+        true
     }
 
     fn group(&mut self, decl: &Node<ast::GroupDecl>) -> Group {
@@ -435,12 +418,15 @@ impl Resolver<'_> {
         invalid: &BTreeSet<ResourceIdx>,
     ) {
         let mut seen: HashMap<&Address, usize> = HashMap::new();
-        for (i, resource) in (0..).zip(resources) {
-            if invalid.contains(&i) {
+        // Source order, so the second declaration is the one reported.
+        let mut order: Vec<usize> = (0..resources.len()).collect();
+        order.sort_by_key(|i| locations.get(*i).map(|l| (l.file, l.span.start)));
+        for i in order {
+            if invalid.contains(&(i as ResourceIdx)) {
                 continue;
             }
-            let i = i as usize;
-            if let Some(first) = seen.insert(&resource.address, i) {
+            let Some(resource) = resources.get(i) else { continue };
+            if let Some(&first) = seen.get(&resource.address) {
                 let (Some(first_resource), Some(loc), Some(first_loc)) =
                     (resources.get(first), locations.get(i), locations.get(first))
                 else {
@@ -454,8 +440,10 @@ impl Resolver<'_> {
                         format!("resources `{}` and `{}` have the same address `{}`", first_resource.id, resource.id, resource.address),
                     )
                     .with_note(format!("`{}` is declared at {path}:{line}", first_resource.id))
-                    .with_help("one address belongs to one resource; merge them or give each its own ports on one resource"),
+                    .with_help("an address belongs to one resource: merge the two, listing every port on one"),
                 );
+            } else {
+                seen.insert(&resource.address, i);
             }
         }
     }
@@ -957,6 +945,7 @@ impl Resolver<'_> {
             })
             .unwrap_or("")
             .split_whitespace()
+            .skip(1) // `assert`
             .collect::<Vec<_>>()
             .join(" ");
         ok.then(|| Invariant {
@@ -1035,38 +1024,6 @@ fn disambiguate_derived_ids(rules: &mut [(Rule, Loc)]) {
             rule.id = format!("{}-{count}", rule.id);
         }
     }
-}
-
-/// The closest candidate within a few edits, for "did you mean".
-pub fn did_you_mean<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let limit = (name.chars().count() / 3).max(1);
-    candidates
-        .map(|c| (edit_distance(name, c), c))
-        .filter(|(d, _)| *d <= limit)
-        .min()
-        .map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut previous = row.first().copied().unwrap_or(0);
-        if let Some(first) = row.first_mut() {
-            *first = i + 1;
-        }
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = previous + usize::from(ca != *cb);
-            previous = row.get(j + 1).copied().unwrap_or(0);
-            let best = substitute
-                .min(previous + 1)
-                .min(row.get(j).copied().unwrap_or(0) + 1);
-            if let Some(cell) = row.get_mut(j + 1) {
-                *cell = best;
-            }
-        }
-    }
-    row.last().copied().unwrap_or(0)
 }
 
 #[cfg(test)]

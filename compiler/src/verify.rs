@@ -50,8 +50,12 @@ pub fn run(
                 Code::TestFailed,
                 expectation.loc,
                 format!(
-                    "test \"{}\": expected {} but `{}` is {}ed `{}`",
-                    test.name, expectation.effect, request.user, decision.effect, request.resource
+                    "test \"{}\": expected {}, but `{}` is {} `{}`",
+                    test.name,
+                    expectation.effect,
+                    request.user,
+                    past_tense(decision.effect),
+                    request.resource
                 ),
             )
             .with_label(decision.reason.describe());
@@ -76,6 +80,13 @@ pub fn run(
         }
     }
     report
+}
+
+fn past_tense(effect: Effect) -> &'static str {
+    match effect {
+        Effect::Allow => "allowed",
+        Effect::Deny => "denied",
+    }
 }
 
 /// A request the invariant forbids that the table allows.

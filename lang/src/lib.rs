@@ -13,7 +13,9 @@ pub mod ast;
 mod diagnostic;
 mod parse;
 mod source;
+mod suggest;
 
 pub use diagnostic::{Code, Diagnostic, Severity};
 pub use parse::parse_file;
 pub use source::{FileId, Loc, Node, SourceFile, Sources, Span};
+pub use suggest::did_you_mean;

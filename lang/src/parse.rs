@@ -64,6 +64,9 @@ fn split_statements(text: &str) -> Vec<Chunk> {
     let mut in_comment = false;
     let mut escaped = false;
     let mut has_content = false;
+    // The last two significant characters of the current line: a line ending in `,` or `->`
+    // goes on on the next one.
+    let mut tail = String::new();
     let mut push = |start: usize, end: usize, has_content: bool| {
         if has_content {
             chunks.push(Chunk { start, end });
@@ -79,7 +82,10 @@ fn split_statements(text: &str) -> Vec<Chunk> {
             if depth > 0 && starts_statement(rest) {
                 depth = 0;
             }
-            if depth == 0 {
+            let continued = depth == 0
+                && (tail.ends_with(',') || tail.ends_with("->") || continues_statement(rest));
+            tail.clear();
+            if depth == 0 && !continued {
                 push(start, i, has_content);
                 start = i + 1;
                 has_content = false;
@@ -112,10 +118,24 @@ fn split_statements(text: &str) -> Vec<Chunk> {
         }
         if !c.is_whitespace() && c != '#' {
             has_content = true;
+            if tail.len() >= 2 {
+                tail.remove(0);
+            }
+            tail.push(c);
         }
     }
     push(start, text.len(), has_content);
     chunks
+}
+
+/// Words that go on a rule from the line before.
+const CONTINUATION_KEYWORDS: [&str; 3] = ["when", "and", "as"];
+
+fn continues_statement(line: &str) -> bool {
+    let line = line.trim_start_matches([' ', '\t']);
+    CONTINUATION_KEYWORDS.iter().any(|kw| {
+        line.strip_prefix(kw).is_some_and(|rest| rest.starts_with([' ', '\t']))
+    })
 }
 
 fn starts_statement(line: &str) -> bool {
@@ -618,38 +638,42 @@ impl Builder {
     }
 
     fn syntax_error(&self, error: &pest::error::Error<Rule>, chunk_text: &str) -> Diagnostic {
-        let position = match error.location {
+        let mut position = match error.location {
             InputLocation::Pos(p) => p,
             InputLocation::Span((start, _)) => start,
         };
         let found = found_at(chunk_text, position);
+        let at_statement_start = position == chunk_text.len() - chunk_text.trim_start().len();
+        if found.is_empty() {
+            // Point at the end of what was written, not at the blank line after it.
+            position = position.min(chunk_text.trim_end().len());
+        }
         let loc = Loc {
             file: self.file,
-            span: Span::new(
-                self.offset + position,
-                self.offset + position + found.len().max(1),
-            ),
+            span: Span::new(self.offset + position, self.offset + position + found.len().max(1)),
         };
         let expected = match &error.variant {
+            ErrorVariant::ParsingError { .. } if at_statement_start => {
+                "a statement: `site`, `resource`, `group`, `allow`, `deny`, `test` or `assert`".to_owned()
+            }
             ErrorVariant::ParsingError { positives, .. } => expected_words(positives),
             ErrorVariant::CustomError { message } => message.clone(),
         };
-        let found_words = if found.is_empty() {
-            "the end of the statement".to_owned()
-        } else {
-            format!("`{found}`")
-        };
-        let mut diagnostic = Diagnostic::new(
-            Code::Syntax,
-            loc,
-            format!("expected {expected}, found {found_words}"),
-        );
-        if position == 0 {
-            diagnostic = diagnostic.with_help(
-                "a statement starts with `site`, `resource`, `group`, `allow`, `deny`, `test` or `assert`",
-            );
-        } else if found.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
-            diagnostic = diagnostic.with_help("names are lowercase: letters, digits, `_` and `-`");
+        let found_words =
+            if found.is_empty() { "the end of the statement".to_owned() } else { format!("`{found}`") };
+        let diagnostic = Diagnostic::new(Code::Syntax, loc, format!("expected {expected}, found {found_words}"));
+        let keywords = ["site", "resource", "group", "allow", "deny", "test", "assert"];
+        if at_statement_start {
+            if let Some(near) = crate::did_you_mean(found, keywords.into_iter()) {
+                return diagnostic.with_help(format!("did you mean `{near}`?"));
+            }
+        }
+        if found.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+            return diagnostic.with_help("names are lowercase: letters, digits, `_` and `-`");
+        }
+        let opened = chunk_text.matches('{').count();
+        if found.is_empty() && opened > chunk_text.matches('}').count() {
+            return diagnostic.with_help("a `{` in this statement is never closed");
         }
         diagnostic
     }
@@ -820,6 +844,13 @@ mod tests {
             chunks("resource r {\n address \"a;b\"\n}\nsite s"),
             ["resource r {\n address \"a;b\"\n}", "site s"]
         );
+    }
+
+    #[test]
+    fn rules_go_on_after_commas_and_arrows_and_before_when_and_as() {
+        let text = "allow a,\n  b ->\n  c\n  when provider x # note\n  and client verified\n  as r\nsite s";
+        assert_eq!(chunks(text).len(), 2);
+        assert_eq!(chunks("allow a -> b\nwhen_x"), ["allow a -> b", "when_x"]);
     }
 
     #[test]

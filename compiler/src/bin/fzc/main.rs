@@ -214,9 +214,11 @@ fn report(checked: &Checked, dir: &Path, format: Format) -> String {
             let warnings = checked.diagnostics.len() - errors;
             let summary = match &checked.table {
                 Some(table) => format!(
-                    "{} resources, {} rules; tests and invariants: {} passed, {} failed",
+                    "{} {}, {} {}; tests and invariants: {} passed, {} failed",
                     table.resources.len(),
+                    plural(table.resources.len(), "resource"),
                     table.rules.len(),
+                    plural(table.rules.len(), "rule"),
                     checked.tests.passed,
                     checked.tests.failed
                 ),
@@ -229,9 +231,10 @@ fn report(checked: &Checked, dir: &Path, format: Format) -> String {
                 None => "tests not run".to_owned(),
             };
             out += &format!(
-                "{}: {} files checked, {summary}; {errors} {}, {warnings} {}\n",
+                "{}: {} {} checked, {summary}; {errors} {}, {warnings} {}\n",
                 root,
                 checked.sources.len(),
+                plural(checked.sources.len(), "file"),
                 plural(errors, "error"),
                 plural(warnings, "warning")
             );

@@ -30,7 +30,7 @@ impl RequestLine {
     pub fn into_request(self, decisions: &DecisionTable) -> Result<Request, String> {
         if decisions.resource_index(&self.resource).is_none() {
             let ids = decisions.table().resources.iter().map(|r| r.id.as_str());
-            let hint = fz_compiler::did_you_mean(&self.resource, ids)
+            let hint = fz_lang::did_you_mean(&self.resource, ids)
                 .map(|n| format!("; did you mean `{n}`?"))
                 .unwrap_or_default();
             return Err(format!("unknown resource `{}`{hint}", self.resource));
