@@ -197,7 +197,12 @@ impl Resolver<'_> {
                 });
             }
             resolved.locations.resources.push(decl.node.name.loc);
-            resolved.locations.addresses.push(decl.node.address.as_ref().map_or(decl.node.name.loc, |a| a.loc));
+            resolved.locations.addresses.push(
+                decl.node
+                    .address
+                    .as_ref()
+                    .map_or(decl.node.name.loc, |a| a.loc),
+            );
         }
         self.check_duplicate_addresses(
             &table.resources,
@@ -281,19 +286,32 @@ impl Resolver<'_> {
     fn declare(&mut self, name: &Node<String>, kind: Kind) -> bool {
         if kind == Kind::Group && name.node == EVERYONE {
             self.diagnostics.push(
-                Diagnostic::new(Code::DuplicateName, name.loc, "group `everyone` is built in")
-                    .with_label("cannot be declared")
-                    .with_help("`everyone` already holds every user of the account; choose another name"),
+                Diagnostic::new(
+                    Code::DuplicateName,
+                    name.loc,
+                    "group `everyone` is built in",
+                )
+                .with_label("cannot be declared")
+                .with_help(
+                    "`everyone` already holds every user of the account; choose another name",
+                ),
             );
             return false;
         }
         if let Some((first_kind, first_loc)) = self.names.get(&name.node) {
             let (path, line, _) = self.sources.position(*first_loc);
             self.diagnostics.push(
-                Diagnostic::new(Code::DuplicateName, name.loc, format!("`{}` is declared twice", name.node))
-                    .with_label(format!("{} declared again here", kind.as_str()))
-                    .with_note(format!("first declared as a {} at {path}:{line}", first_kind.as_str()))
-                    .with_help("names are global to the tree; rename one of them"),
+                Diagnostic::new(
+                    Code::DuplicateName,
+                    name.loc,
+                    format!("`{}` is declared twice", name.node),
+                )
+                .with_label(format!("{} declared again here", kind.as_str()))
+                .with_note(format!(
+                    "first declared as a {} at {path}:{line}",
+                    first_kind.as_str()
+                ))
+                .with_help("names are global to the tree; rename one of them"),
             );
             return false;
         }
@@ -425,7 +443,9 @@ impl Resolver<'_> {
             if invalid.contains(&(i as ResourceIdx)) {
                 continue;
             }
-            let Some(resource) = resources.get(i) else { continue };
+            let Some(resource) = resources.get(i) else {
+                continue;
+            };
             if let Some(&first) = seen.get(&resource.address) {
                 let (Some(first_resource), Some(loc), Some(first_loc)) =
                     (resources.get(first), locations.get(i), locations.get(first))
@@ -1029,21 +1049,6 @@ fn disambiguate_derived_ids(rules: &mut [(Rule, Loc)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn suggests_near_names_only() {
-        let names = ["engineering", "contractors", "everyone"];
-        assert_eq!(
-            did_you_mean("engineerng", names.into_iter()),
-            Some("engineering")
-        );
-        assert_eq!(
-            did_you_mean("contractor", names.into_iter()),
-            Some("contractors")
-        );
-        assert_eq!(did_you_mean("sales", names.into_iter()), None);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-    }
 
     #[test]
     fn emails() {

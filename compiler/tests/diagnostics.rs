@@ -1,0 +1,67 @@
+//! Every diagnostic, rendered as a user sees it: one fixture file per diagnostic under
+//! `tests/fixtures/diagnostics/`, named after the code it must produce, each checked by
+//! `fzc check` and its output snapshotted.
+
+mod common;
+
+use common::{fzc, repo, tree};
+
+#[test]
+fn every_fixture_gives_its_diagnostic() {
+    let fixtures = repo().join("tests/fixtures/diagnostics");
+    let mut names: Vec<String> = std::fs::read_dir(&fixtures)
+        .expect("fixtures")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".fz"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 30, "fixtures missing: {names:?}");
+    for name in names {
+        let text = std::fs::read_to_string(fixtures.join(&name)).expect("read fixture");
+        let dir = tree(&[(&name, &text)]);
+        let run = fzc(dir.path(), &["check", "."]);
+        let code = name.split('-').next().expect("code prefix");
+        assert!(
+            run.stdout.contains(&format!("[{code}]")),
+            "{name} does not give {code}:\n{}",
+            run.stdout
+        );
+        let expected_exit = if code.starts_with('E') { 1 } else { 0 };
+        assert_eq!(run.code, expected_exit, "{name}:\n{}", run.stdout);
+        insta::with_settings!({ snapshot_suffix => name.trim_end_matches(".fz"), prepend_module_to_snapshot => false }, {
+            insta::assert_snapshot!("diagnostic", run.stdout);
+        });
+    }
+}
+
+#[test]
+fn json_diagnostics_follow_the_contract() {
+    let text =
+        std::fs::read_to_string(repo().join("tests/fixtures/diagnostics/E004-unknown-group.fz"))
+            .expect("read");
+    let dir = tree(&[("access.fz", &text)]);
+    let run = fzc(dir.path(), &["check", ".", "--format", "json"]);
+    assert_eq!(run.code, 1);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    let diagnostic = &report["diagnostics"][0];
+    assert_eq!(diagnostic["severity"], "error");
+    assert_eq!(diagnostic["code"], "E004");
+    assert_eq!(diagnostic["message"], "unknown group `engineerng`");
+    assert_eq!(diagnostic["file"], "access.fz");
+    assert_eq!(diagnostic["line"], 4);
+    assert_eq!(diagnostic["column"], 7);
+    assert_eq!(
+        report["tests"],
+        serde_json::json!({ "passed": 0, "failed": 0 })
+    );
+}
+
+#[test]
+fn warnings_pass_unless_denied() {
+    let text =
+        std::fs::read_to_string(repo().join("tests/fixtures/diagnostics/W004-unused-resource.fz"))
+            .expect("read");
+    let dir = tree(&[("a.fz", &text)]);
+    assert_eq!(fzc(dir.path(), &["check", "."]).code, 0);
+    assert_eq!(fzc(dir.path(), &["check", ".", "--deny-warnings"]).code, 1);
+}

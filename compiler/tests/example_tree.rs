@@ -1,0 +1,80 @@
+//! The example tree under `policies/` is the README's quick start: it must check clean, and
+//! its compiled table is snapshotted so any change to what it means is reviewed.
+
+use std::path::Path;
+
+fn example_bundle() -> fz_compiler::Bundle {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let checked = fz_compiler::check(fz_compiler::load_tree(&dir).expect("policies/ loads"));
+    assert!(checked.diagnostics.is_empty(), "{:#?}", checked.diagnostics);
+    fz_compiler::Bundle::new(checked.table.expect("a table")).expect("bundle")
+}
+
+#[test]
+fn the_compiled_example_table() {
+    let bundle = example_bundle();
+    let text = String::from_utf8(bundle.to_bytes().expect("bytes")).expect("utf-8");
+    insta::assert_snapshot!(text);
+}
+
+#[test]
+fn the_bundle_reads_back_as_written() {
+    let bundle = example_bundle();
+    let bytes = bundle.to_bytes().expect("bytes");
+    assert_eq!(
+        fz_compiler::Bundle::from_bytes(&bytes).expect("reads"),
+        bundle
+    );
+}
+
+#[test]
+fn bundles_of_a_newer_format_or_another_kind_are_refused() {
+    let bytes = example_bundle().to_bytes().expect("bytes");
+    let text = String::from_utf8(bytes).expect("utf-8");
+    let newer = text.replacen("\"version\": 1", "\"version\": 2", 1);
+    let other = text.replacen("\"fz-bundle\"", "\"something-else\"", 1);
+    for (input, expected) in [
+        (newer, "this build reads version 1"),
+        (other, "not an fz bundle"),
+        ("{".to_owned(), "not valid JSON"),
+    ] {
+        let error = fz_compiler::Bundle::from_bytes(input.as_bytes()).expect_err("refused");
+        assert!(error.to_string().contains(expected), "{error}");
+    }
+}
+
+#[test]
+fn the_address_index_serves_the_most_specific_resource() {
+    let table = fz_compiler::DecisionTable::new(example_bundle().table);
+    let by_name = |name: &str| table.resource_for_name(name).map(|r| r.id.as_str());
+    let by_ip = |ip: &str| {
+        table
+            .resource_for_ip(ip.parse().expect("ip"))
+            .map(|r| r.id.as_str())
+    };
+    let names = [
+        ("GitLab.acme.example.", Some("gitlab")),
+        ("runner7.ci.acme.example", Some("ci-runners")),
+        ("runner12.ci.acme.example", None),
+        ("wiki.acme.example", Some("wiki")),
+        ("eng.space.wiki.acme.example", Some("wiki")),
+        ("mr-42.preview.acme.example", Some("previews")),
+        ("preview.acme.example", None),
+        ("example.org", None),
+    ];
+    for (name, expected) in names {
+        assert_eq!(by_name(name), expected, "{name}");
+    }
+    let ips = [
+        ("10.20.5.77", "prod-db"),
+        ("10.20.0.10", "bastion"),
+        ("10.20.0.11", "egress"),
+        ("fd00:20:6::1", "prod-db-us"),
+        ("fd00:20::10", "bastion-us"),
+        ("192.168.100.1", "admin-net"),
+        ("8.8.8.8", "egress"),
+    ];
+    for (ip, expected) in ips {
+        assert_eq!(by_ip(ip), Some(expected), "{ip}");
+    }
+}

@@ -1,0 +1,462 @@
+//! Property tests.
+//! - Random edits of valid files never panic the parser, the checker, the bundle writer or a
+//!   decision: bad input gets diagnostics, nothing else.
+//! - On random trees and random requests, the indexed table decides exactly as a direct,
+//!   unindexed reading of the rules does (every rule scanned, membership recomputed from the
+//!   group lists), and names the same rules.
+
+use std::net::IpAddr;
+
+use chrono::{TimeZone, Utc};
+use fz_compiler::condition::Context;
+use fz_compiler::table::{Effect, PortRange, Rule, Table};
+use fz_compiler::{DecisionTable, Request};
+use fz_lang::{SourceFile, Sources};
+use proptest::prelude::*;
+
+// ------------------------------------------------------------------ never panics
+
+fn seed_texts() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut texts: Vec<String> = Vec::new();
+    for dir in [
+        "policies",
+        "tests/fixtures/diagnostics",
+        "tests/fixtures/language-md",
+    ] {
+        let sources = fz_compiler::load_tree(&root.join(dir)).expect("fixture tree");
+        texts.extend(sources.iter().map(|(_, f)| f.text.clone()));
+    }
+    texts
+}
+
+/// Pieces of the language and of plausible mistakes, to splice into files.
+const SPLICES: &[&str] = &[
+    "{",
+    "}",
+    ";",
+    "\n",
+    "->",
+    ",",
+    "\"",
+    "\\",
+    "#",
+    " when ",
+    " and ",
+    " as x",
+    "time",
+    "mon-fri",
+    "25:61",
+    "08:00-18:00",
+    "Europe/Berlin",
+    "country in",
+    "DE",
+    "source in",
+    "10.0.0.0/33",
+    "::/129",
+    "tcp/0",
+    "udp/65536",
+    "tcp/9-1",
+    "icmp",
+    "**.",
+    "*.",
+    "?",
+    "internet",
+    "site",
+    "resource",
+    "group",
+    "allow",
+    "deny",
+    "test",
+    "assert never",
+    "assert only",
+    "expect allow",
+    "given",
+    "user \"x@y.z\"",
+    "everyone",
+    "\u{feff}",
+    "é",
+    "\t",
+    "\r\n",
+    "members",
+    "idp okta \"G\"",
+    "ports",
+    "address",
+];
+
+#[derive(Clone, Debug)]
+enum Edit {
+    Delete { at: usize, len: usize },
+    Insert { at: usize, piece: usize },
+    DuplicateLine { line: usize },
+    SwapLines { a: usize, b: usize },
+    Truncate { at: usize },
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (any::<usize>(), 1..40usize).prop_map(|(at, len)| Edit::Delete { at, len }),
+        (any::<usize>(), 0..SPLICES.len()).prop_map(|(at, piece)| Edit::Insert { at, piece }),
+        any::<usize>().prop_map(|line| Edit::DuplicateLine { line }),
+        (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Edit::SwapLines { a, b }),
+        any::<usize>().prop_map(|at| Edit::Truncate { at }),
+    ]
+}
+
+fn char_boundary(text: &str, at: usize) -> usize {
+    let mut at = at % (text.len() + 1);
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+fn apply(text: &str, edit: &Edit) -> String {
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    match *edit {
+        Edit::Delete { at, len } => {
+            let start = char_boundary(text, at);
+            let end = char_boundary(text, (start + len).min(text.len()));
+            format!("{}{}", &text[..start], &text[end.max(start)..])
+        }
+        Edit::Insert { at, piece } => {
+            let at = char_boundary(text, at);
+            format!("{}{}{}", &text[..at], SPLICES[piece], &text[at..])
+        }
+        Edit::DuplicateLine { line } => {
+            let line = line % lines.len();
+            lines.insert(line, lines[line]);
+            lines.join("\n")
+        }
+        Edit::SwapLines { a, b } => {
+            let n = lines.len();
+            lines.swap(a % n, b % n);
+            lines.join("\n")
+        }
+        Edit::Truncate { at } => text[..char_boundary(text, at)].to_owned(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn edited_files_never_panic(file in any::<prop::sample::Index>(), edits in prop::collection::vec(edit(), 1..6)) {
+        let texts = seed_texts();
+        let mut text = file.get(&texts).clone();
+        for e in &edits {
+            text = apply(&text, e);
+        }
+        let checked = fz_compiler::check(Sources::new(vec![SourceFile::new("edited.fz", text)]));
+        for diagnostic in &checked.diagnostics {
+            prop_assert!(!diagnostic.message.is_empty());
+            let (path, line, column) = checked.sources.position(diagnostic.loc);
+            prop_assert!(path == "edited.fz" && line >= 1 && column >= 1);
+        }
+        if let Some(table) = checked.table {
+            let bytes = fz_compiler::Bundle::new(table.clone()).and_then(|b| b.to_bytes());
+            prop_assert!(bytes.is_ok());
+            let decisions = DecisionTable::new(table);
+            for resource in &decisions.table().resources {
+                let request = Request { user: "x@y.z".into(), resource: resource.id.clone(), ..Request::default() };
+                let _ = decisions.decide(&request);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ index == direct reading
+
+const USERS: [&str; 6] = [
+    "u0@x.com", "u1@x.com", "u2@x.com", "u3@x.com", "u4@x.com", "U5@X.com",
+];
+const ADDRESSES: [&str; 10] = [
+    "\"a.x.com\"",
+    "\"*.x.com\"",
+    "\"**.y.x.com\"",
+    "\"app?.x.com\"",
+    "\"10.0.0.0/8\"",
+    "\"10.1.2.3\"",
+    "\"fd00::/64\"",
+    "\"fd00::5\"",
+    "internet",
+    "\"b.x.com\"",
+];
+const CONDITIONS: [&str; 11] = [
+    "time mon-fri 08:00-18:00 Europe/Berlin",
+    "time sat,sun 22:00-06:00 America/New_York",
+    "time any 00:00-12:00 UTC",
+    "country in DE, FR",
+    "country not in US",
+    "source in 10.0.0.0/8, 192.0.2.0/24",
+    "source not in 192.0.2.0/24",
+    "provider okta",
+    "provider google",
+    "client verified",
+    "country in US",
+];
+const PORTS: [&str; 4] = ["tcp/443", "tcp/22", "udp/50-60", "icmp"];
+
+#[derive(Clone, Debug)]
+struct RuleSpec {
+    deny: bool,
+    subjects: Vec<usize>,
+    targets: Vec<usize>,
+    conditions: Vec<usize>,
+}
+
+/// Subjects index into: groups g0..g4, `everyone`, then `user` subjects of USERS.
+const SUBJECTS: usize = 5 + 1 + USERS.len();
+/// Targets index into: resources r0..r9, then `site s0..s2`.
+const TARGETS: usize = ADDRESSES.len() + 3;
+
+fn rule_spec() -> impl Strategy<Value = RuleSpec> {
+    (
+        prop::bool::weighted(0.25),
+        prop::collection::vec(0..SUBJECTS, 1..3),
+        prop::collection::vec(0..TARGETS, 1..3),
+        prop::collection::vec(0..CONDITIONS.len(), 0..3),
+    )
+        .prop_map(|(deny, subjects, targets, conditions)| RuleSpec {
+            deny,
+            subjects,
+            targets,
+            conditions,
+        })
+}
+
+#[derive(Clone, Debug)]
+struct TreeSpec {
+    resource_ports: Vec<Option<Vec<usize>>>,
+    resource_sites: Vec<usize>,
+    members: Vec<Vec<usize>>,
+    idp: Vec<bool>,
+    rules: Vec<RuleSpec>,
+}
+
+fn tree_spec() -> impl Strategy<Value = TreeSpec> {
+    (
+        prop::collection::vec(
+            prop::option::of(prop::collection::vec(0..PORTS.len(), 1..3)),
+            ADDRESSES.len(),
+        ),
+        prop::collection::vec(0..3usize, ADDRESSES.len()),
+        prop::collection::vec(prop::collection::vec(0..USERS.len(), 0..3), 5),
+        prop::collection::vec(any::<bool>(), 5),
+        prop::collection::vec(rule_spec(), 1..25),
+    )
+        .prop_map(
+            |(resource_ports, resource_sites, members, idp, rules)| TreeSpec {
+                resource_ports,
+                resource_sites,
+                members,
+                idp,
+                rules,
+            },
+        )
+}
+
+fn render(tree: &TreeSpec) -> String {
+    let mut text = String::from("site s0\nsite s1\nsite s2\n");
+    for (i, address) in ADDRESSES.iter().enumerate() {
+        let ports = match &tree.resource_ports[i] {
+            Some(ports) => format!(
+                "; ports {}",
+                ports
+                    .iter()
+                    .map(|p| PORTS[*p])
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => String::new(),
+        };
+        text += &format!(
+            "resource r{i} {{ address {address}; site s{}{ports} }}\n",
+            tree.resource_sites[i]
+        );
+    }
+    for (g, members) in tree.members.iter().enumerate() {
+        text += &format!("group g{g} {{\n");
+        if !members.is_empty() {
+            let list: Vec<String> = members
+                .iter()
+                .map(|m| format!("\"{}\"", USERS[*m]))
+                .collect();
+            text += &format!("  members {}\n", list.join(", "));
+        }
+        if tree.idp[g] {
+            text += &format!("  idp okta \"G{g}\"\n");
+        }
+        text += "}\n";
+    }
+    for rule in &tree.rules {
+        let subjects: Vec<String> = rule
+            .subjects
+            .iter()
+            .map(|s| match *s {
+                s if s < 5 => format!("g{s}"),
+                5 => "everyone".to_owned(),
+                s => format!("user \"{}\"", USERS[s - 6]),
+            })
+            .collect();
+        let targets: Vec<String> = rule
+            .targets
+            .iter()
+            .map(|t| {
+                if *t < ADDRESSES.len() {
+                    format!("r{t}")
+                } else {
+                    format!("site s{}", t - ADDRESSES.len())
+                }
+            })
+            .collect();
+        let conditions: Vec<&str> = rule.conditions.iter().map(|c| CONDITIONS[*c]).collect();
+        let when = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" when {}", conditions.join(" and "))
+        };
+        text += &format!(
+            "{} {} -> {}{when}\n",
+            if rule.deny { "deny" } else { "allow" },
+            subjects.join(", "),
+            targets.join(", ")
+        );
+    }
+    text
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    let user = prop_oneof![
+        (0..USERS.len()).prop_map(|u| USERS[u].to_owned()),
+        Just("stranger@x.com".to_owned())
+    ];
+    let groups = prop::collection::vec(
+        prop_oneof![
+            (0..5usize).prop_map(|g| format!("g{g}")),
+            Just("unknown".to_owned())
+        ],
+        0..3,
+    );
+    let port = prop::option::of(prop_oneof![
+        Just("tcp/443"),
+        Just("tcp/22"),
+        Just("udp/55"),
+        Just("udp/61"),
+        Just("icmp")
+    ]);
+    let at = prop::option::of(0..(366 * 24 * 60i64));
+    let source = prop::option::of(prop_oneof![
+        Just("10.2.3.4"),
+        Just("192.0.2.9"),
+        Just("203.0.113.1"),
+        Just("fd00::1")
+    ]);
+    let country = prop::option::of(prop_oneof![Just("DE"), Just("FR"), Just("US"), Just("JP")]);
+    let provider = prop::option::of(prop_oneof![Just("okta"), Just("google"), Just("email")]);
+    (
+        user,
+        groups,
+        0..ADDRESSES.len(),
+        port,
+        at,
+        source,
+        country,
+        provider,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(user, groups, resource, port, at, source, country, provider, verified)| Request {
+                user,
+                groups,
+                resource: format!("r{resource}"),
+                port: port.map(|p| p.parse::<PortRange>().expect("port")),
+                context: Context {
+                    at: at.map(|minutes| {
+                        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+                            + chrono::Duration::minutes(minutes)
+                    }),
+                    source: source.map(|s| s.parse::<IpAddr>().expect("ip")),
+                    country: country.map(str::to_owned),
+                    provider: provider.map(str::to_owned),
+                    verified,
+                },
+            },
+        )
+}
+
+/// The meaning of LANGUAGE.md read straight off the rule list: no per-resource index, no
+/// bitsets, membership recomputed from each group's member list.
+fn direct(table: &Table, request: &Request) -> (Effect, Vec<String>) {
+    let Some(resource) = table
+        .resources
+        .iter()
+        .position(|r| r.id == request.resource)
+    else {
+        return (Effect::Deny, Vec::new());
+    };
+    let email = request.user.to_lowercase();
+    let member = |g: u32| {
+        let group = &table.groups[g as usize];
+        group.id == "everyone"
+            || group.members.contains(&email)
+            || request.groups.contains(&group.id)
+    };
+    let names_user = |rule: &Rule| {
+        rule.groups.iter().any(|g| member(*g))
+            || rule
+                .users
+                .iter()
+                .any(|u| table.users[*u as usize].email == email)
+    };
+    let applies = |rule: &Rule, when_missing: bool| {
+        rule.resources.contains(&(resource as u32))
+            && names_user(rule)
+            && rule
+                .conditions
+                .iter()
+                .all(|c| c.holds(&request.context, when_missing))
+    };
+    let ids = |effect: Effect, when_missing: bool| -> Vec<String> {
+        table
+            .rules
+            .iter()
+            .filter(|r| r.effect == effect && applies(r, when_missing))
+            .map(|r| r.id.clone())
+            .collect()
+    };
+    if let (Some(port), Some(ports)) = (request.port, &table.resources[resource].ports) {
+        if !ports.iter().any(|p| p.covers(&port)) {
+            return (Effect::Deny, Vec::new());
+        }
+    }
+    let denies = ids(Effect::Deny, true);
+    if !denies.is_empty() {
+        return (Effect::Deny, denies);
+    }
+    let allows = ids(Effect::Allow, false);
+    if allows.is_empty() {
+        (Effect::Deny, Vec::new())
+    } else {
+        (Effect::Allow, allows)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_table_decides_as_the_rules_say(tree in tree_spec(), requests in prop::collection::vec(request(), 40)) {
+        let text = render(&tree);
+        let checked = fz_compiler::check(Sources::new(vec![SourceFile::new("random.fz", text.clone())]));
+        let errors: Vec<_> = checked.diagnostics.iter().filter(|d| d.is_error()).collect();
+        prop_assert!(errors.is_empty(), "{text}\n{errors:#?}");
+        let table = checked.table.expect("a table");
+        let decisions = DecisionTable::new(table.clone());
+        for request in &requests {
+            let decision = decisions.decide(request);
+            let ids: Vec<String> = decision.rules.iter().map(|r| table.rules[*r as usize].id.clone()).collect();
+            prop_assert_eq!((decision.effect, ids), direct(&table, request), "{}\n{:?}", text, request);
+        }
+    }
+}
