@@ -208,11 +208,16 @@ fn day_list(days: &[Day]) -> String {
     let mut flush = |run: &mut Vec<Day>| match run.as_slice() {
         [] => {}
         [one] => parts.push(one.as_str().to_owned()),
-        [first, .., last] if run.len() > 2 => parts.push(format!("{}-{}", first.as_str(), last.as_str())),
+        [first, .., last] if run.len() > 2 => {
+            parts.push(format!("{}-{}", first.as_str(), last.as_str()))
+        }
         _ => parts.extend(run.iter().map(|d| d.as_str().to_owned())),
     };
     for day in days {
-        if run.last().is_some_and(|last| last.index() + 1 != day.index()) {
+        if run
+            .last()
+            .is_some_and(|last| last.index() + 1 != day.index())
+        {
             flush(&mut run);
             run.clear();
         }
@@ -348,7 +353,10 @@ mod tests {
         assert_eq!(Day::parse("sun"), Some(Day::Sun));
         assert_eq!(Day::parse("sunday"), None);
         assert_eq!(day_list(&Day::Mon.through(Day::Fri)), "mon-fri");
-        assert_eq!(day_list(&[Day::Mon, Day::Tue, Day::Thu, Day::Sat, Day::Sun]), "mon,tue,thu,sat,sun");
+        assert_eq!(
+            day_list(&[Day::Mon, Day::Tue, Day::Thu, Day::Sat, Day::Sun]),
+            "mon,tue,thu,sat,sun"
+        );
         assert_eq!(day_list(&DAYS), "any");
     }
 }
