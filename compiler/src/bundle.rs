@@ -56,7 +56,8 @@ impl Bundle {
         Ok(bytes)
     }
 
-    /// Reads a bundle, checking its format, version and content hash.
+    /// Reads a bundle, checking its format, version, content hash and that every reference in
+    /// the table is in range.
     pub fn from_bytes(bytes: &[u8]) -> Result<Bundle, BundleError> {
         #[derive(Deserialize)]
         struct Header {
@@ -80,6 +81,7 @@ impl Bundle {
                 computed,
             });
         }
+        bundle.table.validate().map_err(BundleError::Invalid)?;
         Ok(bundle)
     }
 }

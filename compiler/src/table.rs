@@ -32,6 +32,70 @@ pub struct Table {
     pub users: Vec<User>,
 }
 
+impl Table {
+    /// Checks what a table read from a file must hold for decisions to be right: every
+    /// reference in range, and the sorted lists that lookups binary-search sorted.
+    pub fn validate(&self) -> Result<(), String> {
+        let within = |what: &str, index: u32, len: usize| {
+            if (index as usize) < len {
+                Ok(())
+            } else {
+                Err(format!("{what} index {index} is out of range"))
+            }
+        };
+        let sorted = |what: &str, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{what} are not sorted"))
+            }
+        };
+        sorted("sites", self.sites.is_sorted_by(|a, b| a.id < b.id))?;
+        sorted("groups", self.groups.is_sorted_by(|a, b| a.id < b.id))?;
+        sorted("resources", self.resources.is_sorted_by(|a, b| a.id < b.id))?;
+        sorted("rules", self.rules.is_sorted_by(|a, b| a.id < b.id))?;
+        sorted("users", self.users.is_sorted_by(|a, b| a.email < b.email))?;
+        for site in &self.sites {
+            site.resources
+                .iter()
+                .try_for_each(|r| within("resource", *r, self.resources.len()))?;
+        }
+        for user in &self.users {
+            user.groups
+                .iter()
+                .try_for_each(|g| within("group", *g, self.groups.len()))?;
+        }
+        for resource in &self.resources {
+            within("site", resource.site, self.sites.len())?;
+            resource
+                .allow
+                .iter()
+                .chain(&resource.deny)
+                .try_for_each(|r| within("rule", *r, self.rules.len()))?;
+        }
+        for rule in &self.rules {
+            rule.groups
+                .iter()
+                .try_for_each(|g| within("group", *g, self.groups.len()))?;
+            rule.users
+                .iter()
+                .try_for_each(|u| within("user", *u, self.users.len()))?;
+            rule.resources
+                .iter()
+                .try_for_each(|r| within("resource", *r, self.resources.len()))?;
+            sorted(
+                &format!("users of rule `{}`", rule.id),
+                rule.users.is_sorted(),
+            )?;
+            sorted(
+                &format!("resources of rule `{}`", rule.id),
+                rule.resources.is_sorted(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Site {
     pub id: String,

@@ -44,6 +44,21 @@ fn bundles_of_a_newer_format_or_another_kind_are_refused() {
 }
 
 #[test]
+fn a_table_with_a_dangling_reference_is_refused_even_with_a_matching_hash() {
+    let mut table = example_bundle().table;
+    table.resources[0].allow.push(999);
+    let bytes = fz_compiler::Bundle::new(table)
+        .expect("bundle")
+        .to_bytes()
+        .expect("bytes");
+    let error = fz_compiler::Bundle::from_bytes(&bytes).expect_err("refused");
+    assert_eq!(
+        error.to_string(),
+        "the bundle's table is inconsistent: rule index 999 is out of range"
+    );
+}
+
+#[test]
 fn the_address_index_serves_the_most_specific_resource() {
     let table = fz_compiler::DecisionTable::new(example_bundle().table);
     let by_name = |name: &str| table.resource_for_name(name).map(|r| r.id.as_str());
