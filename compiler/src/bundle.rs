@@ -36,6 +36,8 @@ pub enum BundleError {
         "the bundle's content hash does not match its table (expected {expected}, computed {computed}): the file is damaged or was edited"
     )]
     Hash { expected: String, computed: String },
+    #[error("the bundle's table is inconsistent: {0}")]
+    Invalid(String),
 }
 
 impl Bundle {
