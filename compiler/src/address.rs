@@ -511,7 +511,9 @@ impl<Id: Copy + Ord> AddressIndex<Id> {
             candidates.sort_by(|(a, ida), (b, idb)| a.rank().cmp(&b.rank()).then(ida.cmp(idb)));
         }
         index.networks = by_prefix.into_iter().collect();
-        index.networks.sort_by(|a, b| b.0.cmp(&a.0));
+        index
+            .networks
+            .sort_by_key(|(prefix, _)| std::cmp::Reverse(*prefix));
         index
     }
 
@@ -539,10 +541,9 @@ impl<Id: Copy + Ord> AddressIndex<Id> {
             if let Some((pattern, id)) = candidates
                 .iter()
                 .find(|(p, _)| match_labels(&p.labels, &labels))
+                && best.is_none_or(|(b, bid)| (pattern.rank(), *id) < (b.rank(), bid))
             {
-                if best.is_none_or(|(b, bid)| (pattern.rank(), *id) < (b.rank(), bid)) {
-                    best = Some((pattern, *id));
-                }
+                best = Some((pattern, *id));
             }
         }
         best.map(|(_, id)| id)

@@ -51,7 +51,11 @@ pub fn check(sources: Sources) -> Checked {
     let files: Vec<_> = sources
         .iter()
         .map(|(id, file)| {
-            let (ast, found) = fz_lang::parse_file(id, &file.text);
+            let (ast, found) = if file.path.ends_with(".cedar") {
+                fz_lang::parse_cedar_file(id, &file.text)
+            } else {
+                fz_lang::parse_file(id, &file.text)
+            };
             diagnostics.extend(found);
             ast
         })
@@ -91,9 +95,9 @@ pub enum LoadError {
     NotText(PathBuf),
 }
 
-/// Reads every `*.fz` file below `dir`, recursively. Paths in the result are relative to
-/// `dir`, with `/` separators, so diagnostics and rule ids do not depend on where the tree
-/// was checked out.
+/// Reads every `*.fz` and `*.cedar` file below `dir`, recursively. Paths in the result are
+/// relative to `dir`, with `/` separators, so diagnostics and rule ids do not depend on where
+/// the tree was checked out.
 pub fn load_tree(dir: &Path) -> Result<Sources, LoadError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -111,7 +115,7 @@ pub fn load_tree(dir: &Path) -> Result<Sources, LoadError> {
             let kind = entry.file_type().map_err(io(&path))?;
             if kind.is_dir() {
                 pending.push(path);
-            } else if path.extension().is_some_and(|e| e == "fz") {
+            } else if path.extension().is_some_and(|e| e == "fz" || e == "cedar") {
                 let bytes = std::fs::read(&path).map_err(io(&path))?;
                 let text =
                     String::from_utf8(bytes).map_err(|_| LoadError::NotText(path.clone()))?;

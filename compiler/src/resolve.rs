@@ -228,19 +228,19 @@ impl Resolver<'_> {
         let mut resolved_rules: Vec<(Rule, Loc)> = Vec::new();
         let mut rule_names: HashMap<String, Loc> = HashMap::new();
         for rule in &rules {
-            if let Some(name) = &rule.node.name {
-                if let Some(first) = rule_names.insert(name.node.clone(), name.loc) {
-                    let (path, line, _) = self.sources.position(first);
-                    self.diagnostics.push(
-                        Diagnostic::new(
-                            Code::DuplicateName,
-                            name.loc,
-                            format!("rule name `{}` is used twice", name.node),
-                        )
-                        .with_label("used again here")
-                        .with_note(format!("first used at {path}:{line}")),
-                    );
-                }
+            if let Some(name) = &rule.node.name
+                && let Some(first) = rule_names.insert(name.node.clone(), name.loc)
+            {
+                let (path, line, _) = self.sources.position(first);
+                self.diagnostics.push(
+                    Diagnostic::new(
+                        Code::DuplicateName,
+                        name.loc,
+                        format!("rule name `{}` is used twice", name.node),
+                    )
+                    .with_label("used again here")
+                    .with_note(format!("first used at {path}:{line}")),
+                );
             }
             if let Some(r) = self.rule(rule, &indexes, &user_index, table) {
                 resolved_rules.push((r, rule.loc));
@@ -389,27 +389,27 @@ impl Resolver<'_> {
             }
             Some(site) => self.lookup(site, Kind::Site, &indexes.sites, "site"),
         };
-        let mut ports_ok = true;
-        let ports = node.ports.as_ref().map(|ports| {
-            let mut ranges: Vec<PortRange> = ports
-                .iter()
-                .filter_map(|p| {
-                    self.port(p).or_else(|| {
-                        ports_ok = false;
-                        None
+        // Every port is checked (one diagnostic each) before any failure counts.
+        let ports = match &node.ports {
+            None => Some(None),
+            Some(specs) => {
+                let checked: Vec<Option<PortRange>> = specs.iter().map(|p| self.port(p)).collect();
+                checked
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .map(|mut ranges| {
+                        ranges.sort();
+                        ranges.dedup();
+                        Some(ranges)
                     })
-                })
-                .collect();
-            ranges.sort();
-            ranges.dedup();
-            ranges
-        });
+            }
+        };
         Some(Resource {
             id: id.to_owned(),
             description: node.description.clone(),
             site: site?,
             address: address?,
-            ports: if ports_ok { ports } else { return None },
+            ports: ports?,
             allow: Vec::new(),
             deny: Vec::new(),
         })
@@ -478,10 +478,10 @@ impl Resolver<'_> {
         }
         for rule in rules {
             for subject in &rule.node.subjects {
-                if let ast::Subject::User(email) = &subject.node {
-                    if is_email(email) {
-                        users.entry(email.to_ascii_lowercase()).or_default();
-                    }
+                if let ast::Subject::User(email) = &subject.node
+                    && is_email(email)
+                {
+                    users.entry(email.to_ascii_lowercase()).or_default();
                 }
             }
         }
@@ -865,8 +865,8 @@ impl Resolver<'_> {
             "resource",
         );
         let port = match &node.port {
-            Some(p) => Some(self.port(p)?),
-            None => None,
+            Some(p) => self.port(p).map(Some),
+            None => Some(None),
         };
         let mut context = Context::default();
         let mut ok = true;
@@ -909,19 +909,14 @@ impl Resolver<'_> {
                 ast::ContextWord::Verified => context.verified = true,
             }
         }
-        let (user, resource) = (user?, resource?);
-        let resource_id = indexes
-            .resources
-            .iter()
-            .find(|(_, i)| **i == resource)
-            .map(|(k, _)| k.clone())?;
+        let (user, _, port) = (user?, resource?, port?);
         ok.then(|| Expectation {
             loc: expect.loc,
             effect: node.effect.into(),
             request: Request {
                 groups: given.get(&user).cloned().unwrap_or_default(),
                 user,
-                resource: resource_id,
+                resource: node.resource.node.clone(),
                 port,
                 context,
             },

@@ -1,5 +1,6 @@
 //! The `fzc` command-line contract (LANGUAGE.md): commands, output shapes and exit codes,
 //! run against the example tree, the language reference's own examples and small trees.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 mod common;
 

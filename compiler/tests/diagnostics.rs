@@ -1,6 +1,8 @@
-//! Every diagnostic, rendered as a user sees it: one fixture file per diagnostic under
+//! Every diagnostic, rendered as a user sees it: one fixture file (`.fz`, or `.cedar` for the
+//! Cedar front end's own) per diagnostic under
 //! `tests/fixtures/diagnostics/`, named after the code it must produce, each checked by
 //! `fzc check` and its output snapshotted.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 mod common;
 
@@ -12,10 +14,10 @@ fn every_fixture_gives_its_diagnostic() {
     let mut names: Vec<String> = std::fs::read_dir(&fixtures)
         .expect("fixtures")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".fz"))
+        .filter(|n| n.ends_with(".fz") || n.ends_with(".cedar"))
         .collect();
     names.sort();
-    assert!(names.len() >= 30, "fixtures missing: {names:?}");
+    assert!(names.len() >= 36, "fixtures missing: {names:?}");
     for name in names {
         let text = std::fs::read_to_string(fixtures.join(&name)).expect("read fixture");
         let dir = tree(&[(&name, &text)]);
@@ -28,7 +30,7 @@ fn every_fixture_gives_its_diagnostic() {
         );
         let expected_exit = if code.starts_with('E') { 1 } else { 0 };
         assert_eq!(run.code, expected_exit, "{name}:\n{}", run.stdout);
-        insta::with_settings!({ snapshot_suffix => name.trim_end_matches(".fz"), prepend_module_to_snapshot => false }, {
+        insta::with_settings!({ snapshot_suffix => name.split('.').next().expect("stem"), prepend_module_to_snapshot => false }, {
             insta::assert_snapshot!("diagnostic", run.stdout);
         });
     }

@@ -1,5 +1,6 @@
 //! The example tree under `policies/` is the README's quick start: it must check clean, and
 //! its compiled table is snapshotted so any change to what it means is reviewed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 use std::path::Path;
 

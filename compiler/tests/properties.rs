@@ -4,6 +4,7 @@
 //! - On random trees and random requests, the indexed table decides exactly as a direct,
 //!   unindexed reading of the rules does (every rule scanned, membership recomputed from the
 //!   group lists), and names the same rules.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 use std::net::IpAddr;
 

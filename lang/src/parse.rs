@@ -134,7 +134,8 @@ const CONTINUATION_KEYWORDS: [&str; 3] = ["when", "and", "as"];
 fn continues_statement(line: &str) -> bool {
     let line = line.trim_start_matches([' ', '\t']);
     CONTINUATION_KEYWORDS.iter().any(|kw| {
-        line.strip_prefix(kw).is_some_and(|rest| rest.starts_with([' ', '\t']))
+        line.strip_prefix(kw)
+            .is_some_and(|rest| rest.starts_with([' ', '\t']))
     })
 }
 
@@ -650,23 +651,37 @@ impl Builder {
         }
         let loc = Loc {
             file: self.file,
-            span: Span::new(self.offset + position, self.offset + position + found.len().max(1)),
+            span: Span::new(
+                self.offset + position,
+                self.offset + position + found.len().max(1),
+            ),
         };
         let expected = match &error.variant {
             ErrorVariant::ParsingError { .. } if at_statement_start => {
-                "a statement: `site`, `resource`, `group`, `allow`, `deny`, `test` or `assert`".to_owned()
+                "a statement: `site`, `resource`, `group`, `allow`, `deny`, `test` or `assert`"
+                    .to_owned()
             }
             ErrorVariant::ParsingError { positives, .. } => expected_words(positives),
             ErrorVariant::CustomError { message } => message.clone(),
         };
-        let found_words =
-            if found.is_empty() { "the end of the statement".to_owned() } else { format!("`{found}`") };
-        let diagnostic = Diagnostic::new(Code::Syntax, loc, format!("expected {expected}, found {found_words}"));
-        let keywords = ["site", "resource", "group", "allow", "deny", "test", "assert"];
-        if at_statement_start {
-            if let Some(near) = crate::did_you_mean(found, keywords.into_iter()) {
-                return diagnostic.with_help(format!("did you mean `{near}`?"));
-            }
+        let found_words = if found.is_empty() {
+            "the end of the statement".to_owned()
+        } else {
+            format!("`{found}`")
+        };
+        let diagnostic = Diagnostic::new(
+            Code::Syntax,
+            loc,
+            format!("expected {expected}, found {found_words}"),
+        );
+        let keywords = [
+            "site", "resource", "group", "allow", "deny", "test", "assert",
+        ];
+        let near_keyword = at_statement_start
+            .then(|| crate::did_you_mean(found, keywords.into_iter()))
+            .flatten();
+        if let Some(near) = near_keyword {
+            return diagnostic.with_help(format!("did you mean `{near}`?"));
         }
         if found.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
             return diagnostic.with_help("names are lowercase: letters, digits, `_` and `-`");

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: run `fzc` as a user would, in a directory.
-
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::path::{Path, PathBuf};
