@@ -22,7 +22,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
         for (j, cb) in b.iter().enumerate() {
             let above = row.get(j + 1).copied().unwrap_or(0);
             let left = row.get(j).copied().unwrap_or(0);
-            let best = (diagonal + usize::from(ca != *cb)).min(above + 1).min(left + 1);
+            let best = (diagonal + usize::from(ca != *cb))
+                .min(above + 1)
+                .min(left + 1);
             diagonal = above;
             if let Some(cell) = row.get_mut(j + 1) {
                 *cell = best;
@@ -39,14 +41,25 @@ mod tests {
     #[test]
     fn suggests_near_names_only() {
         let names = ["engineering", "contractors", "everyone"];
-        assert_eq!(did_you_mean("engineerng", names.into_iter()), Some("engineering"));
-        assert_eq!(did_you_mean("contractor", names.into_iter()), Some("contractors"));
+        assert_eq!(
+            did_you_mean("engineerng", names.into_iter()),
+            Some("engineering")
+        );
+        assert_eq!(
+            did_you_mean("contractor", names.into_iter()),
+            Some("contractors")
+        );
         assert_eq!(did_you_mean("sales", names.into_iter()), None);
     }
 
     #[test]
     fn edit_distances() {
-        for (a, b, d) in [("kitten", "sitting", 3), ("", "abc", 3), ("abc", "abc", 0), ("alow", "allow", 1)] {
+        for (a, b, d) in [
+            ("kitten", "sitting", 3),
+            ("", "abc", 3),
+            ("abc", "abc", 0),
+            ("alow", "allow", 1),
+        ] {
             assert_eq!(edit_distance(a, b), d, "{a} {b}");
         }
     }
