@@ -17,18 +17,24 @@ use proptest::prelude::*;
 
 // ------------------------------------------------------------------ never panics
 
-fn seed_texts() -> Vec<String> {
+/// Every policy file of the example and fixture trees, `.fz` and `.cedar`: (path, text).
+fn seed_files() -> Vec<(String, String)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut texts: Vec<String> = Vec::new();
+    let mut files = Vec::new();
     for dir in [
         "policies",
         "tests/fixtures/diagnostics",
         "tests/fixtures/language-md",
+        "tests/fixtures/cedar",
     ] {
         let sources = fz_compiler::load_tree(&root.join(dir)).expect("fixture tree");
-        texts.extend(sources.iter().map(|(_, f)| f.text.clone()));
+        files.extend(
+            sources
+                .iter()
+                .map(|(_, f)| (f.path.clone(), f.text.clone())),
+        );
     }
-    texts
+    files
 }
 
 /// Pieces of the language and of plausible mistakes, to splice into files.
@@ -76,6 +82,16 @@ const SPLICES: &[&str] = &[
     "user \"x@y.z\"",
     "everyone",
     "\u{feff}",
+    "permit (",
+    "forbid (",
+    "principal in Group::\"g\"",
+    "resource == Resource::\"r\"",
+    "when { ",
+    "unless { ",
+    "&&",
+    "||",
+    "context.country",
+    "@id(\"x\")",
     "é",
     "\t",
     "\r\n",
@@ -143,16 +159,18 @@ proptest! {
 
     #[test]
     fn edited_files_never_panic(file in any::<prop::sample::Index>(), edits in prop::collection::vec(edit(), 1..6)) {
-        let texts = seed_texts();
-        let mut text = file.get(&texts).clone();
+        let files = seed_files();
+        let (path, mut text) = file.get(&files).clone();
+        // Keep the extension, so each front end gets its own kind of file.
+        let name = if path.ends_with(".cedar") { "edited.cedar" } else { "edited.fz" };
         for e in &edits {
             text = apply(&text, e);
         }
-        let checked = fz_compiler::check(Sources::new(vec![SourceFile::new("edited.fz", text)]));
+        let checked = fz_compiler::check(Sources::new(vec![SourceFile::new(name, text)]));
         for diagnostic in &checked.diagnostics {
             prop_assert!(!diagnostic.message.is_empty());
             let (path, line, column) = checked.sources.position(diagnostic.loc);
-            prop_assert!(path == "edited.fz" && line >= 1 && column >= 1);
+            prop_assert!(path == name && line >= 1 && column >= 1);
         }
         if let Some(table) = checked.table {
             let bytes = fz_compiler::Bundle::new(table.clone()).and_then(|b| b.to_bytes());
