@@ -2,7 +2,7 @@
 //! set, rendered both as an fz tree and as Cedar policies, with users, their groups and a pool
 //! of requests. Both renderings come from one list of [`Rule`]s, so they mean the same thing.
 //!
-//! Shape for `n` rules: about n/10 resources, n/100 groups (10 to 1,000; a twentieth of them
+//! Shape for `n` rules: about n/10 resources, n/10 groups (10 to 1,000; a twentieth of them
 //! contractor groups), n/1,000 sites (2 to 100), n/10 users (100 to 10,000) each in one to four
 //! groups. Groups are synced from an identity provider, so the tree lists no members: the
 //! requests carry each user's groups. Rules: one site-wide allow per site, 2% deny guardrails
@@ -12,7 +12,7 @@
 //!
 //! Everything is drawn from a fixed seed: the same `n` gives the same workload.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
@@ -126,7 +126,7 @@ struct Shape {
 
 impl Shape {
     fn new(rules: usize) -> Shape {
-        let groups = (rules / 100).clamp(10, 1_000);
+        let groups = (rules / 10).clamp(10, 1_000);
         let contractor_groups = (groups / 20).max(1);
         Shape {
             rules,
@@ -169,7 +169,7 @@ impl Workload {
             rules: Vec::new(),
             requests: Vec::new(),
         };
-        RuleDrawer::new(&shape, &workload.resources).draw_all(&mut workload.rules, &mut rng);
+        RuleDrawer::default().draw_all(&shape, &mut workload.rules, &mut rng);
         workload.requests = workload.draw_requests(&mut rng);
         workload
     }
@@ -284,7 +284,11 @@ impl Workload {
             Subject::User(u) => Some(format!("User::\"{}\"", self.email(u))),
         };
         let test = |s: &Subject| {
-            let op = if matches!(s, Subject::User(_)) { "==" } else { "in" };
+            let op = if matches!(s, Subject::User(_)) {
+                "=="
+            } else {
+                "in"
+            };
             entity(s).map(|e| format!("principal {op} {e}"))
         };
         let mut conditions = Vec::new();
@@ -375,40 +379,58 @@ impl Workload {
         self.group(group).starts_with("contractors-")
     }
 
-    /// Half the requests name a resource one of the user's groups has an allow rule for (they
-    /// may still be denied by conditions or guardrails); the other half any resource.
+    /// Half the requests name a resource an allow rule grants the user (they may still be
+    /// denied by its conditions or a guardrail), the other half one no rule grants the user,
+    /// where the tree has one.
     fn draw_requests(&self, rng: &mut Rng) -> Vec<Probe> {
-        let mut granted: HashMap<usize, Vec<usize>> = HashMap::new();
-        for rule in self.rules.iter().filter(|r| r.effect == Effect::Allow) {
-            if let Target::Resource(resource) = rule.target {
-                for subject in &rule.subjects {
-                    if let Subject::Group(g) = subject {
-                        granted.entry(*g).or_default().push(resource);
-                    }
-                }
-            }
-        }
         (0..POOL)
             .map(|i| {
                 let user = rng.below(self.users.len());
-                let targeted = self
-                    .users
-                    .get(user)
-                    .and_then(|u| rng.pick(&u.groups))
-                    .and_then(|g| granted.get(g))
-                    .and_then(|resources| rng.pick(resources))
-                    .copied();
-                let resource = match targeted {
-                    Some(resource) if i % 2 == 0 => resource,
-                    _ => rng.below(self.resources.len()),
+                let granted = self.granted(user);
+                let resource = if i.is_multiple_of(2) {
+                    let granted: Vec<usize> = granted.iter().copied().collect();
+                    rng.pick(&granted).copied()
+                } else {
+                    (0..10)
+                        .map(|_| rng.below(self.resources.len()))
+                        .find(|r| !granted.contains(r))
                 };
                 Probe {
                     user,
-                    resource,
+                    resource: resource.unwrap_or_else(|| rng.below(self.resources.len())),
                     facts: Facts::draw(rng),
                 }
             })
             .collect()
+    }
+
+    /// The resources some allow rule names the user for, by group, by name or as everyone.
+    fn granted(&self, user: usize) -> BTreeSet<usize> {
+        let groups = self
+            .users
+            .get(user)
+            .map_or(&[][..], |u| u.groups.as_slice());
+        let names = |s: &Subject| match *s {
+            Subject::Everyone => true,
+            Subject::Group(g) => groups.contains(&g),
+            Subject::User(u) => u == user,
+        };
+        let mut granted = BTreeSet::new();
+        for rule in &self.rules {
+            if rule.effect != Effect::Allow || !rule.subjects.iter().any(names) {
+                continue;
+            }
+            match rule.target {
+                Target::Resource(r) => {
+                    granted.insert(r);
+                }
+                Target::Site(site) => granted.extend(
+                    (0..self.resources.len())
+                        .filter(|&r| self.resources.get(r).is_some_and(|r| r.site == site)),
+                ),
+            }
+        }
+        granted
     }
 }
 
@@ -459,9 +481,8 @@ impl Resource {
 impl User {
     /// One to four team groups, and for one user in ten a contractor group.
     fn draw(i: usize, shape: &Shape, rng: &mut Rng) -> User {
-        let teams = shape.groups - shape.contractor_groups;
         let mut groups: Vec<usize> = (0..1 + rng.below(4))
-            .map(|_| shape.contractor_groups + rng.below(teams))
+            .map(|_| shape.contractor_groups + rng.below(shape.teams()))
             .collect();
         if rng.chance(10) {
             groups.push(rng.below(shape.contractor_groups));
@@ -523,35 +544,24 @@ impl Condition {
 }
 
 /// Draws the rules: distinct, none shadowed by a guardrail, every group and resource used.
-struct RuleDrawer<'a> {
-    shape: &'a Shape,
-    sites_of: Vec<usize>,
-    /// fz dedups on subjects, resources and conditions; so does this, on the rule's key.
+#[derive(Debug, Default)]
+struct RuleDrawer {
+    /// fz warns of repeated rules (same subjects, resources and conditions): keys drawn so far.
     seen: HashSet<String>,
-    /// `(contractor group, resource)` pairs an unconditional deny guards: an allow for just
+    /// Resources an unconditional deny guards from each contractor group: an allow for just
     /// that group there would never apply.
     guarded: BTreeMap<usize, HashSet<usize>>,
 }
 
-impl<'a> RuleDrawer<'a> {
-    fn new(shape: &'a Shape, resources: &[Resource]) -> Self {
-        RuleDrawer {
-            shape,
-            sites_of: resources.iter().map(|r| r.site).collect(),
-            seen: HashSet::new(),
-            guarded: BTreeMap::new(),
-        }
-    }
-
-    fn draw_all(mut self, rules: &mut Vec<Rule>, rng: &mut Rng) {
-        let shape = *self.shape;
+impl RuleDrawer {
+    fn draw_all(mut self, shape: &Shape, rules: &mut Vec<Rule>, rng: &mut Rng) {
         for site in 0..shape.sites {
-            let team = self.team(rng.below(shape.groups - shape.contractor_groups));
-            self.push(rules, || Rule::allow(vec![team], Target::Site(site), Vec::new()));
+            let team = shape.team(rng.below(shape.teams()));
+            let rule = Rule::allow(vec![team], Target::Site(site), Vec::new());
+            rules.push(self.distinct(rng, |_| rule.clone()));
         }
         for i in 0..shape.denies {
-            let draw = |rng: &mut Rng| self.guardrail(i, rng);
-            let rule = self.distinct(rng, draw);
+            let rule = self.distinct(rng, |rng| shape.guardrail(i, rng));
             if let ([Subject::Group(g)], Target::Resource(r), true) = (
                 rule.subjects.as_slice(),
                 rule.target,
@@ -561,23 +571,13 @@ impl<'a> RuleDrawer<'a> {
             }
             rules.push(rule);
         }
-        let allows = shape.rules - rules.len();
-        for i in 0..allows {
-            let draw = |rng: &mut Rng| self.grant(i, rng);
-            let mut rule = self.distinct(rng, draw);
-            if i % 10 == 0 {
+        for i in 0..shape.rules - rules.len() {
+            let mut rule = self.distinct(rng, |rng| shape.grant(i, rng));
+            if i.is_multiple_of(10) {
                 rule.name = Some(format!("grant-{i:06}"));
             }
             rules.push(rule);
         }
-        debug_assert_eq!(rules.len(), shape.rules);
-        debug_assert!(self.sites_of.len() == shape.resources);
-    }
-
-    fn push(&mut self, rules: &mut Vec<Rule>, make: impl FnOnce() -> Rule) {
-        let rule = make();
-        self.seen.insert(rule.key());
-        rules.push(rule);
     }
 
     /// Draws until the rule is new and no guardrail shadows it.
@@ -598,16 +598,26 @@ impl<'a> RuleDrawer<'a> {
             _ => false,
         }
     }
+}
+
+impl Shape {
+    fn teams(&self) -> usize {
+        self.groups - self.contractor_groups
+    }
+
+    fn team(&self, team: usize) -> Subject {
+        Subject::Group(self.contractor_groups + team)
+    }
 
     /// The `i`th deny: the first ones name each contractor group once, unconditionally; then
     /// alternately a contractor group on a resource, and everyone from embargoed countries.
     fn guardrail(&self, i: usize, rng: &mut Rng) -> Rule {
-        let resource = Target::Resource(rng.below(self.shape.resources));
-        if i < self.shape.contractor_groups || i % 2 == 0 {
-            let group = if i < self.shape.contractor_groups {
+        let resource = Target::Resource(rng.below(self.resources));
+        if i < self.contractor_groups || i.is_multiple_of(2) {
+            let group = if i < self.contractor_groups {
                 i
             } else {
-                rng.below(self.shape.contractor_groups)
+                rng.below(self.contractor_groups)
             };
             Rule::deny(vec![Subject::Group(group)], resource, Vec::new())
         } else {
@@ -619,51 +629,48 @@ impl<'a> RuleDrawer<'a> {
     /// The `i`th allow rule. The first ones name each team group and each resource once, so
     /// every declaration is used.
     fn grant(&self, i: usize, rng: &mut Rng) -> Rule {
-        let shape = self.shape;
-        let teams = shape.groups - shape.contractor_groups;
-        let resource = Target::Resource(if i < shape.resources {
+        let resource = Target::Resource(if i < self.resources {
             i
         } else {
-            rng.below(shape.resources)
+            rng.below(self.resources)
         });
         let roll = rng.below(100);
-        let subjects = if i < teams {
+        let subjects = if i < self.teams() {
             vec![self.team(i)]
         } else if roll < 3 {
             // Contractors reach a resource only from a verified device.
-            let group = Subject::Group(rng.below(shape.contractor_groups));
+            let group = Subject::Group(rng.below(self.contractor_groups));
             return Rule::allow(vec![group], resource, vec![Condition::ClientVerified]);
         } else if roll < 4 {
             vec![Subject::Everyone]
         } else if roll < 9 {
-            vec![Subject::User(rng.below(shape.users))]
+            vec![Subject::User(rng.below(self.users))]
         } else if roll < 29 {
-            let mut two = vec![self.team(rng.below(teams)), self.team(rng.below(teams))];
+            let mut two = vec![
+                self.team(rng.below(self.teams())),
+                self.team(rng.below(self.teams())),
+            ];
             two.sort_unstable();
             two.dedup();
             two
         } else {
-            vec![self.team(rng.below(teams))]
+            vec![self.team(rng.below(self.teams()))]
         };
-        Rule::allow(subjects, resource, Self::conditions(rng))
+        Rule::allow(subjects, resource, conditions(rng))
     }
+}
 
-    /// Two thirds of allow rules have no condition.
-    fn conditions(rng: &mut Rng) -> Vec<Condition> {
-        match rng.below(100) {
-            0..66 => Vec::new(),
-            66..74 => vec![Condition::CountryIn(EU)],
-            74..78 => vec![Condition::CountryIn(DACH)],
-            78..84 => vec![Condition::ClientVerified],
-            84..88 => vec![Condition::Provider("okta")],
-            88..92 => vec![Condition::SourceIn(CORPORATE)],
-            92..95 => vec![Condition::CountryNotIn(EMBARGOED)],
-            _ => vec![Condition::CountryIn(EU), Condition::ClientVerified],
-        }
-    }
-
-    fn team(&self, team: usize) -> Subject {
-        Subject::Group(self.shape.contractor_groups + team)
+/// Two thirds of allow rules have no condition.
+fn conditions(rng: &mut Rng) -> Vec<Condition> {
+    match rng.below(100) {
+        0..66 => Vec::new(),
+        66..74 => vec![Condition::CountryIn(EU)],
+        74..78 => vec![Condition::CountryIn(DACH)],
+        78..84 => vec![Condition::ClientVerified],
+        84..88 => vec![Condition::Provider("okta")],
+        88..92 => vec![Condition::SourceIn(CORPORATE)],
+        92..95 => vec![Condition::CountryNotIn(EMBARGOED)],
+        _ => vec![Condition::CountryIn(EU), Condition::ClientVerified],
     }
 }
 
