@@ -444,10 +444,10 @@ fn direct(table: &Table, request: &Request) -> (Effect, Vec<String>) {
             .map(|r| r.id.clone())
             .collect()
     };
-    if let (Some(port), Some(ports)) = (request.port, &table.resources[resource].ports) {
-        if !ports.iter().any(|p| p.covers(&port)) {
-            return (Effect::Deny, Vec::new());
-        }
+    if let (Some(port), Some(ports)) = (request.port, &table.resources[resource].ports)
+        && !ports.iter().any(|p| p.covers(&port))
+    {
+        return (Effect::Deny, Vec::new());
     }
     let denies = ids(Effect::Deny, true);
     if !denies.is_empty() {
