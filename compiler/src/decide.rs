@@ -8,8 +8,9 @@
 //! with all its conditions true (missing facts count as true there), and the port, when given,
 //! is inside the resource's filter.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
+
+use rustc_hash::FxHashMap;
 
 use crate::address::AddressIndex;
 use crate::condition::Context;
@@ -52,35 +53,85 @@ pub enum Reason {
     UnknownResource,
 }
 
-/// A table ready to answer requests: indexes over names and addresses built once at load.
+/// A table ready to answer requests: indexes over names and addresses, and the rules laid out
+/// for decisions, built once at load.
 #[derive(Debug)]
 pub struct DecisionTable {
     table: Table,
-    groups: HashMap<String, GroupIdx>,
-    users: HashMap<String, UserIdx>,
-    resources: HashMap<String, ResourceIdx>,
+    groups: FxHashMap<String, GroupIdx>,
+    users: FxHashMap<String, UserIdx>,
+    resources: FxHashMap<String, ResourceIdx>,
     addresses: AddressIndex<ResourceIdx>,
     everyone: GroupIdx,
     /// Words of a group bitset.
     words: usize,
+    /// Per resource, its entries in `entries`: allow rules from `[0]` to `[1]`, deny rules from
+    /// `[1]` to `[2]`.
+    layout: Vec<[u32; 3]>,
+    entries: Vec<Entry>,
+    /// The subjects of every entry, in entry order: its groups, then its users.
+    subjects: Vec<u32>,
 }
 
-/// The groups a user is in, as a bitset over group indexes.
+/// A rule as a decision reads it. The entries of one resource are contiguous, and so are
+/// their subjects, so a decision walks a few cache lines instead of each rule's own lists;
+/// the rule itself is read only for its conditions.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    rule: RuleIdx,
+    /// Where the rule's subjects start in `DecisionTable::subjects`.
+    subjects: u32,
+    groups: u32,
+    users: u32,
+    conditional: bool,
+}
+
+/// Group bitsets of up to this many words (1024 groups) live on the stack: a decision then
+/// allocates nothing to know who the user is.
+const INLINE_WORDS: usize = 16;
+
+/// The groups a user is in, as a bitset over group indexes, and who the user is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Membership {
-    bits: Vec<u64>,
+    bits: Bits,
     user: Option<UserIdx>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Bits {
+    Inline([u64; INLINE_WORDS]),
+    Heap(Vec<u64>),
+}
+
 impl Membership {
+    fn empty(words: usize) -> Self {
+        let bits = if words <= INLINE_WORDS {
+            Bits::Inline([0; INLINE_WORDS])
+        } else {
+            Bits::Heap(vec![0; words])
+        };
+        Membership { bits, user: None }
+    }
+
+    fn words(&self) -> &[u64] {
+        match &self.bits {
+            Bits::Inline(words) => words,
+            Bits::Heap(words) => words,
+        }
+    }
+
     pub fn contains(&self, group: GroupIdx) -> bool {
-        self.bits
+        self.words()
             .get(group as usize / 64)
             .is_some_and(|w| w & (1 << (group % 64)) != 0)
     }
 
     fn insert(&mut self, group: GroupIdx) {
-        if let Some(word) = self.bits.get_mut(group as usize / 64) {
+        let words = match &mut self.bits {
+            Bits::Inline(words) => &mut words[..],
+            Bits::Heap(words) => &mut words[..],
+        };
+        if let Some(word) = words.get_mut(group as usize / 64) {
             *word |= 1 << (group % 64);
         }
     }
@@ -88,26 +139,24 @@ impl Membership {
 
 impl DecisionTable {
     pub fn new(table: Table) -> Self {
-        let groups: HashMap<String, GroupIdx> = table
-            .groups
-            .iter()
-            .zip(0..)
-            .map(|(g, i)| (g.id.clone(), i))
-            .collect();
+        let index = |ids: &mut dyn Iterator<Item = &String>| -> FxHashMap<String, u32> {
+            ids.zip(0..).map(|(id, i)| (id.clone(), i)).collect()
+        };
+        let groups = index(&mut table.groups.iter().map(|g| &g.id));
         let everyone = groups.get(EVERYONE).copied().unwrap_or(GroupIdx::MAX);
+        let mut layout = Vec::with_capacity(table.resources.len());
+        let mut entries = Vec::new();
+        let mut subjects = Vec::new();
+        for resource in &table.resources {
+            let start = entries.len() as u32;
+            lay_out(&table, &resource.allow, &mut entries, &mut subjects);
+            let middle = entries.len() as u32;
+            lay_out(&table, &resource.deny, &mut entries, &mut subjects);
+            layout.push([start, middle, entries.len() as u32]);
+        }
         DecisionTable {
-            users: table
-                .users
-                .iter()
-                .zip(0..)
-                .map(|(u, i)| (u.email.clone(), i))
-                .collect(),
-            resources: table
-                .resources
-                .iter()
-                .zip(0..)
-                .map(|(r, i)| (r.id.clone(), i))
-                .collect(),
+            users: index(&mut table.users.iter().map(|u| &u.email)),
+            resources: index(&mut table.resources.iter().map(|r| &r.id)),
             addresses: AddressIndex::new(
                 table
                     .resources
@@ -118,6 +167,9 @@ impl DecisionTable {
             words: table.groups.len().div_ceil(64),
             groups,
             everyone,
+            layout,
+            entries,
+            subjects,
             table,
         }
     }
@@ -154,10 +206,7 @@ impl DecisionTable {
         email: &str,
         groups: impl IntoIterator<Item = &'a str>,
     ) -> Membership {
-        let mut membership = Membership {
-            bits: vec![0; self.words],
-            user: None,
-        };
+        let mut membership = Membership::empty(self.words);
         membership.insert(self.everyone);
         let lowercase;
         let email = if email.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -215,17 +264,20 @@ impl DecisionTable {
             reason,
             rules,
         };
-        let Some(entry) = self.table.resources.get(resource as usize) else {
+        let (Some(entry), Some(&[allow, deny_start, end])) = (
+            self.table.resources.get(resource as usize),
+            self.layout.get(resource as usize),
+        ) else {
             return deny(Reason::UnknownResource, Vec::new());
         };
         if port.is_some_and(|p| !entry.admits(p)) {
             return deny(Reason::PortNotAllowed, Vec::new());
         }
-        let denying = self.applying(&entry.deny, membership, context, true);
+        let denying = self.applying(deny_start..end, membership, context, true);
         if !denying.is_empty() {
             return deny(Reason::DeniedByRule, denying);
         }
-        let allowing = self.applying(&entry.allow, membership, context, false);
+        let allowing = self.applying(allow..deny_start, membership, context, false);
         if allowing.is_empty() {
             return deny(Reason::NoRule, Vec::new());
         }
@@ -236,27 +288,48 @@ impl DecisionTable {
         }
     }
 
-    /// The rules among `rules` that cover the user and whose conditions all hold.
+    /// The rules among a range of entries that name the user and whose conditions all hold.
     fn applying(
         &self,
-        rules: &[RuleIdx],
+        entries: std::ops::Range<u32>,
         membership: &Membership,
         context: &Context,
         when_missing: bool,
     ) -> Vec<RuleIdx> {
-        rules
+        let entries = self
+            .entries
+            .get(entries.start as usize..entries.end as usize)
+            .unwrap_or(&[]);
+        entries
             .iter()
-            .copied()
-            .filter(|&r| {
-                self.table.rules.get(r as usize).is_some_and(|rule| {
-                    covers(rule, membership)
-                        && rule
-                            .conditions
-                            .iter()
-                            .all(|c| c.holds(context, when_missing))
-                })
+            .filter(|entry| {
+                self.names(entry, membership)
+                    && (!entry.conditional
+                        || self
+                            .table
+                            .rules
+                            .get(entry.rule as usize)
+                            .is_some_and(|rule| {
+                                rule.conditions
+                                    .iter()
+                                    .all(|c| c.holds(context, when_missing))
+                            }))
             })
+            .map(|entry| entry.rule)
             .collect()
+    }
+
+    /// Whether an entry's rule names the user or one of the user's groups.
+    fn names(&self, entry: &Entry, membership: &Membership) -> bool {
+        let start = entry.subjects as usize;
+        let middle = start + entry.groups as usize;
+        let groups = self.subjects.get(start..middle).unwrap_or(&[]);
+        let users = self
+            .subjects
+            .get(middle..middle + entry.users as usize)
+            .unwrap_or(&[]);
+        groups.iter().any(|&g| membership.contains(g))
+            || membership.user.is_some_and(|u| users.contains(&u))
     }
 
     /// The allow rules on a resource that cover the user, with the conditions that failed for
@@ -267,25 +340,26 @@ impl DecisionTable {
         resource: ResourceIdx,
         context: &Context,
     ) -> Vec<(RuleIdx, Vec<usize>)> {
-        let Some(entry) = self.table.resources.get(resource as usize) else {
+        let Some(&[allow, deny, _]) = self.layout.get(resource as usize) else {
             return Vec::new();
         };
-        entry
-            .allow
+        let entries = self
+            .entries
+            .get(allow as usize..deny as usize)
+            .unwrap_or(&[]);
+        entries
             .iter()
-            .filter_map(|&r| {
-                let rule = self.table.rules.get(r as usize)?;
-                if !covers(rule, membership) {
-                    return None;
-                }
-                let failed: Vec<usize> = (0..rule.conditions.len())
-                    .filter(|&i| {
-                        rule.conditions
-                            .get(i)
-                            .is_some_and(|c| !c.holds(context, false))
-                    })
+            .filter(|entry| self.names(entry, membership))
+            .filter_map(|entry| {
+                let rule = self.table.rules.get(entry.rule as usize)?;
+                let failed: Vec<usize> = rule
+                    .conditions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| !c.holds(context, false))
+                    .map(|(i, _)| i)
                     .collect();
-                Some((r, failed))
+                Some((entry.rule, failed))
             })
             .collect()
     }
@@ -345,10 +419,20 @@ impl DecisionTable {
     }
 }
 
-/// Whether a rule names the user or one of the user's groups.
-fn covers(rule: &Rule, membership: &Membership) -> bool {
-    rule.groups.iter().any(|&g| membership.contains(g))
-        || membership
-            .user
-            .is_some_and(|u| rule.users.binary_search(&u).is_ok())
+/// Appends the entries of `rules`, and their subjects.
+fn lay_out(table: &Table, rules: &[RuleIdx], entries: &mut Vec<Entry>, subjects: &mut Vec<u32>) {
+    for &r in rules {
+        let Some(rule) = table.rules.get(r as usize) else {
+            continue;
+        };
+        entries.push(Entry {
+            rule: r,
+            subjects: subjects.len() as u32,
+            groups: rule.groups.len() as u32,
+            users: rule.users.len() as u32,
+            conditional: !rule.conditions.is_empty(),
+        });
+        subjects.extend(&rule.groups);
+        subjects.extend(&rule.users);
+    }
 }

@@ -11,6 +11,8 @@
 //!   of a winter and a summer reference week, which covers both offsets of every zone with
 //!   daylight saving time.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
 use fz_lang::ast::Quantifier;
 use fz_lang::{Code, Diagnostic};
@@ -171,20 +173,39 @@ fn describe_context(context: &Context) -> String {
     words.join(", ")
 }
 
+/// A user the search tries: a user the tree names (with their index and static groups), one
+/// only the invariant names, or the stand-in for every user nobody names.
+#[derive(Clone, Copy, Debug)]
+struct Candidate<'a> {
+    email: &'a str,
+    user: Option<UserIdx>,
+    static_groups: &'a [GroupIdx],
+}
+
 fn counterexample(invariant: &Invariant, decisions: &DecisionTable) -> Option<Counterexample> {
     let table = decisions.table();
     let everyone = decisions.group_index(EVERYONE);
-    // Every user the tree or the invariant names, and one neither does.
     let named_only_here = invariant
         .users
         .iter()
         .filter(|u| !table.users.iter().any(|t| &t.email == *u));
-    let candidates: Vec<(&str, &[GroupIdx])> = table
-        .users
-        .iter()
-        .map(|u| (u.email.as_str(), u.groups.as_slice()))
-        .chain(named_only_here.map(|u| (u.as_str(), &[][..])))
-        .chain([(UNNAMED_USER, &[][..])])
+    let everybody: Vec<Candidate<'_>> = (0..)
+        .zip(&table.users)
+        .map(|(i, u)| Candidate {
+            email: &u.email,
+            user: Some(i),
+            static_groups: &u.groups,
+        })
+        .chain(named_only_here.map(|u| Candidate {
+            email: u,
+            user: None,
+            static_groups: &[],
+        }))
+        .chain([Candidate {
+            email: UNNAMED_USER,
+            user: None,
+            static_groups: &[],
+        }])
         .collect();
     for &resource in &invariant.resources {
         let entry = table.resources.get(resource as usize)?;
@@ -197,22 +218,23 @@ fn counterexample(invariant: &Invariant, decisions: &DecisionTable) -> Option<Co
                 ..*p
             });
         let contexts = representative_contexts(entry, table);
+        let candidates = candidates_for(entry, invariant, table, &everybody);
         for &allow in &entry.allow {
             let rule = table.rules.get(allow as usize)?;
-            for (email, static_groups) in &candidates {
-                for groups in memberships(invariant, rule, email, static_groups, table, everyone) {
+            for candidate in &candidates {
+                for groups in memberships(invariant, rule, candidate, table, everyone) {
                     let names: Vec<&str> = groups
                         .iter()
                         .filter_map(|g| table.groups.get(*g as usize))
                         .map(|g| g.id.as_str())
                         .collect();
-                    let membership = decisions.membership(email, names.iter().copied());
+                    let membership = decisions.membership(candidate.email, names.iter().copied());
                     for context in &contexts {
                         let decision =
                             decisions.decide_for(&membership, resource, port.as_ref(), context);
                         if decision.effect == Effect::Allow {
                             return Some(Counterexample {
-                                user: (*email).to_owned(),
+                                user: candidate.email.to_owned(),
                                 groups,
                                 resource,
                                 port,
@@ -228,23 +250,61 @@ fn counterexample(invariant: &Invariant, decisions: &DecisionTable) -> Option<Co
     None
 }
 
+/// The candidates that can behave differently on this resource: users its rules or the
+/// invariant name, users statically in a group they name, and the users without a tree entry.
+/// Every other user is in no group that matters here and named by nothing, so the unnamed
+/// stand-in already behaves exactly as they do.
+fn candidates_for<'a>(
+    resource: &Resource,
+    invariant: &Invariant,
+    table: &Table,
+    everybody: &[Candidate<'a>],
+) -> Vec<Candidate<'a>> {
+    let rules: Vec<&Rule> = resource
+        .allow
+        .iter()
+        .chain(&resource.deny)
+        .filter_map(|r| table.rules.get(*r as usize))
+        .collect();
+    let groups: HashSet<GroupIdx> = rules
+        .iter()
+        .flat_map(|r| r.groups.iter().copied())
+        .chain(invariant.groups.iter().copied())
+        .collect();
+    let users: HashSet<UserIdx> = rules.iter().flat_map(|r| r.users.iter().copied()).collect();
+    everybody
+        .iter()
+        .filter(|c| match c.user {
+            None => true,
+            Some(u) => {
+                users.contains(&u)
+                    || c.static_groups.iter().any(|g| groups.contains(g))
+                    || invariant.users.iter().any(|e| e == c.email)
+            }
+        })
+        .copied()
+        .collect()
+}
+
 /// The smallest group sets, for one user, that match `rule` and fall under the invariant's
 /// quantifier (members of its subjects for `never`, non-members for `only`).
 fn memberships(
     invariant: &Invariant,
     rule: &Rule,
-    email: &str,
-    static_groups: &[GroupIdx],
+    candidate: &Candidate<'_>,
     table: &Table,
     everyone: Option<GroupIdx>,
 ) -> Vec<Vec<GroupIdx>> {
     let is_open = |g: &GroupIdx| table.groups.get(*g as usize).is_some_and(Group::is_open);
-    let base: Vec<GroupIdx> = static_groups.iter().copied().chain(everyone).collect();
-    let user_named_by_rule = table
-        .users
+    let base: Vec<GroupIdx> = candidate
+        .static_groups
         .iter()
-        .position(|u| u.email == email)
-        .is_some_and(|u| rule.users.contains(&(u as UserIdx)));
+        .copied()
+        .chain(everyone)
+        .collect();
+    let user_named_by_rule = candidate
+        .user
+        .is_some_and(|u| rule.users.binary_search(&u).is_ok());
     // Ways to match the rule: by name, or through a group the user is or may be in.
     let mut matched: Vec<Vec<GroupIdx>> = Vec::new();
     if user_named_by_rule || rule.groups.iter().any(|g| base.contains(g)) {
@@ -254,7 +314,7 @@ fn memberships(
             matched.push(with(&base, *g));
         }
     }
-    let named = invariant.users.iter().any(|u| u == email);
+    let named = invariant.users.iter().any(|u| u == candidate.email);
     let mut result = Vec::new();
     for groups in matched {
         match invariant.quantifier {

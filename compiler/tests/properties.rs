@@ -479,3 +479,47 @@ proptest! {
         }
     }
 }
+
+// ------------------------------------------------------------------ proved invariants hold
+
+/// `assert never gK -> rJ` or `assert only gK -> rJ` on a random tree.
+fn assertion() -> impl Strategy<Value = (bool, usize, usize)> {
+    (any::<bool>(), 0..5usize, 0..ADDRESSES.len())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// When `fzc check` says an invariant holds, no request breaks it: every sampled request by
+    /// a user the invariant covers, with any identity-provider groups (only groups with an
+    /// `idp` line can be synced), is decided as the invariant says.
+    #[test]
+    fn invariants_that_check_hold_on_every_request(
+        tree in tree_spec(),
+        (never, group, resource) in assertion(),
+        requests in prop::collection::vec(request(), 60),
+    ) {
+        let quantifier = if never { "never" } else { "only" };
+        let text = format!("{}assert {quantifier} g{group} -> r{resource}\n", render(&tree));
+        let checked = fz_compiler::check(Sources::new(vec![SourceFile::new("random.fz", text.clone())]));
+        let proved = !checked.diagnostics.iter().any(|d| d.code == fz_lang::Code::InvariantFailed);
+        prop_assert!(checked.diagnostics.iter().all(|d| !d.is_error() || d.code == fz_lang::Code::InvariantFailed));
+        if !proved {
+            return Ok(());
+        }
+        let table = checked.table.expect("a table when every invariant holds");
+        let decisions = DecisionTable::new(table.clone());
+        let open: Vec<&str> = table.groups.iter().filter(|g| g.is_open()).map(|g| g.id.as_str()).collect();
+        let target = format!("g{group}");
+        for mut request in requests {
+            request.resource = format!("r{resource}");
+            request.groups.retain(|g| open.contains(&g.as_str()));
+            let email = request.user.to_lowercase();
+            let in_group = request.groups.contains(&target)
+                || table.groups.iter().any(|g| g.id == target && g.members.contains(&email));
+            let decision = decisions.decide(&request);
+            let broken = if never { in_group && decision.effect == Effect::Allow } else { !in_group && decision.effect == Effect::Allow };
+            prop_assert!(!broken, "{text}\nproved, but {request:?} is allowed");
+        }
+    }
+}
