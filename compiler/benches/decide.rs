@@ -60,30 +60,10 @@ impl Fz {
             "the generated tree has errors: {:#?}",
             checked.diagnostics
         );
-        let port = PortRange::from_str(PORT).unwrap();
         let requests = workload
             .requests
             .iter()
-            .map(|probe| {
-                let user = workload.users.get(probe.user).unwrap();
-                Request {
-                    user: user.email.clone(),
-                    groups: user
-                        .groups
-                        .iter()
-                        .map(|&g| workload.groups.get(g).unwrap().clone())
-                        .collect(),
-                    resource: workload.resources.get(probe.resource).unwrap().id.clone(),
-                    port: Some(port),
-                    context: FzContext {
-                        at: None,
-                        source: Some(probe.facts.source.into()),
-                        country: Some(probe.facts.country.to_owned()),
-                        provider: Some(probe.facts.provider.to_owned()),
-                        verified: probe.facts.verified,
-                    },
-                }
-            })
+            .map(|probe| fz_request(workload, probe))
             .collect();
         Fz {
             table: DecisionTable::new(checked.table.expect("a tree without errors has a table")),
@@ -94,7 +74,57 @@ impl Fz {
     fn allows(&self, i: usize) -> bool {
         self.table.decide(&self.requests[i]).effect == Effect::Allow
     }
+
+    /// Mean fz time over a pool of `WIDE_POOL` requests spread over every user and resource:
+    /// its working set does not fit in cache at 100k rules, as a portal's traffic would not.
+    fn wide_pool_ns(&self, workload: &Workload) -> f64 {
+        let facts = workload.requests[0].facts;
+        let requests: Vec<Request> = (0..WIDE_POOL)
+            .map(|k| {
+                let probe = Probe {
+                    user: k * 7_919 % workload.users.len(),
+                    resource: k * 104_729 % workload.resources.len(),
+                    facts,
+                };
+                fz_request(workload, &probe)
+            })
+            .collect();
+        let start = Instant::now();
+        let mut passes = 0;
+        while passes == 0 || start.elapsed() < Duration::from_secs(2) {
+            for request in &requests {
+                black_box(self.table.decide(black_box(request)));
+            }
+            passes += 1;
+        }
+        start.elapsed().as_nanos() as f64 / (passes * WIDE_POOL) as f64
+    }
 }
+
+/// The fz request for a probe: user, identity-provider groups and resource by name.
+fn fz_request(workload: &Workload, probe: &Probe) -> Request {
+    let user = workload.users.get(probe.user).unwrap();
+    Request {
+        user: user.email.clone(),
+        groups: user
+            .groups
+            .iter()
+            .map(|&g| workload.groups.get(g).unwrap().clone())
+            .collect(),
+        resource: workload.resources.get(probe.resource).unwrap().id.clone(),
+        port: Some(PortRange::from_str(PORT).unwrap()),
+        context: FzContext {
+            at: None,
+            source: Some(probe.facts.source.into()),
+            country: Some(probe.facts.country.to_owned()),
+            provider: Some(probe.facts.provider.to_owned()),
+            verified: probe.facts.verified,
+        },
+    }
+}
+
+/// Requests in the wide, fz-only pool.
+const WIDE_POOL: usize = 16_384;
 
 /// The Cedar side: the same rules as policies, users and resources as entities.
 struct Cedar {
@@ -271,6 +301,10 @@ fn decide(c: &mut Criterion) {
             "rules={rules} fz={fz_ns:.0} ns cedar={cedar_ns:.0} ns ratio={:.0}x \
              (pool {POOL}, {allowed} allowed)",
             cedar_ns / fz_ns
+        );
+        println!(
+            "rules={rules} fz wide pool of {WIDE_POOL}: {:.0} ns",
+            fz.wide_pool_ns(&workload)
         );
         fz_times.push((rules, fz_ns));
 

@@ -59,31 +59,52 @@ pub enum Reason {
 pub struct DecisionTable {
     table: Table,
     groups: FxHashMap<String, GroupIdx>,
-    users: FxHashMap<String, UserIdx>,
+    users: FxHashMap<String, UserEntry>,
     resources: FxHashMap<String, ResourceIdx>,
     addresses: AddressIndex<ResourceIdx>,
     everyone: GroupIdx,
     /// Words of a group bitset.
     words: usize,
-    /// Per resource, its entries in `entries`: allow rules from `[0]` to `[1]`, deny rules from
-    /// `[1]` to `[2]`.
-    layout: Vec<[u32; 3]>,
-    entries: Vec<Entry>,
-    /// The subjects of every entry, in entry order: its groups, then its users.
-    subjects: Vec<u32>,
+    /// Static groups of every user, one run per user.
+    user_groups: Vec<GroupIdx>,
+    /// Per resource: where its rules are in `stream`, and its port filter.
+    layout: Vec<Layout>,
+    /// Port filters of every resource, one run per resource.
+    ports: Vec<PortRange>,
+    /// The rules of every resource as a decision reads them, allow rules then deny rules,
+    /// each as `[rule, groups, users | CONDITIONAL, group..., user...]`. One resource's rules
+    /// are contiguous, so a decision walks a few cache lines instead of each rule's own lists;
+    /// the rule itself is read only when it has conditions.
+    stream: Vec<u32>,
 }
 
-/// A rule as a decision reads it. The entries of one resource are contiguous, and so are
-/// their subjects, so a decision walks a few cache lines instead of each rule's own lists;
-/// the rule itself is read only for its conditions.
+/// Marks a rule with conditions in its stream entry.
+const CONDITIONAL: u32 = 1 << 31;
+
 #[derive(Clone, Copy, Debug)]
-struct Entry {
+struct UserEntry {
+    index: UserIdx,
+    /// The user's run in `user_groups`.
+    groups: (u32, u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    /// Allow rules run from `allow` to `deny`, deny rules from `deny` to `end`, in `stream`.
+    allow: u32,
+    deny: u32,
+    end: u32,
+    /// The resource's run in `ports`; `None` when it takes all traffic.
+    ports: Option<(u32, u32)>,
+}
+
+/// One rule of a resource's stream.
+#[derive(Clone, Copy, Debug)]
+struct StreamEntry<'a> {
     rule: RuleIdx,
-    /// Where the rule's subjects start in `DecisionTable::subjects`.
-    subjects: u32,
-    groups: u32,
-    users: u32,
     conditional: bool,
+    groups: &'a [GroupIdx],
+    users: &'a [UserIdx],
 }
 
 /// Group bitsets of up to this many words (1024 groups) live on the stack: a decision then
@@ -144,18 +165,41 @@ impl DecisionTable {
         };
         let groups = index(&mut table.groups.iter().map(|g| &g.id));
         let everyone = groups.get(EVERYONE).copied().unwrap_or(GroupIdx::MAX);
+        let mut user_groups = Vec::new();
+        let mut users = FxHashMap::default();
+        for (index, user) in (0..).zip(&table.users) {
+            let start = user_groups.len() as u32;
+            user_groups.extend(&user.groups);
+            users.insert(
+                user.email.clone(),
+                UserEntry {
+                    index,
+                    groups: (start, user_groups.len() as u32),
+                },
+            );
+        }
         let mut layout = Vec::with_capacity(table.resources.len());
-        let mut entries = Vec::new();
-        let mut subjects = Vec::new();
+        let mut ports = Vec::new();
+        let mut stream = Vec::new();
         for resource in &table.resources {
-            let start = entries.len() as u32;
-            lay_out(&table, &resource.allow, &mut entries, &mut subjects);
-            let middle = entries.len() as u32;
-            lay_out(&table, &resource.deny, &mut entries, &mut subjects);
-            layout.push([start, middle, entries.len() as u32]);
+            let allow = stream.len() as u32;
+            lay_out(&table, &resource.allow, &mut stream);
+            let deny = stream.len() as u32;
+            lay_out(&table, &resource.deny, &mut stream);
+            let filter = resource.ports.as_ref().map(|filter| {
+                let start = ports.len() as u32;
+                ports.extend(filter);
+                (start, ports.len() as u32)
+            });
+            layout.push(Layout {
+                allow,
+                deny,
+                end: stream.len() as u32,
+                ports: filter,
+            });
         }
         DecisionTable {
-            users: index(&mut table.users.iter().map(|u| &u.email)),
+            users,
             resources: index(&mut table.resources.iter().map(|r| &r.id)),
             addresses: AddressIndex::new(
                 table
@@ -167,9 +211,10 @@ impl DecisionTable {
             words: table.groups.len().div_ceil(64),
             groups,
             everyone,
+            user_groups,
             layout,
-            entries,
-            subjects,
+            ports,
+            stream,
             table,
         }
     }
@@ -215,13 +260,13 @@ impl DecisionTable {
         } else {
             email
         };
-        if let Some(&user) = self.users.get(email) {
-            membership.user = Some(user);
+        if let Some(user) = self.users.get(email) {
+            membership.user = Some(user.index);
+            let (start, end) = user.groups;
             for &g in self
-                .table
-                .users
-                .get(user as usize)
-                .map_or(&[][..], |u| u.groups.as_slice())
+                .user_groups
+                .get(start as usize..end as usize)
+                .unwrap_or(&[])
             {
                 membership.insert(g);
             }
@@ -264,20 +309,20 @@ impl DecisionTable {
             reason,
             rules,
         };
-        let (Some(entry), Some(&[allow, deny_start, end])) = (
-            self.table.resources.get(resource as usize),
-            self.layout.get(resource as usize),
-        ) else {
+        let Some(layout) = self.layout.get(resource as usize) else {
             return deny(Reason::UnknownResource, Vec::new());
         };
-        if port.is_some_and(|p| !entry.admits(p)) {
-            return deny(Reason::PortNotAllowed, Vec::new());
+        if let (Some(port), Some((start, end))) = (port, layout.ports) {
+            let filter = self.ports.get(start as usize..end as usize).unwrap_or(&[]);
+            if !filter.iter().any(|p| p.covers(port)) {
+                return deny(Reason::PortNotAllowed, Vec::new());
+            }
         }
-        let denying = self.applying(deny_start..end, membership, context, true);
+        let denying = self.applying(layout.deny..layout.end, membership, context, true);
         if !denying.is_empty() {
             return deny(Reason::DeniedByRule, denying);
         }
-        let allowing = self.applying(allow..deny_start, membership, context, false);
+        let allowing = self.applying(layout.allow..layout.deny, membership, context, false);
         if allowing.is_empty() {
             return deny(Reason::NoRule, Vec::new());
         }
@@ -288,22 +333,17 @@ impl DecisionTable {
         }
     }
 
-    /// The rules among a range of entries that name the user and whose conditions all hold.
+    /// The rules in a stretch of the stream that name the user and whose conditions all hold.
     fn applying(
         &self,
-        entries: std::ops::Range<u32>,
+        stretch: std::ops::Range<u32>,
         membership: &Membership,
         context: &Context,
         when_missing: bool,
     ) -> Vec<RuleIdx> {
-        let entries = self
-            .entries
-            .get(entries.start as usize..entries.end as usize)
-            .unwrap_or(&[]);
-        entries
-            .iter()
+        self.entries(stretch)
             .filter(|entry| {
-                self.names(entry, membership)
+                names(entry, membership)
                     && (!entry.conditional
                         || self
                             .table
@@ -319,17 +359,28 @@ impl DecisionTable {
             .collect()
     }
 
-    /// Whether an entry's rule names the user or one of the user's groups.
-    fn names(&self, entry: &Entry, membership: &Membership) -> bool {
-        let start = entry.subjects as usize;
-        let middle = start + entry.groups as usize;
-        let groups = self.subjects.get(start..middle).unwrap_or(&[]);
-        let users = self
-            .subjects
-            .get(middle..middle + entry.users as usize)
+    /// The stream entries in a stretch of the stream.
+    fn entries(&self, stretch: std::ops::Range<u32>) -> impl Iterator<Item = StreamEntry<'_>> {
+        let mut rest = self
+            .stream
+            .get(stretch.start as usize..stretch.end as usize)
             .unwrap_or(&[]);
-        groups.iter().any(|&g| membership.contains(g))
-            || membership.user.is_some_and(|u| users.contains(&u))
+        std::iter::from_fn(move || {
+            let [rule, groups, users_and_flag, tail @ ..] = rest else {
+                return None;
+            };
+            let groups = *groups as usize;
+            let users = (users_and_flag & !CONDITIONAL) as usize;
+            let (subjects, next) = tail.split_at_checked(groups + users)?;
+            rest = next;
+            let (groups, users) = subjects.split_at(groups);
+            Some(StreamEntry {
+                rule: *rule,
+                conditional: users_and_flag & CONDITIONAL != 0,
+                groups,
+                users,
+            })
+        })
     }
 
     /// The allow rules on a resource that cover the user, with the conditions that failed for
@@ -340,16 +391,11 @@ impl DecisionTable {
         resource: ResourceIdx,
         context: &Context,
     ) -> Vec<(RuleIdx, Vec<usize>)> {
-        let Some(&[allow, deny, _]) = self.layout.get(resource as usize) else {
+        let Some(layout) = self.layout.get(resource as usize) else {
             return Vec::new();
         };
-        let entries = self
-            .entries
-            .get(allow as usize..deny as usize)
-            .unwrap_or(&[]);
-        entries
-            .iter()
-            .filter(|entry| self.names(entry, membership))
+        self.entries(layout.allow..layout.deny)
+            .filter(|entry| names(entry, membership))
             .filter_map(|entry| {
                 let rule = self.table.rules.get(entry.rule as usize)?;
                 let failed: Vec<usize> = rule
@@ -419,20 +465,25 @@ impl DecisionTable {
     }
 }
 
-/// Appends the entries of `rules`, and their subjects.
-fn lay_out(table: &Table, rules: &[RuleIdx], entries: &mut Vec<Entry>, subjects: &mut Vec<u32>) {
+/// Appends the stream entries of `rules`.
+fn lay_out(table: &Table, rules: &[RuleIdx], stream: &mut Vec<u32>) {
     for &r in rules {
         let Some(rule) = table.rules.get(r as usize) else {
             continue;
         };
-        entries.push(Entry {
-            rule: r,
-            subjects: subjects.len() as u32,
-            groups: rule.groups.len() as u32,
-            users: rule.users.len() as u32,
-            conditional: !rule.conditions.is_empty(),
-        });
-        subjects.extend(&rule.groups);
-        subjects.extend(&rule.users);
+        let flag = if rule.conditions.is_empty() {
+            0
+        } else {
+            CONDITIONAL
+        };
+        stream.extend([r, rule.groups.len() as u32, rule.users.len() as u32 | flag]);
+        stream.extend(&rule.groups);
+        stream.extend(&rule.users);
     }
+}
+
+/// Whether an entry's rule names the user or one of the user's groups.
+fn names(entry: &StreamEntry<'_>, membership: &Membership) -> bool {
+    entry.groups.iter().any(|&g| membership.contains(g))
+        || membership.user.is_some_and(|u| entry.users.contains(&u))
 }

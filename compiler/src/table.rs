@@ -149,14 +149,6 @@ pub struct Resource {
     pub deny: Vec<RuleIdx>,
 }
 
-impl Resource {
-    pub fn admits(&self, port: &PortRange) -> bool {
-        self.ports
-            .as_ref()
-            .is_none_or(|ports| ports.iter().any(|p| p.covers(port)))
-    }
-}
-
 /// `tcp/443`, `udp/8000-8100`, `icmp` (numbers 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRange {
