@@ -499,29 +499,8 @@ impl Resolver<'_> {
         table: &Table,
     ) -> Option<Rule> {
         let node = &rule.node;
-        let mut ok = true;
-        let mut groups = BTreeSet::new();
-        let mut rule_users = BTreeSet::new();
-        for subject in &node.subjects {
-            match self.subject(subject, indexes) {
-                Some(SubjectRef::Group(g)) => {
-                    groups.insert(g);
-                }
-                Some(SubjectRef::User(email)) => {
-                    if let Some(u) = users.get(&email) {
-                        rule_users.insert(*u);
-                    }
-                }
-                None => ok = false,
-            }
-        }
-        let mut resources = BTreeSet::new();
-        for target in &node.targets {
-            match self.target(target, indexes, table) {
-                Some(found) => resources.extend(found),
-                None => ok = false,
-            }
-        }
+        let scope = self.scope(&node.subjects, &node.targets, indexes, table);
+        let mut ok = scope.is_some();
         let mut conditions = Vec::new();
         for condition in &node.conditions {
             match self.condition(condition) {
@@ -538,14 +517,57 @@ impl Resolver<'_> {
             Some(name) => name.node.clone(),
             None => derived_rule_id(file, &node.normalized_text),
         };
+        let scope = scope?;
         ok.then(|| Rule {
             id,
-            effect: node.effect.into(),
-            groups: groups.into_iter().collect(),
-            users: rule_users.into_iter().collect(),
-            resources: resources.into_iter().collect(),
+            effect: node.effect,
+            groups: scope.groups,
+            // Every user a rule names is in the table (see `users`).
+            users: scope
+                .users
+                .iter()
+                .filter_map(|email| users.get(email).copied())
+                .collect(),
+            resources: scope.resources,
             conditions,
             origin: format!("{file}:{line}"),
+        })
+    }
+
+    /// Subjects and targets as rules and assertions write them, resolved; `None` when any name
+    /// is bad (each one reported).
+    fn scope(
+        &mut self,
+        subjects: &[Node<ast::Subject>],
+        targets: &[Node<ast::Target>],
+        indexes: &Indexes,
+        table: &Table,
+    ) -> Option<Scope> {
+        let mut ok = true;
+        let mut groups = BTreeSet::new();
+        let mut users = BTreeSet::new();
+        for subject in subjects {
+            match self.subject(subject, indexes) {
+                Some(SubjectRef::Group(g)) => {
+                    groups.insert(g);
+                }
+                Some(SubjectRef::User(email)) => {
+                    users.insert(email);
+                }
+                None => ok = false,
+            }
+        }
+        let mut resources = BTreeSet::new();
+        for target in targets {
+            match self.target(target, indexes, table) {
+                Some(found) => resources.extend(found),
+                None => ok = false,
+            }
+        }
+        ok.then(|| Scope {
+            groups: groups.into_iter().collect(),
+            users: users.into_iter().collect(),
+            resources: resources.into_iter().collect(),
         })
     }
 
@@ -912,7 +934,7 @@ impl Resolver<'_> {
         let (user, _, port) = (user?, resource?, port?);
         ok.then(|| Expectation {
             loc: expect.loc,
-            effect: node.effect.into(),
+            effect: node.effect,
             request: Request {
                 groups: given.get(&user).cloned().unwrap_or_default(),
                 user,
@@ -930,27 +952,7 @@ impl Resolver<'_> {
         table: &Table,
     ) -> Option<Invariant> {
         let node = &assertion.node;
-        let mut ok = true;
-        let mut groups = BTreeSet::new();
-        let mut users = BTreeSet::new();
-        for subject in &node.subjects {
-            match self.subject(subject, indexes) {
-                Some(SubjectRef::Group(g)) => {
-                    groups.insert(g);
-                }
-                Some(SubjectRef::User(u)) => {
-                    users.insert(u);
-                }
-                None => ok = false,
-            }
-        }
-        let mut resources = BTreeSet::new();
-        for target in &node.targets {
-            match self.target(target, indexes, table) {
-                Some(found) => resources.extend(found),
-                None => ok = false,
-            }
-        }
+        let scope = self.scope(&node.subjects, &node.targets, indexes, table);
         let text = self
             .sources
             .get(assertion.loc.file)
@@ -963,15 +965,24 @@ impl Resolver<'_> {
             .skip(1) // `assert`
             .collect::<Vec<_>>()
             .join(" ");
-        ok.then(|| Invariant {
+        let scope = scope?;
+        Some(Invariant {
             loc: assertion.loc,
             quantifier: node.quantifier,
-            groups: groups.into_iter().collect(),
-            users: users.into_iter().collect(),
-            resources: resources.into_iter().collect(),
+            groups: scope.groups,
+            users: scope.users,
+            resources: scope.resources,
             text,
         })
     }
+}
+
+/// Who and what a rule or an assertion is about: group indexes, lowercase emails, resource
+/// indexes, each sorted.
+struct Scope {
+    groups: Vec<GroupIdx>,
+    users: Vec<String>,
+    resources: Vec<ResourceIdx>,
 }
 
 enum SubjectRef {

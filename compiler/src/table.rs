@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::Address;
 use crate::condition::Condition;
-pub use fz_lang::ast::Protocol;
+pub use fz_lang::ast::{Effect, Protocol};
 
 pub type SiteIdx = u32;
 pub type GroupIdx = u32;
@@ -264,6 +264,7 @@ impl<'de> Deserialize<'de> for PortRange {
 pub struct Rule {
     /// `as NAME`, or derived from the file and the rule's text.
     pub id: String,
+    #[serde(with = "EffectName")]
     pub effect: Effect,
     pub groups: Vec<GroupIdx>,
     pub users: Vec<UserIdx>,
@@ -279,33 +280,11 @@ impl Rule {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Effect {
+/// How the bundle writes an effect: `allow` or `deny` (the syntax tree's type stays free of
+/// serde).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Effect", rename_all = "lowercase")]
+enum EffectName {
     Allow,
     Deny,
-}
-
-impl Effect {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Effect::Allow => "allow",
-            Effect::Deny => "deny",
-        }
-    }
-}
-
-impl From<fz_lang::ast::Effect> for Effect {
-    fn from(effect: fz_lang::ast::Effect) -> Self {
-        match effect {
-            fz_lang::ast::Effect::Allow => Effect::Allow,
-            fz_lang::ast::Effect::Deny => Effect::Deny,
-        }
-    }
-}
-
-impl std::fmt::Display for Effect {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
