@@ -37,6 +37,25 @@ fn every_fixture_gives_its_diagnostic() {
 }
 
 #[test]
+fn every_code_has_a_fixture_and_a_line_in_the_reference() {
+    let fixtures: Vec<String> = std::fs::read_dir(repo().join("tests/fixtures/diagnostics"))
+        .expect("fixtures")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let reference = std::fs::read_to_string(repo().join("docs/language.md")).expect("reference");
+    for code in fz_lang::Code::ALL.map(fz_lang::Code::as_str) {
+        assert!(
+            fixtures.iter().any(|f| f.starts_with(&format!("{code}-"))),
+            "no fixture for {code}"
+        );
+        assert!(
+            reference.contains(&format!("| {code} |")),
+            "docs/language.md does not list {code}"
+        );
+    }
+}
+
+#[test]
 fn json_diagnostics_follow_the_contract() {
     let text =
         std::fs::read_to_string(repo().join("tests/fixtures/diagnostics/E004-unknown-group.fz"))

@@ -77,6 +77,35 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, in order.
+    pub const ALL: [Code; 25] = [
+        Code::Syntax,
+        Code::Property,
+        Code::DuplicateName,
+        Code::UnknownName,
+        Code::InvalidDnsName,
+        Code::InvalidWildcard,
+        Code::InvalidIp,
+        Code::InvalidCidr,
+        Code::InvalidPort,
+        Code::UnknownTimeZone,
+        Code::InvalidTime,
+        Code::InvalidDay,
+        Code::UnknownCountry,
+        Code::DuplicateAddress,
+        Code::InvalidEmail,
+        Code::InvalidTimestamp,
+        Code::UnsupportedCedar,
+        Code::TestFailed,
+        Code::InvariantFailed,
+        Code::OverlappingResources,
+        Code::UnusedSite,
+        Code::UnusedGroup,
+        Code::UnusedResource,
+        Code::ShadowedRule,
+        Code::DuplicateRule,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Syntax => "E001",
