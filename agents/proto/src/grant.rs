@@ -1,0 +1,422 @@
+//! Grants: what the portal allows one client to reach through one gateway, signed so that each
+//! agent can check it against the portal key it pins.
+//!
+//! INVARIANT: a signature covers the grant's canonical encoding (`Grant::canonical_bytes`), a
+//! fixed, length-prefixed byte layout behind a domain tag, never the JSON the grant travelled
+//! in; verification uses only the pinned key and the strict Ed25519 check, and reads nothing
+//! the grant says about how it was signed (it says nothing).
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::Signature;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::key::{PortalPublicKey, PortalSigningKey, PresharedKey, PublicKey};
+
+/// What the canonical encoding starts with, so a grant signature can never be taken for a
+/// signature over anything else the portal signs.
+const DOMAIN: &[u8] = b"fz-grant\0v1\0";
+
+/// Seconds since the Unix epoch.
+pub type UnixTime = u64;
+
+/// How far a grant's issue time may be ahead of the verifier's clock.
+pub const CLOCK_SKEW: u64 = 60;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub id: String,
+    /// The account's slug.
+    pub account: String,
+    pub client: ClientPeer,
+    pub gateway: GatewayPeer,
+    /// Fresh for every grant.
+    pub preshared_key: PresharedKey,
+    pub resource: GrantedResource,
+    /// The rule that allowed it.
+    pub rule: String,
+    /// The content hash of the bundle that decided it.
+    pub bundle_hash: String,
+    pub issued_at: UnixTime,
+    pub expires_at: UnixTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientPeer {
+    pub id: String,
+    pub public_key: PublicKey,
+    pub tunnel_ipv4: Ipv4Addr,
+    pub tunnel_ipv6: Ipv6Addr,
+    /// Candidate endpoints for NAT traversal.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayPeer {
+    pub id: String,
+    pub public_key: PublicKey,
+    /// Candidate endpoints for NAT traversal.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantedResource {
+    pub id: String,
+    /// As the bundle writes it: a DNS name or pattern, an IP or CIDR, or `internet`.
+    pub address: String,
+    /// Port filters (`tcp/443`, `udp/8000-8100`, `icmp`); `None`: all traffic to the address.
+    pub filter: Option<Vec<String>>,
+}
+
+/// A grant and the portal's signature over its canonical encoding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedGrant {
+    pub grant: Grant,
+    #[serde(serialize_with = "signature_out", deserialize_with = "signature_in")]
+    pub signature: [u8; 64],
+}
+
+/// Who is verifying: the agent's own id and WireGuard public key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    Client { id: String, public_key: PublicKey },
+    Gateway { id: String, public_key: PublicKey },
+}
+
+/// Why a grant is refused. Every refusal is logged by the agent; none is acted on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    #[error("the grant's signature does not verify against the pinned portal key")]
+    BadSignature,
+    #[error("the grant expired at {expires_at} (now {now})")]
+    Expired { expires_at: UnixTime, now: UnixTime },
+    #[error("the grant is issued at {issued_at}, after now ({now}) by more than the allowed skew")]
+    NotYetValid { issued_at: UnixTime, now: UnixTime },
+    #[error("the grant is addressed to another {0}")]
+    NotForUs(&'static str),
+}
+
+impl Grant {
+    /// Signs the grant with the portal key.
+    pub fn sign(self, key: &PortalSigningKey) -> SignedGrant {
+        let signature = key.sign(&self.canonical_bytes());
+        SignedGrant {
+            grant: self,
+            signature,
+        }
+    }
+
+    /// The bytes a signature covers: the domain tag, then every field in declaration order,
+    /// strings and lists length-prefixed, numbers big-endian, so that no two different grants
+    /// share an encoding.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Canonical(DOMAIN.to_vec());
+        out.text(&self.id);
+        out.text(&self.account);
+        out.text(&self.client.id);
+        out.bytes(&self.client.public_key.0);
+        out.bytes(&self.client.tunnel_ipv4.octets());
+        out.bytes(&self.client.tunnel_ipv6.octets());
+        out.endpoints(&self.client.endpoints);
+        out.text(&self.gateway.id);
+        out.bytes(&self.gateway.public_key.0);
+        out.endpoints(&self.gateway.endpoints);
+        out.bytes(&self.preshared_key.0);
+        out.text(&self.resource.id);
+        out.text(&self.resource.address);
+        match &self.resource.filter {
+            None => out.number(0),
+            Some(filters) => {
+                out.number(1);
+                out.number(filters.len() as u64);
+                for filter in filters {
+                    out.text(filter);
+                }
+            }
+        }
+        out.text(&self.rule);
+        out.text(&self.bundle_hash);
+        out.number(self.issued_at);
+        out.number(self.expires_at);
+        out.0
+    }
+}
+
+impl SignedGrant {
+    /// The grant, if the pinned portal key signed it, it is valid at `now`, and it names the
+    /// verifying agent. The signature is checked first: nothing in an unverified grant is read.
+    pub fn verify(
+        &self,
+        portal: &PortalPublicKey,
+        me: &Identity,
+        now: UnixTime,
+    ) -> Result<&Grant, GrantError> {
+        let signature = Signature::from_bytes(&self.signature);
+        portal
+            .0
+            .verify_strict(&self.grant.canonical_bytes(), &signature)
+            .map_err(|_| GrantError::BadSignature)?;
+        let grant = &self.grant;
+        if now >= grant.expires_at {
+            return Err(GrantError::Expired {
+                expires_at: grant.expires_at,
+                now,
+            });
+        }
+        if grant.issued_at > now.saturating_add(CLOCK_SKEW) {
+            return Err(GrantError::NotYetValid {
+                issued_at: grant.issued_at,
+                now,
+            });
+        }
+        let addressed = match me {
+            Identity::Client { id, public_key } => (&grant.client.id == id
+                && grant.client.public_key == *public_key)
+                .then_some(())
+                .ok_or("client"),
+            Identity::Gateway { id, public_key } => (&grant.gateway.id == id
+                && grant.gateway.public_key == *public_key)
+                .then_some(())
+                .ok_or("gateway"),
+        };
+        addressed.map_err(GrantError::NotForUs)?;
+        Ok(grant)
+    }
+}
+
+struct Canonical(Vec<u8>);
+
+impl Canonical {
+    fn number(&mut self, n: u64) {
+        self.0.extend_from_slice(&n.to_be_bytes());
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.number(bytes.len() as u64);
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn text(&mut self, text: &str) {
+        self.bytes(text.as_bytes());
+    }
+
+    fn endpoints(&mut self, endpoints: &[SocketAddr]) {
+        self.number(endpoints.len() as u64);
+        for endpoint in endpoints {
+            match endpoint {
+                SocketAddr::V4(v4) => self.bytes(&v4.ip().octets()),
+                SocketAddr::V6(v6) => self.bytes(&v6.ip().octets()),
+            }
+            self.number(u64::from(endpoint.port()));
+        }
+    }
+}
+
+fn signature_out<S: Serializer>(signature: &[u8; 64], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&STANDARD.encode(signature))
+}
+
+fn signature_in<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[u8; 64], D::Error> {
+    let text = String::deserialize(deserializer)?;
+    STANDARD
+        .decode(&text)
+        .ok()
+        .and_then(|bytes| <[u8; 64]>::try_from(bytes).ok())
+        .ok_or_else(|| serde::de::Error::custom("a signature is 64 bytes in base64"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: UnixTime = 1_795_000_000;
+
+    fn grant() -> Grant {
+        Grant {
+            id: "g-1".into(),
+            account: "acme".into(),
+            client: ClientPeer {
+                id: "c-1".into(),
+                public_key: PublicKey([1; 32]),
+                tunnel_ipv4: Ipv4Addr::new(100, 64, 0, 2),
+                tunnel_ipv6: "fd00:2021:1111::2".parse().unwrap(),
+                endpoints: vec!["198.51.100.7:51820".parse().unwrap()],
+            },
+            gateway: GatewayPeer {
+                id: "gw-1".into(),
+                public_key: PublicKey([2; 32]),
+                endpoints: vec![
+                    "203.0.113.1:51820".parse().unwrap(),
+                    "[2001:db8::1]:51820".parse().unwrap(),
+                ],
+            },
+            preshared_key: PresharedKey([3; 32]),
+            resource: GrantedResource {
+                id: "gitlab".into(),
+                address: "gitlab.acme.example".into(),
+                filter: Some(vec!["tcp/443".into(), "tcp/22".into()]),
+            },
+            rule: "eng-tools".into(),
+            bundle_hash: "sha256:00".into(),
+            issued_at: NOW,
+            expires_at: NOW + 3600,
+        }
+    }
+
+    fn portal() -> PortalSigningKey {
+        PortalSigningKey::from_seed([42; 32])
+    }
+
+    fn gateway() -> Identity {
+        Identity::Gateway {
+            id: "gw-1".into(),
+            public_key: PublicKey([2; 32]),
+        }
+    }
+
+    fn client() -> Identity {
+        Identity::Client {
+            id: "c-1".into(),
+            public_key: PublicKey([1; 32]),
+        }
+    }
+
+    #[test]
+    fn both_sides_accept_a_good_grant_after_a_json_round_trip() {
+        let signed = grant().sign(&portal());
+        let json = serde_json::to_string(&signed).unwrap();
+        let back: SignedGrant = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back.verify(&portal().public_key(), &gateway(), NOW + 10),
+            Ok(&grant())
+        );
+        assert_eq!(
+            back.verify(&portal().public_key(), &client(), NOW + 10),
+            Ok(&grant())
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let pinned = portal().public_key();
+        let signed = grant().sign(&portal());
+        let other_portal = PortalSigningKey::from_seed([43; 32]).public_key();
+        let cases: [(&str, Result<&Grant, GrantError>); 6] = [
+            (
+                "another portal key",
+                signed.verify(&other_portal, &gateway(), NOW),
+            ),
+            ("expired", signed.verify(&pinned, &gateway(), NOW + 3600)),
+            (
+                "issued in the future",
+                signed.verify(&pinned, &gateway(), NOW - CLOCK_SKEW - 1),
+            ),
+            (
+                "another gateway",
+                signed.verify(
+                    &pinned,
+                    &Identity::Gateway {
+                        id: "gw-2".into(),
+                        public_key: PublicKey([2; 32]),
+                    },
+                    NOW,
+                ),
+            ),
+            (
+                "the gateway's id with another key",
+                signed.verify(
+                    &pinned,
+                    &Identity::Gateway {
+                        id: "gw-1".into(),
+                        public_key: PublicKey([9; 32]),
+                    },
+                    NOW,
+                ),
+            ),
+            (
+                "another client",
+                signed.verify(
+                    &pinned,
+                    &Identity::Client {
+                        id: "c-2".into(),
+                        public_key: PublicKey([1; 32]),
+                    },
+                    NOW,
+                ),
+            ),
+        ];
+        let expected = [
+            GrantError::BadSignature,
+            GrantError::Expired {
+                expires_at: NOW + 3600,
+                now: NOW + 3600,
+            },
+            GrantError::NotYetValid {
+                issued_at: NOW,
+                now: NOW - CLOCK_SKEW - 1,
+            },
+            GrantError::NotForUs("gateway"),
+            GrantError::NotForUs("gateway"),
+            GrantError::NotForUs("client"),
+        ];
+        for ((name, result), expected) in cases.into_iter().zip(expected) {
+            assert_eq!(result, Err(expected), "{name}");
+        }
+    }
+
+    /// Each edit a man in the middle might make, to a grant signed for someone else.
+    #[test]
+    fn any_edit_breaks_the_signature() {
+        let edits: [fn(&mut Grant); 12] = [
+            |g| g.id.push('x'),
+            |g| g.account = "other".into(),
+            |g| g.client.public_key = PublicKey([8; 32]),
+            |g| g.client.tunnel_ipv4 = Ipv4Addr::new(100, 64, 0, 3),
+            |g| g.client.endpoints.clear(),
+            |g| g.gateway.id = "gw-2".into(),
+            |g| g.gateway.endpoints[1] = "[2001:db8::1]:51821".parse().unwrap(),
+            |g| g.preshared_key = PresharedKey([0; 32]),
+            |g| g.resource.address = "**.acme.example".into(),
+            |g| g.resource.filter = None,
+            |g| g.rule = "all".into(),
+            |g| g.expires_at += 1,
+        ];
+        let pinned = portal().public_key();
+        for (i, edit) in edits.iter().enumerate() {
+            let mut signed = grant().sign(&portal());
+            edit(&mut signed.grant);
+            assert_eq!(
+                signed.verify(&pinned, &gateway(), NOW),
+                Err(GrantError::BadSignature),
+                "edit {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_signature_text_is_a_decode_error() {
+        let mut json: serde_json::Value = serde_json::to_value(grant().sign(&portal())).unwrap();
+        json["signature"] = "AAAA".into();
+        let error = serde_json::from_value::<SignedGrant>(json).unwrap_err();
+        assert!(error.to_string().contains("64 bytes"), "{error}");
+    }
+
+    #[test]
+    fn the_encoding_separates_fields() {
+        // Moving a character from one field to the next changes the bytes.
+        let mut a = grant();
+        let mut b = grant();
+        a.rule = "ab".into();
+        a.bundle_hash = "c".into();
+        b.rule = "a".into();
+        b.bundle_hash = "bc".into();
+        assert_ne!(a.canonical_bytes(), b.canonical_bytes());
+    }
+}

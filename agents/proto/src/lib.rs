@@ -1,0 +1,25 @@
+//! What the fz portal and its agents (client, gateway) say to each other: the versioned
+//! control messages they exchange over a WebSocket, and the `Grant` the portal signs for each
+//! allowed connection, with the verification every agent runs against the portal key it pins.
+//!
+//! It does no IO, holds no clock and draws no randomness: time comes in as Unix seconds, keys
+//! and preshared keys as bytes the caller generated. Transport, TLS and retries belong to the
+//! drivers.
+//!
+//! Entry points: [`Grant::sign`] and [`SignedGrant::verify`]; [`encode`] and [`decode`] with
+//! the message enums [`ClientMessage`], [`PortalToClient`], [`GatewayMessage`],
+//! [`PortalToGateway`].
+
+mod grant;
+mod key;
+mod message;
+
+pub use grant::{
+    CLOCK_SKEW, ClientPeer, GatewayPeer, Grant, GrantError, GrantedResource, Identity, SignedGrant,
+    UnixTime,
+};
+pub use key::{KeyError, PortalPublicKey, PortalSigningKey, PresharedKey, PublicKey};
+pub use message::{
+    ClientMessage, ClientReady, GatewayMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+    PortalToClient, PortalToGateway, ProtoError, ResourceView, decode, encode,
+};

@@ -1,0 +1,256 @@
+//! Control messages over the WebSocket between the portal and each agent: JSON objects with
+//! a protocol version `v` and a `type`, at most [`MAX_MESSAGE_BYTES`] long.
+//!
+//! Decoding checks the size first, then the version, then the shape, so an oversized or
+//! newer-version message gets its own clear error instead of a parse failure.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::grant::SignedGrant;
+use crate::key::PublicKey;
+
+/// The protocol version this build speaks. Peers refuse messages of a newer version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest message either side accepts. A grant is well under 2 KiB; the largest message
+/// is the client's resource list.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Client to portal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// First message: the device's WireGuard key and its candidate endpoints.
+    Hello {
+        public_key: PublicKey,
+        endpoints: Vec<SocketAddr>,
+    },
+    /// Asks for a grant to a resource, by id.
+    RequestAccess { resource: String },
+}
+
+/// Portal to client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PortalToClient {
+    /// Answer to `hello`: who the client is and the resources it may ask for.
+    Ready(Box<ClientReady>),
+    Granted {
+        grant: Box<SignedGrant>,
+    },
+    /// A request was denied; `reason` says what failed (no rule, which condition).
+    Rejected {
+        resource: String,
+        reason: String,
+    },
+    /// A grant no longer holds (policy change, token revoked, window closed).
+    Revoked {
+        grant_id: String,
+        reason: String,
+    },
+    /// A message the portal could not take; the connection stays open.
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientReady {
+    pub client_id: String,
+    pub tunnel_ipv4: Ipv4Addr,
+    pub tunnel_ipv6: Ipv6Addr,
+    pub resources: Vec<ResourceView>,
+}
+
+/// What a client knows of a resource before it asks for it: enough for its DNS stub and its
+/// routes to send the first packet's way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceView {
+    pub id: String,
+    pub address: String,
+}
+
+/// Gateway to portal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GatewayMessage {
+    Hello {
+        public_key: PublicKey,
+        endpoints: Vec<SocketAddr>,
+    },
+    Heartbeat,
+    /// The gateway verified and installed a grant.
+    Ack {
+        grant_id: String,
+    },
+    /// The gateway refused a grant, and why.
+    Refused {
+        grant_id: String,
+        reason: String,
+    },
+}
+
+/// Portal to gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PortalToGateway {
+    Ready { gateway_id: String },
+    Grant { grant: Box<SignedGrant> },
+    Revoke { grant_id: String },
+    Error { message: String },
+}
+
+/// Why bytes are not a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("the message is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error(
+        "the message is protocol version {found}; this build speaks version {PROTOCOL_VERSION}"
+    )]
+    NewerVersion { found: u32 },
+    #[error("the message is malformed: {0}")]
+    Malformed(String),
+}
+
+#[derive(Serialize)]
+struct Outgoing<'a, T> {
+    v: u32,
+    #[serde(flatten)]
+    message: &'a T,
+}
+
+#[derive(Deserialize)]
+struct Incoming<T> {
+    #[serde(rename = "v")]
+    _version: u32,
+    #[serde(flatten)]
+    message: T,
+}
+
+#[derive(Deserialize)]
+struct Version {
+    v: u32,
+}
+
+/// The message as sent: JSON with `v` and `type`.
+pub fn encode<T: Serialize>(message: &T) -> String {
+    // Serialising these types cannot fail: every field is a string, number, list or struct.
+    serde_json::to_string(&Outgoing {
+        v: PROTOCOL_VERSION,
+        message,
+    })
+    .unwrap_or_default()
+}
+
+/// Reads a message: size, then version, then shape.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(ProtoError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_MESSAGE_BYTES,
+        });
+    }
+    let version: Version = serde_json::from_slice(bytes)
+        .map_err(|e| ProtoError::Malformed(format!("no protocol version `v`: {e}")))?;
+    match version.v {
+        0 => {
+            return Err(ProtoError::Malformed(
+                "protocol version 0 does not exist".to_owned(),
+            ));
+        }
+        v if v > PROTOCOL_VERSION => return Err(ProtoError::NewerVersion { found: v }),
+        _ => {}
+    }
+    serde_json::from_slice::<Incoming<T>>(bytes)
+        .map(|m| m.message)
+        .map_err(|e| ProtoError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let messages = [
+            ClientMessage::Hello {
+                public_key: PublicKey([1; 32]),
+                endpoints: vec!["198.51.100.7:51820".parse().unwrap()],
+            },
+            ClientMessage::RequestAccess {
+                resource: "gitlab".into(),
+            },
+        ];
+        for message in messages {
+            let text = encode(&message);
+            assert!(text.starts_with("{\"v\":1,\"type\":"), "{text}");
+            assert_eq!(decode::<ClientMessage>(text.as_bytes()), Ok(message));
+        }
+        let gateway = [
+            GatewayMessage::Heartbeat,
+            GatewayMessage::Ack {
+                grant_id: "g-1".into(),
+            },
+        ];
+        for message in gateway {
+            assert_eq!(
+                decode::<GatewayMessage>(encode(&message).as_bytes()),
+                Ok(message)
+            );
+        }
+    }
+
+    #[test]
+    fn bad_messages_get_clear_errors() {
+        let oversized = format!(
+            r#"{{"v":1,"type":"request_access","resource":"{}"}}"#,
+            "x".repeat(MAX_MESSAGE_BYTES)
+        );
+        let cases: [(&str, &str); 8] = [
+            (
+                &oversized,
+                "the message is 262189 bytes; the limit is 262144",
+            ),
+            (
+                r#"{"v":2,"type":"request_access","resource":"x"}"#,
+                "the message is protocol version 2; this build speaks version 1",
+            ),
+            (
+                r#"{"type":"request_access","resource":"x"}"#,
+                "the message is malformed: no protocol version `v`",
+            ),
+            (
+                r#"{"v":0,"type":"heartbeat"}"#,
+                "the message is malformed: protocol version 0 does not exist",
+            ),
+            (
+                r#"{"v":1,"type":"launch_missiles"}"#,
+                "the message is malformed: unknown variant `launch_missiles`",
+            ),
+            (
+                r#"{"v":1,"type":"request_access"}"#,
+                "the message is malformed: missing field `resource`",
+            ),
+            (
+                r#"{"v":1,"type":"request_access","resource":"x","admin":true}"#,
+                "the message is malformed: unknown field `admin`",
+            ),
+            (
+                "\u{0}\u{1}garbage",
+                "the message is malformed: no protocol version `v`",
+            ),
+        ];
+        for (input, expected) in cases {
+            let error = decode::<ClientMessage>(input.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with(expected), "{input:.80}: {error}");
+        }
+    }
+}
