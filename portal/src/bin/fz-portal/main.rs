@@ -1,0 +1,380 @@
+//! `fz-portal`: serves the portal, and runs the admin commands against the same store.
+//! Exit codes: 0 success, 1 the command failed, 2 usage or configuration errors.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use fz_portal::config::{AccountConfig, Config};
+use fz_portal::http::{AccountState, AppState};
+use fz_portal::policy::PolicyEngine;
+use fz_portal::store::{Decision, FlowFilter, Store, TokenKind};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fz-portal",
+    version,
+    about = "The fz portal and its admin commands"
+)]
+struct Cli {
+    /// The configuration file; without it, the embedded defaults (loopback, `data/`, account
+    /// `default` on `policies/`).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve HTTP and the agents' WebSockets.
+    Serve,
+    /// Print the portal's public key, which agents pin.
+    PublicKey,
+    /// Create, revoke and list client and gateway tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Mark a client (device) verified, or take the mark away.
+    Verify {
+        #[arg(long)]
+        account: String,
+        client: String,
+        /// Take the mark away.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// List an account's gateways with their health.
+    Gateways {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Query the flow log: every allow and deny, newest first.
+    Flows(FlowArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; its secret is shown once.
+    Create {
+        #[arg(long)]
+        account: String,
+        /// A client token, for a device of this name.
+        #[arg(long, conflicts_with = "gateway", required_unless_present = "gateway")]
+        client: Option<String>,
+        /// A gateway token, for a gateway of this name; needs `--site`.
+        #[arg(long, requires = "site")]
+        gateway: Option<String>,
+        /// The site a gateway token is bound to.
+        #[arg(long)]
+        site: Option<String>,
+    },
+    /// Revoke a token.
+    Revoke {
+        #[arg(long)]
+        account: String,
+        token: String,
+    },
+    /// List an account's tokens (never their secrets).
+    List {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct FlowArgs {
+    #[arg(long)]
+    account: String,
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    resource: Option<String>,
+    /// `allow` or `deny`.
+    #[arg(long, value_parser = ["allow", "deny"])]
+    decision: Option<String>,
+    /// Only flows at or after this Unix time.
+    #[arg(long)]
+    since: Option<i64>,
+    #[arg(long)]
+    limit: Option<u32>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let config = match &cli.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::defaults()),
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::PublicKey => {
+            let key = fz_portal::keys::load_or_create(&config.data_dir)?;
+            println!("{}", key.public_key());
+            Ok(())
+        }
+        Command::Token(command) => token(command, &config).await,
+        Command::Verify {
+            account,
+            client,
+            undo,
+        } => {
+            let store = open_store(&config, &account).await?;
+            store.set_client_verified(&account, &client, !undo).await?;
+            println!(
+                "client {client} is {}",
+                if undo {
+                    "no longer verified"
+                } else {
+                    "verified"
+                }
+            );
+            Ok(())
+        }
+        Command::Gateways { account, json } => {
+            let store = open_store(&config, &account).await?;
+            let gateways = store.list_gateways(&account).await?;
+            if json {
+                println!("{}", serde_json::to_string(&gateways)?);
+            } else {
+                for g in &gateways {
+                    let health = if g.connected { "healthy" } else { "unhealthy" };
+                    println!(
+                        "{}\t{}\tsite {}\t{health}\tlast seen {}",
+                        g.id, g.name, g.site, g.last_seen
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Flows(args) => {
+            let store = open_store(&config, &args.account).await?;
+            let decision = args.decision.as_deref().map(|d| {
+                if d == "allow" {
+                    Decision::Allow
+                } else {
+                    Decision::Deny
+                }
+            });
+            let filter = FlowFilter {
+                account: args.account,
+                user: args.user,
+                resource: args.resource,
+                decision,
+                since: args.since,
+                limit: args.limit,
+            };
+            let flows = store.flows(&filter).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&flows)?);
+            } else {
+                for f in &flows {
+                    println!(
+                        "{}\t{:?}\t{}\t{}\t{}\t{}",
+                        f.time,
+                        f.decision,
+                        f.user,
+                        f.resource_id,
+                        f.rule_id.as_deref().unwrap_or("-"),
+                        f.reason
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
+    let now = now();
+    match command {
+        TokenCommand::Create {
+            account,
+            client,
+            gateway,
+            site,
+        } => {
+            let settings = account_config(config, &account)?;
+            let store = open_store(config, &account).await?;
+            let (kind, name) = match (client, gateway, site) {
+                (Some(name), None, _) => (TokenKind::Client, name),
+                (None, Some(name), Some(site)) => {
+                    // A gateway token is bound to a site the account's policy declares.
+                    let policy = PolicyEngine::open(&settings.policy)?;
+                    if !policy
+                        .current()
+                        .table
+                        .table()
+                        .sites
+                        .iter()
+                        .any(|s| s.id == site)
+                    {
+                        bail!("account `{account}` has no site `{site}` in its policy");
+                    }
+                    (TokenKind::Gateway { site }, name)
+                }
+                _ => bail!("give `--client NAME`, or `--gateway NAME --site SITE`"),
+            };
+            let lifetime = i64::try_from(settings.token_lifetime_secs).unwrap_or(i64::MAX);
+            let token = store
+                .create_token(&account, kind, &name, now.saturating_add(lifetime), now)
+                .await?;
+            println!("token {}", token.id);
+            println!("secret {}", token.secret);
+            eprintln!("the secret is shown once; the portal keeps only its hash");
+            Ok(())
+        }
+        TokenCommand::Revoke { account, token } => {
+            let store = open_store(config, &account).await?;
+            store.revoke_token(&account, &token, now).await?;
+            println!("token {token} revoked");
+            Ok(())
+        }
+        TokenCommand::List { account, json } => {
+            let store = open_store(config, &account).await?;
+            let tokens = store.list_tokens(&account).await?;
+            if json {
+                println!("{}", serde_json::to_string(&tokens)?);
+            } else {
+                for t in &tokens {
+                    let state = if t.revoked_at.is_some() {
+                        "revoked"
+                    } else if t.expires_at <= now {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{}\t{}\t{:?}\t{state}\texpires {}",
+                        t.id, t.name, t.kind, t.expires_at
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn account_config<'a>(config: &'a Config, account: &str) -> anyhow::Result<&'a AccountConfig> {
+    config
+        .account(account)
+        .with_context(|| format!("no account `{account}` in the configuration"))
+}
+
+/// The store, for an account the configuration names.
+async fn open_store(config: &Config, account: &str) -> anyhow::Result<Store> {
+    account_config(config, account)?;
+    let store = Store::open(&config.data_dir).await?;
+    store.ensure_account(account).await?;
+    Ok(store)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    // Logs go to stderr; stdout carries only the line that says where the portal listens.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let store = Store::open(&config.data_dir).await?;
+    // Connections do not survive a restart: no gateway is healthy until it connects again.
+    store.mark_all_gateways_disconnected().await?;
+    let signing_key = fz_portal::keys::load_or_create(&config.data_dir)?;
+    let mut accounts = Vec::new();
+    let mut watchers = Vec::new();
+    for account in &config.accounts {
+        store.ensure_account(&account.slug).await?;
+        let policy = Arc::new(
+            PolicyEngine::open(&account.policy)
+                .with_context(|| format!("account `{}`: cannot load its policy", account.slug))?,
+        );
+        watchers.push(policy.watch()?);
+        tracing::info!(account = %account.slug, bundle = %policy.current().bundle_hash, "policy loaded");
+        accounts.push(AccountState {
+            slug: account.slug.clone(),
+            policy,
+        });
+    }
+    let state = Arc::new(AppState { accounts });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    println!(
+        "fz-portal listening on http://{address} (portal key {})",
+        signing_key.public_key()
+    );
+    axum::serve(listener, fz_portal::http::router(state))
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    drop(watchers);
+    store.close().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

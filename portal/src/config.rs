@@ -1,0 +1,260 @@
+//! The portal's configuration: a TOML file, or the embedded defaults when none is given.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"        # where HTTP and the agents' WebSockets are served
+//! data_dir = "data"                # the SQLite store and the portal's signing key
+//! allow_plain_http = false         # plain HTTP beyond loopback needs this set
+//!
+//! [[accounts]]
+//! slug = "acme"
+//! policy = "policies"              # a policy tree, or a bundle written by `fzc compile`
+//! max_grant_lifetime_secs = 28800  # a grant never outlives this (8 h)
+//! token_lifetime_secs = 604800     # tokens expire after this (7 days)
+//! ```
+//! Relative paths are read against the configuration file's directory (the working directory
+//! for the defaults). Every problem is reported with what was wrong and where, before the
+//! portal starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub allow_plain_http: bool,
+    pub accounts: Vec<AccountConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountConfig {
+    pub slug: String,
+    /// A policy tree directory or a bundle file.
+    pub policy: PathBuf,
+    pub max_grant_lifetime_secs: u64,
+    pub token_lifetime_secs: u64,
+}
+
+/// Grants live at most 8 hours unless an account says otherwise.
+pub const DEFAULT_MAX_GRANT_LIFETIME_SECS: u64 = 8 * 3600;
+/// Tokens expire after 7 days unless an account says otherwise.
+pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}`: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The file's shape; validated into [`Config`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    allow_plain_http: bool,
+    #[serde(default)]
+    accounts: Vec<AccountFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountFile {
+    slug: String,
+    policy: PathBuf,
+    max_grant_lifetime_secs: Option<u64>,
+    token_lifetime_secs: Option<u64>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|error| match error {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// The embedded defaults: loopback, `data/`, one account `default` on `policies/`.
+    pub fn defaults() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("data"),
+            allow_plain_http: false,
+            accounts: vec![AccountConfig {
+                slug: "default".to_owned(),
+                policy: PathBuf::from("policies"),
+                max_grant_lifetime_secs: DEFAULT_MAX_GRANT_LIFETIME_SECS,
+                token_lifetime_secs: DEFAULT_TOKEN_LIFETIME_SECS,
+            }],
+        }
+    }
+
+    /// Parses configuration text; relative paths are joined to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let defaults = Config::defaults();
+        let resolve = |path: PathBuf| {
+            if path.is_absolute() {
+                path
+            } else {
+                base.join(path)
+            }
+        };
+        let config = Config {
+            listen: file.listen.unwrap_or(defaults.listen),
+            data_dir: resolve(file.data_dir.unwrap_or(defaults.data_dir)),
+            allow_plain_http: file.allow_plain_http,
+            accounts: file
+                .accounts
+                .into_iter()
+                .map(|a| AccountConfig {
+                    slug: a.slug,
+                    policy: resolve(a.policy),
+                    max_grant_lifetime_secs: a
+                        .max_grant_lifetime_secs
+                        .unwrap_or(DEFAULT_MAX_GRANT_LIFETIME_SECS),
+                    token_lifetime_secs: a
+                        .token_lifetime_secs
+                        .unwrap_or(DEFAULT_TOKEN_LIFETIME_SECS),
+                })
+                .collect(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// What the portal refuses to start with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if !self.listen.ip().is_loopback() && !self.allow_plain_http {
+            return invalid(format!(
+                "`listen = \"{}\"` serves plain HTTP beyond loopback; listen on 127.0.0.1 behind a TLS proxy, \
+                 or set `allow_plain_http = true` to accept it",
+                self.listen
+            ));
+        }
+        if self.accounts.is_empty() {
+            return invalid("no `[[accounts]]`: the portal serves at least one account".to_owned());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for account in &self.accounts {
+            let slug = &account.slug;
+            let valid = !slug.is_empty()
+                && slug.len() <= 63
+                && slug
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !slug.starts_with('-');
+            if !valid {
+                return invalid(format!(
+                    "account slug `{slug}` must be lowercase letters, digits and `-`"
+                ));
+            }
+            if !seen.insert(slug) {
+                return invalid(format!("account `{slug}` is configured twice"));
+            }
+            if account.max_grant_lifetime_secs == 0 || account.token_lifetime_secs == 0 {
+                return invalid(format!(
+                    "account `{slug}`: lifetimes must be at least one second"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn account(&self, slug: &str) -> Option<&AccountConfig> {
+        self.accounts.iter().find(|a| a.slug == slug)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/fz")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_full_file_and_its_defaults() {
+        let config = parse(
+            "listen = \"127.0.0.1:9000\"\n[[accounts]]\nslug = \"acme\"\npolicy = \"trees/acme\"\ntoken_lifetime_secs = 60\n",
+        )
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(config.data_dir, Path::new("/etc/fz/data"));
+        let account = config.account("acme").unwrap();
+        assert_eq!(account.policy, Path::new("/etc/fz/trees/acme"));
+        assert_eq!(account.token_lifetime_secs, 60);
+        assert_eq!(
+            account.max_grant_lifetime_secs,
+            DEFAULT_MAX_GRANT_LIFETIME_SECS
+        );
+        assert_eq!(
+            Config::defaults().validate().map_err(|e| e.to_string()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let account = "[[accounts]]\nslug = \"acme\"\npolicy = \"p\"\n";
+        let cases = [
+            (
+                format!("listen = \"0.0.0.0:80\"\n{account}"),
+                "serves plain HTTP beyond loopback",
+            ),
+            (
+                "listen = \"nowhere\"\n".to_owned(),
+                "invalid socket address",
+            ),
+            ("".to_owned(), "no `[[accounts]]`"),
+            (
+                format!("{account}{account}"),
+                "account `acme` is configured twice",
+            ),
+            (
+                "[[accounts]]\nslug = \"Acme\"\npolicy = \"p\"\n".to_owned(),
+                "account slug `Acme` must be",
+            ),
+            (
+                format!("{account}colour = \"blue\"\n"),
+                "unknown field `colour`",
+            ),
+            (
+                format!("{account}token_lifetime_secs = 0\n"),
+                "lifetimes must be at least one second",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = parse(&text).unwrap_err();
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+        let open = parse(&format!(
+            "listen = \"0.0.0.0:80\"\nallow_plain_http = true\n{account}"
+        ));
+        assert!(open.is_ok(), "{open:?}");
+    }
+}

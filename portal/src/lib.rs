@@ -1,0 +1,16 @@
+//! The fz portal: where policy meets live connections. It loads each account's decision table
+//! (`policy`), keeps accounts, tokens, devices, gateways, grants and the flow log in SQLite
+//! (`store`), signs grants with its own key (`keys`), and serves HTTP and the agents'
+//! WebSockets (`http`).
+//!
+//! It does not parse policy (`fz-compiler` does) nor define the wire format (`fz-proto`
+//! does). The binary `fz-portal` (`src/bin/fz-portal`) runs the service and the admin
+//! commands over this library.
+//!
+//! Entry points: [`config::Config`], [`http::router`] over an [`http::AppState`].
+
+pub mod config;
+pub mod http;
+pub mod keys;
+pub mod policy;
+pub mod store;

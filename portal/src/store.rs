@@ -1,0 +1,1091 @@
+//! The portal's state store: accounts, users and the groups identity providers say they are in,
+//! client and gateway tokens, registered clients and gateways, active grants and the flow log,
+//! kept in one SQLite file (`portal.sqlite3`) in the data dir through sqlx, with the schema in
+//! `portal/migrations/` embedded and applied by [`Store::open`].
+//!
+//! What it does not do: it never reads the clock (every method that needs the time takes `now`,
+//! Unix seconds), decides nothing about policy, signs nothing, pushes nothing, and keeps no
+//! secret: a token's secret is handed out once by [`Store::create_token`] and only its SHA-256
+//! is stored. Health of gateways beyond the `connected` flag and `last_seen` time is the
+//! portal's business.
+//!
+//! Entry types: [`Store`] (open it with [`Store::open`]) and [`StoreError`]; the records it
+//! stores and returns are [`TokenRecord`], [`ClientRecord`], [`GatewayRecord`],
+//! [`GrantRecord`] and [`FlowRecord`] (written as a [`NewFlow`], queried with a
+//! [`FlowFilter`]).
+//!
+//! **Architecture Invariant:** accounts are isolated. Every row belongs to an account, every
+//! method takes the account slug and filters by it, and every reference between rows carries
+//! the account (composite foreign keys), so nothing of one account is visible or usable through
+//! another. The one method without an account, [`Store::authenticate`], finds the account from
+//! the secret.
+//!
+//! **Architecture Invariant:** a restart loses nothing and a crash leaves a consistent store:
+//! WAL journal with `synchronous = FULL`, and every write of more than one statement runs in
+//! one `BEGIN IMMEDIATE` transaction (immediate so that two writers queue on the busy timeout
+//! instead of failing on a lock upgrade).
+//!
+//! **API Boundary:** error messages name the entity, never SQL, so [`StoreError`]'s `Display`
+//! may be shown to HTTP clients for [`StoreError::NotFound`], [`StoreError::Conflict`] and
+//! [`StoreError::Invalid`]; the other variants carry their cause as `source()` for logs.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use sqlx::error::ErrorKind;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Sqlite, Transaction};
+use subtle::ConstantTimeEq as _;
+
+/// The database file's name inside the data dir.
+pub const DATABASE_FILE: &str = "portal.sqlite3";
+
+/// What every token secret starts with, so a leaked one is recognisable.
+pub const SECRET_PREFIX: &str = "fzt_";
+
+/// How long a writer waits for another one before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// SQLite has one writer at a time; a few connections let reads run beside it.
+const MAX_CONNECTIONS: u32 = 8;
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// The portal's state: a handle on a pool of connections to one SQLite file. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data dir could not be created.
+    #[error("cannot create the data directory `{}`", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file could not be opened or created.
+    #[error("cannot open the store `{}`", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The schema could not be brought up to date (or the file is from a newer portal).
+    #[error("cannot bring the store's schema up to date")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// A query failed for a reason other than the ones below (IO, a busy database, a row the
+    /// store cannot read). The cause is in `source()`, for logs only.
+    #[error("a store query failed")]
+    Query(#[from] sqlx::Error),
+    /// The operating system's random number generator failed.
+    #[error("the system random number generator failed: {0}")]
+    Random(getrandom::Error),
+    /// The entity does not exist in this account.
+    #[error("{0} not found")]
+    NotFound(Entity),
+    /// The entity exists but is in a state that forbids the operation.
+    #[error("{entity} {reason}")]
+    Conflict {
+        entity: Entity,
+        /// Says what is wrong, as a phrase that follows the entity's name.
+        reason: &'static str,
+    },
+    /// An argument is not acceptable (names what).
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+/// The kinds of thing the store keeps, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    Account,
+    Token,
+    Client,
+    Gateway,
+    Grant,
+}
+
+impl fmt::Display for Entity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Entity::Account => "account",
+            Entity::Token => "token",
+            Entity::Client => "client",
+            Entity::Gateway => "gateway",
+            Entity::Grant => "grant",
+        })
+    }
+}
+
+/// What a token may be used for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TokenKind {
+    /// Registers and connects one client device.
+    Client,
+    /// Registers and connects one gateway, in this site.
+    Gateway { site: String },
+}
+
+/// A token just created: the only time its secret exists outside the holder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewToken {
+    pub id: String,
+    /// `fzt_` and 32 random bytes in unpadded base64url.
+    pub secret: String,
+}
+
+impl fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewToken")
+            .field("id", &self.id)
+            .field("secret", &"<secret>")
+            .finish()
+    }
+}
+
+/// A token as stored (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub account: String,
+    #[serde(flatten)]
+    pub kind: TokenKind,
+    pub name: String,
+    pub created_at: i64,
+    /// The token is refused from this time on.
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// A registered client device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ClientRecord {
+    pub id: String,
+    pub account: String,
+    pub token_id: String,
+    /// The name of the token it registered with.
+    pub name: String,
+    /// WireGuard public key, base64.
+    pub public_key: String,
+    pub verified: bool,
+    pub created_at: i64,
+}
+
+/// A registered gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GatewayRecord {
+    pub id: String,
+    pub account: String,
+    /// The site of the token it registered with.
+    pub site: String,
+    pub token_id: String,
+    /// The name of the token it registered with.
+    pub name: String,
+    /// WireGuard public key, base64.
+    pub public_key: String,
+    /// Socket addresses the gateway reported, as text.
+    pub endpoints: Vec<String>,
+    pub created_at: i64,
+    /// When the portal last heard from it (registration or `set_gateway_connected(.., true, ..)`).
+    pub last_seen: i64,
+    pub connected: bool,
+}
+
+/// A grant the portal signed and has not withdrawn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct GrantRecord {
+    pub id: String,
+    pub account: String,
+    pub client_id: String,
+    pub gateway_id: String,
+    pub resource_id: String,
+    pub rule_id: String,
+    pub bundle_hash: String,
+    pub issued_at: i64,
+    pub expires_at: i64,
+}
+
+/// What the policy decided for a connection request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+/// A flow to record: one decision on one connection request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NewFlow {
+    pub account: String,
+    pub time: i64,
+    /// The user's email (stored lowercase).
+    pub user: String,
+    pub client_id: String,
+    pub resource_id: String,
+    pub decision: Decision,
+    /// The rule that allowed (or explicitly denied); `None` when no rule matched.
+    pub rule_id: Option<String>,
+    pub bundle_hash: String,
+    pub reason: String,
+}
+
+/// A recorded flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct FlowRecord {
+    /// Increases with every flow recorded; ties on `time` are ordered by it.
+    pub id: i64,
+    pub account: String,
+    pub time: i64,
+    #[sqlx(rename = "user_email")]
+    pub user: String,
+    pub client_id: String,
+    pub resource_id: String,
+    pub decision: Decision,
+    pub rule_id: Option<String>,
+    pub bundle_hash: String,
+    pub reason: String,
+}
+
+/// Which flows [`Store::flows`] returns: those of `account` that match every filter given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowFilter {
+    pub account: String,
+    /// The user's email (case-insensitive).
+    pub user: Option<String>,
+    pub resource: Option<String>,
+    pub decision: Option<Decision>,
+    /// Only flows at or after this time.
+    pub since: Option<i64>,
+    /// At most this many (the newest); all when `None`.
+    pub limit: Option<u32>,
+}
+
+impl Store {
+    /// Opens (creating if missing) the store in `data_dir`, which is created too (mode 0700 on
+    /// Unix) if missing, and applies any migration not yet applied.
+    pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        create_dir(data_dir).await?;
+        let path = data_dir.join(DATABASE_FILE);
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open { path, source })?;
+        MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        Ok(Store { pool })
+    }
+
+    /// Folds the write-ahead log into the database file, then closes the connections. Not
+    /// needed for durability (every committed write already is durable, and dropping the store
+    /// is safe), but it leaves one self-contained file behind. A failed checkpoint is logged
+    /// and changes nothing else: the log is replayed at the next open.
+    ///
+    /// The checkpoint comes first because sqlx's `Pool::close` can return while a connection
+    /// that was being handed back is still closing (launchbadge/sqlx#3217), so the last close,
+    /// which would otherwise do it, may happen later or, racing another, not at all.
+    pub async fn close(&self) {
+        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await;
+        if let Err(error) = checkpoint {
+            tracing::warn!(%error, "store: final checkpoint failed");
+        }
+        self.pool.close().await;
+    }
+
+    /// Creates the account if it does not exist yet.
+    pub async fn ensure_account(&self, slug: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO accounts (slug) VALUES (?1) ON CONFLICT DO NOTHING")
+            .bind(slug)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                on_constraint(e, |kind| match kind {
+                    ErrorKind::CheckViolation => Some(StoreError::Invalid("account slug")),
+                    _ => None,
+                })
+            })?;
+        Ok(())
+    }
+
+    // ---- tokens ----
+
+    /// Creates a token and returns its id and secret. Only the secret's SHA-256 is stored, so
+    /// the secret cannot be shown again. `expires_at` must be after `now`.
+    pub async fn create_token(
+        &self,
+        account: &str,
+        kind: TokenKind,
+        name: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<NewToken, StoreError> {
+        if expires_at <= now {
+            return Err(StoreError::Invalid(
+                "token expiry: it must be in the future",
+            ));
+        }
+        let id = random_id("tok")?;
+        let secret = new_secret()?;
+        let (kind_text, site) = match &kind {
+            TokenKind::Client => ("client", None),
+            TokenKind::Gateway { site } => ("gateway", Some(site.as_str())),
+        };
+        sqlx::query(
+            "INSERT INTO tokens (id, account, kind, name, site, secret_hash, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(&id)
+        .bind(account)
+        .bind(kind_text)
+        .bind(name)
+        .bind(site)
+        .bind(hash_secret(&secret))
+        .bind(now)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            on_constraint(e, |kind| match kind {
+                ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
+                _ => None,
+            })
+        })?;
+        Ok(NewToken { id, secret })
+    }
+
+    /// Revokes a token of `account` (a second revocation keeps the first time). Grants made
+    /// for it are not touched: withdrawing them is the caller's job.
+    pub async fn revoke_token(
+        &self,
+        account: &str,
+        token_id: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?3) WHERE account = ?1 AND id = ?2",
+        )
+        .bind(account)
+        .bind(token_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(Entity::Token));
+        }
+        Ok(())
+    }
+
+    /// The token whose secret this is, if it is neither revoked nor expired at `now`.
+    pub async fn authenticate(
+        &self,
+        secret: &str,
+        now: i64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        if !secret.starts_with(SECRET_PREFIX) {
+            return Ok(None);
+        }
+        let hash = hash_secret(secret);
+        let row: Option<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS}, secret_hash FROM tokens WHERE secret_hash = ?1"
+        ))
+        .bind(&hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        // The lookup already matched; the constant-time comparison keeps the decision itself
+        // free of timing differences should the lookup ever change (say, to a prefix index).
+        let matches: bool = row.secret_hash.as_bytes().ct_eq(hash.as_bytes()).into();
+        let record = row.into_record()?;
+        if !matches || record.revoked_at.is_some() || record.expires_at <= now {
+            return Ok(None);
+        }
+        Ok(Some(record))
+    }
+
+    /// Every token of `account`, revoked and expired ones included, oldest first.
+    pub async fn list_tokens(&self, account: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS}, secret_hash FROM tokens WHERE account = ?1
+             ORDER BY created_at, rowid"
+        ))
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TokenRow::into_record).collect()
+    }
+
+    // ---- clients ----
+
+    /// Registers the client that holds `token_id` (a client token of `account`, valid at
+    /// `now`) with its WireGuard public key. One client per token: registering again with the
+    /// same token keeps the client's id, name and verified flag and replaces the key.
+    pub async fn register_client(
+        &self,
+        account: &str,
+        token_id: &str,
+        public_key: &str,
+        now: i64,
+    ) -> Result<ClientRecord, StoreError> {
+        let public_key = canonical_key(public_key)?;
+        let id = random_id("cli")?;
+        let mut tx = self.begin_write().await?;
+        let token = usable_token(&mut tx, account, token_id, now).await?;
+        if token.kind != "client" {
+            return Err(StoreError::Conflict {
+                entity: Entity::Token,
+                reason: "is not a client token",
+            });
+        }
+        let client: ClientRecord = sqlx::query_as(&format!(
+            "INSERT INTO clients (id, account, token_id, name, public_key, verified, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)
+             ON CONFLICT (token_id) DO UPDATE SET public_key = excluded.public_key
+             RETURNING {CLIENT_COLUMNS}"
+        ))
+        .bind(&id)
+        .bind(account)
+        .bind(token_id)
+        .bind(&token.name)
+        .bind(&public_key)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| on_constraint(e, key_taken(Entity::Client)))?;
+        tx.commit().await?;
+        Ok(client)
+    }
+
+    /// Marks a client of `account` verified or not.
+    pub async fn set_client_verified(
+        &self,
+        account: &str,
+        client_id: &str,
+        verified: bool,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE clients SET verified = ?3 WHERE account = ?1 AND id = ?2")
+            .bind(account)
+            .bind(client_id)
+            .bind(verified)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(Entity::Client));
+        }
+        Ok(())
+    }
+
+    /// A client of `account`.
+    pub async fn client(
+        &self,
+        account: &str,
+        client_id: &str,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {CLIENT_COLUMNS} FROM clients WHERE account = ?1 AND id = ?2"
+        ))
+        .bind(account)
+        .bind(client_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Every client of `account`, oldest first.
+    pub async fn list_clients(&self, account: &str) -> Result<Vec<ClientRecord>, StoreError> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {CLIENT_COLUMNS} FROM clients WHERE account = ?1 ORDER BY created_at, rowid"
+        ))
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---- gateways ----
+
+    /// Registers the gateway that holds `token_id` (a gateway token of `account`, valid at
+    /// `now`) in the token's site, with its public key and endpoints (socket addresses). It
+    /// registers over a live connection, so it is marked connected and seen at `now`. One
+    /// gateway per token: registering again keeps the id and replaces key and endpoints.
+    pub async fn register_gateway(
+        &self,
+        account: &str,
+        token_id: &str,
+        public_key: &str,
+        endpoints: &[String],
+        now: i64,
+    ) -> Result<GatewayRecord, StoreError> {
+        let public_key = canonical_key(public_key)?;
+        if endpoints.iter().any(|e| e.parse::<SocketAddr>().is_err()) {
+            return Err(StoreError::Invalid("endpoint: it must be a socket address"));
+        }
+        let endpoints_json = serde_json::to_string(endpoints)
+            .map_err(|e| StoreError::Query(sqlx::Error::Encode(Box::new(e))))?;
+        let id = random_id("gw")?;
+        let mut tx = self.begin_write().await?;
+        let token = usable_token(&mut tx, account, token_id, now).await?;
+        let Some(site) = token.site.filter(|_| token.kind == "gateway") else {
+            return Err(StoreError::Conflict {
+                entity: Entity::Token,
+                reason: "is not a gateway token",
+            });
+        };
+        let row: GatewayRow = sqlx::query_as(&format!(
+            "INSERT INTO gateways
+                 (id, account, site, token_id, name, public_key, endpoints, created_at, last_seen,
+                  connected)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1)
+             ON CONFLICT (token_id) DO UPDATE SET
+                 public_key = excluded.public_key,
+                 endpoints = excluded.endpoints,
+                 last_seen = excluded.last_seen,
+                 connected = 1
+             RETURNING {GATEWAY_COLUMNS}"
+        ))
+        .bind(&id)
+        .bind(account)
+        .bind(&site)
+        .bind(token_id)
+        .bind(&token.name)
+        .bind(&public_key)
+        .bind(&endpoints_json)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| on_constraint(e, key_taken(Entity::Gateway)))?;
+        tx.commit().await?;
+        row.into_record()
+    }
+
+    /// Records that a gateway of `account` connected (or sent a heartbeat: `last_seen`
+    /// becomes `now`) or disconnected (`last_seen` is left at the last time it was heard).
+    pub async fn set_gateway_connected(
+        &self,
+        account: &str,
+        gateway_id: &str,
+        connected: bool,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE gateways
+             SET connected = ?3, last_seen = CASE WHEN ?3 THEN ?4 ELSE last_seen END
+             WHERE account = ?1 AND id = ?2",
+        )
+        .bind(account)
+        .bind(gateway_id)
+        .bind(connected)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(Entity::Gateway));
+        }
+        Ok(())
+    }
+
+    /// Marks every gateway of every account disconnected, and returns how many were connected:
+    /// for a portal starting up, which holds no connection yet.
+    pub async fn mark_all_gateways_disconnected(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query("UPDATE gateways SET connected = 0 WHERE connected = 1")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// A gateway of `account`.
+    pub async fn gateway(
+        &self,
+        account: &str,
+        gateway_id: &str,
+    ) -> Result<Option<GatewayRecord>, StoreError> {
+        let row: Option<GatewayRow> = sqlx::query_as(&format!(
+            "SELECT {GATEWAY_COLUMNS} FROM gateways WHERE account = ?1 AND id = ?2"
+        ))
+        .bind(account)
+        .bind(gateway_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(GatewayRow::into_record).transpose()
+    }
+
+    /// Every gateway of `account`, by site, then name, then id.
+    pub async fn list_gateways(&self, account: &str) -> Result<Vec<GatewayRecord>, StoreError> {
+        let rows: Vec<GatewayRow> = sqlx::query_as(&format!(
+            "SELECT {GATEWAY_COLUMNS} FROM gateways WHERE account = ?1 ORDER BY site, name, id"
+        ))
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(GatewayRow::into_record).collect()
+    }
+
+    // ---- group memberships ----
+
+    /// Replaces the groups `provider` says the user `email` (case-insensitive) of `account` is
+    /// in, leaving what other providers said alone. One transaction: on any error (an empty
+    /// group name, say) the previous groups stay.
+    pub async fn set_memberships(
+        &self,
+        account: &str,
+        email: &str,
+        provider: &str,
+        groups: &[String],
+    ) -> Result<(), StoreError> {
+        let email = email.to_lowercase();
+        if email.is_empty() {
+            return Err(StoreError::Invalid("email"));
+        }
+        if provider.is_empty() {
+            return Err(StoreError::Invalid("identity provider"));
+        }
+        let mut tx = self.begin_write().await?;
+        sqlx::query("INSERT INTO users (account, email) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+            .bind(account)
+            .bind(&email)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                on_constraint(e, |kind| match kind {
+                    ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
+                    _ => None,
+                })
+            })?;
+        sqlx::query(
+            "DELETE FROM group_memberships WHERE account = ?1 AND email = ?2 AND provider = ?3",
+        )
+        .bind(account)
+        .bind(&email)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+        for group in groups {
+            sqlx::query(
+                "INSERT INTO group_memberships (account, email, provider, group_name)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            )
+            .bind(account)
+            .bind(&email)
+            .bind(provider)
+            .bind(group)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                on_constraint(e, |kind| match kind {
+                    ErrorKind::CheckViolation => Some(StoreError::Invalid("group name")),
+                    _ => None,
+                })
+            })?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The groups of user `email` (case-insensitive) of `account`, from every provider, sorted
+    /// and without duplicates.
+    pub async fn memberships(&self, account: &str, email: &str) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT group_name FROM group_memberships
+             WHERE account = ?1 AND email = ?2 ORDER BY group_name",
+        )
+        .bind(account)
+        .bind(email.to_lowercase())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---- grants ----
+
+    /// Stores a grant. Its client and gateway must belong to its account.
+    pub async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
+                                 bundle_hash, issued_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(&grant.id)
+        .bind(&grant.account)
+        .bind(&grant.client_id)
+        .bind(&grant.gateway_id)
+        .bind(&grant.resource_id)
+        .bind(&grant.rule_id)
+        .bind(&grant.bundle_hash)
+        .bind(grant.issued_at)
+        .bind(grant.expires_at)
+        .execute(&self.pool)
+        .await;
+        let Err(error) = result else {
+            return Ok(());
+        };
+        match error.as_database_error().map(|e| e.kind()) {
+            Some(ErrorKind::UniqueViolation) => Err(StoreError::Conflict {
+                entity: Entity::Grant,
+                reason: "already exists",
+            }),
+            Some(ErrorKind::CheckViolation) => Err(StoreError::Invalid(
+                "grant expiry: it is before its issue time",
+            )),
+            // The composite foreign keys refused it: say which side is missing.
+            Some(ErrorKind::ForeignKeyViolation) => {
+                let client = self.client(&grant.account, &grant.client_id).await?;
+                Err(StoreError::NotFound(if client.is_none() {
+                    Entity::Client
+                } else {
+                    Entity::Gateway
+                }))
+            }
+            _ => Err(StoreError::Query(error)),
+        }
+    }
+
+    /// Deletes a grant of `account`; false if there was none (it may have expired and been
+    /// swept already).
+    pub async fn delete_grant(&self, account: &str, grant_id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM grants WHERE account = ?1 AND id = ?2")
+            .bind(account)
+            .bind(grant_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Deletes grants of `account` in one transaction (for a reload that revokes many), and
+    /// returns how many there were.
+    pub async fn delete_grants(
+        &self,
+        account: &str,
+        grant_ids: &[String],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let mut deleted = 0;
+        for id in grant_ids {
+            deleted += sqlx::query("DELETE FROM grants WHERE account = ?1 AND id = ?2")
+                .bind(account)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// The grants of `account` not expired at `now` (a grant expires at `expires_at`), oldest
+    /// first.
+    pub async fn active_grants(
+        &self,
+        account: &str,
+        now: i64,
+    ) -> Result<Vec<GrantRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, account, client_id, gateway_id, resource_id, rule_id, bundle_hash,
+                    issued_at, expires_at
+             FROM grants WHERE account = ?1 AND expires_at > ?2 ORDER BY issued_at, rowid",
+        )
+        .bind(account)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Deletes the grants of every account expired at `now`, and returns how many.
+    pub async fn delete_expired_grants(&self, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM grants WHERE expires_at <= ?1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    // ---- flows ----
+
+    /// Appends a flow to the log.
+    pub async fn record_flow(&self, flow: &NewFlow) -> Result<FlowRecord, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        insert_flow(&mut conn, flow).await
+    }
+
+    /// Appends several flows in one transaction (one disk sync for all: what a busy portal
+    /// wants), all or none.
+    pub async fn record_flows(&self, flows: &[NewFlow]) -> Result<Vec<FlowRecord>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let mut recorded = Vec::with_capacity(flows.len());
+        for flow in flows {
+            recorded.push(insert_flow(&mut tx, flow).await?);
+        }
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    /// The flows that match `filter`, newest first.
+    pub async fn flows(&self, filter: &FlowFilter) -> Result<Vec<FlowRecord>, StoreError> {
+        // A negative limit is no limit to SQLite.
+        let limit = filter.limit.map_or(-1, i64::from);
+        Ok(sqlx::query_as(
+            "SELECT id, account, time, user_email, client_id, resource_id, decision, rule_id,
+                    bundle_hash, reason
+             FROM flows
+             WHERE account = ?1
+               AND (?2 IS NULL OR user_email = ?2)
+               AND (?3 IS NULL OR resource_id = ?3)
+               AND (?4 IS NULL OR decision = ?4)
+               AND (?5 IS NULL OR time >= ?5)
+             ORDER BY time DESC, id DESC
+             LIMIT ?6",
+        )
+        .bind(&filter.account)
+        .bind(filter.user.as_deref().map(str::to_lowercase))
+        .bind(filter.resource.as_deref())
+        .bind(filter.decision)
+        .bind(filter.since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+const TOKEN_COLUMNS: &str = "id, account, kind, name, site, created_at, expires_at, revoked_at";
+const CLIENT_COLUMNS: &str = "id, account, token_id, name, public_key, verified, created_at";
+const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
+                               created_at, last_seen, connected";
+
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    id: String,
+    account: String,
+    kind: String,
+    name: String,
+    site: Option<String>,
+    created_at: i64,
+    expires_at: i64,
+    revoked_at: Option<i64>,
+    secret_hash: String,
+}
+
+impl TokenRow {
+    fn into_record(self) -> Result<TokenRecord, StoreError> {
+        let kind = match (self.kind.as_str(), self.site) {
+            ("client", None) => TokenKind::Client,
+            ("gateway", Some(site)) => TokenKind::Gateway { site },
+            _ => return Err(corrupt("a token's kind and site disagree")),
+        };
+        Ok(TokenRecord {
+            id: self.id,
+            account: self.account,
+            kind,
+            name: self.name,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            revoked_at: self.revoked_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct GatewayRow {
+    id: String,
+    account: String,
+    site: String,
+    token_id: String,
+    name: String,
+    public_key: String,
+    endpoints: String,
+    created_at: i64,
+    last_seen: i64,
+    connected: bool,
+}
+
+impl GatewayRow {
+    fn into_record(self) -> Result<GatewayRecord, StoreError> {
+        let endpoints = serde_json::from_str(&self.endpoints)
+            .map_err(|_| corrupt("a gateway's endpoints are not a list of strings"))?;
+        Ok(GatewayRecord {
+            id: self.id,
+            account: self.account,
+            site: self.site,
+            token_id: self.token_id,
+            name: self.name,
+            public_key: self.public_key,
+            endpoints,
+            created_at: self.created_at,
+            last_seen: self.last_seen,
+            connected: self.connected,
+        })
+    }
+}
+
+/// What [`usable_token`] needs of a token.
+#[derive(sqlx::FromRow)]
+struct TokenUse {
+    kind: String,
+    name: String,
+    site: Option<String>,
+    expires_at: i64,
+    revoked_at: Option<i64>,
+}
+
+/// The token `token_id` of `account`, if it is neither revoked nor expired at `now`.
+async fn usable_token(
+    tx: &mut Transaction<'static, Sqlite>,
+    account: &str,
+    token_id: &str,
+    now: i64,
+) -> Result<TokenUse, StoreError> {
+    let token: Option<TokenUse> = sqlx::query_as(
+        "SELECT kind, name, site, expires_at, revoked_at FROM tokens
+         WHERE account = ?1 AND id = ?2",
+    )
+    .bind(account)
+    .bind(token_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(token) = token else {
+        return Err(StoreError::NotFound(Entity::Token));
+    };
+    if token.revoked_at.is_some() {
+        return Err(StoreError::Conflict {
+            entity: Entity::Token,
+            reason: "is revoked",
+        });
+    }
+    if token.expires_at <= now {
+        return Err(StoreError::Conflict {
+            entity: Entity::Token,
+            reason: "has expired",
+        });
+    }
+    Ok(token)
+}
+
+async fn insert_flow(
+    conn: &mut sqlx::SqliteConnection,
+    flow: &NewFlow,
+) -> Result<FlowRecord, StoreError> {
+    sqlx::query_as(
+        "INSERT INTO flows (account, time, user_email, client_id, resource_id, decision, rule_id,
+                            bundle_hash, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         RETURNING id, account, time, user_email, client_id, resource_id, decision, rule_id,
+                   bundle_hash, reason",
+    )
+    .bind(&flow.account)
+    .bind(flow.time)
+    .bind(flow.user.to_lowercase())
+    .bind(&flow.client_id)
+    .bind(&flow.resource_id)
+    .bind(flow.decision)
+    .bind(flow.rule_id.as_deref())
+    .bind(&flow.bundle_hash)
+    .bind(&flow.reason)
+    .fetch_one(conn)
+    .await
+    .map_err(|e| {
+        on_constraint(e, |kind| match kind {
+            ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
+            _ => None,
+        })
+    })
+}
+
+/// Turns a constraint violation into the error `map` gives for its kind; anything else (and
+/// any kind `map` declines) stays a query error.
+fn on_constraint(
+    error: sqlx::Error,
+    map: impl FnOnce(ErrorKind) -> Option<StoreError>,
+) -> StoreError {
+    error
+        .as_database_error()
+        .and_then(|e| map(e.kind()))
+        .unwrap_or(StoreError::Query(error))
+}
+
+/// A public key already used by another client (or gateway) of the same account: WireGuard
+/// tells peers apart by key alone, so two peers with one key could not both be served.
+fn key_taken(entity: Entity) -> impl FnOnce(ErrorKind) -> Option<StoreError> {
+    move |kind| match kind {
+        ErrorKind::UniqueViolation => Some(StoreError::Conflict {
+            entity,
+            reason: "public key is already registered in this account",
+        }),
+        _ => None,
+    }
+}
+
+fn corrupt(what: &'static str) -> StoreError {
+    StoreError::Query(sqlx::Error::Decode(what.into()))
+}
+
+/// A WireGuard public key in its canonical base64 form.
+fn canonical_key(text: &str) -> Result<String, StoreError> {
+    fz_proto::PublicKey::from_str(text)
+        .map(|key| key.to_string())
+        .map_err(|_| StoreError::Invalid("public key: it must be 32 bytes in base64"))
+}
+
+fn new_secret() -> Result<String, StoreError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(StoreError::Random)?;
+    Ok(format!("{SECRET_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes)))
+}
+
+/// `PREFIX_` and 12 random bytes in hex: ids are not secret, only unique.
+fn random_id(prefix: &str) -> Result<String, StoreError> {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).map_err(StoreError::Random)?;
+    Ok(format!("{prefix}_{}", hex(&bytes)))
+}
+
+fn hash_secret(secret: &str) -> String {
+    hex(&Sha256::digest(secret.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
+}
+
+async fn create_dir(path: &Path) -> Result<(), StoreError> {
+    let mut builder = tokio::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    builder.mode(0o700);
+    builder
+        .create(path)
+        .await
+        .map_err(|source| StoreError::CreateDir {
+            path: path.to_owned(),
+            source,
+        })
+}

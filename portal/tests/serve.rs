@@ -1,0 +1,243 @@
+//! The portal as an operator runs it: the `fz-portal` binary with a configuration file, its
+//! admin commands, `serve` answering `/healthz`, and a restart that keeps the store.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+const POLICY: &str = r#"
+site hq
+resource gitlab { address "gitlab.acme.example"; site hq; ports tcp/443 }
+group engineering { members "alice@acme.example" }
+allow engineering -> gitlab as eng-git
+"#;
+
+/// A portal home: a policy tree and a configuration file listening on a free loopback port.
+fn home() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/access.fz"), POLICY).unwrap();
+    std::fs::write(
+        dir.path().join("portal.toml"),
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[[accounts]]\nslug = \"acme\"\npolicy = \"policies\"\n\n[[accounts]]\nslug = \"other\"\npolicy = \"policies\"\n",
+    )
+    .unwrap();
+    dir
+}
+
+fn portal(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fz-portal"))
+        .arg("--config")
+        .arg(home.join("portal.toml"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// Starts `serve` and returns the process and the address it printed.
+fn serve(home: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fz-portal"))
+        .arg("--config")
+        .arg(home.join("portal.toml"))
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect(&line)
+        .to_owned();
+    (child, address)
+}
+
+fn get(address: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn serves_healthz_with_each_accounts_policy() {
+    let home = home();
+    let (mut child, address) = serve(home.path());
+    let response = get(&address, "/healthz");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let body: serde_json::Value =
+        serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["accounts"][0]["slug"], "acme");
+    assert!(
+        body["accounts"][0]["bundle_hash"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+}
+
+#[test]
+fn tokens_survive_a_restart_and_stay_in_their_account() {
+    let home = home();
+    let created = portal(
+        home.path(),
+        &["token", "create", "--account", "acme", "--client", "laptop"],
+    );
+    assert!(created.status.success(), "{created:?}");
+    let id = stdout(&created)
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("token ")
+        .to_owned();
+    let secret = stdout(&created)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("secret ")
+        .to_owned();
+    assert!(secret.starts_with("fzt_"));
+
+    // A portal run in between (opening, migrating, closing the store) loses nothing.
+    let (mut child, _) = serve(home.path());
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&portal(
+        home.path(),
+        &["token", "list", "--account", "acme", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["name"], "laptop");
+    let other = stdout(&portal(
+        home.path(),
+        &["token", "list", "--account", "other", "--json"],
+    ));
+    assert_eq!(other.trim(), "[]");
+    let database = std::fs::read(home.path().join("data/portal.sqlite3")).unwrap();
+    assert!(
+        !database
+            .windows(secret.len())
+            .any(|w| w == secret.as_bytes()),
+        "the secret is stored"
+    );
+
+    // Revoking needs the right account.
+    assert!(
+        !portal(home.path(), &["token", "revoke", "--account", "other", &id])
+            .status
+            .success()
+    );
+    assert!(
+        portal(home.path(), &["token", "revoke", "--account", "acme", &id])
+            .status
+            .success()
+    );
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&portal(
+        home.path(),
+        &["token", "list", "--account", "acme", "--json"],
+    )))
+    .unwrap();
+    assert!(listed[0]["revoked_at"].is_i64(), "{listed}");
+}
+
+#[test]
+fn gateway_tokens_are_bound_to_a_declared_site() {
+    let home = home();
+    let good = portal(
+        home.path(),
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--gateway",
+            "gw-1",
+            "--site",
+            "hq",
+        ],
+    );
+    assert!(good.status.success(), "{good:?}");
+    let bad = portal(
+        home.path(),
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--gateway",
+            "gw-2",
+            "--site",
+            "mars",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no site `mars`"));
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&portal(
+        home.path(),
+        &["token", "list", "--account", "acme", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["site"], "hq");
+}
+
+#[test]
+fn configuration_and_usage_errors_exit_2() {
+    let home = home();
+    std::fs::write(
+        home.path().join("bad.toml"),
+        "listen = \"0.0.0.0:80\"\n[[accounts]]\nslug = \"a\"\npolicy = \"p\"\n",
+    )
+    .unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["--config", "bad.toml", "serve"], "beyond loopback"),
+        (&["--config", "missing.toml", "serve"], "cannot read"),
+        (
+            &[
+                "--config",
+                "portal.toml",
+                "token",
+                "create",
+                "--account",
+                "acme",
+            ],
+            "required",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_fz-portal"))
+            .args(args)
+            .current_dir(home.path())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(expected),
+            "{args:?}: {output:?}"
+        );
+    }
+    let unknown = portal(home.path(), &["token", "list", "--account", "nope"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no account `nope`"));
+}

@@ -1,0 +1,1234 @@
+//! The store against real SQLite files in a temporary directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use fz_portal::store::{
+    ClientRecord, DATABASE_FILE, Decision, FlowFilter, GatewayRecord, GrantRecord, NewFlow,
+    NewToken, Store, StoreError, TokenKind,
+};
+use sha2::{Digest as _, Sha256};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+use tempfile::TempDir;
+
+const NOW: i64 = 1_750_000_000;
+const DAY: i64 = 86_400;
+const A: &str = "acme";
+const B: &str = "globex";
+
+/// What `authenticate` found: token id, account, kind.
+type Authenticated = Option<(String, String, TokenKind)>;
+
+/// A store in a fresh temporary data dir (below a folder that does not exist yet), with
+/// accounts `A` and `B`.
+struct Fixture {
+    _dir: TempDir,
+    data_dir: PathBuf,
+    store: Store,
+}
+
+async fn fixture() -> Fixture {
+    let dir = TempDir::new().unwrap();
+    let data_dir = dir.path().join("var").join("fz-portal");
+    let store = Store::open(&data_dir).await.unwrap();
+    store.ensure_account(A).await.unwrap();
+    store.ensure_account(B).await.unwrap();
+    Fixture {
+        _dir: dir,
+        data_dir,
+        store,
+    }
+}
+
+/// A WireGuard public key made of one repeated byte.
+fn key(byte: u8) -> String {
+    STANDARD.encode([byte; 32])
+}
+
+/// One account's worth of everything.
+struct World {
+    account: &'static str,
+    client_token: NewToken,
+    gateway_token: NewToken,
+    client: ClientRecord,
+    gateway: GatewayRecord,
+    grant: GrantRecord,
+}
+
+/// Fills `account`; `seed` keeps keys and names apart between accounts.
+async fn populate(store: &Store, account: &'static str, seed: u8) -> World {
+    let client_token = store
+        .create_token(account, TokenKind::Client, "laptop", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let gateway_token = store
+        .create_token(
+            account,
+            TokenKind::Gateway {
+                site: "hq".to_owned(),
+            },
+            "gw-1",
+            NOW + 30 * DAY,
+            NOW,
+        )
+        .await
+        .unwrap();
+    let client = store
+        .register_client(account, &client_token.id, &key(seed), NOW + 1)
+        .await
+        .unwrap();
+    let gateway = store
+        .register_gateway(
+            account,
+            &gateway_token.id,
+            &key(seed + 1),
+            &["192.0.2.1:51820".to_owned()],
+            NOW + 2,
+        )
+        .await
+        .unwrap();
+    let grant = GrantRecord {
+        id: format!("grant-{account}"),
+        account: account.to_owned(),
+        client_id: client.id.clone(),
+        gateway_id: gateway.id.clone(),
+        resource_id: "gitlab".to_owned(),
+        rule_id: "engineers-gitlab".to_owned(),
+        bundle_hash: "b1".to_owned(),
+        issued_at: NOW + 3,
+        expires_at: NOW + 3 + 3600,
+    };
+    store.insert_grant(&grant).await.unwrap();
+    store
+        .set_memberships(account, "alice@example.com", "okta", &["eng".to_owned()])
+        .await
+        .unwrap();
+    store
+        .record_flow(&flow(
+            account,
+            NOW + 3,
+            "alice@example.com",
+            "gitlab",
+            true,
+            "f",
+        ))
+        .await
+        .unwrap();
+    World {
+        account,
+        client_token,
+        gateway_token,
+        client,
+        gateway,
+        grant,
+    }
+}
+
+fn flow(
+    account: &str,
+    time: i64,
+    user: &str,
+    resource: &str,
+    allow: bool,
+    reason: &str,
+) -> NewFlow {
+    NewFlow {
+        account: account.to_owned(),
+        time,
+        user: user.to_owned(),
+        client_id: "cli_x".to_owned(),
+        resource_id: resource.to_owned(),
+        decision: if allow {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        },
+        rule_id: allow.then(|| "rule".to_owned()),
+        bundle_hash: "b1".to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn all_flows(account: &str) -> FlowFilter {
+    FlowFilter {
+        account: account.to_owned(),
+        ..FlowFilter::default()
+    }
+}
+
+/// Everything in every table of the store file, read through a separate connection.
+async fn snapshot(data_dir: &Path) -> Vec<(String, String)> {
+    let options = SqliteConnectOptions::new()
+        .filename(data_dir.join(DATABASE_FILE))
+        .read_only(true);
+    let pool = SqlitePool::connect_with(options).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'
+         ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut snapshot = Vec::new();
+    for table in tables {
+        let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?1)")
+            .bind(&table)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let quoted: Vec<String> = columns.iter().map(|c| format!("quote(\"{c}\")")).collect();
+        let rows: String = sqlx::query_scalar(&format!(
+            "SELECT coalesce(json_group_array(json_array({})), '[]')
+             FROM (SELECT * FROM \"{table}\" ORDER BY rowid)",
+            quoted.join(", ")
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        snapshot.push((table, rows));
+    }
+    pool.close().await;
+    snapshot
+}
+
+#[tokio::test]
+async fn open_creates_the_data_dir_and_opens_again() {
+    let dir = TempDir::new().unwrap();
+    let data_dir = dir.path().join("a").join("b");
+    let store = Store::open(&data_dir).await.unwrap();
+    assert!(data_dir.join(DATABASE_FILE).is_file());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&data_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+    store.close().await;
+    // Migrations already applied are skipped.
+    let store = Store::open(&data_dir).await.unwrap();
+    store.ensure_account(A).await.unwrap();
+    store.ensure_account(A).await.unwrap();
+}
+
+#[tokio::test]
+async fn open_fails_clearly_when_the_data_dir_is_a_file() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("data");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let error = Store::open(&file).await.unwrap_err();
+    assert!(matches!(error, StoreError::CreateDir { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_restart_loses_nothing() {
+    let Fixture {
+        _dir,
+        data_dir,
+        store,
+    } = fixture().await;
+    let world = populate(&store, A, 1).await;
+    store
+        .set_client_verified(A, &world.client.id, true)
+        .await
+        .unwrap();
+    store
+        .set_gateway_connected(A, &world.gateway.id, false, NOW + 10)
+        .await
+        .unwrap();
+    store
+        .set_memberships(A, "alice@example.com", "google", &["design".to_owned()])
+        .await
+        .unwrap();
+    let revoked = store
+        .create_token(A, TokenKind::Client, "old", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    store.revoke_token(A, &revoked.id, NOW + 5).await.unwrap();
+
+    let before = (
+        store.list_tokens(A).await.unwrap(),
+        store.list_clients(A).await.unwrap(),
+        store.list_gateways(A).await.unwrap(),
+        store.active_grants(A, NOW + 10).await.unwrap(),
+        store.memberships(A, "alice@example.com").await.unwrap(),
+        store.flows(&all_flows(A)).await.unwrap(),
+    );
+    // Drop without closing: whatever was committed must already be on disk.
+    drop(store);
+
+    let store = Store::open(&data_dir).await.unwrap();
+    let after = (
+        store.list_tokens(A).await.unwrap(),
+        store.list_clients(A).await.unwrap(),
+        store.list_gateways(A).await.unwrap(),
+        store.active_grants(A, NOW + 10).await.unwrap(),
+        store.memberships(A, "alice@example.com").await.unwrap(),
+        store.flows(&all_flows(A)).await.unwrap(),
+    );
+    assert_eq!(before, after);
+    assert_eq!(after.0.len(), 3);
+    assert!(after.1[0].verified);
+    assert!(!after.2[0].connected);
+    assert_eq!(after.3, vec![world.grant.clone()]);
+    assert_eq!(after.4, ["design", "eng"]);
+    assert_eq!(after.5.len(), 1);
+
+    let token = store
+        .authenticate(&world.client_token.secret, NOW + 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(token.id, world.client_token.id);
+    assert!(
+        store
+            .authenticate(&revoked.secret, NOW + 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let make = |account, kind, expires_at| {
+        let store = store.clone();
+        async move {
+            store
+                .create_token(account, kind, "t", expires_at, NOW)
+                .await
+                .unwrap()
+        }
+    };
+    let live = make(A, TokenKind::Client, NOW + DAY).await;
+    let soon = make(A, TokenKind::Client, NOW + 10).await;
+    let revoked = make(A, TokenKind::Client, NOW + DAY).await;
+    store.revoke_token(A, &revoked.id, NOW + 1).await.unwrap();
+    let site = TokenKind::Gateway {
+        site: "hq".to_owned(),
+    };
+    let gateway = make(A, site.clone(), NOW + DAY).await;
+    let other = make(B, TokenKind::Client, NOW + DAY).await;
+
+    let mut last_changed = live.secret.clone();
+    let last = last_changed.pop().unwrap();
+    last_changed.push(if last == 'A' { 'B' } else { 'A' });
+    let hash: String = Sha256::digest(live.secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+
+    let yes = |token: &NewToken, account: &str, kind: &TokenKind| -> Authenticated {
+        Some((token.id.clone(), account.to_owned(), kind.clone()))
+    };
+    let client = TokenKind::Client;
+    let secret = live.secret.clone();
+    let cases = [
+        ("live", secret.clone(), NOW, yes(&live, A, &client)),
+        (
+            "live, a second before expiry",
+            secret.clone(),
+            NOW + DAY - 1,
+            yes(&live, A, &client),
+        ),
+        ("live, at expiry", secret.clone(), NOW + DAY, None),
+        (
+            "short-lived, in time",
+            soon.secret.clone(),
+            NOW + 9,
+            yes(&soon, A, &client),
+        ),
+        ("short-lived, expired", soon.secret.clone(), NOW + 11, None),
+        ("revoked", revoked.secret.clone(), NOW, None),
+        (
+            "revoked, before its revocation time",
+            revoked.secret.clone(),
+            NOW - 1,
+            None,
+        ),
+        (
+            "gateway token",
+            gateway.secret.clone(),
+            NOW,
+            yes(&gateway, A, &site),
+        ),
+        (
+            "another account's token",
+            other.secret.clone(),
+            NOW,
+            yes(&other, B, &client),
+        ),
+        ("last character changed", last_changed, NOW, None),
+        (
+            "without its prefix",
+            secret["fzt_".len()..].to_owned(),
+            NOW,
+            None,
+        ),
+        ("with a second prefix", format!("fzt_{secret}"), NOW, None),
+        ("prefix only", "fzt_".to_owned(), NOW, None),
+        ("empty", String::new(), NOW, None),
+        ("the stored hash", hash, NOW, None),
+        ("the token id", live.id.clone(), NOW, None),
+    ];
+    for (case, secret, now, expected) in cases {
+        let got = store.authenticate(&secret, now).await.unwrap();
+        let got = got.map(|t| (t.id, t.account, t.kind));
+        assert_eq!(got, expected, "{case}");
+    }
+}
+
+#[tokio::test]
+async fn secrets_look_right_and_differ() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let mut secrets = Vec::new();
+    for _ in 0..20 {
+        let token = store
+            .create_token(A, TokenKind::Client, "t", NOW + DAY, NOW)
+            .await
+            .unwrap();
+        let body = token.secret.strip_prefix("fzt_").unwrap();
+        assert_eq!(body.len(), 43, "32 bytes in unpadded base64");
+        assert!(
+            body.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert!(
+            !format!("{token:?}").contains(body),
+            "Debug hides the secret"
+        );
+        secrets.push(token.secret);
+    }
+    secrets.sort();
+    secrets.dedup();
+    assert_eq!(secrets.len(), 20);
+}
+
+#[tokio::test]
+async fn the_database_never_contains_a_secret() {
+    let Fixture {
+        _dir,
+        data_dir,
+        store,
+    } = fixture().await;
+    let world = populate(&store, A, 1).await;
+    let secrets = [&world.client_token.secret, &world.gateway_token.secret];
+    for secret in secrets {
+        store.authenticate(secret, NOW).await.unwrap().unwrap();
+    }
+    // While the store is open the recent writes sit in the write-ahead log, the only file read
+    // then: opening and closing the database file itself from this process would drop SQLite's
+    // POSIX locks on it. Once closed, everything is in the database file.
+    for phase in ["open", "closed"] {
+        let files = if phase == "open" {
+            vec![data_dir.join(format!("{DATABASE_FILE}-wal"))]
+        } else {
+            store.close().await;
+            vec![data_dir.join(DATABASE_FILE)]
+        };
+        let contents: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+        let contain = |needle: &[u8]| {
+            contents
+                .iter()
+                .any(|bytes| bytes.windows(needle.len()).any(|window| window == needle))
+        };
+        for secret in secrets {
+            let body = secret.strip_prefix("fzt_").unwrap();
+            assert!(!contain(secret.as_bytes()), "{phase}: secret found");
+            assert!(!contain(body.as_bytes()), "{phase}: secret body found");
+            // The search does find what is there: the hash.
+            let hash: String = Sha256::digest(secret.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert!(contain(hash.as_bytes()), "{phase}: hash not found");
+        }
+    }
+    // The log, if sqlx has not finished closing a connection yet, is empty: it was truncated.
+    match std::fs::read(data_dir.join(format!("{DATABASE_FILE}-wal"))) {
+        Ok(bytes) => assert!(bytes.is_empty()),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::NotFound),
+    }
+}
+
+#[tokio::test]
+async fn accounts_are_isolated() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let a = populate(&store, A, 1).await;
+    let b = populate(&store, B, 11).await;
+    let not_found = |r: Result<(), StoreError>| match r {
+        Err(StoreError::NotFound(entity)) => entity.to_string(),
+        other => panic!("expected not found, got {other:?}"),
+    };
+
+    // Nothing of A can be reached through B.
+    assert_eq!(
+        not_found(store.revoke_token(B, &a.client_token.id, NOW).await),
+        "token"
+    );
+    assert_eq!(
+        not_found(store.revoke_token(B, &a.gateway_token.id, NOW).await),
+        "token"
+    );
+    assert_eq!(
+        not_found(store.set_client_verified(B, &a.client.id, true).await),
+        "client"
+    );
+    assert_eq!(
+        not_found(
+            store
+                .set_gateway_connected(B, &a.gateway.id, false, NOW)
+                .await
+        ),
+        "gateway"
+    );
+    assert_eq!(store.client(B, &a.client.id).await.unwrap(), None);
+    assert_eq!(store.gateway(B, &a.gateway.id).await.unwrap(), None);
+    assert!(!store.delete_grant(B, &a.grant.id).await.unwrap());
+    assert_eq!(
+        store
+            .delete_grants(B, std::slice::from_ref(&a.grant.id))
+            .await
+            .unwrap(),
+        0
+    );
+    let register = store
+        .register_client(B, &a.client_token.id, &key(50), NOW)
+        .await
+        .map(|_| ());
+    assert_eq!(not_found(register), "token");
+    let register = store
+        .register_gateway(B, &a.gateway_token.id, &key(51), &[], NOW)
+        .await
+        .map(|_| ());
+    assert_eq!(not_found(register), "token");
+    let mut grant = a.grant.clone();
+    grant.id = "stolen".to_owned();
+    grant.account = B.to_owned();
+    assert_eq!(not_found(store.insert_grant(&grant).await), "client");
+    let mut grant = b.grant.clone();
+    grant.id = "mixed".to_owned();
+    grant.gateway_id = a.gateway.id.clone();
+    assert_eq!(not_found(store.insert_grant(&grant).await), "gateway");
+
+    // Every listing of B shows B's own and nothing of A's.
+    for (own, other) in [(&b, &a), (&a, &b)] {
+        let account = own.account;
+        let tokens = store.list_tokens(account).await.unwrap();
+        let ids: Vec<_> = tokens.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [own.client_token.id.as_str(), own.gateway_token.id.as_str()]
+        );
+        assert_eq!(
+            store.list_clients(account).await.unwrap(),
+            vec![own.client.clone()]
+        );
+        let gateways = store.list_gateways(account).await.unwrap();
+        assert_eq!(gateways.len(), 1);
+        assert_eq!(gateways[0].id, own.gateway.id);
+        assert_eq!(
+            store.active_grants(account, NOW).await.unwrap(),
+            vec![own.grant.clone()]
+        );
+        let flows = store.flows(&all_flows(account)).await.unwrap();
+        assert!(flows.iter().all(|f| f.account == account));
+        assert_eq!(flows.len(), 1);
+        assert!(
+            store
+                .client(account, &other.client.id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert!(store.list_tokens("nobody").await.unwrap().is_empty());
+    assert!(
+        store
+            .memberships("nobody", "alice@example.com")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A is untouched by everything tried through B.
+    let client = store.client(A, &a.client.id).await.unwrap().unwrap();
+    assert!(!client.verified);
+    assert!(store.list_gateways(A).await.unwrap()[0].connected);
+    let token = store
+        .authenticate(&a.client_token.secret, NOW)
+        .await
+        .unwrap();
+    assert_eq!(token.map(|t| t.account), Some(A.to_owned()));
+}
+
+/// A write that must fail and leave the store exactly as it was.
+#[derive(Debug)]
+enum BadWrite {
+    EnsureEmptyAccount,
+    CreateTokenInUnknownAccount,
+    CreateExpiredToken,
+    RevokeOtherAccountsToken,
+    RegisterClientWithOtherAccountsToken,
+    RegisterClientWithGatewayToken,
+    RegisterClientWithRevokedToken,
+    RegisterClientWithExpiredToken,
+    RegisterClientWithBadKey,
+    RegisterClientWithAnotherClientsKey,
+    RegisterGatewayWithClientToken,
+    RegisterGatewayWithBadEndpoint,
+    VerifyOtherAccountsClient,
+    ConnectOtherAccountsGateway,
+    MembershipsWithEmptyGroupHalfway,
+    MembershipsOfNewUserWithEmptyGroupHalfway,
+    MembershipsInUnknownAccount,
+    GrantAcrossAccounts,
+    GrantWithUnknownGateway,
+    GrantTwice,
+    GrantExpiringBeforeIssued,
+    FlowsWithOneInUnknownAccount,
+    FlowInUnknownAccount,
+}
+
+/// What [`BadWrite`] cases work on.
+struct Scene {
+    a: World,
+    spare_client_token: NewToken,
+    revoked_client_token: NewToken,
+}
+
+impl BadWrite {
+    async fn run(&self, store: &Store, scene: &Scene) -> Result<(), StoreError> {
+        let a = &scene.a;
+        match self {
+            BadWrite::EnsureEmptyAccount => store.ensure_account("").await,
+            BadWrite::CreateTokenInUnknownAccount => store
+                .create_token("nobody", TokenKind::Client, "t", NOW + DAY, NOW)
+                .await
+                .map(drop),
+            BadWrite::CreateExpiredToken => store
+                .create_token(A, TokenKind::Client, "t", NOW, NOW)
+                .await
+                .map(drop),
+            BadWrite::RevokeOtherAccountsToken => {
+                store.revoke_token(B, &a.client_token.id, NOW).await
+            }
+            BadWrite::RegisterClientWithOtherAccountsToken => store
+                .register_client(B, &scene.spare_client_token.id, &key(90), NOW)
+                .await
+                .map(drop),
+            BadWrite::RegisterClientWithGatewayToken => store
+                .register_client(A, &a.gateway_token.id, &key(90), NOW)
+                .await
+                .map(drop),
+            BadWrite::RegisterClientWithRevokedToken => store
+                .register_client(A, &scene.revoked_client_token.id, &key(90), NOW)
+                .await
+                .map(drop),
+            BadWrite::RegisterClientWithExpiredToken => store
+                .register_client(A, &scene.spare_client_token.id, &key(90), NOW + DAY)
+                .await
+                .map(drop),
+            BadWrite::RegisterClientWithBadKey => store
+                .register_client(A, &a.client_token.id, "bm90IGEga2V5", NOW)
+                .await
+                .map(drop),
+            BadWrite::RegisterClientWithAnotherClientsKey => store
+                .register_client(A, &scene.spare_client_token.id, &a.client.public_key, NOW)
+                .await
+                .map(drop),
+            BadWrite::RegisterGatewayWithClientToken => store
+                .register_gateway(A, &scene.spare_client_token.id, &key(91), &[], NOW)
+                .await
+                .map(drop),
+            BadWrite::RegisterGatewayWithBadEndpoint => store
+                .register_gateway(
+                    A,
+                    &a.gateway_token.id,
+                    &key(91),
+                    &["192.0.2.1:51820".to_owned(), "gateway.example".to_owned()],
+                    NOW,
+                )
+                .await
+                .map(drop),
+            BadWrite::VerifyOtherAccountsClient => {
+                store.set_client_verified(B, &a.client.id, true).await
+            }
+            BadWrite::ConnectOtherAccountsGateway => {
+                store
+                    .set_gateway_connected(B, &a.gateway.id, false, NOW)
+                    .await
+            }
+            BadWrite::MembershipsWithEmptyGroupHalfway => {
+                let groups = ["ops".to_owned(), String::new()];
+                store
+                    .set_memberships(A, "alice@example.com", "okta", &groups)
+                    .await
+            }
+            BadWrite::MembershipsOfNewUserWithEmptyGroupHalfway => {
+                let groups = ["ops".to_owned(), String::new()];
+                store
+                    .set_memberships(A, "bob@example.com", "okta", &groups)
+                    .await
+            }
+            BadWrite::MembershipsInUnknownAccount => {
+                let groups = ["ops".to_owned()];
+                store
+                    .set_memberships("nobody", "bob@example.com", "okta", &groups)
+                    .await
+            }
+            BadWrite::GrantAcrossAccounts => {
+                let mut grant = a.grant.clone();
+                grant.id = "new".to_owned();
+                grant.account = B.to_owned();
+                store.insert_grant(&grant).await
+            }
+            BadWrite::GrantWithUnknownGateway => {
+                let mut grant = a.grant.clone();
+                grant.id = "new".to_owned();
+                grant.gateway_id = "gw_nope".to_owned();
+                store.insert_grant(&grant).await
+            }
+            BadWrite::GrantTwice => store.insert_grant(&a.grant).await,
+            BadWrite::GrantExpiringBeforeIssued => {
+                let mut grant = a.grant.clone();
+                grant.id = "new".to_owned();
+                grant.expires_at = grant.issued_at - 1;
+                store.insert_grant(&grant).await
+            }
+            BadWrite::FlowsWithOneInUnknownAccount => store
+                .record_flows(&[
+                    flow(A, NOW, "alice@example.com", "gitlab", true, "ok"),
+                    flow("nobody", NOW, "alice@example.com", "gitlab", true, "bad"),
+                ])
+                .await
+                .map(drop),
+            BadWrite::FlowInUnknownAccount => store
+                .record_flow(&flow("nobody", NOW, "a@b", "gitlab", false, "bad"))
+                .await
+                .map(drop),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_failed_write_leaves_nothing_behind() {
+    use BadWrite::*;
+    let Fixture {
+        _dir,
+        data_dir,
+        store,
+    } = fixture().await;
+    let a = populate(&store, A, 1).await;
+    populate(&store, B, 11).await;
+    let spare_client_token = store
+        .create_token(A, TokenKind::Client, "spare", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let revoked_client_token = store
+        .create_token(A, TokenKind::Client, "revoked", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    store
+        .revoke_token(A, &revoked_client_token.id, NOW)
+        .await
+        .unwrap();
+    let scene = Scene {
+        a,
+        spare_client_token,
+        revoked_client_token,
+    };
+
+    let cases = [
+        (EnsureEmptyAccount, "invalid account slug"),
+        (CreateTokenInUnknownAccount, "account not found"),
+        (
+            CreateExpiredToken,
+            "invalid token expiry: it must be in the future",
+        ),
+        (RevokeOtherAccountsToken, "token not found"),
+        (RegisterClientWithOtherAccountsToken, "token not found"),
+        (
+            RegisterClientWithGatewayToken,
+            "token is not a client token",
+        ),
+        (RegisterClientWithRevokedToken, "token is revoked"),
+        (RegisterClientWithExpiredToken, "token has expired"),
+        (
+            RegisterClientWithBadKey,
+            "invalid public key: it must be 32 bytes in base64",
+        ),
+        (
+            RegisterClientWithAnotherClientsKey,
+            "client public key is already registered in this account",
+        ),
+        (
+            RegisterGatewayWithClientToken,
+            "token is not a gateway token",
+        ),
+        (
+            RegisterGatewayWithBadEndpoint,
+            "invalid endpoint: it must be a socket address",
+        ),
+        (VerifyOtherAccountsClient, "client not found"),
+        (ConnectOtherAccountsGateway, "gateway not found"),
+        (MembershipsWithEmptyGroupHalfway, "invalid group name"),
+        (
+            MembershipsOfNewUserWithEmptyGroupHalfway,
+            "invalid group name",
+        ),
+        (MembershipsInUnknownAccount, "account not found"),
+        (GrantAcrossAccounts, "client not found"),
+        (GrantWithUnknownGateway, "gateway not found"),
+        (GrantTwice, "grant already exists"),
+        (
+            GrantExpiringBeforeIssued,
+            "invalid grant expiry: it is before its issue time",
+        ),
+        (FlowsWithOneInUnknownAccount, "account not found"),
+        (FlowInUnknownAccount, "account not found"),
+    ];
+    for (case, message) in cases {
+        let before = snapshot(&data_dir).await;
+        let error = case.run(&store, &scene).await.unwrap_err();
+        assert_eq!(error.to_string(), message, "{case:?}");
+        assert_eq!(
+            snapshot(&data_dir).await,
+            before,
+            "{case:?} wrote something"
+        );
+    }
+    // The case that failed halfway kept alice's groups.
+    assert_eq!(
+        store.memberships(A, "alice@example.com").await.unwrap(),
+        ["eng"]
+    );
+}
+
+#[tokio::test]
+async fn memberships_are_replaced_per_provider() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let groups = |names: &[&str]| names.iter().map(|g| (*g).to_owned()).collect::<Vec<_>>();
+    // (email as the provider wrote it, provider, groups it says, alice's groups afterwards)
+    let steps: &[(&str, &str, &[&str], &[&str])] = &[
+        (
+            "alice@example.com",
+            "okta",
+            &["eng", "ops"],
+            &["eng", "ops"],
+        ),
+        (
+            "Alice@Example.COM",
+            "google",
+            &["eng", "design"],
+            &["design", "eng", "ops"],
+        ),
+        (
+            "alice@example.com",
+            "okta",
+            &["sre"],
+            &["design", "eng", "sre"],
+        ),
+        ("alice@example.com", "google", &[], &["sre"]),
+        ("bob@example.com", "okta", &["admins"], &["sre"]),
+        (
+            "alice@example.com",
+            "okta",
+            &["sre", "sre", "eng"],
+            &["eng", "sre"],
+        ),
+    ];
+    for (step, (email, provider, said, expected)) in steps.iter().enumerate() {
+        store
+            .set_memberships(A, email, provider, &groups(said))
+            .await
+            .unwrap();
+        let alice = store.memberships(A, "ALICE@example.com").await.unwrap();
+        assert_eq!(alice, groups(expected), "step {step}");
+    }
+    assert_eq!(
+        store.memberships(A, "bob@example.com").await.unwrap(),
+        ["admins"]
+    );
+    assert!(
+        store
+            .memberships(B, "alice@example.com")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_client_registers_once_per_token_and_keeps_its_flag() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let token = store
+        .create_token(A, TokenKind::Client, "alice's laptop", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let first = store
+        .register_client(A, &token.id, &key(1), NOW)
+        .await
+        .unwrap();
+    assert_eq!(first.name, "alice's laptop");
+    assert_eq!(first.token_id, token.id);
+    assert!(!first.verified);
+    store.set_client_verified(A, &first.id, true).await.unwrap();
+
+    let again = store
+        .register_client(A, &token.id, &key(2), NOW + 5)
+        .await
+        .unwrap();
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.public_key, key(2));
+    assert!(again.verified);
+    assert_eq!(again.created_at, NOW);
+    assert_eq!(store.list_clients(A).await.unwrap(), vec![again.clone()]);
+
+    store
+        .set_client_verified(A, &first.id, false)
+        .await
+        .unwrap();
+    let read = store.client(A, &first.id).await.unwrap().unwrap();
+    assert!(!read.verified);
+
+    // The same key in another account is another peer on other gateways: allowed.
+    let other = store
+        .create_token(B, TokenKind::Client, "t", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    store
+        .register_client(B, &other.id, &key(2), NOW)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_gateway_takes_its_site_from_its_token_and_tracks_its_connection() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let kind = |site: &str| TokenKind::Gateway {
+        site: site.to_owned(),
+    };
+    let hq = store
+        .create_token(A, kind("hq"), "hq-1", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let lab = store
+        .create_token(A, kind("lab"), "lab-1", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let endpoints = vec![
+        "192.0.2.1:51820".to_owned(),
+        "[2001:db8::1]:51820".to_owned(),
+    ];
+    let gw = store
+        .register_gateway(A, &lab.id, &key(3), &endpoints, NOW)
+        .await
+        .unwrap();
+    assert_eq!((gw.site.as_str(), gw.name.as_str()), ("lab", "lab-1"));
+    assert_eq!(gw.endpoints, endpoints);
+    assert!(gw.connected);
+    assert_eq!(gw.last_seen, NOW);
+    store
+        .register_gateway(A, &hq.id, &key(4), &[], NOW)
+        .await
+        .unwrap();
+
+    // (connected, now, expected connected, expected last_seen)
+    let steps = [
+        (true, NOW + 10, true, NOW + 10),
+        (false, NOW + 20, false, NOW + 10),
+        (true, NOW + 30, true, NOW + 30),
+        (true, NOW + 40, true, NOW + 40),
+    ];
+    for (connected, now, expect_connected, expect_seen) in steps {
+        store
+            .set_gateway_connected(A, &gw.id, connected, now)
+            .await
+            .unwrap();
+        let read = store.gateway(A, &gw.id).await.unwrap().unwrap();
+        assert_eq!(
+            (read.connected, read.last_seen),
+            (expect_connected, expect_seen)
+        );
+    }
+
+    // Registering again keeps the id and replaces key and endpoints.
+    let again = store
+        .register_gateway(A, &lab.id, &key(5), &[], NOW + 50)
+        .await
+        .unwrap();
+    assert_eq!(again.id, gw.id);
+    assert_eq!(again.public_key, key(5));
+    assert!(again.endpoints.is_empty());
+    assert_eq!(again.created_at, NOW);
+
+    let sites: Vec<_> = store
+        .list_gateways(A)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.site)
+        .collect();
+    assert_eq!(sites, ["hq", "lab"]);
+    assert_eq!(store.mark_all_gateways_disconnected().await.unwrap(), 2);
+    assert!(
+        store
+            .list_gateways(A)
+            .await
+            .unwrap()
+            .iter()
+            .all(|g| !g.connected)
+    );
+}
+
+#[tokio::test]
+async fn grants_expire_and_are_deleted() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let a = populate(&store, A, 1).await;
+    let b = populate(&store, B, 11).await;
+    let grant = |id: &str, world: &World, expires_at: i64| GrantRecord {
+        id: id.to_owned(),
+        expires_at,
+        ..world.grant.clone()
+    };
+    // `populate` made grant-acme and grant-globex, expiring at NOW + 3603.
+    for g in [
+        grant("a1", &a, NOW + 100),
+        grant("a2", &a, NOW + 200),
+        grant("b1", &b, NOW + 100),
+    ] {
+        store.insert_grant(&g).await.unwrap();
+    }
+    let active = |now| {
+        let store = store.clone();
+        async move {
+            let ids: Vec<String> = store
+                .active_grants(A, now)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|g| g.id)
+                .collect();
+            ids
+        }
+    };
+    // (now, A's active grants)
+    let cases: &[(i64, &[&str])] = &[
+        (NOW, &["a1", "a2", "grant-acme"]),
+        (NOW + 99, &["a1", "a2", "grant-acme"]),
+        (NOW + 100, &["a2", "grant-acme"]),
+        (NOW + 3602, &["grant-acme"]),
+        (NOW + 3603, &[]),
+    ];
+    for (now, expected) in cases {
+        let mut got = active(*now).await;
+        got.sort();
+        assert_eq!(got, *expected, "at NOW + {}", now - NOW);
+    }
+
+    assert_eq!(store.delete_expired_grants(NOW + 100).await.unwrap(), 2);
+    assert_eq!(store.active_grants(B, NOW).await.unwrap().len(), 1);
+    assert!(store.delete_grant(A, "a2").await.unwrap());
+    assert!(!store.delete_grant(A, "a2").await.unwrap());
+    let ids = [
+        "grant-acme".to_owned(),
+        "a2".to_owned(),
+        "grant-globex".to_owned(),
+    ];
+    assert_eq!(store.delete_grants(A, &ids).await.unwrap(), 1);
+    assert!(active(NOW).await.is_empty());
+    assert_eq!(
+        store.active_grants(B, NOW).await.unwrap(),
+        vec![b.grant.clone()]
+    );
+}
+
+#[tokio::test]
+async fn flows_filter_and_come_newest_first() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    // Recorded out of time order, with ties on time.
+    let recorded = store
+        .record_flows(&[
+            flow(A, NOW + 20, "alice@example.com", "gitlab", true, "f1"),
+            flow(A, NOW + 10, "bob@example.com", "gitlab", false, "f2"),
+            flow(A, NOW + 30, "Alice@Example.com", "jenkins", false, "f3"),
+            flow(A, NOW + 20, "bob@example.com", "jenkins", true, "f4"),
+            flow(
+                B,
+                NOW + 40,
+                "alice@example.com",
+                "gitlab",
+                true,
+                "other account",
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded[2].user, "alice@example.com",
+        "emails are stored lowercase"
+    );
+    assert_eq!(recorded[1].rule_id, None);
+    let single = store
+        .record_flow(&flow(A, NOW + 5, "carol@example.com", "wiki", false, "f5"))
+        .await
+        .unwrap();
+    assert!(single.id > recorded[4].id);
+
+    let filter = |f: FlowFilter| FlowFilter {
+        account: A.to_owned(),
+        ..f
+    };
+    let user = |u: &str| Some(u.to_owned());
+    let cases: Vec<(&str, FlowFilter, &[&str])> = vec![
+        (
+            "all",
+            filter(FlowFilter::default()),
+            &["f3", "f4", "f1", "f2", "f5"],
+        ),
+        (
+            "user, any case",
+            filter(FlowFilter {
+                user: user("ALICE@example.com"),
+                ..Default::default()
+            }),
+            &["f3", "f1"],
+        ),
+        (
+            "resource",
+            filter(FlowFilter {
+                resource: user("gitlab"),
+                ..Default::default()
+            }),
+            &["f1", "f2"],
+        ),
+        (
+            "denies",
+            filter(FlowFilter {
+                decision: Some(Decision::Deny),
+                ..Default::default()
+            }),
+            &["f3", "f2", "f5"],
+        ),
+        (
+            "allows",
+            filter(FlowFilter {
+                decision: Some(Decision::Allow),
+                ..Default::default()
+            }),
+            &["f4", "f1"],
+        ),
+        (
+            "since, inclusive",
+            filter(FlowFilter {
+                since: Some(NOW + 20),
+                ..Default::default()
+            }),
+            &["f3", "f4", "f1"],
+        ),
+        (
+            "limit keeps the newest",
+            filter(FlowFilter {
+                limit: Some(2),
+                ..Default::default()
+            }),
+            &["f3", "f4"],
+        ),
+        (
+            "limit zero",
+            filter(FlowFilter {
+                limit: Some(0),
+                ..Default::default()
+            }),
+            &[],
+        ),
+        (
+            "all filters at once",
+            filter(FlowFilter {
+                user: user("bob@example.com"),
+                resource: user("jenkins"),
+                decision: Some(Decision::Allow),
+                since: Some(NOW + 20),
+                limit: Some(10),
+                ..Default::default()
+            }),
+            &["f4"],
+        ),
+        (
+            "nobody",
+            filter(FlowFilter {
+                user: user("mallory@example.com"),
+                ..Default::default()
+            }),
+            &[],
+        ),
+        ("other account", all_flows(B), &["other account"]),
+        ("unknown account", all_flows("nobody"), &[]),
+    ];
+    for (case, filter, expected) in cases {
+        let reasons: Vec<String> = store
+            .flows(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| f.reason)
+            .collect();
+        assert_eq!(reasons, expected, "{case}");
+    }
+}
+
+#[tokio::test]
+async fn records_serialize_as_flat_json() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let world = populate(&store, A, 1).await;
+    let tokens = store.list_tokens(A).await.unwrap();
+    let json = serde_json::to_value(&tokens).unwrap();
+    assert_eq!(json[0]["kind"], "client");
+    assert_eq!(json[1]["kind"], "gateway");
+    assert_eq!(json[1]["site"], "hq");
+    assert_eq!(json[1]["revoked_at"], serde_json::Value::Null);
+    let text = json.to_string();
+    assert!(!text.contains(&world.client_token.secret));
+    let flows = serde_json::to_value(store.flows(&all_flows(A)).await.unwrap()).unwrap();
+    assert_eq!(flows[0]["decision"], "allow");
+    assert_eq!(flows[0]["user"], "alice@example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_all_get_through() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let mut tasks = Vec::new();
+    for i in 0..32u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let token = store
+                .create_token(A, TokenKind::Client, "t", NOW + DAY, NOW)
+                .await?;
+            store.register_client(A, &token.id, &key(i), NOW).await?;
+            let groups = [format!("g{i}")];
+            store
+                .set_memberships(A, "alice@example.com", &format!("idp{i}"), &groups)
+                .await?;
+            store
+                .record_flow(&flow(A, NOW, "alice@example.com", "r", true, "f"))
+                .await?;
+            Ok::<_, StoreError>(())
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(store.list_clients(A).await.unwrap().len(), 32);
+    assert_eq!(
+        store
+            .memberships(A, "alice@example.com")
+            .await
+            .unwrap()
+            .len(),
+        32
+    );
+    assert_eq!(store.flows(&all_flows(A)).await.unwrap().len(), 32);
+}
