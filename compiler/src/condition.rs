@@ -6,8 +6,10 @@
 
 use std::net::IpAddr;
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
-use chrono_tz::Tz;
+use chrono::{
+    DateTime, Datelike, LocalResult, NaiveDateTime, NaiveTime, Offset, TimeZone, Timelike, Utc,
+};
+use chrono_tz::{GapInfo, Tz};
 use serde::{Deserialize, Serialize};
 
 use crate::address::Network;
@@ -152,7 +154,18 @@ impl Condition {
     }
 }
 
+/// How far ahead [`TimeCondition::window_end`] looks for a window to close. A condition that
+/// holds for 8 days on end has held at every local weekday and minute (a week of wall clock,
+/// with a day to spare for clock changes), so it never stops holding.
+const HORIZON_DAYS: i64 = 8;
+
+/// Local dates `window_end` tries window ends on: from the day before `at`'s (a clock set back
+/// over midnight returns to it) to the day after the horizon's (where an end of `24:00` on the
+/// horizon's date falls).
+const SEARCH_DAYS: i64 = HORIZON_DAYS + 3;
+
 impl TimeCondition {
+    /// Whether `at` falls in a window, read off the zone's wall clock to the minute.
     pub fn contains(&self, at: DateTime<Utc>) -> bool {
         let local = at.with_timezone(&self.zone);
         let Some(&day) = DAYS.get(local.weekday().num_days_from_monday() as usize) else {
@@ -168,6 +181,116 @@ impl TimeCondition {
             }
         })
     }
+
+    /// When the window that holds at `at` closes: the first instant after `at` at which
+    /// [`contains`](Self::contains) is false. The portal gives a grant this expiry, so windows
+    /// that touch count as one stretch (`mon 22:00-24:00` then `tue 00:00-06:00`, or
+    /// `any 00:00-24:00` from one day to the next): a grant should not lapse at a midnight the
+    /// policy does not close.
+    ///
+    /// - `Some(at)` when the condition does not hold at `at`: the window is already closed, so
+    ///   a grant resting on it expires at once (fails closed).
+    /// - `None` when it holds at `at` and does not stop within 8 days: it then holds at every
+    ///   local weekday and minute, so it never stops.
+    ///
+    /// `contains` reads the wall clock, so it can only turn false where the wall clock reaches
+    /// a window's end or where the zone changes its offset (the clock jumps forward or back).
+    /// Those instants are tried in order, a few dozen zone lookups, where a scan of every
+    /// minute would take 11,520 lookups; the portal asks once per grant.
+    pub fn window_end(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if !self.contains(at) {
+            return Some(at);
+        }
+        let mut candidates = self.wall_clock_ends(at);
+        candidates.extend(offset_changes(self.zone, at, SEARCH_DAYS));
+        candidates.retain(|t| *t > at);
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates.into_iter().find(|t| !self.contains(*t))
+    }
+
+    /// Every instant at which the wall clock shows a window's end on a date of the search (an
+    /// end of `24:00` is `00:00` of the next date; a window that crosses midnight ends on the
+    /// date after its start). Every end on every date: `contains` rules out the ones that do
+    /// not close anything, which is cheaper than working out which do.
+    fn wall_clock_ends(&self, at: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+        let mut ends: Vec<NaiveTime> = self
+            .windows
+            .iter()
+            .filter_map(|w| {
+                let end = u32::from(w.end % 1440);
+                NaiveTime::from_hms_opt(end / 60, end % 60, 0)
+            })
+            .collect();
+        ends.sort_unstable();
+        ends.dedup();
+        let today = at.with_timezone(&self.zone).date_naive();
+        let dates =
+            std::iter::successors(today.pred_opt(), |d| d.succ_opt()).take(SEARCH_DAYS as usize);
+        let mut instants = Vec::with_capacity(ends.len() * SEARCH_DAYS as usize);
+        for date in dates {
+            for end in &ends {
+                instants.extend(
+                    wall_clock_instants(self.zone, date.and_time(*end))
+                        .into_iter()
+                        .flatten(),
+                );
+            }
+        }
+        instants
+    }
+}
+
+/// The instants at which `zone`'s wall clock shows `local`. When the clock is set back over
+/// it, both: `at` may lie in the repeated hour, and then only the later one is after it. When
+/// the clock is set forward over it, the first instant after the gap, when the clock moves
+/// past it.
+fn wall_clock_instants(zone: Tz, local: NaiveDateTime) -> [Option<DateTime<Utc>>; 2] {
+    match zone.from_local_datetime(&local) {
+        LocalResult::Single(t) => [Some(t.to_utc()), None],
+        LocalResult::Ambiguous(earliest, latest) => {
+            [Some(earliest.to_utc()), Some(latest.to_utc())]
+        }
+        LocalResult::None => [
+            GapInfo::new(&local, &zone)
+                .and_then(|gap| gap.end)
+                .map(|t| t.to_utc()),
+            None,
+        ],
+    }
+}
+
+/// The instants in `(from, from + days]` at which `zone` changes its offset from UTC: there
+/// the wall clock jumps, and a window can close without reaching its end (the clock set back
+/// from `03:00` to `02:00` leaves `02:30-03:00`). Offsets are compared a day apart and a change
+/// is bisected to the second: since 1970 no zone in the tz database has changed its offset
+/// twice within a week, so a day's step misses none.
+fn offset_changes(zone: Tz, from: DateTime<Utc>, days: i64) -> Vec<DateTime<Utc>> {
+    const DAY: i64 = 86_400;
+    let offset = |seconds: i64| {
+        DateTime::from_timestamp(seconds, 0)
+            .map(|t| zone.offset_from_utc_datetime(&t.naive_utc()).fix())
+    };
+    let start = from.timestamp();
+    let mut changes = Vec::new();
+    for step in 0..days {
+        let (mut before, mut after) = (start + step * DAY, start + (step + 1) * DAY);
+        let old = offset(before);
+        if offset(after) == old {
+            continue;
+        }
+        // INVARIANT: the offset at `before` is `old`, the offset at `after` is not.
+        while after - before > 1 {
+            let middle = before + (after - before) / 2;
+            if offset(middle) == old {
+                before = middle;
+            } else {
+                after = middle;
+            }
+        }
+        changes.extend(DateTime::from_timestamp(after, 0));
+    }
+    changes
 }
 
 impl std::fmt::Display for Condition {
@@ -259,15 +382,23 @@ mod zone_name {
 mod tests {
     use super::*;
 
+    fn instant(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
     fn at(text: &str) -> Context {
         Context {
-            at: Some(DateTime::parse_from_rfc3339(text).unwrap().to_utc()),
+            at: Some(instant(text)),
             ..Context::default()
         }
     }
 
     fn time(days: &[Day], windows: &[(&str, &str)], zone: &str) -> Condition {
-        Condition::Time(TimeCondition {
+        Condition::Time(time_condition(days, windows, zone))
+    }
+
+    fn time_condition(days: &[Day], windows: &[(&str, &str)], zone: &str) -> TimeCondition {
+        TimeCondition {
             days: days.to_vec(),
             windows: windows
                 .iter()
@@ -277,7 +408,271 @@ mod tests {
                 })
                 .collect(),
             zone: zone.parse().unwrap(),
-        })
+        }
+    }
+
+    /// `DAYS HH:MM-HH:MM[, ...] ZONE`, a time condition as the language writes it.
+    fn time_of(text: &str) -> TimeCondition {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let (days, rest) = words.split_first().unwrap();
+        let (zone, windows) = rest.split_last().unwrap();
+        let days: Vec<Day> = match *days {
+            "any" => DAYS.to_vec(),
+            days => days
+                .split(',')
+                .flat_map(|d| match d.split_once('-') {
+                    Some((first, last)) => Day::parse(first)
+                        .unwrap()
+                        .through(Day::parse(last).unwrap()),
+                    None => vec![Day::parse(d).unwrap()],
+                })
+                .collect(),
+        };
+        let windows: Vec<(&str, &str)> = windows
+            .iter()
+            .map(|w| w.trim_end_matches(',').split_once('-').unwrap())
+            .collect();
+        time_condition(&days, &windows, zone)
+    }
+
+    /// `window_end` of the time condition `condition` at each instant, against the expected
+    /// end; instants in RFC 3339 with any offset.
+    fn check_window_end(condition: &str, cases: &[(&str, Option<&str>)]) {
+        let time = time_of(condition);
+        for (at, expected) in cases {
+            assert_eq!(
+                time.window_end(instant(at)),
+                expected.map(instant),
+                "`{condition}` at {at}"
+            );
+        }
+    }
+
+    // 2026-11-23 is a Monday; Berlin is at +01:00 in November.
+
+    #[test]
+    fn window_end_of_a_plain_window_is_its_end() {
+        check_window_end(
+            "mon-fri 08:00-18:00 Europe/Berlin",
+            &[
+                (
+                    "2026-11-26T10:00:00+01:00",
+                    Some("2026-11-26T18:00:00+01:00"),
+                ),
+                (
+                    "2026-11-26T08:00:00+01:00",
+                    Some("2026-11-26T18:00:00+01:00"),
+                ),
+                (
+                    "2026-11-26T17:59:59.5+01:00",
+                    Some("2026-11-26T18:00:00+01:00"),
+                ),
+                ("2026-11-26T09:30:00Z", Some("2026-11-26T17:00:00Z")),
+                ("2026-07-02T06:30:00Z", Some("2026-07-02T16:00:00Z")),
+            ],
+        );
+        check_window_end(
+            "mon-fri 08:00-18:00 UTC",
+            &[("2026-11-26T10:00:00+01:00", Some("2026-11-26T18:00:00Z"))],
+        );
+        check_window_end(
+            "thu 08:00-12:00, 13:00-18:00 Europe/Berlin",
+            &[
+                (
+                    "2026-11-26T09:00:00+01:00",
+                    Some("2026-11-26T12:00:00+01:00"),
+                ),
+                (
+                    "2026-11-26T13:00:00+01:00",
+                    Some("2026-11-26T18:00:00+01:00"),
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn window_end_of_a_window_crossing_midnight_is_the_next_morning() {
+        check_window_end(
+            "fri 22:00-06:00 Europe/Berlin",
+            &[
+                (
+                    "2026-11-27T23:00:00+01:00",
+                    Some("2026-11-28T06:00:00+01:00"),
+                ),
+                // Saturday, in the window Friday opened.
+                (
+                    "2026-11-28T03:00:00+01:00",
+                    Some("2026-11-28T06:00:00+01:00"),
+                ),
+            ],
+        );
+        check_window_end(
+            "fri 22:00-00:00 Europe/Berlin",
+            &[(
+                "2026-11-27T23:59:00+01:00",
+                Some("2026-11-28T00:00:00+01:00"),
+            )],
+        );
+        check_window_end(
+            "fri 08:00-07:00 America/New_York",
+            &[(
+                "2026-11-27T09:00:00-05:00",
+                Some("2026-11-28T07:00:00-05:00"),
+            )],
+        );
+    }
+
+    #[test]
+    fn window_end_runs_through_windows_that_touch() {
+        check_window_end(
+            "mon,tue 22:00-24:00, 00:00-06:00 Europe/Berlin",
+            &[(
+                "2026-11-23T23:00:00+01:00",
+                Some("2026-11-24T06:00:00+01:00"),
+            )],
+        );
+        // Tuesday is not a day of the condition, so its morning window does not open.
+        check_window_end(
+            "mon 22:00-24:00, 00:00-06:00 Europe/Berlin",
+            &[(
+                "2026-11-23T23:00:00+01:00",
+                Some("2026-11-24T00:00:00+01:00"),
+            )],
+        );
+        check_window_end(
+            "mon-fri 00:00-24:00 UTC",
+            &[("2026-11-23T12:00:00Z", Some("2026-11-28T00:00:00Z"))],
+        );
+        check_window_end(
+            "any 22:00-06:00, 06:00-09:00 Europe/Berlin",
+            &[(
+                "2026-11-27T23:00:00+01:00",
+                Some("2026-11-28T09:00:00+01:00"),
+            )],
+        );
+        // Friday's night runs into a morning that Saturday, not a day of it, does not have.
+        check_window_end(
+            "mon-fri 22:00-06:00, 06:00-09:00 Europe/Berlin",
+            &[(
+                "2026-11-27T23:00:00+01:00",
+                Some("2026-11-28T06:00:00+01:00"),
+            )],
+        );
+        // Sunday's night runs into Monday's morning.
+        check_window_end(
+            "sun,mon 22:00-06:00, 06:00-09:00 Europe/Berlin",
+            &[(
+                "2026-11-22T23:00:00+01:00",
+                Some("2026-11-23T09:00:00+01:00"),
+            )],
+        );
+    }
+
+    #[test]
+    fn window_end_of_a_condition_that_always_holds_is_none() {
+        let year = [
+            "2026-11-23T12:00:00Z",
+            "2026-03-27T12:00:00Z", // before both clock changes of the year
+            "2026-10-23T12:00:00Z",
+        ];
+        for condition in [
+            "any 00:00-24:00 Europe/Berlin",
+            "any 00:00-24:00 America/New_York",
+            "any 00:00-12:00, 12:00-24:00 UTC",
+            "any 20:00-10:00, 09:00-21:00 Europe/Berlin",
+            "mon-sun 06:00-05:00, 04:00-07:00 America/New_York",
+        ] {
+            let cases: Vec<_> = year.iter().map(|at| (*at, None)).collect();
+            check_window_end(condition, &cases);
+        }
+    }
+
+    // Berlin sets its clocks forward from 02:00 to 03:00 (+01:00 to +02:00) on 2026-03-29, and
+    // back from 03:00 to 02:00 on 2026-10-25; New York forward on 2026-03-08 and back on
+    // 2026-11-01, both at 02:00 local.
+
+    #[test]
+    fn window_end_in_a_skipped_hour_is_when_the_clock_jumps() {
+        let before_the_jump = "2026-03-29T01:30:00+01:00";
+        let jump = Some("2026-03-29T03:00:00+02:00");
+        check_window_end("any 00:00-02:30 Europe/Berlin", &[(before_the_jump, jump)]);
+        check_window_end("any 00:00-02:00 Europe/Berlin", &[(before_the_jump, jump)]);
+        check_window_end("any 00:00-03:00 Europe/Berlin", &[(before_the_jump, jump)]);
+        check_window_end(
+            "any 00:00-04:00 Europe/Berlin",
+            &[(before_the_jump, Some("2026-03-29T04:00:00+02:00"))],
+        );
+        check_window_end(
+            "sat 22:00-02:30 Europe/Berlin",
+            &[("2026-03-28T23:00:00+01:00", Some("2026-03-29T01:00:00Z"))],
+        );
+        check_window_end(
+            "sun 00:00-02:30 America/New_York",
+            &[("2026-03-08T01:00:00-05:00", Some("2026-03-08T07:00:00Z"))],
+        );
+    }
+
+    #[test]
+    fn window_end_in_a_repeated_hour_is_read_on_the_clock_of_that_pass() {
+        check_window_end(
+            "any 01:00-02:30 Europe/Berlin",
+            &[
+                (
+                    "2026-10-25T01:30:00+02:00",
+                    Some("2026-10-25T02:30:00+02:00"),
+                ),
+                (
+                    "2026-10-25T02:10:00+01:00",
+                    Some("2026-10-25T02:30:00+01:00"),
+                ),
+            ],
+        );
+        // Set back from 03:00 to 02:00, the clock leaves `02:30-03:00` before its end.
+        check_window_end(
+            "any 02:30-03:00 Europe/Berlin",
+            &[("2026-10-25T02:45:00+02:00", Some("2026-10-25T01:00:00Z"))],
+        );
+        check_window_end(
+            "any 00:00-03:00 Europe/Berlin",
+            &[(
+                "2026-10-25T02:45:00+02:00",
+                Some("2026-10-25T03:00:00+01:00"),
+            )],
+        );
+        check_window_end(
+            "sun 00:00-01:30 America/New_York",
+            &[
+                (
+                    "2026-11-01T01:15:00-04:00",
+                    Some("2026-11-01T01:30:00-04:00"),
+                ),
+                (
+                    "2026-11-01T01:15:00-05:00",
+                    Some("2026-11-01T01:30:00-05:00"),
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn window_end_outside_every_window_is_now() {
+        let saturday = "2026-11-28T10:00:00+01:00";
+        let evening = "2026-11-26T18:00:00+01:00";
+        let closed = |at| (at, Some(at));
+        check_window_end(
+            "mon-fri 08:00-18:00 Europe/Berlin",
+            &[closed(saturday), closed(evening)],
+        );
+        // Where the skipped hour would be, the clock reads 03:00.
+        check_window_end(
+            "any 02:00-02:30 Europe/Berlin",
+            &[closed("2026-03-29T01:00:00Z")],
+        );
+        let at = instant(evening);
+        let never = time_condition(&[], &[("00:00", "24:00")], "UTC");
+        assert_eq!(never.window_end(at), Some(at));
+        let never = time_condition(&DAYS, &[], "UTC");
+        assert_eq!(never.window_end(at), Some(at));
     }
 
     #[test]

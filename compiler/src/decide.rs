@@ -10,10 +10,11 @@
 
 use std::net::IpAddr;
 
+use chrono::{DateTime, Utc};
 use rustc_hash::FxHashMap;
 
 use crate::address::AddressIndex;
-use crate::condition::Context;
+use crate::condition::{Condition, Context};
 use crate::table::*;
 
 /// One connection request, as `fzc query` and the portal pose it.
@@ -409,6 +410,47 @@ impl DecisionTable {
             })
             .collect()
     }
+
+    /// Until when an allow made at `at` lasts as far as time goes: the portal gives the grant
+    /// this expiry, so that access ends when the policy's time windows close and not only when
+    /// the grant's own lifetime does. `at` is the instant the decision was made for.
+    ///
+    /// The allow lasts while any allowing rule holds, and a rule holds until the first of its
+    /// `time` conditions closes ([`TimeCondition::window_end`]): so the latest over the
+    /// allowing rules of the earliest over each rule's windows. `None`: unbounded, because an
+    /// allowing rule has no `time` condition or only windows that never close. A deny gives
+    /// `Some(at)`, nothing to grant; so does a rule whose windows do not hold at `at` (a
+    /// decision made for another instant), which then extends nothing.
+    ///
+    /// Only the allowing rules' time conditions are read. A deny rule whose window opens later
+    /// (`deny ... when time sat,sun ...`) does not shorten the allow, nor do other facts that
+    /// may change (address, country): the portal re-decides live grants for those.
+    ///
+    /// [`TimeCondition::window_end`]: crate::condition::TimeCondition::window_end
+    pub fn allowed_until(&self, decision: &Decision, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if decision.effect != Effect::Allow {
+            return Some(at);
+        }
+        // Starting at `at`, an allow that names no rule it can find grants nothing.
+        let mut latest = at;
+        for rule in decision
+            .rules
+            .iter()
+            .filter_map(|r| self.table.rules.get(*r as usize))
+        {
+            let closes = rule
+                .conditions
+                .iter()
+                .filter_map(|c| match c {
+                    Condition::Time(time) => time.window_end(at),
+                    _ => None,
+                })
+                .min();
+            // No window of this rule closes: neither does the allow.
+            latest = latest.max(closes?);
+        }
+        Some(latest)
+    }
 }
 
 impl Reason {
@@ -486,4 +528,92 @@ fn lay_out(table: &Table, rules: &[RuleIdx], stream: &mut Vec<u32>) {
 fn names(entry: &StreamEntry<'_>, membership: &Membership) -> bool {
     entry.groups.iter().any(|&g| membership.contains(g))
         || membership.user.is_some_and(|u| entry.users.contains(&u))
+}
+
+#[cfg(test)]
+mod tests {
+    use fz_lang::{SourceFile, Sources};
+
+    use super::*;
+
+    /// `allowed_until` for `a@x.com`, in group `eng`, reaching `db` at `at` (RFC 3339), under
+    /// `rules`, and the decision's effect.
+    fn allowed_until(rules: &str, at: &str) -> (Effect, Option<DateTime<Utc>>) {
+        let text = format!(
+            "site s\nresource db {{ address \"db.x.com\"; site s }}\n\
+             group eng {{ members \"a@x.com\" }}\n{rules}"
+        );
+        let checked = crate::check(Sources::new(vec![SourceFile::new("t.fz", text)]));
+        assert!(!checked.has_errors(), "{:#?}", checked.diagnostics);
+        let table = DecisionTable::new(checked.table.expect("a table"));
+        let at = instant(at);
+        let request = Request {
+            user: "a@x.com".into(),
+            resource: "db".into(),
+            context: Context {
+                at: Some(at),
+                ..Context::default()
+            },
+            ..Request::default()
+        };
+        let decision = table.decide(&request);
+        (decision.effect, table.allowed_until(&decision, at))
+    }
+
+    fn instant(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
+    // 2026-11-26 is a Thursday; Berlin is at +01:00 in November.
+    const THURSDAY: &str = "2026-11-26T10:00:00+01:00";
+    const OFFICE: &str = "allow eng -> db when time mon-fri 08:00-18:00 Europe/Berlin as office\n";
+
+    #[test]
+    fn allowed_until_is_the_latest_close_among_the_allowing_rules() {
+        let late = "allow eng -> db when time mon-fri 07:00-20:00 UTC as late\n";
+        let until = allowed_until(&format!("{OFFICE}{late}"), THURSDAY);
+        assert_eq!(
+            until,
+            (Effect::Allow, Some(instant("2026-11-26T20:00:00Z")))
+        );
+        // A rule that does not apply does not extend the allow.
+        let late_in_de = "allow eng -> db when time mon-fri 07:00-20:00 UTC and country in DE\n";
+        let until = allowed_until(&format!("{OFFICE}{late_in_de}"), THURSDAY);
+        assert_eq!(
+            until,
+            (Effect::Allow, Some(instant("2026-11-26T18:00:00+01:00")))
+        );
+        // Within a rule, the first of its windows to close ends it.
+        let two_windows =
+            "allow eng -> db when time any 00:00-24:00 UTC and time thu 06:00-12:00 UTC\n";
+        let until = allowed_until(two_windows, THURSDAY);
+        assert_eq!(
+            until,
+            (Effect::Allow, Some(instant("2026-11-26T12:00:00Z")))
+        );
+    }
+
+    #[test]
+    fn allowed_until_is_unbounded_when_an_allowing_rule_never_closes() {
+        let always = "allow eng -> db as always\n";
+        let until = allowed_until(&format!("{OFFICE}{always}"), THURSDAY);
+        assert_eq!(until, (Effect::Allow, None));
+        let every_day = "allow eng -> db when time any 00:00-24:00 Europe/Berlin as every-day\n";
+        let until = allowed_until(&format!("{OFFICE}{every_day}"), THURSDAY);
+        assert_eq!(until, (Effect::Allow, None));
+        // A deny whose window opens later is the portal's to enforce when it re-decides.
+        let weekend = "deny eng -> db when time sat,sun 00:00-24:00 Europe/Berlin\n";
+        let until = allowed_until(&format!("{always}{weekend}"), THURSDAY);
+        assert_eq!(until, (Effect::Allow, None));
+    }
+
+    #[test]
+    fn allowed_until_of_a_deny_is_now() {
+        let saturday = "2026-11-28T10:00:00+01:00";
+        let until = allowed_until(OFFICE, saturday);
+        assert_eq!(until, (Effect::Deny, Some(instant(saturday))));
+        let weekend = "deny eng -> db when time sat,sun 00:00-24:00 Europe/Berlin\n";
+        let until = allowed_until(&format!("allow eng -> db\n{weekend}"), saturday);
+        assert_eq!(until, (Effect::Deny, Some(instant(saturday))));
+    }
 }

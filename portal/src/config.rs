@@ -4,6 +4,14 @@
 //! listen = "127.0.0.1:8080"        # where HTTP and the agents' WebSockets are served
 //! data_dir = "data"                # the SQLite store and the portal's signing key
 //! allow_plain_http = false         # plain HTTP beyond loopback needs this set
+//! tls_cert = "portal.crt"          # PEM certificate chain; with `tls_key`, serve HTTPS (rustls)
+//! tls_key = "portal.key"           # PEM private key (PKCS#8, PKCS#1 or SEC1)
+//! geoip_country_db = "GeoLite2-Country.mmdb"  # MaxMind-format database for `country` rules
+//! trusted_proxy_header = "x-forwarded-for"    # take the client address from this header...
+//! trusted_proxies = ["127.0.0.1/32", "::1/128"] # ...only when the peer is one of these
+//! gateway_heartbeat_interval_ms = 5000 # gateways heartbeat this often; 3 missed: unhealthy
+//! gateway_ack_timeout_ms = 5000    # a gateway that does not acknowledge a grant in time is
+//!                                  # marked unhealthy and another is tried
 //!
 //! [[accounts]]
 //! slug = "acme"
@@ -15,9 +23,11 @@
 //! for the defaults). Every problem is reported with what was wrong and where, before the
 //! portal starts.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use fz_compiler::address::Network;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,7 +35,28 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub allow_plain_http: bool,
+    /// Serve HTTPS with these files; plain HTTP without.
+    pub tls: Option<TlsFiles>,
+    pub geoip_country_db: Option<PathBuf>,
+    pub trusted_proxy: Option<TrustedProxy>,
+    pub gateway_heartbeat_interval: Duration,
+    pub gateway_ack_timeout: Duration,
     pub accounts: Vec<AccountConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A reverse proxy in front of the portal that reports the client's address in a header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustedProxy {
+    /// Lowercase header name, e.g. `x-forwarded-for`.
+    pub header: String,
+    /// Peers whose header is believed; anyone else's is ignored.
+    pub peers: Vec<Network>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +72,10 @@ pub struct AccountConfig {
 pub const DEFAULT_MAX_GRANT_LIFETIME_SECS: u64 = 8 * 3600;
 /// Tokens expire after 7 days unless an account says otherwise.
 pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 7 * 24 * 3600;
+/// Gateways heartbeat every 5 s unless configured otherwise.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
+/// A gateway has 5 s to acknowledge a grant unless configured otherwise.
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -63,6 +98,13 @@ struct ConfigFile {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     allow_plain_http: bool,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    geoip_country_db: Option<PathBuf>,
+    trusted_proxy_header: Option<String>,
+    trusted_proxies: Option<Vec<Network>>,
+    gateway_heartbeat_interval_ms: Option<u64>,
+    gateway_ack_timeout_ms: Option<u64>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
 }
@@ -99,6 +141,11 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("data"),
             allow_plain_http: false,
+            tls: None,
+            geoip_country_db: None,
+            trusted_proxy: None,
+            gateway_heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS),
+            gateway_ack_timeout: Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS),
             accounts: vec![AccountConfig {
                 slug: "default".to_owned(),
                 policy: PathBuf::from("policies"),
@@ -122,10 +169,51 @@ impl Config {
                 base.join(path)
             }
         };
+        let tls = match (file.tls_cert, file.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: resolve(cert),
+                key: resolve(key),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "`tls_cert` and `tls_key` go together: give both, or neither for plain HTTP"
+                        .to_owned(),
+                ));
+            }
+        };
+        let trusted_proxy = match (file.trusted_proxy_header, file.trusted_proxies) {
+            (Some(header), peers) => Some(TrustedProxy {
+                header: header.to_ascii_lowercase(),
+                peers: peers.unwrap_or_else(|| {
+                    vec![
+                        Network::host(IpAddr::from([127, 0, 0, 1])),
+                        Network::host(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+                    ]
+                }),
+            }),
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "`trusted_proxies` needs `trusted_proxy_header`: the header the proxies set"
+                        .to_owned(),
+                ));
+            }
+            (None, None) => None,
+        };
+        let millis =
+            |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
         let config = Config {
             listen: file.listen.unwrap_or(defaults.listen),
             data_dir: resolve(file.data_dir.unwrap_or(defaults.data_dir)),
             allow_plain_http: file.allow_plain_http,
+            tls,
+            geoip_country_db: file.geoip_country_db.map(resolve),
+            trusted_proxy,
+            gateway_heartbeat_interval: millis(
+                file.gateway_heartbeat_interval_ms,
+                defaults.gateway_heartbeat_interval,
+            ),
+            gateway_ack_timeout: millis(file.gateway_ack_timeout_ms, defaults.gateway_ack_timeout),
             accounts: file
                 .accounts
                 .into_iter()
@@ -148,11 +236,25 @@ impl Config {
     /// What the portal refuses to start with.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
-        if !self.listen.ip().is_loopback() && !self.allow_plain_http {
+        if !self.listen.ip().is_loopback() && !self.allow_plain_http && self.tls.is_none() {
             return invalid(format!(
-                "`listen = \"{}\"` serves plain HTTP beyond loopback; listen on 127.0.0.1 behind a TLS proxy, \
-                 or set `allow_plain_http = true` to accept it",
+                "`listen = \"{}\"` serves plain HTTP beyond loopback; give `tls_cert` and `tls_key`, \
+                 listen on 127.0.0.1 behind a TLS proxy, or set `allow_plain_http = true` to accept it",
                 self.listen
+            ));
+        }
+        if self.gateway_heartbeat_interval.is_zero() || self.gateway_ack_timeout.is_zero() {
+            return invalid(
+                "`gateway_heartbeat_interval_ms` and `gateway_ack_timeout_ms` must be at least 1"
+                    .to_owned(),
+            );
+        }
+        if let Some(proxy) = &self.trusted_proxy
+            && axum::http::HeaderName::from_bytes(proxy.header.as_bytes()).is_err()
+        {
+            return invalid(format!(
+                "`trusted_proxy_header = \"{}\"` is not a header name",
+                proxy.header
             ));
         }
         if self.accounts.is_empty() {
@@ -247,6 +349,26 @@ mod tests {
                 format!("{account}token_lifetime_secs = 0\n"),
                 "lifetimes must be at least one second",
             ),
+            (
+                format!("tls_cert = \"c.pem\"\n{account}"),
+                "`tls_cert` and `tls_key` go together",
+            ),
+            (
+                format!("trusted_proxies = [\"10.0.0.0/8\"]\n{account}"),
+                "`trusted_proxies` needs `trusted_proxy_header`",
+            ),
+            (
+                format!("trusted_proxy_header = \"x forwarded\"\n{account}"),
+                "is not a header name",
+            ),
+            (
+                format!("trusted_proxies = [\"10.0.0.0/33\"]\n{account}"),
+                "10.0.0.0/33",
+            ),
+            (
+                format!("gateway_ack_timeout_ms = 0\n{account}"),
+                "must be at least 1",
+            ),
         ];
         for (text, expected) in cases {
             let error = parse(&text).unwrap_err();
@@ -256,5 +378,42 @@ mod tests {
             "listen = \"0.0.0.0:80\"\nallow_plain_http = true\n{account}"
         ));
         assert!(open.is_ok(), "{open:?}");
+        let tls = parse(&format!(
+            "listen = \"0.0.0.0:443\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n{account}"
+        ))
+        .unwrap();
+        assert_eq!(
+            tls.tls,
+            Some(TlsFiles {
+                cert: PathBuf::from("/etc/fz/c.pem"),
+                key: PathBuf::from("/etc/fz/k.pem"),
+            })
+        );
+    }
+
+    #[test]
+    fn proxies_and_agent_timings() {
+        let config = parse(
+            "trusted_proxy_header = \"X-Forwarded-For\"\ngateway_heartbeat_interval_ms = 100\n\
+             [[accounts]]\nslug = \"acme\"\npolicy = \"p\"\n",
+        )
+        .unwrap();
+        let proxy = config.trusted_proxy.unwrap();
+        assert_eq!(proxy.header, "x-forwarded-for");
+        assert!(
+            proxy
+                .peers
+                .iter()
+                .any(|p| p.contains([127, 0, 0, 1].into()))
+        );
+        assert!(!proxy.peers.iter().any(|p| p.contains([10, 0, 0, 1].into())));
+        assert_eq!(
+            config.gateway_heartbeat_interval,
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            config.gateway_ack_timeout,
+            Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS)
+        );
     }
 }

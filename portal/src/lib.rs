@@ -9,8 +9,16 @@
 //!
 //! Entry points: [`config::Config`], [`http::router`] over an [`http::AppState`].
 
+pub mod agents;
+pub mod broker;
 pub mod config;
+pub mod geo;
 pub mod http;
 pub mod keys;
 pub mod policy;
+pub mod random;
+pub mod registry;
+pub mod server;
 pub mod store;
+pub mod tls;
+pub mod writer;

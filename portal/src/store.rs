@@ -30,7 +30,7 @@
 //! [`StoreError::Invalid`]; the other variants carry their cause as `source()` for logs.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -47,6 +47,8 @@ use sqlx::sqlite::{
 use sqlx::{Sqlite, Transaction};
 use subtle::ConstantTimeEq as _;
 
+use crate::random;
+
 /// The database file's name inside the data dir.
 pub const DATABASE_FILE: &str = "portal.sqlite3";
 
@@ -55,6 +57,19 @@ pub const SECRET_PREFIX: &str = "fzt_";
 
 /// How long a writer waits for another one before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client tunnel addresses come from 100.64.0.0/11: 2^21 addresses, less the network's first
+/// and last.
+pub const MAX_TUNNEL_INDEX: u32 = (1 << 21) - 2;
+
+/// A client's tunnel addresses, from its index: 100.64.0.0/11 and fd00:2021:1111::/107.
+pub fn tunnel_addresses(index: u32) -> (Ipv4Addr, Ipv6Addr) {
+    let v4 = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + index);
+    let v6 = Ipv6Addr::from(
+        u128::from(Ipv6Addr::new(0xfd00, 0x2021, 0x1111, 0, 0, 0, 0, 0)) + u128::from(index),
+    );
+    (v4, v6)
+}
 
 /// SQLite has one writer at a time; a few connections let reads run beside it.
 const MAX_CONNECTIONS: u32 = 8;
@@ -135,8 +150,12 @@ impl fmt::Display for Entity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum TokenKind {
-    /// Registers and connects one client device.
-    Client,
+    /// Registers and connects one client device, for one user (email, stored lowercase).
+    Client {
+        user: String,
+        /// The identity provider that signed the user in; `None` for a token an admin minted.
+        provider: Option<String>,
+    },
     /// Registers and connects one gateway, in this site.
     Gateway { site: String },
 }
@@ -173,7 +192,7 @@ pub struct TokenRecord {
 }
 
 /// A registered client device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClientRecord {
     pub id: String,
     pub account: String,
@@ -184,6 +203,9 @@ pub struct ClientRecord {
     pub public_key: String,
     pub verified: bool,
     pub created_at: i64,
+    /// The client's place in the tunnel network (see [`tunnel_addresses`]); `None` for a
+    /// client that has not connected since the store learnt tunnel addresses.
+    pub tunnel_index: Option<u32>,
 }
 
 /// A registered gateway.
@@ -206,6 +228,22 @@ pub struct GatewayRecord {
     pub connected: bool,
 }
 
+/// One write of a batch (see [`Store::apply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    InsertGrant(GrantRecord),
+    DeleteGrant { account: String, grant_id: String },
+    Flow(NewFlow),
+}
+
+/// A group an identity provider says a user is in, under the provider's name for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct IdpGroup {
+    pub provider: String,
+    #[sqlx(rename = "group_name")]
+    pub group: String,
+}
+
 /// A grant the portal signed and has not withdrawn.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct GrantRecord {
@@ -218,6 +256,9 @@ pub struct GrantRecord {
     pub bundle_hash: String,
     pub issued_at: i64,
     pub expires_at: i64,
+    /// What the portal needs to decide the grant again and send it again (JSON); the store
+    /// keeps it without reading it.
+    pub detail: Option<String>,
 }
 
 /// What the policy decided for a connection request.
@@ -350,13 +391,25 @@ impl Store {
         }
         let id = random_id("tok")?;
         let secret = new_secret()?;
-        let (kind_text, site) = match &kind {
-            TokenKind::Client => ("client", None),
-            TokenKind::Gateway { site } => ("gateway", Some(site.as_str())),
+        let mut tx = self.begin_write().await?;
+        let (kind_text, site, user, provider) = match &kind {
+            TokenKind::Client { user, provider } => {
+                let user = user.to_lowercase();
+                if user.is_empty() {
+                    return Err(StoreError::Invalid("email"));
+                }
+                if provider.as_deref() == Some("") {
+                    return Err(StoreError::Invalid("identity provider"));
+                }
+                insert_user(&mut tx, account, &user).await?;
+                ("client", None, Some(user), provider.as_deref())
+            }
+            TokenKind::Gateway { site } => ("gateway", Some(site.as_str()), None, None),
         };
         sqlx::query(
-            "INSERT INTO tokens (id, account, kind, name, site, secret_hash, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO tokens (id, account, kind, name, site, secret_hash, created_at, expires_at,
+                                 user_email, provider)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .bind(&id)
         .bind(account)
@@ -366,7 +419,9 @@ impl Store {
         .bind(hash_secret(&secret))
         .bind(now)
         .bind(expires_at)
-        .execute(&self.pool)
+        .bind(user)
+        .bind(provider)
+        .execute(&mut *tx)
         .await
         .map_err(|e| {
             on_constraint(e, |kind| match kind {
@@ -374,6 +429,7 @@ impl Store {
                 _ => None,
             })
         })?;
+        tx.commit().await?;
         Ok(NewToken { id, secret })
     }
 
@@ -428,6 +484,17 @@ impl Store {
         Ok(Some(record))
     }
 
+    /// Ids of the tokens of every account revoked at or after `since`: what a running portal
+    /// polls to close their connections and withdraw their grants.
+    pub async fn tokens_revoked_since(&self, since: i64) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM tokens WHERE revoked_at >= ?1 ORDER BY revoked_at")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// Every token of `account`, revoked and expired ones included, oldest first.
     pub async fn list_tokens(&self, account: &str) -> Result<Vec<TokenRecord>, StoreError> {
         let rows: Vec<TokenRow> = sqlx::query_as(&format!(
@@ -462,10 +529,25 @@ impl Store {
                 reason: "is not a client token",
             });
         }
-        let client: ClientRecord = sqlx::query_as(&format!(
-            "INSERT INTO clients (id, account, token_id, name, public_key, verified, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)
-             ON CONFLICT (token_id) DO UPDATE SET public_key = excluded.public_key
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT max(tunnel_index) FROM clients WHERE account = ?1")
+                .bind(account)
+                .fetch_one(&mut *tx)
+                .await?;
+        let next = last.unwrap_or(0) + 1;
+        if next > i64::from(MAX_TUNNEL_INDEX) {
+            return Err(StoreError::Conflict {
+                entity: Entity::Account,
+                reason: "has no tunnel address left for another client",
+            });
+        }
+        let client: ClientRow = sqlx::query_as(&format!(
+            "INSERT INTO clients (id, account, token_id, name, public_key, verified, created_at,
+                                  tunnel_index)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7)
+             ON CONFLICT (token_id) DO UPDATE SET
+                 public_key = excluded.public_key,
+                 tunnel_index = coalesce(clients.tunnel_index, excluded.tunnel_index)
              RETURNING {CLIENT_COLUMNS}"
         ))
         .bind(&id)
@@ -474,11 +556,12 @@ impl Store {
         .bind(&token.name)
         .bind(&public_key)
         .bind(now)
+        .bind(next)
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| on_constraint(e, key_taken(Entity::Client)))?;
         tx.commit().await?;
-        Ok(client)
+        client.into_record()
     }
 
     /// Marks a client of `account` verified or not.
@@ -506,23 +589,25 @@ impl Store {
         account: &str,
         client_id: &str,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        Ok(sqlx::query_as(&format!(
+        let row: Option<ClientRow> = sqlx::query_as(&format!(
             "SELECT {CLIENT_COLUMNS} FROM clients WHERE account = ?1 AND id = ?2"
         ))
         .bind(account)
         .bind(client_id)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        row.map(ClientRow::into_record).transpose()
     }
 
     /// Every client of `account`, oldest first.
     pub async fn list_clients(&self, account: &str) -> Result<Vec<ClientRecord>, StoreError> {
-        Ok(sqlx::query_as(&format!(
+        let rows: Vec<ClientRow> = sqlx::query_as(&format!(
             "SELECT {CLIENT_COLUMNS} FROM clients WHERE account = ?1 ORDER BY created_at, rowid"
         ))
         .bind(account)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        rows.into_iter().map(ClientRow::into_record).collect()
     }
 
     // ---- gateways ----
@@ -663,17 +748,7 @@ impl Store {
             return Err(StoreError::Invalid("identity provider"));
         }
         let mut tx = self.begin_write().await?;
-        sqlx::query("INSERT INTO users (account, email) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
-            .bind(account)
-            .bind(&email)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| {
-                on_constraint(e, |kind| match kind {
-                    ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
-                    _ => None,
-                })
-            })?;
+        insert_user(&mut tx, account, &email).await?;
         sqlx::query(
             "DELETE FROM group_memberships WHERE account = ?1 AND email = ?2 AND provider = ?3",
         )
@@ -705,11 +780,15 @@ impl Store {
     }
 
     /// The groups of user `email` (case-insensitive) of `account`, from every provider, sorted
-    /// and without duplicates.
-    pub async fn memberships(&self, account: &str, email: &str) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT DISTINCT group_name FROM group_memberships
-             WHERE account = ?1 AND email = ?2 ORDER BY group_name",
+    /// by provider, then group.
+    pub async fn memberships(
+        &self,
+        account: &str,
+        email: &str,
+    ) -> Result<Vec<IdpGroup>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT provider, group_name FROM group_memberships
+             WHERE account = ?1 AND email = ?2 ORDER BY provider, group_name",
         )
         .bind(account)
         .bind(email.to_lowercase())
@@ -721,44 +800,31 @@ impl Store {
 
     /// Stores a grant. Its client and gateway must belong to its account.
     pub async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
-                                 bundle_hash, issued_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )
-        .bind(&grant.id)
-        .bind(&grant.account)
-        .bind(&grant.client_id)
-        .bind(&grant.gateway_id)
-        .bind(&grant.resource_id)
-        .bind(&grant.rule_id)
-        .bind(&grant.bundle_hash)
-        .bind(grant.issued_at)
-        .bind(grant.expires_at)
-        .execute(&self.pool)
-        .await;
-        let Err(error) = result else {
-            return Ok(());
-        };
-        match error.as_database_error().map(|e| e.kind()) {
-            Some(ErrorKind::UniqueViolation) => Err(StoreError::Conflict {
-                entity: Entity::Grant,
-                reason: "already exists",
-            }),
-            Some(ErrorKind::CheckViolation) => Err(StoreError::Invalid(
-                "grant expiry: it is before its issue time",
-            )),
-            // The composite foreign keys refused it: say which side is missing.
-            Some(ErrorKind::ForeignKeyViolation) => {
-                let client = self.client(&grant.account, &grant.client_id).await?;
-                Err(StoreError::NotFound(if client.is_none() {
-                    Entity::Client
-                } else {
-                    Entity::Gateway
-                }))
+        let mut conn = self.pool.acquire().await?;
+        insert_grant(&mut conn, grant).await
+    }
+
+    /// Applies writes in one transaction, all or none: one disk sync for many, which is how
+    /// a busy portal keeps up (see `writer`).
+    pub async fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        for write in writes {
+            match write {
+                Write::InsertGrant(grant) => insert_grant(&mut tx, grant).await?,
+                Write::DeleteGrant { account, grant_id } => {
+                    sqlx::query("DELETE FROM grants WHERE account = ?1 AND id = ?2")
+                        .bind(account)
+                        .bind(grant_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Write::Flow(flow) => {
+                    insert_flow(&mut tx, flow).await?;
+                }
             }
-            _ => Err(StoreError::Query(error)),
         }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Deletes a grant of `account`; false if there was none (it may have expired and been
@@ -802,7 +868,7 @@ impl Store {
     ) -> Result<Vec<GrantRecord>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, account, client_id, gateway_id, resource_id, rule_id, bundle_hash,
-                    issued_at, expires_at
+                    issued_at, expires_at, detail
              FROM grants WHERE account = ?1 AND expires_at > ?2 ORDER BY issued_at, rowid",
         )
         .bind(account)
@@ -871,8 +937,10 @@ impl Store {
     }
 }
 
-const TOKEN_COLUMNS: &str = "id, account, kind, name, site, created_at, expires_at, revoked_at";
-const CLIENT_COLUMNS: &str = "id, account, token_id, name, public_key, verified, created_at";
+const TOKEN_COLUMNS: &str =
+    "id, account, kind, name, site, user_email, provider, created_at, expires_at, revoked_at";
+const CLIENT_COLUMNS: &str =
+    "id, account, token_id, name, public_key, verified, created_at, tunnel_index";
 const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
                                created_at, last_seen, connected";
 
@@ -883,6 +951,8 @@ struct TokenRow {
     kind: String,
     name: String,
     site: Option<String>,
+    user_email: Option<String>,
+    provider: Option<String>,
     created_at: i64,
     expires_at: i64,
     revoked_at: Option<i64>,
@@ -891,10 +961,13 @@ struct TokenRow {
 
 impl TokenRow {
     fn into_record(self) -> Result<TokenRecord, StoreError> {
-        let kind = match (self.kind.as_str(), self.site) {
-            ("client", None) => TokenKind::Client,
-            ("gateway", Some(site)) => TokenKind::Gateway { site },
-            _ => return Err(corrupt("a token's kind and site disagree")),
+        let kind = match (self.kind.as_str(), self.site, self.user_email) {
+            ("client", None, Some(user)) => TokenKind::Client {
+                user,
+                provider: self.provider,
+            },
+            ("gateway", Some(site), None) => TokenKind::Gateway { site },
+            _ => return Err(corrupt("a token's kind, site and user disagree")),
         };
         Ok(TokenRecord {
             id: self.id,
@@ -904,6 +977,37 @@ impl TokenRow {
             created_at: self.created_at,
             expires_at: self.expires_at,
             revoked_at: self.revoked_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ClientRow {
+    id: String,
+    account: String,
+    token_id: String,
+    name: String,
+    public_key: String,
+    verified: bool,
+    created_at: i64,
+    tunnel_index: Option<i64>,
+}
+
+impl ClientRow {
+    fn into_record(self) -> Result<ClientRecord, StoreError> {
+        let tunnel_index = self
+            .tunnel_index
+            .map(|i| u32::try_from(i).map_err(|_| corrupt("a client's tunnel index is too large")))
+            .transpose()?;
+        Ok(ClientRecord {
+            id: self.id,
+            account: self.account,
+            token_id: self.token_id,
+            name: self.name,
+            public_key: self.public_key,
+            verified: self.verified,
+            created_at: self.created_at,
+            tunnel_index,
         })
     }
 }
@@ -939,6 +1043,26 @@ impl GatewayRow {
             connected: self.connected,
         })
     }
+}
+
+/// Adds a user to an account unless it is there already.
+async fn insert_user(
+    tx: &mut Transaction<'static, Sqlite>,
+    account: &str,
+    email: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO users (account, email) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+        .bind(account)
+        .bind(email)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| {
+            on_constraint(e, |kind| match kind {
+                ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
+                _ => None,
+            })
+        })?;
+    Ok(())
 }
 
 /// What [`usable_token`] needs of a token.
@@ -982,6 +1106,56 @@ async fn usable_token(
         });
     }
     Ok(token)
+}
+
+async fn insert_grant(
+    conn: &mut sqlx::SqliteConnection,
+    grant: &GrantRecord,
+) -> Result<(), StoreError> {
+    let result = sqlx::query(
+        "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
+                             bundle_hash, issued_at, expires_at, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .bind(&grant.id)
+    .bind(&grant.account)
+    .bind(&grant.client_id)
+    .bind(&grant.gateway_id)
+    .bind(&grant.resource_id)
+    .bind(&grant.rule_id)
+    .bind(&grant.bundle_hash)
+    .bind(grant.issued_at)
+    .bind(grant.expires_at)
+    .bind(grant.detail.as_deref())
+    .execute(&mut *conn)
+    .await;
+    let Err(error) = result else {
+        return Ok(());
+    };
+    match error.as_database_error().map(|e| e.kind()) {
+        Some(ErrorKind::UniqueViolation) => Err(StoreError::Conflict {
+            entity: Entity::Grant,
+            reason: "already exists",
+        }),
+        Some(ErrorKind::CheckViolation) => Err(StoreError::Invalid(
+            "grant expiry: it is before its issue time",
+        )),
+        // The composite foreign keys refused it: say which side is missing.
+        Some(ErrorKind::ForeignKeyViolation) => {
+            let client: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM clients WHERE account = ?1 AND id = ?2")
+                    .bind(&grant.account)
+                    .bind(&grant.client_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            Err(StoreError::NotFound(if client.is_none() {
+                Entity::Client
+            } else {
+                Entity::Gateway
+            }))
+        }
+        _ => Err(StoreError::Query(error)),
+    }
 }
 
 async fn insert_flow(
@@ -1050,30 +1224,16 @@ fn canonical_key(text: &str) -> Result<String, StoreError> {
 }
 
 fn new_secret() -> Result<String, StoreError> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(StoreError::Random)?;
+    let bytes = random::bytes::<32>().map_err(StoreError::Random)?;
     Ok(format!("{SECRET_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes)))
 }
 
-/// `PREFIX_` and 12 random bytes in hex: ids are not secret, only unique.
 fn random_id(prefix: &str) -> Result<String, StoreError> {
-    let mut bytes = [0u8; 12];
-    getrandom::fill(&mut bytes).map_err(StoreError::Random)?;
-    Ok(format!("{prefix}_{}", hex(&bytes)))
+    random::id(prefix).map_err(StoreError::Random)
 }
 
 fn hash_secret(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    text
+    random::hex(&Sha256::digest(secret.as_bytes()))
 }
 
 async fn create_dir(path: &Path) -> Result<(), StoreError> {

@@ -100,7 +100,16 @@ fn tokens_survive_a_restart_and_stay_in_their_account() {
     let home = home();
     let created = portal(
         home.path(),
-        &["token", "create", "--account", "acme", "--client", "laptop"],
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--client",
+            "laptop",
+            "--user",
+            "Alice@acme.example",
+        ],
     );
     assert!(created.status.success(), "{created:?}");
     let id = stdout(&created)
@@ -129,6 +138,8 @@ fn tokens_survive_a_restart_and_stay_in_their_account() {
     .unwrap();
     assert_eq!(listed[0]["id"], id.as_str());
     assert_eq!(listed[0]["name"], "laptop");
+    assert_eq!(listed[0]["kind"], "client");
+    assert_eq!(listed[0]["user"], "alice@acme.example");
     let other = stdout(&portal(
         home.path(),
         &["token", "list", "--account", "other", "--json"],

@@ -43,6 +43,21 @@ async fn fixture() -> Fixture {
 }
 
 /// A WireGuard public key made of one repeated byte.
+/// Group names from every provider, sorted, without duplicates.
+fn group_names(groups: &[fz_portal::store::IdpGroup]) -> Vec<String> {
+    let names: std::collections::BTreeSet<String> =
+        groups.iter().map(|g| g.group.clone()).collect();
+    names.into_iter().collect()
+}
+
+/// A client token for alice, minted by an admin.
+fn client_kind() -> TokenKind {
+    TokenKind::Client {
+        user: "alice@example.com".to_owned(),
+        provider: None,
+    }
+}
+
 fn key(byte: u8) -> String {
     STANDARD.encode([byte; 32])
 }
@@ -60,7 +75,7 @@ struct World {
 /// Fills `account`; `seed` keeps keys and names apart between accounts.
 async fn populate(store: &Store, account: &'static str, seed: u8) -> World {
     let client_token = store
-        .create_token(account, TokenKind::Client, "laptop", NOW + DAY, NOW)
+        .create_token(account, client_kind(), "laptop", NOW + DAY, NOW)
         .await
         .unwrap();
     let gateway_token = store
@@ -99,6 +114,7 @@ async fn populate(store: &Store, account: &'static str, seed: u8) -> World {
         bundle_hash: "b1".to_owned(),
         issued_at: NOW + 3,
         expires_at: NOW + 3 + 3600,
+        detail: Some(r#"{"kept":"as written"}"#.to_owned()),
     };
     store.insert_grant(&grant).await.unwrap();
     store
@@ -242,7 +258,7 @@ async fn a_restart_loses_nothing() {
         .await
         .unwrap();
     let revoked = store
-        .create_token(A, TokenKind::Client, "old", NOW + DAY, NOW)
+        .create_token(A, client_kind(), "old", NOW + DAY, NOW)
         .await
         .unwrap();
     store.revoke_token(A, &revoked.id, NOW + 5).await.unwrap();
@@ -272,7 +288,7 @@ async fn a_restart_loses_nothing() {
     assert!(after.1[0].verified);
     assert!(!after.2[0].connected);
     assert_eq!(after.3, vec![world.grant.clone()]);
-    assert_eq!(after.4, ["design", "eng"]);
+    assert_eq!(group_names(&after.4), ["design", "eng"]);
     assert_eq!(after.5.len(), 1);
 
     let token = store
@@ -302,15 +318,15 @@ async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
                 .unwrap()
         }
     };
-    let live = make(A, TokenKind::Client, NOW + DAY).await;
-    let soon = make(A, TokenKind::Client, NOW + 10).await;
-    let revoked = make(A, TokenKind::Client, NOW + DAY).await;
+    let live = make(A, client_kind(), NOW + DAY).await;
+    let soon = make(A, client_kind(), NOW + 10).await;
+    let revoked = make(A, client_kind(), NOW + DAY).await;
     store.revoke_token(A, &revoked.id, NOW + 1).await.unwrap();
     let site = TokenKind::Gateway {
         site: "hq".to_owned(),
     };
     let gateway = make(A, site.clone(), NOW + DAY).await;
-    let other = make(B, TokenKind::Client, NOW + DAY).await;
+    let other = make(B, client_kind(), NOW + DAY).await;
 
     let mut last_changed = live.secret.clone();
     let last = last_changed.pop().unwrap();
@@ -323,7 +339,7 @@ async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
     let yes = |token: &NewToken, account: &str, kind: &TokenKind| -> Authenticated {
         Some((token.id.clone(), account.to_owned(), kind.clone()))
     };
-    let client = TokenKind::Client;
+    let client = client_kind();
     let secret = live.secret.clone();
     let cases = [
         ("live", secret.clone(), NOW, yes(&live, A, &client)),
@@ -386,7 +402,7 @@ async fn secrets_look_right_and_differ() {
     let mut secrets = Vec::new();
     for _ in 0..20 {
         let token = store
-            .create_token(A, TokenKind::Client, "t", NOW + DAY, NOW)
+            .create_token(A, client_kind(), "t", NOW + DAY, NOW)
             .await
             .unwrap();
         let body = token.secret.strip_prefix("fzt_").unwrap();
@@ -605,11 +621,11 @@ impl BadWrite {
         match self {
             BadWrite::EnsureEmptyAccount => store.ensure_account("").await,
             BadWrite::CreateTokenInUnknownAccount => store
-                .create_token("nobody", TokenKind::Client, "t", NOW + DAY, NOW)
+                .create_token("nobody", client_kind(), "t", NOW + DAY, NOW)
                 .await
                 .map(drop),
             BadWrite::CreateExpiredToken => store
-                .create_token(A, TokenKind::Client, "t", NOW, NOW)
+                .create_token(A, client_kind(), "t", NOW, NOW)
                 .await
                 .map(drop),
             BadWrite::RevokeOtherAccountsToken => {
@@ -724,11 +740,11 @@ async fn a_failed_write_leaves_nothing_behind() {
     let a = populate(&store, A, 1).await;
     populate(&store, B, 11).await;
     let spare_client_token = store
-        .create_token(A, TokenKind::Client, "spare", NOW + DAY, NOW)
+        .create_token(A, client_kind(), "spare", NOW + DAY, NOW)
         .await
         .unwrap();
     let revoked_client_token = store
-        .create_token(A, TokenKind::Client, "revoked", NOW + DAY, NOW)
+        .create_token(A, client_kind(), "revoked", NOW + DAY, NOW)
         .await
         .unwrap();
     store
@@ -802,7 +818,7 @@ async fn a_failed_write_leaves_nothing_behind() {
     }
     // The case that failed halfway kept alice's groups.
     assert_eq!(
-        store.memberships(A, "alice@example.com").await.unwrap(),
+        group_names(&store.memberships(A, "alice@example.com").await.unwrap()),
         ["eng"]
     );
 }
@@ -846,10 +862,16 @@ async fn memberships_are_replaced_per_provider() {
             .await
             .unwrap();
         let alice = store.memberships(A, "ALICE@example.com").await.unwrap();
-        assert_eq!(alice, groups(expected), "step {step}");
+        assert_eq!(group_names(&alice), groups(expected), "step {step}");
     }
+    let alice = store.memberships(A, "alice@example.com").await.unwrap();
+    let as_said: Vec<(&str, &str)> = alice
+        .iter()
+        .map(|g| (g.provider.as_str(), g.group.as_str()))
+        .collect();
+    assert_eq!(as_said, [("okta", "eng"), ("okta", "sre")]);
     assert_eq!(
-        store.memberships(A, "bob@example.com").await.unwrap(),
+        group_names(&store.memberships(A, "bob@example.com").await.unwrap()),
         ["admins"]
     );
     assert!(
@@ -865,7 +887,7 @@ async fn memberships_are_replaced_per_provider() {
 async fn a_client_registers_once_per_token_and_keeps_its_flag() {
     let Fixture { _dir, store, .. } = fixture().await;
     let token = store
-        .create_token(A, TokenKind::Client, "alice's laptop", NOW + DAY, NOW)
+        .create_token(A, client_kind(), "alice's laptop", NOW + DAY, NOW)
         .await
         .unwrap();
     let first = store
@@ -896,7 +918,7 @@ async fn a_client_registers_once_per_token_and_keeps_its_flag() {
 
     // The same key in another account is another peer on other gateways: allowed.
     let other = store
-        .create_token(B, TokenKind::Client, "t", NOW + DAY, NOW)
+        .create_token(B, client_kind(), "t", NOW + DAY, NOW)
         .await
         .unwrap();
     store
@@ -1205,7 +1227,7 @@ async fn concurrent_writers_all_get_through() {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let token = store
-                .create_token(A, TokenKind::Client, "t", NOW + DAY, NOW)
+                .create_token(A, client_kind(), "t", NOW + DAY, NOW)
                 .await?;
             store.register_client(A, &token.id, &key(i), NOW).await?;
             let groups = [format!("g{i}")];

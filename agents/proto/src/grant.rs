@@ -6,7 +6,7 @@
 //! in; verification uses only the pinned key and the strict Ed25519 check, and reads nothing
 //! the grant says about how it was signed (it says nothing).
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -72,6 +72,48 @@ pub struct GrantedResource {
     pub address: String,
     /// Port filters (`tcp/443`, `udp/8000-8100`, `icmp`); `None`: all traffic to the address.
     pub filter: Option<Vec<String>>,
+    /// For a DNS resource: the name the client asked for and the addresses it mapped it to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsMapping>,
+}
+
+/// A name inside a DNS resource's pattern and the mapped addresses the client's DNS stub
+/// handed out for it: the gateway resolves the name and translates these to what it resolves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsMapping {
+    pub name: String,
+    pub mapped: Vec<IpAddr>,
+}
+
+impl DnsMapping {
+    /// A name gets at most 4 IPv4 and 4 IPv6 mapped addresses.
+    pub const MAX_MAPPED: usize = 8;
+
+    /// Whether the mapping is one a client's DNS stub could have made: a non-empty name, at
+    /// most [`Self::MAX_MAPPED`] distinct addresses, each inside the mapped ranges.
+    pub fn is_well_formed(&self) -> bool {
+        let mut seen = self.mapped.clone();
+        seen.sort();
+        seen.dedup();
+        !self.name.is_empty()
+            && !self.mapped.is_empty()
+            && self.mapped.len() <= Self::MAX_MAPPED
+            && seen.len() == self.mapped.len()
+            && self.mapped.iter().all(|ip| is_mapped_address(*ip))
+    }
+}
+
+/// Mapped addresses for DNS resources come from 100.96.0.0/11 and fd00:2021:1111:8000::/107,
+/// never from anything a real host could have.
+pub fn is_mapped_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => u32::from(v4) >> 21 == u32::from(Ipv4Addr::new(100, 96, 0, 0)) >> 21,
+        IpAddr::V6(v6) => {
+            u128::from(v6) >> 21
+                == u128::from(Ipv6Addr::new(0xfd00, 0x2021, 0x1111, 0x8000, 0, 0, 0, 0)) >> 21
+        }
+    }
 }
 
 /// A grant and the portal's signature over its canonical encoding.
@@ -138,6 +180,20 @@ impl Grant {
                 out.number(filters.len() as u64);
                 for filter in filters {
                     out.text(filter);
+                }
+            }
+        }
+        match &self.resource.dns {
+            None => out.number(0),
+            Some(dns) => {
+                out.number(1);
+                out.text(&dns.name);
+                out.number(dns.mapped.len() as u64);
+                for ip in &dns.mapped {
+                    match ip {
+                        IpAddr::V4(v4) => out.bytes(&v4.octets()),
+                        IpAddr::V6(v6) => out.bytes(&v6.octets()),
+                    }
                 }
             }
         }
@@ -262,6 +318,13 @@ mod tests {
                 id: "gitlab".into(),
                 address: "gitlab.acme.example".into(),
                 filter: Some(vec!["tcp/443".into(), "tcp/22".into()]),
+                dns: Some(DnsMapping {
+                    name: "gitlab.acme.example".into(),
+                    mapped: vec![
+                        "100.96.0.1".parse().unwrap(),
+                        "fd00:2021:1111:8000::1".parse().unwrap(),
+                    ],
+                }),
             },
             rule: "eng-tools".into(),
             bundle_hash: "sha256:00".into(),
@@ -301,6 +364,28 @@ mod tests {
             back.verify(&portal().public_key(), &client(), NOW + 10),
             Ok(&grant())
         );
+    }
+
+    #[test]
+    fn mapped_addresses_stay_in_their_ranges() {
+        let mapping = |mapped: &[&str]| DnsMapping {
+            name: "gitlab.acme.example".into(),
+            mapped: mapped.iter().map(|ip| ip.parse().unwrap()).collect(),
+        };
+        assert!(
+            mapping(&["100.96.0.1", "100.127.255.254", "fd00:2021:1111:8000::1"]).is_well_formed()
+        );
+        assert!(mapping(&["fd00:2021:1111:8000:0:0:1f:ffff"]).is_well_formed());
+        for bad in [
+            &[][..],
+            &["100.128.0.1"][..],
+            &["100.95.255.255"][..],
+            &["172.16.0.5"][..],
+            &["fd00:2021:1111:8000:0:0:20:0"][..],
+            &["100.96.0.1", "100.96.0.1"][..],
+        ] {
+            assert!(!mapping(bad).is_well_formed(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@ mod key;
 mod message;
 
 pub use grant::{
-    CLOCK_SKEW, ClientPeer, GatewayPeer, Grant, GrantError, GrantedResource, Identity, SignedGrant,
-    UnixTime,
+    CLOCK_SKEW, ClientPeer, DnsMapping, GatewayPeer, Grant, GrantError, GrantedResource, Identity,
+    SignedGrant, UnixTime, is_mapped_address,
 };
 pub use key::{KeyError, PortalPublicKey, PortalSigningKey, PresharedKey, PublicKey};
 pub use message::{

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::grant::SignedGrant;
+use crate::grant::{DnsMapping, SignedGrant};
 use crate::key::PublicKey;
 
 /// The protocol version this build speaks. Peers refuse messages of a newer version.
@@ -28,8 +28,13 @@ pub enum ClientMessage {
         public_key: PublicKey,
         endpoints: Vec<SocketAddr>,
     },
-    /// Asks for a grant to a resource, by id.
-    RequestAccess { resource: String },
+    /// Asks for a grant to a resource, by id; for a DNS resource, with the name the client
+    /// resolved and the mapped addresses its DNS stub handed out for it.
+    RequestAccess {
+        resource: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dns: Option<DnsMapping>,
+    },
 }
 
 /// Portal to client.
@@ -99,10 +104,21 @@ pub enum GatewayMessage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PortalToGateway {
-    Ready { gateway_id: String },
-    Grant { grant: Box<SignedGrant> },
-    Revoke { grant_id: String },
-    Error { message: String },
+    /// Answer to `hello`: the gateway's id, and how often it must heartbeat; three missed
+    /// heartbeats and the portal takes it out of service.
+    Ready {
+        gateway_id: String,
+        heartbeat_interval_ms: u64,
+    },
+    Grant {
+        grant: Box<SignedGrant>,
+    },
+    Revoke {
+        grant_id: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Why bytes are not a message.
@@ -185,6 +201,14 @@ mod tests {
             },
             ClientMessage::RequestAccess {
                 resource: "gitlab".into(),
+                dns: None,
+            },
+            ClientMessage::RequestAccess {
+                resource: "gitlab".into(),
+                dns: Some(DnsMapping {
+                    name: "gitlab.acme.example".into(),
+                    mapped: vec!["100.96.0.1".parse().unwrap()],
+                }),
             },
         ];
         for message in messages {

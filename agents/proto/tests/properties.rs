@@ -4,7 +4,7 @@
 //!   one never verifies the other.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use fz_proto::*;
 use proptest::prelude::*;
@@ -22,7 +22,13 @@ fn grant() -> impl Strategy<Value = Grant> {
             any::<u128>(),
             endpoints(),
         ),
-        (text(), any::<[u8; 32]>(), endpoints(), any::<[u8; 32]>()),
+        (
+            text(),
+            any::<[u8; 32]>(),
+            endpoints(),
+            any::<[u8; 32]>(),
+            prop::option::of((text(), prop::collection::vec(any::<IpAddr>(), 0..4))),
+        ),
         (
             text(),
             text(),
@@ -36,7 +42,7 @@ fn grant() -> impl Strategy<Value = Grant> {
         .prop_map(
             |(
                 (id, account, client_id, client_key, v4, v6, client_endpoints),
-                (gateway_id, gateway_key, gateway_endpoints, psk),
+                (gateway_id, gateway_key, gateway_endpoints, psk, dns),
                 (resource_id, address, filter, rule, bundle_hash, issued_at, expires_at),
             )| Grant {
                 id,
@@ -58,6 +64,7 @@ fn grant() -> impl Strategy<Value = Grant> {
                     id: resource_id,
                     address,
                     filter,
+                    dns: dns.map(|(name, mapped)| DnsMapping { name, mapped }),
                 },
                 rule,
                 bundle_hash,

@@ -4,14 +4,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use fz_portal::broker::system_clock;
 use fz_portal::config::{AccountConfig, Config};
-use fz_portal::http::{AccountState, AppState};
 use fz_portal::policy::PolicyEngine;
+use fz_portal::server::RunningPortal;
 use fz_portal::store::{Decision, FlowFilter, Store, TokenKind};
 
 #[derive(Debug, Parser)]
@@ -64,9 +64,21 @@ enum TokenCommand {
     Create {
         #[arg(long)]
         account: String,
-        /// A client token, for a device of this name.
-        #[arg(long, conflicts_with = "gateway", required_unless_present = "gateway")]
+        /// A client token, for a device of this name; needs `--user`.
+        #[arg(
+            long,
+            conflicts_with = "gateway",
+            required_unless_present = "gateway",
+            requires = "user"
+        )]
         client: Option<String>,
+        /// The user (email) a client token speaks for.
+        #[arg(long, conflicts_with = "gateway")]
+        user: Option<String>,
+        /// The identity provider a client token's user counts as signed in with (the `provider`
+        /// condition); without it, none.
+        #[arg(long, requires = "client")]
+        provider: Option<String>,
         /// A gateway token, for a gateway of this name; needs `--site`.
         #[arg(long, requires = "site")]
         gateway: Option<String>,
@@ -233,13 +245,18 @@ async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
         TokenCommand::Create {
             account,
             client,
+            user,
+            provider,
             gateway,
             site,
         } => {
             let settings = account_config(config, &account)?;
             let store = open_store(config, &account).await?;
             let (kind, name) = match (client, gateway, site) {
-                (Some(name), None, _) => (TokenKind::Client, name),
+                (Some(name), None, _) => {
+                    let user = user.context("a client token needs `--user EMAIL`")?;
+                    (TokenKind::Client { user, provider }, name)
+                }
                 (None, Some(name), Some(site)) => {
                     // A gateway token is bound to a site the account's policy declares.
                     let policy = PolicyEngine::open(&settings.policy)?;
@@ -320,40 +337,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let store = Store::open(&config.data_dir).await?;
-    // Connections do not survive a restart: no gateway is healthy until it connects again.
-    store.mark_all_gateways_disconnected().await?;
-    let signing_key = fz_portal::keys::load_or_create(&config.data_dir)?;
-    let mut accounts = Vec::new();
-    let mut watchers = Vec::new();
-    for account in &config.accounts {
-        store.ensure_account(&account.slug).await?;
-        let policy = Arc::new(
-            PolicyEngine::open(&account.policy)
-                .with_context(|| format!("account `{}`: cannot load its policy", account.slug))?,
-        );
-        watchers.push(policy.watch()?);
-        tracing::info!(account = %account.slug, bundle = %policy.current().bundle_hash, "policy loaded");
-        accounts.push(AccountState {
-            slug: account.slug.clone(),
-            policy,
-        });
-    }
-    let state = Arc::new(AppState { accounts });
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let address = listener.local_addr()?;
+    let portal = RunningPortal::start(&config, system_clock()).await?;
     println!(
-        "fz-portal listening on http://{address} (portal key {})",
-        signing_key.public_key()
+        "fz-portal listening on {}://{} (portal key {})",
+        RunningPortal::scheme(&config),
+        portal.address,
+        portal.public_key
     );
-    axum::serve(listener, fz_portal::http::router(state))
-        .with_graceful_shutdown(shutdown())
-        .await?;
-    drop(watchers);
-    store.close().await;
-    Ok(())
+    shutdown().await;
+    portal.stop().await
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -1,0 +1,471 @@
+//! The agents' WebSockets: `GET /api/{account}/client` and `GET /api/{account}/gateway`, each
+//! authenticated with `Authorization: Bearer <token>` before the upgrade ([`require_token`]).
+//!
+//! These handlers only move frames: they check the token, read `fz-proto` messages, hand
+//! them to the [`Broker`], and write what it answers. A message that is malformed, too large,
+//! from a newer protocol version or out of place gets an `error` message and the connection
+//! stays open; a frame beyond the WebSocket limit closes that connection only.
+//!
+//! **Invariant:** nothing reaches the broker from a connection whose token was not live and of
+//! the account in the path when it connected; a revoked token's connections are closed by the
+//! broker.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use fz_proto::{
+    ClientMessage, GatewayMessage, MAX_MESSAGE_BYTES, PortalToClient, PortalToGateway, SignedGrant,
+    decode, encode,
+};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::broker::{Broker, BrokerError, Link, LinkReceiver};
+use crate::config::TrustedProxy;
+use crate::http::AppState;
+use crate::store::{TokenKind, TokenRecord};
+
+/// Frames beyond this close the connection; messages between this and
+/// [`MAX_MESSAGE_BYTES`] are refused with an error and the connection stays.
+const MAX_FRAME_BYTES: usize = 4 * MAX_MESSAGE_BYTES;
+
+/// An idle connection should cost little: tungstenite's default read buffer is 128 KiB.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// How long an agent has to say hello after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection requests one client may have waiting at once.
+const MAX_REQUESTS_IN_FLIGHT: usize = 32;
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// The bearer secret of a request, if it has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// The live token of `account` the request carries, or the response that refuses it. A
+/// missing, wrong, expired, revoked or other account's token all get the same answer.
+async fn authenticate(
+    broker: &Broker,
+    account: &str,
+    headers: &HeaderMap,
+) -> Result<TokenRecord, Response> {
+    let unauthorised = || {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "a live token of this account is needed: `Authorization: Bearer <token>`",
+        )
+    };
+    let secret = bearer(headers).ok_or_else(unauthorised)?;
+    match broker.authenticate(account, secret).await {
+        Ok(Some(token)) => Ok(token),
+        Ok(None) => Err(unauthorised()),
+        Err(BrokerError::NoAccount(_)) => Err(unauthorised()),
+        Err(other) => Err(error(StatusCode::SERVICE_UNAVAILABLE, other.to_string())),
+    }
+}
+
+/// The client's address: the socket's peer, or what a trusted proxy says it is.
+fn source_address(
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    proxy: Option<&TrustedProxy>,
+) -> Option<IpAddr> {
+    let peer = peer?.ip();
+    let Some(proxy) = proxy else {
+        return Some(peer);
+    };
+    if !proxy.peers.iter().any(|n| n.contains(peer)) {
+        return Some(peer);
+    }
+    // The proxy appends the address it saw last: the rightmost entry is the one it vouches
+    // for; anything left of it came from the client and proves nothing.
+    let said = headers
+        .get_all(proxy.header.as_str())
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|v| v.trim().parse::<IpAddr>().ok())
+        .next_back();
+    Some(said.unwrap_or(peer))
+}
+
+/// Middleware in front of the agents' route: the request must carry a live token of the
+/// account in the path, of the kind the path names. The token goes on to the handler as an
+/// extension; nothing else gets through.
+pub async fn require_token(
+    State(state): State<Arc<AppState>>,
+    Path((account, agent)): Path<(String, String)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let token = match authenticate(&state.broker, &account, request.headers()).await {
+        Ok(token) => token,
+        Err(response) => return response,
+    };
+    let kind_matches = match agent.as_str() {
+        "client" => matches!(token.kind, TokenKind::Client { .. }),
+        "gateway" => matches!(token.kind, TokenKind::Gateway { .. }),
+        _ => return error(StatusCode::NOT_FOUND, "agents are `client` or `gateway`"),
+    };
+    if !kind_matches {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("this is not a {agent} token"),
+        );
+    }
+    request.extensions_mut().insert(token);
+    next.run(request).await
+}
+
+/// `GET /api/{account}/{agent}`: the WebSocket of a client or a gateway, after
+/// [`require_token`].
+pub async fn connect(
+    State(state): State<Arc<AppState>>,
+    Extension(token): Extension<TokenRecord>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let broker = state.broker.clone();
+    let ws = ws
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0);
+    match token.kind {
+        TokenKind::Client { .. } => {
+            let source = source_address(
+                peer.map(|Extension(ConnectInfo(addr))| addr),
+                &headers,
+                state.trusted_proxy.as_ref(),
+            );
+            ws.on_upgrade(move |socket| client_connection(broker, token, source, socket))
+        }
+        TokenKind::Gateway { .. } => {
+            ws.on_upgrade(move |socket| gateway_connection(broker, token, socket))
+        }
+    }
+}
+
+/// What one frame from an agent turned out to be.
+enum Incoming<T> {
+    Message(T),
+    /// Not a message; the text goes back in an `error` message.
+    Bad(String),
+    /// Control frames: nothing to do.
+    Nothing,
+    Closed,
+}
+
+fn read<T: serde::de::DeserializeOwned>(
+    frame: Option<Result<Message, axum::Error>>,
+) -> Incoming<T> {
+    match frame {
+        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Incoming::Closed,
+        Some(Ok(Message::Text(text))) => match decode(text.as_bytes()) {
+            Ok(message) => Incoming::Message(message),
+            Err(error) => Incoming::Bad(error.to_string()),
+        },
+        Some(Ok(Message::Binary(_))) => {
+            Incoming::Bad("messages are JSON text frames, not binary".to_owned())
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Incoming::Nothing,
+    }
+}
+
+async fn send<T: Serialize>(socket: &mut WebSocket, message: &T) -> bool {
+    socket
+        .send(Message::Text(encode(message).into()))
+        .await
+        .is_ok()
+}
+
+/// Waits for the agent's hello; answers anything else with an error.
+async fn hello<T: serde::de::DeserializeOwned>(
+    socket: &mut WebSocket,
+    is_hello: impl Fn(&T) -> bool,
+    error: impl Fn(String) -> String,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, socket.recv())
+            .await
+            .ok()?;
+        match read::<T>(frame) {
+            Incoming::Message(message) if is_hello(&message) => return Some(message),
+            Incoming::Message(_) => {
+                let text = error("say `hello` first".to_owned());
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    return None;
+                }
+            }
+            Incoming::Bad(reason) => {
+                if socket
+                    .send(Message::Text(error(reason).into()))
+                    .await
+                    .is_err()
+                {
+                    return None;
+                }
+            }
+            Incoming::Nothing => {}
+            Incoming::Closed => return None,
+        }
+    }
+}
+
+fn client_error(message: String) -> String {
+    encode(&PortalToClient::Error { message })
+}
+
+fn gateway_error(message: String) -> String {
+    encode(&PortalToGateway::Error { message })
+}
+
+async fn client_connection(
+    broker: Arc<Broker>,
+    token: TokenRecord,
+    source: Option<IpAddr>,
+    mut socket: WebSocket,
+) {
+    let Some(ClientMessage::Hello {
+        public_key,
+        endpoints,
+    }) = hello(
+        &mut socket,
+        |m| matches!(m, ClientMessage::Hello { .. }),
+        client_error,
+    )
+    .await
+    else {
+        return;
+    };
+    let (link, mut outbound) = Link::new();
+    let (session, connection, ready) = match broker
+        .client_hello(&token, public_key, endpoints, source, link.clone())
+        .await
+    {
+        Ok(started) => started,
+        Err(refused) => {
+            let _ = send(
+                &mut socket,
+                &PortalToClient::Error {
+                    message: refused.to_string(),
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    tracing::debug!(account = %session.account, client = %session.client_id, "client connected");
+    let in_flight = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
+    if send(&mut socket, &ready).await {
+        loop {
+            tokio::select! {
+                frame = socket.recv() => match read::<ClientMessage>(frame) {
+                    Incoming::Message(ClientMessage::RequestAccess { resource, dns }) => {
+                        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                            link.send(&PortalToClient::Error {
+                                message: format!("at most {MAX_REQUESTS_IN_FLIGHT} requests may wait at once"),
+                            });
+                            continue;
+                        };
+                        let broker = broker.clone();
+                        let session = session.clone();
+                        let link = link.clone();
+                        tokio::spawn(async move {
+                            let answer = broker.request_access(&session, &resource, dns).await;
+                            link.send(&answer);
+                            drop(permit);
+                        });
+                    }
+                    Incoming::Message(ClientMessage::Hello { .. }) => {
+                        link.send(&PortalToClient::Error { message: "`hello` was already said".to_owned() });
+                    }
+                    Incoming::Bad(message) => link.send(&PortalToClient::Error { message }),
+                    Incoming::Nothing => {}
+                    Incoming::Closed => break,
+                },
+                Some(text) = outbound.messages.recv() => {
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                () = outbound.close.notified() => break,
+            }
+        }
+    }
+    broker.client_closed(&session.client_id, connection);
+    let _ = socket.send(Message::Close(None)).await;
+    tracing::debug!(account = %session.account, client = %session.client_id, "client disconnected");
+}
+
+async fn gateway_connection(broker: Arc<Broker>, token: TokenRecord, mut socket: WebSocket) {
+    let Some(GatewayMessage::Hello {
+        public_key,
+        endpoints,
+    }) = hello(
+        &mut socket,
+        |m| matches!(m, GatewayMessage::Hello { .. }),
+        gateway_error,
+    )
+    .await
+    else {
+        return;
+    };
+    let (link, outbound) = Link::new();
+    let (gateway_id, connection, ready, held) = match broker
+        .gateway_hello(&token, public_key, endpoints, link.clone())
+        .await
+    {
+        Ok(started) => started,
+        Err(refused) => {
+            let _ = send(
+                &mut socket,
+                &PortalToGateway::Error {
+                    message: refused.to_string(),
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let mut ready_sent = send(&mut socket, &ready).await;
+    for grant in held {
+        if !ready_sent {
+            break;
+        }
+        ready_sent = send(
+            &mut socket,
+            &PortalToGateway::Grant {
+                grant: Box::new(SignedGrant::clone(&grant)),
+            },
+        )
+        .await;
+    }
+    if ready_sent {
+        serve_gateway(
+            &broker,
+            &token.account,
+            &gateway_id,
+            &link,
+            outbound,
+            &mut socket,
+        )
+        .await;
+    }
+    broker
+        .gateway_closed(&token.account, &gateway_id, connection)
+        .await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// A gateway's messages until it closes, goes silent for three heartbeat intervals, or the
+/// broker closes it.
+async fn serve_gateway(
+    broker: &Broker,
+    account: &str,
+    gateway_id: &str,
+    link: &Link,
+    mut outbound: LinkReceiver,
+    socket: &mut WebSocket,
+) {
+    let silence = broker.timings().heartbeat_timeout();
+    let mut deadline = tokio::time::Instant::now() + silence;
+    loop {
+        tokio::select! {
+            frame = socket.recv() => {
+                deadline = tokio::time::Instant::now() + silence;
+                match read::<GatewayMessage>(frame) {
+                    Incoming::Message(GatewayMessage::Heartbeat) => {
+                        broker.gateway_heartbeat(account, gateway_id).await;
+                    }
+                    Incoming::Message(GatewayMessage::Ack { grant_id }) => {
+                        broker.gateway_answered(gateway_id, &grant_id, Ok(()));
+                    }
+                    Incoming::Message(GatewayMessage::Refused { grant_id, reason }) => {
+                        broker.gateway_answered(gateway_id, &grant_id, Err(reason));
+                    }
+                    Incoming::Message(GatewayMessage::Hello { .. }) => {
+                        link.send(&PortalToGateway::Error { message: "`hello` was already said".to_owned() });
+                    }
+                    Incoming::Bad(message) => link.send(&PortalToGateway::Error { message }),
+                    Incoming::Nothing => {}
+                    Incoming::Closed => return,
+                }
+            }
+            Some(text) = outbound.messages.recv() => {
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    return;
+                }
+            }
+            () = outbound.close.notified() => return,
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(%account, gateway = %gateway_id, "gateway missed its heartbeats");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trusted_proxy_is_believed_and_no_one_else() {
+        let proxy = TrustedProxy {
+            header: "x-forwarded-for".to_owned(),
+            peers: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            "203.0.113.9, 198.51.100.7".parse().unwrap(),
+        );
+        let from = |peer: &str| {
+            source_address(Some(peer.parse().unwrap()), &headers, Some(&proxy))
+                .map(|ip| ip.to_string())
+        };
+        assert_eq!(from("10.1.2.3:4000").as_deref(), Some("198.51.100.7"));
+        assert_eq!(from("192.0.2.1:4000").as_deref(), Some("192.0.2.1"));
+        assert_eq!(
+            source_address(Some("10.1.2.3:4000".parse().unwrap()), &headers, None),
+            Some("10.1.2.3".parse().unwrap())
+        );
+        let empty = HeaderMap::new();
+        assert_eq!(
+            source_address(Some("10.1.2.3:4000".parse().unwrap()), &empty, Some(&proxy)),
+            Some("10.1.2.3".parse().unwrap())
+        );
+        assert_eq!(source_address(None, &headers, Some(&proxy)), None);
+    }
+}

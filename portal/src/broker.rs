@@ -1,0 +1,998 @@
+//! The broker: what happens between an agent's message and the answer. It authorises
+//! connection requests against the account's loaded policy, picks a gateway, mints and signs
+//! grants, waits for the gateway's acknowledgement, records every decision in the flow log,
+//! and withdraws grants when the policy, a token or the clock says they no longer hold.
+//!
+//! The WebSocket handlers (`agents`) only read and write frames; every decision is made here.
+//! State of live connections is in [`Registry`]; what must survive a restart goes through the
+//! group-committing [`Writer`] into the store before anyone is told.
+//!
+//! **Invariant:** default deny. A grant is pushed only after an allow decision with the
+//! account's current table; a grant is withdrawn (gateway and client told, store updated)
+//! as soon as a decision with the current table, clock and tokens no longer allows it.
+//!
+//! **Invariant:** accounts are isolated: a session, gateway or grant is only ever matched with
+//! others of its own account, and acknowledgements count only from the gateway the grant went
+//! to.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fz_compiler::address::Address;
+use fz_compiler::{DecisionTable, Reason, Request};
+use fz_proto::{
+    ClientReady, DnsMapping, Grant, GrantedResource, PortalSigningKey, PortalToClient,
+    PortalToGateway, PresharedKey, PublicKey, ResourceView, SignedGrant, UnixTime, encode,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::config::AccountConfig;
+use crate::geo::CountryDb;
+use crate::policy::PolicyEngine;
+use crate::random;
+use crate::registry::{ClientEntry, ClientSession, GatewayEntry, LiveGrant, Registry, deletions};
+use crate::store::{
+    self, Decision as FlowDecision, GrantRecord, NewFlow, Store, TokenRecord, Write,
+};
+use crate::writer::Writer;
+
+/// The clock the broker reads; tests move it.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// How many messages may wait for a slow agent before the portal gives up on its connection.
+const LINK_CAPACITY: usize = 1024;
+
+/// The way to an agent's connection: messages to send, and a signal to close it.
+#[derive(Debug, Clone)]
+pub struct Link {
+    messages: mpsc::Sender<String>,
+    close: Arc<Notify>,
+}
+
+/// The connection's side of a [`Link`].
+#[derive(Debug)]
+pub struct LinkReceiver {
+    pub messages: mpsc::Receiver<String>,
+    pub close: Arc<Notify>,
+}
+
+impl Link {
+    pub fn new() -> (Link, LinkReceiver) {
+        let (messages, receiver) = mpsc::channel(LINK_CAPACITY);
+        let close = Arc::new(Notify::new());
+        (
+            Link {
+                messages,
+                close: close.clone(),
+            },
+            LinkReceiver {
+                messages: receiver,
+                close,
+            },
+        )
+    }
+
+    /// Queues a message; an agent that lets [`LINK_CAPACITY`] messages pile up is closed.
+    pub fn send<T: Serialize>(&self, message: &T) {
+        if self.messages.try_send(encode(message)).is_err() {
+            self.close();
+        }
+    }
+
+    pub fn close(&self) {
+        self.close.notify_one();
+    }
+}
+
+/// An account the portal serves.
+#[derive(Debug)]
+pub struct Account {
+    pub settings: AccountConfig,
+    pub policy: Arc<PolicyEngine>,
+}
+
+/// Timings of the agents' protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub heartbeat_interval: Duration,
+    pub ack_timeout: Duration,
+}
+
+impl Timings {
+    /// Three heartbeats missed and a gateway is out.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.heartbeat_interval.saturating_mul(3)
+    }
+}
+
+/// What a grant needs to be decided again and sent again after a restart.
+#[derive(Debug, Serialize, Deserialize)]
+struct GrantDetail {
+    signed: SignedGrant,
+    session: ClientSession,
+    verified: bool,
+}
+
+/// A gateway's answer to a grant.
+type AckOutcome = Result<(), String>;
+
+#[derive(Debug)]
+struct PendingAck {
+    gateway_id: String,
+    answer: oneshot::Sender<AckOutcome>,
+}
+
+pub struct Broker {
+    store: Store,
+    writer: Writer,
+    key: PortalSigningKey,
+    accounts: HashMap<String, Account>,
+    geo: Option<CountryDb>,
+    timings: Timings,
+    clock: Clock,
+    registry: Mutex<Registry<Link>>,
+    pending: Mutex<HashMap<String, PendingAck>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("accounts", &self.accounts.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a connection could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("no account `{0}` on this portal")]
+    NoAccount(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("the portal cannot serve this right now; try again")]
+    Unavailable,
+}
+
+/// The parts a broker is made of.
+#[allow(missing_debug_implementations)] // the clock is a closure
+pub struct BrokerParts {
+    pub store: Store,
+    pub writer: Writer,
+    pub key: PortalSigningKey,
+    pub accounts: Vec<Account>,
+    pub geo: Option<CountryDb>,
+    pub timings: Timings,
+    pub clock: Clock,
+}
+
+impl Broker {
+    /// A broker over these parts, with the grants the store holds from before a restart back
+    /// in force.
+    pub async fn start(parts: BrokerParts) -> Result<Arc<Broker>, store::StoreError> {
+        let now = unix(parts.clock.as_ref()());
+        let mut registry = Registry::default();
+        for account in &parts.accounts {
+            let slug = &account.settings.slug;
+            for record in parts.store.active_grants(slug, now_i64(now)).await? {
+                let detail = record
+                    .detail
+                    .as_deref()
+                    .and_then(|d| serde_json::from_str::<GrantDetail>(d).ok());
+                let Some(detail) = detail else {
+                    tracing::warn!(grant = %record.id, "a stored grant lacks its detail; it runs to its expiry undecided");
+                    continue;
+                };
+                let site = account
+                    .policy
+                    .current()
+                    .table
+                    .resource_index(&record.resource_id)
+                    .and_then(|r| site_of(&account.policy.current().table, r));
+                registry.grant_added(
+                    live_grant(&detail.signed, Arc::new(detail.session), detail.verified),
+                    site.as_deref().unwrap_or_default(),
+                );
+            }
+        }
+        Ok(Arc::new(Broker {
+            store: parts.store,
+            writer: parts.writer,
+            key: parts.key,
+            accounts: parts
+                .accounts
+                .into_iter()
+                .map(|a| (a.settings.slug.clone(), a))
+                .collect(),
+            geo: parts.geo,
+            timings: parts.timings,
+            clock: parts.clock,
+            registry: Mutex::new(registry),
+            pending: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &Account> {
+        self.accounts.values()
+    }
+
+    pub fn account(&self, slug: &str) -> Result<&Account, BrokerError> {
+        self.accounts
+            .get(slug)
+            .ok_or_else(|| BrokerError::NoAccount(slug.to_owned()))
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.as_ref()()
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry<Link>> {
+        // A panic while holding the lock cannot leave the registry half-changed in a way that
+        // matters more than stopping service would: keep serving.
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<String, PendingAck>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The token behind a bearer secret, if it is live and belongs to `account`. Another
+    /// account's token is treated exactly like a wrong one.
+    pub async fn authenticate(
+        &self,
+        account: &str,
+        secret: &str,
+    ) -> Result<Option<TokenRecord>, BrokerError> {
+        self.account(account)?;
+        let token = self
+            .store
+            .authenticate(secret, now_i64(unix(self.now())))
+            .await
+            .map_err(|error| {
+                tracing::error!(error = %error, "token lookup failed");
+                BrokerError::Unavailable
+            })?;
+        Ok(token.filter(|t| t.account == account))
+    }
+
+    // ---- clients ----
+
+    /// A client said hello: register its device, start its session, and say what it may ask
+    /// for.
+    pub async fn client_hello(
+        &self,
+        token: &TokenRecord,
+        public_key: PublicKey,
+        endpoints: Vec<std::net::SocketAddr>,
+        source: Option<std::net::IpAddr>,
+        link: Link,
+    ) -> Result<(Arc<ClientSession>, u64, PortalToClient), BrokerError> {
+        let account = self.account(&token.account)?;
+        let store::TokenKind::Client { user, provider } = &token.kind else {
+            return Err(BrokerError::Refused(
+                "this is not a client token".to_owned(),
+            ));
+        };
+        let now = unix(self.now());
+        let client = self
+            .store
+            .register_client(
+                &token.account,
+                &token.id,
+                &public_key.to_string(),
+                now_i64(now),
+            )
+            .await
+            .map_err(refusal)?;
+        let Some(index) = client.tunnel_index else {
+            return Err(BrokerError::Unavailable);
+        };
+        let (tunnel_ipv4, tunnel_ipv6) = store::tunnel_addresses(index);
+        let idp_groups = self
+            .store
+            .memberships(&token.account, user)
+            .await
+            .map_err(refusal)?
+            .into_iter()
+            .map(|g| (g.provider, g.group))
+            .collect();
+        let session = Arc::new(ClientSession {
+            account: token.account.clone(),
+            client_id: client.id.clone(),
+            token_id: token.id.clone(),
+            token_expires_at: u64::try_from(token.expires_at).unwrap_or(0),
+            user: user.clone(),
+            provider: provider.clone(),
+            idp_groups,
+            source,
+            country: source.and_then(|ip| self.geo.as_ref()?.country(ip)),
+            peer: fz_proto::ClientPeer {
+                id: client.id.clone(),
+                public_key,
+                tunnel_ipv4,
+                tunnel_ipv6,
+                endpoints,
+            },
+        });
+        let policy = account.policy.current();
+        let resources = visible_resources(&policy.table, &session, client.verified, self.now());
+        let connection = {
+            let mut registry = self.registry();
+            let connection = registry.connection();
+            let replaced = registry.client_connected(ClientEntry {
+                session: session.clone(),
+                connection,
+                link,
+                gateway_by_site: HashMap::new(),
+            });
+            if let Some(old) = replaced {
+                old.close();
+            }
+            connection
+        };
+        let ready = PortalToClient::Ready(Box::new(ClientReady {
+            client_id: client.id,
+            tunnel_ipv4,
+            tunnel_ipv6,
+            resources,
+        }));
+        Ok((session, connection, ready))
+    }
+
+    pub fn client_closed(&self, client_id: &str, connection: u64) {
+        self.registry().client_gone(client_id, connection);
+    }
+
+    /// Decides a connection request and answers it: a signed grant the gateway has
+    /// acknowledged, or a rejection that says what failed. Either way the flow log has it.
+    pub async fn request_access(
+        &self,
+        session: &ClientSession,
+        resource: &str,
+        dns: Option<DnsMapping>,
+    ) -> PortalToClient {
+        match self.authorise(session, resource, dns).await {
+            Ok(signed) => PortalToClient::Granted {
+                grant: Box::new(signed),
+            },
+            Err(reason) => PortalToClient::Rejected {
+                resource: resource.to_owned(),
+                reason,
+            },
+        }
+    }
+
+    async fn authorise(
+        &self,
+        session: &ClientSession,
+        resource_id: &str,
+        dns: Option<DnsMapping>,
+    ) -> Result<SignedGrant, String> {
+        let account = self.account(&session.account).map_err(|e| e.to_string())?;
+        let at = self.now();
+        let verified = self
+            .store
+            .client(&session.account, &session.client_id)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "client lookup failed");
+                BrokerError::Unavailable.to_string()
+            })?
+            .is_some_and(|c| c.verified);
+        let policy = account.policy.current();
+        let table = &policy.table;
+        let request = request_for(table, session, resource_id, verified, at);
+        let decision = table.decide(&request);
+        let flow = |decision: FlowDecision, rule: Option<String>, reason: String| NewFlow {
+            account: session.account.clone(),
+            time: now_i64(unix(at)),
+            user: session.user.clone(),
+            client_id: session.client_id.clone(),
+            resource_id: resource_id.to_owned(),
+            decision,
+            rule_id: rule,
+            bundle_hash: policy.bundle_hash.clone(),
+            reason,
+        };
+        let deny = |reason: String| async {
+            let write = Write::Flow(flow(FlowDecision::Deny, None, reason.clone()));
+            if let Err(error) = self.writer.submit(vec![write]).await {
+                tracing::error!(error = %error, "cannot record a flow");
+            }
+            Err(reason)
+        };
+        if decision.reason != Reason::Allowed {
+            let mut reason = decision.reason.describe().to_owned();
+            let lines = table.explain(&request, &decision);
+            if !lines.is_empty() {
+                reason = format!("{reason}: {}", lines.join("; "));
+            }
+            return deny(reason).await;
+        }
+        let Some(index) = table.resource_index(resource_id) else {
+            return deny(Reason::UnknownResource.describe().to_owned()).await;
+        };
+        let Some(resource) = table.table().resources.get(index as usize) else {
+            return deny(Reason::UnknownResource.describe().to_owned()).await;
+        };
+        if let Err(reason) = check_dns(&resource.address, dns.as_ref()) {
+            return deny(reason).await;
+        }
+        let rule = decision
+            .rules
+            .first()
+            .and_then(|r| table.table().rules.get(*r as usize))
+            .map(|r| r.id.clone())
+            .unwrap_or_default();
+        let site = site_of(table, index).unwrap_or_default();
+        let now = unix(at);
+        let mut expires_at = now
+            .saturating_add(account.settings.max_grant_lifetime_secs)
+            .min(session.token_expires_at);
+        if let Some(until) = table.allowed_until(&decision, at) {
+            expires_at = expires_at.min(unix(until));
+        }
+        if expires_at <= now {
+            return deny("the rule's time window closes now".to_owned()).await;
+        }
+        let granted = GrantedResource {
+            id: resource.id.clone(),
+            address: resource.address.to_string(),
+            filter: resource
+                .ports
+                .as_ref()
+                .map(|ports| ports.iter().map(ToString::to_string).collect()),
+            dns,
+        };
+        let mut tried = HashSet::new();
+        loop {
+            let gateway = {
+                let registry = self.registry();
+                registry
+                    .select_gateway(&session.account, &site, &session.client_id, &tried, |n| {
+                        random::index(n).unwrap_or(0)
+                    })
+                    .map(|g| (g.peer.clone(), g.link.clone()))
+            };
+            let Some((gateway, link)) = gateway else {
+                let reason = if tried.is_empty() {
+                    format!("no healthy gateway in site `{site}`")
+                } else {
+                    format!("no gateway in site `{site}` acknowledged the grant")
+                };
+                return deny(reason).await;
+            };
+            tried.insert(gateway.id.clone());
+            let grant = Grant {
+                id: random::id("gr").map_err(|_| BrokerError::Unavailable.to_string())?,
+                account: session.account.clone(),
+                client: session.peer.clone(),
+                gateway: gateway.clone(),
+                preshared_key: PresharedKey(
+                    random::bytes().map_err(|_| BrokerError::Unavailable.to_string())?,
+                ),
+                resource: granted.clone(),
+                rule: rule.clone(),
+                bundle_hash: policy.bundle_hash.clone(),
+                issued_at: now,
+                expires_at,
+            };
+            let signed = grant.sign(&self.key);
+            match self.push_to_gateway(&gateway.id, &link, &signed).await {
+                Ok(()) => {}
+                Err(GatewayAnswer::Refused(reason)) => {
+                    tracing::warn!(gateway = %gateway.id, grant = %signed.grant.id, %reason, "gateway refused a grant");
+                    return deny(format!(
+                        "gateway `{}` refused the grant: {reason}",
+                        gateway.id
+                    ))
+                    .await;
+                }
+                Err(GatewayAnswer::Silent) => {
+                    tracing::warn!(gateway = %gateway.id, grant = %signed.grant.id, "gateway did not acknowledge in time; taking it out of service");
+                    self.gateway_unhealthy(&session.account, &gateway.id).await;
+                    continue;
+                }
+                Err(GatewayAnswer::Gone) => continue,
+            }
+            let detail = GrantDetail {
+                signed: signed.clone(),
+                session: session.clone(),
+                verified,
+            };
+            let record = GrantRecord {
+                id: signed.grant.id.clone(),
+                account: session.account.clone(),
+                client_id: session.client_id.clone(),
+                gateway_id: gateway.id.clone(),
+                resource_id: resource_id.to_owned(),
+                rule_id: rule.clone(),
+                bundle_hash: policy.bundle_hash.clone(),
+                issued_at: now_i64(now),
+                expires_at: now_i64(expires_at),
+                detail: serde_json::to_string(&detail).ok(),
+            };
+            let reason = table.rule_notes(&decision.rules).join("; ");
+            let writes = vec![
+                Write::InsertGrant(record),
+                Write::Flow(flow(FlowDecision::Allow, Some(rule.clone()), reason)),
+            ];
+            if let Err(error) = self.writer.submit(writes).await {
+                // The gateway holds a grant the store does not: take it back.
+                tracing::error!(error = %error, "cannot store a grant; withdrawing it");
+                link.send(&PortalToGateway::Revoke {
+                    grant_id: signed.grant.id.clone(),
+                });
+                return Err(BrokerError::Unavailable.to_string());
+            }
+            self.registry().grant_added(
+                live_grant(&signed, Arc::new(session.clone()), verified),
+                &site,
+            );
+            return Ok(signed);
+        }
+    }
+
+    /// Sends a grant to a gateway and waits for its answer.
+    async fn push_to_gateway(
+        &self,
+        gateway_id: &str,
+        link: &Link,
+        signed: &SignedGrant,
+    ) -> Result<(), GatewayAnswer> {
+        let (answer, answered) = oneshot::channel();
+        self.pending().insert(
+            signed.grant.id.clone(),
+            PendingAck {
+                gateway_id: gateway_id.to_owned(),
+                answer,
+            },
+        );
+        link.send(&PortalToGateway::Grant {
+            grant: Box::new(signed.clone()),
+        });
+        let outcome = tokio::time::timeout(self.timings.ack_timeout, answered).await;
+        self.pending().remove(&signed.grant.id);
+        match outcome {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(reason))) => Err(GatewayAnswer::Refused(reason)),
+            // The gateway's connection closed and dropped the sender.
+            Ok(Err(_)) => Err(GatewayAnswer::Gone),
+            Err(_) => Err(GatewayAnswer::Silent),
+        }
+    }
+
+    // ---- gateways ----
+
+    /// A gateway said hello: register it in its token's site and put it in service. Returns
+    /// its id, connection number, the `ready` to send, and the grants in force it holds, to
+    /// send after `ready`.
+    pub async fn gateway_hello(
+        &self,
+        token: &TokenRecord,
+        public_key: PublicKey,
+        endpoints: Vec<std::net::SocketAddr>,
+        link: Link,
+    ) -> Result<(String, u64, PortalToGateway, Vec<Arc<SignedGrant>>), BrokerError> {
+        self.account(&token.account)?;
+        let store::TokenKind::Gateway { site } = &token.kind else {
+            return Err(BrokerError::Refused(
+                "this is not a gateway token".to_owned(),
+            ));
+        };
+        let now = now_i64(unix(self.now()));
+        let texts: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+        let record = self
+            .store
+            .register_gateway(
+                &token.account,
+                &token.id,
+                &public_key.to_string(),
+                &texts,
+                now,
+            )
+            .await
+            .map_err(refusal)?;
+        let connection = {
+            let mut registry = self.registry();
+            let connection = registry.connection();
+            let replaced = registry.gateway_connected(GatewayEntry {
+                account: token.account.clone(),
+                site: site.clone(),
+                token_id: token.id.clone(),
+                peer: fz_proto::GatewayPeer {
+                    id: record.id.clone(),
+                    public_key,
+                    endpoints,
+                },
+                healthy: true,
+                connection,
+                link,
+            });
+            if let Some(old) = replaced {
+                old.close();
+            }
+            connection
+        };
+        tracing::info!(account = %token.account, gateway = %record.id, %site, "gateway in service");
+        // A gateway that comes back (its connection dropped, or the portal restarted) gets the
+        // grants it holds again, so both sides agree on what is in force.
+        let held = self.registry().grants_where(|g| g.gateway_id == record.id);
+        let resend: Vec<Arc<SignedGrant>> = {
+            let registry = self.registry();
+            registry
+                .grants()
+                .into_iter()
+                .filter(|g| held.contains(&g.id))
+                .map(|g| g.signed.clone())
+                .collect()
+        };
+        let ready = PortalToGateway::Ready {
+            gateway_id: record.id.clone(),
+            heartbeat_interval_ms: u64::try_from(self.timings.heartbeat_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        };
+        Ok((record.id, connection, ready, resend))
+    }
+
+    /// A heartbeat: the gateway is alive.
+    pub async fn gateway_heartbeat(&self, account: &str, gateway_id: &str) {
+        let now = now_i64(unix(self.now()));
+        if let Err(error) = self
+            .store
+            .set_gateway_connected(account, gateway_id, true, now)
+            .await
+        {
+            tracing::warn!(error = %error, gateway = %gateway_id, "cannot record a heartbeat");
+        }
+    }
+
+    /// A gateway's answer to a grant. Answers about grants sent to another gateway are
+    /// ignored.
+    pub fn gateway_answered(&self, gateway_id: &str, grant_id: &str, outcome: AckOutcome) {
+        let mut pending = self.pending();
+        if pending
+            .get(grant_id)
+            .is_some_and(|p| p.gateway_id == gateway_id)
+            && let Some(p) = pending.remove(grant_id)
+        {
+            let _ = p.answer.send(outcome);
+        }
+    }
+
+    /// A gateway's connection closed (or missed its heartbeats): out of service at once.
+    pub async fn gateway_closed(&self, account: &str, gateway_id: &str, connection: u64) {
+        if !self.registry().gateway_gone(gateway_id, connection) {
+            return;
+        }
+        // Grants waiting for it will not be acknowledged: let their requests try another.
+        self.pending().retain(|_, p| p.gateway_id != gateway_id);
+        self.record_health(account, gateway_id, false).await;
+        tracing::info!(%account, gateway = %gateway_id, "gateway out of service");
+    }
+
+    async fn gateway_unhealthy(&self, account: &str, gateway_id: &str) {
+        if self.registry().mark_unhealthy(gateway_id) {
+            self.record_health(account, gateway_id, false).await;
+        }
+    }
+
+    async fn record_health(&self, account: &str, gateway_id: &str, healthy: bool) {
+        let now = now_i64(unix(self.now()));
+        if let Err(error) = self
+            .store
+            .set_gateway_connected(account, gateway_id, healthy, now)
+            .await
+        {
+            tracing::warn!(error = %error, gateway = %gateway_id, "cannot record gateway health");
+        }
+    }
+
+    // ---- withdrawing grants ----
+
+    /// Decides every grant in force again with the current tables and clock, and withdraws
+    /// the ones that no longer hold (expired, denied, or their resource changed). Returns how
+    /// many were withdrawn.
+    pub async fn revalidate(&self) -> usize {
+        let at = self.now();
+        let now = unix(at);
+        let tables: HashMap<&str, _> = self
+            .accounts
+            .iter()
+            .map(|(slug, a)| (slug.as_str(), a.policy.current()))
+            .collect();
+        // Decide on a snapshot: requests keep flowing while thousands of grants are decided.
+        let grants = self.registry().grants();
+        let mut reasons: HashMap<String, String> = HashMap::new();
+        for grant in &grants {
+            let reason = if grant.expires_at <= now {
+                Some("the grant expired".to_owned())
+            } else {
+                tables
+                    .get(grant.account.as_str())
+                    .and_then(|policy| still_allowed(&policy.table, grant, at).err())
+            };
+            if let Some(reason) = reason {
+                reasons.insert(grant.id.clone(), reason);
+            }
+        }
+        let ids: Vec<String> = reasons.keys().cloned().collect();
+        self.withdraw(&ids, |id| {
+            reasons
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| "the policy no longer allows it".to_owned())
+        })
+        .await
+    }
+
+    /// Closes the connections of tokens revoked since `since` and withdraws their grants.
+    pub async fn tokens_revoked(&self, tokens: &HashSet<String>) -> usize {
+        if tokens.is_empty() {
+            return 0;
+        }
+        let ids = {
+            let registry = self.registry();
+            for link in registry.links_of_tokens(tokens) {
+                link.close();
+            }
+            registry.grants_where(|g| tokens.contains(&g.session.token_id))
+        };
+        self.withdraw(&ids, |_| "the token was revoked".to_owned())
+            .await
+    }
+
+    /// Closes the sessions of clients whose token expired.
+    pub fn close_expired_sessions(&self) {
+        let now = unix(self.now());
+        for link in self.registry().clients_expired(now) {
+            link.close();
+        }
+    }
+
+    async fn withdraw(&self, ids: &[String], reason: impl Fn(&str) -> String) -> usize {
+        if ids.is_empty() {
+            return 0;
+        }
+        // Out of force first (no new decision can lean on them), then out of the store, then
+        // the agents are told: whoever hears of a revocation can rely on the store having it.
+        let withdrawn: Vec<Arc<LiveGrant>> = self.registry().withdraw(ids);
+        let writes = deletions(&withdrawn);
+        if let Err(error) = self.writer.submit(writes).await {
+            tracing::error!(error = %error, "cannot delete withdrawn grants from the store");
+        }
+        let registry = self.registry();
+        for grant in &withdrawn {
+            let why = reason(&grant.id);
+            tracing::info!(account = %grant.account, grant = %grant.id, client = %grant.client_id, reason = %why, "grant withdrawn");
+            if let Some(gateway) = registry.gateway(&grant.gateway_id) {
+                gateway.link.send(&PortalToGateway::Revoke {
+                    grant_id: grant.id.clone(),
+                });
+            }
+            if let Some(client) = registry.client(&grant.client_id) {
+                client.link.send(&PortalToClient::Revoked {
+                    grant_id: grant.id.clone(),
+                    reason: why,
+                });
+            }
+        }
+        withdrawn.len()
+    }
+
+    /// Closes every agent connection (the portal is stopping).
+    pub fn close_all(&self) {
+        for link in self.registry().links() {
+            link.close();
+        }
+    }
+
+    /// How many grants are in force (for health and tests).
+    pub fn grants_in_force(&self) -> usize {
+        self.registry().grant_count()
+    }
+}
+
+enum GatewayAnswer {
+    Refused(String),
+    Silent,
+    Gone,
+}
+
+/// Whether a grant in force still holds under `table` at `at`: the same decision inputs give
+/// allow, and the resource is still described as the grant describes it.
+fn still_allowed(
+    table: &DecisionTable,
+    grant: &LiveGrant,
+    at: DateTime<Utc>,
+) -> Result<(), String> {
+    let request = request_for(
+        table,
+        &grant.session,
+        &grant.resource_id,
+        grant.verified,
+        at,
+    );
+    let decision = table.decide(&request);
+    if decision.reason != Reason::Allowed {
+        return Err(format!(
+            "the policy no longer allows it: {}",
+            decision.reason.describe()
+        ));
+    }
+    let resource = table
+        .resource_index(&grant.resource_id)
+        .and_then(|i| table.table().resources.get(i as usize));
+    let granted = &grant.signed.grant.resource;
+    let same = resource.is_some_and(|r| {
+        r.address.to_string() == granted.address
+            && r.ports
+                .as_ref()
+                .map(|ports| ports.iter().map(ToString::to_string).collect::<Vec<_>>())
+                == granted.filter
+    });
+    if !same {
+        return Err("the resource's address or ports changed".to_owned());
+    }
+    Ok(())
+}
+
+/// The request a session makes for a resource at `at`.
+fn request_for(
+    table: &DecisionTable,
+    session: &ClientSession,
+    resource: &str,
+    verified: bool,
+    at: DateTime<Utc>,
+) -> Request {
+    Request {
+        user: session.user.clone(),
+        groups: groups_of(table, &session.idp_groups),
+        resource: resource.to_owned(),
+        port: None,
+        context: fz_compiler::condition::Context {
+            at: Some(at),
+            source: session.source,
+            country: session.country.clone(),
+            provider: session.provider.clone(),
+            verified,
+        },
+    }
+}
+
+/// The table's groups that the identity providers' groups map to (`idp PROVIDER "GROUP"`).
+fn groups_of(table: &DecisionTable, idp_groups: &[(String, String)]) -> Vec<String> {
+    if idp_groups.is_empty() {
+        return Vec::new();
+    }
+    table
+        .table()
+        .groups
+        .iter()
+        .filter(|g| {
+            g.idp.iter().any(|binding| {
+                idp_groups.iter().any(|(provider, group)| {
+                    *provider == binding.provider && *group == binding.group
+                })
+            })
+        })
+        .map(|g| g.id.clone())
+        .collect()
+}
+
+/// The resources some allow rule names the session's user for, whatever the conditions: what
+/// the client may usefully ask for.
+fn visible_resources(
+    table: &DecisionTable,
+    session: &ClientSession,
+    verified: bool,
+    at: DateTime<Utc>,
+) -> Vec<ResourceView> {
+    let request = request_for(table, session, "", verified, at);
+    let membership = table.membership(&request.user, request.groups.iter().map(String::as_str));
+    table
+        .table()
+        .resources
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| {
+            u32::try_from(*index).is_ok_and(|i| {
+                !table
+                    .near_misses(&membership, i, &request.context)
+                    .is_empty()
+            })
+        })
+        .map(|(_, r)| ResourceView {
+            id: r.id.clone(),
+            address: r.address.to_string(),
+        })
+        .collect()
+}
+
+fn site_of(table: &DecisionTable, resource: u32) -> Option<String> {
+    let table = table.table();
+    let site = table.resources.get(resource as usize)?.site;
+    table.sites.get(site as usize).map(|s| s.id.clone())
+}
+
+/// A DNS resource needs the name the client resolved (inside its pattern) and the mapped
+/// addresses it handed out; any other resource takes neither.
+fn check_dns(address: &Address, dns: Option<&DnsMapping>) -> Result<(), String> {
+    match (address, dns) {
+        (Address::Name(pattern), Some(dns)) => {
+            if !pattern.matches(&dns.name.to_ascii_lowercase()) {
+                return Err(format!(
+                    "`{}` is not a name of this resource (`{}`)",
+                    dns.name,
+                    pattern.as_str()
+                ));
+            }
+            if !dns.is_well_formed() {
+                return Err(format!(
+                    "the mapped addresses for `{}` must be 1 to {} distinct addresses in \
+                     100.96.0.0/11 or fd00:2021:1111:8000::/107",
+                    dns.name,
+                    DnsMapping::MAX_MAPPED
+                ));
+            }
+            Ok(())
+        }
+        (Address::Name(pattern), None) => Err(format!(
+            "`{}` is a DNS resource: ask with the name you resolved and its mapped addresses",
+            pattern.as_str()
+        )),
+        (_, Some(_)) => Err("only DNS resources take a name and mapped addresses".to_owned()),
+        (_, None) => Ok(()),
+    }
+}
+
+fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>, verified: bool) -> LiveGrant {
+    let grant = &signed.grant;
+    LiveGrant {
+        id: grant.id.clone(),
+        account: grant.account.clone(),
+        client_id: grant.client.id.clone(),
+        gateway_id: grant.gateway.id.clone(),
+        resource_id: grant.resource.id.clone(),
+        expires_at: grant.expires_at,
+        session,
+        verified,
+        signed: Arc::new(signed.clone()),
+    }
+}
+
+/// Maps a store error on connection start to what the agent is told.
+fn refusal(error: store::StoreError) -> BrokerError {
+    match error {
+        store::StoreError::NotFound(_)
+        | store::StoreError::Conflict { .. }
+        | store::StoreError::Invalid(_) => BrokerError::Refused(error.to_string()),
+        other => {
+            tracing::error!(error = %other, "store failed while an agent connected");
+            BrokerError::Unavailable
+        }
+    }
+}
+
+fn unix(at: DateTime<Utc>) -> UnixTime {
+    u64::try_from(at.timestamp()).unwrap_or(0)
+}
+
+fn now_i64(now: UnixTime) -> i64 {
+    i64::try_from(now).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,417 @@
+//! Who is connected right now and what they hold: gateways with their health, client
+//! sessions, the grants in force and the grants waiting for a gateway's acknowledgement.
+//!
+//! Plain state, no IO and no clock: the broker (`broker`) drives it and does the talking. A
+//! connection is represented by a link `L` (a channel in the portal, anything in tests) and a
+//! connection number, so that a connection that was replaced (the same client connecting
+//! again) cannot remove its successor when it closes.
+//!
+//! **Invariant:** selection only ever returns a healthy gateway of the account and site asked
+//! for; accounts never see each other's gateways, sessions or grants.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use fz_proto::{GatewayPeer, SignedGrant, UnixTime};
+use serde::{Deserialize, Serialize};
+
+use crate::store::Write;
+
+/// A connected gateway.
+#[derive(Debug)]
+pub struct GatewayEntry<L> {
+    pub account: String,
+    pub site: String,
+    pub token_id: String,
+    pub peer: GatewayPeer,
+    pub healthy: bool,
+    pub connection: u64,
+    pub link: L,
+}
+
+/// A connected client.
+#[derive(Debug)]
+pub struct ClientEntry<L> {
+    pub session: Arc<ClientSession>,
+    pub connection: u64,
+    pub link: L,
+    /// The gateway this client uses in each site, so it keeps using it.
+    pub gateway_by_site: HashMap<String, String>,
+}
+
+/// What the portal knows of a connected client, fixed for the connection's life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientSession {
+    pub account: String,
+    pub client_id: String,
+    pub token_id: String,
+    pub token_expires_at: UnixTime,
+    pub user: String,
+    pub provider: Option<String>,
+    /// Groups as identity providers named them (provider, group).
+    pub idp_groups: Vec<(String, String)>,
+    pub source: Option<std::net::IpAddr>,
+    pub country: Option<String>,
+    pub peer: fz_proto::ClientPeer,
+}
+
+/// A grant in force: what it was for and who asked, so it can be decided again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveGrant {
+    pub id: String,
+    pub account: String,
+    pub client_id: String,
+    pub gateway_id: String,
+    pub resource_id: String,
+    pub expires_at: UnixTime,
+    /// The session it was decided for: user, groups and context.
+    pub session: Arc<ClientSession>,
+    /// Whether the device was verified when the grant was decided.
+    pub verified: bool,
+    /// The grant as signed, to tell whether a reloaded policy still describes the resource
+    /// the same way.
+    pub signed: Arc<SignedGrant>,
+}
+
+#[derive(Debug)]
+pub struct Registry<L> {
+    gateways: HashMap<String, GatewayEntry<L>>,
+    clients: HashMap<String, ClientEntry<L>>,
+    grants: HashMap<String, Arc<LiveGrant>>,
+    next_connection: u64,
+}
+
+impl<L> Default for Registry<L> {
+    fn default() -> Self {
+        Registry {
+            gateways: HashMap::new(),
+            clients: HashMap::new(),
+            grants: HashMap::new(),
+            next_connection: 0,
+        }
+    }
+}
+
+impl<L> Registry<L> {
+    /// A fresh connection number.
+    pub fn connection(&mut self) -> u64 {
+        self.next_connection += 1;
+        self.next_connection
+    }
+
+    // ---- gateways ----
+
+    /// Adds (or replaces) a connected gateway; returns the link of the connection it
+    /// replaced, which the caller closes.
+    pub fn gateway_connected(&mut self, entry: GatewayEntry<L>) -> Option<L> {
+        self.gateways
+            .insert(entry.peer.id.clone(), entry)
+            .map(|old| old.link)
+    }
+
+    /// Removes a gateway if `connection` is still its connection.
+    pub fn gateway_gone(&mut self, gateway_id: &str, connection: u64) -> bool {
+        let current = self
+            .gateways
+            .get(gateway_id)
+            .is_some_and(|g| g.connection == connection);
+        if current {
+            self.gateways.remove(gateway_id);
+        }
+        current
+    }
+
+    /// Takes a gateway out of selection (it stays connected until it closes).
+    pub fn mark_unhealthy(&mut self, gateway_id: &str) -> bool {
+        match self.gateways.get_mut(gateway_id) {
+            Some(g) if g.healthy => {
+                g.healthy = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn gateway(&self, gateway_id: &str) -> Option<&GatewayEntry<L>> {
+        self.gateways.get(gateway_id)
+    }
+
+    /// A healthy gateway of the account's site, not in `exclude`: the one the client already
+    /// uses there if it is still healthy, else one picked by `pick` (given the number of
+    /// candidates, it returns an index; the portal picks at random).
+    pub fn select_gateway(
+        &self,
+        account: &str,
+        site: &str,
+        client_id: &str,
+        exclude: &HashSet<String>,
+        pick: impl FnOnce(usize) -> usize,
+    ) -> Option<&GatewayEntry<L>> {
+        let usable = |g: &&GatewayEntry<L>| {
+            g.healthy && g.account == account && g.site == site && !exclude.contains(&g.peer.id)
+        };
+        let sticky = self
+            .clients
+            .get(client_id)
+            .filter(|c| c.session.account == account)
+            .and_then(|c| c.gateway_by_site.get(site))
+            .and_then(|id| self.gateways.get(id))
+            .filter(usable);
+        if sticky.is_some() {
+            return sticky;
+        }
+        let mut candidates: Vec<&GatewayEntry<L>> = self.gateways.values().filter(usable).collect();
+        // Hash map order is arbitrary; sorting makes `pick` the only source of choice.
+        candidates.sort_by(|a, b| a.peer.id.cmp(&b.peer.id));
+        if candidates.is_empty() {
+            return None;
+        }
+        let index = pick(candidates.len()).min(candidates.len() - 1);
+        candidates.get(index).copied()
+    }
+
+    /// The gateways of an account, connected right now.
+    pub fn gateways_of<'a>(
+        &'a self,
+        account: &'a str,
+    ) -> impl Iterator<Item = &'a GatewayEntry<L>> {
+        self.gateways.values().filter(move |g| g.account == account)
+    }
+
+    // ---- clients ----
+
+    /// Adds (or replaces) a client session; returns the link of the connection it replaced.
+    pub fn client_connected(&mut self, entry: ClientEntry<L>) -> Option<L> {
+        self.clients
+            .insert(entry.session.client_id.clone(), entry)
+            .map(|old| old.link)
+    }
+
+    /// Removes a client session if `connection` is still its connection.
+    pub fn client_gone(&mut self, client_id: &str, connection: u64) -> bool {
+        let current = self
+            .clients
+            .get(client_id)
+            .is_some_and(|c| c.connection == connection);
+        if current {
+            self.clients.remove(client_id);
+        }
+        current
+    }
+
+    pub fn client(&self, client_id: &str) -> Option<&ClientEntry<L>> {
+        self.clients.get(client_id)
+    }
+
+    /// Connected clients and gateways whose token is one of `tokens`.
+    pub fn links_of_tokens<'a>(&'a self, tokens: &'a HashSet<String>) -> Vec<&'a L> {
+        let clients = self
+            .clients
+            .values()
+            .filter(|c| tokens.contains(&c.session.token_id))
+            .map(|c| &c.link);
+        let gateways = self
+            .gateways
+            .values()
+            .filter(|g| tokens.contains(&g.token_id))
+            .map(|g| &g.link);
+        clients.chain(gateways).collect()
+    }
+
+    /// Every connection's link.
+    pub fn links(&self) -> Vec<&L> {
+        let clients = self.clients.values().map(|c| &c.link);
+        clients
+            .chain(self.gateways.values().map(|g| &g.link))
+            .collect()
+    }
+
+    /// Connected clients whose token expired at `now`.
+    pub fn clients_expired(&self, now: UnixTime) -> Vec<&L> {
+        self.clients
+            .values()
+            .filter(|c| c.session.token_expires_at <= now)
+            .map(|c| &c.link)
+            .collect()
+    }
+
+    // ---- grants ----
+
+    /// Puts a grant in force, and remembers the gateway as the client's one for the site.
+    pub fn grant_added(&mut self, grant: LiveGrant, site: &str) {
+        if let Some(client) = self.clients.get_mut(&grant.client_id) {
+            client
+                .gateway_by_site
+                .insert(site.to_owned(), grant.gateway_id.clone());
+        }
+        self.grants.insert(grant.id.clone(), Arc::new(grant));
+    }
+
+    /// The grants in force, to decide them again without holding the registry.
+    pub fn grants(&self) -> Vec<Arc<LiveGrant>> {
+        self.grants.values().cloned().collect()
+    }
+
+    pub fn grant_count(&self) -> usize {
+        self.grants.len()
+    }
+
+    /// Takes grants out of force, and returns them.
+    pub fn withdraw(&mut self, ids: &[String]) -> Vec<Arc<LiveGrant>> {
+        ids.iter().filter_map(|id| self.grants.remove(id)).collect()
+    }
+
+    /// Ids of the grants `select` picks.
+    pub fn grants_where(&self, mut select: impl FnMut(&LiveGrant) -> bool) -> Vec<String> {
+        self.grants
+            .values()
+            .filter(|g| select(g))
+            .map(|g| g.id.clone())
+            .collect()
+    }
+}
+
+/// The store writes that withdraw grants.
+pub fn deletions(withdrawn: &[Arc<LiveGrant>]) -> Vec<Write> {
+    withdrawn
+        .iter()
+        .map(|grant| Write::DeleteGrant {
+            account: grant.account.clone(),
+            grant_id: grant.id.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fz_proto::PublicKey;
+
+    fn gateway(
+        id: &str,
+        account: &str,
+        site: &str,
+        healthy: bool,
+        connection: u64,
+    ) -> GatewayEntry<&'static str> {
+        GatewayEntry {
+            account: account.into(),
+            site: site.into(),
+            token_id: format!("tok-{id}"),
+            peer: GatewayPeer {
+                id: id.into(),
+                public_key: PublicKey([0; 32]),
+                endpoints: Vec::new(),
+            },
+            healthy,
+            connection,
+            link: "gw",
+        }
+    }
+
+    fn session(account: &str, client: &str) -> Arc<ClientSession> {
+        Arc::new(ClientSession {
+            account: account.into(),
+            client_id: client.into(),
+            token_id: format!("tok-{client}"),
+            token_expires_at: 100,
+            user: "alice@acme.example".into(),
+            provider: None,
+            idp_groups: Vec::new(),
+            source: None,
+            country: None,
+            peer: fz_proto::ClientPeer {
+                id: client.into(),
+                public_key: PublicKey([1; 32]),
+                tunnel_ipv4: [100, 64, 0, 1].into(),
+                tunnel_ipv6: std::net::Ipv6Addr::LOCALHOST,
+                endpoints: Vec::new(),
+            },
+        })
+    }
+
+    fn select(
+        r: &Registry<&'static str>,
+        account: &str,
+        site: &str,
+        client: &str,
+        exclude: &[&str],
+        index: usize,
+    ) -> Option<String> {
+        let exclude = exclude.iter().map(|s| (*s).to_owned()).collect();
+        r.select_gateway(account, site, client, &exclude, |_| index)
+            .map(|g| g.peer.id.clone())
+    }
+
+    #[test]
+    fn selection_takes_only_healthy_gateways_of_the_account_and_site() {
+        let mut r = Registry::default();
+        r.gateway_connected(gateway("gw-a", "acme", "hq", true, 1));
+        r.gateway_connected(gateway("gw-b", "acme", "hq", false, 2));
+        r.gateway_connected(gateway("gw-c", "acme", "lab", true, 3));
+        r.gateway_connected(gateway("gw-d", "globex", "hq", true, 4));
+        for index in 0..4 {
+            assert_eq!(
+                select(&r, "acme", "hq", "c", &[], index).as_deref(),
+                Some("gw-a")
+            );
+        }
+        assert_eq!(select(&r, "acme", "hq", "c", &["gw-a"], 0), None);
+        assert_eq!(select(&r, "globex", "lab", "c", &[], 0), None);
+        assert!(r.mark_unhealthy("gw-a"));
+        assert!(!r.mark_unhealthy("gw-a"), "already unhealthy");
+        assert_eq!(select(&r, "acme", "hq", "c", &[], 0), None);
+    }
+
+    #[test]
+    fn a_client_keeps_its_gateway_while_it_is_healthy() {
+        let mut r = Registry::default();
+        for (i, id) in ["gw-1", "gw-2", "gw-3"].iter().enumerate() {
+            r.gateway_connected(gateway(id, "acme", "hq", true, i as u64));
+        }
+        assert_eq!(
+            select(&r, "acme", "hq", "c", &[], 2).as_deref(),
+            Some("gw-3")
+        );
+        r.client_connected(ClientEntry {
+            session: session("acme", "c"),
+            connection: 9,
+            link: "c",
+            gateway_by_site: HashMap::from([("hq".to_owned(), "gw-2".to_owned())]),
+        });
+        for index in 0..3 {
+            assert_eq!(
+                select(&r, "acme", "hq", "c", &[], index).as_deref(),
+                Some("gw-2")
+            );
+        }
+        assert_eq!(
+            select(&r, "acme", "hq", "c", &["gw-2"], 0).as_deref(),
+            Some("gw-1")
+        );
+        r.mark_unhealthy("gw-2");
+        assert_eq!(
+            select(&r, "acme", "hq", "c", &[], 2).as_deref(),
+            Some("gw-3")
+        );
+        // Another account's client with the same id gets no stickiness across accounts.
+        assert_eq!(select(&r, "globex", "hq", "c", &[], 0), None);
+    }
+
+    #[test]
+    fn a_replaced_connection_does_not_remove_its_successor() {
+        let mut r: Registry<&'static str> = Registry::default();
+        assert_eq!(
+            r.gateway_connected(gateway("gw", "acme", "hq", true, 1)),
+            None
+        );
+        assert_eq!(
+            r.gateway_connected(gateway("gw", "acme", "hq", true, 2)),
+            Some("gw")
+        );
+        assert!(!r.gateway_gone("gw", 1));
+        assert!(r.gateway("gw").is_some());
+        assert!(r.gateway_gone("gw", 2));
+        assert!(r.gateway("gw").is_none());
+    }
+}

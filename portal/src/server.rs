@@ -1,0 +1,189 @@
+//! A running portal: everything `fz-portal serve` starts, in the order it needs them, as one
+//! value the binary and the integration tests both use.
+//!
+//! Started here: the store (gateways all marked disconnected: no connection survives a
+//! restart), the signing key, each account's policy engine with its file watcher, the
+//! group-committing writer, the broker with the grants the store holds, a task per account
+//! that decides every grant again when its policy changes, the sweeper (expired grants,
+//! revoked tokens, closed time windows, once a second), and the HTTP server (TLS when
+//! configured).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use fz_proto::PortalPublicKey;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::broker::{Account, Broker, BrokerParts, Clock, Timings};
+use crate::config::Config;
+use crate::geo::CountryDb;
+use crate::http::{AppState, router};
+use crate::policy::{PolicyEngine, Watcher};
+use crate::store::Store;
+use crate::writer::Writer;
+
+/// How often the sweeper runs. Grants expire and tokens are revoked at second granularity.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How far back the sweeper looks for revoked tokens: revocations are idempotent, so
+/// looking at some twice costs nothing, and a clock step between the admin command and the
+/// portal cannot hide one.
+const REVOCATION_LOOKBACK_SECS: i64 = 120;
+
+/// A portal serving on its socket.
+#[allow(missing_debug_implementations)] // tasks and watchers have nothing to show
+pub struct RunningPortal {
+    pub address: SocketAddr,
+    pub public_key: PortalPublicKey,
+    pub broker: Arc<Broker>,
+    stop: oneshot::Sender<()>,
+    server: JoinHandle<anyhow::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    _watchers: Vec<Watcher>,
+}
+
+impl RunningPortal {
+    /// Starts every part of the portal and serves on `config.listen`.
+    pub async fn start(config: &Config, clock: Clock) -> anyhow::Result<RunningPortal> {
+        let store = Store::open(&config.data_dir).await?;
+        store.mark_all_gateways_disconnected().await?;
+        let key = crate::keys::load_or_create(&config.data_dir)?;
+        let public_key = key.public_key();
+        let geo = match &config.geoip_country_db {
+            Some(path) => Some(CountryDb::open(path)?),
+            None => None,
+        };
+        let tls = match &config.tls {
+            Some(files) => Some(crate::tls::load(files)?),
+            None => None,
+        };
+        let mut accounts = Vec::new();
+        let mut watchers = Vec::new();
+        for settings in &config.accounts {
+            store.ensure_account(&settings.slug).await?;
+            let policy =
+                Arc::new(PolicyEngine::open(&settings.policy).with_context(|| {
+                    format!("account `{}`: cannot load its policy", settings.slug)
+                })?);
+            watchers.push(policy.watch()?);
+            tracing::info!(account = %settings.slug, bundle = %policy.current().bundle_hash, "policy loaded");
+            accounts.push(Account {
+                settings: settings.clone(),
+                policy,
+            });
+        }
+        let writer = Writer::start(store.clone());
+        let broker = Broker::start(BrokerParts {
+            store: store.clone(),
+            writer,
+            key,
+            accounts,
+            geo,
+            timings: Timings {
+                heartbeat_interval: config.gateway_heartbeat_interval,
+                ack_timeout: config.gateway_ack_timeout,
+            },
+            clock,
+        })
+        .await?;
+
+        let mut tasks = Vec::new();
+        for account in broker.accounts() {
+            let mut changes = account.policy.subscribe();
+            let broker = broker.clone();
+            tasks.push(tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    let withdrawn = broker.revalidate().await;
+                    tracing::info!(withdrawn, "policy changed; grants decided again");
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(sweep(broker.clone(), store.clone())));
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let address = listener.local_addr()?;
+        let app = router(Arc::new(AppState {
+            broker: broker.clone(),
+            trusted_proxy: config.trusted_proxy.clone(),
+        }));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let server = tokio::spawn(async move {
+            match tls {
+                Some(tls) => crate::tls::serve(listener, tls, app, shutdown).await?,
+                None => {
+                    axum::serve(
+                        listener,
+                        app.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(shutdown)
+                    .await?
+                }
+            }
+            Ok(())
+        });
+        Ok(RunningPortal {
+            address,
+            public_key,
+            broker,
+            stop,
+            server,
+            tasks,
+            _watchers: watchers,
+        })
+    }
+
+    /// Whether it serves HTTPS.
+    pub fn scheme(config: &Config) -> &'static str {
+        if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Stops accepting, lets open requests finish, and closes the store.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        // Upgraded WebSockets live outside the HTTP server's shutdown: close them here.
+        self.broker.close_all();
+        let served = self.server.await;
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.broker.store().close().await;
+        served.context("the server task failed")?
+    }
+}
+
+/// Once a second: withdraw grants whose time is up (expiry, a closed time window, a rule that
+/// started to deny), close sessions whose token expired, and withdraw everything of tokens
+/// an admin revoked.
+async fn sweep(broker: Arc<Broker>, store: Store) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = chrono::Utc::now().timestamp();
+        match store
+            .tokens_revoked_since(now - REVOCATION_LOOKBACK_SECS)
+            .await
+        {
+            Ok(revoked) => {
+                let revoked: HashSet<String> = revoked.into_iter().collect();
+                broker.tokens_revoked(&revoked).await;
+            }
+            Err(error) => tracing::warn!(error = %error, "cannot read revoked tokens"),
+        }
+        broker.close_expired_sessions();
+        broker.revalidate().await;
+    }
+}

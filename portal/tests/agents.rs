@@ -1,0 +1,809 @@
+//! The portal with its agents over real WebSockets on loopback: test clients and gateways
+//! built on the protocol crate ask, receive and verify grants, and watch them withdrawn.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
+
+mod support;
+
+use std::collections::HashSet;
+
+use fz_portal::store::{Decision, FlowFilter};
+use fz_proto::{DnsMapping, GatewayMessage, PortalToClient, PortalToGateway, encode};
+use support::agent::{Origin, TestClient, TestGateway, key, next_text, open, send_text};
+use support::portal::{TestPortal, today_at};
+
+const POLICY: &str = r#"
+site hq
+site lab
+resource gitlab { address "gitlab.acme.example"; site hq; ports tcp/443, tcp/22 }
+resource wiki { address "**.wiki.acme.example"; site hq }
+resource db { address "10.0.5.0/24"; site hq; ports tcp/5432 }
+resource jenkins { address "172.16.0.5"; site lab }
+resource vault { address "10.9.0.0/16"; site hq }
+resource office { address "10.2.0.0/16"; site hq }
+resource germany { address "10.3.0.0/16"; site hq }
+group engineering { members "alice@acme.example"; idp okta "Engineering" }
+allow engineering -> gitlab, db as eng-tools
+allow engineering -> wiki as eng-wiki
+allow engineering -> jenkins as eng-jenkins
+allow engineering -> vault when client verified as eng-vault
+allow engineering -> office when time any 09:00-17:00 UTC as eng-office
+allow engineering -> germany when country in DE as eng-germany
+"#;
+
+const ALICE: &str = "alice@acme.example";
+const BOB: &str = "bob@acme.example";
+
+fn flows(account: &str) -> FlowFilter {
+    FlowFilter {
+        account: account.to_owned(),
+        user: None,
+        resource: None,
+        decision: None,
+        since: None,
+        limit: None,
+    }
+}
+
+/// What a client's DNS stub sends along when it asks for gitlab.
+fn gitlab_name() -> Option<DnsMapping> {
+    Some(DnsMapping {
+        name: "gitlab.acme.example".to_owned(),
+        mapped: vec![
+            "100.96.0.1".parse().unwrap(),
+            "fd00:2021:1111:8000::1".parse().unwrap(),
+        ],
+    })
+}
+
+fn rejection(answer: &PortalToClient) -> &str {
+    match answer {
+        PortalToClient::Rejected { reason, .. } => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+/// The next message a serving gateway passed on that is not a grant being acknowledged.
+async fn next_seen(
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<PortalToGateway>,
+) -> PortalToGateway {
+    tokio::time::timeout(support::agent::PATIENCE, seen.recv())
+        .await
+        .expect("the gateway hears from the portal in time")
+        .expect("the gateway still serves")
+}
+
+#[tokio::test]
+async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_reason() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let gateway = portal.gateway("acme", "hq", 200).await;
+    let gateway_id = gateway.id.clone();
+    let mut seen = gateway.serve();
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let mut bob = portal.client("acme", BOB, 2).await;
+
+    let visible: Vec<&str> = alice
+        .ready
+        .resources
+        .iter()
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(
+        visible,
+        [
+            "db", "germany", "gitlab", "jenkins", "office", "vault", "wiki"
+        ]
+    );
+    assert!(bob.ready.resources.is_empty(), "{:?}", bob.ready.resources);
+    assert_ne!(alice.ready.tunnel_ipv4, bob.ready.tunnel_ipv4);
+
+    let signed = alice.grant("gitlab", gitlab_name()).await;
+    let grant = &signed.grant;
+    assert_eq!(grant.account, "acme");
+    assert_eq!(grant.client.id, alice.ready.client_id);
+    assert_eq!(grant.client.tunnel_ipv4, alice.ready.tunnel_ipv4);
+    assert_eq!(grant.gateway.id, gateway_id);
+    assert_eq!(
+        grant.gateway.endpoints,
+        ["203.0.113.1:51820".parse().unwrap()]
+    );
+    assert_eq!(grant.resource.address, "gitlab.acme.example");
+    let filter: HashSet<&str> = grant
+        .resource
+        .filter
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(filter, HashSet::from(["tcp/443", "tcp/22"]));
+    assert_eq!(grant.rule, "eng-tools");
+    assert_eq!(
+        grant.bundle_hash,
+        portal
+            .running()
+            .broker
+            .account("acme")
+            .unwrap()
+            .policy
+            .current()
+            .bundle_hash
+    );
+    // Expiry: the account's maximum lifetime (8 h), well inside the token's day.
+    assert_eq!(grant.expires_at - grant.issued_at, 8 * 3600);
+    // The gateway got the very same signed grant before the client did.
+    match next_seen(&mut seen).await {
+        PortalToGateway::Grant { grant } => assert_eq!(*grant, signed),
+        other => panic!("expected the grant at the gateway, got {other:?}"),
+    }
+    // Preshared keys are fresh per grant.
+    let again = alice.grant("gitlab", gitlab_name()).await;
+    assert_ne!(again.grant.preshared_key, signed.grant.preshared_key);
+    assert_ne!(again.grant.id, signed.grant.id);
+
+    let denied = bob.request("gitlab", gitlab_name()).await;
+    assert_eq!(rejection(&denied), "no allow rule applies");
+    let unknown = alice.request("payroll", None).await;
+    assert_eq!(rejection(&unknown), "no such resource");
+
+    let log = portal.store().flows(&flows("acme")).await.unwrap();
+    let summary: Vec<(Decision, &str, &str, Option<&str>)> = log
+        .iter()
+        .rev()
+        .map(|f| {
+            (
+                f.decision,
+                f.user.as_str(),
+                f.resource_id.as_str(),
+                f.rule_id.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Decision::Allow, ALICE, "gitlab", Some("eng-tools")),
+            (Decision::Allow, ALICE, "gitlab", Some("eng-tools")),
+            (Decision::Deny, BOB, "gitlab", None),
+            (Decision::Deny, ALICE, "payroll", None),
+        ]
+    );
+    assert!(log.iter().all(|f| f.bundle_hash == grant.bundle_hash));
+    assert_eq!(log[1].reason, "no allow rule applies");
+    assert_eq!(log[1].client_id, bob.ready.client_id);
+}
+
+#[tokio::test]
+async fn a_failed_condition_is_named_and_idp_groups_count() {
+    let portal = TestPortal::start(POLICY, "").await;
+    portal.gateway("acme", "hq", 200).await.serve();
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let vault = alice.request("vault", None).await;
+    let reason = rejection(&vault);
+    assert!(reason.starts_with("no allow rule applies: "), "{reason}");
+    assert!(
+        reason.contains("allow rule `eng-vault`")
+            && reason.contains("`client verified` did not hold"),
+        "{reason}"
+    );
+    portal
+        .store()
+        .set_client_verified("acme", &alice.ready.client_id, true)
+        .await
+        .unwrap();
+    assert_eq!(alice.grant("vault", None).await.grant.rule, "eng-vault");
+
+    // Carol is in engineering only through okta's "Engineering" group.
+    let carol = "carol@acme.example";
+    let mut before = portal.client("acme", carol, 3).await;
+    assert_eq!(
+        rejection(&before.request("gitlab", gitlab_name()).await),
+        "no allow rule applies"
+    );
+    portal
+        .store()
+        .set_memberships("acme", carol, "okta", &["Engineering".to_owned()])
+        .await
+        .unwrap();
+    let mut after = portal.client("acme", carol, 4).await;
+    assert_eq!(
+        after.grant("gitlab", gitlab_name()).await.grant.rule,
+        "eng-tools"
+    );
+}
+
+#[tokio::test]
+async fn dns_resources_take_a_name_inside_the_pattern_and_mapped_addresses() {
+    let portal = TestPortal::start(POLICY, "").await;
+    portal.gateway("acme", "hq", 200).await.serve();
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let mapping = |name: &str, mapped: &[&str]| {
+        Some(DnsMapping {
+            name: name.to_owned(),
+            mapped: mapped.iter().map(|ip| ip.parse().unwrap()).collect(),
+        })
+    };
+    let good = mapping(
+        "docs.wiki.acme.example",
+        &["100.96.0.1", "fd00:2021:1111:8000::1"],
+    );
+    let signed = alice.grant("wiki", good.clone()).await;
+    assert_eq!(signed.grant.resource.dns, good);
+    assert_eq!(signed.grant.resource.address, "**.wiki.acme.example");
+
+    let cases = [
+        (
+            mapping("evil.example", &["100.96.0.1"]),
+            "is not a name of this resource",
+        ),
+        (
+            mapping("docs.wiki.acme.example", &["172.16.0.5"]),
+            "must be 1 to 8 distinct addresses",
+        ),
+        (None, "is a DNS resource: ask with the name"),
+    ];
+    for (dns, expected) in cases {
+        let answer = alice.request("wiki", dns).await;
+        assert!(rejection(&answer).contains(expected), "{answer:?}");
+    }
+    let answer = alice
+        .request("db", mapping("db.acme.example", &["100.96.0.9"]))
+        .await;
+    assert!(
+        rejection(&answer).contains("only DNS resources"),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_change_withdraws_grants_it_no_longer_allows_and_a_bad_one_changes_nothing() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let mut seen = portal.gateway("acme", "hq", 200).await.serve();
+    let mut lab = portal.gateway("acme", "lab", 201).await.serve();
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let gitlab = alice.grant("gitlab", gitlab_name()).await;
+    let jenkins = alice.grant("jenkins", None).await;
+    assert!(matches!(
+        next_seen(&mut seen).await,
+        PortalToGateway::Grant { .. }
+    ));
+    assert!(matches!(
+        next_seen(&mut lab).await,
+        PortalToGateway::Grant { .. }
+    ));
+    let engine = portal
+        .running()
+        .broker
+        .account("acme")
+        .unwrap()
+        .policy
+        .clone();
+    let hash = engine.current().bundle_hash.clone();
+    let mut status = engine.reload_status();
+
+    // A tree that does not compile: the last good table stays, and so do the grants.
+    portal.write_policy("acme", &format!("{POLICY}\nallow nobody -> gitlab\n"));
+    status.changed().await.unwrap();
+    let failed = status.borrow().clone();
+    assert!(failed.last_error.is_some(), "{failed:?}");
+    assert_eq!(engine.current().bundle_hash, hash);
+    assert_eq!(
+        alice.grant("gitlab", gitlab_name()).await.grant.bundle_hash,
+        hash
+    );
+    assert!(matches!(
+        next_seen(&mut seen).await,
+        PortalToGateway::Grant { .. }
+    ));
+
+    // A good tree without the jenkins rule: its grant is withdrawn at gateway and client;
+    // gitlab's grants stay.
+    portal.write_policy(
+        "acme",
+        &POLICY.replace("allow engineering -> jenkins as eng-jenkins\n", ""),
+    );
+    match next_seen(&mut lab).await {
+        PortalToGateway::Revoke { grant_id } => assert_eq!(grant_id, jenkins.grant.id),
+        other => panic!("expected jenkins's revocation, got {other:?}"),
+    }
+    match alice.next().await {
+        Some(PortalToClient::Revoked { grant_id, reason }) => {
+            assert_eq!(grant_id, jenkins.grant.id);
+            assert!(
+                reason.contains("the policy no longer allows it"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected jenkins's revocation, got {other:?}"),
+    }
+    assert_ne!(engine.current().bundle_hash, hash);
+    let active: Vec<String> = portal
+        .store()
+        .active_grants("acme", portal.now().timestamp())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert!(active.contains(&gitlab.grant.id));
+    assert!(!active.contains(&jenkins.grant.id));
+    assert_eq!(
+        rejection(&alice.request("jenkins", None).await),
+        "no allow rule applies"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_token_loses_its_grants_and_its_connection() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let mut seen = portal.gateway("acme", "hq", 200).await.serve();
+    let (token_id, secret) = portal.client_token("acme", ALICE).await;
+    let mut alice = TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(1))
+        .await
+        .unwrap();
+    let mut other = portal.client("acme", ALICE, 2).await;
+    let grant = alice.grant("gitlab", gitlab_name()).await;
+    let kept = other.grant("gitlab", gitlab_name()).await;
+    next_seen(&mut seen).await;
+    next_seen(&mut seen).await;
+
+    portal
+        .store()
+        .revoke_token("acme", &token_id, portal.now().timestamp())
+        .await
+        .unwrap();
+    match next_seen(&mut seen).await {
+        PortalToGateway::Revoke { grant_id } => assert_eq!(grant_id, grant.grant.id),
+        other => panic!("expected a revocation, got {other:?}"),
+    }
+    // The client hears of it or is simply cut off; either way the connection ends.
+    loop {
+        match alice.next().await {
+            Some(PortalToClient::Revoked { grant_id, reason }) => {
+                assert_eq!(grant_id, grant.grant.id);
+                assert_eq!(reason, "the token was revoked");
+            }
+            None => break,
+            Some(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    let refused =
+        TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(1)).await;
+    assert_eq!(refused.err().map(|e| e.0), Some(401));
+    // The other device of the same user is untouched.
+    assert_eq!(
+        other.grant("gitlab", gitlab_name()).await.grant.rule,
+        kept.grant.rule
+    );
+}
+
+#[tokio::test]
+async fn a_grant_ends_with_its_time_window() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let mut gateway = portal.gateway("acme", "hq", 200).await;
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    portal.set_clock(today_at(16, 59, 30));
+    // The gateway's clock is the portal's, as in real life.
+    gateway.clock_offset = portal.clock_offset();
+    let mut seen = gateway.serve();
+    let granted = match alice.request("office", None).await {
+        PortalToClient::Granted { grant } => grant,
+        other => panic!("expected a grant inside the window, got {other:?}"),
+    };
+    assert_eq!(
+        granted.grant.expires_at,
+        today_at(17, 0, 0).timestamp() as u64
+    );
+    assert_eq!(
+        granted.grant.issued_at,
+        today_at(16, 59, 30).timestamp() as u64
+    );
+    next_seen(&mut seen).await;
+
+    portal.set_clock(today_at(17, 0, 1));
+    match next_seen(&mut seen).await {
+        PortalToGateway::Revoke { grant_id } => assert_eq!(grant_id, granted.grant.id),
+        other => panic!("expected the revocation, got {other:?}"),
+    }
+    match alice.next().await {
+        Some(PortalToClient::Revoked { grant_id, .. }) => assert_eq!(grant_id, granted.grant.id),
+        other => panic!("expected the revocation, got {other:?}"),
+    }
+    assert!(rejection(&alice.request("office", None).await).contains("did not hold"));
+}
+
+#[tokio::test]
+async fn a_client_keeps_its_gateway_and_a_silent_gateway_is_replaced() {
+    let portal = TestPortal::start(POLICY, "gateway_ack_timeout_ms = 1000").await;
+    // Stickiness: with three gateways, every request of one client goes to the first it got.
+    let mut serving = Vec::new();
+    for seed in 200..203 {
+        serving.push(portal.gateway("acme", "hq", seed).await.serve());
+    }
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let first = alice.grant("gitlab", gitlab_name()).await.grant.gateway.id;
+    for _ in 0..8 {
+        assert_eq!(alice.grant("db", None).await.grant.gateway.id, first);
+    }
+    drop(serving);
+
+    // A site whose only gateway takes grants and never acknowledges: the request waits for
+    // it, the portal gives up on it, and the grant goes to a gateway that connected since.
+    let mut silent = portal.gateway("acme", "lab", 210).await;
+    let mut second = portal.client("acme", ALICE, 2).await;
+    let request = tokio::spawn(async move {
+        let answer = second.request("jenkins", None).await;
+        (second, answer)
+    });
+    let first_try = match silent.next().await {
+        Some(PortalToGateway::Grant { grant }) => grant,
+        other => panic!("expected a grant at the silent gateway, got {other:?}"),
+    };
+    let good = portal.gateway("acme", "lab", 211).await;
+    let good_id = good.id.clone();
+    let mut seen = good.serve();
+    let (client, answer) = request.await.unwrap();
+    let PortalToClient::Granted { grant } = answer else {
+        panic!("expected a grant through the second gateway, got {answer:?}");
+    };
+    assert_eq!(grant.grant.gateway.id, good_id);
+    assert_ne!(grant.grant.id, first_try.grant.id);
+    client.verify(&grant).unwrap();
+    assert!(matches!(
+        next_seen(&mut seen).await,
+        PortalToGateway::Grant { .. }
+    ));
+    let gateways = portal.store().list_gateways("acme").await.unwrap();
+    let health: Vec<(bool, bool)> = gateways
+        .iter()
+        .filter(|g| g.id == silent.id || g.id == good_id)
+        .map(|g| (g.id == silent.id, g.connected))
+        .collect();
+    assert!(
+        health.contains(&(true, false)),
+        "the silent gateway is unhealthy: {health:?}"
+    );
+    assert!(
+        health.contains(&(false, true)),
+        "the good one is healthy: {health:?}"
+    );
+    // A late acknowledgement from the silent gateway changes nothing.
+    silent
+        .send(&GatewayMessage::Ack {
+            grant_id: first_try.grant.id.clone(),
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_gateway_that_stops_heartbeating_or_closes_is_out_of_service_at_once() {
+    let portal = TestPortal::start(POLICY, "gateway_heartbeat_interval_ms = 100").await;
+    let mut quiet = portal.gateway("acme", "lab", 200).await;
+    assert_eq!(quiet.heartbeat_interval.as_millis(), 100);
+    // It says nothing: three intervals later the portal closes it.
+    assert_eq!(quiet.next().await, None);
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    assert_eq!(
+        rejection(&alice.request("jenkins", None).await),
+        "no healthy gateway in site `lab`"
+    );
+    let record = portal
+        .store()
+        .gateway("acme", &quiet.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!record.connected);
+
+    // A gateway that closes its connection is out at once too: once the portal has
+    // answered its close, nothing is sent its way.
+    let mut closing = portal.gateway("acme", "lab", 201).await;
+    closing.socket.close(None).await.unwrap();
+    while next_text(&mut closing.socket).await.is_some() {}
+    assert_eq!(
+        rejection(&alice.request("jenkins", None).await),
+        "no healthy gateway in site `lab`"
+    );
+    let record = portal
+        .store()
+        .gateway("acme", &closing.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!record.connected);
+    // A gateway that heartbeats stays in service.
+    let steady = portal.gateway("acme", "lab", 202).await;
+    let steady_id = steady.id.clone();
+    steady.serve();
+    assert_eq!(
+        alice.grant("jenkins", None).await.grant.gateway.id,
+        steady_id
+    );
+}
+
+#[tokio::test]
+async fn bad_messages_get_errors_and_the_connection_and_others_keep_working() {
+    let portal = TestPortal::start(POLICY, "").await;
+    portal.gateway("acme", "hq", 200).await.serve();
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let oversized = format!(
+        r#"{{"v":1,"type":"request_access","resource":"{}"}}"#,
+        "x".repeat(300 * 1024)
+    );
+    let cases = [
+        ("{not json".to_owned(), "the message is malformed"),
+        (
+            r#"{"v":9,"type":"request_access","resource":"gitlab"}"#.to_owned(),
+            "protocol version 9",
+        ),
+        (
+            r#"{"v":1,"type":"grant_me_everything"}"#.to_owned(),
+            "unknown variant",
+        ),
+        (oversized, "the limit is 262144"),
+        (
+            encode(&fz_proto::ClientMessage::Hello {
+                public_key: key(1),
+                endpoints: vec![],
+            }),
+            "`hello` was already said",
+        ),
+    ];
+    for (text, expected) in cases {
+        send_text(&mut alice.socket, text).await;
+        match alice.next().await {
+            Some(PortalToClient::Error { message }) => {
+                assert!(message.contains(expected), "{message}")
+            }
+            other => panic!("expected an error for {expected}, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        alice.grant("gitlab", gitlab_name()).await.grant.rule,
+        "eng-tools"
+    );
+
+    // A frame beyond the WebSocket limit ends that connection only.
+    let mut reckless = portal.client("acme", ALICE, 2).await;
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let _ = futures_util::SinkExt::send(
+        &mut reckless.socket,
+        tokio_tungstenite::tungstenite::Message::Text(huge.into()),
+    )
+    .await;
+    while let Some(text) = next_text(&mut reckless.socket).await {
+        assert!(!text.contains("granted"), "{text}");
+    }
+    assert_eq!(alice.grant("db", None).await.grant.rule, "eng-tools");
+
+    // A gateway's bad messages get errors too, and a hello first is required.
+    let (_, secret) = portal.gateway_token("acme", "hq").await;
+    let mut socket = open(portal.address(), "acme", "gateway", &secret)
+        .await
+        .unwrap();
+    send_text(&mut socket, encode(&GatewayMessage::Heartbeat)).await;
+    let text = next_text(&mut socket).await.unwrap();
+    assert!(text.contains("say `hello` first"), "{text}");
+}
+
+#[tokio::test]
+async fn tokens_open_only_their_own_accounts_agent_socket() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let (_, client) = portal.client_token("acme", ALICE).await;
+    let (_, gateway) = portal.gateway_token("acme", "hq").await;
+    let status = |result: Result<support::agent::Socket, (u16, String)>| result.err().map(|e| e.0);
+    let address = portal.address();
+    assert_eq!(
+        status(open(address, "acme", "client", "fzt_wrong").await),
+        Some(401)
+    );
+    assert_eq!(status(open(address, "acme", "client", "").await), Some(401));
+    assert_eq!(
+        status(open(address, "globex", "client", &client).await),
+        Some(401)
+    );
+    assert_eq!(
+        status(open(address, "nobody", "client", &client).await),
+        Some(401)
+    );
+    assert_eq!(
+        status(open(address, "acme", "gateway", &client).await),
+        Some(403)
+    );
+    assert_eq!(
+        status(open(address, "acme", "client", &gateway).await),
+        Some(403)
+    );
+    assert_eq!(
+        status(open(address, "acme", "admin", &client).await),
+        Some(404)
+    );
+    assert!(open(address, "acme", "client", &client).await.is_ok());
+}
+
+#[tokio::test]
+async fn accounts_never_meet() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let acme_gateway = portal.gateway("acme", "hq", 200).await;
+    let mut acme_seen = acme_gateway.serve();
+    // globex has the same policy text, but no gateway: its grants cannot use acme's.
+    let mut globex_alice = portal.client("globex", ALICE, 2).await;
+    assert_eq!(
+        rejection(&globex_alice.request("gitlab", gitlab_name()).await),
+        "no healthy gateway in site `hq`"
+    );
+    // The same WireGuard key may exist in two accounts: they are separate worlds.
+    let mut acme_alice = portal.client("acme", ALICE, 2).await;
+    let grant = acme_alice.grant("gitlab", gitlab_name()).await;
+    match next_seen(&mut acme_seen).await {
+        PortalToGateway::Grant { grant: seen } => assert_eq!(seen.grant.id, grant.grant.id),
+        other => panic!("{other:?}"),
+    }
+    // globex's gateway acknowledging acme's grant id does nothing; its own grants work.
+    let mut globex_gateway = portal.gateway("globex", "hq", 201).await;
+    globex_gateway
+        .send(&GatewayMessage::Ack {
+            grant_id: grant.grant.id.clone(),
+        })
+        .await;
+    let globex_seen = globex_gateway.serve();
+    let globex_grant = globex_alice.grant("gitlab", gitlab_name()).await;
+    assert_eq!(globex_grant.grant.account, "globex");
+    drop(globex_seen);
+    let acme_flows = portal.store().flows(&flows("acme")).await.unwrap();
+    let globex_flows = portal.store().flows(&flows("globex")).await.unwrap();
+    assert!(acme_flows.iter().all(|f| f.account == "acme"));
+    assert!(globex_flows.iter().all(|f| f.account == "globex"));
+    let acme_ids: HashSet<String> = acme_flows.iter().map(|f| f.client_id.clone()).collect();
+    assert!(!acme_ids.contains(&globex_alice.ready.client_id));
+    assert!(
+        portal
+            .store()
+            .active_grants("globex", portal.now().timestamp())
+            .await
+            .unwrap()
+            .iter()
+            .all(|g| g.id != grant.grant.id)
+    );
+}
+
+#[tokio::test]
+async fn a_restart_keeps_tokens_gateways_flows_and_grants_in_force() {
+    let mut portal = TestPortal::start(POLICY, "").await;
+    let (_, gateway_secret) = portal.gateway_token("acme", "lab").await;
+    let (_, client_secret) = portal.client_token("acme", ALICE).await;
+    let gateway = TestGateway::connect(
+        portal.address(),
+        portal.pinned(),
+        "acme",
+        &gateway_secret,
+        key(200),
+    )
+    .await
+    .unwrap();
+    let gateway_id = gateway.id.clone();
+    drop(gateway.serve());
+    let mut alice = TestClient::connect(
+        portal.address(),
+        portal.pinned(),
+        "acme",
+        &client_secret,
+        key(1),
+    )
+    .await
+    .unwrap();
+    let jenkins = alice.grant("jenkins", None).await;
+    let client_id = alice.ready.client_id.clone();
+    let flows_before = portal.store().flows(&flows("acme")).await.unwrap();
+    drop(alice);
+
+    portal.restart().await;
+    assert_eq!(portal.running().broker.grants_in_force(), 1);
+    assert_eq!(
+        portal.store().flows(&flows("acme")).await.unwrap(),
+        flows_before
+    );
+    let record = portal
+        .store()
+        .gateway("acme", &gateway_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!record.connected, "no connection survives a restart");
+    // The same tokens still work: the client is the same device, the gateway the same one.
+    let gateway = TestGateway::connect(
+        portal.address(),
+        portal.pinned(),
+        "acme",
+        &gateway_secret,
+        key(200),
+    )
+    .await
+    .unwrap();
+    assert_eq!(gateway.id, gateway_id);
+    let mut seen = gateway.serve();
+    // It gets the grant it holds again, so both sides agree on what is in force.
+    match next_seen(&mut seen).await {
+        PortalToGateway::Grant { grant } => assert_eq!(*grant, jenkins),
+        other => panic!("expected the held grant again, got {other:?}"),
+    }
+    let mut alice = TestClient::connect(
+        portal.address(),
+        portal.pinned(),
+        "acme",
+        &client_secret,
+        key(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(alice.ready.client_id, client_id);
+    // The grant from before the restart is still decided: a policy change withdraws it.
+    portal.write_policy(
+        "acme",
+        &POLICY.replace("allow engineering -> jenkins as eng-jenkins\n", ""),
+    );
+    match next_seen(&mut seen).await {
+        PortalToGateway::Revoke { grant_id } => assert_eq!(grant_id, jenkins.grant.id),
+        other => panic!("expected the old grant's revocation, got {other:?}"),
+    }
+    match alice.next().await {
+        Some(PortalToClient::Revoked { grant_id, .. }) => assert_eq!(grant_id, jenkins.grant.id),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn country_comes_from_the_database_and_a_trusted_proxy_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("country.mmdb");
+    std::fs::write(
+        &db,
+        support::mmdb::country_db(&[("127.0.0.0/8", "DE"), ("203.0.113.0/24", "US")]),
+    )
+    .unwrap();
+    let extra = format!(
+        "geoip_country_db = \"{}\"\ntrusted_proxy_header = \"x-forwarded-for\"\ntrusted_proxies = [\"127.0.0.2/32\"]",
+        db.display()
+    );
+    let portal = TestPortal::start(POLICY, &extra).await;
+    portal.gateway("acme", "hq", 200).await.serve();
+    let connect = |bind: &str, forwarded: &str, seed: u8| {
+        let origin = Origin {
+            bind: Some(bind.parse().unwrap()),
+            headers: vec![("x-forwarded-for", forwarded.to_owned())],
+        };
+        let portal = &portal;
+        async move {
+            let (_, secret) = portal.client_token("acme", ALICE).await;
+            TestClient::connect_from(
+                portal.address(),
+                portal.pinned(),
+                "acme",
+                &secret,
+                key(seed),
+                &origin,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // From 127.0.0.1 (DE), not a trusted proxy: the header it sends is ignored.
+    let mut direct = connect("127.0.0.1", "203.0.113.9", 1).await;
+    assert_eq!(
+        direct.grant("germany", None).await.grant.rule,
+        "eng-germany"
+    );
+    // Through the trusted proxy at 127.0.0.2: the address it vouches for (the last) counts.
+    let mut proxied_us = connect("127.0.0.2", "127.0.0.9, 203.0.113.9", 2).await;
+    let answer = proxied_us.request("germany", None).await;
+    assert!(
+        rejection(&answer).contains("`country in DE` did not hold"),
+        "{answer:?}"
+    );
+    let mut proxied_de = connect("127.0.0.2", "203.0.113.9, 127.0.0.9", 3).await;
+    assert_eq!(
+        proxied_de.grant("germany", None).await.grant.rule,
+        "eng-germany"
+    );
+    // An address the database does not know has no country: the rule fails closed.
+    let mut unknown = connect("127.0.0.2", "192.0.2.1", 4).await;
+    assert!(rejection(&unknown.request("germany", None).await).contains("did not hold"));
+}

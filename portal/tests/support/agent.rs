@@ -1,0 +1,348 @@
+//! Test agents built on the protocol crate: a client and a gateway that speak to a portal over
+//! real WebSockets, verify every grant against the pinned portal key, and answer as the real
+//! agents will. Used by the integration tests and by the load benchmark.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use fz_proto::{
+    ClientMessage, ClientReady, DnsMapping, GatewayMessage, Identity, PortalPublicKey,
+    PortalToClient, PortalToGateway, PublicKey, SignedGrant, decode, encode,
+};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for the portal before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens the agent WebSocket `kind` (`client` or `gateway`) of `account` with a bearer
+/// secret. `Err` carries the HTTP status and body of a refused upgrade.
+pub async fn open(
+    portal: SocketAddr,
+    account: &str,
+    kind: &str,
+    secret: &str,
+) -> Result<Socket, (u16, String)> {
+    open_with(portal, account, kind, secret, &Origin::default()).await
+}
+
+/// Where a connection comes from: a local address to bind (e.g. 127.0.0.2) and extra
+/// request headers (e.g. what a proxy would add).
+#[derive(Default)]
+pub struct Origin {
+    pub bind: Option<std::net::IpAddr>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+pub async fn open_with(
+    portal: SocketAddr,
+    account: &str,
+    kind: &str,
+    secret: &str,
+    origin: &Origin,
+) -> Result<Socket, (u16, String)> {
+    let mut request = format!("ws://{portal}/api/{account}/{kind}")
+        .into_client_request()
+        .expect("a valid URL");
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {secret}")).expect("a header value"),
+    );
+    for (name, value) in &origin.headers {
+        request
+            .headers_mut()
+            .append(*name, HeaderValue::from_str(value).expect("a header value"));
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    if let Some(ip) = origin.bind {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .expect("a local address");
+    }
+    let stream = socket
+        .connect(portal)
+        .await
+        .map_err(|e| (0, e.to_string()))?;
+    match tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err((status, body))
+        }
+        Err(other) => Err((0, other.to_string())),
+    }
+}
+
+/// The next text message, or `None` when the portal closed the connection.
+pub async fn next_text(socket: &mut Socket) -> Option<String> {
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, socket.next())
+            .await
+            .expect("the portal answers within the test's patience");
+        match frame {
+            Some(Ok(Message::Text(text))) => return Some(text.to_string()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Ok(Message::Binary(_))) => panic!("the portal sent a binary frame"),
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return None,
+        }
+    }
+}
+
+pub async fn send_text(socket: &mut Socket, text: String) {
+    socket
+        .send(Message::Text(text.into()))
+        .await
+        .expect("the portal takes the message");
+}
+
+/// A WireGuard public key for tests: any 32 bytes will do for the portal.
+pub fn key(seed: u8) -> PublicKey {
+    PublicKey([seed; 32])
+}
+
+pub struct TestClient {
+    pub socket: Socket,
+    pub ready: ClientReady,
+    pub public_key: PublicKey,
+    pub pinned: PortalPublicKey,
+}
+
+impl TestClient {
+    /// Connects, says hello and waits for `ready`.
+    pub async fn connect(
+        portal: SocketAddr,
+        pinned: PortalPublicKey,
+        account: &str,
+        secret: &str,
+        public_key: PublicKey,
+    ) -> Result<TestClient, (u16, String)> {
+        Self::connect_from(
+            portal,
+            pinned,
+            account,
+            secret,
+            public_key,
+            &Origin::default(),
+        )
+        .await
+    }
+
+    pub async fn connect_from(
+        portal: SocketAddr,
+        pinned: PortalPublicKey,
+        account: &str,
+        secret: &str,
+        public_key: PublicKey,
+        origin: &Origin,
+    ) -> Result<TestClient, (u16, String)> {
+        let mut socket = open_with(portal, account, "client", secret, origin).await?;
+        send_text(
+            &mut socket,
+            encode(&ClientMessage::Hello {
+                public_key,
+                endpoints: vec!["198.51.100.7:51820".parse().expect("an address")],
+            }),
+        )
+        .await;
+        match next_client_message(&mut socket).await {
+            Some(PortalToClient::Ready(ready)) => Ok(TestClient {
+                socket,
+                ready: *ready,
+                public_key,
+                pinned,
+            }),
+            other => Err((101, format!("expected ready, got {other:?}"))),
+        }
+    }
+
+    pub async fn next(&mut self) -> Option<PortalToClient> {
+        next_client_message(&mut self.socket).await
+    }
+
+    /// Asks for a resource and returns the answer (the next `granted` or `rejected`).
+    pub async fn request(&mut self, resource: &str, dns: Option<DnsMapping>) -> PortalToClient {
+        send_text(
+            &mut self.socket,
+            encode(&ClientMessage::RequestAccess {
+                resource: resource.to_owned(),
+                dns,
+            }),
+        )
+        .await;
+        loop {
+            match self.next().await {
+                Some(
+                    answer @ (PortalToClient::Granted { .. } | PortalToClient::Rejected { .. }),
+                ) => {
+                    return answer;
+                }
+                Some(_) => continue,
+                None => panic!("the portal closed the connection instead of answering"),
+            }
+        }
+    }
+
+    /// Asks for a resource and returns the grant, verified as the real client verifies it.
+    pub async fn grant(&mut self, resource: &str, dns: Option<DnsMapping>) -> SignedGrant {
+        match self.request(resource, dns).await {
+            PortalToClient::Granted { grant } => {
+                self.verify(&grant)
+                    .expect("the grant verifies for its client");
+                *grant
+            }
+            other => panic!("expected a grant for {resource}, got {other:?}"),
+        }
+    }
+
+    pub fn verify(&self, grant: &SignedGrant) -> Result<(), fz_proto::GrantError> {
+        grant
+            .verify(
+                &self.pinned,
+                &Identity::Client {
+                    id: self.ready.client_id.clone(),
+                    public_key: self.public_key,
+                },
+                now(),
+            )
+            .map(|_| ())
+    }
+}
+
+async fn next_client_message(socket: &mut Socket) -> Option<PortalToClient> {
+    let text = next_text(socket).await?;
+    Some(decode(text.as_bytes()).expect("the portal speaks the protocol"))
+}
+
+pub struct TestGateway {
+    pub socket: Socket,
+    pub id: String,
+    pub public_key: PublicKey,
+    pub pinned: PortalPublicKey,
+    pub heartbeat_interval: Duration,
+    /// Seconds this gateway's clock is ahead of the system clock.
+    pub clock_offset: i64,
+}
+
+impl TestGateway {
+    /// Connects, says hello and waits for `ready`.
+    pub async fn connect(
+        portal: SocketAddr,
+        pinned: PortalPublicKey,
+        account: &str,
+        secret: &str,
+        public_key: PublicKey,
+    ) -> Result<TestGateway, (u16, String)> {
+        let mut socket = open(portal, account, "gateway", secret).await?;
+        send_text(
+            &mut socket,
+            encode(&GatewayMessage::Hello {
+                public_key,
+                endpoints: vec!["203.0.113.1:51820".parse().expect("an address")],
+            }),
+        )
+        .await;
+        match next_gateway_message(&mut socket).await {
+            Some(PortalToGateway::Ready {
+                gateway_id,
+                heartbeat_interval_ms,
+            }) => Ok(TestGateway {
+                socket,
+                id: gateway_id,
+                public_key,
+                pinned,
+                heartbeat_interval: Duration::from_millis(heartbeat_interval_ms),
+                clock_offset: 0,
+            }),
+            other => Err((101, format!("expected ready, got {other:?}"))),
+        }
+    }
+
+    pub async fn next(&mut self) -> Option<PortalToGateway> {
+        next_gateway_message(&mut self.socket).await
+    }
+
+    pub async fn send(&mut self, message: &GatewayMessage) {
+        send_text(&mut self.socket, encode(message)).await;
+    }
+
+    pub fn verify(&self, grant: &SignedGrant) -> Result<(), fz_proto::GrantError> {
+        grant
+            .verify(
+                &self.pinned,
+                &Identity::Gateway {
+                    id: self.id.clone(),
+                    public_key: self.public_key,
+                },
+                now().saturating_add_signed(self.clock_offset),
+            )
+            .map(|_| ())
+    }
+
+    /// Runs the gateway as the real one behaves: heartbeats on time, verifies every grant and
+    /// acknowledges it (or refuses it, with the reason). Every message from the portal is
+    /// passed on to the returned channel, so a test can watch grants and revocations arrive.
+    pub fn serve(mut self) -> tokio::sync::mpsc::UnboundedReceiver<PortalToGateway> {
+        let (seen, watch) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
+            loop {
+                tokio::select! {
+                    _ = heartbeat.tick() => {
+                        if self.socket.send(Message::Text(encode(&GatewayMessage::Heartbeat).into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    frame = self.socket.next() => {
+                        let Some(Ok(Message::Text(text))) = frame else {
+                            match frame {
+                                Some(Ok(_)) => continue,
+                                _ => return,
+                            }
+                        };
+                        let Ok(message) = decode::<PortalToGateway>(text.as_bytes()) else {
+                            return;
+                        };
+                        if let PortalToGateway::Grant { grant } = &message {
+                            let answer = match self.verify(grant) {
+                                Ok(()) => GatewayMessage::Ack { grant_id: grant.grant.id.clone() },
+                                Err(error) => GatewayMessage::Refused {
+                                    grant_id: grant.grant.id.clone(),
+                                    reason: error.to_string(),
+                                },
+                            };
+                            if self.socket.send(Message::Text(encode(&answer).into())).await.is_err() {
+                                return;
+                            }
+                        }
+                        if seen.send(message).is_err() {
+                            // Nobody watches any more; keep serving.
+                        }
+                    }
+                }
+            }
+        });
+        watch
+    }
+}
+
+async fn next_gateway_message(socket: &mut Socket) -> Option<PortalToGateway> {
+    let text = next_text(socket).await?;
+    Some(decode(text.as_bytes()).expect("the portal speaks the protocol"))
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
