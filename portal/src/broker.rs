@@ -118,7 +118,6 @@ impl Timings {
 struct GrantDetail {
     signed: SignedGrant,
     session: ClientSession,
-    verified: bool,
 }
 
 /// A gateway's answer to a grant.
@@ -197,7 +196,7 @@ impl Broker {
                     .resource_index(&record.resource_id)
                     .and_then(|r| site_of(&account.policy.current().table, r));
                 registry.grant_added(
-                    live_grant(&detail.signed, Arc::new(detail.session), detail.verified),
+                    live_grant(&detail.signed, Arc::new(detail.session)),
                     site.as_deref().unwrap_or_default(),
                 );
             }
@@ -302,6 +301,15 @@ impl Broker {
         let Some(index) = client.tunnel_index else {
             return Err(BrokerError::Unavailable);
         };
+        // Grants name the device's key; a device that comes back with another key cannot use
+        // them, and nobody else may.
+        let stale = self.registry().grants_where(|g| {
+            g.account == token.account
+                && g.client_id == client.id
+                && g.signed.grant.client.public_key != public_key
+        });
+        self.withdraw(&stale, |_| "the device's WireGuard key changed".to_owned())
+            .await;
         let (tunnel_ipv4, tunnel_ipv6) = store::tunnel_addresses(index);
         let idp_groups = self
             .store
@@ -513,7 +521,6 @@ impl Broker {
             let detail = GrantDetail {
                 signed: signed.clone(),
                 session: session.clone(),
-                verified,
             };
             let record = GrantRecord {
                 id: signed.grant.id.clone(),
@@ -540,10 +547,8 @@ impl Broker {
                 });
                 return Err(BrokerError::Unavailable.to_string());
             }
-            self.registry().grant_added(
-                live_grant(&signed, Arc::new(session.clone()), verified),
-                &site,
-            );
+            self.registry()
+                .grant_added(live_grant(&signed, Arc::new(session.clone())), &site);
             return Ok(signed);
         }
     }
@@ -716,6 +721,15 @@ impl Broker {
             .iter()
             .map(|(slug, a)| (slug.as_str(), a.policy.current()))
             .collect();
+        // Devices an admin marked verified, now: unmarking one withdraws what needed the mark.
+        // Without them (the store failing), only expiry is checked this time.
+        let verified = match self.store.verified_clients().await {
+            Ok(verified) => Some(verified),
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot read verified devices; checking expiry only");
+                None
+            }
+        };
         // Decide on a snapshot: requests keep flowing while thousands of grants are decided.
         let grants = self.registry().grants();
         let mut reasons: HashMap<String, String> = HashMap::new();
@@ -723,9 +737,11 @@ impl Broker {
             let reason = if grant.expires_at <= now {
                 Some("the grant expired".to_owned())
             } else {
-                tables
-                    .get(grant.account.as_str())
-                    .and_then(|policy| still_allowed(&policy.table, grant, at).err())
+                let table = tables.get(grant.account.as_str());
+                table.zip(verified.as_ref()).and_then(|(policy, verified)| {
+                    let verified = verified.contains(&grant.client_id);
+                    still_allowed(&policy.table, grant, verified, at).err()
+                })
             };
             if let Some(reason) = reason {
                 reasons.insert(grant.id.clone(), reason);
@@ -819,15 +835,10 @@ enum GatewayAnswer {
 fn still_allowed(
     table: &DecisionTable,
     grant: &LiveGrant,
+    verified: bool,
     at: DateTime<Utc>,
 ) -> Result<(), String> {
-    let request = request_for(
-        table,
-        &grant.session,
-        &grant.resource_id,
-        grant.verified,
-        at,
-    );
+    let request = request_for(table, &grant.session, &grant.resource_id, verified, at);
     let decision = table.decide(&request);
     if decision.reason != Reason::Allowed {
         return Err(format!(
@@ -961,7 +972,7 @@ fn check_dns(address: &Address, dns: Option<&DnsMapping>) -> Result<(), String> 
     }
 }
 
-fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>, verified: bool) -> LiveGrant {
+fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>) -> LiveGrant {
     let grant = &signed.grant;
     LiveGrant {
         id: grant.id.clone(),
@@ -971,7 +982,6 @@ fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>, verified: bool)
         resource_id: grant.resource.id.clone(),
         expires_at: grant.expires_at,
         session,
-        verified,
         signed: Arc::new(signed.clone()),
     }
 }

@@ -64,10 +64,9 @@ pub struct LiveGrant {
     pub gateway_id: String,
     pub resource_id: String,
     pub expires_at: UnixTime,
-    /// The session it was decided for: user, groups and context.
+    /// The session it was decided for: user, groups and context (the device's verified mark
+    /// is read from the store each time).
     pub session: Arc<ClientSession>,
-    /// Whether the device was verified when the grant was decided.
-    pub verified: bool,
     /// The grant as signed, to tell whether a reloaded policy still describes the resource
     /// the same way.
     pub signed: Arc<SignedGrant>,
@@ -168,14 +167,6 @@ impl<L> Registry<L> {
         }
         let index = pick(candidates.len()).min(candidates.len() - 1);
         candidates.get(index).copied()
-    }
-
-    /// The gateways of an account, connected right now.
-    pub fn gateways_of<'a>(
-        &'a self,
-        account: &'a str,
-    ) -> impl Iterator<Item = &'a GatewayEntry<L>> {
-        self.gateways.values().filter(move |g| g.account == account)
     }
 
     // ---- clients ----

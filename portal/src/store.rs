@@ -564,6 +564,14 @@ impl Store {
         client.into_record()
     }
 
+    /// Ids of the clients of every account marked verified.
+    pub async fn verified_clients(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM clients WHERE verified = 1")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().collect())
+    }
+
     /// Marks a client of `account` verified or not.
     pub async fn set_client_verified(
         &self,

@@ -189,7 +189,21 @@ async fn a_failed_condition_is_named_and_idp_groups_count() {
         .set_client_verified("acme", &alice.ready.client_id, true)
         .await
         .unwrap();
-    assert_eq!(alice.grant("vault", None).await.grant.rule, "eng-vault");
+    let vault = alice.grant("vault", None).await;
+    assert_eq!(vault.grant.rule, "eng-vault");
+    // Taking the mark away withdraws what needed it.
+    portal
+        .store()
+        .set_client_verified("acme", &alice.ready.client_id, false)
+        .await
+        .unwrap();
+    match alice.next().await {
+        Some(PortalToClient::Revoked { grant_id, reason }) => {
+            assert_eq!(grant_id, vault.grant.id);
+            assert!(reason.contains("no longer allows it"), "{reason}");
+        }
+        other => panic!("expected the vault grant withdrawn, got {other:?}"),
+    }
 
     // Carol is in engineering only through okta's "Engineering" group.
     let carol = "carol@acme.example";
@@ -373,6 +387,29 @@ async fn a_revoked_token_loses_its_grants_and_its_connection() {
         other.grant("gitlab", gitlab_name()).await.grant.rule,
         kept.grant.rule
     );
+}
+
+#[tokio::test]
+async fn a_device_that_returns_with_another_key_loses_the_grants_of_the_old_one() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let mut seen = portal.gateway("acme", "hq", 200).await.serve();
+    let (_, secret) = portal.client_token("acme", ALICE).await;
+    let mut before =
+        TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(1))
+            .await
+            .unwrap();
+    let old = before.grant("db", None).await;
+    next_seen(&mut seen).await;
+    let mut after = TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(9))
+        .await
+        .unwrap();
+    assert_eq!(after.ready.client_id, before.ready.client_id);
+    match next_seen(&mut seen).await {
+        PortalToGateway::Revoke { grant_id } => assert_eq!(grant_id, old.grant.id),
+        other => panic!("expected the old key's grant withdrawn, got {other:?}"),
+    }
+    let new = after.grant("db", None).await;
+    assert_eq!(new.grant.client.public_key, key(9));
 }
 
 #[tokio::test]

@@ -7,8 +7,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use fz_portal::store::{
     ClientRecord, DATABASE_FILE, Decision, FlowFilter, GatewayRecord, GrantRecord, NewFlow,
-    NewToken, Store, StoreError, TokenKind,
+    NewToken, Store, StoreError, TokenKind, Write, tunnel_addresses,
 };
+use fz_portal::writer::Writer;
 use sha2::{Digest as _, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tempfile::TempDir;
@@ -42,7 +43,6 @@ async fn fixture() -> Fixture {
     }
 }
 
-/// A WireGuard public key made of one repeated byte.
 /// Group names from every provider, sorted, without duplicates.
 fn group_names(groups: &[fz_portal::store::IdpGroup]) -> Vec<String> {
     let names: std::collections::BTreeSet<String> =
@@ -58,6 +58,7 @@ fn client_kind() -> TokenKind {
     }
 }
 
+/// A WireGuard public key made of one repeated byte.
 fn key(byte: u8) -> String {
     STANDARD.encode([byte; 32])
 }
@@ -1253,4 +1254,151 @@ async fn concurrent_writers_all_get_through() {
         32
     );
     assert_eq!(store.flows(&all_flows(A)).await.unwrap().len(), 32);
+}
+
+#[tokio::test]
+async fn a_batch_is_written_whole_or_not_at_all_and_the_writer_keeps_good_writes() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let a = populate(&store, A, 1).await;
+    let good = Write::Flow(flow(
+        A,
+        NOW + 10,
+        "bob@example.com",
+        "wiki",
+        false,
+        "no rule",
+    ));
+    // A grant whose client is of another account: the composite keys refuse it.
+    let bad = Write::InsertGrant(GrantRecord {
+        id: "cross".to_owned(),
+        account: B.to_owned(),
+        ..a.grant.clone()
+    });
+    let error = store.apply(&[good.clone(), bad.clone()]).await.unwrap_err();
+    assert_eq!(error.to_string(), "client not found");
+    assert_eq!(
+        store.flows(&all_flows(A)).await.unwrap().len(),
+        1,
+        "nothing of the batch"
+    );
+
+    // Through the writer, a bad write queued beside good ones fails alone.
+    let writer = Writer::start(store.clone());
+    let results = futures_util::future::join_all([
+        writer.submit(vec![good.clone()]),
+        writer.submit(vec![bad]),
+        writer.submit(vec![good]),
+    ])
+    .await;
+    let outcomes: Vec<bool> = results.iter().map(Result::is_ok).collect();
+    assert_eq!(outcomes, [true, false, true]);
+    assert_eq!(store.flows(&all_flows(A)).await.unwrap().len(), 3);
+    assert!(
+        store
+            .active_grants(B, NOW)
+            .await
+            .unwrap()
+            .iter()
+            .all(|g| g.id != "cross")
+    );
+}
+
+#[tokio::test]
+async fn clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let mut addresses = std::collections::HashSet::new();
+    for seed in 1..=3u8 {
+        let token = store
+            .create_token(
+                A,
+                TokenKind::Client {
+                    user: "Alice@Example.com".to_owned(),
+                    provider: Some("okta".to_owned()),
+                },
+                "laptop",
+                NOW + DAY,
+                NOW,
+            )
+            .await
+            .unwrap();
+        let client = store
+            .register_client(A, &token.id, &key(seed), NOW)
+            .await
+            .unwrap();
+        let again = store
+            .register_client(A, &token.id, &key(seed + 100), NOW)
+            .await
+            .unwrap();
+        assert_eq!(
+            client.tunnel_index, again.tunnel_index,
+            "stable across reconnects"
+        );
+        let index = client.tunnel_index.unwrap();
+        assert!(addresses.insert(tunnel_addresses(index)));
+        let record = store
+            .authenticate(&token.secret, NOW)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            record.kind,
+            TokenKind::Client {
+                user: "alice@example.com".to_owned(),
+                provider: Some("okta".to_owned()),
+            }
+        );
+    }
+    let (v4, v6) = tunnel_addresses(1);
+    assert_eq!(
+        (v4.to_string(), v6.to_string()),
+        ("100.64.0.1".to_owned(), "fd00:2021:1111::1".to_owned())
+    );
+    let (last, _) = tunnel_addresses(fz_portal::store::MAX_TUNNEL_INDEX);
+    assert_eq!(last.to_string(), "100.95.255.254");
+    let nobody = store
+        .create_token(
+            A,
+            TokenKind::Client {
+                user: String::new(),
+                provider: None,
+            },
+            "t",
+            NOW + DAY,
+            NOW,
+        )
+        .await;
+    assert_eq!(nobody.unwrap_err().to_string(), "invalid email");
+}
+
+#[tokio::test]
+async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let a = populate(&store, A, 1).await;
+    let b = populate(&store, B, 11).await;
+    assert!(store.tokens_revoked_since(NOW).await.unwrap().is_empty());
+    store
+        .revoke_token(A, &a.client_token.id, NOW + 50)
+        .await
+        .unwrap();
+    store
+        .revoke_token(B, &b.gateway_token.id, NOW + 70)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.tokens_revoked_since(NOW).await.unwrap(),
+        [a.client_token.id.clone(), b.gateway_token.id.clone()]
+    );
+    assert_eq!(
+        store.tokens_revoked_since(NOW + 60).await.unwrap(),
+        [b.gateway_token.id]
+    );
+    assert!(store.verified_clients().await.unwrap().is_empty());
+    store
+        .set_client_verified(B, &b.client.id, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.verified_clients().await.unwrap(),
+        std::collections::HashSet::from([b.client.id])
+    );
 }

@@ -303,9 +303,19 @@ async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
                     } else {
                         "active"
                     };
+                    let kind = match &t.kind {
+                        TokenKind::Client { user, provider } => format!(
+                            "client of {user}{}",
+                            provider
+                                .as_deref()
+                                .map(|p| format!(" via {p}"))
+                                .unwrap_or_default()
+                        ),
+                        TokenKind::Gateway { site } => format!("gateway in site {site}"),
+                    };
                     println!(
-                        "{}\t{}\t{:?}\t{state}\texpires {}",
-                        t.id, t.name, t.kind, t.expires_at
+                        "{}\t{}\t{kind}\t{state}\texpires {}",
+                        t.id, t.name, t.expires_at
                     );
                 }
             }
