@@ -195,10 +195,12 @@ impl Broker {
                     .table
                     .resource_index(&record.resource_id)
                     .and_then(|r| site_of(&account.policy.current().table, r));
-                registry.grant_added(
-                    live_grant(&detail.signed, Arc::new(detail.session)),
-                    site.as_deref().unwrap_or_default(),
-                );
+                // A resource gone from the policy leaves no site: the first sweep withdraws it.
+                registry.grant_added(live_grant(
+                    &detail.signed,
+                    Arc::new(detail.session),
+                    site.unwrap_or_default(),
+                ));
             }
         }
         Ok(Arc::new(Broker {
@@ -547,8 +549,11 @@ impl Broker {
                 });
                 return Err(BrokerError::Unavailable.to_string());
             }
-            self.registry()
-                .grant_added(live_grant(&signed, Arc::new(session.clone())), &site);
+            self.registry().grant_added(live_grant(
+                &signed,
+                Arc::new(session.clone()),
+                site.clone(),
+            ));
             return Ok(signed);
         }
     }
@@ -658,9 +663,15 @@ impl Broker {
     /// A heartbeat: the gateway is alive.
     pub async fn gateway_heartbeat(&self, account: &str, gateway_id: &str) {
         let now = now_i64(unix(self.now()));
+        // A gateway taken out of service (it let a grant go unacknowledged) stays out until
+        // it connects again; its heartbeats only say it is alive.
+        let healthy = self
+            .registry()
+            .gateway(gateway_id)
+            .is_some_and(|g| g.healthy);
         if let Err(error) = self
             .store
-            .set_gateway_connected(account, gateway_id, true, now)
+            .set_gateway_connected(account, gateway_id, healthy, now)
             .await
         {
             tracing::warn!(error = %error, gateway = %gateway_id, "cannot record a heartbeat");
@@ -850,15 +861,19 @@ fn still_allowed(
         .resource_index(&grant.resource_id)
         .and_then(|i| table.table().resources.get(i as usize));
     let granted = &grant.signed.grant.resource;
-    let same = resource.is_some_and(|r| {
-        r.address.to_string() == granted.address
-            && r.ports
-                .as_ref()
-                .map(|ports| ports.iter().map(ToString::to_string).collect::<Vec<_>>())
-                == granted.filter
-    });
+    let site = table
+        .resource_index(&grant.resource_id)
+        .and_then(|i| site_of(table, i));
+    let same = site.as_deref() == Some(grant.site.as_str())
+        && resource.is_some_and(|r| {
+            r.address.to_string() == granted.address
+                && r.ports
+                    .as_ref()
+                    .map(|ports| ports.iter().map(ToString::to_string).collect::<Vec<_>>())
+                    == granted.filter
+        });
     if !same {
-        return Err("the resource's address or ports changed".to_owned());
+        return Err("the resource's address, ports or site changed".to_owned());
     }
     Ok(())
 }
@@ -972,9 +987,10 @@ fn check_dns(address: &Address, dns: Option<&DnsMapping>) -> Result<(), String> 
     }
 }
 
-fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>) -> LiveGrant {
+fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>, site: String) -> LiveGrant {
     let grant = &signed.grant;
     LiveGrant {
+        site,
         id: grant.id.clone(),
         account: grant.account.clone(),
         client_id: grant.client.id.clone(),

@@ -63,6 +63,8 @@ pub struct LiveGrant {
     pub client_id: String,
     pub gateway_id: String,
     pub resource_id: String,
+    /// The resource's site when the grant was made: its gateway serves that site.
+    pub site: String,
     pub expires_at: UnixTime,
     /// The session it was decided for: user, groups and context (the device's verified mark
     /// is read from the store each time).
@@ -229,11 +231,11 @@ impl<L> Registry<L> {
     // ---- grants ----
 
     /// Puts a grant in force, and remembers the gateway as the client's one for the site.
-    pub fn grant_added(&mut self, grant: LiveGrant, site: &str) {
+    pub fn grant_added(&mut self, grant: LiveGrant) {
         if let Some(client) = self.clients.get_mut(&grant.client_id) {
             client
                 .gateway_by_site
-                .insert(site.to_owned(), grant.gateway_id.clone());
+                .insert(grant.site.clone(), grant.gateway_id.clone());
         }
         self.grants.insert(grant.id.clone(), Arc::new(grant));
     }

@@ -346,6 +346,50 @@ async fn a_policy_change_withdraws_grants_it_no_longer_allows_and_a_bad_one_chan
 }
 
 #[tokio::test]
+async fn a_resource_that_changes_address_or_site_takes_its_grants_with_it() {
+    let portal = TestPortal::start(POLICY, "").await;
+    portal.gateway("acme", "hq", 200).await.serve();
+    portal.gateway("acme", "lab", 201).await.serve();
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let db = alice.grant("db", None).await;
+    let wiki = alice
+        .grant(
+            "wiki",
+            Some(DnsMapping {
+                name: "docs.wiki.acme.example".to_owned(),
+                mapped: vec!["100.96.0.7".parse().unwrap()],
+            }),
+        )
+        .await;
+    let cases = [
+        (
+            POLICY.replace(
+                r#"address "10.0.5.0/24"; site hq"#,
+                r#"address "10.0.6.0/24"; site hq"#,
+            ),
+            &db,
+        ),
+        (
+            POLICY.replace(
+                r#"address "**.wiki.acme.example"; site hq"#,
+                r#"address "**.wiki.acme.example"; site lab"#,
+            ),
+            &wiki,
+        ),
+    ];
+    for (policy, grant) in cases {
+        portal.write_policy("acme", &policy);
+        match alice.next().await {
+            Some(PortalToClient::Revoked { grant_id, reason }) => {
+                assert_eq!(grant_id, grant.grant.id);
+                assert_eq!(reason, "the resource's address, ports or site changed");
+            }
+            other => panic!("expected a withdrawal, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_revoked_token_loses_its_grants_and_its_connection() {
     let portal = TestPortal::start(POLICY, "").await;
     let mut seen = portal.gateway("acme", "hq", 200).await.serve();
