@@ -33,12 +33,12 @@ async fn https_answers_and_hands_handlers_the_peer_address() {
     let pki = Pki::new();
     let server = Server::start(&pki).await;
 
-    let (mut stream, local) = connect(&server, &pki, Versions::Default).await;
+    let (mut stream, local) = connect(server.addr, &pki, Versions::Default).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (status, body) = request(&mut stream, "/healthz").await;
     assert_eq!((status.as_str(), body.as_str()), ("200", "ok"));
 
-    let (mut stream, local_again) = connect(&server, &pki, Versions::Default).await;
+    let (mut stream, local_again) = connect(server.addr, &pki, Versions::Default).await;
     assert_ne!(local, local_again);
     let (status, body) = request(&mut stream, "/peer").await;
     assert_eq!(status, "200");
@@ -52,7 +52,7 @@ async fn tls_1_2_is_still_served() {
     let pki = Pki::new();
     let server = Server::start(&pki).await;
 
-    let (mut stream, _) = connect(&server, &pki, Versions::Tls12Only).await;
+    let (mut stream, _) = connect(server.addr, &pki, Versions::Tls12Only).await;
     assert_eq!(
         stream.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
@@ -68,7 +68,7 @@ async fn websockets_upgrade_over_tls() {
     let pki = Pki::new();
     let server = Server::start(&pki).await;
 
-    let (stream, _) = connect(&server, &pki, Versions::Default).await;
+    let (stream, _) = connect(server.addr, &pki, Versions::Default).await;
     let (mut socket, response) = tokio_tungstenite::client_async("wss://localhost/ws", stream)
         .await
         .unwrap();
@@ -79,6 +79,78 @@ async fn websockets_upgrade_over_tls() {
     socket.close(None).await.unwrap();
 
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_portal_serves_its_agents_over_wss_when_given_a_certificate() {
+    let pki = Pki::new();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("access.fz"),
+        "site hq\nresource db { address \"10.0.5.0/24\"; site hq }\nallow everyone -> db\n",
+    )
+    .unwrap();
+    // Not loopback, no `allow_plain_http`: accepted only because TLS is configured.
+    let text = format!(
+        "listen = \"0.0.0.0:0\"\ndata_dir = \"data\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+         [[accounts]]\nslug = \"acme\"\npolicy = \".\"\n",
+        pki.files.cert.display(),
+        pki.files.key.display()
+    );
+    let config = fz_portal::config::Config::parse(&text, home.path()).unwrap();
+    let portal =
+        fz_portal::server::RunningPortal::start(&config, fz_portal::broker::system_clock())
+            .await
+            .unwrap();
+    let address = SocketAddr::from(([127, 0, 0, 1], portal.address.port()));
+    let now = chrono::Utc::now().timestamp();
+    let token = portal
+        .broker
+        .store()
+        .create_token(
+            "acme",
+            fz_portal::store::TokenKind::Client {
+                user: "alice@example.com".into(),
+                provider: None,
+            },
+            "laptop",
+            now + 3600,
+            now,
+        )
+        .await
+        .unwrap();
+
+    let (mut stream, _) = connect(address, &pki, Versions::Default).await;
+    let (status, _) = request(&mut stream, "/healthz").await;
+    assert_eq!(status, "200");
+    let (stream, _) = connect(address, &pki, Versions::Default).await;
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            "wss://localhost/api/acme/client",
+        )
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.secret).parse().unwrap(),
+    );
+    let (mut socket, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap();
+    let hello = fz_proto::encode(&fz_proto::ClientMessage::Hello {
+        public_key: fz_proto::PublicKey([1; 32]),
+        endpoints: vec![],
+    });
+    socket.send(Message::text(hello)).await.unwrap();
+    let Some(Ok(Message::Text(ready))) = socket.next().await else {
+        panic!("no answer over wss");
+    };
+    let ready: fz_proto::PortalToClient = fz_proto::decode(ready.as_bytes()).unwrap();
+    assert!(
+        matches!(ready, fz_proto::PortalToClient::Ready(_)),
+        "{ready:?}"
+    );
+    drop(socket);
+    portal.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -102,7 +174,7 @@ async fn plain_http_gets_no_answer_and_the_server_goes_on() {
         Err(error) => assert_eq!(error.kind(), io::ErrorKind::ConnectionReset),
     }
 
-    let (mut stream, _) = connect(&server, &pki, Versions::Default).await;
+    let (mut stream, _) = connect(server.addr, &pki, Versions::Default).await;
     let (status, body) = request(&mut stream, "/healthz").await;
     assert_eq!((status.as_str(), body.as_str()), ("200", "ok"));
 
@@ -144,7 +216,7 @@ async fn shutdown_finishes_the_request_in_flight_then_serve_returns() {
     let pki = Pki::new();
     let server = Server::start(&pki).await;
 
-    let (mut stream, _) = connect(&server, &pki, Versions::Default).await;
+    let (mut stream, _) = connect(server.addr, &pki, Versions::Default).await;
     let in_flight = tokio::spawn(async move { request(&mut stream, "/slow").await });
     server.slow.entered.notified().await;
 
@@ -165,7 +237,7 @@ async fn shutdown_closes_connections_still_busy_after_the_grace_period() {
     let pki = Pki::new();
     let server = Server::start(&pki).await;
 
-    let (mut stream, _) = connect(&server, &pki, Versions::Default).await;
+    let (mut stream, _) = connect(server.addr, &pki, Versions::Default).await;
     stream
         .write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
@@ -380,7 +452,7 @@ enum Versions {
 /// A TLS client that trusts only the test certificate; returns the stream and its local
 /// address.
 async fn connect(
-    server: &Server,
+    server: SocketAddr,
     pki: &Pki,
     versions: Versions,
 ) -> (TlsStream<TcpStream>, SocketAddr) {
@@ -398,7 +470,7 @@ async fn connect(
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let tcp = TcpStream::connect(server).await.unwrap();
     let local = tcp.local_addr().unwrap();
     let stream = TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
