@@ -5,8 +5,8 @@
 //! restart), the signing key, each account's policy engine with its file watcher, the
 //! group-committing writer, the broker with the grants the store holds, a task per account
 //! that decides every grant again when its policy changes, the sweeper (expired grants,
-//! revoked tokens, closed time windows, once a second), and the HTTP server (TLS when
-//! configured).
+//! revoked tokens, closed time windows, once a second), reloads on SIGHUP, and the HTTP server
+//! (TLS when configured).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -103,6 +103,14 @@ impl RunningPortal {
             }));
         }
         tasks.push(tokio::spawn(sweep(broker.clone(), store.clone())));
+        // Listening starts here, before the portal says it is up, so a SIGHUP sent after that
+        // never meets the default action (termination).
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => tasks.push(tokio::spawn(reload_on_hangup(broker.clone(), hangups))),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; reloads on request are off")
+            }
+        }
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -161,6 +169,34 @@ impl RunningPortal {
         }
         self.broker.store().close().await;
         served.context("the server task failed")?
+    }
+}
+
+/// `kill -HUP` asks for every account's policy to be loaded again now (the file watcher
+/// does it on change anyway; this is for trees on file systems that do not report changes,
+/// and for operators who want to be sure). A failure keeps the last good table.
+async fn reload_on_hangup(broker: Arc<Broker>, mut hangups: tokio::signal::unix::Signal) {
+    while hangups.recv().await.is_some() {
+        for account in broker.accounts() {
+            let policy = account.policy.clone();
+            let slug = account.settings.slug.clone();
+            match tokio::task::spawn_blocking(move || policy.reload()).await {
+                Ok(Ok(outcome)) => tracing::info!(
+                    account = %slug,
+                    hash = %outcome.hash,
+                    changed = outcome.changed,
+                    "policy reloaded on request"
+                ),
+                Ok(Err(error)) => tracing::warn!(
+                    account = %slug,
+                    error = %error,
+                    "policy reload on request failed; the last good table stays"
+                ),
+                Err(error) => {
+                    tracing::error!(account = %slug, error = %error, "policy reload crashed")
+                }
+            }
+        }
     }
 }
 

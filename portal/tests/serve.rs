@@ -42,12 +42,17 @@ fn stdout(output: &Output) -> String {
 
 /// Starts `serve` and returns the process and the address it printed.
 fn serve(home: &Path) -> (Child, String) {
+    serve_with_logs(home, Stdio::null())
+}
+
+/// Starts `serve` with its log (stderr) going to `logs`.
+fn serve_with_logs(home: &Path, logs: Stdio) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fz-portal"))
         .arg("--config")
         .arg(home.join("portal.toml"))
         .arg("serve")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(logs)
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -251,4 +256,37 @@ fn configuration_and_usage_errors_exit_2() {
     let unknown = portal(home.path(), &["token", "list", "--account", "nope"]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no account `nope`"));
+}
+
+#[test]
+fn sighup_reloads_every_account_and_sigterm_stops_cleanly() {
+    let home = home();
+    let (mut child, _) = serve_with_logs(home.path(), Stdio::piped());
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let signal = |name: &str| {
+        let sent = Command::new("kill")
+            .args([name, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    // `serve` returned once the portal said it listens: it handles SIGHUP from then on.
+    signal("-HUP");
+    let reloaded: Vec<String> = logs
+        .by_ref()
+        .map(Result::unwrap)
+        .filter(|line| line.contains("policy reloaded on request"))
+        .take(2)
+        .collect();
+    assert!(
+        reloaded.iter().any(|l| l.contains("account=acme")),
+        "{reloaded:?}"
+    );
+    assert!(
+        reloaded.iter().any(|l| l.contains("account=other")),
+        "{reloaded:?}"
+    );
+    signal("-TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
 }
