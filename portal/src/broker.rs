@@ -395,17 +395,22 @@ impl Broker {
     ) -> Result<SignedGrant, String> {
         let account = self.account(&session.account).map_err(|e| e.to_string())?;
         let at = self.now();
-        let verified = self
-            .store
-            .client(&session.account, &session.client_id)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "client lookup failed");
-                BrokerError::Unavailable.to_string()
-            })?
-            .is_some_and(|c| c.verified);
         let policy = account.policy.current();
         let table = &policy.table;
+        // The verified mark changes from the admin command line, so it is read fresh, but only
+        // when a rule on the resource asks for it: most requests never touch the store here.
+        let verified = if mentions_verified(table, resource_id) {
+            self.store
+                .client(&session.account, &session.client_id)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "client lookup failed");
+                    BrokerError::Unavailable.to_string()
+                })?
+                .is_some_and(|c| c.verified)
+        } else {
+            false
+        };
         let request = request_for(table, session, resource_id, verified, at);
         let decision = table.decide(&request);
         let flow = |decision: FlowDecision, rule: Option<String>, reason: String| NewFlow {
@@ -876,6 +881,24 @@ fn still_allowed(
         return Err("the resource's address, ports or site changed".to_owned());
     }
     Ok(())
+}
+
+/// Whether a rule on the resource has a `client verified` condition: only then does the mark
+/// change the decision.
+fn mentions_verified(table: &DecisionTable, resource: &str) -> bool {
+    let table_ref = table.table();
+    table
+        .resource_index(resource)
+        .and_then(|i| table_ref.resources.get(i as usize))
+        .is_some_and(|r| {
+            r.allow.iter().chain(&r.deny).any(|rule| {
+                table_ref.rules.get(*rule as usize).is_some_and(|rule| {
+                    rule.conditions
+                        .iter()
+                        .any(|c| matches!(c, fz_compiler::condition::Condition::ClientVerified))
+                })
+            })
+        })
 }
 
 /// The request a session makes for a resource at `at`.
