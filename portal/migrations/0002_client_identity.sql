@@ -17,3 +17,7 @@ CREATE UNIQUE INDEX clients_by_tunnel_index ON clients (account, tunnel_index);
 -- gateway that reconnects: the signed grant and the session it was decided for, as JSON the
 -- store does not read. NULL for grants written before this column existed.
 ALTER TABLE grants ADD COLUMN detail TEXT CHECK (detail IS NULL OR json_valid(detail));
+
+-- Every change of a verified mark takes the next number, so a running portal can ask which
+-- devices changed since it last looked, however fast an admin flips a mark.
+ALTER TABLE clients ADD COLUMN verified_seq INTEGER NOT NULL DEFAULT 0;

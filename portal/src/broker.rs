@@ -15,6 +15,7 @@
 //! others of its own account, and acknowledgements count only from the gateway the grant went
 //! to.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -115,9 +116,9 @@ impl Timings {
 
 /// What a grant needs to be decided again and sent again after a restart.
 #[derive(Debug, Serialize, Deserialize)]
-struct GrantDetail {
-    signed: SignedGrant,
-    session: ClientSession,
+struct GrantDetail<'a> {
+    signed: Cow<'a, SignedGrant>,
+    session: Cow<'a, ClientSession>,
 }
 
 /// A gateway's answer to a grant.
@@ -198,7 +199,7 @@ impl Broker {
                 // A resource gone from the policy leaves no site: the first sweep withdraws it.
                 registry.grant_added(live_grant(
                     &detail.signed,
-                    Arc::new(detail.session),
+                    Arc::new(detail.session.into_owned()),
                     site.unwrap_or_default(),
                 ));
             }
@@ -372,7 +373,7 @@ impl Broker {
     /// acknowledged, or a rejection that says what failed. Either way the flow log has it.
     pub async fn request_access(
         &self,
-        session: &ClientSession,
+        session: &Arc<ClientSession>,
         resource: &str,
         dns: Option<DnsMapping>,
     ) -> PortalToClient {
@@ -389,7 +390,7 @@ impl Broker {
 
     async fn authorise(
         &self,
-        session: &ClientSession,
+        session: &Arc<ClientSession>,
         resource_id: &str,
         dns: Option<DnsMapping>,
     ) -> Result<SignedGrant, String> {
@@ -526,8 +527,8 @@ impl Broker {
                 Err(GatewayAnswer::Gone) => continue,
             }
             let detail = GrantDetail {
-                signed: signed.clone(),
-                session: session.clone(),
+                signed: Cow::Borrowed(&signed),
+                session: Cow::Borrowed(session.as_ref()),
             };
             let record = GrantRecord {
                 id: signed.grant.id.clone(),
@@ -554,11 +555,8 @@ impl Broker {
                 });
                 return Err(BrokerError::Unavailable.to_string());
             }
-            self.registry().grant_added(live_grant(
-                &signed,
-                Arc::new(session.clone()),
-                site.clone(),
-            ));
+            self.registry()
+                .grant_added(live_grant(&signed, session.clone(), site.clone()));
             return Ok(signed);
         }
     }
@@ -674,11 +672,13 @@ impl Broker {
             .registry()
             .gateway(gateway_id)
             .is_some_and(|g| g.healthy);
-        if let Err(error) = self
-            .store
-            .set_gateway_connected(account, gateway_id, healthy, now)
-            .await
-        {
+        let seen = Write::GatewaySeen {
+            account: account.to_owned(),
+            gateway_id: gateway_id.to_owned(),
+            connected: healthy,
+            at: now,
+        };
+        if let Err(error) = self.writer.submit(vec![seen]).await {
             tracing::warn!(error = %error, gateway = %gateway_id, "cannot record a heartbeat");
         }
     }
@@ -730,6 +730,19 @@ impl Broker {
     /// the ones that no longer hold (expired, denied, or their resource changed). Returns how
     /// many were withdrawn.
     pub async fn revalidate(&self) -> usize {
+        self.revalidate_where(|_| true).await
+    }
+
+    /// [`Broker::revalidate`] for the grants of these clients only.
+    pub async fn revalidate_clients(&self, clients: &HashSet<String>) -> usize {
+        if clients.is_empty() {
+            return 0;
+        }
+        self.revalidate_where(|g| clients.contains(&g.client_id))
+            .await
+    }
+
+    async fn revalidate_where(&self, select: impl Fn(&LiveGrant) -> bool) -> usize {
         let at = self.now();
         let now = unix(at);
         let tables: HashMap<&str, _> = self
@@ -749,7 +762,7 @@ impl Broker {
         // Decide on a snapshot: requests keep flowing while thousands of grants are decided.
         let grants = self.registry().grants();
         let mut reasons: HashMap<String, String> = HashMap::new();
-        for grant in &grants {
+        for grant in grants.iter().filter(|g| select(g)) {
             let reason = if grant.expires_at <= now {
                 Some("the grant expired".to_owned())
             } else {
@@ -773,7 +786,20 @@ impl Broker {
         .await
     }
 
-    /// Closes the connections of tokens revoked since `since` and withdraws their grants.
+    /// Withdraws the grants whose expiry has come. Cheap: it visits only those.
+    pub async fn expire(&self) -> usize {
+        let now = unix(self.now());
+        let ids = self.registry().expired(now);
+        self.withdraw(&ids, |_| "the grant expired".to_owned())
+            .await
+    }
+
+    /// What the broker's clock says: the minute it reads is when time windows open and close.
+    pub fn clock(&self) -> DateTime<Utc> {
+        self.now()
+    }
+
+    /// Closes the connections of these tokens and withdraws their grants.
     pub async fn tokens_revoked(&self, tokens: &HashSet<String>) -> usize {
         if tokens.is_empty() {
             return 0;

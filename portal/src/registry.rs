@@ -9,7 +9,7 @@
 //! **Invariant:** selection only ever returns a healthy gateway of the account and site asked
 //! for; accounts never see each other's gateways, sessions or grants.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use fz_proto::{GatewayPeer, SignedGrant, UnixTime};
@@ -79,6 +79,8 @@ pub struct Registry<L> {
     gateways: HashMap<String, GatewayEntry<L>>,
     clients: HashMap<String, ClientEntry<L>>,
     grants: HashMap<String, Arc<LiveGrant>>,
+    /// The grants by expiry, so that finding the expired ones does not visit the others.
+    expiring: BTreeSet<(UnixTime, String)>,
     next_connection: u64,
 }
 
@@ -88,6 +90,7 @@ impl<L> Default for Registry<L> {
             gateways: HashMap::new(),
             clients: HashMap::new(),
             grants: HashMap::new(),
+            expiring: BTreeSet::new(),
             next_connection: 0,
         }
     }
@@ -237,7 +240,16 @@ impl<L> Registry<L> {
                 .gateway_by_site
                 .insert(grant.site.clone(), grant.gateway_id.clone());
         }
+        self.expiring.insert((grant.expires_at, grant.id.clone()));
         self.grants.insert(grant.id.clone(), Arc::new(grant));
+    }
+
+    /// Ids of the grants expired at `now` (a grant expires at its `expires_at`).
+    pub fn expired(&self, now: UnixTime) -> Vec<String> {
+        self.expiring
+            .range(..(now.saturating_add(1), String::new()))
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     /// The grants in force, to decide them again without holding the registry.
@@ -251,7 +263,12 @@ impl<L> Registry<L> {
 
     /// Takes grants out of force, and returns them.
     pub fn withdraw(&mut self, ids: &[String]) -> Vec<Arc<LiveGrant>> {
-        ids.iter().filter_map(|id| self.grants.remove(id)).collect()
+        let withdrawn: Vec<Arc<LiveGrant>> =
+            ids.iter().filter_map(|id| self.grants.remove(id)).collect();
+        for grant in &withdrawn {
+            self.expiring.remove(&(grant.expires_at, grant.id.clone()));
+        }
+        withdrawn
     }
 
     /// Ids of the grants `select` picks.
@@ -389,6 +406,55 @@ mod tests {
         );
         // Another account's client with the same id gets no stickiness across accounts.
         assert_eq!(select(&r, "globex", "hq", "c", &[], 0), None);
+    }
+
+    #[test]
+    fn expired_grants_are_found_by_their_expiry_and_leave_with_them() {
+        let mut r: Registry<&'static str> = Registry::default();
+        for (id, expires_at) in [("g-10", 10), ("g-20", 20), ("g-20b", 20), ("g-30", 30)] {
+            r.grant_added(LiveGrant {
+                id: id.into(),
+                account: "acme".into(),
+                client_id: "c".into(),
+                gateway_id: "gw".into(),
+                resource_id: "db".into(),
+                site: "hq".into(),
+                expires_at,
+                session: session("acme", "c"),
+                signed: Arc::new(signed(id, expires_at)),
+            });
+        }
+        assert!(r.expired(9).is_empty());
+        assert_eq!(r.expired(10), ["g-10"]);
+        assert_eq!(r.expired(25), ["g-10", "g-20", "g-20b"]);
+        assert_eq!(r.withdraw(&["g-20".to_owned()]).len(), 1);
+        assert_eq!(r.expired(u64::MAX), ["g-10", "g-20b", "g-30"]);
+        assert_eq!(r.grant_count(), 3);
+    }
+
+    fn signed(id: &str, expires_at: UnixTime) -> SignedGrant {
+        fz_proto::Grant {
+            id: id.into(),
+            account: "acme".into(),
+            client: session("acme", "c").peer.clone(),
+            gateway: GatewayPeer {
+                id: "gw".into(),
+                public_key: PublicKey([0; 32]),
+                endpoints: Vec::new(),
+            },
+            preshared_key: fz_proto::PresharedKey([0; 32]),
+            resource: fz_proto::GrantedResource {
+                id: "db".into(),
+                address: "10.0.5.0/24".into(),
+                filter: None,
+                dns: None,
+            },
+            rule: "r".into(),
+            bundle_hash: "h".into(),
+            issued_at: 0,
+            expires_at,
+        }
+        .sign(&fz_proto::PortalSigningKey::from_seed([1; 32]))
     }
 
     #[test]

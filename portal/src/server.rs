@@ -200,26 +200,50 @@ async fn reload_on_hangup(broker: Arc<Broker>, mut hangups: tokio::signal::unix:
     }
 }
 
-/// Once a second: withdraw grants whose time is up (expiry, a closed time window, a rule that
-/// started to deny), close sessions whose token expired, and withdraw everything of tokens
-/// an admin revoked.
+/// Once a second: withdraw expired grants, close sessions whose token expired, and withdraw
+/// everything of tokens an admin revoked. Every grant is decided again when the clock enters a
+/// new minute (time windows open and close on minutes, so a deny window that opens ends the
+/// grants it covers), and a device's grants when its verified mark changes.
 async fn sweep(broker: Arc<Broker>, store: Store) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick decides everything again: grants restored from the store were decided
+    // by a portal that may have run another policy.
+    let mut minute = i64::MIN;
+    let mut verified_seen = 0;
+    // The first look goes back to the beginning: grants restored from the store may belong to
+    // tokens revoked while the portal was down. Later looks go back a little, and act only on
+    // tokens not acted on already.
+    let mut since = i64::MIN;
+    let mut handled: HashSet<String> = HashSet::new();
     loop {
         ticks.tick().await;
         let now = chrono::Utc::now().timestamp();
-        match store
-            .tokens_revoked_since(now - REVOCATION_LOOKBACK_SECS)
-            .await
-        {
+        match store.tokens_revoked_since(since).await {
             Ok(revoked) => {
                 let revoked: HashSet<String> = revoked.into_iter().collect();
-                broker.tokens_revoked(&revoked).await;
+                let new: HashSet<String> = revoked.difference(&handled).cloned().collect();
+                broker.tokens_revoked(&new).await;
+                handled = revoked;
+                since = now - REVOCATION_LOOKBACK_SECS;
             }
             Err(error) => tracing::warn!(error = %error, "cannot read revoked tokens"),
         }
         broker.close_expired_sessions();
-        broker.revalidate().await;
+        broker.expire().await;
+        let this_minute = broker.clock().timestamp().div_euclid(60);
+        if this_minute != minute {
+            minute = this_minute;
+            broker.revalidate().await;
+        }
+        match store.verified_changes_since(verified_seen).await {
+            Ok((changed, latest)) => {
+                verified_seen = latest;
+                broker
+                    .revalidate_clients(&changed.into_iter().collect())
+                    .await;
+            }
+            Err(error) => tracing::warn!(error = %error, "cannot read verified marks"),
+        }
     }
 }

@@ -44,7 +44,7 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{QueryBuilder, Sqlite, Transaction};
 use subtle::ConstantTimeEq as _;
 
 use crate::random;
@@ -70,6 +70,10 @@ pub fn tunnel_addresses(index: u32) -> (Ipv4Addr, Ipv6Addr) {
     );
     (v4, v6)
 }
+
+/// Rows per multi-row statement in [`Store::apply`]: 10 columns each stays far below SQLite's
+/// limit of 32,766 bound parameters.
+pub const ROWS_PER_STATEMENT: usize = 500;
 
 /// SQLite has one writer at a time; a few connections let reads run beside it.
 const MAX_CONNECTIONS: u32 = 8;
@@ -232,8 +236,18 @@ pub struct GatewayRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     InsertGrant(GrantRecord),
-    DeleteGrant { account: String, grant_id: String },
+    DeleteGrant {
+        account: String,
+        grant_id: String,
+    },
     Flow(NewFlow),
+    /// As [`Store::set_gateway_connected`].
+    GatewaySeen {
+        account: String,
+        gateway_id: String,
+        connected: bool,
+        at: i64,
+    },
 }
 
 /// A group an identity provider says a user is in, under the provider's name for it.
@@ -564,6 +578,22 @@ impl Store {
         client.into_record()
     }
 
+    /// The clients of every account whose verified mark changed after change number `seen`,
+    /// and the latest change number (pass it next time).
+    pub async fn verified_changes_since(
+        &self,
+        seen: i64,
+    ) -> Result<(Vec<String>, i64), StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, verified_seq FROM clients WHERE verified_seq > ?1 ORDER BY verified_seq",
+        )
+        .bind(seen)
+        .fetch_all(&self.pool)
+        .await?;
+        let latest = rows.last().map_or(seen, |(_, seq)| *seq);
+        Ok((rows.into_iter().map(|(id, _)| id).collect(), latest))
+    }
+
     /// Ids of the clients of every account marked verified.
     pub async fn verified_clients(&self) -> Result<std::collections::HashSet<String>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM clients WHERE verified = 1")
@@ -579,12 +609,16 @@ impl Store {
         client_id: &str,
         verified: bool,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE clients SET verified = ?3 WHERE account = ?1 AND id = ?2")
-            .bind(account)
-            .bind(client_id)
-            .bind(verified)
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE clients
+             SET verified = ?3, verified_seq = (SELECT max(verified_seq) FROM clients) + 1
+             WHERE account = ?1 AND id = ?2",
+        )
+        .bind(account)
+        .bind(client_id)
+        .bind(verified)
+        .execute(&self.pool)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(Entity::Client));
         }
@@ -683,21 +717,8 @@ impl Store {
         connected: bool,
         now: i64,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query(
-            "UPDATE gateways
-             SET connected = ?3, last_seen = CASE WHEN ?3 THEN ?4 ELSE last_seen END
-             WHERE account = ?1 AND id = ?2",
-        )
-        .bind(account)
-        .bind(gateway_id)
-        .bind(connected)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(Entity::Gateway));
-        }
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        set_gateway_connected(&mut conn, account, gateway_id, connected, now).await
     }
 
     /// Marks every gateway of every account disconnected, and returns how many were connected:
@@ -814,22 +835,92 @@ impl Store {
 
     /// Applies writes in one transaction, all or none: one disk sync for many, which is how
     /// a busy portal keeps up (see `writer`).
+    ///
+    /// Writes of a kind go in as few statements as SQLite takes (a statement per kind and
+    /// [`ROWS_PER_STATEMENT`] rows): grants first, then deletions, so a grant inserted and
+    /// withdrawn in one batch is gone. A single grant insert reports which side is missing, as
+    /// [`Store::insert_grant`] does; a larger batch that fails reports only that it failed.
     pub async fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
-        let mut tx = self.begin_write().await?;
+        let mut grants = Vec::new();
+        let mut deletions = Vec::new();
+        let mut flows = Vec::new();
+        let mut seen = Vec::new();
         for write in writes {
             match write {
-                Write::InsertGrant(grant) => insert_grant(&mut tx, grant).await?,
-                Write::DeleteGrant { account, grant_id } => {
-                    sqlx::query("DELETE FROM grants WHERE account = ?1 AND id = ?2")
-                        .bind(account)
-                        .bind(grant_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                Write::Flow(flow) => {
-                    insert_flow(&mut tx, flow).await?;
-                }
+                Write::InsertGrant(grant) => grants.push(grant),
+                Write::DeleteGrant { account, grant_id } => deletions.push((account, grant_id)),
+                Write::Flow(flow) => flows.push(flow),
+                Write::GatewaySeen {
+                    account,
+                    gateway_id,
+                    connected,
+                    at,
+                } => seen.push((account, gateway_id, *connected, *at)),
             }
+        }
+        let mut tx = self.begin_write().await?;
+        if let [grant] = grants.as_slice() {
+            insert_grant(&mut tx, grant).await?;
+        } else {
+            for chunk in grants.chunks(ROWS_PER_STATEMENT) {
+                let mut insert = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
+                                         bundle_hash, issued_at, expires_at, detail) ",
+                );
+                insert.push_values(chunk, |mut row, grant| {
+                    row.push_bind(&grant.id)
+                        .push_bind(&grant.account)
+                        .push_bind(&grant.client_id)
+                        .push_bind(&grant.gateway_id)
+                        .push_bind(&grant.resource_id)
+                        .push_bind(&grant.rule_id)
+                        .push_bind(&grant.bundle_hash)
+                        .push_bind(grant.issued_at)
+                        .push_bind(grant.expires_at)
+                        .push_bind(grant.detail.as_deref());
+                });
+                insert.build().execute(&mut *tx).await?;
+            }
+        }
+        for chunk in deletions.chunks(ROWS_PER_STATEMENT) {
+            let mut delete =
+                QueryBuilder::<Sqlite>::new("DELETE FROM grants WHERE (account, id) IN (");
+            let mut list = delete.separated(", ");
+            for (account, id) in chunk {
+                list.push("(")
+                    .push_bind_unseparated(*account)
+                    .push_unseparated(", ")
+                    .push_bind_unseparated(*id)
+                    .push_unseparated(")");
+            }
+            delete.push(")");
+            delete.build().execute(&mut *tx).await?;
+        }
+        for chunk in flows.chunks(ROWS_PER_STATEMENT) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO flows (account, time, user_email, client_id, resource_id, decision,
+                                    rule_id, bundle_hash, reason) ",
+            );
+            insert.push_values(chunk, |mut row, flow| {
+                row.push_bind(&flow.account)
+                    .push_bind(flow.time)
+                    .push_bind(flow.user.to_lowercase())
+                    .push_bind(&flow.client_id)
+                    .push_bind(&flow.resource_id)
+                    .push_bind(flow.decision)
+                    .push_bind(flow.rule_id.as_deref())
+                    .push_bind(&flow.bundle_hash)
+                    .push_bind(&flow.reason);
+            });
+            insert.build().execute(&mut *tx).await.map_err(|e| {
+                on_constraint(e, |kind| match kind {
+                    ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
+                    _ => None,
+                })
+            })?;
+        }
+        for (account, gateway_id, connected, at) in seen {
+            set_gateway_connected(&mut tx, account, gateway_id, connected, at).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1114,6 +1205,30 @@ async fn usable_token(
         });
     }
     Ok(token)
+}
+
+async fn set_gateway_connected(
+    conn: &mut sqlx::SqliteConnection,
+    account: &str,
+    gateway_id: &str,
+    connected: bool,
+    now: i64,
+) -> Result<(), StoreError> {
+    let done = sqlx::query(
+        "UPDATE gateways
+         SET connected = ?3, last_seen = CASE WHEN ?3 THEN ?4 ELSE last_seen END
+         WHERE account = ?1 AND id = ?2",
+    )
+    .bind(account)
+    .bind(gateway_id)
+    .bind(connected)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(StoreError::NotFound(Entity::Gateway));
+    }
+    Ok(())
 }
 
 async fn insert_grant(

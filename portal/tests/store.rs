@@ -1393,6 +1393,25 @@ async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper() {
         [b.gateway_token.id]
     );
     assert!(store.verified_clients().await.unwrap().is_empty());
+    assert_eq!(store.verified_changes_since(0).await.unwrap(), (vec![], 0));
+    // A mark set and taken back at once is still two changes a portal can see.
+    store
+        .set_client_verified(A, &a.client.id, true)
+        .await
+        .unwrap();
+    let (changed, first) = store.verified_changes_since(0).await.unwrap();
+    assert_eq!(changed, [a.client.id.clone()]);
+    store
+        .set_client_verified(A, &a.client.id, false)
+        .await
+        .unwrap();
+    let (changed, second) = store.verified_changes_since(first).await.unwrap();
+    assert_eq!(changed, [a.client.id.clone()]);
+    assert!(second > first);
+    assert_eq!(
+        store.verified_changes_since(second).await.unwrap(),
+        (vec![], second)
+    );
     store
         .set_client_verified(B, &b.client.id, true)
         .await
