@@ -1,0 +1,1612 @@
+//! Load benchmark of the portal over real WebSockets on loopback, run by hand (never by CI):
+//!
+//! ```text
+//! cargo bench -p fz-portal --bench load -- [OPTIONS]      # or portal/benches/load.sh
+//! ```
+//!
+//! It writes a policy tree (100 sites of 5 resources each, DNS names, wildcards, CIDRs, IPv4
+//! and IPv6, 53 groups, 600 rules with conditions and guardrails), creates the client and
+//! gateway tokens and the identity provider's group memberships straight through
+//! `fz_portal::store::Store`, and starts the real `fz-portal serve` as a child process so its
+//! memory can be read from `/proc`. Then it connects one gateway per site and the clients
+//! (two devices per user), each saying hello and waiting for `ready`, and reads the portal's
+//! RSS per idle connection. In the load phase, `--concurrency` workers each own a share of
+//! the clients and, in a closed loop, make one of their clients ask for the next resource
+//! the policy allows its user; latency runs from sending `request_access` to the client
+//! holding its signed grant, the gateway's verification and acknowledgement included. The
+//! gateways are the tests' `TestGateway`s: they heartbeat, verify every grant and
+//! acknowledge it.
+//!
+//! The same harness then runs against a trivial axum WebSocket echo server (this binary,
+//! started again as `echo-server`): same connections, same concurrency, a message the size
+//! of a `request_access`, and waits for the echo. That is the ceiling a WebSocket service
+//! on this machine can reach; a grant needs two WebSocket round trips (client and gateway)
+//! where the echo needs one.
+//!
+//! Each phase also prints where the time goes without a profiler: the CPU the server's
+//! threads used (tokio workers, sqlx's SQLite threads) and the generator's, server CPU per
+//! answer, and each answer's latency split where its gateway acknowledged the grant (request
+//! to acknowledgement; acknowledgement to the client holding the grant, which is the store
+//! write and the answer). With `--store disk,shm` the portal runs twice, its data dir on disk
+//! and on tmpfs, to show what disk syncs cost.
+//!
+//! Every answer is a new grant that stays in force for hours, and the phases run one after
+//! the other on the same portal, so each phase starts with the grants of those before it
+//! (printed as "grants in force"): the portal decides every grant in force again each minute.
+//! The gateways get 30 s to acknowledge (`gateway_ack_timeout_ms`) so that a busy generator
+//! does not get them taken out of service.
+//!
+//! The load generator runs on the same machine as the server; `--pin` puts the server on
+//! CPU 0 and the generator on CPU 1 (with `taskset`), otherwise they share both cores.
+//!
+//! Under `cargo test --all-targets` (no `--bench` argument) it does nothing.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used
+)] // A bench binary: it prints its figures, and a setup step that cannot be done fails loudly.
+
+// The bench uses the test agents, not every helper the integration tests use.
+#[allow(dead_code)]
+#[path = "../tests/support/agent.rs"]
+mod agent;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::BufRead as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::response::Response;
+use fz_portal::store::{Store, TokenKind};
+use fz_proto::{
+    ClientMessage, DnsMapping, PortalPublicKey, PortalToClient, PortalToGateway, PublicKey, encode,
+};
+use tokio::sync::Semaphore;
+
+use agent::{Socket, TestClient, TestGateway};
+
+const USAGE: &str = "\
+usage: cargo bench -p fz-portal --bench load -- [OPTIONS]
+  --clients N          connected clients, two per user (default 10000)
+  --gateways N         sites, one gateway each (default 100)
+  --concurrency LIST   requests in flight, one load phase each; `all` = every client
+                       (default 16,64,256,1024)
+  --warmup SECS        before measuring, per phase (default 2)
+  --duration SECS      measured, per phase (default 10)
+  --targets LIST       portal, echo (default portal,echo)
+  --store LIST         where the portal's data dir is: disk, shm (default disk,shm)
+  --pin                server on CPU 0, load generator on CPU 1 (taskset)
+  --client-verify      clients verify each grant too (gateways always do)
+  --connect-parallel N connections opened at once (default 256)
+  --log FILTER         the portal's RUST_LOG (default info)
+  --keep               keep the temporary directories (printed)";
+
+/// The argument that starts this binary as the echo server.
+const ECHO_SERVER: &str = "echo-server";
+const ACCOUNT: &str = "acme";
+const TEAMS: usize = 50;
+const ADMINS: usize = 20;
+/// The same WebSocket settings as the portal's agent endpoint (`portal/src/agents.rs`), so
+/// the echo's memory per connection is comparable.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+const MAX_FRAME_BYTES: usize = 4 * fz_proto::MAX_MESSAGE_BYTES;
+/// Where the generator and the server run with `--pin`.
+const SERVER_CPU: &str = "0";
+const GENERATOR_CPU: &str = "1";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(ECHO_SERVER) {
+        return echo_server();
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "load: nothing to do outside `cargo bench -p fz-portal --bench load` (it is run by hand)"
+        );
+        return ExitCode::SUCCESS;
+    }
+    let options = match Options::parse(args.into_iter().filter(|a| a != "--bench")) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("error: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if options.pin {
+        // Before the runtime starts, so that every thread it makes inherits the mask.
+        let pid = std::process::id().to_string();
+        let status = Command::new("taskset")
+            .args(["-p", "-c", GENERATOR_CPU, &pid])
+            .stdout(Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("error: `taskset` could not pin the generator to CPU {GENERATOR_CPU}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(run(options));
+    ExitCode::SUCCESS
+}
+
+#[derive(Debug, Clone)]
+struct Options {
+    clients: usize,
+    sites: usize,
+    concurrency: Vec<usize>,
+    warmup: Duration,
+    duration: Duration,
+    portal: bool,
+    echo: bool,
+    stores: Vec<StoreKind>,
+    pin: bool,
+    client_verify: bool,
+    connect_parallel: usize,
+    log: String,
+    keep: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreKind {
+    Disk,
+    Shm,
+}
+
+impl StoreKind {
+    fn name(self) -> &'static str {
+        match self {
+            StoreKind::Disk => "disk",
+            StoreKind::Shm => "shm",
+        }
+    }
+}
+
+impl Options {
+    fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
+        let mut options = Options {
+            clients: 10_000,
+            sites: 100,
+            concurrency: Vec::new(),
+            warmup: Duration::from_secs(2),
+            duration: Duration::from_secs(10),
+            portal: true,
+            echo: true,
+            stores: vec![StoreKind::Disk, StoreKind::Shm],
+            pin: false,
+            client_verify: false,
+            connect_parallel: 256,
+            log: "info".to_owned(),
+            keep: false,
+        };
+        let mut concurrency = "16,64,256,1024".to_owned();
+        let mut args = args.peekable();
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().ok_or_else(|| format!("`{arg}` needs a value"));
+            let number = |text: String| {
+                text.replace('_', "")
+                    .parse::<usize>()
+                    .map_err(|_| format!("`{text}` is not a number"))
+            };
+            match arg.as_str() {
+                "--clients" => options.clients = number(value()?)?,
+                "--gateways" => options.sites = number(value()?)?,
+                "--concurrency" => concurrency = value()?,
+                "--warmup" => options.warmup = Duration::from_secs(number(value()?)? as u64),
+                "--duration" => options.duration = Duration::from_secs(number(value()?)? as u64),
+                "--targets" => {
+                    let list = value()?;
+                    options.portal = false;
+                    options.echo = false;
+                    for target in list.split(',') {
+                        match target {
+                            "portal" => options.portal = true,
+                            "echo" => options.echo = true,
+                            other => return Err(format!("unknown target `{other}`")),
+                        }
+                    }
+                }
+                "--store" => {
+                    options.stores = value()?
+                        .split(',')
+                        .map(|s| match s {
+                            "disk" => Ok(StoreKind::Disk),
+                            "shm" => Ok(StoreKind::Shm),
+                            other => Err(format!("unknown store `{other}`")),
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
+                "--pin" => options.pin = true,
+                "--client-verify" => options.client_verify = true,
+                "--connect-parallel" => options.connect_parallel = number(value()?)?.max(1),
+                "--log" => options.log = value()?,
+                "--keep" => options.keep = true,
+                other => return Err(format!("unknown option `{other}`")),
+            }
+        }
+        if options.clients < 2 || options.sites == 0 {
+            return Err("at least 2 clients and 1 gateway".to_owned());
+        }
+        for item in concurrency.split(',') {
+            let n = if item == "all" {
+                options.clients
+            } else {
+                number_of(item)?
+            };
+            options.concurrency.push(n.clamp(1, options.clients));
+        }
+        Ok(options)
+    }
+}
+
+fn number_of(text: &str) -> Result<usize, String> {
+    text.replace('_', "")
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))
+}
+
+// ---- the run ----
+
+async fn run(options: Options) {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    let needed = options.clients + options.sites + 256;
+    println!("== fz-portal load benchmark");
+    println!("machine: {}", machine());
+    println!(
+        "open files limit {limit} (the generator holds about {needed} sockets, the server as many)"
+    );
+    if (limit as usize) < needed {
+        println!("warning: the open files limit is below what the run needs");
+    }
+    if options.pin {
+        println!("pinned: server on CPU {SERVER_CPU}, load generator on CPU {GENERATOR_CPU}");
+    } else {
+        println!(
+            "not pinned: the load generator and the server share the machine's {} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+    }
+    let model = Model::new(options.clients, options.sites);
+    let work = tempfile::Builder::new()
+        .prefix("fz-load-")
+        .tempdir()
+        .expect("a temporary directory");
+    let policy = work.path().join("policy");
+    let summary = model.write_tree(&policy);
+    println!("policy: {summary}");
+    println!(
+        "clients: {} ({} users, two devices each), gateways: {} (one per site)",
+        options.clients,
+        model.users.len(),
+        options.sites
+    );
+    println!(
+        "load: closed loop, concurrency {:?}, {} s warm-up + {} s measured per phase",
+        options.concurrency,
+        options.warmup.as_secs(),
+        options.duration.as_secs()
+    );
+
+    let mut results = Vec::new();
+    if options.portal {
+        for &store in &options.stores {
+            results.push(portal_target(&options, &model, &policy, store).await);
+        }
+    }
+    if options.echo {
+        results.push(echo_target(&options, &model).await);
+    }
+    print_summary(&options, &results);
+    if options.keep {
+        let kept = work.keep();
+        println!("kept {}", kept.display());
+    }
+}
+
+/// What one target (portal on a store, or the echo) measured.
+struct TargetResult {
+    name: String,
+    idle: Idle,
+    phases: Vec<Phase>,
+}
+
+struct Idle {
+    rss_started_kib: u64,
+    rss_gateways_kib: u64,
+    rss_clients_kib: u64,
+    per_client_kib: f64,
+    connect_secs: f64,
+}
+
+struct Phase {
+    concurrency: usize,
+    tally: Tally,
+    seconds: f64,
+    server_cpu: f64,
+    generator_cpu: f64,
+    threads: Vec<(String, f64)>,
+    rss_after_kib: u64,
+    /// Grants the portal holds after the phase (each one stays in force for hours).
+    in_force_after: Option<u64>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.tally.ok as f64 / self.seconds
+    }
+}
+
+// ---- the portal ----
+
+async fn portal_target(
+    options: &Options,
+    model: &Model,
+    policy: &Path,
+    store_kind: StoreKind,
+) -> TargetResult {
+    let name = format!("portal ({})", store_kind.name());
+    println!("\n== {name}");
+    let base = match store_kind {
+        StoreKind::Disk => tempfile::Builder::new().prefix("fz-load-data-").tempdir(),
+        StoreKind::Shm => tempfile::Builder::new()
+            .prefix("fz-load-data-")
+            .tempdir_in("/dev/shm"),
+    }
+    .expect("a data directory");
+    let data = base.path().join("data");
+    let started = Instant::now();
+    let secrets = populate(&data, model, store_kind).await;
+    println!(
+        "store: {} client and {} gateway tokens, {} users' memberships written in {:.1} s ({})",
+        secrets.clients.len(),
+        secrets.gateways.len(),
+        model.users.len(),
+        started.elapsed().as_secs_f64(),
+        data.display()
+    );
+    let config = base.path().join("portal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             # The generator shares the machine: give the gateways time before they count as silent.\n\
+             gateway_ack_timeout_ms = 30000\n\n\
+             [[accounts]]\nslug = \"{ACCOUNT}\"\npolicy = \"{}\"\n",
+            data.display(),
+            policy.display()
+        ),
+    )
+    .expect("a configuration file");
+    let log = base.path().join("portal.log");
+    let mut command = server_command(options, env!("CARGO_BIN_EXE_fz-portal"));
+    command
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("RUST_LOG", &options.log);
+    let (server, line) = Server::spawn(command, &log, "fz-portal listening on ").await;
+    // "fz-portal listening on http://127.0.0.1:PORT (portal key KEY)"
+    let address: SocketAddr = line
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{line}`"));
+    let pinned: PortalPublicKey = line
+        .split("portal key ")
+        .nth(1)
+        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no key in `{line}`"));
+    println!("portal pid {} on {address}", server.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_started_kib = server.rss_kib();
+
+    let acks: Acks = Arc::default();
+    let mut gateways = Vec::new();
+    for (site, secret) in secrets.gateways.iter().enumerate() {
+        let gateway = TestGateway::connect(address, pinned, ACCOUNT, secret, gateway_key(site))
+            .await
+            .unwrap_or_else(|e| panic!("gateway of site {site} cannot connect: {e:?}"));
+        gateways.push(gateway.id.clone());
+        // The gateway passes on each message after it has verified and acknowledged it: note
+        // when, so each answer's latency splits at the acknowledgement.
+        let mut seen = gateway.serve();
+        let acks = acks.clone();
+        tokio::spawn(async move {
+            while let Some(message) = seen.recv().await {
+                if let PortalToGateway::Grant { grant } = message {
+                    acks.lock()
+                        .expect("the ack map")
+                        .insert(grant.grant.id.clone(), Instant::now());
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_gateways_kib = server.rss_kib();
+    println!(
+        "{} gateways connected and serving; portal RSS {} KiB (started: {} KiB)",
+        gateways.len(),
+        rss_gateways_kib,
+        rss_started_kib
+    );
+
+    let started = Instant::now();
+    let secrets_clients = Arc::new(secrets.clients);
+    let clients = connect_all(options, |index| {
+        let secrets = secrets_clients.clone();
+        async move {
+            TestClient::connect(address, pinned, ACCOUNT, &secrets[index], client_key(index))
+                .await
+                .unwrap_or_else(|e| panic!("client {index} cannot connect: {e:?}"))
+        }
+    })
+    .await;
+    let connect_secs = started.elapsed().as_secs_f64();
+    // Let the allocator and the connection tasks settle before reading the RSS.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_clients_kib = server.rss_kib();
+    let per_client_kib =
+        rss_clients_kib.saturating_sub(rss_gateways_kib) as f64 / clients.len() as f64;
+    println!(
+        "{} clients connected (hello, ready) in {connect_secs:.1} s ({:.0}/s); portal RSS {} KiB: \
+         {per_client_kib:.1} KiB per idle client",
+        clients.len(),
+        clients.len() as f64 / connect_secs,
+        rss_clients_kib
+    );
+
+    let mut agents = Vec::with_capacity(clients.len());
+    let mut missing = 0;
+    for (index, client) in clients.into_iter().enumerate() {
+        let visible: HashSet<&str> = client
+            .ready
+            .resources
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        let wants = model.wants(index);
+        missing += wants
+            .iter()
+            .filter(|w| !visible.contains(w.resource.as_str()))
+            .count();
+        let offset = index % wants.len();
+        agents.push(Agent::Portal {
+            client: Box::new(client),
+            wants,
+            next: offset,
+        });
+    }
+    if missing > 0 {
+        println!("warning: {missing} allowed resources were missing from the clients' `ready`");
+    }
+    let visible: usize = agents
+        .iter()
+        .map(|a| match a {
+            Agent::Portal { wants, .. } => wants.len(),
+            Agent::Echo { .. } => 0,
+        })
+        .sum();
+    println!(
+        "each client asks in turn for the resources its user is allowed: {:.1} per client on \
+         average",
+        visible as f64 / agents.len() as f64
+    );
+    if let Some(sizes) = probe_sizes(&mut agents).await {
+        println!("{sizes}");
+    }
+
+    // The probe's grant.
+    let mut in_force = Some(1);
+    let mut phases = Vec::new();
+    for &concurrency in &options.concurrency {
+        let (back, phase) = load_phase(
+            options,
+            agents,
+            concurrency,
+            &server,
+            &mut in_force,
+            Some(&acks),
+        )
+        .await;
+        agents = back;
+        print_phase(&phase);
+        phases.push(phase);
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    println!("portal log: {} WARN/ERROR lines", warnings.len());
+    for line in warnings.iter().take(5) {
+        println!("    {line}");
+    }
+    drop(agents);
+    drop(server);
+    if options.keep {
+        println!("kept {}", base.keep().display());
+    }
+    TargetResult {
+        name,
+        idle: Idle {
+            rss_started_kib,
+            rss_gateways_kib,
+            rss_clients_kib,
+            per_client_kib,
+            connect_secs,
+        },
+        phases,
+    }
+}
+
+struct Secrets {
+    clients: Vec<String>,
+    gateways: Vec<String>,
+}
+
+/// Creates the account, the tokens and the memberships through the store. Every write is a
+/// transaction with `synchronous = FULL`; for a data dir on disk they are made on tmpfs and
+/// the file is copied, so the setup does not wait for thousands of disk syncs.
+async fn populate(data: &Path, model: &Model, kind: StoreKind) -> Secrets {
+    let staging = match kind {
+        StoreKind::Shm => None,
+        StoreKind::Disk => Some(
+            tempfile::Builder::new()
+                .prefix("fz-load-staging-")
+                .tempdir_in("/dev/shm")
+                .expect("a staging directory"),
+        ),
+    };
+    let dir = staging
+        .as_ref()
+        .map_or_else(|| data.to_owned(), |s| s.path().join("data"));
+    let store = Store::open(&dir).await.expect("the store opens");
+    store.ensure_account(ACCOUNT).await.expect("an account");
+    let now = chrono::Utc::now().timestamp();
+    let expires = now + 2 * 86_400;
+    let mut gateways = Vec::new();
+    for site in 0..model.sites {
+        let token = store
+            .create_token(
+                ACCOUNT,
+                TokenKind::Gateway {
+                    site: site_id(site),
+                },
+                &format!("gw-{site}"),
+                expires,
+                now,
+            )
+            .await
+            .expect("a gateway token");
+        gateways.push(token.secret);
+    }
+    let mut clients = Vec::new();
+    for index in 0..model.clients {
+        let user = &model.users[index / 2];
+        let token = store
+            .create_token(
+                ACCOUNT,
+                TokenKind::Client {
+                    user: user.email.clone(),
+                    provider: Some("okta".to_owned()),
+                },
+                &format!("laptop-{index}"),
+                expires,
+                now,
+            )
+            .await
+            .expect("a client token");
+        clients.push(token.secret);
+    }
+    for user in &model.users {
+        store
+            .set_memberships(ACCOUNT, &user.email, "okta", &user.okta_groups())
+            .await
+            .expect("memberships");
+    }
+    store.close().await;
+    if staging.is_some() {
+        std::fs::create_dir_all(data).expect("the data directory");
+        for entry in std::fs::read_dir(&dir).expect("the staged store") {
+            let entry = entry.expect("a staged file");
+            std::fs::copy(entry.path(), data.join(entry.file_name())).expect("a copy");
+        }
+    }
+    Secrets { clients, gateways }
+}
+
+/// Sends one request and reports the sizes of what travels.
+async fn probe_sizes(agents: &mut [Agent]) -> Option<String> {
+    let Agent::Portal {
+        client,
+        wants,
+        next,
+    } = agents.first_mut()?
+    else {
+        return None;
+    };
+    let want = wants.get(*next % wants.len())?.clone();
+    let request = encode(&ClientMessage::RequestAccess {
+        resource: want.resource.clone(),
+        dns: want.dns.clone(),
+    });
+    let answer = client.request(&want.resource, want.dns.clone()).await;
+    let granted = encode(&answer);
+    let to_gateway = match &answer {
+        PortalToClient::Granted { grant } => encode(&PortalToGateway::Grant {
+            grant: grant.clone(),
+        })
+        .len(),
+        _ => 0,
+    };
+    Some(format!(
+        "message sizes: request_access {} B, granted {} B, grant to the gateway {} B",
+        request.len(),
+        granted.len(),
+        to_gateway
+    ))
+}
+
+// ---- the echo ----
+
+async fn echo_target(options: &Options, model: &Model) -> TargetResult {
+    let name = "echo".to_owned();
+    println!("\n== {name}");
+    let base = tempfile::Builder::new()
+        .prefix("fz-load-echo-")
+        .tempdir()
+        .expect("a temporary directory");
+    let log = base.path().join("echo.log");
+    let exe = std::env::current_exe().expect("this binary's path");
+    let mut command = server_command(options, exe.to_str().expect("a UTF-8 path"));
+    command.arg(ECHO_SERVER);
+    let (server, line) = Server::spawn(command, &log, "echo-server listening on ").await;
+    let address: SocketAddr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{line}`"));
+    println!("echo server pid {} on {address}", server.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_started_kib = server.rss_kib();
+    // The message each client sends: as long as a typical `request_access` of the portal run.
+    let message = {
+        let want = model.wants(0).into_iter().next().expect("a resource");
+        encode(&ClientMessage::RequestAccess {
+            resource: want.resource,
+            dns: want.dns,
+        })
+    };
+    let hello = encode(&ClientMessage::Hello {
+        public_key: client_key(0),
+        endpoints: vec!["198.51.100.7:51820".parse().expect("an address")],
+    });
+    let started = Instant::now();
+    let sockets = connect_all(options, |index| {
+        let hello = hello.clone();
+        async move {
+            let mut socket = agent::open(address, ACCOUNT, "client", "echo")
+                .await
+                .unwrap_or_else(|e| panic!("echo client {index} cannot connect: {e:?}"));
+            agent::send_text(&mut socket, hello.clone()).await;
+            assert_eq!(agent::next_text(&mut socket).await, Some(hello));
+            socket
+        }
+    })
+    .await;
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_clients_kib = server.rss_kib();
+    let per_client_kib =
+        rss_clients_kib.saturating_sub(rss_started_kib) as f64 / sockets.len() as f64;
+    println!(
+        "{} clients connected (hello echoed) in {connect_secs:.1} s ({:.0}/s); echo RSS {} KiB: \
+         {per_client_kib:.1} KiB per idle client",
+        sockets.len(),
+        sockets.len() as f64 / connect_secs,
+        rss_clients_kib
+    );
+    println!("message size: {} B each way", message.len());
+    let mut agents: Vec<Agent> = sockets
+        .into_iter()
+        .map(|socket| Agent::Echo {
+            socket: Box::new(socket),
+            message: message.clone(),
+        })
+        .collect();
+    let mut in_force = None;
+    let mut phases = Vec::new();
+    for &concurrency in &options.concurrency {
+        let (back, phase) =
+            load_phase(options, agents, concurrency, &server, &mut in_force, None).await;
+        agents = back;
+        print_phase(&phase);
+        phases.push(phase);
+    }
+    drop(agents);
+    drop(server);
+    TargetResult {
+        name,
+        idle: Idle {
+            rss_started_kib,
+            rss_gateways_kib: rss_started_kib,
+            rss_clients_kib,
+            per_client_kib,
+            connect_secs,
+        },
+        phases,
+    }
+}
+
+/// This binary as the echo server: a trivial axum WebSocket endpoint that sends every text
+/// message back, on the same runtime the portal uses.
+fn echo_server() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback socket");
+        println!(
+            "echo-server listening on {}",
+            listener.local_addr().expect("an address")
+        );
+        let app =
+            axum::Router::new().route("/api/{account}/{agent}", axum::routing::get(echo_upgrade));
+        axum::serve(listener, app).await.expect("the echo serves");
+    });
+    ExitCode::SUCCESS
+}
+
+async fn echo_upgrade(ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .on_upgrade(|mut socket| async move {
+            while let Some(Ok(message)) = socket.recv().await {
+                match message {
+                    Message::Text(_) | Message::Binary(_) => {
+                        if socket.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+        })
+}
+
+// ---- the harness both targets share ----
+
+/// One connection of the load generator.
+enum Agent {
+    Portal {
+        client: Box<TestClient>,
+        wants: Vec<Want>,
+        next: usize,
+    },
+    Echo {
+        socket: Box<Socket>,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Want {
+    resource: String,
+    dns: Option<DnsMapping>,
+}
+
+/// When each grant's gateway acknowledged it, by grant id.
+type Acks = Arc<std::sync::Mutex<HashMap<String, Instant>>>;
+
+enum Outcome {
+    /// A grant (with its id) or the echo.
+    Granted(Option<String>),
+    Rejected(String),
+    Failed(String),
+}
+
+impl Agent {
+    /// One request and its answer: a grant (or the echo), a rejection or something else.
+    async fn exchange(&mut self, verify: bool) -> Outcome {
+        match self {
+            Agent::Portal {
+                client,
+                wants,
+                next,
+            } => {
+                let want = &wants[*next % wants.len()];
+                *next += 1;
+                match client.request(&want.resource, want.dns.clone()).await {
+                    PortalToClient::Granted { grant } => {
+                        if verify && let Err(error) = client.verify(&grant) {
+                            return Outcome::Failed(format!("bad grant: {error}"));
+                        }
+                        Outcome::Granted(Some(grant.grant.id))
+                    }
+                    PortalToClient::Rejected { resource, reason } => {
+                        Outcome::Rejected(format!("{resource}: {reason}"))
+                    }
+                    other => Outcome::Failed(format!("{other:?}")),
+                }
+            }
+            Agent::Echo { socket, message } => {
+                agent::send_text(socket, message.clone()).await;
+                match agent::next_text(socket).await {
+                    Some(text) if text == *message => Outcome::Granted(None),
+                    Some(text) => Outcome::Failed(format!("a different echo: {text}")),
+                    None => Outcome::Failed("the echo server closed".to_owned()),
+                }
+            }
+        }
+    }
+}
+
+/// Opens `options.clients` connections, `connect_parallel` at a time, in index order.
+async fn connect_all<T, F, Fut>(options: &Options, connect: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let gate = Arc::new(Semaphore::new(options.connect_parallel));
+    let mut tasks = Vec::with_capacity(options.clients);
+    for index in 0..options.clients {
+        let gate = gate.clone();
+        let connecting = connect(index);
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("the gate stays open");
+            connecting.await
+        }));
+    }
+    let mut connected = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        connected.push(task.await.expect("a connection"));
+    }
+    connected
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Answers that completed inside the measured window.
+    ok: u64,
+    rejected: u64,
+    failed: u64,
+    latencies: Vec<Duration>,
+    /// The same answers split where the gateway acknowledged: request to acknowledgement
+    /// (decision, signing, push, the gateway's check) and acknowledgement to the client
+    /// holding the grant (the store write, the answer).
+    to_ack: Vec<Duration>,
+    from_ack: Vec<Duration>,
+    /// Every grant the phase got, warm-up included (they all stay in force).
+    granted_total: u64,
+    examples: Vec<String>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.rejected += other.rejected;
+        self.failed += other.failed;
+        self.latencies.extend(other.latencies);
+        self.to_ack.extend(other.to_ack);
+        self.from_ack.extend(other.from_ack);
+        self.granted_total += other.granted_total;
+        for example in other.examples {
+            if self.examples.len() < 5 {
+                self.examples.push(example);
+            }
+        }
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        percentile(&self.latencies, p)
+    }
+}
+
+/// The `p`th percentile of sorted durations.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return Duration::ZERO;
+    };
+    let index = ((sorted.len() as f64 * p / 100.0) as usize).min(last);
+    sorted[index]
+}
+
+/// Runs `concurrency` workers over all the agents for the warm-up and the measured window.
+async fn load_phase(
+    options: &Options,
+    agents: Vec<Agent>,
+    concurrency: usize,
+    server: &Server,
+    in_force: &mut Option<u64>,
+    acks: Option<&Acks>,
+) -> (Vec<Agent>, Phase) {
+    let mut shares: Vec<Vec<Agent>> = (0..concurrency).map(|_| Vec::new()).collect();
+    for (index, agent) in agents.into_iter().enumerate() {
+        shares[index % concurrency].push(agent);
+    }
+    let start = tokio::time::Instant::now();
+    let measure_from = start + options.warmup;
+    let end = measure_from + options.duration;
+    let verify = options.client_verify;
+    let workers: Vec<_> = shares
+        .into_iter()
+        .map(|share| {
+            tokio::spawn(worker(
+                share,
+                measure_from.into_std(),
+                end.into_std(),
+                verify,
+                acks.cloned(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep_until(measure_from).await;
+    let server_before = server.cpu();
+    let generator_before = process_cpu("self");
+    let wall_before = Instant::now();
+    tokio::time::sleep_until(end).await;
+    let seconds = wall_before.elapsed().as_secs_f64();
+    let server_after = server.cpu();
+    let generator_after = process_cpu("self");
+    let mut agents = Vec::new();
+    let mut tally = Tally::default();
+    for worker in workers {
+        let (share, part) = worker.await.expect("a worker");
+        agents.extend(share);
+        tally.merge(part);
+    }
+    tally.latencies.sort_unstable();
+    tally.to_ack.sort_unstable();
+    tally.from_ack.sort_unstable();
+    let ticks = clock_ticks();
+    let share = |before: u64, after: u64| after.saturating_sub(before) as f64 / ticks / seconds;
+    let mut threads: Vec<(String, f64)> = server_after
+        .threads
+        .iter()
+        .map(|(name, after)| {
+            let before = server_before.threads.get(name).copied().unwrap_or(0);
+            (name.clone(), share(before, *after))
+        })
+        .filter(|(_, cpu)| *cpu >= 0.005)
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let in_force_after = in_force.as_mut().map(|n| {
+        *n += tally.granted_total;
+        *n
+    });
+    let phase = Phase {
+        concurrency,
+        tally,
+        seconds: options.duration.as_secs_f64(),
+        server_cpu: share(server_before.total, server_after.total),
+        generator_cpu: share(generator_before, generator_after),
+        threads,
+        rss_after_kib: server.rss_kib(),
+        in_force_after,
+    };
+    (agents, phase)
+}
+
+async fn worker(
+    mut agents: Vec<Agent>,
+    measure_from: Instant,
+    end: Instant,
+    verify: bool,
+    acks: Option<Acks>,
+) -> (Vec<Agent>, Tally) {
+    let mut tally = Tally::default();
+    let mut turn = 0;
+    while Instant::now() < end {
+        let count = agents.len();
+        let agent = &mut agents[turn % count];
+        turn += 1;
+        let sent = Instant::now();
+        let outcome = agent.exchange(verify).await;
+        let done = Instant::now();
+        let acked = match (&outcome, &acks) {
+            (Outcome::Granted(Some(id)), Some(acks)) => {
+                tally.granted_total += 1;
+                acks.lock().expect("the ack map").remove(id)
+            }
+            (Outcome::Granted(_), _) => {
+                tally.granted_total += 1;
+                None
+            }
+            _ => None,
+        };
+        if done < measure_from || done > end {
+            continue;
+        }
+        match outcome {
+            Outcome::Granted(_) => {
+                tally.ok += 1;
+                tally.latencies.push(done - sent);
+                if let Some(acked) = acked.filter(|a| *a >= sent && *a <= done) {
+                    tally.to_ack.push(acked - sent);
+                    tally.from_ack.push(done - acked);
+                }
+            }
+            Outcome::Rejected(reason) => {
+                tally.rejected += 1;
+                if tally.examples.len() < 5 {
+                    tally.examples.push(format!("rejected {reason}"));
+                }
+            }
+            Outcome::Failed(reason) => {
+                tally.failed += 1;
+                if tally.examples.len() < 5 {
+                    tally.examples.push(format!("failed: {reason}"));
+                }
+            }
+        }
+    }
+    (agents, tally)
+}
+
+fn print_phase(phase: &Phase) {
+    let t = &phase.tally;
+    println!(
+        "concurrency {:>5}: {:>8.0}/s  p50 {:>8}  p99 {:>8}  max {:>8}  ({} ok, {} rejected, {} failed \
+         in {:.0} s)",
+        phase.concurrency,
+        phase.rate(),
+        ms(t.percentile(50.0)),
+        ms(t.percentile(99.0)),
+        ms(t.latencies.last().copied().unwrap_or_default()),
+        t.ok,
+        t.rejected,
+        t.failed,
+        phase.seconds
+    );
+    let mut threads = String::new();
+    for (name, cpu) in phase.threads.iter().take(6) {
+        write!(threads, "{name} {:.0}%, ", cpu * 100.0).ok();
+    }
+    let in_force = match phase.in_force_after {
+        Some(n) => format!("; grants in force {n}"),
+        None => String::new(),
+    };
+    println!(
+        "    CPU: server {:.0}% ({}), generator {:.0}% (100% = one core); server RSS {} KiB{in_force}",
+        phase.server_cpu * 100.0,
+        threads.trim_end_matches(", "),
+        phase.generator_cpu * 100.0,
+        phase.rss_after_kib,
+    );
+    if phase.tally.ok > 0 {
+        println!(
+            "    server CPU per answer: {:.1} µs",
+            phase.server_cpu * phase.seconds * 1e6 / phase.tally.ok as f64
+        );
+    }
+    if !t.to_ack.is_empty() {
+        println!(
+            "    split at the gateway's ack ({} answers): request -> ack p50 {} p99 {}; \
+             ack -> client holds grant p50 {} p99 {}",
+            t.to_ack.len(),
+            ms(percentile(&t.to_ack, 50.0)),
+            ms(percentile(&t.to_ack, 99.0)),
+            ms(percentile(&t.from_ack, 50.0)),
+            ms(percentile(&t.from_ack, 99.0)),
+        );
+    }
+    for example in &t.examples {
+        println!("    {example}");
+    }
+}
+
+fn print_summary(options: &Options, results: &[TargetResult]) {
+    println!("\n== summary ({})", machine());
+    println!(
+        "{} clients, {} gateways; {}",
+        options.clients,
+        options.sites,
+        if options.pin {
+            "server pinned to CPU 0, generator to CPU 1"
+        } else {
+            "server and generator share both cores"
+        }
+    );
+    println!(
+        "{:<14} {:>11} {:>10} {:>10} {:>10} {:>12} {:>14}",
+        "target", "concurrency", "rate/s", "p50 ms", "p99 ms", "KiB/idle", "errors"
+    );
+    let echo = results.iter().find(|r| r.name == "echo");
+    for result in results {
+        for phase in &result.phases {
+            println!(
+                "{:<14} {:>11} {:>10.0} {:>10} {:>10} {:>12.1} {:>14}",
+                result.name,
+                phase.concurrency,
+                phase.rate(),
+                ms(phase.tally.percentile(50.0)),
+                ms(phase.tally.percentile(99.0)),
+                result.idle.per_client_kib,
+                phase.tally.rejected + phase.tally.failed
+            );
+        }
+    }
+    if let Some(echo) = echo {
+        println!("\nportal / echo, same concurrency:");
+        println!(
+            "{:<14} {:>11} {:>10} {:>10} {:>10} {:>12}",
+            "target", "concurrency", "rate", "p50", "p99", "KiB/idle"
+        );
+        for result in results.iter().filter(|r| r.name != "echo") {
+            for phase in &result.phases {
+                let Some(base) = echo
+                    .phases
+                    .iter()
+                    .find(|p| p.concurrency == phase.concurrency)
+                else {
+                    continue;
+                };
+                let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+                println!(
+                    "{:<14} {:>11} {:>9.2}x {:>9.2}x {:>9.2}x {:>11.2}x",
+                    result.name,
+                    phase.concurrency,
+                    ratio(phase.rate(), base.rate()),
+                    ratio(
+                        phase.tally.percentile(50.0).as_secs_f64(),
+                        base.tally.percentile(50.0).as_secs_f64()
+                    ),
+                    ratio(
+                        phase.tally.percentile(99.0).as_secs_f64(),
+                        base.tally.percentile(99.0).as_secs_f64()
+                    ),
+                    ratio(result.idle.per_client_kib, echo.idle.per_client_kib)
+                );
+            }
+        }
+    }
+    println!("\nidle connections:");
+    for result in results {
+        println!(
+            "{:<14} RSS started {} KiB, with gateways {} KiB, with clients {} KiB: {:.1} KiB per \
+             idle client; connected in {:.1} s",
+            result.name,
+            result.idle.rss_started_kib,
+            result.idle.rss_gateways_kib,
+            result.idle.rss_clients_kib,
+            result.idle.per_client_kib,
+            result.idle.connect_secs
+        );
+    }
+    println!(
+        "\ngoals (portal): rate >= 10,000 grants/s and >= 0.5x echo, p99 < 25 ms, < 64 KiB per idle connection"
+    );
+    for result in results.iter().filter(|r| r.name != "echo") {
+        let best = result
+            .phases
+            .iter()
+            .filter(|p| p.tally.percentile(99.0) < Duration::from_millis(25))
+            .max_by(|a, b| a.rate().total_cmp(&b.rate()));
+        let peak = result
+            .phases
+            .iter()
+            .max_by(|a, b| a.rate().total_cmp(&b.rate()));
+        if let Some(peak) = peak {
+            let versus = echo
+                .and_then(|e| e.phases.iter().find(|p| p.concurrency == peak.concurrency))
+                .map_or(String::new(), |e| {
+                    format!(" = {:.2}x echo at that concurrency", peak.rate() / e.rate())
+                });
+            println!(
+                "{}: peak {:.0}/s at concurrency {} (p99 {} ms){versus}",
+                result.name,
+                peak.rate(),
+                peak.concurrency,
+                ms(peak.tally.percentile(99.0))
+            );
+        }
+        match best {
+            Some(best) => println!(
+                "{}: best with p99 < 25 ms: {:.0}/s at concurrency {} (p99 {} ms)",
+                result.name,
+                best.rate(),
+                best.concurrency,
+                ms(best.tally.percentile(99.0))
+            ),
+            None => println!("{}: no phase had p99 < 25 ms", result.name),
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+// ---- the server processes ----
+
+fn server_command(options: &Options, program: &str) -> Command {
+    if options.pin {
+        let mut command = Command::new("taskset");
+        command.args(["-c", SERVER_CPU, program]);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A server child process, killed when dropped.
+struct Server {
+    child: Child,
+}
+
+struct CpuSample {
+    total: u64,
+    threads: BTreeMap<String, u64>,
+}
+
+impl Server {
+    /// Starts the command (stdout piped, stderr to `log`) and waits for the line that starts
+    /// with `ready`.
+    async fn spawn(mut command: Command, log: &Path, ready: &str) -> (Server, String) {
+        let log_file = std::fs::File::create(log).expect("a log file");
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("the server starts");
+        let stdout = child.stdout.take().expect("its stdout");
+        let (line_tx, line_rx) = tokio::sync::oneshot::channel();
+        let ready = ready.to_owned();
+        // Reads every line (so the pipe never fills) and hands on the first one that says
+        // where it listens.
+        std::thread::spawn(move || {
+            let mut line_tx = Some(line_tx);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with(&ready)
+                    && let Some(tx) = line_tx.take()
+                {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let server = Server { child };
+        let line = match tokio::time::timeout(Duration::from_secs(60), line_rx).await {
+            Ok(Ok(line)) => line,
+            _ => {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("the server did not start; its log:\n{text}");
+            }
+        };
+        (server, line)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU ticks of the process and of its threads, by thread name.
+    fn cpu(&self) -> CpuSample {
+        let pid = self.pid();
+        let mut threads = BTreeMap::new();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let path = task.path();
+                let name = std::fs::read_to_string(path.join("comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                let ticks =
+                    stat_ticks(&std::fs::read_to_string(path.join("stat")).unwrap_or_default());
+                *threads.entry(thread_group(&name)).or_insert(0) += ticks;
+            }
+        }
+        CpuSample {
+            total: process_cpu(&pid.to_string()),
+            threads,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Threads named `name-3` count as `name`.
+fn thread_group(name: &str) -> String {
+    name.trim_end_matches(|c: char| c.is_ascii_digit())
+        .trim_end_matches('-')
+        .to_owned()
+}
+
+/// utime + stime of a process, in clock ticks.
+fn process_cpu(pid: &str) -> u64 {
+    stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// utime + stime from a `/proc/.../stat` line (fields 14 and 15; the name in parentheses
+/// may hold spaces).
+fn stat_ticks(stat: &str) -> u64 {
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state).
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    // Every CPU the machine has, not just those this process may run on (`--pin`).
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    format!("{cpus} CPUs, {model}")
+}
+
+// ---- keys ----
+
+/// A distinct WireGuard key per client: the portal refuses a key another client holds.
+fn client_key(index: usize) -> PublicKey {
+    let mut bytes = [0x11; 32];
+    bytes[..8].copy_from_slice(&(index as u64).to_le_bytes());
+    PublicKey(bytes)
+}
+
+fn gateway_key(site: usize) -> PublicKey {
+    let mut bytes = [0x22; 32];
+    bytes[..8].copy_from_slice(&(site as u64).to_le_bytes());
+    PublicKey(bytes)
+}
+
+// ---- the policy ----
+
+/// The generated account: sites, users and their groups. Each site has five resources (an
+/// exact DNS name, a DNS wildcard, an IPv4 CIDR, an IPv4 host, an IPv6 CIDR) and six rules:
+/// two teams reach the whole site; everyone signed in with okta reaches its app; SRE reach
+/// its hosts and database from loopback sources; a team may reach its database only from
+/// Germany or France (never holds here: no GeoIP database); contractors reach its web apps
+/// only from verified devices (never holds: no device is verified); and contractors never
+/// reach its database (a guardrail). A static group of admins reaches every site.
+struct Model {
+    clients: usize,
+    sites: usize,
+    users: Vec<UserSpec>,
+}
+
+struct UserSpec {
+    email: String,
+    teams: Vec<usize>,
+    sre: bool,
+    contractor: bool,
+    admin: bool,
+}
+
+impl UserSpec {
+    fn okta_groups(&self) -> Vec<String> {
+        let mut groups: Vec<String> = self.teams.iter().map(|t| team_id(*t)).collect();
+        if self.sre {
+            groups.push("sre".to_owned());
+        }
+        if self.contractor {
+            groups.push("contractors".to_owned());
+        }
+        groups
+    }
+}
+
+fn site_id(site: usize) -> String {
+    format!("site-{site:03}")
+}
+
+fn team_id(team: usize) -> String {
+    format!("team-{team:02}")
+}
+
+impl Model {
+    fn new(clients: usize, sites: usize) -> Model {
+        let mut rng = 0x5eed_u64;
+        let mut draw = move |n: usize| {
+            // splitmix64
+            rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % n as u64) as usize
+        };
+        let users = (0..clients.div_ceil(2))
+            .map(|u| {
+                let count = 1 + draw(3);
+                let mut teams = Vec::new();
+                while teams.len() < count {
+                    let team = draw(TEAMS);
+                    if !teams.contains(&team) {
+                        teams.push(team);
+                    }
+                }
+                teams.sort_unstable();
+                let role = draw(20);
+                UserSpec {
+                    email: format!("user-{u:05}@corp.example"),
+                    teams,
+                    sre: role == 0,
+                    contractor: role == 1,
+                    admin: u < ADMINS,
+                }
+            })
+            .collect();
+        Model {
+            clients,
+            sites,
+            users,
+        }
+    }
+
+    /// The two teams that reach the whole of `site`.
+    fn owners(site: usize) -> (usize, usize) {
+        let a = site % TEAMS;
+        let b = (site * 7 + 3) % TEAMS;
+        (a, if a == b { (a + 1) % TEAMS } else { b })
+    }
+
+    /// What the client at `index` may ask for (its user's allowed resources), with the DNS
+    /// mapping a DNS resource needs.
+    fn wants(&self, index: usize) -> Vec<Want> {
+        let user = &self.users[index / 2];
+        let mut wants = Vec::new();
+        let mapped = vec![
+            "100.96.0.1".parse().expect("an address"),
+            "fd00:2021:1111:8000::1".parse().expect("an address"),
+        ];
+        let dns = |name: String| {
+            Some(DnsMapping {
+                name,
+                mapped: mapped.clone(),
+            })
+        };
+        for site in 0..self.sites {
+            let s = format!("{site:03}");
+            let (a, b) = Model::owners(site);
+            let whole = user.admin || user.teams.contains(&a) || user.teams.contains(&b);
+            wants.push(Want {
+                resource: format!("app-{s}"),
+                dns: dns(format!("app.site-{s}.corp.example")),
+            });
+            if whole {
+                wants.push(Want {
+                    resource: format!("web-{s}"),
+                    dns: dns(format!("portal.web.site-{s}.corp.example")),
+                });
+                wants.push(Want {
+                    resource: format!("metrics-{s}"),
+                    dns: None,
+                });
+            }
+            if whole || user.sre {
+                wants.push(Want {
+                    resource: format!("ssh-{s}"),
+                    dns: None,
+                });
+                if !user.contractor {
+                    wants.push(Want {
+                        resource: format!("db-{s}"),
+                        dns: None,
+                    });
+                }
+            }
+        }
+        wants
+    }
+
+    /// Writes the tree and says what is in it.
+    fn write_tree(&self, dir: &Path) -> String {
+        let write = |path: PathBuf, text: &str| {
+            std::fs::create_dir_all(path.parent().expect("a parent")).expect("a directory");
+            std::fs::write(&path, text).expect("a policy file");
+        };
+        let mut sites = String::new();
+        for site in 0..self.sites {
+            writeln!(sites, "site {} \"Generated site {site}\"", site_id(site)).ok();
+        }
+        write(dir.join("sites.fz"), &sites);
+        let mut groups = String::new();
+        for team in 0..TEAMS {
+            let id = team_id(team);
+            writeln!(groups, "group {id} {{ idp okta \"{id}\" }}").ok();
+        }
+        groups.push_str("group sre { description \"On call\"; idp okta \"sre\" }\n");
+        groups.push_str("group contractors { idp okta \"contractors\" }\n");
+        let admins: Vec<String> = self
+            .users
+            .iter()
+            .filter(|u| u.admin)
+            .map(|u| format!("\"{}\"", u.email))
+            .collect();
+        writeln!(groups, "group admins {{ members {} }}", admins.join(", ")).ok();
+        write(dir.join("groups.fz"), &groups);
+        let mut rules = 0;
+        for site in 0..self.sites {
+            let s = format!("{site:03}");
+            let (hi, lo) = (site / 256, site % 256);
+            let (a, b) = Model::owners(site);
+            let eu = (site + 5) % TEAMS;
+            let text = format!(
+                "resource app-{s} {{ address \"app.site-{s}.corp.example\"; site site-{s}; ports tcp/443 }}\n\
+                 resource web-{s} {{ address \"**.web.site-{s}.corp.example\"; site site-{s}; ports tcp/443, tcp/8000-8100 }}\n\
+                 resource db-{s} {{ address \"10.{}.{lo}.0/24\"; site site-{s}; ports tcp/5432 }}\n\
+                 resource ssh-{s} {{ address \"172.{}.{lo}.10\"; site site-{s}; ports tcp/22 }}\n\
+                 resource metrics-{s} {{ address \"fd00:0:{site:x}::/64\"; site site-{s}; ports tcp/9090-9100 }}\n\
+                 \n\
+                 allow {}, {}, admins -> site site-{s} as site-{s}-teams\n\
+                 allow everyone -> app-{s} when provider okta as app-{s}-okta\n\
+                 allow sre -> ssh-{s}, db-{s} when source in 127.0.0.0/8 as sre-{s}\n\
+                 allow {} -> db-{s} when country in DE, FR as db-{s}-eu\n\
+                 allow contractors -> web-{s} when client verified as contractors-web-{s}\n\
+                 deny contractors -> db-{s} as no-contractors-db-{s}\n",
+                100 + hi,
+                16 + hi,
+                team_id(a),
+                team_id(b),
+                team_id(eu),
+            );
+            rules += 6;
+            write(dir.join("sites").join(format!("site-{s}.fz")), &text);
+        }
+        format!(
+            "{} sites, {} resources, {} groups, {} rules ({} files) in {}",
+            self.sites,
+            self.sites * 5,
+            TEAMS + 3,
+            rules,
+            self.sites + 2,
+            dir.display()
+        )
+    }
+}
