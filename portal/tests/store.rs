@@ -1400,13 +1400,13 @@ async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper() {
         .await
         .unwrap();
     let (changed, first) = store.verified_changes_since(0).await.unwrap();
-    assert_eq!(changed, [a.client.id.clone()]);
+    assert_eq!(changed, std::slice::from_ref(&a.client.id));
     store
         .set_client_verified(A, &a.client.id, false)
         .await
         .unwrap();
     let (changed, second) = store.verified_changes_since(first).await.unwrap();
-    assert_eq!(changed, [a.client.id.clone()]);
+    assert_eq!(changed, std::slice::from_ref(&a.client.id));
     assert!(second > first);
     assert_eq!(
         store.verified_changes_since(second).await.unwrap(),
