@@ -562,34 +562,14 @@ async fn a_gateway_that_stops_heartbeating_or_closes_is_out_of_service_at_once()
     // It says nothing: three intervals later the portal closes it.
     assert_eq!(quiet.next().await, None);
     let mut alice = portal.client("acme", ALICE, 1).await;
-    assert_eq!(
-        rejection(&alice.request("jenkins", None).await),
-        "no healthy gateway in site `lab`"
-    );
-    let record = portal
-        .store()
-        .gateway("acme", &quiet.id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!record.connected);
+    assert_out_of_service(&portal, &mut alice, &quiet.id).await;
 
     // A gateway that closes its connection is out at once too: once the portal has
     // answered its close, nothing is sent its way.
     let mut closing = portal.gateway("acme", "lab", 201).await;
     closing.socket.close(None).await.unwrap();
     while next_text(&mut closing.socket).await.is_some() {}
-    assert_eq!(
-        rejection(&alice.request("jenkins", None).await),
-        "no healthy gateway in site `lab`"
-    );
-    let record = portal
-        .store()
-        .gateway("acme", &closing.id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!record.connected);
+    assert_out_of_service(&portal, &mut alice, &closing.id).await;
     // A gateway that heartbeats stays in service.
     let steady = portal.gateway("acme", "lab", 202).await;
     let steady_id = steady.id.clone();
@@ -598,6 +578,21 @@ async fn a_gateway_that_stops_heartbeating_or_closes_is_out_of_service_at_once()
         alice.grant("jenkins", None).await.grant.gateway.id,
         steady_id
     );
+}
+
+/// The lab's only gateway is out: requests find no gateway, and admins see it unhealthy.
+async fn assert_out_of_service(portal: &TestPortal, client: &mut TestClient, gateway: &str) {
+    assert_eq!(
+        rejection(&client.request("jenkins", None).await),
+        "no healthy gateway in site `lab`"
+    );
+    let record = portal
+        .store()
+        .gateway("acme", gateway)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!record.connected);
 }
 
 #[tokio::test]

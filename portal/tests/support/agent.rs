@@ -155,7 +155,7 @@ impl TestClient {
             }),
         )
         .await;
-        match next_client_message(&mut socket).await {
+        match next_message::<PortalToClient>(&mut socket).await {
             Some(PortalToClient::Ready(ready)) => Ok(TestClient {
                 socket,
                 ready: *ready,
@@ -167,7 +167,7 @@ impl TestClient {
     }
 
     pub async fn next(&mut self) -> Option<PortalToClient> {
-        next_client_message(&mut self.socket).await
+        next_message::<PortalToClient>(&mut self.socket).await
     }
 
     /// Asks for a resource and returns the answer (the next `granted` or `rejected`).
@@ -219,7 +219,8 @@ impl TestClient {
     }
 }
 
-async fn next_client_message(socket: &mut Socket) -> Option<PortalToClient> {
+/// The next message, or `None` when the portal closed the connection.
+async fn next_message<T: serde::de::DeserializeOwned>(socket: &mut Socket) -> Option<T> {
     let text = next_text(socket).await?;
     Some(decode(text.as_bytes()).expect("the portal speaks the protocol"))
 }
@@ -252,7 +253,7 @@ impl TestGateway {
             }),
         )
         .await;
-        match next_gateway_message(&mut socket).await {
+        match next_message::<PortalToGateway>(&mut socket).await {
             Some(PortalToGateway::Ready {
                 gateway_id,
                 heartbeat_interval_ms,
@@ -269,7 +270,7 @@ impl TestGateway {
     }
 
     pub async fn next(&mut self) -> Option<PortalToGateway> {
-        next_gateway_message(&mut self.socket).await
+        next_message::<PortalToGateway>(&mut self.socket).await
     }
 
     pub async fn send(&mut self, message: &GatewayMessage) {
@@ -334,11 +335,6 @@ impl TestGateway {
         });
         watch
     }
-}
-
-async fn next_gateway_message(socket: &mut Socket) -> Option<PortalToGateway> {
-    let text = next_text(socket).await?;
-    Some(decode(text.as_bytes()).expect("the portal speaks the protocol"))
 }
 
 pub fn now() -> u64 {
