@@ -555,8 +555,26 @@ impl Broker {
                 });
                 return Err(BrokerError::Unavailable.to_string());
             }
+            let grant_id = signed.grant.id.clone();
             self.registry()
                 .grant_added(live_grant(&signed, session.clone(), site.clone()));
+            // While this request was deciding, its session may have ended (token revoked,
+            // connection closed) or the policy may have changed: the sweeps that handle those
+            // could not see a grant not yet in force. Look again now that it is.
+            let ended = !self
+                .registry()
+                .client(&session.client_id)
+                .is_some_and(|c| Arc::ptr_eq(&c.session, session));
+            if ended {
+                self.withdraw(&[grant_id], |_| "the client's session ended".to_owned())
+                    .await;
+                return Err("the client's session ended".to_owned());
+            }
+            if account.policy.current().bundle_hash != policy.bundle_hash
+                && self.revalidate_where(|g| g.id == grant_id).await > 0
+            {
+                return Err("the policy changed while deciding; ask again".to_owned());
+            }
             return Ok(signed);
         }
     }

@@ -457,6 +457,49 @@ async fn a_device_that_returns_with_another_key_loses_the_grants_of_the_old_one(
 }
 
 #[tokio::test]
+async fn a_grant_acknowledged_after_its_session_ended_is_withdrawn_at_once() {
+    let portal = TestPortal::start(POLICY, "gateway_ack_timeout_ms = 30000").await;
+    let mut gateway = portal.gateway("acme", "hq", 200).await;
+    let (token_id, secret) = portal.client_token("acme", ALICE).await;
+    let mut alice = TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(1))
+        .await
+        .unwrap();
+    send_text(
+        &mut alice.socket,
+        encode(&fz_proto::ClientMessage::RequestAccess {
+            resource: "db".to_owned(),
+            dns: None,
+        }),
+    )
+    .await;
+    let Some(PortalToGateway::Grant { grant }) = gateway.next().await else {
+        panic!("expected the grant at the gateway");
+    };
+    // The token is revoked while the gateway holds the grant unacknowledged: the session ends.
+    portal
+        .store()
+        .revoke_token("acme", &token_id, portal.now().timestamp())
+        .await
+        .unwrap();
+    while next_text(&mut alice.socket).await.is_some() {}
+    gateway
+        .send(&GatewayMessage::Ack {
+            grant_id: grant.grant.id.clone(),
+        })
+        .await;
+    match gateway.next().await {
+        Some(PortalToGateway::Revoke { grant_id }) => assert_eq!(grant_id, grant.grant.id),
+        other => panic!("expected the late grant withdrawn, got {other:?}"),
+    }
+    let active = portal
+        .store()
+        .active_grants("acme", portal.now().timestamp())
+        .await
+        .unwrap();
+    assert!(active.iter().all(|g| g.id != grant.grant.id));
+}
+
+#[tokio::test]
 async fn a_grant_ends_with_its_time_window() {
     let portal = TestPortal::start(POLICY, "").await;
     let mut gateway = portal.gateway("acme", "hq", 200).await;
