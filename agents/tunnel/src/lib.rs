@@ -1,7 +1,8 @@
 //! The agents' data plane, without IO: what a gateway (and later the client) does to each IP
 //! packet. So far: reading the headers a filter needs ([`packet`]) and the per-grant filter
-//! ([`filter`]) that decides whether a packet from a client's tunnel may go on. WireGuard
-//! peers over boringtun and the NAT for DNS resources come next, in this crate.
+//! ([`filter`]) that decides whether a packet from a client's tunnel may go on, and the NAT
+//! ([`nat`]) from a DNS resource's mapped addresses to what its name resolved to. WireGuard
+//! peers over boringtun come next, in this crate.
 //!
 //! No sockets, no clock, no threads: drivers hand in bytes and time and act on what comes
 //! back, so every decision here is testable with plain values.
@@ -12,4 +13,5 @@
 //! that the driver counts.
 
 pub mod filter;
+pub mod nat;
 pub mod packet;

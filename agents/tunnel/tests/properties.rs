@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use fz_proto::{ClientPeer, GatewayPeer, Grant, GrantedResource, PresharedKey, PublicKey};
 use fz_tunnel::filter::{Drop, GrantFilter};
+use fz_tunnel::nat::Nat;
 use fz_tunnel::packet::{Packet, build};
 use proptest::prelude::*;
 
@@ -87,5 +88,33 @@ proptest! {
         } else {
             prop_assert_eq!(verdict, Err(Drop::NotFromClient));
         }
+    }
+
+    #[test]
+    fn the_nat_takes_any_bytes_without_panicking(bytes in prop::collection::vec(any::<u8>(), 0..96), version in 4u8..=6) {
+        let mut nat = Nat::default();
+        nat.set_targets("100.96.0.1".parse().unwrap(), vec!["172.16.0.5".parse().unwrap()]);
+        let mut shaped = bytes.clone();
+        if let Some(first) = shaped.first_mut() {
+            *first = (version << 4) | (*first & 0x0f);
+        }
+        for mut packet in [bytes, shaped] {
+            let _ = nat.outbound(&mut packet.clone(), 0);
+            let _ = nat.reply(&mut packet, 0);
+        }
+    }
+
+    #[test]
+    fn a_translated_flow_translates_back(client_port in 1u16.., server_port in 1u16.., real in any::<[u8; 4]>()) {
+        let mut nat = Nat::default();
+        let mapped: IpAddr = "100.96.0.1".parse().unwrap();
+        let client: IpAddr = "100.64.0.2".parse().unwrap();
+        let real = IpAddr::from(real);
+        nat.set_targets(mapped, vec![real]);
+        let mut out = build::ip(client, mapped, 17, &build::ports(client_port, server_port));
+        prop_assert_eq!(nat.outbound(&mut out, 0), Ok(real));
+        let mut back = build::ip(real, client, 17, &build::ports(server_port, client_port));
+        prop_assert_eq!(nat.reply(&mut back, 1), Ok(mapped));
+        prop_assert_eq!(Packet::parse(&back).unwrap().source, mapped);
     }
 }
