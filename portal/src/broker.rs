@@ -285,6 +285,7 @@ impl Broker {
         link: Link,
     ) -> Result<(Arc<ClientSession>, u64, PortalToClient), BrokerError> {
         let account = self.account(&token.account)?;
+        check_endpoints(&endpoints)?;
         let store::TokenKind::Client { user, provider } = &token.kind else {
             return Err(BrokerError::Refused(
                 "this is not a client token".to_owned(),
@@ -419,7 +420,7 @@ impl Broker {
             time: now_i64(unix(at)),
             user: session.user.clone(),
             client_id: session.client_id.clone(),
-            resource_id: resource_id.to_owned(),
+            resource_id: logged_id(resource_id),
             decision,
             rule_id: rule,
             bundle_hash: policy.bundle_hash.clone(),
@@ -621,6 +622,7 @@ impl Broker {
         link: Link,
     ) -> Result<(String, u64, PortalToGateway, Vec<Arc<SignedGrant>>), BrokerError> {
         self.account(&token.account)?;
+        check_endpoints(&endpoints)?;
         let store::TokenKind::Gateway { site } = &token.kind else {
             return Err(BrokerError::Refused(
                 "this is not a gateway token".to_owned(),
@@ -1066,6 +1068,31 @@ fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>, site: String) -
         expires_at: grant.expires_at,
         session,
         signed: Arc::new(signed.clone()),
+    }
+}
+
+/// Candidate endpoints an agent may report: each one goes into every grant it is part of.
+pub const MAX_ENDPOINTS: usize = 16;
+
+fn check_endpoints(endpoints: &[std::net::SocketAddr]) -> Result<(), BrokerError> {
+    if endpoints.len() > MAX_ENDPOINTS {
+        return Err(BrokerError::Refused(format!(
+            "at most {MAX_ENDPOINTS} endpoints, not {}",
+            endpoints.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The longest resource id the flow log keeps whole. Ids in policies are short; a request for
+/// a longer one is denied as unknown, and its id is cut so the log cannot be made to grow by
+/// the size of a message per request.
+const MAX_LOGGED_ID: usize = 128;
+
+fn logged_id(resource: &str) -> String {
+    match resource.char_indices().nth(MAX_LOGGED_ID) {
+        None => resource.to_owned(),
+        Some((end, _)) => format!("{}…", resource.get(..end).unwrap_or_default()),
     }
 }
 

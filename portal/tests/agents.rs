@@ -680,6 +680,34 @@ async fn bad_messages_get_errors_and_the_connection_and_others_keep_working() {
         "eng-tools"
     );
 
+    // A huge resource id is denied like any unknown one, and the flow log keeps it short.
+    let huge_id = "z".repeat(200 * 1024);
+    assert_eq!(
+        rejection(&alice.request(&huge_id, None).await),
+        "no such resource"
+    );
+    let logged = portal.store().flows(&flows("acme")).await.unwrap();
+    assert_eq!(logged[0].resource_id, format!("{}…", "z".repeat(128)));
+
+    // Too many endpoints in a hello: refused, nothing registered.
+    let (_, secret) = portal.client_token("acme", ALICE).await;
+    let mut crowded = open(portal.address(), "acme", "client", &secret)
+        .await
+        .unwrap();
+    let endpoints = (0..17u16)
+        .map(|port| std::net::SocketAddr::from(([198, 51, 100, 7], 50000 + port)))
+        .collect();
+    send_text(
+        &mut crowded,
+        encode(&fz_proto::ClientMessage::Hello {
+            public_key: key(7),
+            endpoints,
+        }),
+    )
+    .await;
+    let text = next_text(&mut crowded).await.unwrap();
+    assert!(text.contains("at most 16 endpoints, not 17"), "{text}");
+
     // A frame beyond the WebSocket limit ends that connection only.
     let mut reckless = portal.client("acme", ALICE, 2).await;
     let huge = "x".repeat(2 * 1024 * 1024);
