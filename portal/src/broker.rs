@@ -426,7 +426,8 @@ impl Broker {
             bundle_hash: policy.bundle_hash.clone(),
             reason,
         };
-        let deny = |reason: String| async {
+        let deny = |reason: String| async move {
+            let reason = cut(&reason, MAX_REASON);
             let write = Write::Flow(flow(FlowDecision::Deny, None, reason.clone()));
             if let Err(error) = self.writer.submit(vec![write]).await {
                 tracing::error!(error = %error, "cannot record a flow");
@@ -513,6 +514,7 @@ impl Broker {
             match self.push_to_gateway(&gateway.id, &link, &signed).await {
                 Ok(()) => {}
                 Err(GatewayAnswer::Refused(reason)) => {
+                    let reason = cut(&reason, MAX_REASON);
                     tracing::warn!(gateway = %gateway.id, grant = %signed.grant.id, %reason, "gateway refused a grant");
                     return deny(format!(
                         "gateway `{}` refused the grant: {reason}",
@@ -1089,10 +1091,19 @@ fn check_endpoints(endpoints: &[std::net::SocketAddr]) -> Result<(), BrokerError
 /// the size of a message per request.
 const MAX_LOGGED_ID: usize = 128;
 
+/// The longest reason the flow log and a rejection carry whole: reasons quote what agents sent
+/// (a DNS name, a gateway's refusal), which is theirs to make long.
+const MAX_REASON: usize = 1024;
+
 fn logged_id(resource: &str) -> String {
-    match resource.char_indices().nth(MAX_LOGGED_ID) {
-        None => resource.to_owned(),
-        Some((end, _)) => format!("{}…", resource.get(..end).unwrap_or_default()),
+    cut(resource, MAX_LOGGED_ID)
+}
+
+/// `text` up to `max` characters, with `…` where it was cut.
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}…", text.get(..end).unwrap_or_default()),
     }
 }
 

@@ -258,6 +258,15 @@ async fn dns_resources_take_a_name_inside_the_pattern_and_mapped_addresses() {
         let answer = alice.request("wiki", dns).await;
         assert!(rejection(&answer).contains(expected), "{answer:?}");
     }
+    // A name of any length is quoted only in part.
+    let long = format!("{}.example", "a".repeat(100_000));
+    let answer = alice.request("wiki", mapping(&long, &["100.96.0.1"])).await;
+    let reason = rejection(&answer);
+    assert!(
+        reason.chars().count() <= 1025 && reason.ends_with('…'),
+        "{}",
+        reason.len()
+    );
     let answer = alice
         .request("db", mapping("db.acme.example", &["100.96.0.9"]))
         .await;
