@@ -178,9 +178,19 @@ impl Broker {
     /// in force.
     pub async fn start(parts: BrokerParts) -> Result<Arc<Broker>, store::StoreError> {
         let now = unix(parts.clock.as_ref()());
+        // Grants that expired while the portal was down are nobody's business any more; the
+        // sweeper only ever sees grants in force.
+        let expired = parts.store.delete_expired_grants(now_i64(now)).await?;
+        if expired > 0 {
+            tracing::info!(
+                expired,
+                "grants that expired while the portal was down deleted"
+            );
+        }
         let mut registry = Registry::default();
         for account in &parts.accounts {
             let slug = &account.settings.slug;
+            let policy = account.policy.current();
             for record in parts.store.active_grants(slug, now_i64(now)).await? {
                 let detail = record
                     .detail
@@ -190,12 +200,10 @@ impl Broker {
                     tracing::warn!(grant = %record.id, "a stored grant lacks its detail; it runs to its expiry undecided");
                     continue;
                 };
-                let site = account
-                    .policy
-                    .current()
+                let site = policy
                     .table
                     .resource_index(&record.resource_id)
-                    .and_then(|r| site_of(&account.policy.current().table, r));
+                    .and_then(|r| site_of(&policy.table, r));
                 // A resource gone from the policy leaves no site: the first sweep withdraws it.
                 registry.grant_added(live_grant(
                     &detail.signed,

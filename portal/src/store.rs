@@ -830,7 +830,7 @@ impl Store {
     /// Stores a grant. Its client and gateway must belong to its account.
     pub async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await?;
-        insert_grant(&mut conn, grant).await
+        insert_grants(&mut conn, &[grant]).await
     }
 
     /// Applies writes in one transaction, all or none: one disk sync for many, which is how
@@ -859,29 +859,7 @@ impl Store {
             }
         }
         let mut tx = self.begin_write().await?;
-        if let [grant] = grants.as_slice() {
-            insert_grant(&mut tx, grant).await?;
-        } else {
-            for chunk in grants.chunks(ROWS_PER_STATEMENT) {
-                let mut insert = QueryBuilder::<Sqlite>::new(
-                    "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
-                                         bundle_hash, issued_at, expires_at, detail) ",
-                );
-                insert.push_values(chunk, |mut row, grant| {
-                    row.push_bind(&grant.id)
-                        .push_bind(&grant.account)
-                        .push_bind(&grant.client_id)
-                        .push_bind(&grant.gateway_id)
-                        .push_bind(&grant.resource_id)
-                        .push_bind(&grant.rule_id)
-                        .push_bind(&grant.bundle_hash)
-                        .push_bind(grant.issued_at)
-                        .push_bind(grant.expires_at)
-                        .push_bind(grant.detail.as_deref());
-                });
-                insert.build().execute(&mut *tx).await?;
-            }
-        }
+        insert_grants(&mut tx, &grants).await?;
         for chunk in deletions.chunks(ROWS_PER_STATEMENT) {
             let mut delete =
                 QueryBuilder::<Sqlite>::new("DELETE FROM grants WHERE (account, id) IN (");
@@ -1231,29 +1209,41 @@ async fn set_gateway_connected(
     Ok(())
 }
 
-async fn insert_grant(
+/// Inserts grants, [`ROWS_PER_STATEMENT`] to a statement. When a single grant is refused, the
+/// error says why (it exists, it expires before it is issued, which side is missing); for
+/// several, only that the batch failed.
+async fn insert_grants(
     conn: &mut sqlx::SqliteConnection,
-    grant: &GrantRecord,
+    grants: &[&GrantRecord],
 ) -> Result<(), StoreError> {
-    let result = sqlx::query(
-        "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
-                             bundle_hash, issued_at, expires_at, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )
-    .bind(&grant.id)
-    .bind(&grant.account)
-    .bind(&grant.client_id)
-    .bind(&grant.gateway_id)
-    .bind(&grant.resource_id)
-    .bind(&grant.rule_id)
-    .bind(&grant.bundle_hash)
-    .bind(grant.issued_at)
-    .bind(grant.expires_at)
-    .bind(grant.detail.as_deref())
-    .execute(&mut *conn)
-    .await;
+    let mut result = Ok(());
+    for chunk in grants.chunks(ROWS_PER_STATEMENT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
+                                 bundle_hash, issued_at, expires_at, detail) ",
+        );
+        insert.push_values(chunk, |mut row, grant| {
+            row.push_bind(&grant.id)
+                .push_bind(&grant.account)
+                .push_bind(&grant.client_id)
+                .push_bind(&grant.gateway_id)
+                .push_bind(&grant.resource_id)
+                .push_bind(&grant.rule_id)
+                .push_bind(&grant.bundle_hash)
+                .push_bind(grant.issued_at)
+                .push_bind(grant.expires_at)
+                .push_bind(grant.detail.as_deref());
+        });
+        result = insert.build().execute(&mut *conn).await.map(drop);
+        if result.is_err() {
+            break;
+        }
+    }
     let Err(error) = result else {
         return Ok(());
+    };
+    let [grant] = grants else {
+        return Err(StoreError::Query(error));
     };
     match error.as_database_error().map(|e| e.kind()) {
         Some(ErrorKind::UniqueViolation) => Err(StoreError::Conflict {

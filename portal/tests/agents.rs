@@ -745,33 +745,24 @@ async fn tokens_open_only_their_own_accounts_agent_socket() {
     let portal = TestPortal::start(POLICY, "").await;
     let (_, client) = portal.client_token("acme", ALICE).await;
     let (_, gateway) = portal.gateway_token("acme", "hq").await;
-    let status = |result: Result<support::agent::Socket, (u16, String)>| result.err().map(|e| e.0);
     let address = portal.address();
-    assert_eq!(
-        status(open(address, "acme", "client", "fzt_wrong").await),
-        Some(401)
-    );
-    assert_eq!(status(open(address, "acme", "client", "").await), Some(401));
-    assert_eq!(
-        status(open(address, "globex", "client", &client).await),
-        Some(401)
-    );
-    assert_eq!(
-        status(open(address, "nobody", "client", &client).await),
-        Some(401)
-    );
-    assert_eq!(
-        status(open(address, "acme", "gateway", &client).await),
-        Some(403)
-    );
-    assert_eq!(
-        status(open(address, "acme", "client", &gateway).await),
-        Some(403)
-    );
-    assert_eq!(
-        status(open(address, "acme", "admin", &client).await),
-        Some(404)
-    );
+    // (account in the path, agent, token, the status of the refused upgrade)
+    let cases = [
+        ("acme", "client", "fzt_wrong", 401),
+        ("acme", "client", "", 401),
+        ("globex", "client", client.as_str(), 401),
+        ("nobody", "client", client.as_str(), 401),
+        ("acme", "gateway", client.as_str(), 403),
+        ("acme", "client", gateway.as_str(), 403),
+        ("acme", "admin", client.as_str(), 404),
+    ];
+    for (account, agent, token, status) in cases {
+        let refused = open(address, account, agent, token)
+            .await
+            .err()
+            .map(|e| e.0);
+        assert_eq!(refused, Some(status), "{account} {agent} {token}");
+    }
     assert!(open(address, "acme", "client", &client).await.is_ok());
 }
 
@@ -904,6 +895,27 @@ async fn a_restart_keeps_tokens_gateways_flows_and_grants_in_force() {
         Some(PortalToClient::Revoked { grant_id, .. }) => assert_eq!(grant_id, jenkins.grant.id),
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn grants_that_expired_while_the_portal_was_down_are_deleted_when_it_starts() {
+    let mut portal = TestPortal::start(POLICY, "").await;
+    portal.gateway("acme", "lab", 200).await.serve();
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let grant = alice.grant("jenkins", None).await;
+    drop(alice);
+    // Every row there is, expired or not: "active at the epoch".
+    let stored = |portal: &TestPortal| {
+        let store = portal.store().clone();
+        async move { store.active_grants("acme", 0).await.unwrap() }
+    };
+    assert_eq!(stored(&portal).await.len(), 1);
+    portal.set_clock(
+        chrono::DateTime::from_timestamp(grant.grant.expires_at as i64 + 60, 0).unwrap(),
+    );
+    portal.restart().await;
+    assert_eq!(portal.running().broker.grants_in_force(), 0);
+    assert!(stored(&portal).await.is_empty());
 }
 
 #[tokio::test]
