@@ -642,7 +642,7 @@ async fn probe_sizes(agents: &mut [Agent]) -> Option<String> {
     let answer = client.request(&want.resource, want.dns.clone()).await;
     let granted = encode(&answer);
     let to_gateway = match &answer {
-        PortalToClient::Granted { grant } => encode(&PortalToGateway::Grant {
+        PortalToClient::Granted { grant, .. } => encode(&PortalToGateway::Grant {
             grant: grant.clone(),
         })
         .len(),
@@ -832,7 +832,7 @@ impl Agent {
                 let want = &wants[*next % wants.len()];
                 *next += 1;
                 match client.request(&want.resource, want.dns.clone()).await {
-                    PortalToClient::Granted { grant } => {
+                    PortalToClient::Granted { grant, .. } => {
                         if verify && let Err(error) = client.verify(&grant) {
                             return Outcome::Failed(format!("bad grant: {error}"));
                         }

@@ -408,8 +408,8 @@ async fn serve_gateway(
                     Incoming::Message(GatewayMessage::Heartbeat) => {
                         broker.gateway_heartbeat(account, gateway_id).await;
                     }
-                    Incoming::Message(GatewayMessage::Ack { grant_id }) => {
-                        broker.gateway_answered(gateway_id, &grant_id, Ok(()));
+                    Incoming::Message(GatewayMessage::Ack { grant_id, resolved }) => {
+                        broker.gateway_answered(gateway_id, &grant_id, Ok(resolved));
                     }
                     Incoming::Message(GatewayMessage::Refused { grant_id, reason }) => {
                         broker.gateway_answered(gateway_id, &grant_id, Err(reason));

@@ -25,7 +25,8 @@ use fz_compiler::address::Address;
 use fz_compiler::{DecisionTable, Reason, Request};
 use fz_proto::{
     ClientReady, DnsMapping, Grant, GrantedResource, PortalSigningKey, PortalToClient,
-    PortalToGateway, PresharedKey, PublicKey, ResourceView, SignedGrant, UnixTime, encode,
+    PortalToGateway, PresharedKey, PublicKey, Resolution, ResourceView, SignedGrant, UnixTime,
+    encode,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -121,8 +122,9 @@ struct GrantDetail<'a> {
     session: Cow<'a, ClientSession>,
 }
 
-/// A gateway's answer to a grant.
-type AckOutcome = Result<(), String>;
+/// A gateway's answer to a grant: installed (with what a DNS resource's name resolved to),
+/// or refused and why.
+type AckOutcome = Result<Option<Resolution>, String>;
 
 #[derive(Debug)]
 struct PendingAck {
@@ -387,8 +389,9 @@ impl Broker {
         dns: Option<DnsMapping>,
     ) -> PortalToClient {
         match self.authorise(session, resource, dns).await {
-            Ok(signed) => PortalToClient::Granted {
+            Ok((signed, resolved)) => PortalToClient::Granted {
                 grant: Box::new(signed),
+                resolved,
             },
             Err(reason) => PortalToClient::Rejected {
                 resource: resource.to_owned(),
@@ -402,7 +405,7 @@ impl Broker {
         session: &Arc<ClientSession>,
         resource_id: &str,
         dns: Option<DnsMapping>,
-    ) -> Result<SignedGrant, String> {
+    ) -> Result<(SignedGrant, Option<Resolution>), String> {
         let account = self.account(&session.account).map_err(|e| e.to_string())?;
         let at = self.now();
         let policy = account.policy.current();
@@ -504,14 +507,19 @@ impl Broker {
                 return deny(reason).await;
             };
             tried.insert(gateway.id.clone());
+            let pair_key = self.registry().pair_key(&session.client_id, &gateway.id);
+            let preshared_key = match pair_key {
+                Some(key) => key,
+                None => {
+                    PresharedKey(random::bytes().map_err(|_| BrokerError::Unavailable.to_string())?)
+                }
+            };
             let grant = Grant {
                 id: random::id("gr").map_err(|_| BrokerError::Unavailable.to_string())?,
                 account: session.account.clone(),
                 client: session.peer.clone(),
                 gateway: gateway.clone(),
-                preshared_key: PresharedKey(
-                    random::bytes().map_err(|_| BrokerError::Unavailable.to_string())?,
-                ),
+                preshared_key,
                 resource: granted.clone(),
                 rule: rule.clone(),
                 bundle_hash: policy.bundle_hash.clone(),
@@ -519,8 +527,8 @@ impl Broker {
                 expires_at,
             };
             let signed = grant.sign(&self.key);
-            match self.push_to_gateway(&gateway.id, &link, &signed).await {
-                Ok(()) => {}
+            let resolved = match self.push_to_gateway(&gateway.id, &link, &signed).await {
+                Ok(resolved) => resolved,
                 Err(GatewayAnswer::Refused(reason)) => {
                     let reason = cut(&reason, MAX_REASON);
                     tracing::warn!(gateway = %gateway.id, grant = %signed.grant.id, %reason, "gateway refused a grant");
@@ -536,7 +544,7 @@ impl Broker {
                     continue;
                 }
                 Err(GatewayAnswer::Gone) => continue,
-            }
+            };
             let detail = GrantDetail {
                 signed: Cow::Borrowed(&signed),
                 session: Cow::Borrowed(session.as_ref()),
@@ -586,7 +594,7 @@ impl Broker {
             {
                 return Err("the policy changed while deciding; ask again".to_owned());
             }
-            return Ok(signed);
+            return Ok((signed, resolved));
         }
     }
 
@@ -596,7 +604,7 @@ impl Broker {
         gateway_id: &str,
         link: &Link,
         signed: &SignedGrant,
-    ) -> Result<(), GatewayAnswer> {
+    ) -> Result<Option<Resolution>, GatewayAnswer> {
         let (answer, answered) = oneshot::channel();
         self.pending().insert(
             signed.grant.id.clone(),
@@ -611,7 +619,7 @@ impl Broker {
         let outcome = tokio::time::timeout(self.timings.ack_timeout, answered).await;
         self.pending().remove(&signed.grant.id);
         match outcome {
-            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Ok(resolved))) => Ok(resolved),
             Ok(Ok(Err(reason))) => Err(GatewayAnswer::Refused(reason)),
             // The gateway's connection closed and dropped the sender.
             Ok(Err(_)) => Err(GatewayAnswer::Gone),
@@ -689,6 +697,7 @@ impl Broker {
             gateway_id: record.id.clone(),
             heartbeat_interval_ms: u64::try_from(self.timings.heartbeat_interval.as_millis())
                 .unwrap_or(u64::MAX),
+            grants: resend.iter().map(|g| g.grant.id.clone()).collect(),
         };
         Ok((record.id, connection, ready, resend))
     }

@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use fz_proto::{GatewayPeer, SignedGrant, UnixTime};
+use fz_proto::{GatewayPeer, PresharedKey, SignedGrant, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use crate::store::Write;
@@ -81,6 +81,11 @@ pub struct Registry<L> {
     grants: HashMap<String, Arc<LiveGrant>>,
     /// The grants by expiry, so that finding the expired ones does not visit the others.
     expiring: BTreeSet<(UnixTime, String)>,
+    /// The preshared key of each client–gateway pair with grants in force, and how many.
+    /// INVARIANT: every grant in force between a pair carries the pair's key, so client and
+    /// gateway keep one WireGuard peer (one key) for the pair however many resources it
+    /// carries; a pair whose last grant ends gets a fresh key with its next grant.
+    pairs: HashMap<(String, String), (PresharedKey, usize)>,
     next_connection: u64,
 }
 
@@ -91,6 +96,7 @@ impl<L> Default for Registry<L> {
             clients: HashMap::new(),
             grants: HashMap::new(),
             expiring: BTreeSet::new(),
+            pairs: HashMap::new(),
             next_connection: 0,
         }
     }
@@ -241,7 +247,31 @@ impl<L> Registry<L> {
                 .insert(grant.site.clone(), grant.gateway_id.clone());
         }
         self.expiring.insert((grant.expires_at, grant.id.clone()));
-        self.grants.insert(grant.id.clone(), Arc::new(grant));
+        self.pairs
+            .entry((grant.client_id.clone(), grant.gateway_id.clone()))
+            .or_insert((grant.signed.grant.preshared_key.clone(), 0))
+            .1 += 1;
+        if let Some(old) = self.grants.insert(grant.id.clone(), Arc::new(grant)) {
+            self.pair_released(&old);
+        }
+    }
+
+    /// The preshared key that grants between the client and the gateway carry, if any is in
+    /// force.
+    pub fn pair_key(&self, client_id: &str, gateway_id: &str) -> Option<PresharedKey> {
+        self.pairs
+            .get(&(client_id.to_owned(), gateway_id.to_owned()))
+            .map(|(key, _)| key.clone())
+    }
+
+    fn pair_released(&mut self, grant: &LiveGrant) {
+        let pair = (grant.client_id.clone(), grant.gateway_id.clone());
+        if let Some((_, count)) = self.pairs.get_mut(&pair) {
+            *count -= 1;
+            if *count == 0 {
+                self.pairs.remove(&pair);
+            }
+        }
     }
 
     /// Ids of the grants expired at `now` (a grant expires at its `expires_at`).
@@ -267,6 +297,7 @@ impl<L> Registry<L> {
             ids.iter().filter_map(|id| self.grants.remove(id)).collect();
         for grant in &withdrawn {
             self.expiring.remove(&(grant.expires_at, grant.id.clone()));
+            self.pair_released(grant);
         }
         withdrawn
     }
@@ -430,6 +461,13 @@ mod tests {
         assert_eq!(r.withdraw(&["g-20".to_owned()]).len(), 1);
         assert_eq!(r.expired(u64::MAX), ["g-10", "g-20b", "g-30"]);
         assert_eq!(r.grant_count(), 3);
+        // The pair's preshared key lives as long as one of its grants does.
+        assert_eq!(r.pair_key("c", "gw"), Some(PresharedKey([0; 32])));
+        assert_eq!(r.pair_key("c", "gw-2"), None);
+        r.withdraw(&["g-10".to_owned(), "g-20b".to_owned()]);
+        assert!(r.pair_key("c", "gw").is_some());
+        r.withdraw(&["g-30".to_owned()]);
+        assert_eq!(r.pair_key("c", "gw"), None);
     }
 
     fn signed(id: &str, expires_at: UnixTime) -> SignedGrant {
@@ -442,7 +480,7 @@ mod tests {
                 public_key: PublicKey([0; 32]),
                 endpoints: Vec::new(),
             },
-            preshared_key: fz_proto::PresharedKey([0; 32]),
+            preshared_key: PresharedKey([0; 32]),
             resource: fz_proto::GrantedResource {
                 id: "db".into(),
                 address: "10.0.5.0/24".into(),

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use fz_portal::store::{Decision, FlowFilter};
 use fz_proto::{DnsMapping, GatewayMessage, PortalToClient, PortalToGateway, encode};
-use support::agent::{Origin, TestClient, TestGateway, key, next_text, open, send_text};
+use support::agent::{Origin, RESOLVED, TestClient, TestGateway, key, next_text, open, send_text};
 use support::portal::{TestPortal, today_at};
 
 const POLICY: &str = r#"
@@ -134,10 +134,29 @@ async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_r
         PortalToGateway::Grant { grant } => assert_eq!(*grant, signed),
         other => panic!("expected the grant at the gateway, got {other:?}"),
     }
-    // Preshared keys are fresh per grant.
-    let again = alice.grant("gitlab", gitlab_name()).await;
-    assert_ne!(again.grant.preshared_key, signed.grant.preshared_key);
+    // The gateway's answer about the name reaches the client with the grant.
+    let again = match alice.request("gitlab", gitlab_name()).await {
+        PortalToClient::Granted { grant, resolved } => {
+            assert_eq!(resolved, Some(RESOLVED));
+            grant
+        }
+        other => panic!("expected a grant, got {other:?}"),
+    };
     assert_ne!(again.grant.id, signed.grant.id);
+    // One preshared key per client–gateway pair while grants between them are in force, so
+    // that both keep one WireGuard peer for the pair; another device gets its own.
+    assert_eq!(again.grant.preshared_key, signed.grant.preshared_key);
+    let db = match alice.request("db", None).await {
+        PortalToClient::Granted { grant, resolved } => {
+            assert_eq!(resolved, None, "an IP resource resolves nothing");
+            grant
+        }
+        other => panic!("expected a grant, got {other:?}"),
+    };
+    assert_eq!(db.grant.preshared_key, signed.grant.preshared_key);
+    let mut laptop = portal.client("acme", ALICE, 3).await;
+    let other_device = laptop.grant("gitlab", gitlab_name()).await;
+    assert_ne!(other_device.grant.preshared_key, signed.grant.preshared_key);
 
     let denied = bob.request("gitlab", gitlab_name()).await;
     assert_eq!(rejection(&denied), "no allow rule applies");
@@ -161,6 +180,8 @@ async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_r
         summary,
         [
             (Decision::Allow, ALICE, "gitlab", Some("eng-tools")),
+            (Decision::Allow, ALICE, "gitlab", Some("eng-tools")),
+            (Decision::Allow, ALICE, "db", Some("eng-tools")),
             (Decision::Allow, ALICE, "gitlab", Some("eng-tools")),
             (Decision::Deny, BOB, "gitlab", None),
             (Decision::Deny, ALICE, "payroll", None),
@@ -494,6 +515,7 @@ async fn a_grant_acknowledged_after_its_session_ended_is_withdrawn_at_once() {
     gateway
         .send(&GatewayMessage::Ack {
             grant_id: grant.grant.id.clone(),
+            resolved: None,
         })
         .await;
     match gateway.next().await {
@@ -518,7 +540,7 @@ async fn a_grant_ends_with_its_time_window() {
     gateway.clock_offset = portal.clock_offset();
     let mut seen = gateway.serve();
     let granted = match alice.request("office", None).await {
-        PortalToClient::Granted { grant } => grant,
+        PortalToClient::Granted { grant, .. } => grant,
         other => panic!("expected a grant inside the window, got {other:?}"),
     };
     assert_eq!(
@@ -574,7 +596,7 @@ async fn a_client_keeps_its_gateway_and_a_silent_gateway_is_replaced() {
     let good_id = good.id.clone();
     let mut seen = good.serve();
     let (client, answer) = request.await.unwrap();
-    let PortalToClient::Granted { grant } = answer else {
+    let PortalToClient::Granted { grant, .. } = answer else {
         panic!("expected a grant through the second gateway, got {answer:?}");
     };
     assert_eq!(grant.grant.gateway.id, good_id);
@@ -602,6 +624,7 @@ async fn a_client_keeps_its_gateway_and_a_silent_gateway_is_replaced() {
     silent
         .send(&GatewayMessage::Ack {
             grant_id: first_try.grant.id.clone(),
+            resolved: None,
         })
         .await;
 }
@@ -789,6 +812,7 @@ async fn accounts_never_meet() {
     globex_gateway
         .send(&GatewayMessage::Ack {
             grant_id: grant.grant.id.clone(),
+            resolved: None,
         })
         .await;
     let globex_seen = globex_gateway.serve();
@@ -866,6 +890,8 @@ async fn a_restart_keeps_tokens_gateways_flows_and_grants_in_force() {
     .await
     .unwrap();
     assert_eq!(gateway.id, gateway_id);
+    // `ready` lists what is in force, so a gateway drops whatever else it still holds.
+    assert_eq!(gateway.held, std::slice::from_ref(&jenkins.grant.id));
     let mut seen = gateway.serve();
     // It gets the grant it holds again, so both sides agree on what is in force.
     match next_seen(&mut seen).await {

@@ -21,5 +21,5 @@ pub use grant::{
 pub use key::{KeyError, PortalPublicKey, PortalSigningKey, PresharedKey, PublicKey};
 pub use message::{
     ClientMessage, ClientReady, GatewayMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
-    PortalToClient, PortalToGateway, ProtoError, ResourceView, decode, encode,
+    PortalToClient, PortalToGateway, ProtoError, Resolution, ResourceView, decode, encode,
 };

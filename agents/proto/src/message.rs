@@ -45,21 +45,17 @@ pub enum PortalToClient {
     Ready(Box<ClientReady>),
     Granted {
         grant: Box<SignedGrant>,
+        /// For a DNS resource: what the gateway found when it resolved the name, so the
+        /// client's DNS stub answers with the families that exist, or NXDOMAIN.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resolved: Option<Resolution>,
     },
     /// A request was denied; `reason` says what failed (no rule, which condition).
-    Rejected {
-        resource: String,
-        reason: String,
-    },
+    Rejected { resource: String, reason: String },
     /// A grant no longer holds (policy change, token revoked, window closed).
-    Revoked {
-        grant_id: String,
-        reason: String,
-    },
+    Revoked { grant_id: String, reason: String },
     /// A message the portal could not take; the connection stays open.
-    Error {
-        message: String,
-    },
+    Error { message: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +76,17 @@ pub struct ResourceView {
     pub address: String,
 }
 
+/// What a gateway found when it resolved a DNS resource's name with its own resolver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Resolution {
+    /// The name exists; which families it has addresses of (possibly neither: NOERROR with
+    /// no records).
+    Exists { ipv4: bool, ipv6: bool },
+    /// NXDOMAIN.
+    NoSuchName,
+}
+
 /// Gateway to portal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -89,9 +96,12 @@ pub enum GatewayMessage {
         endpoints: Vec<SocketAddr>,
     },
     Heartbeat,
-    /// The gateway verified and installed a grant.
+    /// The gateway verified and installed a grant; for a DNS resource, with what its name
+    /// resolved to.
     Ack {
         grant_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resolved: Option<Resolution>,
     },
     /// The gateway refused a grant, and why.
     Refused {
@@ -104,11 +114,15 @@ pub enum GatewayMessage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PortalToGateway {
-    /// Answer to `hello`: the gateway's id, and how often it must heartbeat; three missed
-    /// heartbeats and the portal takes it out of service.
+    /// Answer to `hello`: the gateway's id, how often it must heartbeat (three missed
+    /// heartbeats and the portal takes it out of service), and the ids of the grants in force
+    /// for it. A gateway that comes back drops every grant it holds that is not in `grants`;
+    /// the portal sends those that are again after `ready`.
     Ready {
         gateway_id: String,
         heartbeat_interval_ms: u64,
+        #[serde(default)]
+        grants: Vec<String>,
     },
     Grant {
         grant: Box<SignedGrant>,
@@ -220,6 +234,18 @@ mod tests {
             GatewayMessage::Heartbeat,
             GatewayMessage::Ack {
                 grant_id: "g-1".into(),
+                resolved: None,
+            },
+            GatewayMessage::Ack {
+                grant_id: "g-2".into(),
+                resolved: Some(Resolution::Exists {
+                    ipv4: true,
+                    ipv6: false,
+                }),
+            },
+            GatewayMessage::Ack {
+                grant_id: "g-3".into(),
+                resolved: Some(Resolution::NoSuchName),
             },
         ];
         for message in gateway {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use fz_proto::{
     ClientMessage, ClientReady, DnsMapping, GatewayMessage, Identity, PortalPublicKey,
-    PortalToClient, PortalToGateway, PublicKey, SignedGrant, decode, encode,
+    PortalToClient, PortalToGateway, PublicKey, Resolution, SignedGrant, decode, encode,
 };
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -196,7 +196,7 @@ impl TestClient {
     /// Asks for a resource and returns the grant, verified as the real client verifies it.
     pub async fn grant(&mut self, resource: &str, dns: Option<DnsMapping>) -> SignedGrant {
         match self.request(resource, dns).await {
-            PortalToClient::Granted { grant } => {
+            PortalToClient::Granted { grant, .. } => {
                 self.verify(&grant)
                     .expect("the grant verifies for its client");
                 *grant
@@ -233,7 +233,15 @@ pub struct TestGateway {
     pub heartbeat_interval: Duration,
     /// Seconds this gateway's clock is ahead of the system clock.
     pub clock_offset: i64,
+    /// The grants in force for it, as `ready` listed them.
+    pub held: Vec<String>,
 }
+
+/// What [`TestGateway::serve`] says every DNS resource's name resolved to.
+pub const RESOLVED: Resolution = Resolution::Exists {
+    ipv4: true,
+    ipv6: false,
+};
 
 impl TestGateway {
     /// Connects, says hello and waits for `ready`.
@@ -257,7 +265,9 @@ impl TestGateway {
             Some(PortalToGateway::Ready {
                 gateway_id,
                 heartbeat_interval_ms,
+                grants,
             }) => Ok(TestGateway {
+                held: grants,
                 socket,
                 id: gateway_id,
                 public_key,
@@ -316,7 +326,10 @@ impl TestGateway {
                         };
                         if let PortalToGateway::Grant { grant } = &message {
                             let answer = match self.verify(grant) {
-                                Ok(()) => GatewayMessage::Ack { grant_id: grant.grant.id.clone() },
+                                Ok(()) => GatewayMessage::Ack {
+                                    grant_id: grant.grant.id.clone(),
+                                    resolved: grant.grant.resource.dns.as_ref().map(|_| RESOLVED),
+                                },
                                 Err(error) => GatewayMessage::Refused {
                                     grant_id: grant.grant.id.clone(),
                                     reason: error.to_string(),
