@@ -12,7 +12,9 @@ use fz_proto::Grant;
 
 use crate::packet::{Packet, Transport};
 
-/// Why a packet was dropped. Drivers count each reason.
+/// Why a packet (or a datagram) was dropped, anywhere in the data plane. Drivers count each
+/// reason. The filter's own reasons are ordered from least to most specific, so that of
+/// several grants' answers the most telling one is counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Drop {
     /// The bytes are no IP packet this crate reads.
@@ -25,15 +27,42 @@ pub enum Drop {
     ProtocolNotGranted,
     /// The port is outside the grant's filter.
     PortNotGranted,
+    /// A datagram on the WireGuard port that is no WireGuard message.
+    NotWireGuard,
+    /// A handshake whose MAC does not prove the sender knows this gateway's public key.
+    BadMac,
+    /// A handshake from a key that holds no grant here, or that does not decrypt.
+    UnknownKey,
+    /// A message for a session index no peer has.
+    UnknownSession,
+    /// WireGuard refused the message: a bad tag, a replay, an expired or missing session.
+    Decryption,
+    /// A packet to a mapped address whose name resolved to no address of the packet's family.
+    Unresolved,
+    /// A packet from the site to an address that is no client's tunnel address.
+    NoClient,
+    /// A packet from the site to a client that no grant lets the source answer.
+    NotFromResource,
+    /// A packet for a client the gateway has not heard from, so it has nowhere to send it.
+    NoEndpoint,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 5] = [
+    pub const ALL: [Drop; 14] = [
         Drop::Malformed,
         Drop::NotFromClient,
         Drop::DestinationNotGranted,
         Drop::ProtocolNotGranted,
         Drop::PortNotGranted,
+        Drop::NotWireGuard,
+        Drop::BadMac,
+        Drop::UnknownKey,
+        Drop::UnknownSession,
+        Drop::Decryption,
+        Drop::Unresolved,
+        Drop::NoClient,
+        Drop::NotFromResource,
+        Drop::NoEndpoint,
     ];
 
     /// The reason as metrics and logs name it.
@@ -44,6 +73,15 @@ impl Drop {
             Drop::DestinationNotGranted => "destination_not_granted",
             Drop::ProtocolNotGranted => "protocol_not_granted",
             Drop::PortNotGranted => "port_not_granted",
+            Drop::NotWireGuard => "not_wireguard",
+            Drop::BadMac => "bad_mac",
+            Drop::UnknownKey => "unknown_key",
+            Drop::UnknownSession => "unknown_session",
+            Drop::Decryption => "decryption",
+            Drop::Unresolved => "unresolved",
+            Drop::NoClient => "no_client",
+            Drop::NotFromResource => "not_from_resource",
+            Drop::NoEndpoint => "no_endpoint",
         }
     }
 }
@@ -206,6 +244,40 @@ impl GrantFilter {
         } else {
             Err(Drop::PortNotGranted)
         }
+    }
+
+    /// Whether a packet from the site may go back to the client: it goes to the client's
+    /// tunnel address and comes from the grant's resource (for a DNS resource, from a mapped
+    /// address, which the NAT has written back), from a port inside the filter. ICMP from the
+    /// resource always passes: its errors (unreachable, fragmentation needed) belong to flows
+    /// the client started, and path MTU discovery needs them.
+    ///
+    /// The check holds no state: a resource may send from a granted port to any port of the
+    /// client. DNS resources' replies are stateful already (the NAT answers only flows the
+    /// client opened).
+    pub fn check_reply(&self, packet: &Packet) -> bool {
+        if !self.sources.contains(&packet.destination) {
+            return false;
+        }
+        let from_resource = match &self.destinations {
+            Destinations::Anywhere => true,
+            Destinations::Networks(networks) => networks.iter().any(|n| n.contains(packet.source)),
+        };
+        if !from_resource {
+            return false;
+        }
+        let Some(rules) = &self.ports else {
+            return true;
+        };
+        let (protocol, port) = match packet.transport {
+            Transport::Tcp { source, .. } => (Protocol::Tcp, source),
+            Transport::Udp { source, .. } => (Protocol::Udp, source),
+            Transport::Icmp { .. } => return true,
+            Transport::Fragment { .. } | Transport::Other { .. } => return false,
+        };
+        rules
+            .iter()
+            .any(|r| r.protocol == protocol && r.first <= port && port <= r.last)
     }
 
     /// Reads and checks a packet in one step.

@@ -13,5 +13,9 @@
 //! that the driver counts.
 
 pub mod filter;
+pub mod gateway;
 pub mod nat;
 pub mod packet;
+pub mod peer;
+
+pub use filter::Drop;

@@ -1,0 +1,469 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The TUN device and the nftables masquerade for real: these need root (`CAP_NET_ADMIN`,
+//! `CAP_SYS_ADMIN`), `/dev/net/tun`, iproute2's `ip` and nftables' `nft`.
+//!
+//! Each test runs on a thread of its own that first moves into a fresh network namespace
+//! (`unshare(CLONE_NEWNET)`, which Linux allows per thread), and drives a current-thread tokio
+//! runtime there. Devices, addresses, routes, nftables tables and forwarding switches made by
+//! the test, and the `ip`/`nft` commands it spawns, all live in that namespace: nothing touches
+//! the host's networking, no packet can leave the machine, and the namespace vanishes with the
+//! thread. Addresses come from the benchmarking range 198.18.0.0/15 and the documentation range
+//! 2001:db8::/32.
+//!
+//! Without root each test prints `SKIPPED (needs root): <test> — <why>` and leaves a marker in
+//! `<target>/fz-root-skips/<test>`, so a CI that means to run them can see they did not.
+
+use std::future::Future;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use fz_gateway::firewall::{self, Masquerade};
+use fz_gateway::tun::{self, Cidr, Tun};
+use tokio::net::UdpSocket;
+
+const TUN_V4: &str = "198.18.0.1/24";
+const PEER_V4: &str = "198.18.0.2";
+const TUN_V6: &str = "2001:db8:f2::1/64";
+const PEER_V6: &str = "2001:db8:f2::2";
+
+#[test]
+fn tun_comes_up_with_its_mtu_and_goes_away_when_dropped() {
+    as_root(
+        "tun_comes_up_with_its_mtu_and_goes_away_when_dropped",
+        || async {
+            let name = tun_name('a');
+            let device = Tun::create(&name, tun::DEFAULT_MTU).unwrap();
+            assert_eq!(device.name(), name);
+            assert_eq!(device.mtu().unwrap(), 1420);
+            let link = ip(&["-o", "link", "show", "dev", &name]).unwrap();
+            assert!(link.contains("mtu 1420"), "{link}");
+            assert!(link.contains(",UP"), "not up: {link}");
+
+            let mtu = 1380;
+            let again = Tun::create(&tun_name('b'), mtu).unwrap();
+            assert_eq!(again.mtu().unwrap(), mtu);
+
+            drop(device);
+            let gone = ip(&["-o", "link", "show", "dev", &name]);
+            assert!(gone.is_err(), "still there: {gone:?}");
+        },
+    );
+}
+
+#[test]
+fn tun_carries_udp_both_ways_through_the_kernel() {
+    as_root("tun_carries_udp_both_ways_through_the_kernel", || async {
+        let device = Tun::create(&tun_name('c'), tun::DEFAULT_MTU).unwrap();
+        device.add_address(cidr(TUN_V4)).unwrap();
+        device.add_address(cidr(TUN_V6)).unwrap();
+        // A second time is fine: a restarted gateway runs the same set-up.
+        device.add_address(cidr(TUN_V4)).unwrap();
+
+        for (local, peer) in [(TUN_V4, PEER_V4), (TUN_V6, PEER_V6)] {
+            let local = cidr(local).address();
+            let peer = SocketAddr::new(peer.parse().unwrap(), 40000);
+            let socket = UdpSocket::bind(SocketAddr::new(local, 0)).await.unwrap();
+            let server = socket.local_addr().unwrap();
+
+            // In: a packet written to the device reaches the socket, as one from a client
+            // reaches a resource.
+            device
+                .send(&udp_packet(peer, server, b"ping"))
+                .await
+                .unwrap();
+            let mut buf = [0; 64];
+            let (len, from) = bounded(socket.recv_from(&mut buf)).await.unwrap();
+            assert_eq!((&buf[..len], from), (&b"ping"[..], peer));
+
+            // Out: the socket's reply is routed into the device and read from it.
+            socket.send_to(b"pong", peer).await.unwrap();
+            let (src, payload) = next_udp_to(&device, peer).await;
+            assert_eq!((src, payload.as_slice()), (server, &b"pong"[..]));
+        }
+    });
+}
+
+#[test]
+fn tun_gets_the_client_tunnel_ranges_routed_to_it() {
+    as_root("tun_gets_the_client_tunnel_ranges_routed_to_it", || async {
+        let device = Tun::create(&tun_name('d'), tun::DEFAULT_MTU).unwrap();
+        device.add_address(cidr(TUN_V4)).unwrap();
+        device.add_address(cidr(TUN_V6)).unwrap();
+        device.add_client_routes().unwrap();
+        device.add_client_routes().unwrap();
+
+        let routes = ip(&["-4", "route", "show", "dev", device.name()]).unwrap();
+        assert!(routes.contains("100.64.0.0/11"), "{routes}");
+        let routes = ip(&["-6", "route", "show", "dev", device.name()]).unwrap();
+        assert!(routes.contains("fd00:2021:1111::/107"), "{routes}");
+
+        // A resource's reply to a client address anywhere in the ranges goes to the device.
+        for client in [
+            "100.64.0.7",
+            "100.95.255.254",
+            "fd00:2021:1111::7",
+            "fd00:2021:1111::1f:fffe",
+        ] {
+            let client = SocketAddr::new(client.parse().unwrap(), 9);
+            let any: IpAddr = if client.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            let socket = UdpSocket::bind(SocketAddr::new(any, 0)).await.unwrap();
+            socket.send_to(b"reply", client).await.unwrap();
+            let (_, payload) = next_udp_to(&device, client).await;
+            assert_eq!(payload, b"reply");
+        }
+    });
+}
+
+#[test]
+fn masquerade_is_installed_listed_and_removed() {
+    as_root("masquerade_is_installed_listed_and_removed", || async {
+        let tun = tun_name('e');
+        let masquerade = Masquerade::install(&tun).unwrap();
+        let table = masquerade.table_name().to_owned();
+        assert_eq!(table, firewall::table_name(&tun));
+
+        let listed = nft(&["list", "table", "inet", &table]).unwrap();
+        for rule in [
+            format!("iifname \"{tun}\" oifname != \"{tun}\" ip saddr 100.64.0.0/11 masquerade"),
+            format!(
+                "iifname \"{tun}\" oifname != \"{tun}\" ip6 saddr fd00:2021:1111::/107 masquerade"
+            ),
+            format!("iifname \"{tun}\" accept"),
+            format!("oifname \"{tun}\" accept"),
+        ] {
+            assert!(listed.contains(&rule), "missing {rule:?} in\n{listed}");
+        }
+
+        masquerade.remove().unwrap();
+        assert!(
+            nft(&["list", "table", "inet", &table]).is_err(),
+            "table still there"
+        );
+        assert!(!nft(&["list", "tables"]).unwrap().contains(&table));
+    });
+}
+
+#[test]
+fn a_table_left_by_a_crash_is_replaced_and_drop_removes_it() {
+    as_root(
+        "a_table_left_by_a_crash_is_replaced_and_drop_removes_it",
+        || async {
+            let tun = tun_name('f');
+            // A crashed run: the table stays because nothing removed it.
+            std::mem::forget(Masquerade::install(&tun).unwrap());
+            let table = firewall::table_name(&tun);
+            assert!(nft(&["list", "table", "inet", &table]).is_ok());
+
+            let masquerade = Masquerade::install(&tun).unwrap();
+            let listed = nft(&["list", "table", "inet", &table]).unwrap();
+            assert_eq!(listed.matches("masquerade").count(), 2, "{listed}");
+
+            drop(masquerade);
+            assert!(
+                nft(&["list", "table", "inet", &table]).is_err(),
+                "table still there"
+            );
+            // Removing what is gone already is fine.
+            Masquerade::install(&tun).unwrap().remove().unwrap();
+        },
+    );
+}
+
+#[test]
+fn forwarding_is_turned_on() {
+    as_root("forwarding_is_turned_on", || async {
+        firewall::enable_forwarding().unwrap();
+        for path in [firewall::IPV4_FORWARD, firewall::IPV6_FORWARD] {
+            assert_eq!(std::fs::read_to_string(path).unwrap().trim(), "1", "{path}");
+        }
+    });
+}
+
+/// The gateway's whole kernel path with two TUN devices: `gw` is the gateway's (the core
+/// writes clients' packets into it) and `lan` stands for the network the resources are on.
+/// A client's packet written into `gw` leaves by `lan` with the gateway's address, and the
+/// resource's reply, written into `lan`, comes back out of `gw` to the client's address.
+#[test]
+fn masquerade_rewrites_client_traffic_and_brings_replies_back() {
+    as_root(
+        "masquerade_rewrites_client_traffic_and_brings_replies_back",
+        || async {
+            let gw = Tun::create(&tun_name('g'), tun::DEFAULT_MTU).unwrap();
+            gw.add_client_routes().unwrap();
+            let lan = Tun::create(&tun_name('h'), 1500).unwrap();
+            lan.add_address(cidr("198.19.0.1/24")).unwrap();
+            lan.add_address(cidr("2001:db8:f3::1/64")).unwrap();
+            firewall::enable_forwarding().unwrap();
+            let _masquerade = Masquerade::install(gw.name()).unwrap();
+
+            for (client, resource, gateway) in [
+                ("100.64.0.2:40000", "198.19.0.9:5432", "198.19.0.1"),
+                (
+                    "[fd00:2021:1111::2]:40000",
+                    "[2001:db8:f3::9]:443",
+                    "2001:db8:f3::1",
+                ),
+            ] {
+                let client: SocketAddr = client.parse().unwrap();
+                let resource: SocketAddr = resource.parse().unwrap();
+                let gateway: IpAddr = gateway.parse().unwrap();
+
+                gw.send(&udp_packet(client, resource, b"query"))
+                    .await
+                    .unwrap();
+                let (masqueraded, payload) = next_udp_to(&lan, resource).await;
+                assert_eq!(masqueraded.ip(), gateway, "not masqueraded");
+                assert_eq!(payload, b"query");
+
+                lan.send(&udp_packet(resource, masqueraded, b"rows"))
+                    .await
+                    .unwrap();
+                let (from, payload) = next_udp_to(&gw, client).await;
+                assert_eq!((from, payload.as_slice()), (resource, &b"rows"[..]));
+            }
+        },
+    );
+}
+
+// ---- running as root in a namespace of our own ----
+
+/// Runs `body` on a thread in a fresh network namespace, or skips loudly without root.
+fn as_root<F, Fut>(test: &str, body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    if let Some(why) = not_root() {
+        skip(test, &why);
+        return;
+    }
+    // A marker from an earlier run without root would say this test was skipped; it is not.
+    let _ = std::fs::remove_file(marker(test));
+    let outcome = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            ip(&["link", "set", "lo", "up"]).unwrap();
+            body().await;
+        });
+        Ok::<_, nix::Error>(())
+    })
+    .join();
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(errno)) => skip(test, &format!("cannot make a network namespace: {errno}")),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn not_root() -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective user.
+    match std::fs::metadata("/proc/self") {
+        Ok(meta) if meta.uid() == 0 => None,
+        Ok(meta) => Some(format!("running as uid {}, not root", meta.uid())),
+        Err(error) => Some(format!("cannot tell who we are from /proc/self: {error}")),
+    }
+}
+
+fn skip(test: &str, why: &str) {
+    // Straight to the process's stderr, past libtest's capture, so a passing run shows it too.
+    let _ = writeln!(std::io::stderr(), "SKIPPED (needs root): {test} — {why}");
+    let marker = marker(test);
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    std::fs::write(marker, format!("{why}\n")).unwrap();
+}
+
+fn marker(test: &str) -> PathBuf {
+    target_dir().join("fz-root-skips").join(test)
+}
+
+/// `CARGO_TARGET_DIR` when set (relative to the workspace root, as cargo reads it from there
+/// in this workspace), else the workspace's `target/`.
+fn target_dir() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace.join(dir),
+        None => workspace.join("target"),
+    }
+}
+
+/// A device name unique to this test process, so that runs never meet even outside a
+/// namespace: `fzt<pid % 10000><letter>`.
+fn tun_name(letter: char) -> String {
+    format!("fzt{}{letter}", std::process::id() % 10_000)
+}
+
+fn cidr(text: &str) -> Cidr {
+    let (address, len) = text.split_once('/').unwrap();
+    Cidr::new(address.parse().unwrap(), len.parse().unwrap()).unwrap()
+}
+
+fn ip(args: &[&str]) -> Result<String, String> {
+    run("ip", args)
+}
+
+fn nft(args: &[&str]) -> Result<String, String> {
+    run("nft", args)
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(program).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// A bound on waiting, so a lost packet fails the test instead of hanging it. Not a sleep:
+/// the test goes on the moment the awaited thing happens.
+async fn bounded<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("nothing came within 10 s")
+}
+
+/// Reads the device until a UDP packet to `to` comes, and returns its source and payload.
+/// Other packets (IPv6 router solicitations, MLD reports) are the kernel's own and skipped.
+async fn next_udp_to(device: &Tun, to: SocketAddr) -> (SocketAddr, Vec<u8>) {
+    bounded(async {
+        let mut buf = vec![0; 2048];
+        loop {
+            let len = device.recv(&mut buf).await.unwrap();
+            if let Some((src, dst, payload)) = parse_udp(&buf[..len])
+                && dst == to
+            {
+                return (src, payload.to_vec());
+            }
+        }
+    })
+    .await
+}
+
+// ---- just enough IPv4, IPv6 and UDP ----
+
+const UDP: u8 = 17;
+
+fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let udp_len = u16::try_from(8 + payload.len()).unwrap();
+    let mut udp = Vec::with_capacity(usize::from(udp_len));
+    udp.extend_from_slice(&src.port().to_be_bytes());
+    udp.extend_from_slice(&dst.port().to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut pseudo = [s.octets(), d.octets()].concat();
+            pseudo.extend_from_slice(&[0, UDP]);
+            pseudo.extend_from_slice(&udp_len.to_be_bytes());
+            set_udp_checksum(&mut udp, &pseudo);
+            let mut packet = vec![0x45, 0];
+            packet.extend_from_slice(&(20 + udp_len).to_be_bytes());
+            packet.extend_from_slice(&[0, 0, 0x40, 0, 64, UDP, 0, 0]); // id, DF, TTL, UDP
+            packet.extend_from_slice(&s.octets());
+            packet.extend_from_slice(&d.octets());
+            let sum = checksum(&[&packet]);
+            packet[10..12].copy_from_slice(&sum.to_be_bytes());
+            packet.extend_from_slice(&udp);
+            packet
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut pseudo = [s.octets(), d.octets()].concat();
+            pseudo.extend_from_slice(&u32::from(udp_len).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, UDP]);
+            set_udp_checksum(&mut udp, &pseudo);
+            let mut packet = vec![0x60, 0, 0, 0];
+            packet.extend_from_slice(&udp_len.to_be_bytes());
+            packet.extend_from_slice(&[UDP, 64]);
+            packet.extend_from_slice(&s.octets());
+            packet.extend_from_slice(&d.octets());
+            packet.extend_from_slice(&udp);
+            packet
+        }
+        _ => panic!("mixed families: {src} → {dst}"),
+    }
+}
+
+fn set_udp_checksum(udp: &mut [u8], pseudo_header: &[u8]) {
+    let sum = match checksum(&[pseudo_header, udp]) {
+        0 => 0xffff, // 0 means "no checksum" in UDP
+        sum => sum,
+    };
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The Internet checksum (RFC 1071) over the parts, as if they were one buffer of even-length
+/// parts.
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for part in parts {
+        for pair in part.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(u16::try_from(sum).unwrap())
+}
+
+/// Source, destination and payload of a UDP packet; `None` for anything else.
+fn parse_udp(packet: &[u8]) -> Option<(SocketAddr, SocketAddr, &[u8])> {
+    let (src, dst, protocol, rest): (IpAddr, IpAddr, u8, &[u8]) = match packet.first()? >> 4 {
+        4 => {
+            let header_len = usize::from(packet[0] & 0x0f) * 4;
+            let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            (src.into(), dst.into(), packet[9], packet.get(header_len..)?)
+        }
+        6 => {
+            let src: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            (src.into(), dst.into(), packet[6], packet.get(40..)?)
+        }
+        _ => return None,
+    };
+    if protocol != UDP {
+        return None;
+    }
+    let src_port = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?);
+    let dst_port = u16::from_be_bytes(rest.get(2..4)?.try_into().ok()?);
+    let len = usize::from(u16::from_be_bytes(rest.get(4..6)?.try_into().ok()?));
+    Some((
+        SocketAddr::new(src, src_port),
+        SocketAddr::new(dst, dst_port),
+        rest.get(8..len)?,
+    ))
+}
+
+#[test]
+fn udp_packets_parse_back() {
+    for (src, dst) in [
+        ("198.18.0.2:40000", "198.18.0.1:53"),
+        ("[2001:db8::2]:40000", "[2001:db8::1]:53"),
+    ] {
+        let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        let packet = udp_packet(src, dst, b"hello");
+        assert_eq!(parse_udp(&packet), Some((src, dst, &b"hello"[..])));
+    }
+    // RFC 1071's example: the words 0001 f203 f4f5 f6f7 sum to ddf2, complemented 220d.
+    assert_eq!(
+        checksum(&[&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]]),
+        0x220d
+    );
+}

@@ -1,0 +1,767 @@
+//! The gateway's state machine: verified grants become WireGuard peers, packet filters and
+//! NAT entries; packets from clients and from the site go through them or are dropped and
+//! counted.
+//!
+//! The driver owns the UDP socket, the TUN device, the portal connection, the resolver and
+//! the timer, and calls in this order (as quinn's `Connection` does):
+//! - inputs: [`Gateway::handle_network`] (a datagram from the WireGuard port),
+//!   [`Gateway::handle_tun`] (a packet from the site), [`Gateway::handle_portal`],
+//!   [`Gateway::handle_resolved`], [`Gateway::handle_timeout`];
+//! - outputs, drained after every input: [`Gateway::poll_transmit`] (datagrams that were not
+//!   the direct answer to an input: queued packets after a handshake, timers),
+//!   [`Gateway::poll_event`] (messages to the portal, names to resolve, what to log), and
+//!   [`Gateway::poll_timeout`] (when to call `handle_timeout` next).
+//!
+//! The packet path answers in place: `handle_network` and `handle_tun` write into the
+//! caller's buffer and return what to do with it, without allocating.
+//!
+//! INVARIANT: default deny. A handshake gets an answer only from a key some installed grant
+//! names; a packet from a client goes on only when one of its grants' filters passes it; a
+//! packet from the site goes back only to a client whose grant covers its source. A grant is
+//! installed only after it verifies against the pinned portal key, and it is gone (filter,
+//! NAT entries, and the peer with its last grant) the moment it is revoked or expires.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use fz_proto::{
+    GatewayMessage, Grant, Identity, PortalPublicKey, PortalToGateway, PublicKey, Resolution,
+    SignedGrant, UnixTime,
+};
+
+use crate::filter::{Drop, GrantFilter};
+use crate::nat::{Millis, Nat};
+use crate::packet::Packet;
+use crate::peer::{Action, Gatekeeper, KeyPair, Peer, Rejected, Screened};
+
+/// How often WireGuard's timers run, as boringtun's own device does.
+const TIMER_TICK_MS: u64 = 250;
+
+/// The largest datagram the gateway sends: a 1420-byte packet plus WireGuard's 32 bytes,
+/// with room to spare; buffers passed in must be at least this long.
+pub const MAX_DATAGRAM: usize = 1500 + 32;
+
+/// What the driver does with the answer to a datagram or packet.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Write this IP packet to the TUN device.
+    Tun(&'a [u8]),
+    /// Send this datagram from the WireGuard port.
+    Network(SocketAddr, &'a [u8]),
+}
+
+/// A datagram to send that was not the direct answer to an input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// What the gateway's resolver found for a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    Addresses(Vec<IpAddr>),
+    NoSuchName,
+    /// The resolver failed (timeout, server failure): the grants waiting for it are refused.
+    Failed(String),
+}
+
+/// Something for the driver to do or log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Send to the portal.
+    ToPortal(GatewayMessage),
+    /// Resolve this name with the system's resolver and hand the answer to
+    /// [`Gateway::handle_resolved`].
+    Resolve { name: String },
+    /// A grant is in force: its peer, filter and NAT entries are installed.
+    Installed {
+        grant_id: String,
+        client_id: String,
+        resource_id: String,
+    },
+    /// A grant was refused; the portal has been told why.
+    Refused { grant_id: String, reason: String },
+    /// A grant is gone, and why.
+    Removed { grant_id: String, why: Removal },
+    /// The portal reported an error about something this gateway sent.
+    PortalError { message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Revoked,
+    Expired,
+    /// The portal's `ready` did not list it: it was withdrawn while the gateway was away.
+    NotInForce,
+}
+
+impl Removal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Removal::Revoked => "revoked",
+            Removal::Expired => "expired",
+            Removal::NotInForce => "not in force at the portal",
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metrics {
+    drops: HashMap<Drop, u64>,
+    /// Bytes and packets of IP traffic from clients to the site and back.
+    pub bytes_from_clients: u64,
+    pub bytes_to_clients: u64,
+    pub packets_from_clients: u64,
+    pub packets_to_clients: u64,
+    pub handshakes: u64,
+}
+
+impl Metrics {
+    pub fn dropped(&self, reason: Drop) -> u64 {
+        self.drops.get(&reason).copied().unwrap_or(0)
+    }
+
+    fn drop(&mut self, reason: Drop) {
+        *self.drops.entry(reason).or_default() += 1;
+    }
+}
+
+/// How the gateway starts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The gateway's WireGuard private key.
+    pub private_key: [u8; 32],
+    /// The portal key every grant must be signed with.
+    pub portal_key: PortalPublicKey,
+    /// Where peer indices start; random in the driver, fixed in tests.
+    pub seed: u32,
+}
+
+/// A grant's filter as a peer checks packets against it.
+#[derive(Debug)]
+struct PeerGrant {
+    id: String,
+    filter: GrantFilter,
+    /// A DNS resource's name and mapped addresses, which the NAT translates to what the
+    /// name resolved to; empty for others.
+    name: Option<String>,
+    mapped: Vec<IpAddr>,
+}
+
+/// A client's WireGuard peer and what its grants allow.
+#[derive(Debug)]
+struct ClientPeer {
+    wireguard: Peer,
+    key: PublicKey,
+    preshared_key: [u8; 32],
+    addresses: [IpAddr; 2],
+    grants: Vec<PeerGrant>,
+    nat: Nat,
+}
+
+/// What the gateway remembers of an installed grant.
+#[derive(Debug)]
+struct Installed {
+    peer: u32,
+    expires_at: UnixTime,
+    resolved: Option<Resolution>,
+}
+
+/// The gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    gatekeeper: Gatekeeper,
+    portal_key: PortalPublicKey,
+    /// Known once the portal said `ready`; grants are addressed to it.
+    gateway_id: Option<String>,
+    /// The driver's clock at start, and the wall clock then, in milliseconds.
+    started: Instant,
+    started_unix_ms: u64,
+    peers: HashMap<u32, ClientPeer>,
+    peer_by_key: HashMap<PublicKey, u32>,
+    peer_by_address: HashMap<IpAddr, u32>,
+    installed: HashMap<String, Installed>,
+    /// Verified DNS grants waiting for their name to resolve, by name.
+    resolving: HashMap<String, Vec<SignedGrant>>,
+    next_index: u32,
+    next_tick: Option<Instant>,
+    last_rate_reset: Instant,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    metrics: Metrics,
+}
+
+impl Gateway {
+    /// A gateway at `now`, when the wall clock reads `unix_ms` milliseconds since the epoch.
+    pub fn new(config: Config, now: Instant, unix_ms: u64) -> Gateway {
+        Gateway {
+            gatekeeper: Gatekeeper::new(KeyPair::from_secret(config.private_key)),
+            portal_key: config.portal_key,
+            gateway_id: None,
+            started: now,
+            started_unix_ms: unix_ms,
+            peers: HashMap::new(),
+            peer_by_key: HashMap::new(),
+            peer_by_address: HashMap::new(),
+            installed: HashMap::new(),
+            resolving: HashMap::new(),
+            next_index: config.seed & INDEX_MASK,
+            next_tick: None,
+            last_rate_reset: now,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    // ---- getters ----
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.gatekeeper.keys().public_key())
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Ids of the grants in force, sorted.
+    pub fn grants(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.installed.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// NAT flows across all clients.
+    pub fn nat_flows(&self) -> usize {
+        self.peers.values().map(|p| p.nat.flows()).sum()
+    }
+
+    // ---- inputs ----
+
+    /// A datagram from the WireGuard port. `buffer` (at least [`MAX_DATAGRAM`] bytes) holds
+    /// the answer.
+    pub fn handle_network<'a>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        buffer: &'a mut [u8],
+        now: Instant,
+    ) -> Option<Output<'a>> {
+        let index = match self.gatekeeper.screen(from.ip(), datagram, buffer) {
+            Screened::Initiation { initiator } => {
+                let Some(index) = self.peer_by_key.get(&PublicKey(initiator)) else {
+                    // INVARIANT: silence for every key without a grant.
+                    self.metrics.drop(Drop::UnknownKey);
+                    return None;
+                };
+                self.metrics.handshakes += 1;
+                *index
+            }
+            Screened::ForPeer(index) => index,
+            Screened::Cookie(length) => {
+                return buffer
+                    .get(..length)
+                    .map(|cookie| Output::Network(from, cookie));
+            }
+            Screened::Rejected(rejected) => {
+                self.metrics.drop(match rejected {
+                    Rejected::NotWireGuard => Drop::NotWireGuard,
+                    Rejected::BadMac => Drop::BadMac,
+                    Rejected::Undecryptable => Drop::UnknownKey,
+                });
+                return None;
+            }
+        };
+        let millis = self.millis(now);
+        let Some(peer) = self.peers.get_mut(&index) else {
+            self.metrics.drop(Drop::UnknownSession);
+            return None;
+        };
+        match peer.wireguard.decapsulate(from, datagram, buffer) {
+            Action::Nothing => None,
+            Action::Send(bytes) => Some(Output::Network(from, bytes)),
+            Action::Refused => {
+                self.metrics.drop(Drop::Decryption);
+                None
+            }
+            Action::Received(packet) => match peer.admit(packet, millis) {
+                Ok(()) => {
+                    self.metrics.packets_from_clients += 1;
+                    self.metrics.bytes_from_clients += packet.len() as u64;
+                    Some(Output::Tun(packet))
+                }
+                Err(reason) => {
+                    self.metrics.drop(reason);
+                    None
+                }
+            },
+        }
+    }
+
+    /// An IP packet from the site (the TUN device). It is rewritten in place (the NAT) and
+    /// sealed into `buffer` (at least [`MAX_DATAGRAM`] bytes).
+    pub fn handle_tun<'a>(
+        &mut self,
+        packet: &mut [u8],
+        buffer: &'a mut [u8],
+        now: Instant,
+    ) -> Option<Output<'a>> {
+        let millis = self.millis(now);
+        let Ok(parsed) = Packet::parse(packet) else {
+            self.metrics.drop(Drop::Malformed);
+            return None;
+        };
+        let Some(peer) = self
+            .peer_by_address
+            .get(&parsed.destination)
+            .and_then(|index| self.peers.get_mut(index))
+        else {
+            self.metrics.drop(Drop::NoClient);
+            return None;
+        };
+        if let Err(reason) = peer.answer(packet, millis) {
+            self.metrics.drop(reason);
+            return None;
+        }
+        let Some(endpoint) = peer.wireguard.endpoint() else {
+            self.metrics.drop(Drop::NoEndpoint);
+            return None;
+        };
+        match peer.wireguard.encapsulate(packet, buffer) {
+            Action::Send(bytes) => {
+                self.metrics.packets_to_clients += 1;
+                self.metrics.bytes_to_clients += packet.len() as u64;
+                Some(Output::Network(endpoint, bytes))
+            }
+            Action::Refused => {
+                self.metrics.drop(Drop::Decryption);
+                None
+            }
+            Action::Nothing | Action::Received(_) => None,
+        }
+    }
+
+    /// A message from the portal.
+    pub fn handle_portal(&mut self, message: PortalToGateway, now: Instant) {
+        match message {
+            PortalToGateway::Ready {
+                gateway_id, grants, ..
+            } => {
+                self.gateway_id = Some(gateway_id);
+                let in_force: HashSet<&String> = grants.iter().collect();
+                let stale: Vec<String> = self
+                    .installed
+                    .keys()
+                    .filter(|id| !in_force.contains(id))
+                    .cloned()
+                    .collect();
+                for id in stale {
+                    self.remove(&id, Removal::NotInForce);
+                }
+                for waiting in self.resolving.values_mut() {
+                    waiting.retain(|g| in_force.contains(&g.grant.id));
+                }
+                self.resolving.retain(|_, waiting| !waiting.is_empty());
+            }
+            PortalToGateway::Grant { grant } => self.take_grant(*grant, now),
+            PortalToGateway::Revoke { grant_id } => {
+                for waiting in self.resolving.values_mut() {
+                    waiting.retain(|g| g.grant.id != grant_id);
+                }
+                self.resolving.retain(|_, waiting| !waiting.is_empty());
+                self.remove(&grant_id, Removal::Revoked);
+            }
+            PortalToGateway::Error { message } => {
+                self.events.push_back(Event::PortalError { message });
+            }
+        }
+    }
+
+    /// The resolver's answer for a name asked for with [`Event::Resolve`].
+    pub fn handle_resolved(&mut self, name: &str, answer: Resolved, now: Instant) {
+        let Some(waiting) = self.resolving.remove(name) else {
+            return;
+        };
+        let unix = self.unix(now);
+        for signed in waiting {
+            let grant = &signed.grant;
+            if unix >= grant.expires_at {
+                self.refuse(
+                    &grant.id,
+                    "the grant expired while its name resolved".to_owned(),
+                );
+                continue;
+            }
+            let (real, resolution) = match &answer {
+                Resolved::Addresses(real) => (
+                    real.clone(),
+                    Resolution::Exists {
+                        ipv4: real.iter().any(IpAddr::is_ipv4),
+                        ipv6: real.iter().any(IpAddr::is_ipv6),
+                    },
+                ),
+                Resolved::NoSuchName => (Vec::new(), Resolution::NoSuchName),
+                Resolved::Failed(error) => {
+                    self.refuse(&grant.id, format!("cannot resolve `{name}`: {error}"));
+                    continue;
+                }
+            };
+            self.install(&signed.grant, real, Some(resolution));
+        }
+    }
+
+    /// Time passed: grants expire, idle NAT flows end, WireGuard's timers run.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let unix = self.unix(now);
+        let expired: Vec<String> = self
+            .installed
+            .iter()
+            .filter(|(_, g)| unix >= g.expires_at)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.remove(&id, Removal::Expired);
+        }
+        if now
+            .saturating_duration_since(self.last_rate_reset)
+            .as_secs()
+            >= 1
+        {
+            self.gatekeeper.reset_rate();
+            self.last_rate_reset = now;
+        }
+        let millis = self.millis(now);
+        let mut buffer = [0u8; MAX_DATAGRAM];
+        for peer in self.peers.values_mut() {
+            peer.nat.expire(millis);
+            let endpoint = peer.wireguard.endpoint();
+            if let (Some(bytes), Some(destination)) =
+                (peer.wireguard.update_timers(&mut buffer), endpoint)
+            {
+                self.transmits.push_back(Transmit {
+                    destination,
+                    payload: bytes.to_vec(),
+                });
+            }
+        }
+        self.next_tick = None;
+    }
+
+    // ---- outputs ----
+
+    /// The next datagram to send that was not a direct answer: packets that waited for a
+    /// handshake, keepalives, handshake retries.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(transmit) = self.transmits.pop_front() {
+            return Some(transmit);
+        }
+        let mut buffer = [0u8; MAX_DATAGRAM];
+        for peer in self.peers.values_mut() {
+            let Some(destination) = peer.wireguard.endpoint() else {
+                continue;
+            };
+            if let Some(bytes) = peer.wireguard.next_queued(&mut buffer) {
+                return Some(Transmit {
+                    destination,
+                    payload: bytes.to_vec(),
+                });
+            }
+        }
+        None
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Gateway::handle_timeout`] next: every 250 ms while any peer or grant
+    /// exists, never while none does.
+    pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
+        if self.peers.is_empty() && self.installed.is_empty() {
+            return None;
+        }
+        Some(
+            *self
+                .next_tick
+                .get_or_insert(now + std::time::Duration::from_millis(TIMER_TICK_MS)),
+        )
+    }
+
+    // ---- grants ----
+
+    fn take_grant(&mut self, signed: SignedGrant, now: Instant) {
+        let grant_id = signed.grant.id.clone();
+        let Some(gateway_id) = self.gateway_id.clone() else {
+            self.refuse(
+                &grant_id,
+                "the gateway has not been told its id yet".to_owned(),
+            );
+            return;
+        };
+        let me = Identity::Gateway {
+            id: gateway_id,
+            public_key: self.public_key(),
+        };
+        if let Err(error) = signed.verify(&self.portal_key, &me, self.unix(now)) {
+            self.refuse(&grant_id, error.to_string());
+            return;
+        }
+        if let Some(installed) = self.installed.get(&grant_id) {
+            // The portal sends grants again when the gateway reconnects: same answer.
+            let resolved = installed.resolved;
+            self.ack(&grant_id, resolved);
+            return;
+        }
+        if let Err(reason) = self.check_fits(&signed.grant) {
+            self.refuse(&grant_id, reason);
+            return;
+        }
+        match &signed.grant.resource.dns {
+            Some(dns) => {
+                let name = dns.name.clone();
+                let waiting = self.resolving.entry(name.clone()).or_default();
+                if waiting.iter().any(|g| g.grant.id == grant_id) {
+                    return;
+                }
+                let first = waiting.is_empty();
+                waiting.push(signed);
+                if first {
+                    self.events.push_back(Event::Resolve { name });
+                }
+            }
+            None => self.install(&signed.grant, Vec::new(), None),
+        }
+    }
+
+    /// Whether a verified grant can sit beside those installed: its filter reads, its tunnel
+    /// addresses belong to no other key, and its mapped addresses map no other name for the
+    /// same client (else one grant's port filter would open another name's real address).
+    fn check_fits(&self, grant: &Grant) -> Result<(), String> {
+        GrantFilter::new(grant).map_err(|e| e.to_string())?;
+        let addresses = [
+            IpAddr::V4(grant.client.tunnel_ipv4),
+            IpAddr::V6(grant.client.tunnel_ipv6),
+        ];
+        for address in addresses {
+            if let Some(peer) = self
+                .peer_by_address
+                .get(&address)
+                .and_then(|i| self.peers.get(i))
+                && peer.key != grant.client.public_key
+            {
+                return Err(format!(
+                    "tunnel address {address} belongs to another client key"
+                ));
+            }
+        }
+        let Some(dns) = &grant.resource.dns else {
+            return Ok(());
+        };
+        if !dns.is_well_formed() {
+            return Err("the grant's DNS mapping is malformed".to_owned());
+        }
+        let peer = self
+            .peer_by_key
+            .get(&grant.client.public_key)
+            .and_then(|i| self.peers.get(i));
+        for other in peer.iter().flat_map(|p| &p.grants) {
+            if other.mapped.iter().any(|m| dns.mapped.contains(m))
+                && other.name.as_deref() != Some(dns.name.as_str())
+            {
+                return Err(format!(
+                    "mapped addresses of `{}` are already mapped to another name for this client",
+                    dns.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn install(&mut self, grant: &Grant, real: Vec<IpAddr>, resolved: Option<Resolution>) {
+        let filter = match GrantFilter::new(grant) {
+            Ok(filter) => filter,
+            Err(error) => {
+                self.refuse(&grant.id, error.to_string());
+                return;
+            }
+        };
+        let key = grant.client.public_key;
+        let preshared_key = grant.preshared_key.0;
+        let index = match self.peer_by_key.get(&key) {
+            Some(index) => *index,
+            None => {
+                let index = self.fresh_index();
+                let peer = ClientPeer {
+                    wireguard: Peer::new(&self.gatekeeper, key.0, preshared_key, index),
+                    key,
+                    preshared_key,
+                    addresses: [
+                        IpAddr::V4(grant.client.tunnel_ipv4),
+                        IpAddr::V6(grant.client.tunnel_ipv6),
+                    ],
+                    grants: Vec::new(),
+                    nat: Nat::default(),
+                };
+                for address in peer.addresses {
+                    self.peer_by_address.insert(address, index);
+                }
+                self.peer_by_key.insert(key, index);
+                self.peers.insert(index, peer);
+                index
+            }
+        };
+        let Some(peer) = self.peers.get_mut(&index) else {
+            return;
+        };
+        if peer.preshared_key != preshared_key {
+            // The portal keeps one key per client–gateway pair while grants are in force;
+            // a new key means a new pair: the client handshakes again with it.
+            peer.wireguard = Peer::new(&self.gatekeeper, key.0, preshared_key, index);
+            peer.preshared_key = preshared_key;
+        }
+        let (name, mapped) = match &grant.resource.dns {
+            Some(dns) => (Some(dns.name.clone()), dns.mapped.clone()),
+            None => (None, Vec::new()),
+        };
+        for address in &mapped {
+            peer.nat.set_targets(*address, real.clone());
+        }
+        peer.grants.push(PeerGrant {
+            id: grant.id.clone(),
+            filter,
+            name,
+            mapped,
+        });
+        self.installed.insert(
+            grant.id.clone(),
+            Installed {
+                peer: index,
+                expires_at: grant.expires_at,
+                resolved,
+            },
+        );
+        self.events.push_back(Event::Installed {
+            grant_id: grant.id.clone(),
+            client_id: grant.client.id.clone(),
+            resource_id: grant.resource.id.clone(),
+        });
+        self.ack(&grant.id, resolved);
+    }
+
+    /// Takes a grant out of force: its filter, its NAT entries no other grant of the client
+    /// shares, and the peer with its last grant.
+    fn remove(&mut self, grant_id: &str, why: Removal) {
+        let Some(installed) = self.installed.remove(grant_id) else {
+            return;
+        };
+        self.events.push_back(Event::Removed {
+            grant_id: grant_id.to_owned(),
+            why,
+        });
+        let Some(peer) = self.peers.get_mut(&installed.peer) else {
+            return;
+        };
+        let Some(position) = peer.grants.iter().position(|g| g.id == grant_id) else {
+            return;
+        };
+        let gone = peer.grants.swap_remove(position);
+        for address in gone.mapped {
+            if !peer.grants.iter().any(|g| g.mapped.contains(&address)) {
+                peer.nat.remove_mapped(address);
+            }
+        }
+        if peer.grants.is_empty()
+            && let Some(peer) = self.peers.remove(&installed.peer)
+        {
+            self.peer_by_key.remove(&peer.key);
+            for address in peer.addresses {
+                self.peer_by_address.remove(&address);
+            }
+        }
+    }
+
+    fn ack(&mut self, grant_id: &str, resolved: Option<Resolution>) {
+        self.events.push_back(Event::ToPortal(GatewayMessage::Ack {
+            grant_id: grant_id.to_owned(),
+            resolved,
+        }));
+    }
+
+    fn refuse(&mut self, grant_id: &str, reason: String) {
+        self.events
+            .push_back(Event::ToPortal(GatewayMessage::Refused {
+                grant_id: grant_id.to_owned(),
+                reason: reason.clone(),
+            }));
+        self.events.push_back(Event::Refused {
+            grant_id: grant_id.to_owned(),
+            reason,
+        });
+    }
+
+    /// A peer index no peer has: 24 bits, since boringtun keeps the low 8 bits of a session
+    /// index for itself.
+    fn fresh_index(&mut self) -> u32 {
+        loop {
+            self.next_index = (self.next_index + 1) & INDEX_MASK;
+            if !self.peers.contains_key(&self.next_index) {
+                return self.next_index;
+            }
+        }
+    }
+
+    // ---- time ----
+
+    fn millis(&self, now: Instant) -> Millis {
+        u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn unix(&self, now: Instant) -> UnixTime {
+        self.started_unix_ms.saturating_add(self.millis(now)) / 1000
+    }
+}
+
+const INDEX_MASK: u32 = (1 << 24) - 1;
+
+impl ClientPeer {
+    /// Checks a packet out of the client's tunnel against its grants and translates it if it
+    /// goes to a DNS resource's mapped address.
+    fn admit(&mut self, packet: &mut [u8], millis: Millis) -> Result<(), Drop> {
+        let parsed = Packet::parse(packet).map_err(|_| Drop::Malformed)?;
+        let mut reason = Drop::Malformed;
+        for grant in &self.grants {
+            match grant.filter.check(&parsed) {
+                Ok(()) if grant.mapped.is_empty() => return Ok(()),
+                Ok(()) => {
+                    return self
+                        .nat
+                        .outbound(packet, millis)
+                        .map(|_| ())
+                        .map_err(|_| Drop::Unresolved);
+                }
+                Err(drop) => reason = reason.max(drop),
+            }
+        }
+        Err(reason)
+    }
+
+    /// Checks a packet from the site to this client: a NAT reply gets its mapped address
+    /// back first; then some grant must cover its source.
+    fn answer(&mut self, packet: &mut [u8], millis: Millis) -> Result<(), Drop> {
+        // Not a reply of a NAT flow: the packet keeps its source (an IP or CIDR resource).
+        let _ = self.nat.reply(packet, millis);
+        let parsed = Packet::parse(packet).map_err(|_| Drop::Malformed)?;
+        if self.grants.iter().any(|g| g.filter.check_reply(&parsed)) {
+            Ok(())
+        } else {
+            Err(Drop::NotFromResource)
+        }
+    }
+}

@@ -1,0 +1,1047 @@
+//! The gateway core on a simulated network and clock: real boringtun client peers talk to it
+//! through plain byte vectors, the portal's messages are signed with a real portal key, and
+//! time moves only when a test moves it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey as X25519Public, StaticSecret};
+use fz_proto::{
+    ClientPeer, DnsMapping, GatewayMessage, GatewayPeer, Grant, GrantedResource, PortalSigningKey,
+    PortalToGateway, PresharedKey, PublicKey, Resolution, SignedGrant,
+};
+use fz_tunnel::Drop;
+use fz_tunnel::gateway::{Config, Event, Gateway, MAX_DATAGRAM, Output, Removal, Resolved};
+use fz_tunnel::packet::build;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
+/// The simulated wall clock at the start: 2027-01-15.
+const START_UNIX: u64 = 1_800_000_000;
+const GATEWAY_ID: &str = "gw-1";
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// A client device: a boringtun peer of the gateway, with its tunnel addresses.
+struct Client {
+    id: String,
+    secret: [u8; 32],
+    tunnel: Tunn,
+    address: SocketAddr,
+    v4: IpAddr,
+    v6: IpAddr,
+    preshared_key: [u8; 32],
+}
+
+impl Client {
+    fn public_key(&self) -> PublicKey {
+        PublicKey(X25519Public::from(&StaticSecret::from(self.secret)).to_bytes())
+    }
+}
+
+struct Sim {
+    gateway: Gateway,
+    gateway_secret: [u8; 32],
+    portal: PortalSigningKey,
+    now: Instant,
+    next_grant: u32,
+}
+
+impl Sim {
+    /// A gateway the portal has said `ready` to.
+    fn new() -> Sim {
+        let portal = PortalSigningKey::from_seed([7; 32]);
+        let now = Instant::now();
+        let gateway_secret = [9; 32];
+        let mut gateway = Gateway::new(
+            Config {
+                private_key: gateway_secret,
+                portal_key: portal.public_key(),
+                seed: 1000,
+            },
+            now,
+            START_UNIX * 1000,
+        );
+        gateway.handle_portal(
+            PortalToGateway::Ready {
+                gateway_id: GATEWAY_ID.into(),
+                heartbeat_interval_ms: 10_000,
+                grants: vec![],
+            },
+            now,
+        );
+        Sim {
+            gateway,
+            gateway_secret,
+            portal,
+            now,
+            next_grant: 0,
+        }
+    }
+
+    fn client(&self, n: u8) -> Client {
+        self.client_with_key(n, [n; 32], [n.wrapping_add(100); 32])
+    }
+
+    fn client_with_key(&self, n: u8, secret: [u8; 32], preshared_key: [u8; 32]) -> Client {
+        let gateway_public =
+            X25519Public::from(&StaticSecret::from(self.gateway_secret)).to_bytes();
+        Client {
+            id: format!("client-{n}"),
+            secret,
+            tunnel: Tunn::new(
+                StaticSecret::from(secret),
+                X25519Public::from(gateway_public),
+                Some(preshared_key),
+                None,
+                u32::from(n),
+                None,
+            ),
+            address: format!("198.51.100.{n}:40000").parse().unwrap(),
+            v4: format!("100.64.0.{n}").parse().unwrap(),
+            v6: format!("fd00:2021:1111::{n}").parse().unwrap(),
+            preshared_key,
+        }
+    }
+
+    fn grant(&mut self, client: &Client, address: &str, filter: &[&str]) -> SignedGrant {
+        self.signed(client, address, filter, None, 3600)
+    }
+
+    fn dns_grant(
+        &mut self,
+        client: &Client,
+        pattern: &str,
+        name: &str,
+        mapped: &[&str],
+        filter: &[&str],
+    ) -> SignedGrant {
+        let dns = DnsMapping {
+            name: name.into(),
+            mapped: mapped.iter().map(|m| ip(m)).collect(),
+        };
+        self.signed(client, pattern, filter, Some(dns), 3600)
+    }
+
+    fn signed(
+        &mut self,
+        client: &Client,
+        address: &str,
+        filter: &[&str],
+        dns: Option<DnsMapping>,
+        lifetime: u64,
+    ) -> SignedGrant {
+        self.next_grant += 1;
+        let IpAddr::V4(v4) = client.v4 else { panic!() };
+        let IpAddr::V6(v6) = client.v6 else { panic!() };
+        Grant {
+            id: format!("gr-{}", self.next_grant),
+            account: "acme".into(),
+            client: ClientPeer {
+                id: client.id.clone(),
+                public_key: client.public_key(),
+                tunnel_ipv4: v4,
+                tunnel_ipv6: v6,
+                endpoints: vec![client.address],
+            },
+            gateway: GatewayPeer {
+                id: GATEWAY_ID.into(),
+                public_key: self.gateway.public_key(),
+                endpoints: vec!["203.0.113.1:51820".parse().unwrap()],
+            },
+            preshared_key: PresharedKey(client.preshared_key),
+            resource: GrantedResource {
+                id: address.replace('/', "_"),
+                address: address.into(),
+                filter: (!filter.is_empty())
+                    .then(|| filter.iter().map(|f| (*f).to_owned()).collect()),
+                dns,
+            },
+            rule: "rule".into(),
+            bundle_hash: "hash".into(),
+            issued_at: START_UNIX,
+            expires_at: START_UNIX + lifetime,
+        }
+        .sign(&self.portal)
+    }
+
+    /// Sends a grant and returns what the gateway said to the portal about it.
+    fn send_grant(&mut self, grant: &SignedGrant) -> Vec<GatewayMessage> {
+        self.gateway.handle_portal(
+            PortalToGateway::Grant {
+                grant: Box::new(grant.clone()),
+            },
+            self.now,
+        );
+        self.said_to_portal()
+    }
+
+    fn said_to_portal(&mut self) -> Vec<GatewayMessage> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::ToPortal(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.gateway.poll_event()).collect()
+    }
+
+    fn install(&mut self, grant: &SignedGrant) {
+        assert_eq!(
+            self.send_grant(grant),
+            [GatewayMessage::Ack {
+                grant_id: grant.grant.id.clone(),
+                resolved: None
+            }]
+        );
+    }
+
+    /// Installs a DNS grant whose name resolves to `real`.
+    fn install_dns(&mut self, grant: &SignedGrant, real: &[&str]) -> Vec<GatewayMessage> {
+        let name = grant.grant.resource.dns.as_ref().unwrap().name.clone();
+        let events = {
+            self.gateway.handle_portal(
+                PortalToGateway::Grant {
+                    grant: Box::new(grant.clone()),
+                },
+                self.now,
+            );
+            self.events()
+        };
+        assert!(
+            events.contains(&Event::Resolve { name: name.clone() }),
+            "{events:?}"
+        );
+        self.gateway.handle_resolved(
+            &name,
+            Resolved::Addresses(real.iter().map(|r| ip(r)).collect()),
+            self.now,
+        );
+        self.said_to_portal()
+    }
+
+    /// A packet from the client through its tunnel: what came out on the gateway's TUN side.
+    /// Handshakes happen on the way, as they would.
+    fn send_from_client(&mut self, client: &mut Client, packet: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = vec![0u8; MAX_DATAGRAM];
+        let mut to_gateway = Vec::new();
+        match client.tunnel.encapsulate(packet, &mut out) {
+            TunnResult::WriteToNetwork(bytes) => to_gateway.push(bytes.to_vec()),
+            other => panic!("the client could not send: {other:?}"),
+        }
+        let mut tun = Vec::new();
+        // Exchange datagrams until neither side has anything more to say.
+        while !to_gateway.is_empty() {
+            let mut to_client = Vec::new();
+            for datagram in to_gateway.drain(..) {
+                let mut buffer = vec![0u8; MAX_DATAGRAM];
+                match self
+                    .gateway
+                    .handle_network(client.address, &datagram, &mut buffer, self.now)
+                {
+                    Some(Output::Tun(packet)) => tun.push(packet.to_vec()),
+                    Some(Output::Network(to, bytes)) => {
+                        assert_eq!(to, client.address);
+                        to_client.push(bytes.to_vec());
+                    }
+                    None => {}
+                }
+                while let Some(transmit) = self.gateway.poll_transmit() {
+                    assert_eq!(transmit.destination, client.address);
+                    to_client.push(transmit.payload);
+                }
+            }
+            for datagram in to_client {
+                let mut buffer = vec![0u8; MAX_DATAGRAM];
+                if let TunnResult::WriteToNetwork(bytes) =
+                    client.tunnel.decapsulate(None, &datagram, &mut buffer)
+                {
+                    to_gateway.push(bytes.to_vec());
+                    loop {
+                        let mut buffer = vec![0u8; MAX_DATAGRAM];
+                        match client.tunnel.decapsulate(None, &[], &mut buffer) {
+                            TunnResult::WriteToNetwork(bytes) => to_gateway.push(bytes.to_vec()),
+                            _ => break,
+                        }
+                    }
+                }
+            }
+        }
+        tun
+    }
+
+    /// A packet from the site to a client: what the client's tunnel delivered, if anything.
+    fn send_to_client(&mut self, client: &mut Client, packet: &[u8]) -> Option<Vec<u8>> {
+        let mut packet = packet.to_vec();
+        let mut buffer = vec![0u8; MAX_DATAGRAM];
+        let Output::Network(to, datagram) =
+            self.gateway
+                .handle_tun(&mut packet, &mut buffer, self.now)?
+        else {
+            panic!("a packet from the site went back to the site");
+        };
+        assert_eq!(to, client.address);
+        let mut out = vec![0u8; MAX_DATAGRAM];
+        match client.tunnel.decapsulate(None, datagram, &mut out) {
+            TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
+                Some(packet.to_vec())
+            }
+            other => panic!("the client could not open the gateway's packet: {other:?}"),
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.gateway.handle_timeout(self.now);
+    }
+
+    fn dropped(&self, reason: Drop) -> u64 {
+        self.gateway.metrics().dropped(reason)
+    }
+}
+
+fn tcp(source: IpAddr, destination: IpAddr, ports: (u16, u16)) -> Vec<u8> {
+    build::ip(source, destination, TCP, &build::ports(ports.0, ports.1))
+}
+
+fn udp(source: IpAddr, destination: IpAddr, ports: (u16, u16)) -> Vec<u8> {
+    let mut header = build::ports(ports.0, ports.1);
+    header.truncate(8);
+    build::ip(source, destination, UDP, &header)
+}
+
+fn echo(source: IpAddr, destination: IpAddr, identifier: u16, reply: bool) -> Vec<u8> {
+    let (protocol, kind) = match (source.is_ipv4(), reply) {
+        (true, false) => (ICMP, 8),
+        (true, true) => (ICMP, 0),
+        (false, false) => (ICMPV6, 128),
+        (false, true) => (ICMPV6, 129),
+    };
+    let id = identifier.to_be_bytes();
+    build::ip(
+        source,
+        destination,
+        protocol,
+        &[kind, 0, 0, 0, id[0], id[1], 0, 1],
+    )
+}
+
+/// Source and destination of an IP packet.
+fn addresses(packet: &[u8]) -> (IpAddr, IpAddr) {
+    let parsed = fz_tunnel::packet::Packet::parse(packet).unwrap();
+    (parsed.source, parsed.destination)
+}
+
+#[test]
+fn a_client_key_gets_a_handshake_only_while_it_holds_a_grant() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let a4 = alice.v4;
+    let packet = tcp(a4, ip("10.0.5.10"), (40000, 5432));
+
+    // No grant: the handshake initiation gets no answer at all.
+    assert!(sim.send_from_client(&mut alice, &packet).is_empty());
+    assert_eq!(sim.dropped(Drop::UnknownKey), 1);
+    assert_eq!(sim.gateway.metrics().handshakes, 0);
+
+    let grant = sim.grant(&alice, "10.0.5.10", &["tcp/5432"]);
+    sim.install(&grant);
+    assert_eq!(sim.gateway.peer_count(), 1);
+    // boringtun waits before it initiates again; a new client device shows the same.
+    let mut alice = sim.client(2);
+    assert_eq!(
+        sim.send_from_client(&mut alice, &packet),
+        std::slice::from_ref(&packet)
+    );
+    assert_eq!(sim.gateway.metrics().handshakes, 1);
+    assert_eq!(sim.gateway.metrics().packets_from_clients, 1);
+
+    // And the answer goes back through the tunnel.
+    let reply = tcp(ip("10.0.5.10"), a4, (5432, 40000));
+    assert_eq!(sim.send_to_client(&mut alice, &reply), Some(reply.clone()));
+}
+
+#[test]
+fn the_filter_passes_exactly_what_the_grant_names() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let grant = sim.grant(
+        &alice,
+        "10.0.5.0/24",
+        &["tcp/5432", "udp/8000-8100", "icmp"],
+    );
+    sim.install(&grant);
+    let (a4, a6) = (alice.v4, alice.v6);
+    let db = ip("10.0.5.10");
+    let cases: Vec<(Vec<u8>, Result<(), Drop>)> = vec![
+        (tcp(a4, db, (40000, 5432)), Ok(())),
+        (udp(a4, db, (40000, 8000)), Ok(())),
+        (udp(a4, db, (40000, 8100)), Ok(())),
+        (echo(a4, db, 7, false), Ok(())),
+        (tcp(a4, ip("10.0.5.254"), (40000, 5432)), Ok(())),
+        (tcp(a4, db, (40000, 22)), Err(Drop::PortNotGranted)),
+        (udp(a4, db, (40000, 8101)), Err(Drop::PortNotGranted)),
+        (
+            build::ip(a4, db, 47, &[0; 8]),
+            Err(Drop::ProtocolNotGranted),
+        ),
+        (
+            tcp(a4, ip("10.0.6.1"), (40000, 5432)),
+            Err(Drop::DestinationNotGranted),
+        ),
+        (
+            tcp(a6, ip("fd00::10"), (40000, 5432)),
+            Err(Drop::DestinationNotGranted),
+        ),
+        (
+            tcp(ip("100.64.0.9"), db, (40000, 5432)),
+            Err(Drop::NotFromClient),
+        ),
+    ];
+    for (packet, expected) in cases {
+        let before = sim.gateway.metrics().clone();
+        let out = sim.send_from_client(&mut alice, &packet);
+        let parsed = fz_tunnel::packet::Packet::parse(&packet).unwrap();
+        match expected {
+            Ok(()) => assert_eq!(out, std::slice::from_ref(&packet), "{parsed:?}"),
+            Err(reason) => {
+                assert!(out.is_empty(), "{parsed:?} passed");
+                assert_eq!(
+                    sim.dropped(reason),
+                    before.dropped(reason) + 1,
+                    "{parsed:?} counted as {reason:?}"
+                );
+            }
+        }
+    }
+    // Replies: from the resource and a granted port, to the client; nothing else.
+    let replies: Vec<(Vec<u8>, bool)> = vec![
+        (tcp(db, a4, (5432, 40000)), true),
+        (echo(db, a4, 7, true), true),
+        (tcp(db, a4, (22, 40000)), false),
+        (tcp(ip("10.0.6.1"), a4, (5432, 40000)), false),
+    ];
+    for (packet, passes) in replies {
+        assert_eq!(sim.send_to_client(&mut alice, &packet).is_some(), passes);
+    }
+    assert_eq!(sim.dropped(Drop::NotFromResource), 2);
+    assert_eq!(
+        sim.send_to_client(&mut alice, &tcp(db, ip("100.64.0.77"), (5432, 1))),
+        None
+    );
+    assert_eq!(sim.dropped(Drop::NoClient), 1);
+}
+
+#[test]
+fn dns_resources_are_translated_both_ways_for_tcp_udp_and_icmp() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let grant = sim.dns_grant(
+        &alice,
+        "gitlab.company.com",
+        "gitlab.company.com",
+        &["100.96.0.1", "fd00:2021:1111:8000::1"],
+        &[],
+    );
+    assert_eq!(
+        sim.install_dns(&grant, &["172.16.0.5", "172.16.0.6", "2001:db8::5"]),
+        [GatewayMessage::Ack {
+            grant_id: grant.grant.id.clone(),
+            resolved: Some(Resolution::Exists {
+                ipv4: true,
+                ipv6: true
+            }),
+        }]
+    );
+    let (m4, m6) = (ip("100.96.0.1"), ip("fd00:2021:1111:8000::1"));
+    let (a4, a6) = (alice.v4, alice.v6);
+    type Build = fn(IpAddr, IpAddr, u16) -> Vec<u8>;
+    let kinds: [(&str, Build, Build); 3] = [
+        (
+            "tcp",
+            |s, d, p| tcp(s, d, (p, 443)),
+            |s, d, p| tcp(s, d, (443, p)),
+        ),
+        (
+            "udp",
+            |s, d, p| udp(s, d, (p, 53)),
+            |s, d, p| udp(s, d, (53, p)),
+        ),
+        (
+            "icmp",
+            |s, d, p| echo(s, d, p, false),
+            |s, d, p| echo(s, d, p, true),
+        ),
+    ];
+    for (kind, out, back) in kinds {
+        for (client, mapped) in [(a4, m4), (a6, m6)] {
+            let sent = sim.send_from_client(&mut alice, &out(client, mapped, 40001));
+            let [translated] = sent.as_slice() else {
+                panic!("{kind} to {mapped}: {sent:?}")
+            };
+            let (source, real) = addresses(translated);
+            assert_eq!(source, client);
+            assert_ne!(real, mapped, "{kind}: translated to a real address");
+            assert!(real.is_ipv4() == mapped.is_ipv4());
+            let reply = sim
+                .send_to_client(&mut alice, &back(real, client, 40001))
+                .unwrap_or_else(|| panic!("{kind} reply from {real} dropped"));
+            assert_eq!(addresses(&reply), (mapped, client), "{kind}");
+        }
+    }
+    // Flows are taken round robin across the real IPv4 addresses.
+    let first = sim.send_from_client(&mut alice, &tcp(a4, m4, (50000, 443)));
+    let second = sim.send_from_client(&mut alice, &tcp(a4, m4, (50001, 443)));
+    assert_ne!(addresses(&first[0]).1, addresses(&second[0]).1);
+    assert!(sim.gateway.nat_flows() >= 8);
+}
+
+#[test]
+fn two_names_on_one_real_address_stay_apart() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let a4 = alice.v4;
+    let gitlab = sim.dns_grant(
+        &alice,
+        "gitlab.company.com",
+        "gitlab.company.com",
+        &["100.96.0.1"],
+        &["tcp/443"],
+    );
+    sim.install_dns(&gitlab, &["172.16.0.5"]);
+    let jenkins_mapped = ip("100.96.0.2");
+    let real = ip("172.16.0.5");
+
+    // jenkins is not granted: its mapped address goes nowhere, though its real address is
+    // gitlab's.
+    assert!(
+        sim.send_from_client(&mut alice, &tcp(a4, jenkins_mapped, (40000, 443)))
+            .is_empty()
+    );
+    assert_eq!(sim.dropped(Drop::DestinationNotGranted), 1);
+    // Nor may a client map jenkins onto gitlab's mapped address to borrow gitlab's grant:
+    // one mapped address stands for one name per client.
+    let borrowing = sim.dns_grant(
+        &alice,
+        "*.company.com",
+        "jenkins.company.com",
+        &["100.96.0.1"],
+        &[],
+    );
+    match sim.send_grant(&borrowing).as_slice() {
+        [GatewayMessage::Refused { reason, .. }] => {
+            assert!(
+                reason.contains("already mapped to another name"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // With both granted, replies from the one real address go back under the mapped address
+    // of the flow they answer.
+    let jenkins = sim.dns_grant(
+        &alice,
+        "jenkins.company.com",
+        "jenkins.company.com",
+        &["100.96.0.2"],
+        &["tcp/443"],
+    );
+    sim.install_dns(&jenkins, &["172.16.0.5"]);
+    let to_gitlab = sim.send_from_client(&mut alice, &tcp(a4, ip("100.96.0.1"), (40001, 443)));
+    let to_jenkins = sim.send_from_client(&mut alice, &tcp(a4, jenkins_mapped, (40002, 443)));
+    assert_eq!(addresses(&to_gitlab[0]).1, real);
+    assert_eq!(addresses(&to_jenkins[0]).1, real);
+    let back_gitlab = sim
+        .send_to_client(&mut alice, &tcp(real, a4, (443, 40001)))
+        .unwrap();
+    let back_jenkins = sim
+        .send_to_client(&mut alice, &tcp(real, a4, (443, 40002)))
+        .unwrap();
+    assert_eq!(addresses(&back_gitlab).0, ip("100.96.0.1"));
+    assert_eq!(addresses(&back_jenkins).0, jenkins_mapped);
+
+    // Revoking jenkins closes its flows; gitlab's go on.
+    sim.gateway.handle_portal(
+        PortalToGateway::Revoke {
+            grant_id: jenkins.grant.id.clone(),
+        },
+        sim.now,
+    );
+    assert!(
+        sim.send_from_client(&mut alice, &tcp(a4, jenkins_mapped, (40002, 443)))
+            .is_empty()
+    );
+    assert_eq!(
+        sim.send_to_client(&mut alice, &tcp(real, a4, (443, 40002))),
+        None
+    );
+    assert_eq!(
+        sim.send_from_client(&mut alice, &tcp(a4, ip("100.96.0.1"), (40001, 443)))
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn another_client_with_the_same_mapped_address_reaches_its_own_name() {
+    // Mapped addresses are each client's own: two clients may use one for different names.
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let a4 = alice.v4;
+    let mut bob = sim.client(3);
+    let b4 = bob.v4;
+    let gitlab = sim.dns_grant(
+        &alice,
+        "gitlab.company.com",
+        "gitlab.company.com",
+        &["100.96.0.1"],
+        &[],
+    );
+    sim.install_dns(&gitlab, &["172.16.0.5"]);
+    let wiki = sim.dns_grant(
+        &bob,
+        "wiki.company.com",
+        "wiki.company.com",
+        &["100.96.0.1"],
+        &[],
+    );
+    sim.install_dns(&wiki, &["172.16.0.9"]);
+    let from_alice = sim.send_from_client(&mut alice, &tcp(a4, ip("100.96.0.1"), (1, 443)));
+    let from_bob = sim.send_from_client(&mut bob, &tcp(b4, ip("100.96.0.1"), (1, 443)));
+    assert_eq!(addresses(&from_alice[0]).1, ip("172.16.0.5"));
+    assert_eq!(addresses(&from_bob[0]).1, ip("172.16.0.9"));
+}
+
+#[test]
+fn resolution_answers_go_to_the_portal_and_failures_refuse() {
+    let mut sim = Sim::new();
+    let alice = sim.client(2);
+    let missing = sim.dns_grant(
+        &alice,
+        "*.company.com",
+        "nope.company.com",
+        &["100.96.0.3"],
+        &[],
+    );
+    sim.gateway.handle_portal(
+        PortalToGateway::Grant {
+            grant: Box::new(missing.clone()),
+        },
+        sim.now,
+    );
+    // A second grant for the same name waits on the same resolution.
+    let again = sim.dns_grant(
+        &alice,
+        "*.company.com",
+        "nope.company.com",
+        &["100.96.0.3"],
+        &[],
+    );
+    sim.gateway.handle_portal(
+        PortalToGateway::Grant {
+            grant: Box::new(again.clone()),
+        },
+        sim.now,
+    );
+    let resolves: Vec<Event> = sim
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Resolve { .. }))
+        .collect();
+    assert_eq!(
+        resolves,
+        [Event::Resolve {
+            name: "nope.company.com".into()
+        }]
+    );
+    sim.gateway
+        .handle_resolved("nope.company.com", Resolved::NoSuchName, sim.now);
+    let answers = sim.said_to_portal();
+    assert_eq!(
+        answers,
+        [missing.grant.id.clone(), again.grant.id.clone()].map(|grant_id| GatewayMessage::Ack {
+            grant_id,
+            resolved: Some(Resolution::NoSuchName)
+        })
+    );
+
+    let broken = sim.dns_grant(
+        &alice,
+        "*.company.com",
+        "slow.company.com",
+        &["100.96.0.4"],
+        &[],
+    );
+    sim.gateway.handle_portal(
+        PortalToGateway::Grant {
+            grant: Box::new(broken.clone()),
+        },
+        sim.now,
+    );
+    sim.events();
+    sim.gateway.handle_resolved(
+        "slow.company.com",
+        Resolved::Failed("timed out".into()),
+        sim.now,
+    );
+    assert_eq!(
+        sim.said_to_portal(),
+        [GatewayMessage::Refused {
+            grant_id: broken.grant.id.clone(),
+            reason: "cannot resolve `slow.company.com`: timed out".into()
+        }]
+    );
+    // An answer nobody waits for changes nothing.
+    sim.gateway
+        .handle_resolved("other.company.com", Resolved::NoSuchName, sim.now);
+    assert!(sim.events().is_empty());
+}
+
+#[test]
+fn revocation_and_expiry_take_everything_of_the_grant_at_once() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let a4 = alice.v4;
+    let db = sim.grant(&alice, "10.0.5.10", &["tcp/5432"]);
+    let gitlab = sim.dns_grant(
+        &alice,
+        "gitlab.company.com",
+        "gitlab.company.com",
+        &["100.96.0.1"],
+        &[],
+    );
+    sim.install(&db);
+    sim.install_dns(&gitlab, &["172.16.0.5"]);
+    let to_db = tcp(a4, ip("10.0.5.10"), (40000, 5432));
+    let to_gitlab = tcp(a4, ip("100.96.0.1"), (40001, 443));
+    assert_eq!(sim.send_from_client(&mut alice, &to_db).len(), 1);
+    assert_eq!(sim.send_from_client(&mut alice, &to_gitlab).len(), 1);
+    assert_eq!(sim.gateway.nat_flows(), 1);
+
+    sim.gateway.handle_portal(
+        PortalToGateway::Revoke {
+            grant_id: gitlab.grant.id.clone(),
+        },
+        sim.now,
+    );
+    assert!(sim.events().contains(&Event::Removed {
+        grant_id: gitlab.grant.id.clone(),
+        why: Removal::Revoked
+    }));
+    assert_eq!(sim.gateway.nat_flows(), 0);
+    assert!(sim.send_from_client(&mut alice, &to_gitlab).is_empty());
+    assert_eq!(
+        sim.send_to_client(&mut alice, &tcp(ip("172.16.0.5"), a4, (443, 40001))),
+        None
+    );
+    assert_eq!(
+        sim.send_from_client(&mut alice, &to_db).len(),
+        1,
+        "the other grant holds"
+    );
+
+    // The last grant expires on its own: the peer goes with it, and the session is dead.
+    sim.advance(Duration::from_secs(3599));
+    assert_eq!(sim.gateway.peer_count(), 1);
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(sim.gateway.peer_count(), 0);
+    assert!(sim.events().contains(&Event::Removed {
+        grant_id: db.grant.id.clone(),
+        why: Removal::Expired
+    }));
+    let before = sim.dropped(Drop::UnknownSession);
+    assert!(sim.send_from_client(&mut alice, &to_db).is_empty());
+    assert_eq!(sim.dropped(Drop::UnknownSession), before + 1);
+    assert_eq!(
+        sim.send_to_client(&mut alice, &tcp(ip("10.0.5.10"), a4, (5432, 40000))),
+        None
+    );
+    assert_eq!(
+        sim.gateway.poll_timeout(sim.now),
+        None,
+        "nothing left to time"
+    );
+}
+
+#[test]
+fn grants_that_do_not_verify_or_fit_are_refused_with_the_reason() {
+    let mut sim = Sim::new();
+    let alice = sim.client(2);
+    let mut forged = sim.grant(&alice, "10.0.5.10", &[]);
+    forged.grant.resource.address = "0.0.0.0/0".into();
+    let expired = sim.signed(&alice, "10.0.5.10", &[], None, 0);
+    let mut elsewhere = sim.grant(&alice, "10.0.5.10", &[]);
+    elsewhere.grant.gateway.id = "gw-2".into();
+    let elsewhere = elsewhere.grant.sign(&sim.portal);
+    let bad_filter = sim.grant(&alice, "10.0.5.10", &["sctp/9"]);
+    let impostor = {
+        // Another key claims alice's tunnel address.
+        let alice_grant = sim.grant(&alice, "10.0.5.10", &[]);
+        sim.install(&alice_grant);
+        let mallory = sim.client_with_key(2, [66; 32], [1; 32]);
+        sim.grant(&mallory, "10.0.5.10", &[])
+    };
+    let cases = [
+        (forged, "does not verify against the pinned portal key"),
+        (expired, "the grant expired at"),
+        (elsewhere, "addressed to another gateway"),
+        (bad_filter, "port filter `sctp/9`"),
+        (impostor, "belongs to another client key"),
+    ];
+    for (grant, expected) in cases {
+        match sim.send_grant(&grant).as_slice() {
+            [GatewayMessage::Refused { grant_id, reason }] => {
+                assert_eq!(grant_id, &grant.grant.id);
+                assert!(reason.contains(expected), "{reason} lacks {expected}");
+            }
+            other => panic!("expected a refusal with {expected}, got {other:?}"),
+        }
+    }
+    assert_eq!(sim.gateway.peer_count(), 1);
+
+    // Before `ready`, the gateway cannot tell whether a grant is its own.
+    let mut fresh = Gateway::new(
+        Config {
+            private_key: [9; 32],
+            portal_key: sim.portal.public_key(),
+            seed: 0,
+        },
+        sim.now,
+        START_UNIX * 1000,
+    );
+    let grant = sim.grant(&alice, "10.0.5.10", &[]);
+    fresh.handle_portal(
+        PortalToGateway::Grant {
+            grant: Box::new(grant),
+        },
+        sim.now,
+    );
+    assert!(matches!(
+        fresh.poll_event(),
+        Some(Event::ToPortal(GatewayMessage::Refused { .. }))
+    ));
+}
+
+#[test]
+fn a_gateway_that_comes_back_keeps_only_what_the_portal_still_holds() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let a4 = alice.v4;
+    let kept = sim.grant(&alice, "10.0.5.10", &[]);
+    let withdrawn = sim.grant(&alice, "10.0.5.11", &[]);
+    sim.install(&kept);
+    sim.install(&withdrawn);
+    assert_eq!(
+        sim.send_from_client(&mut alice, &tcp(a4, ip("10.0.5.11"), (1, 2)))
+            .len(),
+        1
+    );
+    sim.gateway.handle_portal(
+        PortalToGateway::Ready {
+            gateway_id: GATEWAY_ID.into(),
+            heartbeat_interval_ms: 10_000,
+            grants: vec![kept.grant.id.clone()],
+        },
+        sim.now,
+    );
+    assert!(sim.events().contains(&Event::Removed {
+        grant_id: withdrawn.grant.id.clone(),
+        why: Removal::NotInForce
+    }));
+    assert_eq!(sim.gateway.grants(), std::slice::from_ref(&kept.grant.id));
+    // The portal sends the kept one again: acknowledged again, nothing changes.
+    sim.install(&kept);
+    assert!(
+        sim.send_from_client(&mut alice, &tcp(a4, ip("10.0.5.11"), (1, 2)))
+            .is_empty()
+    );
+    assert_eq!(
+        sim.send_from_client(&mut alice, &tcp(a4, ip("10.0.5.10"), (1, 2)))
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_new_preshared_key_for_the_pair_replaces_the_peer() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let a4 = alice.v4;
+    let first = sim.grant(&alice, "10.0.5.10", &[]);
+    sim.install(&first);
+    let packet = tcp(a4, ip("10.0.5.10"), (1, 2));
+    assert_eq!(sim.send_from_client(&mut alice, &packet).len(), 1);
+    // All grants ended at the portal and a new one came with a new key: the old session
+    // stops, and a handshake with the new key works.
+    let mut renewed = sim.client_with_key(2, [2; 32], [55; 32]);
+    let second = sim.grant(&renewed, "10.0.5.10", &[]);
+    sim.install(&second);
+    assert!(sim.send_from_client(&mut alice, &packet).is_empty());
+    assert_eq!(sim.send_from_client(&mut renewed, &packet).len(), 1);
+}
+
+#[test]
+fn strangers_get_silence() {
+    let mut sim = Sim::new();
+    let alice = sim.client(2);
+    let grant = sim.grant(&alice, "10.0.5.10", &[]);
+    sim.install(&grant);
+    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    let stranger: SocketAddr = "192.0.2.66:5555".parse().unwrap();
+    // Junk, a data message for an index nobody has, and a handshake from an unknown key that
+    // knows the gateway's public key (so its MAC is right).
+    let mut data = vec![4, 0, 0, 0];
+    data.extend_from_slice(&0x00ab_cd00u32.to_le_bytes());
+    data.extend_from_slice(&[0; 40]);
+    let mut mallory = sim.client_with_key(9, [99; 32], [1; 32]);
+    let mut initiation = vec![0u8; MAX_DATAGRAM];
+    let TunnResult::WriteToNetwork(initiation) = mallory
+        .tunnel
+        .encapsulate(&tcp(mallory.v4, ip("10.0.5.10"), (1, 2)), &mut initiation)
+    else {
+        panic!()
+    };
+    let initiation = initiation.to_vec();
+    let mut bad_mac = initiation.clone();
+    bad_mac[120] ^= 1;
+    for (datagram, reason) in [
+        (b"GET / HTTP/1.1\r\n\r\n".to_vec(), Drop::NotWireGuard),
+        (data, Drop::UnknownSession),
+        (initiation, Drop::UnknownKey),
+        (bad_mac, Drop::BadMac),
+    ] {
+        assert!(
+            sim.gateway
+                .handle_network(stranger, &datagram, &mut buffer, sim.now)
+                .is_none()
+        );
+        assert_eq!(sim.dropped(reason), 1, "{reason:?}");
+        assert!(sim.gateway.poll_transmit().is_none());
+    }
+}
+
+mod never_panics {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A gateway with one client holding a DNS grant and an IP grant, its tunnel up, and
+    /// the last datagram the client sent (a real data message to mutate).
+    fn busy() -> (Sim, Client, Vec<u8>) {
+        let mut sim = Sim::new();
+        let mut alice = sim.client(2);
+        let db = sim.grant(&alice, "10.0.5.0/24", &["tcp/5432", "icmp"]);
+        sim.install(&db);
+        let gitlab = sim.dns_grant(
+            &alice,
+            "gitlab.company.com",
+            "gitlab.company.com",
+            &["100.96.0.1"],
+            &[],
+        );
+        sim.install_dns(&gitlab, &["172.16.0.5"]);
+        let packet = tcp(alice.v4, ip("100.96.0.1"), (40000, 443));
+        assert_eq!(sim.send_from_client(&mut alice, &packet).len(), 1);
+        let mut sealed = vec![0u8; MAX_DATAGRAM];
+        let TunnResult::WriteToNetwork(data) = alice.tunnel.encapsulate(&packet, &mut sealed)
+        else {
+            panic!()
+        };
+        let data = data.to_vec();
+        (sim, alice, data)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_datagram_is_taken_or_dropped(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
+            let (mut sim, alice, _) = busy();
+            let mut buffer = vec![0u8; MAX_DATAGRAM];
+            let _ = sim.gateway.handle_network(alice.address, &bytes, &mut buffer, sim.now);
+            while sim.gateway.poll_transmit().is_some() {}
+        }
+
+        #[test]
+        fn a_damaged_data_message_is_dropped(flips in proptest::collection::vec((0usize..200, 1u8..=255), 1..4)) {
+            let (mut sim, alice, mut data) = busy();
+            let len = data.len();
+            for (at, mask) in flips {
+                data[at % len] ^= mask;
+            }
+            let mut buffer = vec![0u8; MAX_DATAGRAM];
+            let out = sim.gateway.handle_network(alice.address, &data, &mut buffer, sim.now);
+            prop_assert!(!matches!(out, Some(Output::Tun(_))), "a damaged message got through");
+        }
+
+        #[test]
+        fn any_packet_from_the_site_is_taken_or_dropped(
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..1600),
+            to_client in any::<bool>(),
+        ) {
+            let (mut sim, alice, _) = busy();
+            if to_client && bytes.len() >= 20 {
+                // Aim at the client's address so that the NAT and filters read it.
+                bytes[0] = 0x45;
+                let IpAddr::V4(v4) = alice.v4 else { panic!() };
+                bytes[16..20].copy_from_slice(&v4.octets());
+            }
+            let mut buffer = vec![0u8; MAX_DATAGRAM];
+            let _ = sim.gateway.handle_tun(&mut bytes, &mut buffer, sim.now);
+        }
+
+        #[test]
+        fn any_portal_text_is_decoded_or_refused(text in ".{0,400}") {
+            // The driver decodes with fz-proto and hands the gateway only what decodes.
+            let (mut sim, _, _) = busy();
+            if let Ok(message) = fz_proto::decode::<PortalToGateway>(text.as_bytes()) {
+                sim.gateway.handle_portal(message, sim.now);
+            }
+        }
+
+        #[test]
+        fn any_grant_the_portal_signs_is_installed_or_refused(
+            address in prop_oneof![
+                Just("10.0.5.10".to_owned()), Just("internet".to_owned()), Just("::/0".to_owned()),
+                "[a-z0-9./:*-]{0,30}",
+            ],
+            filter in proptest::collection::vec("[a-z]{0,5}/?[0-9-]{0,12}", 0..4),
+            mapped in proptest::collection::vec(any::<[u8; 4]>(), 0..10),
+            name in "[a-z.*]{0,20}",
+            dns in any::<bool>(),
+        ) {
+            let (mut sim, alice, _) = busy();
+            let dns = dns.then(|| DnsMapping {
+                name,
+                mapped: mapped.into_iter().map(IpAddr::from).collect(),
+            });
+            let filter: Vec<&str> = filter.iter().map(String::as_str).collect();
+            let grant = sim.signed(&alice, &address, &filter, dns, 60);
+            sim.gateway.handle_portal(PortalToGateway::Grant { grant: Box::new(grant.clone()) }, sim.now);
+            let mut answers = Vec::new();
+            for event in sim.events() {
+                match event {
+                    Event::Resolve { name } => {
+                        let real = Resolved::Addresses(vec![ip("172.16.0.5")]);
+                        sim.gateway.handle_resolved(&name, real, sim.now);
+                        answers.extend(sim.said_to_portal());
+                    }
+                    Event::ToPortal(message) => answers.push(message),
+                    _ => {}
+                }
+            }
+            prop_assert_eq!(answers.len(), 1, "one answer per grant");
+        }
+    }
+}
