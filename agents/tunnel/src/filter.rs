@@ -45,10 +45,13 @@ pub enum Drop {
     NotFromResource,
     /// A packet for a client the gateway has not heard from, so it has nowhere to send it.
     NoEndpoint,
+    /// A datagram larger than the caller's buffer, or a packet from the site too large to
+    /// seal into one datagram (the TUN's MTU is above what the tunnel carries).
+    TooLarge,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 14] = [
+    pub const ALL: [Drop; 15] = [
         Drop::Malformed,
         Drop::NotFromClient,
         Drop::DestinationNotGranted,
@@ -63,6 +66,7 @@ impl Drop {
         Drop::NoClient,
         Drop::NotFromResource,
         Drop::NoEndpoint,
+        Drop::TooLarge,
     ];
 
     /// The reason as metrics and logs name it.
@@ -82,6 +86,7 @@ impl Drop {
             Drop::NoClient => "no_client",
             Drop::NotFromResource => "not_from_resource",
             Drop::NoEndpoint => "no_endpoint",
+            Drop::TooLarge => "too_large",
         }
     }
 }

@@ -38,9 +38,15 @@ use crate::peer::{Action, Gatekeeper, KeyPair, Peer, Rejected, Screened};
 /// How often WireGuard's timers run, as boringtun's own device does.
 const TIMER_TICK_MS: u64 = 250;
 
-/// The largest datagram the gateway sends: a 1420-byte packet plus WireGuard's 32 bytes,
-/// with room to spare; buffers passed in must be at least this long.
-pub const MAX_DATAGRAM: usize = 1500 + 32;
+/// The largest packet the tunnel carries: a 1500-byte underlay MTU allows 1420 (the default
+/// TUN MTU), and nothing larger than 1500 is ever sealed.
+pub const MAX_PACKET: usize = 1500;
+
+/// WireGuard's data message overhead: type, index, counter and tag.
+const WIREGUARD_OVERHEAD: usize = 32;
+
+/// The largest datagram the gateway sends; buffers passed in must be at least this long.
+pub const MAX_DATAGRAM: usize = MAX_PACKET + WIREGUARD_OVERHEAD;
 
 /// What the driver does with the answer to a datagram or packet.
 #[derive(Debug)]
@@ -254,6 +260,12 @@ impl Gateway {
         buffer: &'a mut [u8],
         now: Instant,
     ) -> Option<Output<'a>> {
+        // boringtun panics when a data message does not fit the buffer, before it checks
+        // the message is genuine: anyone could send one.
+        if datagram.len() > buffer.len() {
+            self.metrics.drop(Drop::TooLarge);
+            return None;
+        }
         let index = match self.gatekeeper.screen(from.ip(), datagram, buffer) {
             Screened::Initiation { initiator } => {
                 let Some(index) = self.peer_by_key.get(&PublicKey(initiator)) else {
@@ -314,6 +326,12 @@ impl Gateway {
         now: Instant,
     ) -> Option<Output<'a>> {
         let millis = self.millis(now);
+        // boringtun panics when the sealed packet does not fit; and packets queued for a
+        // handshake are sealed later into a MAX_DATAGRAM buffer.
+        if packet.len() > MAX_PACKET || packet.len() + WIREGUARD_OVERHEAD > buffer.len() {
+            self.metrics.drop(Drop::TooLarge);
+            return None;
+        }
         let Ok(parsed) = Packet::parse(packet) else {
             self.metrics.drop(Drop::Malformed);
             return None;

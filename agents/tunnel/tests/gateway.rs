@@ -974,6 +974,19 @@ mod never_panics {
         }
 
         #[test]
+        fn an_oversized_data_message_for_a_live_session_is_dropped(extra in 0usize..3000) {
+            // Its header names a real session; boringtun would panic on a buffer too small.
+            let (mut sim, alice, data) = busy();
+            let mut big = data.clone();
+            big.resize(MAX_DATAGRAM + 1 + extra, 0);
+            let mut buffer = vec![0u8; MAX_DATAGRAM];
+            prop_assert!(sim.gateway.handle_network(alice.address, &big, &mut buffer, sim.now).is_none());
+            prop_assert_eq!(sim.dropped(Drop::TooLarge), 1);
+            let mut huge = vec![0x45u8; MAX_DATAGRAM + extra];
+            let _ = sim.gateway.handle_tun(&mut huge, &mut buffer, sim.now);
+        }
+
+        #[test]
         fn a_damaged_data_message_is_dropped(flips in proptest::collection::vec((0usize..200, 1u8..=255), 1..4)) {
             let (mut sim, alice, mut data) = busy();
             let len = data.len();
