@@ -14,7 +14,11 @@
 //! its standard error. Name lookups fail with [`resolve::LookupFailure`] instead, because "no
 //! such name" is an answer the core acts on, not a fault of the host.
 
+pub mod config;
+pub mod driver;
 pub mod firewall;
+pub mod metrics;
+pub mod portal;
 pub mod resolve;
 pub mod tun;
 

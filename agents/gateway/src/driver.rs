@@ -1,0 +1,231 @@
+//! The event loop: one task that owns the core ([`fz_tunnel::gateway::Gateway`]), the UDP
+//! socket and the TUN device, and waits on a closed set of inputs ([`Input`]). After every
+//! input it drains the core's outputs in the core's order: datagrams, then events, then the
+//! next timeout.
+//!
+//! The portal link and name resolution run as tasks of their own and come back as inputs,
+//! so neither can hold up packets.
+
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use fz_proto::{GatewayMessage, PortalToGateway};
+use fz_tunnel::gateway::{self, Event, Gateway, Output, Resolved};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::firewall::{self, Masquerade};
+use crate::metrics::{self, Snapshot};
+use crate::portal::{self, LinkEvent};
+use crate::resolve::{LookupFailure, Resolver};
+use crate::tun::Tun;
+
+/// Buffers large enough for any datagram or packet the kernel hands over; the core drops
+/// what it cannot carry.
+const BUFFER: usize = 65_536;
+
+/// What the event loop waits for.
+#[derive(Debug)]
+enum Input {
+    Network(SocketAddr, usize),
+    Tun(usize),
+    Portal(LinkEvent),
+    Resolved(String, Resolved),
+    Timeout,
+    PublishMetrics,
+    Shutdown,
+}
+
+/// Runs the gateway until `shutdown` completes; everything it installed on the host is
+/// removed on the way out, also when it fails.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tun = Tun::create(&config.tun, config.mtu)?;
+    tun.add_client_routes()?;
+    firewall::enable_forwarding()?;
+    let masquerade = Masquerade::install(tun.name())?;
+    let outcome = serve(config, &tun, shutdown).await;
+    if let Err(error) = masquerade.remove() {
+        tracing::warn!(%error, "could not remove the masquerade");
+    }
+    outcome
+}
+
+async fn serve(
+    config: Config,
+    tun: &Tun,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let udp = UdpSocket::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let resolver = Resolver::from_system_conf()?;
+    let mut seed = [0u8; 4];
+    getrandom::fill(&mut seed).context("no randomness for peer indices")?;
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let mut core = Gateway::new(
+        gateway::Config {
+            private_key: config.private_key,
+            portal_key: config.portal_key,
+            seed: u32::from_le_bytes(seed),
+        },
+        Instant::now(),
+        unix_ms,
+    );
+    tracing::info!(
+        public_key = %core.public_key(),
+        listen = %config.listen,
+        tun = tun.name(),
+        "gateway up"
+    );
+    let hello = GatewayMessage::Hello {
+        public_key: core.public_key(),
+        endpoints: config.endpoints.clone(),
+    };
+    let (to_portal, mut from_portal) = portal::spawn(config.portal.clone(), hello)?;
+    let (snapshots, watching) = watch::channel(Snapshot::default());
+    if let Some(address) = config.metrics {
+        metrics::serve(address, watching)
+            .await
+            .with_context(|| format!("cannot serve metrics on {address}"))?;
+    }
+    let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel();
+    let mut publish = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut portal_connected = false;
+    let mut datagram = vec![0u8; BUFFER];
+    let mut packet = vec![0u8; BUFFER];
+    let mut sealed = vec![0u8; BUFFER];
+    tokio::pin!(shutdown);
+
+    loop {
+        let deadline = core.poll_timeout(Instant::now());
+        let input = tokio::select! {
+            received = udp.recv_from(&mut datagram) => match received {
+                Ok((length, from)) => Input::Network(from, length),
+                Err(error) => {
+                    // An ICMP error for an earlier send surfaces here; it is not fatal.
+                    tracing::debug!(%error, "UDP receive failed");
+                    continue;
+                }
+            },
+            read = tun.recv(&mut packet) => Input::Tun(read?),
+            event = from_portal.recv() => match event {
+                Some(event) => Input::Portal(event),
+                None => anyhow::bail!("the portal link stopped"),
+            },
+            Some((name, answer)) = resolved_rx.recv() => Input::Resolved(name, answer),
+            () = sleep_until(deadline) => Input::Timeout,
+            _ = publish.tick() => Input::PublishMetrics,
+            () = &mut shutdown => Input::Shutdown,
+        };
+        let now = Instant::now();
+        match input {
+            Input::Network(from, length) => {
+                let Some(received) = datagram.get(..length) else {
+                    continue;
+                };
+                match core.handle_network(from, received, &mut sealed, now) {
+                    Some(Output::Tun(bytes)) => tun.send(bytes).await?,
+                    Some(Output::Network(to, bytes)) => send(&udp, to, bytes).await,
+                    None => {}
+                }
+            }
+            Input::Tun(length) => {
+                let Some(read) = packet.get_mut(..length) else {
+                    continue;
+                };
+                match core.handle_tun(read, &mut sealed, now) {
+                    Some(Output::Network(to, bytes)) => send(&udp, to, bytes).await,
+                    Some(Output::Tun(_)) | None => {}
+                }
+            }
+            Input::Portal(LinkEvent::Message(message)) => {
+                if matches!(message, PortalToGateway::Ready { .. }) {
+                    portal_connected = true;
+                    tracing::info!("the portal says ready");
+                }
+                core.handle_portal(message, now);
+            }
+            Input::Portal(LinkEvent::Down(reason)) => {
+                portal_connected = false;
+                tracing::warn!(%reason, "portal away; tunnels keep forwarding until their grants expire");
+            }
+            Input::Portal(LinkEvent::Refused(reason)) => {
+                anyhow::bail!("{reason}");
+            }
+            Input::Resolved(name, answer) => core.handle_resolved(&name, answer, now),
+            Input::Timeout => core.handle_timeout(now),
+            Input::PublishMetrics => {
+                snapshots.send_replace(Snapshot::of(&core, portal_connected));
+            }
+            Input::Shutdown => {
+                tracing::info!("shutting down");
+                return Ok(());
+            }
+        }
+        while let Some(transmit) = core.poll_transmit() {
+            send(&udp, transmit.destination, &transmit.payload).await;
+        }
+        while let Some(event) = core.poll_event() {
+            act(event, &to_portal, &resolver, &resolved_tx);
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send(udp: &UdpSocket, to: SocketAddr, bytes: &[u8]) {
+    if let Err(error) = udp.send_to(bytes, to).await {
+        tracing::debug!(%error, "UDP send failed");
+    }
+}
+
+/// Carries out one of the core's events.
+fn act(
+    event: Event,
+    to_portal: &mpsc::UnboundedSender<GatewayMessage>,
+    resolver: &Resolver,
+    resolved: &mpsc::UnboundedSender<(String, Resolved)>,
+) {
+    match event {
+        Event::ToPortal(message) => {
+            // While the portal is away this goes nowhere; it sends grants again on return.
+            let _ = to_portal.send(message);
+        }
+        Event::Resolve { name } => {
+            let resolver = resolver.clone();
+            let resolved = resolved.clone();
+            tokio::spawn(async move {
+                let answer = match resolver.resolve(&name).await {
+                    Ok(addresses) => Resolved::Addresses(addresses),
+                    Err(LookupFailure::NoSuchName) => Resolved::NoSuchName,
+                    Err(LookupFailure::Failed(error)) => Resolved::Failed(error),
+                };
+                let _ = resolved.send((name, answer));
+            });
+        }
+        Event::Installed {
+            grant_id,
+            client_id,
+            resource_id,
+        } => {
+            tracing::info!(grant = %grant_id, client = %client_id, resource = %resource_id, "grant in force")
+        }
+        Event::Refused { grant_id, reason } => {
+            tracing::warn!(grant = %grant_id, %reason, "grant refused");
+        }
+        Event::Removed { grant_id, why } => {
+            tracing::info!(grant = %grant_id, why = why.as_str(), "grant removed");
+        }
+        Event::PortalError { message } => tracing::warn!(%message, "the portal reported an error"),
+    }
+}

@@ -1,0 +1,180 @@
+//! Prometheus metrics: the event loop publishes a [`Snapshot`] of the core's counters about
+//! once a second, and `GET /metrics` renders the latest one as text.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use fz_tunnel::Drop;
+use fz_tunnel::gateway::Gateway;
+use tokio::sync::watch;
+
+/// The counters and gauges as the event loop saw them last.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub dropped: Vec<(Drop, u64)>,
+    pub peers: usize,
+    pub grants: usize,
+    pub nat_flows: usize,
+    pub handshakes: u64,
+    pub bytes_from_clients: u64,
+    pub bytes_to_clients: u64,
+    pub packets_from_clients: u64,
+    pub packets_to_clients: u64,
+    pub portal_connected: bool,
+}
+
+impl Snapshot {
+    pub fn of(gateway: &Gateway, portal_connected: bool) -> Snapshot {
+        let metrics = gateway.metrics();
+        Snapshot {
+            dropped: Drop::ALL
+                .iter()
+                .map(|reason| (*reason, metrics.dropped(*reason)))
+                .collect(),
+            peers: gateway.peer_count(),
+            grants: gateway.grants().len(),
+            nat_flows: gateway.nat_flows(),
+            handshakes: metrics.handshakes,
+            bytes_from_clients: metrics.bytes_from_clients,
+            bytes_to_clients: metrics.bytes_to_clients,
+            packets_from_clients: metrics.packets_from_clients,
+            packets_to_clients: metrics.packets_to_clients,
+            portal_connected,
+        }
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP fz_gateway_dropped_packets_total Packets and datagrams dropped, by reason.\n\
+             # TYPE fz_gateway_dropped_packets_total counter"
+        );
+        for (reason, count) in &self.dropped {
+            let _ = writeln!(
+                out,
+                "fz_gateway_dropped_packets_total{{reason=\"{}\"}} {count}",
+                reason.as_str()
+            );
+        }
+        let families: [(&str, &str, &str, String); 9] = [
+            (
+                "peers",
+                "gauge",
+                "WireGuard peers (clients with a grant).",
+                self.peers.to_string(),
+            ),
+            (
+                "grants",
+                "gauge",
+                "Grants in force.",
+                self.grants.to_string(),
+            ),
+            (
+                "nat_flows",
+                "gauge",
+                "NAT flows to DNS resources.",
+                self.nat_flows.to_string(),
+            ),
+            (
+                "handshakes_total",
+                "counter",
+                "Handshakes answered.",
+                self.handshakes.to_string(),
+            ),
+            (
+                "bytes_from_clients_total",
+                "counter",
+                "IP bytes from clients to the site.",
+                self.bytes_from_clients.to_string(),
+            ),
+            (
+                "bytes_to_clients_total",
+                "counter",
+                "IP bytes from the site to clients.",
+                self.bytes_to_clients.to_string(),
+            ),
+            (
+                "packets_from_clients_total",
+                "counter",
+                "IP packets from clients to the site.",
+                self.packets_from_clients.to_string(),
+            ),
+            (
+                "packets_to_clients_total",
+                "counter",
+                "IP packets from the site to clients.",
+                self.packets_to_clients.to_string(),
+            ),
+            (
+                "portal_connected",
+                "gauge",
+                "1 while the portal connection is up.",
+                u8::from(self.portal_connected).to_string(),
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let _ = writeln!(
+                out,
+                "# HELP fz_gateway_{name} {help}\n# TYPE fz_gateway_{name} {kind}\nfz_gateway_{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `address` until the process ends.
+pub async fn serve(
+    address: SocketAddr,
+    snapshots: watch::Receiver<Snapshot>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(snapshots);
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn metrics(State(snapshots): State<watch::Receiver<Snapshot>>) -> impl IntoResponse {
+    let text = snapshots.borrow().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_reason_and_gauge() {
+        let snapshot = Snapshot {
+            dropped: vec![(Drop::UnknownKey, 3), (Drop::PortNotGranted, 0)],
+            peers: 2,
+            portal_connected: true,
+            ..Snapshot::default()
+        };
+        let text = snapshot.render();
+        for line in [
+            "fz_gateway_dropped_packets_total{reason=\"unknown_key\"} 3",
+            "fz_gateway_dropped_packets_total{reason=\"port_not_granted\"} 0",
+            "fz_gateway_peers 2",
+            "fz_gateway_portal_connected 1",
+            "# TYPE fz_gateway_handshakes_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The gateway's WebSocket to the portal: connect (ws or wss) with the gateway token, say
+//! `hello`, wait for `ready`, heartbeat at the interval the portal asks for, pass messages
+//! both ways, and when the connection drops, connect again with exponential backoff.
+//!
+//! It runs as its own task and speaks to the event loop through channels, so a slow or absent
+//! portal never holds up packets: tunnels keep forwarding while it is away.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use fz_proto::{GatewayMessage, PortalToGateway, decode, encode};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, Uri};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// The first wait after a failed connection, and the longest.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the portal has to answer `hello`.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the portal is and how to prove who we are.
+#[derive(Clone)]
+pub struct PortalConfig {
+    /// `ws://host:port` or `wss://host:port`, without a path.
+    pub url: String,
+    pub account: String,
+    /// The gateway token's secret.
+    pub token: String,
+    /// Extra CA certificates (PEM) to trust for wss, beside the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for PortalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortalConfig")
+            .field("url", &self.url)
+            .field("account", &self.account)
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the link tells the event loop.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A message from the portal; `ready` first on every connection.
+    Message(PortalToGateway),
+    /// The connection ended; the link connects again by itself.
+    Down(String),
+    /// The portal refused the token (401/403): no retry will help.
+    Refused(String),
+}
+
+/// Why the link cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("the portal URL `{0}` is not `ws://host[:port]` or `wss://host[:port]`")]
+    Url(String),
+    #[error("cannot read the CA file `{path}`: {message}")]
+    CaFile { path: PathBuf, message: String },
+}
+
+/// Starts the link. Messages sent on the returned sender go to the portal while connected
+/// and are dropped while not (the portal sends grants again on reconnect, and the gateway
+/// answers them again). `hello` is said on every connection.
+pub fn spawn(
+    config: PortalConfig,
+    hello: GatewayMessage,
+) -> Result<
+    (
+        mpsc::UnboundedSender<GatewayMessage>,
+        mpsc::Receiver<LinkEvent>,
+    ),
+    LinkError,
+> {
+    let target = Target::parse(&config)?;
+    let (to_portal, outgoing) = mpsc::unbounded_channel();
+    let (events, from_portal) = mpsc::channel(256);
+    tokio::spawn(run(target, config.token, hello, outgoing, events));
+    Ok((to_portal, from_portal))
+}
+
+/// A parsed portal address.
+struct Target {
+    request_url: String,
+    host: String,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Target {
+    fn parse(config: &PortalConfig) -> Result<Target, LinkError> {
+        let bad = || LinkError::Url(config.url.clone());
+        let uri: Uri = config.url.parse().map_err(|_| bad())?;
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(bad()),
+        };
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(bad());
+        }
+        let host = uri.host().ok_or_else(bad)?.to_owned();
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let tls = secure
+            .then(|| tls_config(config.ca_file.as_ref()))
+            .transpose()?;
+        let base = config.url.trim_end_matches('/');
+        Ok(Target {
+            request_url: format!("{base}/api/{}/gateway", config.account),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            tls,
+        })
+    }
+}
+
+fn tls_config(ca_file: Option<&PathBuf>) -> Result<Arc<rustls::ClientConfig>, LinkError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let system = rustls_native_certs::load_native_certs();
+    for error in &system.errors {
+        tracing::debug!(%error, "a system CA certificate could not be read");
+    }
+    roots.add_parsable_certificates(system.certs);
+    if let Some(path) = ca_file {
+        let ca_error = |message: String| LinkError::CaFile {
+            path: path.clone(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| ca_error(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_error("no certificate in it".to_owned()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| ca_error(e.to_string()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| LinkError::CaFile {
+        path: PathBuf::new(),
+        message: e.to_string(),
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A connected WebSocket, over TLS or not. Made once per connection, so its size does not
+/// matter.
+#[allow(clippy::large_enum_variant)]
+enum Connected {
+    Plain(WebSocketStream<TcpStream>),
+    Tls(WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// How one connection ended.
+enum Ended {
+    /// Connect again after a backoff.
+    Retry(String),
+    /// The token is refused; stop.
+    Refused(String),
+    /// The event loop is gone.
+    Stop,
+}
+
+async fn run(
+    target: Target,
+    token: String,
+    hello: GatewayMessage,
+    mut outgoing: mpsc::UnboundedReceiver<GatewayMessage>,
+    events: mpsc::Sender<LinkEvent>,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let ended = match connect(&target, &token).await {
+            Ok(connected) => {
+                tracing::info!(portal = %target.request_url, "connected to the portal");
+                match connected {
+                    Connected::Plain(socket) => {
+                        session(socket, &hello, &mut outgoing, &events, &mut backoff).await
+                    }
+                    Connected::Tls(socket) => {
+                        session(socket, &hello, &mut outgoing, &events, &mut backoff).await
+                    }
+                }
+            }
+            Err(ended) => ended,
+        };
+        match ended {
+            Ended::Retry(reason) => {
+                tracing::warn!(%reason, retry_in_ms = backoff.as_millis() as u64, "portal connection down");
+                if events.send(LinkEvent::Down(reason)).await.is_err() {
+                    return;
+                }
+            }
+            Ended::Refused(reason) => {
+                let _ = events.send(LinkEvent::Refused(reason)).await;
+                return;
+            }
+            Ended::Stop => return,
+        }
+        // Messages queued while down would answer a connection that no longer exists.
+        while outgoing.try_recv().is_ok() {}
+        tokio::time::sleep(jittered(backoff)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Between half and all of `backoff`, so that gateways that lost the portal together do not
+/// all come back in the same instant.
+fn jittered(backoff: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let fraction = match getrandom::fill(&mut byte) {
+        Ok(()) => 0.5 + f64::from(byte[0]) / 510.0,
+        Err(_) => 1.0,
+    };
+    backoff.mul_f64(fraction)
+}
+
+async fn connect(target: &Target, token: &str) -> Result<Connected, Ended> {
+    let mut request = target
+        .request_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Ended::Retry(e.to_string()))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| Ended::Refused("the token has characters a header cannot carry".into()))?;
+    request.headers_mut().insert("authorization", bearer);
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| Ended::Retry(format!("cannot reach {}:{}: {e}", target.host, target.port)))?;
+    let _ = tcp.set_nodelay(true);
+    match &target.tls {
+        None => handshake(request, tcp).await.map(Connected::Plain),
+        Some(config) => {
+            let name = ServerName::try_from(target.host.clone())
+                .map_err(|e| Ended::Refused(format!("`{}`: {e}", target.host)))?;
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| Ended::Retry(format!("TLS with the portal failed: {e}")))?;
+            handshake(request, tls).await.map(Connected::Tls)
+        }
+    }
+}
+
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    request: tungstenite::handshake::client::Request,
+    stream: S,
+) -> Result<WebSocketStream<S>, Ended> {
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tungstenite::Error::Http(response))
+            if matches!(
+                response.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+            ) =>
+        {
+            let body = response
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default()
+                .into_owned();
+            Err(Ended::Refused(format!(
+                "the portal refused the gateway token ({}): {body}",
+                response.status()
+            )))
+        }
+        Err(error) => Err(Ended::Retry(format!("WebSocket handshake failed: {error}"))),
+    }
+}
+
+/// One connection: hello, ready, then messages both ways and heartbeats until it ends.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: WebSocketStream<S>,
+    hello: &GatewayMessage,
+    outgoing: &mut mpsc::UnboundedReceiver<GatewayMessage>,
+    events: &mpsc::Sender<LinkEvent>,
+    backoff: &mut Duration,
+) -> Ended {
+    if let Err(error) = socket.send(Message::Text(encode(hello).into())).await {
+        return Ended::Retry(format!("cannot say hello: {error}"));
+    }
+    let ready = match tokio::time::timeout(READY_TIMEOUT, next_message(&mut socket)).await {
+        Ok(Ok(ready @ PortalToGateway::Ready { .. })) => ready,
+        Ok(Ok(PortalToGateway::Error { message })) => {
+            return Ended::Retry(format!("the portal refused hello: {message}"));
+        }
+        Ok(Ok(other)) => return Ended::Retry(format!("expected ready, got {other:?}")),
+        Ok(Err(reason)) => return Ended::Retry(reason),
+        Err(_) => return Ended::Retry("the portal did not answer hello".to_owned()),
+    };
+    let PortalToGateway::Ready {
+        heartbeat_interval_ms,
+        ..
+    } = &ready
+    else {
+        return Ended::Retry("expected ready".to_owned());
+    };
+    let mut heartbeat =
+        tokio::time::interval(Duration::from_millis((*heartbeat_interval_ms).max(100)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if events.send(LinkEvent::Message(ready)).await.is_err() {
+        return Ended::Stop;
+    }
+    // A connection that got as far as `ready` counts as healthy: the next failure starts
+    // the backoff afresh.
+    *backoff = FIRST_BACKOFF;
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                if let Err(error) = socket.send(Message::Text(encode(&GatewayMessage::Heartbeat).into())).await {
+                    return Ended::Retry(format!("cannot send a heartbeat: {error}"));
+                }
+            }
+            message = outgoing.recv() => {
+                let Some(message) = message else { return Ended::Stop };
+                if let Err(error) = socket.send(Message::Text(encode(&message).into())).await {
+                    return Ended::Retry(format!("cannot send to the portal: {error}"));
+                }
+            }
+            incoming = next_message(&mut socket) => match incoming {
+                Ok(message) => {
+                    if events.send(LinkEvent::Message(message)).await.is_err() {
+                        return Ended::Stop;
+                    }
+                }
+                Err(reason) => return Ended::Retry(reason),
+            },
+        }
+    }
+}
+
+/// The next message from the portal; a message that does not decode is logged and skipped
+/// (the portal is trusted, but a newer one may say things this build does not know).
+async fn next_message<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+) -> Result<PortalToGateway, String> {
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => match decode::<PortalToGateway>(text.as_bytes()) {
+                Ok(message) => return Ok(message),
+                Err(error) => {
+                    tracing::warn!(%error, "a message from the portal was not understood")
+                }
+            },
+            Some(Ok(Message::Close(frame))) => {
+                return Err(match frame {
+                    Some(frame) => format!("the portal closed the connection: {}", frame.reason),
+                    None => "the portal closed the connection".to_owned(),
+                });
+            }
+            Some(Ok(_)) => {}
+            Some(Err(error)) => return Err(format!("the connection failed: {error}")),
+            None => return Err("the portal closed the connection".to_owned()),
+        }
+    }
+}
