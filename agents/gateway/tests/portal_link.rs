@@ -1,0 +1,160 @@
+//! The gateway's portal link against a WebSocket server on loopback: it says hello with the
+//! bearer token, passes `ready` and later messages on, heartbeats, sends what it is given,
+//! comes back after the server drops it, and gives up only when the token is refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use fz_gateway::portal::{self, LinkEvent, PortalConfig};
+use fz_proto::{GatewayMessage, PortalToGateway, PublicKey, decode, encode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+
+const TOKEN: &str = "fzt_secret";
+
+fn config(port: u16) -> PortalConfig {
+    PortalConfig {
+        url: format!("ws://127.0.0.1:{port}"),
+        account: "acme".into(),
+        token: TOKEN.into(),
+        ca_file: None,
+    }
+}
+
+fn hello() -> GatewayMessage {
+    GatewayMessage::Hello {
+        public_key: PublicKey([5; 32]),
+        endpoints: vec!["203.0.113.1:51820".parse().unwrap()],
+    }
+}
+
+fn ready(interval_ms: u64) -> PortalToGateway {
+    PortalToGateway::Ready {
+        gateway_id: "gw-1".into(),
+        heartbeat_interval_ms: interval_ms,
+        grants: vec![],
+    }
+}
+
+/// Accepts one WebSocket whose request is for acme's gateway socket with the right token;
+/// answers 401 otherwise.
+async fn accept(listener: &TcpListener) -> Option<WebSocketStream<TcpStream>> {
+    let (tcp, _) = listener.accept().await.unwrap();
+    #[allow(clippy::result_large_err)] // tungstenite's callback signature
+    let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        let authorised = request.uri().path() == "/api/acme/gateway"
+            && request
+                .headers()
+                .get("authorization")
+                .is_some_and(|v| v == format!("Bearer {TOKEN}").as_str());
+        if authorised {
+            Ok(response)
+        } else {
+            let mut refusal = ErrorResponse::new(Some("unknown token".into()));
+            *refusal.status_mut() = StatusCode::UNAUTHORIZED;
+            Err(refusal)
+        }
+    };
+    tokio_tungstenite::accept_hdr_async(tcp, check).await.ok()
+}
+
+async fn receive(socket: &mut WebSocketStream<TcpStream>) -> GatewayMessage {
+    loop {
+        match socket.next().await.unwrap().unwrap() {
+            Message::Text(text) => return decode(text.as_bytes()).unwrap(),
+            _ => continue,
+        }
+    }
+}
+
+async fn say(socket: &mut WebSocketStream<TcpStream>, message: &PortalToGateway) {
+    socket
+        .send(Message::Text(encode(message).into()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_link_says_hello_heartbeats_passes_messages_and_comes_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (to_portal, mut events) = portal::spawn(config(port), hello()).unwrap();
+
+    let mut socket = accept(&listener).await.unwrap();
+    assert_eq!(receive(&mut socket).await, hello());
+    say(&mut socket, &ready(100)).await;
+    match events.recv().await.unwrap() {
+        LinkEvent::Message(message) => assert_eq!(message, ready(100)),
+        other => panic!("expected ready, got {other:?}"),
+    }
+    // Heartbeats at the interval the portal asked for, and what the loop sends goes out.
+    assert_eq!(receive(&mut socket).await, GatewayMessage::Heartbeat);
+    let ack = GatewayMessage::Ack {
+        grant_id: "gr-1".into(),
+        resolved: None,
+    };
+    to_portal.send(ack.clone()).unwrap();
+    loop {
+        match receive(&mut socket).await {
+            GatewayMessage::Heartbeat => continue,
+            message => {
+                assert_eq!(message, ack);
+                break;
+            }
+        }
+    }
+    let revoke = PortalToGateway::Revoke {
+        grant_id: "gr-1".into(),
+    };
+    say(&mut socket, &revoke).await;
+    match events.recv().await.unwrap() {
+        LinkEvent::Message(message) => assert_eq!(message, revoke),
+        other => panic!("expected the revocation, got {other:?}"),
+    }
+
+    // The portal goes away: the loop hears of it, and the link comes back by itself with a
+    // new hello.
+    drop(socket);
+    assert!(matches!(events.recv().await.unwrap(), LinkEvent::Down(_)));
+    let mut socket = accept(&listener).await.unwrap();
+    assert_eq!(receive(&mut socket).await, hello());
+    say(&mut socket, &ready(10_000)).await;
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        LinkEvent::Message(PortalToGateway::Ready { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_refused_token_stops_the_link() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut wrong = config(port);
+    wrong.token = "fzt_revoked".into();
+    let (_to_portal, mut events) = portal::spawn(wrong, hello()).unwrap();
+    assert!(accept(&listener).await.is_none());
+    match events.recv().await.unwrap() {
+        LinkEvent::Refused(reason) => {
+            assert!(reason.contains("401"), "{reason}");
+            assert!(reason.contains("unknown token"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The link has stopped: its channel closes.
+    assert!(events.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn a_bad_portal_url_is_an_error_before_anything_starts() {
+    for url in ["http://portal:80", "ws://portal:80/api", "portal", "wss://"] {
+        let mut bad = config(1);
+        bad.url = url.into();
+        let error = portal::spawn(bad, hello()).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!("the portal URL `{url}` is not `ws://host[:port]` or `wss://host[:port]`")
+        );
+    }
+}
