@@ -221,7 +221,9 @@ fn act(
             tracing::info!(grant = %grant_id, client = %client_id, resource = %resource_id, "grant in force")
         }
         Event::Refused { grant_id, reason } => {
-            tracing::warn!(grant = %grant_id, %reason, "grant refused");
+            // The reason may quote a name or an address; the portal's flow log has it too.
+            tracing::warn!(grant = %grant_id, "grant refused; the portal was told why");
+            tracing::debug!(grant = %grant_id, %reason, "why the grant was refused");
         }
         Event::Removed { grant_id, why } => {
             tracing::info!(grant = %grant_id, why = why.as_str(), "grant removed");
