@@ -196,6 +196,8 @@ pub struct Gateway {
     next_tick: Option<Instant>,
     last_rate_reset: Instant,
     transmits: VecDeque<Transmit>,
+    /// Peers that completed a handshake and may hold packets queued meanwhile.
+    flushing: Vec<u32>,
     events: VecDeque<Event>,
     metrics: Metrics,
 }
@@ -218,6 +220,7 @@ impl Gateway {
             next_tick: None,
             last_rate_reset: now,
             transmits: VecDeque::new(),
+            flushing: Vec::new(),
             events: VecDeque::new(),
             metrics: Metrics::default(),
         }
@@ -298,7 +301,13 @@ impl Gateway {
         };
         match peer.wireguard.decapsulate(from, datagram, buffer) {
             Action::Nothing => None,
-            Action::Send(bytes) => Some(Output::Network(from, bytes)),
+            Action::Send(bytes) => {
+                // A handshake answered: packets may have queued while it was under way.
+                if !self.flushing.contains(&index) {
+                    self.flushing.push(index);
+                }
+                Some(Output::Network(from, bytes))
+            }
             Action::Refused => {
                 self.metrics.drop(Drop::Decryption);
                 None
@@ -481,15 +490,20 @@ impl Gateway {
             return Some(transmit);
         }
         let mut buffer = [0u8; MAX_DATAGRAM];
-        for peer in self.peers.values_mut() {
-            let Some(destination) = peer.wireguard.endpoint() else {
-                continue;
-            };
-            if let Some(bytes) = peer.wireguard.next_queued(&mut buffer) {
-                return Some(Transmit {
+        while let Some(index) = self.flushing.last().copied() {
+            let queued = self.peers.get_mut(&index).and_then(|peer| {
+                let destination = peer.wireguard.endpoint()?;
+                let bytes = peer.wireguard.next_queued(&mut buffer)?;
+                Some(Transmit {
                     destination,
                     payload: bytes.to_vec(),
-                });
+                })
+            });
+            match queued {
+                Some(transmit) => return Some(transmit),
+                None => {
+                    self.flushing.pop();
+                }
             }
         }
         None
