@@ -123,6 +123,9 @@ async fn serve(
             () = &mut shutdown => Input::Shutdown,
         };
         let now = Instant::now();
+        // Anything but a packet may change grants, peers or the portal's state: metrics show
+        // it at once rather than at the next second.
+        let control = !matches!(input, Input::Network(..) | Input::Tun(_));
         match input {
             Input::Network(from, length) => {
                 let Some(received) = datagram.get(..length) else {
@@ -159,9 +162,7 @@ async fn serve(
             }
             Input::Resolved(name, answer) => core.handle_resolved(&name, answer, now),
             Input::Timeout => core.handle_timeout(now),
-            Input::PublishMetrics => {
-                snapshots.send_replace(Snapshot::of(&core, portal_connected));
-            }
+            Input::PublishMetrics => {}
             Input::Shutdown => {
                 tracing::info!("shutting down");
                 return Ok(());
@@ -172,6 +173,9 @@ async fn serve(
         }
         while let Some(event) = core.poll_event() {
             act(event, &to_portal, &resolver, &resolved_tx);
+        }
+        if control {
+            snapshots.send_replace(Snapshot::of(&core, portal_connected));
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Prometheus metrics: the event loop publishes a [`Snapshot`] of the core's counters about
-//! once a second, and `GET /metrics` renders the latest one as text.
+//! Prometheus metrics: the event loop publishes a [`Snapshot`] of the core's counters after
+//! every change to grants, peers or the portal link and once a second for the packet counters;
+//! `GET /metrics` renders the latest one as text.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -37,7 +38,7 @@ impl Snapshot {
                 .map(|reason| (*reason, metrics.dropped(*reason)))
                 .collect(),
             peers: gateway.peer_count(),
-            grants: gateway.grants().len(),
+            grants: gateway.grant_count(),
             nat_flows: gateway.nat_flows(),
             handshakes: metrics.handshakes,
             bytes_from_clients: metrics.bytes_from_clients,

@@ -11,17 +11,18 @@
 //! 2001:db8::/32.
 //!
 //! Without root each test prints `SKIPPED (needs root): <test> — <why>` and leaves a marker in
-//! `<target>/fz-root-skips/<test>`, so a CI that means to run them can see they did not.
+//! `<target>/fz-root-skips/<test>`, so a CI that means to run them can see they did not
+//! (`support`).
+
+mod support;
 
 use std::future::Future;
-use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use fz_gateway::firewall::{self, Masquerade};
-use fz_gateway::tun::{self, Cidr, Tun};
+use fz_gateway::tun::{self, Tun};
+use support::{cidr, ip, nft, skip};
 use tokio::net::UdpSocket;
 
 const TUN_V4: &str = "198.18.0.1/24";
@@ -240,12 +241,9 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    if let Some(why) = not_root() {
-        skip(test, &why);
+    if !support::may_run_as_root(test) {
         return;
     }
-    // A marker from an earlier run without root would say this test was skipped; it is not.
-    let _ = std::fs::remove_file(marker(test));
     let outcome = std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -266,65 +264,10 @@ where
     }
 }
 
-fn not_root() -> Option<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    // /proc/self belongs to the process's effective user.
-    match std::fs::metadata("/proc/self") {
-        Ok(meta) if meta.uid() == 0 => None,
-        Ok(meta) => Some(format!("running as uid {}, not root", meta.uid())),
-        Err(error) => Some(format!("cannot tell who we are from /proc/self: {error}")),
-    }
-}
-
-fn skip(test: &str, why: &str) {
-    // Straight to the process's stderr, past libtest's capture, so a passing run shows it too.
-    let _ = writeln!(std::io::stderr(), "SKIPPED (needs root): {test} — {why}");
-    let marker = marker(test);
-    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
-    std::fs::write(marker, format!("{why}\n")).unwrap();
-}
-
-fn marker(test: &str) -> PathBuf {
-    target_dir().join("fz-root-skips").join(test)
-}
-
-/// `CARGO_TARGET_DIR` when set (relative to the workspace root, as cargo reads it from there
-/// in this workspace), else the workspace's `target/`.
-fn target_dir() -> PathBuf {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => workspace.join(dir),
-        None => workspace.join("target"),
-    }
-}
-
 /// A device name unique to this test process, so that runs never meet even outside a
 /// namespace: `fzt<pid % 10000><letter>`.
 fn tun_name(letter: char) -> String {
     format!("fzt{}{letter}", std::process::id() % 10_000)
-}
-
-fn cidr(text: &str) -> Cidr {
-    let (address, len) = text.split_once('/').unwrap();
-    Cidr::new(address.parse().unwrap(), len.parse().unwrap()).unwrap()
-}
-
-fn ip(args: &[&str]) -> Result<String, String> {
-    run("ip", args)
-}
-
-fn nft(args: &[&str]) -> Result<String, String> {
-    run("nft", args)
-}
-
-fn run(program: &str, args: &[&str]) -> Result<String, String> {
-    let output = Command::new(program).args(args).output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    if output.status.success() {
-        Ok(stdout)
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
 }
 
 /// A bound on waiting, so a lost packet fails the test instead of hanging it. Not a sleep:

@@ -110,9 +110,13 @@ impl FromStr for PortalPublicKey {
     type Err = KeyError;
     fn from_str(text: &str) -> Result<Self, KeyError> {
         let bytes = decode_32(text)?;
-        VerifyingKey::from_bytes(&bytes)
-            .map(PortalPublicKey)
-            .map_err(|_| KeyError::NotOnCurve(text.to_owned()))
+        let key =
+            VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::NotOnCurve(text.to_owned()))?;
+        // A key of small order verifies no strict signature: pinning one is a mistake.
+        if key.is_weak() {
+            return Err(KeyError::NotOnCurve(text.to_owned()));
+        }
+        Ok(PortalPublicKey(key))
     }
 }
 
@@ -164,5 +168,16 @@ mod tests {
     fn the_pinned_key_parses_back() {
         let public = PortalSigningKey::from_seed([3; 32]).public_key();
         assert_eq!(public.to_string().parse::<PortalPublicKey>(), Ok(public));
+    }
+
+    #[test]
+    fn a_weak_portal_key_cannot_be_pinned() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = STANDARD.encode(identity);
+        assert_eq!(
+            weak.parse::<PortalPublicKey>().unwrap_err().to_string(),
+            format!("`{weak}` is not a valid Ed25519 public key")
+        );
     }
 }

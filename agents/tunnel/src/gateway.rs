@@ -240,6 +240,10 @@ impl Gateway {
         self.peers.len()
     }
 
+    pub fn grant_count(&self) -> usize {
+        self.installed.len()
+    }
+
     /// Ids of the grants in force, sorted.
     pub fn grants(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.installed.keys().cloned().collect();

@@ -1,0 +1,87 @@
+//! What the root tests (`root.rs`, `netns.rs`) share: skipping loudly without root, and running
+//! iproute2's `ip` and nftables' `nft`.
+//!
+//! Without root a test prints `SKIPPED (needs root): <test> — <why>` and leaves a marker in
+//! `<target>/fz-root-skips/<test>`; `.ci/run` fails when any marker is there, so a CI that means
+//! to run these tests can see they did not.
+
+// Each test file compiles this module on its own and uses part of it.
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+
+use fz_gateway::tun::Cidr;
+
+/// Why this process cannot run root tests, if it cannot.
+pub fn not_root() -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective user.
+    match std::fs::metadata("/proc/self") {
+        Ok(meta) if meta.uid() == 0 => None,
+        Ok(meta) => Some(format!("running as uid {}, not root", meta.uid())),
+        Err(error) => Some(format!("cannot tell who we are from /proc/self: {error}")),
+    }
+}
+
+/// `true` when `test` may run as root; otherwise the skip is reported and marked. A marker
+/// left by an earlier run without root is removed, since this run does not skip.
+pub fn may_run_as_root(test: &str) -> bool {
+    if let Some(why) = not_root() {
+        skip(test, &why);
+        return false;
+    }
+    let _ = std::fs::remove_file(marker(test));
+    true
+}
+
+/// Reports and marks a skipped root test.
+pub fn skip(test: &str, why: &str) {
+    // Straight to the process's stderr, past libtest's capture, so a passing run shows it too.
+    let _ = writeln!(std::io::stderr(), "SKIPPED (needs root): {test} — {why}");
+    let marker = marker(test);
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    std::fs::write(marker, format!("{why}\n")).unwrap();
+}
+
+pub fn marker(test: &str) -> PathBuf {
+    target_dir().join("fz-root-skips").join(test)
+}
+
+/// `CARGO_TARGET_DIR` when set (relative to the workspace root, as cargo reads it from there
+/// in this workspace), else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace.join(dir),
+        None => workspace.join("target"),
+    }
+}
+
+pub fn cidr(text: &str) -> Cidr {
+    let (address, len) = text.split_once('/').unwrap();
+    Cidr::new(address.parse().unwrap(), len.parse().unwrap()).unwrap()
+}
+
+pub fn ip(args: &[&str]) -> Result<String, String> {
+    run("ip", args)
+}
+
+pub fn nft(args: &[&str]) -> Result<String, String> {
+    run("nft", args)
+}
+
+/// Runs `program args…` and gives its standard output, or its standard error when it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run `{program}`: {error}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
