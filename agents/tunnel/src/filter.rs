@@ -48,10 +48,12 @@ pub enum Drop {
     /// A datagram larger than the caller's buffer, or a packet from the site too large to
     /// seal into one datagram (the TUN's MTU is above what the tunnel carries).
     TooLarge,
+    /// A new flow to a DNS resource from a client that has `nat::MAX_FLOWS` already.
+    TooManyFlows,
 }
 
 impl Drop {
-    pub const ALL: [Drop; 15] = [
+    pub const ALL: [Drop; 16] = [
         Drop::Malformed,
         Drop::NotFromClient,
         Drop::DestinationNotGranted,
@@ -67,6 +69,7 @@ impl Drop {
         Drop::NotFromResource,
         Drop::NoEndpoint,
         Drop::TooLarge,
+        Drop::TooManyFlows,
     ];
 
     /// The reason as metrics and logs name it.
@@ -87,6 +90,7 @@ impl Drop {
             Drop::NotFromResource => "not_from_resource",
             Drop::NoEndpoint => "no_endpoint",
             Drop::TooLarge => "too_large",
+            Drop::TooManyFlows => "too_many_flows",
         }
     }
 }

@@ -25,13 +25,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use foldhash::fast::RandomState;
 use fz_proto::{
     GatewayMessage, Grant, Identity, PortalPublicKey, PortalToGateway, PublicKey, Resolution,
     SignedGrant, UnixTime,
 };
 
 use crate::filter::{Drop, GrantFilter};
-use crate::nat::{Millis, Nat};
+use crate::nat::{Millis, Nat, NatError};
 use crate::packet::Packet;
 use crate::peer::{Action, Gatekeeper, KeyPair, Peer, Rejected, Screened};
 
@@ -186,9 +187,10 @@ pub struct Gateway {
     /// The driver's clock at start, and the wall clock then, in milliseconds.
     started: Instant,
     started_unix_ms: u64,
-    peers: HashMap<u32, ClientPeer>,
-    peer_by_key: HashMap<PublicKey, u32>,
-    peer_by_address: HashMap<IpAddr, u32>,
+    // The packet path looks these up for every packet: a fast hasher, randomly seeded.
+    peers: HashMap<u32, ClientPeer, RandomState>,
+    peer_by_key: HashMap<PublicKey, u32, RandomState>,
+    peer_by_address: HashMap<IpAddr, u32, RandomState>,
     installed: HashMap<String, Installed>,
     /// Verified DNS grants waiting for their name to resolve, by name.
     resolving: HashMap<String, Vec<SignedGrant>>,
@@ -211,9 +213,9 @@ impl Gateway {
             gateway_id: None,
             started: now,
             started_unix_ms: unix_ms,
-            peers: HashMap::new(),
-            peer_by_key: HashMap::new(),
-            peer_by_address: HashMap::new(),
+            peers: HashMap::default(),
+            peer_by_key: HashMap::default(),
+            peer_by_address: HashMap::default(),
             installed: HashMap::new(),
             resolving: HashMap::new(),
             next_index: config.seed & INDEX_MASK,
@@ -776,11 +778,12 @@ impl ClientPeer {
             match grant.filter.check(&parsed) {
                 Ok(()) if grant.mapped.is_empty() => return Ok(()),
                 Ok(()) => {
-                    return self
-                        .nat
-                        .outbound(packet, millis)
-                        .map(|_| ())
-                        .map_err(|_| Drop::Unresolved);
+                    return self.nat.outbound(packet, millis).map(|_| ()).map_err(
+                        |error| match error {
+                            NatError::Full => Drop::TooManyFlows,
+                            _ => Drop::Unresolved,
+                        },
+                    );
                 }
                 Err(drop) => reason = reason.max(drop),
             }

@@ -14,6 +14,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
+use foldhash::fast::RandomState;
+
 /// Milliseconds since an arbitrary start, as the driver's clock reads.
 pub type Millis = u64;
 
@@ -21,6 +23,10 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
+
+/// The most flows one NAT (one client) keeps: enough for any real workload, and a bound on
+/// what a client can make the gateway remember.
+pub const MAX_FLOWS: usize = 65_536;
 
 /// How long a flow lives without packets.
 pub fn idle_timeout(protocol: u8) -> Millis {
@@ -59,15 +65,17 @@ pub enum NatError {
     Unresolved,
     #[error("no flow of this NAT answers to the packet")]
     NoFlow,
+    #[error("the client has as many flows as one client may")]
+    Full,
 }
 
 /// The NAT of one gateway.
 #[derive(Debug, Default)]
 pub struct Nat {
     /// Real addresses per mapped address, and where the round robin stands.
-    targets: HashMap<IpAddr, (Vec<IpAddr>, usize)>,
-    outbound: HashMap<FlowKey, Flow>,
-    replies: HashMap<FlowKey, FlowKey>,
+    targets: HashMap<IpAddr, (Vec<IpAddr>, usize), RandomState>,
+    outbound: HashMap<FlowKey, Flow, RandomState>,
+    replies: HashMap<FlowKey, FlowKey, RandomState>,
 }
 
 impl Nat {
@@ -100,7 +108,20 @@ impl Nat {
                 flow.last_seen = now;
                 flow.real
             }
-            _ => {
+            stale => {
+                if let Some(old) = stale {
+                    // An idle flow comes back: its old real address answers it no more.
+                    let old_reply = FlowKey {
+                        peer: old.real,
+                        ..key
+                    };
+                    self.replies.remove(&old_reply);
+                } else if self.outbound.len() >= MAX_FLOWS {
+                    self.expire(now);
+                    if self.outbound.len() >= MAX_FLOWS {
+                        return Err(NatError::Full);
+                    }
+                }
                 let (reals, next) = self
                     .targets
                     .get_mut(&view.destination)
@@ -146,7 +167,9 @@ impl Nat {
             .outbound
             .get_mut(&outbound_key)
             .ok_or(NatError::NoFlow)?;
-        if now.saturating_sub(flow.last_seen) >= idle_timeout(key.protocol) {
+        if now.saturating_sub(flow.last_seen) >= idle_timeout(key.protocol)
+            || flow.real != view.source
+        {
             return Err(NatError::NoFlow);
         }
         flow.last_seen = now;
@@ -247,17 +270,29 @@ fn rewrite(packet: &mut [u8], view: &View, side: Side, new: IpAddr) {
         (Side::Source, IpAddr::V6(_)) => (view.source, 8),
         (Side::Destination, IpAddr::V6(_)) => (view.destination, 24),
     };
-    let (old_bytes, new_bytes): (Vec<u8>, Vec<u8>) = match (old, new) {
-        (IpAddr::V4(o), IpAddr::V4(n)) => (o.octets().to_vec(), n.octets().to_vec()),
-        (IpAddr::V6(o), IpAddr::V6(n)) => (o.octets().to_vec(), n.octets().to_vec()),
+    // The addresses as bytes, on the stack: this runs for every translated packet.
+    let mut old_buffer = [0u8; 16];
+    let mut new_buffer = [0u8; 16];
+    let length = match (old, new) {
+        (IpAddr::V4(o), IpAddr::V4(n)) => {
+            old_buffer[..4].copy_from_slice(&o.octets());
+            new_buffer[..4].copy_from_slice(&n.octets());
+            4
+        }
+        (IpAddr::V6(o), IpAddr::V6(n)) => {
+            old_buffer = o.octets();
+            new_buffer = n.octets();
+            16
+        }
         // Families never change: targets are chosen within the packet's family.
         _ => return,
     };
-    if let Some(field) = packet.get_mut(at..at + new_bytes.len()) {
-        field.copy_from_slice(&new_bytes);
+    let (old_bytes, new_bytes) = (&old_buffer[..length], &new_buffer[..length]);
+    if let Some(field) = packet.get_mut(at..at + length) {
+        field.copy_from_slice(new_bytes);
     }
     if new.is_ipv4() {
-        update_checksum(packet, 10, &old_bytes, &new_bytes);
+        update_checksum(packet, 10, old_bytes, new_bytes);
     }
     let checksum_at = match view.protocol {
         TCP => Some(16),
@@ -267,7 +302,7 @@ fn rewrite(packet: &mut [u8], view: &View, side: Side, new: IpAddr) {
         _ => None,
     };
     if let Some(offset) = checksum_at {
-        update_checksum(packet, view.transport + offset, &old_bytes, &new_bytes);
+        update_checksum(packet, view.transport + offset, old_bytes, new_bytes);
     }
 }
 
@@ -476,5 +511,47 @@ mod tests {
         }
         let mut unknown = packet("100.64.0.2", "100.96.0.77", TCP, (1, 2));
         assert_eq!(nat.outbound(&mut unknown, 0), Err(NatError::Unresolved));
+    }
+
+    #[test]
+    fn a_client_has_at_most_max_flows_until_some_go_idle() {
+        let mut nat = Nat::default();
+        nat.set_targets(ip("100.96.0.1"), vec![ip("172.16.0.5")]);
+        let mut flows = 0;
+        'fill: for protocol in [TCP, UDP] {
+            for port in 1..=u16::MAX {
+                if flows == MAX_FLOWS {
+                    break 'fill;
+                }
+                let mut out = packet("100.64.0.2", "100.96.0.1", protocol, (port, 443));
+                assert!(nat.outbound(&mut out, 0).is_ok());
+                flows += 1;
+            }
+        }
+        let mut one_more = packet("100.64.0.2", "100.96.0.1", UDP, (9, 53));
+        assert_eq!(nat.outbound(&mut one_more, 1), Err(NatError::Full));
+        // Flows already running go on.
+        let mut running = packet("100.64.0.2", "100.96.0.1", TCP, (1, 443));
+        assert!(nat.outbound(&mut running, 2).is_ok());
+        // Once the UDP flows are idle past their timeout, there is room again.
+        let later = idle_timeout(UDP) + 1;
+        assert!(nat.outbound(&mut one_more, later).is_ok());
+        // The one idle UDP flow went; the TCP flows (2 h) stay.
+        assert_eq!(nat.flows(), MAX_FLOWS);
+    }
+
+    #[test]
+    fn a_flow_that_comes_back_after_idling_answers_only_its_new_address() {
+        let mut nat = Nat::default();
+        nat.set_targets(ip("100.96.0.1"), vec![ip("172.16.0.5"), ip("172.16.0.6")]);
+        let mut out = packet("100.64.0.2", "100.96.0.1", UDP, (40000, 53));
+        assert_eq!(nat.outbound(&mut out, 0), Ok(ip("172.16.0.5")));
+        let later = idle_timeout(UDP) + 1;
+        let mut again = packet("100.64.0.2", "100.96.0.1", UDP, (40000, 53));
+        assert_eq!(nat.outbound(&mut again, later), Ok(ip("172.16.0.6")));
+        let mut from_old = packet("172.16.0.5", "100.64.0.2", UDP, (53, 40000));
+        assert_eq!(nat.reply(&mut from_old, later), Err(NatError::NoFlow));
+        let mut from_new = packet("172.16.0.6", "100.64.0.2", UDP, (53, 40000));
+        assert_eq!(nat.reply(&mut from_new, later), Ok(ip("100.96.0.1")));
     }
 }
