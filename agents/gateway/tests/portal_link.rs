@@ -147,6 +147,64 @@ async fn a_refused_token_stops_the_link() {
 }
 
 #[tokio::test]
+async fn over_wss_the_link_trusts_the_ca_it_is_given_and_no_other() {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("portal-ca.pem");
+    std::fs::write(&ca_file, cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(signing_key.serialize_der()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    // Pinned CA: the handshake completes and the portal hears hello.
+    let mut trusted = config(port);
+    trusted.url = format!("wss://localhost:{port}");
+    trusted.ca_file = Some(ca_file);
+    let (_to_portal, mut events) = portal::spawn(trusted.clone(), hello()).unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let tls = acceptor.accept(tcp).await.unwrap();
+    let mut socket = tokio_tungstenite::accept_async(tls).await.unwrap();
+    let first = loop {
+        match socket.next().await.unwrap().unwrap() {
+            Message::Text(text) => break decode::<GatewayMessage>(text.as_bytes()).unwrap(),
+            _ => continue,
+        }
+    };
+    assert_eq!(first, hello());
+    socket
+        .send(Message::Text(encode(&ready(10_000)).into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        LinkEvent::Message(PortalToGateway::Ready { .. })
+    ));
+
+    // Without the CA, the same server is refused at the TLS handshake.
+    let mut untrusted = trusted;
+    untrusted.ca_file = None;
+    let (_to_portal, mut events) = portal::spawn(untrusted, hello()).unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    assert!(acceptor.accept(tcp).await.is_err());
+    match events.recv().await.unwrap() {
+        LinkEvent::Down(reason) => {
+            assert!(reason.starts_with("TLS with the portal failed"), "{reason}")
+        }
+        other => panic!("expected the TLS failure, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn a_bad_portal_url_is_an_error_before_anything_starts() {
     for url in ["http://portal:80", "ws://portal:80/api", "portal", "wss://"] {
         let mut bad = config(1);
