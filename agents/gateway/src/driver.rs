@@ -112,7 +112,9 @@ async fn serve(
                     continue;
                 }
             },
-            read = tun.recv(&mut packet) => Input::Tun(read?),
+            // A read error means the device is gone (deleted, or the driver failed): nothing
+            // more can be forwarded, so the gateway stops and says why.
+            read = tun.recv(&mut packet) => Input::Tun(read.context("the TUN device failed")?),
             event = from_portal.recv() => match event {
                 Some(event) => Input::Portal(event),
                 None => anyhow::bail!("the portal link stopped"),
@@ -132,7 +134,13 @@ async fn serve(
                     continue;
                 };
                 match core.handle_network(from, received, &mut sealed, now) {
-                    Some(Output::Tun(bytes)) => tun.send(bytes).await?,
+                    Some(Output::Tun(bytes)) => {
+                        // The kernel may refuse one packet (no buffer, no route); the next may
+                        // go, so one refusal never stops the gateway.
+                        if let Err(error) = tun.send(bytes).await {
+                            tracing::debug!(%error, "the TUN device refused a packet");
+                        }
+                    }
                     Some(Output::Network(to, bytes)) => send(&udp, to, bytes).await,
                     None => {}
                 }
