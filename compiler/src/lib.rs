@@ -8,7 +8,6 @@
 //! Entry points: [`load_tree`] then [`check`] (every diagnostic, test results, the table when
 //! there are no errors); [`Bundle`] to write and read tables; [`DecisionTable::decide`].
 
-pub mod address;
 mod analysis;
 pub mod bundle;
 pub mod condition;
@@ -17,6 +16,9 @@ pub mod decide;
 mod resolve;
 pub mod table;
 mod verify;
+
+/// Addresses live in their own crate so the agents can match names without the compiler.
+pub use fz_address as address;
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,10 @@
 //! Resource addresses: DNS names and patterns, IP networks, `internet`; their precedence
 //! and the index that answers "which resource serves this name or IP".
+//!
+//! The compiler uses it to check and index a policy tree's resources; the client agent uses
+//! the same index, so that a name is served by the same resource in both (the precedence of
+//! LANGUAGE.md: an exact name before `?`, before `*`, before `**`; the longest prefix).
+//! Nothing here reads files or knows about rules.
 
 use std::collections::HashMap;
 use std::fmt;
