@@ -446,13 +446,22 @@ impl Serialize for Address {
     }
 }
 
-impl<'de> Deserialize<'de> for Address {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
+/// An address as the bundle and the portal write it: `internet`, or what `address "..."`
+/// holds.
+impl FromStr for Address {
+    type Err = AddressError;
+    fn from_str(text: &str) -> Result<Address, AddressError> {
         if text == "internet" {
             return Ok(Address::Internet);
         }
-        Address::parse_quoted(&text).map_err(serde::de::Error::custom)
+        Address::parse_quoted(text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
