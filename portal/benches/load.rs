@@ -638,6 +638,7 @@ async fn probe_sizes(agents: &mut [Agent]) -> Option<String> {
     let request = encode(&ClientMessage::RequestAccess {
         resource: want.resource.clone(),
         dns: want.dns.clone(),
+        avoid: vec![],
     });
     let answer = client.request(&want.resource, want.dns.clone()).await;
     let granted = encode(&answer);
@@ -684,6 +685,7 @@ async fn echo_target(options: &Options, model: &Model) -> TargetResult {
         encode(&ClientMessage::RequestAccess {
             resource: want.resource,
             dns: want.dns,
+            avoid: vec![],
         })
     };
     let hello = encode(&ClientMessage::Hello {

@@ -291,7 +291,7 @@ async fn client_connection(
         loop {
             tokio::select! {
                 frame = socket.recv() => match read::<ClientMessage>(frame) {
-                    Incoming::Message(ClientMessage::RequestAccess { resource, dns }) => {
+                    Incoming::Message(ClientMessage::RequestAccess { resource, dns, avoid }) => {
                         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                             link.send(&PortalToClient::Error {
                                 message: format!("at most {MAX_REQUESTS_IN_FLIGHT} requests may wait at once"),
@@ -302,7 +302,7 @@ async fn client_connection(
                         let session = session.clone();
                         let link = link.clone();
                         tokio::spawn(async move {
-                            let answer = broker.request_access(&session, &resource, dns).await;
+                            let answer = broker.request_access(&session, &resource, dns, &avoid).await;
                             link.send(&answer);
                             drop(permit);
                         });

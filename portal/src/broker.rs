@@ -387,8 +387,9 @@ impl Broker {
         session: &Arc<ClientSession>,
         resource: &str,
         dns: Option<DnsMapping>,
+        avoid: &[String],
     ) -> PortalToClient {
-        match self.authorise(session, resource, dns).await {
+        match self.authorise(session, resource, dns, avoid).await {
             Ok((signed, resolved)) => PortalToClient::Granted {
                 grant: Box::new(signed),
                 resolved,
@@ -405,6 +406,7 @@ impl Broker {
         session: &Arc<ClientSession>,
         resource_id: &str,
         dns: Option<DnsMapping>,
+        avoid: &[String],
     ) -> Result<(SignedGrant, Option<Resolution>), String> {
         let account = self.account(&session.account).map_err(|e| e.to_string())?;
         let at = self.now();
@@ -488,7 +490,10 @@ impl Broker {
                 .map(|ports| ports.iter().map(ToString::to_string).collect()),
             dns,
         };
-        let mut tried = HashSet::new();
+        // Gateways the client could not reach count as tried (a bounded number of them: the
+        // list comes from the client).
+        let mut tried: HashSet<String> = avoid.iter().take(MAX_AVOIDED).cloned().collect();
+        let avoided = tried.len();
         loop {
             let gateway = {
                 let registry = self.registry();
@@ -499,7 +504,11 @@ impl Broker {
                     .map(|g| (g.peer.clone(), g.link.clone()))
             };
             let Some((gateway, link)) = gateway else {
-                let reason = if tried.is_empty() {
+                let reason = if tried.len() == avoided && avoided > 0 {
+                    format!(
+                        "no healthy gateway in site `{site}` besides those the client could not reach"
+                    )
+                } else if tried.is_empty() {
                     format!("no healthy gateway in site `{site}`")
                 } else {
                     format!("no gateway in site `{site}` acknowledged the grant")
@@ -1092,6 +1101,9 @@ fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>, site: String) -
 
 /// Candidate endpoints an agent may report: each one goes into every grant it is part of.
 pub const MAX_ENDPOINTS: usize = 16;
+
+/// The most gateways a request may ask to avoid; the rest of its list is ignored.
+const MAX_AVOIDED: usize = 16;
 
 fn check_endpoints(endpoints: &[std::net::SocketAddr]) -> Result<(), BrokerError> {
     if endpoints.len() > MAX_ENDPOINTS {

@@ -499,6 +499,7 @@ async fn a_grant_acknowledged_after_its_session_ended_is_withdrawn_at_once() {
         encode(&fz_proto::ClientMessage::RequestAccess {
             resource: "db".to_owned(),
             dns: None,
+            avoid: vec![],
         }),
     )
     .await;
@@ -627,6 +628,33 @@ async fn a_client_keeps_its_gateway_and_a_silent_gateway_is_replaced() {
             resolved: None,
         })
         .await;
+}
+
+#[tokio::test]
+async fn a_client_that_lost_its_gateway_gets_another_of_the_site() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let mut serving = Vec::new();
+    let mut ids = Vec::new();
+    for seed in 200..202 {
+        let gateway = portal.gateway("acme", "hq", seed).await;
+        ids.push(gateway.id.clone());
+        serving.push(gateway.serve());
+    }
+    let mut alice = portal.client("acme", ALICE, 1).await;
+    let first = alice.grant("db", None).await.grant.gateway.id;
+    let other = ids.iter().find(|id| **id != first).unwrap().clone();
+    match alice.request_avoiding("db", None, &[&first]).await {
+        PortalToClient::Granted { grant, .. } => assert_eq!(grant.grant.gateway.id, other),
+        answer => panic!("expected a grant through the other gateway, got {answer:?}"),
+    }
+    // The new gateway is the client's one for the site from now on.
+    assert_eq!(alice.grant("db", None).await.grant.gateway.id, other);
+    // With every gateway of the site avoided, the rejection says so.
+    let answer = alice.request_avoiding("db", None, &[&first, &other]).await;
+    assert_eq!(
+        rejection(&answer),
+        "no healthy gateway in site `hq` besides those the client could not reach"
+    );
 }
 
 #[tokio::test]

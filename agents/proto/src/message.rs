@@ -29,11 +29,15 @@ pub enum ClientMessage {
         endpoints: Vec<SocketAddr>,
     },
     /// Asks for a grant to a resource, by id; for a DNS resource, with the name the client
-    /// resolved and the mapped addresses its DNS stub handed out for it.
+    /// resolved and the mapped addresses its DNS stub handed out for it; after a failover,
+    /// with the gateways to avoid.
     RequestAccess {
         resource: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dns: Option<DnsMapping>,
+        /// Gateways the client stopped hearing from: the portal picks another of the site.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        avoid: Vec<String>,
     },
 }
 
@@ -216,6 +220,7 @@ mod tests {
             ClientMessage::RequestAccess {
                 resource: "gitlab".into(),
                 dns: None,
+                avoid: vec![],
             },
             ClientMessage::RequestAccess {
                 resource: "gitlab".into(),
@@ -223,6 +228,7 @@ mod tests {
                     name: "gitlab.acme.example".into(),
                     mapped: vec!["100.96.0.1".parse().unwrap()],
                 }),
+                avoid: vec!["gw-1".into()],
             },
         ];
         for message in messages {

@@ -172,11 +172,22 @@ impl TestClient {
 
     /// Asks for a resource and returns the answer (the next `granted` or `rejected`).
     pub async fn request(&mut self, resource: &str, dns: Option<DnsMapping>) -> PortalToClient {
+        self.request_avoiding(resource, dns, &[]).await
+    }
+
+    /// Asks for a resource through a gateway other than those in `avoid`.
+    pub async fn request_avoiding(
+        &mut self,
+        resource: &str,
+        dns: Option<DnsMapping>,
+        avoid: &[&str],
+    ) -> PortalToClient {
         send_text(
             &mut self.socket,
             encode(&ClientMessage::RequestAccess {
                 resource: resource.to_owned(),
                 dns,
+                avoid: avoid.iter().map(|g| (*g).to_owned()).collect(),
             }),
         )
         .await;
