@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
 use fz_proto::{
@@ -38,6 +38,13 @@ use crate::peer::{Action, Gatekeeper, KeyPair, Peer, Rejected, Screened};
 
 /// How often WireGuard's timers run, as boringtun's own device does.
 const TIMER_TICK_MS: u64 = 250;
+
+/// While a client sends, the gateway lets it hear something at least this often, so that
+/// the client can tell a live gateway from a dead one (it moves after 10 s of silence)
+/// even when the resource never answers.
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+/// How long after a client's last packet it counts as sending.
+const ACTIVE: Duration = Duration::from_secs(10);
 
 /// The largest packet the tunnel carries: a 1500-byte underlay MTU allows 1420 (the default
 /// TUN MTU), and nothing larger than 1500 is ever sealed.
@@ -162,6 +169,9 @@ struct PeerGrant {
 #[derive(Debug)]
 struct ClientPeer {
     wireguard: Peer,
+    /// When the client last sent an IP packet, and when the gateway last sent it anything.
+    last_received: Option<Instant>,
+    last_sent: Option<Instant>,
     key: PublicKey,
     preshared_key: [u8; 32],
     addresses: [IpAddr; 2],
@@ -320,6 +330,7 @@ impl Gateway {
             }
             Action::Received(packet) => match peer.admit(packet, millis) {
                 Ok(()) => {
+                    peer.last_received = Some(now);
                     self.metrics.packets_from_clients += 1;
                     self.metrics.bytes_from_clients += packet.len() as u64;
                     Some(Output::Tun(packet))
@@ -369,6 +380,7 @@ impl Gateway {
         };
         match peer.wireguard.encapsulate(packet, buffer) {
             Action::Send(bytes) => {
+                peer.last_sent = Some(now);
                 self.metrics.packets_to_clients += 1;
                 self.metrics.bytes_to_clients += packet.len() as u64;
                 Some(Output::Network(endpoint, bytes))
@@ -474,10 +486,26 @@ impl Gateway {
         let mut buffer = [0u8; MAX_DATAGRAM];
         for peer in self.peers.values_mut() {
             peer.nat.expire(millis);
-            let endpoint = peer.wireguard.endpoint();
-            if let (Some(bytes), Some(destination)) =
-                (peer.wireguard.update_timers(&mut buffer), endpoint)
+            let Some(destination) = peer.wireguard.endpoint() else {
+                continue;
+            };
+            if let Some(bytes) = peer.wireguard.update_timers(&mut buffer) {
+                self.transmits.push_back(Transmit {
+                    destination,
+                    payload: bytes.to_vec(),
+                });
+            }
+            let sending = peer
+                .last_received
+                .is_some_and(|at| now.saturating_duration_since(at) < ACTIVE);
+            let quiet = peer
+                .last_sent
+                .is_none_or(|at| now.saturating_duration_since(at) >= LIVENESS_INTERVAL);
+            if sending
+                && quiet
+                && let Action::Send(bytes) = peer.wireguard.encapsulate(&[], &mut buffer)
             {
+                peer.last_sent = Some(now);
                 self.transmits.push_back(Transmit {
                     destination,
                     payload: bytes.to_vec(),
@@ -528,7 +556,7 @@ impl Gateway {
         Some(
             *self
                 .next_tick
-                .get_or_insert(now + std::time::Duration::from_millis(TIMER_TICK_MS)),
+                .get_or_insert(now + Duration::from_millis(TIMER_TICK_MS)),
         )
     }
 
@@ -638,6 +666,8 @@ impl Gateway {
                 let index = self.fresh_index();
                 let peer = ClientPeer {
                     wireguard: Peer::new(&self.gatekeeper, key.0, preshared_key, index),
+                    last_received: None,
+                    last_sent: None,
                     key,
                     preshared_key,
                     addresses: [

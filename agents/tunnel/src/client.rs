@@ -1,0 +1,649 @@
+//! The client's tunnel state machine: packets from applications go to the gateway of the
+//! grant that covers them, through a WireGuard peer per gateway; the first packet to an IP or
+//! CIDR resource asks the portal for access (packets wait meanwhile; DNS resources asked
+//! already, through the DNS stub); a denial answers the application with ICMP "prohibited";
+//! a gateway that falls silent while in use is left for another of its site.
+//!
+//! Like [`crate::gateway::Gateway`], it takes `handle_*` inputs with the time and gives
+//! `poll_*` outputs: [`Client::poll_transmit`] (datagrams to gateways),
+//! [`Client::poll_tun`] (packets for applications), [`Client::poll_event`],
+//! [`Client::poll_timeout`].
+//!
+//! INVARIANT: a packet leaves only through the gateway of a grant that verified against the
+//! pinned portal key and covers its destination; a packet from a gateway reaches an
+//! application only if it comes from a resource a grant through that gateway covers.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use fz_address::{Address, AddressIndex};
+use fz_proto::{
+    ClientMessage, DnsMapping, Grant, Identity, PortalPublicKey, PortalToClient, PublicKey,
+    Resolution, ResourceView, SignedGrant, UnixTime,
+};
+
+use crate::icmp;
+use crate::packet::Packet;
+use crate::peer::{Action, Gatekeeper, KeyPair, Peer, Screened};
+
+/// A gateway that has said nothing for this long while the client sends is given up.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a gateway given up stays avoided in requests to the portal.
+const AVOID_FOR: Duration = Duration::from_secs(300);
+/// Packets that wait per resource for the portal's answer; more are dropped.
+pub const MAX_QUEUED: usize = 32;
+/// How long a request waits for the portal before its packets are dropped.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// How the client starts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub private_key: [u8; 32],
+    pub portal_key: PortalPublicKey,
+    /// Where peer indices start; random in the driver, fixed in tests.
+    pub seed: u32,
+}
+
+/// A datagram for a gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Something for the driver to do or log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Send to the portal.
+    ToPortal(ClientMessage),
+    /// A grant is in force; for a DNS resource, the DNS stub answers the name with `resolved`.
+    Granted {
+        grant_id: String,
+        resource: String,
+        dns: Option<(String, Resolution)>,
+    },
+    /// The portal said no; the DNS stub answers the resource's waiting names empty.
+    Rejected { resource: String, reason: String },
+    /// A grant ended (revoked, expired, or its gateway given up); for a DNS resource, the
+    /// name to forget in the DNS stub.
+    Ended {
+        grant_id: String,
+        name: Option<String>,
+        why: String,
+    },
+    /// A grant failed verification and was dropped.
+    Refused { grant_id: String, reason: String },
+    /// A gateway went silent while in use and was left.
+    GatewayLost { gateway_id: String },
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metrics {
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    /// Packets to no resource, beyond a full queue, or that a gateway sent from elsewhere.
+    pub dropped: u64,
+    pub prohibited: u64,
+}
+
+#[derive(Debug)]
+struct Held {
+    grant: Grant,
+    link: u32,
+}
+
+/// The WireGuard peer of one gateway.
+#[derive(Debug)]
+struct Link {
+    wireguard: Peer,
+    gateway_id: String,
+    key: PublicKey,
+    preshared_key: [u8; 32],
+    endpoint: SocketAddr,
+    /// Set by the first packet sent after the gateway was last heard; cleared by anything
+    /// heard. Ten seconds set means the gateway is gone.
+    awaiting_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Asking {
+    since: Instant,
+    queued: Vec<Vec<u8>>,
+}
+
+/// The client's tunnels.
+#[derive(Debug)]
+pub struct Client {
+    gatekeeper: Gatekeeper,
+    portal_key: PortalPublicKey,
+    client_id: Option<String>,
+    resources: Vec<ResourceView>,
+    index: AddressIndex<usize>,
+    held: HashMap<String, Held>,
+    /// The grant serving each resource, and each mapped address of a DNS grant.
+    by_resource: HashMap<String, String>,
+    by_mapped: HashMap<IpAddr, String>,
+    links: HashMap<u32, Link>,
+    link_by_key: HashMap<PublicKey, u32>,
+    asking: HashMap<String, Asking>,
+    avoided: HashMap<String, Instant>,
+    next_index: u32,
+    started: Instant,
+    started_unix_ms: u64,
+    flushing: Vec<u32>,
+    transmits: VecDeque<Transmit>,
+    to_tun: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    metrics: Metrics,
+}
+
+const INDEX_MASK: u32 = (1 << 24) - 1;
+
+impl Client {
+    /// A client at `now`, when the wall clock reads `unix_ms`.
+    pub fn new(config: Config, now: Instant, unix_ms: u64) -> Client {
+        Client {
+            gatekeeper: Gatekeeper::new(KeyPair::from_secret(config.private_key)),
+            portal_key: config.portal_key,
+            client_id: None,
+            resources: Vec::new(),
+            index: AddressIndex::new(std::iter::empty()),
+            held: HashMap::new(),
+            by_resource: HashMap::new(),
+            by_mapped: HashMap::new(),
+            links: HashMap::new(),
+            link_by_key: HashMap::new(),
+            asking: HashMap::new(),
+            avoided: HashMap::new(),
+            next_index: config.seed & INDEX_MASK,
+            started: now,
+            started_unix_ms: unix_ms,
+            flushing: Vec::new(),
+            transmits: VecDeque::new(),
+            to_tun: VecDeque::new(),
+            events: VecDeque::new(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    // ---- getters ----
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.gatekeeper.keys().public_key())
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The gateway (by id) each resource with a grant goes through, sorted by resource.
+    pub fn gateways_in_use(&self) -> Vec<(String, String)> {
+        let mut used: Vec<(String, String)> = self
+            .by_resource
+            .iter()
+            .filter_map(|(resource, grant)| {
+                let held = self.held.get(grant)?;
+                Some((resource.clone(), held.grant.gateway.id.clone()))
+            })
+            .collect();
+        used.sort();
+        used
+    }
+
+    // ---- inputs ----
+
+    /// A message from the portal.
+    pub fn handle_portal(&mut self, message: PortalToClient, now: Instant) {
+        match message {
+            PortalToClient::Ready(ready) => {
+                self.client_id = Some(ready.client_id);
+                let parsed: Vec<(Address, usize)> = ready
+                    .resources
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| r.address.parse::<Address>().ok().map(|a| (a, i)))
+                    .collect();
+                self.index = AddressIndex::new(parsed.iter().map(|(a, i)| (a, *i)));
+                self.resources = ready.resources;
+            }
+            PortalToClient::Granted { grant, resolved } => self.take_grant(*grant, resolved, now),
+            PortalToClient::Rejected { resource, reason } => {
+                if let Some(asking) = self.asking.remove(&resource) {
+                    for packet in asking.queued {
+                        self.prohibit(&packet);
+                    }
+                }
+                self.events.push_back(Event::Rejected { resource, reason });
+            }
+            PortalToClient::Revoked { grant_id, reason } => self.end(&grant_id, reason),
+            PortalToClient::Error { .. } => {}
+        }
+    }
+
+    /// An IP packet from an application. It goes to its gateway (sealed into `buffer`, at
+    /// least `crate::gateway::MAX_DATAGRAM` bytes), waits for the portal, or is refused.
+    pub fn handle_tun(
+        &mut self,
+        packet: &[u8],
+        buffer: &mut [u8],
+        now: Instant,
+    ) -> Option<Transmit> {
+        let Ok(parsed) = Packet::parse(packet) else {
+            self.metrics.dropped += 1;
+            return None;
+        };
+        let grant_id = match self.by_mapped.get(&parsed.destination) {
+            Some(grant) => Some(grant.clone()),
+            None => {
+                let resource = self.ip_resource(parsed.destination)?;
+                match self.by_resource.get(&resource) {
+                    Some(grant) => Some(grant.clone()),
+                    None => {
+                        self.wait_for_access(resource, packet, now);
+                        None
+                    }
+                }
+            }
+        };
+        let link_index = self.held.get(&grant_id?)?.link;
+        let link = self.links.get_mut(&link_index)?;
+        let destination = link.endpoint;
+        match link.wireguard.encapsulate(packet, buffer) {
+            Action::Send(bytes) => {
+                link.awaiting_since.get_or_insert(now);
+                self.metrics.packets_sent += 1;
+                Some(Transmit {
+                    destination,
+                    payload: bytes.to_vec(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// A datagram from a gateway. What comes out for the application goes to
+    /// [`Client::poll_tun`]; an answer to the gateway is returned.
+    pub fn handle_network(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        buffer: &mut [u8],
+    ) -> Option<Transmit> {
+        if datagram.len() > buffer.len() {
+            self.metrics.dropped += 1;
+            return None;
+        }
+        let index = match self.gatekeeper.screen(from.ip(), datagram, buffer) {
+            Screened::ForPeer(index) => index,
+            Screened::Initiation { initiator } => *self.link_by_key.get(&PublicKey(initiator))?,
+            Screened::Cookie(length) => {
+                return Some(Transmit {
+                    destination: from,
+                    payload: buffer.get(..length)?.to_vec(),
+                });
+            }
+            Screened::Rejected(_) => {
+                self.metrics.dropped += 1;
+                return None;
+            }
+        };
+        let link = self.links.get_mut(&index)?;
+        match link.wireguard.decapsulate(from, datagram, buffer) {
+            Action::Nothing => {
+                link.awaiting_since = None;
+                None
+            }
+            Action::Send(bytes) => {
+                link.awaiting_since = None;
+                if !self.flushing.contains(&index) {
+                    self.flushing.push(index);
+                }
+                Some(Transmit {
+                    destination: from,
+                    payload: bytes.to_vec(),
+                })
+            }
+            Action::Received(packet) => {
+                link.awaiting_since = None;
+                let from_granted =
+                    Packet::parse(packet).is_ok_and(|p| self.covered_by_link(index, p.source));
+                if from_granted {
+                    self.metrics.packets_received += 1;
+                    self.to_tun.push_back(packet.to_vec());
+                } else {
+                    self.metrics.dropped += 1;
+                }
+                None
+            }
+            Action::Refused => {
+                self.metrics.dropped += 1;
+                None
+            }
+        }
+    }
+
+    /// Time passed: grants expire, silent gateways are left, requests time out, WireGuard's
+    /// timers run.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let unix = self.unix(now);
+        let expired: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, h)| unix >= h.grant.expires_at)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.end(&id, "expired".to_owned());
+        }
+        let silent: Vec<u32> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.awaiting_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= SILENCE_LIMIT)
+            })
+            .map(|(index, _)| *index)
+            .collect();
+        for index in silent {
+            self.leave(index, now);
+        }
+        self.asking
+            .retain(|_, asking| now.saturating_duration_since(asking.since) < ASK_TIMEOUT);
+        self.avoided
+            .retain(|_, since| now.saturating_duration_since(*since) < AVOID_FOR);
+        let mut buffer = [0u8; crate::gateway::MAX_DATAGRAM];
+        for link in self.links.values_mut() {
+            if let Some(bytes) = link.wireguard.update_timers(&mut buffer) {
+                self.transmits.push_back(Transmit {
+                    destination: link.endpoint,
+                    payload: bytes.to_vec(),
+                });
+            }
+        }
+    }
+
+    // ---- outputs ----
+
+    /// Datagrams that were not the direct answer to an input: packets that waited for a
+    /// handshake, WireGuard's keepalives and retries.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(transmit) = self.transmits.pop_front() {
+            return Some(transmit);
+        }
+        let mut buffer = [0u8; crate::gateway::MAX_DATAGRAM];
+        while let Some(index) = self.flushing.last().copied() {
+            let queued = self.links.get_mut(&index).and_then(|link| {
+                let bytes = link.wireguard.next_queued(&mut buffer)?;
+                Some(Transmit {
+                    destination: link.endpoint,
+                    payload: bytes.to_vec(),
+                })
+            });
+            match queued {
+                Some(transmit) => return Some(transmit),
+                None => {
+                    self.flushing.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// IP packets for applications: what gateways delivered, and ICMP errors for refusals.
+    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
+        self.to_tun.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Client::handle_timeout`] next.
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        (!self.links.is_empty() || !self.asking.is_empty() || !self.held.is_empty())
+            .then(|| now + TIMER_TICK)
+    }
+
+    // ---- grants ----
+
+    fn take_grant(&mut self, signed: SignedGrant, resolved: Option<Resolution>, now: Instant) {
+        let grant_id = signed.grant.id.clone();
+        let Some(client_id) = self.client_id.clone() else {
+            return self.refuse(grant_id, "the client has not been told its id yet");
+        };
+        let me = Identity::Client {
+            id: client_id,
+            public_key: self.public_key(),
+        };
+        if let Err(error) = signed.verify(&self.portal_key, &me, self.unix(now)) {
+            return self.refuse(grant_id, &error.to_string());
+        }
+        let grant = signed.grant;
+        let Some(endpoint) = grant.gateway.endpoints.first().copied() else {
+            return self.refuse(grant_id, "the grant names no gateway endpoint");
+        };
+        // A grant replacing another for the same resource (a failover, a renewal) ends it.
+        if let Some(previous) = self.by_resource.get(&grant.resource.id).cloned()
+            && previous != grant.id
+        {
+            self.end(&previous, "replaced".to_owned());
+        }
+        let link = self.link_for(&grant, endpoint);
+        let resource = grant.resource.id.clone();
+        self.by_resource.insert(resource.clone(), grant.id.clone());
+        let dns = grant.resource.dns.as_ref().map(|dns| {
+            for mapped in &dns.mapped {
+                self.by_mapped.insert(*mapped, grant.id.clone());
+            }
+            (
+                dns.name.clone(),
+                resolved.unwrap_or(Resolution::Exists {
+                    ipv4: true,
+                    ipv6: true,
+                }),
+            )
+        });
+        self.events.push_back(Event::Granted {
+            grant_id: grant.id.clone(),
+            resource: resource.clone(),
+            dns,
+        });
+        self.held.insert(grant.id.clone(), Held { grant, link });
+        // Packets that waited for this grant go now (the first starts the handshake).
+        let queued = self
+            .asking
+            .remove(&resource)
+            .map(|a| a.queued)
+            .unwrap_or_default();
+        let mut buffer = [0u8; crate::gateway::MAX_DATAGRAM];
+        for packet in queued {
+            if let Some(transmit) = self.handle_tun(&packet, &mut buffer, now) {
+                self.transmits.push_back(transmit);
+            }
+        }
+    }
+
+    /// The link to the grant's gateway, made if there is none (or if the pair's preshared
+    /// key changed, which means the portal began a new pair).
+    fn link_for(&mut self, grant: &Grant, endpoint: SocketAddr) -> u32 {
+        let key = grant.gateway.public_key;
+        let preshared_key = grant.preshared_key.0;
+        if let Some(index) = self.link_by_key.get(&key).copied()
+            && let Some(link) = self.links.get_mut(&index)
+        {
+            if link.preshared_key != preshared_key {
+                link.wireguard = Peer::new(&self.gatekeeper, key.0, preshared_key, index);
+                link.preshared_key = preshared_key;
+            }
+            link.endpoint = endpoint;
+            return index;
+        }
+        let index = loop {
+            self.next_index = (self.next_index + 1) & INDEX_MASK;
+            if !self.links.contains_key(&self.next_index) {
+                break self.next_index;
+            }
+        };
+        self.links.insert(
+            index,
+            Link {
+                wireguard: Peer::new(&self.gatekeeper, key.0, preshared_key, index),
+                gateway_id: grant.gateway.id.clone(),
+                key,
+                preshared_key,
+                endpoint,
+                awaiting_since: None,
+            },
+        );
+        self.link_by_key.insert(key, index);
+        index
+    }
+
+    /// Ends a grant: its routes go, and its link with its last grant.
+    fn end(&mut self, grant_id: &str, why: String) {
+        let Some(held) = self.held.remove(grant_id) else {
+            return;
+        };
+        if self
+            .by_resource
+            .get(&held.grant.resource.id)
+            .map(String::as_str)
+            == Some(grant_id)
+        {
+            self.by_resource.remove(&held.grant.resource.id);
+        }
+        self.by_mapped.retain(|_, g| g != grant_id);
+        if !self.held.values().any(|h| h.link == held.link)
+            && let Some(link) = self.links.remove(&held.link)
+        {
+            self.link_by_key.remove(&link.key);
+        }
+        self.events.push_back(Event::Ended {
+            grant_id: grant_id.to_owned(),
+            name: held.grant.resource.dns.map(|dns| dns.name),
+            why,
+        });
+    }
+
+    /// Leaves a silent gateway: its grants end, and each of their resources is asked for
+    /// again, avoiding it (and any other gateway left lately).
+    fn leave(&mut self, index: u32, now: Instant) {
+        let Some(link) = self.links.get(&index) else {
+            return;
+        };
+        let gateway_id = link.gateway_id.clone();
+        self.avoided.insert(gateway_id.clone(), now);
+        self.events.push_back(Event::GatewayLost {
+            gateway_id: gateway_id.clone(),
+        });
+        let grants: Vec<(String, String, Option<DnsMapping>)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.link == index)
+            .map(|(id, h)| {
+                (
+                    id.clone(),
+                    h.grant.resource.id.clone(),
+                    h.grant.resource.dns.clone(),
+                )
+            })
+            .collect();
+        let mut avoid: Vec<String> = self.avoided.keys().cloned().collect();
+        avoid.sort();
+        for (grant_id, resource, dns) in grants {
+            self.end(&grant_id, format!("gateway `{gateway_id}` went silent"));
+            self.asking.entry(resource.clone()).or_insert(Asking {
+                since: now,
+                queued: Vec::new(),
+            });
+            self.events
+                .push_back(Event::ToPortal(ClientMessage::RequestAccess {
+                    resource,
+                    dns,
+                    avoid: avoid.clone(),
+                }));
+        }
+    }
+
+    fn refuse(&mut self, grant_id: String, reason: &str) {
+        self.events.push_back(Event::Refused {
+            grant_id,
+            reason: reason.to_owned(),
+        });
+    }
+
+    // ---- helpers ----
+
+    /// The IP or CIDR resource that serves `ip` (DNS resources are reached through mapped
+    /// addresses, `internet` is not routed here).
+    fn ip_resource(&mut self, ip: IpAddr) -> Option<String> {
+        let Some(resource) = self
+            .index
+            .lookup_ip(ip)
+            .and_then(|i| self.resources.get(i))
+            .filter(|r| r.address != "internet")
+        else {
+            self.metrics.dropped += 1;
+            return None;
+        };
+        Some(resource.id.clone())
+    }
+
+    fn wait_for_access(&mut self, resource: String, packet: &[u8], now: Instant) {
+        let asking = match self.asking.get_mut(&resource) {
+            Some(asking) => asking,
+            None => {
+                let mut avoid: Vec<String> = self.avoided.keys().cloned().collect();
+                avoid.sort();
+                self.events
+                    .push_back(Event::ToPortal(ClientMessage::RequestAccess {
+                        resource: resource.clone(),
+                        dns: None,
+                        avoid,
+                    }));
+                self.asking.entry(resource).or_insert(Asking {
+                    since: now,
+                    queued: Vec::new(),
+                })
+            }
+        };
+        if asking.queued.len() < MAX_QUEUED {
+            asking.queued.push(packet.to_vec());
+        } else {
+            self.metrics.dropped += 1;
+        }
+    }
+
+    /// Writes ICMP "prohibited" back to the application that sent `packet`.
+    fn prohibit(&mut self, packet: &[u8]) {
+        if let Some(error) = icmp::prohibited(packet) {
+            self.metrics.prohibited += 1;
+            self.to_tun.push_back(error);
+        }
+    }
+
+    /// Whether a grant through link `index` covers `source` (the resource's address or
+    /// network, or a DNS grant's mapped address).
+    fn covered_by_link(&self, index: u32, source: IpAddr) -> bool {
+        self.held
+            .values()
+            .filter(|h| h.link == index)
+            .any(|h| match &h.grant.resource.dns {
+                Some(dns) => dns.mapped.contains(&source),
+                None => match h.grant.resource.address.parse::<Address>() {
+                    Ok(Address::Network(network)) => network.contains(source),
+                    Ok(Address::Internet) => true,
+                    _ => false,
+                },
+            })
+    }
+
+    fn unix(&self, now: Instant) -> UnixTime {
+        let millis = u64::try_from(now.saturating_duration_since(self.started).as_millis())
+            .unwrap_or(u64::MAX);
+        self.started_unix_ms.saturating_add(millis) / 1000
+    }
+}
