@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use fz_proto::PortalPublicKey;
 
-use crate::portal::PortalConfig;
 use crate::tun::DEFAULT_MTU;
+use fz_link::PortalConfig;
 
 /// The fz gateway: enforces grants from the portal for one site.
 #[derive(Debug, Parser)]

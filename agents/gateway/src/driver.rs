@@ -18,9 +18,9 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::firewall::{self, Masquerade};
 use crate::metrics::{self, Snapshot};
-use crate::portal::{self, LinkEvent};
 use crate::resolve::{LookupFailure, Resolver};
 use crate::tun::Tun;
+use fz_link::{GatewayRole, LinkEvent};
 
 /// Buffers large enough for any datagram or packet the kernel hands over; the core drops
 /// what it cannot carry.
@@ -31,7 +31,7 @@ const BUFFER: usize = 65_536;
 enum Input {
     Network(SocketAddr, usize),
     Tun(usize),
-    Portal(LinkEvent),
+    Portal(LinkEvent<PortalToGateway>),
     Resolved(String, Resolved),
     Timeout,
     PublishMetrics,
@@ -86,7 +86,7 @@ async fn serve(
         public_key: core.public_key(),
         endpoints: config.endpoints.clone(),
     };
-    let (to_portal, mut from_portal) = portal::spawn(config.portal.clone(), hello)?;
+    let (to_portal, mut from_portal) = fz_link::spawn::<GatewayRole>(config.portal.clone(), hello)?;
     let (snapshots, watching) = watch::channel(Snapshot::default());
     if let Some(address) = config.metrics {
         metrics::serve(address, watching)

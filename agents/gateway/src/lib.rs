@@ -18,7 +18,6 @@ pub mod config;
 pub mod driver;
 pub mod firewall;
 pub mod metrics;
-pub mod portal;
 pub mod resolve;
 pub mod tun;
 

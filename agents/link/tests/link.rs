@@ -1,10 +1,10 @@
-//! The gateway's portal link against a WebSocket server on loopback: it says hello with the
+//! The portal link (as a gateway's) against a WebSocket server on loopback: it says hello with the
 //! bearer token, passes `ready` and later messages on, heartbeats, sends what it is given,
 //! comes back after the server drops it, and gives up only when the token is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use fz_gateway::portal::{self, LinkEvent, PortalConfig};
+use fz_link::{GatewayRole, LinkEvent, PortalConfig};
 use fz_proto::{GatewayMessage, PortalToGateway, PublicKey, decode, encode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -41,10 +41,14 @@ fn ready(interval_ms: u64) -> PortalToGateway {
 /// Accepts one WebSocket whose request is for acme's gateway socket with the right token;
 /// answers 401 otherwise.
 async fn accept(listener: &TcpListener) -> Option<WebSocketStream<TcpStream>> {
+    accept_at(listener, "/api/acme/gateway").await
+}
+
+async fn accept_at(listener: &TcpListener, path: &str) -> Option<WebSocketStream<TcpStream>> {
     let (tcp, _) = listener.accept().await.unwrap();
     #[allow(clippy::result_large_err)] // tungstenite's callback signature
     let check = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        let authorised = request.uri().path() == "/api/acme/gateway"
+        let authorised = request.uri().path() == path
             && request
                 .headers()
                 .get("authorization")
@@ -80,7 +84,7 @@ async fn say(socket: &mut WebSocketStream<TcpStream>, message: &PortalToGateway)
 async fn the_link_says_hello_heartbeats_passes_messages_and_comes_back() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let (to_portal, mut events) = portal::spawn(config(port), hello()).unwrap();
+    let (to_portal, mut events) = fz_link::spawn::<GatewayRole>(config(port), hello()).unwrap();
 
     let mut socket = accept(&listener).await.unwrap();
     assert_eq!(receive(&mut socket).await, hello());
@@ -128,12 +132,64 @@ async fn the_link_says_hello_heartbeats_passes_messages_and_comes_back() {
 }
 
 #[tokio::test]
+async fn a_client_link_uses_the_client_socket_and_passes_ready_on() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hello = fz_proto::ClientMessage::Hello {
+        public_key: PublicKey([6; 32]),
+        endpoints: vec![],
+    };
+    let (to_portal, mut events) =
+        fz_link::spawn::<fz_link::ClientRole>(config(port), hello.clone()).unwrap();
+    let mut socket = accept_at(&listener, "/api/acme/client").await.unwrap();
+    let said = loop {
+        match socket.next().await.unwrap().unwrap() {
+            Message::Text(text) => {
+                break decode::<fz_proto::ClientMessage>(text.as_bytes()).unwrap();
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!(said, hello);
+    let ready = fz_proto::PortalToClient::Ready(Box::new(fz_proto::ClientReady {
+        client_id: "c-1".into(),
+        tunnel_ipv4: "100.64.0.2".parse().unwrap(),
+        tunnel_ipv6: "fd00:2021:1111::2".parse().unwrap(),
+        resources: vec![],
+    }));
+    socket
+        .send(Message::Text(encode(&ready).into()))
+        .await
+        .unwrap();
+    match events.recv().await.unwrap() {
+        LinkEvent::Message(message) => assert_eq!(message, ready),
+        other => panic!("expected ready, got {other:?}"),
+    }
+    // The first thing the client says after ready is what its loop sends: no heartbeat.
+    let request = fz_proto::ClientMessage::RequestAccess {
+        resource: "db".into(),
+        dns: None,
+        avoid: vec![],
+    };
+    to_portal.send(request.clone()).unwrap();
+    let next = loop {
+        match socket.next().await.unwrap().unwrap() {
+            Message::Text(text) => {
+                break decode::<fz_proto::ClientMessage>(text.as_bytes()).unwrap();
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!(next, request);
+}
+
+#[tokio::test]
 async fn a_refused_token_stops_the_link() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut wrong = config(port);
     wrong.token = "fzt_revoked".into();
-    let (_to_portal, mut events) = portal::spawn(wrong, hello()).unwrap();
+    let (_to_portal, mut events) = fz_link::spawn::<GatewayRole>(wrong, hello()).unwrap();
     assert!(accept(&listener).await.is_none());
     match events.recv().await.unwrap() {
         LinkEvent::Refused(reason) => {
@@ -170,7 +226,7 @@ async fn over_wss_the_link_trusts_the_ca_it_is_given_and_no_other() {
     let mut trusted = config(port);
     trusted.url = format!("wss://localhost:{port}");
     trusted.ca_file = Some(ca_file);
-    let (_to_portal, mut events) = portal::spawn(trusted.clone(), hello()).unwrap();
+    let (_to_portal, mut events) = fz_link::spawn::<GatewayRole>(trusted.clone(), hello()).unwrap();
     let (tcp, _) = listener.accept().await.unwrap();
     let tls = acceptor.accept(tcp).await.unwrap();
     let mut socket = tokio_tungstenite::accept_async(tls).await.unwrap();
@@ -193,7 +249,7 @@ async fn over_wss_the_link_trusts_the_ca_it_is_given_and_no_other() {
     // Without the CA, the same server is refused at the TLS handshake.
     let mut untrusted = trusted;
     untrusted.ca_file = None;
-    let (_to_portal, mut events) = portal::spawn(untrusted, hello()).unwrap();
+    let (_to_portal, mut events) = fz_link::spawn::<GatewayRole>(untrusted, hello()).unwrap();
     let (tcp, _) = listener.accept().await.unwrap();
     assert!(acceptor.accept(tcp).await.is_err());
     match events.recv().await.unwrap() {
@@ -209,7 +265,9 @@ async fn a_bad_portal_url_is_an_error_before_anything_starts() {
     for url in ["http://portal:80", "ws://portal:80/api", "portal", "wss://"] {
         let mut bad = config(1);
         bad.url = url.into();
-        let error = portal::spawn(bad, hello()).unwrap_err().to_string();
+        let error = fz_link::spawn::<GatewayRole>(bad, hello())
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             error,
             format!("the portal URL `{url}` is not `ws://host[:port]` or `wss://host[:port]`")

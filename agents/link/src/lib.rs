@@ -1,18 +1,25 @@
-//! The gateway's WebSocket to the portal: connect (ws or wss) with the gateway token, say
-//! `hello`, wait for `ready`, heartbeat at the interval the portal asks for, pass messages
-//! both ways, and when the connection drops, connect again with exponential backoff.
+//! An agent's WebSocket to the portal: connect (ws or wss) with the agent's token, say
+//! `hello`, wait for `ready`, heartbeat if the portal asks for it, pass messages both ways,
+//! and when the connection drops, connect again with jittered exponential backoff. A token
+//! the portal refuses (401, 403) stops it: no retry would help.
 //!
-//! It runs as its own task and speaks to the event loop through channels, so a slow or absent
-//! portal never holds up packets: tunnels keep forwarding while it is away.
+//! It runs as its own task and speaks to the agent's event loop through channels, so a slow
+//! or absent portal never holds up packets: tunnels keep forwarding while it is away. What
+//! differs between the client and the gateway (their messages, the socket's path, the
+//! heartbeat) is a [`Role`]: [`GatewayRole`], [`ClientRole`].
+
+use std::fmt;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use fz_proto::{GatewayMessage, PortalToGateway, decode, encode};
+use fz_proto::{ClientMessage, GatewayMessage, PortalToClient, PortalToGateway, decode, encode};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -27,20 +34,79 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the portal has to answer `hello`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What one kind of agent says and hears over its link.
+pub trait Role: Send + 'static {
+    /// Agent to portal.
+    type Up: Serialize + fmt::Debug + Send + Sync + 'static;
+    /// Portal to agent.
+    type Down: DeserializeOwned + fmt::Debug + Send + Sync + 'static;
+    /// The last segment of the socket's path: `/api/{account}/{PATH}`.
+    const PATH: &'static str;
+    /// If `message` is `ready`: what to send how often from now on (`None`: nothing).
+    /// `Err` if it is not `ready`, with the portal's error text if it is an error.
+    fn ready(message: &Self::Down) -> Result<Option<(Duration, Self::Up)>, Option<String>>;
+}
+
+/// The gateway: heartbeats at the interval the portal's `ready` names.
+#[derive(Debug)]
+pub struct GatewayRole;
+
+impl Role for GatewayRole {
+    type Up = GatewayMessage;
+    type Down = PortalToGateway;
+    const PATH: &'static str = "gateway";
+
+    fn ready(
+        message: &PortalToGateway,
+    ) -> Result<Option<(Duration, GatewayMessage)>, Option<String>> {
+        match message {
+            PortalToGateway::Ready {
+                heartbeat_interval_ms,
+                ..
+            } => Ok(Some((
+                Duration::from_millis((*heartbeat_interval_ms).max(100)),
+                GatewayMessage::Heartbeat,
+            ))),
+            PortalToGateway::Error { message } => Err(Some(message.clone())),
+            _ => Err(None),
+        }
+    }
+}
+
+/// The client: no heartbeats (the portal learns of a lost client from its connection).
+#[derive(Debug)]
+pub struct ClientRole;
+
+impl Role for ClientRole {
+    type Up = ClientMessage;
+    type Down = PortalToClient;
+    const PATH: &'static str = "client";
+
+    fn ready(
+        message: &PortalToClient,
+    ) -> Result<Option<(Duration, ClientMessage)>, Option<String>> {
+        match message {
+            PortalToClient::Ready(_) => Ok(None),
+            PortalToClient::Error { message } => Err(Some(message.clone())),
+            _ => Err(None),
+        }
+    }
+}
+
 /// Where the portal is and how to prove who we are.
 #[derive(Clone)]
 pub struct PortalConfig {
     /// `ws://host:port` or `wss://host:port`, without a path.
     pub url: String,
     pub account: String,
-    /// The gateway token's secret.
+    /// The agent token's secret.
     pub token: String,
     /// Extra CA certificates (PEM) to trust for wss, beside the system's.
     pub ca_file: Option<PathBuf>,
 }
 
-impl std::fmt::Debug for PortalConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for PortalConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PortalConfig")
             .field("url", &self.url)
             .field("account", &self.account)
@@ -51,9 +117,9 @@ impl std::fmt::Debug for PortalConfig {
 
 /// What the link tells the event loop.
 #[derive(Debug)]
-pub enum LinkEvent {
+pub enum LinkEvent<M> {
     /// A message from the portal; `ready` first on every connection.
-    Message(PortalToGateway),
+    Message(M),
     /// The connection ended; the link connects again by itself.
     Down(String),
     /// The portal refused the token (401/403): no retry will help.
@@ -69,23 +135,20 @@ pub enum LinkError {
     CaFile { path: PathBuf, message: String },
 }
 
+/// The ends of a link the event loop holds.
+pub type Ends<R> = (
+    mpsc::UnboundedSender<<R as Role>::Up>,
+    mpsc::Receiver<LinkEvent<<R as Role>::Down>>,
+);
+
 /// Starts the link. Messages sent on the returned sender go to the portal while connected
-/// and are dropped while not (the portal sends grants again on reconnect, and the gateway
-/// answers them again). `hello` is said on every connection.
-pub fn spawn(
-    config: PortalConfig,
-    hello: GatewayMessage,
-) -> Result<
-    (
-        mpsc::UnboundedSender<GatewayMessage>,
-        mpsc::Receiver<LinkEvent>,
-    ),
-    LinkError,
-> {
-    let target = Target::parse(&config)?;
+/// and are dropped while not (the portal sends what is in force again on reconnect, and the
+/// agent answers again). `hello` is said on every connection.
+pub fn spawn<R: Role>(config: PortalConfig, hello: R::Up) -> Result<Ends<R>, LinkError> {
+    let target = Target::parse::<R>(&config)?;
     let (to_portal, outgoing) = mpsc::unbounded_channel();
     let (events, from_portal) = mpsc::channel(256);
-    tokio::spawn(run(target, config.token, hello, outgoing, events));
+    tokio::spawn(run::<R>(target, config.token, hello, outgoing, events));
     Ok((to_portal, from_portal))
 }
 
@@ -98,7 +161,7 @@ struct Target {
 }
 
 impl Target {
-    fn parse(config: &PortalConfig) -> Result<Target, LinkError> {
+    fn parse<R: Role>(config: &PortalConfig) -> Result<Target, LinkError> {
         let bad = || LinkError::Url(config.url.clone());
         let uri: Uri = config.url.parse().map_err(|_| bad())?;
         let secure = match uri.scheme_str() {
@@ -116,7 +179,7 @@ impl Target {
             .transpose()?;
         let base = config.url.trim_end_matches('/');
         Ok(Target {
-            request_url: format!("{base}/api/{}/gateway", config.account),
+            request_url: format!("{base}/api/{}/{}", config.account, R::PATH),
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
@@ -181,12 +244,12 @@ enum Ended {
     Stop,
 }
 
-async fn run(
+async fn run<R: Role>(
     target: Target,
     token: String,
-    hello: GatewayMessage,
-    mut outgoing: mpsc::UnboundedReceiver<GatewayMessage>,
-    events: mpsc::Sender<LinkEvent>,
+    hello: R::Up,
+    mut outgoing: mpsc::UnboundedReceiver<R::Up>,
+    events: mpsc::Sender<LinkEvent<R::Down>>,
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -195,10 +258,10 @@ async fn run(
                 tracing::info!(portal = %target.request_url, "connected to the portal");
                 match connected {
                     Connected::Plain(socket) => {
-                        session(socket, &hello, &mut outgoing, &events, &mut backoff).await
+                        session::<R, _>(socket, &hello, &mut outgoing, &events, &mut backoff).await
                     }
                     Connected::Tls(socket) => {
-                        session(socket, &hello, &mut outgoing, &events, &mut backoff).await
+                        session::<R, _>(socket, &hello, &mut outgoing, &events, &mut backoff).await
                     }
                 }
             }
@@ -290,34 +353,34 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// One connection: hello, ready, then messages both ways and heartbeats until it ends.
-async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+async fn session<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
     mut socket: WebSocketStream<S>,
-    hello: &GatewayMessage,
-    outgoing: &mut mpsc::UnboundedReceiver<GatewayMessage>,
-    events: &mpsc::Sender<LinkEvent>,
+    hello: &R::Up,
+    outgoing: &mut mpsc::UnboundedReceiver<R::Up>,
+    events: &mpsc::Sender<LinkEvent<R::Down>>,
     backoff: &mut Duration,
 ) -> Ended {
     if let Err(error) = socket.send(Message::Text(encode(hello).into())).await {
         return Ended::Retry(format!("cannot say hello: {error}"));
     }
-    let ready = match tokio::time::timeout(READY_TIMEOUT, next_message(&mut socket)).await {
-        Ok(Ok(ready @ PortalToGateway::Ready { .. })) => ready,
-        Ok(Ok(PortalToGateway::Error { message })) => {
-            return Ended::Retry(format!("the portal refused hello: {message}"));
-        }
-        Ok(Ok(other)) => return Ended::Retry(format!("expected ready, got {other:?}")),
+    let ready = match tokio::time::timeout(READY_TIMEOUT, next_message::<R, S>(&mut socket)).await {
+        Ok(Ok(ready)) => ready,
         Ok(Err(reason)) => return Ended::Retry(reason),
         Err(_) => return Ended::Retry("the portal did not answer hello".to_owned()),
     };
-    let PortalToGateway::Ready {
-        heartbeat_interval_ms,
-        ..
-    } = &ready
-    else {
-        return Ended::Retry("expected ready".to_owned());
+    let beat = match R::ready(&ready) {
+        Ok(beat) => beat,
+        Err(Some(message)) => {
+            return Ended::Retry(format!("the portal refused hello: {message}"));
+        }
+        Err(None) => return Ended::Retry(format!("expected ready, got {ready:?}")),
     };
-    let mut heartbeat =
-        tokio::time::interval(Duration::from_millis((*heartbeat_interval_ms).max(100)));
+    // Without a heartbeat the timer still runs, hourly, and sends nothing.
+    let (period, heartbeat_message) = match beat {
+        Some((period, message)) => (period, Some(message)),
+        None => (Duration::from_secs(3600), None),
+    };
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if events.send(LinkEvent::Message(ready)).await.is_err() {
         return Ended::Stop;
@@ -328,7 +391,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
-                if let Err(error) = socket.send(Message::Text(encode(&GatewayMessage::Heartbeat).into())).await {
+                let Some(message) = &heartbeat_message else { continue };
+                if let Err(error) = socket.send(Message::Text(encode(message).into())).await {
                     return Ended::Retry(format!("cannot send a heartbeat: {error}"));
                 }
             }
@@ -338,7 +402,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ended::Retry(format!("cannot send to the portal: {error}"));
                 }
             }
-            incoming = next_message(&mut socket) => match incoming {
+            incoming = next_message::<R, S>(&mut socket) => match incoming {
                 Ok(message) => {
                     if events.send(LinkEvent::Message(message)).await.is_err() {
                         return Ended::Stop;
@@ -352,12 +416,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// The next message from the portal; a message that does not decode is logged and skipped
 /// (the portal is trusted, but a newer one may say things this build does not know).
-async fn next_message<S: AsyncRead + AsyncWrite + Unpin>(
+async fn next_message<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut WebSocketStream<S>,
-) -> Result<PortalToGateway, String> {
+) -> Result<R::Down, String> {
     loop {
         match socket.next().await {
-            Some(Ok(Message::Text(text))) => match decode::<PortalToGateway>(text.as_bytes()) {
+            Some(Ok(Message::Text(text))) => match decode::<R::Down>(text.as_bytes()) {
                 Ok(message) => return Ok(message),
                 Err(error) => {
                     tracing::warn!(%error, "a message from the portal was not understood")
