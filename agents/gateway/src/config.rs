@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use fz_proto::PortalPublicKey;
 
-use crate::tun::DEFAULT_MTU;
+use fz_host::tun::DEFAULT_MTU;
 use fz_link::PortalConfig;
 
 /// The fz gateway: enforces grants from the portal for one site.

@@ -16,10 +16,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::firewall::{self, Masquerade};
 use crate::metrics::{self, Snapshot};
-use crate::resolve::{LookupFailure, Resolver};
-use crate::tun::Tun;
+use fz_host::firewall::{self, Masquerade};
+use fz_host::resolve::{LookupFailure, Resolver};
+use fz_host::tun::Tun;
 use fz_link::{GatewayRole, LinkEvent};
 
 /// Buffers large enough for any datagram or packet the kernel hands over; the core drops

@@ -30,8 +30,6 @@
 //! gateway's log then. Nothing waits by sleeping: each step waits for what it needs (an answer
 //! from the portal, a counter in the gateway's metrics, a greeting) within a deadline.
 
-mod support;
-
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
@@ -45,15 +43,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as X25519Public, StaticSecret};
 use futures_util::{SinkExt as _, StreamExt as _};
-use fz_gateway::tun::Tun;
+use fz_host::testing::cidr;
+use fz_host::tun::Tun;
 use fz_proto::{
     ClientPeer, DnsMapping, GatewayMessage, GatewayPeer, Grant, GrantedResource, PortalSigningKey,
     PortalToGateway, PresharedKey, PublicKey, Resolution, SignedGrant,
 };
-use hickory_resolver::proto::op::{Message as DnsMessage, MessageType, ResponseCode};
-use hickory_resolver::proto::rr::rdata::A;
-use hickory_resolver::proto::rr::{RData, Record, RecordType};
-use support::cidr;
+use hickory_proto::op::{Message as DnsMessage, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
@@ -297,7 +295,7 @@ fn sigterm_exits_zero_and_removes_the_table_and_the_device() {
     Lab::run(
         "sigterm_exits_zero_and_removes_the_table_and_the_device",
         |lab| {
-            let table = fz_gateway::firewall::table_name(GATEWAY_TUN);
+            let table = fz_host::firewall::table_name(GATEWAY_TUN);
             assert_eq!(table, format!("fz_gateway_{GATEWAY_TUN}"));
             let tables = lab.gw.ip_exec("nft", &["list", "tables"]).unwrap();
             assert!(tables.contains(&format!("table inet {table}")), "{tables}");
@@ -357,7 +355,7 @@ fn sigterm_exits_zero_and_removes_the_table_and_the_device() {
                 ],
                 lab.dir.path().join("second.log"),
             );
-            let second_table = fz_gateway::firewall::table_name("fzgw1");
+            let second_table = fz_host::firewall::table_name("fzgw1");
             lab.wait_for("the second gateway's table", |lab| {
                 starting.assert_running("its table");
                 let tables = lab.gw.ip_exec("nft", &["list", "tables"]).ok()?;
@@ -421,12 +419,12 @@ static LABS: AtomicUsize = AtomicUsize::new(0);
 impl Lab {
     /// Builds the world for `test` and runs `body` in it, or skips loudly without root.
     fn run(test: &str, body: impl FnOnce(&mut Lab)) {
-        if !support::may_run_as_root(test) {
+        if !fz_host::testing::may_run_as_root(test) {
             return;
         }
         match Lab::new() {
             Ok(mut lab) => body(&mut lab),
-            Err(why) => support::skip(test, &why),
+            Err(why) => fz_host::testing::skip(test, &why),
         }
     }
 
@@ -544,7 +542,7 @@ impl Lab {
         let handle = self.runtime.handle().clone();
         let (tun, udp) = self.client.run(move || {
             let _runtime = handle.enter();
-            let tun = Tun::create(CLIENT_TUN, fz_gateway::tun::DEFAULT_MTU).unwrap();
+            let tun = Tun::create(CLIENT_TUN, fz_host::tun::DEFAULT_MTU).unwrap();
             tun.add_address(cidr("100.64.0.2/32")).unwrap();
             tun.add_route(cidr("10.0.5.0/24")).unwrap();
             tun.add_route(cidr("100.96.0.0/11")).unwrap();
@@ -850,7 +848,7 @@ struct Netns {
 
 impl Netns {
     fn add(name: String) -> Result<Netns, String> {
-        support::ip(&["netns", "add", &name])?;
+        fz_host::testing::ip(&["netns", "add", &name])?;
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]).unwrap();
         Ok(ns)
@@ -877,20 +875,20 @@ impl Netns {
     fn ip(&self, args: &[&str]) -> Result<String, String> {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
-        support::ip(&all)
+        fz_host::testing::ip(&all)
     }
 
     /// `ip netns exec <ns> program args…`
     fn ip_exec(&self, program: &str, args: &[&str]) -> Result<String, String> {
         let mut all = vec!["netns", "exec", self.name.as_str(), program];
         all.extend_from_slice(args);
-        support::ip(&all)
+        fz_host::testing::ip(&all)
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = support::ip(&["netns", "del", &self.name]);
+        let _ = fz_host::testing::ip(&["netns", "del", &self.name]);
     }
 }
 

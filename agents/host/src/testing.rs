@@ -5,14 +5,14 @@
 //! `<target>/fz-root-skips/<test>`; `.ci/run` fails when any marker is there, so a CI that means
 //! to run these tests can see they did not.
 
-// Each test file compiles this module on its own and uses part of it.
-#![allow(dead_code)]
+// Helpers for tests: a failure to set up is a failed test, so it panics with the cause.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
 
-use fz_gateway::tun::Cidr;
+use crate::tun::Cidr;
 
 /// Why this process cannot run root tests, if it cannot.
 pub fn not_root() -> Option<String> {

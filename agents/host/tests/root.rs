@@ -14,15 +14,13 @@
 //! `<target>/fz-root-skips/<test>`, so a CI that means to run them can see they did not
 //! (`support`).
 
-mod support;
-
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use fz_gateway::firewall::{self, Masquerade};
-use fz_gateway::tun::{self, Tun};
-use support::{cidr, ip, nft, skip};
+use fz_host::firewall::{self, Masquerade};
+use fz_host::testing::{cidr, ip, nft, skip};
+use fz_host::tun::{self, Tun};
 use tokio::net::UdpSocket;
 
 const TUN_V4: &str = "198.18.0.1/24";
@@ -241,7 +239,7 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    if !support::may_run_as_root(test) {
+    if !fz_host::testing::may_run_as_root(test) {
         return;
     }
     let outcome = std::thread::spawn(move || {

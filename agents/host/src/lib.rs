@@ -1,0 +1,162 @@
+//! What an fz agent changes on, and asks of, its Linux host: TUN devices with their addresses
+//! and routes ([`tun::Tun`]), the gateway's nftables masquerade and IP forwarding
+//! ([`firewall::Masquerade`], [`firewall::enable_forwarding`]), and the host's own DNS
+//! resolver ([`resolve::Resolver`]). Both agents' drivers build on it.
+//!
+//! No protocol logic lives here: no WireGuard, no grants, no packet filter. It needs
+//! `CAP_NET_ADMIN` and drives Linux's TUN driver, iproute2 (`ip`) and nftables (`nft`).
+//!
+//! Every platform failure is a [`PlatformError`] that names what failed and, for a command,
+//! its standard error. Name lookups fail with [`resolve::LookupFailure`] instead, because "no
+//! such name" is an answer an agent acts on, not a fault of the host.
+//!
+//! With the `testing` feature, [`testing`] holds what tests that need root share.
+
+pub mod firewall;
+pub mod resolve;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod tun;
+
+use std::io::Write as _;
+use std::process::{Command, ExitStatus, Stdio};
+
+/// What went wrong while setting up or driving the host's networking.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("`{program}` is not installed or not on PATH; install {package}")]
+    ToolMissing {
+        program: &'static str,
+        package: &'static str,
+    },
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    CommandFailed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("invalid interface name `{name}`: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("invalid prefix length {len} for `{address}`")]
+    InvalidPrefix { address: std::net::IpAddr, len: u8 },
+    #[error("could not create TUN device `{name}`: {source}")]
+    TunCreate {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not {op} TUN device `{name}`: {source}")]
+    TunIo {
+        name: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not enable forwarding in `{path}`: {source}")]
+    Forwarding {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not read the system resolver configuration (`/etc/resolv.conf`): {0}")]
+    ResolverConfig(String),
+}
+
+/// Runs `program args…`, feeding it `stdin` if given, and fails with its standard error when it
+/// exits non-zero.
+///
+/// This blocks the calling thread for as long as the command runs. That is fine for what uses
+/// it (set-up at start, tear-down at exit, which must also work from `Drop`), never on the
+/// packet path.
+pub(crate) fn run_tool(
+    program: &'static str,
+    package: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<(), PlatformError> {
+    let command = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let spawned = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(PlatformError::ToolMissing { program, package });
+        }
+        Err(source) => return Err(PlatformError::Spawn { command, source }),
+    };
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // The pipe is dropped (closed) at the end of this block, which is what ends the
+        // input for `nft -f -`. A write error means the child already exited; its status
+        // and stderr below say why, so they win over the broken pipe.
+        let _ = pipe.write_all(input.as_bytes());
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|source| PlatformError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(PlatformError::CommandFailed {
+        command,
+        status: output.status,
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_says_what_to_install() {
+        let Err(error) = run_tool("fz-no-such-program", "the fz-nothing package", &[], None) else {
+            panic!("a program that does not exist ran");
+        };
+        assert_eq!(
+            error.to_string(),
+            "`fz-no-such-program` is not installed or not on PATH; install the fz-nothing package"
+        );
+    }
+
+    #[test]
+    fn a_failing_command_is_named_with_its_stderr() {
+        let Err(error) = run_tool("sh", "a shell", &["-c", "echo oops >&2; exit 3"], None) else {
+            panic!("a failing command succeeded");
+        };
+        assert_eq!(
+            error.to_string(),
+            "`sh -c echo oops >&2; exit 3` failed (exit status: 3): oops"
+        );
+    }
+
+    #[test]
+    fn stdin_reaches_the_command() {
+        run_tool(
+            "sh",
+            "a shell",
+            &["-c", "read line; test \"$line\" = hello"],
+            Some("hello\n"),
+        )
+        .unwrap();
+    }
+}
