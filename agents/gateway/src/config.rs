@@ -2,17 +2,14 @@
 //! their environment variables), then the secret files, whose permissions must keep them
 //! secret.
 
-use std::fs;
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Parser;
-use fz_proto::PortalPublicKey;
-
+use fz_host::secrets::{SecretError, load_or_create_key, read_secret};
 use fz_host::tun::DEFAULT_MTU;
 use fz_link::PortalConfig;
+use fz_proto::PortalPublicKey;
 
 /// The fz gateway: enforces grants from the portal for one site.
 #[derive(Debug, Parser)]
@@ -76,24 +73,8 @@ pub enum ConfigError {
     PortalKey(String),
     #[error("no gateway token: give `--token-file` or set `FZ_GATEWAY_TOKEN`")]
     NoToken,
-    #[error("cannot read `{path}`: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "`{path}` is readable by group or others (mode {mode:o}); it holds a secret: `chmod 600 {path}`"
-    )]
-    Exposed { path: PathBuf, mode: u32 },
-    #[error("`{path}` is empty")]
-    Empty { path: PathBuf },
-    #[error("`{path}` does not hold a 32-byte key (64 hex digits)")]
-    BadKey { path: PathBuf },
-    #[error("cannot create `{path}`: {source}")]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error(
         "`--listen {0}` names no address clients could reach: say where they reach this gateway with `--endpoint ADDR:PORT`"
     )]
@@ -126,7 +107,7 @@ impl Args {
         } else {
             vec![self.listen]
         };
-        let private_key = private_key(&self.key_file)?;
+        let private_key = load_or_create_key(&self.key_file)?;
         Ok(Config {
             portal: PortalConfig {
                 url: self.portal_url,
@@ -145,76 +126,12 @@ impl Args {
     }
 }
 
-/// A secret file's trimmed contents, if only its owner can read it.
-fn read_secret(path: &Path) -> Result<String, ConfigError> {
-    let read_error = |source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let mode = fs::metadata(path).map_err(read_error)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(ConfigError::Exposed {
-            path: path.to_owned(),
-            mode: mode & 0o777,
-        });
-    }
-    let text = fs::read_to_string(path).map_err(read_error)?;
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(ConfigError::Empty {
-            path: path.to_owned(),
-        });
-    }
-    Ok(text.to_owned())
-}
-
-/// The WireGuard private key in `path` (hex), made and written first when the file does not
-/// exist, so the gateway keeps its key (and the grants that name it) across restarts.
-fn private_key(path: &Path) -> Result<[u8; 32], ConfigError> {
-    if !path.exists() {
-        let create_error = |source| ConfigError::Create {
-            path: path.to_owned(),
-            source,
-        };
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|e| create_error(std::io::Error::other(e)))?;
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(create_error)?;
-        }
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(create_error)?;
-        file.write_all(format!("{}\n", hex(&key)).as_bytes())
-            .map_err(create_error)?;
-        tracing::info!(path = %path.display(), "made a new WireGuard key");
-        return Ok(key);
-    }
-    let text = read_secret(path)?;
-    parse_hex(&text).ok_or_else(|| ConfigError::BadKey {
-        path: path.to_owned(),
-    })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn parse_hex(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.is_ascii() {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(key)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::path::Path;
+
     use super::*;
 
     fn args(extra: &[&str]) -> Args {

@@ -1,7 +1,8 @@
 //! What an fz agent changes on, and asks of, its Linux host: TUN devices with their addresses
 //! and routes ([`tun::Tun`]), the gateway's nftables masquerade and IP forwarding
 //! ([`firewall::Masquerade`], [`firewall::enable_forwarding`]), and the host's own DNS
-//! resolver ([`resolve::Resolver`]). Both agents' drivers build on it.
+//! resolver ([`resolve::Resolver`]), and the secrets an agent keeps in files ([`secrets`]).
+//! Both agents' drivers build on it.
 //!
 //! No protocol logic lives here: no WireGuard, no grants, no packet filter. It needs
 //! `CAP_NET_ADMIN` and drives Linux's TUN driver, iproute2 (`ip`) and nftables (`nft`).
@@ -14,6 +15,7 @@
 
 pub mod firewall;
 pub mod resolve;
+pub mod secrets;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tun;
