@@ -1,0 +1,154 @@
+//! `dig` against the client's DNS front on loopback, with a real upstream server beside it
+//! and the test standing in for the portal: pass-through over UDP and TCP, a resource name
+//! answered with its mapped addresses once access is granted, PTR for a mapped address, and
+//! HTTPS kept local.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Instant;
+
+use fz_client::dns::{self, DnsService};
+use fz_dns::{Event, Stub};
+use fz_proto::{Resolution, ResourceView};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+
+/// An upstream that knows one name, over UDP and TCP.
+async fn upstream() -> SocketAddr {
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let address = udp.local_addr().unwrap();
+    let tcp = TcpListener::bind(address).await.unwrap();
+    tokio::spawn(async move {
+        let mut buffer = vec![0; 4096];
+        loop {
+            let (length, from) = udp.recv_from(&mut buffer).await.unwrap();
+            let answer = answer(&buffer[..length]);
+            udp.send_to(&answer, from).await.unwrap();
+        }
+    });
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        loop {
+            let (mut stream, _) = tcp.accept().await.unwrap();
+            tokio::spawn(async move {
+                let length = stream.read_u16().await.unwrap();
+                let mut query = vec![0; usize::from(length)];
+                stream.read_exact(&mut query).await.unwrap();
+                let answer = answer(&query);
+                stream.write_u16(answer.len() as u16).await.unwrap();
+                stream.write_all(&answer).await.unwrap();
+            });
+        }
+    });
+    address
+}
+
+fn answer(query: &[u8]) -> Vec<u8> {
+    let query = Message::from_vec(query).unwrap();
+    let mut response = Message::response(query.metadata.id, query.metadata.op_code);
+    response.metadata.message_type = MessageType::Response;
+    response.metadata.recursion_desired = query.metadata.recursion_desired;
+    let question = query.queries[0].clone();
+    response.add_query(question.clone());
+    if question.name().to_ascii() == "www.example.org." && question.query_type() == RecordType::A {
+        response.add_answer(Record::from_rdata(
+            question.name().clone(),
+            300,
+            RData::A(A("192.0.2.80".parse().unwrap())),
+        ));
+    } else {
+        response.metadata.response_code = ResponseCode::NXDomain;
+    }
+    response.to_vec().unwrap()
+}
+
+/// The client's DNS front on loopback, standing for the first sentinel, with an event loop
+/// that grants every name the stub asks for (gitlab exists, with IPv4 only).
+async fn client_dns(upstream: SocketAddr) -> SocketAddr {
+    let mut stub = Stub::new(&[upstream]);
+    stub.set_resources(vec![ResourceView {
+        id: "gitlab".into(),
+        address: "gitlab.company.com".into(),
+    }]);
+    let sentinel = IpAddr::V4(stub.sentinels()[0].v4);
+    let mut service = DnsService::new(stub);
+    let (queries, mut incoming) = mpsc::channel(64);
+    let bound = dns::serve(sentinel, (Ipv4Addr::LOCALHOST, 0).into(), queries)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(query) = incoming.recv().await {
+            if let Some(job) = service.handle_query(query, Instant::now()) {
+                tokio::spawn(dns::forward(job));
+            }
+            while let Some(event) = service.poll_event() {
+                if let Event::RequestAccess { dns, .. } = event {
+                    service.stub_mut().handle_granted(
+                        &dns.name,
+                        Resolution::Exists {
+                            ipv4: true,
+                            ipv6: false,
+                        },
+                    );
+                }
+            }
+        }
+    });
+    bound
+}
+
+/// Runs dig against `server` and returns its output.
+async fn dig(server: SocketAddr, args: &[&str]) -> String {
+    let server_arg = format!("@{}", server.ip());
+    let port = server.port().to_string();
+    let mut command = Command::new("dig");
+    command
+        .args([server_arg.as_str(), "-p", &port, "+time=3", "+tries=1"])
+        .args(args);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|error| {
+            panic!("cannot run dig ({error}); install it: apt-get install dnsutils")
+        });
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn dig_gets_pass_through_answers_and_mapped_addresses() {
+    let upstream = upstream().await;
+    let server = client_dns(upstream).await;
+
+    // A name of no resource: the upstream's answer, over UDP and over TCP.
+    for transport in ["+notcp", "+tcp"] {
+        let out = dig(server, &[transport, "+short", "www.example.org", "A"]).await;
+        assert_eq!(out.trim(), "192.0.2.80", "{transport}");
+        let out = dig(server, &[transport, "nothing.example.org", "A"]).await;
+        assert!(out.contains("status: NXDOMAIN"), "{transport}: {out}");
+    }
+
+    // A resource name: its four mapped IPv4 addresses, once the portal (here, the test)
+    // granted it; IPv6 does not exist at the site, so AAAA is empty but not NXDOMAIN.
+    let out = dig(server, &["+short", "gitlab.company.com", "A"]).await;
+    let addresses: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        addresses,
+        ["100.96.0.1", "100.96.0.2", "100.96.0.3", "100.96.0.4"]
+    );
+    let out = dig(server, &["gitlab.company.com", "AAAA"]).await;
+    assert!(out.contains("status: NOERROR"), "{out}");
+    assert!(out.contains("ANSWER: 0"), "{out}");
+    let out = dig(server, &["+tcp", "+short", "GitLab.Company.com", "A"]).await;
+    assert_eq!(out.lines().count(), 4, "the same over TCP, any case: {out}");
+
+    // The mapped address names its name; HTTPS for the resource name stays local and empty.
+    let out = dig(server, &["+short", "-x", "100.96.0.1"]).await;
+    assert_eq!(out.trim(), "gitlab.company.com.");
+    let out = dig(server, &["gitlab.company.com", "HTTPS"]).await;
+    assert!(out.contains("status: NOERROR"), "{out}");
+    assert!(out.contains("ANSWER: 0"), "{out}");
+}
