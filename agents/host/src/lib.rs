@@ -1,7 +1,8 @@
 //! What an fz agent changes on, and asks of, its Linux host: TUN devices with their addresses
 //! and routes ([`tun::Tun`]), the gateway's nftables masquerade and IP forwarding
 //! ([`firewall::Masquerade`], [`firewall::enable_forwarding`]), and the host's own DNS
-//! resolver ([`resolve::Resolver`]), and the secrets an agent keeps in files ([`secrets`]).
+//! resolver ([`resolve::Resolver`]), the client's switch of that resolver to its DNS stub
+//! ([`resolv::ResolverSwitch`]), and the secrets an agent keeps in files ([`secrets`]).
 //! Both agents' drivers build on it.
 //!
 //! No protocol logic lives here: no WireGuard, no grants, no packet filter. It needs
@@ -14,6 +15,7 @@
 //! With the `testing` feature, [`testing`] holds what tests that need root share.
 
 pub mod firewall;
+pub mod resolv;
 pub mod resolve;
 pub mod secrets;
 #[cfg(feature = "testing")]

@@ -61,7 +61,8 @@ pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], SecretError> {
             source,
         };
         let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|e| create_error(std::io::Error::other(e)))?;
+        getrandom::fill(&mut key)
+            .map_err(|e| create_error(std::io::Error::other(e.to_string())))?;
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(create_error)?;
         }
