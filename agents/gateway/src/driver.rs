@@ -16,6 +16,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use fz_host::agent::{send, sleep_until};
+
 use crate::metrics::{self, Snapshot};
 use fz_host::firewall::{self, Masquerade};
 use fz_host::resolve::{LookupFailure, Resolver};
@@ -185,19 +187,6 @@ async fn serve(
         if control {
             snapshots.send_replace(Snapshot::of(&core, portal_connected));
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn send(udp: &UdpSocket, to: SocketAddr, bytes: &[u8]) {
-    if let Err(error) = udp.send_to(bytes, to).await {
-        tracing::debug!(%error, "UDP send failed");
     }
 }
 

@@ -3,7 +3,7 @@
 //! ([`firewall::Masquerade`], [`firewall::enable_forwarding`]), and the host's own DNS
 //! resolver ([`resolve::Resolver`]), the client's switch of that resolver to its DNS stub
 //! ([`resolv::ResolverSwitch`]), and the secrets an agent keeps in files ([`secrets`]).
-//! Both agents' drivers build on it.
+//! Both agents' drivers build on it, and on what their binaries share ([`agent`]).
 //!
 //! No protocol logic lives here: no WireGuard, no grants, no packet filter. It needs
 //! `CAP_NET_ADMIN` and drives Linux's TUN driver, iproute2 (`ip`) and nftables (`nft`).
@@ -14,6 +14,7 @@
 //!
 //! With the `testing` feature, [`testing`] holds what tests that need root share.
 
+pub mod agent;
 pub mod firewall;
 pub mod resolv;
 pub mod resolve;

@@ -40,37 +40,40 @@ pub struct ResolverSwitch {
     restored: bool,
 }
 
+/// Restores a copy a crash left behind, then reads the upstreams of `file`.
+pub fn upstreams(file: &Path, backup: &Path) -> Result<Vec<SocketAddr>, ResolvError> {
+    if backup.exists() {
+        tracing::warn!(backup = %backup.display(), "the resolver configuration was not restored last time; restoring it now");
+        restore(file, backup)?;
+    }
+    let upstreams: Vec<SocketAddr> = read(file)?
+        .lines()
+        .filter_map(nameserver)
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect();
+    if upstreams.is_empty() {
+        return Err(ResolvError::NoNameserver(file.to_owned()));
+    }
+    Ok(upstreams)
+}
+
 impl ResolverSwitch {
-    /// Restores a copy a crash left behind, reads the upstreams, keeps a copy, and writes
-    /// `file` with `sentinels` as its nameservers (`sentinels[i]` stands for upstream `i`).
-    /// Returns the switch and the upstreams.
+    /// Keeps a copy of `file` in `backup` and writes `file` with `sentinels` as its
+    /// nameservers, keeping its other lines. Call [`upstreams`] first: it restores what a
+    /// crash left behind.
     pub fn install(
         file: &Path,
         backup: &Path,
-        sentinels: impl Fn(usize) -> Option<IpAddr>,
-    ) -> Result<(ResolverSwitch, Vec<SocketAddr>), ResolvError> {
-        if backup.exists() {
-            tracing::warn!(backup = %backup.display(), "the resolver configuration was not restored last time; restoring it now");
-            restore(file, backup)?;
-        }
+        sentinels: &[IpAddr],
+    ) -> Result<ResolverSwitch, ResolvError> {
         let original = read(file)?;
-        let upstreams: Vec<SocketAddr> = original
-            .lines()
-            .filter_map(nameserver)
-            .map(|ip| SocketAddr::new(ip, 53))
-            .collect();
-        if upstreams.is_empty() {
-            return Err(ResolvError::NoNameserver(file.to_owned()));
-        }
         write(backup, &original)?;
         let mut text = format!(
             "# Written by fz-client, which answers DNS for this host; the original is in {} and comes back when fz-client stops.\n",
             backup.display()
         );
-        for i in 0..upstreams.len() {
-            if let Some(sentinel) = sentinels(i) {
-                text.push_str(&format!("nameserver {sentinel}\n"));
-            }
+        for sentinel in sentinels {
+            text.push_str(&format!("nameserver {sentinel}\n"));
         }
         for line in original.lines().filter(|l| nameserver(l).is_none()) {
             if !line.trim_start().starts_with('#') && !line.trim().is_empty() {
@@ -79,12 +82,11 @@ impl ResolverSwitch {
             }
         }
         write(file, &text)?;
-        let switch = ResolverSwitch {
+        Ok(ResolverSwitch {
             file: file.to_owned(),
             backup: backup.to_owned(),
             restored: false,
-        };
-        Ok((switch, upstreams))
+        })
     }
 
     /// Writes the original back and removes the copy.
@@ -152,8 +154,16 @@ mod tests {
 
     const ORIGINAL: &str = "# from DHCP\nnameserver 192.0.2.53\nnameserver 2001:db8::53\nsearch corp.example\noptions edns0\n";
 
-    fn sentinel(i: usize) -> Option<IpAddr> {
-        format!("100.100.111.{}", i + 1).parse().ok()
+    fn sentinels(upstreams: &[SocketAddr]) -> Vec<IpAddr> {
+        (1..=upstreams.len())
+            .map(|i| format!("100.100.111.{i}").parse().unwrap())
+            .collect()
+    }
+
+    fn switch(file: &Path, backup: &Path) -> (ResolverSwitch, Vec<SocketAddr>) {
+        let found = upstreams(file, backup).unwrap();
+        let switch = ResolverSwitch::install(file, backup, &sentinels(&found)).unwrap();
+        (switch, found)
     }
 
     #[test]
@@ -162,9 +172,9 @@ mod tests {
         let file = dir.path().join("resolv.conf");
         let backup = dir.path().join("resolv.conf.fz-client");
         fs::write(&file, ORIGINAL).unwrap();
-        let (switch, upstreams) = ResolverSwitch::install(&file, &backup, sentinel).unwrap();
+        let (switch, found) = switch(&file, &backup);
         assert_eq!(
-            upstreams,
+            found,
             [
                 "192.0.2.53:53".parse::<SocketAddr>().unwrap(),
                 "[2001:db8::53]:53".parse().unwrap()
@@ -192,12 +202,12 @@ mod tests {
         let file = dir.path().join("resolv.conf");
         let backup = dir.path().join("resolv.conf.fz-client");
         fs::write(&file, ORIGINAL).unwrap();
-        let (switch, _) = ResolverSwitch::install(&file, &backup, sentinel).unwrap();
+        let (first, _) = switch(&file, &backup);
         // The process dies: no restore, no drop.
-        std::mem::forget(switch);
+        std::mem::forget(first);
         assert!(fs::read_to_string(&file).unwrap().contains("100.100.111.1"));
-        let (switch, upstreams) = ResolverSwitch::install(&file, &backup, sentinel).unwrap();
-        assert_eq!(upstreams.len(), 2, "the real upstreams, not the sentinels");
+        let (switch, found) = switch(&file, &backup);
+        assert_eq!(found.len(), 2, "the real upstreams, not the sentinels");
         drop(switch);
         assert_eq!(fs::read_to_string(&file).unwrap(), ORIGINAL);
     }
@@ -208,7 +218,7 @@ mod tests {
         let file = dir.path().join("resolv.conf");
         let backup = dir.path().join("resolv.conf.fz-client");
         fs::write(&file, "search corp.example\n").unwrap();
-        let error = ResolverSwitch::install(&file, &backup, sentinel).unwrap_err();
+        let error = upstreams(&file, &backup).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!(

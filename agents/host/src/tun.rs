@@ -186,15 +186,25 @@ impl Tun {
     /// Routes `network` (host bits are cleared) to the device. Replacing an existing route to
     /// the same network is not an error.
     pub fn add_route(&self, network: Cidr) -> Result<(), PlatformError> {
+        self.route(network, None)
+    }
+
+    /// Routes `network` to the device with `source` as the address local programs send from
+    /// (the client's tunnel address, not another address the device has).
+    pub fn add_route_from(&self, network: Cidr, source: IpAddr) -> Result<(), PlatformError> {
+        self.route(network, Some(source))
+    }
+
+    fn route(&self, network: Cidr, source: Option<IpAddr>) -> Result<(), PlatformError> {
         let network = network.network();
         let text = network.to_string();
         let family = family_flag(network.address);
-        run_tool(
-            "ip",
-            "iproute2",
-            &[family, "route", "replace", &text, "dev", &self.name],
-            None,
-        )?;
+        let source_text = source.map(|s| s.to_string());
+        let mut args = vec![family, "route", "replace", &text, "dev", &self.name];
+        if let Some(source) = &source_text {
+            args.extend(["src", source.as_str()]);
+        }
+        run_tool("ip", "iproute2", &args, None)?;
         tracing::debug!(tun = %self.name, %network, "route added");
         Ok(())
     }

@@ -179,6 +179,13 @@ impl Client {
         &self.metrics
     }
 
+    /// Gateways left lately for silence, sorted: a request for access names them to avoid.
+    pub fn avoiding(&self) -> Vec<String> {
+        let mut avoid: Vec<String> = self.avoided.keys().cloned().collect();
+        avoid.sort();
+        avoid
+    }
+
     /// The gateway (by id) each resource with a grant goes through, sorted by resource.
     pub fn gateways_in_use(&self) -> Vec<(String, String)> {
         let mut used: Vec<(String, String)> = self
@@ -551,8 +558,7 @@ impl Client {
                 )
             })
             .collect();
-        let mut avoid: Vec<String> = self.avoided.keys().cloned().collect();
-        avoid.sort();
+        let avoid = self.avoiding();
         for (grant_id, resource, dns) in grants {
             self.end(&grant_id, format!("gateway `{gateway_id}` went silent"));
             self.asking.entry(resource.clone()).or_insert(Asking {
@@ -596,8 +602,7 @@ impl Client {
         let asking = match self.asking.get_mut(&resource) {
             Some(asking) => asking,
             None => {
-                let mut avoid: Vec<String> = self.avoided.keys().cloned().collect();
-                avoid.sort();
+                let avoid = self.avoiding();
                 self.events
                     .push_back(Event::ToPortal(ClientMessage::RequestAccess {
                         resource: resource.clone(),

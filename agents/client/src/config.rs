@@ -1,0 +1,156 @@
+//! The client's command line, checked into a [`Config`] before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use fz_host::secrets::{SecretError, load_or_create_key, read_secret};
+use fz_host::tun::DEFAULT_MTU;
+use fz_link::PortalConfig;
+use fz_proto::PortalPublicKey;
+
+/// The fz client: reaches the resources policy allows through fz's gateways, and leaves all
+/// other traffic alone.
+#[derive(Debug, Parser)]
+#[command(name = "fz-client", version)]
+pub struct Args {
+    /// The portal, as `ws://host:port` or `wss://host:port`.
+    #[arg(long, env = "FZ_PORTAL_URL")]
+    pub portal_url: String,
+    /// The account (its slug).
+    #[arg(long, env = "FZ_ACCOUNT")]
+    pub account: String,
+    /// A file holding the client token (from `fz-portal token create --client`); it must not
+    /// be readable by group or others.
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// The portal's grant-signing public key (base64), pinned.
+    #[arg(long, env = "FZ_PORTAL_KEY")]
+    pub portal_key: String,
+    /// Extra CA certificates (PEM) to trust for a `wss://` portal.
+    #[arg(long)]
+    pub portal_ca: Option<PathBuf>,
+    /// The local UDP address WireGuard sends from.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+    /// The TUN device's name.
+    #[arg(long, default_value = "fz-client0")]
+    pub tun: String,
+    /// The TUN device's MTU: 1420 fits WireGuard inside a 1500-byte path.
+    #[arg(long, default_value_t = DEFAULT_MTU)]
+    pub mtu: u16,
+    /// The device's WireGuard private key; created (mode 0600) when missing.
+    #[arg(long, default_value = "/var/lib/fz-client/private.key")]
+    pub key_file: PathBuf,
+    /// The resolver configuration to point at the DNS stub (and restore at exit).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+    /// Where the client keeps the original resolver configuration while it runs.
+    #[arg(long, default_value = "/var/lib/fz-client")]
+    pub state_dir: PathBuf,
+}
+
+/// Everything the client needs, checked.
+#[derive(Debug)]
+pub struct Config {
+    pub portal: PortalConfig,
+    pub portal_key: PortalPublicKey,
+    pub listen: SocketAddr,
+    pub tun: String,
+    pub mtu: u16,
+    pub private_key: [u8; 32],
+    pub resolv_conf: PathBuf,
+    pub resolv_backup: PathBuf,
+}
+
+/// Why the client cannot start with what it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("`--portal-key`: {0}")]
+    PortalKey(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(
+        "the MTU {0} is outside 1280..=1500 (IPv6 needs 1280; the tunnel carries at most 1500)"
+    )]
+    Mtu(u16),
+}
+
+impl Args {
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let portal_key: PortalPublicKey = self
+            .portal_key
+            .parse()
+            .map_err(|e: fz_proto::KeyError| ConfigError::PortalKey(e.to_string()))?;
+        let token = read_secret(&self.token_file)?;
+        if !(1280..=1500).contains(&self.mtu) {
+            return Err(ConfigError::Mtu(self.mtu));
+        }
+        let private_key = load_or_create_key(&self.key_file)?;
+        Ok(Config {
+            portal: PortalConfig {
+                url: self.portal_url,
+                account: self.account,
+                token,
+                ca_file: self.portal_ca,
+            },
+            portal_key,
+            listen: self.listen,
+            tun: self.tun,
+            mtu: self.mtu,
+            private_key,
+            resolv_backup: self.state_dir.join("resolv.conf.original"),
+            resolv_conf: self.resolv_conf,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_token_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        fs::write(&token, "fzt_secret\n").unwrap();
+        fs::set_permissions(&token, fs::Permissions::from_mode(0o644)).unwrap();
+        let portal_key = fz_proto::PortalSigningKey::from_seed([1; 32])
+            .public_key()
+            .to_string();
+        let key_file = dir.path().join("key");
+        let argv = [
+            "fz-client",
+            "--portal-url",
+            "ws://127.0.0.1:8080",
+            "--account",
+            "acme",
+            "--portal-key",
+            &portal_key,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ];
+        let error = Args::try_parse_from(argv)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("is readable by group or others (mode 644)"),
+            "{error}"
+        );
+        assert!(
+            !key_file.exists(),
+            "nothing made before the token is checked"
+        );
+        fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+        let config = Args::try_parse_from(argv).unwrap().resolve().unwrap();
+        assert_eq!(config.portal.token, "fzt_secret");
+        assert_eq!(config.portal.account, "acme");
+    }
+}

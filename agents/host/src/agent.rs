@@ -1,0 +1,81 @@
+//! What both agents' binaries and event loops share: logging to standard error, a runtime
+//! that runs the loop until SIGTERM or SIGINT, a deadline that may be none, and a UDP send
+//! whose failure is only logged.
+
+use std::future::Future;
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+/// Logs to standard error at `RUST_LOG` (default `info`), with colour only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Runs `event_loop(shutdown)` on a single-threaded runtime; `shutdown` completes on SIGTERM
+/// or SIGINT. Exits 0 when the loop ends cleanly, 1 when it fails (its error logged).
+pub fn run_until_signal<F, L>(event_loop: L) -> ExitCode
+where
+    L: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()>>>) -> F,
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        // The handlers go in before the loop sets anything up on the host, so that a signal
+        // during start-up still ends in the loop's clean exit instead of the default action,
+        // which would leave what it installed behind.
+        let (mut term, mut int) = (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        );
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        event_loop(Box::pin(shutdown)).await
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+pub async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends a datagram; a failure (no route, a full buffer) is logged, the next one may go.
+pub async fn send(udp: &UdpSocket, to: SocketAddr, bytes: &[u8]) {
+    if let Err(error) = udp.send_to(bytes, to).await {
+        tracing::debug!(%error, "UDP send failed");
+    }
+}
