@@ -88,7 +88,7 @@ pub const IPV6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 pub fn enable_forwarding() -> Result<(), PlatformError> {
     write_sysctl(IPV4_FORWARD)?;
     match write_sysctl(IPV6_FORWARD) {
-        Err(PlatformError::Forwarding { source, .. })
+        Err(PlatformError::Forwarding { error: source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
             tracing::warn!(
@@ -102,7 +102,10 @@ pub fn enable_forwarding() -> Result<(), PlatformError> {
 }
 
 fn write_sysctl(path: &'static str) -> Result<(), PlatformError> {
-    std::fs::write(path, "1\n").map_err(|source| PlatformError::Forwarding { path, source })?;
+    std::fs::write(path, "1\n").map_err(|source| PlatformError::Forwarding {
+        path,
+        error: source,
+    })?;
     tracing::debug!(path, "forwarding on");
     Ok(())
 }

@@ -34,11 +34,10 @@ pub enum PlatformError {
         program: &'static str,
         package: &'static str,
     },
-    #[error("could not run `{command}`: {source}")]
+    #[error("could not run `{command}`: {error}")]
     Spawn {
         command: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("`{command}` failed ({status}): {stderr}")]
     CommandFailed {
@@ -50,24 +49,18 @@ pub enum PlatformError {
     InvalidName { name: String, reason: &'static str },
     #[error("invalid prefix length {len} for `{address}`")]
     InvalidPrefix { address: std::net::IpAddr, len: u8 },
-    #[error("could not create TUN device `{name}`: {source}")]
-    TunCreate {
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("could not {op} TUN device `{name}`: {source}")]
+    #[error("could not create TUN device `{name}`: {error}")]
+    TunCreate { name: String, error: std::io::Error },
+    #[error("could not {op} TUN device `{name}`: {error}")]
     TunIo {
         name: String,
         op: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("could not enable forwarding in `{path}`: {source}")]
+    #[error("could not enable forwarding in `{path}`: {error}")]
     Forwarding {
         path: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("could not read the system resolver configuration (`/etc/resolv.conf`): {0}")]
     ResolverConfig(String),
@@ -104,7 +97,12 @@ pub(crate) fn run_tool(
         Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
             return Err(PlatformError::ToolMissing { program, package });
         }
-        Err(source) => return Err(PlatformError::Spawn { command, source }),
+        Err(source) => {
+            return Err(PlatformError::Spawn {
+                command,
+                error: source,
+            });
+        }
     };
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // The pipe is dropped (closed) at the end of this block, which is what ends the
@@ -116,7 +114,7 @@ pub(crate) fn run_tool(
         .wait_with_output()
         .map_err(|source| PlatformError::Spawn {
             command: command.clone(),
-            source,
+            error: source,
         })?;
     if output.status.success() {
         return Ok(());

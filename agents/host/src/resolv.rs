@@ -17,15 +17,15 @@ use std::path::{Path, PathBuf};
 /// Why the resolver could not be switched or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolvError {
-    #[error("cannot read `{path}`: {source}")]
+    #[error("cannot read `{path}`: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot write `{path}`: {source}")]
+    #[error("cannot write `{path}`: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("`{0}` names no nameserver the stub could pass other names to")]
     NoNameserver(PathBuf),
@@ -67,6 +67,12 @@ impl ResolverSwitch {
         sentinels: &[IpAddr],
     ) -> Result<ResolverSwitch, ResolvError> {
         let original = read(file)?;
+        if let Some(parent) = backup.parent() {
+            fs::create_dir_all(parent).map_err(|source| ResolvError::Write {
+                path: parent.to_owned(),
+                error: source,
+            })?;
+        }
         write(backup, &original)?;
         let mut text = format!(
             "# Written by fz-client, which answers DNS for this host; the original is in {} and comes back when fz-client stops.\n",
@@ -121,14 +127,14 @@ fn restore(file: &Path, backup: &Path) -> Result<(), ResolvError> {
     write(file, &original)?;
     fs::remove_file(backup).map_err(|source| ResolvError::Write {
         path: backup.to_owned(),
-        source,
+        error: source,
     })
 }
 
 fn read(path: &Path) -> Result<String, ResolvError> {
     fs::read_to_string(path).map_err(|source| ResolvError::Read {
         path: path.to_owned(),
-        source,
+        error: source,
     })
 }
 
@@ -136,7 +142,7 @@ fn read(path: &Path) -> Result<String, ResolvError> {
 fn write(path: &Path, text: &str) -> Result<(), ResolvError> {
     let error = |source| ResolvError::Write {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -170,7 +176,8 @@ mod tests {
     fn the_stub_takes_over_and_the_original_comes_back() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("resolv.conf");
-        let backup = dir.path().join("resolv.conf.fz-client");
+        // The state directory need not exist yet.
+        let backup = dir.path().join("state/resolv.conf.fz-client");
         fs::write(&file, ORIGINAL).unwrap();
         let (switch, found) = switch(&file, &backup);
         assert_eq!(

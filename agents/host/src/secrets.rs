@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 /// Why a secret file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("cannot read `{path}`: {source}")]
+    #[error("cannot read `{path}`: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "`{path}` is readable by group or others (mode {mode:o}); it holds a secret: `chmod 600 {path}`"
@@ -22,10 +22,10 @@ pub enum SecretError {
     Empty { path: PathBuf },
     #[error("`{path}` does not hold a 32-byte key (64 hex digits)")]
     BadKey { path: PathBuf },
-    #[error("cannot create `{path}`: {source}")]
+    #[error("cannot create `{path}`: {error}")]
     Create {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -33,7 +33,7 @@ pub enum SecretError {
 pub fn read_secret(path: &Path) -> Result<String, SecretError> {
     let read_error = |source| SecretError::Read {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     let mode = fs::metadata(path).map_err(read_error)?.permissions().mode();
     if mode & 0o077 != 0 {
@@ -58,7 +58,7 @@ pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], SecretError> {
     if !path.exists() {
         let create_error = |source| SecretError::Create {
             path: path.to_owned(),
-            source,
+            error: source,
         };
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)

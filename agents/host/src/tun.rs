@@ -126,7 +126,7 @@ impl Tun {
         validate_name(name)?;
         let create_error = |source| PlatformError::TunCreate {
             name: name.to_owned(),
-            source,
+            error: source,
         };
         // tun-rs registers the device with tokio's reactor and panics without one.
         if tokio::runtime::Handle::try_current().is_err() {
@@ -254,7 +254,7 @@ impl Tun {
         PlatformError::TunIo {
             name: self.name.clone(),
             op,
-            source,
+            error: source,
         }
     }
 }
