@@ -236,6 +236,27 @@ fn a_rule_taken_away_is_refused_at_once() {
     });
 }
 
+/// The portal stops: the tunnels that are up, and the names already answered, go on working
+/// without it.
+#[test]
+fn tunnels_that_are_up_outlive_the_portal() {
+    Lab::run("tunnels_that_are_up_outlive_the_portal", |lab| {
+        let before = lab.greeting(DB);
+        let page = lab.web_page("gitlab.company.com");
+        assert!(page.starts_with("gitlab page from 10.0.5."), "{page:?}");
+
+        let status = lab.portal.terminate();
+        assert_eq!(status.code(), Some(0), "the portal's exit: {status}");
+        lab.wait_for("the client to notice the portal is gone", WAIT, |lab| {
+            lab.client.log_text().contains("portal away").then_some(())
+        });
+        // New connections over the tunnels that are up, and a name answered from memory.
+        assert_eq!(lab.greeting(DB), before, "db through the same gateway");
+        assert_eq!(lab.web_page("gitlab.company.com"), page);
+        lab.client.assert_running("traffic without the portal");
+    });
+}
+
 /// The gateway serving the client dies (SIGKILL, like a crash): the client hears nothing from
 /// it for ten seconds, leaves it, and the portal grants the resource again through the other
 /// gateway of the site; connections work again well within half a minute. The portal took the
