@@ -134,6 +134,13 @@ mod tests {
             (ip("fd00::10"), ip("fd00:2021:1111::2"))
         );
         assert_eq!(&error[40..42], &[1, 1]);
+        // The ICMPv6 checksum covers the pseudo-header: addresses, length, next header.
+        let mut pseudo = 0u32;
+        for chunk in error[8..40].chunks(2) {
+            pseudo += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
+        }
+        pseudo += (error.len() - 40) as u32 + 58;
+        assert_eq!(fold(&error[40..], pseudo), 0, "the ICMPv6 checksum");
     }
 
     #[test]
