@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 use fz_address::{Address, AddressIndex};
 use fz_proto::{
     ClientMessage, DnsMapping, Grant, Identity, PortalPublicKey, PortalToClient, PublicKey,
-    Resolution, ResourceView, SignedGrant, UnixTime,
+    Resolution, ResourceView, SignedGrant,
 };
 
 use crate::icmp;
 use crate::packet::Packet;
-use crate::peer::{Action, Gatekeeper, KeyPair, Peer, Screened};
+pub use crate::peer::Transmit;
+use crate::peer::{Action, Clock, Flushing, Gatekeeper, Indices, KeyPair, Peer, Screened};
 
 /// A gateway that has said nothing for this long while the client sends is given up.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(10);
@@ -44,13 +45,6 @@ pub struct Config {
     pub portal_key: PortalPublicKey,
     /// Where peer indices start; random in the driver, fixed in tests.
     pub seed: u32,
-}
-
-/// A datagram for a gateway.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    pub destination: SocketAddr,
-    pub payload: Vec<u8>,
 }
 
 /// Something for the driver to do or log.
@@ -130,17 +124,14 @@ pub struct Client {
     link_by_key: HashMap<PublicKey, u32>,
     asking: HashMap<String, Asking>,
     avoided: HashMap<String, Instant>,
-    next_index: u32,
-    started: Instant,
-    started_unix_ms: u64,
-    flushing: Vec<u32>,
+    indices: Indices,
+    clock: Clock,
+    flushing: Flushing,
     transmits: VecDeque<Transmit>,
     to_tun: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     metrics: Metrics,
 }
-
-const INDEX_MASK: u32 = (1 << 24) - 1;
 
 impl Client {
     /// A client at `now`, when the wall clock reads `unix_ms`.
@@ -158,10 +149,9 @@ impl Client {
             link_by_key: HashMap::new(),
             asking: HashMap::new(),
             avoided: HashMap::new(),
-            next_index: config.seed & INDEX_MASK,
-            started: now,
-            started_unix_ms: unix_ms,
-            flushing: Vec::new(),
+            indices: Indices::new(config.seed),
+            clock: Clock::new(now, unix_ms),
+            flushing: Flushing::default(),
             transmits: VecDeque::new(),
             to_tun: VecDeque::new(),
             events: VecDeque::new(),
@@ -305,9 +295,7 @@ impl Client {
             }
             Action::Send(bytes) => {
                 link.awaiting_since = None;
-                if !self.flushing.contains(&index) {
-                    self.flushing.push(index);
-                }
+                self.flushing.mark(index);
                 Some(Transmit {
                     destination: from,
                     payload: bytes.to_vec(),
@@ -335,7 +323,7 @@ impl Client {
     /// Time passed: grants expire, silent gateways are left, requests time out, WireGuard's
     /// timers run.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let unix = self.unix(now);
+        let unix = self.clock.unix(now);
         let expired: Vec<String> = self
             .held
             .iter()
@@ -380,23 +368,9 @@ impl Client {
         if let Some(transmit) = self.transmits.pop_front() {
             return Some(transmit);
         }
-        let mut buffer = [0u8; crate::gateway::MAX_DATAGRAM];
-        while let Some(index) = self.flushing.last().copied() {
-            let queued = self.links.get_mut(&index).and_then(|link| {
-                let bytes = link.wireguard.next_queued(&mut buffer)?;
-                Some(Transmit {
-                    destination: link.endpoint,
-                    payload: bytes.to_vec(),
-                })
-            });
-            match queued {
-                Some(transmit) => return Some(transmit),
-                None => {
-                    self.flushing.pop();
-                }
-            }
-        }
-        None
+        self.flushing.next(&mut self.links, |link| {
+            (&mut link.wireguard, Some(link.endpoint))
+        })
     }
 
     /// IP packets for applications: what gateways delivered, and ICMP errors for refusals.
@@ -425,7 +399,7 @@ impl Client {
             id: client_id,
             public_key: self.public_key(),
         };
-        if let Err(error) = signed.verify(&self.portal_key, &me, self.unix(now)) {
+        if let Err(error) = signed.verify(&self.portal_key, &me, self.clock.unix(now)) {
             return self.refuse(grant_id, &error.to_string());
         }
         let grant = signed.grant;
@@ -488,12 +462,8 @@ impl Client {
             link.endpoint = endpoint;
             return index;
         }
-        let index = loop {
-            self.next_index = (self.next_index + 1) & INDEX_MASK;
-            if !self.links.contains_key(&self.next_index) {
-                break self.next_index;
-            }
-        };
+        let links = &self.links;
+        let index = self.indices.fresh(|i| links.contains_key(&i));
         self.links.insert(
             index,
             Link {
@@ -644,11 +614,5 @@ impl Client {
                     _ => false,
                 },
             })
-    }
-
-    fn unix(&self, now: Instant) -> UnixTime {
-        let millis = u64::try_from(now.saturating_duration_since(self.started).as_millis())
-            .unwrap_or(u64::MAX);
-        self.started_unix_ms.saturating_add(millis) / 1000
     }
 }

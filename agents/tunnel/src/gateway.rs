@@ -34,7 +34,10 @@ use fz_proto::{
 use crate::filter::{Drop, GrantFilter};
 use crate::nat::{Millis, Nat, NatError};
 use crate::packet::Packet;
-use crate::peer::{Action, Gatekeeper, KeyPair, Peer, Rejected, Screened};
+pub use crate::peer::Transmit;
+use crate::peer::{
+    Action, Clock, Flushing, Gatekeeper, Indices, KeyPair, Peer, Rejected, Screened,
+};
 
 /// How often WireGuard's timers run, as boringtun's own device does.
 const TIMER_TICK_MS: u64 = 250;
@@ -63,13 +66,6 @@ pub enum Output<'a> {
     Tun(&'a [u8]),
     /// Send this datagram from the WireGuard port.
     Network(SocketAddr, &'a [u8]),
-}
-
-/// A datagram to send that was not the direct answer to an input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    pub destination: SocketAddr,
-    pub payload: Vec<u8>,
 }
 
 /// What the gateway's resolver found for a name.
@@ -194,9 +190,7 @@ pub struct Gateway {
     portal_key: PortalPublicKey,
     /// Known once the portal said `ready`; grants are addressed to it.
     gateway_id: Option<String>,
-    /// The driver's clock at start, and the wall clock then, in milliseconds.
-    started: Instant,
-    started_unix_ms: u64,
+    clock: Clock,
     // The packet path looks these up for every packet: a fast hasher, randomly seeded.
     peers: HashMap<u32, ClientPeer, RandomState>,
     peer_by_key: HashMap<PublicKey, u32, RandomState>,
@@ -204,12 +198,11 @@ pub struct Gateway {
     installed: HashMap<String, Installed>,
     /// Verified DNS grants waiting for their name to resolve, by name.
     resolving: HashMap<String, Vec<SignedGrant>>,
-    next_index: u32,
+    indices: Indices,
     next_tick: Option<Instant>,
     last_rate_reset: Instant,
     transmits: VecDeque<Transmit>,
-    /// Peers that completed a handshake and may hold packets queued meanwhile.
-    flushing: Vec<u32>,
+    flushing: Flushing,
     events: VecDeque<Event>,
     metrics: Metrics,
 }
@@ -221,18 +214,17 @@ impl Gateway {
             gatekeeper: Gatekeeper::new(KeyPair::from_secret(config.private_key)),
             portal_key: config.portal_key,
             gateway_id: None,
-            started: now,
-            started_unix_ms: unix_ms,
+            clock: Clock::new(now, unix_ms),
             peers: HashMap::default(),
             peer_by_key: HashMap::default(),
             peer_by_address: HashMap::default(),
             installed: HashMap::new(),
             resolving: HashMap::new(),
-            next_index: config.seed & INDEX_MASK,
+            indices: Indices::new(config.seed),
             next_tick: None,
             last_rate_reset: now,
             transmits: VecDeque::new(),
-            flushing: Vec::new(),
+            flushing: Flushing::default(),
             events: VecDeque::new(),
             metrics: Metrics::default(),
         }
@@ -310,7 +302,7 @@ impl Gateway {
                 return None;
             }
         };
-        let millis = self.millis(now);
+        let millis = self.clock.millis(now);
         let Some(peer) = self.peers.get_mut(&index) else {
             self.metrics.drop(Drop::UnknownSession);
             return None;
@@ -319,9 +311,7 @@ impl Gateway {
             Action::Nothing => None,
             Action::Send(bytes) => {
                 // A handshake answered: packets may have queued while it was under way.
-                if !self.flushing.contains(&index) {
-                    self.flushing.push(index);
-                }
+                self.flushing.mark(index);
                 Some(Output::Network(from, bytes))
             }
             Action::Refused => {
@@ -351,7 +341,7 @@ impl Gateway {
         buffer: &'a mut [u8],
         now: Instant,
     ) -> Option<Output<'a>> {
-        let millis = self.millis(now);
+        let millis = self.clock.millis(now);
         // boringtun panics when the sealed packet does not fit; and packets queued for a
         // handshake are sealed later into a MAX_DATAGRAM buffer.
         if packet.len() > MAX_PACKET || packet.len() + WIREGUARD_OVERHEAD > buffer.len() {
@@ -434,7 +424,7 @@ impl Gateway {
         let Some(waiting) = self.resolving.remove(name) else {
             return;
         };
-        let unix = self.unix(now);
+        let unix = self.clock.unix(now);
         for signed in waiting {
             let grant = &signed.grant;
             if unix >= grant.expires_at {
@@ -464,7 +454,7 @@ impl Gateway {
 
     /// Time passed: grants expire, idle NAT flows end, WireGuard's timers run.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let unix = self.unix(now);
+        let unix = self.clock.unix(now);
         let expired: Vec<String> = self
             .installed
             .iter()
@@ -482,7 +472,7 @@ impl Gateway {
             self.gatekeeper.reset_rate();
             self.last_rate_reset = now;
         }
-        let millis = self.millis(now);
+        let millis = self.clock.millis(now);
         let mut buffer = [0u8; MAX_DATAGRAM];
         for peer in self.peers.values_mut() {
             peer.nat.expire(millis);
@@ -523,24 +513,10 @@ impl Gateway {
         if let Some(transmit) = self.transmits.pop_front() {
             return Some(transmit);
         }
-        let mut buffer = [0u8; MAX_DATAGRAM];
-        while let Some(index) = self.flushing.last().copied() {
-            let queued = self.peers.get_mut(&index).and_then(|peer| {
-                let destination = peer.wireguard.endpoint()?;
-                let bytes = peer.wireguard.next_queued(&mut buffer)?;
-                Some(Transmit {
-                    destination,
-                    payload: bytes.to_vec(),
-                })
-            });
-            match queued {
-                Some(transmit) => return Some(transmit),
-                None => {
-                    self.flushing.pop();
-                }
-            }
-        }
-        None
+        self.flushing.next(&mut self.peers, |peer| {
+            let endpoint = peer.wireguard.endpoint();
+            (&mut peer.wireguard, endpoint)
+        })
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -575,7 +551,7 @@ impl Gateway {
             id: gateway_id,
             public_key: self.public_key(),
         };
-        if let Err(error) = signed.verify(&self.portal_key, &me, self.unix(now)) {
+        if let Err(error) = signed.verify(&self.portal_key, &me, self.clock.unix(now)) {
             self.refuse(&grant_id, error.to_string());
             return;
         }
@@ -663,7 +639,8 @@ impl Gateway {
         let index = match self.peer_by_key.get(&key) {
             Some(index) => *index,
             None => {
-                let index = self.fresh_index();
+                let peers = &self.peers;
+                let index = self.indices.fresh(|i| peers.contains_key(&i));
                 let peer = ClientPeer {
                     wireguard: Peer::new(&self.gatekeeper, key.0, preshared_key, index),
                     last_received: None,
@@ -773,30 +750,7 @@ impl Gateway {
             reason,
         });
     }
-
-    /// A peer index no peer has: 24 bits, since boringtun keeps the low 8 bits of a session
-    /// index for itself.
-    fn fresh_index(&mut self) -> u32 {
-        loop {
-            self.next_index = (self.next_index + 1) & INDEX_MASK;
-            if !self.peers.contains_key(&self.next_index) {
-                return self.next_index;
-            }
-        }
-    }
-
-    // ---- time ----
-
-    fn millis(&self, now: Instant) -> Millis {
-        u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn unix(&self, now: Instant) -> UnixTime {
-        self.started_unix_ms.saturating_add(self.millis(now)) / 1000
-    }
 }
-
-const INDEX_MASK: u32 = (1 << 24) - 1;
 
 impl ClientPeer {
     /// Checks a packet out of the client's tunnel against its grants and translates it if it

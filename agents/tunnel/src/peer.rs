@@ -6,15 +6,19 @@
 //! argument. Those timers are the only clock this module does not control, and they never
 //! decide who may send what: grants do, on the caller's clock.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet as WireMessage, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as X25519Public, StaticSecret};
+use fz_proto::UnixTime;
 
 /// A gateway's or client's own WireGuard key pair.
 #[derive(Clone)]
@@ -249,5 +253,104 @@ impl fmt::Debug for Peer {
         f.debug_struct("Peer")
             .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
+    }
+}
+
+/// A datagram to send that was not the direct answer to an input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Hands out peer indices: 24 bits, since boringtun keeps the low 8 bits of a session index
+/// for itself; from a seed, skipping those in use.
+#[derive(Debug)]
+pub(crate) struct Indices {
+    next: u32,
+}
+
+const INDEX_MASK: u32 = (1 << 24) - 1;
+
+impl Indices {
+    pub(crate) fn new(seed: u32) -> Indices {
+        Indices {
+            next: seed & INDEX_MASK,
+        }
+    }
+
+    pub(crate) fn fresh(&mut self, taken: impl Fn(u32) -> bool) -> u32 {
+        loop {
+            self.next = (self.next + 1) & INDEX_MASK;
+            if !taken(self.next) {
+                return self.next;
+            }
+        }
+    }
+}
+
+/// The caller's clock (`Instant`s handed in), and the wall clock read once against it at
+/// start, for grant times.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    started: Instant,
+    started_unix_ms: u64,
+}
+
+impl Clock {
+    pub(crate) fn new(now: Instant, unix_ms: u64) -> Clock {
+        Clock {
+            started: now,
+            started_unix_ms: unix_ms,
+        }
+    }
+
+    /// Milliseconds since start.
+    pub(crate) fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn unix(&self, now: Instant) -> UnixTime {
+        self.started_unix_ms.saturating_add(self.millis(now)) / 1000
+    }
+}
+
+/// Peers that completed a handshake and may hold packets queued while it was under way.
+#[derive(Debug, Default)]
+pub(crate) struct Flushing(Vec<u32>);
+
+impl Flushing {
+    pub(crate) fn mark(&mut self, index: u32) {
+        if !self.0.contains(&index) {
+            self.0.push(index);
+        }
+    }
+
+    /// The next queued packet of a marked peer, sealed; `parts` finds a holder's peer and
+    /// where to send.
+    pub(crate) fn next<T, S: BuildHasher>(
+        &mut self,
+        holders: &mut HashMap<u32, T, S>,
+        parts: fn(&mut T) -> (&mut Peer, Option<SocketAddr>),
+    ) -> Option<Transmit> {
+        let mut buffer = [0u8; crate::gateway::MAX_DATAGRAM];
+        while let Some(index) = self.0.last().copied() {
+            let queued = holders.get_mut(&index).and_then(|holder| {
+                let (peer, destination) = parts(holder);
+                let destination = destination?;
+                let bytes = peer.next_queued(&mut buffer)?;
+                Some(Transmit {
+                    destination,
+                    payload: bytes.to_vec(),
+                })
+            });
+            match queued {
+                Some(transmit) => return Some(transmit),
+                None => {
+                    self.0.pop();
+                }
+            }
+        }
+        None
     }
 }
