@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use fz_host::secrets::{SecretError, load_or_create_key, read_secret};
 use fz_host::tun::DEFAULT_MTU;
-use fz_link::PortalConfig;
+use fz_link::{PortalArgs, PortalConfig};
 use fz_proto::PortalPublicKey;
 
 /// The fz client: reaches the resources policy allows through fz's gateways, and leaves all
@@ -14,22 +14,12 @@ use fz_proto::PortalPublicKey;
 #[derive(Debug, Parser)]
 #[command(name = "fz-client", version)]
 pub struct Args {
-    /// The portal, as `ws://host:port` or `wss://host:port`.
-    #[arg(long, env = "FZ_PORTAL_URL")]
-    pub portal_url: String,
-    /// The account (its slug).
-    #[arg(long, env = "FZ_ACCOUNT")]
-    pub account: String,
+    #[command(flatten)]
+    pub portal: PortalArgs,
     /// A file holding the client token (from `fz-portal token create --client`); it must not
     /// be readable by group or others.
     #[arg(long)]
     pub token_file: PathBuf,
-    /// The portal's grant-signing public key (base64), pinned.
-    #[arg(long, env = "FZ_PORTAL_KEY")]
-    pub portal_key: String,
-    /// Extra CA certificates (PEM) to trust for a `wss://` portal.
-    #[arg(long)]
-    pub portal_ca: Option<PathBuf>,
     /// The local UDP address WireGuard sends from.
     #[arg(long, default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
@@ -66,7 +56,7 @@ pub struct Config {
 /// Why the client cannot start with what it was given.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("`--portal-key`: {0}")]
+    #[error("{0}")]
     PortalKey(String),
     #[error(transparent)]
     Secret(#[from] SecretError),
@@ -78,22 +68,15 @@ pub enum ConfigError {
 
 impl Args {
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let portal_key: PortalPublicKey = self
-            .portal_key
-            .parse()
-            .map_err(|e: fz_proto::KeyError| ConfigError::PortalKey(e.to_string()))?;
         let token = read_secret(&self.token_file)?;
         if !(1280..=1500).contains(&self.mtu) {
             return Err(ConfigError::Mtu(self.mtu));
         }
+        // Everything that can be checked is, before the key file is made.
+        let (portal, portal_key) = self.portal.resolve(token).map_err(ConfigError::PortalKey)?;
         let private_key = load_or_create_key(&self.key_file)?;
         Ok(Config {
-            portal: PortalConfig {
-                url: self.portal_url,
-                account: self.account,
-                token,
-                ca_file: self.portal_ca,
-            },
+            portal,
             portal_key,
             listen: self.listen,
             tun: self.tun,

@@ -8,30 +8,19 @@ use std::path::PathBuf;
 use clap::Parser;
 use fz_host::secrets::{SecretError, load_or_create_key, read_secret};
 use fz_host::tun::DEFAULT_MTU;
-use fz_link::PortalConfig;
+use fz_link::{PortalArgs, PortalConfig};
 use fz_proto::PortalPublicKey;
 
 /// The fz gateway: enforces grants from the portal for one site.
 #[derive(Debug, Parser)]
 #[command(name = "fz-gateway", version)]
 pub struct Args {
-    /// The portal, as `ws://host:port` or `wss://host:port`.
-    #[arg(long, env = "FZ_PORTAL_URL")]
-    pub portal_url: String,
-    /// The account (its slug) the gateway belongs to.
-    #[arg(long, env = "FZ_ACCOUNT")]
-    pub account: String,
+    #[command(flatten)]
+    pub portal: PortalArgs,
     /// A file holding the gateway token (from `fz-portal token create --gateway`); it must
     /// not be readable by group or others. `FZ_GATEWAY_TOKEN` may carry the token instead.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// The portal's grant-signing public key (base64), pinned: grants signed with any other
-    /// key are refused.
-    #[arg(long, env = "FZ_PORTAL_KEY")]
-    pub portal_key: String,
-    /// Extra CA certificates (PEM) to trust for a `wss://` portal, beside the system's.
-    #[arg(long)]
-    pub portal_ca: Option<PathBuf>,
     /// Where WireGuard listens.
     #[arg(long, default_value = "0.0.0.0:51820")]
     pub listen: SocketAddr,
@@ -69,7 +58,7 @@ pub struct Config {
 /// Why the gateway cannot start with what it was given.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("`--portal-key`: {0}")]
+    #[error("{0}")]
     PortalKey(String),
     #[error("no gateway token: give `--token-file` or set `FZ_GATEWAY_TOKEN`")]
     NoToken,
@@ -88,10 +77,6 @@ pub enum ConfigError {
 impl Args {
     /// Checks the flags and reads the secrets. `env_token` is `FZ_GATEWAY_TOKEN`.
     pub fn resolve(self, env_token: Option<String>) -> Result<Config, ConfigError> {
-        let portal_key: PortalPublicKey = self
-            .portal_key
-            .parse()
-            .map_err(|e: fz_proto::KeyError| ConfigError::PortalKey(e.to_string()))?;
         let token = match (&self.token_file, env_token) {
             (Some(path), _) => read_secret(path)?,
             (None, Some(token)) if !token.trim().is_empty() => token.trim().to_owned(),
@@ -107,14 +92,11 @@ impl Args {
         } else {
             vec![self.listen]
         };
+        // Everything that can be checked is, before the key file is made.
+        let (portal, portal_key) = self.portal.resolve(token).map_err(ConfigError::PortalKey)?;
         let private_key = load_or_create_key(&self.key_file)?;
         Ok(Config {
-            portal: PortalConfig {
-                url: self.portal_url,
-                account: self.account,
-                token,
-                ca_file: self.portal_ca,
-            },
+            portal,
             portal_key,
             listen: self.listen,
             endpoints,
@@ -253,7 +235,7 @@ mod tests {
             assert!(error.starts_with(&expected), "{extra:?}: {error}");
         }
         let mut bad_key = args(&["--endpoint", "1.2.3.4:5", "--key-file", key]);
-        bad_key.portal_key = "not base64!".into();
+        bad_key.portal.portal_key = "not base64!".into();
         let error = bad_key.resolve(Some("t".into())).unwrap_err().to_string();
         assert!(error.starts_with("`--portal-key`: "), "{error}");
     }

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use fz_proto::{ClientMessage, GatewayMessage, PortalToClient, PortalToGateway, decode, encode};
+use fz_proto::{
+    ClientMessage, GatewayMessage, PortalPublicKey, PortalToClient, PortalToGateway, decode, encode,
+};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Serialize;
@@ -112,6 +114,42 @@ impl fmt::Debug for PortalConfig {
             .field("account", &self.account)
             .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
+    }
+}
+
+/// The command-line flags that say where the portal is and which key it signs with; both
+/// agents' command lines include them (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PortalArgs {
+    /// The portal, as `ws://host:port` or `wss://host:port`.
+    #[arg(long, env = "FZ_PORTAL_URL")]
+    pub portal_url: String,
+    /// The account (its slug).
+    #[arg(long, env = "FZ_ACCOUNT")]
+    pub account: String,
+    /// The portal's grant-signing public key (base64), pinned: grants signed with any other
+    /// key are refused.
+    #[arg(long, env = "FZ_PORTAL_KEY")]
+    pub portal_key: String,
+    /// Extra CA certificates (PEM) to trust for a `wss://` portal, beside the system's.
+    #[arg(long)]
+    pub portal_ca: Option<PathBuf>,
+}
+
+impl PortalArgs {
+    /// The link's configuration with `token`, and the pinned key; the error names the flag.
+    pub fn resolve(self, token: String) -> Result<(PortalConfig, PortalPublicKey), String> {
+        let key: PortalPublicKey = self
+            .portal_key
+            .parse()
+            .map_err(|e: fz_proto::KeyError| format!("`--portal-key`: {e}"))?;
+        let config = PortalConfig {
+            url: self.portal_url,
+            account: self.account,
+            token,
+            ca_file: self.portal_ca,
+        };
+        Ok((config, key))
     }
 }
 
