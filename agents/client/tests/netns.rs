@@ -35,18 +35,19 @@
 //! a bundle hash, a log line, a greeting) within a deadline.
 
 use std::fs::File;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message as DnsMessage, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
+use fz_host::testing::WAIT;
+use fz_host::testing::metrics::{Metrics, http_get, scrape};
+use fz_host::testing::net::{greet, serve_dns, tcp_listener, try_greeting, udp_socket};
+use fz_host::testing::netns::{Netns, RemoveDir, bridge, etc_netns, port, unique_id};
+use fz_host::testing::process::{Process, stop, wait_exit};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 // ---- the scenarios ----
@@ -462,11 +463,6 @@ fn a_token_file_others_can_read_is_refused() {
 
 // ---- the world ----
 
-/// How long anything that should happen may take.
-const WAIT: Duration = Duration::from_secs(10);
-/// How long a connection that must fail is given. A connection through the tunnel takes
-/// milliseconds, and the gateway's drop counter confirms each refusal.
-const REFUSAL: Duration = Duration::from_millis(700);
 /// A rule taken out of the tree closes its resource within this.
 const WITHDRAWAL: Duration = Duration::from_secs(5);
 /// The failover must be done within this (ten seconds of silence, then the portal).
@@ -548,8 +544,6 @@ struct Lab {
     dir: tempfile::TempDir,
 }
 
-static LABS: AtomicUsize = AtomicUsize::new(0);
-
 impl Lab {
     /// Builds the world for `test` and runs `body` in it, or skips loudly without root.
     fn run(test: &str, body: impl FnOnce(&mut Lab)) {
@@ -558,24 +552,14 @@ impl Lab {
 
     /// [`Lab::run`], with the gateways' heartbeat interval set in the portal's configuration.
     fn run_with(test: &str, heartbeat: Option<Duration>, body: impl FnOnce(&mut Lab)) {
-        if !fz_host::testing::may_run_as_root(test) {
-            return;
-        }
-        match Lab::new(heartbeat) {
-            Ok(mut lab) => body(&mut lab),
-            Err(why) => fz_host::testing::skip(test, &why),
-        }
+        fz_host::testing::run_as_root(test, || Lab::new(heartbeat), body);
     }
 
     /// The world, or why it cannot be made here (no network namespaces in this container, say).
     fn new(heartbeat: Option<Duration>) -> Result<Lab, String> {
         let portal_bin = other_binary("fz-portal");
         let gateway_bin = other_binary("fz-gateway");
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            LABS.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = unique_id();
         let client_ns = Netns::add(format!("fzc-{id}-client"))
             .map_err(|error| format!("cannot make a network namespace: {error}"))?;
         let portal_ns = Netns::add(format!("fzc-{id}-portal")).unwrap();
@@ -609,10 +593,10 @@ impl Lab {
             port(&site_ns, lan_port, ns, "eth1", &format!("{}/24", spec.lan));
         }
 
-        let mut etc = Vec::new();
-        let client_etc = etc_netns(&client_ns, CLIENT_RESOLV_CONF, &mut etc);
+        let mut etc = vec![etc_netns(&client_ns, CLIENT_RESOLV_CONF)];
+        let client_etc = etc[0].path().to_owned();
         for ns in &gateway_ns {
-            etc_netns(ns, &format!("nameserver {SITE_DNS}\n"), &mut etc);
+            etc.push(etc_netns(ns, &format!("nameserver {SITE_DNS}\n")));
         }
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -650,22 +634,12 @@ impl Lab {
             "info",
             dir.path().join("portal.log"),
         );
-        let started = Instant::now();
-        loop {
-            if portal_ns
-                .run(|| http_get(PORTAL_LISTEN, "/healthz"))
-                .is_ok()
-            {
-                break;
-            }
-            portal.assert_running("its /healthz");
-            assert!(
-                started.elapsed() < WAIT,
-                "the portal did not serve /healthz"
-            );
-            // A poll interval, not a synchronisation: the condition is checked again.
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fz_host::testing::wait_for(
+            "the portal's /healthz",
+            WAIT,
+            |what| portal.assert_running(what),
+            || portal_ns.run(|| http_get(PORTAL_LISTEN, "/healthz")).ok(),
+        );
 
         let admin = |args: &[&str]| admin(&portal_ns, &portal_bin, &portal_config, args);
         let portal_key = admin(&["public-key"]).trim().to_owned();
@@ -715,23 +689,17 @@ impl Lab {
         let gateways: [Process; 2] = gateways.try_into().ok().unwrap();
         // Both gateways are in service before the client asks for anything.
         for ((process, ns), spec) in gateways.iter().zip(&gateway_ns).zip(GATEWAYS) {
-            let started = Instant::now();
-            loop {
-                if ns
-                    .run(scrape)
-                    .is_ok_and(|m| m.value("fz_gateway_portal_connected") == 1)
-                {
-                    break;
-                }
-                process.assert_running("its portal connection");
-                portal.assert_running(&format!("{}'s connection", spec.name));
-                assert!(
-                    started.elapsed() < WAIT,
-                    "{} did not connect to the portal",
-                    spec.name
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            fz_host::testing::metrics::wait_metrics(
+                ns,
+                METRICS,
+                &format!("{} to connect to the portal", spec.name),
+                WAIT,
+                |what| {
+                    process.assert_running(what);
+                    portal.assert_running(what);
+                },
+                |m| m.value("fz_gateway_portal_connected") == 1,
+            );
         }
 
         let client_token = secret_file(
@@ -863,18 +831,12 @@ impl Lab {
 
     /// Connects from the client namespace to `to` and reads the server's greeting line.
     fn greeting(&self, to: &str) -> String {
-        self.client_ns
-            .run(|| try_greeting(to, WAIT))
-            .unwrap_or_else(|error| panic!("no greeting from {to}: {error}"))
+        fz_host::testing::net::greeting(&self.client_ns, to)
     }
 
     /// Checks that a connection from the client namespace to `to` does not come up.
     fn cannot_connect(&self, to: &str) {
-        let to: SocketAddr = to.parse().unwrap();
-        let outcome = self
-            .client_ns
-            .run(move || TcpStream::connect_timeout(&to, REFUSAL));
-        assert!(outcome.is_err(), "connected to {to}, which no grant allows");
+        fz_host::testing::net::cannot_connect(&self.client_ns, to);
     }
 
     /// Which gateway a site server's greeting (`<name> <address>`) came through.
@@ -937,7 +899,7 @@ impl Lab {
 
     fn metrics(&self, gateway: usize) -> Metrics {
         self.gateway_ns[gateway]
-            .run(scrape)
+            .run(|| scrape(METRICS))
             .unwrap_or_else(|error| {
                 panic!("cannot read {}'s metrics: {error}", GATEWAYS[gateway].name)
             })
@@ -951,23 +913,14 @@ impl Lab {
         what: &str,
         holds: impl Fn(&Metrics) -> bool,
     ) -> Metrics {
-        let mut last = None;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(metrics) = self.gateway_ns[gateway].run(scrape) {
-                if holds(&metrics) {
-                    return metrics;
-                }
-                last = Some(metrics);
-            }
-            self.assert_running(what);
-            assert!(
-                Instant::now() < deadline,
-                "waited {WAIT:?} for {what} at {}; its metrics last said\n{last:#?}",
-                GATEWAYS[gateway].name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fz_host::testing::metrics::wait_metrics(
+            &self.gateway_ns[gateway],
+            METRICS,
+            &format!("{what} at {}", GATEWAYS[gateway].name),
+            WAIT,
+            |what| self.assert_running(what),
+            holds,
+        )
     }
 
     // ---- waiting ----
@@ -989,31 +942,13 @@ impl Lab {
         patience: Duration,
         mut probe: impl FnMut(&Lab) -> Option<T>,
     ) -> T {
-        let deadline = Instant::now() + patience;
-        loop {
-            if let Some(found) = probe(self) {
-                return found;
-            }
-            self.assert_running(what);
-            assert!(Instant::now() < deadline, "waited {patience:?} for {what}");
-            // A poll interval, not a synchronisation: the condition is checked again.
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fz_host::testing::wait_for(
+            what,
+            patience,
+            |what| self.assert_running(what),
+            || probe(self),
+        )
     }
-}
-
-/// Connects to `to` (within `patience`) and reads the server's first line (within `WAIT`).
-/// Run inside a namespace.
-fn try_greeting(to: &str, patience: Duration) -> std::io::Result<String> {
-    let to: SocketAddr = to.parse().unwrap();
-    let stream = TcpStream::connect_timeout(&to, patience)?;
-    stream.set_read_timeout(Some(WAIT))?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::other("closed without a greeting"));
-    }
-    Ok(line.trim_end().to_owned())
 }
 
 fn is_mapped(address: Ipv4Addr) -> bool {
@@ -1039,25 +974,6 @@ fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
     std::fs::write(&path, format!("{secret}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
-}
-
-/// `GET path` over plain HTTP/1.1; the body of a 200. Run inside a namespace.
-fn http_get(to: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&to, WAIT)?;
-    stream.set_read_timeout(Some(WAIT))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {response:?}")))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("not 200: {head}")));
-    }
-    Ok(body.to_owned())
 }
 
 // ---- the binaries ----
@@ -1124,283 +1040,6 @@ fn build_others(dir: &Path) -> Result<(), String> {
     }
 }
 
-// ---- processes ----
-
-/// A binary started with `ip netns exec` (which execs it: the child is the binary). Dropping
-/// it stops it (SIGTERM, then SIGKILL) and, when the test is failing, prints its log.
-struct Process {
-    what: String,
-    child: Mutex<Option<Child>>,
-    log: PathBuf,
-}
-
-impl Process {
-    fn start(
-        what: &str,
-        ns: &Netns,
-        program: &Path,
-        args: &[&str],
-        rust_log: &str,
-        log: PathBuf,
-    ) -> Process {
-        let output = File::create(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(program)
-            .args(args)
-            .env("RUST_LOG", rust_log)
-            .env_remove("FZ_PORTAL_URL")
-            .env_remove("FZ_ACCOUNT")
-            .env_remove("FZ_PORTAL_KEY")
-            .env_remove("FZ_GATEWAY_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(output.try_clone().unwrap())
-            .stderr(output)
-            .spawn()
-            .unwrap();
-        Process {
-            what: what.to_owned(),
-            child: Mutex::new(Some(child)),
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Fails, with the log, if the process exited (unless the test stopped it).
-    fn assert_running(&self, waiting_for: &str) {
-        let mut child = self.child.lock().unwrap();
-        let Some(running) = child.as_mut() else {
-            return;
-        };
-        if let Some(status) = running.try_wait().unwrap() {
-            panic!(
-                "{} exited ({status}) while the test waited for {waiting_for}; its log:\n{}",
-                self.what,
-                self.log_text()
-            );
-        }
-    }
-
-    /// SIGTERM, and the exit status once it has exited.
-    fn terminate(&self) -> ExitStatus {
-        let mut child = self.take();
-        stop(&mut child, WAIT).unwrap_or_else(|| {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{} did not exit within {WAIT:?} of SIGTERM", self.what)
-        })
-    }
-
-    /// SIGSTOP, as a hang would leave it: running, and silent. Dropping it ends it.
-    fn freeze(&self) {
-        let child = self.child.lock().unwrap();
-        let child = child
-            .as_ref()
-            .unwrap_or_else(|| panic!("{} was stopped already", self.what));
-        signal(child, nix::sys::signal::Signal::SIGSTOP);
-    }
-
-    /// SIGKILL, as a crash would end it.
-    fn kill(&self) {
-        let mut child = self.take();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    fn take(&self) -> Child {
-        self.child
-            .lock()
-            .unwrap()
-            .take()
-            .unwrap_or_else(|| panic!("{} was stopped already", self.what))
-    }
-}
-
-/// Sends SIGTERM (and SIGCONT, for a frozen process) and waits up to `patience` for the exit.
-fn stop(child: &mut Child, patience: Duration) -> Option<ExitStatus> {
-    signal(child, nix::sys::signal::Signal::SIGTERM);
-    signal(child, nix::sys::signal::Signal::SIGCONT);
-    wait_exit(child, patience)
-}
-
-fn signal(child: &Child, signal: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    let _ = nix::sys::signal::kill(pid, signal);
-}
-
-/// The exit status, if the child exits within `patience`.
-fn wait_exit(child: &mut Child, patience: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + patience;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let child = self.child.get_mut().map(Option::take).unwrap_or(None);
-        if let Some(mut child) = child
-            && stop(&mut child, Duration::from_secs(5)).is_none()
-        {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            // Past libtest's capture: the logs are what explain a failure.
-            let _ = writeln!(
-                std::io::stderr(),
-                "---- {}'s log ----\n{}----",
-                self.what,
-                self.log_text()
-            );
-        }
-    }
-}
-
-// ---- the gateways' metrics ----
-
-/// One scrape of `/metrics`: series (with labels, as written) → value.
-#[derive(Clone, Debug)]
-struct Metrics(Vec<(String, u64)>);
-
-impl Metrics {
-    fn value(&self, series: &str) -> u64 {
-        self.0
-            .iter()
-            .find(|(name, _)| name == series)
-            .map(|(_, value)| *value)
-            .unwrap_or_else(|| panic!("no `{series}` in the metrics: {:#?}", self.0))
-    }
-
-    fn dropped(&self, reason: &str) -> u64 {
-        self.value(&format!(
-            "fz_gateway_dropped_packets_total{{reason=\"{reason}\"}}"
-        ))
-    }
-}
-
-/// `GET /metrics`; run inside a gateway's namespace.
-fn scrape() -> std::io::Result<Metrics> {
-    let body = http_get(METRICS, "/metrics")?;
-    let series = body
-        .lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .filter_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect();
-    Ok(Metrics(series))
-}
-
-// ---- namespaces ----
-
-/// A bridge `br0` in `ns`, up, with `addresses`.
-fn bridge(ns: &Netns, addresses: &[&str]) {
-    ns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
-    for address in addresses {
-        ns.ip(&["address", "add", address, "dev", "br0"]).unwrap();
-    }
-    ns.ip(&["link", "set", "br0", "up"]).unwrap();
-}
-
-/// A veth pair from `bridge_ns`'s `br0` (port `port_name`) to `ns` (`name`, with `address`).
-fn port(bridge_ns: &Netns, port_name: &str, ns: &Netns, name: &str, address: &str) {
-    bridge_ns
-        .ip(&[
-            "link", "add", port_name, "type", "veth", "peer", "name", name, "netns", &ns.name,
-        ])
-        .unwrap();
-    bridge_ns
-        .ip(&["link", "set", port_name, "master", "br0", "up"])
-        .unwrap();
-    ns.ip(&["address", "add", address, "dev", name]).unwrap();
-    ns.ip(&["link", "set", name, "up"]).unwrap();
-}
-
-/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over `/etc/resolv.conf`; the
-/// directory is removed when the guard in `guards` drops.
-fn etc_netns(ns: &Netns, resolv_conf: &str, guards: &mut Vec<RemoveDir>) -> PathBuf {
-    let etc = PathBuf::from("/etc/netns").join(&ns.name);
-    std::fs::create_dir_all(&etc).unwrap();
-    guards.push(RemoveDir(etc.clone()));
-    std::fs::write(etc.join("resolv.conf"), resolv_conf).unwrap();
-    etc
-}
-
-/// A named network namespace (`ip netns add`), deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn add(name: String) -> Result<Netns, String> {
-        fz_host::testing::ip(&["netns", "add", &name])?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]).unwrap();
-        Ok(ns)
-    }
-
-    /// Runs `body` on a thread inside the namespace: sockets it makes belong to the namespace.
-    fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::scope(|scope| {
-            let thread = scope.spawn(|| {
-                let ns = File::open(&path).unwrap();
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                body()
-            });
-            match thread.join() {
-                Ok(value) => value,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
-    }
-
-    /// `ip -n <ns> args…`
-    fn ip(&self, args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        fz_host::testing::ip(&all)
-    }
-
-    /// `ip netns exec <ns> program args…` (with the namespace's `/etc/netns` files).
-    fn exec(&self, program: &str, args: &[&str]) -> Result<String, String> {
-        let mut all = vec![program];
-        all.extend_from_slice(args);
-        self.exec_program(&all)
-    }
-
-    fn exec_program(&self, program_and_args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["netns", "exec", self.name.as_str()];
-        all.extend_from_slice(program_and_args);
-        fz_host::testing::ip(&all)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = fz_host::testing::ip(&["netns", "del", &self.name]);
-    }
-}
-
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 // ---- the servers ----
 
 /// The names the client's original resolver knows.
@@ -1432,33 +1071,6 @@ fn start_servers(runtime: &tokio::runtime::Runtime, portal_ns: &Netns, site_ns: 
     runtime.spawn(greet(db, "db"));
     runtime.spawn(greet(ssh, "ssh"));
     runtime.spawn(serve_web(web));
-}
-
-fn udp_socket(address: SocketAddr) -> UdpSocket {
-    let socket = UdpSocket::bind(address).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    socket
-}
-
-fn tcp_listener(address: SocketAddr) -> std::net::TcpListener {
-    let listener = std::net::TcpListener::bind(address).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    listener
-}
-
-/// Writes `<name> <the peer's address>` to every connection and closes it.
-async fn greet(listener: std::net::TcpListener, name: &'static str) {
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let line = format!("{name} {}\n", peer.ip());
-            let _ = stream.write_all(line.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
 }
 
 /// A minimal HTTP/1.0 server: reads the request's head, answers `gitlab page from <peer>`.
@@ -1493,45 +1105,4 @@ async fn serve_web(listener: std::net::TcpListener) {
             let _ = stream.shutdown().await;
         });
     }
-}
-
-/// Answers A queries for the names in `zone`; a known name has no other records, and
-/// everything else is NXDOMAIN.
-async fn serve_dns(socket: UdpSocket, zone: &'static [(&'static str, Ipv4Addr)]) {
-    let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
-    let mut buf = vec![0; 4096];
-    loop {
-        let Ok((len, from)) = socket.recv_from(&mut buf).await else {
-            continue;
-        };
-        let Ok(query) = DnsMessage::from_vec(&buf[..len]) else {
-            continue;
-        };
-        if let Ok(answer) = dns_answer(&query, zone).to_vec() {
-            let _ = socket.send_to(&answer, from).await;
-        }
-    }
-}
-
-fn dns_answer(query: &DnsMessage, zone: &[(&str, Ipv4Addr)]) -> DnsMessage {
-    let mut response = DnsMessage::response(query.metadata.id, query.metadata.op_code);
-    response.metadata.message_type = MessageType::Response;
-    response.metadata.authoritative = true;
-    response.metadata.recursion_desired = query.metadata.recursion_desired;
-    response.metadata.recursion_available = true;
-    let Some(question) = query.queries.first() else {
-        response.metadata.response_code = ResponseCode::FormErr;
-        return response;
-    };
-    response.add_query(question.clone());
-    let name = question.name().to_ascii().to_lowercase();
-    let Some((_, address)) = zone.iter().find(|(known, _)| *known == name) else {
-        response.metadata.response_code = ResponseCode::NXDomain;
-        return response;
-    };
-    if question.query_type() == RecordType::A {
-        let record = Record::from_rdata(question.name().clone(), 60, RData::A(A(*address)));
-        response.add_answer(record);
-    }
-    response
 }

@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The real `fz-gateway` binary between a client and a site, each in a network namespace of its
-//! own, driven by a test portal. Needs root, iproute2 and nftables (see `support`).
+//! own, driven by a test portal. Needs root, iproute2 and nftables (see `fz_host::testing`).
 //!
 //! ```text
 //!  client ns                         gw ns                               site ns
@@ -30,12 +30,9 @@
 //! gateway's log then. Nothing waits by sleeping: each step waits for what it needs (an answer
 //! from the portal, a counter in the gateway's metrics, a greeting) within a deadline.
 
-use std::fs::File;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc as sync_mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -43,15 +40,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as X25519Public, StaticSecret};
 use futures_util::{SinkExt as _, StreamExt as _};
-use fz_host::testing::cidr;
+use fz_host::testing::metrics::{Metrics, scrape};
+use fz_host::testing::net::{greet, serve_dns, tcp_listener, udp_socket};
+use fz_host::testing::netns::{Netns, RemoveDir, etc_netns, link, unique_id};
+use fz_host::testing::process::Process;
+use fz_host::testing::{WAIT, cidr};
 use fz_host::tun::Tun;
 use fz_proto::{
     ClientPeer, DnsMapping, GatewayMessage, GatewayPeer, Grant, GrantedResource, PortalSigningKey,
     PortalToGateway, PresharedKey, PublicKey, Resolution, SignedGrant,
 };
-use hickory_proto::op::{Message as DnsMessage, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
@@ -297,7 +295,7 @@ fn sigterm_exits_zero_and_removes_the_table_and_the_device() {
         |lab| {
             let table = fz_host::firewall::table_name(GATEWAY_TUN);
             assert_eq!(table, format!("fz_gateway_{GATEWAY_TUN}"));
-            let tables = lab.gw.ip_exec("nft", &["list", "tables"]).unwrap();
+            let tables = lab.gw.exec("nft", &["list", "tables"]).unwrap();
             assert!(tables.contains(&format!("table inet {table}")), "{tables}");
             let link = lab.gw.ip(&["-o", "link", "show", "dev", GATEWAY_TUN]);
             assert!(link.is_ok(), "no TUN device: {link:?}");
@@ -322,7 +320,7 @@ fn sigterm_exits_zero_and_removes_the_table_and_the_device() {
 
             let status = lab.gateway.terminate();
             assert_eq!(status.code(), Some(0), "{status}");
-            let tables = lab.gw.ip_exec("nft", &["list", "tables"]).unwrap();
+            let tables = lab.gw.exec("nft", &["list", "tables"]).unwrap();
             assert!(
                 !tables.contains(&table),
                 "the table outlived the gateway:\n{tables}"
@@ -335,7 +333,7 @@ fn sigterm_exits_zero_and_removes_the_table_and_the_device() {
 
             // A signal while the gateway is still setting up (its table is in, its loop not
             // yet running; the portal it names never answers) ends the same clean way.
-            let starting = GatewayProcess::start(
+            let starting = start_gateway(
                 &lab.gw,
                 &[
                     "--portal-url",
@@ -358,12 +356,12 @@ fn sigterm_exits_zero_and_removes_the_table_and_the_device() {
             let second_table = fz_host::firewall::table_name("fzgw1");
             lab.wait_for("the second gateway's table", |lab| {
                 starting.assert_running("its table");
-                let tables = lab.gw.ip_exec("nft", &["list", "tables"]).ok()?;
+                let tables = lab.gw.exec("nft", &["list", "tables"]).ok()?;
                 tables.contains(&second_table).then_some(())
             });
             let status = starting.terminate();
             assert_eq!(status.code(), Some(0), "{status}");
-            let tables = lab.gw.ip_exec("nft", &["list", "tables"]).unwrap();
+            let tables = lab.gw.exec("nft", &["list", "tables"]).unwrap();
             assert!(
                 !tables.contains(&second_table),
                 "a signal during start-up left the table:\n{tables}"
@@ -373,12 +371,6 @@ fn sigterm_exits_zero_and_removes_the_table_and_the_device() {
 }
 
 // ---- the topology ----
-
-/// How long anything that should happen may take.
-const WAIT: Duration = Duration::from_secs(10);
-/// How long a connection that must fail is given. A connection through the tunnel takes
-/// milliseconds, and the gateway's drop counter confirms each refusal.
-const REFUSAL: Duration = Duration::from_millis(700);
 
 const ACCOUNT: &str = "acme";
 const GATEWAY_ID: &str = "gw-netns";
@@ -400,7 +392,7 @@ const HEARTBEAT_MS: u64 = 500;
 /// everything on it (portal, site servers, the client's tunnel and TUN device), then the
 /// namespaces and files.
 struct Lab {
-    gateway: GatewayProcess,
+    gateway: Process,
     runtime: tokio::runtime::Runtime,
     portal: Portal,
     client: Netns,
@@ -414,27 +406,15 @@ struct Lab {
     next_grant: u32,
 }
 
-static LABS: AtomicUsize = AtomicUsize::new(0);
-
 impl Lab {
     /// Builds the world for `test` and runs `body` in it, or skips loudly without root.
     fn run(test: &str, body: impl FnOnce(&mut Lab)) {
-        if !fz_host::testing::may_run_as_root(test) {
-            return;
-        }
-        match Lab::new() {
-            Ok(mut lab) => body(&mut lab),
-            Err(why) => fz_host::testing::skip(test, &why),
-        }
+        fz_host::testing::run_as_root(test, Lab::new, body);
     }
 
     /// The world, or why it cannot be made here (no network namespaces in this container, say).
     fn new() -> Result<Lab, String> {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            LABS.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = unique_id();
         let client = Netns::add(format!("fz-{id}-client"))
             .map_err(|error| format!("cannot make a network namespace: {error}"))?;
         let gw = Netns::add(format!("fz-{id}-gw")).unwrap();
@@ -464,10 +444,7 @@ impl Lab {
         let v6 = client.ip(&["-6", "address", "show"]).unwrap();
         assert!(v6.trim().is_empty(), "IPv6 still on in the client: {v6}");
 
-        let etc = PathBuf::from("/etc/netns").join(&gw.name);
-        std::fs::create_dir_all(&etc).unwrap();
-        let resolv_conf = RemoveDir(etc.clone());
-        std::fs::write(etc.join("resolv.conf"), "nameserver 10.0.5.53\n").unwrap();
+        let resolv_conf = etc_netns(&gw, "nameserver 10.0.5.53\n");
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -483,7 +460,7 @@ impl Lab {
         std::fs::write(&token_file, format!("{token}\n")).unwrap();
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let signing = PortalSigningKey::from_seed([7; 32]);
-        let gateway = GatewayProcess::start(
+        let gateway = start_gateway(
             &gw,
             &[
                 "--portal-url",
@@ -717,26 +694,12 @@ impl Lab {
     /// Connects from the client namespace to `to` through the tunnel and reads the server's
     /// greeting line.
     fn greeting(&self, to: &str) -> String {
-        let to: SocketAddr = to.parse().unwrap();
-        let stream = self
-            .client
-            .run(move || TcpStream::connect_timeout(&to, WAIT))
-            .unwrap_or_else(|error| panic!("cannot connect to {to} through the gateway: {error}"));
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        let mut line = String::new();
-        BufReader::new(stream)
-            .read_line(&mut line)
-            .unwrap_or_else(|error| panic!("no greeting from {to}: {error}"));
-        line.trim_end().to_owned()
+        fz_host::testing::net::greeting(&self.client, to)
     }
 
     /// Checks that a connection from the client namespace to `to` does not come up.
     fn cannot_connect(&self, to: &str) {
-        let to: SocketAddr = to.parse().unwrap();
-        let outcome = self
-            .client
-            .run(move || TcpStream::connect_timeout(&to, REFUSAL));
-        assert!(outcome.is_err(), "connected to {to}, which no grant allows");
+        fz_host::testing::net::cannot_connect(&self.client, to);
     }
 
     // ---- waiting ----
@@ -744,16 +707,12 @@ impl Lab {
     /// Waits until `probe` gives something, failing at the deadline or as soon as the gateway
     /// exits.
     fn wait_for<T>(&self, what: &str, mut probe: impl FnMut(&Lab) -> Option<T>) -> T {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(found) = probe(self) {
-                return found;
-            }
-            self.gateway.assert_running(what);
-            assert!(Instant::now() < deadline, "waited {WAIT:?} for {what}");
-            // A poll interval, not a synchronisation: the condition is checked again.
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fz_host::testing::wait_for(
+            what,
+            WAIT,
+            |what| self.gateway.assert_running(what),
+            || probe(self),
+        )
     }
 
     /// The next portal event `pick` takes, skipping the others.
@@ -788,36 +747,21 @@ impl Lab {
 
     fn metrics(&self) -> Metrics {
         self.gw
-            .run(scrape)
+            .run(|| scrape(METRICS))
             .unwrap_or_else(|error| panic!("cannot read the gateway's metrics: {error}"))
     }
 
     /// Waits until the metrics satisfy `holds` and returns them. The gateway publishes them
     /// about once a second.
     fn wait_metrics(&self, what: &str, holds: impl Fn(&Metrics) -> bool) -> Metrics {
-        let mut last = None;
-        let found = self.wait_for_or(what, |lab| {
-            let metrics = lab.gw.run(scrape).ok()?;
-            let found = holds(&metrics).then(|| metrics.clone());
-            last = Some(metrics);
-            found
-        });
-        found.unwrap_or_else(|| {
-            panic!("waited {WAIT:?} for {what}; the metrics last said\n{last:#?}")
-        })
-    }
-
-    /// [`Lab::wait_for`], giving `None` at the deadline instead of failing.
-    fn wait_for_or<T>(&self, what: &str, mut probe: impl FnMut(&Lab) -> Option<T>) -> Option<T> {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Some(found) = probe(self) {
-                return Some(found);
-            }
-            self.gateway.assert_running(what);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        fz_host::testing::metrics::wait_metrics(
+            &self.gw,
+            METRICS,
+            what,
+            WAIT,
+            |what| self.gateway.assert_running(what),
+            holds,
+        )
     }
 }
 
@@ -829,211 +773,16 @@ fn answer_to(message: &GatewayMessage) -> &str {
     }
 }
 
-/// A veth pair: `a_name` in `a` with `a_address`, `b_name` in `b` with `b_address`, both up.
-fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b_address: &str) {
-    a.ip(&[
-        "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", &b.name,
-    ])
-    .unwrap();
-    for (ns, name, address) in [(a, a_name, a_address), (b, b_name, b_address)] {
-        ns.ip(&["address", "add", address, "dev", name]).unwrap();
-        ns.ip(&["link", "set", name, "up"]).unwrap();
-    }
-}
-
-/// A named network namespace (`ip netns add`), deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn add(name: String) -> Result<Netns, String> {
-        fz_host::testing::ip(&["netns", "add", &name])?;
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]).unwrap();
-        Ok(ns)
-    }
-
-    /// Runs `body` on a thread inside the namespace: sockets and devices it makes, and
-    /// commands it starts, belong to the namespace.
-    fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::scope(|scope| {
-            let thread = scope.spawn(|| {
-                let ns = File::open(&path).unwrap();
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                body()
-            });
-            match thread.join() {
-                Ok(value) => value,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
-    }
-
-    /// `ip -n <ns> args…`
-    fn ip(&self, args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        fz_host::testing::ip(&all)
-    }
-
-    /// `ip netns exec <ns> program args…`
-    fn ip_exec(&self, program: &str, args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["netns", "exec", self.name.as_str(), program];
-        all.extend_from_slice(args);
-        fz_host::testing::ip(&all)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = fz_host::testing::ip(&["netns", "del", &self.name]);
-    }
-}
-
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-// ---- the gateway process ----
-
-/// `fz-gateway` started with `ip netns exec` (which execs it: the child is the gateway).
-/// Dropping it stops it (SIGTERM, then SIGKILL) and, when the test is failing, prints its log.
-struct GatewayProcess {
-    child: Mutex<Option<Child>>,
-    log: PathBuf,
-}
-
-impl GatewayProcess {
-    fn start(ns: &Netns, args: &[&str], log: PathBuf) -> GatewayProcess {
-        let output = File::create(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_fz-gateway")])
-            .args(args)
-            .env("RUST_LOG", "info,fz_gateway=debug,fz_tunnel=debug")
-            .env_remove("FZ_GATEWAY_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(output.try_clone().unwrap())
-            .stderr(output)
-            .spawn()
-            .unwrap();
-        GatewayProcess {
-            child: Mutex::new(Some(child)),
-            log,
-        }
-    }
-
-    fn assert_running(&self, waiting_for: &str) {
-        let mut child = self.child.lock().unwrap();
-        let Some(running) = child.as_mut() else {
-            return;
-        };
-        if let Some(status) = running.try_wait().unwrap() {
-            panic!(
-                "the gateway exited ({status}) while the test waited for {waiting_for}; its log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-
-    /// SIGTERM, and the exit status once it has exited.
-    fn terminate(&self) -> ExitStatus {
-        let mut child = self
-            .child
-            .lock()
-            .unwrap()
-            .take()
-            .expect("the gateway was stopped already");
-        stop(&mut child, WAIT).unwrap_or_else(|| {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the gateway did not exit within {WAIT:?} of SIGTERM")
-        })
-    }
-}
-
-/// Sends SIGTERM and waits up to `patience` for the exit.
-fn stop(child: &mut Child, patience: Duration) -> Option<ExitStatus> {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + patience;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let child = self.child.get_mut().map(Option::take).unwrap_or(None);
-        if let Some(mut child) = child
-            && stop(&mut child, Duration::from_secs(5)).is_none()
-        {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            // Past libtest's capture: the log is what explains a failure.
-            let _ = writeln!(std::io::stderr(), "---- the gateway's log ----\n{log}----");
-        }
-    }
-}
-
-// ---- the gateway's metrics ----
-
-/// One scrape of `/metrics`: series (with labels, as written) → value.
-#[derive(Clone, Debug)]
-struct Metrics(Vec<(String, u64)>);
-
-impl Metrics {
-    fn value(&self, series: &str) -> u64 {
-        self.0
-            .iter()
-            .find(|(name, _)| name == series)
-            .map(|(_, value)| *value)
-            .unwrap_or_else(|| panic!("no `{series}` in the metrics: {:#?}", self.0))
-    }
-
-    fn dropped(&self, reason: &str) -> u64 {
-        self.value(&format!(
-            "fz_gateway_dropped_packets_total{{reason=\"{reason}\"}}"
-        ))
-    }
-}
-
-/// `GET /metrics` over plain HTTP/1.1; run inside the gateway's namespace.
-fn scrape() -> std::io::Result<Metrics> {
-    let mut stream = TcpStream::connect_timeout(&METRICS, WAIT)?;
-    stream.set_read_timeout(Some(WAIT))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {response:?}")))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("not 200: {head}")));
-    }
-    let series = body
-        .lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .filter_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect();
-    Ok(Metrics(series))
+/// `fz-gateway` in `ns` with `args`, its log to `log`.
+fn start_gateway(ns: &Netns, args: &[&str], log: PathBuf) -> Process {
+    Process::start(
+        "the gateway",
+        ns,
+        Path::new(env!("CARGO_BIN_EXE_fz-gateway")),
+        args,
+        "info,fz_gateway=debug,fz_tunnel=debug",
+        log,
+    )
 }
 
 // ---- the test portal ----
@@ -1080,7 +829,7 @@ enum ToConnection {
 impl Portal {
     /// Listens on 127.0.0.1 inside `ns`.
     fn start(runtime: &tokio::runtime::Runtime, ns: &Netns, token: String) -> Portal {
-        let listener = ns.run(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+        let listener = ns.run(|| tcp_listener((Ipv4Addr::LOCALHOST, 0)));
         let address = listener.local_addr().unwrap();
         let shared = Arc::new(PortalShared {
             token,
@@ -1093,7 +842,6 @@ impl Portal {
         let (events_tx, events) = sync_mpsc::channel();
         let accepting = shared.clone();
         runtime.spawn(async move {
-            listener.set_nonblocking(true).unwrap();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -1223,38 +971,14 @@ fn start_site(runtime: &tokio::runtime::Runtime, site: &Netns) {
     let (greeters, dns) = site.run(|| {
         let greeters: Vec<_> = [(5432, "db"), (22, "ssh"), (80, "web")]
             .into_iter()
-            .map(|(port, name)| {
-                let listener =
-                    std::net::TcpListener::bind((Ipv4Addr::new(10, 0, 5, 10), port)).unwrap();
-                listener.set_nonblocking(true).unwrap();
-                (listener, name)
-            })
+            .map(|(port, name)| (tcp_listener((Ipv4Addr::new(10, 0, 5, 10), port)), name))
             .collect();
-        let dns = UdpSocket::bind((Ipv4Addr::new(10, 0, 5, 53), 53)).unwrap();
-        dns.set_nonblocking(true).unwrap();
-        (greeters, dns)
+        (greeters, udp_socket((Ipv4Addr::new(10, 0, 5, 53), 53)))
     });
     for (listener, name) in greeters {
         runtime.spawn(greet(listener, name));
     }
-    runtime.spawn(serve_dns(dns));
-}
-
-/// Writes `<name> <the peer's address>` to every connection and closes it.
-async fn greet(listener: std::net::TcpListener, name: &'static str) {
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let line = format!("{name} {}\n", peer.ip());
-        tokio::spawn(async move {
-            // A line this short goes out in one write.
-            if stream.writable().await.is_ok() {
-                let _ = stream.try_write(line.as_bytes());
-            }
-        });
-    }
+    runtime.spawn(serve_dns(dns, ZONE));
 }
 
 /// The names the site's DNS server knows (A records only); everything else is NXDOMAIN.
@@ -1262,42 +986,3 @@ const ZONE: &[(&str, Ipv4Addr)] = &[
     ("gitlab.company.com.", Ipv4Addr::new(10, 0, 5, 10)),
     ("jenkins.company.com.", Ipv4Addr::new(10, 0, 5, 10)),
 ];
-
-async fn serve_dns(socket: UdpSocket) {
-    let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
-    let mut buf = vec![0; 4096];
-    loop {
-        let Ok((len, from)) = socket.recv_from(&mut buf).await else {
-            continue;
-        };
-        let Ok(query) = DnsMessage::from_vec(&buf[..len]) else {
-            continue;
-        };
-        if let Ok(answer) = dns_answer(&query).to_vec() {
-            let _ = socket.send_to(&answer, from).await;
-        }
-    }
-}
-
-fn dns_answer(query: &DnsMessage) -> DnsMessage {
-    let mut response = DnsMessage::response(query.metadata.id, query.metadata.op_code);
-    response.metadata.message_type = MessageType::Response;
-    response.metadata.authoritative = true;
-    response.metadata.recursion_desired = query.metadata.recursion_desired;
-    let Some(question) = query.queries.first() else {
-        response.metadata.response_code = ResponseCode::FormErr;
-        return response;
-    };
-    response.add_query(question.clone());
-    let name = question.name().to_ascii().to_lowercase();
-    let Some((_, address)) = ZONE.iter().find(|(known, _)| *known == name) else {
-        response.metadata.response_code = ResponseCode::NXDomain;
-        return response;
-    };
-    // A known name with no AAAA record: NOERROR with no answer.
-    if question.query_type() == RecordType::A {
-        let record = Record::from_rdata(question.name().clone(), 60, RData::A(A(*address)));
-        response.add_answer(record);
-    }
-    response
-}

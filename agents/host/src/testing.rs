@@ -1,5 +1,7 @@
-//! What the root tests (`root.rs`, `netns.rs`) share: skipping loudly without root, and running
-//! iproute2's `ip` and nftables' `nft`.
+//! What the root tests (`root.rs`, `netns.rs`) share: skipping loudly without root, running
+//! iproute2's `ip` and nftables' `nft`, and waiting with a deadline; and for the tests that run
+//! the agents' binaries in network namespaces, the namespaces ([`netns`]), the processes
+//! ([`process`]), the servers and probes ([`net`]) and the gateway's metrics ([`metrics`]).
 //!
 //! Without root a test prints `SKIPPED (needs root): <test> — <why>` and leaves a marker in
 //! `<target>/fz-root-skips/<test>`; `.ci/run` fails when any marker is there, so a CI that means
@@ -8,11 +10,20 @@
 // Helpers for tests: a failure to set up is a failed test, so it panics with the cause.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod metrics;
+pub mod net;
+pub mod netns;
+pub mod process;
+
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use crate::tun::Cidr;
+
+/// How long anything that should happen may take.
+pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Why this process cannot run root tests, if it cannot.
 pub fn not_root() -> Option<String> {
@@ -36,6 +47,23 @@ pub fn may_run_as_root(test: &str) -> bool {
     true
 }
 
+/// Makes the world of `test` with `setup` and runs `body` in it. Without root, or when `setup`
+/// cannot make it here (it says why: no network namespaces in this container, say), the test
+/// is skipped loudly instead.
+pub fn run_as_root<W>(
+    test: &str,
+    setup: impl FnOnce() -> Result<W, String>,
+    body: impl FnOnce(&mut W),
+) {
+    if !may_run_as_root(test) {
+        return;
+    }
+    match setup() {
+        Ok(mut world) => body(&mut world),
+        Err(why) => skip(test, &why),
+    }
+}
+
 /// Reports and marks a skipped root test.
 pub fn skip(test: &str, why: &str) {
     // Straight to the process's stderr, past libtest's capture, so a passing run shows it too.
@@ -45,6 +73,7 @@ pub fn skip(test: &str, why: &str) {
     std::fs::write(marker, format!("{why}\n")).unwrap();
 }
 
+/// Where the skip marker of `test` goes.
 pub fn marker(test: &str) -> PathBuf {
     target_dir().join("fz-root-skips").join(test)
 }
@@ -59,15 +88,18 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// `address/len`, which must be valid.
 pub fn cidr(text: &str) -> Cidr {
     let (address, len) = text.split_once('/').unwrap();
     Cidr::new(address.parse().unwrap(), len.parse().unwrap()).unwrap()
 }
 
+/// `ip args…`
 pub fn ip(args: &[&str]) -> Result<String, String> {
     run("ip", args)
 }
 
+/// `nft args…`
 pub fn nft(args: &[&str]) -> Result<String, String> {
     run("nft", args)
 }
@@ -83,5 +115,38 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, String> {
         Ok(stdout)
     } else {
         Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// Waits until `probe` gives something, failing after `patience`. Between tries `alive(what)`
+/// runs, to fail at once when a process the test needs has exited.
+pub fn wait_for<T>(
+    what: &str,
+    patience: Duration,
+    alive: impl FnMut(&str),
+    probe: impl FnMut() -> Option<T>,
+) -> T {
+    wait_for_or(what, patience, alive, probe)
+        .unwrap_or_else(|| panic!("waited {patience:?} for {what}"))
+}
+
+/// [`wait_for`], giving `None` after `patience` instead of failing.
+pub fn wait_for_or<T>(
+    what: &str,
+    patience: Duration,
+    mut alive: impl FnMut(&str),
+    mut probe: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(found) = probe() {
+            return Some(found);
+        }
+        alive(what);
+        if Instant::now() >= deadline {
+            return None;
+        }
+        // A poll interval, not a synchronisation: the condition is checked again.
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
