@@ -1,6 +1,6 @@
 //! The stub's state machine. See the crate documentation for what it answers and why.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,10 @@ pub struct Stub {
     index: AddressIndex<usize>,
     mapped: Allocator,
     access: HashMap<String, Access>,
+    /// The names whose access is `Asking` or `Denied`: the only ones time changes. Kept apart
+    /// so that the event loop's `poll_timeout` (called before every wait) never walks the
+    /// granted names, however many there are.
+    timed: HashSet<String>,
     events: VecDeque<Event>,
 }
 
@@ -110,6 +114,7 @@ impl Stub {
             index: AddressIndex::new(std::iter::empty()),
             mapped: Allocator::default(),
             access: HashMap::new(),
+            timed: HashSet::new(),
             events: VecDeque::new(),
         }
     }
@@ -232,6 +237,7 @@ impl Stub {
                 Handled::Later
             }
             Some(Access::Denied { .. }) | None => {
+                self.timed.insert(name.clone());
                 self.access.insert(
                     name.clone(),
                     Access::Asking {
@@ -255,6 +261,7 @@ impl Stub {
     /// The portal granted access for `name`, and the gateway found this for it.
     pub fn handle_granted(&mut self, name: &str, resolution: Resolution) {
         let name = name.to_ascii_lowercase();
+        self.timed.remove(&name);
         let previous = self
             .access
             .insert(name.clone(), Access::Granted(resolution));
@@ -274,10 +281,12 @@ impl Stub {
     /// empty answer, and the refusal is remembered for a moment.
     pub fn handle_rejected(&mut self, resource: &str, reason: &str, now: Instant) {
         let names: Vec<String> = self
-            .access
+            .timed
             .iter()
-            .filter(|(_, a)| matches!(a, Access::Asking { resource: r, .. } if r == resource))
-            .map(|(name, _)| name.clone())
+            .filter(|name| {
+                matches!(self.access.get(*name), Some(Access::Asking { resource: r, .. }) if r == resource)
+            })
+            .cloned()
             .collect();
         for name in names {
             let previous = self.access.insert(
@@ -310,13 +319,21 @@ impl Stub {
     /// Names that waited too long for the portal get SERVFAIL; old denials are forgotten.
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut expired = Vec::new();
-        self.access.retain(|_, access| match access {
-            Access::Asking { since, waiting, .. } if now >= *since + ASK_TIMEOUT => {
-                expired.append(waiting);
-                false
+        let access = &mut self.access;
+        self.timed.retain(|name| {
+            let over = match access.get_mut(name) {
+                Some(Access::Asking { since, waiting, .. }) if now >= *since + ASK_TIMEOUT => {
+                    expired.append(waiting);
+                    true
+                }
+                Some(Access::Denied { until }) => now >= *until,
+                Some(Access::Asking { .. }) => false,
+                Some(Access::Granted(_)) | None => return false,
+            };
+            if over {
+                access.remove(name);
             }
-            Access::Denied { until } => now < *until,
-            _ => true,
+            !over
         });
         for (query, request) in expired {
             let bytes = encode(respond(&request, ResponseCode::ServFail));
@@ -332,9 +349,9 @@ impl Stub {
 
     /// When [`Stub::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.access
-            .values()
-            .filter_map(|access| match access {
+        self.timed
+            .iter()
+            .filter_map(|name| match self.access.get(name)? {
                 Access::Asking { since, .. } => Some(*since + ASK_TIMEOUT),
                 Access::Denied { until } => Some(*until),
                 Access::Granted(_) => None,
