@@ -6,7 +6,7 @@
 //! Three servers run in this process on 127.0.0.1, each on a port and a thread of its own:
 //! - **the stub**, as `fz-client` runs it: a current-thread tokio runtime (what
 //!   `fz_host::agent::run_until_signal` builds) on one thread, with `fz_client::dns::serve`'s
-//!   UDP and TCP tasks, the forwarding tasks `dns::forward`, and one loop owning a `DnsService`
+//!   UDP and TCP tasks, the pooled upstream sockets `DnsService` forwards through, and one loop owning a `DnsService`
 //!   over a `fz_dns::Stub`, shaped like the DNS half of `driver::serve`'s loop: a channel of
 //!   1,024, the deadline from `Stub::poll_timeout` before every wait, `sleep_until` beside the
 //!   queue, the stub's events drained after every input. The driver's other inputs (the
@@ -26,7 +26,7 @@
 //!   takes any datagram with an outstanding query's id from the right socket as its answer and
 //!   never looks at QR, so a bare echo counts too; the bit is set only so that what comes back
 //!   is a well-formed response, and nothing else is parsed. This is the stub's UDP front
-//!   (same socket type, runtime and thread) without the channel, the stub and the answer task.
+//!   (same socket type, runtime and thread) without the channel and the stub.
 //!
 //! Before timing, every resource name is asked once through the stub (so it is granted, and
 //! answered from the stub's state from then on) and its answer checked: four mapped addresses
@@ -382,11 +382,7 @@ fn start_stub(upstream: SocketAddr) -> Server {
             };
             let now = Instant::now();
             match query {
-                Some(query) => {
-                    if let Some(job) = service.handle_query(query, now) {
-                        tokio::spawn(dns::forward(job));
-                    }
-                }
+                Some(query) => service.handle_query(query, now),
                 None => service.stub_mut().handle_timeout(now),
             }
             while let Some(event) = service.poll_event() {

@@ -2,14 +2,26 @@
 //! service that puts their queries to the stub (`fz_dns::Stub`) and sends its answers back,
 //! and the forwarding of pass-through queries to their upstream.
 //!
-//! Sockets run as tasks and hand each query to the event loop with a one-shot channel for the
-//! answer; the loop owns the stub through [`DnsService`], so the stub stays a plain state
-//! machine. A query whose answer never comes (the stub dropped it, the upstream is silent)
-//! simply gets none, as a DNS server's silence.
+//! Sockets run as tasks and hand each query to the event loop with a [`Reply`], the way back
+//! to the application; the loop owns the stub through [`DnsService`], so the stub stays a
+//! plain state machine. A UDP answer leaves straight from the socket the query came in on; a
+//! TCP connection's task writes its answers in order. A query whose answer never comes (the
+//! stub dropped it, the upstream is silent) simply gets none, as a DNS server's silence.
+//!
+//! Pass-through over UDP goes through one connected socket per upstream ([`UdpExchange`])
+//! rather than a socket per query: a socket's set-up and tear-down cost more than the query.
+//! Each forwarded query gets a fresh random id on the wire, its own id back in the answer,
+//! and an answer counts only if it comes from the upstream (the socket is connected), carries
+//! an id in flight and repeats the query's question. A socket is retired after
+//! [`QUERIES_PER_SOCKET`] queries, so its port, which an off-path spoofer would have to
+//! guess along with the id, does not stay the same for long.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fz_dns::{Event, Handled, QueryId, Stub};
@@ -19,34 +31,52 @@ use tokio::sync::{mpsc, oneshot};
 
 /// How long an upstream has to answer a forwarded query.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many queries one upstream socket carries before a fresh one (a fresh port) takes over.
+pub const QUERIES_PER_SOCKET: u32 = 1024;
 /// How long a TCP client may take to send its query.
 const TCP_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest DNS message over UDP the stub takes or forwards (EDNS allows up to 64 KiB).
 const MAX_MESSAGE: usize = 65_535;
-
-/// How a query came, which is how it is forwarded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    Udp,
-    Tcp,
-}
+/// The DNS header's length: the question starts after it.
+const HEADER: usize = 12;
 
 /// A query from an application, on its way to the event loop.
 #[derive(Debug)]
 pub struct DnsQuery {
     pub sentinel: IpAddr,
-    pub transport: Transport,
     pub bytes: Vec<u8>,
-    pub answer: oneshot::Sender<Vec<u8>>,
+    pub reply: Reply,
 }
 
-/// A query to pass through: the loop spawns [`forward`] for it.
+/// The way an answer goes back to the application that asked.
 #[derive(Debug)]
-pub struct Forward {
-    pub upstream: SocketAddr,
-    pub transport: Transport,
-    pub bytes: Vec<u8>,
-    pub answer: oneshot::Sender<Vec<u8>>,
+pub enum Reply {
+    /// Out of the UDP socket the query came in on, to its sender.
+    Udp {
+        socket: Arc<std::net::UdpSocket>,
+        to: SocketAddr,
+    },
+    /// To the TCP connection's task, which writes answers in the order of their queries.
+    Tcp(oneshot::Sender<Vec<u8>>),
+}
+
+impl Reply {
+    /// Sends the answer. A UDP answer that the socket cannot take now is lost, as it would be
+    /// on the network; the application asks again. (UDP sends go through a `std` handle of
+    /// the socket: tokio's `try_send_to` refuses until the runtime has seen the socket
+    /// writable, which a socket that only ever sends this way may never be.)
+    pub fn send(self, answer: &[u8]) {
+        match self {
+            Reply::Udp { socket, to } => {
+                if let Err(error) = socket.send_to(answer, to) {
+                    tracing::debug!(%error, "cannot send a DNS answer");
+                }
+            }
+            Reply::Tcp(connection) => {
+                let _ = connection.send(answer.to_vec());
+            }
+        }
+    }
 }
 
 /// Binds UDP and TCP on `listen` for `sentinel` and sends every query to `queries`. Returns
@@ -65,7 +95,13 @@ pub async fn serve(
 }
 
 async fn serve_udp(sentinel: IpAddr, socket: UdpSocket, queries: mpsc::Sender<DnsQuery>) {
-    let socket = std::sync::Arc::new(socket);
+    let sender = match socket.as_fd().try_clone_to_owned() {
+        Ok(fd) => Arc::new(std::net::UdpSocket::from(fd)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot share the DNS socket for answers");
+            return;
+        }
+    };
     let mut buffer = vec![0u8; MAX_MESSAGE];
     loop {
         let Ok((length, from)) = socket.recv_from(&mut buffer).await else {
@@ -74,24 +110,17 @@ async fn serve_udp(sentinel: IpAddr, socket: UdpSocket, queries: mpsc::Sender<Dn
         let Some(bytes) = buffer.get(..length) else {
             continue;
         };
-        let (answer, answered) = oneshot::channel();
         let query = DnsQuery {
             sentinel,
-            transport: Transport::Udp,
             bytes: bytes.to_vec(),
-            answer,
+            reply: Reply::Udp {
+                socket: sender.clone(),
+                to: from,
+            },
         };
         if queries.send(query).await.is_err() {
             return;
         }
-        let socket = socket.clone();
-        tokio::spawn(async move {
-            if let Ok(bytes) = answered.await
-                && let Err(error) = socket.send_to(&bytes, from).await
-            {
-                tracing::debug!(%error, "cannot send a DNS answer");
-            }
-        });
     }
 }
 
@@ -119,9 +148,8 @@ async fn serve_connection(
         let (answer, answered) = oneshot::channel();
         let query = DnsQuery {
             sentinel,
-            transport: Transport::Tcp,
             bytes,
-            answer,
+            reply: Reply::Tcp(answer),
         };
         if queries.send(query).await.is_err() {
             return;
@@ -151,58 +179,294 @@ async fn write_framed(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
     stream.write_all(&framed).await
 }
 
-/// Passes a query to its upstream and its answer back, both unchanged. Over UDP only an
-/// answer from the upstream's address with the query's id counts, so nobody else can slip
-/// one in; a truncated answer goes back truncated, and the application asks again over TCP.
-pub async fn forward(job: Forward) {
-    let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
-        match job.transport {
-            Transport::Udp => exchange_udp(job.upstream, &job.bytes).await,
-            Transport::Tcp => exchange_tcp(job.upstream, &job.bytes).await,
-        }
-    })
-    .await;
-    match answer {
-        Ok(Ok(bytes)) => {
-            let _ = job.answer.send(bytes);
-        }
-        Ok(Err(error)) => tracing::debug!(%error, "an upstream exchange failed"),
-        Err(_) => tracing::debug!("an upstream did not answer in time"),
-    }
-}
-
-async fn exchange_udp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
-    let any: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+/// Passes a TCP query to its upstream over a connection of its own, and the answer back,
+/// both unchanged.
+async fn forward_tcp(upstream: SocketAddr, query: Vec<u8>, answer: oneshot::Sender<Vec<u8>>) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(upstream).await?;
+        write_framed(&mut stream, &query).await?;
+        read_framed(&mut stream).await
     };
-    let socket = UdpSocket::bind(any).await?;
-    socket.connect(upstream).await?;
-    socket.send(query).await?;
-    let id = query.get(..2);
-    let mut buffer = vec![0u8; MAX_MESSAGE];
-    loop {
-        // A connected socket only takes datagrams from the upstream.
-        let length = socket.recv(&mut buffer).await?;
-        let answer = buffer.get(..length).unwrap_or_default();
-        if answer.get(..2) == id {
-            return Ok(answer.to_vec());
+    match tokio::time::timeout(UPSTREAM_TIMEOUT, exchange).await {
+        Ok(Ok(bytes)) => {
+            let _ = answer.send(bytes);
+        }
+        Ok(Err(error)) => tracing::debug!(%error, "an upstream exchange over TCP failed"),
+        Err(_) => tracing::debug!("an upstream did not answer over TCP in time"),
+    }
+}
+
+/// The upstreams' UDP sockets, one in service per upstream, and the ids they put on the wire.
+#[derive(Debug, Default)]
+struct Upstreams {
+    in_service: HashMap<SocketAddr, InService>,
+    ids: RandomIds,
+}
+
+#[derive(Debug)]
+struct InService {
+    exchange: Arc<UdpExchange>,
+    queries: u32,
+}
+
+impl Upstreams {
+    /// Passes a query to its upstream and the answer, with the query's own id, back to the
+    /// application; TCP queries go over TCP, so a truncated UDP answer goes back truncated and
+    /// the application asks again over TCP, as it would of the upstream itself.
+    fn forward(&mut self, upstream: SocketAddr, query: Vec<u8>, reply: Reply, now: Instant) {
+        let reply = match reply {
+            Reply::Tcp(answer) => {
+                tokio::spawn(forward_tcp(upstream, query, answer));
+                return;
+            }
+            udp @ Reply::Udp { .. } => udp,
+        };
+        let Some(wire_id) = self.ids.next() else {
+            tracing::warn!("no randomness for a DNS id; a pass-through query is dropped");
+            return;
+        };
+        let in_service = match self.in_service.entry(upstream) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => match UdpExchange::open(upstream) {
+                Ok(exchange) => entry.insert(InService {
+                    exchange,
+                    queries: 0,
+                }),
+                Err(error) => {
+                    tracing::debug!(%error, %upstream, "cannot open a socket to an upstream");
+                    return;
+                }
+            },
+        };
+        in_service.exchange.send(wire_id, query, reply, now);
+        in_service.queries += 1;
+        if in_service.queries >= QUERIES_PER_SOCKET {
+            // The next query opens a fresh socket; this one answers what it has in flight.
+            in_service.exchange.retire();
+            self.in_service.remove(&upstream);
         }
     }
 }
 
-async fn exchange_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
-    let mut stream = TcpStream::connect(upstream).await?;
-    write_framed(&mut stream, query).await?;
-    read_framed(&mut stream).await
+/// One connected UDP socket to an upstream, the queries in flight on it, and the task that
+/// reads their answers.
+#[derive(Debug)]
+struct UdpExchange {
+    socket: UdpSocket,
+    /// The same socket for sends, which need no readiness (see [`Reply::send`]).
+    sender: std::net::UdpSocket,
+    in_flight: Mutex<InFlight>,
+    retired: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    by_wire_id: HashMap<u16, Waiting>,
+    /// Wire ids in the order sent, which is the order of their deadlines.
+    deadlines: VecDeque<(Instant, u16)>,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    /// The query as sent, with the wire id.
+    query: Vec<u8>,
+    /// Where the question ends in `query`: the answer must repeat it.
+    question_end: usize,
+    original_id: [u8; 2],
+    reply: Reply,
+    deadline: Instant,
+}
+
+impl UdpExchange {
+    fn open(upstream: SocketAddr) -> io::Result<Arc<UdpExchange>> {
+        let any: SocketAddr = match upstream {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = std::net::UdpSocket::bind(any)?;
+        // Connected: the kernel hands this socket datagrams from the upstream only.
+        socket.connect(upstream)?;
+        socket.set_nonblocking(true)?;
+        let exchange = Arc::new(UdpExchange {
+            sender: socket.try_clone()?,
+            socket: UdpSocket::from_std(socket)?,
+            in_flight: Mutex::default(),
+            retired: AtomicBool::new(false),
+        });
+        tokio::spawn(exchange.clone().read_answers());
+        Ok(exchange)
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        // Nothing panics while holding the lock, and the map stays whole if something did.
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn send(&self, wire_id: u16, mut query: Vec<u8>, reply: Reply, now: Instant) {
+        let mut in_flight = self.in_flight();
+        in_flight.expire(now);
+        let (Some(question_end), Some(id)) = (question_end(&query), query.get_mut(..2)) else {
+            tracing::debug!("a pass-through query without a whole question is dropped");
+            return;
+        };
+        if in_flight.by_wire_id.contains_key(&wire_id) {
+            // One in 65,536 per query in flight; the application asks again.
+            tracing::debug!("a random DNS id already in flight; the query is dropped");
+            return;
+        }
+        let original_id = [id[0], id[1]];
+        id.copy_from_slice(&wire_id.to_be_bytes());
+        if let Err(error) = self.sender.send(&query) {
+            tracing::debug!(%error, "cannot send a query to an upstream");
+            return;
+        }
+        let deadline = now + UPSTREAM_TIMEOUT;
+        in_flight.deadlines.push_back((deadline, wire_id));
+        in_flight.by_wire_id.insert(
+            wire_id,
+            Waiting {
+                query,
+                question_end,
+                original_id,
+                reply,
+                deadline,
+            },
+        );
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Reads answers until the socket is retired and has nothing in flight.
+    async fn read_answers(self: Arc<UdpExchange>) {
+        let mut buffer = vec![0u8; MAX_MESSAGE];
+        loop {
+            // The timeout lets a retired socket whose queries went unanswered see them expire.
+            match tokio::time::timeout(UPSTREAM_TIMEOUT, self.socket.recv(&mut buffer)).await {
+                Ok(Ok(length)) => {
+                    if let Some(answer) = buffer.get_mut(..length) {
+                        self.answer(answer);
+                    }
+                }
+                // An upstream's ICMP error shows up here once; its queries just expire.
+                Ok(Err(error)) => tracing::debug!(%error, "an upstream socket"),
+                Err(_) => {}
+            }
+            let mut in_flight = self.in_flight();
+            in_flight.expire(Instant::now());
+            if self.retired.load(Ordering::Relaxed) && in_flight.by_wire_id.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn answer(&self, answer: &mut [u8]) {
+        let Some(&[high, low]) = answer.get(..2) else {
+            return;
+        };
+        let mut in_flight = self.in_flight();
+        let wire_id = u16::from_be_bytes([high, low]);
+        let Some(waiting) = in_flight.by_wire_id.get(&wire_id) else {
+            tracing::debug!("an upstream answer for no query in flight is dropped");
+            return;
+        };
+        let question = waiting.query.get(HEADER..waiting.question_end);
+        if question.is_none() || answer.get(HEADER..waiting.question_end) != question {
+            tracing::debug!("an upstream answer that does not repeat the question is dropped");
+            return;
+        }
+        let Some(waiting) = in_flight.by_wire_id.remove(&wire_id) else {
+            return;
+        };
+        drop(in_flight);
+        if let Some(id) = answer.get_mut(..2) {
+            id.copy_from_slice(&waiting.original_id);
+        }
+        waiting.reply.send(answer);
+    }
+}
+
+impl InFlight {
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(deadline, wire_id)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            // The id may have been answered and used again since: only this query expires.
+            if self
+                .by_wire_id
+                .get(&wire_id)
+                .is_some_and(|waiting| waiting.deadline == deadline)
+            {
+                self.by_wire_id.remove(&wire_id);
+            }
+        }
+    }
+}
+
+/// Where the question section of a DNS message ends, or `None` when it is not whole. Names
+/// in a query's question are written out in full; a compression pointer ends a name too.
+fn question_end(message: &[u8]) -> Option<usize> {
+    let count = u16::from_be_bytes([*message.get(4)?, *message.get(5)?]);
+    let mut at = HEADER;
+    for _ in 0..count {
+        loop {
+            let length = *message.get(at)?;
+            if length == 0 {
+                at += 1;
+                break;
+            }
+            if length & 0xC0 == 0xC0 {
+                at += 2;
+                break;
+            }
+            at += 1 + usize::from(length);
+        }
+        // Type and class.
+        at += 4;
+    }
+    (at <= message.len()).then_some(at)
+}
+
+/// Random 16-bit ids, drawn from the system's generator a batch at a time.
+#[derive(Debug)]
+struct RandomIds {
+    batch: [u8; 512],
+    used: usize,
+}
+
+impl Default for RandomIds {
+    fn default() -> Self {
+        RandomIds {
+            batch: [0; 512],
+            used: 512,
+        }
+    }
+}
+
+impl RandomIds {
+    fn next(&mut self) -> Option<u16> {
+        if self.used + 2 > self.batch.len() {
+            getrandom::fill(&mut self.batch).ok()?;
+            self.used = 0;
+        }
+        let id = self.batch.get(self.used..self.used + 2)?;
+        self.used += 2;
+        Some(u16::from_be_bytes([id[0], id[1]]))
+    }
 }
 
 /// The stub as the event loop drives it: queries in, answers out through their channels.
 #[derive(Debug)]
 pub struct DnsService {
     stub: Stub,
-    waiting: HashMap<QueryId, oneshot::Sender<Vec<u8>>>,
+    waiting: HashMap<QueryId, Reply>,
     next_query: QueryId,
+    upstreams: Upstreams,
 }
 
 impl DnsService {
@@ -211,6 +475,7 @@ impl DnsService {
             stub,
             waiting: HashMap::new(),
             next_query: 0,
+            upstreams: Upstreams::default(),
         }
     }
 
@@ -222,29 +487,23 @@ impl DnsService {
         &mut self.stub
     }
 
-    /// A query from a socket: answered now, held, dropped, or returned to forward.
-    pub fn handle_query(&mut self, query: DnsQuery, now: Instant) -> Option<Forward> {
+    /// A query from a socket: answered now, held, dropped, or passed to its upstream.
+    pub fn handle_query(&mut self, query: DnsQuery, now: Instant) {
         self.next_query += 1;
         let id = self.next_query;
         match self
             .stub
             .handle_query(id, query.sentinel, &query.bytes, now)
         {
-            Handled::Answer(bytes) => {
-                let _ = query.answer.send(bytes);
-                None
+            Handled::Answer(bytes) => query.reply.send(&bytes),
+            Handled::Forward(upstream) => {
+                self.upstreams
+                    .forward(upstream, query.bytes, query.reply, now);
             }
-            Handled::Forward(upstream) => Some(Forward {
-                upstream,
-                transport: query.transport,
-                bytes: query.bytes,
-                answer: query.answer,
-            }),
             Handled::Later => {
-                self.waiting.insert(id, query.answer);
-                None
+                self.waiting.insert(id, query.reply);
             }
-            Handled::Drop => None,
+            Handled::Drop => {}
         }
     }
 
@@ -254,8 +513,8 @@ impl DnsService {
         loop {
             match self.stub.poll_event()? {
                 Event::Answer { query, bytes } => {
-                    if let Some(answer) = self.waiting.remove(&query) {
-                        let _ = answer.send(bytes);
+                    if let Some(reply) = self.waiting.remove(&query) {
+                        reply.send(&bytes);
                     }
                 }
                 other => return Some(other),

@@ -172,11 +172,7 @@ async fn serve(
                 tracing::warn!(%reason, "portal away; tunnels that are up keep working");
             }
             Input::Portal(LinkEvent::Refused(reason)) => anyhow::bail!("{reason}"),
-            Input::Dns(query) => {
-                if let Some(job) = service.handle_query(query, now) {
-                    tokio::spawn(dns::forward(job));
-                }
-            }
+            Input::Dns(query) => service.handle_query(query, now),
             Input::Timeout => {
                 core.handle_timeout(now);
                 service.stub_mut().handle_timeout(now);

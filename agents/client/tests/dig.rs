@@ -1,7 +1,8 @@
 //! `dig` against the client's DNS front on loopback, with a real upstream server beside it
 //! and the test standing in for the portal: pass-through over UDP and TCP, a resource name
 //! answered with its mapped addresses once access is granted, PTR for a mapped address, and
-//! HTTPS kept local.
+//! HTTPS kept local. Beside it, the pooled upstream sockets pass-through goes over: answers
+//! that do not match a query in flight are dropped, and sockets are retired and replaced.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -82,9 +83,7 @@ async fn client_dns(upstream: SocketAddr) -> SocketAddr {
         .unwrap();
     tokio::spawn(async move {
         while let Some(query) = incoming.recv().await {
-            if let Some(job) = service.handle_query(query, Instant::now()) {
-                tokio::spawn(dns::forward(job));
-            }
+            service.handle_query(query, Instant::now());
             while let Some(event) = service.poll_event() {
                 if let Event::RequestAccess { dns, .. } = event {
                     service.stub_mut().handle_granted(
@@ -151,4 +150,99 @@ async fn dig_gets_pass_through_answers_and_mapped_addresses() {
     let out = dig(server, &["gitlab.company.com", "HTTPS"]).await;
     assert!(out.contains("status: NOERROR"), "{out}");
     assert!(out.contains("ANSWER: 0"), "{out}");
+}
+
+/// A query for `name` (type A) with `id`, as an application sends it.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut query = Message::query();
+    query.metadata.id = id;
+    query.metadata.recursion_desired = true;
+    query.add_query(hickory_proto::op::Query::query(
+        name.parse().unwrap(),
+        RecordType::A,
+    ));
+    query.to_vec().unwrap()
+}
+
+#[tokio::test]
+async fn pass_through_takes_only_the_answer_to_the_query_in_flight() {
+    // An upstream the test plays by hand.
+    let upstream = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let server = client_dns(upstream.local_addr().unwrap()).await;
+    let application = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    application
+        .send_to(&query(0x1234, "www.example.org"), server)
+        .await
+        .unwrap();
+
+    let mut buffer = vec![0; 4096];
+    let (length, stub) = upstream.recv_from(&mut buffer).await.unwrap();
+    let forwarded = buffer[..length].to_vec();
+    assert_eq!(
+        forwarded[2..],
+        query(0x1234, "www.example.org")[2..],
+        "everything but the id passes unchanged"
+    );
+    let wire_id = u16::from_be_bytes([forwarded[0], forwarded[1]]);
+
+    // Two forgeries first: the right id with another question, and the right question with
+    // another id. Then the real answer. The application must get the real one only, with
+    // its own id back.
+    let forged_question = answer(&query(wire_id, "www.example.org.attacker.test"));
+    upstream.send_to(&forged_question, stub).await.unwrap();
+    let forged_id = answer(&query(wire_id.wrapping_add(1), "www.example.org"));
+    upstream.send_to(&forged_id, stub).await.unwrap();
+    upstream.send_to(&answer(&forwarded), stub).await.unwrap();
+
+    let length = application.recv(&mut buffer).await.unwrap();
+    let answered = Message::from_vec(&buffer[..length]).unwrap();
+    assert_eq!(answered.metadata.id, 0x1234);
+    assert_eq!(answered.queries[0].name().to_ascii(), "www.example.org.");
+    assert_eq!(
+        answered.answers.len(),
+        1,
+        "the real answer, with its record"
+    );
+}
+
+#[tokio::test]
+async fn pass_through_moves_to_a_fresh_upstream_socket_and_answers_everything() {
+    // An upstream that answers everything and notes the ports queries came from.
+    let upstream = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let server = client_dns(upstream.local_addr().unwrap()).await;
+    let ports = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let seen = ports.clone();
+    tokio::spawn(async move {
+        let mut buffer = vec![0; 4096];
+        loop {
+            let (length, from) = upstream.recv_from(&mut buffer).await.unwrap();
+            seen.lock().unwrap().insert(from.port());
+            upstream
+                .send_to(&answer(&buffer[..length]), from)
+                .await
+                .unwrap();
+        }
+    });
+
+    // More queries than one socket carries, one at a time, each with its own id.
+    let application = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let queries = dns::QUERIES_PER_SOCKET * 2 + 1;
+    let mut buffer = vec![0; 4096];
+    for id in 0..queries {
+        let id = id as u16;
+        application
+            .send_to(&query(id, "www.example.org"), server)
+            .await
+            .unwrap();
+        let length = application.recv(&mut buffer).await.unwrap();
+        let answered = Message::from_vec(&buffer[..length]).unwrap();
+        assert_eq!(answered.metadata.id, id);
+        assert_eq!(answered.answers.len(), 1);
+    }
+    assert_eq!(
+        ports.lock().unwrap().len(),
+        3,
+        "a fresh socket (port) after every {} queries",
+        dns::QUERIES_PER_SOCKET
+    );
 }
