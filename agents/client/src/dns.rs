@@ -33,6 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many queries one upstream socket carries before a fresh one (a fresh port) takes over.
 pub const QUERIES_PER_SOCKET: u32 = 1024;
+/// How many random ids a forwarded query may draw before one is free (or randomness fails).
+const ID_DRAWS: usize = 16;
 /// How long a TCP client may take to send its query.
 const TCP_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest DNS message over UDP the stub takes or forwards (EDNS allows up to 64 KiB).
@@ -221,10 +223,6 @@ impl Upstreams {
             }
             udp @ Reply::Udp { .. } => udp,
         };
-        let Some(wire_id) = self.ids.next() else {
-            tracing::warn!("no randomness for a DNS id; a pass-through query is dropped");
-            return;
-        };
         let in_service = match self.in_service.entry(upstream) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => match UdpExchange::open(upstream) {
@@ -238,7 +236,7 @@ impl Upstreams {
                 }
             },
         };
-        in_service.exchange.send(wire_id, query, reply, now);
+        in_service.exchange.send(&mut self.ids, query, reply, now);
         in_service.queries += 1;
         if in_service.queries >= QUERIES_PER_SOCKET {
             // The next query opens a fresh socket; this one answers what it has in flight.
@@ -304,18 +302,21 @@ impl UdpExchange {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn send(&self, wire_id: u16, mut query: Vec<u8>, reply: Reply, now: Instant) {
+    fn send(&self, ids: &mut RandomIds, mut query: Vec<u8>, reply: Reply, now: Instant) {
         let mut in_flight = self.in_flight();
         in_flight.expire(now);
         let (Some(question_end), Some(id)) = (question_end(&query), query.get_mut(..2)) else {
             tracing::debug!("a pass-through query without a whole question is dropped");
             return;
         };
-        if in_flight.by_wire_id.contains_key(&wire_id) {
-            // One in 65,536 per query in flight; the application asks again.
-            tracing::debug!("a random DNS id already in flight; the query is dropped");
+        // An id drawn again while in flight (one in 65,536 per query in flight) is drawn anew.
+        let Some(wire_id) = (0..ID_DRAWS)
+            .filter_map(|_| ids.next())
+            .find(|wire_id| !in_flight.by_wire_id.contains_key(wire_id))
+        else {
+            tracing::warn!("no free random DNS id; a pass-through query is dropped");
             return;
-        }
+        };
         let original_id = [id[0], id[1]];
         id.copy_from_slice(&wire_id.to_be_bytes());
         if let Err(error) = self.sender.send(&query) {
