@@ -352,7 +352,7 @@ impl Broker {
             },
         });
         let policy = account.policy.current();
-        let resources = visible_resources(&policy.table, &session, client.verified, self.now());
+        let resources = account_resources(&policy.table);
         let connection = {
             let mut registry = self.registry();
             let connection = registry.connection();
@@ -439,21 +439,29 @@ impl Broker {
             bundle_hash: policy.bundle_hash.clone(),
             reason,
         };
-        let deny = |reason: String| async move {
+        // A denial names the rule only when a deny rule made it (a guardrail); every other
+        // denial (no rule, no gateway, a bad request) says why in its reason alone.
+        let deny_with = |rule: Option<String>, reason: String| async move {
             let reason = cut(&reason, MAX_REASON);
-            let write = Write::Flow(flow(FlowDecision::Deny, None, reason.clone()));
+            let write = Write::Flow(flow(FlowDecision::Deny, rule, reason.clone()));
             if let Err(error) = self.writer.submit(vec![write]).await {
                 tracing::error!(error = %error, "cannot record a flow");
             }
             Err(reason)
         };
+        let deny = |reason: String| deny_with(None, reason);
         if decision.reason != Reason::Allowed {
             let mut reason = decision.reason.describe().to_owned();
             let lines = table.explain(&request, &decision);
             if !lines.is_empty() {
                 reason = format!("{reason}: {}", lines.join("; "));
             }
-            return deny(reason).await;
+            let guardrail = (decision.reason == Reason::DeniedByRule)
+                .then(|| decision.rules.first())
+                .flatten()
+                .and_then(|r| table.table().rules.get(*r as usize))
+                .map(|r| r.id.clone());
+            return deny_with(guardrail, reason).await;
         }
         let Some(index) = table.resource_index(resource_id) else {
             return deny(Reason::UnknownResource.describe().to_owned()).await;
@@ -1018,29 +1026,19 @@ fn groups_of(table: &DecisionTable, idp_groups: &[(String, String)]) -> Vec<Stri
         .collect()
 }
 
-/// The resources some allow rule names the session's user for, whatever the conditions: what
-/// the client may usefully ask for.
-fn visible_resources(
-    table: &DecisionTable,
-    session: &ClientSession,
-    verified: bool,
-    at: DateTime<Utc>,
-) -> Vec<ResourceView> {
-    let request = request_for(table, session, "", verified, at);
-    let membership = table.membership(&request.user, request.groups.iter().map(String::as_str));
+/// Every resource of the account, as its clients see them. A client routes and resolves all of
+/// them into fz and asks for each, rather than only for those some rule allows its user: so a
+/// name or address the policy refuses never leaves the machine on the open network (an internal
+/// name asked of a public resolver, say), every refusal is decided and recorded here with its
+/// reason, and a rule added later works without the client reconnecting. The cost is that a
+/// signed-in user of the account learns the resources' addresses, which the account's own
+/// DNS and routing would tell them too.
+fn account_resources(table: &DecisionTable) -> Vec<ResourceView> {
     table
         .table()
         .resources
         .iter()
-        .enumerate()
-        .filter(|(index, _)| {
-            u32::try_from(*index).is_ok_and(|i| {
-                !table
-                    .near_misses(&membership, i, &request.context)
-                    .is_empty()
-            })
-        })
-        .map(|(_, r)| ResourceView {
+        .map(|r| ResourceView {
             id: r.id.clone(),
             address: r.address.to_string(),
         })
