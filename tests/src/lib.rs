@@ -1,0 +1,24 @@
+//! fz end to end: the whole system as a user meets it, with the real binaries (`fz-portal`,
+//! three `fz-gateway`s, `fz-client`) in network namespaces joined by veth pairs, real servers
+//! behind the gateways (an HTTPS server with two virtual hosts, TCP services, dnsmasq as the
+//! authoritative DNS server for `company.com`), and real `dig` and `curl` in the client's
+//! namespace.
+//!
+//! - [`world`]: the topology, built once and torn down on drop (also when a scenario fails),
+//!   and what the scenarios do in it: edit the policy tree, ask names, fetch pages, read the
+//!   gateways' metrics and the portal's records, stop and start processes.
+//! - [`servers`]: the servers at the sites, on the harness's tokio runtime.
+//! - [`report`]: `target/e2e-report.json` and the summary the scenarios leave.
+//! - [`binaries`]: where the binaries under test are, built when missing.
+//!
+//! The scenarios themselves are in `tests/e2e.rs`. Everything here needs root (namespaces,
+//! TUN devices, nftables); without it the scenarios skip loudly and leave the marker `.ci/run`
+//! fails on.
+
+// A harness: a failure to set up is a failed run, so it panics with the cause.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod binaries;
+pub mod report;
+pub mod servers;
+pub mod world;

@@ -1,0 +1,89 @@
+//! The scenarios' report: one entry per scenario, the figures measured on the way, written as
+//! `target/e2e-report.json` and printed as a summary.
+//!
+//! ```json
+//! {"scenarios": [{"name": "...", "status": "pass", "detail": "..."}],
+//!  "figures": {"failover_seconds": 10.5, "connection_setup_ms": 41, "tunnel_throughput_ratio": 0.6}}
+//! ```
+//!
+//! A figure no scenario measured (its scenario failed first) is `null`.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub scenarios: Vec<Scenario>,
+    pub figures: Figures,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    pub status: Status,
+    /// What was seen: the measurement on a pass, the failure's message on a fail.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Fail,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Figures {
+    /// From the kill of the gateway in use to the first answer through the other one.
+    pub failover_seconds: Option<f64>,
+    /// From an application's first DNS query for a resource name to the first byte of the
+    /// resource's answer (curl's `time_starttransfer`, DNS included).
+    pub connection_setup_ms: Option<f64>,
+    /// One TCP stream through the tunnel over the same transfer without fz, in the same
+    /// topology.
+    pub tunnel_throughput_ratio: Option<f64>,
+}
+
+impl Report {
+    /// Whether every scenario passed (and there was at least one).
+    pub fn passed(&self) -> bool {
+        !self.scenarios.is_empty()
+            && self
+                .scenarios
+                .iter()
+                .all(|scenario| scenario.status == Status::Pass)
+    }
+
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, json + "\n")
+    }
+
+    /// The summary a person reads: a line per scenario, then the figures.
+    pub fn summary(&self) -> String {
+        let mut text = String::new();
+        for scenario in &self.scenarios {
+            let status = match scenario.status {
+                Status::Pass => "pass",
+                Status::Fail => "FAIL",
+            };
+            let detail = scenario.detail.lines().next().unwrap_or_default();
+            text += &format!("{status}  {:<34} {detail}\n", scenario.name);
+        }
+        let figure = |value: Option<f64>, unit: &str| match value {
+            Some(value) => format!("{value:.2}{unit}"),
+            None => "not measured".to_owned(),
+        };
+        text += &format!(
+            "figures: failover {}, connection setup {}, tunnel throughput {} of direct\n",
+            figure(self.figures.failover_seconds, " s"),
+            figure(self.figures.connection_setup_ms, " ms"),
+            figure(self.figures.tunnel_throughput_ratio, "x"),
+        );
+        text
+    }
+}

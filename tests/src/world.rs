@@ -1,0 +1,799 @@
+//! The world the scenarios run in, and what they do in it.
+//!
+//! ```text
+//!  client ns            portal ns (wan)            gw-a, gw-b ns (site hq)     hq ns (resource network)
+//!  fz-client            br0 198.18.0.1/24          eth0 198.18.0.11, .12        br0 172.16.0.5  :443 https
+//!   fzc0 (TUN)          fz-portal :8080             eth1 172.16.0.1, .2 ──────      gitlab, jenkins, docs
+//!   eth0 198.18.0.10 ── dnsmasq :53 (upstream)           10.0.5.1, .2               10.0.5.10 :5432 db, :22 ssh
+//!   curl, dig           wan-* ports ─────────────── eth0                         172.16.0.53 :53 dnsmasq
+//!                                                  gw-c ns (site lab)                (company.com)
+//!                                                   eth0 198.18.0.13          lab ns
+//!                                                   eth1 192.168.50.1 ─────── eth0 192.168.50.10 :80 greeter
+//! ```
+//!
+//! `──` is a veth pair; `wan-*` are ports of the bridge in the portal's namespace, `lan-*` of
+//! the bridge in hq's. The client reaches the wan only: the resource networks are behind the
+//! gateways, and the DNS server for `company.com` answers only there. `ip netns exec` gives
+//! each process `/etc/netns/<ns>/resolv.conf`: the client's names the upstream dnsmasq on the
+//! wan (which knows `www.example.org`), the gateways' the one at hq. Servers greet or answer
+//! with the address the connection came from, which is the masquerade of the gateway that
+//! carried it (`db 10.0.5.2` came through gw-b).
+//!
+//! The policy tree is written by the scenarios ([`World::set_rules`]); the portal watches it.
+//! Sockets keep the namespace they were made in, so each server socket is made on a thread
+//! that entered its namespace and then served by the world's tokio runtime. Dropping the world
+//! stops every process and deletes the namespaces and files. Nothing waits by sleeping: each
+//! step polls for what it needs (a route, a metric, a bundle hash, a log line) within a
+//! deadline.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fz_host::testing::WAIT;
+use fz_host::testing::metrics::{Metrics, http_get, scrape, wait_metrics};
+use fz_host::testing::net::{greet, tcp_listener};
+use fz_host::testing::netns::{Netns, RemoveDir, bridge, etc_netns, link, port, unique_id};
+use fz_host::testing::process::Process;
+
+use crate::binaries::binary;
+use crate::servers::{WebTls, serve_web};
+
+pub const ACCOUNT: &str = "acme";
+pub const USER: &str = "alice@acme.example";
+pub const PORTAL_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), 8080);
+/// The client's own resolver: everything that is no resource is asked here.
+pub const UPSTREAM_DNS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const CLIENT_WAN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub const WEB: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 5);
+pub const SITE_DNS: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 53);
+pub const DB: &str = "10.0.5.10:5432";
+pub const SSH: &str = "10.0.5.10:22";
+pub const LAB_WEB: &str = "192.168.50.10:80";
+pub const CLIENT_TUN: &str = "fzc0";
+pub const GATEWAY_TUN: &str = "fzgw0";
+pub const WIREGUARD_PORT: u16 = 51820;
+/// Every gateway's metrics, each in its own namespace.
+pub const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9101);
+/// The stub's first sentinel: the address the client's switched resolver names.
+pub const SENTINEL: &str = "100.100.111.1";
+
+/// The tree without rules: two sites, the resources, one group. Scenarios add the rules.
+pub const DECLARATIONS: &str = r#"site hq
+site lab
+
+resource gitlab  { address "gitlab.company.com"; site hq; ports tcp/443 }
+resource jenkins { address "jenkins.company.com"; site hq; ports tcp/443 }
+resource docs    { address "docs.company.com"; site hq; ports tcp/443 }
+resource db      { address "10.0.5.0/24"; site hq; ports tcp/5432, icmp }
+resource lab-web { address "192.168.50.0/24"; site lab; ports tcp/80 }
+
+group engineering { members "alice@acme.example" }
+"#;
+
+/// The policy file: [`DECLARATIONS`] and `rules`.
+fn tree_text(rules: &str) -> String {
+    format!("{DECLARATIONS}\n{rules}\n")
+}
+
+/// A gateway of the world: its name, site and addresses.
+#[derive(Clone, Copy, Debug)]
+pub struct GatewaySpec {
+    pub name: &'static str,
+    pub site: &'static str,
+    pub wan: Ipv4Addr,
+    /// Its addresses on the resource network, the masquerade the servers see.
+    pub lan: &'static [&'static str],
+}
+
+pub const GATEWAYS: [GatewaySpec; 3] = [
+    GatewaySpec {
+        name: "gw-a",
+        site: "hq",
+        wan: Ipv4Addr::new(198, 18, 0, 11),
+        lan: &["172.16.0.1/24", "10.0.5.1/24"],
+    },
+    GatewaySpec {
+        name: "gw-b",
+        site: "hq",
+        wan: Ipv4Addr::new(198, 18, 0, 12),
+        lan: &["172.16.0.2/24", "10.0.5.2/24"],
+    },
+    GatewaySpec {
+        name: "gw-c",
+        site: "lab",
+        wan: Ipv4Addr::new(198, 18, 0, 13),
+        lan: &["192.168.50.1/24"],
+    },
+];
+
+impl GatewaySpec {
+    /// The gateway's address on a resource network as a server there sees it.
+    pub fn lan_address(&self, network_prefix: &str) -> &'static str {
+        self.lan
+            .iter()
+            .find(|address| address.starts_with(network_prefix))
+            .and_then(|address| address.split('/').next())
+            .unwrap_or_else(|| panic!("{} has no address in {network_prefix}", self.name))
+    }
+
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.wan), WIREGUARD_PORT)
+    }
+}
+
+/// A gateway's process and namespace.
+#[derive(Debug)]
+pub struct Gateway {
+    pub spec: GatewaySpec,
+    pub process: Process,
+    pub ns: Netns,
+}
+
+/// What `curl` saw.
+#[derive(Debug)]
+pub struct Fetched {
+    pub body: String,
+    /// From the start (name resolution included) to the first byte of the answer.
+    pub first_byte: Duration,
+    /// Bytes per second over the transfer.
+    pub speed: f64,
+}
+
+/// The whole topology. Fields drop in order: the client first (it restores its resolver while
+/// its namespace is there), the gateways, the portal, the DNS servers, the runtime with the
+/// other servers, then the namespaces and files.
+#[derive(Debug)]
+pub struct World {
+    pub client: Process,
+    pub gateways: Vec<Gateway>,
+    pub portal: Process,
+    _dns_servers: Vec<Process>,
+    _runtime: tokio::runtime::Runtime,
+    pub client_ns: Netns,
+    pub portal_ns: Netns,
+    pub hq_ns: Netns,
+    _lab_ns: Netns,
+    _etc: Vec<RemoveDir>,
+    portal_config: PathBuf,
+    portal_key: String,
+    client_token: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    /// Builds the world and waits until it is up: portal healthy, every gateway connected, the
+    /// client's resolver switched and its routes in. Fails with the reason when this machine
+    /// cannot make it (no network namespaces in this container, say).
+    pub fn new() -> Result<World, String> {
+        let id = unique_id();
+        let ns = |name: &str| Netns::add(format!("fze-{id}-{name}"));
+        let client_ns =
+            ns("client").map_err(|error| format!("cannot make a network namespace: {error}"))?;
+        let portal_ns = ns("portal")?;
+        let hq_ns = ns("hq")?;
+        let lab_ns = ns("lab")?;
+        let gateway_ns: Vec<Netns> = GATEWAYS
+            .iter()
+            .map(|spec| ns(spec.name))
+            .collect::<Result<_, _>>()?;
+
+        // The wan: a bridge in the portal's namespace, which holds the portal's address.
+        bridge(&portal_ns, &["198.18.0.1/24"]);
+        port(
+            &portal_ns,
+            "wan-c",
+            &client_ns,
+            "eth0",
+            &format!("{CLIENT_WAN}/24"),
+        );
+        client_ns
+            .ip(&["route", "add", "default", "via", "198.18.0.1"])
+            .unwrap();
+        // hq's resource network: a bridge holding the servers' addresses.
+        bridge(&hq_ns, &["172.16.0.5/24", "172.16.0.53/24", "10.0.5.10/24"]);
+        for (index, (spec, ns)) in GATEWAYS.iter().zip(&gateway_ns).enumerate() {
+            port(
+                &portal_ns,
+                &format!("wan-{index}"),
+                ns,
+                "eth0",
+                &format!("{}/24", spec.wan),
+            );
+            if spec.site == "hq" {
+                port(&hq_ns, &format!("lan-{index}"), ns, "eth1", spec.lan[0]);
+                for address in &spec.lan[1..] {
+                    ns.ip(&["address", "add", address, "dev", "eth1"]).unwrap();
+                }
+            } else {
+                link(ns, "eth1", spec.lan[0], &lab_ns, "eth0", "192.168.50.10/24");
+            }
+        }
+
+        let mut etc = vec![etc_netns(
+            &client_ns,
+            &format!("nameserver {UPSTREAM_DNS}\noptions timeout:2\n"),
+        )];
+        for ns in &gateway_ns {
+            etc.push(etc_netns(ns, &format!("nameserver {SITE_DNS}\n")));
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tls = WebTls::generate();
+        std::fs::write(dir.path().join("web.pem"), &tls.certificate_pem).unwrap();
+        start_servers(&runtime, &hq_ns, &lab_ns, tls);
+        let dns_servers = vec![
+            dnsmasq(
+                &portal_ns,
+                dir.path(),
+                "upstream",
+                UPSTREAM_DNS,
+                "example.org",
+                &[("www.example.org", Ipv4Addr::new(192, 0, 2, 80))],
+            ),
+            dnsmasq(
+                &hq_ns,
+                dir.path(),
+                "company",
+                SITE_DNS,
+                "company.com",
+                &[
+                    ("gitlab.company.com", WEB),
+                    ("jenkins.company.com", WEB),
+                    ("docs.company.com", WEB),
+                ],
+            ),
+        ];
+
+        std::fs::create_dir(dir.path().join("tree")).unwrap();
+        std::fs::write(dir.path().join("tree/policy.fz"), tree_text("")).unwrap();
+        let portal_config = dir.path().join("portal.toml");
+        std::fs::write(
+            &portal_config,
+            format!(
+                "listen = \"{PORTAL_LISTEN}\"\nallow_plain_http = true\ndata_dir = \"{}\"\n\n\
+                 [[accounts]]\nslug = \"{ACCOUNT}\"\npolicy = \"{}\"\n",
+                dir.path().join("portal-data").display(),
+                dir.path().join("tree").display(),
+            ),
+        )
+        .unwrap();
+        let portal = start_portal(&portal_ns, &portal_config, dir.path());
+        let portal_key = admin(&portal_ns, &portal_config, &["public-key"])
+            .trim()
+            .to_owned();
+
+        let mut gateways = Vec::new();
+        for (spec, ns) in GATEWAYS.into_iter().zip(gateway_ns) {
+            let created = admin(
+                &portal_ns,
+                &portal_config,
+                &[
+                    "token",
+                    "create",
+                    "--account",
+                    ACCOUNT,
+                    "--gateway",
+                    spec.name,
+                    "--site",
+                    spec.site,
+                ],
+            );
+            secret_file(dir.path(), &format!("{}.token", spec.name), &created);
+            let process = start_gateway(&spec, &ns, dir.path(), &portal_key);
+            gateways.push(Gateway { spec, process, ns });
+        }
+        let created = admin(
+            &portal_ns,
+            &portal_config,
+            &[
+                "token",
+                "create",
+                "--account",
+                ACCOUNT,
+                "--client",
+                "laptop",
+                "--user",
+                USER,
+            ],
+        );
+        let client_token = secret_file(dir.path(), "client.token", &created);
+
+        let client = start_client(&client_ns, dir.path(), &client_token, &portal_key);
+        let world = World {
+            client,
+            gateways,
+            portal,
+            _dns_servers: dns_servers,
+            _runtime: runtime,
+            client_ns,
+            portal_ns,
+            hq_ns,
+            _lab_ns: lab_ns,
+            _etc: etc,
+            portal_config,
+            portal_key,
+            client_token,
+            dir,
+        };
+        for index in 0..world.gateways.len() {
+            world.wait_metrics(index, "the portal connection", |m| {
+                m.value("fz_gateway_portal_connected") == 1
+            });
+        }
+        world.wait_for("the client's resolver switch and routes", WAIT, |world| {
+            let resolv = std::fs::read_to_string(world._etc[0].path().join("resolv.conf")).ok()?;
+            let routes = world
+                .client_ns
+                .ip(&["-4", "route", "show", "dev", CLIENT_TUN])
+                .ok()?;
+            (resolv.contains(SENTINEL)
+                && routes.contains("10.0.5.0/24")
+                && routes.contains("100.96.0.0/11"))
+            .then_some(())
+        });
+        Ok(world)
+    }
+
+    // ---- the policy ----
+
+    /// Writes the tree as [`DECLARATIONS`] plus `rules` (at once, by a rename, as `git` would)
+    /// and waits until the portal has loaded it.
+    pub fn set_rules(&self, rules: &str) {
+        let text = tree_text(rules);
+        let path = self.dir.path().join("tree/policy.fz");
+        if std::fs::read_to_string(&path).unwrap() == text {
+            return;
+        }
+        let hash = self.bundle_hash();
+        let next = self.dir.path().join("policy.fz.next");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &path).unwrap();
+        self.wait_for("the portal to load the new policy", WAIT, |world| {
+            (world.bundle_hash() != hash).then_some(())
+        });
+    }
+
+    /// The account's bundle hash, from `/healthz`.
+    pub fn bundle_hash(&self) -> String {
+        let body = self
+            .portal_ns
+            .run(|| http_get(PORTAL_LISTEN, "/healthz"))
+            .unwrap_or_else(|error| panic!("no /healthz: {error}"));
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        health["accounts"][0]["bundle_hash"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no bundle hash in {health}"))
+            .to_owned()
+    }
+
+    // ---- the client's view ----
+
+    /// `dig +short <args>` in the client's namespace, through its (switched) resolver.
+    pub fn dig(&self, args: &[&str]) -> Vec<String> {
+        let mut all = vec!["+short", "+time=5", "+tries=1"];
+        all.extend_from_slice(args);
+        let answer = self
+            .client_ns
+            .exec("dig", &all)
+            .unwrap_or_else(|error| panic!("dig {args:?} failed: {error}"));
+        answer.lines().map(str::to_owned).collect()
+    }
+
+    /// `curl https://<name><path>` from the client's namespace, trusting the web server's
+    /// certificate; `extra` goes before the URL (`--resolve`, say).
+    pub fn curl(&self, name: &str, path: &str, extra: &[&str]) -> Result<Fetched, String> {
+        let certificate = self.dir.path().join("web.pem");
+        let url = format!("https://{name}{path}");
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            certificate.to_str().unwrap(),
+            "-w",
+            "\n%{time_starttransfer} %{speed_download}",
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let output = self.client_ns.exec("curl", &args)?;
+        let (body, figures) = output.rsplit_once('\n').unwrap_or(("", &output));
+        let mut figures = figures.split_whitespace().map(str::parse::<f64>);
+        let (Some(Ok(first_byte)), Some(Ok(speed))) = (figures.next(), figures.next()) else {
+            return Err(format!("no figures from curl: {output:?}"));
+        };
+        Ok(Fetched {
+            body: body.trim_end().to_owned(),
+            first_byte: Duration::from_secs_f64(first_byte),
+            speed,
+        })
+    }
+
+    /// Connects from the client to `to` and reads the server's greeting line.
+    pub fn greeting(&self, to: &str) -> String {
+        fz_host::testing::net::greeting(&self.client_ns, to)
+    }
+
+    /// Checks that a connection from the client to `to` does not come up.
+    pub fn cannot_connect(&self, to: &str) {
+        fz_host::testing::net::cannot_connect(&self.client_ns, to);
+    }
+
+    /// Which gateway carried a connection, from the server's view of its source address.
+    pub fn gateway_by_lan(&self, address: &str) -> usize {
+        GATEWAYS
+            .iter()
+            .position(|spec| {
+                spec.lan
+                    .iter()
+                    .any(|lan| lan.split('/').next() == Some(address))
+            })
+            .unwrap_or_else(|| panic!("{address} is no gateway's address"))
+    }
+
+    // ---- the portal ----
+
+    /// `fz-portal <args> --config …` in the portal's namespace; its standard output.
+    pub fn admin(&self, args: &[&str]) -> String {
+        admin(&self.portal_ns, &self.portal_config, args)
+    }
+
+    /// The account's flow records, newest last.
+    pub fn flows(&self) -> Vec<serde_json::Value> {
+        let listed = self.admin(&["flows", "--account", ACCOUNT, "--json"]);
+        serde_json::from_str(&listed).unwrap_or_else(|error| panic!("{error}: {listed}"))
+    }
+
+    /// Whether the portal has each gateway connected, in the order of [`GATEWAYS`].
+    pub fn gateways_connected(&self) -> Vec<bool> {
+        let listed = self.admin(&["gateways", "--account", ACCOUNT, "--json"]);
+        let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        GATEWAYS
+            .iter()
+            .map(|spec| {
+                let entry = listed
+                    .as_array()
+                    .and_then(|all| all.iter().find(|g| g["name"] == spec.name))
+                    .unwrap_or_else(|| panic!("the portal lists no {}: {listed}", spec.name));
+                entry["connected"]
+                    .as_bool()
+                    .unwrap_or_else(|| panic!("no `connected` in {entry}"))
+            })
+            .collect()
+    }
+
+    /// Stops the portal with SIGTERM.
+    pub fn stop_portal(&self) {
+        let status = self.portal.terminate();
+        assert!(status.success(), "the portal exited with {status}");
+    }
+
+    /// Starts the portal again on the same store and tree, and waits for every gateway.
+    pub fn restart_portal(&mut self) {
+        self.portal = start_portal(&self.portal_ns, &self.portal_config, self.dir.path());
+        for index in 0..self.gateways.len() {
+            self.wait_metrics(index, "the portal connection again", |m| {
+                m.value("fz_gateway_portal_connected") == 1
+            });
+        }
+    }
+
+    // ---- the gateways ----
+
+    pub fn metrics(&self, gateway: usize) -> Metrics {
+        self.gateways[gateway]
+            .ns
+            .run(|| scrape(METRICS))
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot read {}'s metrics: {error}",
+                    self.gateways[gateway].spec.name
+                )
+            })
+    }
+
+    /// Waits until a gateway's metrics satisfy `holds`.
+    pub fn wait_metrics(
+        &self,
+        gateway: usize,
+        what: &str,
+        holds: impl Fn(&Metrics) -> bool,
+    ) -> Metrics {
+        let gw = &self.gateways[gateway];
+        wait_metrics(
+            &gw.ns,
+            METRICS,
+            &format!("{what} at {}", gw.spec.name),
+            WAIT,
+            |what| self.assert_running(what),
+            holds,
+        )
+    }
+
+    /// The WireGuard public key a gateway runs with (from its key file).
+    pub fn gateway_public_key(&self, gateway: usize) -> boringtun::x25519::PublicKey {
+        let name = self.gateways[gateway].spec.name;
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.key"))).unwrap();
+        let text = text.trim();
+        let mut key = [0u8; 32];
+        for (byte, pair) in key.iter_mut().zip(text.as_bytes().chunks(2)) {
+            *byte = u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap();
+        }
+        boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(key))
+    }
+
+    /// Kills a gateway as a crash would (SIGKILL).
+    pub fn kill_gateway(&self, gateway: usize) {
+        self.gateways[gateway].process.kill();
+    }
+
+    /// Starts a stopped gateway again with its key and token, and waits for its portal link.
+    pub fn restart_gateway(&mut self, gateway: usize) {
+        let gw = &mut self.gateways[gateway];
+        gw.process = start_gateway(&gw.spec, &gw.ns, self.dir.path(), &self.portal_key);
+        self.wait_metrics(gateway, "the portal connection after a restart", |m| {
+            m.value("fz_gateway_portal_connected") == 1
+        });
+    }
+
+    /// Starts the client again (after a scenario stopped it).
+    pub fn restart_client(&mut self) {
+        self.client = start_client(
+            &self.client_ns,
+            self.dir.path(),
+            &self.client_token,
+            &self.portal_key,
+        );
+    }
+
+    // ---- waiting and failing ----
+
+    /// Fails at once, with its log, if any process the world needs has exited.
+    pub fn assert_running(&self, waiting_for: &str) {
+        self.client.assert_running(waiting_for);
+        for gateway in &self.gateways {
+            gateway.process.assert_running(waiting_for);
+        }
+        self.portal.assert_running(waiting_for);
+    }
+
+    /// Waits until `probe` gives something, failing at the deadline or as soon as a process
+    /// exits.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        patience: Duration,
+        mut probe: impl FnMut(&World) -> Option<T>,
+    ) -> T {
+        fz_host::testing::wait_for(
+            what,
+            patience,
+            |what| self.assert_running(what),
+            || probe(self),
+        )
+    }
+
+    /// [`World::wait_for`] that gives up with `None` instead of failing.
+    pub fn wait_for_or<T>(
+        &self,
+        what: &str,
+        patience: Duration,
+        mut probe: impl FnMut(&World) -> Option<T>,
+    ) -> Option<T> {
+        fz_host::testing::wait_for_or(
+            what,
+            patience,
+            |what| self.assert_running(what),
+            || probe(self),
+        )
+    }
+
+    /// The last lines of every process's log, for a failed scenario.
+    pub fn logs(&self, lines: usize) -> String {
+        let tail = |what: &str, process: &Process| {
+            let text = process.log_text();
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            format!(
+                "---- {what} (last {lines} lines) ----\n{}\n",
+                all[start..].join("\n")
+            )
+        };
+        let mut text = tail("fz-client", &self.client);
+        for gateway in &self.gateways {
+            text += &tail(gateway.spec.name, &gateway.process);
+        }
+        text + &tail("fz-portal", &self.portal)
+    }
+
+    /// Seconds since `since`, for the report.
+    pub fn seconds(since: Instant) -> f64 {
+        since.elapsed().as_secs_f64()
+    }
+}
+
+// ---- the processes ----
+
+fn start_portal(ns: &Netns, config: &Path, dir: &Path) -> Process {
+    let portal = Process::start(
+        "fz-portal",
+        ns,
+        &binary("fz-portal"),
+        &["serve", "--config", config.to_str().unwrap()],
+        "info",
+        dir.join("portal.log"),
+    );
+    fz_host::testing::wait_for(
+        "the portal's /healthz",
+        WAIT,
+        |what| portal.assert_running(what),
+        || ns.run(|| http_get(PORTAL_LISTEN, "/healthz")).ok(),
+    );
+    portal
+}
+
+fn start_gateway(spec: &GatewaySpec, ns: &Netns, dir: &Path, portal_key: &str) -> Process {
+    let token = dir.join(format!("{}.token", spec.name));
+    let key = dir.join(format!("{}.key", spec.name));
+    Process::start(
+        spec.name,
+        ns,
+        &binary("fz-gateway"),
+        &[
+            "--portal-url",
+            &format!("ws://{PORTAL_LISTEN}"),
+            "--account",
+            ACCOUNT,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--portal-key",
+            portal_key,
+            "--listen",
+            &spec.endpoint().to_string(),
+            "--tun",
+            GATEWAY_TUN,
+            "--key-file",
+            key.to_str().unwrap(),
+            "--metrics",
+            &METRICS.to_string(),
+        ],
+        "info,fz_gateway=debug",
+        dir.join(format!("{}.log", spec.name)),
+    )
+}
+
+fn start_client(ns: &Netns, dir: &Path, token: &Path, portal_key: &str) -> Process {
+    Process::start(
+        "fz-client",
+        ns,
+        &binary("fz-client"),
+        &[
+            "--portal-url",
+            &format!("ws://{PORTAL_LISTEN}"),
+            "--account",
+            ACCOUNT,
+            "--token-file",
+            token.to_str().unwrap(),
+            "--portal-key",
+            portal_key,
+            "--tun",
+            CLIENT_TUN,
+            "--key-file",
+            dir.join("client.key").to_str().unwrap(),
+            "--state-dir",
+            dir.join("client-state").to_str().unwrap(),
+            "--resolv-conf",
+            "/etc/resolv.conf",
+        ],
+        "info,fz_client=debug,fz_dns=debug",
+        dir.join("client.log"),
+    )
+}
+
+/// dnsmasq answering for `domain` on `listen`: the `hosts` it knows, NXDOMAIN for every other
+/// name in `domain`, and nothing else (no upstream, no hosts file).
+fn dnsmasq(
+    ns: &Netns,
+    dir: &Path,
+    name: &str,
+    listen: Ipv4Addr,
+    domain: &str,
+    hosts: &[(&str, Ipv4Addr)],
+) -> Process {
+    let mut args = vec![
+        "--keep-in-foreground".to_owned(),
+        "--conf-file=/dev/null".to_owned(),
+        "--no-resolv".to_owned(),
+        "--no-hosts".to_owned(),
+        "--bind-interfaces".to_owned(),
+        format!("--listen-address={listen}"),
+        "--user=root".to_owned(),
+        format!(
+            "--pid-file={}",
+            dir.join(format!("dnsmasq-{name}.pid")).display()
+        ),
+        "--log-facility=-".to_owned(),
+        "--log-queries".to_owned(),
+        format!("--local=/{domain}/"),
+    ];
+    for (host, address) in hosts {
+        args.push(format!("--host-record={host},{address}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let process = Process::start(
+        &format!("dnsmasq ({domain})"),
+        ns,
+        Path::new("dnsmasq"),
+        &args,
+        "",
+        dir.join(format!("dnsmasq-{name}.log")),
+    );
+    fz_host::testing::wait_for(
+        &format!("dnsmasq ({domain}) to listen"),
+        WAIT,
+        |what| process.assert_running(what),
+        || {
+            ns.exec(
+                "dig",
+                &[
+                    "+short",
+                    "+time=1",
+                    "+tries=1",
+                    &format!("@{listen}"),
+                    hosts[0].0,
+                ],
+            )
+            .ok()
+            .filter(|answer| !answer.trim().is_empty())
+        },
+    );
+    process
+}
+
+/// `fz-portal <args> --config <config>` in `ns`; its standard output.
+fn admin(ns: &Netns, config: &Path, args: &[&str]) -> String {
+    let portal = binary("fz-portal");
+    let mut all = vec![portal.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--config", config.to_str().unwrap()]);
+    ns.exec_program(&all)
+        .unwrap_or_else(|error| panic!("fz-portal {args:?} failed: {error}"))
+}
+
+/// Writes the secret that `fz-portal token create` printed into `dir/name`, mode 0600.
+fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
+    let secret = created
+        .lines()
+        .find_map(|line| line.strip_prefix("secret "))
+        .unwrap_or_else(|| panic!("no secret in {created:?}"));
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+// ---- the servers ----
+
+/// At hq: the web server, db and ssh; at lab: its web greeter.
+fn start_servers(runtime: &tokio::runtime::Runtime, hq: &Netns, lab: &Netns, tls: WebTls) {
+    let (web, db, ssh) = hq.run(|| {
+        (
+            tcp_listener(SocketAddr::new(IpAddr::V4(WEB), 443)),
+            tcp_listener(DB),
+            tcp_listener(SSH),
+        )
+    });
+    let lab_web = lab.run(|| tcp_listener(LAB_WEB));
+    let _guard = runtime.enter();
+    runtime.spawn(serve_web(web, tls));
+    runtime.spawn(greet(db, "db"));
+    runtime.spawn(greet(ssh, "ssh"));
+    runtime.spawn(greet(lab_web, "lab"));
+}
