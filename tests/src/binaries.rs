@@ -1,5 +1,5 @@
-//! The binaries under test: beside the running test in `<target>/<profile>/`, where
-//! `cargo test --workspace` has built them. Run alone (`cargo test -p fz-e2e`), cargo builds
+//! The binaries under test: in `<target>/<profile>/`, beside the demo or above the running
+//! test, where `cargo build` or `cargo test --workspace` has built them. Run alone (`cargo test -p fz-e2e`), cargo builds
 //! only this package, so a missing binary is built here once, in the same profile and target
 //! directory.
 
@@ -7,19 +7,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-/// The binaries the world runs.
-const BINARIES: [&str; 3] = ["fz-portal", "fz-gateway", "fz-client"];
+/// The binaries the world runs, and the policy checker the demo shows.
+const BINARIES: [&str; 4] = ["fz-portal", "fz-gateway", "fz-client", "fzc"];
 
 /// The path of `name` (one of the workspace's binaries), built first if it is missing.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    // <target>/<profile>/deps/<this test>
+    // A test runs from <target>/<profile>/deps/, the demo from <target>/<profile>/.
     let exe = std::env::current_exe().unwrap();
-    let dir = exe
+    let mut dir = exe
         .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from <target>/<profile>/deps")
+        .expect("the program runs from a directory")
         .to_owned();
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.pop();
+    }
     let path = dir.join(name);
     if !path.exists() {
         if let Err(why) = BUILT.get_or_init(|| build(&dir)) {

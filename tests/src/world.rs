@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use fz_host::testing::WAIT;
 use fz_host::testing::metrics::{Metrics, http_get, scrape, wait_metrics};
-use fz_host::testing::net::{greet, tcp_listener};
+use fz_host::testing::net::{greet, tcp_listener, try_greeting};
 use fz_host::testing::netns::{Netns, RemoveDir, bridge, etc_netns, link, port, unique_id};
 use fz_host::testing::process::Process;
 
@@ -72,6 +72,16 @@ resource lab-web { address "192.168.50.0/24"; site lab; ports tcp/80 }
 
 group engineering { members "alice@acme.example" }
 "#;
+
+/// The commands the world needs besides the binaries under test.
+const TOOLS: [&str; 5] = ["ip", "nft", "dig", "curl", "dnsmasq"];
+
+/// A command the world needs that this machine lacks, if any.
+pub fn missing_tool() -> Option<&'static str> {
+    TOOLS
+        .into_iter()
+        .find(|tool| fz_host::testing::run("sh", &["-c", &format!("command -v {tool}")]).is_err())
+}
 
 /// The policy file: [`DECLARATIONS`] and `rules`.
 fn tree_text(rules: &str) -> String {
@@ -132,6 +142,18 @@ pub struct Gateway {
     pub ns: Netns,
 }
 
+/// A failover [`World::fail_over`] saw.
+#[derive(Debug)]
+pub struct Failover {
+    /// The gateway killed, and the one that carried the connections after, as indexes of
+    /// [`GATEWAYS`].
+    pub dead: usize,
+    pub alive: usize,
+    /// From the kill to the first answer through the other gateway.
+    pub took: Duration,
+    pub attempts: u32,
+}
+
 /// What `curl` saw.
 #[derive(Debug)]
 pub struct Fetched {
@@ -160,7 +182,18 @@ pub struct World {
     portal_config: PathBuf,
     portal_key: String,
     client_token: PathBuf,
+    /// What makes this world's namespace names its own.
+    id: String,
     dir: tempfile::TempDir,
+}
+
+/// Another client host on the wan, for scenarios that need many clients. Fields drop in order:
+/// the process, then its namespace and resolver file.
+#[derive(Debug)]
+pub struct ExtraClient {
+    pub process: Process,
+    pub ns: Netns,
+    _etc: RemoveDir,
 }
 
 impl World {
@@ -306,7 +339,7 @@ impl World {
         );
         let client_token = secret_file(dir.path(), "client.token", &created);
 
-        let client = start_client(&client_ns, dir.path(), &client_token, &portal_key);
+        let client = start_client(&client_ns, dir.path(), "client", &client_token, &portal_key);
         let world = World {
             client,
             gateways,
@@ -321,6 +354,7 @@ impl World {
             portal_config,
             portal_key,
             client_token,
+            id,
             dir,
         };
         for index in 0..world.gateways.len() {
@@ -329,17 +363,56 @@ impl World {
             });
         }
         world.wait_for("the client's resolver switch and routes", WAIT, |world| {
-            let resolv = std::fs::read_to_string(world._etc[0].path().join("resolv.conf")).ok()?;
-            let routes = world
-                .client_ns
-                .ip(&["-4", "route", "show", "dev", CLIENT_TUN])
-                .ok()?;
-            (resolv.contains(SENTINEL)
-                && routes.contains("10.0.5.0/24")
-                && routes.contains("100.96.0.0/11"))
-            .then_some(())
+            client_is_up(&world.client_ns, world._etc[0].path()).then_some(())
         });
         Ok(world)
+    }
+
+    /// `count` more client hosts, each a namespace on the wan (198.18.0.100 and up) running
+    /// `fz-client` with a token of its own (`laptop-<n>`, the same user), once each is up.
+    pub fn extra_clients(&self, count: u8) -> Vec<ExtraClient> {
+        let portal_ns = &self.portal_ns;
+        (0..count)
+            .map(|n| {
+                let ns = Netns::add(format!("fze-{}-x{n}", self.id)).unwrap();
+                port(
+                    portal_ns,
+                    &format!("wan-x{n}"),
+                    &ns,
+                    "eth0",
+                    &format!("198.18.0.{}/24", 100 + u16::from(n)),
+                );
+                ns.ip(&["route", "add", "default", "via", "198.18.0.1"])
+                    .unwrap();
+                let etc = etc_netns(&ns, &format!("nameserver {UPSTREAM_DNS}\n"));
+                let name = format!("laptop-{n}");
+                let created = self.admin(&[
+                    "token",
+                    "create",
+                    "--account",
+                    ACCOUNT,
+                    "--client",
+                    &name,
+                    "--user",
+                    USER,
+                ]);
+                let token = secret_file(self.dir.path(), &format!("{name}.token"), &created);
+                let process = start_client(&ns, self.dir.path(), &name, &token, &self.portal_key);
+                ExtraClient {
+                    process,
+                    ns,
+                    _etc: etc,
+                }
+            })
+            .inspect(|extra| {
+                fz_host::testing::wait_for(
+                    "an extra client's resolver switch and routes",
+                    WAIT,
+                    |what| extra.process.assert_running(what),
+                    || client_is_up(&extra.ns, extra._etc.path()).then_some(()),
+                );
+            })
+            .collect()
     }
 
     // ---- the policy ----
@@ -359,6 +432,11 @@ impl World {
         self.wait_for("the portal to load the new policy", WAIT, |world| {
             (world.bundle_hash() != hash).then_some(())
         });
+    }
+
+    /// The policy tree the portal serves.
+    pub fn tree(&self) -> PathBuf {
+        self.dir.path().join("tree")
     }
 
     /// The account's bundle hash, from `/healthz`.
@@ -445,7 +523,7 @@ impl World {
         admin(&self.portal_ns, &self.portal_config, args)
     }
 
-    /// The account's flow records, newest last.
+    /// The account's flow records, newest first.
     pub fn flows(&self) -> Vec<serde_json::Value> {
         let listed = self.admin(&["flows", "--account", ACCOUNT, "--json"]);
         serde_json::from_str(&listed).unwrap_or_else(|error| panic!("{error}: {listed}"))
@@ -529,6 +607,45 @@ impl World {
         boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(key))
     }
 
+    /// Kills the gateway of hq that carries the client's connections to `to` (a greeter behind
+    /// hq's gateways) as a crash would, and connects again and again until `to` answers
+    /// through the other one; fails if that takes longer than `limit`.
+    pub fn fail_over(&self, to: &str, limit: Duration) -> Failover {
+        let greeting = self.greeting(to);
+        let address = greeting.split_whitespace().nth(1).unwrap_or_default();
+        let dead = self.gateway_by_lan(address);
+        let alive = 1 - dead;
+        self.kill_gateway(dead);
+        let killed = Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if let Ok(line) = self
+                .client_ns
+                .run(|| try_greeting(to, Duration::from_millis(500)))
+            {
+                let through = line.split_whitespace().nth(1).unwrap_or_default();
+                assert_eq!(
+                    self.gateway_by_lan(through),
+                    alive,
+                    "{to} answered through another gateway than {}: {line:?}",
+                    GATEWAYS[alive].name
+                );
+                return Failover {
+                    dead,
+                    alive,
+                    took: killed.elapsed(),
+                    attempts,
+                };
+            }
+            self.client.assert_running("the failover");
+            assert!(
+                killed.elapsed() < limit,
+                "{to} did not answer again within {limit:?} ({attempts} attempts)"
+            );
+        }
+    }
+
     /// Kills a gateway as a crash would (SIGKILL).
     pub fn kill_gateway(&self, gateway: usize) {
         self.gateways[gateway].process.kill();
@@ -548,6 +665,7 @@ impl World {
         self.client = start_client(
             &self.client_ns,
             self.dir.path(),
+            "client",
             &self.client_token,
             &self.portal_key,
         );
@@ -669,9 +787,20 @@ fn start_gateway(spec: &GatewaySpec, ns: &Netns, dir: &Path, portal_key: &str) -
     )
 }
 
-fn start_client(ns: &Netns, dir: &Path, token: &Path, portal_key: &str) -> Process {
+/// Whether the client in `ns` is up: the resolver (`etc/resolv.conf`) asks its sentinel, and
+/// the routes of the account's resources lead into its TUN device.
+fn client_is_up(ns: &Netns, etc: &Path) -> bool {
+    let resolv = std::fs::read_to_string(etc.join("resolv.conf")).unwrap_or_default();
+    let routes = ns
+        .ip(&["-4", "route", "show", "dev", CLIENT_TUN])
+        .unwrap_or_default();
+    resolv.contains(SENTINEL) && routes.contains("10.0.5.0/24") && routes.contains("100.96.0.0/11")
+}
+
+/// `fz-client` in `ns`; `name` names its key, state directory and log in `dir`.
+fn start_client(ns: &Netns, dir: &Path, name: &str, token: &Path, portal_key: &str) -> Process {
     Process::start(
-        "fz-client",
+        &format!("fz-client ({name})"),
         ns,
         &binary("fz-client"),
         &[
@@ -686,14 +815,14 @@ fn start_client(ns: &Netns, dir: &Path, token: &Path, portal_key: &str) -> Proce
             "--tun",
             CLIENT_TUN,
             "--key-file",
-            dir.join("client.key").to_str().unwrap(),
+            dir.join(format!("{name}.key")).to_str().unwrap(),
             "--state-dir",
-            dir.join("client-state").to_str().unwrap(),
+            dir.join(format!("{name}-state")).to_str().unwrap(),
             "--resolv-conf",
             "/etc/resolv.conf",
         ],
         "info,fz_client=debug,fz_dns=debug",
-        dir.join("client.log"),
+        dir.join(format!("{name}.log")),
     )
 }
 

@@ -13,7 +13,7 @@ use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::StaticSecret;
@@ -39,6 +39,8 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("invisible gateway", invisible_gateway),
     ("tunnel throughput", tunnel_throughput),
     ("policy change", policy_change),
+    ("load balancing", load_balancing),
+    ("time window", time_window),
     ("failover", failover),
     // Last: a restarted portal has lost the grants in force (see `portal_down`).
     ("portal down", portal_down),
@@ -62,10 +64,7 @@ fn main() -> ExitCode {
     if !fz_host::testing::may_run_as_root(RUN) {
         return ExitCode::SUCCESS;
     }
-    if let Some(missing) = ["dnsmasq", "curl", "dig", "ip", "nft"]
-        .into_iter()
-        .find(|tool| fz_host::testing::run("sh", &["-c", &format!("command -v {tool}")]).is_err())
-    {
+    if let Some(missing) = fz_e2e::world::missing_tool() {
         fz_host::testing::skip(RUN, &format!("`{missing}` is not installed"));
         return ExitCode::SUCCESS;
     }
@@ -427,6 +426,85 @@ fn policy_change(world: &mut World, _: &mut Report) -> String {
     format!("db withdrawn {withdrawn:.2} s after the edit; the guardrail wins over the allow")
 }
 
+/// 6. Twenty more clients (each a host of its own with its own token and key, the same user)
+///    connect to db: the portal picks a random healthy gateway of hq for each, so neither
+///    gateway carries them all. (All twenty on one: a chance of one in half a million.)
+fn load_balancing(world: &mut World, _: &mut Report) -> String {
+    world.set_rules("allow engineering -> gitlab, docs, db as eng");
+    let clients = world.extra_clients(20);
+    let mut carried = [0u32; GATEWAYS.len()];
+    for extra in &clients {
+        let greeting = fz_host::testing::net::greeting(&extra.ns, DB);
+        carried[serving_gateway(world, &greeting)] += 1;
+    }
+    assert!(
+        carried[0] > 0 && carried[1] > 0,
+        "one gateway carried every client: {carried:?}"
+    );
+    format!(
+        "of 20 clients, gw-a carried {} and gw-b {}",
+        carried[0], carried[1]
+    )
+}
+
+/// 11. A rule that holds only until the end of this minute (UTC, the window `00:00-HH:MM`):
+///     lab-web answers while it holds; when the window closes the portal withdraws the grant,
+///     gw-c drops it, and the next connection is refused with the time as the reason.
+fn time_window(world: &mut World, _: &mut Report) -> String {
+    let now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let minute_of_day = |seconds: u64| (seconds / 60) % (24 * 60);
+    // A window cannot close at midnight (24:00 is no time of day): wait for the next day.
+    world.wait_for(
+        "the last minute of the day to pass",
+        Duration::from_secs(70),
+        |_| (minute_of_day(now()) != 24 * 60 - 1).then_some(()),
+    );
+    // Closes at the next minute, or the one after when this one is nearly over: the test
+    // connects first.
+    let started = now();
+    let closes = (started / 60 + if started % 60 > 45 { 2 } else { 1 }) * 60;
+    let end = minute_of_day(closes);
+    let rule = format!(
+        "allow engineering -> lab-web when time any 00:00-{:02}:{:02} UTC as until-{:02}{:02}",
+        end / 60,
+        end % 60,
+        end / 60,
+        end % 60
+    );
+    world.set_rules(&format!(
+        "allow engineering -> gitlab, docs, db as eng\n{rule}"
+    ));
+    assert_eq!(world.greeting(LAB_WEB), "lab 192.168.50.1");
+    let lab = 2;
+    let patience = Duration::from_secs(closes.saturating_sub(now())) + WAIT;
+    world.wait_for(
+        "gw-c to drop the grant when the window closes",
+        patience,
+        |world| (world.metrics(lab).value("fz_gateway_grants") == 0).then_some(()),
+    );
+    let dropped_after = now().saturating_sub(closes);
+    refused(world, LAB_WEB);
+    let denial = world.wait_for(
+        "the denial after the window in the flow log",
+        WAIT,
+        |world| {
+            world
+                .flows()
+                .into_iter()
+                .find(|flow| flow["resource_id"] == "lab-web" && flow["decision"] == "deny")
+        },
+    );
+    format!(
+        "`{rule}`: lab-web answered, the grant went {dropped_after} s after the window closed; then refused: {}",
+        denial["reason"].as_str().unwrap_or_default()
+    )
+}
+
 /// 8. The portal stops: the tunnels that are up keep working. It starts again on its store:
 ///    every gateway is back, the tokens still hold, the flow log is whole, and a new request
 ///    (to the other site) works.
@@ -479,47 +557,21 @@ fn portal_down(world: &mut World, _: &mut Report) -> String {
 ///    out of service. The dead gateway is started again afterwards.
 fn failover(world: &mut World, report: &mut Report) -> String {
     world.set_rules("allow engineering -> gitlab, docs, db as eng");
-    let greeting = world.greeting(DB);
-    let serving = serving_gateway(world, &greeting);
-    let other = 1 - serving;
-    let alive = format!("db {}", GATEWAYS[other].lan_address("10.0.5."));
-
-    world.kill_gateway(serving);
-    let killed = Instant::now();
-    let mut attempts = 0;
-    let took = loop {
-        attempts += 1;
-        if let Ok(line) = world
-            .client_ns
-            .run(|| try_greeting(DB, Duration::from_millis(500)))
-        {
-            assert_eq!(
-                line, alive,
-                "a greeting not through {}",
-                GATEWAYS[other].name
-            );
-            break killed.elapsed();
-        }
-        world.client.assert_running("the failover");
-        assert!(
-            killed.elapsed() < FAILOVER_LIMIT,
-            "db did not answer again within {FAILOVER_LIMIT:?} ({attempts} attempts)"
-        );
-    };
-    report.figures.failover_seconds = Some(took.as_secs_f64());
+    let failover = world.fail_over(DB, FAILOVER_LIMIT);
+    report.figures.failover_seconds = Some(failover.took.as_secs_f64());
     let connected = world.gateways_connected();
     assert!(
-        !connected[serving],
+        !connected[failover.dead],
         "the portal keeps the dead gateway in service"
     );
-    assert!(connected[other]);
-
-    world.restart_gateway(serving);
+    assert!(connected[failover.alive]);
+    world.restart_gateway(failover.dead);
     format!(
-        "{} killed; db answered through {} after {:.2} s ({attempts} attempts)",
-        GATEWAYS[serving].name,
-        GATEWAYS[other].name,
-        took.as_secs_f64()
+        "{} killed; db answered through {} after {:.2} s ({} attempts)",
+        GATEWAYS[failover.dead].name,
+        GATEWAYS[failover.alive].name,
+        failover.took.as_secs_f64(),
+        failover.attempts
     )
 }
 

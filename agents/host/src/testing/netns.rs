@@ -122,9 +122,20 @@ pub fn link(a: &Netns, a_name: &str, a_address: &str, b: &Netns, b_name: &str, b
     }
 }
 
-/// A bridge `br0` in `ns`, up, with `addresses`.
+/// A bridge `br0` in `ns`, up, with `addresses`. Its MAC address is set, so it stays the same
+/// when ports come and go (a bridge otherwise takes its ports' lowest, and hosts that cached
+/// the old one in ARP lose their traffic to it for many seconds).
 pub fn bridge(ns: &Netns, addresses: &[&str]) {
-    ns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    ns.ip(&[
+        "link",
+        "add",
+        "br0",
+        "address",
+        "02:00:00:00:0f:01",
+        "type",
+        "bridge",
+    ])
+    .unwrap();
     for address in addresses {
         ns.ip(&["address", "add", address, "dev", "br0"]).unwrap();
     }
