@@ -524,13 +524,12 @@ impl Broker {
                 return deny(reason).await;
             };
             tried.insert(gateway.id.clone());
-            let pair_key = self.registry().pair_key(&session.client_id, &gateway.id);
-            let preshared_key = match pair_key {
-                Some(key) => key,
-                None => {
-                    PresharedKey(random::bytes().map_err(|_| BrokerError::Unavailable.to_string())?)
-                }
-            };
+            let fresh =
+                PresharedKey(random::bytes().map_err(|_| BrokerError::Unavailable.to_string())?);
+            // Held for the pair until this attempt ends, whichever way it ends, so that other
+            // grants made meanwhile for the same pair carry the same key.
+            let reservation = PairReservation::new(self, &session.client_id, &gateway.id, fresh);
+            let preshared_key = reservation.key.clone();
             let grant = Grant {
                 id: random::id("gr").map_err(|_| BrokerError::Unavailable.to_string())?,
                 account: session.account.clone(),
@@ -1043,6 +1042,42 @@ fn account_resources(table: &DecisionTable) -> Vec<ResourceView> {
             address: r.address.to_string(),
         })
         .collect()
+}
+
+/// A pair key reserved in the registry for one attempt at a grant; dropping it ends the
+/// reservation (see `Registry::reserve_pair_key`).
+struct PairReservation<'a> {
+    broker: &'a Broker,
+    client_id: String,
+    gateway_id: String,
+    key: PresharedKey,
+}
+
+impl<'a> PairReservation<'a> {
+    fn new(
+        broker: &'a Broker,
+        client_id: &str,
+        gateway_id: &str,
+        fresh: PresharedKey,
+    ) -> PairReservation<'a> {
+        let key = broker
+            .registry()
+            .reserve_pair_key(client_id, gateway_id, fresh);
+        PairReservation {
+            broker,
+            client_id: client_id.to_owned(),
+            gateway_id: gateway_id.to_owned(),
+            key,
+        }
+    }
+}
+
+impl Drop for PairReservation<'_> {
+    fn drop(&mut self) {
+        self.broker
+            .registry()
+            .release_reservation(&self.client_id, &self.gateway_id);
+    }
 }
 
 fn site_of(table: &DecisionTable, resource: u32) -> Option<String> {

@@ -81,12 +81,25 @@ pub struct Registry<L> {
     grants: HashMap<String, Arc<LiveGrant>>,
     /// The grants by expiry, so that finding the expired ones does not visit the others.
     expiring: BTreeSet<(UnixTime, String)>,
-    /// The preshared key of each client–gateway pair with grants in force, and how many.
+    /// The preshared key of each client–gateway pair with grants in force or being made.
     /// INVARIANT: every grant in force between a pair carries the pair's key, so client and
     /// gateway keep one WireGuard peer (one key) for the pair however many resources it
-    /// carries; a pair whose last grant ends gets a fresh key with its next grant.
-    pairs: HashMap<(String, String), (PresharedKey, usize)>,
+    /// carries; a pair whose last grant ends, with none being made, gets a fresh key with its
+    /// next grant.
+    pairs: HashMap<(String, String), Pair>,
     next_connection: u64,
+}
+
+/// A client–gateway pair's key, with its grants in force and the grants being made with it
+/// (reserved, not yet acknowledged by the gateway). A client that asks for several resources
+/// at once (after a failover, say) has several grants in the making for one pair: they must
+/// all carry the same key, or each would replace the peer's key on both sides, in whatever
+/// order each side happens to take them.
+#[derive(Debug)]
+struct Pair {
+    key: PresharedKey,
+    in_force: usize,
+    reserved: usize,
 }
 
 impl<L> Default for Registry<L> {
@@ -249,8 +262,12 @@ impl<L> Registry<L> {
         self.expiring.insert((grant.expires_at, grant.id.clone()));
         self.pairs
             .entry((grant.client_id.clone(), grant.gateway_id.clone()))
-            .or_insert((grant.signed.grant.preshared_key.clone(), 0))
-            .1 += 1;
+            .or_insert_with(|| Pair {
+                key: grant.signed.grant.preshared_key.clone(),
+                in_force: 0,
+                reserved: 0,
+            })
+            .in_force += 1;
         if let Some(old) = self.grants.insert(grant.id.clone(), Arc::new(grant)) {
             self.pair_released(&old);
         }
@@ -261,14 +278,46 @@ impl<L> Registry<L> {
     pub fn pair_key(&self, client_id: &str, gateway_id: &str) -> Option<PresharedKey> {
         self.pairs
             .get(&(client_id.to_owned(), gateway_id.to_owned()))
-            .map(|(key, _)| key.clone())
+            .map(|pair| pair.key.clone())
+    }
+
+    /// The key a grant being made for the pair carries: the pair's, or `fresh` when the pair
+    /// has none. Holds the key for the pair until [`Registry::release_reservation`], which
+    /// the maker of the grant calls once the grant is in force or has failed.
+    pub fn reserve_pair_key(
+        &mut self,
+        client_id: &str,
+        gateway_id: &str,
+        fresh: PresharedKey,
+    ) -> PresharedKey {
+        let pair = self
+            .pairs
+            .entry((client_id.to_owned(), gateway_id.to_owned()))
+            .or_insert(Pair {
+                key: fresh,
+                in_force: 0,
+                reserved: 0,
+            });
+        pair.reserved += 1;
+        pair.key.clone()
+    }
+
+    /// Ends a reservation of [`Registry::reserve_pair_key`].
+    pub fn release_reservation(&mut self, client_id: &str, gateway_id: &str) {
+        let pair = (client_id.to_owned(), gateway_id.to_owned());
+        if let Some(entry) = self.pairs.get_mut(&pair) {
+            entry.reserved = entry.reserved.saturating_sub(1);
+            if entry.in_force == 0 && entry.reserved == 0 {
+                self.pairs.remove(&pair);
+            }
+        }
     }
 
     fn pair_released(&mut self, grant: &LiveGrant) {
         let pair = (grant.client_id.clone(), grant.gateway_id.clone());
-        if let Some((_, count)) = self.pairs.get_mut(&pair) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(entry) = self.pairs.get_mut(&pair) {
+            entry.in_force = entry.in_force.saturating_sub(1);
+            if entry.in_force == 0 && entry.reserved == 0 {
                 self.pairs.remove(&pair);
             }
         }
@@ -468,6 +517,41 @@ mod tests {
         assert!(r.pair_key("c", "gw").is_some());
         r.withdraw(&["g-30".to_owned()]);
         assert_eq!(r.pair_key("c", "gw"), None);
+    }
+
+    #[test]
+    fn grants_made_at_once_for_a_pair_share_its_key() {
+        let mut r: Registry<&'static str> = Registry::default();
+        // Two requests decided together, before either grant is in force.
+        let first = r.reserve_pair_key("c", "gw", PresharedKey([1; 32]));
+        let second = r.reserve_pair_key("c", "gw", PresharedKey([2; 32]));
+        assert_eq!(first, PresharedKey([1; 32]));
+        assert_eq!(second, first, "a second key for a pair in the making");
+        // One fails (the gateway refused it): the other still holds the key.
+        r.release_reservation("c", "gw");
+        assert_eq!(r.pair_key("c", "gw"), Some(first.clone()));
+        // The other gets in force, then its reservation ends: the grant holds the key.
+        let mut live = signed("g-1", 100);
+        live.grant.preshared_key = first.clone();
+        r.grant_added(LiveGrant {
+            id: "g-1".into(),
+            account: "acme".into(),
+            client_id: "c".into(),
+            gateway_id: "gw".into(),
+            resource_id: "db".into(),
+            site: "hq".into(),
+            expires_at: 100,
+            session: session("acme", "c"),
+            signed: Arc::new(live),
+        });
+        r.release_reservation("c", "gw");
+        assert_eq!(r.pair_key("c", "gw"), Some(first));
+        r.withdraw(&["g-1".to_owned()]);
+        assert_eq!(
+            r.pair_key("c", "gw"),
+            None,
+            "a pair with nothing left keeps no key"
+        );
     }
 
     fn signed(id: &str, expires_at: UnixTime) -> SignedGrant {

@@ -727,8 +727,30 @@ impl World {
         let mut text = tail("fz-client", &self.client);
         for gateway in &self.gateways {
             text += &tail(gateway.spec.name, &gateway.process);
+            // What it counted: drops by reason, peers, grants, handshakes.
+            if let Ok(metrics) = gateway.ns.run(|| http_get(METRICS, "/metrics")) {
+                let counted: Vec<&str> = metrics
+                    .lines()
+                    .filter(|line| !line.starts_with('#') && !line.ends_with(" 0"))
+                    .collect();
+                text += &format!("{}'s metrics: {}\n", gateway.spec.name, counted.join("; "));
+            }
         }
         text + &tail("fz-portal", &self.portal)
+    }
+
+    /// Copies every process's whole log into `to` (made if missing), for a failed scenario.
+    pub fn keep_logs(&self, to: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(self.dir.path())? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "log")
+                && let Some(name) = path.file_name()
+            {
+                std::fs::copy(&path, to.join(name))?;
+            }
+        }
+        Ok(())
     }
 
     /// Seconds since `since`, for the report.
@@ -782,7 +804,7 @@ fn start_gateway(spec: &GatewaySpec, ns: &Netns, dir: &Path, portal_key: &str) -
             "--metrics",
             &METRICS.to_string(),
         ],
-        "info,fz_gateway=debug",
+        "info,fz_gateway=debug,boringtun=debug",
         dir.join(format!("{}.log", spec.name)),
     )
 }
@@ -821,7 +843,7 @@ fn start_client(ns: &Netns, dir: &Path, name: &str, token: &Path, portal_key: &s
             "--resolv-conf",
             "/etc/resolv.conf",
         ],
-        "info,fz_client=debug,fz_dns=debug",
+        "info,fz_client=debug,fz_dns=debug,boringtun=debug",
         dir.join(format!("{name}.log")),
     )
 }

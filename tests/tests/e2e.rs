@@ -41,9 +41,8 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("policy change", policy_change),
     ("load balancing", load_balancing),
     ("time window", time_window),
-    ("failover", failover),
-    // Last: a restarted portal has lost the grants in force (see `portal_down`).
     ("portal down", portal_down),
+    ("failover", failover),
 ];
 
 fn main() -> ExitCode {
@@ -101,7 +100,14 @@ fn main() -> ExitCode {
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
                     .unwrap_or_else(|| "a panic without a message".to_owned());
-                eprintln!("fz-e2e: {name} FAILED: {message}\n{}", world.logs(40));
+                let kept = fz_host::testing::target_dir()
+                    .join("e2e-logs")
+                    .join(name.replace(' ', "-"));
+                let kept = match world.keep_logs(&kept) {
+                    Ok(()) => format!("every log is in {}", kept.display()),
+                    Err(error) => format!("the logs could not be kept: {error}"),
+                };
+                eprintln!("fz-e2e: {name} FAILED: {message}\n{}{kept}", world.logs(40));
                 (Status::Fail, message)
             }
         };
@@ -508,11 +514,6 @@ fn time_window(world: &mut World, _: &mut Report) -> String {
 /// 8. The portal stops: the tunnels that are up keep working. It starts again on its store:
 ///    every gateway is back, the tokens still hold, the flow log is whole, and a new request
 ///    (to the other site) works.
-///
-///    Not yet right, and so this runs last: the portal keeps grants in memory, so a restarted
-///    one tells each reconnecting gateway (in `ready`) that no grant is in force; the gateways
-///    drop them, and the client's tunnels that were up go silent and are left ten seconds
-///    later, those gateways avoided.
 fn portal_down(world: &mut World, _: &mut Report) -> String {
     world.set_rules("allow engineering -> gitlab, docs, db, lab-web as eng");
     let greeting = world.greeting(DB);
