@@ -758,6 +758,27 @@ impl Broker {
         }
         // Grants waiting for it will not be acknowledged: let their requests try another.
         self.pending().retain(|_, p| p.gateway_id != gateway_id);
+        // Its clients hear of it, so that one that hears nothing from it either leaves it
+        // in seconds; its grants stay, as its tunnels may outlive its connection to us.
+        let clients: Vec<Link> = {
+            let registry = self.registry();
+            let holding: HashSet<String> = registry
+                .grants()
+                .iter()
+                .filter(|g| g.gateway_id == gateway_id)
+                .map(|g| g.client_id.clone())
+                .collect();
+            holding
+                .iter()
+                .filter_map(|client| registry.client(client))
+                .map(|client| client.link.clone())
+                .collect()
+        };
+        for link in clients {
+            link.send(&PortalToClient::GatewayDown {
+                gateway_id: gateway_id.to_owned(),
+            });
+        }
         self.record_health(account, gateway_id, false).await;
         tracing::info!(%account, gateway = %gateway_id, "gateway out of service");
     }

@@ -58,6 +58,10 @@ pub enum PortalToClient {
     Rejected { resource: String, reason: String },
     /// A grant no longer holds (policy change, token revoked, window closed).
     Revoked { grant_id: String, reason: String },
+    /// A gateway the client holds grants through lost its connection to the portal. Its
+    /// tunnels may still work (only the control connection may have broken), so the client
+    /// does not drop it for this alone; it only gives it less time to answer.
+    GatewayDown { gateway_id: String },
     /// A message the portal could not take; the connection stays open.
     Error { message: String },
 }

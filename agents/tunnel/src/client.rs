@@ -30,6 +30,10 @@ use crate::peer::{Action, Clock, Flushing, Gatekeeper, Indices, KeyPair, Peer, S
 
 /// A gateway that has said nothing for this long while the client sends is given up.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(10);
+/// The same for a gateway the portal reported down: a live gateway answers a sending client
+/// within about two seconds (its liveness keepalive), so four seconds of silence after the
+/// portal's word are enough to leave it.
+pub const REPORTED_DOWN_LIMIT: Duration = Duration::from_secs(4);
 /// How long a gateway given up stays avoided in requests to the portal.
 const AVOID_FOR: Duration = Duration::from_secs(300);
 /// Packets that wait per resource for the portal's answer; more are dropped.
@@ -100,6 +104,28 @@ struct Link {
     /// Set by the first packet sent after the gateway was last heard; cleared by anything
     /// heard. Ten seconds set means the gateway is gone.
     awaiting_since: Option<Instant>,
+    /// The portal said the gateway lost its connection; cleared by anything heard. While set,
+    /// [`REPORTED_DOWN_LIMIT`] of silence means the gateway is gone.
+    reported_down: bool,
+}
+
+impl Link {
+    /// Anything came from the gateway: it is there.
+    fn heard(&mut self) {
+        self.awaiting_since = None;
+        self.reported_down = false;
+    }
+
+    /// Whether the gateway has been silent too long while the client waited for it.
+    fn silent(&self, now: Instant) -> bool {
+        let limit = if self.reported_down {
+            REPORTED_DOWN_LIMIT
+        } else {
+            SILENCE_LIMIT
+        };
+        self.awaiting_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= limit)
+    }
 }
 
 #[derive(Debug)]
@@ -216,6 +242,13 @@ impl Client {
                 self.events.push_back(Event::Rejected { resource, reason });
             }
             PortalToClient::Revoked { grant_id, reason } => self.end(&grant_id, reason),
+            PortalToClient::GatewayDown { gateway_id } => {
+                for link in self.links.values_mut() {
+                    if link.gateway_id == gateway_id {
+                        link.reported_down = true;
+                    }
+                }
+            }
             PortalToClient::Error { .. } => {}
         }
     }
@@ -290,11 +323,11 @@ impl Client {
         let link = self.links.get_mut(&index)?;
         match link.wireguard.decapsulate(from, datagram, buffer) {
             Action::Nothing => {
-                link.awaiting_since = None;
+                link.heard();
                 None
             }
             Action::Send(bytes) => {
-                link.awaiting_since = None;
+                link.heard();
                 self.flushing.mark(index);
                 Some(Transmit {
                     destination: from,
@@ -302,7 +335,7 @@ impl Client {
                 })
             }
             Action::Received(packet) => {
-                link.awaiting_since = None;
+                link.heard();
                 let from_granted =
                     Packet::parse(packet).is_ok_and(|p| self.covered_by_link(index, p.source));
                 if from_granted {
@@ -336,10 +369,7 @@ impl Client {
         let silent: Vec<u32> = self
             .links
             .iter()
-            .filter(|(_, l)| {
-                l.awaiting_since
-                    .is_some_and(|since| now.saturating_duration_since(since) >= SILENCE_LIMIT)
-            })
+            .filter(|(_, l)| l.silent(now))
             .map(|(index, _)| *index)
             .collect();
         for index in silent {
@@ -473,6 +503,7 @@ impl Client {
                 preshared_key,
                 endpoint,
                 awaiting_since: None,
+                reported_down: false,
             },
         );
         self.link_by_key.insert(key, index);

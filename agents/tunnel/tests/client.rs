@@ -10,7 +10,7 @@ use fz_proto::{
     ClientMessage, ClientPeer, ClientReady, GatewayPeer, Grant, GrantedResource, PortalSigningKey,
     PortalToClient, PortalToGateway, PresharedKey, ResourceView, SignedGrant,
 };
-use fz_tunnel::client::{self, Client, Event, SILENCE_LIMIT};
+use fz_tunnel::client::{self, Client, Event, REPORTED_DOWN_LIMIT, SILENCE_LIMIT};
 use fz_tunnel::gateway::{self, Gateway, MAX_DATAGRAM, Output};
 use fz_tunnel::packet::{Packet, build};
 
@@ -427,6 +427,66 @@ fn a_silent_gateway_is_left_after_ten_seconds_and_traffic_resumes_through_the_ot
     );
     world.site_sends(1, &reply);
     assert_eq!(world.delivered.last(), Some(&reply));
+}
+
+#[test]
+fn a_gateway_the_portal_reports_down_is_left_after_a_short_silence_and_not_before() {
+    let mut world = World::new();
+    world.app_sends(&to_db(40000));
+    world.grant_via(0, "db", "10.0.5.0/24");
+    let down = || PortalToClient::GatewayDown {
+        gateway_id: "gw-a".into(),
+    };
+
+    // Only gw-a's connection to the portal broke: it still answers, so the client keeps it,
+    // through a minute of one-way traffic.
+    world.client.handle_portal(down(), world.now);
+    for second in 0..60 {
+        world.app_sends(&to_db(41000 + second));
+        world.advance(Duration::from_secs(1));
+    }
+    assert!(world.lost().is_empty(), "{:?}", world.events);
+
+    // gw-a dies, and the portal says so: the client leaves it once it has waited
+    // REPORTED_DOWN_LIMIT for an answer, long before the ten seconds it gives a gateway the
+    // portal says nothing of.
+    world.gateways[0].alive = false;
+    world.client.handle_portal(down(), world.now);
+    let last_heard = world.last_heard[0].unwrap();
+    let mut first_unanswered = None;
+    let mut moved_at = None;
+    for step in 0..80u16 {
+        if step % 4 == 0 {
+            world.app_sends(&to_db(42000 + step));
+            first_unanswered.get_or_insert(world.now);
+        }
+        world.advance(TICK);
+        if !world.lost().is_empty() {
+            moved_at = Some(world.now);
+            break;
+        }
+    }
+    let moved_at = moved_at.expect("the client left the silent gateway");
+    assert_eq!(world.lost(), ["gw-a"]);
+    assert!(
+        moved_at - last_heard >= REPORTED_DOWN_LIMIT,
+        "left after {:?} of silence, before the limit",
+        moved_at - last_heard
+    );
+    assert!(
+        moved_at - first_unanswered.unwrap() <= REPORTED_DOWN_LIMIT + TICK,
+        "left {:?} after the first unanswered packet",
+        moved_at - first_unanswered.unwrap()
+    );
+    assert!(REPORTED_DOWN_LIMIT + TICK < SILENCE_LIMIT);
+    assert_eq!(
+        world.requests.last(),
+        Some(&ClientMessage::RequestAccess {
+            resource: "db".into(),
+            dns: None,
+            avoid: vec!["gw-a".into()],
+        })
+    );
 }
 
 #[test]
