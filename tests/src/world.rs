@@ -181,7 +181,6 @@ pub struct World {
     _etc: Vec<RemoveDir>,
     portal_config: PathBuf,
     portal_key: String,
-    client_token: PathBuf,
     /// What makes this world's namespace names its own.
     id: String,
     dir: tempfile::TempDir,
@@ -353,7 +352,6 @@ impl World {
             _etc: etc,
             portal_config,
             portal_key,
-            client_token,
             id,
             dir,
         };
@@ -660,17 +658,6 @@ impl World {
         });
     }
 
-    /// Starts the client again (after a scenario stopped it).
-    pub fn restart_client(&mut self) {
-        self.client = start_client(
-            &self.client_ns,
-            self.dir.path(),
-            "client",
-            &self.client_token,
-            &self.portal_key,
-        );
-    }
-
     // ---- waiting and failing ----
 
     /// Fails at once, with its log, if any process the world needs has exited.
@@ -909,7 +896,7 @@ fn dnsmasq(
 }
 
 /// `fz-portal <args> --config <config>` in `ns`; its standard output.
-fn admin(ns: &Netns, config: &Path, args: &[&str]) -> String {
+pub fn admin(ns: &Netns, config: &Path, args: &[&str]) -> String {
     let portal = binary("fz-portal");
     let mut all = vec![portal.to_str().unwrap()];
     all.extend_from_slice(args);
@@ -919,7 +906,7 @@ fn admin(ns: &Netns, config: &Path, args: &[&str]) -> String {
 }
 
 /// Writes the secret that `fz-portal token create` printed into `dir/name`, mode 0600.
-fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
+pub fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
     let secret = created
         .lines()
         .find_map(|line| line.strip_prefix("secret "))

@@ -40,9 +40,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use fz_e2e::binaries::binary;
+use fz_e2e::world::{admin, secret_file};
 use fz_host::testing::WAIT;
 use fz_host::testing::metrics::{Metrics, http_get, scrape};
 use fz_host::testing::net::{greet, serve_dns, tcp_listener, try_greeting, udp_socket};
@@ -557,8 +558,7 @@ impl Lab {
 
     /// The world, or why it cannot be made here (no network namespaces in this container, say).
     fn new(heartbeat: Option<Duration>) -> Result<Lab, String> {
-        let portal_bin = other_binary("fz-portal");
-        let gateway_bin = other_binary("fz-gateway");
+        let gateway_bin = binary("fz-gateway");
         let id = unique_id();
         let client_ns = Netns::add(format!("fzc-{id}-client"))
             .map_err(|error| format!("cannot make a network namespace: {error}"))?;
@@ -629,7 +629,7 @@ impl Lab {
         let portal = Process::start(
             "the portal",
             &portal_ns,
-            &portal_bin,
+            &binary("fz-portal"),
             &["serve", "--config", config],
             "info",
             dir.path().join("portal.log"),
@@ -641,7 +641,7 @@ impl Lab {
             || portal_ns.run(|| http_get(PORTAL_LISTEN, "/healthz")).ok(),
         );
 
-        let admin = |args: &[&str]| admin(&portal_ns, &portal_bin, &portal_config, args);
+        let admin = |args: &[&str]| admin(&portal_ns, &portal_config, args);
         let portal_key = admin(&["public-key"]).trim().to_owned();
         let mut gateways = Vec::new();
         for ((spec, ns), name) in GATEWAYS.iter().zip(&gateway_ns).zip(["a", "b"]) {
@@ -851,12 +851,7 @@ impl Lab {
 
     /// An admin command on the portal's store, in the portal's namespace.
     fn admin(&self, args: &[&str]) -> String {
-        admin(
-            &self.portal_ns,
-            &other_binary("fz-portal"),
-            &self.portal_config,
-            args,
-        )
+        admin(&self.portal_ns, &self.portal_config, args)
     }
 
     /// Whether the portal counts each gateway in service (`fz-portal gateways`), in the order
@@ -953,91 +948,6 @@ impl Lab {
 
 fn is_mapped(address: Ipv4Addr) -> bool {
     u32::from(address) & 0xffe0_0000 == u32::from(Ipv4Addr::new(100, 96, 0, 0))
-}
-
-/// `fz-portal <args> --config <config>` in the portal's namespace; its standard output.
-fn admin(ns: &Netns, portal: &Path, config: &Path, args: &[&str]) -> String {
-    let mut all = vec![portal.to_str().unwrap()];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--config", config.to_str().unwrap()]);
-    ns.exec_program(&all)
-        .unwrap_or_else(|error| panic!("fz-portal {args:?} failed: {error}"))
-}
-
-/// Writes the secret that `fz-portal token create` printed into `dir/name`, mode 0600.
-fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
-    let secret = created
-        .lines()
-        .find_map(|line| line.strip_prefix("secret "))
-        .unwrap_or_else(|| panic!("no secret in {created:?}"));
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{secret}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
-
-// ---- the binaries ----
-
-/// Another package's binary beside this test's (`<target>/<profile>/<name>`), built once if
-/// it is missing (`cargo test -p fz-client` builds only fz-client's).
-fn other_binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    // <target>/<profile>/deps/<this test>
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from <target>/<profile>/deps")
-        .to_owned();
-    let path = dir.join(name);
-    if !path.exists() {
-        if let Err(why) = BUILT.get_or_init(|| build_others(&dir)) {
-            panic!("cannot build fz-portal and fz-gateway: {why}");
-        }
-        assert!(
-            path.exists(),
-            "cargo built fz-portal and fz-gateway, but {} is still missing",
-            path.display()
-        );
-    }
-    path
-}
-
-/// `cargo build --bin fz-portal --bin fz-gateway` in the profile and target directory of
-/// `dir` (`<target>/<profile>`).
-fn build_others(dir: &Path) -> Result<(), String> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(&workspace)
-        .args(["build", "--bin", "fz-portal", "--bin", "fz-gateway"]);
-    match dir.file_name().and_then(|name| name.to_str()) {
-        Some("debug") => {}
-        Some("release") => {
-            command.arg("--release");
-        }
-        Some(profile) => {
-            command.args(["--profile", profile]);
-        }
-        None => return Err(format!("no profile in {}", dir.display())),
-    }
-    if let Some(target) = dir.parent() {
-        command.env("CARGO_TARGET_DIR", target);
-    }
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|error| format!("cannot run cargo: {error}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}:\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ))
-    }
 }
 
 // ---- the servers ----

@@ -375,21 +375,7 @@ fn a_silent_gateway_is_left_after_ten_seconds_and_traffic_resumes_through_the_ot
     // gw-a dies. The client keeps sending; the first packet nobody answers starts the clock.
     world.gateways[0].alive = false;
     let last_heard = world.last_heard[0].unwrap();
-    let mut first_unanswered = None;
-    let mut moved_at = None;
-    for step in 0..80u16 {
-        if step % 4 == 0 {
-            world.app_sends(&to_db(42000 + step));
-            first_unanswered.get_or_insert(world.now);
-        }
-        world.advance(TICK);
-        if !world.lost().is_empty() {
-            moved_at = Some(world.now);
-            break;
-        }
-    }
-    let moved_at = moved_at.expect("the client left the silent gateway");
-    let first_unanswered = first_unanswered.unwrap();
+    let (first_unanswered, moved_at) = send_until_a_gateway_is_left(&mut world);
     assert_eq!(world.lost(), ["gw-a"]);
     assert!(
         moved_at - last_heard >= SILENCE_LIMIT,
@@ -453,20 +439,7 @@ fn a_gateway_the_portal_reports_down_is_left_after_a_short_silence_and_not_befor
     world.gateways[0].alive = false;
     world.client.handle_portal(down(), world.now);
     let last_heard = world.last_heard[0].unwrap();
-    let mut first_unanswered = None;
-    let mut moved_at = None;
-    for step in 0..80u16 {
-        if step % 4 == 0 {
-            world.app_sends(&to_db(42000 + step));
-            first_unanswered.get_or_insert(world.now);
-        }
-        world.advance(TICK);
-        if !world.lost().is_empty() {
-            moved_at = Some(world.now);
-            break;
-        }
-    }
-    let moved_at = moved_at.expect("the client left the silent gateway");
+    let (first_unanswered, moved_at) = send_until_a_gateway_is_left(&mut world);
     assert_eq!(world.lost(), ["gw-a"]);
     assert!(
         moved_at - last_heard >= REPORTED_DOWN_LIMIT,
@@ -474,9 +447,9 @@ fn a_gateway_the_portal_reports_down_is_left_after_a_short_silence_and_not_befor
         moved_at - last_heard
     );
     assert!(
-        moved_at - first_unanswered.unwrap() <= REPORTED_DOWN_LIMIT + TICK,
+        moved_at - first_unanswered <= REPORTED_DOWN_LIMIT + TICK,
         "left {:?} after the first unanswered packet",
-        moved_at - first_unanswered.unwrap()
+        moved_at - first_unanswered
     );
     assert!(REPORTED_DOWN_LIMIT + TICK < SILENCE_LIMIT);
     assert_eq!(
@@ -554,6 +527,26 @@ fn a_gateway_can_only_deliver_what_its_grants_cover_and_bad_grants_are_refused()
 }
 
 /// A grant for the client through gateway `g` (unsigned, for tests to change).
+/// The application sends to db once a second (every fourth tick) until the client leaves a
+/// gateway, for at most twenty seconds; when it sent the first packet and when it left.
+fn send_until_a_gateway_is_left(world: &mut World) -> (Instant, Instant) {
+    let mut first_sent = None;
+    for step in 0..80u16 {
+        if step % 4 == 0 {
+            world.app_sends(&to_db(42000 + step));
+            first_sent.get_or_insert(world.now);
+        }
+        world.advance(TICK);
+        if !world.lost().is_empty() {
+            return (first_sent.unwrap(), world.now);
+        }
+    }
+    panic!(
+        "the client left no gateway in twenty seconds: {:?}",
+        world.events
+    );
+}
+
 fn world_grant(world: &World, g: usize) -> Grant {
     let site = &world.gateways[g];
     Grant {
