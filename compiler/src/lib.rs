@@ -10,6 +10,7 @@
 
 mod analysis;
 pub mod bundle;
+pub mod cedar;
 pub mod condition;
 mod country;
 pub mod decide;

@@ -142,9 +142,163 @@ fn fzc_checks_cedar_files_and_points_at_what_it_cannot_compile() {
         "error[E017]: `context.device_trust == \"high\"` cannot be compiled into a decision table",
         "--> access/bad.cedar:3:35",
         "error[E004]: unknown group `enginering`",
-        "--> access/bad.cedar:4:9",
+        "--> access/bad.cedar:4:29",
         "did you mean `engineering`?",
     ] {
         assert!(run.stdout.contains(expected), "{expected}\n{}", run.stdout);
     }
+}
+
+/// The schema `fzc schema --cedar` prints for a tree, and a strict validator over it.
+fn validator(dir: &std::path::Path) -> cedar_policy::Validator {
+    let run = fzc(dir, &["schema", "--cedar", "."]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let (schema, warnings) =
+        cedar_policy::Schema::from_cedarschema_str(&run.stdout).expect("Cedar reads the schema");
+    assert_eq!(warnings.count(), 0, "{}", run.stdout);
+    cedar_policy::Validator::new(schema)
+}
+
+/// Cedar's validator, in strict mode, on policy text: its errors and warnings, one per line.
+fn validate(validator: &cedar_policy::Validator, policies: &str) -> String {
+    let set: cedar_policy::PolicySet = policies.parse().expect("Cedar parses the policies");
+    let result = validator.validate(&set, cedar_policy::ValidationMode::Strict);
+    let errors = result.validation_errors().map(|e| format!("error: {e}"));
+    let warnings = result.validation_warnings().map(|w| format!("warning: {w}"));
+    errors.chain(warnings).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn cedars_validator_accepts_the_trees_cedar_files_against_fzcs_schema() {
+    for (tree_dir, cedar_file) in [
+        ("tests/fixtures/cedar/tree", "access.cedar"),
+        ("policies", "access/security.cedar"),
+    ] {
+        let dir = repo().join(tree_dir);
+        let policies = std::fs::read_to_string(dir.join(cedar_file)).expect("cedar file");
+        assert_eq!(validate(&validator(&dir), &policies), "", "{tree_dir}");
+    }
+}
+
+#[test]
+fn the_schema_enumerates_sites_and_groups_so_cedar_rejects_unknown_ones() {
+    let dir = repo().join("tests/fixtures/cedar/tree");
+    let found = validate(
+        &validator(&dir),
+        r#"permit (principal in Group::"enginering", action, resource in Site::"hq");
+           permit (principal in Group::"everyone", action, resource in Site::"mars");"#,
+    );
+    assert!(found.contains(r#"`Group::"enginering"` is of an enumerated entity type"#), "{found}");
+    assert!(found.contains(r#"`Site::"mars"` is of an enumerated entity type"#), "{found}");
+}
+
+/// A tree's meaning with the rules' provenance left out: per resource, its allow and deny
+/// rules, each by name (or `<derived>`), subjects and conditions; and everything else of the
+/// table as it is.
+fn meaning(table: &fz_compiler::Table) -> String {
+    let rule = |index: &u32| {
+        let rule = &table.rules[*index as usize];
+        let id = if rule.id.contains('#') { "<derived>" } else { rule.id.as_str() };
+        let groups: Vec<&str> = rule.groups.iter().map(|g| table.groups[*g as usize].id.as_str()).collect();
+        let users: Vec<&str> = rule.users.iter().map(|u| table.users[*u as usize].email.as_str()).collect();
+        format!("{id} {groups:?} {users:?} {:?}", rule.conditions)
+    };
+    let mut out = format!("{:?}\n{:?}\n{:?}\n", table.sites, table.groups, table.users);
+    for resource in &table.resources {
+        let mut allow: Vec<String> = resource.allow.iter().map(rule).collect();
+        let mut deny: Vec<String> = resource.deny.iter().map(rule).collect();
+        allow.sort();
+        deny.sort();
+        out += &format!("{} {:?} allow {allow:#?} deny {deny:#?}\n", resource.id, resource.address);
+    }
+    out
+}
+
+/// Rules that use every form the export writes: several subjects and targets, users, sites,
+/// negated and listed conditions, IPv6, rules with and without names.
+const RICH_RULES: &str = r#"
+allow engineering, security, user "Dave@Acme.example" -> gitlab, site eu-west as mixed
+allow everyone -> wiki when country not in ru, by and provider okta
+allow everyone, contractors -> gitlab when client verified and source in 10.0.0.0/8, 2001:db8::/32
+deny contractors -> site hq, admin-net when source not in 192.0.2.0/24, 198.51.100.7
+deny user "carol@vendor.example" -> prod-db when country in DE              as carol-db
+allow security -> admin-net when source not in 10.1.0.0/16 and country not in US
+"#;
+
+/// Checks a tree that must have no errors; its table.
+fn table_of(files: &[(&str, &str)]) -> fz_compiler::Table {
+    let dir = tree(files);
+    let checked = fz_compiler::check(fz_compiler::load_tree(dir.path()).expect("loads"));
+    let errors: Vec<_> = checked.diagnostics.iter().filter(|d| d.is_error()).collect();
+    assert!(errors.is_empty(), "{errors:#?}\n{files:#?}");
+    checked.table.expect("a table")
+}
+
+#[test]
+fn exported_rules_compile_to_the_same_table() {
+    let declarations = fixture("tree/declarations.fz");
+    for rules in [fixture("access.fz"), RICH_RULES.to_owned()] {
+        let fz = [("declarations.fz", declarations.as_str()), ("access.fz", rules.as_str())];
+        let dir = tree(&fz);
+        let run = fzc(dir.path(), &["export", "--cedar", "."]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        let exported = run.stdout;
+
+        let round_trip = table_of(&[
+            ("declarations.fz", declarations.as_str()),
+            ("access.cedar", exported.as_str()),
+        ]);
+        assert_eq!(meaning(&round_trip), meaning(&table_of(&fz)), "{exported}");
+        // Cedar's own validator accepts the export against the tree's schema.
+        assert_eq!(validate(&validator(dir.path()), &exported), "", "{exported}");
+    }
+}
+
+#[test]
+fn an_export_shows_where_each_policy_came_from() {
+    let declarations = fixture("tree/declarations.fz");
+    let dir = tree(&[("declarations.fz", &declarations), ("access/rich.fz", RICH_RULES)]);
+    let run = fzc(dir.path(), &["export", "--cedar", "."]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    insta::assert_snapshot!("export_of_the_rich_rules", run.stdout);
+}
+
+#[test]
+fn a_rule_cedar_cannot_express_stops_the_export_and_is_pointed_at() {
+    let declarations = fixture("tree/declarations.fz");
+    let dir = tree(&[
+        ("declarations.fz", &declarations),
+        (
+            "access.fz",
+            "allow engineering -> gitlab\n\
+             allow engineering -> prod-db when time mon-fri 08:00-18:00 Europe/Berlin\n",
+        ),
+    ]);
+    let out = dir.path().join("out.cedar");
+    let out_arg = out.to_string_lossy().into_owned();
+    let run = fzc(dir.path(), &["export", "--cedar", ".", "-o", &out_arg]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.stdout, "");
+    assert!(!out.exists(), "a refused export writes nothing");
+    // The rendering is snapshotted with the diagnostics' fixtures (E020).
+    assert!(run.stderr.contains("error[E020]: a time window cannot be written in Cedar"), "{}", run.stderr);
+
+    let json = fzc(dir.path(), &["export", "--cedar", ".", "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&json.stderr).expect("json");
+    assert_eq!(report["diagnostics"][0]["code"], "E020");
+    assert_eq!(report["diagnostics"][0]["line"], 2);
+    assert_eq!(report["diagnostics"][0]["column"], 35);
+}
+
+#[test]
+fn schema_and_export_refuse_a_tree_with_errors() {
+    let dir = tree(&[("access.fz", "allow nobody -> nothing\n")]);
+    for command in ["schema", "export"] {
+        let run = fzc(dir.path(), &[command, "--cedar", "."]);
+        assert_eq!(run.code, 1, "{command}: {}", run.stderr);
+        assert_eq!(run.stdout, "", "{command}");
+        assert!(run.stderr.contains("error[E004]"), "{command}: {}", run.stderr);
+    }
+    let run = fzc(dir.path(), &["schema", "."]);
+    assert_eq!(run.code, 2, "the format is required: {}", run.stderr);
 }

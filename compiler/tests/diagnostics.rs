@@ -1,12 +1,31 @@
-//! Every diagnostic, rendered as a user sees it: one fixture file (`.fz`, or `.cedar` for the
-//! Cedar front end's own) per diagnostic under
-//! `tests/fixtures/diagnostics/`, named after the code it must produce, each checked by
-//! `fzc check` and its output snapshotted.
+//! Every diagnostic, rendered as a user sees it: one fixture per diagnostic under
+//! `tests/fixtures/diagnostics/`, named after the code it must produce: a `.fz` file, a
+//! `.cedar` file for the Cedar front end's own, or a directory holding a tree (declarations in
+//! `.fz` beside the `.cedar` policies that name them). Each is checked by `fzc check` (or, for
+//! `E020`, exported by `fzc export --cedar`) and its output snapshotted.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 mod common;
 
+use std::path::Path;
+
 use common::{fzc, repo, tree};
+
+/// The files of a fixture: the file itself, or every file of its directory.
+fn fixture_files(path: &Path) -> Vec<(String, String)> {
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read fixture");
+    if !path.is_dir() {
+        let name = path.file_name().expect("name").to_string_lossy().into_owned();
+        return vec![(name, read(path))];
+    }
+    let mut files: Vec<(String, String)> = std::fs::read_dir(path)
+        .expect("fixture dir")
+        .map(|e| e.expect("entry").path())
+        .map(|p| (p.file_name().expect("name").to_string_lossy().into_owned(), read(&p)))
+        .collect();
+    files.sort();
+    files
+}
 
 #[test]
 fn every_fixture_gives_its_diagnostic() {
@@ -14,24 +33,33 @@ fn every_fixture_gives_its_diagnostic() {
     let mut names: Vec<String> = std::fs::read_dir(&fixtures)
         .expect("fixtures")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".fz") || n.ends_with(".cedar"))
+        .filter(|n| n.ends_with(".fz") || n.ends_with(".cedar") || !n.contains('.'))
         .collect();
     names.sort();
-    assert!(names.len() >= 36, "fixtures missing: {names:?}");
+    assert!(names.len() >= 44, "fixtures missing: {names:?}");
     for name in names {
-        let text = std::fs::read_to_string(fixtures.join(&name)).expect("read fixture");
-        let dir = tree(&[(&name, &text)]);
-        let run = fzc(dir.path(), &["check", "."]);
+        let files = fixture_files(&fixtures.join(&name));
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+        let dir = tree(&files);
         let code = name.split('-').next().expect("code prefix");
+        // E020 is the export's own: the tree itself is fine.
+        let (run, output) = if code == "E020" {
+            let run = fzc(dir.path(), &["export", "--cedar", "."]);
+            let stderr = run.stderr.clone();
+            (run, stderr)
+        } else {
+            let run = fzc(dir.path(), &["check", "."]);
+            let stdout = run.stdout.clone();
+            (run, stdout)
+        };
         assert!(
-            run.stdout.contains(&format!("[{code}]")),
-            "{name} does not give {code}:\n{}",
-            run.stdout
+            output.contains(&format!("[{code}]")),
+            "{name} does not give {code}:\n{output}"
         );
         let expected_exit = if code.starts_with('E') { 1 } else { 0 };
-        assert_eq!(run.code, expected_exit, "{name}:\n{}", run.stdout);
+        assert_eq!(run.code, expected_exit, "{name}:\n{output}");
         insta::with_settings!({ snapshot_suffix => name.split('.').next().expect("stem"), prepend_module_to_snapshot => false }, {
-            insta::assert_snapshot!("diagnostic", run.stdout);
+            insta::assert_snapshot!("diagnostic", output);
         });
     }
 }

@@ -16,15 +16,24 @@
 //!   (and `in User::"EMAIL"`, which Cedar's reflexive `in` makes the same user).
 //! - action: unconstrained, `== Action::"connect"`, `in [Action::"connect"]`.
 //! - resource: `== Resource::"ID"` (or `in Resource::"ID"`), `in Site::"ID"`.
+//! - the same tests in a `when`, where `principal in [..]` / `resource in [..]` and `||` of
+//!   such tests list several subjects or targets; the principal and the resource are each
+//!   constrained in one place (scope or `when`), since a rule cannot intersect two lists.
 //! - conditions: `&&` of tests of `context.country`, `context.source_ip`,
 //!   `context.provider` and `context.client_verified`; `!`, `!=` and `unless` negate where the
 //!   fz condition can be negated (country, source); `||` joins tests of one of country or
-//!   source; a negated `||` becomes several negated conditions.
+//!   source; a negated `||` of one fact becomes one negated condition.
+//!
+//! Sound means: with a complete context (every key present), no accepted policy can error in
+//! Cedar's evaluator, since Cedar skips a policy that errors and a `forbid` would fail open.
+//! Every accepted construct is total on well-typed input; `compiler/tests/differential.rs`
+//! checks the decisions against cedar-policy itself.
 
+use std::error::Error as _;
 use std::ops::Range;
 use std::str::FromStr;
 
-use cedar_policy::PolicySet;
+use cedar_policy::{PolicySet, RestrictedExpression};
 use cedar_policy::pst::{
     ActionConstraint, BinaryOp, Clause, Effect as CedarEffect, EntityOrSlot, EntityUID, Expr,
     Literal, PrincipalConstraint, ResourceConstraint, Template, UnaryOp, Var,
@@ -37,6 +46,15 @@ use crate::source::{FileId, Loc, Node, Span};
 
 /// The one action of the fz entity model.
 const ACTION: &str = "connect";
+
+/// What `help` says for a principal that is not understood.
+const PRINCIPAL_HELP: &str = "the principal is unconstrained, `principal == User::\"EMAIL\"` or \
+    `principal in Group::\"ID\"`; `when { principal in [Group::\"ID\", User::\"EMAIL\"] }` \
+    lists several";
+
+/// What `help` says for a resource that is not understood.
+const RESOURCE_HELP: &str = "write `resource == Resource::\"ID\"` or `resource in Site::\"ID\"`; \
+    `when { resource in [Resource::\"ID\", Site::\"ID\"] }` lists several";
 
 /// What `help` says for a condition that is not understood.
 const CONDITION_HELP: &str = "conditions can test `context.country == \"DE\"`, \
@@ -69,6 +87,8 @@ pub fn parse_cedar_file(file: FileId, text: &str) -> (PolicyFile, Vec<Diagnostic
             span,
             diagnostics: &mut diagnostics,
             failed: false,
+            subjects: None,
+            targets: None,
         };
         if let Some(rule) = lowering.policy(chunk_text) {
             policy
@@ -95,6 +115,10 @@ struct Lowering<'a> {
     diagnostics: &'a mut Vec<Diagnostic>,
     /// Whether an `E017` was reported for this policy.
     failed: bool,
+    /// Who the policy is about, once the scope or a `when` test constrains the principal.
+    subjects: Option<Vec<Node<Subject>>>,
+    /// What the policy is about, once the scope or a `when` test constrains the resource.
+    targets: Option<Vec<Node<Target>>>,
 }
 
 impl Lowering<'_> {
@@ -147,9 +171,9 @@ impl Lowering<'_> {
                 .unwrap_or(self.span)
         };
         let (principal_span, action_span, resource_span) = (scope(0), scope(1), scope(2));
-        let subject = self.principal(&template.principal, principal_span);
+        self.principal(&template.principal, principal_span);
         self.action(&template.action, action_span);
-        let target = self.resource(&template.resource, resource_span);
+        self.resource(&template.resource, resource_span);
 
         let mut conditions = Vec::new();
         let clauses = template.clauses();
@@ -192,10 +216,26 @@ impl Lowering<'_> {
             CedarEffect::Permit => Effect::Allow,
             CedarEffect::Forbid => Effect::Deny,
         };
+        // An unconstrained principal is everyone; an unconstrained resource has no table row.
+        let subjects = self.subjects.take().unwrap_or_else(|| {
+            let everyone = Subject::Group("everyone".to_owned());
+            vec![Node::new(everyone, loc(self.file, principal_span))]
+        });
+        let Some(targets) = self.targets.take() else {
+            if !matches!(template.resource, ResourceConstraint::Any) {
+                return None; // The scope's refusal is reported.
+            }
+            return self.refuse(
+                resource_span,
+                "a policy must name a resource or a site",
+                Some("the decision table is per resource"),
+                Some(RESOURCE_HELP),
+            );
+        };
         Some(RuleDecl {
             effect,
-            subjects: vec![subject?],
-            targets: vec![target?],
+            subjects,
+            targets,
             conditions,
             name,
             normalized_text: normalize(
@@ -205,21 +245,66 @@ impl Lowering<'_> {
         })
     }
 
-    fn principal(&mut self, constraint: &PrincipalConstraint, span: Span) -> Option<Node<Subject>> {
-        const HELP: &str = "the principal is unconstrained, `principal == User::\"EMAIL\"` or `principal in Group::\"ID\"`";
+    fn principal(&mut self, constraint: &PrincipalConstraint, span: Span) {
         let subject = match constraint {
-            PrincipalConstraint::Any => Subject::Group("everyone".to_owned()),
-            PrincipalConstraint::Eq(EntityOrSlot::Entity(uid)) if is_type(uid, "User") => {
-                Subject::User(uid.eid.to_string())
+            PrincipalConstraint::Any => return,
+            PrincipalConstraint::Eq(EntityOrSlot::Entity(uid)) => {
+                let at = self.literal(uid.eid.as_ref(), span).loc.span;
+                self.principal_entity(Relation::Eq, uid, span, at)
             }
+            PrincipalConstraint::In(EntityOrSlot::Entity(uid)) => {
+                let at = self.literal(uid.eid.as_ref(), span).loc.span;
+                self.principal_entity(Relation::In, uid, span, at)
+            }
+            PrincipalConstraint::Eq(EntityOrSlot::Slot(_))
+            | PrincipalConstraint::In(EntityOrSlot::Slot(_))
+            | PrincipalConstraint::IsIn(_, EntityOrSlot::Slot(_)) => {
+                self.template_slot(span, "principal")
+            }
+            PrincipalConstraint::Is(_) | PrincipalConstraint::IsIn(..) => self.refuse(
+                span,
+                format!(
+                    "`{}` cannot be compiled into a decision table",
+                    self.excerpt(span)
+                ),
+                Some("`is` is not supported"),
+                Some(PRINCIPAL_HELP),
+            ),
+        };
+        if let Some(subject) = subject {
+            self.constrain(Scope::Principals(vec![subject]), span);
+        }
+    }
+
+    /// `principal == UID` or `principal in UID` as a subject, located at `at`; `span` is the
+    /// whole test, for the diagnostics.
+    fn principal_entity(
+        &mut self,
+        relation: Relation,
+        uid: &EntityUID,
+        span: Span,
+        at: Span,
+    ) -> Option<Node<Subject>> {
+        let subject = match relation {
             // Cedar's `in` is reflexive, and no entity is below a user.
-            PrincipalConstraint::In(EntityOrSlot::Entity(uid)) if is_type(uid, "User") => {
-                Subject::User(uid.eid.to_string())
+            Relation::Eq | Relation::In if is_type(uid, "User") => {
+                let email = uid.eid.to_string();
+                if email != email.to_lowercase() {
+                    let help = format!(
+                        "write `User::\"{}\"`: the portal names users by their lowercase email",
+                        email.to_lowercase()
+                    );
+                    return self.refuse(
+                        span,
+                        format!("`{uid}` never matches: Cedar compares entity ids exactly"),
+                        Some("an email with capitals"),
+                        Some(&help),
+                    );
+                }
+                Subject::User(email)
             }
-            PrincipalConstraint::In(EntityOrSlot::Entity(uid)) if is_type(uid, "Group") => {
-                Subject::Group(uid.eid.to_string())
-            }
-            PrincipalConstraint::Eq(EntityOrSlot::Entity(uid)) if is_type(uid, "Group") => {
+            Relation::In if is_type(uid, "Group") => Subject::Group(uid.eid.to_string()),
+            Relation::Eq if is_type(uid, "Group") => {
                 let help = format!("write `principal in {uid}` for the members of the group");
                 return self.refuse(
                     span,
@@ -228,33 +313,16 @@ impl Lowering<'_> {
                     Some(&help),
                 );
             }
-            PrincipalConstraint::Eq(EntityOrSlot::Entity(uid))
-            | PrincipalConstraint::In(EntityOrSlot::Entity(uid)) => {
+            Relation::Eq | Relation::In => {
                 return self.refuse(
                     span,
                     format!("unknown principal type `{}`", uid.ty),
                     Some("principals are `User`s and `Group`s"),
-                    Some(HELP),
-                );
-            }
-            PrincipalConstraint::Eq(EntityOrSlot::Slot(_))
-            | PrincipalConstraint::In(EntityOrSlot::Slot(_))
-            | PrincipalConstraint::IsIn(_, EntityOrSlot::Slot(_)) => {
-                return self.template_slot(span, "principal");
-            }
-            PrincipalConstraint::Is(_) | PrincipalConstraint::IsIn(..) => {
-                return self.refuse(
-                    span,
-                    format!(
-                        "`{}` cannot be compiled into a decision table",
-                        self.excerpt(span)
-                    ),
-                    Some("`is` is not supported"),
-                    Some(HELP),
+                    Some(PRINCIPAL_HELP),
                 );
             }
         };
-        Some(Node::new(subject, loc(self.file, span)))
+        Some(Node::new(subject, loc(self.file, at)))
     }
 
     fn action(&mut self, constraint: &ActionConstraint, span: Span) {
@@ -276,20 +344,54 @@ impl Lowering<'_> {
         }
     }
 
-    fn resource(&mut self, constraint: &ResourceConstraint, span: Span) -> Option<Node<Target>> {
-        const HELP: &str = "write `resource == Resource::\"ID\"` or `resource in Site::\"ID\"`";
+    fn resource(&mut self, constraint: &ResourceConstraint, span: Span) {
         let target = match constraint {
-            ResourceConstraint::Eq(EntityOrSlot::Entity(uid))
-            | ResourceConstraint::In(EntityOrSlot::Entity(uid))
-                if is_type(uid, "Resource") =>
-            {
-                // `in` is reflexive, and no entity is below a resource.
+            // Checked once the conditions are known: a `when` may name the resource instead.
+            ResourceConstraint::Any => return,
+            ResourceConstraint::Eq(EntityOrSlot::Entity(uid)) => {
+                let at = self.literal(uid.eid.as_ref(), span).loc.span;
+                self.resource_entity(Relation::Eq, uid, span, at)
+            }
+            ResourceConstraint::In(EntityOrSlot::Entity(uid)) => {
+                let at = self.literal(uid.eid.as_ref(), span).loc.span;
+                self.resource_entity(Relation::In, uid, span, at)
+            }
+            ResourceConstraint::Eq(EntityOrSlot::Slot(_))
+            | ResourceConstraint::In(EntityOrSlot::Slot(_))
+            | ResourceConstraint::IsIn(_, EntityOrSlot::Slot(_)) => {
+                self.template_slot(span, "resource")
+            }
+            ResourceConstraint::Is(_) | ResourceConstraint::IsIn(..) => self.refuse(
+                span,
+                format!(
+                    "`{}` cannot be compiled into a decision table",
+                    self.excerpt(span)
+                ),
+                Some("`is` is not supported"),
+                Some(RESOURCE_HELP),
+            ),
+        };
+        if let Some(target) = target {
+            self.constrain(Scope::Resources(vec![target]), span);
+        }
+    }
+
+    /// `resource == UID` or `resource in UID` as a target, located at `at`; `span` is the whole
+    /// test, for the diagnostics.
+    fn resource_entity(
+        &mut self,
+        relation: Relation,
+        uid: &EntityUID,
+        span: Span,
+        at: Span,
+    ) -> Option<Node<Target>> {
+        let target = match relation {
+            // `in` is reflexive, and no entity is below a resource.
+            Relation::Eq | Relation::In if is_type(uid, "Resource") => {
                 Target::Resource(uid.eid.to_string())
             }
-            ResourceConstraint::In(EntityOrSlot::Entity(uid)) if is_type(uid, "Site") => {
-                Target::Site(uid.eid.to_string())
-            }
-            ResourceConstraint::Eq(EntityOrSlot::Entity(uid)) if is_type(uid, "Site") => {
+            Relation::In if is_type(uid, "Site") => Target::Site(uid.eid.to_string()),
+            Relation::Eq if is_type(uid, "Site") => {
                 let help = format!("write `resource in {uid}` for every resource of the site");
                 return self.refuse(
                     span,
@@ -298,41 +400,37 @@ impl Lowering<'_> {
                     Some(&help),
                 );
             }
-            ResourceConstraint::Eq(EntityOrSlot::Entity(uid))
-            | ResourceConstraint::In(EntityOrSlot::Entity(uid)) => {
+            Relation::Eq | Relation::In => {
                 return self.refuse(
                     span,
                     format!("unknown resource type `{}`", uid.ty),
                     Some("resources are `Resource`s, in `Site`s"),
-                    Some(HELP),
-                );
-            }
-            ResourceConstraint::Any => {
-                return self.refuse(
-                    span,
-                    "a policy must name a resource or a site",
-                    Some("the decision table is per resource"),
-                    Some(HELP),
-                );
-            }
-            ResourceConstraint::Eq(EntityOrSlot::Slot(_))
-            | ResourceConstraint::In(EntityOrSlot::Slot(_))
-            | ResourceConstraint::IsIn(_, EntityOrSlot::Slot(_)) => {
-                return self.template_slot(span, "resource");
-            }
-            ResourceConstraint::Is(_) | ResourceConstraint::IsIn(..) => {
-                return self.refuse(
-                    span,
-                    format!(
-                        "`{}` cannot be compiled into a decision table",
-                        self.excerpt(span)
-                    ),
-                    Some("`is` is not supported"),
-                    Some(HELP),
+                    Some(RESOURCE_HELP),
                 );
             }
         };
-        Some(Node::new(target, loc(self.file, span)))
+        Some(Node::new(target, loc(self.file, at)))
+    }
+
+    /// Records who or what the policy is about. fz rules name their subjects and targets once,
+    /// so a second constraint (which Cedar would intersect with the first) is refused.
+    fn constrain(&mut self, scope: Scope, span: Span) {
+        let (first, what) = match scope {
+            Scope::Principals(subjects) => (set_once(&mut self.subjects, subjects), "principal"),
+            Scope::Resources(targets) => (set_once(&mut self.targets, targets), "resource"),
+        };
+        if !first {
+            let help = format!(
+                "constrain the {what} in one place; `{what} in [..]` in a `when` lists \
+                 alternatives"
+            );
+            self.unsupported(
+                span,
+                format!("the {what} is constrained twice"),
+                Some("fz cannot intersect two constraints"),
+                Some(&help),
+            );
+        }
     }
 
     fn template_slot<T>(&mut self, span: Span, slot: &str) -> Option<T> {
@@ -384,6 +482,9 @@ impl Lowering<'_> {
                 let shapes = shape.and_then(|s| s.children(BinaryOp::Or, parts.len()));
                 if positive {
                     self.disjunction(&parts, shapes, span, out);
+                } else if let Some(fact) = self.same_fact(&parts, span) {
+                    // Not (country a or country b) is country not in a, b.
+                    self.apply(fact, false, span, out);
                 } else {
                     // Not (a or b) is (not a) and (not b).
                     for (i, part) in parts.iter().enumerate() {
@@ -414,9 +515,20 @@ impl Lowering<'_> {
                 Some("always false here"),
                 Some("delete the policy"),
             ),
-            _ => match self.fact(expr, span) {
-                Some((fact, negated)) => self.apply(fact, positive != negated, span, out),
-                None => self.unsupported(
+            _ => match self.test(expr, span) {
+                Test::Fact(fact, negated) => self.apply(fact, positive != negated, span, out),
+                Test::Scope(scope) if positive => self.constrain(scope, span),
+                Test::Scope(_) => self.unsupported(
+                    span,
+                    format!(
+                        "`{}` cannot be compiled into a decision table",
+                        self.excerpt(span)
+                    ),
+                    Some("negated: fz cannot leave principals or resources out of a rule"),
+                    Some("write a `forbid` policy for what is to be left out"),
+                ),
+                Test::Refused => {}
+                Test::Unknown => self.unsupported(
                     span,
                     format!(
                         "`{}` cannot be compiled into a decision table",
@@ -430,7 +542,8 @@ impl Lowering<'_> {
     }
 
     /// `a || b || ...` that must hold: one fz condition when every part tests the country, or
-    /// every part tests the source address.
+    /// every part tests the source address; one list of subjects (or targets) when every part
+    /// tests the principal (or the resource).
     fn disjunction(
         &mut self,
         parts: &[&Expr],
@@ -440,44 +553,152 @@ impl Lowering<'_> {
     ) {
         let mut codes = Vec::new();
         let mut networks = Vec::new();
+        let mut subjects = Vec::new();
+        let mut targets = Vec::new();
         let mut other = false;
         for (i, part) in parts.iter().enumerate() {
             let part_span = shapes.and_then(|s| s.get(i)).map_or(span, |s| s.span);
-            match self.fact(part, part_span) {
-                Some((Fact::Country(c), false)) => codes.extend(c),
-                Some((Fact::Source(n), false)) => networks.extend(n),
-                _ => other = true,
+            match self.test(part, part_span) {
+                Test::Fact(Fact::Country(c), false) => codes.extend(c),
+                Test::Fact(Fact::Source(n), false) => networks.extend(n),
+                Test::Scope(Scope::Principals(s)) => subjects.extend(s),
+                Test::Scope(Scope::Resources(t)) => targets.extend(t),
+                // Its diagnostic is out; one is enough.
+                Test::Refused => return,
+                Test::Fact(..) | Test::Unknown => other = true,
             }
         }
-        let condition = match (codes.is_empty(), networks.is_empty(), other) {
-            (false, true, false) => Condition::Country {
-                negated: false,
-                codes,
-            },
-            (true, false, false) => Condition::Source {
-                negated: false,
-                networks,
-            },
-            _ => {
-                return self.unsupported(
-                    span,
-                    format!(
-                        "`{}` cannot be compiled into a decision table",
-                        self.excerpt(span)
-                    ),
-                    Some("`||` between different facts"),
-                    Some(
-                        "`||` can join tests of `context.country` or tests of \
-                         `context.source_ip`; write one policy for each alternative",
-                    ),
-                );
+        let kinds = [codes.len(), networks.len(), subjects.len(), targets.len()];
+        if other || kinds.iter().filter(|n| **n > 0).count() != 1 {
+            return self.unsupported(
+                span,
+                format!(
+                    "`{}` cannot be compiled into a decision table",
+                    self.excerpt(span)
+                ),
+                Some("`||` between different facts"),
+                Some(
+                    "`||` can join tests of `context.country`, tests of `context.source_ip`, \
+                     tests of the principal or tests of the resource; write one policy for \
+                     each alternative",
+                ),
+            );
+        }
+        if !subjects.is_empty() {
+            self.constrain(Scope::Principals(subjects), span);
+        } else if !targets.is_empty() {
+            self.constrain(Scope::Resources(targets), span);
+        } else if !codes.is_empty() {
+            self.apply(Fact::Country(codes), true, span, out);
+        } else {
+            self.apply(Fact::Source(networks), true, span, out);
+        }
+    }
+
+    /// The one fact that parts of an `||` all test, positively: every country, or every source
+    /// address. Reports nothing.
+    fn same_fact(&self, parts: &[&Expr], span: Span) -> Option<Fact> {
+        let mut codes = Vec::new();
+        let mut networks = Vec::new();
+        for part in parts {
+            match self.fact(part, span)? {
+                (Fact::Country(c), false) => codes.extend(c),
+                (Fact::Source(n), false) => networks.extend(n),
+                _ => return None,
             }
+        }
+        match (codes.is_empty(), networks.is_empty()) {
+            (false, true) => Some(Fact::Country(codes)),
+            (true, false) => Some(Fact::Source(networks)),
+            _ => None,
+        }
+    }
+
+    /// What one test (no `&&`, `||` or `!` at its top) says.
+    fn test(&mut self, expr: &Expr, span: Span) -> Test {
+        if let Some(test) = self.scope_test(expr, span) {
+            return test;
+        }
+        match self.fact(expr, span) {
+            Some((fact, negated)) => Test::Fact(fact, negated),
+            None => Test::Unknown,
+        }
+    }
+
+    /// `principal == E`, `principal in E`, `principal in [E, ..]`, and the same of `resource`:
+    /// the subjects or targets they admit. `None` for any other expression.
+    fn scope_test(&mut self, expr: &Expr, span: Span) -> Option<Test> {
+        let Expr::BinaryOp { op, left, right } = expr else {
+            return None;
         };
-        out.push(Node::new(condition, loc(self.file, span)));
+        let (var, relation, entities) = match (op, &**left, &**right) {
+            (BinaryOp::Eq, Expr::Var(var), Expr::Literal(Literal::EntityUID(uid)))
+            | (BinaryOp::Eq, Expr::Literal(Literal::EntityUID(uid)), Expr::Var(var)) => {
+                (var, Relation::Eq, vec![uid])
+            }
+            (BinaryOp::In, Expr::Var(var), Expr::Literal(Literal::EntityUID(uid))) => {
+                (var, Relation::In, vec![uid])
+            }
+            (BinaryOp::In, Expr::Var(var), Expr::Set(elements)) => {
+                let uids = elements
+                    .iter()
+                    .map(|e| match &**e {
+                        Expr::Literal(Literal::EntityUID(uid)) => Some(uid),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>();
+                match uids {
+                    Some(uids) => (var, Relation::In, uids),
+                    None => return Some(Test::Unknown),
+                }
+            }
+            _ => return None,
+        };
+        let principal = match var {
+            Var::Principal => true,
+            Var::Resource => false,
+            Var::Action | Var::Context => return Some(Test::Unknown),
+        };
+        if entities.is_empty() {
+            self.unsupported(
+                span,
+                format!("`{}` never holds: the list is empty", self.excerpt(span)),
+                Some("always false here"),
+                Some("delete the policy"),
+            );
+            return Some(Test::Refused);
+        }
+        let mut refused = false;
+        let mut subjects = Vec::new();
+        let mut targets = Vec::new();
+        for uid in entities {
+            let at = self.literal(uid.eid.as_ref(), span).loc.span;
+            if principal {
+                match self.principal_entity(relation, uid, span, at) {
+                    Some(subject) => subjects.push(subject),
+                    None => refused = true,
+                }
+            } else {
+                match self.resource_entity(relation, uid, span, at) {
+                    Some(target) => targets.push(target),
+                    None => refused = true,
+                }
+            }
+        }
+        Some(if refused {
+            Test::Refused
+        } else if principal {
+            Test::Scope(Scope::Principals(subjects))
+        } else {
+            Test::Scope(Scope::Resources(targets))
+        })
     }
 
     /// A fact that holds (`positive`) or does not hold, as an fz condition.
     fn apply(&mut self, fact: Fact, positive: bool, span: Span, out: &mut Vec<Node<Condition>>) {
+        if !self.cedar_evaluates(&fact) {
+            return;
+        }
         let condition = match fact {
             Fact::Country(codes) => Condition::Country {
                 negated: !positive,
@@ -523,6 +744,50 @@ impl Lowering<'_> {
         out.push(Node::new(condition, loc(self.file, span)));
     }
 
+    /// Whether Cedar evaluates the literals of a fact as fz reads them; reports those it does
+    /// not. Cedar parses `ip("..")` without checking the text and fails when it evaluates the
+    /// policy, and a policy that fails is skipped: a `forbid` would not apply. A country code
+    /// in lowercase never equals the portal's uppercase code in Cedar, where fz would read it.
+    fn cedar_evaluates(&mut self, fact: &Fact) -> bool {
+        let mut ok = true;
+        match fact {
+            Fact::Source(networks) => {
+                for network in networks {
+                    let value = RestrictedExpression::new_ip(network.node.as_str());
+                    if let Err(error) = cedar_policy::Context::from_pairs([("ip".into(), value)]) {
+                        let reason = error.source().map_or(error.to_string(), |e| e.to_string());
+                        let refusal = self
+                            .refusal(
+                                network.loc.span,
+                                format!("Cedar cannot evaluate `ip(\"{}\")`", network.node),
+                                Some("Cedar skips a policy whose evaluation fails"),
+                                Some("write a range Cedar reads, such as `10.0.0.0/8` or `fd00::/8`"),
+                            )
+                            .with_note(format!("Cedar says: {}", lowercase_first(&reason)));
+                        self.report(refusal);
+                        ok = false;
+                    }
+                }
+            }
+            Fact::Country(codes) => {
+                for code in codes.iter().filter(|c| c.node != c.node.to_ascii_uppercase()) {
+                    self.unsupported(
+                        code.loc.span,
+                        format!("country `{}` never equals `context.country`", code.node),
+                        Some("Cedar compares strings exactly"),
+                        Some(&format!(
+                            "the portal gives uppercase ISO 3166 codes: write `\"{}\"`",
+                            code.node.to_ascii_uppercase()
+                        )),
+                    );
+                    ok = false;
+                }
+            }
+            Fact::Provider(_) | Fact::Verified => {}
+        }
+        ok
+    }
+
     /// What a test of the context says, and whether it is negated (`!=`, `== false`).
     fn fact(&self, expr: &Expr, span: Span) -> Option<(Fact, bool)> {
         match expr {
@@ -556,17 +821,25 @@ impl Lowering<'_> {
                 left,
                 right,
             } if context_key(right) == Some("country") => {
-                let Expr::Set(elements) = &**left else {
-                    return None;
+                Some((Fact::Country(self.codes(left, span)?), false))
+            }
+            // `[context.country].containsAny(["DE", "FR"])`, either way round.
+            Expr::BinaryOp {
+                op: BinaryOp::ContainsAny,
+                left,
+                right,
+            } => {
+                let is_country = |e: &Expr| {
+                    matches!(e, Expr::Set(elements)
+                        if elements.len() == 1
+                            && elements.first().and_then(|e| context_key(e)) == Some("country"))
                 };
-                let codes = elements
-                    .iter()
-                    .map(|e| match &**e {
-                        Expr::Literal(Literal::String(code)) => Some(self.literal(code, span)),
-                        _ => None,
-                    })
-                    .collect::<Option<Vec<_>>>()?;
-                (!codes.is_empty()).then_some((Fact::Country(codes), false))
+                let list = match (is_country(left), is_country(right)) {
+                    (true, false) => right,
+                    (false, true) => left,
+                    _ => return None,
+                };
+                Some((Fact::Country(self.codes(list, span)?), false))
             }
             Expr::BinaryOp {
                 op: BinaryOp::IsInRange,
@@ -587,6 +860,21 @@ impl Lowering<'_> {
             _ if context_key(expr) == Some("client_verified") => Some((Fact::Verified, false)),
             _ => None,
         }
+    }
+
+    /// A non-empty set of string literals, as country codes.
+    fn codes(&self, set: &Expr, span: Span) -> Option<Vec<Node<String>>> {
+        let Expr::Set(elements) = set else {
+            return None;
+        };
+        let codes = elements
+            .iter()
+            .map(|e| match &**e {
+                Expr::Literal(Literal::String(code)) => Some(self.literal(code, span)),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        (!codes.is_empty()).then_some(codes)
     }
 
     /// A string literal as a node, located at its token inside `within` when it can be found.
@@ -644,6 +932,18 @@ impl Lowering<'_> {
         label: Option<&str>,
         help: Option<&str>,
     ) {
+        let refusal = self.refusal(span, message, label, help);
+        self.report(refusal);
+    }
+
+    /// An `E017` at `span`.
+    fn refusal(
+        &self,
+        span: Span,
+        message: impl Into<String>,
+        label: Option<&str>,
+        help: Option<&str>,
+    ) -> Diagnostic {
         let mut diagnostic = Diagnostic::new(Code::UnsupportedCedar, loc(self.file, span), message);
         if let Some(label) = label {
             diagnostic = diagnostic.with_label(label);
@@ -651,7 +951,12 @@ impl Lowering<'_> {
         if let Some(help) = help {
             diagnostic = diagnostic.with_help(help);
         }
-        self.diagnostics.push(diagnostic);
+        diagnostic
+    }
+
+    /// Records a refusal: the policy gives no rule.
+    fn report(&mut self, refusal: Diagnostic) {
+        self.diagnostics.push(refusal);
         self.failed = true;
     }
 
@@ -674,6 +979,39 @@ impl Lowering<'_> {
     fn range_span(&self, range: Range<usize>) -> Option<Span> {
         token_span(self.tokens.get(range)?)
     }
+}
+
+/// How a test relates the principal or resource to an entity.
+#[derive(Clone, Copy)]
+enum Relation {
+    Eq,
+    In,
+}
+
+/// Who or what a policy is about, from its scope or a `when` test.
+enum Scope {
+    Principals(Vec<Node<Subject>>),
+    Resources(Vec<Node<Target>>),
+}
+
+/// What one test of a condition says.
+enum Test {
+    /// A test of the context, and whether it is negated (`!=`, `== false`).
+    Fact(Fact, bool),
+    Scope(Scope),
+    /// Refused; its diagnostic is reported.
+    Refused,
+    /// Not a test fz knows.
+    Unknown,
+}
+
+/// Sets `slot` unless it is already set; whether it was set now.
+fn set_once<T>(slot: &mut Option<T>, value: T) -> bool {
+    if slot.is_some() {
+        return false;
+    }
+    *slot = Some(value);
+    true
 }
 
 /// A test of the request context, before negation.
@@ -1195,6 +1533,72 @@ mod tests {
     }
 
     #[test]
+    fn when_clauses_can_list_principals_and_resources() {
+        check(
+            r#"permit(principal, action, resource) when { resource in [Resource::"a", Site::"s"] };"#,
+            "allow everyone -> a, site s",
+        );
+        check(
+            r#"permit(principal, action, resource) when { resource == Resource::"a" || resource in Site::"s" };"#,
+            "allow everyone -> a, site s",
+        );
+        check(
+            &when(r#"when { principal in [Group::"eng", User::"a@b.c"] }"#),
+            r#"allow eng, user "a@b.c" -> r"#,
+        );
+        check(
+            &when(r#"when { principal == User::"a@b.c" || principal in Group::"eng" }"#),
+            r#"allow user "a@b.c", eng -> r"#,
+        );
+        check(
+            r#"forbid(principal in Group::"ops", action, resource)
+               when { resource in [Resource::"a"] && context.country == "DE" };"#,
+            "deny ops -> a when country in DE",
+        );
+        check(
+            r#"permit(principal, action, resource)
+               when { User::"a@b.c" == principal && Resource::"a" == resource };"#,
+            r#"allow user "a@b.c" -> a"#,
+        );
+    }
+
+    #[test]
+    fn principals_and_resources_are_constrained_once_and_positively() {
+        check(
+            &when(r#"when { principal in Group::"a" } when { principal in Group::"b" }"#),
+            "E017 `principal in Group::\"b\"`: the principal is constrained twice [fz cannot intersect two constraints]",
+        );
+        check(
+            r#"permit(principal in Group::"a", action, resource == Resource::"r") when { principal in [Group::"b"] };"#,
+            "E017 `principal in [Group::\"b\"]`: the principal is constrained twice [fz cannot intersect two constraints]",
+        );
+        check(
+            &when(r#"when { resource in Site::"hq" }"#),
+            "E017 `resource in Site::\"hq\"`: the resource is constrained twice [fz cannot intersect two constraints]",
+        );
+        check(
+            &when(r#"unless { principal in Group::"x" }"#),
+            "E017 `principal in Group::\"x\"`: `principal in Group::\"x\"` cannot be compiled into a decision table [negated: fz cannot leave principals or resources out of a rule]",
+        );
+        check(
+            &when(r#"when { principal in [] }"#),
+            "E017 `principal in []`: `principal in []` never holds: the list is empty [always false here]",
+        );
+        check(
+            &when(r#"when { principal in [Group::"a", Team::"x"] }"#),
+            "E017 `principal in [Group::\"a\", Team::\"x\"]`: unknown principal type `Team` [principals are `User`s and `Group`s]",
+        );
+        check(
+            &when(r#"when { principal in Group::"a" || context.country == "DE" }"#),
+            "E017 `principal in Group::\"a\" || context.country == \"DE\"`: `principal in Group::\"a\" || context.country == \"DE\"` cannot be compiled into a decision table [`||` between different facts]",
+        );
+        check(
+            r#"permit(principal == User::"Alice@b.c", action, resource == Resource::"r");"#,
+            "E017 `principal == User::\"Alice@b.c\"`: `User::\"Alice@b.c\"` never matches: Cedar compares entity ids exactly [an email with capitals]",
+        );
+    }
+
+    #[test]
     fn id_annotations_name_rules() {
         check(
             r#"@id("eng-web") permit(principal in Group::"eng", action, resource == Resource::"gitlab");"#,
@@ -1239,6 +1643,14 @@ mod tests {
         check(
             &when(r#"when { context.source_ip.isInRange(ip("10.0.0.0/8")) }"#),
             "allow everyone -> r when source in 10.0.0.0/8",
+        );
+        check(
+            &when(r#"when { [context.country].containsAny(["DE", "FR"]) }"#),
+            "allow everyone -> r when country in DE, FR",
+        );
+        check(
+            &when(r#"when { ["DE", "FR"].containsAny([context.country]) }"#),
+            "allow everyone -> r when country in DE, FR",
         );
         check(
             &when(
@@ -1322,7 +1734,13 @@ mod tests {
         );
         check(
             &when(r#"when { !(context.country == "RU" || context.country == "BY") }"#),
-            "allow everyone -> r when country not in RU and country not in BY",
+            "allow everyone -> r when country not in RU, BY",
+        );
+        check(
+            &when(
+                r#"when { !(context.source_ip.isInRange(ip("10.0.0.0/8")) || context.source_ip.isInRange(ip("fd00::/8"))) }"#,
+            ),
+            "allow everyone -> r when source not in 10.0.0.0/8, fd00::/8",
         );
         check(
             &when(r#"unless { !context.client_verified }"#),
@@ -1407,7 +1825,6 @@ mod tests {
             "context has country",
             r#"context.country like "D*""#,
             r#"principal.department == "x""#,
-            r#"resource in Site::"hq""#,
             "if context.client_verified then true else false",
             "[].contains(context.country)",
             r#"["DE", 1].contains(context.country)"#,
@@ -1465,6 +1882,14 @@ mod tests {
                 r#"context.country == "DE" && context.client_verified"#,
                 "negated, this `&&` is an `||` of negations",
             ),
+        );
+        check(
+            &when(r#"when { context.source_ip.isInRange(ip("::ffff:10.0.0.0/104")) }"#),
+            "E017 `\"::ffff:10.0.0.0/104\"`: Cedar cannot evaluate `ip(\"::ffff:10.0.0.0/104\")` [Cedar skips a policy whose evaluation fails]",
+        );
+        check(
+            &when(r#"unless { ["DE", "ru"].contains(context.country) }"#),
+            "E017 `\"ru\"`: country `ru` never equals `context.country` [Cedar compares strings exactly]",
         );
         check(
             &when("when { false }"),
@@ -1540,9 +1965,9 @@ mod tests {
         let name = rule.node.name.as_ref().map(|n| at(n.loc));
         assert_eq!(name, Some("\"x\""));
         let subjects: Vec<_> = rule.node.subjects.iter().map(|s| at(s.loc)).collect();
-        assert_eq!(subjects, ["principal in Group::\"eng\""]);
+        assert_eq!(subjects, ["\"eng\""]);
         let targets: Vec<_> = rule.node.targets.iter().map(|t| at(t.loc)).collect();
-        assert_eq!(targets, ["resource in Site::\"hq\""]);
+        assert_eq!(targets, ["\"hq\""]);
         let conditions: Vec<_> = rule.node.conditions.iter().map(|c| at(c.loc)).collect();
         assert_eq!(
             conditions,

@@ -62,6 +62,8 @@ pub enum Code {
     TestFailed,
     /// E019: an invariant that does not hold.
     InvariantFailed,
+    /// E020: an fz rule that Cedar cannot express, found by `fzc export --cedar`.
+    NotInCedar,
     /// W001: two resources overlap; the most specific one serves the shared addresses.
     OverlappingResources,
     /// W002: a site no resource belongs to.
@@ -78,7 +80,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in order.
-    pub const ALL: [Code; 25] = [
+    pub const ALL: [Code; 26] = [
         Code::Syntax,
         Code::Property,
         Code::DuplicateName,
@@ -98,6 +100,7 @@ impl Code {
         Code::UnsupportedCedar,
         Code::TestFailed,
         Code::InvariantFailed,
+        Code::NotInCedar,
         Code::OverlappingResources,
         Code::UnusedSite,
         Code::UnusedGroup,
@@ -127,6 +130,7 @@ impl Code {
             Code::UnsupportedCedar => "E017",
             Code::TestFailed => "E018",
             Code::InvariantFailed => "E019",
+            Code::NotInCedar => "E020",
             Code::OverlappingResources => "W001",
             Code::UnusedSite => "W002",
             Code::UnusedGroup => "W003",

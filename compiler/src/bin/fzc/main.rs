@@ -50,6 +50,29 @@ enum Command {
     },
     /// Decide requests against a tree (or a compiled bundle) and name the rules that decided.
     Query(QueryArgs),
+    /// Print the Cedar schema of a tree that passes `check`, for Cedar's own validator.
+    Schema {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Cedar schema syntax (the one format).
+        #[arg(long, required = true)]
+        cedar: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Write the `.fz` rules of a tree that passes `check` as Cedar policies.
+    Export {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Cedar policies (the one format).
+        #[arg(long, required = true)]
+        cedar: bool,
+        /// Write to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -133,9 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let checked = check(&dir)?;
             let Some(table) = checked.table.clone() else {
-                eprint!("{}", report(&checked, &dir, format));
-                eprintln!("error: `{}` has errors; no bundle written", dir.display());
-                return Ok(ExitCode::from(TREE_ERRORS));
+                return Ok(refuse(&checked, &dir, format, "no bundle written"));
             };
             let bundle = Bundle::new(table)?;
             let bytes = bundle.to_bytes()?;
@@ -172,7 +193,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Query(args) => run_query(args),
+        Command::Schema {
+            dir,
+            cedar: _,
+            format,
+        } => {
+            let checked = check(&dir)?;
+            let Some(table) = &checked.table else {
+                return Ok(refuse(&checked, &dir, format, "no schema written"));
+            };
+            print!("{}", fz_compiler::cedar::schema(table, &display(&dir)));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export {
+            dir,
+            cedar: _,
+            output,
+            format,
+        } => {
+            let mut checked = check(&dir)?;
+            if checked.table.is_none() {
+                return Ok(refuse(&checked, &dir, format, "nothing exported"));
+            }
+            match fz_compiler::cedar::export(&checked.sources, &display(&dir)) {
+                Ok(policies) => {
+                    match output {
+                        Some(path) => write_atomically(&path, policies.as_bytes())?,
+                        None => print!("{policies}"),
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(diagnostics) => {
+                    checked.diagnostics = diagnostics;
+                    Ok(refuse(&checked, &dir, format, "nothing exported"))
+                }
+            }
+        }
     }
+}
+
+/// Reports why a tree (or its export) was refused, on standard error; the exit code to return.
+fn refuse(checked: &Checked, dir: &Path, format: Format, outcome: &str) -> ExitCode {
+    eprint!("{}", report(checked, dir, format));
+    if format == Format::Human {
+        eprintln!("error: `{}` has errors; {outcome}", dir.display());
+    }
+    ExitCode::from(TREE_ERRORS)
 }
 
 fn check(dir: &Path) -> anyhow::Result<Checked> {

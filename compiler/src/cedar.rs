@@ -1,0 +1,286 @@
+//! Cedar out of a checked tree: the schema Cedar's own validator needs for the tree's `.cedar`
+//! files ([`schema`]), and the tree's `.fz` rules written as Cedar policies ([`export`]).
+//!
+//! The entity model is the one the Cedar front end (`fz_lang::cedar`) reads: `User::"EMAIL"`
+//! (lowercase) in `Group::"everyone"` and its groups, `Resource::"ID"` in its `Site::"ID"`, the
+//! one action `Action::"connect"`, and a context that always carries `country`, `source_ip`,
+//! `provider` and `client_verified`. Exported policies use only constructs that front end
+//! compiles, so that a tree whose `.fz` rules are replaced by the export compiles to the same
+//! table (rule ids aside: only named rules keep theirs). This module writes text and never
+//! links Cedar; the tests check its output with cedar-policy's parser and validator.
+
+use std::fmt::Write as _;
+
+use fz_lang::ast::{Condition, RuleDecl, Statement, Subject, Target};
+use fz_lang::{Code, Diagnostic, Node, Sources};
+
+use crate::address::Network;
+use crate::table::{EVERYONE, Table};
+
+/// The Cedar schema (`.cedarschema` syntax) of a table's entities. Sites and groups are
+/// enumerated, so the validator rejects an id the tree does not declare; resources cannot be
+/// (Cedar's enumerated types have no parents), and users are whoever signs in.
+pub fn schema(table: &Table, tree: &str) -> String {
+    let mut groups: Vec<&str> = table.groups.iter().map(|g| g.id.as_str()).collect();
+    groups.push(EVERYONE);
+    groups.sort_unstable();
+    groups.dedup();
+    let sites: Vec<&str> = table.sites.iter().map(|s| s.id.as_str()).collect();
+    let mut out = format!(
+        "// The Cedar schema of the fz policy tree `{tree}`, written by `fzc schema --cedar`.\n\
+         // Users are named by lowercase email and are in Group::\"everyone\" and their groups;\n\
+         // a resource is in its site. The context always carries every key.\n"
+    );
+    if sites.is_empty() {
+        // Cedar requires at least one member in an enumeration.
+        out += "entity Site;\n";
+    } else {
+        writeln!(out, "entity Site enum [{}];", quoted_list(&sites)).ok();
+    }
+    writeln!(out, "entity Resource in [Site];").ok();
+    writeln!(out, "entity Group enum [{}];", quoted_list(&groups)).ok();
+    out += "entity User in [Group];\n\
+            type Context = {\n\
+            \x20 country: String,\n\
+            \x20 source_ip: ipaddr,\n\
+            \x20 provider: String,\n\
+            \x20 client_verified: Bool,\n\
+            };\n\
+            action connect appliesTo {\n\
+            \x20 principal: [User],\n\
+            \x20 resource: [Resource],\n\
+            \x20 context: Context,\n\
+            };\n";
+    out
+}
+
+/// Every `allow`/`deny` of the tree's `.fz` files as a Cedar policy, in file and line order,
+/// each under a comment naming where it came from. A rule Cedar cannot express (a time window:
+/// Cedar has no time zones) is an `E020` diagnostic at the construct, and then nothing is
+/// exported: never a part of the rules.
+pub fn export(sources: &Sources, tree: &str) -> Result<String, Vec<Diagnostic>> {
+    let mut out = format!(
+        "// The .fz rules of the fz policy tree `{tree}` as Cedar policies, written by\n\
+         // `fzc export --cedar`. In the tree in place of those rules they compile to the same\n\
+         // decision table; rules without `as NAME` get ids derived from this file.\n"
+    );
+    let mut refused = Vec::new();
+    for (id, file) in sources.iter() {
+        if !file.path.ends_with(".fz") {
+            continue;
+        }
+        // The tree passed `check`, so the file parses without diagnostics.
+        let (ast, _) = fz_lang::parse_file(id, &file.text);
+        for statement in &ast.statements {
+            let Statement::Rule(rule) = statement else {
+                continue;
+            };
+            let (path, line, _) = sources.position(rule.loc);
+            match policy(&rule.node) {
+                Ok(text) => {
+                    write!(out, "\n// {path}:{line}\n{text}").ok();
+                }
+                Err(diagnostics) => refused.extend(diagnostics),
+            }
+        }
+    }
+    if refused.is_empty() {
+        Ok(out)
+    } else {
+        Err(refused)
+    }
+}
+
+/// One rule as a Cedar policy, ending with `;` and a newline.
+fn policy(rule: &RuleDecl) -> Result<String, Vec<Diagnostic>> {
+    let mut tests = Vec::new();
+    let principal = match rule.subjects.as_slice() {
+        [one] => principal_scope(&one.node),
+        many => {
+            tests.push(principal_test(many));
+            "principal".to_owned()
+        }
+    };
+    let resource = match rule.targets.as_slice() {
+        [one] => resource_scope(&one.node),
+        many => {
+            tests.push(resource_test(many));
+            "resource".to_owned()
+        }
+    };
+    let mut refused = Vec::new();
+    for condition in &rule.conditions {
+        match condition_test(condition) {
+            Ok(test) => tests.push(test),
+            Err(diagnostic) => refused.push(diagnostic),
+        }
+    }
+    if !refused.is_empty() {
+        return Err(refused);
+    }
+    let mut out = String::new();
+    if let Some(name) = &rule.name {
+        writeln!(out, "@id({})", quote(&name.node)).ok();
+    }
+    let effect = match rule.effect {
+        fz_lang::ast::Effect::Allow => "permit",
+        fz_lang::ast::Effect::Deny => "forbid",
+    };
+    write!(
+        out,
+        "{effect} (\n  {principal},\n  action == Action::\"connect\",\n  {resource}\n)"
+    )
+    .ok();
+    match tests.as_slice() {
+        [] => {}
+        [one] => out += &format!("\nwhen {{ {one} }}"),
+        many => out += &format!("\nwhen {{\n  {}\n}}", many.join(" &&\n  ")),
+    }
+    out += ";\n";
+    Ok(out)
+}
+
+fn principal_scope(subject: &Subject) -> String {
+    match subject {
+        Subject::Group(group) if group == EVERYONE => "principal".to_owned(),
+        Subject::Group(group) => format!("principal in Group::{}", quote(group)),
+        Subject::User(email) => format!("principal == {}", user(email)),
+    }
+}
+
+/// Several subjects: groups in one list and users in another, since Cedar's validator wants
+/// the members of a set to have one type.
+fn principal_test(subjects: &[Node<Subject>]) -> String {
+    let mut groups = Vec::new();
+    let mut users = Vec::new();
+    for subject in subjects {
+        match &subject.node {
+            Subject::Group(group) => groups.push(format!("Group::{}", quote(group))),
+            Subject::User(email) => users.push(user(email)),
+        }
+    }
+    either(&[("principal in", groups), ("principal ==", users)])
+}
+
+fn resource_scope(target: &Target) -> String {
+    match target {
+        Target::Resource(resource) => format!("resource == Resource::{}", quote(resource)),
+        Target::Site(site) => format!("resource in Site::{}", quote(site)),
+    }
+}
+
+/// Several targets, resources and sites in lists of their own.
+fn resource_test(targets: &[Node<Target>]) -> String {
+    let mut resources = Vec::new();
+    let mut sites = Vec::new();
+    for target in targets {
+        match &target.node {
+            Target::Resource(resource) => resources.push(format!("Resource::{}", quote(resource))),
+            Target::Site(site) => sites.push(format!("Site::{}", quote(site))),
+        }
+    }
+    either(&[("resource ==", resources), ("resource in", sites)])
+}
+
+/// `VAR in [..] || VAR in [..]` over the non-empty lists, in parentheses when there are two.
+/// A list of one is written with the test given for it (`principal == User::"e"`).
+fn either(lists: &[(&str, Vec<String>)]) -> String {
+    let tests: Vec<String> = lists
+        .iter()
+        .filter_map(|(single, list)| match list.as_slice() {
+            [] => None,
+            [one] => Some(format!("{single} {one}")),
+            many => {
+                let var = single.split(' ').next().unwrap_or(single);
+                Some(format!("{var} in [{}]", many.join(", ")))
+            }
+        })
+        .collect();
+    match tests.as_slice() {
+        [one] => one.clone(),
+        many => format!("({})", many.join(" || ")),
+    }
+}
+
+fn condition_test(condition: &Node<Condition>) -> Result<String, Diagnostic> {
+    Ok(match &condition.node {
+        Condition::Country { negated, codes } => {
+            let codes: Vec<String> = codes
+                .iter()
+                .map(|c| quote(&c.node.to_ascii_uppercase()))
+                .collect();
+            match (codes.as_slice(), negated) {
+                ([one], false) => format!("context.country == {one}"),
+                ([one], true) => format!("context.country != {one}"),
+                (many, negated) => format!(
+                    "{}[{}].contains(context.country)",
+                    if *negated { "!" } else { "" },
+                    many.join(", ")
+                ),
+            }
+        }
+        Condition::Source { negated, networks } => {
+            let mut ranges = Vec::new();
+            for network in networks {
+                ranges.push(format!(
+                    "context.source_ip.isInRange(ip({}))",
+                    quote(&cedar_network(network)?)
+                ));
+            }
+            let any = match ranges.as_slice() {
+                [one] => one.clone(),
+                many => format!("({})", many.join(" || ")),
+            };
+            if *negated { format!("!{any}") } else { any }
+        }
+        Condition::Provider(provider) => format!("context.provider == {}", quote(&provider.node)),
+        Condition::ClientVerified => "context.client_verified".to_owned(),
+        Condition::Time { .. } => {
+            return Err(not_in_cedar(
+                condition,
+                "a time window cannot be written in Cedar",
+                "Cedar has no time zones",
+                "keep this rule in a .fz file; export the tree's other rules by moving it out \
+                 of the tree first",
+            ));
+        }
+    })
+}
+
+/// A network as Cedar's `ip("..")` reads it. Cedar refuses an IPv4 address written inside an
+/// IPv6 one (`::ffff:10.0.0.0/104`), which is how such an address prints.
+fn cedar_network(text: &Node<String>) -> Result<String, Diagnostic> {
+    // The tree passed `check`, so the text is a network.
+    let canonical = text
+        .node
+        .parse::<Network>()
+        .map_or_else(|_| text.node.clone(), |n| n.to_string());
+    if canonical.contains(':') && canonical.contains('.') {
+        return Err(not_in_cedar(
+            text,
+            &format!("`{canonical}` cannot be written in Cedar"),
+            "Cedar refuses IPv4 inside IPv6",
+            "write the range as IPv4, or as IPv6 in hexadecimal groups",
+        ));
+    }
+    Ok(canonical)
+}
+
+fn not_in_cedar<T>(at: &Node<T>, message: &str, label: &str, help: &str) -> Diagnostic {
+    Diagnostic::new(Code::NotInCedar, at.loc, message)
+        .with_label(label)
+        .with_help(help)
+}
+
+fn user(email: &str) -> String {
+    format!("User::{}", quote(&email.to_ascii_lowercase()))
+}
+
+fn quoted_list(items: &[&str]) -> String {
+    items.iter().map(|i| quote(i)).collect::<Vec<_>>().join(", ")
+}
+
+/// A Cedar string literal. Cedar reads Rust's escapes, so Rust's debug form of a string is one.
+fn quote(text: &str) -> String {
+    format!("{text:?}")
+}
