@@ -4,17 +4,20 @@
 //! The entity model is the one the Cedar front end (`fz_lang::cedar`) reads: `User::"EMAIL"`
 //! (lowercase) in `Group::"everyone"` and its groups, `Resource::"ID"` in its `Site::"ID"`, the
 //! one action `Action::"connect"`, and a context that always carries `country`, `source_ip`,
-//! `provider` and `client_verified`. Exported policies use only constructs that front end
+//! `provider`, `client_verified` and, for each time zone the tree's windows use, that zone's
+//! wall clock `time["ZONE"]` (`{ day: "mon".."sun", minute: 0..1439 }`, since Cedar has no
+//! time zones). Exported policies use only constructs that front end
 //! compiles, so that a tree whose `.fz` rules are replaced by the export compiles to the same
 //! table (rule ids aside: only named rules keep theirs). This module writes text and never
 //! links Cedar; the tests check its output with cedar-policy's parser and validator.
 
 use std::fmt::Write as _;
 
-use fz_lang::ast::{Condition, RuleDecl, Statement, Subject, Target};
+use fz_lang::ast::{Condition, DayRange, RuleDecl, Statement, Subject, Target};
 use fz_lang::{Code, Diagnostic, Node, Sources};
 
 use crate::address::Network;
+use crate::condition::{DAYS, Day, parse_clock};
 use crate::table::{EVERYONE, Table};
 
 /// The Cedar schema (`.cedarschema` syntax) of a table's entities. Sites and groups are
@@ -39,25 +42,49 @@ pub fn schema(table: &Table, tree: &str) -> String {
     }
     writeln!(out, "entity Resource in [Site];").ok();
     writeln!(out, "entity Group enum [{}];", quoted_list(&groups)).ok();
-    out += "entity User in [Group];\n\
-            type Context = {\n\
-            \x20 country: String,\n\
-            \x20 source_ip: ipaddr,\n\
-            \x20 provider: String,\n\
-            \x20 client_verified: Bool,\n\
-            };\n\
-            action connect appliesTo {\n\
-            \x20 principal: [User],\n\
-            \x20 resource: [Resource],\n\
-            \x20 context: Context,\n\
-            };\n";
+    out += "entity User in [Group];\n";
+    let mut zones: Vec<&str> = table
+        .rules
+        .iter()
+        .flat_map(|r| &r.conditions)
+        .filter_map(|c| match c {
+            crate::condition::Condition::Time(time) => Some(time.zone.name()),
+            _ => None,
+        })
+        .collect();
+    zones.sort_unstable();
+    zones.dedup();
+    let clocks = if zones.is_empty() {
+        String::new()
+    } else {
+        out += "// The wall clock of a time zone: weekday and minute of the day (0 to 1439).\n\
+                type Clock = { day: String, minute: Long };\n";
+        let zones: Vec<String> = zones
+            .iter()
+            .map(|z| format!("{}: Clock", quote(z)))
+            .collect();
+        format!("  time: {{ {} }},\n", zones.join(", "))
+    };
+    out += &format!(
+        "type Context = {{\n\
+         \x20 country: String,\n\
+         \x20 source_ip: ipaddr,\n\
+         \x20 provider: String,\n\
+         \x20 client_verified: Bool,\n\
+         {clocks}\
+         }};\n\
+         action connect appliesTo {{\n\
+         \x20 principal: [User],\n\
+         \x20 resource: [Resource],\n\
+         \x20 context: Context,\n\
+         }};\n"
+    );
     out
 }
 
 /// Every `allow`/`deny` of the tree's `.fz` files as a Cedar policy, in file and line order,
-/// each under a comment naming where it came from. A rule Cedar cannot express (a time window:
-/// Cedar has no time zones) is an `E020` diagnostic at the construct, and then nothing is
-/// exported: never a part of the rules.
+/// each under a comment naming where it came from. A rule Cedar cannot express is an `E020`
+/// diagnostic at the construct, and then nothing is exported: never a part of the rules.
 pub fn export(sources: &Sources, tree: &str) -> Result<String, Vec<Diagnostic>> {
     let mut out = format!(
         "// The .fz rules of the fz policy tree `{tree}` as Cedar policies, written by\n\
@@ -108,15 +135,27 @@ fn policy(rule: &RuleDecl) -> Result<String, Vec<Diagnostic>> {
             "resource".to_owned()
         }
     };
+    // `when` clauses in the order of the conditions: a time window has a clause of its own,
+    // since the front end joins the clock tests of one clause into one window.
+    let mut clauses = Vec::new();
     let mut refused = Vec::new();
     for condition in &rule.conditions {
         match condition_test(condition) {
+            Ok(test) if matches!(condition.node, Condition::Time { .. }) => {
+                if !tests.is_empty() {
+                    clauses.push(std::mem::take(&mut tests));
+                }
+                clauses.push(vec![test]);
+            }
             Ok(test) => tests.push(test),
             Err(diagnostic) => refused.push(diagnostic),
         }
     }
     if !refused.is_empty() {
         return Err(refused);
+    }
+    if !tests.is_empty() {
+        clauses.push(tests);
     }
     let mut out = String::new();
     if let Some(name) = &rule.name {
@@ -131,10 +170,13 @@ fn policy(rule: &RuleDecl) -> Result<String, Vec<Diagnostic>> {
         "{effect} (\n  {principal},\n  action == Action::\"connect\",\n  {resource}\n)"
     )
     .ok();
-    match tests.as_slice() {
-        [] => {}
-        [one] => out += &format!("\nwhen {{ {one} }}"),
-        many => out += &format!("\nwhen {{\n  {}\n}}", many.join(" &&\n  ")),
+    for clause in clauses {
+        match clause.as_slice() {
+            [one] if !one.contains('\n') && one.len() <= 60 => {
+                out += &format!("\nwhen {{ {one} }}");
+            }
+            many => out += &format!("\nwhen {{\n  {}\n}}", many.join(" &&\n  ")),
+        }
     }
     out += ";\n";
     Ok(out)
@@ -235,16 +277,88 @@ fn condition_test(condition: &Node<Condition>) -> Result<String, Diagnostic> {
         }
         Condition::Provider(provider) => format!("context.provider == {}", quote(&provider.node)),
         Condition::ClientVerified => "context.client_verified".to_owned(),
-        Condition::Time { .. } => {
-            return Err(not_in_cedar(
-                condition,
-                "a time window cannot be written in Cedar",
-                "Cedar has no time zones",
-                "keep this rule in a .fz file; export the tree's other rules by moving it out \
-                 of the tree first",
-            ));
-        }
+        Condition::Time {
+            days,
+            windows,
+            zone,
+        } => time_test(days, windows, &zone.node),
     })
+}
+
+/// A time condition over the zone's clock in the context: one clause per window, two for a
+/// window that crosses midnight (the second names the following days and has no lower bound,
+/// which is how the front end tells it from a window of its own).
+fn time_test(
+    days: &[Node<DayRange>],
+    windows: &[Node<fz_lang::ast::Window>],
+    zone: &str,
+) -> String {
+    // The tree passed `check`: days, clocks and the zone are valid.
+    let mut on = [false; 7];
+    for range in days {
+        let first = Day::parse(&range.node.first);
+        let last = range.node.last.as_deref().and_then(Day::parse);
+        let covered = match (range.node.first.as_str(), first, last) {
+            ("any", ..) => DAYS.to_vec(),
+            (_, Some(first), Some(last)) => first.through(last),
+            (_, Some(first), None) => vec![first],
+            (_, None, _) => Vec::new(),
+        };
+        for day in covered {
+            if let Some(slot) = on.get_mut(day as usize) {
+                *slot = true;
+            }
+        }
+    }
+    let clock = format!("context.time[{}]", quote(zone));
+    let day_test = |on: &[bool; 7], always: bool| -> Option<String> {
+        let names: Vec<String> = DAYS
+            .iter()
+            .zip(on)
+            .filter(|(_, on)| **on)
+            .map(|(day, _)| quote(day.as_str()))
+            .collect();
+        match names.as_slice() {
+            _ if names.len() == 7 && !always => None,
+            [one] => Some(format!("{clock}.day == {one}")),
+            many => Some(format!("[{}].contains({clock}.day)", many.join(", "))),
+        }
+    };
+    let mut following = [false; 7];
+    for (i, slot) in following.iter_mut().enumerate() {
+        *slot = on.get((i + 6) % 7).copied().unwrap_or(false);
+    }
+    let mut clauses = Vec::new();
+    for window in windows {
+        let start = parse_clock(&window.node.start).unwrap_or(0);
+        let end = parse_clock(&window.node.end).unwrap_or(DAY_MINUTES);
+        let from = format!("{clock}.minute >= {start}");
+        if start < end {
+            let until = (end < DAY_MINUTES).then(|| format!("{clock}.minute < {end}"));
+            let tests: Vec<String> = day_test(&on, false)
+                .into_iter()
+                .chain([from])
+                .chain(until)
+                .collect();
+            clauses.push(tests.join(" && "));
+        } else {
+            let head: Vec<String> = day_test(&on, false).into_iter().chain([from]).collect();
+            let tail: Vec<String> = day_test(&following, true)
+                .into_iter()
+                .chain([format!("{clock}.minute < {end}")])
+                .collect();
+            clauses.push(head.join(" && "));
+            clauses.push(tail.join(" && "));
+        }
+    }
+    match clauses.as_slice() {
+        [one] => one.replace(" && ", " &&\n  "),
+        many => many
+            .iter()
+            .map(|c| format!("({c})"))
+            .collect::<Vec<_>>()
+            .join(" ||\n  "),
+    }
 }
 
 /// A network as Cedar's `ip("..")` reads it. Cedar refuses an IPv4 address written inside an
@@ -272,12 +386,19 @@ fn not_in_cedar<T>(at: &Node<T>, message: &str, label: &str, help: &str) -> Diag
         .with_help(help)
 }
 
+/// Minutes in a day: a window may end at `24:00`.
+const DAY_MINUTES: u16 = 1440;
+
 fn user(email: &str) -> String {
     format!("User::{}", quote(&email.to_ascii_lowercase()))
 }
 
 fn quoted_list(items: &[&str]) -> String {
-    items.iter().map(|i| quote(i)).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|i| quote(i))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A Cedar string literal. Cedar reads Rust's escapes, so Rust's debug form of a string is one.

@@ -15,13 +15,22 @@ use common::{fzc, repo, tree};
 fn fixture_files(path: &Path) -> Vec<(String, String)> {
     let read = |p: &Path| std::fs::read_to_string(p).expect("read fixture");
     if !path.is_dir() {
-        let name = path.file_name().expect("name").to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         return vec![(name, read(path))];
     }
     let mut files: Vec<(String, String)> = std::fs::read_dir(path)
         .expect("fixture dir")
         .map(|e| e.expect("entry").path())
-        .map(|p| (p.file_name().expect("name").to_string_lossy().into_owned(), read(&p)))
+        .map(|p| {
+            (
+                p.file_name().expect("name").to_string_lossy().into_owned(),
+                read(&p),
+            )
+        })
         .collect();
     files.sort();
     files
@@ -39,7 +48,10 @@ fn every_fixture_gives_its_diagnostic() {
     assert!(names.len() >= 44, "fixtures missing: {names:?}");
     for name in names {
         let files = fixture_files(&fixtures.join(&name));
-        let files: Vec<(&str, &str)> = files.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
+        let files: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(p, t)| (p.as_str(), t.as_str()))
+            .collect();
         let dir = tree(&files);
         let code = name.split('-').next().expect("code prefix");
         // E020 is the export's own: the tree itself is fine.

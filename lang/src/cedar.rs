@@ -29,20 +29,25 @@
 //! Every accepted construct is total on well-typed input; `compiler/tests/differential.rs`
 //! checks the decisions against cedar-policy itself.
 
+mod clock;
+
 use std::error::Error as _;
 use std::ops::Range;
 use std::str::FromStr;
 
-use cedar_policy::{PolicySet, RestrictedExpression};
 use cedar_policy::pst::{
     ActionConstraint, BinaryOp, Clause, Effect as CedarEffect, EntityOrSlot, EntityUID, Expr,
     Literal, PrincipalConstraint, ResourceConstraint, Template, UnaryOp, Var,
 };
+use cedar_policy::{PolicySet, RestrictedExpression};
 use miette::Diagnostic as _;
 
-use crate::ast::{Condition, Effect, PolicyFile, RuleDecl, Statement, Subject, Target};
+use crate::ast::{
+    Condition, DayRange, Effect, PolicyFile, RuleDecl, Statement, Subject, Target, Window,
+};
 use crate::diagnostic::{Code, Diagnostic};
 use crate::source::{FileId, Loc, Node, Span};
+use clock::{ClockClause, ClockTest};
 
 /// The one action of the fz entity model.
 const ACTION: &str = "connect";
@@ -459,11 +464,40 @@ impl Lowering<'_> {
             } if positive => {
                 let parts = flatten(expr, BinaryOp::And);
                 let shapes = shape.and_then(|s| s.children(BinaryOp::And, parts.len()));
+                // Tests of one zone's clock make one window together.
+                let mut clocks: Vec<(ClockClause, Span)> = Vec::new();
                 for (i, part) in parts.iter().enumerate() {
                     let part_shape = shapes.and_then(|s| s.get(i));
-                    self.condition(part, part_shape, span, positive, out);
+                    let part_span = part_shape.map_or(span, |s| s.span);
+                    match clock::clock_test(part) {
+                        Some(Ok(test)) => {
+                            match clocks.iter_mut().find(|(c, _)| c.zone == test.zone) {
+                                Some((clause, at)) => {
+                                    clause.add(test.bound);
+                                    *at = Span::new(
+                                        at.start.min(part_span.start) as usize,
+                                        at.end.max(part_span.end) as usize,
+                                    );
+                                }
+                                None => clocks.push((ClockClause::new(test), part_span)),
+                            }
+                        }
+                        Some(Err(refused)) => self.refuse_clock(refused, part_span),
+                        None => self.condition(part, part_shape, span, positive, out),
+                    }
+                }
+                for (clause, at) in clocks {
+                    self.time(&[clause], at, out);
                 }
             }
+            Expr::BinaryOp {
+                op: BinaryOp::And, ..
+            } if clock_clauses(&[expr]).is_some() => self.unsupported(
+                span,
+                "a time window cannot be negated",
+                Some("negated time window"),
+                Some("write the windows in which the policy applies"),
+            ),
             Expr::BinaryOp {
                 op: BinaryOp::And, ..
             } => self.unsupported(
@@ -515,6 +549,19 @@ impl Lowering<'_> {
                 Some("always false here"),
                 Some("delete the policy"),
             ),
+            _ if clock::clock_test(expr).is_some() => match clock::clock_test(expr) {
+                Some(Ok(test)) => {
+                    let bound = if positive {
+                        test.bound
+                    } else {
+                        test.bound.negate()
+                    };
+                    let test = ClockTest { bound, ..test };
+                    self.time(&[ClockClause::new(test)], span, out);
+                }
+                Some(Err(refused)) => self.refuse_clock(refused, span),
+                None => {}
+            },
             _ => match self.test(expr, span) {
                 Test::Fact(fact, negated) => self.apply(fact, positive != negated, span, out),
                 Test::Scope(scope) if positive => self.constrain(scope, span),
@@ -551,6 +598,13 @@ impl Lowering<'_> {
         span: Span,
         out: &mut Vec<Node<Condition>>,
     ) {
+        if let Some(clauses) = clock_clauses(parts) {
+            match clauses {
+                Ok(clauses) => self.time(&clauses, span, out),
+                Err(refused) => self.refuse_clock(refused, span),
+            }
+            return;
+        }
         let mut codes = Vec::new();
         let mut networks = Vec::new();
         let mut subjects = Vec::new();
@@ -593,6 +647,54 @@ impl Lowering<'_> {
         } else {
             self.apply(Fact::Source(networks), true, span, out);
         }
+    }
+
+    /// Clauses of one zone's clock as an fz `time` condition.
+    fn time(&mut self, clauses: &[ClockClause], span: Span, out: &mut Vec<Node<Condition>>) {
+        let window = match clock::time_condition(clauses) {
+            Ok(window) => window,
+            Err(refused) => return self.refuse_clock(refused, span),
+        };
+        let at = loc(self.file, span);
+        let days = clock::DAYS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| window.days & (1 << i) != 0)
+            .map(|(_, day)| {
+                let range = DayRange {
+                    first: (*day).to_owned(),
+                    last: None,
+                };
+                Node::new(range, at)
+            })
+            .collect();
+        let windows = window
+            .windows
+            .iter()
+            .map(|(start, end)| {
+                let window = Window {
+                    start: clock::clock_text(*start),
+                    end: clock::clock_text(*end),
+                };
+                Node::new(window, at)
+            })
+            .collect();
+        let zone = self.literal(&window.zone, span);
+        let condition = Condition::Time {
+            days,
+            windows,
+            zone,
+        };
+        out.push(Node::new(condition, at));
+    }
+
+    fn refuse_clock(&mut self, refused: clock::Refusal, span: Span) {
+        self.unsupported(
+            span,
+            refused.message,
+            Some(refused.label),
+            Some(refused.help),
+        );
     }
 
     /// The one fact that parts of an `||` all test, positively: every country, or every source
@@ -761,7 +863,9 @@ impl Lowering<'_> {
                                 network.loc.span,
                                 format!("Cedar cannot evaluate `ip(\"{}\")`", network.node),
                                 Some("Cedar skips a policy whose evaluation fails"),
-                                Some("write a range Cedar reads, such as `10.0.0.0/8` or `fd00::/8`"),
+                                Some(
+                                    "write a range Cedar reads, such as `10.0.0.0/8` or `fd00::/8`",
+                                ),
                             )
                             .with_note(format!("Cedar says: {}", lowercase_first(&reason)));
                         self.report(refusal);
@@ -770,7 +874,10 @@ impl Lowering<'_> {
                 }
             }
             Fact::Country(codes) => {
-                for code in codes.iter().filter(|c| c.node != c.node.to_ascii_uppercase()) {
+                for code in codes
+                    .iter()
+                    .filter(|c| c.node != c.node.to_ascii_uppercase())
+                {
                     self.unsupported(
                         code.loc.span,
                         format!("country `{}` never equals `context.country`", code.node),
@@ -1020,6 +1127,28 @@ enum Fact {
     Source(Vec<Node<String>>),
     Provider(Node<String>),
     Verified,
+}
+
+/// Parts of an `||` that each test one zone's clock (a test, or `&&` of tests): the clauses of
+/// one time condition. `None` when some part tests anything else.
+fn clock_clauses(parts: &[&Expr]) -> Option<Result<Vec<ClockClause>, clock::Refusal>> {
+    let mut clauses = Vec::new();
+    for part in parts {
+        let mut clause: Option<ClockClause> = None;
+        for test in flatten(part, BinaryOp::And) {
+            let test = match clock::clock_test(test)? {
+                Ok(test) => test,
+                Err(refused) => return Some(Err(refused)),
+            };
+            match &mut clause {
+                Some(clause) if clause.zone == test.zone => clause.add(test.bound),
+                Some(_) => return None,
+                None => clause = Some(ClockClause::new(test)),
+            }
+        }
+        clauses.push(clause?);
+    }
+    Some(Ok(clauses))
 }
 
 /// `context.KEY` (or `context["KEY"]`): the key.
@@ -1473,7 +1602,24 @@ mod tests {
                         }
                         Condition::Provider(p) => format!("provider {}", p.node),
                         Condition::ClientVerified => "client verified".to_owned(),
-                        Condition::Time { .. } => "time".to_owned(),
+                        Condition::Time {
+                            days,
+                            windows,
+                            zone,
+                        } => {
+                            let days: Vec<&str> =
+                                days.iter().map(|d| d.node.first.as_str()).collect();
+                            let windows: Vec<String> = windows
+                                .iter()
+                                .map(|w| format!("{}-{}", w.node.start, w.node.end))
+                                .collect();
+                            format!(
+                                "time {} {} {}",
+                                days.join(","),
+                                windows.join(", "),
+                                zone.node
+                            )
+                        }
                     }
                 })
                 .collect();
@@ -1595,6 +1741,105 @@ mod tests {
         check(
             r#"permit(principal == User::"Alice@b.c", action, resource == Resource::"r");"#,
             "E017 `principal == User::\"Alice@b.c\"`: `User::\"Alice@b.c\"` never matches: Cedar compares entity ids exactly [an email with capitals]",
+        );
+    }
+
+    /// `context.time["Europe/Berlin"]`, for the time tests.
+    const T: &str = r#"context.time["Europe/Berlin"]"#;
+
+    #[test]
+    fn clock_tests_become_time_windows() {
+        let t = |text: &str| when(&text.replace('T', T));
+        check(
+            &t(
+                r#"when { ["mon", "tue", "wed", "thu", "fri"].contains(T.day) && T.minute >= 480 && T.minute < 1080 }"#,
+            ),
+            "allow everyone -> r when time mon,tue,wed,thu,fri 08:00-18:00 Europe/Berlin",
+        );
+        check(
+            &t(
+                r#"when { T.minute >= 480 && context.country == "DE" && 1080 > T.minute && T.day == "sat" }"#,
+            ),
+            "allow everyone -> r when country in DE and time sat 08:00-18:00 Europe/Berlin",
+        );
+        check(
+            &t(
+                r#"when { (T.day == "fri" && T.minute >= 1320) || (T.day == "sat" && T.minute < 360) }"#,
+            ),
+            "allow everyone -> r when time fri 22:00-06:00 Europe/Berlin",
+        );
+        check(
+            &t(
+                r#"when { (T.day != "sun" && T.minute >= 480 && T.minute <= 719) || (T.day != "sun" && T.minute > 779 && T.minute < 1080) }"#,
+            ),
+            "allow everyone -> r when time mon,tue,wed,thu,fri,sat 08:00-12:00, 13:00-18:00 Europe/Berlin",
+        );
+        check(
+            &t(r#"when { T.minute < 360 || T.minute >= 1320 }"#),
+            "allow everyone -> r when time mon,tue,wed,thu,fri,sat,sun 00:00-06:00, 22:00-24:00 Europe/Berlin",
+        );
+        check(
+            &t(r#"unless { T.minute >= 1080 } unless { ["sat", "sun"].contains(T.day) }"#),
+            "allow everyone -> r when time mon,tue,wed,thu,fri,sat,sun 00:00-18:00 Europe/Berlin and time mon,tue,wed,thu,fri 00:00-24:00 Europe/Berlin",
+        );
+        check(
+            &when(
+                r#"when { context.time["UTC"].minute >= 60 && context.time["Asia/Tokyo"].minute < 60 }"#,
+            ),
+            "allow everyone -> r when time mon,tue,wed,thu,fri,sat,sun 01:00-24:00 UTC and time mon,tue,wed,thu,fri,sat,sun 00:00-01:00 Asia/Tokyo",
+        );
+    }
+
+    #[test]
+    fn clock_tests_outside_one_time_window_are_refused() {
+        let t = |text: &str| when(&text.replace('T', T));
+        let refused = |located: &str, message: &str, label: &str| {
+            format!("E017 `{}`: {message} [{label}]", located.replace('T', T))
+        };
+        check(
+            &t(r#"when { T.day == "monday" }"#),
+            &refused(
+                r#"T.day == "monday""#,
+                "`monday` is not a day: the clock's day is one of mon, tue, wed, thu, fri, sat, sun",
+                "never equal to the day",
+            ),
+        );
+        check(
+            &t(
+                r#"when { (T.day == "mon" && T.minute >= 60) || (T.day == "tue" && T.minute >= 120) }"#,
+            ),
+            &refused(
+                r#"(T.day == "mon" && T.minute >= 60) || (T.day == "tue" && T.minute >= 120)"#,
+                "the windows of one time condition must start on the same days",
+                "windows on different days",
+            ),
+        );
+        check(
+            &when(
+                r#"when { context.time["UTC"].minute >= 60 || context.time["CET"].minute >= 60 }"#,
+            ),
+            r#"E017 `context.time["UTC"].minute >= 60 || context.time["CET"].minute >= 60`: one time condition reads the clock of one zone [`||` between clocks of different zones]"#,
+        );
+        check(
+            &t(r#"when { T.minute >= 600 && T.minute < 600 }"#),
+            &refused(
+                r#"T.minute >= 600 && T.minute < 600"#,
+                "this window is empty, so it never holds",
+                "never holds",
+            ),
+        );
+        check(
+            &t(r#"when { T.second == 0 }"#),
+            &refused(
+                r#"T.second == 0"#,
+                "`second` of a zone's clock cannot be tested like this",
+                "not a time window fz can hold",
+            ),
+        );
+        let negated = r#"context.time["UTC"].minute >= 480 && context.time["UTC"].minute < 1080"#;
+        check(
+            &when(&format!("unless {{ {negated} }}")),
+            &format!("E017 `{negated}`: a time window cannot be negated [negated time window]"),
         );
     }
 
