@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{fzc, repo, tree};
+use common::{fzc, meaning, repo, tree};
 use fz_compiler::condition::Context;
 use fz_compiler::{DecisionTable, Request};
 
@@ -198,43 +198,6 @@ fn the_schema_enumerates_sites_and_groups_so_cedar_rejects_unknown_ones() {
         found.contains(r#"`Site::"mars"` is of an enumerated entity type"#),
         "{found}"
     );
-}
-
-/// A tree's meaning with the rules' provenance left out: per resource, its allow and deny
-/// rules, each by name (or `<derived>`), subjects and conditions; and everything else of the
-/// table as it is.
-fn meaning(table: &fz_compiler::Table) -> String {
-    let rule = |index: &u32| {
-        let rule = &table.rules[*index as usize];
-        let id = if rule.id.contains('#') {
-            "<derived>"
-        } else {
-            rule.id.as_str()
-        };
-        let groups: Vec<&str> = rule
-            .groups
-            .iter()
-            .map(|g| table.groups[*g as usize].id.as_str())
-            .collect();
-        let users: Vec<&str> = rule
-            .users
-            .iter()
-            .map(|u| table.users[*u as usize].email.as_str())
-            .collect();
-        format!("{id} {groups:?} {users:?} {:?}", rule.conditions)
-    };
-    let mut out = format!("{:?}\n{:?}\n{:?}\n", table.sites, table.groups, table.users);
-    for resource in &table.resources {
-        let mut allow: Vec<String> = resource.allow.iter().map(rule).collect();
-        let mut deny: Vec<String> = resource.deny.iter().map(rule).collect();
-        allow.sort();
-        deny.sort();
-        out += &format!(
-            "{} {:?} allow {allow:#?} deny {deny:#?}\n",
-            resource.id, resource.address
-        );
-    }
-    out
 }
 
 /// Rules that use every form the export writes: several subjects and targets, users, sites,

@@ -469,7 +469,7 @@ impl Lowering<'_> {
                 for (i, part) in parts.iter().enumerate() {
                     let part_shape = shapes.and_then(|s| s.get(i));
                     let part_span = part_shape.map_or(span, |s| s.span);
-                    match clock::clock_test(part) {
+                    match clock::clock_atom(part) {
                         Some(Ok(test)) => {
                             match clocks.iter_mut().find(|(c, _)| c.zone == test.zone) {
                                 Some((clause, at)) => {
@@ -1136,7 +1136,7 @@ fn clock_clauses(parts: &[&Expr]) -> Option<Result<Vec<ClockClause>, clock::Refu
     for part in parts {
         let mut clause: Option<ClockClause> = None;
         for test in flatten(part, BinaryOp::And) {
-            let test = match clock::clock_test(test)? {
+            let test = match clock::clock_atom(test)? {
                 Ok(test) => test,
                 Err(refused) => return Some(Err(refused)),
             };
@@ -1773,6 +1773,18 @@ mod tests {
                 r#"when { (T.day != "sun" && T.minute >= 480 && T.minute <= 719) || (T.day != "sun" && T.minute > 779 && T.minute < 1080) }"#,
             ),
             "allow everyone -> r when time mon,tue,wed,thu,fri,sat 08:00-12:00, 13:00-18:00 Europe/Berlin",
+        );
+        check(
+            &t(
+                r#"when { (T.day == "sun" && !(T.minute < 1320)) || (T.day == "mon" && !(T.minute >= 0)) }"#,
+            ),
+            "allow everyone -> r when time sun 22:00-00:00 Europe/Berlin",
+        );
+        check(
+            &t(
+                r#"when { (!["sat", "sun"].contains(T.day) && T.minute >= 480) || (!["sat", "sun"].contains(T.day) && T.minute >= 0 && T.minute < 60) }"#,
+            ),
+            "allow everyone -> r when time mon,tue,wed,thu,fri 08:00-24:00, 00:00-01:00 Europe/Berlin",
         );
         check(
             &t(r#"when { T.minute < 360 || T.minute >= 1320 }"#),

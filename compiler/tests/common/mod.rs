@@ -42,3 +42,40 @@ pub fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
     }
     dir
 }
+
+/// A tree's meaning with the rules' provenance left out: per resource, its allow and deny
+/// rules, each by name (or `<derived>`), subjects and conditions; and everything else of the
+/// table as it is.
+pub fn meaning(table: &fz_compiler::Table) -> String {
+    let rule = |index: &u32| {
+        let rule = &table.rules[*index as usize];
+        let id = if rule.id.contains('#') {
+            "<derived>"
+        } else {
+            rule.id.as_str()
+        };
+        let groups: Vec<&str> = rule
+            .groups
+            .iter()
+            .map(|g| table.groups[*g as usize].id.as_str())
+            .collect();
+        let users: Vec<&str> = rule
+            .users
+            .iter()
+            .map(|u| table.users[*u as usize].email.as_str())
+            .collect();
+        format!("{id} {groups:?} {users:?} {:?}", rule.conditions)
+    };
+    let mut out = format!("{:?}\n{:?}\n{:?}\n", table.sites, table.groups, table.users);
+    for resource in &table.resources {
+        let mut allow: Vec<String> = resource.allow.iter().map(rule).collect();
+        let mut deny: Vec<String> = resource.deny.iter().map(rule).collect();
+        allow.sort();
+        deny.sort();
+        out += &format!(
+            "{} {:?} allow {allow:#?} deny {deny:#?}\n",
+            resource.id, resource.address
+        );
+    }
+    out
+}

@@ -162,6 +162,22 @@ pub(super) fn clock_test(expr: &Expr) -> Option<Result<ClockTest, Refusal>> {
     }
 }
 
+/// A test of a zone's clock under any number of `!`.
+pub(super) fn clock_atom(expr: &Expr) -> Option<Result<ClockTest, Refusal>> {
+    match expr {
+        Expr::UnaryOp {
+            op: UnaryOp::Not,
+            expr: inner,
+        } => clock_atom(inner).map(|test| {
+            test.map(|t| ClockTest {
+                bound: t.bound.negate(),
+                ..t
+            })
+        }),
+        _ => clock_test(expr),
+    }
+}
+
 fn day_bit(expr: &Expr) -> Result<u8, Refusal> {
     let name = match expr {
         Expr::Literal(Literal::String(name)) => name.as_str(),
@@ -278,7 +294,8 @@ pub(super) fn time_condition(clauses: &[ClockClause]) -> Result<Window, Refusal>
         });
         if let Some(tail) = crossing_tail {
             let end = tail.until.unwrap_or(DAY_MINUTES);
-            if end == 0 || end >= start {
+            // An end of `00:00` is a window to midnight: its second half is empty.
+            if end >= start {
                 return Err(refusal(
                     "these two clauses are not one window across midnight",
                     "not a time window fz can hold",
