@@ -6,21 +6,30 @@
 //! goals: 1000x faster than Cedar at 1k rules, under 1 us at 100k, and at most 2x growth from
 //! 100 to 100k rules.
 //!
+//! Two groups per size, one per language the rules are authored in:
+//! - `decide/RULES`: an fz tree; Cedar evaluates the same rules rendered as Cedar policies.
+//! - `decide-cedar/RULES`: the rules written as `.cedar` files beside the fz declarations; fz
+//!   compiles that mixed tree, and Cedar parses and evaluates the very texts of its `.cedar`
+//!   files, the same policies as the other group's Cedar side.
+//!
 //! What is timed: for fz, `decide(&Request)` with names as strings, so building the user's
 //! group membership from the identity provider's group names is included; for Cedar, a
 //! prebuilt `Request` against prebuilt `Entities` (users whose parents are their groups,
 //! resources whose parent is their site). Both cycle through one fixed pool of requests with a
 //! mix of allow and deny outcomes. Before anything is timed, both sides decide every request of
-//! the pool and the bench aborts if they disagree once.
+//! the pool and the bench aborts if they disagree once or Cedar reports an error.
 //!
 //! Run by hand (`cargo bench -p fz-compiler --bench decide`); `FZ_BENCH_RULES=100,1000` picks
-//! sizes. Besides criterion's report it prints one summary line per size, from a plain timing
-//! loop over the pool. In test mode (`cargo test --benches`) only the 100-rule size is set up.
+//! sizes and a criterion filter picks groups (`-- decide-cedar`): a group's trees are built
+//! only when one of its benchmarks runs. Besides criterion's report it prints one summary line
+//! per group, from a plain timing loop over the pool, and fz's growth per language. In test
+//! mode (`cargo test --benches`) only the 100-rule size is set up.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "common/workload.rs"]
 mod workload;
 
+use std::cell::{LazyCell, RefCell};
 use std::collections::HashSet;
 use std::hint::black_box;
 use std::str::FromStr;
@@ -34,7 +43,7 @@ use fz_compiler::condition::Context as FzContext;
 use fz_compiler::table::{Effect, PortRange};
 use fz_compiler::{DecisionTable, Request};
 use fz_lang::{SourceFile, Sources};
-use workload::{POOL, PORT, Probe, Workload};
+use workload::{POOL, PORT, Probe, RulesIn, Workload};
 
 const SIZES: [usize; 4] = [100, 1_000, 10_000, 100_000];
 
@@ -48,11 +57,10 @@ struct Fz {
 }
 
 impl Fz {
-    fn new(workload: &Workload) -> Fz {
-        let files = workload
-            .fz_files()
-            .into_iter()
-            .map(|(path, text)| SourceFile::new(path, text))
+    fn new(workload: &Workload, tree: &[(String, String)]) -> Fz {
+        let files = tree
+            .iter()
+            .map(|(path, text)| SourceFile::new(path.as_str(), text.as_str()))
             .collect();
         let checked = fz_compiler::check(Sources::new(files));
         assert!(
@@ -60,6 +68,10 @@ impl Fz {
             "the generated tree has errors: {:#?}",
             checked.diagnostics
         );
+        let warnings = checked.diagnostics.len();
+        if warnings > 0 {
+            println!("the generated tree has {warnings} warnings");
+        }
         let requests = workload
             .requests
             .iter()
@@ -135,8 +147,7 @@ struct Cedar {
 }
 
 impl Cedar {
-    fn new(workload: &Workload) -> Cedar {
-        let policies = PolicySet::from_str(&workload.cedar_policies()).unwrap();
+    fn new(workload: &Workload, policies: PolicySet) -> Cedar {
         let groups: Vec<EntityUid> = workload.groups.iter().map(|g| uid("Group", g)).collect();
         let sites: Vec<EntityUid> = workload.sites.iter().map(|s| uid("Site", s)).collect();
         let parents = |uids: &[EntityUid], indexes: &[usize]| -> HashSet<EntityUid> {
@@ -208,6 +219,25 @@ impl Cedar {
     }
 }
 
+/// What Cedar evaluates beside a tree whose rules are written in `rules_in`: for an fz tree, its
+/// rules rendered as Cedar; for a Cedar-authored tree, the texts of its `.cedar` files, parsed
+/// by Cedar as they stand.
+fn cedar_policies(workload: &Workload, rules_in: RulesIn, tree: &[(String, String)]) -> PolicySet {
+    match rules_in {
+        RulesIn::Fz => PolicySet::from_str(&workload.cedar_policies()).unwrap(),
+        RulesIn::Cedar => {
+            let mut set = PolicySet::new();
+            for (path, text) in tree.iter().filter(|(path, _)| path.ends_with(".cedar")) {
+                let file = PolicySet::from_str(text)
+                    .unwrap_or_else(|errors| panic!("{path}: Cedar does not parse it: {errors}"));
+                // Each file's policies are numbered from `policy0`: renamed apart in the merge.
+                set.merge(&file, true).unwrap();
+            }
+            set
+        }
+    }
+}
+
 fn uid(kind: &str, id: &str) -> EntityUid {
     EntityUid::from_type_name_and_id(kind.parse().unwrap(), cedar_policy::EntityId::new(id))
 }
@@ -252,17 +282,66 @@ fn mean_ns(budget: Duration, decide: impl Fn(usize) -> bool) -> f64 {
     start.elapsed().as_nanos() as f64 / (passes * POOL) as f64
 }
 
-/// Criterion runs one decision per iteration, walking the pool.
+/// One policy set as both sides hold it, checked to agree on the whole pool.
+struct Sides {
+    fz: Fz,
+    cedar: Cedar,
+}
+
+impl Sides {
+    /// Builds both sides, asserts they agree, prints the summary lines from plain timing loops
+    /// and records fz's time in `growth`.
+    fn new(
+        workload: &Workload,
+        rules: usize,
+        rules_in: RulesIn,
+        growth: &RefCell<Vec<(RulesIn, usize, f64)>>,
+    ) -> Sides {
+        let tree = workload.tree(rules_in);
+        let fz = Fz::new(workload, &tree);
+        let cedar = Cedar::new(workload, cedar_policies(workload, rules_in, &tree));
+        let allowed = assert_agreement(rules, &fz, &cedar);
+        let policies = cedar.policies.num_of_policies();
+        let authored = rules_in.name();
+
+        let fz_ns = mean_ns(Duration::from_secs(1), |i| fz.allows(i));
+        let cedar_ns = mean_ns(Duration::from_secs(1), |i| cedar.allows(i));
+        println!(
+            "rules={rules} authored={authored} policies={policies} fz={fz_ns:.0} ns \
+             cedar={cedar_ns:.0} ns ratio={:.0}x (pool {POOL}, {allowed} allowed)",
+            cedar_ns / fz_ns
+        );
+        println!(
+            "rules={rules} authored={authored} fz wide pool of {WIDE_POOL}: {:.0} ns",
+            fz.wide_pool_ns(workload)
+        );
+        growth.borrow_mut().push((rules_in, rules, fz_ns));
+        Sides { fz, cedar }
+    }
+}
+
+/// Criterion's group for one size and language; the fz-authored one keeps its first name.
+fn group_name(rules_in: RulesIn, rules: usize) -> String {
+    match rules_in {
+        RulesIn::Fz => format!("decide/{rules}"),
+        RulesIn::Cedar => format!("decide-cedar/{rules}"),
+    }
+}
+
+/// Criterion runs one decision per iteration, walking the pool. The sides are built the first
+/// time a benchmark of theirs runs, outside the timing.
 fn bench_side(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
-    decide: impl Fn(usize) -> bool,
+    sides: &LazyCell<Sides, impl FnOnce() -> Sides>,
+    decide: impl Fn(&Sides, usize) -> bool,
 ) {
     group.bench_function(name, |b| {
+        let sides = LazyCell::force(sides);
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % POOL;
-            decide(i)
+            decide(sides, i)
         });
     });
 }
@@ -288,43 +367,40 @@ fn sizes() -> Vec<usize> {
 }
 
 fn decide(c: &mut Criterion) {
-    let mut fz_times = Vec::new();
+    let growth = RefCell::new(Vec::new());
     for rules in sizes() {
-        let workload = Workload::generate(rules);
-        let fz = Fz::new(&workload);
-        let cedar = Cedar::new(&workload);
-        let allowed = assert_agreement(rules, &fz, &cedar);
-
-        let fz_ns = mean_ns(Duration::from_secs(1), |i| fz.allows(i));
-        let cedar_ns = mean_ns(Duration::from_secs(1), |i| cedar.allows(i));
-        println!(
-            "rules={rules} fz={fz_ns:.0} ns cedar={cedar_ns:.0} ns ratio={:.0}x \
-             (pool {POOL}, {allowed} allowed)",
-            cedar_ns / fz_ns
-        );
-        println!(
-            "rules={rules} fz wide pool of {WIDE_POOL}: {:.0} ns",
-            fz.wide_pool_ns(&workload)
-        );
-        fz_times.push((rules, fz_ns));
-
-        let mut group = c.benchmark_group(format!("decide/{rules}"));
-        bench_side(&mut group, "fz", |i| fz.allows(i));
-        if rules >= LARGE {
-            group
-                .sampling_mode(SamplingMode::Flat)
-                .sample_size(10)
-                .warm_up_time(Duration::from_secs(1))
-                .measurement_time(Duration::from_secs(rules as u64 / 5_000));
+        let workload = LazyCell::new(|| Workload::generate(rules));
+        for rules_in in [RulesIn::Fz, RulesIn::Cedar] {
+            let sides = LazyCell::new(|| Sides::new(&workload, rules, rules_in, &growth));
+            let mut group = c.benchmark_group(group_name(rules_in, rules));
+            bench_side(&mut group, "fz", &sides, |sides, i| sides.fz.allows(i));
+            if rules >= LARGE {
+                group
+                    .sampling_mode(SamplingMode::Flat)
+                    .sample_size(10)
+                    .warm_up_time(Duration::from_secs(1))
+                    .measurement_time(Duration::from_secs(rules as u64 / 5_000));
+            }
+            bench_side(&mut group, "cedar", &sides, |sides, i| {
+                sides.cedar.allows(i)
+            });
+            group.finish();
         }
-        bench_side(&mut group, "cedar", |i| cedar.allows(i));
-        group.finish();
     }
-    if let [(small, first), .., (large, last)] = fz_times.as_slice() {
-        println!(
-            "fz growth rules={small}->{large}: {:.2}x ({first:.0} ns -> {last:.0} ns)",
-            last / first
-        );
+    for rules_in in [RulesIn::Fz, RulesIn::Cedar] {
+        let times: Vec<(usize, f64)> = growth
+            .borrow()
+            .iter()
+            .filter(|(language, ..)| *language == rules_in)
+            .map(|&(_, rules, ns)| (rules, ns))
+            .collect();
+        if let [(small, first), .., (large, last)] = times.as_slice() {
+            println!(
+                "fz growth authored={} rules={small}->{large}: {:.2}x ({first:.0} ns -> {last:.0} ns)",
+                rules_in.name(),
+                last / first
+            );
+        }
     }
 }
 

@@ -2,14 +2,16 @@
 //! directory, for `benches/compile.sh` and for timing `fzc` by hand:
 //!
 //! ```text
-//! cargo run --release -p fz-compiler --example gen_tree -- DIR [RULES]
+//! cargo run --release -p fz-compiler --example gen_tree -- [--cedar] DIR [RULES]
 //! ```
 //!
-//! RULES defaults to 100,000 (10,000 resources, 1,000 groups). DIR must not exist yet.
+//! RULES defaults to 100,000 (10,000 resources, 1,000 groups). DIR must not exist yet. With
+//! `--cedar` the rules are written as Cedar policies (`rules/SITE.cedar`), the tree the
+//! `decide` bench's Cedar-authored group compiles; declarations and tests stay fz.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-// The example writes only the fz tree; the Cedar rendering and the request pool are the
-// `decide` bench's.
+// The example writes only the tree; the request pool and the Cedar policies that Cedar alone
+// evaluates are the `decide` bench's.
 #[allow(dead_code)]
 #[path = "../benches/common/workload.rs"]
 mod workload;
@@ -18,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
+use workload::{RulesIn, Workload};
 
-const USAGE: &str = "usage: gen_tree DIR [RULES]";
+const USAGE: &str = "usage: gen_tree [--cedar] DIR [RULES]";
 
 fn main() -> ExitCode {
     match run() {
@@ -32,7 +35,12 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let mut args = std::env::args_os().skip(1);
+    let mut args = std::env::args_os().skip(1).peekable();
+    let rules_in = if args.next_if(|arg| arg == "--cedar").is_some() {
+        RulesIn::Cedar
+    } else {
+        RulesIn::Fz
+    };
     let dir = PathBuf::from(args.next().context("no DIR given")?);
     let rules = match args.next() {
         None => 100_000,
@@ -47,13 +55,14 @@ fn run() -> anyhow::Result<()> {
     if dir.exists() {
         bail!("`{}` exists already", dir.display());
     }
-    let files = workload::Workload::generate(rules).fz_files();
+    let files = Workload::generate(rules).tree(rules_in);
     for (path, text) in &files {
         write(&dir.join(path), text)?;
     }
     println!(
-        "wrote {} files, {rules} rules, to {}",
+        "wrote {} files, {rules} rules in {}, to {}",
         files.len(),
+        rules_in.name(),
         dir.display()
     );
     Ok(())

@@ -39,7 +39,7 @@ use cedar_policy::pst::{
     ActionConstraint, BinaryOp, Clause, Effect as CedarEffect, EntityOrSlot, EntityUID, Expr,
     Literal, PrincipalConstraint, ResourceConstraint, Template, UnaryOp, Var,
 };
-use cedar_policy::{PolicySet, RestrictedExpression};
+use cedar_policy::{PolicyId, PolicySet, RestrictedExpression};
 use miette::Diagnostic as _;
 
 use crate::ast::{
@@ -64,8 +64,9 @@ const RESOURCE_HELP: &str = "write `resource == Resource::\"ID\"` or `resource i
 /// What `help` says for a condition that is not understood.
 const CONDITION_HELP: &str = "conditions can test `context.country == \"DE\"`, \
     `[\"DE\", \"FR\"].contains(context.country)`, \
-    `context.source_ip.isInRange(ip(\"10.0.0.0/8\"))`, `context.provider == \"okta\"` and \
-    `context.client_verified`, joined with `&&`";
+    `context.source_ip.isInRange(ip(\"10.0.0.0/8\"))`, `context.provider == \"okta\"`, \
+    `context.client_verified` and a zone's clock, `context.time[\"Europe/Berlin\"].minute >= 480`, \
+    joined with `&&`";
 
 /// Parses one `.cedar` file: every policy becomes a [`Statement::Rule`]. A policy that does not
 /// parse, or that uses a construct a decision table cannot hold, gets diagnostics and no rule;
@@ -74,7 +75,13 @@ pub fn parse_cedar_file(file: FileId, text: &str) -> (PolicyFile, Vec<Diagnostic
     let tokens = lex(text);
     let mut policy = PolicyFile::default();
     let mut diagnostics = Vec::new();
-    for chunk in split_policies(text, &tokens) {
+    let chunks = split_policies(text, &tokens);
+    // Cedar's parser costs most in its setup, once per call: a file that parses whole is
+    // parsed once, and only a file with errors policy by policy, to find and place them all.
+    let mut parsed = parse_whole(text)
+        .filter(|templates| templates.len() == chunks.len())
+        .map(Vec::into_iter);
+    for chunk in chunks {
         let Some(chunk_tokens) = tokens.get(chunk) else {
             continue;
         };
@@ -95,7 +102,8 @@ pub fn parse_cedar_file(file: FileId, text: &str) -> (PolicyFile, Vec<Diagnostic
             subjects: None,
             targets: None,
         };
-        if let Some(rule) = lowering.policy(chunk_text) {
+        let template = parsed.as_mut().and_then(Iterator::next);
+        if let Some(rule) = lowering.policy(chunk_text, template) {
             policy
                 .statements
                 .push(Statement::Rule(Node::new(rule, loc(file, span))));
@@ -127,19 +135,25 @@ struct Lowering<'a> {
 }
 
 impl Lowering<'_> {
-    fn policy(mut self, chunk_text: &str) -> Option<RuleDecl> {
-        let templates = match PolicySet::from_str(chunk_text) {
-            Ok(set) => self.templates(&set),
-            Err(errors) => {
-                for error in errors.iter() {
-                    self.syntax_error(error);
-                }
-                return None;
+    /// Lowers the policy of this chunk, `parsed` when the whole file was parsed at once.
+    fn policy(mut self, chunk_text: &str, parsed: Option<Template>) -> Option<RuleDecl> {
+        let template = match parsed {
+            Some(template) => template,
+            None => {
+                let templates = match PolicySet::from_str(chunk_text) {
+                    Ok(set) => self.templates(&set),
+                    Err(errors) => {
+                        for error in errors.iter() {
+                            self.syntax_error(error);
+                        }
+                        return None;
+                    }
+                };
+                // INVARIANT: a chunk holds at most one policy: it ends at the first `;`
+                // outside brackets, and Cedar requires a `;` after each policy.
+                templates.into_iter().next()?
             }
         };
-        // INVARIANT: a chunk holds at most one policy: it ends at the first `;` outside
-        // brackets, and Cedar requires a `;` after each policy.
-        let template = templates.into_iter().next()?;
         let layout = Layout::new(self.tokens);
         let rule = self.rule(&template, &layout);
         if self.failed { None } else { rule }
@@ -1086,6 +1100,23 @@ impl Lowering<'_> {
     fn range_span(&self, range: Range<usize>) -> Option<Span> {
         token_span(self.tokens.get(range)?)
     }
+}
+
+/// The policies of a file in source order, when the whole file parses and every policy has a
+/// syntax tree; `None` otherwise. Cedar names the policies of a text `policy0`, `policy1`, ...
+/// in order, templates included.
+fn parse_whole(text: &str) -> Option<Vec<Template>> {
+    let set = PolicySet::from_str(text).ok()?;
+    let count = set.policies().count() + set.templates().count();
+    (0..count)
+        .map(|i| {
+            let id = PolicyId::new(format!("policy{i}"));
+            match set.policy(&id) {
+                Some(policy) => policy.to_pst().ok().map(|pst| pst.body().clone()),
+                None => set.template(&id)?.to_pst().ok(),
+            }
+        })
+        .collect()
 }
 
 /// How a test relates the principal or resource to an entity.

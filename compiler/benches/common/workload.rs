@@ -1,6 +1,12 @@
 //! The generated workload shared by the `decide` bench and the `gen_tree` example: one policy
 //! set, rendered both as an fz tree and as Cedar policies, with users, their groups and a pool
-//! of requests. Both renderings come from one list of [`Rule`]s, so they mean the same thing.
+//! of requests. Every rendering comes from one list of [`Rule`]s, so they mean the same thing.
+//!
+//! The tree comes in two kinds ([`RulesIn`]): every rule an fz `allow`/`deny` line, or every
+//! rule a Cedar policy in `rules/SITE.cedar` (declarations, tests and invariants stay fz,
+//! since Cedar declares nothing). The Cedar policies are the same in both places: one per rule,
+//! a rule naming two groups testing `principal in Group::"a" || principal in Group::"b"` in its
+//! `when`.
 //!
 //! Shape for `n` rules: about n/10 resources, n/10 groups (10 to 1,000; a twentieth of them
 //! contractor groups), n/1,000 sites (2 to 100), n/10 users (100 to 10,000) each in one to four
@@ -29,6 +35,29 @@ const CORPORATE: &str = "10.0.0.0/8";
 /// Countries requests come from: mostly inside the rules' lists, some outside, some embargoed.
 const COUNTRIES: &[&str] = &["DE", "DE", "FR", "NL", "AT", "CH", "US", "GB", "RU"];
 const PROVIDERS: &[&str] = &["okta", "okta", "google", "email"];
+
+/// The language the rules of a generated tree are written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RulesIn {
+    Fz,
+    Cedar,
+}
+
+impl RulesIn {
+    pub fn name(self) -> &'static str {
+        match self {
+            RulesIn::Fz => "fz",
+            RulesIn::Cedar => "cedar",
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            RulesIn::Fz => "fz",
+            RulesIn::Cedar => "cedar",
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Workload {
@@ -174,8 +203,8 @@ impl Workload {
         workload
     }
 
-    /// The fz tree: `(path, text)` per file.
-    pub fn fz_files(&self) -> Vec<(String, String)> {
+    /// The policy tree, `(path, text)` per file, with its rules written in `rules_in`.
+    pub fn tree(&self, rules_in: RulesIn) -> Vec<(String, String)> {
         let mut files = Vec::new();
         let mut sites = String::new();
         for site in &self.sites {
@@ -196,15 +225,30 @@ impl Workload {
             }
         }
         let mut rules = vec![String::new(); self.sites.len()];
-        for rule in &self.rules {
-            if let Some(text) = rules.get_mut(self.site_of(rule.target)) {
-                writeln!(text, "{}", self.fz_rule(rule)).ok();
+        match rules_in {
+            RulesIn::Fz => {
+                for rule in &self.rules {
+                    if let Some(text) = rules.get_mut(self.site_of(rule.target)) {
+                        writeln!(text, "{}", self.fz_rule(rule)).ok();
+                    }
+                }
+            }
+            RulesIn::Cedar => {
+                for rule in &self.rules {
+                    if let Some(text) = rules.get_mut(self.site_of(rule.target)) {
+                        writeln!(text, "{}", self.cedar_rule(rule)).ok();
+                    }
+                }
             }
         }
+        let rules_extension = rules_in.extension();
         for (i, site) in self.sites.iter().enumerate() {
-            for (dir, texts) in [("resources", &mut resources), ("rules", &mut rules)] {
+            for (dir, texts, extension) in [
+                ("resources", &mut resources, "fz"),
+                ("rules", &mut rules, rules_extension),
+            ] {
                 if let Some(text) = texts.get_mut(i) {
-                    files.push((format!("{dir}/{site}.fz"), std::mem::take(text)));
+                    files.push((format!("{dir}/{site}.{extension}"), std::mem::take(text)));
                 }
             }
         }
@@ -212,7 +256,8 @@ impl Workload {
         files
     }
 
-    /// The same rules as Cedar policies over `User`, `Group`, `Resource` and `Site`.
+    /// The same rules as Cedar policies over `User`, `Group`, `Resource` and `Site`, one policy
+    /// per rule: a rule naming several groups tests them with `||` in its `when`.
     pub fn cedar_policies(&self) -> String {
         let mut text = String::new();
         for rule in &self.rules {
