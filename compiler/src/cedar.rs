@@ -14,8 +14,9 @@
 use std::fmt::Write as _;
 
 use fz_lang::ast::{Condition, DayRange, RuleDecl, Statement, Subject, Target};
-use fz_lang::{Code, Diagnostic, Node, Sources};
+use fz_lang::{Code, Diagnostic, Node};
 
+use crate::Checked;
 use crate::address::Network;
 use crate::condition::{DAYS, Day, parse_clock};
 use crate::table::{EVERYONE, Table};
@@ -82,10 +83,16 @@ pub fn schema(table: &Table, tree: &str) -> String {
     out
 }
 
-/// Every `allow`/`deny` of the tree's `.fz` files as a Cedar policy, in file and line order,
-/// each under a comment naming where it came from. A rule Cedar cannot express is an `E020`
-/// diagnostic at the construct, and then nothing is exported: never a part of the rules.
-pub fn export(sources: &Sources, tree: &str) -> Result<String, Vec<Diagnostic>> {
+/// Every `allow`/`deny` of a checked tree's `.fz` files as a Cedar policy, in file and line
+/// order, each under a comment naming where it came from. A tree with errors gives its errors;
+/// a rule Cedar cannot express is an `E020` diagnostic at the construct. Either way nothing is
+/// exported: never a part of the rules.
+pub fn export(checked: &Checked, tree: &str) -> Result<String, Vec<Diagnostic>> {
+    if checked.table.is_none() {
+        let errors = checked.diagnostics.iter().filter(|d| d.is_error());
+        return Err(errors.cloned().collect());
+    }
+    let sources = &checked.sources;
     let mut out = format!(
         "// The .fz rules of the fz policy tree `{tree}` as Cedar policies, written by\n\
          // `fzc export --cedar`. In the tree in place of those rules they compile to the same\n\
@@ -96,7 +103,7 @@ pub fn export(sources: &Sources, tree: &str) -> Result<String, Vec<Diagnostic>> 
         if !file.path.ends_with(".fz") {
             continue;
         }
-        // The tree passed `check`, so the file parses without diagnostics.
+        // The tree checked without errors, so the file parses without diagnostics.
         let (ast, _) = fz_lang::parse_file(id, &file.text);
         for statement in &ast.statements {
             let Statement::Rule(rule) = statement else {

@@ -1486,7 +1486,7 @@ fn compare(spec: &TreeSpec, probes: &[Probe]) -> Result<Tally, String> {
             errors.join("\n")
         ));
     }
-    let exported = fz_compiler::cedar::export(&checked.sources, ".");
+    let exported = fz_compiler::cedar::export(&checked, ".");
     let original = checked.table.expect("a table without errors");
     round_trip(&files, exported, &original)?;
     let table = DecisionTable::new(original);

@@ -212,10 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
         } => {
             let mut checked = check(&dir)?;
-            if checked.table.is_none() {
-                return Ok(refuse(&checked, &dir, format, "nothing exported"));
-            }
-            match fz_compiler::cedar::export(&checked.sources, &display(&dir)) {
+            match fz_compiler::cedar::export(&checked, &display(&dir)) {
                 Ok(policies) => {
                     match output {
                         Some(path) => write_atomically(&path, policies.as_bytes())?,
