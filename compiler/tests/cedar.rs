@@ -147,6 +147,16 @@ fn fzc_checks_cedar_files_and_points_at_what_it_cannot_compile() {
     ] {
         assert!(run.stdout.contains(expected), "{expected}\n{}", run.stdout);
     }
+    // The JSON form is the one `.fz` diagnostics have, located in the `.cedar` file.
+    let json = fzc(dir.path(), &["check", ".", "--format", "json"]);
+    assert_eq!(json.code, 1);
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    let unknown = &report["diagnostics"][1];
+    assert_eq!(unknown["code"], "E004", "{report:#}");
+    assert_eq!(unknown["message"], "unknown group `enginering`");
+    assert_eq!(unknown["file"], "access/bad.cedar");
+    assert_eq!((&unknown["line"], &unknown["column"]), (&4.into(), &29.into()));
+    assert_eq!(unknown["help"], "did you mean `engineering`?");
 }
 
 /// The schema `fzc schema --cedar` prints for a tree, and a strict validator over it.
