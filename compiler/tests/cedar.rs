@@ -155,7 +155,10 @@ fn fzc_checks_cedar_files_and_points_at_what_it_cannot_compile() {
     assert_eq!(unknown["code"], "E004", "{report:#}");
     assert_eq!(unknown["message"], "unknown group `enginering`");
     assert_eq!(unknown["file"], "access/bad.cedar");
-    assert_eq!((&unknown["line"], &unknown["column"]), (&4.into(), &29.into()));
+    assert_eq!(
+        (&unknown["line"], &unknown["column"]),
+        (&4.into(), &29.into())
+    );
     assert_eq!(unknown["help"], "did you mean `engineering`?");
 }
 
