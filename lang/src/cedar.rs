@@ -564,8 +564,9 @@ impl Lowering<'_> {
                 Some("always false here"),
                 Some("delete the policy"),
             ),
-            _ if clock::clock_test(expr).is_some() => match clock::clock_test(expr) {
-                Some(Ok(test)) => {
+            _ => match self.test(expr, span) {
+                Test::Fact(fact, negated) => self.apply(fact, positive != negated, span, out),
+                Test::Clock(test) => {
                     let bound = if positive {
                         test.bound
                     } else {
@@ -574,11 +575,6 @@ impl Lowering<'_> {
                     let test = ClockTest { bound, ..test };
                     self.time(&[ClockClause::new(test)], span, out);
                 }
-                Some(Err(refused)) => self.refuse_clock(refused, span),
-                None => {}
-            },
-            _ => match self.test(expr, span) {
-                Test::Fact(fact, negated) => self.apply(fact, positive != negated, span, out),
                 Test::Scope(scope) if positive => self.constrain(scope, span),
                 Test::Scope(_) => self.unsupported(
                     span,
@@ -634,7 +630,7 @@ impl Lowering<'_> {
                 Test::Scope(Scope::Resources(t)) => targets.extend(t),
                 // Its diagnostic is out; one is enough.
                 Test::Refused => return,
-                Test::Fact(..) | Test::Unknown => other = true,
+                Test::Fact(..) | Test::Clock(_) | Test::Unknown => other = true,
             }
         }
         let kinds = [codes.len(), networks.len(), subjects.len(), targets.len()];
@@ -733,6 +729,14 @@ impl Lowering<'_> {
 
     /// What one test (no `&&`, `||` or `!` at its top) says.
     fn test(&mut self, expr: &Expr, span: Span) -> Test {
+        match clock::clock_test(expr) {
+            Some(Ok(test)) => return Test::Clock(test),
+            Some(Err(refused)) => {
+                self.refuse_clock(refused, span);
+                return Test::Refused;
+            }
+            None => {}
+        }
         if let Some(test) = self.scope_test(expr, span) {
             return test;
         }
@@ -1138,6 +1142,8 @@ enum Test {
     /// A test of the context, and whether it is negated (`!=`, `== false`).
     Fact(Fact, bool),
     Scope(Scope),
+    /// A test of a zone's clock, before negation.
+    Clock(ClockTest),
     /// Refused; its diagnostic is reported.
     Refused,
     /// Not a test fz knows.

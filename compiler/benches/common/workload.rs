@@ -44,14 +44,8 @@ pub enum RulesIn {
 }
 
 impl RulesIn {
+    /// The language's name, which is also its files' extension.
     pub fn name(self) -> &'static str {
-        match self {
-            RulesIn::Fz => "fz",
-            RulesIn::Cedar => "cedar",
-        }
-    }
-
-    fn extension(self) -> &'static str {
         match self {
             RulesIn::Fz => "fz",
             RulesIn::Cedar => "cedar",
@@ -241,7 +235,7 @@ impl Workload {
                 }
             }
         }
-        let rules_extension = rules_in.extension();
+        let rules_extension = rules_in.name();
         for (i, site) in self.sites.iter().enumerate() {
             for (dir, texts, extension) in [
                 ("resources", &mut resources, "fz"),

@@ -7,7 +7,7 @@
 //! $ cargo build --bins && sudo target/debug/fz-demo
 //! ```
 // A demo talks to its reader on standard output; a failed step panics with what went wrong.
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::print_stdout, clippy::expect_used)]
 
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -81,7 +81,9 @@ fn main() -> ExitCode {
     ));
 
     step("curl https://gitlab.company.com through the tunnel");
-    let page = world.curl("gitlab.company.com", "/", &[]).unwrap();
+    let page = world
+        .curl("gitlab.company.com", "/", &[])
+        .expect("curl through the tunnel reaches gitlab");
     say(&format!(
         "{:?} in {:.0} ms (the server sees the gateway's address)",
         page.body,
@@ -128,7 +130,7 @@ fn fzc_check(world: &World) -> String {
         .arg("check")
         .arg(world.tree())
         .output()
-        .unwrap();
+        .expect("fzc runs");
     String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
 }
 
