@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use fz_lang::{Code, Diagnostic, Loc, Sources};
 
-use crate::address::{Address, Network};
+use crate::address::{self, Address};
 use crate::condition::Condition;
 use crate::resolve::Resolved;
 use crate::table::*;
@@ -68,9 +68,23 @@ pub fn analyse(resolved: &Resolved, sources: &Sources, diagnostics: &mut Vec<Dia
         }
     }
 
-    for (winner, loser) in overlapping_resources(table) {
+    let addresses: Vec<&Address> = table.resources.iter().map(|r| &r.address).collect();
+    for (winner, loser) in address::overlapping_pairs(&addresses) {
         let (Some(w), Some(l)) = (table.resources.get(winner), table.resources.get(loser)) else {
             continue;
+        };
+        // What the narrower resource does to the rules of the wider one: allow rules stop at
+        // it, deny rules reach into it only when it lies wholly inside.
+        let carve_out = if w.address.lies_inside(&l.address) {
+            format!(
+                "`{}` lies inside `{}`: allow rules on `{}` do not reach its addresses; deny rules on `{}` still do",
+                w.id, l.id, l.id, l.id
+            )
+        } else {
+            format!(
+                "allow rules and deny rules on `{}` do not reach the addresses `{}` serves",
+                l.id, w.id
+            )
         };
         diagnostics.push(
             Diagnostic::new(
@@ -79,8 +93,9 @@ pub fn analyse(resolved: &Resolved, sources: &Sources, diagnostics: &mut Vec<Dia
                 format!("resources `{}` (`{}`) and `{}` (`{}`) overlap", l.id, l.address, w.id, w.address),
             )
             .with_label(format!("`{}` serves the addresses both match", w.id))
+            .with_note(carve_out)
             .with_note(format!("`{}` is declared at {}", w.id, origin(at(&locations.addresses, winner))))
-            .with_help("the most specific address wins: an exact name before `?`, `*`, `**`; the longest prefix"),
+            .with_help("the most specific address wins: an exact name before `?`, `*`, `**`; the longest prefix; see docs/language.md for ties"),
         );
     }
 
@@ -137,75 +152,16 @@ pub fn analyse(resolved: &Resolved, sources: &Sources, diagnostics: &mut Vec<Dia
     }
 }
 
-/// Pairs (winner, loser) of resources whose addresses overlap, by resource index. `internet`
-/// overlaps nothing: it serves only what no other resource does.
-fn overlapping_resources(table: &Table) -> Vec<(usize, usize)> {
-    let mut pairs = BTreeSet::new();
-    let mut push = |a: usize, b: usize| {
-        let (Some(ra), Some(rb)) = (table.resources.get(a), table.resources.get(b)) else {
-            return;
-        };
-        if a != b && ra.address.overlaps(&rb.address) {
-            pairs.insert(if ra.address.wins_over(&rb.address) {
-                (a, b)
-            } else {
-                (b, a)
-            });
-        }
-    };
-
-    // Names: a name both patterns match ends in both literal suffixes, so one suffix is a
-    // suffix of the other; walk each pattern's suffixes and compare with the patterns filed
-    // under each.
-    let mut by_suffix: HashMap<String, Vec<usize>> = HashMap::new();
-    let mut names: Vec<(usize, Vec<String>)> = Vec::new();
-    for (i, resource) in table.resources.iter().enumerate() {
-        let Address::Name(pattern) = &resource.address else {
-            continue;
-        };
-        let labels: Vec<&str> = pattern.as_str().split('.').collect();
-        let literal = labels
-            .iter()
-            .rev()
-            .take_while(|l| !l.contains(['*', '?']))
-            .count();
-        let suffixes: Vec<String> = (1..=literal)
-            .map(|n| labels.get(labels.len() - n..).unwrap_or(&[]).join("."))
-            .collect();
-        if let Some(full) = suffixes.last() {
-            by_suffix.entry(full.clone()).or_default().push(i);
-        }
-        names.push((i, suffixes));
-    }
-    for (i, suffixes) in &names {
-        for suffix in suffixes {
-            for j in by_suffix.get(suffix).into_iter().flatten() {
-                push(*i, *j);
-            }
-        }
-    }
-
-    // Networks: look each one up under every shorter prefix.
-    let mut by_network: HashMap<Network, usize> = HashMap::new();
-    for (i, resource) in table.resources.iter().enumerate() {
-        if let Address::Network(n) = resource.address {
-            by_network.insert(n, i);
-        }
-    }
-    for (network, i) in &by_network {
-        for prefix in 0..network.prefix() {
-            let wider = network.widened(prefix);
-            if let Some(j) = by_network.get(&wider) {
-                push(*i, *j);
-            }
-        }
-    }
-    pairs.into_iter().collect()
-}
-
-/// An unconditional deny that covers every subject and every resource of an allow rule.
+/// An unconditional deny that covers every subject and every resource of an allow rule
+/// (naming it, or as a resource inside one it names).
 fn shadowing_deny<'a>(table: &'a Table, allow: &Rule) -> Option<&'a Rule> {
     let first = table.resources.get(*allow.resources.first()? as usize)?;
+    let covers = |deny: RuleIdx, resource: &ResourceIdx| {
+        table
+            .resources
+            .get(*resource as usize)
+            .is_some_and(|r| r.deny.binary_search(&deny).is_ok())
+    };
     let everyone = table
         .groups
         .iter()
@@ -214,8 +170,8 @@ fn shadowing_deny<'a>(table: &'a Table, allow: &Rule) -> Option<&'a Rule> {
     first
         .deny
         .iter()
-        .filter_map(|&d| table.rules.get(d as usize))
-        .find(|deny| {
+        .filter_map(|&d| table.rules.get(d as usize).map(|rule| (d, rule)))
+        .find(|(d, deny)| {
             let all_users = everyone.is_some_and(|e| deny.groups.contains(&e));
             let subjects_covered = all_users
                 || (allow.groups.iter().all(|g| deny.groups.contains(g))
@@ -227,9 +183,7 @@ fn shadowing_deny<'a>(table: &'a Table, allow: &Rule) -> Option<&'a Rule> {
                     }));
             deny.is_unconditional()
                 && subjects_covered
-                && allow
-                    .resources
-                    .iter()
-                    .all(|r| deny.resources.binary_search(r).is_ok())
+                && allow.resources.iter().all(|r| covers(*d, r))
         })
+        .map(|(_, deny)| deny)
 }

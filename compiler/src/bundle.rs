@@ -9,8 +9,10 @@ use sha2::{Digest, Sha256};
 
 use crate::table::Table;
 
-/// Written into every bundle; readers refuse bundles of a newer format.
-pub const FORMAT_VERSION: u32 = 1;
+/// Written into every bundle; readers refuse bundles of any other format. Version 2 files
+/// deny rules under every resource inside their targets too; a version 1 table lacks those
+/// entries (a guardrail could be carved around), so it is refused rather than read.
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_NAME: &str = "fz-bundle";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,7 +31,7 @@ pub enum BundleError {
     #[error("the file is not an fz bundle (format `{0}`)")]
     Format(String),
     #[error(
-        "the bundle has format version {found}; this build reads version {FORMAT_VERSION} and older"
+        "the bundle has format version {found}; this build reads version {FORMAT_VERSION} only: compile the tree again with this build's `fzc compile`"
     )]
     Version { found: u32 },
     #[error(
@@ -70,7 +72,7 @@ impl Bundle {
         if header.format != FORMAT_NAME {
             return Err(BundleError::Format(header.format));
         }
-        if header.version > FORMAT_VERSION {
+        if header.version != FORMAT_VERSION {
             return Err(BundleError::Version {
                 found: header.version,
             });

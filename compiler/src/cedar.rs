@@ -33,7 +33,8 @@ pub fn schema(table: &Table, tree: &str) -> String {
     let mut out = format!(
         "// The Cedar schema of the fz policy tree `{tree}`, written by `fzc schema --cedar`.\n\
          // Users are named by lowercase email and are in Group::\"everyone\" and their groups;\n\
-         // a resource is in its site. The context always carries every key.\n"
+         // a resource is in its site and in every resource it lies inside. The context always\n\
+         // carries every key.\n"
     );
     if sites.is_empty() {
         // Cedar requires at least one member in an enumeration.
@@ -41,7 +42,7 @@ pub fn schema(table: &Table, tree: &str) -> String {
     } else {
         writeln!(out, "entity Site enum [{}];", quoted_list(&sites)).ok();
     }
-    writeln!(out, "entity Resource in [Site];").ok();
+    writeln!(out, "entity Resource in [Site, Resource];").ok();
     writeln!(out, "entity Group enum [{}];", quoted_list(&groups)).ok();
     out += "entity User in [Group];\n";
     let mut zones: Vec<&str> = table
@@ -88,10 +89,10 @@ pub fn schema(table: &Table, tree: &str) -> String {
 /// a rule Cedar cannot express is an `E020` diagnostic at the construct. Either way nothing is
 /// exported: never a part of the rules.
 pub fn export(checked: &Checked, tree: &str) -> Result<String, Vec<Diagnostic>> {
-    if checked.table.is_none() {
+    let Some(table) = &checked.table else {
         let errors = checked.diagnostics.iter().filter(|d| d.is_error());
         return Err(errors.cloned().collect());
-    }
+    };
     let sources = &checked.sources;
     let mut out = format!(
         "// The .fz rules of the fz policy tree `{tree}` as Cedar policies, written by\n\
@@ -110,7 +111,7 @@ pub fn export(checked: &Checked, tree: &str) -> Result<String, Vec<Diagnostic>> 
                 continue;
             };
             let (path, line, _) = sources.position(rule.loc);
-            match policy(&rule.node) {
+            match policy(&rule.node, table) {
                 Ok(text) => {
                     write!(out, "\n// {path}:{line}\n{text}").ok();
                 }
@@ -126,7 +127,7 @@ pub fn export(checked: &Checked, tree: &str) -> Result<String, Vec<Diagnostic>> 
 }
 
 /// One rule as a Cedar policy, ending with `;` and a newline.
-fn policy(rule: &RuleDecl) -> Result<String, Vec<Diagnostic>> {
+fn policy(rule: &RuleDecl, table: &Table) -> Result<String, Vec<Diagnostic>> {
     let mut tests = Vec::new();
     let principal = match rule.subjects.as_slice() {
         [one] => principal_scope(&one.node),
@@ -135,10 +136,10 @@ fn policy(rule: &RuleDecl) -> Result<String, Vec<Diagnostic>> {
             "principal".to_owned()
         }
     };
-    let resource = match rule.targets.as_slice() {
-        [one] => resource_scope(&one.node),
-        many => {
-            tests.push(resource_test(many));
+    let resource = match resource_constraint(rule, table) {
+        ResourceConstraint::Scope(scope) => scope,
+        ResourceConstraint::Test(test) => {
+            tests.push(test);
             "resource".to_owned()
         }
     };
@@ -211,24 +212,103 @@ fn principal_test(subjects: &[Node<Subject>]) -> String {
     either(&[("principal in", groups), ("principal ==", users)])
 }
 
-fn resource_scope(target: &Target) -> String {
-    match target {
-        Target::Resource(resource) => format!("resource == Resource::{}", quote(resource)),
-        Target::Site(site) => format!("resource in Site::{}", quote(site)),
+/// How a policy names its resources: in its scope, or in a `when` test.
+enum ResourceConstraint {
+    Scope(String),
+    Test(String),
+}
+
+/// The rule's targets as Cedar names them. Cedar's `in` follows the entity hierarchy, where a
+/// resource is in its site and in every resource it lies inside, so it also reaches the
+/// resources inside a target: what an fz deny covers. An fz allow covers only what it names,
+/// so it names resources with `==`, and a site with `in` only where that reaches no resource
+/// of another site (one lying inside a resource of this one); otherwise it lists the site's
+/// resources. The Cedar front end gives all targets of a policy one reach, so an allow that
+/// names resources and sites lists the sites' resources too.
+fn resource_constraint(rule: &RuleDecl, table: &Table) -> ResourceConstraint {
+    let named = |target: &Target| match target {
+        Target::Resource(resource) => format!("Resource::{}", quote(resource)),
+        Target::Site(site) => format!("Site::{}", quote(site)),
+    };
+    if rule.covers_inside {
+        return match rule.targets.as_slice() {
+            [one] => ResourceConstraint::Scope(format!("resource in {}", named(&one.node))),
+            many => {
+                let mut resources = Vec::new();
+                let mut sites = Vec::new();
+                for target in many {
+                    match &target.node {
+                        Target::Resource(_) => resources.push(named(&target.node)),
+                        Target::Site(_) => sites.push(named(&target.node)),
+                    }
+                }
+                ResourceConstraint::Test(either(&[
+                    ("resource in", resources),
+                    ("resource in", sites),
+                ]))
+            }
+        };
+    }
+    let sites_only = rule
+        .targets
+        .iter()
+        .all(|t| matches!(&t.node, Target::Site(site) if site_keeps_to_itself(table, site)));
+    if sites_only {
+        return match rule.targets.as_slice() {
+            [one] => ResourceConstraint::Scope(format!("resource in {}", named(&one.node))),
+            many => {
+                let sites = many.iter().map(|t| named(&t.node)).collect();
+                ResourceConstraint::Test(either(&[("resource in", sites)]))
+            }
+        };
+    }
+    let mut resources: Vec<String> = Vec::new();
+    for target in &rule.targets {
+        match &target.node {
+            Target::Resource(resource) => resources.push(resource.clone()),
+            Target::Site(site) => resources.extend(site_resources(table, site)),
+        }
+    }
+    resources.sort();
+    resources.dedup();
+    let tests: Vec<String> = resources
+        .iter()
+        .map(|r| format!("resource == Resource::{}", quote(r)))
+        .collect();
+    match tests.as_slice() {
+        [one] => ResourceConstraint::Scope(one.clone()),
+        many => ResourceConstraint::Test(format!("({})", many.join(" || "))),
     }
 }
 
-/// Several targets, resources and sites in lists of their own.
-fn resource_test(targets: &[Node<Target>]) -> String {
-    let mut resources = Vec::new();
-    let mut sites = Vec::new();
-    for target in targets {
-        match &target.node {
-            Target::Resource(resource) => resources.push(format!("Resource::{}", quote(resource))),
-            Target::Site(site) => sites.push(format!("Site::{}", quote(site))),
-        }
-    }
-    either(&[("resource ==", resources), ("resource in", sites)])
+/// The ids of a site's resources.
+fn site_resources<'a>(table: &'a Table, site: &'a str) -> impl Iterator<Item = String> + 'a {
+    table
+        .sites
+        .iter()
+        .filter(move |s| s.id == site)
+        .flat_map(|s| &s.resources)
+        .filter_map(|r| table.resources.get(*r as usize))
+        .map(|r| r.id.clone())
+}
+
+/// Whether no resource of another site lies inside a resource of `site`: then Cedar's
+/// `resource in Site::"site"` reaches exactly the site's resources.
+fn site_keeps_to_itself(table: &Table, site: &str) -> bool {
+    let Some(index) = table.sites.iter().position(|s| s.id == site) else {
+        return false;
+    };
+    let Some(own) = table.sites.get(index) else {
+        return false;
+    };
+    own.resources
+        .iter()
+        .filter_map(|r| table.resources.get(*r as usize))
+        .all(|outer| {
+            table.resources.iter().all(|inner| {
+                inner.site as usize == index || !inner.address.lies_inside(&outer.address)
+            })
+        })
 }
 
 /// `VAR in [..] || VAR in [..]` over the non-empty lists, in parentheses when there are two.

@@ -23,7 +23,9 @@ pub struct Request {
     /// Email; compared case-insensitively.
     pub user: String,
     /// Groups the identity provider says the user is in (static members come from the table).
-    /// Names the table does not know are ignored.
+    /// They count for open groups only (`everyone`, groups with `idp` lines): naming a
+    /// static-only group the user is not listed in, or a name the table does not know, adds
+    /// nothing ([`DecisionTable::ignored_groups`]).
     pub groups: Vec<String>,
     pub resource: String,
     /// `None`: decide for the resource as a whole, whatever port.
@@ -60,6 +62,8 @@ pub enum Reason {
 pub struct DecisionTable {
     table: Table,
     groups: FxHashMap<String, GroupIdx>,
+    /// Per group: whether anyone may be in it at connection time ([`Group::is_open`]).
+    open: Vec<bool>,
     users: FxHashMap<String, UserEntry>,
     resources: FxHashMap<String, ResourceIdx>,
     addresses: AddressIndex<ResourceIdx>,
@@ -210,6 +214,7 @@ impl DecisionTable {
                     .map(|(r, i)| (&r.address, i)),
             ),
             words: table.groups.len().div_ceil(64),
+            open: table.groups.iter().map(Group::is_open).collect(),
             groups,
             everyone,
             user_groups,
@@ -246,7 +251,8 @@ impl DecisionTable {
             .and_then(|i| self.table.resources.get(i as usize))
     }
 
-    /// Who the user is to the table: static groups, the groups given, and `everyone`.
+    /// Who the user is to the table: static groups, the open groups among those given (what
+    /// the identity provider says), and `everyone`.
     pub fn membership<'a>(
         &self,
         email: &str,
@@ -272,12 +278,35 @@ impl DecisionTable {
                 membership.insert(g);
             }
         }
+        // INVARIANT: a claim never puts anyone in a static-only group; only the tree does.
         for group in groups {
-            if let Some(&g) = self.groups.get(group) {
+            if let Some(&g) = self.groups.get(group)
+                && self.is_open(g)
+            {
                 membership.insert(g);
             }
         }
         membership
+    }
+
+    fn is_open(&self, group: GroupIdx) -> bool {
+        self.open.get(group as usize).copied().unwrap_or(false)
+    }
+
+    /// The groups a request claims that count for nothing: names the table does not know, and
+    /// static-only groups that do not list the user (membership of those is the tree's to
+    /// say, never the identity provider's).
+    pub fn ignored_groups<'a>(&self, request: &'a Request) -> Vec<&'a str> {
+        let membership = self.membership(&request.user, std::iter::empty());
+        request
+            .groups
+            .iter()
+            .map(String::as_str)
+            .filter(|name| match self.groups.get(*name) {
+                None => true,
+                Some(&g) => !self.is_open(g) && !membership.contains(g),
+            })
+            .collect()
     }
 
     pub fn decide(&self, request: &Request) -> Decision {
@@ -471,6 +500,14 @@ impl DecisionTable {
     /// the allow rules that name the user with the conditions that did not hold.
     pub fn explain(&self, request: &Request, decision: &Decision) -> Vec<String> {
         let mut lines = self.rule_notes(&decision.rules);
+        for group in self.ignored_groups(request) {
+            lines.push(match self.groups.get(group) {
+                Some(_) => format!(
+                    "group `{group}` was ignored: it has no `idp` line, so only its `members` are in it, and the user is not one of them"
+                ),
+                None => format!("group `{group}` was ignored: the tree declares no such group"),
+            });
+        }
         if decision.reason != Reason::NoRule {
             return lines;
         }

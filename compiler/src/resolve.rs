@@ -209,6 +209,7 @@ impl Resolver<'_> {
             &resolved.locations.addresses,
             &invalid_resources,
         );
+        let nesting = Nesting::new(&table.resources);
 
         let rules: Vec<&Node<ast::RuleDecl>> = statements
             .iter()
@@ -248,9 +249,17 @@ impl Resolver<'_> {
         }
         disambiguate_derived_ids(&mut resolved_rules);
         resolved_rules.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        let covers_inside: HashMap<Loc, bool> = rules
+            .iter()
+            .map(|r| (r.loc, r.node.covers_inside))
+            .collect();
         for (idx, (rule, loc)) in (0..).zip(resolved_rules) {
-            for r in &rule.resources {
-                if let Some(resource) = table.resources.get_mut(*r as usize) {
+            // A rule is filed under every resource it covers, so a decision reads only the
+            // requested resource's lists: a deny (or Cedar's `resource in`) also under every
+            // resource inside its targets.
+            let inside = covers_inside.get(&loc).copied().unwrap_or(false);
+            for r in nesting.covered(&rule.resources, inside) {
+                if let Some(resource) = table.resources.get_mut(r as usize) {
                     match rule.effect {
                         Effect::Allow => resource.allow.push(idx),
                         Effect::Deny => resource.deny.push(idx),
@@ -264,11 +273,16 @@ impl Resolver<'_> {
         for statement in &statements {
             match statement {
                 Statement::Test(test) => {
-                    let test = self.test(test, &indexes, &mut resolved.groups_named_outside_rules);
+                    let test = self.test(
+                        test,
+                        &indexes,
+                        table,
+                        &mut resolved.groups_named_outside_rules,
+                    );
                     resolved.tests.push(test);
                 }
                 Statement::Assert(assertion) => {
-                    if let Some(invariant) = self.invariant(assertion, &indexes, table) {
+                    if let Some(invariant) = self.invariant(assertion, &indexes, table, &nesting) {
                         resolved
                             .groups_named_outside_rules
                             .extend(&invariant.groups);
@@ -838,6 +852,7 @@ impl Resolver<'_> {
         &mut self,
         test: &Node<ast::TestDecl>,
         indexes: &Indexes,
+        table: &Table,
         groups_named: &mut BTreeSet<GroupIdx>,
     ) -> PolicyTest {
         let mut given: HashMap<String, Vec<String>> = HashMap::new();
@@ -849,14 +864,40 @@ impl Resolver<'_> {
                         continue;
                     };
                     for group in &g.node.groups {
-                        if let Some(idx) = self.lookup(group, Kind::Group, &indexes.groups, "group")
+                        let Some(idx) = self.lookup(group, Kind::Group, &indexes.groups, "group")
+                        else {
+                            continue;
+                        };
+                        groups_named.insert(idx);
+                        let static_only = table
+                            .groups
+                            .get(idx as usize)
+                            .filter(|decl| !decl.is_open());
+                        if let Some(decl) = static_only
+                            && !decl.members.contains(&email)
                         {
-                            groups_named.insert(idx);
-                            given
-                                .entry(email.clone())
-                                .or_default()
-                                .push(group.node.clone());
+                            self.diagnostics.push(
+                                Diagnostic::new(
+                                    Code::GivenStaticGroup,
+                                    group.loc,
+                                    format!(
+                                        "`{email}` cannot be given group `{}`: it has no `idp` line and does not list them",
+                                        group.node
+                                    ),
+                                )
+                                .with_label("only its `members` are in this group")
+                                .with_note("`given` stands for what an identity provider says, and no provider fills a group without an `idp` line")
+                                .with_help(format!(
+                                    "add `{email}` to the `members` of `{}`, or bind it to a provider group with `idp PROVIDER \"GROUP\"`",
+                                    group.node
+                                )),
+                            );
+                            continue;
                         }
+                        given
+                            .entry(email.clone())
+                            .or_default()
+                            .push(group.node.clone());
                     }
                 }
                 ast::TestStep::Expect(e) => {
@@ -950,6 +991,7 @@ impl Resolver<'_> {
         assertion: &Node<ast::AssertDecl>,
         indexes: &Indexes,
         table: &Table,
+        nesting: &Nesting,
     ) -> Option<Invariant> {
         let node = &assertion.node;
         let scope = self.scope(&node.subjects, &node.targets, indexes, table);
@@ -971,9 +1013,63 @@ impl Resolver<'_> {
             quantifier: node.quantifier,
             groups: scope.groups,
             users: scope.users,
-            resources: scope.resources,
+            // Invariants are about addresses: every resource that serves some address of a
+            // target decides who reaches it.
+            resources: nesting.serving(&scope.resources),
             text,
         })
+    }
+}
+
+/// How resources' addresses nest and overlap, by resource index.
+struct Nesting {
+    /// For each resource, the resources that lie inside it.
+    inside: Vec<Vec<ResourceIdx>>,
+    /// For each resource, the other resources that serve some of its addresses: those that
+    /// overlap it and win (every resource inside it among them).
+    served_by: Vec<Vec<ResourceIdx>>,
+}
+
+impl Nesting {
+    fn new(resources: &[Resource]) -> Nesting {
+        let addresses: Vec<&Address> = resources.iter().map(|r| &r.address).collect();
+        let mut inside = vec![Vec::new(); resources.len()];
+        let mut served_by = vec![Vec::new(); resources.len()];
+        for (winner, loser) in crate::address::overlapping_pairs(&addresses) {
+            let lies_inside = addresses
+                .get(winner)
+                .zip(addresses.get(loser))
+                .is_some_and(|(w, l)| w.lies_inside(l));
+            if lies_inside && let Some(list) = inside.get_mut(loser) {
+                list.push(winner as ResourceIdx);
+            }
+            if let Some(list) = served_by.get_mut(loser) {
+                list.push(winner as ResourceIdx);
+            }
+        }
+        Nesting { inside, served_by }
+    }
+
+    /// The resources a rule covers, sorted: its targets, and with `covers_inside` every
+    /// resource inside one of them.
+    fn covered(&self, targets: &[ResourceIdx], covers_inside: bool) -> BTreeSet<ResourceIdx> {
+        let mut covered: BTreeSet<ResourceIdx> = targets.iter().copied().collect();
+        if covers_inside {
+            for target in targets {
+                covered.extend(self.inside.get(*target as usize).into_iter().flatten());
+            }
+        }
+        covered
+    }
+
+    /// The resources that serve some address of the targets, sorted: the targets and every
+    /// resource that wins over one of them where they overlap.
+    fn serving(&self, targets: &[ResourceIdx]) -> Vec<ResourceIdx> {
+        let mut serving: BTreeSet<ResourceIdx> = targets.iter().copied().collect();
+        for target in targets {
+            serving.extend(self.served_by.get(*target as usize).into_iter().flatten());
+        }
+        serving.into_iter().collect()
     }
 }
 

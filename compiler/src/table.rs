@@ -268,6 +268,9 @@ pub struct Rule {
     pub effect: Effect,
     pub groups: Vec<GroupIdx>,
     pub users: Vec<UserIdx>,
+    /// The resources the rule names (a site's resources, for `site ID`). A deny rule (or a
+    /// Cedar policy with `resource in`) also covers every resource inside those:
+    /// `Resource::allow` and `Resource::deny` list every rule that covers the resource.
     pub resources: Vec<ResourceIdx>,
     pub conditions: Vec<Condition>,
     /// Where the rule was written: `path:line`.

@@ -8,9 +8,14 @@
 //! builds its table. The oracle is one Cedar `PolicySet`: the `.cedar` files verbatim, plus
 //! every `.fz` rule rendered as Cedar by this file's generator. Entities follow the model of
 //! docs/language.md ("Cedar policies"): a `User` is in `Group::"everyone"`, the groups that
-//! list it as a member and the groups the identity provider reports (the request's groups),
-//! exactly as `DecisionTable::membership` counts them; a `Resource` is in its `Site`; the one
-//! action is `Action::"connect"`. Then, for random requests, fz's effect must equal Cedar's
+//! list it as a member and the open groups (with an `idp` line) the identity provider reports
+//! (the request's groups), exactly as `DecisionTable::membership` counts them; a `Resource` is
+//! in its `Site` and in every resource it lies inside (resources nest: hosts and ranges inside
+//! wider ranges, names inside `*.` and `**.` patterns); the one action is
+//! `Action::"connect"`. An fz deny reads as a Cedar `forbid` with `resource in` (it reaches the
+//! resources inside its targets), an fz allow as a `permit` naming each resource with `==`
+//! (a site's resources listed, since `in Site` would reach resources of other sites lying
+//! inside them); `.cedar` files name targets with `==` or `in` at random. Then, for random requests, fz's effect must equal Cedar's
 //! decision, the rules that decided must be the same (compared by name, `as NAME` / `@id`),
 //! and Cedar must report no evaluation error: an error would mean that a policy fz accepted
 //! can be skipped by Cedar, failing open where fz does not.
@@ -328,13 +333,16 @@ fn rule() -> impl Strategy<Value = RuleSpec> {
 }
 
 fn tree_spec() -> impl Strategy<Value = TreeSpec> {
-    let resource = (0..3usize, 0..6usize, prop::option::of(0..PORTS.len())).prop_map(
-        |(site, address, ports)| ResourceSpec {
+    let resource = (
+        0..3usize,
+        0..ADDRESS_FORMS,
+        prop::option::of(0..PORTS.len()),
+    )
+        .prop_map(|(site, address, ports)| ResourceSpec {
             site,
             address,
             ports,
-        },
-    );
+        });
     let group = (
         prop::collection::vec(0..USERS.len(), 0..=3),
         prop::option::of(0..IDP_PROVIDERS.len()),
@@ -368,14 +376,22 @@ impl TreeSpec {
         TreeSpec {
             sites,
             users,
-            resources: self
-                .resources
-                .iter()
-                .map(|r| ResourceSpec {
-                    site: r.site % sites,
-                    ..r.clone()
-                })
-                .collect(),
+            resources: {
+                let mut seen = HashSet::new();
+                (0..)
+                    .zip(&self.resources)
+                    .map(|(i, r)| ResourceSpec {
+                        site: r.site % sites,
+                        // One address, one resource.
+                        address: if seen.insert(resource_address(i, r.address)) {
+                            r.address
+                        } else {
+                            0
+                        },
+                        ..r.clone()
+                    })
+                    .collect()
+            },
             groups: self
                 .groups
                 .iter()
@@ -445,7 +461,14 @@ impl TreeSpec {
     }
 }
 
-/// Resource `i`'s address, in one of six forms; no two resources share one.
+/// Address forms [`resource_address`] knows.
+const ADDRESS_FORMS: usize = 9;
+
+/// Resource `i`'s address, in one of [`ADDRESS_FORMS`] forms. The first six are `i`'s own, so
+/// no two resources share one; the wider ones hold others (hosts and ranges of 10.200.0.0
+/// inside each other, names inside `*.corp.example` and `**.corp.example`), and a tree that
+/// would give two resources one of those falls back to the first form
+/// ([`TreeSpec::normalized`]).
 fn resource_address(i: usize, form: usize) -> String {
     match form {
         0 => format!("\"r{i}.corp.example\""),
@@ -453,8 +476,19 @@ fn resource_address(i: usize, form: usize) -> String {
         2 => format!("\"10.201.{i}.0/24\""),
         3 => format!("\"fd00:{}::/64\"", i + 1),
         4 => format!("\"*.r{i}.corp.example\""),
-        _ => format!("\"**.w{i}.corp.example\""),
+        5 => format!("\"**.w{i}.corp.example\""),
+        6 => format!("\"10.200.0.0/{}\"", 17 + i % 8),
+        7 => "\"*.corp.example\"".to_owned(),
+        _ => "\"**.corp.example\"".to_owned(),
     }
+}
+
+/// What a resource's address is, as fz reads it.
+fn parsed_address(i: usize, form: usize) -> fz_address::Address {
+    resource_address(i, form)
+        .trim_matches('"')
+        .parse()
+        .expect("an address")
 }
 
 /// SplitMix64, seeded by a rule's `style`: every choice of form is a function of the case.
@@ -529,7 +563,7 @@ fn files(tree: &TreeSpec) -> Vec<(String, String)> {
     for (i, rule) in tree.rules.iter().enumerate() {
         if tree.in_cedar(rule) {
             if let Some(text) = cedar.get_mut(rule.file) {
-                text.push_str(&cedar_rule(tree, i, rule));
+                text.push_str(&cedar_file_rule(tree, i, rule));
             }
         } else if let Some(text) = fz.get_mut(rule.file) {
             text.push_str(&fz_rule(tree, i, rule));
@@ -692,7 +726,58 @@ enum Piece {
     Unless(String),
 }
 
-fn cedar_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec) -> String {
+/// How a Cedar policy names its resources: `==` reaches the resource alone, `in` also every
+/// resource inside it (and a site's, transitively). The Cedar front end gives one reach to all
+/// of a policy's targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    Named,
+    Inside,
+}
+
+/// Rule `i` as a `.cedar` file holds it: with `in` or `==` at random (always `in` for a site).
+fn cedar_file_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec) -> String {
+    let mut style = Style(rule.style ^ 0x0eac);
+    let sites = rule.targets.iter().any(|t| matches!(t, Target::Site(_)));
+    let reach = if sites || style.one_in(3) {
+        Reach::Inside
+    } else {
+        Reach::Named
+    };
+    cedar_rule(tree, i, rule, reach, &rule.targets)
+}
+
+/// An fz rule as the Cedar oracle reads it: a deny reaches inside its targets (`in`); an allow
+/// names its resources (`==`), a site's resources listed one by one, since Cedar's `in Site`
+/// would also reach resources of other sites that lie inside them. `None` for an allow that
+/// names only sites without resources: it covers nothing.
+fn oracle_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec) -> Option<String> {
+    if rule.deny {
+        return Some(cedar_rule(tree, i, rule, Reach::Inside, &rule.targets));
+    }
+    let mut targets: Vec<Target> = Vec::new();
+    for target in &rule.targets {
+        match *target {
+            Target::Resource(r) => targets.push(Target::Resource(r)),
+            Target::Site(s) => targets.extend(
+                (0..tree.resources.len())
+                    .filter(|r| tree.resources[*r].site == s)
+                    .map(Target::Resource),
+            ),
+        }
+    }
+    targets.sort();
+    targets.dedup();
+    (!targets.is_empty()).then(|| cedar_rule(tree, i, rule, Reach::Named, &targets))
+}
+
+fn cedar_rule(
+    tree: &TreeSpec,
+    i: usize,
+    rule: &RuleSpec,
+    reach: Reach,
+    targets: &[Target],
+) -> String {
     let mut style = Style(rule.style ^ 0xced4);
     let mut policy = String::new();
     if style.one_in(4) {
@@ -723,10 +808,10 @@ fn cedar_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec) -> String {
         2 => "action in [Action::\"connect\"]",
         _ => "action in Action::\"connect\"",
     };
-    let resource = match rule.targets.as_slice() {
-        [one] if !style.one_in(4) => resource_scope(*one, &mut style),
+    let resource = match targets {
+        [one] if !style.one_in(4) => resource_scope(*one, reach, &mut style),
         many => {
-            pieces.push(Piece::When(resource_test(many, &mut style)));
+            pieces.push(Piece::When(resource_test(many, reach, &mut style)));
             "resource".to_owned()
         }
     };
@@ -858,13 +943,16 @@ fn principal_test(tree: &TreeSpec, subjects: &[Subject], style: &mut Style) -> O
     })
 }
 
-/// Targets as a `when` test: `resource in [..]`, or tests joined with `||`.
-fn resource_test(targets: &[Target], style: &mut Style) -> String {
-    if style.one_in(2) {
+/// Targets as a `when` test: `resource in [..]` (reaching inside), or tests joined with `||`.
+fn resource_test(targets: &[Target], reach: Reach, style: &mut Style) -> String {
+    if reach == Reach::Inside && style.one_in(2) {
         let list: Vec<String> = targets.iter().map(|t| target_entity(*t, style)).collect();
         format!("resource in [{}]", list.join(", "))
     } else {
-        let tests: Vec<String> = targets.iter().map(|t| resource_scope(*t, style)).collect();
+        let tests: Vec<String> = targets
+            .iter()
+            .map(|t| resource_scope(*t, reach, style))
+            .collect();
         join_parts(&tests, " || ")
     }
 }
@@ -892,10 +980,13 @@ fn target_entity(t: Target, style: &mut Style) -> String {
     }
 }
 
-fn resource_scope(t: Target, style: &mut Style) -> String {
+fn resource_scope(t: Target, reach: Reach, style: &mut Style) -> String {
     match t {
         Target::Resource(r) => {
-            let op = if style.one_in(3) { "in" } else { "==" };
+            let op = match reach {
+                Reach::Inside => "in",
+                Reach::Named => "==",
+            };
             format!("resource {op} Resource::{}", lit(&format!("r{r}"), style))
         }
         Target::Site(s) => format!("resource in Site::{}", lit(&format!("s{s}"), style)),
@@ -1153,8 +1244,10 @@ fn oracle_text(tree: &TreeSpec, files: &[(String, String)]) -> String {
         .map(|(_, text)| text.as_str())
         .collect();
     for (i, rule) in tree.rules.iter().enumerate() {
-        if !tree.in_cedar(rule) {
-            text.push_str(&cedar_rule(tree, i, rule));
+        if !tree.in_cedar(rule)
+            && let Some(policy) = oracle_rule(tree, i, rule)
+        {
+            text.push_str(&policy);
         }
     }
     text
@@ -1289,25 +1382,32 @@ fn fixed_entities(tree: &TreeSpec) -> Vec<Entity> {
         ));
     }
     for (i, r) in tree.resources.iter().enumerate() {
+        // A resource is in its site and in every resource it lies inside.
+        let address = parsed_address(i, r.address);
+        let mut parents = HashSet::from([uid("Site", &format!("s{}", r.site))]);
+        for (j, other) in tree.resources.iter().enumerate() {
+            if address.lies_inside(&parsed_address(j, other.address)) {
+                parents.insert(uid("Resource", &format!("r{j}")));
+            }
+        }
         entities.push(Entity::new_no_attrs(
             uid("Resource", &format!("r{i}")),
-            HashSet::from([uid("Site", &format!("s{}", r.site))]),
+            parents,
         ));
     }
     entities
 }
 
 /// The user's groups as `DecisionTable::membership` counts them: `everyone`, the groups that
-/// list the user as a static member, and the groups the identity provider reports.
+/// list the user as a static member, and the open groups (those with an `idp` line) among
+/// the ones the identity provider reports.
 fn user_entity(tree: &TreeSpec, request: &Request) -> Entity {
     let mut parents = HashSet::from([uid("Group", "everyone")]);
     for (g, group) in tree.groups.iter().enumerate() {
-        if group.members.iter().any(|m| tree.email(*m) == request.user) {
+        let claimed = group.idp.is_some() && request.groups.contains(&format!("g{g}"));
+        if claimed || group.members.iter().any(|m| tree.email(*m) == request.user) {
             parents.insert(uid("Group", &format!("g{g}")));
         }
-    }
-    for g in &request.groups {
-        parents.insert(uid("Group", g));
     }
     Entity::new_no_attrs(uid("User", &request.user), parents)
 }
@@ -1671,6 +1771,10 @@ fn the_comparison_sees_both_outcomes_and_every_form() {
         "when time ",
         "any ",
         "-24:00",
+        // Resources that hold others.
+        "address \"10.200.0.0/",
+        "address \"*.corp.example\"",
+        "address \"**.corp.example\"",
     ];
     for form in fz_forms {
         assert!(fz_text.contains(form), "no `{form}` in the .fz files");

@@ -189,7 +189,7 @@ proptest! {
 const USERS: [&str; 6] = [
     "u0@x.com", "u1@x.com", "u2@x.com", "u3@x.com", "u4@x.com", "U5@X.com",
 ];
-const ADDRESSES: [&str; 10] = [
+const ADDRESSES: [&str; 12] = [
     "\"a.x.com\"",
     "\"*.x.com\"",
     "\"**.y.x.com\"",
@@ -200,6 +200,9 @@ const ADDRESSES: [&str; 10] = [
     "\"fd00::5\"",
     "internet",
     "\"b.x.com\"",
+    // Two patterns of equal specificity: the tie goes by their text.
+    "\"a?.x.com\"",
+    "\"?a.x.com\"",
 ];
 const CONDITIONS: [&str; 11] = [
     "time mon-fri 08:00-18:00 Europe/Berlin",
@@ -415,11 +418,12 @@ fn direct(table: &Table, request: &Request) -> (Effect, Vec<String>) {
         return (Effect::Deny, Vec::new());
     };
     let email = request.user.to_lowercase();
+    // A claimed group counts only when it is open: the tree alone fills static-only groups.
     let member = |g: u32| {
         let group = &table.groups[g as usize];
         group.id == "everyone"
             || group.members.contains(&email)
-            || request.groups.contains(&group.id)
+            || (group.is_open() && request.groups.contains(&group.id))
     };
     let names_user = |rule: &Rule| {
         rule.groups.iter().any(|g| member(*g))
@@ -428,8 +432,18 @@ fn direct(table: &Table, request: &Request) -> (Effect, Vec<String>) {
                 .iter()
                 .any(|u| table.users[*u as usize].email == email)
     };
-    let applies = |rule: &Rule, when_missing: bool| {
+    // A rule reaches the resources it names; a deny also every resource inside one of them.
+    let reaches = |rule: &Rule| {
         rule.resources.contains(&(resource as u32))
+            || (rule.effect == Effect::Deny
+                && rule.resources.iter().any(|named| {
+                    table.resources[resource]
+                        .address
+                        .lies_inside(&table.resources[*named as usize].address)
+                }))
+    };
+    let applies = |rule: &Rule, when_missing: bool| {
+        reaches(rule)
             && names_user(rule)
             && rule
                 .conditions
@@ -511,15 +525,149 @@ proptest! {
         let decisions = DecisionTable::new(table.clone());
         let open: Vec<&str> = table.groups.iter().filter(|g| g.is_open()).map(|g| g.id.as_str()).collect();
         let target = format!("g{group}");
+        // The invariant is about the target's addresses: the resources serving any of them
+        // are the target and those that overlap it and win.
+        let outer = &table.resources.iter().find(|r| r.id == format!("r{resource}")).expect("the target").address;
+        let serving: Vec<String> = table
+            .resources
+            .iter()
+            .filter(|r| r.address == *outer || (r.address.overlaps(outer) && r.address.wins_over(outer)))
+            .map(|r| r.id.clone())
+            .collect();
         for mut request in requests {
-            request.resource = format!("r{resource}");
             request.groups.retain(|g| open.contains(&g.as_str()));
             let email = request.user.to_lowercase();
             let in_group = request.groups.contains(&target)
                 || table.groups.iter().any(|g| g.id == target && g.members.contains(&email));
-            let decision = decisions.decide(&request);
-            let broken = if never { in_group && decision.effect == Effect::Allow } else { !in_group && decision.effect == Effect::Allow };
-            prop_assert!(!broken, "{text}\nproved, but {request:?} is allowed");
+            for id in &serving {
+                request.resource = id.clone();
+                let decision = decisions.decide(&request);
+                let broken = if never { in_group && decision.effect == Effect::Allow } else { !in_group && decision.effect == Effect::Allow };
+                prop_assert!(!broken, "{text}\nproved, but {request:?} is allowed");
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ guardrails reach down
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// No request for a resource inside another escapes a deny on the outer one: whenever a
+    /// deny rule naming a resource applies to a request for it (its conditions true, a missing
+    /// fact counting as true), the same request for any resource lying inside it is denied.
+    #[test]
+    fn no_resource_inside_another_escapes_a_deny_on_it(
+        tree in tree_spec(),
+        requests in prop::collection::vec(request(), 40),
+    ) {
+        let text = render(&tree);
+        let checked = fz_compiler::check(Sources::new(vec![SourceFile::new("random.fz", text.clone())]));
+        let table = checked.table.expect("a table");
+        let decisions = DecisionTable::new(table.clone());
+        for request in &requests {
+            let Some(outer) = decisions.resource_index(&request.resource) else { continue };
+            let outer_address = &table.resources[outer as usize].address;
+            // The deny rules that name the outer resource and apply to this request, port aside.
+            let mut whole = request.clone();
+            whole.port = None;
+            let denied = decisions.decide(&whole);
+            let named_deny = denied.effect == Effect::Deny
+                && denied.rules.iter().any(|r| table.rules[*r as usize].resources.contains(&outer));
+            if !named_deny {
+                continue;
+            }
+            for inner in table.resources.iter().filter(|r| r.address.lies_inside(outer_address)) {
+                let mut inside = request.clone();
+                inside.resource = inner.id.clone();
+                let decision = decisions.decide(&inside);
+                prop_assert_eq!(decision.effect, Effect::Deny, "{}\n{:?} escapes the deny on {}", text, inside, request.resource);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ one resource per address
+
+/// Labels of random names: written-out labels of the example addresses and others, so that
+/// names fall under exact names, `?`, `*` and `**` patterns, several at once, and none.
+const NAME_LABELS: [&str; 9] = ["a", "b", "aa", "ba", "app1", "appx", "y", "x", "com"];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The client matches names and addresses with its own index, built from the resources
+    /// the portal lists (their addresses as text, in the order sent), without the table's ids:
+    /// for every name and IP it must pick the resource the table picks.
+    #[test]
+    fn the_table_and_the_clients_index_pick_the_same_resource(
+        tree in tree_spec(),
+        names in prop::collection::vec(prop::collection::vec(0..NAME_LABELS.len(), 1..5), 50),
+        ips in prop::collection::vec(prop_oneof![
+            any::<u32>().prop_map(|n| IpAddr::from(std::net::Ipv4Addr::from(n))),
+            (0u32..4, any::<u8>()).prop_map(|(net, host)| IpAddr::from(std::net::Ipv4Addr::new(10, (net % 2) as u8, (net / 2 + 2) as u8, host))),
+            any::<u16>().prop_map(|host| IpAddr::from(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, host))),
+        ], 50),
+        order in any::<u64>(),
+    ) {
+        let text = render(&tree);
+        let checked = fz_compiler::check(Sources::new(vec![SourceFile::new("random.fz", text)]));
+        let table = checked.table.expect("a table");
+        let decisions = DecisionTable::new(table.clone());
+        // The client's list: the addresses as the portal writes them, in a shuffled order.
+        let mut listed: Vec<(String, String)> = table
+            .resources
+            .iter()
+            .map(|r| (r.id.clone(), r.address.to_string()))
+            .collect();
+        let len = listed.len();
+        for i in 0..len {
+            listed.swap(i, (order as usize).wrapping_mul(i + 7) % len);
+        }
+        let parsed: Vec<(fz_address::Address, usize)> = listed
+            .iter()
+            .enumerate()
+            .map(|(i, (_, address))| (address.parse().expect("an address the portal wrote"), i))
+            .collect();
+        let client = fz_address::AddressIndex::new(parsed.iter().map(|(a, i)| (a, *i)));
+        // One overlap warning per overlapping pair, naming the resource that serves.
+        let mut warned: Vec<String> = checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.code == fz_lang::Code::OverlappingResources)
+            .map(|d| format!("{}: {}", d.message, d.label.clone().unwrap_or_default()))
+            .collect();
+        warned.sort();
+        let mut expected: Vec<String> = Vec::new();
+        for a in &table.resources {
+            for b in &table.resources {
+                if a.id != b.id && a.address.overlaps(&b.address) && a.address.wins_over(&b.address) {
+                    expected.push(format!(
+                        "resources `{}` (`{}`) and `{}` (`{}`) overlap: `{}` serves the addresses both match",
+                        b.id, b.address, a.id, a.address, a.id
+                    ));
+                }
+            }
+        }
+        expected.sort();
+        prop_assert_eq!(warned, expected);
+        let client_pick = |found: Option<usize>| found.map(|i| listed[i].0.clone());
+        for labels in &names {
+            let name: Vec<&str> = labels.iter().map(|l| NAME_LABELS[*l]).collect();
+            let name = format!("{}.x.com", name.join("."));
+            prop_assert_eq!(
+                decisions.resource_for_name(&name).map(|r| r.id.clone()),
+                client_pick(client.lookup_name(&name)),
+                "{}", name
+            );
+        }
+        for ip in ips {
+            prop_assert_eq!(
+                decisions.resource_for_ip(ip).map(|r| r.id.clone()),
+                client_pick(client.lookup_ip(ip)),
+                "{}", ip
+            );
         }
     }
 }

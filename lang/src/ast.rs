@@ -111,6 +111,10 @@ pub struct RuleDecl {
     pub subjects: Vec<Node<Subject>>,
     pub targets: Vec<Node<Target>>,
     pub conditions: Vec<Node<Condition>>,
+    /// Whether the rule also covers every resource that lies inside one of its targets. An
+    /// fz `deny` does (a guardrail cannot be carved around by declaring a narrower resource),
+    /// an fz `allow` does not; in Cedar, `resource in` does and `resource ==` does not.
+    pub covers_inside: bool,
     /// The `as NAME` of the rule.
     pub name: Option<Node<String>>,
     /// The rule's text with comments dropped and whitespace collapsed: the input of the

@@ -102,6 +102,7 @@ pub fn parse_cedar_file(file: FileId, text: &str) -> (PolicyFile, Vec<Diagnostic
             failed: false,
             subjects: None,
             targets: None,
+            resource_relations: Vec::new(),
         };
         let template = parsed.as_mut().and_then(Iterator::next);
         if let Some(rule) = lowering.policy(chunk_text, template) {
@@ -133,6 +134,9 @@ struct Lowering<'a> {
     subjects: Option<Vec<Node<Subject>>>,
     /// What the policy is about, once the scope or a `when` test constrains the resource.
     targets: Option<Vec<Node<Target>>>,
+    /// How each target was named (`==` or `in`), and where: `in` also reaches the resources
+    /// that lie inside the target, `==` does not.
+    resource_relations: Vec<(Relation, Span)>,
 }
 
 impl Lowering<'_> {
@@ -252,17 +256,39 @@ impl Lowering<'_> {
                 Some(RESOURCE_HELP),
             );
         };
+        let covers_inside = self.covers_inside()?;
         Some(RuleDecl {
             effect,
             subjects,
             targets,
             conditions,
+            covers_inside,
             name,
             normalized_text: normalize(
                 self.text
                     .get(self.span.start as usize..self.span.end as usize)?,
             ),
         })
+    }
+
+    /// Whether the targets reach the resources inside them: Cedar's `in` follows the entity
+    /// hierarchy, where a resource is `in` every resource it lies inside (and, through them,
+    /// in their sites), and `==` names the resource alone. fz gives all of a rule's targets
+    /// one reach, so a policy that names some with `==` and others with `in` is refused.
+    fn covers_inside(&mut self) -> Option<bool> {
+        let mut relations = self.resource_relations.iter();
+        let (first, _) = relations.next()?;
+        let mixed = relations.find(|(relation, _)| relation != first);
+        if let Some((_, span)) = mixed {
+            let span = *span;
+            return self.refuse(
+                span,
+                "the policy names some resources with `==` and others with `in`",
+                Some("`in` also reaches every resource inside it, `==` does not"),
+                Some("write one policy for the resources named with `==` and one for those named with `in`"),
+            );
+        }
+        Some(matches!(first, Relation::In))
     }
 
     fn principal(&mut self, constraint: &PrincipalConstraint, span: Span) {
@@ -406,7 +432,7 @@ impl Lowering<'_> {
         at: Span,
     ) -> Option<Node<Target>> {
         let target = match relation {
-            // `in` is reflexive, and no entity is below a resource.
+            // `in` is reflexive; it also reaches the resources inside this one.
             Relation::Eq | Relation::In if is_type(uid, "Resource") => {
                 Target::Resource(uid.eid.to_string())
             }
@@ -429,6 +455,7 @@ impl Lowering<'_> {
                 );
             }
         };
+        self.resource_relations.push((relation, at));
         Some(Node::new(target, loc(self.file, at)))
     }
 
@@ -1125,7 +1152,7 @@ fn parse_whole(text: &str) -> Option<Vec<Template>> {
 }
 
 /// How a test relates the principal or resource to an entity.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Relation {
     Eq,
     In,

@@ -64,6 +64,8 @@ pub enum Code {
     InvariantFailed,
     /// E020: an fz rule that Cedar cannot express, found by `fzc export --cedar`.
     NotInCedar,
+    /// E022: a test's `given` puts a user in a static-only group that does not list them.
+    GivenStaticGroup,
     /// W001: two resources overlap; the most specific one serves the shared addresses.
     OverlappingResources,
     /// W002: a site no resource belongs to.
@@ -80,7 +82,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in order.
-    pub const ALL: [Code; 26] = [
+    pub const ALL: [Code; 27] = [
         Code::Syntax,
         Code::Property,
         Code::DuplicateName,
@@ -101,6 +103,7 @@ impl Code {
         Code::TestFailed,
         Code::InvariantFailed,
         Code::NotInCedar,
+        Code::GivenStaticGroup,
         Code::OverlappingResources,
         Code::UnusedSite,
         Code::UnusedGroup,
@@ -131,6 +134,7 @@ impl Code {
             Code::TestFailed => "E018",
             Code::InvariantFailed => "E019",
             Code::NotInCedar => "E020",
+            Code::GivenStaticGroup => "E022",
             Code::OverlappingResources => "W001",
             Code::UnusedSite => "W002",
             Code::UnusedGroup => "W003",

@@ -380,6 +380,7 @@ impl Builder {
             subjects: Vec::new(),
             targets: Vec::new(),
             conditions: Vec::new(),
+            covers_inside: false,
             name: None,
             normalized_text: String::new(),
         };
@@ -388,7 +389,11 @@ impl Builder {
         let mut text_end = rule_text.len();
         for p in pair.into_inner() {
             match p.as_rule() {
-                Rule::effect => decl.effect = effect(&p),
+                Rule::effect => {
+                    decl.effect = effect(&p);
+                    // Deny rules reach down into narrower resources; allow rules do not.
+                    decl.covers_inside = decl.effect == Effect::Deny;
+                }
                 Rule::subjects => decl.subjects = self.subjects(p),
                 Rule::targets => decl.targets = self.targets(p),
                 Rule::when_clause => {

@@ -6,6 +6,7 @@
 //! LANGUAGE.md: an exact name before `?`, before `*`, before `**`; the longest prefix).
 //! Nothing here reads files or knows about rules.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -102,6 +103,59 @@ impl Network {
             IpAddr::V4(a) => IpAddr::V4(mask_v4(u32::from(a), prefix).into()),
             IpAddr::V6(a) => IpAddr::V6(mask_v6(u128::from(a), prefix).into()),
         }
+    }
+}
+
+/// The ranges `internet` never serves: what is not a public address. IPv4: "this network",
+/// private (RFC 1918), shared (RFC 6598, where fz's own tunnel and mapped addresses live),
+/// loopback, link-local, multicast, and the reserved range up to the broadcast address.
+/// IPv6: unspecified, loopback, IPv4-mapped and NAT64's well-known prefix (both reach IPv4
+/// addresses, private ones included), unique local, link-local, multicast.
+const NOT_PUBLIC: [Network; 16] = [
+    v4(0, 0, 0, 0, 8),
+    v4(10, 0, 0, 0, 8),
+    v4(100, 64, 0, 0, 10),
+    v4(127, 0, 0, 0, 8),
+    v4(169, 254, 0, 0, 16),
+    v4(172, 16, 0, 0, 12),
+    v4(192, 168, 0, 0, 16),
+    v4(224, 0, 0, 0, 4),
+    v4(240, 0, 0, 0, 4),
+    v6([0, 0, 0, 0, 0, 0, 0, 0], 128),
+    v6([0, 0, 0, 0, 0, 0, 0, 1], 128),
+    v6([0, 0, 0, 0, 0, 0xffff, 0, 0], 96),
+    v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96),
+    v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7),
+    v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10),
+    v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8),
+];
+
+const fn v4(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Network {
+    Network {
+        addr: IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)),
+        prefix,
+    }
+}
+
+const fn v6(s: [u16; 8], prefix: u8) -> Network {
+    Network {
+        addr: IpAddr::V6(std::net::Ipv6Addr::new(
+            s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+        )),
+        prefix,
+    }
+}
+
+/// Whether `ip` is a public address: one `internet` may serve.
+pub fn is_public(ip: IpAddr) -> bool {
+    !NOT_PUBLIC.iter().any(|n| n.contains(ip))
+}
+
+impl Network {
+    /// Whether the network holds no public address at all, so that `internet` could never
+    /// reach into it and a grant for `internet` need not carve it out.
+    pub fn is_wholly_non_public(&self) -> bool {
+        NOT_PUBLIC.iter().any(|n| n.covers(self))
     }
 }
 
@@ -288,24 +342,33 @@ impl NamePattern {
     }
 
     /// Precedence key: lower serves first. Same kind: more labels, then more written-out
-    /// characters, is more specific.
-    fn rank(
-        &self,
-    ) -> (
-        PatternKind,
-        std::cmp::Reverse<usize>,
-        std::cmp::Reverse<usize>,
-    ) {
+    /// characters, then fewer `*` labels, is more specific; where all of that ties
+    /// (`*.a.corp` and `a.*.corp`), the pattern whose text sorts first (byte order) serves.
+    ///
+    /// INVARIANT: a pattern that lies inside another ranks before it (the property test in
+    /// `tests/precedence.rs`), so the narrower resource serves its names. The text makes the
+    /// order total over distinct patterns, and it is the pattern's own: whoever holds the
+    /// addresses (the compiler, the portal, a client that knows no resource ids) ranks them
+    /// alike.
+    fn rank(&self) -> (PatternKind, Reverse<usize>, Reverse<usize>, usize, &str) {
         let literal = self
             .labels
             .iter()
             .map(|l| l.chars().filter(|c| !matches!(c, '*' | '?')).count())
             .sum();
+        let stars = self.labels.iter().filter(|l| *l == "*").count();
         (
             self.kind,
-            std::cmp::Reverse(self.labels.len()),
-            std::cmp::Reverse(literal),
+            Reverse(self.labels.len()),
+            Reverse(literal),
+            stars,
+            self.text.as_str(),
         )
+    }
+
+    /// Whether every name this pattern matches is matched by `other` too.
+    pub fn lies_inside(&self, other: &NamePattern) -> bool {
+        inside_labels(&self.labels, &other.labels)
     }
 
     /// Labels from the top-level domain down to, not including, the first wildcard: the key
@@ -374,6 +437,32 @@ fn labels_overlap(a: &str, b: &str) -> bool {
             .all(|(x, y)| x == '?' || y == '?' || x == y)
 }
 
+/// Whether every name pattern labels `inner` (top down) match is matched by `outer`.
+fn inside_labels(inner: &[String], outer: &[String]) -> bool {
+    match (inner.split_first(), outer.split_first()) {
+        (None, None) => true,
+        // `**` takes whatever is left, even nothing: everything below is inside it.
+        (_, Some((o, _))) if o == "**" => true,
+        // Only a `**` holds what an inner `**` matches (any depth).
+        (Some((i, _)), _) if i == "**" => false,
+        (Some((i, irest)), Some((o, orest))) => label_inside(i, o) && inside_labels(irest, orest),
+        _ => false,
+    }
+}
+
+/// Whether every label `inner` matches, `outer` matches too.
+fn label_inside(inner: &str, outer: &str) -> bool {
+    if outer == "*" {
+        return true;
+    }
+    inner != "*"
+        && inner.len() == outer.len()
+        && inner
+            .chars()
+            .zip(outer.chars())
+            .all(|(i, o)| o == '?' || i == o)
+}
+
 /// A resource's address, validated.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Address {
@@ -412,13 +501,32 @@ impl Address {
         }
     }
 
-    /// Of two overlapping addresses, whether `self` serves the shared names or IPs.
+    /// Of two overlapping addresses, whether `self` serves the shared names or IPs. For two
+    /// distinct overlapping addresses exactly one wins over the other: patterns are ranked
+    /// by [`NamePattern`]'s total precedence, and of two overlapping networks one holds the
+    /// other, so the longer prefix wins.
     pub fn wins_over(&self, other: &Address) -> bool {
         match (self, other) {
             (Address::Name(a), Address::Name(b)) => a.rank() < b.rank(),
             (Address::Network(a), Address::Network(b)) => a.prefix > b.prefix,
             _ => false,
         }
+    }
+
+    /// Whether `self` lies inside `other`: every name or IP `self` matches, `other` matches
+    /// too, and they are not the same address (an IP or CIDR inside a wider CIDR, a name or
+    /// pattern inside a wider pattern). Nothing lies inside `internet`, which is by
+    /// definition what no other resource matches, and `internet` lies inside nothing.
+    ///
+    /// INVARIANT: an address that lies inside another wins over it, so the inner resource
+    /// serves its addresses (a property test holds [`Address::wins_over`] to this).
+    pub fn lies_inside(&self, other: &Address) -> bool {
+        self != other
+            && match (self, other) {
+                (Address::Name(a), Address::Name(b)) => a.lies_inside(b),
+                (Address::Network(a), Address::Network(b)) => b.covers(a),
+                _ => false,
+            }
     }
 }
 
@@ -463,6 +571,62 @@ impl<'de> Deserialize<'de> for Address {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
     }
+}
+
+/// Every pair of overlapping addresses, as `(winner, loser)` positions in `addresses`:
+/// each pair once, sorted. `internet` overlaps nothing. The cost grows with the pairs that
+/// share a literal suffix or a network, not with the square of the addresses.
+pub fn overlapping_pairs(addresses: &[&Address]) -> Vec<(usize, usize)> {
+    let mut pairs = std::collections::BTreeSet::new();
+    let mut push = |a: usize, b: usize| {
+        let (Some(x), Some(y)) = (addresses.get(a), addresses.get(b)) else {
+            return;
+        };
+        if a != b && x.overlaps(y) {
+            pairs.insert(if x.wins_over(y) { (a, b) } else { (b, a) });
+        }
+    };
+
+    // Names: a name both patterns match ends in both literal suffixes, so one suffix is a
+    // suffix of the other; walk each pattern's suffixes and compare with the patterns filed
+    // under each.
+    let mut by_suffix: HashMap<&[String], Vec<usize>> = HashMap::new();
+    let mut names: Vec<(usize, &[String])> = Vec::new();
+    for (i, address) in addresses.iter().enumerate() {
+        let Address::Name(pattern) = address else {
+            continue;
+        };
+        let literal = pattern.literal_suffix();
+        by_suffix.entry(literal).or_default().push(i);
+        names.push((i, literal));
+    }
+    for (i, literal) in &names {
+        for n in 0..=literal.len() {
+            for j in by_suffix
+                .get(literal.get(..n).unwrap_or(&[]))
+                .into_iter()
+                .flatten()
+            {
+                push(*i, *j);
+            }
+        }
+    }
+
+    // Networks: look each one up under every shorter prefix.
+    let mut by_network: HashMap<Network, usize> = HashMap::new();
+    for (i, address) in addresses.iter().enumerate() {
+        if let Address::Network(n) = address {
+            by_network.insert(*n, i);
+        }
+    }
+    for (network, i) in &by_network {
+        for prefix in 0..network.prefix() {
+            if let Some(j) = by_network.get(&network.widened(prefix)) {
+                push(*i, *j);
+            }
+        }
+    }
+    pairs.into_iter().collect()
 }
 
 /// Answers which resource serves a name or an IP, most specific first. Lookups cost a few
@@ -525,9 +689,7 @@ impl<Id: Copy + Ord> AddressIndex<Id> {
             candidates.sort_by(|(a, ida), (b, idb)| a.rank().cmp(&b.rank()).then(ida.cmp(idb)));
         }
         index.networks = by_prefix.into_iter().collect();
-        index
-            .networks
-            .sort_by_key(|(prefix, _)| std::cmp::Reverse(*prefix));
+        index.networks.sort_by_key(|(prefix, _)| Reverse(*prefix));
         index
     }
 
@@ -563,13 +725,14 @@ impl<Id: Copy + Ord> AddressIndex<Id> {
         best.map(|(_, id)| id)
     }
 
-    /// The resource that serves an IP: the longest prefix, else `internet`.
+    /// The resource that serves an IP: the longest prefix, else `internet` for a public
+    /// address ([`is_public`]).
     pub fn lookup_ip(&self, ip: IpAddr) -> Option<Id> {
         self.networks
             .iter()
             .filter(|(prefix, _)| *prefix <= max_prefix(ip))
             .find_map(|(prefix, nets)| nets.get(&Network::masked(ip, *prefix)).copied())
-            .or(self.internet)
+            .or_else(|| self.internet.filter(|_| is_public(ip)))
     }
 }
 
@@ -694,6 +857,110 @@ mod tests {
                 "{input}"
             );
         }
+        // `internet` serves public addresses only.
+        for private in [
+            "192.168.1.1",
+            "172.16.0.5",
+            "100.96.0.1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert_eq!(index.lookup_ip(private.parse().unwrap()), None, "{private}");
+        }
+    }
+
+    #[test]
+    fn ties_between_patterns_go_one_way() {
+        // Byte order: `*` and `?` sort before letters and digits.
+        for (a, b) in [
+            ("*.a.corp", "a.*.corp"),
+            ("?b.x", "b?.x"),
+            ("?a.b.x", "a?.b.x"),
+        ] {
+            let (a, b) = (Address::Name(name(a)), Address::Name(name(b)));
+            assert!(a.wins_over(&b), "{a} over {b}");
+            assert!(!b.wins_over(&a), "{b} not over {a}");
+        }
+    }
+
+    #[test]
+    fn what_lies_inside_what() {
+        let inside = [
+            ("db.corp.example", "*.corp.example"),
+            ("db.corp.example", "**.corp.example"),
+            ("*.corp.example", "**.corp.example"),
+            ("corp.example", "**.corp.example"),
+            ("**.a.corp.example", "**.corp.example"),
+            ("app1.corp.example", "app?.corp.example"),
+            ("app?.corp.example", "*.corp.example"),
+            ("10.0.5.0/24", "10.0.0.0/8"),
+            ("10.0.5.10", "10.0.5.0/24"),
+            ("fd00:1::5", "fd00:1::/64"),
+        ];
+        for (inner, outer) in inside {
+            let (inner, outer) = (
+                Address::parse_quoted(inner).unwrap(),
+                Address::parse_quoted(outer).unwrap(),
+            );
+            assert!(inner.lies_inside(&outer), "{inner} inside {outer}");
+            assert!(!outer.lies_inside(&inner), "{outer} not inside {inner}");
+            assert!(inner.wins_over(&outer), "{inner} serves before {outer}");
+        }
+        let apart = [
+            ("*.corp.example", "*.corp.example"),
+            ("a.b.corp.example", "*.corp.example"),
+            ("**.corp.example", "*.corp.example"),
+            ("app?.corp.example", "app1.corp.example"),
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("10.0.5.0/24", "fd00::/8"),
+        ];
+        for (a, b) in apart {
+            let (a, b) = (
+                Address::parse_quoted(a).unwrap(),
+                Address::parse_quoted(b).unwrap(),
+            );
+            assert!(!a.lies_inside(&b), "{a} not inside {b}");
+        }
+        let host = Address::parse_quoted("203.0.113.5").unwrap();
+        assert!(!host.lies_inside(&Address::Internet));
+        assert!(!Address::Internet.lies_inside(&host));
+    }
+
+    #[test]
+    fn public_addresses() {
+        for public in [
+            "8.8.8.8",
+            "192.0.2.1",
+            "203.0.113.5",
+            "2001:db8::1",
+            "2606:4700::1111",
+        ] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+        for not_public in [
+            "0.1.2.3",
+            "10.0.5.9",
+            "100.64.0.2",
+            "127.0.0.1",
+            "169.254.1.1",
+            "172.31.255.255",
+            "192.168.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:8.8.8.8",
+            "64:ff9b::a00:1",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+        ] {
+            assert!(!is_public(not_public.parse().unwrap()), "{not_public}");
+        }
+        let private: Network = "10.0.0.0/8".parse().unwrap();
+        assert!(private.is_wholly_non_public());
+        let wide: Network = "96.0.0.0/3".parse().unwrap();
+        assert!(!wide.is_wholly_non_public());
     }
 
     #[test]

@@ -374,7 +374,7 @@ fn run_query(args: QueryArgs) -> anyhow::Result<ExitCode> {
             Format::Human => print!("{}", query::human(&request, &decision, &decisions)),
             Format::Json => println!(
                 "{}",
-                serde_json::to_string(&query::DecisionJson::new(&decision, &decisions))?
+                serde_json::to_string(&query::DecisionJson::new(&request, &decision, &decisions))?
             ),
         }
         return Ok(ExitCode::SUCCESS);
@@ -400,7 +400,10 @@ fn run_query(args: QueryArgs) -> anyhow::Result<ExitCode> {
         match parsed {
             Ok(request) => {
                 let decision = decisions.decide(&request);
-                serde_json::to_writer(&mut out, &query::DecisionJson::new(&decision, &decisions))?;
+                serde_json::to_writer(
+                    &mut out,
+                    &query::DecisionJson::new(&request, &decision, &decisions),
+                )?;
             }
             Err(message) => {
                 bad_lines += 1;

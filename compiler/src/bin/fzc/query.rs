@@ -86,11 +86,20 @@ pub struct DecisionJson {
     pub decision: &'static str,
     pub rules: Vec<String>,
     pub reason: &'static str,
+    /// Groups the request claimed that counted for nothing: unknown names, and static-only
+    /// groups that do not list the user.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignored_groups: Vec<String>,
 }
 
 impl DecisionJson {
-    pub fn new(decision: &Decision, decisions: &DecisionTable) -> Self {
+    pub fn new(request: &Request, decision: &Decision, decisions: &DecisionTable) -> Self {
         DecisionJson {
+            ignored_groups: decisions
+                .ignored_groups(request)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
             decision: decision.effect.as_str(),
             rules: rule_ids(decision, decisions),
             reason: match decision.reason {
