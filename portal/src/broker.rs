@@ -496,6 +496,7 @@ impl Broker {
                 .ports
                 .as_ref()
                 .map(|ports| ports.iter().map(ToString::to_string).collect()),
+            except: Vec::new(),
             dns,
         };
         // Gateways the client could not reach count as tried (a bounded number of them: the

@@ -569,6 +569,7 @@ mod tests {
                 id: "db".into(),
                 address: "10.0.5.0/24".into(),
                 filter: None,
+                except: Vec::new(),
                 dns: None,
             },
             rule: "r".into(),

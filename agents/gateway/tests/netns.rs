@@ -653,6 +653,7 @@ impl Lab {
                 id: format!("resource-{}", self.next_grant),
                 address: address.to_owned(),
                 filter: Some(filter.iter().map(|f| (*f).to_owned()).collect()),
+                except: Vec::new(),
                 dns,
             },
             rule: "netns-test".to_owned(),

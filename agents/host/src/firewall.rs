@@ -7,8 +7,9 @@
 //! all of it is in force or none. A table of the same name left by a crashed run is replaced
 //! in that same transaction.
 //!
-//! The table's forward chain accepts traffic from and to the TUN device with policy accept,
-//! so it never drops anybody else's traffic. An accept in our table cannot overrule a drop in
+//! The table's forward chain accepts traffic from the TUN device, and toward it only what
+//! belongs to a connection a client opened; its policy is accept, so it never drops anybody
+//! else's traffic. An accept in our table cannot overrule a drop in
 //! another table (nftables runs every base chain on a hook): a host whose own forward policy is
 //! drop (Docker, ufw, firewalld) must allow the TUN device there too.
 
@@ -116,6 +117,10 @@ fn write_sysctl(path: &'static str) -> Result<(), PlatformError> {
 /// Masquerade only what came in from the TUN device with a client tunnel source and leaves by
 /// another device: that is client traffic to a resource. Anything else the host forwards is not
 /// ours to rewrite.
+///
+/// Toward the TUN device, only packets of connections a client opened pass (`ct state
+/// established,related`: replies, and ICMP errors about them): a host at the site cannot open
+/// a connection to a client. The gateway core then checks each reply against the grants.
 fn ruleset(table: &str, tun: &str) -> String {
     format!(
         "table inet {table} {{}}
@@ -124,7 +129,8 @@ table inet {table} {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
         iifname \"{tun}\" accept
-        oifname \"{tun}\" accept
+        oifname \"{tun}\" ct state established,related accept
+        oifname \"{tun}\" drop
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -175,7 +181,8 @@ mod tests {
         assert_eq!(lines[1], "delete table inet fz_gateway_fz_gw0");
         for rule in [
             "iifname \"fz-gw0\" accept",
-            "oifname \"fz-gw0\" accept",
+            "oifname \"fz-gw0\" ct state established,related accept",
+            "oifname \"fz-gw0\" drop",
             "iifname \"fz-gw0\" oifname != \"fz-gw0\" ip saddr 100.64.0.0/11 masquerade",
             "iifname \"fz-gw0\" oifname != \"fz-gw0\" ip6 saddr fd00:2021:1111::/107 masquerade",
         ] {

@@ -135,7 +135,8 @@ fn masquerade_is_installed_listed_and_removed() {
                 "iifname \"{tun}\" oifname != \"{tun}\" ip6 saddr fd00:2021:1111::/107 masquerade"
             ),
             format!("iifname \"{tun}\" accept"),
-            format!("oifname \"{tun}\" accept"),
+            format!("oifname \"{tun}\" ct state established,related accept"),
+            format!("oifname \"{tun}\" drop"),
         ] {
             assert!(listed.contains(&rule), "missing {rule:?} in\n{listed}");
         }
@@ -188,7 +189,9 @@ fn forwarding_is_turned_on() {
 /// The gateway's whole kernel path with two TUN devices: `gw` is the gateway's (the core
 /// writes clients' packets into it) and `lan` stands for the network the resources are on.
 /// A client's packet written into `gw` leaves by `lan` with the gateway's address, and the
-/// resource's reply, written into `lan`, comes back out of `gw` to the client's address.
+/// resource's reply, written into `lan`, comes back out of `gw` to the client's address. A
+/// packet from the site that belongs to no connection a client opened (one sent straight to a
+/// client's tunnel address) never reaches `gw`.
 #[test]
 fn masquerade_rewrites_client_traffic_and_brings_replies_back() {
     as_root(
@@ -226,6 +229,26 @@ fn masquerade_rewrites_client_traffic_and_brings_replies_back() {
                     .unwrap();
                 let (from, payload) = next_udp_to(&gw, client).await;
                 assert_eq!((from, payload.as_slice()), (resource, &b"rows"[..]));
+
+                // A host at the site opening a connection to the client: dropped. A reply sent
+                // after it comes through the same path, so when the reply is out of `gw`, the
+                // unsolicited packet would have been too.
+                let opened_by_site = SocketAddr::new(client.ip(), 40001);
+                lan.send(&udp_packet(resource, opened_by_site, b"hello"))
+                    .await
+                    .unwrap();
+                lan.send(&udp_packet(resource, masqueraded, b"marker"))
+                    .await
+                    .unwrap();
+                let seen = udp_until(&gw, client).await;
+                assert!(
+                    !seen.iter().any(|(_, to, _)| *to == opened_by_site),
+                    "a connection from the site reached the client: {seen:?}"
+                );
+                assert_eq!(
+                    seen.last().map(|(_, _, p)| p.as_slice()),
+                    Some(&b"marker"[..])
+                );
             }
         },
     );
@@ -287,6 +310,25 @@ async fn next_udp_to(device: &Tun, to: SocketAddr) -> (SocketAddr, Vec<u8>) {
                 && dst == to
             {
                 return (src, payload.to_vec());
+            }
+        }
+    })
+    .await
+}
+
+/// Every UDP packet read from the device, `(source, destination, payload)`, up to and
+/// including the first one to `to`.
+async fn udp_until(device: &Tun, to: SocketAddr) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+    bounded(async {
+        let mut seen = Vec::new();
+        let mut buf = vec![0; 2048];
+        loop {
+            let len = device.recv(&mut buf).await.unwrap();
+            if let Some((src, dst, payload)) = parse_udp(&buf[..len]) {
+                seen.push((src, dst, payload.to_vec()));
+                if dst == to {
+                    return seen;
+                }
             }
         }
     })

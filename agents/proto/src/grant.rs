@@ -17,7 +17,7 @@ use crate::key::{PortalPublicKey, PortalSigningKey, PresharedKey, PublicKey};
 
 /// What the canonical encoding starts with, so a grant signature can never be taken for a
 /// signature over anything else the portal signs.
-const DOMAIN: &[u8] = b"fz-grant\0v1\0";
+const DOMAIN: &[u8] = b"fz-grant\0v2\0";
 
 /// Seconds since the Unix epoch.
 pub type UnixTime = u64;
@@ -72,6 +72,10 @@ pub struct GrantedResource {
     pub address: String,
     /// Port filters (`tcp/443`, `udp/8000-8100`, `icmp`); `None`: all traffic to the address.
     pub filter: Option<Vec<String>>,
+    /// Networks inside the address (or, for `internet`, anywhere) that more specific resources
+    /// serve: a grant opens what its resource serves, so these stay closed through it.
+    #[serde(default)]
+    pub except: Vec<String>,
     /// For a DNS resource: the name the client asked for and the addresses it mapped it to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsMapping>,
@@ -182,6 +186,10 @@ impl Grant {
                     out.text(filter);
                 }
             }
+        }
+        out.number(self.resource.except.len() as u64);
+        for network in &self.resource.except {
+            out.text(network);
         }
         match &self.resource.dns {
             None => out.number(0),
@@ -318,6 +326,7 @@ mod tests {
                 id: "gitlab".into(),
                 address: "gitlab.acme.example".into(),
                 filter: Some(vec!["tcp/443".into(), "tcp/22".into()]),
+                except: Vec::new(),
                 dns: Some(DnsMapping {
                     name: "gitlab.acme.example".into(),
                     mapped: vec![
@@ -459,7 +468,7 @@ mod tests {
     /// Each edit a man in the middle might make, to a grant signed for someone else.
     #[test]
     fn any_edit_breaks_the_signature() {
-        let edits: [fn(&mut Grant); 12] = [
+        let edits: [fn(&mut Grant); 13] = [
             |g| g.id.push('x'),
             |g| g.account = "other".into(),
             |g| g.client.public_key = PublicKey([8; 32]),
@@ -470,6 +479,7 @@ mod tests {
             |g| g.preshared_key = PresharedKey([0; 32]),
             |g| g.resource.address = "**.acme.example".into(),
             |g| g.resource.filter = None,
+            |g| g.resource.except.push("10.0.5.0/24".into()),
             |g| g.rule = "all".into(),
             |g| g.expires_at += 1,
         ];
@@ -483,6 +493,24 @@ mod tests {
                 "edit {i}"
             );
         }
+    }
+
+    /// Without its carve-outs a grant for a wide network would open the narrower resources
+    /// inside it: they are signed like every other field.
+    #[test]
+    fn dropping_a_carve_out_breaks_the_signature() {
+        let mut wide = grant();
+        wide.resource.address = "10.0.0.0/8".into();
+        wide.resource.dns = None;
+        wide.resource.except = vec!["10.0.5.0/24".into(), "10.9.0.0/16".into()];
+        let pinned = portal().public_key();
+        let mut signed = wide.sign(&portal());
+        assert!(signed.verify(&pinned, &gateway(), NOW).is_ok());
+        signed.grant.resource.except.pop();
+        assert_eq!(
+            signed.verify(&pinned, &gateway(), NOW),
+            Err(GrantError::BadSignature)
+        );
     }
 
     #[test]

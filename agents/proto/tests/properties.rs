@@ -64,6 +64,7 @@ fn grant() -> impl Strategy<Value = Grant> {
                     id: resource_id,
                     address,
                     filter,
+                    except: Vec::new(),
                     dns: dns.map(|(name, mapped)| DnsMapping { name, mapped }),
                 },
                 rule,

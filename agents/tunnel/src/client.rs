@@ -631,19 +631,21 @@ impl Client {
         }
     }
 
-    /// Whether a grant through link `index` covers `source` (the resource's address or
-    /// network, or a DNS grant's mapped address).
+    /// Whether a grant through link `index` covers `source`: a DNS grant's mapped address, or
+    /// an address its resource serves (the most specific resource for it is the grant's, so
+    /// a narrower resource carved out of a wide grant is not covered by it).
     fn covered_by_link(&self, index: u32, source: IpAddr) -> bool {
+        let serving = self
+            .index
+            .lookup_ip(source)
+            .and_then(|i| self.resources.get(i))
+            .map(|r| r.id.as_str());
         self.held
             .values()
             .filter(|h| h.link == index)
             .any(|h| match &h.grant.resource.dns {
                 Some(dns) => dns.mapped.contains(&source),
-                None => match h.grant.resource.address.parse::<Address>() {
-                    Ok(Address::Network(network)) => network.contains(source),
-                    Ok(Address::Internet) => true,
-                    _ => false,
-                },
+                None => serving == Some(h.grant.resource.id.as_str()),
             })
     }
 }

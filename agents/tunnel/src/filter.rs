@@ -1,13 +1,16 @@
 //! The per-grant packet filter: what one verified grant lets its client send.
 //!
-//! A packet passes when it comes from the client's tunnel address (IPv4 or IPv6), goes to the
-//! grant's resource (its IP or CIDR; for a DNS resource, one of the mapped addresses the grant
-//! names, which the NAT then translates; for `internet`, anywhere), and its protocol and port
-//! are inside the grant's filter (`tcp/443`, `udp/8000-8100`, `icmp`; no filter: everything).
+//! A packet passes when it comes from the client's tunnel address (IPv4 or IPv6), goes to what
+//! the grant opens (its resource's IP or CIDR; for a DNS resource, one of the mapped addresses
+//! the grant names, which the NAT then translates; for `internet`, any public address), less
+//! the carve-outs the grant carries (networks more specific resources serve), and its protocol
+//! and port are inside the grant's filter (`tcp/443`, `udp/8000-8100`, `icmp`; no filter:
+//! everything).
 //! Everything else is a [`Drop`] with its reason.
 
 use std::net::IpAddr;
 
+use fz_address::{Network, is_public};
 use fz_proto::Grant;
 
 use crate::packet::{Packet, Transport};
@@ -105,6 +108,8 @@ pub enum FilterError {
     Address(String),
     #[error("the grant is for DNS resource `{0}` but names no mapped addresses")]
     NoMapping(String),
+    #[error("the grant's carve-out `{0}` is not an IP or a CIDR")]
+    Except(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,50 +126,29 @@ struct PortRule {
     last: u16,
 }
 
-/// An address and prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Cidr {
-    address: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    fn parse(text: &str) -> Option<Cidr> {
-        let (address, prefix) = match text.split_once('/') {
-            Some((address, prefix)) => (address.parse::<IpAddr>().ok()?, prefix.parse().ok()?),
-            None => {
-                let address = text.parse::<IpAddr>().ok()?;
-                (address, if address.is_ipv4() { 32 } else { 128 })
-            }
-        };
-        let bits = if address.is_ipv4() { 32 } else { 128 };
-        (prefix <= bits).then_some(Cidr { address, prefix })
-    }
-
-    fn contains(&self, ip: IpAddr) -> bool {
-        let mask = |bits: u32| {
-            u128::MAX
-                .checked_shl(bits - u32::from(self.prefix))
-                .unwrap_or(0)
-        };
-        match (self.address, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = mask(32) as u32;
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = mask(128);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
+/// Where a grant lets packets go (and replies come from).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Destinations {
-    Anywhere,
-    Networks(Vec<Cidr>),
+    /// `internet`: public addresses ([`fz_address::is_public`]), less the carve-outs.
+    Internet { except: Vec<Network> },
+    /// The resource's network, or a DNS resource's mapped addresses, less the carve-outs.
+    Networks {
+        networks: Vec<Network>,
+        except: Vec<Network>,
+    },
+}
+
+impl Destinations {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match self {
+            Destinations::Internet { except } => {
+                is_public(ip) && !except.iter().any(|n| n.contains(ip))
+            }
+            Destinations::Networks { networks, except } => {
+                networks.iter().any(|n| n.contains(ip)) && !except.iter().any(|n| n.contains(ip))
+            }
+        }
+    }
 }
 
 /// What one grant allows, ready to check packets against.
@@ -180,23 +164,29 @@ impl GrantFilter {
     /// The filter of a grant the caller has verified.
     pub fn new(grant: &Grant) -> Result<GrantFilter, FilterError> {
         let resource = &grant.resource;
+        let except = resource
+            .except
+            .iter()
+            .map(|text| {
+                text.parse::<Network>()
+                    .map_err(|_| FilterError::Except(text.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let destinations = if let Some(dns) = &resource.dns {
             if dns.mapped.is_empty() {
                 return Err(FilterError::NoMapping(resource.address.clone()));
             }
-            Destinations::Networks(
-                dns.mapped
-                    .iter()
-                    .map(|ip| Cidr {
-                        address: *ip,
-                        prefix: if ip.is_ipv4() { 32 } else { 128 },
-                    })
-                    .collect(),
-            )
+            Destinations::Networks {
+                networks: dns.mapped.iter().map(|ip| Network::host(*ip)).collect(),
+                except,
+            }
         } else if resource.address == "internet" {
-            Destinations::Anywhere
-        } else if let Some(cidr) = Cidr::parse(&resource.address) {
-            Destinations::Networks(vec![cidr])
+            Destinations::Internet { except }
+        } else if let Ok(network) = resource.address.parse::<Network>() {
+            Destinations::Networks {
+                networks: vec![network],
+                except,
+            }
         } else if resource.address.contains('.') && !resource.address.contains('/') {
             // A DNS resource's traffic goes to mapped addresses; a grant for one without them
             // could only ever drop.
@@ -224,13 +214,7 @@ impl GrantFilter {
         if !self.sources.contains(&packet.source) {
             return Err(Drop::NotFromClient);
         }
-        let destination_granted = match &self.destinations {
-            Destinations::Anywhere => true,
-            Destinations::Networks(networks) => {
-                networks.iter().any(|n| n.contains(packet.destination))
-            }
-        };
-        if !destination_granted {
+        if !self.destinations.contains(packet.destination) {
             return Err(Drop::DestinationNotGranted);
         }
         let Some(rules) = &self.ports else {
@@ -256,23 +240,20 @@ impl GrantFilter {
     }
 
     /// Whether a packet from the site may go back to the client: it goes to the client's
-    /// tunnel address and comes from the grant's resource (for a DNS resource, from a mapped
+    /// tunnel address and comes from what the grant opens (for a DNS resource, from a mapped
     /// address, which the NAT has written back), from a port inside the filter. ICMP from the
     /// resource always passes: its errors (unreachable, fragmentation needed) belong to flows
     /// the client started, and path MTU discovery needs them.
     ///
-    /// The check holds no state: a resource may send from a granted port to any port of the
-    /// client. DNS resources' replies are stateful already (the NAT answers only flows the
-    /// client opened).
+    /// The check holds no state. That a packet belongs to a flow the client opened is
+    /// decided before it: by the kernel's connection tracking on the gateway's forward chain
+    /// (`fz_host::firewall`) for IP resources, and by the NAT for DNS resources (the gateway
+    /// takes a DNS grant's replies only from its NAT flows).
     pub fn check_reply(&self, packet: &Packet) -> bool {
         if !self.sources.contains(&packet.destination) {
             return false;
         }
-        let from_resource = match &self.destinations {
-            Destinations::Anywhere => true,
-            Destinations::Networks(networks) => networks.iter().any(|n| n.contains(packet.source)),
-        };
-        if !from_resource {
+        if !self.destinations.contains(packet.source) {
             return false;
         }
         let Some(rules) = &self.ports else {
@@ -354,6 +335,7 @@ mod tests {
                 id: "r".into(),
                 address: address.into(),
                 filter: filter.map(|f| f.iter().map(|s| (*s).to_owned()).collect()),
+                except: Vec::new(),
                 dns: dns.map(|mapped| DnsMapping {
                     name: address.trim_start_matches("**.").into(),
                     mapped: mapped.iter().map(|ip| ip.parse().unwrap()).collect(),
@@ -477,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn no_filter_means_every_protocol_and_internet_means_anywhere() {
+    fn no_filter_means_every_protocol_and_internet_means_public_addresses() {
         let filter = GrantFilter::new(&grant("internet", None, None)).unwrap();
         for bytes in [
             tcp(CLIENT, "8.8.8.8", 1),
@@ -485,6 +467,22 @@ mod tests {
             udp(CLIENT, "1.1.1.1", 53),
         ] {
             assert_eq!(filter.check_bytes(&bytes).map(|_| ()), Ok(()));
+        }
+        // The site's private networks, the gateway's own and the mapped ranges are no part of
+        // `internet`: another resource (or none) serves them.
+        for private in [
+            tcp(CLIENT, "10.20.5.9", 5432),
+            tcp(CLIENT6, "fd00:20::10", 22),
+            tcp(CLIENT, "192.168.100.1", 443),
+            tcp(CLIENT, "127.0.0.1", 22),
+            tcp(CLIENT, "169.254.169.254", 80),
+            tcp(CLIENT, "100.96.0.1", 443),
+            tcp(CLIENT6, "::ffff:10.0.0.1", 22),
+        ] {
+            assert_eq!(
+                filter.check_bytes(&private),
+                Err(Drop::DestinationNotGranted)
+            );
         }
         assert_eq!(
             filter.check_bytes(&tcp("10.0.0.1", "8.8.8.8", 1)),
@@ -499,6 +497,58 @@ mod tests {
             host.check_bytes(&tcp(CLIENT, "172.16.0.6", 22)),
             Err(Drop::DestinationNotGranted)
         );
+    }
+
+    /// A grant opens what its resource serves: the networks of more specific resources stay
+    /// closed, both ways.
+    #[test]
+    fn carve_outs_stay_closed() {
+        let mut wide = grant("10.0.0.0/8", None, None);
+        wide.resource.except = vec!["10.0.5.0/24".into(), "10.9.9.9".into()];
+        let filter = GrantFilter::new(&wide).unwrap();
+        let mut internet = grant("internet", None, None);
+        internet.resource.except = vec!["203.0.113.0/24".into()];
+        let public = GrantFilter::new(&internet).unwrap();
+        let cases = [
+            (&filter, tcp(CLIENT, "10.0.4.255", 22), Ok(())),
+            (&filter, tcp(CLIENT, "10.0.6.0", 22), Ok(())),
+            (&filter, tcp(CLIENT, "10.9.9.8", 22), Ok(())),
+            (
+                &filter,
+                tcp(CLIENT, "10.0.5.0", 5432),
+                Err(Drop::DestinationNotGranted),
+            ),
+            (
+                &filter,
+                tcp(CLIENT, "10.0.5.255", 5432),
+                Err(Drop::DestinationNotGranted),
+            ),
+            (
+                &filter,
+                tcp(CLIENT, "10.9.9.9", 22),
+                Err(Drop::DestinationNotGranted),
+            ),
+            (&public, tcp(CLIENT, "203.0.114.1", 443), Ok(())),
+            (
+                &public,
+                tcp(CLIENT, "203.0.113.1", 443),
+                Err(Drop::DestinationNotGranted),
+            ),
+        ];
+        for (filter, bytes, expected) in cases {
+            assert_eq!(
+                filter.check_bytes(&bytes).map(|_| ()),
+                expected,
+                "{bytes:?}"
+            );
+        }
+        let reply = |source: &str| Packet::parse(&tcp(source, CLIENT, 40000)).unwrap();
+        assert!(filter.check_reply(&reply("10.0.4.1")));
+        assert!(!filter.check_reply(&reply("10.0.5.1")));
+        assert!(!filter.check_reply(&reply("10.9.9.9")));
+        assert!(public.check_reply(&reply("8.8.8.8")));
+        assert!(!public.check_reply(&reply("203.0.113.9")));
+        assert!(!public.check_reply(&reply("10.0.0.1")));
     }
 
     #[test]
@@ -537,6 +587,16 @@ mod tests {
             (
                 grant("gitlab.acme.example", None, Some(&[])),
                 FilterError::NoMapping("gitlab.acme.example".into()),
+            ),
+            (
+                Grant {
+                    resource: GrantedResource {
+                        except: vec!["10.0.5.1/24".into()],
+                        ..grant("10.0.0.0/8", None, None).resource
+                    },
+                    ..grant("10.0.0.0/8", None, None)
+                },
+                FilterError::Except("10.0.5.1/24".into()),
             ),
         ];
         for (grant, error) in cases {

@@ -776,12 +776,22 @@ impl ClientPeer {
     }
 
     /// Checks a packet from the site to this client: a NAT reply gets its mapped address
-    /// back first; then some grant must cover its source.
+    /// back first and then needs a DNS grant that covers it; any other packet needs an IP or
+    /// CIDR grant that covers its source.
+    ///
+    /// INVARIANT: a DNS grant passes only replies of the client's own NAT flows. A packet
+    /// from a mapped address that no flow translated (a host at the site spoofing one) is no
+    /// reply, and an IP grant never covers a mapped address. Flows to IP resources are the
+    /// kernel's to track (`ct state established,related` on the gateway's forward chain).
     fn answer(&mut self, packet: &mut [u8], millis: Millis) -> Result<(), Drop> {
-        // Not a reply of a NAT flow: the packet keeps its source (an IP or CIDR resource).
-        let _ = self.nat.reply(packet, millis);
+        let translated = self.nat.reply(packet, millis).is_ok();
         let parsed = Packet::parse(packet).map_err(|_| Drop::Malformed)?;
-        if self.grants.iter().any(|g| g.filter.check_reply(&parsed)) {
+        let covered = self
+            .grants
+            .iter()
+            .filter(|g| g.mapped.is_empty() != translated)
+            .any(|g| g.filter.check_reply(&parsed));
+        if covered {
             Ok(())
         } else {
             Err(Drop::NotFromResource)

@@ -114,6 +114,13 @@ impl Sim {
         self.signed(client, address, filter, None, 3600)
     }
 
+    /// A grant for `address` that does not open the networks in `except`.
+    fn carved_grant(&mut self, client: &Client, address: &str, except: &[&str]) -> SignedGrant {
+        let mut grant = self.signed(client, address, &[], None, 3600).grant;
+        grant.resource.except = except.iter().map(|e| (*e).to_owned()).collect();
+        grant.sign(&self.portal)
+    }
+
     fn dns_grant(
         &mut self,
         client: &Client,
@@ -161,6 +168,7 @@ impl Sim {
                 address: address.into(),
                 filter: (!filter.is_empty())
                     .then(|| filter.iter().map(|f| (*f).to_owned()).collect()),
+                except: Vec::new(),
                 dns,
             },
             rule: "rule".into(),
@@ -440,6 +448,92 @@ fn the_filter_passes_exactly_what_the_grant_names() {
         None
     );
     assert_eq!(sim.dropped(Drop::NoClient), 1);
+}
+
+/// A grant opens what its resource serves: `internet` only public addresses, and neither a
+/// wide network nor `internet` the networks more specific resources serve (the grant's
+/// carve-outs), in either direction.
+#[test]
+fn a_grant_opens_only_what_its_resource_serves() {
+    let mut sim = Sim::new();
+    let mut frank = sim.client(2);
+    let egress = sim.carved_grant(&frank, "internet", &["198.18.0.0/15"]);
+    sim.install(&egress);
+    let mut alice = sim.client(3);
+    let corp = sim.carved_grant(&alice, "10.0.0.0/8", &["10.0.5.0/24"]);
+    sim.install(&corp);
+    let (f4, f6, a4) = (frank.v4, frank.v6, alice.v4);
+    // (frank's or alice's, packet, passes)
+    let cases: Vec<(bool, Vec<u8>, bool)> = vec![
+        (true, tcp(f4, ip("8.8.8.8"), (40000, 443)), true),
+        (true, tcp(f6, ip("2606:4700::1111"), (40000, 443)), true),
+        // Private resources at the site (the example tree's bastion and prod-db), the
+        // gateway's own ranges and another resource's public network: not `internet`.
+        (true, tcp(f6, ip("fd00:20::10"), (40000, 22)), false),
+        (true, tcp(f4, ip("10.20.5.9"), (40000, 5432)), false),
+        (true, tcp(f4, ip("100.64.0.3"), (40000, 22)), false),
+        (true, tcp(f4, ip("198.18.0.1"), (40000, 443)), false),
+        (false, tcp(a4, ip("10.0.4.1"), (40000, 22)), true),
+        (false, tcp(a4, ip("10.0.5.9"), (40000, 5432)), false),
+    ];
+    for (from_frank, packet, passes) in cases {
+        let client = if from_frank { &mut frank } else { &mut alice };
+        let out = sim.send_from_client(client, &packet);
+        assert_eq!(!out.is_empty(), passes, "{:?}", addresses(&packet));
+    }
+    assert_eq!(sim.dropped(Drop::DestinationNotGranted), 5);
+    // Nor does anything come back from a carved-out network.
+    assert!(
+        sim.send_to_client(&mut alice, &tcp(ip("10.0.4.1"), a4, (22, 40000)))
+            .is_some()
+    );
+    assert!(
+        sim.send_to_client(&mut alice, &tcp(ip("10.0.5.9"), a4, (5432, 40000)))
+            .is_none()
+    );
+    assert!(
+        sim.send_to_client(&mut frank, &tcp(ip("10.20.5.9"), f4, (5432, 40000)))
+            .is_none()
+    );
+    assert_eq!(sim.dropped(Drop::NotFromResource), 2);
+}
+
+/// A host at the site cannot reach a client through a DNS grant: from a mapped address, only
+/// replies of the client's own NAT flows go back; a packet that merely claims to come from one
+/// (no flow translated it) is dropped.
+#[test]
+fn a_dns_grant_passes_only_replies_of_the_clients_flows() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let grant = sim.dns_grant(
+        &alice,
+        "gitlab.company.com",
+        "gitlab.company.com",
+        &["100.96.0.1"],
+        &["tcp/443"],
+    );
+    sim.install_dns(&grant, &["172.16.0.5"]);
+    let (a4, mapped, real) = (alice.v4, ip("100.96.0.1"), ip("172.16.0.5"));
+    // Spoofed from the mapped address, and from the real one before any flow: dropped.
+    assert!(
+        sim.send_to_client(&mut alice, &tcp(mapped, a4, (443, 40000)))
+            .is_none()
+    );
+    assert!(
+        sim.send_to_client(&mut alice, &tcp(real, a4, (443, 40000)))
+            .is_none()
+    );
+    assert_eq!(sim.dropped(Drop::NotFromResource), 2);
+    // Once alice opens a flow, its replies come back under the mapped address.
+    let sent = sim.send_from_client(&mut alice, &tcp(a4, mapped, (40000, 443)));
+    assert_eq!(sent.len(), 1);
+    let reply = sim.send_to_client(&mut alice, &tcp(real, a4, (443, 40000)));
+    assert_eq!(reply.map(|r| addresses(&r)), Some((mapped, a4)));
+    // Another port of the client is no reply of that flow.
+    assert!(
+        sim.send_to_client(&mut alice, &tcp(real, a4, (443, 40001)))
+            .is_none()
+    );
 }
 
 #[test]

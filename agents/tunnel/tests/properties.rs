@@ -31,6 +31,7 @@ fn grant() -> Grant {
             id: "r".into(),
             address: "internet".into(),
             filter: None,
+            except: Vec::new(),
             dns: None,
         },
         rule: "r".into(),

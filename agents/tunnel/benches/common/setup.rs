@@ -278,6 +278,7 @@ fn dns_grant(
             id: "gitlab".into(),
             address: NAME.into(),
             filter: Some(vec!["tcp/443".into()]),
+            except: Vec::new(),
             dns: Some(DnsMapping {
                 name: NAME.into(),
                 mapped: vec![IpAddr::V4(MAPPED)],
