@@ -414,6 +414,7 @@ impl Broker {
         let table = &policy.table;
         // The verified mark changes from the admin command line, so it is read fresh, but only
         // when a rule on the resource asks for it: most requests never touch the store here.
+        // It counts only for the key it was given for, which must be this session's.
         let verified = if mentions_verified(table, resource_id) {
             self.store
                 .client(&session.account, &session.client_id)
@@ -422,7 +423,7 @@ impl Broker {
                     tracing::error!(error = %e, "client lookup failed");
                     BrokerError::Unavailable.to_string()
                 })?
-                .is_some_and(|c| c.verified)
+                .is_some_and(|c| c.verified_for(&session.peer.public_key))
         } else {
             false
         };
@@ -827,9 +828,10 @@ impl Broker {
             .iter()
             .map(|(slug, a)| (slug.as_str(), a.policy.current()))
             .collect();
-        // Devices an admin marked verified, now: unmarking one withdraws what needed the mark.
-        // Without them (the store failing), only expiry is checked this time.
-        let verified = match self.store.verified_clients().await {
+        // Devices an admin marked verified, now, with the keys the marks were given for:
+        // unmarking one, or its key changing, withdraws what needed the mark. Without them (the
+        // store failing), only expiry is checked this time.
+        let verified = match self.store.verified_keys().await {
             Ok(verified) => Some(verified),
             Err(error) => {
                 tracing::warn!(error = %error, "cannot read verified devices; checking expiry only");
@@ -845,7 +847,9 @@ impl Broker {
             } else {
                 let table = tables.get(grant.account.as_str());
                 table.zip(verified.as_ref()).and_then(|(policy, verified)| {
-                    let verified = verified.contains(&grant.client_id);
+                    let verified = verified
+                        .get(&grant.client_id)
+                        .is_some_and(|key| *key == grant.signed.grant.client.public_key);
                     still_allowed(&policy.table, grant, verified, at).err()
                 })
             };

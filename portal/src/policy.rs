@@ -9,15 +9,22 @@
 //!
 //! INVARIANT: a bad tree or bundle never replaces the last good table. The first load must
 //! succeed (a portal does not start without a table); after that, any reload that fails (IO,
-//! error diagnostics, failing tests or invariants, a damaged bundle, even a compiler panic)
-//! leaves the installed table in place and says why.
+//! error diagnostics, failing tests or invariants, a damaged bundle, a tree that never stops
+//! changing, even a compiler panic) leaves the installed table in place and says why.
+//!
+//! INVARIANT: what is compiled is a tree as it stood still, never one caught between two
+//! writes of an edit: a tree is read until two reads in a row agree and nothing in it has
+//! changed for a quiet period (`settle`, bounded by [`SettleOptions`]). A bundle is read once,
+//! whole (one `read` of one file, which `fzc compile` replaces by rename), and its content hash
+//! refuses one written in place and read half-way.
 //!
 //! It does not decide (that is [`DecisionTable::decide`] on the table [`current`] returns),
 //! re-evaluate or revoke grants (the portal does that after [`subscribe`] reports a new hash),
 //! nor know about accounts: the portal runs one engine per account.
 //!
-//! Entry types: [`PolicySource`], [`PolicyEngine`], [`LoadedPolicy`], [`ReloadOutcome`],
-//! [`ReloadStatus`], [`Watcher`] (with [`WatchOptions`]) and [`PolicyError`].
+//! Entry types: [`PolicySource`], [`PolicyEngine`] (with [`LoadOptions`] and
+//! [`SettleOptions`]), [`LoadedPolicy`], [`ReloadOutcome`], [`ReloadStatus`], [`Watcher`] (with
+//! [`WatchOptions`]) and [`PolicyError`].
 //!
 //! [`current`]: PolicyEngine::current
 //! [`subscribe`]: PolicyEngine::subscribe
@@ -32,10 +39,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use fz_compiler::{Bundle, BundleError, DecisionTable, LoadError};
+use fz_lang::Sources;
 use notify::event::{AccessKind, AccessMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+
+mod settle;
+
+pub use settle::SettleOptions;
+use settle::{Outcome, Snapshot, SystemClock, read_settled};
 
 /// How many error diagnostics a [`PolicyError::Invalid`] names; the rest are counted.
 const LISTED_DIAGNOSTICS: usize = 3;
@@ -75,12 +88,15 @@ impl PolicySource {
         }
     }
 
-    /// Reads and compiles (or verifies) the source into a table ready for decisions. A panic
-    /// in the compiler is caught and reported as an error, so a hostile file cannot take the
-    /// portal down.
-    fn compile(&self) -> Result<LoadedPolicy, PolicyError> {
+    /// Reads (a tree until it is settled) and compiles (or verifies) the source into a table
+    /// ready for decisions. A panic in the compiler is caught and reported as an error, so a
+    /// hostile file cannot take the portal down.
+    fn compile(&self, options: &LoadOptions) -> Result<LoadedPolicy, PolicyError> {
         let compiled = catch_unwind(AssertUnwindSafe(|| match self {
-            PolicySource::Tree(dir) => compile_tree(dir),
+            PolicySource::Tree(dir) => {
+                let sources = read_tree_settled(dir, options)?;
+                compile_tree(dir, sources)
+            }
             PolicySource::Bundle(file) => read_bundle(file),
         }));
         compiled.unwrap_or_else(|_| Err(PolicyError::Panicked(self.path().to_owned())))
@@ -96,8 +112,144 @@ impl fmt::Display for PolicySource {
     }
 }
 
-fn compile_tree(dir: &Path) -> Result<LoadedPolicy, PolicyError> {
-    let sources = fz_compiler::load_tree(dir)?;
+/// How an engine reads its source.
+#[derive(Clone, Default)]
+pub struct LoadOptions {
+    /// How a tree is read until it stands still.
+    pub settle: SettleOptions,
+    /// Called after each read of a tree with the read's number within the load (from 1),
+    /// before it is compared with the one before: for tests that change the tree between two
+    /// reads. `None` in the portal.
+    pub after_read: Option<Arc<dyn Fn(u32) + Send + Sync>>,
+}
+
+impl fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("settle", &self.settle)
+            .field("after_read", &self.after_read.as_ref().map(|_| "<hook>"))
+            .finish()
+    }
+}
+
+/// One read of a policy tree: the files the compiler reads, and when each part of the tree
+/// last changed.
+struct TreeRead {
+    /// The directory read, symbolic links resolved: one read sees one checkout even while a
+    /// link to the tree is swapped.
+    root: PathBuf,
+    /// Every directory and policy file below the root (the root itself as an empty path), with
+    /// the time it last changed, sorted. A file added, removed or renamed changes its
+    /// directory's. Hidden folders are left out, as the watcher leaves them out: `.git`
+    /// changes with every `git status`, and files in it are still compared by their text.
+    stamps: Vec<(PathBuf, SystemTime)>,
+    sources: Sources,
+}
+
+impl PartialEq for TreeRead {
+    fn eq(&self, other: &TreeRead) -> bool {
+        let same_files = self.sources.len() == other.sources.len()
+            && self
+                .sources
+                .iter()
+                .zip(other.sources.iter())
+                .all(|((_, a), (_, b))| a.path == b.path && a.text == b.text);
+        self.root == other.root && self.stamps == other.stamps && same_files
+    }
+}
+
+impl Snapshot for TreeRead {
+    fn newest_change(&self) -> Option<SystemTime> {
+        self.stamps.iter().map(|(_, changed)| *changed).max()
+    }
+}
+
+/// Reads the tree until it is settled (see `settle`), or fails when it does not settle within
+/// the bounds.
+fn read_tree_settled(dir: &Path, options: &LoadOptions) -> Result<Sources, PolicyError> {
+    let outcome = read_settled(options.settle, &mut SystemClock, |n| {
+        let read = read_tree(dir);
+        if let Some(hook) = &options.after_read {
+            hook(n);
+        }
+        read
+    })?;
+    match outcome {
+        Outcome::Settled(read) => Ok(read.sources),
+        Outcome::Unsettled { reads, waited } => Err(PolicyError::Unsettled {
+            path: dir.to_owned(),
+            reads,
+            waited,
+            quiet_period: options.settle.quiet_period,
+        }),
+    }
+}
+
+/// One read of the tree at `dir`: the change times of its directories and policy files (found
+/// as [`fz_compiler::load_tree`] finds them, hidden folders aside), then the files.
+fn read_tree(dir: &Path) -> Result<TreeRead, PolicyError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PolicyError::Io { path, source }
+    };
+    let root = std::fs::canonicalize(dir).map_err(io(dir))?;
+    let mut stamps = Vec::new();
+    let mut pending = vec![root.clone()];
+    while let Some(current) = pending.pop() {
+        let metadata = std::fs::metadata(&current).map_err(io(&current))?;
+        stamps.push((relative(&root, &current), changed_at(&metadata)));
+        for entry in std::fs::read_dir(&current).map_err(io(&current))? {
+            let entry = entry.map_err(io(&current))?;
+            let path = entry.path();
+            if entry.file_type().map_err(io(&path))?.is_dir() {
+                if !entry.file_name().to_string_lossy().starts_with('.') {
+                    pending.push(path);
+                }
+            } else if path
+                .extension()
+                .is_some_and(|ext| ext == "fz" || ext == "cedar")
+            {
+                let metadata = std::fs::metadata(&path).map_err(io(&path))?;
+                stamps.push((relative(&root, &path), changed_at(&metadata)));
+            }
+        }
+    }
+    stamps.sort();
+    let sources = fz_compiler::load_tree(&root)?;
+    Ok(TreeRead {
+        root,
+        stamps,
+        sources,
+    })
+}
+
+fn relative(root: &Path, path: &Path) -> PathBuf {
+    path.strip_prefix(root).unwrap_or(path).to_owned()
+}
+
+/// When a file or directory last changed: the later of its modification time and, on Unix,
+/// its status change time, which no tool can set back (`rsync -t`, `tar` and `cp -p` keep
+/// modification times from elsewhere).
+fn changed_at(metadata: &std::fs::Metadata) -> SystemTime {
+    let modified = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let status_changed = u64::try_from(metadata.ctime())
+            .ok()
+            .map(|secs| {
+                let nanos = u32::try_from(metadata.ctime_nsec()).unwrap_or(0);
+                Duration::new(secs, nanos)
+            })
+            .and_then(|since| SystemTime::UNIX_EPOCH.checked_add(since));
+        if let Some(status_changed) = status_changed {
+            return modified.max(status_changed);
+        }
+    }
+    modified
+}
+
+fn compile_tree(dir: &Path, sources: Sources) -> Result<LoadedPolicy, PolicyError> {
     if sources.is_empty() {
         // Most likely a wrong path or a half-finished checkout; a table that denies everything
         // would revoke every grant of the account.
@@ -233,6 +385,7 @@ pub struct PolicyEngine {
     status: watch::Sender<ReloadStatus>,
     /// Held for a whole reload (compile and swap).
     reloading: Mutex<()>,
+    options: LoadOptions,
 }
 
 impl PolicyEngine {
@@ -241,10 +394,18 @@ impl PolicyEngine {
         PolicyEngine::load(PolicySource::detect(path)?)
     }
 
-    /// Compiles the source and installs its table. Fails when the source does not give a
-    /// table: a portal must not start without one.
+    /// [`PolicyEngine::load_with`] with the default options.
     pub fn load(source: PolicySource) -> Result<PolicyEngine, PolicyError> {
-        let loaded = source.compile()?;
+        PolicyEngine::load_with(source, LoadOptions::default())
+    }
+
+    /// Compiles the source and installs its table; reloads read the source the same way.
+    /// Fails when the source does not give a table: a portal must not start without one.
+    pub fn load_with(
+        source: PolicySource,
+        options: LoadOptions,
+    ) -> Result<PolicyEngine, PolicyError> {
+        let loaded = source.compile(&options)?;
         info!(
             source = %source,
             hash = %loaded.bundle_hash,
@@ -260,6 +421,7 @@ impl PolicyEngine {
             hash,
             status,
             reloading: Mutex::new(()),
+            options,
         })
     }
 
@@ -278,15 +440,16 @@ impl PolicyEngine {
     /// from the installed one (then subscribers hear of it) and says whether it did. On any
     /// failure, keeps the installed table and returns why.
     ///
-    /// Blocking and CPU-bound (it reads and compiles files): from async code, call it through
-    /// `tokio::task::spawn_blocking`.
+    /// Blocking and CPU-bound (it reads and compiles files, and waits for a tree that is being
+    /// written to stand still, up to [`SettleOptions::max_wait`]): from async code, call it
+    /// through `tokio::task::spawn_blocking`.
     pub fn reload(&self) -> Result<ReloadOutcome, PolicyError> {
         let _reloading = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let previous = self.current();
-        let loaded = match self.source.compile() {
+        let loaded = match self.source.compile(&self.options) {
             Ok(loaded) => loaded,
             Err(error) => {
                 self.status.send_modify(|status| {
@@ -559,6 +722,19 @@ pub enum PolicyError {
     Tree(#[from] LoadError),
     #[error("policy tree `{}` has no .fz or .cedar files", .0.display())]
     EmptyTree(PathBuf),
+    #[error(
+        "policy tree `{path}` kept changing: {reads} reads over {waited} ms never found it \
+         unchanged for {quiet} ms",
+        path = .path.display(),
+        waited = .waited.as_millis(),
+        quiet = .quiet_period.as_millis()
+    )]
+    Unsettled {
+        path: PathBuf,
+        reads: u32,
+        waited: Duration,
+        quiet_period: Duration,
+    },
     #[error(
         "policy tree `{path}` has {errors} error{s}: {list}",
         path = .path.display(),

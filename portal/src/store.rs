@@ -205,11 +205,26 @@ pub struct ClientRecord {
     pub name: String,
     /// WireGuard public key, base64.
     pub public_key: String,
+    /// An admin marked this device verified and it still holds the key the mark was given
+    /// for (`verified_key` is `public_key`).
     pub verified: bool,
+    /// The key the admin's mark was given for, if the client is marked: a client that
+    /// registers with another key keeps the mark but is not verified until it comes back with
+    /// this one.
+    pub verified_key: Option<String>,
     pub created_at: i64,
     /// The client's place in the tunnel network (see [`tunnel_addresses`]); `None` for a
     /// client that has not connected since the store learnt tunnel addresses.
     pub tunnel_index: Option<u32>,
+}
+
+impl ClientRecord {
+    /// Whether a request or grant made for the device with `key` may count on the verified
+    /// mark: the client is verified and `key` is its current key (the one the mark was given
+    /// for), not a key it held before or another machine's.
+    pub fn verified_for(&self, key: &fz_proto::PublicKey) -> bool {
+        self.verified && self.public_key == key.to_string()
+    }
 }
 
 /// A registered gateway.
@@ -525,7 +540,10 @@ impl Store {
 
     /// Registers the client that holds `token_id` (a client token of `account`, valid at
     /// `now`) with its WireGuard public key. One client per token: registering again with the
-    /// same token keeps the client's id, name and verified flag and replaces the key.
+    /// same token keeps the client's id, name and verified mark and replaces the key. The mark
+    /// belongs to the key it was given for, so a client with a new key is not verified, and
+    /// one that comes back with the marked key is verified again; either way a marked
+    /// client's key change counts as a change of its mark for [`Store::verified_changes_since`].
     pub async fn register_client(
         &self,
         account: &str,
@@ -556,12 +574,18 @@ impl Store {
             });
         }
         let client: ClientRow = sqlx::query_as(&format!(
-            "INSERT INTO clients (id, account, token_id, name, public_key, verified, created_at,
+            "INSERT INTO clients (id, account, token_id, name, public_key, created_at,
                                   tunnel_index)
-             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (token_id) DO UPDATE SET
                  public_key = excluded.public_key,
-                 tunnel_index = coalesce(clients.tunnel_index, excluded.tunnel_index)
+                 tunnel_index = coalesce(clients.tunnel_index, excluded.tunnel_index),
+                 verified_seq = CASE
+                     WHEN clients.verified_key IS NOT NULL
+                          AND clients.public_key <> excluded.public_key
+                     THEN (SELECT max(verified_seq) FROM clients) + 1
+                     ELSE clients.verified_seq
+                 END
              RETURNING {CLIENT_COLUMNS}"
         ))
         .bind(&id)
@@ -579,7 +603,8 @@ impl Store {
     }
 
     /// The clients of every account whose verified mark changed after change number `seen`,
-    /// and the latest change number (pass it next time).
+    /// and the latest change number (pass it next time). A marked client that registers with
+    /// another key counts as changed: whether it is verified changed with its key.
     pub async fn verified_changes_since(
         &self,
         seen: i64,
@@ -594,35 +619,49 @@ impl Store {
         Ok((rows.into_iter().map(|(id, _)| id).collect(), latest))
     }
 
-    /// Ids of the clients of every account marked verified.
-    pub async fn verified_clients(&self) -> Result<std::collections::HashSet<String>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM clients WHERE verified = 1")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(ids.into_iter().collect())
+    /// The verified clients of every account (those that hold the key their mark was given
+    /// for), each with that key: a grant counts as made for a verified device only when it
+    /// names this key.
+    pub async fn verified_keys(
+        &self,
+    ) -> Result<std::collections::HashMap<String, fz_proto::PublicKey>, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, public_key FROM clients WHERE verified = 1")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(id, key)| {
+                let key = fz_proto::PublicKey::from_str(&key)
+                    .map_err(|_| corrupt("a client's public key is not a key"))?;
+                Ok((id, key))
+            })
+            .collect()
     }
 
-    /// Marks a client of `account` verified or not.
+    /// Marks a client of `account` verified, for the key it holds now, or takes the mark
+    /// away; returns the client as it is after the change.
     pub async fn set_client_verified(
         &self,
         account: &str,
         client_id: &str,
         verified: bool,
-    ) -> Result<(), StoreError> {
-        let done = sqlx::query(
+    ) -> Result<ClientRecord, StoreError> {
+        let row: Option<ClientRow> = sqlx::query_as(&format!(
             "UPDATE clients
-             SET verified = ?3, verified_seq = (SELECT max(verified_seq) FROM clients) + 1
-             WHERE account = ?1 AND id = ?2",
-        )
+             SET verified_key = CASE WHEN ?3 THEN public_key END,
+                 verified_seq = (SELECT max(verified_seq) FROM clients) + 1
+             WHERE account = ?1 AND id = ?2
+             RETURNING {CLIENT_COLUMNS}"
+        ))
         .bind(account)
         .bind(client_id)
         .bind(verified)
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
-        if done.rows_affected() == 0 {
+        let Some(row) = row else {
             return Err(StoreError::NotFound(Entity::Client));
-        }
-        Ok(())
+        };
+        row.into_record()
     }
 
     /// A client of `account`.
@@ -1017,7 +1056,7 @@ impl Store {
 const TOKEN_COLUMNS: &str =
     "id, account, kind, name, site, user_email, provider, created_at, expires_at, revoked_at";
 const CLIENT_COLUMNS: &str =
-    "id, account, token_id, name, public_key, verified, created_at, tunnel_index";
+    "id, account, token_id, name, public_key, verified, verified_key, created_at, tunnel_index";
 const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
                                created_at, last_seen, connected";
 
@@ -1066,6 +1105,7 @@ struct ClientRow {
     name: String,
     public_key: String,
     verified: bool,
+    verified_key: Option<String>,
     created_at: i64,
     tunnel_index: Option<i64>,
 }
@@ -1083,6 +1123,7 @@ impl ClientRow {
             name: self.name,
             public_key: self.public_key,
             verified: self.verified,
+            verified_key: self.verified_key,
             created_at: self.created_at,
             tunnel_index,
         })

@@ -490,6 +490,62 @@ async fn a_device_that_returns_with_another_key_loses_the_grants_of_the_old_one(
 }
 
 #[tokio::test]
+async fn the_verified_mark_belongs_to_the_device_key_not_to_the_token() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let mut seen = portal.gateway("acme", "hq", 200).await.serve();
+    let (_, secret) = portal.client_token("acme", ALICE).await;
+    let connect = |seed: u8| {
+        TestClient::connect(
+            portal.address(),
+            portal.pinned(),
+            "acme",
+            &secret,
+            key(seed),
+        )
+    };
+    let mut device = connect(1).await.unwrap();
+    portal
+        .store()
+        .set_client_verified("acme", &device.ready.client_id, true)
+        .await
+        .unwrap();
+    let vault = device.grant("vault", None).await;
+    assert_eq!(vault.grant.rule, "eng-vault");
+    assert!(matches!(
+        next_seen(&mut seen).await,
+        PortalToGateway::Grant { .. }
+    ));
+
+    // The token copied to another machine, which registers its own key: the same client,
+    // and the marked device's grant is withdrawn.
+    let mut copy = connect(9).await.unwrap();
+    assert_eq!(copy.ready.client_id, device.ready.client_id);
+    match next_seen(&mut seen).await {
+        PortalToGateway::Revoke { grant_id } => assert_eq!(grant_id, vault.grant.id),
+        other => panic!("expected the marked device's grant withdrawn, got {other:?}"),
+    }
+    // The copy is not verified: refused what needs the mark, granted what does not.
+    let refused = copy.request("vault", None).await;
+    let reason = rejection(&refused);
+    assert!(
+        reason.contains("`client verified` did not hold"),
+        "{reason}"
+    );
+    assert_eq!(copy.grant("db", None).await.grant.rule, "eng-tools");
+    let client = portal
+        .store()
+        .client("acme", &copy.ready.client_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!client.verified);
+
+    // The marked device comes back with its own key: verified again.
+    let mut back = connect(1).await.unwrap();
+    assert_eq!(back.grant("vault", None).await.grant.rule, "eng-vault");
+}
+
+#[tokio::test]
 async fn a_grant_acknowledged_after_its_session_ended_is_withdrawn_at_once() {
     let portal = TestPortal::start(POLICY, "gateway_ack_timeout_ms = 30000").await;
     let mut gateway = portal.gateway("acme", "hq", 200).await;

@@ -4,12 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fz_compiler::table::Effect;
 use fz_compiler::{Bundle, Request};
-use fz_portal::policy::{PolicyEngine, PolicyError, PolicySource, ReloadStatus};
+use fz_portal::policy::{
+    LoadOptions, PolicyEngine, PolicyError, PolicySource, ReloadStatus, SettleOptions,
+};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
@@ -460,6 +463,137 @@ async fn dropping_the_watcher_stops_watching() {
     let outcome = engine.reload().unwrap();
     assert!(outcome.changed);
     assert_eq!(engine.reload_status().borrow().succeeded, 1);
+}
+
+/// Engineering's tools, and the guardrail that keeps alice out of the wiki, as an edit moves it
+/// from one file to another.
+const TOOLS: &str = "allow engineering -> gitlab, wiki as eng-tools\n";
+const GUARDRAIL: &str = "deny user \"alice@company.com\" -> wiki as alice-not-wiki\n";
+
+/// What a test does to the tree between two reads.
+type Action = Box<dyn FnOnce() + Send>;
+
+/// A hook for [`LoadOptions::after_read`] that runs what a test armed it with once, after the
+/// next read, and counts the reads.
+#[derive(Clone, Default)]
+struct BetweenReads {
+    armed: Arc<Mutex<Option<Action>>>,
+    reads: Arc<AtomicU32>,
+}
+
+impl BetweenReads {
+    fn arm(&self, action: impl FnOnce() + Send + 'static) {
+        *self.armed.lock().unwrap() = Some(Box::new(action));
+    }
+
+    fn fired(&self) -> bool {
+        self.armed.lock().unwrap().is_none()
+    }
+
+    fn options(&self, settle: SettleOptions) -> LoadOptions {
+        let hook = self.clone();
+        LoadOptions {
+            settle,
+            after_read: Some(Arc::new(move |_| {
+                hook.reads.fetch_add(1, Ordering::SeqCst);
+                let action = hook.armed.lock().unwrap().take();
+                if let Some(action) = action {
+                    action();
+                }
+            })),
+        }
+    }
+}
+
+#[test]
+fn a_reload_caught_between_two_writes_of_an_edit_never_installs_the_half_written_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = tree(dir.path(), &format!("{TOOLS}{GUARDRAIL}"));
+    let between = BetweenReads::default();
+    let engine = PolicyEngine::load_with(
+        PolicySource::Tree(tree.clone()),
+        between.options(SettleOptions::default()),
+    )
+    .unwrap();
+    assert_eq!(decide(&engine, "alice@company.com", "wiki"), Effect::Deny);
+    let mut hash = engine.subscribe();
+
+    // The guardrail moves to a file of its own: access.fz is written without it (a valid
+    // tree, which lets alice into the wiki), and guardrails.fz only after the reload's first
+    // read.
+    write(&tree.join("access.fz"), TOOLS);
+    let guardrails = tree.join("guardrails.fz");
+    between.arm(move || write(&guardrails, GUARDRAIL));
+    let reads_before = between.reads.load(Ordering::SeqCst);
+    let outcome = engine.reload().unwrap();
+
+    assert!(
+        between.fired(),
+        "the second write came after the first read"
+    );
+    let half_written = hash_of(TOOLS);
+    assert_ne!(outcome.hash, half_written);
+    assert_eq!(outcome.hash, compile(&tree).hash);
+    assert!(outcome.changed);
+    // One table was installed by the reload: the whole edit's.
+    assert!(hash.has_changed().unwrap());
+    assert_eq!(*hash.borrow_and_update(), outcome.hash);
+    assert_eq!(decide(&engine, "alice@company.com", "wiki"), Effect::Deny);
+    assert_eq!(
+        decide(&engine, "alice@company.com", "gitlab"),
+        Effect::Allow
+    );
+    // Read 1 found the half-written tree, read 2 the whole edit, read 3 the same again.
+    assert!(between.reads.load(Ordering::SeqCst) - reads_before >= 3);
+}
+
+#[test]
+fn a_tree_that_never_stops_changing_is_a_failed_reload_and_the_table_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = tree(dir.path(), ACCESS);
+    let between = BetweenReads::default();
+    let settle = SettleOptions {
+        quiet_period: Duration::from_millis(20),
+        max_reads: 5,
+        max_wait: Duration::from_secs(60),
+    };
+    let engine =
+        PolicyEngine::load_with(PolicySource::Tree(tree.clone()), between.options(settle)).unwrap();
+    let before = engine.current();
+
+    // Something writes the tree after every read, each time something else.
+    let notes = tree.join("notes.fz");
+    let writes = Arc::new(AtomicU32::new(0));
+    fn keep_writing(notes: PathBuf, writes: Arc<AtomicU32>, between: BetweenReads) {
+        let n = writes.fetch_add(1, Ordering::SeqCst);
+        write(&notes, &format!("# write {n}\n"));
+        let again = between.clone();
+        between.arm(move || keep_writing(notes, writes, again));
+    }
+    write(&tree.join("access.fz"), ACCESS_WITH_WIKI);
+    {
+        let (notes, writes, again) = (notes.clone(), writes.clone(), between.clone());
+        between.arm(move || keep_writing(notes, writes, again));
+    }
+    let error = engine.reload().unwrap_err();
+
+    assert!(
+        matches!(error, PolicyError::Unsettled { reads: 5, .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("kept changing"), "{message}");
+    assert!(Arc::ptr_eq(&before, &engine.current()));
+    assert_eq!(decide(&engine, "bob@company.com", "wiki"), Effect::Deny);
+    let status = engine.reload_status().borrow().clone();
+    assert_eq!((status.succeeded, status.failed), (0, 1));
+    assert_eq!(status.last_error, Some(message));
+
+    // Once the writing stops, the next reload takes the edit.
+    *between.armed.lock().unwrap() = None;
+    let outcome = engine.reload().unwrap();
+    assert!(outcome.changed);
+    assert_eq!(decide(&engine, "bob@company.com", "wiki"), Effect::Allow);
 }
 
 #[test]

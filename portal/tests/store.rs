@@ -490,7 +490,12 @@ async fn accounts_are_isolated() {
         "token"
     );
     assert_eq!(
-        not_found(store.set_client_verified(B, &a.client.id, true).await),
+        not_found(
+            store
+                .set_client_verified(B, &a.client.id, true)
+                .await
+                .map(drop)
+        ),
         "client"
     );
     assert_eq!(
@@ -670,9 +675,10 @@ impl BadWrite {
                 )
                 .await
                 .map(drop),
-            BadWrite::VerifyOtherAccountsClient => {
-                store.set_client_verified(B, &a.client.id, true).await
-            }
+            BadWrite::VerifyOtherAccountsClient => store
+                .set_client_verified(B, &a.client.id, true)
+                .await
+                .map(drop),
             BadWrite::ConnectOtherAccountsGateway => {
                 store
                     .set_gateway_connected(B, &a.gateway.id, false, NOW)
@@ -885,7 +891,7 @@ async fn memberships_are_replaced_per_provider() {
 }
 
 #[tokio::test]
-async fn a_client_registers_once_per_token_and_keeps_its_flag() {
+async fn a_client_registers_once_per_token_and_its_mark_stays_with_its_key() {
     let Fixture { _dir, store, .. } = fixture().await;
     let token = store
         .create_token(A, client_kind(), "alice's laptop", NOW + DAY, NOW)
@@ -898,24 +904,66 @@ async fn a_client_registers_once_per_token_and_keeps_its_flag() {
     assert_eq!(first.name, "alice's laptop");
     assert_eq!(first.token_id, token.id);
     assert!(!first.verified);
-    store.set_client_verified(A, &first.id, true).await.unwrap();
+    assert_eq!(first.verified_key, None);
+    let marked = store.set_client_verified(A, &first.id, true).await.unwrap();
+    assert!(marked.verified);
+    assert_eq!(marked.verified_key, Some(key(1)));
+    let (_, before) = store.verified_changes_since(0).await.unwrap();
 
-    let again = store
+    // The same token from another machine, with that machine's key: the same client, not
+    // verified. Whether it is verified changed, so a running portal decides its grants again.
+    let copied = store
         .register_client(A, &token.id, &key(2), NOW + 5)
         .await
         .unwrap();
-    assert_eq!(again.id, first.id);
-    assert_eq!(again.public_key, key(2));
-    assert!(again.verified);
-    assert_eq!(again.created_at, NOW);
-    assert_eq!(store.list_clients(A).await.unwrap(), vec![again.clone()]);
+    assert_eq!(copied.id, first.id);
+    assert_eq!(copied.public_key, key(2));
+    assert!(!copied.verified);
+    assert_eq!(copied.verified_key, Some(key(1)));
+    assert_eq!(copied.created_at, NOW);
+    assert_eq!(store.list_clients(A).await.unwrap(), vec![copied.clone()]);
+    assert!(store.verified_keys().await.unwrap().is_empty());
+    let (changed, after_copy) = store.verified_changes_since(before).await.unwrap();
+    assert_eq!(changed, std::slice::from_ref(&first.id));
 
+    // The marked device comes back with its own key: verified again, and that is a change too.
+    let back = store
+        .register_client(A, &token.id, &key(1), NOW + 9)
+        .await
+        .unwrap();
+    assert!(back.verified);
+    assert_eq!(store.client(A, &first.id).await.unwrap().unwrap(), back);
+    let (changed, after_return) = store.verified_changes_since(after_copy).await.unwrap();
+    assert_eq!(changed, std::slice::from_ref(&first.id));
+    assert!(after_return > after_copy);
+    // Registering again with the same key changes nothing.
     store
+        .register_client(A, &token.id, &key(1), NOW + 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.verified_changes_since(after_return).await.unwrap(),
+        (vec![], after_return)
+    );
+
+    let unmarked = store
         .set_client_verified(A, &first.id, false)
         .await
         .unwrap();
+    assert!(!unmarked.verified);
+    assert_eq!(unmarked.verified_key, None);
     let read = store.client(A, &first.id).await.unwrap().unwrap();
     assert!(!read.verified);
+    // An unmarked client's key changes are no mark changes.
+    let (_, unmarked_at) = store.verified_changes_since(0).await.unwrap();
+    store
+        .register_client(A, &token.id, &key(3), NOW + 11)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.verified_changes_since(unmarked_at).await.unwrap(),
+        (vec![], unmarked_at)
+    );
 
     // The same key in another account is another peer on other gateways: allowed.
     let other = store
@@ -926,6 +974,85 @@ async fn a_client_registers_once_per_token_and_keeps_its_flag() {
         .register_client(B, &other.id, &key(2), NOW)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn marks_given_before_marks_had_keys_are_for_the_key_the_client_had() {
+    // A store as the portal left it before verified marks had keys: the first two
+    // migrations, a marked client and an unmarked one.
+    let dir = TempDir::new().unwrap();
+    let migrations = dir.path().join("migrations");
+    std::fs::create_dir(&migrations).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for name in ["0001_store.sql", "0002_client_identity.sql"] {
+        std::fs::copy(source.join(name), migrations.join(name)).unwrap();
+    }
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let options = SqliteConnectOptions::new()
+        .filename(data_dir.join(DATABASE_FILE))
+        .create_if_missing(true)
+        .foreign_keys(true);
+    let pool = SqlitePool::connect_with(options).await.unwrap();
+    sqlx::migrate::Migrator::new(migrations.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO accounts (slug) VALUES ('acme')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (n, name) in [(1_u8, "laptop"), (2, "phone")] {
+        sqlx::query(
+            "INSERT INTO tokens (id, account, kind, name, secret_hash, created_at, expires_at,
+                                 user_email)
+             VALUES ('tok_' || ?1, 'acme', 'client', ?2, printf('%064d', ?1), ?3, ?4,
+                     'a@example.com')",
+        )
+        .bind(i64::from(n))
+        .bind(name)
+        .bind(NOW)
+        .bind(NOW + DAY)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO clients (id, account, token_id, name, public_key, verified, created_at,
+                                  tunnel_index, verified_seq)
+             VALUES ('cli_' || ?1, 'acme', 'tok_' || ?1, ?2, ?3, ?1 = 1, ?4, ?1, ?1 = 1)",
+        )
+        .bind(i64::from(n))
+        .bind(name)
+        .bind(key(n))
+        .bind(NOW)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
+
+    let store = Store::open(&data_dir).await.unwrap();
+    let clients = store.list_clients(A).await.unwrap();
+    let marks: Vec<(&str, bool, Option<&str>)> = clients
+        .iter()
+        .map(|c| (c.id.as_str(), c.verified, c.verified_key.as_deref()))
+        .collect();
+    let marked = key(1);
+    assert_eq!(
+        marks,
+        [
+            ("cli_1", true, Some(marked.as_str())),
+            ("cli_2", false, None)
+        ]
+    );
+    // And from now on the mark follows the key.
+    let moved = store
+        .register_client(A, "tok_1", &key(3), NOW + 1)
+        .await
+        .unwrap();
+    assert!(!moved.verified);
 }
 
 #[tokio::test]
@@ -1392,7 +1519,7 @@ async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper() {
         store.tokens_revoked_since(NOW + 60).await.unwrap(),
         [b.gateway_token.id]
     );
-    assert!(store.verified_clients().await.unwrap().is_empty());
+    assert!(store.verified_keys().await.unwrap().is_empty());
     assert_eq!(store.verified_changes_since(0).await.unwrap(), (vec![], 0));
     // A mark set and taken back at once is still two changes a portal can see.
     store
@@ -1417,7 +1544,7 @@ async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper() {
         .await
         .unwrap();
     assert_eq!(
-        store.verified_clients().await.unwrap(),
-        std::collections::HashSet::from([b.client.id])
+        store.verified_keys().await.unwrap(),
+        std::collections::HashMap::from([(b.client.id, fz_proto::PublicKey([11; 32]))])
     );
 }

@@ -38,7 +38,8 @@ enum Command {
     /// Create, revoke and list client and gateway tokens.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Mark a client (device) verified, or take the mark away.
+    /// Mark a client (device) verified for the WireGuard key it holds now, or take the mark
+    /// away. A client that registers again with another key is not verified.
     Verify {
         #[arg(long)]
         account: String,
@@ -174,15 +175,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             undo,
         } => {
             let store = open_store(&config, &account).await?;
-            store.set_client_verified(&account, &client, !undo).await?;
-            println!(
-                "client {client} is {}",
-                if undo {
-                    "no longer verified"
-                } else {
-                    "verified"
-                }
-            );
+            let record = store.set_client_verified(&account, &client, !undo).await?;
+            if record.verified {
+                println!(
+                    "client {client} is verified while it holds key {}",
+                    record.public_key
+                );
+            } else {
+                println!("client {client} is no longer verified");
+            }
             Ok(())
         }
         Command::Gateways { account, json } => {
