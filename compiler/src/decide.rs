@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use rustc_hash::FxHashMap;
 
-use crate::address::AddressIndex;
+use crate::address::{Address, AddressIndex, Network};
 use crate::condition::{Condition, Context};
 use crate::table::*;
 
@@ -244,7 +244,36 @@ impl DecisionTable {
             .and_then(|i| self.table.resources.get(i as usize))
     }
 
-    /// The resource that serves an IP: longest prefix, else `internet`.
+    /// The networks a grant for `resource` keeps closed, sorted: a grant opens what its
+    /// resource serves, so for an IP or CIDR resource the networks of the resources inside
+    /// it, and for `internet` every network resource with public addresses. Empty for a DNS
+    /// resource, whose grant names the one name it opens (see [`Self::resource_for_name`]).
+    pub fn carve_outs(&self, resource: ResourceIdx) -> Vec<Network> {
+        let Some(granted) = self.table.resources.get(resource as usize) else {
+            return Vec::new();
+        };
+        let mut networks: Vec<Network> = self
+            .table
+            .resources
+            .iter()
+            .filter_map(|other| match (&granted.address, &other.address) {
+                (Address::Network(_), Address::Network(inner))
+                    if other.address.lies_inside(&granted.address) =>
+                {
+                    Some(*inner)
+                }
+                (Address::Internet, Address::Network(inner)) if !inner.is_wholly_non_public() => {
+                    Some(*inner)
+                }
+                _ => None,
+            })
+            .collect();
+        networks.sort();
+        networks.dedup();
+        networks
+    }
+
+    /// The resource that serves an IP: longest prefix, else `internet` for a public address.
     pub fn resource_for_ip(&self, ip: IpAddr) -> Option<&Resource> {
         self.addresses
             .lookup_ip(ip)

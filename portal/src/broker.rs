@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fz_compiler::address::Address;
+use fz_compiler::table::{Resource, ResourceIdx};
 use fz_compiler::{DecisionTable, Reason, Request};
 use fz_proto::{
     ClientReady, DnsMapping, Grant, GrantedResource, PortalSigningKey, PortalToClient,
@@ -429,12 +430,14 @@ impl Broker {
         };
         let request = request_for(table, session, resource_id, verified, at);
         let decision = table.decide(&request);
+        let logged_name = dns.as_ref().map(|d| cut(&d.name, MAX_LOGGED_NAME));
         let flow = |decision: FlowDecision, rule: Option<String>, reason: String| NewFlow {
             account: session.account.clone(),
             time: now_i64(unix(at)),
             user: session.user.clone(),
             client_id: session.client_id.clone(),
             resource_id: logged_id(resource_id),
+            name: logged_name.clone(),
             decision,
             rule_id: rule,
             bundle_hash: policy.bundle_hash.clone(),
@@ -470,7 +473,7 @@ impl Broker {
         let Some(resource) = table.table().resources.get(index as usize) else {
             return deny(Reason::UnknownResource.describe().to_owned()).await;
         };
-        if let Err(reason) = check_dns(&resource.address, dns.as_ref()) {
+        if let Err(reason) = check_dns(table, resource, dns.as_ref()) {
             return deny(reason).await;
         }
         let rule = decision
@@ -490,16 +493,7 @@ impl Broker {
         if expires_at <= now {
             return deny("the rule's time window closes now".to_owned()).await;
         }
-        let granted = GrantedResource {
-            id: resource.id.clone(),
-            address: resource.address.to_string(),
-            filter: resource
-                .ports
-                .as_ref()
-                .map(|ports| ports.iter().map(ToString::to_string).collect()),
-            except: Vec::new(),
-            dns,
-        };
+        let granted = granted_resource(table, index, dns);
         // Gateways the client could not reach count as tried (a bounded number of them: the
         // list comes from the client).
         let mut tried: HashSet<String> = avoid.iter().take(MAX_AVOIDED).cloned().collect();
@@ -969,25 +963,52 @@ fn still_allowed(
             decision.reason.describe()
         ));
     }
-    let resource = table
-        .resource_index(&grant.resource_id)
-        .and_then(|i| table.table().resources.get(i as usize));
     let granted = &grant.signed.grant.resource;
-    let site = table
-        .resource_index(&grant.resource_id)
-        .and_then(|i| site_of(table, i));
-    let same = site.as_deref() == Some(grant.site.as_str())
-        && resource.is_some_and(|r| {
-            r.address.to_string() == granted.address
-                && r.ports
-                    .as_ref()
-                    .map(|ports| ports.iter().map(ToString::to_string).collect::<Vec<_>>())
-                    == granted.filter
-        });
+    let Some(index) = table.resource_index(&grant.resource_id) else {
+        return Err("the resource is gone".to_owned());
+    };
+    // What the grant would say if it were made now: the same address, ports, carve-outs and
+    // name (a narrower resource declared since takes its addresses or its name away).
+    let now = granted_resource(table, index, granted.dns.clone());
+    let same = site_of(table, index).as_deref() == Some(grant.site.as_str())
+        && now.address == granted.address
+        && now.filter == granted.filter
+        && now.except == granted.except;
     if !same {
-        return Err("the resource's address, ports or site changed".to_owned());
+        return Err("the resource's address, ports, site or carve-outs changed".to_owned());
+    }
+    let resource = table.table().resources.get(index as usize);
+    if let Some(resource) = resource
+        && let Err(reason) = check_dns(table, resource, granted.dns.as_ref())
+    {
+        return Err(reason);
     }
     Ok(())
+}
+
+/// What a grant for resource `index` opens: its address, its port filter, the networks of more
+/// specific resources it keeps closed, and for a DNS resource the one name asked for.
+fn granted_resource(
+    table: &DecisionTable,
+    index: ResourceIdx,
+    dns: Option<DnsMapping>,
+) -> GrantedResource {
+    let resource = table.table().resources.get(index as usize);
+    GrantedResource {
+        id: resource.map(|r| r.id.clone()).unwrap_or_default(),
+        address: resource.map(|r| r.address.to_string()).unwrap_or_default(),
+        filter: resource.and_then(|r| {
+            r.ports
+                .as_ref()
+                .map(|ports| ports.iter().map(ToString::to_string).collect())
+        }),
+        except: table
+            .carve_outs(index)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        dns,
+    }
 }
 
 /// Whether a rule on the resource has a `client verified` condition: only then does the mark
@@ -1112,16 +1133,34 @@ fn site_of(table: &DecisionTable, resource: u32) -> Option<String> {
     table.sites.get(site as usize).map(|s| s.id.clone())
 }
 
-/// A DNS resource needs the name the client resolved (inside its pattern) and the mapped
-/// addresses it handed out; any other resource takes neither.
-fn check_dns(address: &Address, dns: Option<&DnsMapping>) -> Result<(), String> {
-    match (address, dns) {
+/// A DNS resource needs the name the client resolved and the mapped addresses it handed out;
+/// any other resource takes neither. The name must be one the resource serves: inside its
+/// pattern, and not the name of a more specific resource (a grant for `*.corp.example` never
+/// opens `vault.corp.example` when `vault` is a resource of its own).
+fn check_dns(
+    table: &DecisionTable,
+    resource: &Resource,
+    dns: Option<&DnsMapping>,
+) -> Result<(), String> {
+    match (&resource.address, dns) {
         (Address::Name(pattern), Some(dns)) => {
-            if !pattern.matches(&dns.name.to_ascii_lowercase()) {
+            let name = dns.name.to_ascii_lowercase();
+            if !pattern.matches(name.strip_suffix('.').unwrap_or(&name)) {
                 return Err(format!(
                     "`{}` is not a name of this resource (`{}`)",
-                    dns.name,
+                    cut(&dns.name, MAX_LOGGED_NAME),
                     pattern.as_str()
+                ));
+            }
+            if let Some(serving) = table.resource_for_name(&name)
+                && serving.id != resource.id
+            {
+                return Err(format!(
+                    "`{}` is served by resource `{}`, not `{}`: ask for `{}`",
+                    cut(&dns.name, MAX_LOGGED_NAME),
+                    serving.id,
+                    resource.id,
+                    serving.id
                 ));
             }
             if !dns.is_well_formed() {
@@ -1182,6 +1221,9 @@ const MAX_LOGGED_ID: usize = 128;
 /// The longest reason the flow log and a rejection carry whole: reasons quote what agents sent
 /// (a DNS name, a gateway's refusal), which is theirs to make long.
 const MAX_REASON: usize = 1024;
+
+/// The longest DNS name the flow log and a rejection quote whole: a name can be no longer.
+const MAX_LOGGED_NAME: usize = 253;
 
 fn logged_id(resource: &str) -> String {
     cut(resource, MAX_LOGGED_ID)

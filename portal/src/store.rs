@@ -308,6 +308,8 @@ pub struct NewFlow {
     pub user: String,
     pub client_id: String,
     pub resource_id: String,
+    /// For a DNS resource, the name the client asked for.
+    pub name: Option<String>,
     pub decision: Decision,
     /// The rule that allowed (or explicitly denied); `None` when no rule matched.
     pub rule_id: Option<String>,
@@ -326,6 +328,7 @@ pub struct FlowRecord {
     pub user: String,
     pub client_id: String,
     pub resource_id: String,
+    pub name: Option<String>,
     pub decision: Decision,
     pub rule_id: Option<String>,
     pub bundle_hash: String,
@@ -915,8 +918,8 @@ impl Store {
         }
         for chunk in flows.chunks(ROWS_PER_STATEMENT) {
             let mut insert = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO flows (account, time, user_email, client_id, resource_id, decision,
-                                    rule_id, bundle_hash, reason) ",
+                "INSERT INTO flows (account, time, user_email, client_id, resource_id, name,
+                                    decision, rule_id, bundle_hash, reason) ",
             );
             insert.push_values(chunk, |mut row, flow| {
                 row.push_bind(&flow.account)
@@ -924,6 +927,7 @@ impl Store {
                     .push_bind(flow.user.to_lowercase())
                     .push_bind(&flow.client_id)
                     .push_bind(&flow.resource_id)
+                    .push_bind(flow.name.as_deref())
                     .push_bind(flow.decision)
                     .push_bind(flow.rule_id.as_deref())
                     .push_bind(&flow.bundle_hash)
@@ -1027,8 +1031,8 @@ impl Store {
         // A negative limit is no limit to SQLite.
         let limit = filter.limit.map_or(-1, i64::from);
         Ok(sqlx::query_as(
-            "SELECT id, account, time, user_email, client_id, resource_id, decision, rule_id,
-                    bundle_hash, reason
+            "SELECT id, account, time, user_email, client_id, resource_id, name, decision,
+                    rule_id, bundle_hash, reason
              FROM flows
              WHERE account = ?1
                AND (?2 IS NULL OR user_email = ?2)
@@ -1317,17 +1321,18 @@ async fn insert_flow(
     flow: &NewFlow,
 ) -> Result<FlowRecord, StoreError> {
     sqlx::query_as(
-        "INSERT INTO flows (account, time, user_email, client_id, resource_id, decision, rule_id,
-                            bundle_hash, reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         RETURNING id, account, time, user_email, client_id, resource_id, decision, rule_id,
-                   bundle_hash, reason",
+        "INSERT INTO flows (account, time, user_email, client_id, resource_id, name, decision,
+                            rule_id, bundle_hash, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         RETURNING id, account, time, user_email, client_id, resource_id, name, decision,
+                   rule_id, bundle_hash, reason",
     )
     .bind(&flow.account)
     .bind(flow.time)
     .bind(flow.user.to_lowercase())
     .bind(&flow.client_id)
     .bind(&flow.resource_id)
+    .bind(flow.name.as_deref())
     .bind(flow.decision)
     .bind(flow.rule_id.as_deref())
     .bind(&flow.bundle_hash)

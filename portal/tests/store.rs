@@ -157,6 +157,7 @@ fn flow(
         user: user.to_owned(),
         client_id: "cli_x".to_owned(),
         resource_id: resource.to_owned(),
+        name: None,
         decision: if allow {
             Decision::Allow
         } else {

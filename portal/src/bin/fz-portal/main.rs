@@ -224,12 +224,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&flows)?);
             } else {
                 for f in &flows {
+                    // A DNS resource's flow names the resource and the name asked for.
+                    let resource = match &f.name {
+                        Some(name) => format!("{} ({name})", f.resource_id),
+                        None => f.resource_id.clone(),
+                    };
                     println!(
-                        "{}\t{:?}\t{}\t{}\t{}\t{}",
+                        "{}\t{:?}\t{}\t{resource}\t{}\t{}",
                         f.time,
                         f.decision,
                         f.user,
-                        f.resource_id,
                         f.rule_id.as_deref().unwrap_or("-"),
                         f.reason
                     );
