@@ -64,6 +64,9 @@ pub enum Code {
     InvariantFailed,
     /// E020: an fz rule that Cedar cannot express, found by `fzc export --cedar`.
     NotInCedar,
+    /// E021: a tree without rules (or without policy files): it would compile to a table that
+    /// denies every request.
+    NoRules,
     /// W001: two resources overlap; the most specific one serves the shared addresses.
     OverlappingResources,
     /// W002: a site no resource belongs to.
@@ -80,7 +83,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in order.
-    pub const ALL: [Code; 26] = [
+    pub const ALL: [Code; 27] = [
         Code::Syntax,
         Code::Property,
         Code::DuplicateName,
@@ -101,6 +104,7 @@ impl Code {
         Code::TestFailed,
         Code::InvariantFailed,
         Code::NotInCedar,
+        Code::NoRules,
         Code::OverlappingResources,
         Code::UnusedSite,
         Code::UnusedGroup,
@@ -131,6 +135,7 @@ impl Code {
             Code::TestFailed => "E018",
             Code::InvariantFailed => "E019",
             Code::NotInCedar => "E020",
+            Code::NoRules => "E021",
             Code::OverlappingResources => "W001",
             Code::UnusedSite => "W002",
             Code::UnusedGroup => "W003",
