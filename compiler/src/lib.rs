@@ -23,7 +23,7 @@ pub use fz_address as address;
 
 use std::path::{Path, PathBuf};
 
-use fz_lang::{Diagnostic, SourceFile, Sources};
+use fz_lang::{Code, Diagnostic, FileId, Loc, SourceFile, Sources, Span};
 
 pub use bundle::{Bundle, BundleError};
 pub use decide::{Decision, DecisionTable, Reason, Request};
@@ -64,6 +64,11 @@ pub fn check(sources: Sources) -> Checked {
         })
         .collect();
     let resolved = resolve::resolve(&sources, &files, &mut diagnostics);
+    // Only a tree that is otherwise sound is said to have no rules: a rule lost to a syntax
+    // error is not a missing rule.
+    if resolved.table.rules.is_empty() && !diagnostics.iter().any(Diagnostic::is_error) {
+        diagnostics.push(no_rules(&sources));
+    }
     let mut tests = TestReport::default();
     let mut table = None;
     if !diagnostics.iter().any(Diagnostic::is_error) {
@@ -83,6 +88,33 @@ pub fn check(sources: Sources) -> Checked {
         tests,
         table,
     }
+}
+
+/// E021. A tree without rules compiles to a table that denies every request: in the portal,
+/// loading it would withdraw every grant of the account at once. That is never what an edit
+/// (or a wrong directory) means, so it is an error, about the tree as a whole.
+fn no_rules(sources: &Sources) -> Diagnostic {
+    let tree = Loc {
+        file: FileId::TREE,
+        span: Span::default(),
+    };
+    if sources.is_empty() {
+        return Diagnostic::new(
+            Code::NoRules,
+            tree,
+            "the tree has no rules: it holds no `*.fz` or `*.cedar` file",
+        )
+        .with_help("policy files end in `.fz` or `.cedar`; is this the tree's directory?");
+    }
+    let files = sources.len();
+    Diagnostic::new(Code::NoRules, tree, "the tree has no rules")
+        .with_note(format!(
+            "{files} {} read, without an `allow` or `deny` rule (or a Cedar `permit` or `forbid`)",
+            if files == 1 { "file" } else { "files" }
+        ))
+        .with_help(
+            "add a rule such as `allow GROUP -> RESOURCE`: a table without rules denies every request",
+        )
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -375,10 +375,13 @@ impl Resolver<'_> {
             .with_label(format!("`{property}` is required"))
             .with_help(format!("add `{example}` to the block"))
         };
+        // A partial declaration has a syntax error already; what looks missing may be there.
         let address = match &node.address {
             None => {
-                self.diagnostics
-                    .push(missing("address", "address \"host.example.com\""));
+                if !node.partial {
+                    self.diagnostics
+                        .push(missing("address", "address \"host.example.com\""));
+                }
                 None
             }
             Some(Node {
@@ -398,7 +401,9 @@ impl Resolver<'_> {
         };
         let site = match &node.site {
             None => {
-                self.diagnostics.push(missing("site", "site NAME"));
+                if !node.partial {
+                    self.diagnostics.push(missing("site", "site NAME"));
+                }
                 None
             }
             Some(site) => self.lookup(site, Kind::Site, &indexes.sites, "site"),
@@ -418,6 +423,10 @@ impl Resolver<'_> {
                     })
             }
         };
+        if node.partial {
+            // Never a resource of a table: its unread line might have narrowed it.
+            return None;
+        }
         Some(Resource {
             id: id.to_owned(),
             description: node.description.clone(),

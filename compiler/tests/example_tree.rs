@@ -29,13 +29,16 @@ fn the_bundle_reads_back_as_written() {
 }
 
 #[test]
-fn bundles_of_a_newer_format_or_another_kind_are_refused() {
+fn bundles_of_another_format_or_kind_are_refused() {
     let bytes = example_bundle().to_bytes().expect("bytes");
     let text = String::from_utf8(bytes).expect("utf-8");
-    let newer = text.replacen("\"version\": 1", "\"version\": 2", 1);
+    let newer = text.replacen("\"version\": 2", "\"version\": 3", 1);
+    // Version 1 tables do not file deny rules under the resources inside their targets.
+    let older = text.replacen("\"version\": 2", "\"version\": 1", 1);
     let other = text.replacen("\"fz-bundle\"", "\"something-else\"", 1);
     for (input, expected) in [
-        (newer, "this build reads version 1"),
+        (newer, "format version 3; this build reads version 2 only"),
+        (older, "format version 1; this build reads version 2 only"),
         (other, "not an fz bundle"),
         ("{".to_owned(), "not valid JSON"),
     ] {
@@ -82,15 +85,18 @@ fn the_address_index_serves_the_most_specific_resource() {
         assert_eq!(by_name(name), expected, "{name}");
     }
     let ips = [
-        ("10.20.5.77", "prod-db"),
-        ("10.20.0.10", "bastion"),
-        ("10.20.0.11", "egress"),
-        ("fd00:20:6::1", "prod-db-us"),
-        ("fd00:20::10", "bastion-us"),
-        ("192.168.100.1", "admin-net"),
-        ("8.8.8.8", "egress"),
+        ("10.20.5.77", Some("prod-db")),
+        ("10.20.0.10", Some("bastion")),
+        // A private address no resource declares: `internet` is public addresses only.
+        ("10.20.0.11", None),
+        ("fd00:20:6::1", Some("prod-db-us")),
+        ("fd00:20::10", Some("bastion-us")),
+        ("fd00:20::11", None),
+        ("192.168.100.1", Some("admin-net")),
+        ("8.8.8.8", Some("egress")),
+        ("2606:4700::1111", Some("egress")),
     ];
     for (ip, expected) in ips {
-        assert_eq!(by_ip(ip), Some(expected), "{ip}");
+        assert_eq!(by_ip(ip), expected, "{ip}");
     }
 }

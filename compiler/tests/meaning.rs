@@ -34,14 +34,15 @@ deny contractors -> second-label as no-contractors
 assert never contractors -> second-label
 "#;
 
-/// A static-only group and an open one, both allowed to the vault.
+/// A static-only group allowed to the vault, and an open one allowed to the wiki.
 const CLAIMS: &str = r#"
 site hq
 resource vault { address "vault.corp.example"; site hq }
+resource wiki { address "wiki.corp.example"; site hq }
 group admins { members "ann@corp.example" }
 group sre { idp okta "SRE" }
 allow admins -> vault as admins-vault
-allow sre -> vault as sre-vault
+allow sre -> wiki as sre-wiki
 assert never user "zed@corp.example" -> vault
 "#;
 
@@ -141,10 +142,10 @@ fn nesting_and_claims() {
                 "--group",
                 "sre",
                 "--resource",
-                "vault",
+                "wiki",
             ],
             0,
-            &["allow: zed@corp.example -> vault", "allow rule `sre-vault`"],
+            &["allow: zed@corp.example -> wiki", "allow rule `sre-wiki`"],
         ),
         (
             CLAIMS,

@@ -12,7 +12,7 @@ use chrono::{TimeZone, Utc};
 use fz_compiler::condition::Context;
 use fz_compiler::table::{Effect, PortRange, Rule, Table};
 use fz_compiler::{DecisionTable, Request};
-use fz_lang::{SourceFile, Sources};
+use fz_lang::{Code, FileId, SourceFile, Sources};
 use proptest::prelude::*;
 
 // ------------------------------------------------------------------ never panics
@@ -169,6 +169,11 @@ proptest! {
         let checked = fz_compiler::check(Sources::new(vec![SourceFile::new(name, text)]));
         for diagnostic in &checked.diagnostics {
             prop_assert!(!diagnostic.message.is_empty());
+            if diagnostic.loc.file == FileId::TREE {
+                // About the tree as a whole: an edit that leaves no rule.
+                prop_assert_eq!(diagnostic.code, Code::NoRules);
+                continue;
+            }
             let (path, line, column) = checked.sources.position(diagnostic.loc);
             prop_assert!(path == name && line >= 1 && column >= 1);
         }
@@ -516,8 +521,8 @@ proptest! {
         let quantifier = if never { "never" } else { "only" };
         let text = format!("{}assert {quantifier} g{group} -> r{resource}\n", render(&tree));
         let checked = fz_compiler::check(Sources::new(vec![SourceFile::new("random.fz", text.clone())]));
-        let proved = !checked.diagnostics.iter().any(|d| d.code == fz_lang::Code::InvariantFailed);
-        prop_assert!(checked.diagnostics.iter().all(|d| !d.is_error() || d.code == fz_lang::Code::InvariantFailed));
+        let proved = !checked.diagnostics.iter().any(|d| d.code == Code::InvariantFailed);
+        prop_assert!(checked.diagnostics.iter().all(|d| !d.is_error() || d.code == Code::InvariantFailed));
         if !proved {
             return Ok(());
         }

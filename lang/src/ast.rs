@@ -34,6 +34,11 @@ pub struct ResourceDecl {
     /// `None` when the resource has no `ports` line: all traffic to the address.
     pub ports: Option<Vec<Node<PortSpec>>>,
     pub description: Option<String>,
+    /// Part of the declaration did not parse (a line of its block, or the block itself; each
+    /// has its own syntax error). The name stays declared, so rules naming it resolve, but a
+    /// property that looks missing may stand on the unreadable line, so the checker does not
+    /// report one missing (it checks the properties that did read).
+    pub partial: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -64,6 +64,9 @@ pub enum Code {
     InvariantFailed,
     /// E020: an fz rule that Cedar cannot express, found by `fzc export --cedar`.
     NotInCedar,
+    /// E021: a tree without rules (or without policy files): it would compile to a table that
+    /// denies every request.
+    NoRules,
     /// E022: a test's `given` puts a user in a static-only group that does not list them.
     GivenStaticGroup,
     /// W001: two resources overlap; the most specific one serves the shared addresses.
@@ -82,7 +85,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in order.
-    pub const ALL: [Code; 27] = [
+    pub const ALL: [Code; 28] = [
         Code::Syntax,
         Code::Property,
         Code::DuplicateName,
@@ -103,6 +106,7 @@ impl Code {
         Code::TestFailed,
         Code::InvariantFailed,
         Code::NotInCedar,
+        Code::NoRules,
         Code::GivenStaticGroup,
         Code::OverlappingResources,
         Code::UnusedSite,
@@ -134,6 +138,7 @@ impl Code {
             Code::TestFailed => "E018",
             Code::InvariantFailed => "E019",
             Code::NotInCedar => "E020",
+            Code::NoRules => "E021",
             Code::GivenStaticGroup => "E022",
             Code::OverlappingResources => "W001",
             Code::UnusedSite => "W002",

@@ -15,7 +15,11 @@ use crate::source::{FileId, Loc, Node, Span};
 struct Grammar;
 
 /// Parses one file, collecting a diagnostic for every statement that does not parse. The
-/// statements that do parse are returned either way.
+/// statements that do parse are returned either way, and so is what can be read of a
+/// declaration that does not (see [`Builder::recover`]).
+///
+/// `text` is a file's text as [`crate::SourceFile`] holds it: a CRLF is read as a newline
+/// there, once for every front end, and spans point into that text.
 pub fn parse_file(file: FileId, text: &str) -> (PolicyFile, Vec<Diagnostic>) {
     let mut policy = PolicyFile::default();
     let mut diagnostics = Vec::new();
@@ -37,7 +41,11 @@ pub fn parse_file(file: FileId, text: &str) -> (PolicyFile, Vec<Diagnostic>) {
                     None => continue,
                 }
             }
-            Err(error) => diagnostics.push(builder.syntax_error(&error, chunk_text)),
+            Err(error) => {
+                policy
+                    .statements
+                    .extend(builder.recover(chunk_text, &error, &mut diagnostics))
+            }
         }
     }
     (policy, diagnostics)
@@ -252,48 +260,53 @@ impl Builder {
         diagnostics: &mut Vec<Diagnostic>,
     ) -> Node<ResourceDecl> {
         let loc = self.loc(&pair);
-        let mut decl = ResourceDecl {
-            name: Node::new(String::new(), loc),
-            address: None,
-            site: None,
-            ports: None,
-            description: None,
-        };
+        let mut decl = empty_resource(Node::new(String::new(), loc));
         let mut seen = PropertyTracker::default();
         for p in pair.into_inner() {
             match p.as_rule() {
                 Rule::ident => decl.name = self.text(&p),
                 Rule::resource_block => {
                     for prop in p.into_inner() {
-                        let rule = prop.as_rule();
-                        if matches!(rule, Rule::open | Rule::close) {
-                            continue;
-                        }
-                        seen.note(self, &prop, diagnostics);
-                        let mut values = prop.into_inner();
-                        if rule == Rule::ports_prop {
-                            decl.ports = Some(values.map(|spec| self.port(spec)).collect());
-                            continue;
-                        }
-                        let Some(value) = values.next() else { continue };
-                        match rule {
-                            Rule::address_prop => {
-                                let text = match value.as_rule() {
-                                    Rule::internet => AddressText::Internet,
-                                    _ => AddressText::Quoted(unescape(&value)),
-                                };
-                                decl.address = Some(self.node(&value, text));
-                            }
-                            Rule::site_prop => decl.site = Some(self.text(&value)),
-                            Rule::description_prop => decl.description = Some(unescape(&value)),
-                            _ => {}
-                        }
+                        self.resource_prop(&mut decl, &mut seen, prop, diagnostics);
                     }
                 }
                 _ => {}
             }
         }
         Node::new(decl, loc)
+    }
+
+    /// One property of a resource block (`{` and `}` are passed over).
+    fn resource_prop(
+        &self,
+        decl: &mut ResourceDecl,
+        seen: &mut PropertyTracker,
+        prop: Pair<'_, Rule>,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) {
+        let rule = prop.as_rule();
+        if matches!(rule, Rule::open | Rule::close) {
+            return;
+        }
+        seen.note(self, &prop, diagnostics);
+        let mut values = prop.into_inner();
+        if rule == Rule::ports_prop {
+            decl.ports = Some(values.map(|spec| self.port(spec)).collect());
+            return;
+        }
+        let Some(value) = values.next() else { return };
+        match rule {
+            Rule::address_prop => {
+                let text = match value.as_rule() {
+                    Rule::internet => AddressText::Internet,
+                    _ => AddressText::Quoted(unescape(&value)),
+                };
+                decl.address = Some(self.node(&value, text));
+            }
+            Rule::site_prop => decl.site = Some(self.text(&value)),
+            Rule::description_prop => decl.description = Some(unescape(&value)),
+            _ => {}
+        }
     }
 
     fn port(&self, pair: Pair<'_, Rule>) -> Node<PortSpec> {
@@ -329,48 +342,54 @@ impl Builder {
 
     fn group(&self, pair: Pair<'_, Rule>, diagnostics: &mut Vec<Diagnostic>) -> Node<GroupDecl> {
         let loc = self.loc(&pair);
-        let mut decl = GroupDecl {
-            name: Node::new(String::new(), loc),
-            members: Vec::new(),
-            idp: Vec::new(),
-            description: None,
-        };
+        let mut decl = empty_group(Node::new(String::new(), loc));
         let mut seen = PropertyTracker::default();
         for p in pair.into_inner() {
             match p.as_rule() {
                 Rule::ident => decl.name = self.text(&p),
                 Rule::group_block => {
                     for prop in p.into_inner() {
-                        match prop.as_rule() {
-                            Rule::members_prop => decl
-                                .members
-                                .extend(prop.into_inner().map(|s| self.node(&s, unescape(&s)))),
-                            Rule::idp_prop => {
-                                let prop_loc = self.loc(&prop);
-                                let mut provider = Node::new(String::new(), prop_loc);
-                                let mut group = String::new();
-                                for part in prop.into_inner() {
-                                    match part.as_rule() {
-                                        Rule::ident => provider = self.text(&part),
-                                        Rule::string => group = unescape(&part),
-                                        _ => {}
-                                    }
-                                }
-                                decl.idp
-                                    .push(Node::new(IdpBinding { provider, group }, prop_loc));
-                            }
-                            Rule::description_prop => {
-                                seen.note(self, &prop, diagnostics);
-                                decl.description = prop.into_inner().next().map(|s| unescape(&s));
-                            }
-                            _ => {}
-                        }
+                        self.group_prop(&mut decl, &mut seen, prop, diagnostics);
                     }
                 }
                 _ => {}
             }
         }
         Node::new(decl, loc)
+    }
+
+    /// One property of a group block (`{` and `}` are passed over).
+    fn group_prop(
+        &self,
+        decl: &mut GroupDecl,
+        seen: &mut PropertyTracker,
+        prop: Pair<'_, Rule>,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) {
+        match prop.as_rule() {
+            Rule::members_prop => decl
+                .members
+                .extend(prop.into_inner().map(|s| self.node(&s, unescape(&s)))),
+            Rule::idp_prop => {
+                let prop_loc = self.loc(&prop);
+                let mut provider = Node::new(String::new(), prop_loc);
+                let mut group = String::new();
+                for part in prop.into_inner() {
+                    match part.as_rule() {
+                        Rule::ident => provider = self.text(&part),
+                        Rule::string => group = unescape(&part),
+                        _ => {}
+                    }
+                }
+                decl.idp
+                    .push(Node::new(IdpBinding { provider, group }, prop_loc));
+            }
+            Rule::description_prop => {
+                seen.note(self, &prop, diagnostics);
+                decl.description = prop.into_inner().next().map(|s| unescape(&s));
+            }
+            _ => {}
+        }
     }
 
     fn rule(&self, pair: Pair<'_, Rule>, chunk_text: &str) -> Node<RuleDecl> {
@@ -542,17 +561,22 @@ impl Builder {
                 Rule::string => decl.name = self.node(&p, unescape(&p)),
                 Rule::test_body => {
                     for step in p.into_inner() {
-                        match step.as_rule() {
-                            Rule::given => decl.steps.push(TestStep::Given(self.given(step))),
-                            Rule::expect => decl.steps.push(TestStep::Expect(self.expect(step))),
-                            _ => {}
-                        }
+                        self.test_step(&mut decl, step);
                     }
                 }
                 _ => {}
             }
         }
         Node::new(decl, loc)
+    }
+
+    /// One step of a test block (`{` and `}` are passed over).
+    fn test_step(&self, decl: &mut TestDecl, step: Pair<'_, Rule>) {
+        match step.as_rule() {
+            Rule::given => decl.steps.push(TestStep::Given(self.given(step))),
+            Rule::expect => decl.steps.push(TestStep::Expect(self.expect(step))),
+            _ => {}
+        }
     }
 
     fn given(&self, pair: Pair<'_, Rule>) -> Node<Given> {
@@ -643,13 +667,148 @@ impl Builder {
         Node::new(decl, loc)
     }
 
-    fn syntax_error(&self, error: &pest::error::Error<Rule>, chunk_text: &str) -> Diagnostic {
+    /// Reads what it can of a statement that does not parse, and reports why it does not. A
+    /// declaration whose head reads (`site NAME`, `resource NAME`, `group NAME`, `test "NAME"`)
+    /// stays declared, so that every rule naming it resolves instead of adding an "unknown
+    /// name" error of its own; the lines of its block are then parsed one by one, so each bad
+    /// line gets its own diagnostic and the good ones are kept, and a missing `}` is one more.
+    /// Anything else is the statement's one syntax error, and no statement.
+    fn recover(
+        &self,
+        chunk_text: &str,
+        error: &pest::error::Error<Rule>,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> Option<Statement> {
+        let (statement, found) = self.recover_declaration(chunk_text);
+        if found.is_empty() {
+            // Nothing more precise to say than the statement's own error.
+            diagnostics.push(self.syntax_error(error, chunk_text, Context::Statement));
+        } else {
+            diagnostics.extend(found);
+        }
+        statement
+    }
+
+    /// The declaration a statement begins, with its block read line by line, and the
+    /// diagnostics of its lines (none when the head is all that reads).
+    fn recover_declaration(&self, chunk_text: &str) -> (Option<Statement>, Vec<Diagnostic>) {
+        let mut diagnostics = Vec::new();
+        let Some(head) = Grammar::parse(Rule::declaration_head, chunk_text)
+            .ok()
+            .and_then(|mut pairs| pairs.next())
+        else {
+            return (None, diagnostics);
+        };
+        let head_span = head.as_span();
+        let end = chunk_text.trim_end().len().max(head_span.end());
+        let loc = Loc {
+            file: self.file,
+            span: Span::new(self.offset + head_span.start(), self.offset + end),
+        };
+        let mut keyword = Rule::EOI;
+        let mut name = Node::new(String::new(), loc);
+        for part in head.into_inner() {
+            match part.as_rule() {
+                Rule::ident => name = self.text(&part),
+                Rule::string => name = self.node(&part, unescape(&part)),
+                rule => keyword = rule,
+            }
+        }
+        let mut block = match keyword {
+            Rule::kw_site => {
+                let site = SiteDecl {
+                    name,
+                    description: None,
+                };
+                return (Some(Statement::Site(Node::new(site, loc))), diagnostics);
+            }
+            Rule::kw_resource => Block::Resource(empty_resource(name), PropertyTracker::default()),
+            Rule::kw_group => Block::Group(empty_group(name), PropertyTracker::default()),
+            _ => Block::Test(TestDecl {
+                name,
+                steps: Vec::new(),
+            }),
+        };
+        let rest = chunk_text.get(head_span.end()..).unwrap_or("");
+        let open = head_span.end() + (rest.len() - rest.trim_start_matches([' ', '\t']).len());
+        if !chunk_text.get(open..).unwrap_or("").starts_with('{') {
+            // No block to read: the head is all that is known.
+            block.mark_partial();
+            return (Some(block.into_statement(loc)), diagnostics);
+        }
+        let scan = scan_block(chunk_text, open + 1);
+        for line in &scan.lines {
+            let Some(line_text) = chunk_text.get(line.start..line.end) else {
+                continue;
+            };
+            let builder = Builder {
+                file: self.file,
+                offset: self.offset + line.start,
+            };
+            match Grammar::parse(block.line_rule(), line_text) {
+                Ok(pairs) => {
+                    let props = pairs.flat_map(Pair::into_inner);
+                    for prop in props.filter(|p| p.as_rule() != Rule::EOI) {
+                        block.add(&builder, prop, &mut diagnostics);
+                    }
+                }
+                Err(error) => {
+                    let context = Context::Line(block.property_words());
+                    diagnostics.push(builder.syntax_error(&error, line_text, context));
+                    block.mark_partial();
+                }
+            }
+        }
+        match scan.close {
+            None => {
+                let at = scan.content_end;
+                diagnostics.push(
+                    Diagnostic::new(
+                        Code::Syntax,
+                        Loc {
+                            file: self.file,
+                            span: Span::new(self.offset + at, self.offset + at + 1),
+                        },
+                        "expected `}`, found the end of the statement",
+                    )
+                    .with_help("a `{` in this statement is never closed"),
+                );
+            }
+            Some(close) => {
+                let after = chunk_text.get(close + 1..).unwrap_or("");
+                let content = after.trim_start();
+                if !content.is_empty() && !content.starts_with('#') {
+                    let at = close + 1 + (after.len() - content.len());
+                    let found = found_at(chunk_text, at);
+                    diagnostics.push(Diagnostic::new(
+                        Code::Syntax,
+                        Loc {
+                            file: self.file,
+                            span: Span::new(
+                                self.offset + at,
+                                self.offset + at + found.len().max(1),
+                            ),
+                        },
+                        format!("expected the end of the statement, found `{found}`"),
+                    ));
+                }
+            }
+        }
+        (Some(block.into_statement(loc)), diagnostics)
+    }
+
+    fn syntax_error(
+        &self,
+        error: &pest::error::Error<Rule>,
+        chunk_text: &str,
+        context: Context,
+    ) -> Diagnostic {
         let mut position = match error.location {
             InputLocation::Pos(p) => p,
             InputLocation::Span((start, _)) => start,
         };
         let found = found_at(chunk_text, position);
-        let at_statement_start = position == chunk_text.len() - chunk_text.trim_start().len();
+        let at_start = position == chunk_text.len() - chunk_text.trim_start().len();
         if found.is_empty() {
             // Point at the end of what was written, not at the blank line after it.
             position = position.min(chunk_text.trim_end().len());
@@ -661,29 +820,39 @@ impl Builder {
                 self.offset + position + found.len().max(1),
             ),
         };
+        let end_words = match context {
+            Context::Statement => "the end of the statement",
+            Context::Line(_) => "the end of the line",
+        };
         let expected = match &error.variant {
-            ErrorVariant::ParsingError { .. } if at_statement_start => {
+            ErrorVariant::ParsingError { .. }
+                if at_start && matches!(context, Context::Statement) =>
+            {
                 "a statement: `site`, `resource`, `group`, `allow`, `deny`, `test` or `assert`"
                     .to_owned()
             }
-            ErrorVariant::ParsingError { positives, .. } => expected_words(positives),
+            ErrorVariant::ParsingError { positives, .. } => expected_words(positives, end_words),
             ErrorVariant::CustomError { message } => message.clone(),
         };
-        let found_words = if found.is_empty() {
-            "the end of the statement".to_owned()
-        } else {
-            format!("`{found}`")
+        let found_words = match found.chars().next() {
+            None => end_words.to_owned(),
+            Some('\r') => "a carriage return that ends no line (`\\r`)".to_owned(),
+            Some(c) if c.is_control() && c != '\t' => {
+                format!("the control character U+{:04X}", u32::from(c))
+            }
+            Some(_) => format!("`{found}`"),
         };
         let diagnostic = Diagnostic::new(
             Code::Syntax,
             loc,
             format!("expected {expected}, found {found_words}"),
         );
-        let keywords = [
-            "site", "resource", "group", "allow", "deny", "test", "assert",
-        ];
-        let near_keyword = at_statement_start
-            .then(|| crate::did_you_mean(found, keywords.into_iter()))
+        let keywords: &[&str] = match context {
+            Context::Statement => &STATEMENT_WORDS,
+            Context::Line(words) => words,
+        };
+        let near_keyword = at_start
+            .then(|| crate::did_you_mean(found, keywords.iter().copied()))
             .flatten();
         if let Some(near) = near_keyword {
             return diagnostic.with_help(format!("did you mean `{near}`?"));
@@ -697,6 +866,168 @@ impl Builder {
         }
         diagnostic
     }
+}
+
+/// The words that may begin a statement, for "did you mean".
+const STATEMENT_WORDS: [&str; 7] = [
+    "site", "resource", "group", "allow", "deny", "test", "assert",
+];
+
+/// What a syntax error was found in: a whole statement, or one line of a block whose
+/// statement did not parse (with the words that may begin such a line).
+#[derive(Clone, Copy)]
+enum Context {
+    Statement,
+    Line(&'static [&'static str]),
+}
+
+/// A declaration being put together from the lines of its block, for [`Builder::recover`].
+enum Block {
+    Resource(ResourceDecl, PropertyTracker),
+    Group(GroupDecl, PropertyTracker),
+    Test(TestDecl),
+}
+
+impl Block {
+    /// The grammar rule that one line of this block is parsed with.
+    fn line_rule(&self) -> Rule {
+        match self {
+            Block::Resource(..) => Rule::resource_line,
+            Block::Group(..) => Rule::group_line,
+            Block::Test(_) => Rule::test_line,
+        }
+    }
+
+    fn property_words(&self) -> &'static [&'static str] {
+        match self {
+            Block::Resource(..) => &["address", "site", "ports", "description"],
+            Block::Group(..) => &["members", "idp", "description"],
+            Block::Test(_) => &["given", "expect"],
+        }
+    }
+
+    fn add(&mut self, builder: &Builder, prop: Pair<'_, Rule>, diagnostics: &mut Vec<Diagnostic>) {
+        match self {
+            Block::Resource(decl, seen) => builder.resource_prop(decl, seen, prop, diagnostics),
+            Block::Group(decl, seen) => builder.group_prop(decl, seen, prop, diagnostics),
+            Block::Test(decl) => builder.test_step(decl, prop),
+        }
+    }
+
+    /// Records that some of the block did not read: a resource then does not count as
+    /// missing a property that may stand on an unreadable line.
+    fn mark_partial(&mut self) {
+        if let Block::Resource(decl, _) = self {
+            decl.partial = true;
+        }
+    }
+
+    fn into_statement(self, loc: Loc) -> Statement {
+        match self {
+            Block::Resource(decl, _) => Statement::Resource(Node::new(decl, loc)),
+            Block::Group(decl, _) => Statement::Group(Node::new(decl, loc)),
+            Block::Test(decl) => Statement::Test(Node::new(decl, loc)),
+        }
+    }
+}
+
+fn empty_resource(name: Node<String>) -> ResourceDecl {
+    ResourceDecl {
+        name,
+        address: None,
+        site: None,
+        ports: None,
+        description: None,
+        partial: false,
+    }
+}
+
+fn empty_group(name: Node<String>) -> GroupDecl {
+    GroupDecl {
+        name,
+        members: Vec::new(),
+        idp: Vec::new(),
+        description: None,
+    }
+}
+
+/// The lines of a block, from just after its `{`: cut at newlines and `;` outside strings and
+/// comments, up to the `}` that closes it (the grammar's block has no nested braces).
+struct BlockScan {
+    lines: Vec<Chunk>,
+    /// Where the closing `}` is, if anywhere.
+    close: Option<usize>,
+    /// Just after the last character that is neither whitespace nor comment: where a missing
+    /// `}` belongs.
+    content_end: usize,
+}
+
+fn scan_block(text: &str, start: usize) -> BlockScan {
+    let mut scan = BlockScan {
+        lines: Vec::new(),
+        close: None,
+        content_end: start,
+    };
+    let mut line_start = start;
+    let mut has_content = false;
+    let mut in_string = false;
+    let mut in_comment = false;
+    let mut escaped = false;
+    let push = |lines: &mut Vec<Chunk>, start: usize, end: usize, has_content: bool| {
+        if has_content {
+            lines.push(Chunk { start, end });
+        }
+    };
+    for (i, c) in text.get(start..).unwrap_or("").char_indices() {
+        let i = start + i;
+        if c == '\n' {
+            // Strings and comments never span lines.
+            in_string = false;
+            in_comment = false;
+            escaped = false;
+            push(&mut scan.lines, line_start, i, has_content);
+            line_start = i + 1;
+            has_content = false;
+            continue;
+        }
+        if in_comment {
+            continue;
+        }
+        if in_string {
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => escaped = false,
+            }
+            scan.content_end = i + c.len_utf8();
+            continue;
+        }
+        match c {
+            '#' => {
+                in_comment = true;
+                continue;
+            }
+            '"' => in_string = true,
+            ';' => {
+                push(&mut scan.lines, line_start, i, has_content);
+                line_start = i + 1;
+                has_content = false;
+                continue;
+            }
+            '}' => {
+                push(&mut scan.lines, line_start, i, has_content);
+                scan.close = Some(i);
+                return scan;
+            }
+            _ => {}
+        }
+        if !c.is_whitespace() {
+            has_content = true;
+            scan.content_end = i + c.len_utf8();
+        }
+    }
+    push(&mut scan.lines, line_start, text.len(), has_content);
+    scan
 }
 
 /// Catches properties given twice in one block.
@@ -761,10 +1092,11 @@ fn unescape(pair: &Pair<'_, Rule>) -> String {
 /// The token at a position, for "found ..." in messages.
 fn found_at(text: &str, position: usize) -> &str {
     let rest = text.get(position..).unwrap_or("");
-    let rest = rest.split(['\n', '\r']).next().unwrap_or("");
+    let rest = rest.split('\n').next().unwrap_or("");
     let first = rest.chars().next();
     let end = match first {
         None => 0,
+        Some(c) if c.is_control() && c != '\t' => c.len_utf8(),
         Some(c) if c.is_alphanumeric() || c == '_' => rest
             .find(|c: char| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | ':')))
             .unwrap_or(rest.len()),
@@ -777,8 +1109,16 @@ fn found_at(text: &str, position: usize) -> &str {
     rest.get(..end).unwrap_or(rest)
 }
 
-fn expected_words(rules: &[Rule]) -> String {
-    let mut words: Vec<&str> = rules.iter().filter_map(|r| describe(*r)).collect();
+/// The rules pest expected, in words; `end_words` names `EOI` (the end of the statement, or of
+/// the line of a block).
+fn expected_words(rules: &[Rule], end_words: &'static str) -> String {
+    let mut words: Vec<&str> = rules
+        .iter()
+        .filter_map(|r| match r {
+            Rule::EOI => Some(end_words),
+            _ => describe(*r),
+        })
+        .collect();
     words.sort_unstable();
     words.dedup();
     match words.as_slice() {
@@ -879,6 +1219,108 @@ mod tests {
             chunks("group g {\n members \"a@b.c\"\nallow g -> r\n"),
             ["group g {\n members \"a@b.c\"", "allow g -> r"]
         );
+    }
+
+    /// What a file's recovered declarations hold, and the lines of its diagnostics.
+    fn recovered(text: &str) -> (Vec<String>, Vec<usize>) {
+        let (policy, diagnostics) = parse_file(FileId(0), text);
+        let statements = policy
+            .statements
+            .iter()
+            .map(|statement| match statement {
+                Statement::Site(s) => format!("site {}", s.node.name),
+                Statement::Resource(r) => {
+                    let r = &r.node;
+                    let address = match r.address.as_ref().map(|a| &a.node) {
+                        Some(AddressText::Quoted(text)) => text.as_str(),
+                        Some(AddressText::Internet) => "internet",
+                        None => "-",
+                    };
+                    let site = r.site.as_ref().map_or("-", |s| s.node.as_str());
+                    let ports = r.ports.as_ref().map_or(0, Vec::len);
+                    let partial = if r.partial { " partial" } else { "" };
+                    format!("resource {} {address} {site} {ports}{partial}", r.name)
+                }
+                Statement::Group(g) => {
+                    let g = &g.node;
+                    let members: Vec<&str> = g.members.iter().map(|m| m.node.as_str()).collect();
+                    format!("group {} {members:?} {}", g.name, g.idp.len())
+                }
+                Statement::Test(t) => format!("test {} {}", t.node.name, t.node.steps.len()),
+                Statement::Rule(_) => "rule".to_owned(),
+                Statement::Assert(_) => "assert".to_owned(),
+            })
+            .collect();
+        let lines = diagnostics
+            .iter()
+            .map(|d| text[..d.loc.span.start as usize].matches('\n').count() + 1)
+            .collect();
+        (statements, lines)
+    }
+
+    #[test]
+    fn a_declaration_that_does_not_parse_keeps_what_reads() {
+        let cases: [(&str, &[&str], &[usize]); 8] = [
+            (
+                "resource r {\n address \"a.b.c\"\n ports tcp/1, x\n site s\n}\nallow g -> r",
+                &["resource r a.b.c s 0 partial", "rule"],
+                &[3],
+            ),
+            (
+                "resource r {\n address \"a.b.c\"\n site s\nallow g -> r",
+                &["resource r a.b.c s 0", "rule"],
+                &[3],
+            ),
+            (
+                "resource r { adress \"a.b.c\"; site s; ports tcp/1 }",
+                &["resource r - s 1 partial"],
+                &[1],
+            ),
+            (
+                "resource r address \"a.b.c\"",
+                &["resource r - - 0 partial"],
+                &[1],
+            ),
+            (
+                "group g {\n members \"a@b.c\", x@y.z\n members \"d@e.f\"\n idp okta \"G\"\n}",
+                &["group g [\"d@e.f\"] 1"],
+                &[2],
+            ),
+            (
+                "site hq Headquarters\nsite lab",
+                &["site hq", "site lab"],
+                &[1],
+            ),
+            (
+                "test \"t\" {\n expect allow \"a@b.c\" -> r\n expect maybe \"a@b.c\" -> r\n}",
+                &["test t 1"],
+                &[3],
+            ),
+            // No name to keep: one error, nothing declared.
+            ("resource R { address \"a.b.c\"; site s }", &[], &[1]),
+        ];
+        for (text, statements, lines) in cases {
+            assert_eq!(
+                recovered(text),
+                (strings(statements), lines.to_vec()),
+                "{text}"
+            );
+        }
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn block_lines_are_cut_at_newlines_and_semicolons_up_to_the_closing_brace() {
+        let text = "{ a \"x;}\" # c; }\n b; c }  tail";
+        let scan = scan_block(text, 1);
+        let lines: Vec<&str> = scan.lines.iter().map(|c| &text[c.start..c.end]).collect();
+        assert_eq!(lines, [" a \"x;}\" # c; }", " b", " c "]);
+        assert_eq!(scan.close, Some(text.find(" }  tail").unwrap_or(0) + 1));
+        let scan = scan_block("{ a\n b # c\n", 1);
+        assert_eq!((scan.close, scan.content_end), (None, 6));
     }
 
     #[test]

@@ -6,6 +6,13 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct FileId(pub u32);
 
+impl FileId {
+    /// Not a file: the tree as a whole, where a diagnostic is about what the tree lacks
+    /// (`E021`). No [`Sources`] holds it, so it sorts after every file; renderers name the
+    /// tree's directory in its place.
+    pub const TREE: FileId = FileId(u32::MAX);
+}
+
 /// A byte range inside one file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Span {
@@ -67,7 +74,8 @@ impl<T: fmt::Display> fmt::Display for Node<T> {
     }
 }
 
-/// One policy file: its path relative to the tree root (always with `/`) and its text.
+/// One policy file: its path relative to the tree root (always with `/`) and its text, with a
+/// leading byte-order mark dropped and every CRLF line ending read as a newline.
 #[derive(Clone, Debug)]
 pub struct SourceFile {
     pub path: String,
@@ -77,7 +85,14 @@ pub struct SourceFile {
 
 impl SourceFile {
     pub fn new(path: impl Into<String>, text: impl Into<String>) -> Self {
-        let text = text.into();
+        // Line endings are normalised here, once, where a file's text enters fz, and not in
+        // each front end's cutting or lexing: the `.fz` splitter and grammar, the Cedar token
+        // scan and cedar-policy's own parser then all read one text, and spans, the lines the
+        // renderer shows (no stray `\r` under a caret), line:column, derived rule ids and the
+        // bundle come out of a Windows file exactly as out of the same file written on Linux.
+        // Nothing exposes byte offsets of the file on disk; lines and columns (in characters)
+        // are what an editor shows, where a CRLF is one line break and a BOM is not shown.
+        let text = normalize_line_endings(text.into());
         let line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
@@ -123,6 +138,20 @@ impl SourceFile {
     }
 }
 
+/// The text without a leading byte-order mark and with CRLF read as LF. A carriage return
+/// that ends no line is kept: it is not a line break, and the parser says so where it stands.
+fn normalize_line_endings(text: String) -> String {
+    let text = match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    };
+    if text.contains("\r\n") {
+        text.replace("\r\n", "\n")
+    } else {
+        text
+    }
+}
+
 /// Every file of a policy tree, sorted by path so that the order files were found in never
 /// changes what is compiled.
 #[derive(Clone, Debug, Default)]
@@ -164,5 +193,39 @@ impl Sources {
             }
             None => ("", 0, 0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_byte_order_mark_and_crlf_line_endings_read_as_the_plain_text() {
+        let cases = [
+            ("site hq\r\nsite lab\r\n", "site hq\nsite lab\n"),
+            ("\u{feff}site hq\n", "site hq\n"),
+            (
+                "\u{feff}site hq\r\nsite lab\n# note\r\n",
+                "site hq\nsite lab\n# note\n",
+            ),
+            // Not a line ending: kept, for the parser to point at.
+            ("site hq\rsite lab\r\r\n", "site hq\rsite lab\r\n"),
+            // Only a leading mark is dropped.
+            ("site hq \u{feff}\n", "site hq \u{feff}\n"),
+            ("\u{feff}\u{feff}x", "\u{feff}x"),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(SourceFile::new("a.fz", text).text, expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn lines_and_columns_are_those_of_the_plain_text() {
+        let file = SourceFile::new("a.fz", "\u{feff}site hq\r\n  site lab\r\n");
+        assert_eq!(file.line_col(0), (1, 1));
+        assert_eq!(file.line_col(10), (2, 3));
+        assert_eq!(file.line_text(1), "site hq");
+        assert_eq!(file.line_text(2), "  site lab");
     }
 }

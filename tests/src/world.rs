@@ -83,9 +83,15 @@ pub fn missing_tool() -> Option<&'static str> {
         .find(|tool| fz_host::testing::run("sh", &["-c", &format!("command -v {tool}")]).is_err())
 }
 
-/// The policy file: [`DECLARATIONS`] and `rules`.
+/// The rule every tree of the world ends with. A tree without rules is refused (`E021`: its
+/// table would deny everything), so the portal could not start on [`DECLARATIONS`] alone; this
+/// one names a user no scenario signs in as, so "no rule" stays "no allow rule" for everyone
+/// the scenarios follow. After the scenario's rules, so their line numbers stay as written.
+pub const GUARDRAIL: &str = "deny user \"mallory@acme.example\" -> lab-web as offboarded";
+
+/// The policy file: [`DECLARATIONS`], `rules` and [`GUARDRAIL`].
 fn tree_text(rules: &str) -> String {
-    format!("{DECLARATIONS}\n{rules}\n")
+    format!("{DECLARATIONS}\n{rules}\n{GUARDRAIL}\n")
 }
 
 /// A gateway of the world: its name, site and addresses.
@@ -415,7 +421,7 @@ impl World {
 
     // ---- the policy ----
 
-    /// Writes the tree as [`DECLARATIONS`] plus `rules` (at once, by a rename, as `git` would)
+    /// Writes the tree as [`DECLARATIONS`], `rules` and [`GUARDRAIL`] (at once, by a rename, as `git` would)
     /// and waits until the portal has loaded it.
     pub fn set_rules(&self, rules: &str) {
         let text = tree_text(rules);

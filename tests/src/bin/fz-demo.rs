@@ -51,7 +51,10 @@ fn main() -> ExitCode {
     );
     say(&world.admin(&["gateways", "--account", "acme"]));
 
-    step("The policy tree: sites, resources and a group, and no rule yet. `fzc check`:");
+    step(
+        "The policy tree: sites, resources, a group and one guardrail (a tree needs a rule), \
+         and no allow rule yet. `fzc check`:",
+    );
     say(&fzc_check(&world));
 
     step("Default deny: curl https://gitlab.company.com from the client");

@@ -344,8 +344,7 @@ fn run_query(args: QueryArgs) -> anyhow::Result<ExitCode> {
     } else {
         let checked = check(&args.dir)?;
         let Some(table) = checked.table.clone() else {
-            eprint!("{}", report(&checked, &args.dir, Format::Human));
-            return Ok(ExitCode::from(TREE_ERRORS));
+            return Ok(refuse(&checked, &args.dir, args.format, "no decision made"));
         };
         DecisionTable::new(table)
     };

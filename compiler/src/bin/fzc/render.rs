@@ -34,10 +34,17 @@ impl Renderer<'_> {
             diagnostic.message
         );
         let Some(file) = self.sources.get(diagnostic.loc.file) else {
+            // About the tree as a whole (`FileId::TREE`): no line to show.
+            out += &format!(" --> {}\n", self.root);
+            out += &footer(diagnostic, " ");
             return out;
         };
         let (line, column) = file.line_col(diagnostic.loc.span.start);
-        let text = file.line_text(line);
+        // Control characters (a carriage return that ends no line, say) are shown as their
+        // pictures: printed as they are, they would move the cursor and garble the excerpt. One
+        // character for one keeps the caret under its column.
+        let text: String = file.line_text(line).chars().map(visible).collect();
+        let text = text.as_str();
         let number = line.to_string();
         let pad = " ".repeat(number.len());
         out += &format!("{pad}--> {}:{line}:{column}\n", self.path(&file.path));
@@ -59,27 +66,51 @@ impl Renderer<'_> {
             out += &format!(" {label}");
         }
         out += "\n";
-        for note in &diagnostic.notes {
-            out += &format!("{pad} = note: {note}\n");
-        }
-        if let Some(help) = &diagnostic.help {
-            out += &format!("{pad} = help: {help}\n");
-        }
+        out += &footer(diagnostic, &pad);
         out
     }
 
+    /// A diagnostic about the tree as a whole names the tree's directory, at line and column 0.
     pub fn json(&self, diagnostic: &Diagnostic) -> JsonDiagnostic {
-        let (path, line, column) = self.sources.position(diagnostic.loc);
+        let (file, line, column) = match self.sources.get(diagnostic.loc.file) {
+            Some(_) => {
+                let (path, line, column) = self.sources.position(diagnostic.loc);
+                (self.path(path), line, column)
+            }
+            None => (self.root.to_owned(), 0, 0),
+        };
         JsonDiagnostic {
             severity: diagnostic.severity.as_str(),
             code: diagnostic.code.as_str(),
             message: diagnostic.message.clone(),
-            file: self.path(path),
+            file,
             line,
             column,
             help: diagnostic.help.clone(),
             notes: diagnostic.notes.clone(),
         }
+    }
+}
+
+/// The notes and the help of a diagnostic, under its excerpt.
+fn footer(diagnostic: &Diagnostic, pad: &str) -> String {
+    let mut out = String::new();
+    for note in &diagnostic.notes {
+        out += &format!("{pad} = note: {note}\n");
+    }
+    if let Some(help) = &diagnostic.help {
+        out += &format!("{pad} = help: {help}\n");
+    }
+    out
+}
+
+/// A character of a source line as the excerpt shows it: a control character other than a tab
+/// as its Unicode control picture (`\r` as `␍`).
+fn visible(c: char) -> char {
+    match u32::from(c) {
+        code @ 0..=0x1f if c != '\t' => char::from_u32(0x2400 + code).unwrap_or(c),
+        0x7f => '\u{2421}',
+        _ => c,
     }
 }
 
