@@ -21,17 +21,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use fz_compiler::address::Address;
-use fz_compiler::table::{Resource, ResourceIdx};
-use fz_compiler::{DecisionTable, Reason, Request};
+use fz_compiler::DecisionTable;
 use fz_proto::{
-    ClientReady, DnsMapping, Grant, GrantedResource, PortalSigningKey, PortalToClient,
-    PortalToGateway, PresharedKey, PublicKey, Resolution, ResourceView, SignedGrant, UnixTime,
-    encode,
+    ClientReady, DnsMapping, Grant, PortalSigningKey, PortalToClient, PortalToGateway,
+    PresharedKey, PublicKey, Resolution, ResourceView, SignedGrant, UnixTime, encode,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::admission::{self, Admission, MAX_LOGGED_NAME};
 use crate::config::AccountConfig;
 use crate::geo::CountryDb;
 use crate::policy::PolicyEngine;
@@ -206,7 +204,7 @@ impl Broker {
                 let site = policy
                     .table
                     .resource_index(&record.resource_id)
-                    .and_then(|r| site_of(&policy.table, r));
+                    .and_then(|r| admission::site_of(&policy.table, r));
                 // A resource gone from the policy leaves no site: the first sweep withdraws it.
                 registry.grant_added(live_grant(
                     &detail.signed,
@@ -428,9 +426,12 @@ impl Broker {
         } else {
             false
         };
-        let request = request_for(table, session, resource_id, verified, at);
-        let decision = table.decide(&request);
-        let logged_name = dns.as_ref().map(|d| cut(&d.name, MAX_LOGGED_NAME));
+        let admitted = admission::admit(table, session, resource_id, dns, verified, at);
+        let logged_name = match &admitted {
+            Admission::Granted { resource, .. } => resource.dns.as_ref(),
+            Admission::Denied { dns, .. } | Admission::Refused { dns, .. } => dns.as_ref(),
+        }
+        .map(|d| cut(&d.name, MAX_LOGGED_NAME));
         let flow = |decision: FlowDecision, rule: Option<String>, reason: String| NewFlow {
             account: session.account.clone(),
             time: now_i64(unix(at)),
@@ -454,35 +455,23 @@ impl Broker {
             Err(reason)
         };
         let deny = |reason: String| deny_with(None, reason);
-        if decision.reason != Reason::Allowed {
-            let mut reason = decision.reason.describe().to_owned();
-            let lines = table.explain(&request, &decision);
-            if !lines.is_empty() {
-                reason = format!("{reason}: {}", lines.join("; "));
-            }
-            let guardrail = (decision.reason == Reason::DeniedByRule)
-                .then(|| decision.rules.first())
-                .flatten()
-                .and_then(|r| table.table().rules.get(*r as usize))
-                .map(|r| r.id.clone());
-            return deny_with(guardrail, reason).await;
-        }
-        let Some(index) = table.resource_index(resource_id) else {
-            return deny(Reason::UnknownResource.describe().to_owned()).await;
+        let (decision, granted, site) = match admitted {
+            Admission::Granted {
+                decision,
+                resource,
+                site,
+            } => (decision, resource, site),
+            Admission::Denied {
+                reason, guardrail, ..
+            } => return deny_with(guardrail, reason).await,
+            Admission::Refused { reason, .. } => return deny(reason).await,
         };
-        let Some(resource) = table.table().resources.get(index as usize) else {
-            return deny(Reason::UnknownResource.describe().to_owned()).await;
-        };
-        if let Err(reason) = check_dns(table, resource, dns.as_ref()) {
-            return deny(reason).await;
-        }
         let rule = decision
             .rules
             .first()
             .and_then(|r| table.table().rules.get(*r as usize))
             .map(|r| r.id.clone())
             .unwrap_or_default();
-        let site = site_of(table, index).unwrap_or_default();
         let now = unix(at);
         let mut expires_at = now
             .saturating_add(account.settings.max_grant_lifetime_secs)
@@ -493,7 +482,6 @@ impl Broker {
         if expires_at <= now {
             return deny("the rule's time window closes now".to_owned()).await;
         }
-        let granted = granted_resource(table, index, dns);
         // Gateways the client could not reach count as tried (a bounded number of them: the
         // list comes from the client).
         let mut tried: HashSet<String> = avoid.iter().take(MAX_AVOIDED).cloned().collect();
@@ -948,66 +936,34 @@ enum GatewayAnswer {
 }
 
 /// Whether a grant in force still holds under `table` at `at`: the same decision inputs give
-/// allow, and the resource is still described as the grant describes it.
+/// allow, and a grant made now would say what this one says (address, ports, carve-outs and,
+/// for a name, the resource serving it; a narrower resource declared since takes addresses
+/// or the name away), at the same site.
 fn still_allowed(
     table: &DecisionTable,
     grant: &LiveGrant,
     verified: bool,
     at: DateTime<Utc>,
 ) -> Result<(), String> {
-    let request = request_for(table, &grant.session, &grant.resource_id, verified, at);
-    let decision = table.decide(&request);
-    if decision.reason != Reason::Allowed {
-        return Err(format!(
+    let granted = &grant.signed.grant.resource;
+    let dns = granted.dns.clone();
+    match admission::admit(table, &grant.session, &grant.resource_id, dns, verified, at) {
+        Admission::Denied { decision, .. } => Err(format!(
             "the policy no longer allows it: {}",
             decision.reason.describe()
-        ));
-    }
-    let granted = &grant.signed.grant.resource;
-    let Some(index) = table.resource_index(&grant.resource_id) else {
-        return Err("the resource is gone".to_owned());
-    };
-    // What the grant would say if it were made now: the same address, ports, carve-outs and
-    // name (a narrower resource declared since takes its addresses or its name away).
-    let now = granted_resource(table, index, granted.dns.clone());
-    let same = site_of(table, index).as_deref() == Some(grant.site.as_str())
-        && now.address == granted.address
-        && now.filter == granted.filter
-        && now.except == granted.except;
-    if !same {
-        return Err("the resource's address, ports, site or carve-outs changed".to_owned());
-    }
-    let resource = table.table().resources.get(index as usize);
-    if let Some(resource) = resource
-        && let Err(reason) = check_dns(table, resource, granted.dns.as_ref())
-    {
-        return Err(reason);
-    }
-    Ok(())
-}
-
-/// What a grant for resource `index` opens: its address, its port filter, the networks of more
-/// specific resources it keeps closed, and for a DNS resource the one name asked for.
-fn granted_resource(
-    table: &DecisionTable,
-    index: ResourceIdx,
-    dns: Option<DnsMapping>,
-) -> GrantedResource {
-    let resource = table.table().resources.get(index as usize);
-    GrantedResource {
-        id: resource.map(|r| r.id.clone()).unwrap_or_default(),
-        address: resource.map(|r| r.address.to_string()).unwrap_or_default(),
-        filter: resource.and_then(|r| {
-            r.ports
-                .as_ref()
-                .map(|ports| ports.iter().map(ToString::to_string).collect())
-        }),
-        except: table
-            .carve_outs(index)
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        dns,
+        )),
+        Admission::Refused { reason, .. } => Err(reason),
+        Admission::Granted { resource, site, .. } => {
+            let same = site == grant.site
+                && resource.address == granted.address
+                && resource.filter == granted.filter
+                && resource.except == granted.except;
+            if same {
+                Ok(())
+            } else {
+                Err("the resource's address, ports, site or carve-outs changed".to_owned())
+            }
+        }
     }
 }
 
@@ -1027,49 +983,6 @@ fn mentions_verified(table: &DecisionTable, resource: &str) -> bool {
                 })
             })
         })
-}
-
-/// The request a session makes for a resource at `at`.
-fn request_for(
-    table: &DecisionTable,
-    session: &ClientSession,
-    resource: &str,
-    verified: bool,
-    at: DateTime<Utc>,
-) -> Request {
-    Request {
-        user: session.user.clone(),
-        groups: groups_of(table, &session.idp_groups),
-        resource: resource.to_owned(),
-        port: None,
-        context: fz_compiler::condition::Context {
-            at: Some(at),
-            source: session.source,
-            country: session.country.clone(),
-            provider: session.provider.clone(),
-            verified,
-        },
-    }
-}
-
-/// The table's groups that the identity providers' groups map to (`idp PROVIDER "GROUP"`).
-fn groups_of(table: &DecisionTable, idp_groups: &[(String, String)]) -> Vec<String> {
-    if idp_groups.is_empty() {
-        return Vec::new();
-    }
-    table
-        .table()
-        .groups
-        .iter()
-        .filter(|g| {
-            g.idp.iter().any(|binding| {
-                idp_groups.iter().any(|(provider, group)| {
-                    *provider == binding.provider && *group == binding.group
-                })
-            })
-        })
-        .map(|g| g.id.clone())
-        .collect()
 }
 
 /// Every resource of the account, as its clients see them. A client routes and resolves all of
@@ -1127,61 +1040,6 @@ impl Drop for PairReservation<'_> {
     }
 }
 
-fn site_of(table: &DecisionTable, resource: u32) -> Option<String> {
-    let table = table.table();
-    let site = table.resources.get(resource as usize)?.site;
-    table.sites.get(site as usize).map(|s| s.id.clone())
-}
-
-/// A DNS resource needs the name the client resolved and the mapped addresses it handed out;
-/// any other resource takes neither. The name must be one the resource serves: inside its
-/// pattern, and not the name of a more specific resource (a grant for `*.corp.example` never
-/// opens `vault.corp.example` when `vault` is a resource of its own).
-fn check_dns(
-    table: &DecisionTable,
-    resource: &Resource,
-    dns: Option<&DnsMapping>,
-) -> Result<(), String> {
-    match (&resource.address, dns) {
-        (Address::Name(pattern), Some(dns)) => {
-            let name = dns.name.to_ascii_lowercase();
-            if !pattern.matches(name.strip_suffix('.').unwrap_or(&name)) {
-                return Err(format!(
-                    "`{}` is not a name of this resource (`{}`)",
-                    cut(&dns.name, MAX_LOGGED_NAME),
-                    pattern.as_str()
-                ));
-            }
-            if let Some(serving) = table.resource_for_name(&name)
-                && serving.id != resource.id
-            {
-                return Err(format!(
-                    "`{}` is served by resource `{}`, not `{}`: ask for `{}`",
-                    cut(&dns.name, MAX_LOGGED_NAME),
-                    serving.id,
-                    resource.id,
-                    serving.id
-                ));
-            }
-            if !dns.is_well_formed() {
-                return Err(format!(
-                    "the mapped addresses for `{}` must be 1 to {} distinct addresses in \
-                     100.96.0.0/11 or fd00:2021:1111:8000::/107",
-                    dns.name,
-                    DnsMapping::MAX_MAPPED
-                ));
-            }
-            Ok(())
-        }
-        (Address::Name(pattern), None) => Err(format!(
-            "`{}` is a DNS resource: ask with the name you resolved and its mapped addresses",
-            pattern.as_str()
-        )),
-        (_, Some(_)) => Err("only DNS resources take a name and mapped addresses".to_owned()),
-        (_, None) => Ok(()),
-    }
-}
-
 fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>, site: String) -> LiveGrant {
     let grant = &signed.grant;
     LiveGrant {
@@ -1222,15 +1080,12 @@ const MAX_LOGGED_ID: usize = 128;
 /// (a DNS name, a gateway's refusal), which is theirs to make long.
 const MAX_REASON: usize = 1024;
 
-/// The longest DNS name the flow log and a rejection quote whole: a name can be no longer.
-const MAX_LOGGED_NAME: usize = 253;
-
 fn logged_id(resource: &str) -> String {
     cut(resource, MAX_LOGGED_ID)
 }
 
 /// `text` up to `max` characters, with `…` where it was cut.
-fn cut(text: &str, max: usize) -> String {
+pub(crate) fn cut(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         None => text.to_owned(),
         Some((end, _)) => format!("{}…", text.get(..end).unwrap_or_default()),

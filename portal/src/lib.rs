@@ -9,6 +9,7 @@
 //!
 //! Entry points: [`config::Config`], [`http::router`] over an [`http::AppState`].
 
+pub mod admission;
 pub mod agents;
 pub mod broker;
 pub mod config;
