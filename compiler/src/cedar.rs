@@ -230,16 +230,17 @@ fn resource_constraint(rule: &RuleDecl, table: &Table) -> ResourceConstraint {
         Target::Resource(resource) => format!("Resource::{}", quote(resource)),
         Target::Site(site) => format!("Site::{}", quote(site)),
     };
-    if rule.covers_inside {
+    // An fz rule reaches inside all its targets (a deny) or none (an allow).
+    if rule.targets.iter().all(|t| t.node.covers_inside) {
         return match rule.targets.as_slice() {
-            [one] => ResourceConstraint::Scope(format!("resource in {}", named(&one.node))),
+            [one] => ResourceConstraint::Scope(format!("resource in {}", named(&one.node.target))),
             many => {
                 let mut resources = Vec::new();
                 let mut sites = Vec::new();
                 for target in many {
-                    match &target.node {
-                        Target::Resource(_) => resources.push(named(&target.node)),
-                        Target::Site(_) => sites.push(named(&target.node)),
+                    match &target.node.target {
+                        Target::Resource(_) => resources.push(named(&target.node.target)),
+                        Target::Site(_) => sites.push(named(&target.node.target)),
                     }
                 }
                 ResourceConstraint::Test(either(&[
@@ -252,19 +253,19 @@ fn resource_constraint(rule: &RuleDecl, table: &Table) -> ResourceConstraint {
     let sites_only = rule
         .targets
         .iter()
-        .all(|t| matches!(&t.node, Target::Site(site) if site_keeps_to_itself(table, site)));
+        .all(|t| matches!(&t.node.target, Target::Site(site) if site_keeps_to_itself(table, site)));
     if sites_only {
         return match rule.targets.as_slice() {
-            [one] => ResourceConstraint::Scope(format!("resource in {}", named(&one.node))),
+            [one] => ResourceConstraint::Scope(format!("resource in {}", named(&one.node.target))),
             many => {
-                let sites = many.iter().map(|t| named(&t.node)).collect();
+                let sites = many.iter().map(|t| named(&t.node.target)).collect();
                 ResourceConstraint::Test(either(&[("resource in", sites)]))
             }
         };
     }
     let mut resources: Vec<String> = Vec::new();
     for target in &rule.targets {
-        match &target.node {
+        match &target.node.target {
             Target::Resource(resource) => resources.push(resource.clone()),
             Target::Site(site) => resources.extend(site_resources(table, site)),
         }

@@ -227,6 +227,8 @@ impl Resolver<'_> {
         table.users = users;
 
         let mut resolved_rules: Vec<(Rule, Loc)> = Vec::new();
+        // Per rule (by where it is written), the targets whose insides it covers.
+        let mut reaching: HashMap<Loc, Vec<ResourceIdx>> = HashMap::new();
         let mut rule_names: HashMap<String, Loc> = HashMap::new();
         for rule in &rules {
             if let Some(name) = &rule.node.name
@@ -243,22 +245,19 @@ impl Resolver<'_> {
                     .with_note(format!("first used at {path}:{line}")),
                 );
             }
-            if let Some(r) = self.rule(rule, &indexes, &user_index, table) {
+            if let Some((r, reaching_inside)) = self.rule(rule, &indexes, &user_index, table) {
+                reaching.insert(rule.loc, reaching_inside);
                 resolved_rules.push((r, rule.loc));
             }
         }
         disambiguate_derived_ids(&mut resolved_rules);
         resolved_rules.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-        let covers_inside: HashMap<Loc, bool> = rules
-            .iter()
-            .map(|r| (r.loc, r.node.covers_inside))
-            .collect();
         for (idx, (rule, loc)) in (0..).zip(resolved_rules) {
             // A rule is filed under every resource it covers, so a decision reads only the
             // requested resource's lists: a deny (or Cedar's `resource in`) also under every
             // resource inside its targets.
-            let inside = covers_inside.get(&loc).copied().unwrap_or(false);
-            for r in nesting.covered(&rule.resources, inside) {
+            let reaching_inside = reaching.get(&loc).map_or(&[][..], Vec::as_slice);
+            for r in nesting.covered(&rule.resources, reaching_inside) {
                 if let Some(resource) = table.resources.get_mut(r as usize) {
                     match rule.effect {
                         Effect::Allow => resource.allow.push(idx),
@@ -514,15 +513,20 @@ impl Resolver<'_> {
             .collect()
     }
 
+    /// A rule, and the resources whose insides it covers too (see `Nesting::covered`).
     fn rule(
         &mut self,
         rule: &Node<ast::RuleDecl>,
         indexes: &Indexes,
         users: &HashMap<String, UserIdx>,
         table: &Table,
-    ) -> Option<Rule> {
+    ) -> Option<(Rule, Vec<ResourceIdx>)> {
         let node = &rule.node;
-        let scope = self.scope(&node.subjects, &node.targets, indexes, table);
+        let targets = node
+            .targets
+            .iter()
+            .map(|t| (&t.node.target, t.loc, t.node.covers_inside));
+        let scope = self.scope(&node.subjects, targets, indexes, table);
         let mut ok = scope.is_some();
         let mut conditions = Vec::new();
         for condition in &node.conditions {
@@ -541,7 +545,7 @@ impl Resolver<'_> {
             None => derived_rule_id(file, &node.normalized_text),
         };
         let scope = scope?;
-        ok.then(|| Rule {
+        let rule = Rule {
             id,
             effect: node.effect,
             groups: scope.groups,
@@ -554,15 +558,17 @@ impl Resolver<'_> {
             resources: scope.resources,
             conditions,
             origin: format!("{file}:{line}"),
-        })
+        };
+        ok.then_some((rule, scope.reaching_inside))
     }
 
     /// Subjects and targets as rules and assertions write them, resolved; `None` when any name
-    /// is bad (each one reported).
-    fn scope(
+    /// is bad (each one reported). Each target comes with where it is written and whether the
+    /// rule covers the resources inside it too.
+    fn scope<'t>(
         &mut self,
         subjects: &[Node<ast::Subject>],
-        targets: &[Node<ast::Target>],
+        targets: impl IntoIterator<Item = (&'t ast::Target, Loc, bool)>,
         indexes: &Indexes,
         table: &Table,
     ) -> Option<Scope> {
@@ -581,8 +587,13 @@ impl Resolver<'_> {
             }
         }
         let mut resources = BTreeSet::new();
-        for target in targets {
-            match self.target(target, indexes, table) {
+        let mut reaching_inside = BTreeSet::new();
+        for (target, loc, covers_inside) in targets {
+            match self.target(target, loc, indexes, table) {
+                Some(found) if covers_inside => {
+                    reaching_inside.extend(found.iter().copied());
+                    resources.extend(found);
+                }
                 Some(found) => resources.extend(found),
                 None => ok = false,
             }
@@ -591,6 +602,7 @@ impl Resolver<'_> {
             groups: groups.into_iter().collect(),
             users: users.into_iter().collect(),
             resources: resources.into_iter().collect(),
+            reaching_inside: reaching_inside.into_iter().collect(),
         })
     }
 
@@ -610,17 +622,18 @@ impl Resolver<'_> {
         }
     }
 
-    /// The resources a target reaches.
+    /// The resources a target names, written at `loc`.
     fn target(
         &mut self,
-        target: &Node<ast::Target>,
+        target: &ast::Target,
+        loc: Loc,
         indexes: &Indexes,
         table: &Table,
     ) -> Option<Vec<ResourceIdx>> {
-        match &target.node {
+        match target {
             ast::Target::Resource(name) => self
                 .lookup(
-                    &Node::new(name.clone(), target.loc),
+                    &Node::new(name.clone(), loc),
                     Kind::Resource,
                     &indexes.resources,
                     "resource",
@@ -628,7 +641,7 @@ impl Resolver<'_> {
                 .map(|r| vec![r]),
             ast::Target::Site(name) => {
                 let site = self.lookup(
-                    &Node::new(name.clone(), target.loc),
+                    &Node::new(name.clone(), loc),
                     Kind::Site,
                     &indexes.sites,
                     "site",
@@ -1003,7 +1016,8 @@ impl Resolver<'_> {
         nesting: &Nesting,
     ) -> Option<Invariant> {
         let node = &assertion.node;
-        let scope = self.scope(&node.subjects, &node.targets, indexes, table);
+        let targets = node.targets.iter().map(|t| (&t.node, t.loc, false));
+        let scope = self.scope(&node.subjects, targets, indexes, table);
         let text = self
             .sources
             .get(assertion.loc.file)
@@ -1059,14 +1073,16 @@ impl Nesting {
         Nesting { inside, served_by }
     }
 
-    /// The resources a rule covers, sorted: its targets, and with `covers_inside` every
-    /// resource inside one of them.
-    fn covered(&self, targets: &[ResourceIdx], covers_inside: bool) -> BTreeSet<ResourceIdx> {
+    /// The resources a rule covers, sorted: its targets, and every resource inside those of
+    /// them it reaches inside.
+    fn covered(
+        &self,
+        targets: &[ResourceIdx],
+        reaching_inside: &[ResourceIdx],
+    ) -> BTreeSet<ResourceIdx> {
         let mut covered: BTreeSet<ResourceIdx> = targets.iter().copied().collect();
-        if covers_inside {
-            for target in targets {
-                covered.extend(self.inside.get(*target as usize).into_iter().flatten());
-            }
+        for target in reaching_inside {
+            covered.extend(self.inside.get(*target as usize).into_iter().flatten());
         }
         covered
     }
@@ -1088,6 +1104,8 @@ struct Scope {
     groups: Vec<GroupIdx>,
     users: Vec<String>,
     resources: Vec<ResourceIdx>,
+    /// Of `resources`, those whose insides the rule covers too.
+    reaching_inside: Vec<ResourceIdx>,
 }
 
 enum SubjectRef {

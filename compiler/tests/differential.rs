@@ -15,7 +15,7 @@
 //! `Action::"connect"`. An fz deny reads as a Cedar `forbid` with `resource in` (it reaches the
 //! resources inside its targets), an fz allow as a `permit` naming each resource with `==`
 //! (a site's resources listed, since `in Site` would reach resources of other sites lying
-//! inside them); `.cedar` files name targets with `==` or `in` at random. Then, for random requests, fz's effect must equal Cedar's
+//! inside them); `.cedar` files name each resource with `==` or `in` at random. Then, for random requests, fz's effect must equal Cedar's
 //! decision, the rules that decided must be the same (compared by name, `as NAME` / `@id`),
 //! and Cedar must report no evaluation error: an error would mean that a policy fz accepted
 //! can be skipped by Cedar, failing open where fz does not.
@@ -277,7 +277,14 @@ fn cond() -> impl Strategy<Value = Cond> {
         (0..RULE_PROVIDERS.len()).prop_map(Cond::Provider),
         Just(Cond::Verified),
         (
-            1..=0x7fu8,
+            // Any days, and often one day, all days but one (written with `==`, `!=`) or
+            // every day (`any`).
+            prop_oneof![
+                3 => 1..=0x7fu8,
+                1 => (0..7u8).prop_map(|d| 1 << d),
+                1 => (0..7u8).prop_map(|d| 0x7f & !(1 << d)),
+                1 => Just(0x7fu8),
+            ],
             prop::collection::vec((0..HOURS.len(), 0..HOURS.len()), 1..=2),
             0..ZONES.len(),
         )
@@ -726,25 +733,28 @@ enum Piece {
     Unless(String),
 }
 
-/// How a Cedar policy names its resources: `==` reaches the resource alone, `in` also every
-/// resource inside it (and a site's, transitively). The Cedar front end gives one reach to all
-/// of a policy's targets.
+/// How a Cedar policy names a resource: `==` reaches the resource alone, `in` also every
+/// resource inside it (and a site's, transitively).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Reach {
     Named,
     Inside,
 }
 
-/// Rule `i` as a `.cedar` file holds it: with `in` or `==` at random (always `in` for a site).
+/// Rule `i` as a `.cedar` file holds it: each resource named with `in` or `==` at random (a
+/// site always with `in`).
 fn cedar_file_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec) -> String {
     let mut style = Style(rule.style ^ 0x0eac);
-    let sites = rule.targets.iter().any(|t| matches!(t, Target::Site(_)));
-    let reach = if sites || style.one_in(3) {
-        Reach::Inside
-    } else {
-        Reach::Named
-    };
-    cedar_rule(tree, i, rule, reach, &rule.targets)
+    let targets: Vec<(Target, Reach)> = rule
+        .targets
+        .iter()
+        .map(|t| match t {
+            Target::Site(_) => (*t, Reach::Inside),
+            Target::Resource(_) if style.one_in(3) => (*t, Reach::Inside),
+            Target::Resource(_) => (*t, Reach::Named),
+        })
+        .collect();
+    cedar_rule(tree, i, rule, &targets)
 }
 
 /// An fz rule as the Cedar oracle reads it: a deny reaches inside its targets (`in`); an allow
@@ -753,7 +763,9 @@ fn cedar_file_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec) -> String {
 /// names only sites without resources: it covers nothing.
 fn oracle_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec) -> Option<String> {
     if rule.deny {
-        return Some(cedar_rule(tree, i, rule, Reach::Inside, &rule.targets));
+        let targets: Vec<(Target, Reach)> =
+            rule.targets.iter().map(|t| (*t, Reach::Inside)).collect();
+        return Some(cedar_rule(tree, i, rule, &targets));
     }
     let mut targets: Vec<Target> = Vec::new();
     for target in &rule.targets {
@@ -768,16 +780,11 @@ fn oracle_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec) -> Option<String> {
     }
     targets.sort();
     targets.dedup();
-    (!targets.is_empty()).then(|| cedar_rule(tree, i, rule, Reach::Named, &targets))
+    let targets: Vec<(Target, Reach)> = targets.into_iter().map(|t| (t, Reach::Named)).collect();
+    (!targets.is_empty()).then(|| cedar_rule(tree, i, rule, &targets))
 }
 
-fn cedar_rule(
-    tree: &TreeSpec,
-    i: usize,
-    rule: &RuleSpec,
-    reach: Reach,
-    targets: &[Target],
-) -> String {
+fn cedar_rule(tree: &TreeSpec, i: usize, rule: &RuleSpec, targets: &[(Target, Reach)]) -> String {
     let mut style = Style(rule.style ^ 0xced4);
     let mut policy = String::new();
     if style.one_in(4) {
@@ -809,9 +816,9 @@ fn cedar_rule(
         _ => "action in Action::\"connect\"",
     };
     let resource = match targets {
-        [one] if !style.one_in(4) => resource_scope(*one, reach, &mut style),
+        [(one, reach)] if !style.one_in(4) => resource_scope(*one, *reach, &mut style),
         many => {
-            pieces.push(Piece::When(resource_test(many, reach, &mut style)));
+            pieces.push(Piece::When(resource_test(many, &mut style)));
             "resource".to_owned()
         }
     };
@@ -943,15 +950,20 @@ fn principal_test(tree: &TreeSpec, subjects: &[Subject], style: &mut Style) -> O
     })
 }
 
-/// Targets as a `when` test: `resource in [..]` (reaching inside), or tests joined with `||`.
-fn resource_test(targets: &[Target], reach: Reach, style: &mut Style) -> String {
-    if reach == Reach::Inside && style.one_in(2) {
-        let list: Vec<String> = targets.iter().map(|t| target_entity(*t, style)).collect();
+/// Targets as a `when` test: `resource in [..]` (all reaching inside), or tests joined with
+/// `||`, each with its own reach.
+fn resource_test(targets: &[(Target, Reach)], style: &mut Style) -> String {
+    let all_inside = targets.iter().all(|(_, reach)| *reach == Reach::Inside);
+    if all_inside && style.one_in(2) {
+        let list: Vec<String> = targets
+            .iter()
+            .map(|(t, _)| target_entity(*t, style))
+            .collect();
         format!("resource in [{}]", list.join(", "))
     } else {
         let tests: Vec<String> = targets
             .iter()
-            .map(|t| resource_scope(*t, reach, style))
+            .map(|(t, reach)| resource_scope(*t, *reach, style))
             .collect();
         join_parts(&tests, " || ")
     }
@@ -1131,7 +1143,10 @@ fn time_windows(days: u8, windows: &[(usize, usize)], zone: usize, style: &mut S
             }
             // A window of its own always has a lower bound when it is one of several, so that
             // it is not read as the second half of a window across midnight.
-            if start > 0 || several || style.one_in(2) {
+            // So does a window of every day, all day, that has no day test: some test must
+            // name the zone's clock.
+            let whole = tests.is_empty() && end >= 1440;
+            if start > 0 || several || whole || style.one_in(2) {
                 tests.push(lower_bound(&clock, start, style));
             }
             if end < 1440 {

@@ -640,7 +640,7 @@ proptest! {
         let mut warned: Vec<String> = checked
             .diagnostics
             .iter()
-            .filter(|d| d.code == fz_lang::Code::OverlappingResources)
+            .filter(|d| d.code == Code::OverlappingResources)
             .map(|d| format!("{}: {}", d.message, d.label.clone().unwrap_or_default()))
             .collect();
         warned.sort();

@@ -114,12 +114,8 @@ impl std::fmt::Display for Effect {
 pub struct RuleDecl {
     pub effect: Effect,
     pub subjects: Vec<Node<Subject>>,
-    pub targets: Vec<Node<Target>>,
+    pub targets: Vec<Node<RuleTarget>>,
     pub conditions: Vec<Node<Condition>>,
-    /// Whether the rule also covers every resource that lies inside one of its targets. An
-    /// fz `deny` does (a guardrail cannot be carved around by declaring a narrower resource),
-    /// an fz `allow` does not; in Cedar, `resource in` does and `resource ==` does not.
-    pub covers_inside: bool,
     /// The `as NAME` of the rule.
     pub name: Option<Node<String>>,
     /// The rule's text with comments dropped and whitespace collapsed: the input of the
@@ -137,6 +133,16 @@ pub enum Subject {
 pub enum Target {
     Resource(String),
     Site(String),
+}
+
+/// A rule's target and how far the rule reaches there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RuleTarget {
+    pub target: Target,
+    /// Whether the rule also covers every resource that lies inside the target. An fz `deny`
+    /// does (a guardrail cannot be carved around by declaring a narrower resource), an fz
+    /// `allow` does not; in Cedar, `resource in` does and `resource ==` does not.
+    pub covers_inside: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

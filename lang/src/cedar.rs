@@ -43,7 +43,8 @@ use cedar_policy::{PolicyId, PolicySet, RestrictedExpression};
 use miette::Diagnostic as _;
 
 use crate::ast::{
-    Condition, DayRange, Effect, PolicyFile, RuleDecl, Statement, Subject, Target, Window,
+    Condition, DayRange, Effect, PolicyFile, RuleDecl, RuleTarget, Statement, Subject, Target,
+    Window,
 };
 use crate::diagnostic::{Code, Diagnostic};
 use crate::source::{FileId, Loc, Node, Span};
@@ -102,7 +103,6 @@ pub fn parse_cedar_file(file: FileId, text: &str) -> (PolicyFile, Vec<Diagnostic
             failed: false,
             subjects: None,
             targets: None,
-            resource_relations: Vec::new(),
         };
         let template = parsed.as_mut().and_then(Iterator::next);
         if let Some(rule) = lowering.policy(chunk_text, template) {
@@ -133,10 +133,7 @@ struct Lowering<'a> {
     /// Who the policy is about, once the scope or a `when` test constrains the principal.
     subjects: Option<Vec<Node<Subject>>>,
     /// What the policy is about, once the scope or a `when` test constrains the resource.
-    targets: Option<Vec<Node<Target>>>,
-    /// How each target was named (`==` or `in`), and where: `in` also reaches the resources
-    /// that lie inside the target, `==` does not.
-    resource_relations: Vec<(Relation, Span)>,
+    targets: Option<Vec<Node<RuleTarget>>>,
 }
 
 impl Lowering<'_> {
@@ -256,39 +253,17 @@ impl Lowering<'_> {
                 Some(RESOURCE_HELP),
             );
         };
-        let covers_inside = self.covers_inside()?;
         Some(RuleDecl {
             effect,
             subjects,
             targets,
             conditions,
-            covers_inside,
             name,
             normalized_text: normalize(
                 self.text
                     .get(self.span.start as usize..self.span.end as usize)?,
             ),
         })
-    }
-
-    /// Whether the targets reach the resources inside them: Cedar's `in` follows the entity
-    /// hierarchy, where a resource is `in` every resource it lies inside (and, through them,
-    /// in their sites), and `==` names the resource alone. fz gives all of a rule's targets
-    /// one reach, so a policy that names some with `==` and others with `in` is refused.
-    fn covers_inside(&mut self) -> Option<bool> {
-        let mut relations = self.resource_relations.iter();
-        let (first, _) = relations.next()?;
-        let mixed = relations.find(|(relation, _)| relation != first);
-        if let Some((_, span)) = mixed {
-            let span = *span;
-            return self.refuse(
-                span,
-                "the policy names some resources with `==` and others with `in`",
-                Some("`in` also reaches every resource inside it, `==` does not"),
-                Some("write one policy for the resources named with `==` and one for those named with `in`"),
-            );
-        }
-        Some(matches!(first, Relation::In))
     }
 
     fn principal(&mut self, constraint: &PrincipalConstraint, span: Span) {
@@ -423,14 +398,16 @@ impl Lowering<'_> {
     }
 
     /// `resource == UID` or `resource in UID` as a target, located at `at`; `span` is the whole
-    /// test, for the diagnostics.
+    /// test, for the diagnostics. Cedar's `in` follows the entity hierarchy, where a resource is
+    /// `in` every resource it lies inside (and, through them, in their sites): it reaches the
+    /// resources inside the target too, and `==` names the resource alone.
     fn resource_entity(
         &mut self,
         relation: Relation,
         uid: &EntityUID,
         span: Span,
         at: Span,
-    ) -> Option<Node<Target>> {
+    ) -> Option<Node<RuleTarget>> {
         let target = match relation {
             // `in` is reflexive; it also reaches the resources inside this one.
             Relation::Eq | Relation::In if is_type(uid, "Resource") => {
@@ -455,7 +432,10 @@ impl Lowering<'_> {
                 );
             }
         };
-        self.resource_relations.push((relation, at));
+        let target = RuleTarget {
+            target,
+            covers_inside: matches!(relation, Relation::In),
+        };
         Some(Node::new(target, loc(self.file, at)))
     }
 
@@ -1152,7 +1132,7 @@ fn parse_whole(text: &str) -> Option<Vec<Template>> {
 }
 
 /// How a test relates the principal or resource to an entity.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Relation {
     Eq,
     In,
@@ -1161,7 +1141,7 @@ enum Relation {
 /// Who or what a policy is about, from its scope or a `when` test.
 enum Scope {
     Principals(Vec<Node<Subject>>),
-    Resources(Vec<Node<Target>>),
+    Resources(Vec<Node<RuleTarget>>),
 }
 
 /// What one test of a condition says.
@@ -1640,9 +1620,18 @@ mod tests {
             let targets = list(
                 rule.targets
                     .iter()
-                    .map(|t| match &t.node {
-                        Target::Resource(r) => r.clone(),
-                        Target::Site(s) => format!("site {s}"),
+                    .map(|t| {
+                        let target = match &t.node.target {
+                            Target::Resource(r) => r.clone(),
+                            Target::Site(s) => format!("site {s}"),
+                        };
+                        // Where the reach differs from what an fz rule of the same effect
+                        // has (a deny reaches inside its targets, an allow does not).
+                        match (rule.effect, t.node.covers_inside) {
+                            (Effect::Allow, true) => format!("{target} (and inside)"),
+                            (Effect::Deny, false) => format!("{target} (alone)"),
+                            _ => target,
+                        }
                     })
                     .collect(),
             );
@@ -1731,7 +1720,11 @@ mod tests {
         );
         check(
             r#"permit(principal in User::"a@b.c", action in Action::"connect", resource in Resource::"db");"#,
-            r#"allow user "a@b.c" -> db"#,
+            r#"allow user "a@b.c" -> db (and inside)"#,
+        );
+        check(
+            r#"forbid(principal, action, resource == Resource::"db");"#,
+            "deny everyone -> db (alone)",
         );
         check(
             r#"permit(principal in Group::"everyone", action, resource == Resource::"db");"#,
@@ -1747,11 +1740,11 @@ mod tests {
     fn when_clauses_can_list_principals_and_resources() {
         check(
             r#"permit(principal, action, resource) when { resource in [Resource::"a", Site::"s"] };"#,
-            "allow everyone -> a, site s",
+            "allow everyone -> a (and inside), site s (and inside)",
         );
         check(
             r#"permit(principal, action, resource) when { resource == Resource::"a" || resource in Site::"s" };"#,
-            "allow everyone -> a, site s",
+            "allow everyone -> a, site s (and inside)",
         );
         check(
             &when(r#"when { principal in [Group::"eng", User::"a@b.c"] }"#),
@@ -2262,7 +2255,7 @@ mod tests {
              @id(\"b\")\n\
              permit(principal, action, resource == Resource::\"b\")\n\
              forbid(principal, action, resource == Resource::\"c\");",
-            "deny everyone -> c\n\
+            "deny everyone -> c (alone)\n\
              E001 ``: unexpected end of input [expected `!=`, `&&`, `(`, `*`, `+`, `-`, `.`, `<`, `<=`, `==`, `>`, `>=`, `[`, `||`, `}`, `has`, `in`, `is`, or `like`]\n\
              E001 ``: unexpected end of input [expected `;` or identifier]",
         );

@@ -399,7 +399,6 @@ impl Builder {
             subjects: Vec::new(),
             targets: Vec::new(),
             conditions: Vec::new(),
-            covers_inside: false,
             name: None,
             normalized_text: String::new(),
         };
@@ -408,13 +407,24 @@ impl Builder {
         let mut text_end = rule_text.len();
         for p in pair.into_inner() {
             match p.as_rule() {
-                Rule::effect => {
-                    decl.effect = effect(&p);
-                    // Deny rules reach down into narrower resources; allow rules do not.
-                    decl.covers_inside = decl.effect == Effect::Deny;
-                }
+                Rule::effect => decl.effect = effect(&p),
                 Rule::subjects => decl.subjects = self.subjects(p),
-                Rule::targets => decl.targets = self.targets(p),
+                Rule::targets => {
+                    // Deny rules reach down into narrower resources; allow rules do not. The
+                    // effect comes first in the grammar.
+                    let covers_inside = decl.effect == Effect::Deny;
+                    decl.targets = self
+                        .targets(p)
+                        .into_iter()
+                        .map(|t| {
+                            let target = RuleTarget {
+                                target: t.node,
+                                covers_inside,
+                            };
+                            Node::new(target, t.loc)
+                        })
+                        .collect();
+                }
                 Rule::when_clause => {
                     decl.conditions = p
                         .into_inner()
