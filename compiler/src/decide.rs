@@ -76,6 +76,9 @@ pub struct DecisionTable {
     layout: Vec<Layout>,
     /// Port filters of every resource, one run per resource.
     ports: Vec<PortRange>,
+    /// Per resource, the networks a grant for it keeps closed ([`Self::carve_outs`]): worked
+    /// out once at load, since every grant for a wide network or `internet` carries them.
+    carve_outs: Vec<Vec<Network>>,
     /// The rules of every resource as a decision reads them, allow rules then deny rules,
     /// each as `[rule, groups, users | CONDITIONAL, group..., user...]`. One resource's rules
     /// are contiguous, so a decision walks a few cache lines instead of each rule's own lists;
@@ -204,6 +207,7 @@ impl DecisionTable {
             });
         }
         DecisionTable {
+            carve_outs: carve_outs(&table),
             users,
             resources: index(&mut table.resources.iter().map(|r| &r.id)),
             addresses: AddressIndex::new(
@@ -248,29 +252,10 @@ impl DecisionTable {
     /// resource serves, so for an IP or CIDR resource the networks of the resources inside
     /// it, and for `internet` every network resource with public addresses. Empty for a DNS
     /// resource, whose grant names the one name it opens (see [`Self::resource_for_name`]).
-    pub fn carve_outs(&self, resource: ResourceIdx) -> Vec<Network> {
-        let Some(granted) = self.table.resources.get(resource as usize) else {
-            return Vec::new();
-        };
-        let mut networks: Vec<Network> = self
-            .table
-            .resources
-            .iter()
-            .filter_map(|other| match (&granted.address, &other.address) {
-                (Address::Network(_), Address::Network(inner))
-                    if other.address.lies_inside(&granted.address) =>
-                {
-                    Some(*inner)
-                }
-                (Address::Internet, Address::Network(inner)) if !inner.is_wholly_non_public() => {
-                    Some(*inner)
-                }
-                _ => None,
-            })
-            .collect();
-        networks.sort();
-        networks.dedup();
-        networks
+    pub fn carve_outs(&self, resource: ResourceIdx) -> &[Network] {
+        self.carve_outs
+            .get(resource as usize)
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The resource that serves an IP: longest prefix, else `internet` for a public address.
@@ -571,6 +556,39 @@ impl DecisionTable {
             .map(|rule| format!("{} rule `{}` ({})", rule.effect, rule.id, rule.origin))
             .collect()
     }
+}
+
+/// Per resource, the networks of the resources inside it (for `internet`, of every network
+/// resource with public addresses), sorted.
+fn carve_outs(table: &Table) -> Vec<Vec<Network>> {
+    let addresses: Vec<&Address> = table.resources.iter().map(|r| &r.address).collect();
+    let mut carve_outs = vec![Vec::new(); addresses.len()];
+    for (winner, loser) in crate::address::overlapping_pairs(&addresses) {
+        let (Some(inner), Some(outer)) = (addresses.get(winner), addresses.get(loser)) else {
+            continue;
+        };
+        if let Address::Network(network) = inner
+            && inner.lies_inside(outer)
+            && let Some(list) = carve_outs.get_mut(loser)
+        {
+            list.push(*network);
+        }
+    }
+    let public: Vec<Network> = addresses
+        .iter()
+        .filter_map(|a| match a {
+            Address::Network(n) if !n.is_wholly_non_public() => Some(*n),
+            _ => None,
+        })
+        .collect();
+    for (address, list) in addresses.iter().zip(&mut carve_outs) {
+        if matches!(address, Address::Internet) {
+            list.clone_from(&public);
+        }
+        list.sort();
+        list.dedup();
+    }
+    carve_outs
 }
 
 /// Appends the stream entries of `rules`.
