@@ -24,6 +24,11 @@
 //! only when one of its benchmarks runs. Besides criterion's report it prints one summary line
 //! per group, from a plain timing loop over the pool, and fz's growth per language. In test
 //! mode (`cargo test --benches`) only the 100-rule size is set up.
+//!
+//! A third group, `verify`, times `fz_compiler::check` (parsing, resolving, analysing, tests
+//! and invariants) on trees whose invariants rest on time windows: the invariant search goes
+//! through every combination of windows open and closed in the zones the rules name
+//! (`cargo bench -p fz-compiler --bench decide -- verify`, under a minute).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "common/workload.rs"]
@@ -404,5 +409,81 @@ fn decide(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, decide);
+/// Zones of the `verify` group's tree: clock changes on different days in both hemispheres,
+/// half-hour and 45-minute offsets, a half-hour summer time, and zones without clock changes.
+const ZONES: [&str; 8] = [
+    "Europe/Berlin",
+    "America/New_York",
+    "Australia/Sydney",
+    "Asia/Kolkata",
+    "America/St_Johns",
+    "Australia/Lord_Howe",
+    "America/Santiago",
+    "Asia/Kathmandu",
+];
+
+/// Resources of the `verify` group's tree, each with its own three zones.
+const TIMED_RESOURCES: usize = 16;
+
+/// A tree whose invariants hold and whose rules have time windows in three zones per resource:
+/// the invariant search decides every representative context of every resource. Staff work
+/// office hours in one zone, on-call nights in another, and both are off at weekends in a
+/// third; contractors are always denied. `never contractors` and `only staff, oncall` hold.
+fn time_zone_tree() -> String {
+    let mut text = String::from(
+        "site hq\n\
+         group staff { idp okta \"Staff\" }\n\
+         group oncall { idp okta \"On call\" }\n\
+         group contractors { idp okta \"Contractors\" }\n",
+    );
+    let mut resources = Vec::new();
+    for i in 0..TIMED_RESOURCES {
+        let zone = |k: usize| ZONES[(i + k) % ZONES.len()];
+        let (office, night, weekend) = (zone(0), zone(3), zone(5));
+        text += &format!(
+            "resource r{i} {{ address \"r{i}.corp.example\"; site hq }}\n\
+             allow staff -> r{i} when time mon-fri 08:00-12:30, 13:15-18:00 {office}\n\
+             allow oncall -> r{i} when time any 18:00-08:00 {night}\n\
+             deny staff, oncall -> r{i} when time sat,sun 00:00-24:00 {weekend}\n\
+             deny contractors -> r{i}\n"
+        );
+        resources.push(format!("r{i}"));
+    }
+    let resources = resources.join(", ");
+    text += &format!(
+        "assert never contractors -> {resources}\nassert only staff, oncall -> {resources}\n"
+    );
+    text
+}
+
+/// `fz_compiler::check` as `fzc check` runs it, on trees whose invariants rest on time
+/// windows: `verify/time-zones` (the tree above) and `verify/example` (the example tree,
+/// `policies/`, one zone).
+fn verify(c: &mut Criterion) {
+    let example = fz_compiler::load_tree(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"),
+    )
+    .unwrap();
+    let zones = Sources::new(vec![SourceFile::new("zones.fz", time_zone_tree())]);
+    for (name, sources) in [("time-zones", zones), ("example", example)] {
+        let checked = fz_compiler::check(sources.clone());
+        let errors: Vec<_> = checked
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .collect();
+        assert!(errors.is_empty(), "{name}: {errors:#?}");
+        println!(
+            "verify/{name}: tests and invariants {} passed, {} failed",
+            checked.tests.passed, checked.tests.failed
+        );
+        let mut group = c.benchmark_group("verify");
+        group.bench_function(name, |b| {
+            b.iter(|| fz_compiler::check(black_box(sources.clone())))
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, decide, verify);
 criterion_main!(benches);

@@ -16,6 +16,7 @@ mod country;
 pub mod decide;
 mod resolve;
 pub mod table;
+pub mod timeline;
 mod verify;
 
 /// Addresses live in their own crate so the agents can match names without the compiler.

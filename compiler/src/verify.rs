@@ -6,21 +6,25 @@
 //! - adding groups beyond what an allow rule and the assertion need can only make more deny
 //!   rules apply, so the smallest membership for each way of matching each allow rule suffices;
 //! - every condition splits its fact's domain at finitely many boundaries (codes and providers
-//!   named, network edges, window starts and ends in their zone), so one representative per
-//!   region, plus "missing", covers every context. Time is sampled at every window boundary
-//!   of a winter and a summer reference week, which covers both offsets of every zone with
-//!   daylight saving time.
+//!   named, network edges), so one representative per region, plus "missing", covers every
+//!   context;
+//! - time enters a decision only through the `time` conditions of the resource's rules, and
+//!   [`timeline::representatives`] gives one instant for every combination of their truth
+//!   values that occurs at any instant, across every offset change of every zone they name,
+//!   for all of time the time-zone database describes (see [`timeline`] for why that is
+//!   exact). Those instants are found once per set of conditions.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use fz_lang::ast::Quantifier;
 use fz_lang::{Code, Diagnostic};
 
-use crate::condition::{Condition, Context};
+use crate::condition::{Condition, Context, TimeCondition};
 use crate::decide::DecisionTable;
 use crate::resolve::{Invariant, Resolved};
 use crate::table::*;
+use crate::timeline;
 
 /// Tests and invariants that held and that did not. A test counts once, however many
 /// expectations it has.
@@ -72,8 +76,9 @@ pub fn run(
             report.passed += 1
         }
     }
+    let mut cache = InstantCache::default();
     for invariant in &resolved.invariants {
-        match counterexample(invariant, decisions) {
+        match counterexample(invariant, decisions, &mut cache) {
             None => report.passed += 1,
             Some(found) => {
                 report.failed += 1;
@@ -182,7 +187,11 @@ struct Candidate<'a> {
     static_groups: &'a [GroupIdx],
 }
 
-fn counterexample(invariant: &Invariant, decisions: &DecisionTable) -> Option<Counterexample> {
+fn counterexample(
+    invariant: &Invariant,
+    decisions: &DecisionTable,
+    cache: &mut InstantCache,
+) -> Option<Counterexample> {
     let table = decisions.table();
     let everyone = decisions.group_index(EVERYONE);
     let named_only_here = invariant
@@ -217,7 +226,7 @@ fn counterexample(invariant: &Invariant, decisions: &DecisionTable) -> Option<Co
                 last: p.first,
                 ..*p
             });
-        let contexts = representative_contexts(entry, table);
+        let contexts = representative_contexts(entry, table, cache);
         let candidates = candidates_for(entry, invariant, table, &everybody);
         for &allow in &entry.allow {
             let rule = table.rules.get(allow as usize)?;
@@ -351,7 +360,11 @@ fn with(groups: &[GroupIdx], group: GroupIdx) -> Vec<GroupIdx> {
 }
 
 /// One context per region of the facts the resource's rules test, plus missing facts.
-fn representative_contexts(resource: &Resource, table: &Table) -> Vec<Context> {
+fn representative_contexts(
+    resource: &Resource,
+    table: &Table,
+    cache: &mut InstantCache,
+) -> Vec<Context> {
     let conditions: Vec<&Condition> = resource
         .allow
         .iter()
@@ -360,7 +373,7 @@ fn representative_contexts(resource: &Resource, table: &Table) -> Vec<Context> {
         .flat_map(|r| &r.conditions)
         .collect();
 
-    let mut instants: Vec<Option<DateTime<Utc>>> = vec![None];
+    let mut times: Vec<TimeCondition> = Vec::new();
     let mut countries: Vec<Option<String>> = vec![None];
     let mut sources = vec![None];
     let mut providers: Vec<Option<String>> = vec![None];
@@ -368,26 +381,8 @@ fn representative_contexts(resource: &Resource, table: &Table) -> Vec<Context> {
     for condition in &conditions {
         match condition {
             Condition::Time(time) => {
-                for week in reference_weeks() {
-                    for day in 0..7 {
-                        let Some(date) = week.checked_add_days(Days::new(day)) else {
-                            continue;
-                        };
-                        for window in &time.windows {
-                            for minute in [window.start, window.end % 1440] {
-                                let Some(local) = date.and_hms_opt(
-                                    u32::from(minute / 60),
-                                    u32::from(minute % 60),
-                                    0,
-                                ) else {
-                                    continue;
-                                };
-                                if let Some(at) = time.zone.from_local_datetime(&local).earliest() {
-                                    instants.push(Some(at.with_timezone(&Utc)));
-                                }
-                            }
-                        }
-                    }
+                if !times.contains(time) {
+                    times.push(time.clone());
                 }
             }
             Condition::Country { codes, .. } => {
@@ -415,12 +410,15 @@ fn representative_contexts(resource: &Resource, table: &Table) -> Vec<Context> {
             Condition::ClientVerified => verified.push(true),
         }
     }
+    // No time, then one instant per combination of the time conditions, in order of time.
+    let mut instants: Vec<Option<DateTime<Utc>>> = vec![None];
+    if !times.is_empty() {
+        instants.extend(cache.of(times).iter().copied().map(Some));
+    }
     for list in [&mut countries, &mut providers] {
         list.sort();
         list.dedup();
     }
-    instants.sort();
-    instants.dedup();
     sources.sort();
     sources.dedup();
     verified.dedup();
@@ -455,9 +453,19 @@ fn unnamed<const N: usize>(codes: &[String], spare: [&str; N]) -> String {
         .to_owned()
 }
 
-/// Mondays of a winter and a summer week.
-fn reference_weeks() -> impl Iterator<Item = NaiveDate> {
-    [(2026, 1, 5), (2026, 7, 6)]
-        .into_iter()
-        .filter_map(|(y, m, d)| NaiveDate::from_ymd_opt(y, m, d))
+/// One instant per combination of truth values of a set of time conditions, over all time
+/// ([`timeline::representatives`]), kept per set: resources whose rules test the same windows
+/// share them, and every invariant about a resource asks again.
+#[derive(Debug, Default)]
+struct InstantCache(HashMap<Vec<TimeCondition>, Vec<DateTime<Utc>>>);
+
+impl InstantCache {
+    fn of(&mut self, conditions: Vec<TimeCondition>) -> &[DateTime<Utc>] {
+        self.0.entry(conditions).or_insert_with_key(|conditions| {
+            timeline::representatives(conditions, timeline::ALL_TIME)
+                .into_iter()
+                .map(|r| r.at)
+                .collect()
+        })
+    }
 }
