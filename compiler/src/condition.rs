@@ -6,9 +6,7 @@
 
 use std::net::IpAddr;
 
-use chrono::{
-    DateTime, Datelike, LocalResult, NaiveDateTime, NaiveTime, Offset, TimeZone, Timelike, Utc,
-};
+use chrono::{DateTime, Datelike, LocalResult, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
 use chrono_tz::{GapInfo, Tz};
 use serde::{Deserialize, Serialize};
 
@@ -202,7 +200,11 @@ impl TimeCondition {
             return Some(at);
         }
         let mut candidates = self.wall_clock_ends(at);
-        candidates.extend(offset_changes(self.zone, at, SEARCH_DAYS));
+        // The wall clock also jumps where the zone changes its offset, and a window can close
+        // there without reaching its end (the clock set back from `03:00` to `02:00` leaves
+        // `02:30-03:00`).
+        let until = at + chrono::TimeDelta::days(SEARCH_DAYS);
+        candidates.extend(crate::timeline::offset_changes(self.zone, at..until));
         candidates.retain(|t| *t > at);
         candidates.sort_unstable();
         candidates.dedup();
@@ -258,39 +260,6 @@ fn wall_clock_instants(zone: Tz, local: NaiveDateTime) -> [Option<DateTime<Utc>>
             None,
         ],
     }
-}
-
-/// The instants in `(from, from + days]` at which `zone` changes its offset from UTC: there
-/// the wall clock jumps, and a window can close without reaching its end (the clock set back
-/// from `03:00` to `02:00` leaves `02:30-03:00`). Offsets are compared a day apart and a change
-/// is bisected to the second: since 1970 no zone in the tz database has changed its offset
-/// twice within a week, so a day's step misses none.
-fn offset_changes(zone: Tz, from: DateTime<Utc>, days: i64) -> Vec<DateTime<Utc>> {
-    const DAY: i64 = 86_400;
-    let offset = |seconds: i64| {
-        DateTime::from_timestamp(seconds, 0)
-            .map(|t| zone.offset_from_utc_datetime(&t.naive_utc()).fix())
-    };
-    let start = from.timestamp();
-    let mut changes = Vec::new();
-    for step in 0..days {
-        let (mut before, mut after) = (start + step * DAY, start + (step + 1) * DAY);
-        let old = offset(before);
-        if offset(after) == old {
-            continue;
-        }
-        // INVARIANT: the offset at `before` is `old`, the offset at `after` is not.
-        while after - before > 1 {
-            let middle = before + (after - before) / 2;
-            if offset(middle) == old {
-                before = middle;
-            } else {
-                after = middle;
-            }
-        }
-        changes.extend(DateTime::from_timestamp(after, 0));
-    }
-    changes
 }
 
 impl std::fmt::Display for Condition {

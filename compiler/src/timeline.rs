@@ -292,6 +292,18 @@ fn candidates(clocks: &[Clock], offsets: &[i32], window: Range<i64>) -> Vec<i64>
     instants
 }
 
+/// The instants in `span` at which `zone` changes its offset from UTC (from the zone's history,
+/// read once per process).
+pub(crate) fn offset_changes(zone: Tz, span: Range<DateTime<Utc>>) -> Vec<DateTime<Utc>> {
+    let (from, until) = (span.start.timestamp(), span.end.timestamp());
+    OffsetHistory::cached(zone)
+        .changes
+        .iter()
+        .filter(|c| from <= c.at && c.at < until)
+        .filter_map(|c| DateTime::from_timestamp(c.at, 0))
+        .collect()
+}
+
 /// A zone's offset from UTC through all of time, as chrono-tz has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct OffsetHistory {
