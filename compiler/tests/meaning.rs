@@ -190,13 +190,18 @@ fn nesting_and_claims() {
     for (text, args, code, lines) in cases {
         let run = run(text, args);
         assert_eq!(run.code, *code, "{args:?}\n{}{}", run.stdout, run.stderr);
-        for line in *lines {
-            assert!(
-                run.stdout.contains(line),
-                "{args:?}: missing {line:?} in\n{}",
-                run.stdout
-            );
-        }
+        assert_prints(&run, lines);
+    }
+}
+
+/// Every one of `lines` is somewhere in what `run` printed.
+fn assert_prints(run: &Run, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            run.stdout.contains(line),
+            "missing {line:?} in\n{}",
+            run.stdout
+        );
     }
 }
 
@@ -207,18 +212,15 @@ fn an_invariant_covers_the_resources_inside_its_target() {
     let text = CARVED.replace("deny contractors -> prod-db as no-contractors\n", "");
     let run = run(&text, &["check", "."]);
     assert_eq!(run.code, 1, "{}", run.stdout);
-    for line in [
-        "invariant `never contractors -> prod-db` does not hold",
-        "counterexample: `carol@vendor.example`",
-        "reaches `primary`",
-        "let through by allow rule `everyone-primary`",
-    ] {
-        assert!(
-            run.stdout.contains(line),
-            "missing {line:?} in\n{}",
-            run.stdout
-        );
-    }
+    assert_prints(
+        &run,
+        &[
+            "invariant `never contractors -> prod-db` does not hold",
+            "counterexample: `carol@vendor.example`",
+            "reaches `primary`",
+            "let through by allow rule `everyone-primary`",
+        ],
+    );
 }
 
 /// A bundle from before deny rules reached down would let a guardrail be carved around: it is
