@@ -47,11 +47,6 @@
     clippy::expect_used
 )] // A bench binary: it prints its figures, and a setup step that cannot be done fails loudly.
 
-// The bench uses the test agents, not every helper the integration tests use.
-#[allow(dead_code)]
-#[path = "../tests/support/agent.rs"]
-mod agent;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::BufRead as _;
@@ -63,13 +58,12 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::response::Response;
+use fz_host::testing::agents::{self as agent, Socket, TestClient, TestGateway};
 use fz_portal::store::{Store, TokenKind};
 use fz_proto::{
     ClientMessage, DnsMapping, PortalPublicKey, PortalToClient, PortalToGateway, PublicKey, encode,
 };
 use tokio::sync::Semaphore;
-
-use agent::{Socket, TestClient, TestGateway};
 
 const USAGE: &str = "\
 usage: cargo bench -p fz-portal --bench load -- [OPTIONS]

@@ -6,9 +6,11 @@ mod support;
 
 use std::collections::HashSet;
 
+use fz_host::testing::agents::{
+    Origin, PATIENCE, RESOLVED, TestClient, TestGateway, key, next_text, open, send_text,
+};
 use fz_portal::store::{Decision, FlowFilter};
 use fz_proto::{DnsMapping, GatewayMessage, PortalToClient, PortalToGateway, encode};
-use support::agent::{Origin, RESOLVED, TestClient, TestGateway, key, next_text, open, send_text};
 use support::portal::{TestPortal, today_at};
 
 const POLICY: &str = r#"
@@ -66,7 +68,7 @@ fn rejection(answer: &PortalToClient) -> &str {
 async fn next_seen(
     seen: &mut tokio::sync::mpsc::UnboundedReceiver<PortalToGateway>,
 ) -> PortalToGateway {
-    tokio::time::timeout(support::agent::PATIENCE, seen.recv())
+    tokio::time::timeout(PATIENCE, seen.recv())
         .await
         .expect("the gateway hears from the portal in time")
         .expect("the gateway still serves")

@@ -8,6 +8,8 @@
 //!   and what the scenarios do in it: edit the policy tree, ask names, fetch pages, read the
 //!   gateways' metrics and the portal's records, stop and start processes.
 //! - [`servers`]: the servers at the sites, on the harness's tokio runtime.
+//! - [`rogue`]: a client that speaks the protocol with a key of its own and sends packets built
+//!   by hand through its own tunnel: what an attacker holding a user's token can do.
 //! - [`report`]: `target/e2e-report.json` and the summary the scenarios leave.
 //! - [`binaries`]: where the binaries under test are, built when missing.
 //!
@@ -20,5 +22,6 @@
 
 pub mod binaries;
 pub mod report;
+pub mod rogue;
 pub mod servers;
 pub mod world;

@@ -5,7 +5,8 @@
 //!  fz-client            br0 198.18.0.1/24          eth0 198.18.0.11, .12        br0 172.16.0.5  :443 https
 //!   fzc0 (TUN)          fz-portal :8080             eth1 172.16.0.1, .2 ──────      gitlab, jenkins, docs
 //!   eth0 198.18.0.10 ── dnsmasq :53 (upstream)           10.0.5.1, .2               10.0.5.10 :5432 db, :22 ssh
-//!   curl, dig           wan-* ports ─────────────── eth0                         172.16.0.53 :53 dnsmasq
+//!   curl, dig                                            10.0.6.1, .2               10.0.6.10 :8080 build
+//!                       wan-* ports ─────────────── eth0                         172.16.0.53 :53 dnsmasq
 //!                                                  gw-c ns (site lab)                (company.com)
 //!                                                   eth0 198.18.0.13          lab ns
 //!                                                   eth1 192.168.50.1 ─────── eth0 192.168.50.10 :80 greeter
@@ -18,6 +19,10 @@
 //! wan (which knows `www.example.org`), the gateways' the one at hq. Servers greet or answer
 //! with the address the connection came from, which is the masquerade of the gateway that
 //! carried it (`db 10.0.5.2` came through gw-b).
+//!
+//! Scenarios may add hosts: more clients on the wan ([`World::extra_client`]), a host on hq's
+//! resource network ([`World::site_host`]), and clients that keep none of the real client's
+//! manners ([`World::rogue`], a [`RogueClient`] signing in from the client's namespace).
 //!
 //! The policy tree is written by the scenarios ([`World::set_rules`]); the portal watches it.
 //! Sockets keep the namespace they were made in, so each server socket is made on a thread
@@ -36,12 +41,16 @@ use fz_host::testing::metrics::{Metrics, http_get, scrape, wait_metrics};
 use fz_host::testing::net::{greet, tcp_listener, try_greeting};
 use fz_host::testing::netns::{Netns, RemoveDir, bridge, etc_netns, link, port, unique_id};
 use fz_host::testing::process::Process;
+use fz_proto::PortalPublicKey;
 
 use crate::binaries::binary;
+use crate::rogue::RogueClient;
 use crate::servers::{WebTls, serve_web};
 
 pub const ACCOUNT: &str = "acme";
 pub const USER: &str = "alice@acme.example";
+/// A user in group `contractors`, not in `engineering`.
+pub const CONTRACTOR: &str = "bob@acme.example";
 pub const PORTAL_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), 8080);
 /// The client's own resolver: everything that is no resource is asked here.
@@ -51,6 +60,8 @@ pub const WEB: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 5);
 pub const SITE_DNS: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 53);
 pub const DB: &str = "10.0.5.10:5432";
 pub const SSH: &str = "10.0.5.10:22";
+/// A build server inside `corp-net` (10.0.0.0/8) and outside `db` (10.0.5.0/24).
+pub const BUILD: &str = "10.0.6.10:8080";
 pub const LAB_WEB: &str = "192.168.50.10:80";
 pub const CLIENT_TUN: &str = "fzc0";
 pub const GATEWAY_TUN: &str = "fzgw0";
@@ -60,17 +71,24 @@ pub const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST),
 /// The stub's first sentinel: the address the client's switched resolver names.
 pub const SENTINEL: &str = "100.100.111.1";
 
-/// The tree without rules: two sites, the resources, one group. Scenarios add the rules.
+/// The tree without rules: two sites, the resources, two groups. Scenarios add the rules.
+/// Every resource is declared from the start, since a client learns the account's resources
+/// when it connects. Some lie inside others: `intranet` holds the three names, `corp-net`
+/// holds `db`, and `egress` (`internet`) every public address.
 pub const DECLARATIONS: &str = r#"site hq
 site lab
 
-resource gitlab  { address "gitlab.company.com"; site hq; ports tcp/443 }
-resource jenkins { address "jenkins.company.com"; site hq; ports tcp/443 }
-resource docs    { address "docs.company.com"; site hq; ports tcp/443 }
-resource db      { address "10.0.5.0/24"; site hq; ports tcp/5432, icmp }
-resource lab-web { address "192.168.50.0/24"; site lab; ports tcp/80 }
+resource gitlab   { address "gitlab.company.com"; site hq; ports tcp/443 }
+resource jenkins  { address "jenkins.company.com"; site hq; ports tcp/443 }
+resource docs     { address "docs.company.com"; site hq; ports tcp/443 }
+resource intranet { address "*.company.com"; site hq; ports tcp/443 }
+resource db       { address "10.0.5.0/24"; site hq; ports tcp/5432, icmp }
+resource corp-net { address "10.0.0.0/8"; site hq }
+resource egress   { address internet; site hq }
+resource lab-web  { address "192.168.50.0/24"; site lab; ports tcp/80 }
 
 group engineering { members "alice@acme.example" }
+group contractors { members "bob@acme.example" }
 "#;
 
 /// The commands the world needs besides the binaries under test.
@@ -109,13 +127,13 @@ pub const GATEWAYS: [GatewaySpec; 3] = [
         name: "gw-a",
         site: "hq",
         wan: Ipv4Addr::new(198, 18, 0, 11),
-        lan: &["172.16.0.1/24", "10.0.5.1/24"],
+        lan: &["172.16.0.1/24", "10.0.5.1/24", "10.0.6.1/24"],
     },
     GatewaySpec {
         name: "gw-b",
         site: "hq",
         wan: Ipv4Addr::new(198, 18, 0, 12),
-        lan: &["172.16.0.2/24", "10.0.5.2/24"],
+        lan: &["172.16.0.2/24", "10.0.5.2/24", "10.0.6.2/24"],
     },
     GatewaySpec {
         name: "gw-c",
@@ -192,13 +210,17 @@ pub struct World {
     dir: tempfile::TempDir,
 }
 
-/// Another client host on the wan, for scenarios that need many clients. Fields drop in order:
+/// Another client host on the wan, for scenarios that need more clients. Fields drop in order:
 /// the process, then its namespace and resolver file.
 #[derive(Debug)]
 pub struct ExtraClient {
     pub process: Process,
     pub ns: Netns,
-    _etc: RemoveDir,
+    etc: RemoveDir,
+    /// Names its token, key, state directory and log in the world's directory.
+    pub name: String,
+    /// Its client token file.
+    pub token: PathBuf,
 }
 
 impl World {
@@ -231,7 +253,15 @@ impl World {
             .ip(&["route", "add", "default", "via", "198.18.0.1"])
             .unwrap();
         // hq's resource network: a bridge holding the servers' addresses.
-        bridge(&hq_ns, &["172.16.0.5/24", "172.16.0.53/24", "10.0.5.10/24"]);
+        bridge(
+            &hq_ns,
+            &[
+                "172.16.0.5/24",
+                "172.16.0.53/24",
+                "10.0.5.10/24",
+                "10.0.6.10/24",
+            ],
+        );
         for (index, (spec, ns)) in GATEWAYS.iter().zip(&gateway_ns).enumerate() {
             port(
                 &portal_ns,
@@ -286,6 +316,7 @@ impl World {
                     ("gitlab.company.com", WEB),
                     ("jenkins.company.com", WEB),
                     ("docs.company.com", WEB),
+                    ("wiki.company.com", WEB),
                 ],
             ),
         ];
@@ -328,22 +359,7 @@ impl World {
             let process = start_gateway(&spec, &ns, dir.path(), &portal_key);
             gateways.push(Gateway { spec, process, ns });
         }
-        let created = admin(
-            &portal_ns,
-            &portal_config,
-            &[
-                "token",
-                "create",
-                "--account",
-                ACCOUNT,
-                "--client",
-                "laptop",
-                "--user",
-                USER,
-            ],
-        );
-        let client_token = secret_file(dir.path(), "client.token", &created);
-
+        let client_token = client_token(&portal_ns, &portal_config, dir.path(), "laptop", USER);
         let client = start_client(&client_ns, dir.path(), "client", &client_token, &portal_key);
         let world = World {
             client,
@@ -372,51 +388,94 @@ impl World {
         Ok(world)
     }
 
-    /// `count` more client hosts, each a namespace on the wan (198.18.0.100 and up) running
-    /// `fz-client` with a token of its own (`laptop-<n>`, the same user), once each is up.
+    /// `count` more client hosts (`laptop-<n>`, 198.18.0.100 and up), each with a token of
+    /// its own for the same user, once each is up.
     pub fn extra_clients(&self, count: u8) -> Vec<ExtraClient> {
-        let portal_ns = &self.portal_ns;
         (0..count)
-            .map(|n| {
-                let ns = Netns::add(format!("fze-{}-x{n}", self.id)).unwrap();
-                port(
-                    portal_ns,
-                    &format!("wan-x{n}"),
-                    &ns,
-                    "eth0",
-                    &format!("198.18.0.{}/24", 100 + u16::from(n)),
-                );
-                ns.ip(&["route", "add", "default", "via", "198.18.0.1"])
-                    .unwrap();
-                let etc = etc_netns(&ns, &format!("nameserver {UPSTREAM_DNS}\n"));
-                let name = format!("laptop-{n}");
-                let created = self.admin(&[
-                    "token",
-                    "create",
-                    "--account",
-                    ACCOUNT,
-                    "--client",
-                    &name,
-                    "--user",
-                    USER,
-                ]);
-                let token = secret_file(self.dir.path(), &format!("{name}.token"), &created);
-                let process = start_client(&ns, self.dir.path(), &name, &token, &self.portal_key);
-                ExtraClient {
-                    process,
-                    ns,
-                    _etc: etc,
-                }
-            })
-            .inspect(|extra| {
-                fz_host::testing::wait_for(
-                    "an extra client's resolver switch and routes",
-                    WAIT,
-                    |what| extra.process.assert_running(what),
-                    || client_is_up(&extra.ns, extra._etc.path()).then_some(()),
-                );
-            })
+            .map(|n| self.extra_client(&format!("laptop-{n}"), 100 + n))
             .collect()
+    }
+
+    /// One more client host, `name`: a namespace on the wan at 198.18.0.`host` running
+    /// `fz-client` with a token of its own (device `name`, the same user), once it is up.
+    pub fn extra_client(&self, name: &str, host: u8) -> ExtraClient {
+        let ns = Netns::add(format!("fze-{}-{name}", self.id)).unwrap();
+        port(
+            &self.portal_ns,
+            &format!("wan-{name}"),
+            &ns,
+            "eth0",
+            &format!("198.18.0.{host}/24"),
+        );
+        ns.ip(&["route", "add", "default", "via", "198.18.0.1"])
+            .unwrap();
+        let etc = etc_netns(&ns, &format!("nameserver {UPSTREAM_DNS}\n"));
+        let token = self.client_token(name, USER);
+        let process = start_client(&ns, self.dir.path(), name, &token, &self.portal_key);
+        let extra = ExtraClient {
+            process,
+            ns,
+            etc,
+            name: name.to_owned(),
+            token,
+        };
+        Self::wait_up(&extra);
+        extra
+    }
+
+    /// Starts an extra client that was stopped again, with its token and key, and waits until
+    /// it is up.
+    pub fn start_again(&self, extra: &mut ExtraClient) {
+        extra.process = start_client(
+            &extra.ns,
+            self.dir.path(),
+            &extra.name,
+            &extra.token,
+            &self.portal_key,
+        );
+        Self::wait_up(extra);
+    }
+
+    fn wait_up(extra: &ExtraClient) {
+        fz_host::testing::wait_for(
+            &format!("{}'s resolver switch and routes", extra.name),
+            WAIT,
+            |what| extra.process.assert_running(what),
+            || client_is_up(&extra.ns, extra.etc.path()).then_some(()),
+        );
+    }
+
+    /// A new client token for device `device` of `user`, in a file (mode 0600) of the
+    /// world's directory.
+    pub fn client_token(&self, device: &str, user: &str) -> PathBuf {
+        client_token(
+            &self.portal_ns,
+            &self.portal_config,
+            self.dir.path(),
+            device,
+            user,
+        )
+    }
+
+    /// A client that signs in from the client's namespace with the token in `token` and the
+    /// WireGuard key `secret`, and then does as a scenario says (see [`RogueClient`]).
+    pub fn rogue(&self, token: &Path, secret: boringtun::x25519::StaticSecret) -> RogueClient {
+        RogueClient::sign_in(
+            &self.client_ns,
+            PORTAL_LISTEN,
+            self.portal_public_key(),
+            ACCOUNT,
+            token,
+            secret,
+        )
+    }
+
+    /// A host on hq's resource network (a namespace on its bridge, port `lan-<name>`) with
+    /// `address` (a CIDR), and nothing else: no route beyond its network.
+    pub fn site_host(&self, name: &str, address: &str) -> Netns {
+        let ns = Netns::add(format!("fze-{}-{name}", self.id)).unwrap();
+        port(&self.hq_ns, &format!("lan-{name}"), &ns, "eth0", address);
+        ns
     }
 
     // ---- the policy ----
@@ -498,6 +557,22 @@ impl World {
         })
     }
 
+    /// The client's tunnel address (IPv4), as its TUN device holds it.
+    pub fn client_tunnel_ipv4(&self) -> Ipv4Addr {
+        let listed = self
+            .client_ns
+            .ip(&["-4", "-o", "address", "show", "dev", CLIENT_TUN])
+            .unwrap();
+        listed
+            .split_whitespace()
+            .filter_map(|word| word.split('/').next()?.parse::<Ipv4Addr>().ok())
+            // The tunnel ranges are 100.64.0.0/11; the sentinels are elsewhere in 100.64/10.
+            .find(|address| {
+                u32::from(*address) >> 21 == u32::from(Ipv4Addr::new(100, 64, 0, 0)) >> 21
+            })
+            .unwrap_or_else(|| panic!("no tunnel address on {CLIENT_TUN}: {listed}"))
+    }
+
     /// Connects from the client to `to` and reads the server's greeting line.
     pub fn greeting(&self, to: &str) -> String {
         fz_host::testing::net::greeting(&self.client_ns, to)
@@ -527,10 +602,48 @@ impl World {
         admin(&self.portal_ns, &self.portal_config, args)
     }
 
+    /// The key the portal signs grants with, which agents pin.
+    pub fn portal_public_key(&self) -> PortalPublicKey {
+        self.portal_key
+            .parse()
+            .unwrap_or_else(|error| panic!("the portal's key {:?}: {error}", self.portal_key))
+    }
+
     /// The account's flow records, newest first.
     pub fn flows(&self) -> Vec<serde_json::Value> {
         let listed = self.admin(&["flows", "--account", ACCOUNT, "--json"]);
         serde_json::from_str(&listed).unwrap_or_else(|error| panic!("{error}: {listed}"))
+    }
+
+    /// The id of the newest flow record (0 when there is none): later records have greater
+    /// ids, see [`World::wait_flow`].
+    pub fn last_flow(&self) -> i64 {
+        self.flows()
+            .first()
+            .and_then(|flow| flow["id"].as_i64())
+            .unwrap_or(0)
+    }
+
+    /// The newest flow record newer than `after` that `holds` takes, if there is one.
+    pub fn flow_after(
+        &self,
+        after: i64,
+        holds: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        self.flows()
+            .into_iter()
+            .take_while(|flow| flow["id"].as_i64().is_some_and(|id| id > after))
+            .find(|flow| holds(flow))
+    }
+
+    /// Waits for a flow record newer than `after` that `holds` takes.
+    pub fn wait_flow(
+        &self,
+        what: &str,
+        after: i64,
+        holds: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait_for(what, WAIT, |world| world.flow_after(after, &holds))
     }
 
     /// Whether the portal has each gateway connected, in the order of [`GATEWAYS`].
@@ -911,6 +1024,26 @@ pub fn admin(ns: &Netns, config: &Path, args: &[&str]) -> String {
         .unwrap_or_else(|error| panic!("fz-portal {args:?} failed: {error}"))
 }
 
+/// `fz-portal token create --client <device> --user <user>`, its secret written to
+/// `dir/<device>.token`.
+fn client_token(ns: &Netns, config: &Path, dir: &Path, device: &str, user: &str) -> PathBuf {
+    let created = admin(
+        ns,
+        config,
+        &[
+            "token",
+            "create",
+            "--account",
+            ACCOUNT,
+            "--client",
+            device,
+            "--user",
+            user,
+        ],
+    );
+    secret_file(dir, &format!("{device}.token"), &created)
+}
+
 /// Writes the secret that `fz-portal token create` printed into `dir/name`, mode 0600.
 pub fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
     let secret = created
@@ -925,13 +1058,14 @@ pub fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
 
 // ---- the servers ----
 
-/// At hq: the web server, db and ssh; at lab: its web greeter.
+/// At hq: the web server, db, ssh and the build server; at lab: its web greeter.
 fn start_servers(runtime: &tokio::runtime::Runtime, hq: &Netns, lab: &Netns, tls: WebTls) {
-    let (web, db, ssh) = hq.run(|| {
+    let (web, db, ssh, build) = hq.run(|| {
         (
             tcp_listener(SocketAddr::new(IpAddr::V4(WEB), 443)),
             tcp_listener(DB),
             tcp_listener(SSH),
+            tcp_listener(BUILD),
         )
     });
     let lab_web = lab.run(|| tcp_listener(LAB_WEB));
@@ -939,5 +1073,6 @@ fn start_servers(runtime: &tokio::runtime::Runtime, hq: &Netns, lab: &Netns, tls
     runtime.spawn(serve_web(web, tls));
     runtime.spawn(greet(db, "db"));
     runtime.spawn(greet(ssh, "ssh"));
+    runtime.spawn(greet(build, "build"));
     runtime.spawn(greet(lab_web, "lab"));
 }

@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::AssertUnwindSafe;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,9 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::StaticSecret;
 use fz_e2e::report::{Report, Scenario, Status};
-use fz_e2e::world::{CLIENT_WAN, DB, GATEWAYS, LAB_WEB, SSH, UPSTREAM_DNS, WEB, World};
+use fz_e2e::world::{
+    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, GATEWAYS, LAB_WEB, SSH, UPSTREAM_DNS, USER, WEB,
+    World,
+};
 use fz_host::testing::WAIT;
-use fz_host::testing::net::try_greeting;
+use fz_host::testing::net::{REFUSAL, a_answers, a_query, connect_from, greeting, try_greeting};
+use fz_host::testing::packet::{self, RST, Segment};
+use fz_proto::{DnsMapping, SignedGrant};
 
 /// The run's name for its skip marker.
 const RUN: &str = "fz-e2e";
@@ -39,6 +44,11 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("invisible gateway", invisible_gateway),
     ("tunnel throughput", tunnel_throughput),
     ("policy change", policy_change),
+    ("internet grant", internet_grant),
+    ("broad grant", broad_grant),
+    ("wildcard grant", wildcard_grant),
+    ("site cannot open a connection", site_cannot_open),
+    ("copied token", copied_token),
     ("load balancing", load_balancing),
     ("time window", time_window),
     ("portal down", portal_down),
@@ -432,6 +442,269 @@ fn policy_change(world: &mut World, _: &mut Report) -> String {
     format!("db withdrawn {withdrawn:.2} s after the edit; the guardrail wins over the allow")
 }
 
+/// A contractor is allowed `egress` (`internet`) at hq and nothing else; engineering uses db
+/// there. A client of our own signs in with a real token of the contractor's, is refused db,
+/// gets `egress`, and sends by hand through the granted gateway a SYN to db, then a DNS query
+/// to the wan's resolver (198.18.0.1, public by fz's definition). The query is answered, the
+/// SYN is dropped at the gateway (`destination_not_granted`), and nothing came back from db
+/// before the answer. (The real client does not route `internet`: full tunnel is not built.)
+fn internet_grant(world: &mut World, _: &mut Report) -> String {
+    world.set_rules(
+        "allow engineering -> gitlab, docs, db as eng\nallow contractors -> egress as egress",
+    );
+    let token = world.client_token("bob-laptop", CONTRACTOR);
+    let mut rogue = world.rogue(&token, StaticSecret::from([0x21; 32]));
+    let refusal = refusal(rogue.request("db", None), "db to a contractor");
+    let grant = rogue
+        .request("egress", None)
+        .unwrap_or_else(|why| panic!("egress refused: {why}"));
+    let serving = gateway_of(&grant);
+    rogue.connect(&grant);
+    let before = world.metrics(serving).dropped("destination_not_granted");
+
+    let me = IpAddr::V4(rogue.tunnel_ipv4());
+    let db: SocketAddr = DB.parse().unwrap();
+    rogue.send(&packet::tcp(
+        SocketAddr::new(me, 40001),
+        db,
+        Segment::syn(1),
+    ));
+    let resolver = SocketAddr::new(IpAddr::V4(UPSTREAM_DNS), 53);
+    let asking = SocketAddr::new(me, 40002);
+    rogue.send(&packet::udp(
+        asking,
+        resolver,
+        &a_query(0x4201, "www.example.org"),
+    ));
+    let (answer, earlier) = rogue.receive_until("the resolver's answer through egress", |p| {
+        let (from, to, payload) = packet::parse_udp(p)?;
+        (from == resolver && to == asking)
+            .then(|| a_answers(0x4201, payload))
+            .flatten()
+    });
+    assert_eq!(answer, [Ipv4Addr::new(192, 0, 2, 80)]);
+    assert_nothing_from(&earlier, db);
+    world.wait_metrics(serving, "the SYN to db dropped", |m| {
+        m.dropped("destination_not_granted") > before
+    });
+    format!(
+        "db refused ({refusal}); through egress at {}: www.example.org -> 192.0.2.80 from {UPSTREAM_DNS}, a SYN to {DB} dropped, no answer",
+        GATEWAYS[serving].name
+    )
+}
+
+/// `corp-net` (10.0.0.0/8) is allowed and `db` (10.0.5.0/24, inside it) denied. The real
+/// client reaches the build server (10.0.6.10, in corp-net) and is refused db at once. A client
+/// of our own with a token of the same user holds the corp-net grant and sends by hand a SYN
+/// to db, then one to the build server, through the same gateway: the build server answers,
+/// the SYN to db is dropped at the gateway (`destination_not_granted`), and nothing came back
+/// from db before the build server's answer.
+fn broad_grant(world: &mut World, _: &mut Report) -> String {
+    world.set_rules("allow engineering -> corp-net as corp\ndeny engineering -> db as not-db");
+    let build = world.greeting(BUILD);
+    assert!(build.starts_with("build 10.0.6."), "{build:?}");
+    refused(world, DB);
+
+    let token = world.client_token("alice-tablet", USER);
+    let mut rogue = world.rogue(&token, StaticSecret::from([0x22; 32]));
+    let grant = rogue
+        .request("corp-net", None)
+        .unwrap_or_else(|why| panic!("corp-net refused: {why}"));
+    let serving = gateway_of(&grant);
+    rogue.connect(&grant);
+    let before = world.metrics(serving).dropped("destination_not_granted");
+
+    let me = IpAddr::V4(rogue.tunnel_ipv4());
+    let (db, build_server): (SocketAddr, SocketAddr) =
+        (DB.parse().unwrap(), BUILD.parse().unwrap());
+    rogue.send(&packet::tcp(
+        SocketAddr::new(me, 40011),
+        db,
+        Segment::syn(1),
+    ));
+    let to_build = SocketAddr::new(me, 40012);
+    rogue.send(&packet::tcp(to_build, build_server, Segment::syn(1)));
+    let (answer, earlier) = rogue.receive_until("the build server's SYN-ACK", |p| {
+        let (from, to, segment) = packet::parse_tcp(p)?;
+        (from == build_server && to == to_build && segment.is_syn_ack()).then_some(segment)
+    });
+    assert_nothing_from(&earlier, db);
+    // The build server need not wait for the rest of a handshake that will not come.
+    rogue.send(&packet::tcp(
+        to_build,
+        build_server,
+        Segment {
+            seq: answer.ack,
+            ack: 0,
+            flags: RST,
+        },
+    ));
+    world.wait_metrics(serving, "the SYN to db dropped", |m| {
+        m.dropped("destination_not_granted") > before
+    });
+    format!(
+        "the client: {build:?}, db refused; a corp-net grant at {}: the build server answers a SYN, one to {DB} is dropped",
+        GATEWAYS[serving].name
+    )
+}
+
+/// `intranet` (`*.company.com`) is allowed and `jenkins` (`jenkins.company.com`, one of its
+/// names) denied. The real client gets mapped addresses for `wiki.company.com` and none for
+/// `jenkins.company.com`. A client of our own asks for `intranet` with the name
+/// `jenkins.company.com`: refused, with the resource that serves the name; the same request
+/// for `wiki.company.com` is granted. The flow log records the names.
+fn wildcard_grant(world: &mut World, _: &mut Report) -> String {
+    world.set_rules(
+        "allow engineering -> intranet as intranet\ndeny engineering -> jenkins as not-jenkins",
+    );
+    let mark = world.last_flow();
+    let wiki = world.dig(&["wiki.company.com", "A"]);
+    assert_eq!(wiki.len(), 4, "wiki.company.com: {wiki:?}");
+    // An earlier scenario may have had jenkins refused a moment ago, and the client remembers
+    // a refusal for a few seconds before it asks again: ask until the portal was asked.
+    world.wait_for("the client's denial of jenkins, by name", WAIT, |world| {
+        let jenkins = world.dig(&["jenkins.company.com", "A"]);
+        assert!(jenkins.is_empty(), "jenkins got addresses: {jenkins:?}");
+        world.flow_after(mark, |flow| {
+            flow["resource_id"] == "jenkins"
+                && flow["decision"] == "deny"
+                && flow["name"] == "jenkins.company.com"
+        })
+    });
+
+    let token = world.client_token("alice-phone", USER);
+    let mut rogue = world.rogue(&token, StaticSecret::from([0x23; 32]));
+    let mapping = |name: &str, last: u8| {
+        Some(DnsMapping {
+            name: name.to_owned(),
+            mapped: vec![IpAddr::V4(Ipv4Addr::new(100, 96, 200, last))],
+        })
+    };
+    let reason = refusal(
+        rogue.request("intranet", mapping("jenkins.company.com", 1)),
+        "jenkins.company.com through intranet",
+    );
+    assert_eq!(
+        reason,
+        "`jenkins.company.com` is served by resource `jenkins`, not `intranet`: ask for `jenkins`"
+    );
+    let flow = world.wait_flow("the refusal, with the name", mark, |flow| {
+        flow["resource_id"] == "intranet"
+            && flow["decision"] == "deny"
+            && flow["name"] == "jenkins.company.com"
+            && flow["client_id"] == rogue.client_id()
+    });
+    assert_eq!(flow["reason"], reason.as_str());
+    rogue
+        .request("intranet", mapping("wiki.company.com", 2))
+        .unwrap_or_else(|why| panic!("wiki.company.com through intranet refused: {why}"));
+    world.wait_flow("the grant of wiki, with the name", mark, |flow| {
+        flow["resource_id"] == "intranet"
+            && flow["decision"] == "allow"
+            && flow["name"] == "wiki.company.com"
+            && flow["client_id"] == rogue.client_id()
+    });
+    format!(
+        "the client: wiki -> {}, jenkins empty; intranet asked with jenkins's name: {reason}; with wiki's: granted",
+        wiki.join(" ")
+    )
+}
+
+/// The client holds a db grant through a gateway of hq. A host on hq's resource network
+/// (10.0.5.20, inside db's network) with a route to the client tunnel ranges through that
+/// gateway tries to open a connection to a listener on the client's tunnel address, from
+/// port 5432, the port the grant lets answers come from: its SYN goes unanswered (it does
+/// reach the gateway: a closed port there answers with a reset). The client's connections
+/// to db through the same gateway keep working.
+fn site_cannot_open(world: &mut World, _: &mut Report) -> String {
+    world.set_rules("allow engineering -> gitlab, docs, db as eng");
+    let greeted = world.greeting(DB);
+    let serving = serving_gateway(world, &greeted);
+    let gateway = GATEWAYS[serving].lan_address("10.0.5.");
+    let client = world.client_tunnel_ipv4();
+    let listener = world
+        .client_ns
+        .run(|| TcpListener::bind((client, 7000)))
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+
+    let host = world.site_host("host", "10.0.5.20/24");
+    host.ip(&["route", "add", "100.64.0.0/11", "via", gateway])
+        .unwrap();
+    let closed: SocketAddr = SocketAddr::new(gateway.parse().unwrap(), 9);
+    let reset = host.run(|| TcpStream::connect_timeout(&closed, WAIT));
+    assert!(
+        reset
+            .as_ref()
+            .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
+        "the host does not reach {}: {reset:?}",
+        GATEWAYS[serving].name
+    );
+    let from: SocketAddr = "10.0.5.20:5432".parse().unwrap();
+    let to = SocketAddr::new(IpAddr::V4(client), 7000);
+    let opened = host.run(|| connect_from(from, to, REFUSAL));
+    match opened {
+        Err(error) if error.kind() == ErrorKind::TimedOut => {}
+        Err(error) => panic!("the connection failed, but not by silence: {error}"),
+        Ok(_) => panic!("the site opened a connection to the client ({from} -> {to})"),
+    }
+    match listener.accept() {
+        Err(error) if error.kind() == ErrorKind::WouldBlock => {}
+        other => panic!("the client's listener got something: {other:?}"),
+    }
+    assert_eq!(world.greeting(DB), greeted, "db after the attempt");
+    format!(
+        "{from} -> {to} through {}: no answer within {REFUSAL:?}; db still answers",
+        GATEWAYS[serving].name
+    )
+}
+
+/// db is allowed only `when client verified`. Another laptop of the user's (its own token
+/// and WireGuard key) is marked verified with `fz-portal verify` and reaches db. Its token
+/// file is copied to a client of our own with a new key, which asks for db while the laptop
+/// is off: refused, `client verified` did not hold, and the flow log says so for that device.
+/// The laptop, back with its own key, reaches db again.
+fn copied_token(world: &mut World, _: &mut Report) -> String {
+    world.set_rules(
+        "allow engineering -> gitlab, docs as web\nallow engineering -> db when client verified as verified-db",
+    );
+    let mut laptop = world.extra_client("laptop-v", 90);
+    let device = ready_client_id(&laptop.process.log_text());
+    let marked = world.admin(&["verify", "--account", ACCOUNT, &device]);
+    assert!(
+        marked.contains("is verified while it holds key"),
+        "{marked}"
+    );
+    let reached = greeting(&laptop.ns, DB);
+    let status = laptop.process.terminate();
+    assert!(status.success(), "the laptop exited with {status}");
+
+    let mark = world.last_flow();
+    let mut copy = world.rogue(&laptop.token, StaticSecret::from([0x24; 32]));
+    assert_eq!(copy.client_id(), device, "one device per token");
+    let reason = refusal(
+        copy.request("db", None),
+        "db to the copied token with another key",
+    );
+    assert!(
+        reason.contains("`client verified` did not hold"),
+        "refused for another reason: {reason}"
+    );
+    world.wait_flow("the copy's denial in the flow log", mark, |flow| {
+        flow["client_id"] == device.as_str()
+            && flow["resource_id"] == "db"
+            && flow["decision"] == "deny"
+            && flow["reason"].as_str() == Some(reason.as_str())
+    });
+    drop(copy);
+
+    world.start_again(&mut laptop);
+    let again = greeting(&laptop.ns, DB);
+    format!(
+        "{device} verified: {reached:?}; its token with another key: {reason}; with its own key again: {again:?}"
+    )
+}
+
 /// 6. Twenty more clients (each a host of its own with its own token and key, the same user)
 ///    connect to db: the portal picks a random healthy gateway of hq for each, so neither
 ///    gateway carries them all. (All twenty on one: a chance of one in half a million.)
@@ -440,7 +713,7 @@ fn load_balancing(world: &mut World, _: &mut Report) -> String {
     let clients = world.extra_clients(20);
     let mut carried = [0u32; GATEWAYS.len()];
     for extra in &clients {
-        let greeting = fz_host::testing::net::greeting(&extra.ns, DB);
+        let greeting = greeting(&extra.ns, DB);
         carried[serving_gateway(world, &greeting)] += 1;
     }
     assert!(
@@ -577,6 +850,55 @@ fn failover(world: &mut World, report: &mut Report) -> String {
 }
 
 // ---- helpers ----
+
+/// The gateway a grant names, as an index of [`GATEWAYS`].
+fn gateway_of(grant: &SignedGrant) -> usize {
+    let endpoints = &grant.grant.gateway.endpoints;
+    GATEWAYS
+        .iter()
+        .position(|spec| endpoints.contains(&spec.endpoint()))
+        .unwrap_or_else(|| panic!("the grant names no gateway of the world: {endpoints:?}"))
+}
+
+/// The portal's reason for refusing what a rogue client asked for; fails if it was granted.
+fn refusal(answer: Result<SignedGrant, String>, what: &str) -> String {
+    match answer {
+        Err(reason) => reason,
+        Ok(granted) => panic!(
+            "the portal granted {what}: grant {} by rule `{}` through {}",
+            granted.grant.id,
+            granted.grant.rule,
+            GATEWAYS[gateway_of(&granted)].name
+        ),
+    }
+}
+
+/// Fails if any of `packets` (out of a rogue client's tunnel) came from `address`.
+fn assert_nothing_from(packets: &[Vec<u8>], address: SocketAddr) {
+    let answered: Vec<String> = packets
+        .iter()
+        .filter_map(|p| {
+            if let Some((from, to, segment)) = packet::parse_tcp(p) {
+                (from == address).then(|| format!("{from} -> {to} {segment:?}"))
+            } else {
+                let (from, to, payload) = packet::parse_udp(p)?;
+                (from == address).then(|| format!("{from} -> {to} udp, {} bytes", payload.len()))
+            }
+        })
+        .collect();
+    assert!(answered.is_empty(), "{address} answered: {answered:?}");
+}
+
+/// The client id an `fz-client`'s log says the portal gave it.
+fn ready_client_id(log: &str) -> String {
+    log.lines()
+        .filter(|line| line.contains("the portal says ready"))
+        .find_map(|line| {
+            let (_, rest) = line.split_once("client=")?;
+            rest.split_whitespace().next().map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no `ready` in the client's log:\n{log}"))
+}
 
 /// The gateway a greeting (`<name> <address>`) came through.
 fn serving_gateway(world: &World, greeting: &str) -> usize {

@@ -1,7 +1,10 @@
 //! What the root tests (`root.rs`, `netns.rs`) share: skipping loudly without root, running
 //! iproute2's `ip` and nftables' `nft`, and waiting with a deadline; and for the tests that run
 //! the agents' binaries in network namespaces, the namespaces ([`netns`]), the processes
-//! ([`process`]), the servers and probes ([`net`]) and the gateway's metrics ([`metrics`]).
+//! ([`process`]), the servers and probes ([`net`]), the gateway's metrics ([`metrics`]) and
+//! IP packets built by hand with their checksums ([`packet`]). Test agents that speak the
+//! portal's WebSocket protocol ([`agents`]) serve the portal's tests and the end-to-end
+//! harness alike.
 //!
 //! Without root a test prints `SKIPPED (needs root): <test> — <why>` and leaves a marker in
 //! `<target>/fz-root-skips/<test>`; `.ci/run` fails when any marker is there, so a CI that means
@@ -10,9 +13,11 @@
 // Helpers for tests: a failure to set up is a failed test, so it panics with the cause.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agents;
 pub mod metrics;
 pub mod net;
 pub mod netns;
+pub mod packet;
 pub mod process;
 
 use std::io::Write as _;

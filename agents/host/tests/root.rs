@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use fz_host::firewall::{self, Masquerade};
+use fz_host::testing::packet::{parse_udp, udp};
 use fz_host::testing::{cidr, ip, nft, skip};
 use fz_host::tun::{self, Tun};
 use tokio::net::UdpSocket;
@@ -69,10 +70,7 @@ fn tun_carries_udp_both_ways_through_the_kernel() {
 
             // In: a packet written to the device reaches the socket, as one from a client
             // reaches a resource.
-            device
-                .send(&udp_packet(peer, server, b"ping"))
-                .await
-                .unwrap();
+            device.send(&udp(peer, server, b"ping")).await.unwrap();
             let mut buf = [0; 64];
             let (len, from) = bounded(socket.recv_from(&mut buf)).await.unwrap();
             assert_eq!((&buf[..len], from), (&b"ping"[..], peer));
@@ -217,14 +215,12 @@ fn masquerade_rewrites_client_traffic_and_brings_replies_back() {
                 let resource: SocketAddr = resource.parse().unwrap();
                 let gateway: IpAddr = gateway.parse().unwrap();
 
-                gw.send(&udp_packet(client, resource, b"query"))
-                    .await
-                    .unwrap();
+                gw.send(&udp(client, resource, b"query")).await.unwrap();
                 let (masqueraded, payload) = next_udp_to(&lan, resource).await;
                 assert_eq!(masqueraded.ip(), gateway, "not masqueraded");
                 assert_eq!(payload, b"query");
 
-                lan.send(&udp_packet(resource, masqueraded, b"rows"))
+                lan.send(&udp(resource, masqueraded, b"rows"))
                     .await
                     .unwrap();
                 let (from, payload) = next_udp_to(&gw, client).await;
@@ -234,10 +230,10 @@ fn masquerade_rewrites_client_traffic_and_brings_replies_back() {
                 // after it comes through the same path, so when the reply is out of `gw`, the
                 // unsolicited packet would have been too.
                 let opened_by_site = SocketAddr::new(client.ip(), 40001);
-                lan.send(&udp_packet(resource, opened_by_site, b"hello"))
+                lan.send(&udp(resource, opened_by_site, b"hello"))
                     .await
                     .unwrap();
-                lan.send(&udp_packet(resource, masqueraded, b"marker"))
+                lan.send(&udp(resource, masqueraded, b"marker"))
                     .await
                     .unwrap();
                 let seen = udp_until(&gw, client).await;
@@ -333,120 +329,4 @@ async fn udp_until(device: &Tun, to: SocketAddr) -> Vec<(SocketAddr, SocketAddr,
         }
     })
     .await
-}
-
-// ---- just enough IPv4, IPv6 and UDP ----
-
-const UDP: u8 = 17;
-
-fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let udp_len = u16::try_from(8 + payload.len()).unwrap();
-    let mut udp = Vec::with_capacity(usize::from(udp_len));
-    udp.extend_from_slice(&src.port().to_be_bytes());
-    udp.extend_from_slice(&dst.port().to_be_bytes());
-    udp.extend_from_slice(&udp_len.to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(payload);
-
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut pseudo = [s.octets(), d.octets()].concat();
-            pseudo.extend_from_slice(&[0, UDP]);
-            pseudo.extend_from_slice(&udp_len.to_be_bytes());
-            set_udp_checksum(&mut udp, &pseudo);
-            let mut packet = vec![0x45, 0];
-            packet.extend_from_slice(&(20 + udp_len).to_be_bytes());
-            packet.extend_from_slice(&[0, 0, 0x40, 0, 64, UDP, 0, 0]); // id, DF, TTL, UDP
-            packet.extend_from_slice(&s.octets());
-            packet.extend_from_slice(&d.octets());
-            let sum = checksum(&[&packet]);
-            packet[10..12].copy_from_slice(&sum.to_be_bytes());
-            packet.extend_from_slice(&udp);
-            packet
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut pseudo = [s.octets(), d.octets()].concat();
-            pseudo.extend_from_slice(&u32::from(udp_len).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, UDP]);
-            set_udp_checksum(&mut udp, &pseudo);
-            let mut packet = vec![0x60, 0, 0, 0];
-            packet.extend_from_slice(&udp_len.to_be_bytes());
-            packet.extend_from_slice(&[UDP, 64]);
-            packet.extend_from_slice(&s.octets());
-            packet.extend_from_slice(&d.octets());
-            packet.extend_from_slice(&udp);
-            packet
-        }
-        _ => panic!("mixed families: {src} → {dst}"),
-    }
-}
-
-fn set_udp_checksum(udp: &mut [u8], pseudo_header: &[u8]) {
-    let sum = match checksum(&[pseudo_header, udp]) {
-        0 => 0xffff, // 0 means "no checksum" in UDP
-        sum => sum,
-    };
-    udp[6..8].copy_from_slice(&sum.to_be_bytes());
-}
-
-/// The Internet checksum (RFC 1071) over the parts, as if they were one buffer of even-length
-/// parts.
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for part in parts {
-        for pair in part.chunks(2) {
-            let word = u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]);
-            sum += u32::from(word);
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(u16::try_from(sum).unwrap())
-}
-
-/// Source, destination and payload of a UDP packet; `None` for anything else.
-fn parse_udp(packet: &[u8]) -> Option<(SocketAddr, SocketAddr, &[u8])> {
-    let (src, dst, protocol, rest): (IpAddr, IpAddr, u8, &[u8]) = match packet.first()? >> 4 {
-        4 => {
-            let header_len = usize::from(packet[0] & 0x0f) * 4;
-            let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
-            let dst: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
-            (src.into(), dst.into(), packet[9], packet.get(header_len..)?)
-        }
-        6 => {
-            let src: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
-            let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
-            (src.into(), dst.into(), packet[6], packet.get(40..)?)
-        }
-        _ => return None,
-    };
-    if protocol != UDP {
-        return None;
-    }
-    let src_port = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?);
-    let dst_port = u16::from_be_bytes(rest.get(2..4)?.try_into().ok()?);
-    let len = usize::from(u16::from_be_bytes(rest.get(4..6)?.try_into().ok()?));
-    Some((
-        SocketAddr::new(src, src_port),
-        SocketAddr::new(dst, dst_port),
-        rest.get(8..len)?,
-    ))
-}
-
-#[test]
-fn udp_packets_parse_back() {
-    for (src, dst) in [
-        ("198.18.0.2:40000", "198.18.0.1:53"),
-        ("[2001:db8::2]:40000", "[2001:db8::1]:53"),
-    ] {
-        let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-        let packet = udp_packet(src, dst, b"hello");
-        assert_eq!(parse_udp(&packet), Some((src, dst, &b"hello"[..])));
-    }
-    // RFC 1071's example: the words 0001 f203 f4f5 f6f7 sum to ddf2, complemented 220d.
-    assert_eq!(
-        checksum(&[&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]]),
-        0x220d
-    );
 }

@@ -13,7 +13,7 @@ use fz_portal::server::RunningPortal;
 use fz_portal::store::{Store, TokenKind};
 use fz_proto::PortalPublicKey;
 
-use super::agent::{TestClient, TestGateway, key};
+use fz_host::testing::agents::{TestClient, TestGateway, key};
 
 pub struct TestPortal {
     pub dir: tempfile::TempDir,

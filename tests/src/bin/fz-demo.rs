@@ -31,8 +31,9 @@ fn main() -> ExitCode {
     step(
         "Building the world: fz-portal, gateways gw-a and gw-b at site hq and gw-c at site lab, \
          and fz-client, each in a network namespace; behind hq an HTTPS server at 172.16.0.5 \
-         (gitlab, jenkins and docs.company.com), a database at 10.0.5.10:5432 and the DNS \
-         server for company.com, which only the gateways reach",
+         (gitlab, jenkins and docs.company.com), a database at 10.0.5.10:5432, a build \
+         server at 10.0.6.10:8080 and the DNS server for company.com, which only the gateways \
+         reach",
     );
     let started = Instant::now();
     let world = match World::new() {
@@ -52,8 +53,8 @@ fn main() -> ExitCode {
     say(&world.admin(&["gateways", "--account", "acme"]));
 
     step(
-        "The policy tree: sites, resources, a group and one guardrail (a tree needs a rule), \
-         and no allow rule yet. `fzc check`:",
+        "The policy tree: sites, resources (some inside others), two groups and one guardrail \
+         (a tree needs a rule), and no allow rule yet. `fzc check`, one line per diagnostic:",
     );
     say(&fzc_check(&world));
 
@@ -127,14 +128,25 @@ fn say(text: &str) {
     }
 }
 
-/// `fzc check` of the world's tree: its report, whatever the outcome.
+/// `fzc check` of the world's tree, whatever the outcome: the first line of each diagnostic
+/// (the report goes on with the source line, a caret, notes and help) and the summary.
 fn fzc_check(world: &World) -> String {
     let output = Command::new(binary("fzc"))
         .arg("check")
         .arg(world.tree())
         .output()
         .expect("fzc runs");
-    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+    let report = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    report
+        .lines()
+        .filter(|line| {
+            line.starts_with("warning[")
+                || line.starts_with("error[")
+                || line.contains(" checked, ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The newest flow record: who, what, the decision and why.

@@ -5,9 +5,9 @@ use std::io::{BufRead as _, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::Duration;
 
-use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_resolver::proto::rr::rdata::A;
-use hickory_resolver::proto::rr::{RData, Record, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::AsyncWriteExt as _;
 
 use super::WAIT;
@@ -88,6 +88,33 @@ fn dns_answer(query: &Message, zone: &[(&str, Ipv4Addr)]) -> Message {
     response
 }
 
+/// A DNS query for the A records of `name`, with `id` and recursion desired: the bytes a
+/// client puts in a UDP datagram to port 53.
+pub fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut query = Message::new(id, MessageType::Query, OpCode::Query);
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    query.to_vec().unwrap()
+}
+
+/// The IPv4 addresses a DNS response with `id` answers; `None` when the bytes are no such
+/// response.
+pub fn a_answers(id: u16, response: &[u8]) -> Option<Vec<Ipv4Addr>> {
+    let message = Message::from_vec(response).ok()?;
+    if message.metadata.id != id || message.metadata.message_type != MessageType::Response {
+        return None;
+    }
+    let addresses = message
+        .answers
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::A(A(address)) => Some(*address),
+            _ => None,
+        })
+        .collect();
+    Some(addresses)
+}
+
 /// Connects to `to` (within `patience`) and reads the server's first line (within [`WAIT`]).
 /// Run inside a namespace.
 pub fn try_greeting(to: &str, patience: Duration) -> std::io::Result<String> {
@@ -100,6 +127,34 @@ pub fn try_greeting(to: &str, patience: Duration) -> std::io::Result<String> {
         return Err(std::io::Error::other("closed without a greeting"));
     }
     Ok(line.trim_end().to_owned())
+}
+
+/// Connects from the local address and port `from` (bound first, as a host does to pick
+/// its source port) to `to`, within `patience`: a timeout is an error of kind `TimedOut`.
+/// Run inside a namespace.
+pub fn connect_from(
+    from: SocketAddr,
+    to: SocketAddr,
+    patience: Duration,
+) -> std::io::Result<TcpStream> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let socket = match from {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(from)?;
+        match tokio::time::timeout(patience, socket.connect(to)).await {
+            Ok(stream) => stream?.into_std(),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from {to} within {patience:?}"),
+            )),
+        }
+    })
 }
 
 /// Connects from `ns` to `to` and reads the server's greeting line, failing without one.

@@ -1,6 +1,7 @@
 //! Test agents built on the protocol crate: a client and a gateway that speak to a portal over
 //! real WebSockets, verify every grant against the pinned portal key, and answer as the real
-//! agents will. Used by the integration tests and by the load benchmark.
+//! agents will. Used by the portal's integration tests and load benchmark, and by the
+//! end-to-end harness, whose rogue client signs in with a [`TestClient`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,7 +35,7 @@ pub async fn open(
 
 /// Where a connection comes from: a local address to bind (e.g. 127.0.0.2) and extra
 /// request headers (e.g. what a proxy would add).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Origin {
     pub bind: Option<std::net::IpAddr>,
     pub headers: Vec<(&'static str, String)>,
@@ -111,6 +112,7 @@ pub fn key(seed: u8) -> PublicKey {
     PublicKey([seed; 32])
 }
 
+#[derive(Debug)]
 pub struct TestClient {
     pub socket: Socket,
     pub ready: ClientReady,
@@ -236,6 +238,7 @@ async fn next_message<T: serde::de::DeserializeOwned>(socket: &mut Socket) -> Op
     Some(decode(text.as_bytes()).expect("the portal speaks the protocol"))
 }
 
+#[derive(Debug)]
 pub struct TestGateway {
     pub socket: Socket,
     pub id: String,
