@@ -109,9 +109,10 @@ impl Network {
 /// The ranges `internet` never serves: what is not a public address. IPv4: "this network",
 /// private (RFC 1918), shared (RFC 6598, where fz's own tunnel and mapped addresses live),
 /// loopback, link-local, multicast, and the reserved range up to the broadcast address.
-/// IPv6: unspecified, loopback, IPv4-mapped and NAT64's well-known prefix (both reach IPv4
-/// addresses, private ones included), unique local, link-local, multicast.
-const NOT_PUBLIC: [Network; 16] = [
+/// IPv6: unspecified, loopback, IPv4-mapped, NAT64's well-known and local-use prefixes and
+/// 6to4 (all reach IPv4 addresses, private ones included), unique local, link-local,
+/// multicast.
+const NOT_PUBLIC: [Network; 18] = [
     v4(0, 0, 0, 0, 8),
     v4(10, 0, 0, 0, 8),
     v4(100, 64, 0, 0, 10),
@@ -125,6 +126,8 @@ const NOT_PUBLIC: [Network; 16] = [
     v6([0, 0, 0, 0, 0, 0, 0, 1], 128),
     v6([0, 0, 0, 0, 0, 0xffff, 0, 0], 96),
     v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96),
+    v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48),
+    v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16),
     v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7),
     v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10),
     v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8),
@@ -951,6 +954,8 @@ mod tests {
             "::1",
             "::ffff:8.8.8.8",
             "64:ff9b::a00:1",
+            "64:ff9b:1::a00:1",
+            "2002:a00:1::1",
             "fd00::1",
             "fe80::1",
             "ff02::1",
