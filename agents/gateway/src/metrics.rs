@@ -22,6 +22,7 @@ pub struct Snapshot {
     pub grants: usize,
     pub nat_flows: usize,
     pub handshakes: u64,
+    pub cookie_replies: u64,
     pub bytes_from_clients: u64,
     pub bytes_to_clients: u64,
     pub packets_from_clients: u64,
@@ -41,6 +42,7 @@ impl Snapshot {
             grants: gateway.grant_count(),
             nat_flows: gateway.nat_flows(),
             handshakes: metrics.handshakes,
+            cookie_replies: metrics.cookie_replies,
             bytes_from_clients: metrics.bytes_from_clients,
             bytes_to_clients: metrics.bytes_to_clients,
             packets_from_clients: metrics.packets_from_clients,
@@ -64,7 +66,7 @@ impl Snapshot {
                 reason.as_str()
             );
         }
-        let families: [(&str, &str, &str, String); 9] = [
+        let families: [(&str, &str, &str, String); 10] = [
             (
                 "peers",
                 "gauge",
@@ -88,6 +90,12 @@ impl Snapshot {
                 "counter",
                 "Handshakes answered.",
                 self.handshakes.to_string(),
+            ),
+            (
+                "cookie_replies_total",
+                "counter",
+                "Cookie replies sent under a handshake flood, to keys with or without a grant.",
+                self.cookie_replies.to_string(),
             ),
             (
                 "bytes_from_clients_total",
@@ -161,6 +169,7 @@ mod tests {
         let snapshot = Snapshot {
             dropped: vec![(Drop::UnknownKey, 3), (Drop::PortNotGranted, 0)],
             peers: 2,
+            cookie_replies: 4,
             portal_connected: true,
             ..Snapshot::default()
         };
@@ -171,6 +180,8 @@ mod tests {
             "fz_gateway_peers 2",
             "fz_gateway_portal_connected 1",
             "# TYPE fz_gateway_handshakes_total counter",
+            "fz_gateway_cookie_replies_total 4",
+            "# TYPE fz_gateway_cookie_replies_total counter",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -16,7 +16,9 @@
 //! caller's buffer and return what to do with it, without allocating.
 //!
 //! INVARIANT: default deny. A handshake gets an answer only from a key some installed grant
-//! names; a packet from a client goes on only when one of its grants' filters passes it; a
+//! names (under a handshake flood, WireGuard's cookie reply goes to any sender that knows our
+//! public key before its key is read: a challenge, counted, that says nothing of grants); a
+//! packet from a client goes on only when one of its grants' filters passes it; a
 //! packet from the site goes back only to a client whose grant covers its source. A grant is
 //! installed only after it verifies against the pinned portal key, and it is gone (filter,
 //! NAT entries, and the peer with its last grant) the moment it is revoked or expires.
@@ -37,6 +39,7 @@ use crate::packet::Packet;
 pub use crate::peer::Transmit;
 use crate::peer::{
     Action, Clock, Flushing, Gatekeeper, Indices, KeyPair, Peer, Rejected, Screened,
+    is_cookie_reply,
 };
 
 /// How often WireGuard's timers run, as boringtun's own device does.
@@ -127,6 +130,10 @@ pub struct Metrics {
     pub packets_from_clients: u64,
     pub packets_to_clients: u64,
     pub handshakes: u64,
+    /// Cookie replies sent: under a handshake flood WireGuard answers a handshake whose MAC1
+    /// is right (the sender knows the gateway's public key) with a cookie before anything
+    /// looks at the sender's key, so these go to keys with and without a grant alike.
+    pub cookie_replies: u64,
 }
 
 impl Metrics {
@@ -289,6 +296,7 @@ impl Gateway {
             }
             Screened::ForPeer(index) => index,
             Screened::Cookie(length) => {
+                self.metrics.cookie_replies += 1;
                 return buffer
                     .get(..length)
                     .map(|cookie| Output::Network(from, cookie));
@@ -310,6 +318,9 @@ impl Gateway {
         match peer.wireguard.decapsulate(from, datagram, buffer) {
             Action::Nothing => None,
             Action::Send(bytes) => {
+                if is_cookie_reply(bytes) {
+                    self.metrics.cookie_replies += 1;
+                }
                 // A handshake answered: packets may have queued while it was under way.
                 self.flushing.mark(index);
                 Some(Output::Network(from, bytes))

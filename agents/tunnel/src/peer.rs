@@ -147,6 +147,13 @@ pub enum Action<'a> {
     Refused,
 }
 
+/// Whether a datagram boringtun wrote is a cookie reply (WireGuard message type 3): what the
+/// gatekeeper, or a peer's own pass through the shared rate limiter, answers a handshake
+/// instead of a handshake response when the port is under load.
+pub(crate) fn is_cookie_reply(datagram: &[u8]) -> bool {
+    datagram.get(..4) == Some(&[3, 0, 0, 0][..])
+}
+
 /// One WireGuard peer.
 pub struct Peer {
     tunnel: Tunn,

@@ -1025,6 +1025,82 @@ fn strangers_get_silence() {
     }
 }
 
+#[test]
+fn under_a_handshake_flood_cookie_replies_go_to_any_key_and_are_counted() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let grant = sim.grant(&alice, "10.0.5.10", &[]);
+    sim.install(&grant);
+    // A stranger that knows the gateway's public key (so its MAC1 is right) floods it with
+    // one handshake initiation, again and again, within one second of the gateway's clock.
+    let mut mallory = sim.client_with_key(9, [99; 32], [1; 32]);
+    let mut sealed = vec![0u8; MAX_DATAGRAM];
+    let TunnResult::WriteToNetwork(initiation) = mallory
+        .tunnel
+        .encapsulate(&tcp(mallory.v4, ip("10.0.5.10"), (1, 2)), &mut sealed)
+    else {
+        panic!()
+    };
+    let initiation = initiation.to_vec();
+    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    let mut silent = 0;
+    let cookie = loop {
+        assert!(silent < 100_000, "the rate limiter never ran out of budget");
+        match sim
+            .gateway
+            .handle_network(mallory.address, &initiation, &mut buffer, sim.now)
+        {
+            None => silent += 1,
+            Some(Output::Network(to, bytes)) => {
+                assert_eq!(to, mallory.address);
+                break bytes.to_vec();
+            }
+            Some(Output::Tun(_)) => panic!("a stranger's handshake reached the site"),
+        }
+    };
+    // Within the budget: silence, each counted as a key without a grant. Past it: a cookie
+    // reply (type 3, 64 bytes) before anyone looked at the key, and nothing else.
+    assert!(silent > 0);
+    assert_eq!(sim.dropped(Drop::UnknownKey), silent);
+    assert_eq!(&cookie[..4], &[3, 0, 0, 0]);
+    assert_eq!(cookie.len(), 64);
+    assert_eq!(sim.gateway.metrics().cookie_replies, 1);
+    assert_eq!(sim.gateway.metrics().handshakes, 0);
+    assert!(sim.gateway.poll_transmit().is_none());
+    for _ in 0..3 {
+        assert!(
+            sim.gateway
+                .handle_network(mallory.address, &initiation, &mut buffer, sim.now)
+                .is_some()
+        );
+    }
+    assert_eq!(sim.gateway.metrics().cookie_replies, 4);
+    assert_eq!(sim.dropped(Drop::UnknownKey), silent);
+
+    // A key with a grant gets the same cookie reply: under load, an answer proves nothing
+    // about grants. (Its handshake is answered once it comes back with the cookie.)
+    let packet = tcp(alice.v4, ip("10.0.5.10"), (40000, 443));
+    assert!(sim.send_from_client(&mut alice, &packet).is_empty());
+    assert_eq!(sim.gateway.metrics().cookie_replies, 5);
+    assert_eq!(sim.gateway.peer_count(), 1);
+
+    // At the budget's last handshake the gatekeeper lets a granted key through, and the
+    // peer's own pass through the shared limiter answers with the cookie: counted as well.
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let grant = sim.grant(&alice, "10.0.5.10", &[]);
+    sim.install(&grant);
+    for _ in 1..silent {
+        assert!(
+            sim.gateway
+                .handle_network(mallory.address, &initiation, &mut buffer, sim.now)
+                .is_none()
+        );
+    }
+    assert!(sim.send_from_client(&mut alice, &packet).is_empty());
+    assert_eq!(sim.gateway.metrics().cookie_replies, 1);
+}
+
 mod never_panics {
     use proptest::prelude::*;
 
