@@ -51,6 +51,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::BufRead as _;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -609,7 +610,12 @@ async fn populate(data: &Path, model: &Model, kind: StoreKind) -> Secrets {
     }
     store.close().await;
     if staging.is_some() {
-        std::fs::create_dir_all(data).expect("the data directory");
+        // The portal refuses a data directory open to group or others.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data)
+            .expect("the data directory");
         for entry in std::fs::read_dir(&dir).expect("the staged store") {
             let entry = entry.expect("a staged file");
             std::fs::copy(entry.path(), data.join(entry.file_name())).expect("a copy");

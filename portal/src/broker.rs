@@ -264,12 +264,16 @@ impl Broker {
 
     /// The token behind a bearer secret, if it is live and belongs to `account`. Another
     /// account's token is treated exactly like a wrong one.
+    ///
+    /// The secret is checked even for an account this portal does not serve, so that a
+    /// wrong token costs the same whether the account exists or not (`Store::authenticate`
+    /// does the same for tokens): the timing of a refusal names no account.
     pub async fn authenticate(
         &self,
         account: &str,
         secret: &str,
     ) -> Result<Option<TokenRecord>, BrokerError> {
-        self.account(account)?;
+        let known = self.account(account);
         let token = self
             .store
             .authenticate(secret, now_i64(unix(self.now())))
@@ -278,6 +282,7 @@ impl Broker {
                 tracing::error!(error = %error, "token lookup failed");
                 BrokerError::Unavailable
             })?;
+        known?;
         Ok(token.filter(|t| t.account == account))
     }
 

@@ -2,12 +2,18 @@
 //! readable by the portal's user alone. Agents pin its public half.
 
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use fz_proto::PortalSigningKey;
 
-const FILE: &str = "portal-signing.key";
+use crate::data_dir::{self, DataDirError};
+
+/// The key's file in the data dir.
+pub const FILE: &str = "portal-signing.key";
+
+/// The file a new key is written to before it is renamed to [`FILE`].
+pub const TEMPORARY_FILE: &str = ".portal-signing.key.tmp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
@@ -18,29 +24,25 @@ pub enum KeyFileError {
     },
     #[error("`{0}` is not a signing key (32 bytes)")]
     Damaged(PathBuf),
-    #[error("`{path}` is readable by others (mode {mode:o}); run `chmod 600` on it")]
-    Exposed { path: PathBuf, mode: u32 },
+    /// The data dir cannot be made, or it (or a file in it, the key included) is open to
+    /// group or others.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     #[error("the system's random source failed: {0}")]
     Random(getrandom::Error),
 }
 
-/// Loads the signing key from `data_dir`, making one the first time.
+/// Loads the signing key from `data_dir`, making one the first time (and the data dir, mode
+/// 0700, if it is missing). A data dir or key file open to group or others is refused.
 pub fn load_or_create(data_dir: &Path) -> Result<PortalSigningKey, KeyFileError> {
     let path = data_dir.join(FILE);
     let io = |source| KeyFileError::Io {
         path: path.clone(),
         source,
     };
-    std::fs::create_dir_all(data_dir).map_err(|source| KeyFileError::Io {
-        path: data_dir.to_owned(),
-        source,
-    })?;
+    data_dir::prepare(data_dir)?;
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(KeyFileError::Exposed { path, mode });
-            }
             let seed =
                 <[u8; 32]>::try_from(bytes).map_err(|_| KeyFileError::Damaged(path.clone()))?;
             Ok(PortalSigningKey::from_seed(seed))
@@ -49,7 +51,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<PortalSigningKey, KeyFileError>
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(KeyFileError::Random)?;
             // Write beside it and rename: a crash never leaves a half key behind.
-            let temporary = data_dir.join(format!(".{FILE}.tmp"));
+            let temporary = data_dir.join(TEMPORARY_FILE);
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -69,35 +71,39 @@ pub fn load_or_create(data_dir: &Path) -> Result<PortalSigningKey, KeyFileError>
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     #[test]
     fn made_once_kept_private_and_the_same_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let first = load_or_create(dir.path()).unwrap().public_key();
-        let mode = std::fs::metadata(dir.path().join(FILE))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600);
-        assert_eq!(load_or_create(dir.path()).unwrap().public_key(), first);
+        let data = dir.path().join("data");
+        let first = load_or_create(&data).unwrap().public_key();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data.join(FILE)), 0o600);
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(load_or_create(&data).unwrap().public_key(), first);
     }
 
     #[test]
     fn a_damaged_or_exposed_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        load_or_create(dir.path()).unwrap();
-        let path = dir.path().join(FILE);
+        let data = dir.path().join("data");
+        load_or_create(&data).unwrap();
+        let path = data.join(FILE);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
-            load_or_create(dir.path()),
-            Err(KeyFileError::Exposed { mode: 0o644, .. })
+            load_or_create(&data),
+            Err(KeyFileError::DataDir(DataDirError::Exposed {
+                mode: 0o644,
+                ..
+            }))
         ));
         std::fs::write(&path, b"short").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(matches!(
-            load_or_create(dir.path()),
+            load_or_create(&data),
             Err(KeyFileError::Damaged(_))
         ));
     }

@@ -203,7 +203,8 @@ async fn reload_on_hangup(broker: Arc<Broker>, mut hangups: tokio::signal::unix:
 /// Once a second: withdraw expired grants, close sessions whose token expired, and withdraw
 /// everything of tokens an admin revoked. Every grant is decided again when the clock enters a
 /// new minute (time windows open and close on minutes, so a deny window that opens ends the
-/// grants it covers), and a device's grants when its verified mark changes.
+/// grants it covers), and a device's grants when its verified mark changes. Each new minute
+/// the store's log is checkpointed too, so deleted grants leave the files within a minute.
 async fn sweep(broker: Arc<Broker>, store: Store) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -235,6 +236,13 @@ async fn sweep(broker: Arc<Broker>, store: Store) {
         if this_minute != minute {
             minute = this_minute;
             broker.revalidate().await;
+            // The write-ahead log keeps what was deleted (withdrawn grants with their
+            // preshared keys) until a checkpoint: one a minute bounds how long.
+            match store.checkpoint().await {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!("store checkpoint put off: a reader was in the way"),
+                Err(error) => tracing::warn!(error = %error, "store checkpoint failed"),
+            }
         }
         match store.verified_changes_since(verified_seen).await {
             Ok((changed, latest)) => {

@@ -5,9 +5,17 @@
 //!
 //! What it does not do: it never reads the clock (every method that needs the time takes `now`,
 //! Unix seconds), decides nothing about policy, signs nothing, pushes nothing, and keeps no
-//! secret: a token's secret is handed out once by [`Store::create_token`] and only its SHA-256
-//! is stored. Health of gateways beyond the `connected` flag and `last_seen` time is the
-//! portal's business.
+//! token secret: a token's secret is handed out once by [`Store::create_token`] and only its
+//! SHA-256 is stored. Health of gateways beyond the `connected` flag and `last_seen` time is
+//! the portal's business.
+//!
+//! The one secret it keeps is each grant in force's client–gateway preshared key, inside the
+//! grant's `detail` (the signed grant, which covers the key, so that a portal that restarts
+//! can send a reconnecting gateway the very grant its client holds). It lives as long as the
+//! grant's row: the row is deleted when the grant is withdrawn or expires, `secure_delete`
+//! overwrites the deleted bytes in the database file, and [`Store::checkpoint`] empties the
+//! write-ahead log that still holds them (the portal runs it every minute, and at stop). The
+//! files are the portal user's alone (`data_dir`).
 //!
 //! Entry types: [`Store`] (open it with [`Store::open`]) and [`StoreError`]; the records it
 //! stores and returns are [`TokenRecord`], [`ClientRecord`], [`GatewayRecord`],
@@ -33,6 +41,8 @@ use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -47,6 +57,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 use subtle::ConstantTimeEq as _;
 
+use crate::data_dir::{self, DataDirError};
 use crate::random;
 
 /// The database file's name inside the data dir.
@@ -84,18 +95,17 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// How many secrets [`Store::authenticate`] checked (see [`Store::token_checks`]).
+    token_checks: Arc<AtomicU64>,
 }
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The data dir could not be created.
-    #[error("cannot create the data directory `{}`", path.display())]
-    CreateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The data dir could not be created, or it (or a file of the portal's in it) is open to
+    /// group or others.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     /// The database file could not be opened or created.
     #[error("cannot open the store `{}`", path.display())]
     Open {
@@ -193,6 +203,9 @@ pub struct TokenRecord {
     /// The token is refused from this time on.
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
+    /// When it became usable; `None` for a token made inactive whose maker never activated
+    /// it (see [`Store::create_inactive_token`]), which is refused everywhere.
+    pub activated_at: Option<i64>,
 }
 
 /// A registered client device.
@@ -350,17 +363,26 @@ pub struct FlowFilter {
 }
 
 impl Store {
-    /// Opens (creating if missing) the store in `data_dir`, which is created too (mode 0700 on
-    /// Unix) if missing, and applies any migration not yet applied.
+    /// Opens (creating if missing) the store in `data_dir`, which is created too (mode 0700)
+    /// if missing, and applies any migration not yet applied. A data dir, database file or
+    /// SQLite file beside it that group or others may use is refused (`data_dir::prepare`);
+    /// the database file is made 0600, and SQLite gives the files it keeps beside it the same
+    /// mode.
     pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        create_dir(data_dir).await?;
         let path = data_dir.join(DATABASE_FILE);
+        // A few metadata calls, once per start or admin command: not worth a blocking task.
+        data_dir::prepare(data_dir)?;
+        data_dir::create_private_file(&path)?;
         let options = SqliteConnectOptions::new()
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Deleted rows are overwritten with zeros, not left in free space: a withdrawn
+            // grant's preshared key does not stay in the file (the log keeps it until the
+            // next checkpoint: see `checkpoint`).
+            .pragma("secure_delete", "ON")
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -368,7 +390,22 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open { path, source })?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            token_checks: Arc::default(),
+        })
+    }
+
+    /// Folds the write-ahead log into the database file and empties the log, so that what was
+    /// deleted before it (a withdrawn grant with its preshared key) is in neither file any
+    /// more: `secure_delete` has zeroed it in the database's pages, and the log, which still
+    /// held the pages as they were, is cut to nothing. Returns whether it completed: a reader
+    /// in the way for longer than the busy timeout leaves the log for the next time.
+    pub async fn checkpoint(&self) -> Result<bool, StoreError> {
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(busy == 0)
     }
 
     /// Folds the write-ahead log into the database file, then closes the connections. Not
@@ -380,11 +417,10 @@ impl Store {
     /// that was being handed back is still closing (launchbadge/sqlx#3217), so the last close,
     /// which would otherwise do it, may happen later or, racing another, not at all.
     pub async fn close(&self) {
-        let checkpoint = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
-            .await;
-        if let Err(error) = checkpoint {
-            tracing::warn!(%error, "store: final checkpoint failed");
+        match self.checkpoint().await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("store: final checkpoint did not complete"),
+            Err(error) => tracing::warn!(%error, "store: final checkpoint failed"),
         }
         self.pool.close().await;
     }
@@ -406,8 +442,8 @@ impl Store {
 
     // ---- tokens ----
 
-    /// Creates a token and returns its id and secret. Only the secret's SHA-256 is stored, so
-    /// the secret cannot be shown again. `expires_at` must be after `now`.
+    /// Creates a token, live at once, and returns its id and secret. Only the secret's SHA-256
+    /// is stored, so the secret cannot be shown again. `expires_at` must be after `now`.
     pub async fn create_token(
         &self,
         account: &str,
@@ -415,6 +451,62 @@ impl Store {
         name: &str,
         expires_at: i64,
         now: i64,
+    ) -> Result<NewToken, StoreError> {
+        self.insert_token(account, kind, name, expires_at, now, Some(now))
+            .await
+    }
+
+    /// Creates a token as [`Store::create_token`] does, but inactive: it is refused everywhere
+    /// until [`Store::activate_token`]. For whoever hands the secret on: store it inactive,
+    /// hand the secret on, then activate it, and a crash in between leaves a token nobody can
+    /// use rather than a live one nobody holds.
+    pub async fn create_inactive_token(
+        &self,
+        account: &str,
+        kind: TokenKind,
+        name: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<NewToken, StoreError> {
+        self.insert_token(account, kind, name, expires_at, now, None)
+            .await
+    }
+
+    /// Activates a token of `account` made with [`Store::create_inactive_token`] (a token
+    /// active already keeps its activation time). A revoked token stays refused.
+    pub async fn activate_token(
+        &self,
+        account: &str,
+        token_id: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let revoked: Option<Option<i64>> = sqlx::query_scalar(
+            "UPDATE tokens SET activated_at = coalesce(activated_at, ?3)
+             WHERE account = ?1 AND id = ?2 RETURNING revoked_at",
+        )
+        .bind(account)
+        .bind(token_id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        match revoked {
+            None => Err(StoreError::NotFound(Entity::Token)),
+            Some(Some(_)) => Err(StoreError::Conflict {
+                entity: Entity::Token,
+                reason: "is revoked",
+            }),
+            Some(None) => Ok(()),
+        }
+    }
+
+    async fn insert_token(
+        &self,
+        account: &str,
+        kind: TokenKind,
+        name: &str,
+        expires_at: i64,
+        now: i64,
+        activated_at: Option<i64>,
     ) -> Result<NewToken, StoreError> {
         if expires_at <= now {
             return Err(StoreError::Invalid(
@@ -440,8 +532,8 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO tokens (id, account, kind, name, site, secret_hash, created_at, expires_at,
-                                 user_email, provider)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                 user_email, provider, activated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )
         .bind(&id)
         .bind(account)
@@ -453,6 +545,7 @@ impl Store {
         .bind(expires_at)
         .bind(user)
         .bind(provider)
+        .bind(activated_at)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -487,15 +580,19 @@ impl Store {
         Ok(())
     }
 
-    /// The token whose secret this is, if it is neither revoked nor expired at `now`.
+    /// The token whose secret this is, if it is active and neither revoked nor expired at
+    /// `now`.
+    ///
+    /// INVARIANT: every secret costs the same work, whatever its shape and whether a token
+    /// has it: hashed, looked up, and compared in constant time with the stored hash or, when
+    /// there is none, with a dummy one. Only then are the results read. So how long a refusal
+    /// takes says nothing about which tokens exist (and the broker does the same work for an
+    /// account that does not exist, so nor about which accounts do).
     pub async fn authenticate(
         &self,
         secret: &str,
         now: i64,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        if !secret.starts_with(SECRET_PREFIX) {
-            return Ok(None);
-        }
         let hash = hash_secret(secret);
         let row: Option<TokenRow> = sqlx::query_as(&format!(
             "SELECT {TOKEN_COLUMNS}, secret_hash FROM tokens WHERE secret_hash = ?1"
@@ -503,17 +600,26 @@ impl Store {
         .bind(&hash)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else {
+        // The lookup already matched when there is a row; the comparison keeps the decision
+        // free of timing differences should the lookup ever change (say, to a prefix index).
+        let stored = row.as_ref().map_or(DUMMY_HASH, |r| r.secret_hash.as_str());
+        let matches: bool = stored.as_bytes().ct_eq(hash.as_bytes()).into();
+        self.token_checks.fetch_add(1, Ordering::Relaxed);
+        let Some(row) = row.filter(|_| matches && secret.starts_with(SECRET_PREFIX)) else {
             return Ok(None);
         };
-        // The lookup already matched; the constant-time comparison keeps the decision itself
-        // free of timing differences should the lookup ever change (say, to a prefix index).
-        let matches: bool = row.secret_hash.as_bytes().ct_eq(hash.as_bytes()).into();
         let record = row.into_record()?;
-        if !matches || record.revoked_at.is_some() || record.expires_at <= now {
+        if record.activated_at.is_none() || record.revoked_at.is_some() || record.expires_at <= now
+        {
             return Ok(None);
         }
         Ok(Some(record))
+    }
+
+    /// How many secrets [`Store::authenticate`] has checked (hashed, looked up and compared)
+    /// through this store and its clones: one per call, whatever the secret.
+    pub fn token_checks(&self) -> u64 {
+        self.token_checks.load(Ordering::Relaxed)
     }
 
     /// Ids of the tokens of every account revoked at or after `since`: what a running portal
@@ -1057,8 +1163,12 @@ impl Store {
     }
 }
 
-const TOKEN_COLUMNS: &str =
-    "id, account, kind, name, site, user_email, provider, created_at, expires_at, revoked_at";
+const TOKEN_COLUMNS: &str = "id, account, kind, name, site, user_email, provider, created_at, \
+                             expires_at, revoked_at, activated_at";
+
+/// What [`Store::authenticate`] compares a secret's hash with when no token has it: the shape
+/// of a stored hash, and no secret's (that would take a SHA-256 preimage of zeros).
+const DUMMY_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const CLIENT_COLUMNS: &str =
     "id, account, token_id, name, public_key, verified, verified_key, created_at, tunnel_index";
 const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
@@ -1076,6 +1186,7 @@ struct TokenRow {
     created_at: i64,
     expires_at: i64,
     revoked_at: Option<i64>,
+    activated_at: Option<i64>,
     secret_hash: String,
 }
 
@@ -1097,6 +1208,7 @@ impl TokenRow {
             created_at: self.created_at,
             expires_at: self.expires_at,
             revoked_at: self.revoked_at,
+            activated_at: self.activated_at,
         })
     }
 }
@@ -1195,9 +1307,11 @@ struct TokenUse {
     site: Option<String>,
     expires_at: i64,
     revoked_at: Option<i64>,
+    activated_at: Option<i64>,
 }
 
-/// The token `token_id` of `account`, if it is neither revoked nor expired at `now`.
+/// The token `token_id` of `account`, if it is active and neither revoked nor expired at
+/// `now`.
 async fn usable_token(
     tx: &mut Transaction<'static, Sqlite>,
     account: &str,
@@ -1205,7 +1319,7 @@ async fn usable_token(
     now: i64,
 ) -> Result<TokenUse, StoreError> {
     let token: Option<TokenUse> = sqlx::query_as(
-        "SELECT kind, name, site, expires_at, revoked_at FROM tokens
+        "SELECT kind, name, site, expires_at, revoked_at, activated_at FROM tokens
          WHERE account = ?1 AND id = ?2",
     )
     .bind(account)
@@ -1219,6 +1333,12 @@ async fn usable_token(
         return Err(StoreError::Conflict {
             entity: Entity::Token,
             reason: "is revoked",
+        });
+    }
+    if token.activated_at.is_none() {
+        return Err(StoreError::Conflict {
+            entity: Entity::Token,
+            reason: "was never activated",
         });
     }
     if token.expires_at <= now {
@@ -1393,18 +1513,4 @@ fn random_id(prefix: &str) -> Result<String, StoreError> {
 
 fn hash_secret(secret: &str) -> String {
     random::hex(&Sha256::digest(secret.as_bytes()))
-}
-
-async fn create_dir(path: &Path) -> Result<(), StoreError> {
-    let mut builder = tokio::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    builder.mode(0o700);
-    builder
-        .create(path)
-        .await
-        .map_err(|source| StoreError::CreateDir {
-            path: path.to_owned(),
-            source,
-        })
 }

@@ -472,6 +472,45 @@ async fn a_revoked_token_loses_its_grants_and_its_connection() {
 }
 
 #[tokio::test]
+async fn a_withdrawn_grants_preshared_key_is_not_left_in_the_store_files() {
+    use base64::Engine as _;
+    let mut portal = TestPortal::start(POLICY, "").await;
+    let mut seen = portal.gateway("acme", "lab", 200).await.serve();
+    let (token_id, secret) = portal.client_token("acme", ALICE).await;
+    let mut alice = TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(1))
+        .await
+        .unwrap();
+    let grant = alice.grant("jenkins", None).await;
+    next_seen(&mut seen).await;
+    portal
+        .store()
+        .revoke_token("acme", &token_id, portal.now().timestamp())
+        .await
+        .unwrap();
+    // The gateway hears of a withdrawal only once the store has deleted the grant.
+    match next_seen(&mut seen).await {
+        PortalToGateway::Revoke { grant_id } => assert_eq!(grant_id, grant.grant.id),
+        other => panic!("expected a revocation, got {other:?}"),
+    }
+    // Stopping checkpoints the store, as the running portal does every minute.
+    portal.running.take().unwrap().stop().await.unwrap();
+    let key = grant.grant.preshared_key.0;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(key);
+    let data = portal.dir.path().join("data");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        for needle in [&key[..], encoded.as_bytes()] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{} holds the withdrawn grant's preshared key",
+                path.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_device_that_returns_with_another_key_loses_the_grants_of_the_old_one() {
     let portal = TestPortal::start(POLICY, "").await;
     let mut seen = portal.gateway("acme", "hq", 200).await.serve();

@@ -19,8 +19,8 @@ use tower::ServiceExt as _;
 const NOW: i64 = 4_000_000_000;
 
 /// A router over a real store in a temporary directory, with one account `acme`; returns a
-/// client and a gateway token of it.
-async fn app() -> (tempfile::TempDir, Router, String, String, String) {
+/// client and a gateway token of it, and the store.
+async fn app() -> (tempfile::TempDir, Router, String, String, String, Store) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("a.fz"),
@@ -59,7 +59,7 @@ async fn app() -> (tempfile::TempDir, Router, String, String, String) {
     settings.slug = "acme".into();
     let broker = Broker::start(BrokerParts {
         writer: Writer::start(store.clone()),
-        store,
+        store: store.clone(),
         key: PortalSigningKey::from_seed([7; 32]),
         accounts: vec![Account { settings, policy }],
         geo: None,
@@ -75,7 +75,7 @@ async fn app() -> (tempfile::TempDir, Router, String, String, String) {
         broker,
         trusted_proxy: None,
     }));
-    (dir, app, hash, client.secret, gateway.secret)
+    (dir, app, hash, client.secret, gateway.secret, store)
 }
 
 async fn call(app: &Router, path: &str, bearer: Option<&str>) -> (StatusCode, String) {
@@ -97,7 +97,7 @@ async fn call(app: &Router, path: &str, bearer: Option<&str>) -> (StatusCode, St
 
 #[tokio::test]
 async fn healthz_names_each_accounts_bundle_and_unknown_paths_are_404() {
-    let (_dir, app, hash, _, _) = app().await;
+    let (_dir, app, hash, _, _, _) = app().await;
     let (status, body) = call(&app, "/healthz", None).await;
     assert_eq!(status, StatusCode::OK);
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -110,7 +110,7 @@ async fn healthz_names_each_accounts_bundle_and_unknown_paths_are_404() {
 
 #[tokio::test]
 async fn the_agent_socket_wants_a_live_token_of_its_account_and_kind_before_anything() {
-    let (_dir, app, _, client, gateway) = app().await;
+    let (_dir, app, _, client, gateway, _) = app().await;
     let unauthorised = (
         StatusCode::UNAUTHORIZED,
         r#"{"error":"a live token of this account is needed: `Authorization: Bearer <token>`"}"#
@@ -164,4 +164,33 @@ async fn the_agent_socket_wants_a_live_token_of_its_account_and_kind_before_anyt
     // A good token gets past the gate; a request that is no WebSocket upgrade stops there.
     let (status, _) = call(&app, "/api/acme/client", Some(&client)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_wrong_token_costs_one_check_whether_the_account_exists_or_not() {
+    let (_dir, app, _, client, _, store) = app().await;
+    let unauthorised = (
+        StatusCode::UNAUTHORIZED,
+        r#"{"error":"a live token of this account is needed: `Authorization: Bearer <token>`"}"#
+            .to_owned(),
+    );
+    let wrong = format!("fzt_{}", "A".repeat(43));
+    // The same answer after the same work (the secret hashed, looked up and compared once),
+    // so neither the answer nor its timing says which accounts exist.
+    let cases = [
+        ("/api/acme/client", wrong.as_str()),
+        ("/api/nope/client", wrong.as_str()),
+        ("/api/nope/client", client.as_str()),
+        ("/api/acme/gateway", "not even a token"),
+        ("/api/nope/gateway", "not even a token"),
+    ];
+    for (path, bearer) in cases {
+        let before = store.token_checks();
+        assert_eq!(
+            call(&app, path, Some(bearer)).await,
+            unauthorised,
+            "{path} {bearer}"
+        );
+        assert_eq!(store.token_checks(), before + 1, "{path} {bearer}");
+    }
 }

@@ -27,13 +27,20 @@ fn home() -> tempfile::TempDir {
     dir
 }
 
-fn portal(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fz-portal"))
+/// The portal binary with the configuration of `home`, started with the umask most systems
+/// give (022), so that only the portal's own care keeps its files private.
+fn command(home: &Path) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_fz-portal"))
         .arg("--config")
-        .arg(home.join("portal.toml"))
-        .args(args)
-        .output()
-        .unwrap()
+        .arg(home.join("portal.toml"));
+    command
+}
+
+fn portal(home: &Path, args: &[&str]) -> Output {
+    command(home).args(args).output().unwrap()
 }
 
 fn stdout(output: &Output) -> String {
@@ -47,9 +54,7 @@ fn serve(home: &Path) -> (Child, String) {
 
 /// Starts `serve` with its log (stderr) going to `logs`.
 fn serve_with_logs(home: &Path, logs: Stdio) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fz-portal"))
-        .arg("--config")
-        .arg(home.join("portal.toml"))
+    let mut child = command(home)
         .arg("serve")
         .stdout(Stdio::piped())
         .stderr(logs)
@@ -289,4 +294,241 @@ fn sighup_reloads_every_account_and_sigterm_stops_cleanly() {
     signal("-TERM");
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A file's permission bits.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The data dir is 0700 and everything in it 0600; returns the names of what is in it.
+fn assert_private(home: &Path, after: &str) -> Vec<String> {
+    let data = home.join("data");
+    assert_eq!(mode(&data), 0o700, "the data dir after {after}");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        assert_eq!(mode(&entry.path()), 0o600, "{name} after {after}");
+        names.push(name);
+    }
+    names.sort();
+    names
+}
+
+#[test]
+fn every_command_keeps_the_data_dir_and_its_files_to_the_portals_user() {
+    let home = home();
+    let public_key = portal(home.path(), &["public-key"]);
+    assert!(public_key.status.success(), "{public_key:?}");
+    assert_eq!(
+        assert_private(home.path(), "public-key"),
+        ["portal-signing.key"]
+    );
+    let client = &[
+        "token",
+        "create",
+        "--account",
+        "acme",
+        "--client",
+        "laptop",
+        "--user",
+        "a@acme.example",
+    ];
+    let created = portal(home.path(), client);
+    assert!(created.status.success(), "{created:?}");
+    let token = stdout(&created)
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("token ")
+        .to_owned();
+    let commands: [&[&str]; 7] = [
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--gateway",
+            "gw",
+            "--site",
+            "hq",
+        ],
+        &["token", "list", "--account", "acme"],
+        &["token", "revoke", "--account", "acme", &token],
+        // No such client: the command fails, but only after it opened the store.
+        &["verify", "--account", "acme", "cli_none"],
+        &["gateways", "--account", "acme"],
+        &["flows", "--account", "acme"],
+        &["public-key"],
+    ];
+    for args in commands {
+        let output = portal(home.path(), args);
+        assert!(
+            output.status.code().is_some_and(|code| code <= 1),
+            "{args:?}: {output:?}"
+        );
+        let names = assert_private(home.path(), &args.join(" "));
+        assert!(names.contains(&"portal.sqlite3".to_owned()), "{names:?}");
+    }
+    // While serving, SQLite's log and shared memory are there too, as private.
+    let (mut child, _) = serve(home.path());
+    let names = assert_private(home.path(), "serve");
+    for name in ["portal.sqlite3-wal", "portal.sqlite3-shm"] {
+        assert!(names.contains(&name.to_owned()), "{names:?}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_private(home.path(), "serve, killed");
+}
+
+#[test]
+fn a_data_dir_or_file_open_to_others_is_refused_by_every_command_with_the_fix() {
+    let home = home();
+    let created = portal(
+        home.path(),
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--gateway",
+            "gw",
+            "--site",
+            "hq",
+        ],
+    );
+    assert!(created.status.success(), "{created:?}");
+    assert!(portal(home.path(), &["public-key"]).status.success());
+    let data = home.path().join("data");
+    let commands: [&[&str]; 8] = [
+        &["public-key"],
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--gateway",
+            "gw",
+            "--site",
+            "hq",
+        ],
+        &["token", "list", "--account", "acme"],
+        &["token", "revoke", "--account", "acme", "tok_x"],
+        &["verify", "--account", "acme", "cli_x"],
+        &["gateways", "--account", "acme"],
+        &["flows", "--account", "acme"],
+        &["serve"],
+    ];
+    // (what, how open, its private mode, the chmod the message asks for)
+    let cases = [
+        (data.clone(), 0o755, 0o700, "chmod 700"),
+        (data.clone(), 0o701, 0o700, "chmod 700"),
+        (data.join("portal.sqlite3"), 0o644, 0o600, "chmod 600"),
+        (data.join("portal-signing.key"), 0o640, 0o600, "chmod 600"),
+    ];
+    for (path, open, private, chmod) in cases {
+        set_mode(&path, open);
+        for args in commands {
+            // `serve` would print where it listens if it started: nothing is read but the end.
+            let mut child = command(home.path())
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = String::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            if out.contains("listening") {
+                child.kill().unwrap();
+            }
+            let output = child.wait_with_output().unwrap();
+            let error = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(1), "{args:?}: {out}{error}");
+            let shown = path.display();
+            for needed in [
+                format!("`{shown}`"),
+                format!("mode {open:04o}"),
+                format!("`{chmod} {shown}`"),
+            ] {
+                assert!(
+                    error.contains(&needed),
+                    "{args:?}: {needed} missing from {error}"
+                );
+            }
+        }
+        set_mode(&path, private);
+    }
+    assert!(
+        portal(home.path(), &["token", "list", "--account", "acme"])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn a_token_works_only_once_its_secret_is_printed() {
+    let home = home();
+    let create = [
+        "token",
+        "create",
+        "--account",
+        "acme",
+        "--gateway",
+        "gw",
+        "--site",
+        "hq",
+    ];
+    // Nobody reads what it prints: the secret never reaches anyone.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let unread = command(home.path())
+        .args(create)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(unread.status.code(), Some(1), "{unread:?}");
+    assert!(
+        String::from_utf8_lossy(&unread.stderr).contains("stays inactive and nobody can use it"),
+        "{unread:?}"
+    );
+    let printed = portal(home.path(), &create);
+    assert!(printed.status.success(), "{printed:?}");
+    let secret = stdout(&printed)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("secret ")
+        .to_owned();
+    assert!(secret.starts_with("fzt_"));
+
+    // The first is listed as inactive, the second as active.
+    let listed = stdout(&portal(
+        home.path(),
+        &["token", "list", "--account", "acme"],
+    ));
+    let states: Vec<&str> = listed
+        .lines()
+        .map(|line| line.split('\t').nth(3).unwrap())
+        .collect();
+    assert_eq!(states, ["inactive", "active"], "{listed}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&portal(
+        home.path(),
+        &["token", "list", "--account", "acme", "--json"],
+    )))
+    .unwrap();
+    assert!(json[0]["activated_at"].is_null(), "{json}");
+    assert!(json[1]["activated_at"].is_i64(), "{json}");
 }

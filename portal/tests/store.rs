@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use fz_portal::data_dir::DataDirError;
 use fz_portal::store::{
     ClientRecord, DATABASE_FILE, Decision, FlowFilter, GatewayRecord, GrantRecord, NewFlow,
     NewToken, Store, StoreError, TokenKind, Write, tunnel_addresses,
@@ -217,11 +218,14 @@ async fn open_creates_the_data_dir_and_opens_again() {
     let data_dir = dir.path().join("a").join("b");
     let store = Store::open(&data_dir).await.unwrap();
     assert!(data_dir.join(DATABASE_FILE).is_file());
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(&data_dir).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
+    // The directories it made, the database and the files SQLite keeps beside it are the
+    // portal's user's alone, whatever the umask (the test's is usually 022).
+    store.ensure_account(A).await.unwrap();
+    assert_eq!(mode(&data_dir), 0o700);
+    assert_eq!(mode(&dir.path().join("a")), 0o700);
+    for suffix in ["", "-wal", "-shm"] {
+        let file = data_dir.join(format!("{DATABASE_FILE}{suffix}"));
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
     store.close().await;
     // Migrations already applied are skipped.
@@ -236,7 +240,137 @@ async fn open_fails_clearly_when_the_data_dir_is_a_file() {
     let file = dir.path().join("data");
     std::fs::write(&file, b"not a directory").unwrap();
     let error = Store::open(&file).await.unwrap_err();
-    assert!(matches!(error, StoreError::CreateDir { .. }), "{error:?}");
+    assert!(
+        matches!(error, StoreError::DataDir(DataDirError::NotADirectory(_))),
+        "{error:?}"
+    );
+    let below = Store::open(&file.join("data")).await.unwrap_err();
+    assert!(
+        matches!(below, StoreError::DataDir(DataDirError::Io { .. })),
+        "{below:?}"
+    );
+}
+
+/// A file's permission bits.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[tokio::test]
+async fn a_data_dir_or_store_file_open_to_others_is_refused_with_the_fix() {
+    let Fixture {
+        _dir,
+        data_dir,
+        store,
+    } = fixture().await;
+    store.close().await;
+    drop(store);
+    // (path, too open a mode, the mode to give back, the chmod the message asks for)
+    let database = data_dir.join(DATABASE_FILE);
+    let log = data_dir.join(format!("{DATABASE_FILE}-wal"));
+    std::fs::write(&log, b"").unwrap();
+    set_mode(&log, 0o600);
+    let cases = [
+        (&data_dir, 0o755, 0o700, "chmod 700"),
+        (&data_dir, 0o710, 0o700, "chmod 700"),
+        (&database, 0o644, 0o600, "chmod 600"),
+        (&database, 0o660, 0o600, "chmod 600"),
+        (&log, 0o604, 0o600, "chmod 600"),
+    ];
+    for (path, open, private, chmod) in cases {
+        set_mode(path, open);
+        let error = Store::open(&data_dir).await.unwrap_err().to_string();
+        let shown = path.display();
+        for needed in [
+            format!("`{shown}`"),
+            format!("mode {open:04o}"),
+            format!("`{chmod} {shown}`"),
+        ] {
+            assert!(error.contains(&needed), "{needed} missing from: {error}");
+        }
+        set_mode(path, private);
+    }
+    Store::open(&data_dir).await.unwrap().close().await;
+}
+
+#[tokio::test]
+async fn a_withdrawn_grants_preshared_key_is_gone_from_the_files_after_a_checkpoint() {
+    let Fixture {
+        _dir,
+        data_dir,
+        store,
+    } = fixture().await;
+    let world = populate(&store, A, 1).await;
+    // The detail as the broker writes it holds the signed grant with the pair's key.
+    let grant = |id: &str| {
+        let key = STANDARD.encode(Sha256::digest(id.as_bytes()));
+        let record = GrantRecord {
+            id: id.to_owned(),
+            detail: Some(format!(
+                r#"{{"signed":{{"grant":{{"preshared_key":"{key}"}}}},"session":{{}}}}"#
+            )),
+            ..world.grant.clone()
+        };
+        (record, key)
+    };
+    let contains = |path: PathBuf, key: &str| {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        bytes.windows(key.len()).any(|w| w == key.as_bytes())
+    };
+    let database = || data_dir.join(DATABASE_FILE);
+    let log = || data_dir.join(format!("{DATABASE_FILE}-wal"));
+
+    // One grant reaches the database file itself (closing folds the log in; the database file
+    // is read only while the store is closed, so as not to drop SQLite's locks on it) ...
+    let (old, old_key) = grant("old");
+    store.insert_grant(&old).await.unwrap();
+    store.close().await;
+    assert!(
+        contains(database(), &old_key),
+        "the search finds a stored key"
+    );
+    // ... the other lives in the log only.
+    let store = Store::open(&data_dir).await.unwrap();
+    let (recent, recent_key) = grant("recent");
+    store.insert_grant(&recent).await.unwrap();
+
+    let withdraw = |record: &GrantRecord| Write::DeleteGrant {
+        account: A.to_owned(),
+        grant_id: record.id.clone(),
+    };
+    store
+        .apply(&[withdraw(&old), withdraw(&recent)])
+        .await
+        .unwrap();
+    assert!(
+        contains(log(), &recent_key),
+        "until a checkpoint, the log holds the pages as they were"
+    );
+    assert!(store.checkpoint().await.unwrap());
+    for key in [&old_key, &recent_key] {
+        assert!(
+            !contains(log(), key),
+            "the log holds a key after a checkpoint"
+        );
+    }
+    // What was not withdrawn is still there, whole.
+    assert_eq!(
+        store.active_grants(A, NOW).await.unwrap(),
+        vec![world.grant.clone()]
+    );
+    store.close().await;
+    for key in [&old_key, &recent_key] {
+        assert!(
+            !contains(database(), key),
+            "the database file still holds a withdrawn grant's key"
+        );
+    }
 }
 
 #[tokio::test]
@@ -396,6 +530,116 @@ async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
         let got = got.map(|t| (t.id, t.account, t.kind));
         assert_eq!(got, expected, "{case}");
     }
+}
+
+#[tokio::test]
+async fn every_secret_costs_one_check_whatever_it_is() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let live = store
+        .create_token(A, client_kind(), "t", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let revoked = store
+        .create_token(A, client_kind(), "t", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    store.revoke_token(A, &revoked.id, NOW).await.unwrap();
+    let inactive = store
+        .create_inactive_token(A, client_kind(), "t", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let unknown = format!("fzt_{}", "A".repeat(43));
+    // Found or not, well formed or not: hashed, looked up and compared once each.
+    let cases = [
+        ("live", live.secret.as_str(), true),
+        ("unknown", unknown.as_str(), false),
+        ("revoked", revoked.secret.as_str(), false),
+        ("inactive", inactive.secret.as_str(), false),
+        ("without the prefix", &live.secret["fzt_".len()..], false),
+        ("empty", "", false),
+    ];
+    for (case, secret, accepted) in cases {
+        let before = store.token_checks();
+        let got = store.authenticate(secret, NOW).await.unwrap();
+        assert_eq!(got.is_some(), accepted, "{case}");
+        assert_eq!(store.token_checks(), before + 1, "{case}");
+    }
+}
+
+#[tokio::test]
+async fn a_token_made_inactive_is_refused_until_activated_even_across_a_restart() {
+    let Fixture {
+        _dir,
+        data_dir,
+        store,
+    } = fixture().await;
+    let token = store
+        .create_inactive_token(A, client_kind(), "laptop", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    // The maker dies here, before or after showing the secret: the token stays unusable.
+    store.close().await;
+    drop(store);
+    let store = Store::open(&data_dir).await.unwrap();
+    assert!(
+        store
+            .authenticate(&token.secret, NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let refused = store
+        .register_client(A, &token.id, &key(1), NOW)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.to_string(), "token was never activated");
+    let listed = store.list_tokens(A).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].activated_at, None);
+
+    // Activated, it is a token like any other; activating again changes nothing.
+    store.activate_token(A, &token.id, NOW + 1).await.unwrap();
+    store.activate_token(A, &token.id, NOW + 2).await.unwrap();
+    assert_eq!(
+        store.list_tokens(A).await.unwrap()[0].activated_at,
+        Some(NOW + 1)
+    );
+    let found = store.authenticate(&token.secret, NOW + 3).await.unwrap();
+    assert_eq!(found.map(|t| t.id), Some(token.id.clone()));
+    store
+        .register_client(A, &token.id, &key(1), NOW + 3)
+        .await
+        .unwrap();
+
+    // Only its own account activates it, and a revoked token stays revoked.
+    assert!(matches!(
+        store.activate_token(B, &token.id, NOW).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let other = store
+        .create_inactive_token(A, client_kind(), "phone", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    store.revoke_token(A, &other.id, NOW).await.unwrap();
+    assert!(matches!(
+        store.activate_token(A, &other.id, NOW).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(
+        store
+            .authenticate(&other.secret, NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Tokens made live at once are active from their creation.
+    let live = store
+        .create_token(A, client_kind(), "t", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let listed = store.list_tokens(A).await.unwrap();
+    let live = listed.iter().find(|t| t.id == live.id).unwrap();
+    assert_eq!(live.activated_at, Some(NOW));
 }
 
 #[tokio::test]
@@ -990,6 +1234,9 @@ async fn marks_given_before_marks_had_keys_are_for_the_key_the_client_had() {
     }
     let data_dir = dir.path().join("data");
     std::fs::create_dir(&data_dir).unwrap();
+    set_mode(&data_dir, 0o700);
+    std::fs::write(data_dir.join(DATABASE_FILE), b"").unwrap();
+    set_mode(&data_dir.join(DATABASE_FILE), 0o600);
     let options = SqliteConnectOptions::new()
         .filename(data_dir.join(DATABASE_FILE))
         .create_if_missing(true)

@@ -2,6 +2,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 usage or configuration errors.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -123,6 +124,10 @@ struct FlowArgs {
 }
 
 fn main() -> ExitCode {
+    // Whatever this process creates is its user's alone: the store and the files SQLite makes
+    // beside it, the signing key, the data dir. The library sets the modes it can itself; this
+    // covers what others create (SQLite's files) and whatever comes later.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -280,11 +285,31 @@ async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
                 _ => bail!("give `--client NAME`, or `--gateway NAME --site SITE`"),
             };
             let lifetime = i64::try_from(settings.token_lifetime_secs).unwrap_or(i64::MAX);
+            // Stored inactive, shown, then activated: a command killed or failing before the
+            // secret is out leaves a token nobody can use (listed `inactive`), never a live
+            // one nobody holds, and no secret is shown for a token the store does not have.
             let token = store
-                .create_token(&account, kind, &name, now.saturating_add(lifetime), now)
+                .create_inactive_token(&account, kind, &name, now.saturating_add(lifetime), now)
                 .await?;
-            println!("token {}", token.id);
-            println!("secret {}", token.secret);
+            let mut out = std::io::stdout().lock();
+            let shown = writeln!(out, "token {}\nsecret {}", token.id, token.secret)
+                .and_then(|()| out.flush());
+            drop(out);
+            if let Err(error) = shown {
+                bail!(
+                    "cannot print the secret ({error}); token {} stays inactive and nobody can use it",
+                    token.id
+                );
+            }
+            store
+                .activate_token(&account, &token.id, now)
+                .await
+                .with_context(|| {
+                    format!(
+                        "token {} stays inactive and nobody can use it; revoke it and create another",
+                        token.id
+                    )
+                })?;
             eprintln!("the secret is shown once; the portal keeps only its hash");
             Ok(())
         }
@@ -303,6 +328,9 @@ async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
                 for t in &tokens {
                     let state = if t.revoked_at.is_some() {
                         "revoked"
+                    } else if t.activated_at.is_none() {
+                        // `token create` did not finish: its secret may never have been shown.
+                        "inactive"
                     } else if t.expires_at <= now {
                         "expired"
                     } else {
