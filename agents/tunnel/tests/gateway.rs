@@ -1083,10 +1083,13 @@ mod never_panics {
         #[test]
         fn a_damaged_data_message_is_dropped(flips in proptest::collection::vec((0usize..200, 1u8..=255), 1..4)) {
             let (mut sim, alice, mut data) = busy();
+            let original = data.clone();
             let len = data.len();
             for (at, mask) in flips {
                 data[at % len] ^= mask;
             }
+            // Flips of one byte can cancel out (133 ^ 245 ^ 112 == 0): that is no damage.
+            prop_assume!(data != original);
             let mut buffer = vec![0u8; MAX_DATAGRAM];
             let out = sim.gateway.handle_network(alice.address, &data, &mut buffer, sim.now);
             prop_assert!(!matches!(out, Some(Output::Tun(_))), "a damaged message got through");
