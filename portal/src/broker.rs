@@ -14,6 +14,11 @@
 //! **Invariant:** accounts are isolated: a session, gateway or grant is only ever matched with
 //! others of its own account, and acknowledgements count only from the gateway the grant went
 //! to.
+//!
+//! **Invariant:** a gateway leaves service only when its connection closes or it misses its
+//! heartbeats. A grant it does not answer in time fails that request (and is revoked, so a late
+//! install does not linger): for a DNS resource the gateway answers only once the client's name
+//! resolved, and a name that never resolves must not take a live gateway out of service.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -491,6 +496,8 @@ impl Broker {
         // list comes from the client).
         let mut tried: HashSet<String> = avoid.iter().take(MAX_AVOIDED).cloned().collect();
         let avoided = tried.len();
+        // Gateways that let this request's grant go unanswered (they stay in service).
+        let mut silent: Vec<String> = Vec::new();
         loop {
             let gateway = {
                 let registry = self.registry();
@@ -501,7 +508,17 @@ impl Broker {
                     .map(|g| (g.peer.clone(), g.link.clone()))
             };
             let Some((gateway, link)) = gateway else {
-                let reason = if tried.len() == avoided && avoided > 0 {
+                let reason = if !silent.is_empty() {
+                    format!(
+                        "no gateway in site `{site}` answered in time: {} did not acknowledge the grant within {} ms",
+                        silent
+                            .iter()
+                            .map(|g| format!("`{g}`"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        self.timings.ack_timeout.as_millis()
+                    )
+                } else if tried.len() == avoided && avoided > 0 {
                     format!(
                         "no healthy gateway in site `{site}` besides those the client could not reach"
                     )
@@ -544,8 +561,20 @@ impl Broker {
                     .await;
                 }
                 Err(GatewayAnswer::Silent) => {
-                    tracing::warn!(gateway = %gateway.id, grant = %signed.grant.id, "gateway did not acknowledge in time; taking it out of service");
-                    self.gateway_unhealthy(&session.account, &gateway.id).await;
+                    // The request fails, not the gateway: it heartbeats, and for a DNS resource
+                    // its answer waits on a name the client chose. Another gateway of the site
+                    // would wait on the same name, so only an IP resource's request tries one.
+                    tracing::warn!(gateway = %gateway.id, grant = %signed.grant.id, "gateway did not answer a grant in time; the request fails, the gateway stays in service");
+                    if let Some(dns) = &granted.dns {
+                        return deny(format!(
+                            "gateway `{}` did not answer within {} ms: `{}` could not be resolved in time; ask again later",
+                            gateway.id,
+                            self.timings.ack_timeout.as_millis(),
+                            cut(&dns.name, MAX_LOGGED_NAME)
+                        ))
+                        .await;
+                    }
+                    silent.push(gateway.id.clone());
                     continue;
                 }
                 Err(GatewayAnswer::Gone) => continue,
@@ -603,7 +632,9 @@ impl Broker {
         }
     }
 
-    /// Sends a grant to a gateway and waits for its answer.
+    /// Sends a grant to a gateway and waits for its answer. A grant not answered in time is
+    /// revoked at once: the revocation follows the grant on the same connection, so a gateway
+    /// that installs it late removes it right after, and one still resolving its name drops it.
     async fn push_to_gateway(
         &self,
         gateway_id: &str,
@@ -626,9 +657,15 @@ impl Broker {
         match outcome {
             Ok(Ok(Ok(resolved))) => Ok(resolved),
             Ok(Ok(Err(reason))) => Err(GatewayAnswer::Refused(reason)),
-            // The gateway's connection closed and dropped the sender.
+            // The gateway's connection closed and dropped the sender; when it comes back, its
+            // `ready` does not list the grant, so it drops whatever it made of it.
             Ok(Err(_)) => Err(GatewayAnswer::Gone),
-            Err(_) => Err(GatewayAnswer::Silent),
+            Err(_) => {
+                link.send(&PortalToGateway::Revoke {
+                    grant_id: signed.grant.id.clone(),
+                });
+                Err(GatewayAnswer::Silent)
+            }
         }
     }
 
@@ -710,8 +747,7 @@ impl Broker {
     /// A heartbeat: the gateway is alive.
     pub async fn gateway_heartbeat(&self, account: &str, gateway_id: &str) {
         let now = now_i64(unix(self.now()));
-        // A gateway taken out of service (it let a grant go unacknowledged) stays out until
-        // it connects again; its heartbeats only say it is alive.
+        // The registry says whether it is in service; the heartbeat says it is alive.
         let healthy = self
             .registry()
             .gateway(gateway_id)
@@ -728,7 +764,8 @@ impl Broker {
     }
 
     /// A gateway's answer to a grant. Answers about grants sent to another gateway are
-    /// ignored.
+    /// ignored, and so is an answer that comes after the request gave up on it (the grant was
+    /// revoked then).
     pub fn gateway_answered(&self, gateway_id: &str, grant_id: &str, outcome: AckOutcome) {
         let mut pending = self.pending();
         if pending
@@ -770,12 +807,6 @@ impl Broker {
         }
         self.record_health(account, gateway_id, false).await;
         tracing::info!(%account, gateway = %gateway_id, "gateway out of service");
-    }
-
-    async fn gateway_unhealthy(&self, account: &str, gateway_id: &str) {
-        if self.registry().mark_unhealthy(gateway_id) {
-            self.record_health(account, gateway_id, false).await;
-        }
     }
 
     async fn record_health(&self, account: &str, gateway_id: &str, healthy: bool) {

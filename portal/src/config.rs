@@ -10,8 +10,9 @@
 //! trusted_proxy_header = "x-forwarded-for"    # take the client address from this header...
 //! trusted_proxies = ["127.0.0.1/32", "::1/128"] # ...only when the peer is one of these
 //! gateway_heartbeat_interval_ms = 5000 # gateways heartbeat this often; 3 missed: unhealthy
-//! gateway_ack_timeout_ms = 5000    # a gateway that does not acknowledge a grant in time is
-//!                                  # marked unhealthy and another is tried
+//! gateway_ack_timeout_ms = 5000    # a gateway that does not answer a grant in time fails that
+//!                                  # request (the next gateway is tried for IP resources); it
+//!                                  # stays in service while it heartbeats
 //!
 //! [[accounts]]
 //! slug = "acme"
@@ -75,7 +76,7 @@ pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 7 * 24 * 3600;
 /// Gateways heartbeat every 5 s unless configured otherwise.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 /// A gateway has 5 s to acknowledge a grant unless configured otherwise.
-pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = fz_proto::DEFAULT_ACK_TIMEOUT_MS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

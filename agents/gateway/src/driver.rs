@@ -20,9 +20,13 @@ use fz_host::agent::{send, sleep_until};
 
 use crate::metrics::{self, Snapshot};
 use fz_host::firewall::{self, Masquerade};
-use fz_host::resolve::{LookupFailure, Resolver};
+use fz_host::resolve::{LOOKUP_BUDGET, LookupFailure, Resolver};
 use fz_host::tun::Tun;
 use fz_link::{GatewayRole, LinkEvent};
+
+// The resolver gives up on a name before the core stops waiting for it, so a slow name ends
+// with the resolver's own reason, and the core's deadline is only the bound that holds anyway.
+const _: () = assert!(LOOKUP_BUDGET.as_millis() < gateway::RESOLVE_DEADLINE.as_millis());
 
 /// Buffers large enough for any datagram or packet the kernel hands over; the core drops
 /// what it cannot carry.
@@ -203,11 +207,17 @@ fn act(
             let _ = to_portal.send(message);
         }
         Event::Resolve { name } => {
+            // The core bounds how many of these run at once and stops waiting at its
+            // deadline; the resolver's own budget (`fz_host::resolve::LOOKUP_BUDGET`) ends the
+            // task before that.
             let resolver = resolver.clone();
             let resolved = resolved.clone();
             tokio::spawn(async move {
                 let answer = match resolver.resolve(&name).await {
-                    Ok(addresses) => Resolved::Addresses(addresses),
+                    Ok(found) => Resolved::Addresses {
+                        addresses: found.ips,
+                        ttl: found.ttl,
+                    },
                     Err(LookupFailure::NoSuchName) => Resolved::NoSuchName,
                     Err(LookupFailure::Failed(error)) => Resolved::Failed(error),
                 };

@@ -194,6 +194,51 @@ fn a_dns_grant_reaches_its_name_and_not_another_name_on_the_same_address() {
     );
 }
 
+/// A name whose DNS server never answers (as under a lame delegation) gets its grant refused,
+/// saying why, before the portal would give up waiting for the gateway's answer (its default
+/// acknowledgement timeout): the resolver's budget sits inside it. The gateway answers the
+/// next grants as ever, and one naming the same name again is refused at once from what it
+/// remembers.
+#[test]
+fn a_name_that_never_resolves_is_refused_in_time_and_the_gateway_serves_on() {
+    Lab::run(
+        "a_name_that_never_resolves_is_refused_in_time_and_the_gateway_serves_on",
+        |lab| {
+            let patience = Duration::from_millis(fz_proto::DEFAULT_ACK_TIMEOUT_MS);
+            let lame = lab.grant_dns("www.lame.company.com", "100.96.0.5", &["tcp/80"]);
+            // The resolver's reason (its queries timed out) or the budget's, whichever ends it.
+            match lab.send_grant_within(&lame, patience) {
+                GatewayMessage::Refused { grant_id, reason } => {
+                    assert_eq!(grant_id, lame.grant.id);
+                    assert!(
+                        reason.starts_with("cannot resolve `www.lame.company.com`: "),
+                        "{reason}"
+                    );
+                }
+                other => panic!("expected the grant refused, got {other:?}"),
+            }
+
+            let gitlab = lab.grant_dns("gitlab.company.com", "100.96.0.1", &["tcp/80"]);
+            assert_eq!(
+                lab.send_grant(&gitlab),
+                GatewayMessage::Ack {
+                    grant_id: gitlab.grant.id.clone(),
+                    resolved: Some(Resolution::Exists {
+                        ipv4: true,
+                        ipv6: false
+                    }),
+                }
+            );
+            assert_eq!(lab.greeting("100.96.0.1:80"), "web 10.0.5.1");
+            let again = lab.grant_dns("www.lame.company.com", "100.96.0.5", &["tcp/80"]);
+            assert!(matches!(
+                lab.send_grant_within(&again, patience),
+                GatewayMessage::Refused { reason, .. } if reason.starts_with("cannot resolve")
+            ));
+        },
+    );
+}
+
 /// Revoking a grant closes it at once, leaves the client's other grant working, and revoking
 /// the last one takes the client's peer away.
 #[test]
@@ -666,11 +711,17 @@ impl Lab {
 
     /// Sends a grant and waits for the gateway's answer to it.
     fn send_grant(&self, grant: &SignedGrant) -> GatewayMessage {
+        self.send_grant_within(grant, WAIT)
+    }
+
+    /// Sends a grant and waits at most `patience` for the gateway's answer to it.
+    fn send_grant_within(&self, grant: &SignedGrant, patience: Duration) -> GatewayMessage {
         let id = grant.grant.id.clone();
         self.portal.send(PortalToGateway::Grant {
             grant: Box::new(grant.clone()),
         });
-        self.wait_portal(&format!("the answer to grant {id}"), |event| match event {
+        let what = format!("the answer to grant {id}");
+        self.wait_portal_within(&what, patience, |event| match event {
             PortalEvent::Message(
                 answer @ (GatewayMessage::Ack { .. } | GatewayMessage::Refused { .. }),
             ) if answer_to(&answer) == id => Some(answer),
@@ -717,12 +768,22 @@ impl Lab {
     }
 
     /// The next portal event `pick` takes, skipping the others.
-    fn wait_portal<T>(&self, what: &str, mut pick: impl FnMut(PortalEvent) -> Option<T>) -> T {
-        let deadline = Instant::now() + WAIT;
+    fn wait_portal<T>(&self, what: &str, pick: impl FnMut(PortalEvent) -> Option<T>) -> T {
+        self.wait_portal_within(what, WAIT, pick)
+    }
+
+    /// [`Lab::wait_portal`], failing after `patience`.
+    fn wait_portal_within<T>(
+        &self,
+        what: &str,
+        patience: Duration,
+        mut pick: impl FnMut(PortalEvent) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + patience;
         loop {
             self.gateway.assert_running(what);
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "waited {WAIT:?} for {what}");
+            assert!(!left.is_zero(), "waited {patience:?} for {what}");
             match self
                 .portal
                 .events

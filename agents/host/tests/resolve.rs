@@ -4,6 +4,7 @@
 //! for one, SERVFAIL for one, and NXDOMAIN for everything else.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use fz_host::resolve::{LookupFailure, Resolver};
 use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
@@ -65,7 +66,13 @@ async fn check(name: &str, want: Result<&[&str], LookupFailure>) {
             .map(|ip| ip.parse().unwrap())
             .collect::<Vec<IpAddr>>()
     });
-    assert_eq!(resolver.resolve(name).await, want, "{name}");
+    let got = resolver.resolve(name).await;
+    if let Ok(found) = &got {
+        // The zone's records live 60 s; the resolver counts down from there.
+        assert!(found.ttl <= Duration::from_secs(60), "{found:?}");
+        assert!(found.ttl > Duration::ZERO, "{found:?}");
+    }
+    assert_eq!(got.map(|found| found.ips), want, "{name}");
 }
 
 /// Starts the server on an ephemeral loopback port; it lives as long as the test's runtime.

@@ -20,6 +20,7 @@ pub use grant::{
 };
 pub use key::{KeyError, PortalPublicKey, PortalSigningKey, PresharedKey, PublicKey};
 pub use message::{
-    ClientMessage, ClientReady, GatewayMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
-    PortalToClient, PortalToGateway, ProtoError, Resolution, ResourceView, decode, encode,
+    ClientMessage, ClientReady, DEFAULT_ACK_TIMEOUT_MS, GatewayMessage, MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION, PortalToClient, PortalToGateway, ProtoError, Resolution, ResourceView,
+    decode, encode,
 };

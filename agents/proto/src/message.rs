@@ -15,6 +15,13 @@ use crate::key::PublicKey;
 /// The protocol version this build speaks. Peers refuse messages of a newer version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// How long the portal waits for a gateway's answer to a grant (`ack` or `refused`) unless
+/// its configuration says otherwise. A gateway answers well inside it, also when a DNS
+/// resource's name does not resolve: its resolver's budget is smaller (`fz_tunnel::gateway`).
+/// A gateway that misses it fails that request only; it leaves service only when it misses
+/// its heartbeats or its connection closes.
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5_000;
+
 /// The largest message either side accepts. A grant is well under 2 KiB; the largest message
 /// is the client's resource list.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;

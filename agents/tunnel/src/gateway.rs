@@ -41,6 +41,8 @@ use crate::peer::{
     Action, Clock, Flushing, Gatekeeper, Indices, KeyPair, Peer, Rejected, Screened,
     is_cookie_reply,
 };
+use crate::resolution::{self, Asked, Found, Resolutions};
+pub use crate::resolution::{RESOLVE_DEADLINE, Resolved};
 
 /// How often WireGuard's timers run, as boringtun's own device does.
 const TIMER_TICK_MS: u64 = 250;
@@ -71,22 +73,14 @@ pub enum Output<'a> {
     Network(SocketAddr, &'a [u8]),
 }
 
-/// What the gateway's resolver found for a name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolved {
-    Addresses(Vec<IpAddr>),
-    NoSuchName,
-    /// The resolver failed (timeout, server failure): the grants waiting for it are refused.
-    Failed(String),
-}
-
 /// Something for the driver to do or log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Send to the portal.
     ToPortal(GatewayMessage),
     /// Resolve this name with the system's resolver and hand the answer to
-    /// [`Gateway::handle_resolved`].
+    /// [`Gateway::handle_resolved`]. The core does not wait past [`RESOLVE_DEADLINE`]: the
+    /// grants waiting for the name are refused then, and a later answer changes nothing.
     Resolve { name: String },
     /// A grant is in force: its peer, filter and NAT entries are installed.
     Installed {
@@ -203,8 +197,8 @@ pub struct Gateway {
     peer_by_key: HashMap<PublicKey, u32, RandomState>,
     peer_by_address: HashMap<IpAddr, u32, RandomState>,
     installed: HashMap<String, Installed>,
-    /// Verified DNS grants waiting for their name to resolve, by name.
-    resolving: HashMap<String, Vec<SignedGrant>>,
+    /// Names being resolved for DNS grants (and the grants waiting), and names known.
+    resolutions: Resolutions,
     indices: Indices,
     next_tick: Option<Instant>,
     last_rate_reset: Instant,
@@ -226,7 +220,7 @@ impl Gateway {
             peer_by_key: HashMap::default(),
             peer_by_address: HashMap::default(),
             installed: HashMap::new(),
-            resolving: HashMap::new(),
+            resolutions: Resolutions::default(),
             indices: Indices::new(config.seed),
             next_tick: None,
             last_rate_reset: now,
@@ -260,6 +254,16 @@ impl Gateway {
         let mut ids: Vec<String> = self.installed.keys().cloned().collect();
         ids.sort();
         ids
+    }
+
+    /// Names being resolved for DNS grants.
+    pub fn resolutions_in_flight(&self) -> usize {
+        self.resolutions.in_flight()
+    }
+
+    /// Names whose answer the gateway remembers.
+    pub fn names_cached(&self) -> usize {
+        self.resolutions.cached()
     }
 
     /// NAT flows across all clients.
@@ -411,17 +415,12 @@ impl Gateway {
                 for id in stale {
                     self.remove(&id, Removal::NotInForce);
                 }
-                for waiting in self.resolving.values_mut() {
-                    waiting.retain(|g| in_force.contains(&g.grant.id));
-                }
-                self.resolving.retain(|_, waiting| !waiting.is_empty());
+                self.resolutions
+                    .retain_waiting(|g| in_force.contains(&g.grant.id));
             }
             PortalToGateway::Grant { grant } => self.take_grant(*grant, now),
             PortalToGateway::Revoke { grant_id } => {
-                for waiting in self.resolving.values_mut() {
-                    waiting.retain(|g| g.grant.id != grant_id);
-                }
-                self.resolving.retain(|_, waiting| !waiting.is_empty());
+                self.resolutions.retain_waiting(|g| g.grant.id != grant_id);
                 self.remove(&grant_id, Removal::Revoked);
             }
             PortalToGateway::Error { message } => {
@@ -430,41 +429,26 @@ impl Gateway {
         }
     }
 
-    /// The resolver's answer for a name asked for with [`Event::Resolve`].
+    /// The resolver's answer for a name asked for with [`Event::Resolve`]. The answer is
+    /// remembered for the next grants naming it; an answer past the name's deadline, or for a
+    /// name nobody asked for, changes nothing.
     pub fn handle_resolved(&mut self, name: &str, answer: Resolved, now: Instant) {
-        let Some(waiting) = self.resolving.remove(name) else {
+        let Some((found, waiting)) = self.resolutions.answered(name, answer, now) else {
             return;
         };
-        let unix = self.clock.unix(now);
         for signed in waiting {
-            let grant = &signed.grant;
-            if unix >= grant.expires_at {
-                self.refuse(
-                    &grant.id,
-                    "the grant expired while its name resolved".to_owned(),
-                );
-                continue;
-            }
-            let (real, resolution) = match &answer {
-                Resolved::Addresses(real) => (
-                    real.clone(),
-                    Resolution::Exists {
-                        ipv4: real.iter().any(IpAddr::is_ipv4),
-                        ipv6: real.iter().any(IpAddr::is_ipv6),
-                    },
-                ),
-                Resolved::NoSuchName => (Vec::new(), Resolution::NoSuchName),
-                Resolved::Failed(error) => {
-                    self.refuse(&grant.id, format!("cannot resolve `{name}`: {error}"));
-                    continue;
-                }
-            };
-            self.install(&signed.grant, real, Some(resolution));
+            self.settle(&signed, name, &found, now);
         }
     }
 
-    /// Time passed: grants expire, idle NAT flows end, WireGuard's timers run.
+    /// Time passed: resolutions past their deadline fail, grants expire, idle NAT flows end,
+    /// WireGuard's timers run.
     pub fn handle_timeout(&mut self, now: Instant) {
+        for (name, found, waiting) in self.resolutions.overdue(now) {
+            for signed in waiting {
+                self.settle(&signed, &name, &found, now);
+            }
+        }
         let unix = self.clock.unix(now);
         let expired: Vec<String> = self
             .installed
@@ -535,16 +519,16 @@ impl Gateway {
     }
 
     /// When to call [`Gateway::handle_timeout`] next: every 250 ms while any peer or grant
-    /// exists, never while none does.
+    /// exists, and at the deadline of each name being resolved; never while none of those is.
     pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
+        let deadline = self.resolutions.next_deadline();
         if self.peers.is_empty() && self.installed.is_empty() {
-            return None;
+            return deadline;
         }
-        Some(
-            *self
-                .next_tick
-                .get_or_insert(now + Duration::from_millis(TIMER_TICK_MS)),
-        )
+        let tick = *self
+            .next_tick
+            .get_or_insert(now + Duration::from_millis(TIMER_TICK_MS));
+        Some(deadline.map_or(tick, |deadline| deadline.min(tick)))
     }
 
     // ---- grants ----
@@ -576,21 +560,46 @@ impl Gateway {
             self.refuse(&grant_id, reason);
             return;
         }
-        match &signed.grant.resource.dns {
-            Some(dns) => {
-                let name = dns.name.clone();
-                let waiting = self.resolving.entry(name.clone()).or_default();
-                if waiting.iter().any(|g| g.grant.id == grant_id) {
-                    return;
-                }
-                let first = waiting.is_empty();
-                waiting.push(signed);
-                if first {
-                    self.events.push_back(Event::Resolve { name });
-                }
-            }
-            None => self.install(&signed.grant, Vec::new(), None),
+        let Some(dns) = &signed.grant.resource.dns else {
+            self.install(&signed.grant, Vec::new(), None);
+            return;
+        };
+        let name = resolution::key(&dns.name);
+        match self.resolutions.ask(&name, signed, now) {
+            Asked::Known(signed, found) => self.settle(&signed, &name, &found, now),
+            Asked::Waiting => {}
+            Asked::Resolve => self.events.push_back(Event::Resolve { name }),
+            Asked::Refused(reason) => self.refuse(&grant_id, reason),
         }
+    }
+
+    /// A DNS grant whose name's answer is in: installed with the addresses (or none, for a
+    /// name that does not exist), or refused when the name could not be resolved. Either way
+    /// the portal hears of it at once.
+    fn settle(&mut self, signed: &SignedGrant, name: &str, found: &Found, now: Instant) {
+        let grant = &signed.grant;
+        if self.clock.unix(now) >= grant.expires_at {
+            self.refuse(
+                &grant.id,
+                "the grant expired while its name resolved".to_owned(),
+            );
+            return;
+        }
+        let (real, resolution) = match found {
+            Found::Addresses(real) => (
+                real.clone(),
+                Resolution::Exists {
+                    ipv4: real.iter().any(IpAddr::is_ipv4),
+                    ipv6: real.iter().any(IpAddr::is_ipv6),
+                },
+            ),
+            Found::NoSuchName => (Vec::new(), Resolution::NoSuchName),
+            Found::Failed(error) => {
+                self.refuse(&grant.id, format!("cannot resolve `{name}`: {error}"));
+                return;
+            }
+        };
+        self.install(grant, real, Some(resolution));
     }
 
     /// Whether a verified grant can sit beside those installed: its filter reads, its tunnel

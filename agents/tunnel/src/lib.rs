@@ -1,7 +1,8 @@
 //! The agents' data plane, without IO: the state machines of the gateway ([`gateway`]) and
 //! of the client's tunnels ([`client`]), and their parts: reading the headers a filter needs
 //! ([`packet`]), the per-grant filter ([`filter`]), the NAT from a DNS resource's mapped
-//! addresses to what its name resolved to ([`nat`]), WireGuard peers over boringtun
+//! addresses to what its name resolved to ([`nat`]), the names the gateway resolves for DNS
+//! grants, with their deadline, cache and bounds ([`resolution`]), WireGuard peers over boringtun
 //! ([`peer`], the only module that names boringtun), and the ICMP error a client writes back
 //! when policy refuses a packet ([`icmp`]).
 //!
@@ -21,5 +22,6 @@ pub mod icmp;
 pub mod nat;
 pub mod packet;
 pub mod peer;
+pub mod resolution;
 
 pub use filter::Drop;

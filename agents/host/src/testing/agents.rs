@@ -317,7 +317,17 @@ impl TestGateway {
     /// Runs the gateway as the real one behaves: heartbeats on time, verifies every grant and
     /// acknowledges it (or refuses it, with the reason). Every message from the portal is
     /// passed on to the returned channel, so a test can watch grants and revocations arrive.
-    pub fn serve(mut self) -> tokio::sync::mpsc::UnboundedReceiver<PortalToGateway> {
+    pub fn serve(self) -> tokio::sync::mpsc::UnboundedReceiver<PortalToGateway> {
+        self.serve_answering(|_, answer| Some(answer))
+    }
+
+    /// [`TestGateway::serve`], with `answer` deciding what to say to each grant: given the
+    /// grant and what the real gateway would say, it returns what to send, or `None` to say
+    /// nothing (while heartbeating on).
+    pub fn serve_answering(
+        mut self,
+        mut answer: impl FnMut(&SignedGrant, GatewayMessage) -> Option<GatewayMessage> + Send + 'static,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<PortalToGateway> {
         let (seen, watch) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
@@ -339,7 +349,7 @@ impl TestGateway {
                             return;
                         };
                         if let PortalToGateway::Grant { grant } = &message {
-                            let answer = match self.verify(grant) {
+                            let real = match self.verify(grant) {
                                 Ok(()) => GatewayMessage::Ack {
                                     grant_id: grant.grant.id.clone(),
                                     resolved: grant.grant.resource.dns.as_ref().map(|_| RESOLVED),
@@ -349,7 +359,9 @@ impl TestGateway {
                                     reason: error.to_string(),
                                 },
                             };
-                            if self.socket.send(Message::Text(encode(&answer).into())).await.is_err() {
+                            if let Some(answer) = answer(grant, real)
+                                && self.socket.send(Message::Text(encode(&answer).into())).await.is_err()
+                            {
                                 return;
                             }
                         }

@@ -46,8 +46,12 @@ pub async fn greet(listener: TcpListener, name: &'static str) {
     }
 }
 
+/// A name with this label gets no answer from [`serve_dns`].
+pub const LAME_LABEL: &str = "lame";
+
 /// Answers A queries for the names in `zone` (lower case, with the final dot); a known name
-/// has no other records, and everything else is NXDOMAIN.
+/// has no other records, and everything else is NXDOMAIN, except names with a label
+/// [`LAME_LABEL`], which get no answer at all (as under a lame delegation).
 pub async fn serve_dns(socket: UdpSocket, zone: &'static [(&'static str, Ipv4Addr)]) {
     let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
     let mut buf = vec![0; 4096];
@@ -58,6 +62,16 @@ pub async fn serve_dns(socket: UdpSocket, zone: &'static [(&'static str, Ipv4Add
         let Ok(query) = Message::from_vec(&buf[..len]) else {
             continue;
         };
+        let lame = query.queries.first().is_some_and(|q| {
+            q.name()
+                .to_ascii()
+                .to_lowercase()
+                .split('.')
+                .any(|label| label == LAME_LABEL)
+        });
+        if lame {
+            continue;
+        }
         if let Ok(answer) = dns_answer(&query, zone).to_vec() {
             let _ = socket.send_to(&answer, from).await;
         }

@@ -86,7 +86,10 @@ pub fn gateway_with_client(client_address: SocketAddr) -> Setup {
     );
     gateway.handle_resolved(
         NAME,
-        Resolved::Addresses(vec![IpAddr::V4(REAL)]),
+        Resolved::Addresses {
+            addresses: vec![IpAddr::V4(REAL)],
+            ttl: std::time::Duration::from_secs(60),
+        },
         Instant::now(),
     );
     let events: Vec<Event> = std::iter::from_fn(|| gateway.poll_event()).collect();
