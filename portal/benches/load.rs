@@ -373,7 +373,9 @@ async fn portal_target(
         format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
              # The generator shares the machine: give the gateways time before they count as silent.\n\
-             gateway_ack_timeout_ms = 30000\n\n\
+             gateway_ack_timeout_ms = 30000\n\
+             # Every client connects from 127.0.0.1, `--connect-parallel` of them at once.\n\
+             max_unauthenticated_per_source = 4096\n\n\
              [[accounts]]\nslug = \"{ACCOUNT}\"\npolicy = \"{}\"\n",
             data.display(),
             policy.display()

@@ -6,6 +6,11 @@
 //! from a newer protocol version or out of place gets an `error` message and the connection
 //! stays open; a frame beyond the WebSocket limit closes that connection only.
 //!
+//! The hello must come by the connection's [`Slot::hello_deadline`] (`hello_timeout` after
+//! accept); with it the connection counts as an agent's ([`Slot::authenticate`]), and its slot
+//! is held until the socket closes. A connection from a trusted proxy is counted against the
+//! per-source cap for the client the proxy names, before its token is looked at.
+//!
 //! **Invariant:** nothing reaches the broker from a connection whose token was not live and of
 //! the account in the path when it connected; a revoked token's connections are closed by the
 //! broker.
@@ -28,8 +33,9 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::broker::{Broker, BrokerError, Link, LinkReceiver};
-use crate::config::TrustedProxy;
+use crate::config::{DEFAULT_HELLO_TIMEOUT_MS, TrustedProxy};
 use crate::http::AppState;
+use crate::listener::{Busy, Slot};
 use crate::store::{TokenKind, TokenRecord};
 
 /// Frames beyond this close the connection; messages between this and
@@ -39,8 +45,9 @@ const MAX_FRAME_BYTES: usize = 4 * MAX_MESSAGE_BYTES;
 /// An idle connection should cost little: tungstenite's default read buffer is 128 KiB.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
-/// How long an agent has to say hello after connecting.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent has to say hello after the upgrade when the router runs without the
+/// listener (tests call it directly); the listener's connections have their own deadline.
+const HELLO_TIMEOUT: Duration = Duration::from_millis(DEFAULT_HELLO_TIMEOUT_MS);
 
 /// Connection requests one client may have waiting at once.
 const MAX_REQUESTS_IN_FLIGHT: usize = 32;
@@ -126,6 +133,25 @@ pub async fn require_token(
     mut request: Request,
     next: Next,
 ) -> Response {
+    if let Some(slot) = request.extensions().get::<Slot>() {
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| *peer);
+        if let Some(source) = source_address(peer, request.headers(), state.trusted_proxy.as_ref())
+            && slot.attribute(source).is_err()
+        {
+            let mut refused = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from this address are saying hello; try again later",
+            );
+            refused.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return refused;
+        }
+    }
     let token = match authenticate(&state.broker, &account, request.headers()).await {
         Ok(token) => token,
         Err(response) => return response,
@@ -151,10 +177,14 @@ pub async fn connect(
     State(state): State<Arc<AppState>>,
     Extension(token): Extension<TokenRecord>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    slot: Option<Extension<Slot>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let broker = state.broker.clone();
+    // Taken before the response goes out, so the connection is never idle (and never evicted)
+    // between the upgrade and the hello; held until the socket closes.
+    let place = slot.map(|Extension(slot)| slot.busy());
     let ws = ws
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
@@ -167,10 +197,10 @@ pub async fn connect(
                 &headers,
                 state.trusted_proxy.as_ref(),
             );
-            ws.on_upgrade(move |socket| client_connection(broker, token, source, socket))
+            ws.on_upgrade(move |socket| client_connection(broker, token, source, place, socket))
         }
         TokenKind::Gateway { .. } => {
-            ws.on_upgrade(move |socket| gateway_connection(broker, token, socket))
+            ws.on_upgrade(move |socket| gateway_connection(broker, token, place, socket))
         }
     }
 }
@@ -208,19 +238,35 @@ async fn send<T: Serialize>(socket: &mut WebSocket, message: &T) -> bool {
         .is_ok()
 }
 
-/// Waits for the agent's hello; answers anything else with an error.
+/// Waits for the agent's hello until the connection's deadline and answers anything else with
+/// an error; then counts the connection as an agent's, if agents have room.
 async fn hello<T: serde::de::DeserializeOwned>(
     socket: &mut WebSocket,
+    place: Option<&Busy>,
     is_hello: impl Fn(&T) -> bool,
     error: impl Fn(String) -> String,
 ) -> Option<T> {
-    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let deadline = place.map_or_else(
+        || tokio::time::Instant::now() + HELLO_TIMEOUT,
+        |place| place.slot().hello_deadline(),
+    );
     loop {
         let frame = tokio::time::timeout_at(deadline, socket.recv())
             .await
             .ok()?;
         match read::<T>(frame) {
-            Incoming::Message(message) if is_hello(&message) => return Some(message),
+            Incoming::Message(message) if is_hello(&message) => {
+                if let Some(place) = place
+                    && place.slot().authenticate().is_err()
+                {
+                    let full = error(
+                        "the portal serves as many agents as it can; try again later".to_owned(),
+                    );
+                    let _ = socket.send(Message::Text(full.into())).await;
+                    return None;
+                }
+                return Some(message);
+            }
             Incoming::Message(_) => {
                 let text = error("say `hello` first".to_owned());
                 if socket.send(Message::Text(text.into())).await.is_err() {
@@ -254,6 +300,7 @@ async fn client_connection(
     broker: Arc<Broker>,
     token: TokenRecord,
     source: Option<IpAddr>,
+    place: Option<Busy>,
     mut socket: WebSocket,
 ) {
     let Some(ClientMessage::Hello {
@@ -261,6 +308,7 @@ async fn client_connection(
         endpoints,
     }) = hello(
         &mut socket,
+        place.as_ref(),
         |m| matches!(m, ClientMessage::Hello { .. }),
         client_error,
     )
@@ -328,12 +376,18 @@ async fn client_connection(
     tracing::debug!(account = %session.account, client = %session.client_id, "client disconnected");
 }
 
-async fn gateway_connection(broker: Arc<Broker>, token: TokenRecord, mut socket: WebSocket) {
+async fn gateway_connection(
+    broker: Arc<Broker>,
+    token: TokenRecord,
+    place: Option<Busy>,
+    mut socket: WebSocket,
+) {
     let Some(GatewayMessage::Hello {
         public_key,
         endpoints,
     }) = hello(
         &mut socket,
+        place.as_ref(),
         |m| matches!(m, GatewayMessage::Hello { .. }),
         gateway_error,
     )

@@ -14,6 +14,24 @@
 //!                                  # request (the next gateway is tried for IP resources); it
 //!                                  # stays in service while it heartbeats
 //!
+//! # Connections: every one is unauthenticated until its agent's `hello`. The three caps
+//! # default to shares of the open files limit at start (raised to the hard limit first).
+//! tls_handshake_timeout_ms = 5000  # the TLS handshake must be done by then
+//! header_read_timeout_ms = 5000    # each request head must arrive whole within this, counted
+//!                                  # from when the portal starts waiting for it: so also the
+//!                                  # longest a keep-alive connection idles between requests
+//! hello_timeout_ms = 10000         # from accept to the agent's `hello`; a connection that is
+//!                                  # no agent by then is closed (a request in flight finishes)
+//! max_connections = 20000          # all of them; default: the open files limit less an
+//!                                  # eighth of it (at least 64) kept for the portal itself
+//! max_unauthenticated_connections = 4096 # default: a quarter of `max_connections`, at most
+//!                                  # 4096; agents get the rest. When it is reached, the
+//!                                  # oldest idle one is closed for a newcomer (the newcomer
+//!                                  # is, if none is idle)
+//! max_unauthenticated_per_source = 64 # per IPv4 address or IPv6 /64, the client's when a
+//!                                  # trusted proxy names it; past it a connection is closed
+//!                                  # at once. Default: a quarter of the above, at most 64
+//!
 //! [[accounts]]
 //! slug = "acme"
 //! policy = "policies"              # a policy tree, or a bundle written by `fzc compile`
@@ -42,7 +60,46 @@ pub struct Config {
     pub trusted_proxy: Option<TrustedProxy>,
     pub gateway_heartbeat_interval: Duration,
     pub gateway_ack_timeout: Duration,
+    pub connections: ConnectionLimits,
     pub accounts: Vec<AccountConfig>,
+}
+
+/// How long a connection may take to become an agent, and how many may be open. The caps left
+/// `None` are derived from the open files limit at start (`listener::Caps::for_descriptors`),
+/// and configured ones are lowered to fit it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub tls_handshake_timeout: Duration,
+    /// hyper's header read timeout: it runs whenever hyper waits for a request head, so it
+    /// bounds an idle keep-alive connection too.
+    pub header_read_timeout: Duration,
+    /// From accept to the agent's `hello` (TLS, the upgrade request and the hello together).
+    pub hello_timeout: Duration,
+    pub max_connections: Option<usize>,
+    pub max_unauthenticated_connections: Option<usize>,
+    pub max_unauthenticated_per_source: Option<usize>,
+}
+
+/// A TLS handshake takes a few round trips: 5 s is ample on any link a person would use.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// A request head is one write from any real client: 5 s (nginx waits 60 s, and that is what
+/// slowloris feeds on).
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+/// TLS, the upgrade and the hello are about five round trips and a token lookup: 10 s leaves
+/// room for a slow satellite link and a busy portal.
+pub const DEFAULT_HELLO_TIMEOUT_MS: u64 = 10_000;
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            tls_handshake_timeout: Duration::from_millis(DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS),
+            header_read_timeout: Duration::from_millis(DEFAULT_HEADER_READ_TIMEOUT_MS),
+            hello_timeout: Duration::from_millis(DEFAULT_HELLO_TIMEOUT_MS),
+            max_connections: None,
+            max_unauthenticated_connections: None,
+            max_unauthenticated_per_source: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +163,12 @@ struct ConfigFile {
     trusted_proxies: Option<Vec<Network>>,
     gateway_heartbeat_interval_ms: Option<u64>,
     gateway_ack_timeout_ms: Option<u64>,
+    tls_handshake_timeout_ms: Option<u64>,
+    header_read_timeout_ms: Option<u64>,
+    hello_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+    max_unauthenticated_connections: Option<usize>,
+    max_unauthenticated_per_source: Option<usize>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
 }
@@ -147,6 +210,7 @@ impl Config {
             trusted_proxy: None,
             gateway_heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS),
             gateway_ack_timeout: Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS),
+            connections: ConnectionLimits::default(),
             accounts: vec![AccountConfig {
                 slug: "default".to_owned(),
                 policy: PathBuf::from("policies"),
@@ -215,6 +279,20 @@ impl Config {
                 defaults.gateway_heartbeat_interval,
             ),
             gateway_ack_timeout: millis(file.gateway_ack_timeout_ms, defaults.gateway_ack_timeout),
+            connections: ConnectionLimits {
+                tls_handshake_timeout: millis(
+                    file.tls_handshake_timeout_ms,
+                    defaults.connections.tls_handshake_timeout,
+                ),
+                header_read_timeout: millis(
+                    file.header_read_timeout_ms,
+                    defaults.connections.header_read_timeout,
+                ),
+                hello_timeout: millis(file.hello_timeout_ms, defaults.connections.hello_timeout),
+                max_connections: file.max_connections,
+                max_unauthenticated_connections: file.max_unauthenticated_connections,
+                max_unauthenticated_per_source: file.max_unauthenticated_per_source,
+            },
             accounts: file
                 .accounts
                 .into_iter()
@@ -249,6 +327,52 @@ impl Config {
                 "`gateway_heartbeat_interval_ms` and `gateway_ack_timeout_ms` must be at least 1"
                     .to_owned(),
             );
+        }
+        let limits = &self.connections;
+        if limits.tls_handshake_timeout.is_zero()
+            || limits.header_read_timeout.is_zero()
+            || limits.hello_timeout.is_zero()
+        {
+            return invalid(
+                "`tls_handshake_timeout_ms`, `header_read_timeout_ms` and `hello_timeout_ms` must \
+                 be at least 1"
+                    .to_owned(),
+            );
+        }
+        if limits.max_connections.is_some_and(|n| n < 2) {
+            return invalid(
+                "`max_connections` must be at least 2: one connection saying hello, one agent"
+                    .to_owned(),
+            );
+        }
+        if limits.max_unauthenticated_connections == Some(0)
+            || limits.max_unauthenticated_per_source == Some(0)
+        {
+            return invalid(
+                "`max_unauthenticated_connections` and `max_unauthenticated_per_source` must be \
+                 at least 1"
+                    .to_owned(),
+            );
+        }
+        if let (Some(total), Some(unauthenticated)) = (
+            limits.max_connections,
+            limits.max_unauthenticated_connections,
+        ) && unauthenticated >= total
+        {
+            return invalid(format!(
+                "`max_unauthenticated_connections = {unauthenticated}` leaves no room for agents \
+                 within `max_connections = {total}`"
+            ));
+        }
+        if let (Some(unauthenticated), Some(per_source)) = (
+            limits.max_unauthenticated_connections,
+            limits.max_unauthenticated_per_source,
+        ) && per_source > unauthenticated
+        {
+            return invalid(format!(
+                "`max_unauthenticated_per_source = {per_source}` is more than \
+                 `max_unauthenticated_connections = {unauthenticated}`"
+            ));
         }
         if let Some(proxy) = &self.trusted_proxy
             && axum::http::HeaderName::from_bytes(proxy.header.as_bytes()).is_err()
@@ -370,6 +494,33 @@ mod tests {
                 format!("gateway_ack_timeout_ms = 0\n{account}"),
                 "must be at least 1",
             ),
+            (
+                format!("hello_timeout_ms = 0\n{account}"),
+                "`hello_timeout_ms` must be at least 1",
+            ),
+            (
+                format!("max_connections = 1\n{account}"),
+                "`max_connections` must be at least 2",
+            ),
+            (
+                format!("max_unauthenticated_per_source = 0\n{account}"),
+                "`max_unauthenticated_per_source` must be at least 1",
+            ),
+            (
+                format!("max_connections = 100\nmax_unauthenticated_connections = 100\n{account}"),
+                "leaves no room for agents",
+            ),
+            (
+                format!(
+                    "max_unauthenticated_connections = 10\n\
+                     max_unauthenticated_per_source = 11\n{account}"
+                ),
+                "`max_unauthenticated_per_source = 11` is more than",
+            ),
+            (
+                format!("max_connections = -1\n{account}"),
+                "max_connections",
+            ),
         ];
         for (text, expected) in cases {
             let error = parse(&text).unwrap_err();
@@ -415,6 +566,32 @@ mod tests {
         assert_eq!(
             config.gateway_ack_timeout,
             Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS)
+        );
+    }
+
+    #[test]
+    fn connection_limits_and_their_defaults() {
+        let account = "[[accounts]]\nslug = \"acme\"\npolicy = \"p\"\n";
+        assert_eq!(
+            parse(account).unwrap().connections,
+            ConnectionLimits::default()
+        );
+        let config = parse(&format!(
+            "tls_handshake_timeout_ms = 1000\nheader_read_timeout_ms = 2000\n\
+             hello_timeout_ms = 3000\nmax_connections = 500\n\
+             max_unauthenticated_connections = 100\nmax_unauthenticated_per_source = 8\n{account}"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.connections,
+            ConnectionLimits {
+                tls_handshake_timeout: Duration::from_secs(1),
+                header_read_timeout: Duration::from_secs(2),
+                hello_timeout: Duration::from_secs(3),
+                max_connections: Some(500),
+                max_unauthenticated_connections: Some(100),
+                max_unauthenticated_per_source: Some(8),
+            }
         );
     }
 }

@@ -5,8 +5,8 @@
 //! restart), the signing key, each account's policy engine with its file watcher, the
 //! group-committing writer, the broker with the grants the store holds, a task per account
 //! that decides every grant again when its policy changes, the sweeper (expired grants,
-//! revoked tokens, closed time windows, once a second), reloads on SIGHUP, and the HTTP server
-//! (TLS when configured).
+//! revoked tokens, closed time windows, once a second), reloads on SIGHUP, and the listener
+//! (HTTP, or HTTPS when configured) with its connection caps sized from the open files limit.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -22,6 +22,7 @@ use crate::broker::{Account, Broker, BrokerParts, Clock, Timings};
 use crate::config::Config;
 use crate::geo::CountryDb;
 use crate::http::{AppState, router};
+use crate::listener::{Caps, Connections, Settings};
 use crate::policy::{PolicyEngine, Watcher};
 use crate::store::Store;
 use crate::writer::Writer;
@@ -40,6 +41,8 @@ pub struct RunningPortal {
     pub address: SocketAddr,
     pub public_key: PortalPublicKey,
     pub broker: Arc<Broker>,
+    /// The listener's connections: caps, counts and refusals.
+    pub connections: Connections,
     stop: oneshot::Sender<()>,
     server: JoinHandle<anyhow::Result<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -120,28 +123,30 @@ impl RunningPortal {
             broker: broker.clone(),
             trusted_proxy: config.trusted_proxy.clone(),
         }));
+        let connections = Connections::new(connection_caps(config));
+        let settings = Settings {
+            tls,
+            limits: config.connections.clone(),
+            trusted_proxies: config
+                .trusted_proxy
+                .as_ref()
+                .map(|proxy| proxy.peers.clone())
+                .unwrap_or_default(),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stopped.await;
         };
+        let served = crate::listener::serve(listener, app, settings, connections.clone(), shutdown);
         let server = tokio::spawn(async move {
-            match tls {
-                Some(tls) => crate::tls::serve(listener, tls, app, shutdown).await?,
-                None => {
-                    axum::serve(
-                        listener,
-                        app.into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(shutdown)
-                    .await?
-                }
-            }
+            served.await?;
             Ok(())
         });
         Ok(RunningPortal {
             address,
             public_key,
             broker,
+            connections,
             stop,
             server,
             tasks,
@@ -170,6 +175,31 @@ impl RunningPortal {
         self.broker.store().close().await;
         served.context("the server task failed")?
     }
+}
+
+/// The caps for the open files limit this process has now (the binary raised it to the hard
+/// limit before), logged with it.
+fn connection_caps(config: &Config) -> Caps {
+    let limit = match crate::listener::open_files_limit() {
+        Ok((soft, _hard)) => soft,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the open files limit; assuming 1024");
+            1024
+        }
+    };
+    let (caps, lowered) = Caps::for_descriptors(limit, &config.connections);
+    for note in lowered {
+        tracing::warn!("{note}");
+    }
+    tracing::info!(
+        open_files = limit,
+        max_connections = caps.total(),
+        max_unauthenticated = caps.unauthenticated,
+        max_unauthenticated_per_source = caps.per_source,
+        max_agents = caps.agents,
+        "connection caps"
+    );
+    caps
 }
 
 /// `kill -HUP` asks for every account's policy to be loaded again now (the file watcher

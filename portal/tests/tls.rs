@@ -1,5 +1,5 @@
 //! HTTPS with rustls: `tls::load` reads the PEM files and names the one that is wrong;
-//! `tls::serve` answers HTTPS and WebSockets on a real loopback socket, hands handlers the
+//! `listener::serve` with TLS answers HTTPS and WebSockets on a real loopback socket, hands handlers the
 //! peer address, outlives clients that do not speak TLS, drops sockets that never shake hands,
 //! and shuts down gracefully.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
@@ -17,7 +17,8 @@ use axum::routing::get;
 use axum::{Extension, response::Response};
 use base64::Engine as _;
 use futures_util::{SinkExt as _, StreamExt as _};
-use fz_portal::config::TlsFiles;
+use fz_portal::config::{ConnectionLimits, TlsFiles};
+use fz_portal::listener::{self, Caps, Connections, Settings};
 use fz_portal::tls;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -181,7 +182,7 @@ async fn plain_http_gets_no_answer_and_the_server_goes_on() {
     server.stop().await;
 }
 
-/// The clock is paused: it jumps ahead whenever every task waits, so the 10 s pass at once.
+/// The clock is paused: it jumps ahead whenever every task waits, so the timeout passes at once.
 #[tokio::test(start_paused = true)]
 async fn a_socket_that_never_shakes_hands_is_dropped_after_the_timeout() {
     let pki = Pki::new();
@@ -195,7 +196,7 @@ async fn a_socket_that_never_shakes_hands_is_dropped_after_the_timeout() {
     // handshake timer exists): a guard that fires is retried, a few times at most.
     let read = async {
         for _ in 0..3 {
-            if let Ok(read) = tokio::time::timeout(2 * tls::HANDSHAKE_TIMEOUT, &mut read).await {
+            if let Ok(read) = tokio::time::timeout(2 * handshake_timeout(), &mut read).await {
                 return read;
             }
         }
@@ -206,7 +207,7 @@ async fn a_socket_that_never_shakes_hands_is_dropped_after_the_timeout() {
         Ok(read) => assert_eq!(read, 0, "the server sent something to a silent peer"),
         Err(error) => assert_eq!(error.kind(), io::ErrorKind::ConnectionReset),
     }
-    assert!(started.elapsed() >= tls::HANDSHAKE_TIMEOUT);
+    assert!(started.elapsed() >= handshake_timeout());
 
     server.stop().await;
 }
@@ -248,12 +249,12 @@ async fn shutdown_closes_connections_still_busy_after_the_grace_period() {
     tokio::time::pause();
     let started = tokio::time::Instant::now();
     server.stop.send(()).unwrap();
-    tokio::time::timeout(2 * tls::SHUTDOWN_GRACE, server.task)
+    tokio::time::timeout(2 * listener::SHUTDOWN_GRACE, server.task)
         .await
         .expect("serve waits past its grace period")
         .unwrap()
         .unwrap();
-    assert!(started.elapsed() >= tls::SHUTDOWN_GRACE);
+    assert!(started.elapsed() >= listener::SHUTDOWN_GRACE);
 
     let mut reply = Vec::new();
     // Closed without a response (and without close_notify: an unexpected EOF).
@@ -332,6 +333,10 @@ fn load_names_the_file_that_is_wrong() {
     }
 }
 
+fn handshake_timeout() -> std::time::Duration {
+    ConnectionLimits::default().tls_handshake_timeout
+}
+
 /// A self-signed certificate for `localhost` and 127.0.0.1, its PEM files in a tempdir.
 struct Pki {
     dir: tempfile::TempDir,
@@ -368,7 +373,7 @@ impl Pki {
     }
 }
 
-/// `tls::serve` on a loopback port with `/healthz`, `/peer` (the `ConnectInfo` address),
+/// `listener::serve` with TLS on a loopback port with `/healthz`, `/peer` (the `ConnectInfo` address),
 /// `/ws` (a WebSocket echo) and `/slow` (answers once released).
 struct Server {
     addr: SocketAddr,
@@ -409,7 +414,19 @@ impl Server {
             let _ = stopped.await;
             let _ = seen.send(());
         };
-        let task = tokio::spawn(tls::serve(listener, config, app, shutdown));
+        let settings = Settings::new(Some(config), ConnectionLimits::default());
+        let connections = Connections::new(Caps {
+            unauthenticated: 64,
+            per_source: 64,
+            agents: 64,
+        });
+        let task = tokio::spawn(listener::serve(
+            listener,
+            app,
+            settings,
+            connections,
+            shutdown,
+        ));
         Self {
             addr,
             stop,

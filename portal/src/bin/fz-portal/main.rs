@@ -380,6 +380,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Every connection is a descriptor, and systemd starts services with a soft limit of 1,024.
+    // The connection caps are sized from the limit this leaves.
+    match fz_portal::listener::raise_open_files_limit() {
+        Ok((before, after, hard)) if before < after => tracing::info!(
+            soft = before,
+            hard,
+            now = after,
+            "open files limit raised to the hard limit"
+        ),
+        Ok((soft, _, hard)) => tracing::info!(soft, hard, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+    }
     let portal = RunningPortal::start(&config, system_clock()).await?;
     println!(
         "fz-portal listening on {}://{} (portal key {})",
