@@ -16,6 +16,7 @@ pub mod config;
 pub mod geo;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod policy;
 pub mod random;
 pub mod registry;

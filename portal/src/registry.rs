@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use fz_proto::{GatewayPeer, PresharedKey, SignedGrant, UnixTime};
+use fz_proto::{GatewayPeer, PresharedKey, Resolution, SignedGrant, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use crate::store::Write;
@@ -72,6 +72,10 @@ pub struct LiveGrant {
     /// The grant as signed, to tell whether a reloaded policy still describes the resource
     /// the same way.
     pub signed: Arc<SignedGrant>,
+    /// What the gateway said a DNS resource's name resolved to when it took the grant, to
+    /// tell a client the grant is handed out to again (`None` for other resources, and for
+    /// grants stored before the portal kept it).
+    pub resolved: Option<Resolution>,
 }
 
 #[derive(Debug)]
@@ -81,6 +85,11 @@ pub struct Registry<L> {
     grants: HashMap<String, Arc<LiveGrant>>,
     /// The grants by expiry, so that finding the expired ones does not visit the others.
     expiring: BTreeSet<(UnixTime, String)>,
+    /// The grants of each client (account, client id), so that counting them or finding one
+    /// to hand out again does not visit the others.
+    by_client: HashMap<(String, String), HashSet<String>>,
+    /// Grants being made for each client (account, client id): decided, not yet in force.
+    making: HashMap<(String, String), usize>,
     /// The preshared key of each client–gateway pair with grants in force or being made.
     /// INVARIANT: every grant in force between a pair carries the pair's key, so client and
     /// gateway keep one WireGuard peer (one key) for the pair however many resources it
@@ -109,6 +118,8 @@ impl<L> Default for Registry<L> {
             clients: HashMap::new(),
             grants: HashMap::new(),
             expiring: BTreeSet::new(),
+            by_client: HashMap::new(),
+            making: HashMap::new(),
             pairs: HashMap::new(),
             next_connection: 0,
         }
@@ -260,6 +271,10 @@ impl<L> Registry<L> {
                 .insert(grant.site.clone(), grant.gateway_id.clone());
         }
         self.expiring.insert((grant.expires_at, grant.id.clone()));
+        self.by_client
+            .entry((grant.account.clone(), grant.client_id.clone()))
+            .or_default()
+            .insert(grant.id.clone());
         self.pairs
             .entry((grant.client_id.clone(), grant.gateway_id.clone()))
             .or_insert_with(|| Pair {
@@ -346,9 +361,64 @@ impl<L> Registry<L> {
             ids.iter().filter_map(|id| self.grants.remove(id)).collect();
         for grant in &withdrawn {
             self.expiring.remove(&(grant.expires_at, grant.id.clone()));
+            let client = (grant.account.clone(), grant.client_id.clone());
+            if let Some(ids) = self.by_client.get_mut(&client) {
+                ids.remove(&grant.id);
+                if ids.is_empty() {
+                    self.by_client.remove(&client);
+                }
+            }
             self.pair_released(grant);
         }
         withdrawn
+    }
+
+    /// How many grants a client of `account` holds in force or has being made.
+    pub fn grants_of_client(&self, account: &str, client_id: &str) -> usize {
+        let client = (account.to_owned(), client_id.to_owned());
+        let in_force = self.by_client.get(&client).map_or(0, HashSet::len);
+        in_force + self.making.get(&client).copied().unwrap_or(0)
+    }
+
+    /// A grant of the client that `select` picks, visiting the client's grants only.
+    pub fn grant_of_client(
+        &self,
+        account: &str,
+        client_id: &str,
+        mut select: impl FnMut(&LiveGrant) -> bool,
+    ) -> Option<Arc<LiveGrant>> {
+        let client = (account.to_owned(), client_id.to_owned());
+        self.by_client
+            .get(&client)?
+            .iter()
+            .filter_map(|id| self.grants.get(id))
+            .find(|g| select(g))
+            .cloned()
+    }
+
+    /// Counts a grant being made for the client, if it holds (in force and being made) fewer
+    /// than `limit`; false if it does not. The maker calls [`Registry::grant_made`] once the
+    /// grant is in force or has failed.
+    pub fn making_grant(&mut self, account: &str, client_id: &str, limit: usize) -> bool {
+        if self.grants_of_client(account, client_id) >= limit {
+            return false;
+        }
+        *self
+            .making
+            .entry((account.to_owned(), client_id.to_owned()))
+            .or_default() += 1;
+        true
+    }
+
+    /// Ends a count of [`Registry::making_grant`].
+    pub fn grant_made(&mut self, account: &str, client_id: &str) {
+        let client = (account.to_owned(), client_id.to_owned());
+        if let Some(n) = self.making.get_mut(&client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.making.remove(&client);
+            }
+        }
     }
 
     /// Ids of the grants `select` picks.
@@ -502,6 +572,7 @@ mod tests {
                 expires_at,
                 session: session("acme", "c"),
                 signed: Arc::new(signed(id, expires_at)),
+                resolved: None,
             });
         }
         assert!(r.expired(9).is_empty());
@@ -517,6 +588,45 @@ mod tests {
         assert!(r.pair_key("c", "gw").is_some());
         r.withdraw(&["g-30".to_owned()]);
         assert_eq!(r.pair_key("c", "gw"), None);
+    }
+
+    #[test]
+    fn a_client_s_grants_are_counted_with_those_being_made() {
+        let mut r: Registry<&'static str> = Registry::default();
+        assert!(r.making_grant("acme", "c", 2));
+        assert!(r.making_grant("acme", "c", 2));
+        assert!(
+            !r.making_grant("acme", "c", 2),
+            "two in the making fill a limit of two"
+        );
+        // Another account's client of the same id counts apart.
+        assert!(r.making_grant("globex", "c", 2));
+        r.grant_added(LiveGrant {
+            id: "g-1".into(),
+            account: "acme".into(),
+            client_id: "c".into(),
+            gateway_id: "gw".into(),
+            resource_id: "db".into(),
+            site: "hq".into(),
+            expires_at: 100,
+            session: session("acme", "c"),
+            signed: Arc::new(signed("g-1", 100)),
+            resolved: None,
+        });
+        r.grant_made("acme", "c");
+        r.grant_made("acme", "c");
+        assert_eq!(r.grants_of_client("acme", "c"), 1);
+        assert!(
+            r.grant_of_client("acme", "c", |g| g.resource_id == "db")
+                .is_some()
+        );
+        assert!(r.grant_of_client("globex", "c", |_| true).is_none());
+        assert!(r.making_grant("acme", "c", 2));
+        assert!(!r.making_grant("acme", "c", 2));
+        r.grant_made("acme", "c");
+        r.withdraw(&["g-1".to_owned()]);
+        assert_eq!(r.grants_of_client("acme", "c"), 0);
+        assert!(r.grant_of_client("acme", "c", |_| true).is_none());
     }
 
     #[test]
@@ -543,6 +653,7 @@ mod tests {
             expires_at: 100,
             session: session("acme", "c"),
             signed: Arc::new(live),
+            resolved: None,
         });
         r.release_reservation("c", "gw");
         assert_eq!(r.pair_key("c", "gw"), Some(first));

@@ -5,8 +5,8 @@
 //! restart), the signing key, each account's policy engine with its file watcher, the
 //! group-committing writer, the broker with the grants the store holds, a task per account
 //! that decides every grant again when its policy changes, the sweeper (expired grants,
-//! revoked tokens, closed time windows, once a second), reloads on SIGHUP, and the HTTP server
-//! (TLS when configured).
+//! revoked tokens, closed time windows, once a second; flows past their retention, each
+//! minute), reloads on SIGHUP, and the HTTP server (TLS when configured).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -203,7 +203,9 @@ async fn reload_on_hangup(broker: Arc<Broker>, mut hangups: tokio::signal::unix:
 /// Once a second: withdraw expired grants, close sessions whose token expired, and withdraw
 /// everything of tokens an admin revoked. Every grant is decided again when the clock enters a
 /// new minute (time windows open and close on minutes, so a deny window that opens ends the
-/// grants it covers), and a device's grants when its verified mark changes.
+/// grants it covers), and a device's grants when its verified mark changes. Each new minute
+/// also deletes the flows past their account's retention, in bounded batches, going on at the
+/// next ticks while a backlog remains.
 async fn sweep(broker: Arc<Broker>, store: Store) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -216,8 +218,10 @@ async fn sweep(broker: Arc<Broker>, store: Store) {
     // tokens not acted on already.
     let mut since = i64::MIN;
     let mut handled: HashSet<String> = HashSet::new();
+    let mut prune = false;
     loop {
         ticks.tick().await;
+        broker.forget_idle();
         let now = chrono::Utc::now().timestamp();
         match store.tokens_revoked_since(since).await {
             Ok(revoked) => {
@@ -235,6 +239,10 @@ async fn sweep(broker: Arc<Broker>, store: Store) {
         if this_minute != minute {
             minute = this_minute;
             broker.revalidate().await;
+            prune = true;
+        }
+        if prune {
+            prune = broker.prune_flows().await.1;
         }
         match store.verified_changes_since(verified_seen).await {
             Ok((changed, latest)) => {
