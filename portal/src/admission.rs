@@ -152,6 +152,15 @@ fn check_dns(
 ) -> Result<(), String> {
     match (&resource.address, dns) {
         (Address::Name(pattern), Some(dns)) => {
+            // Before anything reads it: a longer name is no DNS name, and it would go into the
+            // grant (signed, stored, sent) whole.
+            if dns.name.strip_suffix('.').unwrap_or(&dns.name).len() > DnsMapping::MAX_NAME {
+                return Err(format!(
+                    "`{}` is longer than a DNS name can be ({} characters)",
+                    cut(&dns.name, MAX_LOGGED_NAME),
+                    DnsMapping::MAX_NAME
+                ));
+            }
             let name = dns.name.to_ascii_lowercase();
             if !pattern.matches(name.strip_suffix('.').unwrap_or(&name)) {
                 return Err(format!(

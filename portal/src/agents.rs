@@ -32,7 +32,7 @@ use fz_proto::{
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::broker::{Broker, BrokerError, Link, LinkReceiver};
+use crate::broker::{Broker, BrokerError, Link, LinkReceiver, cut};
 use crate::config::{DEFAULT_HELLO_TIMEOUT_MS, TrustedProxy};
 use crate::http::AppState;
 use crate::listener::{Busy, Slot};
@@ -51,6 +51,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_millis(DEFAULT_HELLO_TIMEOUT_MS);
 
 /// Connection requests one client may have waiting at once.
 const MAX_REQUESTS_IN_FLIGHT: usize = 32;
+
+/// The longest error an agent gets back about a message it sent: parse errors quote what they
+/// could not read (an unknown `type`, a field name), which is the sender's to make as long as a
+/// message.
+const MAX_ECHOED: usize = 256;
 
 #[derive(Serialize)]
 struct ErrorBody {
@@ -222,7 +227,7 @@ fn read<T: serde::de::DeserializeOwned>(
         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Incoming::Closed,
         Some(Ok(Message::Text(text))) => match decode(text.as_bytes()) {
             Ok(message) => Incoming::Message(message),
-            Err(error) => Incoming::Bad(error.to_string()),
+            Err(error) => Incoming::Bad(cut(&error.to_string(), MAX_ECHOED)),
         },
         Some(Ok(Message::Binary(_))) => {
             Incoming::Bad("messages are JSON text frames, not binary".to_owned())

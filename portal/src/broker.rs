@@ -19,11 +19,18 @@
 //! heartbeats. A grant it does not answer in time fails that request (and is revoked, so a late
 //! install does not linger): for a DNS resource the gateway answers only once the client's name
 //! resolved, and a name that never resolves must not take a live gateway out of service.
+//!
+//! **Invariant:** what one client costs is bounded. Its requests pass a token bucket before
+//! anything is decided or stored (`requests_per_second`, `request_burst`); a request for what a
+//! grant in force already covers gets that grant again instead of a new one (requests for the
+//! same thing that arrive together take turns, so they end with one grant); it holds at most
+//! `max_grants_per_client` grants; identical denials within a minute are one flow row with a
+//! count; and every string it sends is cut before it is stored or echoed.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use fz_compiler::DecisionTable;
@@ -37,6 +44,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::admission::{self, Admission, MAX_LOGGED_NAME};
 use crate::config::AccountConfig;
 use crate::geo::CountryDb;
+use crate::limits::{Occurrence, Rate, RateLimiter, Repeats};
 use crate::policy::PolicyEngine;
 use crate::random;
 use crate::registry::{ClientEntry, ClientSession, GatewayEntry, LiveGrant, Registry, deletions};
@@ -53,7 +61,8 @@ pub fn system_clock() -> Clock {
     Arc::new(Utc::now)
 }
 
-/// How many messages may wait for a slow agent before the portal gives up on its connection.
+/// How many messages may wait for a slow agent. Past it, [`Link::send`] gives up on the
+/// connection and [`Link::send_waiting`] waits for room (for a while).
 const LINK_CAPACITY: usize = 1024;
 
 /// The way to an agent's connection: messages to send, and a signal to close it.
@@ -87,9 +96,28 @@ impl Link {
     }
 
     /// Queues a message; an agent that lets [`LINK_CAPACITY`] messages pile up is closed.
+    /// For answers and errors, which an agent that does not read can go without.
     pub fn send<T: Serialize>(&self, message: &T) {
         if self.messages.try_send(encode(message)).is_err() {
             self.close();
+        }
+    }
+
+    /// Queues a message that must not be lost (a revocation), waiting up to `patience` for
+    /// room: a busy agent slows the sender down instead of being dropped. An agent still full
+    /// after that is closed, which loses nothing either: a gateway that connects again is told
+    /// what is in force (`ready`), and drops the rest. False if it did not go.
+    pub async fn send_waiting<T: Serialize>(&self, message: &T, patience: Duration) -> bool {
+        match tokio::time::timeout(patience, self.messages.send(encode(message))).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!(
+                    ?patience,
+                    "an agent took no message for too long; closing its connection"
+                );
+                self.close();
+                false
+            }
         }
     }
 
@@ -124,6 +152,9 @@ impl Timings {
 struct GrantDetail<'a> {
     signed: Cow<'a, SignedGrant>,
     session: Cow<'a, ClientSession>,
+    /// What the gateway said the name resolved to, to hand the grant out again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resolved: Option<Resolution>,
 }
 
 /// A gateway's answer to a grant: installed (with what a DNS resource's name resolved to),
@@ -146,6 +177,12 @@ pub struct Broker {
     clock: Clock,
     registry: Mutex<Registry<Link>>,
     pending: Mutex<HashMap<String, PendingAck>>,
+    /// Each client's request bucket, by (account, client id).
+    limiter: Mutex<RateLimiter<(String, String)>>,
+    /// Denials recorded in the last minute, to count identical ones on their row.
+    repeats: Mutex<Repeats>,
+    /// What clients are being granted right now (see [`Broker::turn`]).
+    deciding: Mutex<HashMap<Asked, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -215,6 +252,7 @@ impl Broker {
                     &detail.signed,
                     Arc::new(detail.session.into_owned()),
                     site.unwrap_or_default(),
+                    detail.resolved,
                 ));
             }
         }
@@ -232,6 +270,9 @@ impl Broker {
             clock: parts.clock,
             registry: Mutex::new(registry),
             pending: Mutex::new(HashMap::new()),
+            limiter: Mutex::new(RateLimiter::default()),
+            repeats: Mutex::new(Repeats::default()),
+            deciding: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -265,6 +306,34 @@ impl Broker {
 
     fn pending(&self) -> MutexGuard<'_, HashMap<String, PendingAck>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn limiter(&self) -> MutexGuard<'_, RateLimiter<(String, String)>> {
+        self.limiter.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn repeats(&self) -> MutexGuard<'_, Repeats> {
+        self.repeats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn deciding(&self) -> MutexGuard<'_, HashMap<Asked, Arc<tokio::sync::Mutex<()>>>> {
+        self.deciding.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no other request of the client for the same thing is between the look for
+    /// a grant to hand out again and its own grant in force: requests that arrive together
+    /// take turns, so the first makes the grant and the others find it, instead of each
+    /// making its own. Requests for different things go side by side. The turn ends when the
+    /// returned value is dropped.
+    async fn turn(&self, asked: Asked) -> Turn<'_> {
+        let lock = self.deciding().entry(asked.clone()).or_default().clone();
+        let guard = lock.clone().lock_owned().await;
+        Turn {
+            broker: self,
+            asked,
+            lock,
+            guard: Some(guard),
+        }
     }
 
     /// The token behind a bearer secret, if it is live and belongs to `account`. Another
@@ -390,7 +459,9 @@ impl Broker {
     }
 
     /// Decides a connection request and answers it: a signed grant the gateway has
-    /// acknowledged, or a rejection that says what failed. Either way the flow log has it.
+    /// acknowledged (or one in force that already covers the request), or a rejection that
+    /// says what failed. Either way the flow log has it, except for requests past the client's
+    /// rate, which are refused before anything is decided or stored.
     pub async fn request_access(
         &self,
         session: &Arc<ClientSession>,
@@ -398,15 +469,51 @@ impl Broker {
         dns: Option<DnsMapping>,
         avoid: &[String],
     ) -> PortalToClient {
-        match self.authorise(session, resource, dns, avoid).await {
+        let answer = match self.take_request(session) {
+            Ok(()) => self.authorise(session, resource, dns, avoid).await,
+            Err(reason) => Err(reason),
+        };
+        match answer {
             Ok((signed, resolved)) => PortalToClient::Granted {
                 grant: Box::new(signed),
                 resolved,
             },
             Err(reason) => PortalToClient::Rejected {
-                resource: resource.to_owned(),
+                resource: self.echoed_id(&session.account, resource),
                 reason,
             },
+        }
+    }
+
+    /// Takes one request from the client's bucket, or says when to ask again.
+    fn take_request(&self, session: &ClientSession) -> Result<(), String> {
+        let Ok(account) = self.account(&session.account) else {
+            return Ok(());
+        };
+        let rate = Rate {
+            per_second: account.settings.requests_per_second,
+            burst: account.settings.request_burst,
+        };
+        let key = (session.account.clone(), session.client_id.clone());
+        self.limiter()
+            .take(key, rate, Instant::now())
+            .map_err(|wait| {
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                format!("too many requests, try again in {} s", seconds.max(1))
+            })
+    }
+
+    /// The resource id a rejection names: whole if it is one of the account's resources (the
+    /// client matches the answer to its request by it), else cut as the flow log cuts it, so
+    /// that nobody can make the portal send back what they sent, at any length.
+    fn echoed_id(&self, account: &str, resource: &str) -> String {
+        let known = self
+            .account(account)
+            .is_ok_and(|a| a.policy.current().table.resource_index(resource).is_some());
+        if known {
+            resource.to_owned()
+        } else {
+            logged_id(resource)
         }
     }
 
@@ -453,13 +560,31 @@ impl Broker {
             rule_id: rule,
             bundle_hash: policy.bundle_hash.clone(),
             reason,
+            grant_id: None,
         };
         // A denial names the rule only when a deny rule made it (a guardrail); every other
-        // denial (no rule, no gateway, a bad request) says why in its reason alone.
+        // denial (no rule, no gateway, a bad request) says why in its reason alone. One that
+        // repeats a denial of the last minute counts on its row.
         let deny_with = |rule: Option<String>, reason: String| async move {
             let reason = cut(&reason, MAX_REASON);
-            let write = Write::Flow(flow(FlowDecision::Deny, rule, reason.clone()));
-            if let Err(error) = self.writer.submit(vec![write]).await {
+            let denial = flow(FlowDecision::Deny, rule, reason.clone());
+            let recorded = {
+                // Noted and queued under one lock, so that a repeat is never committed before
+                // the row it counts on.
+                let mut repeats = self.repeats();
+                let write = match repeats.note(&denial) {
+                    Occurrence::First => Write::Flow(denial),
+                    Occurrence::Again { first } => Write::DenialRepeated {
+                        at: denial.time,
+                        flow: NewFlow {
+                            time: first,
+                            ..denial
+                        },
+                    },
+                };
+                self.writer.submit(vec![write])
+            };
+            if let Err(error) = recorded.await {
                 tracing::error!(error = %error, "cannot record a flow");
             }
             Err(reason)
@@ -496,6 +621,46 @@ impl Broker {
         // list comes from the client).
         let mut tried: HashSet<String> = avoid.iter().take(MAX_AVOIDED).cloned().collect();
         let avoided = tried.len();
+        let _turn = self
+            .turn((
+                session.account.clone(),
+                session.client_id.clone(),
+                granted.id.clone(),
+                granted
+                    .dns
+                    .as_ref()
+                    .map(|d| (d.name.clone(), d.mapped.clone())),
+            ))
+            .await;
+        let again = Again {
+            granted: &granted,
+            site: &site,
+            rule: &rule,
+            bundle_hash: &policy.bundle_hash,
+            expires_at,
+            now,
+            avoid: &tried,
+        };
+        if let Some(grant) = self.grant_to_hand_out_again(session, &again) {
+            let reused = Write::GrantReused {
+                account: session.account.clone(),
+                grant_id: grant.id.clone(),
+                issued_at: now_i64(grant.signed.grant.issued_at),
+                at: now_i64(now),
+            };
+            if let Err(error) = self.writer.submit(vec![reused]).await {
+                tracing::error!(error = %error, "cannot record a flow");
+            }
+            return Ok((SignedGrant::clone(&grant.signed), grant.resolved));
+        }
+        let limit = account.settings.max_grants_per_client;
+        let Some(_making) = GrantSlot::new(self, session, limit) else {
+            return deny(format!(
+                "this client holds {limit} grants, the most the account allows at once \
+                 (`max_grants_per_client`); ask again when one ends"
+            ))
+            .await;
+        };
         // Gateways that let this request's grant go unanswered (they stay in service).
         let mut silent: Vec<String> = Vec::new();
         loop {
@@ -582,6 +747,7 @@ impl Broker {
             let detail = GrantDetail {
                 signed: Cow::Borrowed(&signed),
                 session: Cow::Borrowed(session.as_ref()),
+                resolved,
             };
             let record = GrantRecord {
                 id: signed.grant.id.clone(),
@@ -598,19 +764,28 @@ impl Broker {
             let reason = table.rule_notes(&decision.rules).join("; ");
             let writes = vec![
                 Write::InsertGrant(record),
-                Write::Flow(flow(FlowDecision::Allow, Some(rule.clone()), reason)),
+                Write::Flow(NewFlow {
+                    grant_id: Some(signed.grant.id.clone()),
+                    ..flow(FlowDecision::Allow, Some(rule.clone()), reason)
+                }),
             ];
             if let Err(error) = self.writer.submit(writes).await {
                 // The gateway holds a grant the store does not: take it back.
                 tracing::error!(error = %error, "cannot store a grant; withdrawing it");
-                link.send(&PortalToGateway::Revoke {
+                let revoke = PortalToGateway::Revoke {
                     grant_id: signed.grant.id.clone(),
-                });
+                };
+                link.send_waiting(&revoke, self.timings.heartbeat_timeout())
+                    .await;
                 return Err(BrokerError::Unavailable.to_string());
             }
             let grant_id = signed.grant.id.clone();
-            self.registry()
-                .grant_added(live_grant(&signed, session.clone(), site.clone()));
+            self.registry().grant_added(live_grant(
+                &signed,
+                session.clone(),
+                site.clone(),
+                resolved,
+            ));
             // While this request was deciding, its session may have ended (token revoked,
             // connection closed) or the policy may have changed: the sweeps that handle those
             // could not see a grant not yet in force. Look again now that it is.
@@ -649,10 +824,18 @@ impl Broker {
                 answer,
             },
         );
-        link.send(&PortalToGateway::Grant {
+        // A gateway busy with a burst (a mass withdrawal, say) slows this request down rather
+        // than being dropped; one that takes nothing for the whole ack timeout is closed.
+        let started = tokio::time::Instant::now();
+        let grant = PortalToGateway::Grant {
             grant: Box::new(signed.clone()),
-        });
-        let outcome = tokio::time::timeout(self.timings.ack_timeout, answered).await;
+        };
+        if !link.send_waiting(&grant, self.timings.ack_timeout).await {
+            self.pending().remove(&signed.grant.id);
+            return Err(GatewayAnswer::Gone);
+        }
+        let left = self.timings.ack_timeout.saturating_sub(started.elapsed());
+        let outcome = tokio::time::timeout(left, answered).await;
         self.pending().remove(&signed.grant.id);
         match outcome {
             Ok(Ok(Ok(resolved))) => Ok(resolved),
@@ -661,9 +844,14 @@ impl Broker {
             // `ready` does not list the grant, so it drops whatever it made of it.
             Ok(Err(_)) => Err(GatewayAnswer::Gone),
             Err(_) => {
-                link.send(&PortalToGateway::Revoke {
+                // The revocation must not be lost, and it follows the grant on the same
+                // connection, so a late install is undone; it is sent in the background so
+                // that the client hears at once.
+                let revoke = PortalToGateway::Revoke {
                     grant_id: signed.grant.id.clone(),
-                });
+                };
+                let (link, patience) = (link.clone(), self.timings.heartbeat_timeout());
+                tokio::spawn(async move { link.send_waiting(&revoke, patience).await });
                 Err(GatewayAnswer::Silent)
             }
         }
@@ -713,7 +901,6 @@ impl Broker {
                     public_key,
                     endpoints,
                 },
-                healthy: true,
                 connection,
                 link,
             });
@@ -747,15 +934,13 @@ impl Broker {
     /// A heartbeat: the gateway is alive.
     pub async fn gateway_heartbeat(&self, account: &str, gateway_id: &str) {
         let now = now_i64(unix(self.now()));
-        // The registry says whether it is in service; the heartbeat says it is alive.
-        let healthy = self
-            .registry()
-            .gateway(gateway_id)
-            .is_some_and(|g| g.healthy);
+        // A heartbeat from a connection the registry has replaced or dropped records the
+        // time, not a connection.
+        let connected = self.registry().gateway(gateway_id).is_some();
         let seen = Write::GatewaySeen {
             account: account.to_owned(),
             gateway_id: gateway_id.to_owned(),
-            connected: healthy,
+            connected,
             at: now,
         };
         if let Err(error) = self.writer.submit(vec![seen]).await {
@@ -922,6 +1107,15 @@ impl Broker {
         }
     }
 
+    /// Takes grants out of force, out of the store, and tells their gateways and clients.
+    ///
+    /// Each gateway hears of its grants in as few messages as fit (`revoke` for one,
+    /// `revoke_many` with up to [`PortalToGateway::MAX_REVOKED`] ids), so withdrawing
+    /// thousands at once costs its link a few messages. Revocations are never dropped for lack
+    /// of room on a link: sending waits for room (each link apart, all at once), for as long
+    /// as the portal waits for a silent gateway; a link still full then is closed, and a
+    /// gateway that connects again is told what is in force. This returns once the gateways
+    /// have their revocations queued; clients get theirs in the background.
     async fn withdraw(&self, ids: &[String], reason: impl Fn(&str) -> String) -> usize {
         if ids.is_empty() {
             return 0;
@@ -933,23 +1127,160 @@ impl Broker {
         if let Err(error) = self.writer.submit(writes).await {
             tracing::error!(error = %error, "cannot delete withdrawn grants from the store");
         }
-        let registry = self.registry();
-        for grant in &withdrawn {
-            let why = reason(&grant.id);
-            tracing::info!(account = %grant.account, grant = %grant.id, client = %grant.client_id, reason = %why, "grant withdrawn");
-            if let Some(gateway) = registry.gateway(&grant.gateway_id) {
-                gateway.link.send(&PortalToGateway::Revoke {
-                    grant_id: grant.id.clone(),
-                });
-            }
-            if let Some(client) = registry.client(&grant.client_id) {
-                client.link.send(&PortalToClient::Revoked {
-                    grant_id: grant.id.clone(),
-                    reason: why,
-                });
+        let mut to_gateways: HashMap<String, (Link, Vec<String>)> = HashMap::new();
+        let mut to_clients: HashMap<String, (Link, Vec<PortalToClient>)> = HashMap::new();
+        {
+            let registry = self.registry();
+            for grant in &withdrawn {
+                let why = reason(&grant.id);
+                tracing::info!(account = %grant.account, grant = %grant.id, client = %grant.client_id, reason = %why, "grant withdrawn");
+                if let Some(gateway) = registry.gateway(&grant.gateway_id) {
+                    to_gateways
+                        .entry(grant.gateway_id.clone())
+                        .or_insert_with(|| (gateway.link.clone(), Vec::new()))
+                        .1
+                        .push(grant.id.clone());
+                }
+                if let Some(client) = registry.client(&grant.client_id) {
+                    to_clients
+                        .entry(grant.client_id.clone())
+                        .or_insert_with(|| (client.link.clone(), Vec::new()))
+                        .1
+                        .push(PortalToClient::Revoked {
+                            grant_id: grant.id.clone(),
+                            reason: why,
+                        });
+                }
             }
         }
+        let patience = self.timings.heartbeat_timeout();
+        let mut sending = tokio::task::JoinSet::new();
+        for (link, ids) in to_gateways.into_values() {
+            sending.spawn(async move {
+                for batch in ids.chunks(PortalToGateway::MAX_REVOKED) {
+                    let message = match batch {
+                        [grant_id] => PortalToGateway::Revoke {
+                            grant_id: grant_id.clone(),
+                        },
+                        _ => PortalToGateway::RevokeMany {
+                            grant_ids: batch.to_vec(),
+                        },
+                    };
+                    if !link.send_waiting(&message, patience).await {
+                        break;
+                    }
+                }
+            });
+        }
+        // Clients are told without waiting for them: their gateways enforce the withdrawal,
+        // and a client that reads nothing must not hold up the sweeper.
+        for (link, messages) in to_clients.into_values() {
+            tokio::spawn(async move {
+                for message in messages {
+                    if !link.send_waiting(&message, patience).await {
+                        break;
+                    }
+                }
+            });
+        }
+        while sending.join_next().await.is_some() {}
         withdrawn.len()
+    }
+
+    /// Deletes the flows each account keeps no longer (`flow_retention_days`, by the time of
+    /// their last occurrence), in batches of [`PRUNE_BATCH`], at most [`PRUNE_BUDGET`] rows an
+    /// account a call, so that pruning a large backlog never holds the store for long. Returns
+    /// how many went, and whether some account had more to go (call again soon).
+    pub async fn prune_flows(&self) -> (u64, bool) {
+        let now = now_i64(unix(self.now()));
+        let mut pruned = 0;
+        let mut more = false;
+        for account in self.accounts.values() {
+            let slug = &account.settings.slug;
+            let retention = i64::from(account.settings.flow_retention_days) * 86_400;
+            let before = now.saturating_sub(retention);
+            let mut budget = PRUNE_BUDGET;
+            loop {
+                match self.store.prune_flows(slug, before, PRUNE_BATCH).await {
+                    Ok(n) => {
+                        pruned += n;
+                        budget = budget.saturating_sub(n);
+                        if n < u64::from(PRUNE_BATCH) {
+                            break;
+                        }
+                        if budget == 0 {
+                            more = true;
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(account = %slug, error = %error, "cannot prune old flows");
+                        break;
+                    }
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "flows older than their account's retention deleted");
+        }
+        (pruned, more)
+    }
+
+    /// Forgets what the limits no longer need: request buckets full again, denials whose
+    /// minute has passed.
+    pub fn forget_idle(&self) {
+        self.limiter().forget_idle(Instant::now());
+        self.repeats().forget_before(now_i64(unix(self.now())));
+    }
+
+    /// A grant in force that a request decided now (`again`) may get instead of a new one.
+    ///
+    /// Handing a grant out again must never give what a new decision would not: the request
+    /// was decided in full just now (policy, conditions, the verified mark), and the grant
+    /// must say exactly what a new grant would: the same session (the same device, key,
+    /// token, user, groups and context, so a client that reconnected unchanged counts), the
+    /// same resource as the table now describes it (address, ports, carve-outs, and for a DNS
+    /// resource the same name and mapped addresses), the same site, rule and policy; its
+    /// gateway must be in service and not one the client asked to avoid; and it must expire no
+    /// later than a new grant would, and not within a minute unless a new one would too (the
+    /// client would only have to ask again). A DNS grant also needs what its name resolved
+    /// to, to tell the client. Of several, one through the gateway the client uses in the
+    /// site (where a new grant would go) comes first.
+    fn grant_to_hand_out_again(
+        &self,
+        session: &Arc<ClientSession>,
+        again: &Again<'_>,
+    ) -> Option<Arc<LiveGrant>> {
+        let soon = again.now.saturating_add(REUSE_MIN_LEFT_SECS);
+        let registry = self.registry();
+        let usable = |g: &LiveGrant| {
+            let grant = &g.signed.grant;
+            *g.session == **session
+                && grant.resource == *again.granted
+                && g.site == again.site
+                && grant.rule == again.rule
+                && grant.bundle_hash == again.bundle_hash
+                && g.expires_at <= again.expires_at
+                && g.expires_at >= again.expires_at.min(soon)
+                && g.expires_at > again.now
+                && (grant.resource.dns.is_none() || g.resolved.is_some())
+                && !again.avoid.contains(&g.gateway_id)
+                && registry
+                    .gateway(&g.gateway_id)
+                    .is_some_and(|gw| gw.account == session.account)
+        };
+        // Through the gateway the client uses in the site, if it holds one there, as a new
+        // grant would go; else through any.
+        let sticky = registry
+            .client(&session.client_id)
+            .filter(|c| c.session.account == session.account)
+            .and_then(|c| c.gateway_by_site.get(again.site));
+        let (account, client) = (&session.account, &session.client_id);
+        sticky
+            .and_then(|gateway| {
+                registry.grant_of_client(account, client, |g| g.gateway_id == *gateway && usable(g))
+            })
+            .or_else(|| registry.grant_of_client(account, client, usable))
     }
 
     /// Closes every agent connection (the portal is stopping).
@@ -1076,9 +1407,92 @@ impl Drop for PairReservation<'_> {
     }
 }
 
-fn live_grant(signed: &SignedGrant, session: Arc<ClientSession>, site: String) -> LiveGrant {
+/// What a request was just decided to get, to compare with the grants in force.
+struct Again<'a> {
+    granted: &'a fz_proto::GrantedResource,
+    site: &'a str,
+    rule: &'a str,
+    bundle_hash: &'a str,
+    /// When a new grant would expire.
+    expires_at: UnixTime,
+    now: UnixTime,
+    avoid: &'a HashSet<String>,
+}
+
+/// What a client asked for: account, client id, resource id, and a DNS resource's name and
+/// mapped addresses.
+type Asked = (
+    String,
+    String,
+    String,
+    Option<(String, Vec<std::net::IpAddr>)>,
+);
+
+/// A request's turn at what it asked for (see [`Broker::turn`]).
+struct Turn<'a> {
+    broker: &'a Broker,
+    asked: Asked,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Under the map's lock, where every waiter took its copy: the map's and this one left
+        // means nobody waits, and the entry goes.
+        let mut deciding = self.broker.deciding();
+        if Arc::strong_count(&self.lock) <= 2 {
+            deciding.remove(&self.asked);
+        }
+    }
+}
+
+/// A grant handed out again must have at least this long left, unless a new one would not.
+const REUSE_MIN_LEFT_SECS: u64 = 60;
+
+/// Flows deleted by one statement when pruning, and at most by one call per account.
+const PRUNE_BATCH: u32 = 1_000;
+const PRUNE_BUDGET: u64 = 10_000;
+
+/// A grant being made for a client, counted against its limit until it is in force or has
+/// failed (see `Registry::making_grant`).
+struct GrantSlot<'a> {
+    broker: &'a Broker,
+    account: String,
+    client_id: String,
+}
+
+impl<'a> GrantSlot<'a> {
+    fn new(broker: &'a Broker, session: &ClientSession, limit: usize) -> Option<GrantSlot<'a>> {
+        broker
+            .registry()
+            .making_grant(&session.account, &session.client_id, limit)
+            .then(|| GrantSlot {
+                broker,
+                account: session.account.clone(),
+                client_id: session.client_id.clone(),
+            })
+    }
+}
+
+impl Drop for GrantSlot<'_> {
+    fn drop(&mut self) {
+        self.broker
+            .registry()
+            .grant_made(&self.account, &self.client_id);
+    }
+}
+
+fn live_grant(
+    signed: &SignedGrant,
+    session: Arc<ClientSession>,
+    site: String,
+    resolved: Option<Resolution>,
+) -> LiveGrant {
     let grant = &signed.grant;
     LiveGrant {
+        resolved,
         site,
         id: grant.id.clone(),
         account: grant.account.clone(),

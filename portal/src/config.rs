@@ -37,6 +37,10 @@
 //! policy = "policies"              # a policy tree, or a bundle written by `fzc compile`
 //! max_grant_lifetime_secs = 28800  # a grant never outlives this (8 h)
 //! token_lifetime_secs = 604800     # tokens expire after this (7 days)
+//! max_grants_per_client = 256      # grants one client device may hold in force at once
+//! requests_per_second = 10         # connection requests a client may make, on average...
+//! request_burst = 100              # ...and at once (a token bucket; denials count too)
+//! flow_retention_days = 90         # flows older than this are deleted
 //! ```
 //! Relative paths are read against the configuration file's directory (the working directory
 //! for the defaults). Every problem is reported with what was wrong and where, before the
@@ -124,12 +128,35 @@ pub struct AccountConfig {
     pub policy: PathBuf,
     pub max_grant_lifetime_secs: u64,
     pub token_lifetime_secs: u64,
+    /// Grants one client may hold in force at once; a request past it is refused.
+    pub max_grants_per_client: usize,
+    /// Connection requests a client may make: this many a second on average, up to
+    /// `request_burst` at once. Requests past it are refused before anything is decided.
+    pub requests_per_second: u32,
+    pub request_burst: u32,
+    /// Flows are kept this long (by the time of their last occurrence), then deleted.
+    pub flow_retention_days: u32,
 }
 
 /// Grants live at most 8 hours unless an account says otherwise.
 pub const DEFAULT_MAX_GRANT_LIFETIME_SECS: u64 = 8 * 3600;
 /// Tokens expire after 7 days unless an account says otherwise.
 pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 7 * 24 * 3600;
+/// A client holds at most 256 grants at once unless an account says otherwise. A grant is
+/// one resource (for a DNS resource, one name) through one gateway, and a request for what a
+/// grant in force already covers gets that grant again; so 256 is a device using 256 distinct
+/// resources or names within one grant lifetime, far beyond what a person does, while it keeps
+/// what one client costs a gateway and the portal's memory small.
+pub const DEFAULT_MAX_GRANTS_PER_CLIENT: usize = 256;
+/// A client asks for a resource when it first uses it (its tunnel and DNS stub keep the grant
+/// for its life): a failover or a page full of names makes a burst of tens, and the steady
+/// rate is far below one a second. 100 at once and 10 a second on average let those through
+/// and keep a client that asks in a loop to 10 decisions (and at most 10 flow rows) a second.
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 10;
+pub const DEFAULT_REQUEST_BURST: u32 = 100;
+/// Flows are kept 90 days unless an account says otherwise: a quarter, long enough for most
+/// audits, and what the issue of the flow log filling the disk asked for.
+pub const DEFAULT_FLOW_RETENTION_DAYS: u32 = 90;
 /// Gateways heartbeat every 5 s unless configured otherwise.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 /// A gateway has 5 s to acknowledge a grant unless configured otherwise.
@@ -180,6 +207,10 @@ struct AccountFile {
     policy: PathBuf,
     max_grant_lifetime_secs: Option<u64>,
     token_lifetime_secs: Option<u64>,
+    max_grants_per_client: Option<usize>,
+    requests_per_second: Option<u32>,
+    request_burst: Option<u32>,
+    flow_retention_days: Option<u32>,
 }
 
 impl Config {
@@ -216,6 +247,10 @@ impl Config {
                 policy: PathBuf::from("policies"),
                 max_grant_lifetime_secs: DEFAULT_MAX_GRANT_LIFETIME_SECS,
                 token_lifetime_secs: DEFAULT_TOKEN_LIFETIME_SECS,
+                max_grants_per_client: DEFAULT_MAX_GRANTS_PER_CLIENT,
+                requests_per_second: DEFAULT_REQUESTS_PER_SECOND,
+                request_burst: DEFAULT_REQUEST_BURST,
+                flow_retention_days: DEFAULT_FLOW_RETENTION_DAYS,
             }],
         }
     }
@@ -305,6 +340,16 @@ impl Config {
                     token_lifetime_secs: a
                         .token_lifetime_secs
                         .unwrap_or(DEFAULT_TOKEN_LIFETIME_SECS),
+                    max_grants_per_client: a
+                        .max_grants_per_client
+                        .unwrap_or(DEFAULT_MAX_GRANTS_PER_CLIENT),
+                    requests_per_second: a
+                        .requests_per_second
+                        .unwrap_or(DEFAULT_REQUESTS_PER_SECOND),
+                    request_burst: a.request_burst.unwrap_or(DEFAULT_REQUEST_BURST),
+                    flow_retention_days: a
+                        .flow_retention_days
+                        .unwrap_or(DEFAULT_FLOW_RETENTION_DAYS),
                 })
                 .collect(),
         };
@@ -407,6 +452,16 @@ impl Config {
                     "account `{slug}`: lifetimes must be at least one second"
                 ));
             }
+            if account.max_grants_per_client == 0
+                || account.requests_per_second == 0
+                || account.request_burst == 0
+                || account.flow_retention_days == 0
+            {
+                return invalid(format!(
+                    "account `{slug}`: `max_grants_per_client`, `requests_per_second`, \
+                     `request_burst` and `flow_retention_days` must be at least 1"
+                ));
+            }
         }
         Ok(())
     }
@@ -438,6 +493,15 @@ mod tests {
         assert_eq!(
             account.max_grant_lifetime_secs,
             DEFAULT_MAX_GRANT_LIFETIME_SECS
+        );
+        assert_eq!(
+            (
+                account.max_grants_per_client,
+                account.requests_per_second,
+                account.request_burst,
+                account.flow_retention_days
+            ),
+            (256, 10, 100, 90)
         );
         assert_eq!(
             Config::defaults().validate().map_err(|e| e.to_string()),
@@ -520,6 +584,14 @@ mod tests {
             (
                 format!("max_connections = -1\n{account}"),
                 "max_connections",
+            ),
+            (
+                format!("{account}max_grants_per_client = 0\n"),
+                "account `acme`: `max_grants_per_client`, `requests_per_second`",
+            ),
+            (
+                format!("{account}flow_retention_days = 0\n"),
+                "must be at least 1",
             ),
         ];
         for (text, expected) in cases {

@@ -17,6 +17,7 @@ pub mod data_dir;
 pub mod geo;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod listener;
 pub mod policy;
 pub mod random;

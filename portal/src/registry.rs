@@ -1,18 +1,18 @@
-//! Who is connected right now and what they hold: gateways with their health, client
-//! sessions, the grants in force and the grants waiting for a gateway's acknowledgement.
+//! Who is connected right now and what they hold: gateways in service, client sessions, the grants in force and the grants waiting for a gateway's acknowledgement.
 //!
 //! Plain state, no IO and no clock: the broker (`broker`) drives it and does the talking. A
 //! connection is represented by a link `L` (a channel in the portal, anything in tests) and a
 //! connection number, so that a connection that was replaced (the same client connecting
 //! again) cannot remove its successor when it closes.
 //!
-//! **Invariant:** selection only ever returns a healthy gateway of the account and site asked
-//! for; accounts never see each other's gateways, sessions or grants.
+//! **Invariant:** selection only ever returns a gateway in service (connected, and so
+//! heartbeating: one that misses its heartbeats is closed and gone) of the account and site
+//! asked for; accounts never see each other's gateways, sessions or grants.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use fz_proto::{GatewayPeer, PresharedKey, SignedGrant, UnixTime};
+use fz_proto::{GatewayPeer, PresharedKey, Resolution, SignedGrant, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use crate::store::Write;
@@ -24,7 +24,6 @@ pub struct GatewayEntry<L> {
     pub site: String,
     pub token_id: String,
     pub peer: GatewayPeer,
-    pub healthy: bool,
     pub connection: u64,
     pub link: L,
 }
@@ -72,6 +71,10 @@ pub struct LiveGrant {
     /// The grant as signed, to tell whether a reloaded policy still describes the resource
     /// the same way.
     pub signed: Arc<SignedGrant>,
+    /// What the gateway said a DNS resource's name resolved to when it took the grant, to
+    /// tell a client the grant is handed out to again (`None` for other resources, and for
+    /// grants stored before the portal kept it).
+    pub resolved: Option<Resolution>,
 }
 
 #[derive(Debug)]
@@ -81,6 +84,11 @@ pub struct Registry<L> {
     grants: HashMap<String, Arc<LiveGrant>>,
     /// The grants by expiry, so that finding the expired ones does not visit the others.
     expiring: BTreeSet<(UnixTime, String)>,
+    /// The grants of each client (account, client id), so that counting them or finding one
+    /// to hand out again does not visit the others.
+    by_client: HashMap<(String, String), HashSet<String>>,
+    /// Grants being made for each client (account, client id): decided, not yet in force.
+    making: HashMap<(String, String), usize>,
     /// The preshared key of each client–gateway pair with grants in force or being made.
     /// INVARIANT: every grant in force between a pair carries the pair's key, so client and
     /// gateway keep one WireGuard peer (one key) for the pair however many resources it
@@ -109,6 +117,8 @@ impl<L> Default for Registry<L> {
             clients: HashMap::new(),
             grants: HashMap::new(),
             expiring: BTreeSet::new(),
+            by_client: HashMap::new(),
+            making: HashMap::new(),
             pairs: HashMap::new(),
             next_connection: 0,
         }
@@ -144,23 +154,12 @@ impl<L> Registry<L> {
         current
     }
 
-    /// Takes a gateway out of selection (it stays connected until it closes).
-    pub fn mark_unhealthy(&mut self, gateway_id: &str) -> bool {
-        match self.gateways.get_mut(gateway_id) {
-            Some(g) if g.healthy => {
-                g.healthy = false;
-                true
-            }
-            _ => false,
-        }
-    }
-
     pub fn gateway(&self, gateway_id: &str) -> Option<&GatewayEntry<L>> {
         self.gateways.get(gateway_id)
     }
 
-    /// A healthy gateway of the account's site, not in `exclude`: the one the client already
-    /// uses there if it is still healthy, else one picked by `pick` (given the number of
+    /// A gateway of the account's site, not in `exclude`: the one the client already uses
+    /// there if it is still connected, else one picked by `pick` (given the number of
     /// candidates, it returns an index; the portal picks at random).
     pub fn select_gateway(
         &self,
@@ -171,7 +170,7 @@ impl<L> Registry<L> {
         pick: impl FnOnce(usize) -> usize,
     ) -> Option<&GatewayEntry<L>> {
         let usable = |g: &&GatewayEntry<L>| {
-            g.healthy && g.account == account && g.site == site && !exclude.contains(&g.peer.id)
+            g.account == account && g.site == site && !exclude.contains(&g.peer.id)
         };
         let sticky = self
             .clients
@@ -260,6 +259,10 @@ impl<L> Registry<L> {
                 .insert(grant.site.clone(), grant.gateway_id.clone());
         }
         self.expiring.insert((grant.expires_at, grant.id.clone()));
+        self.by_client
+            .entry((grant.account.clone(), grant.client_id.clone()))
+            .or_default()
+            .insert(grant.id.clone());
         self.pairs
             .entry((grant.client_id.clone(), grant.gateway_id.clone()))
             .or_insert_with(|| Pair {
@@ -346,9 +349,64 @@ impl<L> Registry<L> {
             ids.iter().filter_map(|id| self.grants.remove(id)).collect();
         for grant in &withdrawn {
             self.expiring.remove(&(grant.expires_at, grant.id.clone()));
+            let client = (grant.account.clone(), grant.client_id.clone());
+            if let Some(ids) = self.by_client.get_mut(&client) {
+                ids.remove(&grant.id);
+                if ids.is_empty() {
+                    self.by_client.remove(&client);
+                }
+            }
             self.pair_released(grant);
         }
         withdrawn
+    }
+
+    /// How many grants a client of `account` holds in force or has being made.
+    pub fn grants_of_client(&self, account: &str, client_id: &str) -> usize {
+        let client = (account.to_owned(), client_id.to_owned());
+        let in_force = self.by_client.get(&client).map_or(0, HashSet::len);
+        in_force + self.making.get(&client).copied().unwrap_or(0)
+    }
+
+    /// A grant of the client that `select` picks, visiting the client's grants only.
+    pub fn grant_of_client(
+        &self,
+        account: &str,
+        client_id: &str,
+        mut select: impl FnMut(&LiveGrant) -> bool,
+    ) -> Option<Arc<LiveGrant>> {
+        let client = (account.to_owned(), client_id.to_owned());
+        self.by_client
+            .get(&client)?
+            .iter()
+            .filter_map(|id| self.grants.get(id))
+            .find(|g| select(g))
+            .cloned()
+    }
+
+    /// Counts a grant being made for the client, if it holds (in force and being made) fewer
+    /// than `limit`; false if it does not. The maker calls [`Registry::grant_made`] once the
+    /// grant is in force or has failed.
+    pub fn making_grant(&mut self, account: &str, client_id: &str, limit: usize) -> bool {
+        if self.grants_of_client(account, client_id) >= limit {
+            return false;
+        }
+        *self
+            .making
+            .entry((account.to_owned(), client_id.to_owned()))
+            .or_default() += 1;
+        true
+    }
+
+    /// Ends a count of [`Registry::making_grant`].
+    pub fn grant_made(&mut self, account: &str, client_id: &str) {
+        let client = (account.to_owned(), client_id.to_owned());
+        if let Some(n) = self.making.get_mut(&client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.making.remove(&client);
+            }
+        }
     }
 
     /// Ids of the grants `select` picks.
@@ -377,13 +435,7 @@ mod tests {
     use super::*;
     use fz_proto::PublicKey;
 
-    fn gateway(
-        id: &str,
-        account: &str,
-        site: &str,
-        healthy: bool,
-        connection: u64,
-    ) -> GatewayEntry<&'static str> {
+    fn gateway(id: &str, account: &str, site: &str, connection: u64) -> GatewayEntry<&'static str> {
         GatewayEntry {
             account: account.into(),
             site: site.into(),
@@ -393,7 +445,6 @@ mod tests {
                 public_key: PublicKey([0; 32]),
                 endpoints: Vec::new(),
             },
-            healthy,
             connection,
             link: "gw",
         }
@@ -434,12 +485,13 @@ mod tests {
     }
 
     #[test]
-    fn selection_takes_only_healthy_gateways_of_the_account_and_site() {
+    fn selection_takes_only_connected_gateways_of_the_account_and_site() {
         let mut r = Registry::default();
-        r.gateway_connected(gateway("gw-a", "acme", "hq", true, 1));
-        r.gateway_connected(gateway("gw-b", "acme", "hq", false, 2));
-        r.gateway_connected(gateway("gw-c", "acme", "lab", true, 3));
-        r.gateway_connected(gateway("gw-d", "globex", "hq", true, 4));
+        r.gateway_connected(gateway("gw-a", "acme", "hq", 1));
+        r.gateway_connected(gateway("gw-b", "acme", "hq", 2));
+        r.gateway_connected(gateway("gw-c", "acme", "lab", 3));
+        r.gateway_connected(gateway("gw-d", "globex", "hq", 4));
+        assert!(r.gateway_gone("gw-b", 2));
         for index in 0..4 {
             assert_eq!(
                 select(&r, "acme", "hq", "c", &[], index).as_deref(),
@@ -448,16 +500,19 @@ mod tests {
         }
         assert_eq!(select(&r, "acme", "hq", "c", &["gw-a"], 0), None);
         assert_eq!(select(&r, "globex", "lab", "c", &[], 0), None);
-        assert!(r.mark_unhealthy("gw-a"));
-        assert!(!r.mark_unhealthy("gw-a"), "already unhealthy");
+        assert!(
+            !r.gateway_gone("gw-a", 9),
+            "an older connection removes nothing"
+        );
+        assert!(r.gateway_gone("gw-a", 1));
         assert_eq!(select(&r, "acme", "hq", "c", &[], 0), None);
     }
 
     #[test]
-    fn a_client_keeps_its_gateway_while_it_is_healthy() {
+    fn a_client_keeps_its_gateway_while_it_is_connected() {
         let mut r = Registry::default();
         for (i, id) in ["gw-1", "gw-2", "gw-3"].iter().enumerate() {
-            r.gateway_connected(gateway(id, "acme", "hq", true, i as u64));
+            r.gateway_connected(gateway(id, "acme", "hq", i as u64));
         }
         assert_eq!(
             select(&r, "acme", "hq", "c", &[], 2).as_deref(),
@@ -479,7 +534,7 @@ mod tests {
             select(&r, "acme", "hq", "c", &["gw-2"], 0).as_deref(),
             Some("gw-1")
         );
-        r.mark_unhealthy("gw-2");
+        r.gateway_gone("gw-2", 1);
         assert_eq!(
             select(&r, "acme", "hq", "c", &[], 2).as_deref(),
             Some("gw-3")
@@ -502,6 +557,7 @@ mod tests {
                 expires_at,
                 session: session("acme", "c"),
                 signed: Arc::new(signed(id, expires_at)),
+                resolved: None,
             });
         }
         assert!(r.expired(9).is_empty());
@@ -517,6 +573,45 @@ mod tests {
         assert!(r.pair_key("c", "gw").is_some());
         r.withdraw(&["g-30".to_owned()]);
         assert_eq!(r.pair_key("c", "gw"), None);
+    }
+
+    #[test]
+    fn a_client_s_grants_are_counted_with_those_being_made() {
+        let mut r: Registry<&'static str> = Registry::default();
+        assert!(r.making_grant("acme", "c", 2));
+        assert!(r.making_grant("acme", "c", 2));
+        assert!(
+            !r.making_grant("acme", "c", 2),
+            "two in the making fill a limit of two"
+        );
+        // Another account's client of the same id counts apart.
+        assert!(r.making_grant("globex", "c", 2));
+        r.grant_added(LiveGrant {
+            id: "g-1".into(),
+            account: "acme".into(),
+            client_id: "c".into(),
+            gateway_id: "gw".into(),
+            resource_id: "db".into(),
+            site: "hq".into(),
+            expires_at: 100,
+            session: session("acme", "c"),
+            signed: Arc::new(signed("g-1", 100)),
+            resolved: None,
+        });
+        r.grant_made("acme", "c");
+        r.grant_made("acme", "c");
+        assert_eq!(r.grants_of_client("acme", "c"), 1);
+        assert!(
+            r.grant_of_client("acme", "c", |g| g.resource_id == "db")
+                .is_some()
+        );
+        assert!(r.grant_of_client("globex", "c", |_| true).is_none());
+        assert!(r.making_grant("acme", "c", 2));
+        assert!(!r.making_grant("acme", "c", 2));
+        r.grant_made("acme", "c");
+        r.withdraw(&["g-1".to_owned()]);
+        assert_eq!(r.grants_of_client("acme", "c"), 0);
+        assert!(r.grant_of_client("acme", "c", |_| true).is_none());
     }
 
     #[test]
@@ -543,6 +638,7 @@ mod tests {
             expires_at: 100,
             session: session("acme", "c"),
             signed: Arc::new(live),
+            resolved: None,
         });
         r.release_reservation("c", "gw");
         assert_eq!(r.pair_key("c", "gw"), Some(first));
@@ -583,12 +679,9 @@ mod tests {
     #[test]
     fn a_replaced_connection_does_not_remove_its_successor() {
         let mut r: Registry<&'static str> = Registry::default();
+        assert_eq!(r.gateway_connected(gateway("gw", "acme", "hq", 1)), None);
         assert_eq!(
-            r.gateway_connected(gateway("gw", "acme", "hq", true, 1)),
-            None
-        );
-        assert_eq!(
-            r.gateway_connected(gateway("gw", "acme", "hq", true, 2)),
+            r.gateway_connected(gateway("gw", "acme", "hq", 2)),
             Some("gw")
         );
         assert!(!r.gateway_gone("gw", 1));

@@ -5,8 +5,9 @@
 //! restart), the signing key, each account's policy engine with its file watcher, the
 //! group-committing writer, the broker with the grants the store holds, a task per account
 //! that decides every grant again when its policy changes, the sweeper (expired grants,
-//! revoked tokens, closed time windows, once a second), reloads on SIGHUP, and the listener
-//! (HTTP, or HTTPS when configured) with its connection caps sized from the open files limit.
+//! revoked tokens, closed time windows, once a second; the store's checkpoint and flows past
+//! their retention, each minute), reloads on SIGHUP, and the listener (HTTP, or HTTPS when
+//! configured) with its connection caps sized from the open files limit.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -234,7 +235,9 @@ async fn reload_on_hangup(broker: Arc<Broker>, mut hangups: tokio::signal::unix:
 /// everything of tokens an admin revoked. Every grant is decided again when the clock enters a
 /// new minute (time windows open and close on minutes, so a deny window that opens ends the
 /// grants it covers), and a device's grants when its verified mark changes. Each new minute
-/// the store's log is checkpointed too, so deleted grants leave the files within a minute.
+/// the store's log is checkpointed too, so deleted grants leave the files within a minute; and
+/// the flows past their account's retention are deleted, in bounded batches, going on at the
+/// next ticks while a backlog remains.
 async fn sweep(broker: Arc<Broker>, store: Store) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -247,8 +250,10 @@ async fn sweep(broker: Arc<Broker>, store: Store) {
     // tokens not acted on already.
     let mut since = i64::MIN;
     let mut handled: HashSet<String> = HashSet::new();
+    let mut prune = false;
     loop {
         ticks.tick().await;
+        broker.forget_idle();
         let now = chrono::Utc::now().timestamp();
         match store.tokens_revoked_since(since).await {
             Ok(revoked) => {
@@ -273,6 +278,10 @@ async fn sweep(broker: Arc<Broker>, store: Store) {
                 Ok(false) => tracing::debug!("store checkpoint put off: a reader was in the way"),
                 Err(error) => tracing::warn!(error = %error, "store checkpoint failed"),
             }
+            prune = true;
+        }
+        if prune {
+            prune = broker.prune_flows().await.1;
         }
         match store.verified_changes_since(verified_seen).await {
             Ok((changed, latest)) => {

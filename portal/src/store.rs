@@ -19,8 +19,9 @@
 //!
 //! Entry types: [`Store`] (open it with [`Store::open`]) and [`StoreError`]; the records it
 //! stores and returns are [`TokenRecord`], [`ClientRecord`], [`GatewayRecord`],
-//! [`GrantRecord`] and [`FlowRecord`] (written as a [`NewFlow`], queried with a
-//! [`FlowFilter`]).
+//! [`GrantRecord`] and [`FlowRecord`] (written as a [`NewFlow`], counted again with
+//! [`Write::DenialRepeated`] and [`Write::GrantReused`], queried with a [`FlowFilter`], deleted
+//! by age with [`Store::prune_flows`]).
 //!
 //! **Architecture Invariant:** accounts are isolated. Every row belongs to an account, every
 //! method takes the account slug and filters by it, and every reference between rows carries
@@ -82,7 +83,7 @@ pub fn tunnel_addresses(index: u32) -> (Ipv4Addr, Ipv6Addr) {
     (v4, v6)
 }
 
-/// Rows per multi-row statement in [`Store::apply`]: 10 columns each stays far below SQLite's
+/// Rows per multi-row statement in [`Store::apply`]: 12 columns each stays far below SQLite's
 /// limit of 32,766 bound parameters.
 pub const ROWS_PER_STATEMENT: usize = 500;
 
@@ -269,6 +270,21 @@ pub enum Write {
         grant_id: String,
     },
     Flow(NewFlow),
+    /// A grant handed out again: one more occurrence of the allow flow that made it (the row
+    /// of `account` at the grant's `issued_at` naming `grant_id`), the last at `at`.
+    GrantReused {
+        account: String,
+        grant_id: String,
+        issued_at: i64,
+        at: i64,
+    },
+    /// A denial identical to one recorded before: one more occurrence of `flow`'s row (the
+    /// row `flow` was written as: same account, time, client, resource, name, decision and
+    /// reason), the last at `at`.
+    DenialRepeated {
+        flow: NewFlow,
+        at: i64,
+    },
     /// As [`Store::set_gateway_connected`].
     GatewaySeen {
         account: String,
@@ -313,7 +329,7 @@ pub enum Decision {
 }
 
 /// A flow to record: one decision on one connection request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct NewFlow {
     pub account: String,
     pub time: i64,
@@ -328,6 +344,8 @@ pub struct NewFlow {
     pub rule_id: Option<String>,
     pub bundle_hash: String,
     pub reason: String,
+    /// The grant an allow made.
+    pub grant_id: Option<String>,
 }
 
 /// A recorded flow.
@@ -346,6 +364,12 @@ pub struct FlowRecord {
     pub rule_id: Option<String>,
     pub bundle_hash: String,
     pub reason: String,
+    /// How many times it happened, from `time` to `last_time`: identical denials close
+    /// together, and a grant handed out again, count on one row.
+    pub count: i64,
+    pub last_time: i64,
+    /// The grant an allow made.
+    pub grant_id: Option<String>,
 }
 
 /// Which flows [`Store::flows`] returns: those of `account` that match every filter given.
@@ -356,7 +380,7 @@ pub struct FlowFilter {
     pub user: Option<String>,
     pub resource: Option<String>,
     pub decision: Option<Decision>,
-    /// Only flows at or after this time.
+    /// Only flows that happened at or after this time (whose last occurrence did).
     pub since: Option<i64>,
     /// At most this many (the newest); all when `None`.
     pub limit: Option<u32>,
@@ -992,12 +1016,22 @@ impl Store {
         let mut grants = Vec::new();
         let mut deletions = Vec::new();
         let mut flows = Vec::new();
+        // One more occurrence of a row, many times over in a busy batch: counted per row.
+        let mut again: std::collections::HashMap<Again<'_>, (i64, i64)> =
+            std::collections::HashMap::new();
         let mut seen = Vec::new();
         for write in writes {
             match write {
                 Write::InsertGrant(grant) => grants.push(grant),
                 Write::DeleteGrant { account, grant_id } => deletions.push((account, grant_id)),
                 Write::Flow(flow) => flows.push(flow),
+                Write::GrantReused {
+                    account,
+                    grant_id,
+                    issued_at,
+                    at,
+                } => count(&mut again, Again::Grant(account, grant_id, *issued_at), *at),
+                Write::DenialRepeated { flow, at } => count(&mut again, Again::Denial(flow), *at),
                 Write::GatewaySeen {
                     account,
                     gateway_id,
@@ -1025,7 +1059,8 @@ impl Store {
         for chunk in flows.chunks(ROWS_PER_STATEMENT) {
             let mut insert = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO flows (account, time, user_email, client_id, resource_id, name,
-                                    decision, rule_id, bundle_hash, reason) ",
+                                    decision, rule_id, bundle_hash, reason, last_time,
+                                    grant_id) ",
             );
             insert.push_values(chunk, |mut row, flow| {
                 row.push_bind(&flow.account)
@@ -1037,7 +1072,9 @@ impl Store {
                     .push_bind(flow.decision)
                     .push_bind(flow.rule_id.as_deref())
                     .push_bind(&flow.bundle_hash)
-                    .push_bind(&flow.reason);
+                    .push_bind(&flow.reason)
+                    .push_bind(flow.time)
+                    .push_bind(flow.grant_id.as_deref());
             });
             insert.build().execute(&mut *tx).await.map_err(|e| {
                 on_constraint(e, |kind| match kind {
@@ -1046,11 +1083,37 @@ impl Store {
                 })
             })?;
         }
+        for (row, (n, at)) in again {
+            count_again(&mut tx, row, n, at).await?;
+        }
         for (account, gateway_id, connected, at) in seen {
             set_gateway_connected(&mut tx, account, gateway_id, connected, at).await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Deletes up to `limit` flows of `account` that last happened before `before` (the
+    /// oldest first), and returns how many. The caller deletes in such batches until fewer
+    /// come back, so that no one transaction holds the store for long.
+    pub async fn prune_flows(
+        &self,
+        account: &str,
+        before: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM flows WHERE id IN (
+                 SELECT id FROM flows
+                 WHERE account = ?1 AND time < ?2 AND last_time < ?2
+                 ORDER BY time, id LIMIT ?3)",
+        )
+        .bind(account)
+        .bind(before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Deletes a grant of `account`; false if there was none (it may have expired and been
@@ -1138,13 +1201,13 @@ impl Store {
         let limit = filter.limit.map_or(-1, i64::from);
         Ok(sqlx::query_as(
             "SELECT id, account, time, user_email, client_id, resource_id, name, decision,
-                    rule_id, bundle_hash, reason
+                    rule_id, bundle_hash, reason, count, last_time, grant_id
              FROM flows
              WHERE account = ?1
                AND (?2 IS NULL OR user_email = ?2)
                AND (?3 IS NULL OR resource_id = ?3)
                AND (?4 IS NULL OR decision = ?4)
-               AND (?5 IS NULL OR time >= ?5)
+               AND (?5 IS NULL OR last_time >= ?5)
              ORDER BY time DESC, id DESC
              LIMIT ?6",
         )
@@ -1442,10 +1505,10 @@ async fn insert_flow(
 ) -> Result<FlowRecord, StoreError> {
     sqlx::query_as(
         "INSERT INTO flows (account, time, user_email, client_id, resource_id, name, decision,
-                            rule_id, bundle_hash, reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                            rule_id, bundle_hash, reason, last_time, grant_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?2, ?11)
          RETURNING id, account, time, user_email, client_id, resource_id, name, decision,
-                   rule_id, bundle_hash, reason",
+                   rule_id, bundle_hash, reason, count, last_time, grant_id",
     )
     .bind(&flow.account)
     .bind(flow.time)
@@ -1457,6 +1520,7 @@ async fn insert_flow(
     .bind(flow.rule_id.as_deref())
     .bind(&flow.bundle_hash)
     .bind(&flow.reason)
+    .bind(flow.grant_id.as_deref())
     .fetch_one(conn)
     .await
     .map_err(|e| {
@@ -1465,6 +1529,77 @@ async fn insert_flow(
             _ => None,
         })
     })
+}
+
+/// A row that happened again (see [`Write::GrantReused`], [`Write::DenialRepeated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Again<'a> {
+    /// Account, grant id, the grant's issue time.
+    Grant(&'a str, &'a str, i64),
+    Denial(&'a NewFlow),
+}
+
+/// Notes one more occurrence of `row` at `at` among those of a batch.
+fn count<'a>(
+    again: &mut std::collections::HashMap<Again<'a>, (i64, i64)>,
+    row: Again<'a>,
+    at: i64,
+) {
+    let (n, last) = again.entry(row).or_insert((0, at));
+    *n += 1;
+    *last = (*last).max(at);
+}
+
+/// Adds `n` occurrences to a row, the last at `at`. The row is found through
+/// `flows_by_account_time` (account and time first); should two rows match (a denial counted
+/// in memory by a portal that restarted within the same second), the newer one counts. A row
+/// that is not there (it was pruned, or its insert failed) is left so: occurrences are counted,
+/// never made up into rows.
+async fn count_again(
+    conn: &mut sqlx::SqliteConnection,
+    row: Again<'_>,
+    n: i64,
+    at: i64,
+) -> Result<(), StoreError> {
+    match row {
+        Again::Grant(account, grant_id, issued_at) => {
+            sqlx::query(
+                "UPDATE flows SET count = count + ?4, last_time = max(last_time, ?5)
+                 WHERE id = (SELECT max(id) FROM flows
+                             WHERE account = ?1 AND time = ?2 AND grant_id = ?3)",
+            )
+            .bind(account)
+            .bind(issued_at)
+            .bind(grant_id)
+            .bind(n)
+            .bind(at)
+            .execute(conn)
+            .await?;
+        }
+        Again::Denial(flow) => {
+            sqlx::query(
+                "UPDATE flows SET count = count + ?9, last_time = max(last_time, ?10)
+                 WHERE id = (SELECT max(id) FROM flows
+                             WHERE account = ?1 AND time = ?2 AND client_id = ?3
+                               AND resource_id = ?4 AND name IS ?5 AND decision = 'deny'
+                               AND reason = ?6 AND rule_id IS ?7 AND bundle_hash = ?8
+                               AND grant_id IS NULL)",
+            )
+            .bind(&flow.account)
+            .bind(flow.time)
+            .bind(&flow.client_id)
+            .bind(&flow.resource_id)
+            .bind(flow.name.as_deref())
+            .bind(&flow.reason)
+            .bind(flow.rule_id.as_deref())
+            .bind(&flow.bundle_hash)
+            .bind(n)
+            .bind(at)
+            .execute(conn)
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Turns a constraint violation into the error `map` gives for its kind; anything else (and

@@ -37,16 +37,24 @@ impl Writer {
         Writer { queue }
     }
 
-    /// Writes these together (all or none), and returns once they are committed.
-    pub async fn submit(&self, writes: Vec<Write>) -> Result<(), WriteError> {
+    /// Writes these together (all or none); the future is ready once they are committed.
+    ///
+    /// The writes join the queue when this is called, not when the future is first polled:
+    /// writes submitted one after the other are committed in that order, which is what lets
+    /// the broker count a denial on the row of an identical one submitted just before.
+    pub fn submit(
+        &self,
+        writes: Vec<Write>,
+    ) -> impl Future<Output = Result<(), WriteError>> + Send + use<> {
         let (done, answer) = oneshot::channel();
-        self.queue
-            .send((writes, done))
-            .map_err(|_| WriteError::Closed)?;
-        answer
-            .await
-            .map_err(|_| WriteError::Closed)?
-            .map_err(WriteError::Store)
+        let queued = self.queue.send((writes, done));
+        async move {
+            queued.map_err(|_| WriteError::Closed)?;
+            answer
+                .await
+                .map_err(|_| WriteError::Closed)?
+                .map_err(WriteError::Store)
+        }
     }
 }
 

@@ -139,7 +139,8 @@ async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_r
         PortalToGateway::Grant { grant } => assert_eq!(*grant, signed),
         other => panic!("expected the grant at the gateway, got {other:?}"),
     }
-    // The gateway's answer about the name reaches the client with the grant.
+    // The same request again gets the grant in force again, with the gateway's answer about
+    // the name.
     let again = match alice.request("gitlab", gitlab_name()).await {
         PortalToClient::Granted { grant, resolved } => {
             assert_eq!(resolved, Some(RESOLVED));
@@ -147,6 +148,13 @@ async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_r
         }
         other => panic!("expected a grant, got {other:?}"),
     };
+    assert_eq!(*again, signed);
+    // Another name of the resource is another grant.
+    let mut other_name = gitlab_name();
+    if let Some(dns) = &mut other_name {
+        dns.mapped.truncate(1);
+    }
+    let again = alice.grant("gitlab", other_name).await;
     assert_ne!(again.grant.id, signed.grant.id);
     // One preshared key per client–gateway pair while grants between them are in force, so
     // that both keep one WireGuard peer for the pair; another device gets its own.
@@ -169,7 +177,7 @@ async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_r
     assert_eq!(rejection(&unknown), "no such resource");
 
     let log = portal.store().flows(&flows("acme")).await.unwrap();
-    let summary: Vec<(Decision, &str, &str, Option<&str>)> = log
+    let summary: Vec<(Decision, &str, &str, Option<&str>, i64)> = log
         .iter()
         .rev()
         .map(|f| {
@@ -178,20 +186,23 @@ async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_r
                 f.user.as_str(),
                 f.resource_id.as_str(),
                 f.rule_id.as_deref(),
+                f.count,
             )
         })
         .collect();
+    // The grant handed out again counts on the row that made it.
     assert_eq!(
         summary,
         [
-            (Decision::Allow, ALICE, "gitlab", Some("eng-tools")),
-            (Decision::Allow, ALICE, "gitlab", Some("eng-tools")),
-            (Decision::Allow, ALICE, "db", Some("eng-tools")),
-            (Decision::Allow, ALICE, "gitlab", Some("eng-tools")),
-            (Decision::Deny, BOB, "gitlab", None),
-            (Decision::Deny, ALICE, "payroll", None),
+            (Decision::Allow, ALICE, "gitlab", Some("eng-tools"), 2),
+            (Decision::Allow, ALICE, "gitlab", Some("eng-tools"), 1),
+            (Decision::Allow, ALICE, "db", Some("eng-tools"), 1),
+            (Decision::Allow, ALICE, "gitlab", Some("eng-tools"), 1),
+            (Decision::Deny, BOB, "gitlab", None, 1),
+            (Decision::Deny, ALICE, "payroll", None, 1),
         ]
     );
+    assert_eq!(log[5].grant_id.as_deref(), Some(signed.grant.id.as_str()));
     assert!(log.iter().all(|f| f.bundle_hash == grant.bundle_hash));
     assert_eq!(log[1].reason, "no allow rule applies");
     assert_eq!(log[1].client_id, bob.ready.client_id);
@@ -328,20 +339,14 @@ async fn a_policy_change_withdraws_grants_it_no_longer_allows_and_a_bad_one_chan
     let hash = engine.current().bundle_hash.clone();
     let mut status = engine.reload_status();
 
-    // A tree that does not compile: the last good table stays, and so do the grants.
+    // A tree that does not compile: the last good table stays, and so do the grants (the
+    // same request gets the same grant).
     portal.write_policy("acme", &format!("{POLICY}\nallow nobody -> gitlab\n"));
     status.changed().await.unwrap();
     let failed = status.borrow().clone();
     assert!(failed.last_error.is_some(), "{failed:?}");
     assert_eq!(engine.current().bundle_hash, hash);
-    assert_eq!(
-        alice.grant("gitlab", gitlab_name()).await.grant.bundle_hash,
-        hash
-    );
-    assert!(matches!(
-        next_seen(&mut seen).await,
-        PortalToGateway::Grant { .. }
-    ));
+    assert_eq!(alice.grant("gitlab", gitlab_name()).await, gitlab);
 
     // A good tree without the jenkins rule: its grant is withdrawn at gateway and client;
     // gitlab's grants stay.

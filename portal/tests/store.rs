@@ -167,6 +167,7 @@ fn flow(
         rule_id: allow.then(|| "rule".to_owned()),
         bundle_hash: "b1".to_owned(),
         reason: reason.to_owned(),
+        grant_id: None,
     }
 }
 

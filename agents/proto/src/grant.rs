@@ -94,13 +94,19 @@ impl DnsMapping {
     /// A name gets at most 4 IPv4 and 4 IPv6 mapped addresses.
     pub const MAX_MAPPED: usize = 8;
 
-    /// Whether the mapping is one a client's DNS stub could have made: a non-empty name, at
-    /// most [`Self::MAX_MAPPED`] distinct addresses, each inside the mapped ranges.
+    /// The longest DNS name, without its trailing dot (RFC 1035: 255 octets on the wire).
+    pub const MAX_NAME: usize = 253;
+
+    /// Whether the mapping is one a client's DNS stub could have made: a name of 1 to
+    /// [`Self::MAX_NAME`] characters (a trailing dot aside), at most [`Self::MAX_MAPPED`]
+    /// distinct addresses, each inside the mapped ranges.
     pub fn is_well_formed(&self) -> bool {
         let mut seen = self.mapped.clone();
         seen.sort();
         seen.dedup();
-        !self.name.is_empty()
+        let name = self.name.strip_suffix('.').unwrap_or(&self.name);
+        !name.is_empty()
+            && name.len() <= Self::MAX_NAME
             && !self.mapped.is_empty()
             && self.mapped.len() <= Self::MAX_MAPPED
             && seen.len() == self.mapped.len()
@@ -395,6 +401,16 @@ mod tests {
         ] {
             assert!(!mapping(bad).is_well_formed(), "{bad:?}");
         }
+        // A name is as long as DNS allows, and no longer.
+        let named = |name: String| DnsMapping {
+            name,
+            mapped: vec!["100.96.0.1".parse().unwrap()],
+        };
+        let longest = format!("{}.example", "a".repeat(DnsMapping::MAX_NAME - 8));
+        assert!(named(longest.clone()).is_well_formed());
+        assert!(named(format!("{longest}.")).is_well_formed());
+        assert!(!named(format!("a{longest}")).is_well_formed());
+        assert!(!named(".".to_owned()).is_well_formed());
     }
 
     #[test]

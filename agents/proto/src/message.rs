@@ -12,8 +12,13 @@ use serde::{Deserialize, Serialize};
 use crate::grant::{DnsMapping, SignedGrant};
 use crate::key::PublicKey;
 
-/// The protocol version this build speaks. Peers refuse messages of a newer version.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. Peers refuse messages of a newer version, so the
+/// portal and its agents are upgraded together: an agent of an older version refuses the
+/// portal's messages (it gets no `ready`, so no grants: it fails closed) rather than miss
+/// some of them.
+///
+/// Version 2 added [`PortalToGateway::RevokeMany`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// How long the portal waits for a gateway's answer to a grant (`ack` or `refused`) unless
 /// its configuration says otherwise. A gateway answers well inside it, also when a DNS
@@ -145,9 +150,23 @@ pub enum PortalToGateway {
     Revoke {
         grant_id: String,
     },
+    /// Several grants revoked at once (a policy change, a token revoked, a mass expiry), in
+    /// one message instead of one each, so that a mass withdrawal costs a gateway's link a few
+    /// messages. The portal sends at most [`PortalToGateway::MAX_REVOKED`] ids in one; the
+    /// size limit of every message bounds what a gateway decodes.
+    RevokeMany {
+        grant_ids: Vec<String>,
+    },
     Error {
         message: String,
     },
+}
+
+impl PortalToGateway {
+    /// The most grant ids the portal puts in one [`PortalToGateway::RevokeMany`]. A grant id
+    /// is 27 characters (`gr_` and 24 hex digits), so 2,048 of them make about 60 KiB, a
+    /// quarter of [`MAX_MESSAGE_BYTES`].
+    pub const MAX_REVOKED: usize = 2048;
 }
 
 /// Why bytes are not a message.
@@ -244,7 +263,7 @@ mod tests {
         ];
         for message in messages {
             let text = encode(&message);
-            assert!(text.starts_with("{\"v\":1,\"type\":"), "{text}");
+            assert!(text.starts_with("{\"v\":2,\"type\":"), "{text}");
             assert_eq!(decode::<ClientMessage>(text.as_bytes()), Ok(message));
         }
         let gateway = [
@@ -274,6 +293,42 @@ mod tests {
     }
 
     #[test]
+    fn revocations_come_one_or_many_and_older_versions_still_read() {
+        let messages = [
+            PortalToGateway::Revoke {
+                grant_id: "gr_1".into(),
+            },
+            PortalToGateway::RevokeMany {
+                grant_ids: vec!["gr_1".into(), "gr_2".into()],
+            },
+        ];
+        for message in messages {
+            assert_eq!(
+                decode::<PortalToGateway>(encode(&message).as_bytes()),
+                Ok(message)
+            );
+        }
+        assert_eq!(
+            encode(&PortalToGateway::RevokeMany {
+                grant_ids: vec!["gr_1".into()]
+            }),
+            r#"{"v":2,"type":"revoke_many","grant_ids":["gr_1"]}"#
+        );
+        // A message of version 1 means what it meant.
+        assert_eq!(
+            decode::<PortalToGateway>(br#"{"v":1,"type":"revoke","grant_id":"gr_1"}"#),
+            Ok(PortalToGateway::Revoke {
+                grant_id: "gr_1".into()
+            })
+        );
+        // The largest batch the portal sends fits a message with room to spare.
+        let batch = PortalToGateway::RevokeMany {
+            grant_ids: vec![format!("gr_{}", "0".repeat(24)); PortalToGateway::MAX_REVOKED],
+        };
+        assert!(encode(&batch).len() < MAX_MESSAGE_BYTES / 3);
+    }
+
+    #[test]
     fn bad_messages_get_clear_errors() {
         let oversized = format!(
             r#"{{"v":1,"type":"request_access","resource":"{}"}}"#,
@@ -285,8 +340,8 @@ mod tests {
                 "the message is 262189 bytes; the limit is 262144",
             ),
             (
-                r#"{"v":2,"type":"request_access","resource":"x"}"#,
-                "the message is protocol version 2; this build speaks version 1",
+                r#"{"v":3,"type":"request_access","resource":"x"}"#,
+                "the message is protocol version 3; this build speaks version 2",
             ),
             (
                 r#"{"type":"request_access","resource":"x"}"#,

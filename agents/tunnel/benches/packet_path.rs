@@ -7,6 +7,8 @@
 //!   comes out (decrypt, filter, NAT); `gateway_handle_tun`: the resource's reply goes in, a
 //!   sealed datagram comes out (reverse NAT, filter, encrypt). The client holds a DNS grant
 //!   (tcp/443, mapped 100.96.0.1, real 172.16.0.5), so both the filter and the NAT run.
+//!   `…_5000_grants`: the same, the client holding 4,999 more grants (IP grants for other
+//!   hosts, installed before the DNS grant): what a packet costs must not grow with them.
 //! - `boringtun_decapsulate` / `boringtun_encapsulate`: a bare `Tunn` pair doing the same, no
 //!   filter and no NAT.
 //! - `filter_check_bytes`, `filter_check_reply` (parse and check), `nat_outbound`,
@@ -56,6 +58,8 @@ const CHUNK: usize = 256;
 /// Rounds of the summary: short and many, so that the median round is one no other work on
 /// the machine got into.
 const ROUNDS: usize = 61;
+/// Grants the busy client holds in the `…_5000_grants` cases.
+const MANY_GRANTS: usize = 5000;
 /// The IPv4 and TCP headers: all the NAT reads and writes.
 const HEADERS: usize = 40;
 const TAG: usize = 16;
@@ -101,6 +105,14 @@ fn cases() -> Vec<Case> {
     vec![
         case("gateway_handle_network", Box::new(FromClient::new())),
         case("gateway_handle_tun", Box::new(ToClient::new())),
+        case(
+            "gateway_handle_network_5000_grants",
+            Box::new(FromClient::holding(MANY_GRANTS - 1)),
+        ),
+        case(
+            "gateway_handle_tun_5000_grants",
+            Box::new(ToClient::holding(MANY_GRANTS - 1)),
+        ),
         case("boringtun_decapsulate", Box::new(BareDecapsulate::new())),
         case("boringtun_encapsulate", Box::new(BareEncapsulate::new())),
         case("filter_check_bytes", Box::new(FilterOut::new())),
@@ -220,6 +232,14 @@ fn summary(cases: &mut [Case]) {
         &|of| ns("gateway_handle_tun", of) / ns("boringtun_encapsulate", of) - 1.0,
     );
     ratio(
+        "handle_network, client with 5,000 grants / with 1 (goal: 100%)",
+        &|of| ns("gateway_handle_network_5000_grants", of) / ns("gateway_handle_network", of),
+    );
+    ratio(
+        "handle_tun, client with 5,000 grants / with 1 (goal: 100%)",
+        &|of| ns("gateway_handle_tun_5000_grants", of) / ns("gateway_handle_tun", of),
+    );
+    ratio(
         "handle_network throughput / chacha20poly1305 open (RustCrypto)",
         &|of| ns("chacha20poly1305_open", of) / ns("gateway_handle_network", of),
     );
@@ -321,7 +341,11 @@ struct FromClient {
 
 impl FromClient {
     fn new() -> FromClient {
-        let setup = setup::gateway_with_client(FROM);
+        FromClient::holding(0)
+    }
+
+    fn holding(others: usize) -> FromClient {
+        let setup = setup::gateway_with_client_holding(FROM, others);
         FromClient {
             gateway: setup.gateway,
             sealed: Sealed::new(setup.client),
@@ -363,7 +387,11 @@ struct ToClient {
 
 impl ToClient {
     fn new() -> ToClient {
-        let setup = setup::gateway_with_client(FROM);
+        ToClient::holding(0)
+    }
+
+    fn holding(others: usize) -> ToClient {
+        let setup = setup::gateway_with_client_holding(FROM, others);
         ToClient {
             gateway: setup.gateway,
             packets: Copies::new(setup::from_resource()),

@@ -151,6 +151,16 @@ impl Destinations {
     }
 }
 
+/// Where a grant lets packets go, before its carve-outs: what the gateway files a client's
+/// grants under, so that a packet is checked only against the grants that may pass it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opens<'a> {
+    /// `internet`: public addresses.
+    Internet,
+    /// These networks (a DNS resource's mapped addresses as host networks).
+    Networks(&'a [Network]),
+}
+
 /// What one grant allows, ready to check packets against.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrantFilter {
@@ -207,6 +217,15 @@ impl GrantFilter {
             destinations,
             ports,
         })
+    }
+
+    /// Where the filter lets packets go, before carve-outs: every packet it passes (and
+    /// every reply it lets back) has its destination (source) inside one of these.
+    pub fn opens(&self) -> Opens<'_> {
+        match &self.destinations {
+            Destinations::Internet { .. } => Opens::Internet,
+            Destinations::Networks { networks, .. } => Opens::Networks(networks),
+        }
     }
 
     /// Whether the packet may go on, or why not.

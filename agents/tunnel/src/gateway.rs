@@ -23,7 +23,7 @@
 //! installed only after it verifies against the pinned portal key, and it is gone (filter,
 //! NAT entries, and the peer with its last grant) the moment it is revoked or expires.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,7 @@ use fz_proto::{
 };
 
 use crate::filter::{Drop, GrantFilter};
+use crate::grants::{ClientGrants, Pass};
 use crate::nat::{Millis, Nat, NatError};
 use crate::packet::Packet;
 pub use crate::peer::Transmit;
@@ -151,17 +152,6 @@ pub struct Config {
     pub seed: u32,
 }
 
-/// A grant's filter as a peer checks packets against it.
-#[derive(Debug)]
-struct PeerGrant {
-    id: String,
-    filter: GrantFilter,
-    /// A DNS resource's name and mapped addresses, which the NAT translates to what the
-    /// name resolved to; empty for others.
-    name: Option<String>,
-    mapped: Vec<IpAddr>,
-}
-
 /// A client's WireGuard peer and what its grants allow.
 #[derive(Debug)]
 struct ClientPeer {
@@ -172,7 +162,9 @@ struct ClientPeer {
     key: PublicKey,
     preshared_key: [u8; 32],
     addresses: [IpAddr; 2],
-    grants: Vec<PeerGrant>,
+    /// What its grants let through, filed by destination: a packet meets only the grants
+    /// that open its destination, however many the client holds.
+    grants: ClientGrants,
     nat: Nat,
 }
 
@@ -199,6 +191,8 @@ pub struct Gateway {
     installed: HashMap<String, Installed>,
     /// Names being resolved for DNS grants (and the grants waiting), and names known.
     resolutions: Resolutions,
+    /// The installed grants by expiry, so that a timer tick visits only the expired ones.
+    expiring: BTreeSet<(UnixTime, String)>,
     indices: Indices,
     next_tick: Option<Instant>,
     last_rate_reset: Instant,
@@ -221,6 +215,7 @@ impl Gateway {
             peer_by_address: HashMap::default(),
             installed: HashMap::new(),
             resolutions: Resolutions::default(),
+            expiring: BTreeSet::new(),
             indices: Indices::new(config.seed),
             next_tick: None,
             last_rate_reset: now,
@@ -419,10 +414,8 @@ impl Gateway {
                     .retain_waiting(|g| in_force.contains(&g.grant.id));
             }
             PortalToGateway::Grant { grant } => self.take_grant(*grant, now),
-            PortalToGateway::Revoke { grant_id } => {
-                self.resolutions.retain_waiting(|g| g.grant.id != grant_id);
-                self.remove(&grant_id, Removal::Revoked);
-            }
+            PortalToGateway::Revoke { grant_id } => self.revoke(&[grant_id]),
+            PortalToGateway::RevokeMany { grant_ids } => self.revoke(&grant_ids),
             PortalToGateway::Error { message } => {
                 self.events.push_back(Event::PortalError { message });
             }
@@ -450,11 +443,11 @@ impl Gateway {
             }
         }
         let unix = self.clock.unix(now);
+        // A grant expires at its `expires_at`.
         let expired: Vec<String> = self
-            .installed
-            .iter()
-            .filter(|(_, g)| unix >= g.expires_at)
-            .map(|(id, _)| id.clone())
+            .expiring
+            .range(..(unix.saturating_add(1), String::new()))
+            .map(|(_, id)| id.clone())
             .collect();
         for id in expired {
             self.remove(&id, Removal::Expired);
@@ -533,6 +526,18 @@ impl Gateway {
 
     // ---- grants ----
 
+    /// Takes revoked grants out of force, and out of the wait for their names to resolve.
+    fn revoke(&mut self, grant_ids: &[String]) {
+        let revoked: HashSet<&str> = grant_ids.iter().map(String::as_str).collect();
+        // A grant waiting for its name stops waiting (its lookup still counts against the
+        // client until it ends).
+        self.resolutions
+            .retain_waiting(|g| !revoked.contains(g.grant.id.as_str()));
+        for id in revoked {
+            self.remove(id, Removal::Revoked);
+        }
+    }
+
     fn take_grant(&mut self, signed: SignedGrant, now: Instant) {
         let grant_id = signed.grant.id.clone();
         let Some(gateway_id) = self.gateway_id.clone() else {
@@ -603,14 +608,30 @@ impl Gateway {
     }
 
     /// Whether a verified grant can sit beside those installed: its filter reads, its tunnel
-    /// addresses belong to no other key, and its mapped addresses map no other name for the
-    /// same client (else one grant's port filter would open another name's real address).
+    /// addresses belong to no other key and are those of the key's other grants, and its
+    /// mapped addresses map no other name for the same client (else one grant's port filter
+    /// would open another name's real address).
     fn check_fits(&self, grant: &Grant) -> Result<(), String> {
         GrantFilter::new(grant).map_err(|e| e.to_string())?;
         let addresses = [
             IpAddr::V4(grant.client.tunnel_ipv4),
             IpAddr::V6(grant.client.tunnel_ipv6),
         ];
+        let peer = self
+            .peer_by_key
+            .get(&grant.client.public_key)
+            .and_then(|i| self.peers.get(i));
+        // INVARIANT: one key, one pair of tunnel addresses, so that every grant of a peer
+        // agrees on what comes from its client (the portal gives a device's addresses to its
+        // key alone; see `grants`).
+        if let Some(peer) = peer
+            && peer.addresses != addresses
+        {
+            return Err(format!(
+                "tunnel addresses {} and {} are not those of this key's other grants",
+                addresses[0], addresses[1]
+            ));
+        }
         for address in addresses {
             if let Some(peer) = self
                 .peer_by_address
@@ -629,19 +650,18 @@ impl Gateway {
         if !dns.is_well_formed() {
             return Err("the grant's DNS mapping is malformed".to_owned());
         }
-        let peer = self
-            .peer_by_key
-            .get(&grant.client.public_key)
-            .and_then(|i| self.peers.get(i));
-        for other in peer.iter().flat_map(|p| &p.grants) {
-            if other.mapped.iter().any(|m| dns.mapped.contains(m))
-                && other.name.as_deref() != Some(dns.name.as_str())
-            {
-                return Err(format!(
-                    "mapped addresses of `{}` are already mapped to another name for this client",
-                    dns.name
-                ));
-            }
+        let taken = peer.is_some_and(|p| {
+            dns.mapped.iter().any(|m| {
+                p.grants
+                    .name_of(*m)
+                    .is_some_and(|name| name != dns.name.as_str())
+            })
+        });
+        if taken {
+            return Err(format!(
+                "mapped addresses of `{}` are already mapped to another name for this client",
+                dns.name
+            ));
         }
         Ok(())
     }
@@ -671,7 +691,7 @@ impl Gateway {
                         IpAddr::V4(grant.client.tunnel_ipv4),
                         IpAddr::V6(grant.client.tunnel_ipv6),
                     ],
-                    grants: Vec::new(),
+                    grants: ClientGrants::default(),
                     nat: Nat::default(),
                 };
                 for address in peer.addresses {
@@ -691,19 +711,14 @@ impl Gateway {
             peer.wireguard = Peer::new(&self.gatekeeper, key.0, preshared_key, index);
             peer.preshared_key = preshared_key;
         }
-        let (name, mapped) = match &grant.resource.dns {
-            Some(dns) => (Some(dns.name.clone()), dns.mapped.clone()),
-            None => (None, Vec::new()),
-        };
-        for address in &mapped {
-            peer.nat.set_targets(*address, real.clone());
-        }
-        peer.grants.push(PeerGrant {
-            id: grant.id.clone(),
-            filter,
-            name,
-            mapped,
+        let name = grant.resource.dns.as_ref().map(|dns| {
+            for address in &dns.mapped {
+                peer.nat.set_targets(*address, real.clone());
+            }
+            dns.name.clone()
         });
+        peer.grants.insert(&grant.id, filter, name);
+        self.expiring.insert((grant.expires_at, grant.id.clone()));
         self.installed.insert(
             grant.id.clone(),
             Installed {
@@ -726,6 +741,8 @@ impl Gateway {
         let Some(installed) = self.installed.remove(grant_id) else {
             return;
         };
+        self.expiring
+            .remove(&(installed.expires_at, grant_id.to_owned()));
         self.events.push_back(Event::Removed {
             grant_id: grant_id.to_owned(),
             why,
@@ -733,14 +750,11 @@ impl Gateway {
         let Some(peer) = self.peers.get_mut(&installed.peer) else {
             return;
         };
-        let Some(position) = peer.grants.iter().position(|g| g.id == grant_id) else {
+        let Some(unmapped) = peer.grants.remove(grant_id) else {
             return;
         };
-        let gone = peer.grants.swap_remove(position);
-        for address in gone.mapped {
-            if !peer.grants.iter().any(|g| g.mapped.contains(&address)) {
-                peer.nat.remove_mapped(address);
-            }
+        for address in unmapped {
+            peer.nat.remove_mapped(address);
         }
         if peer.grants.is_empty()
             && let Some(peer) = self.peers.remove(&installed.peer)
@@ -773,26 +787,22 @@ impl Gateway {
 }
 
 impl ClientPeer {
-    /// Checks a packet out of the client's tunnel against its grants and translates it if it
-    /// goes to a DNS resource's mapped address.
+    /// Checks a packet out of the client's tunnel against the grants that open its
+    /// destination and translates it if it goes to a DNS resource's mapped address.
     fn admit(&mut self, packet: &mut [u8], millis: Millis) -> Result<(), Drop> {
         let parsed = Packet::parse(packet).map_err(|_| Drop::Malformed)?;
-        let mut reason = Drop::Malformed;
-        for grant in &self.grants {
-            match grant.filter.check(&parsed) {
-                Ok(()) if grant.mapped.is_empty() => return Ok(()),
-                Ok(()) => {
-                    return self.nat.outbound(packet, millis).map(|_| ()).map_err(
-                        |error| match error {
-                            NatError::Full => Drop::TooManyFlows,
-                            _ => Drop::Unresolved,
-                        },
-                    );
-                }
-                Err(drop) => reason = reason.max(drop),
-            }
+        let from_client = self.addresses.contains(&parsed.source);
+        match self.grants.check(&parsed, from_client)? {
+            Pass::Direct => Ok(()),
+            Pass::Mapped => self
+                .nat
+                .outbound(packet, millis)
+                .map(|_| ())
+                .map_err(|error| match error {
+                    NatError::Full => Drop::TooManyFlows,
+                    _ => Drop::Unresolved,
+                }),
         }
-        Err(reason)
     }
 
     /// Checks a packet from the site to this client: a NAT reply gets its mapped address
@@ -806,12 +816,7 @@ impl ClientPeer {
     fn answer(&mut self, packet: &mut [u8], millis: Millis) -> Result<(), Drop> {
         let translated = self.nat.reply(packet, millis).is_ok();
         let parsed = Packet::parse(packet).map_err(|_| Drop::Malformed)?;
-        let covered = self
-            .grants
-            .iter()
-            .filter(|g| g.mapped.is_empty() != translated)
-            .any(|g| g.filter.check_reply(&parsed));
-        if covered {
+        if self.grants.check_reply(&parsed, translated) {
             Ok(())
         } else {
             Err(Drop::NotFromResource)

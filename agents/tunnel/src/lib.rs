@@ -1,8 +1,10 @@
 //! The agents' data plane, without IO: the state machines of the gateway ([`gateway`]) and
 //! of the client's tunnels ([`client`]), and their parts: reading the headers a filter needs
-//! ([`packet`]), the per-grant filter ([`filter`]), the NAT from a DNS resource's mapped
-//! addresses to what its name resolved to ([`nat`]), the names the gateway resolves for DNS
-//! grants, with their deadline, cache and bounds ([`resolution`]), WireGuard peers over boringtun
+//! ([`packet`]), the per-grant filter ([`filter`]) and a client's grants filed by destination
+//! (`grants`, so the gateway's per-packet cost does not grow with them), the NAT from a DNS
+//! resource's mapped addresses to what its name resolved to ([`nat`]), the names the gateway
+//! resolves for DNS grants, with their deadline, cache and bounds ([`resolution`]), WireGuard
+//! peers over boringtun
 //! ([`peer`], the only module that names boringtun), and the ICMP error a client writes back
 //! when policy refuses a packet ([`icmp`]).
 //!
@@ -18,6 +20,7 @@
 pub mod client;
 pub mod filter;
 pub mod gateway;
+mod grants;
 pub mod icmp;
 pub mod nat;
 pub mod packet;

@@ -13,6 +13,7 @@ use fz_proto::{
     PortalToGateway, PresharedKey, PublicKey, Resolution, SignedGrant,
 };
 use fz_tunnel::Drop;
+use fz_tunnel::filter::GrantFilter;
 use fz_tunnel::gateway::{
     Config, Event, Gateway, MAX_DATAGRAM, Output, RESOLVE_DEADLINE, Removal, Resolved,
 };
@@ -1247,6 +1248,287 @@ fn a_gateway_that_comes_back_keeps_only_what_the_portal_still_holds() {
             .len(),
         1
     );
+}
+
+/// What became of a packet from a client: passed (what came out), or dropped and why.
+fn fate(sim: &mut Sim, client: &mut Client, packet: &[u8]) -> Result<usize, Drop> {
+    let before = sim.gateway.metrics().clone();
+    let out = sim.send_from_client(client, packet);
+    if !out.is_empty() {
+        return Ok(out.len());
+    }
+    Err(Drop::ALL
+        .into_iter()
+        .find(|reason| sim.dropped(*reason) > before.dropped(*reason))
+        .expect("a dropped packet is counted"))
+}
+
+/// How the gateway decided before it filed grants by destination: every grant of the client
+/// in turn, the first that passes wins, else the most telling reason of them all.
+fn linear(filters: &[GrantFilter], packet: &[u8]) -> Result<usize, Drop> {
+    let parsed = fz_tunnel::packet::Packet::parse(packet).map_err(|_| Drop::Malformed)?;
+    let mut reason = Drop::Malformed;
+    for filter in filters {
+        match filter.check(&parsed) {
+            Ok(()) => return Ok(1),
+            Err(drop) => reason = reason.max(drop),
+        }
+    }
+    Err(reason)
+}
+
+/// The gateway's per-packet lookup does not walk a client's grants, and must decide as the
+/// walk did: a client holding 5,000 grants of every kind (hosts, networks with and without
+/// carve-outs, IPv6, DNS names, `internet`) gets every packet decided as the linear walk over
+/// them decides it, and the packets that only its one DNS grant concerns are decided as they
+/// are when that grant is its only one.
+#[test]
+fn packets_are_decided_the_same_with_1_and_5000_grants() {
+    let gitlab = |sim: &mut Sim, client: &Client| {
+        let grant = sim.dns_grant(
+            client,
+            "gitlab.company.com",
+            "gitlab.company.com",
+            &["100.96.0.1"],
+            &["tcp/443", "icmp"],
+        );
+        sim.install_dns(&grant, &["172.16.0.5"]);
+        grant
+    };
+    let mut one = Sim::new();
+    let mut alone = one.client(2);
+    gitlab(&mut one, &alone);
+
+    let mut many = Sim::new();
+    let mut busy = many.client(2);
+    let mut grants = Vec::new();
+    for i in 0..4999u32 {
+        let (hi, lo) = (i / 256, i % 256);
+        let grant = match i % 7 {
+            0 => many.grant(&busy, &format!("10.{hi}.{lo}.7"), &["tcp/22"]),
+            1 => many.grant(
+                &busy,
+                &format!("10.{}.{lo}.0/24", 100 + hi),
+                &["udp/53", "icmp"],
+            ),
+            2 => many.grant(&busy, &format!("fd00:20::{i:x}"), &["tcp/443"]),
+            3 => many.carved_grant(
+                &busy,
+                &format!("10.200.{lo}.0/24"),
+                &[&format!("10.200.{lo}.128/25")],
+            ),
+            4 => many.grant(&busy, "10.250.0.0/16", &[&format!("tcp/{}", 1000 + i)]),
+            5 if i < 50 => many.carved_grant(&busy, "internet", &["198.18.0.0/15"]),
+            _ => {
+                let name = format!("n{i}.company.com");
+                let grant = many.dns_grant(
+                    &busy,
+                    "*.company.com",
+                    &name,
+                    &[&format!("100.97.{hi}.{lo}")],
+                    &["tcp/443"],
+                );
+                many.install_dns(&grant, &[&format!("172.17.{hi}.{lo}")]);
+                grants.push(grant);
+                continue;
+            }
+        };
+        many.install(&grant);
+        grants.push(grant);
+    }
+    grants.push(gitlab(&mut many, &busy));
+    assert_eq!(many.gateway.grant_count(), 5000);
+    let filters: Vec<GrantFilter> = grants
+        .iter()
+        .map(|g| GrantFilter::new(&g.grant).unwrap())
+        .collect();
+
+    let (a4, a6) = (alone.v4, alone.v6);
+    assert_eq!((a4, a6), (busy.v4, busy.v6));
+    // Packets that only gitlab's grant concerns, or none: the same fate with 1 and 5,000.
+    let about_gitlab = [
+        tcp(a4, ip("100.96.0.1"), (40000, 443)),
+        echo(a4, ip("100.96.0.1"), 9, false),
+        tcp(a4, ip("100.96.0.1"), (40000, 80)),
+        udp(a4, ip("100.96.0.1"), (40000, 443)),
+        tcp(a4, ip("100.96.0.9"), (40000, 443)),
+        tcp(ip("100.64.0.99"), ip("100.96.0.1"), (40000, 443)),
+        tcp(a4, ip("192.168.7.7"), (40000, 443)),
+        tcp(a6, ip("fd00:99::1"), (40000, 443)),
+        build::ip(a4, ip("100.96.0.1"), 47, &[0; 8]),
+    ];
+    for packet in &about_gitlab {
+        let alone_fate = fate(&mut one, &mut alone, packet);
+        let busy_fate = fate(&mut many, &mut busy, packet);
+        assert_eq!(alone_fate, busy_fate, "{:?}", addresses(packet));
+        assert_eq!(
+            busy_fate,
+            linear(&filters, packet),
+            "{:?}",
+            addresses(packet)
+        );
+    }
+    // Packets the other grants concern: decided as the walk over all 5,000 decides them.
+    let others = [
+        tcp(a4, ip("10.3.9.7"), (40000, 22)),
+        tcp(a4, ip("10.3.9.7"), (40000, 23)),
+        tcp(a4, ip("10.3.9.8"), (40000, 22)),
+        udp(a4, ip("10.105.3.9"), (40000, 53)),
+        udp(a4, ip("10.105.3.9"), (40000, 54)),
+        echo(a4, ip("10.105.3.9"), 3, false),
+        tcp(a6, ip("fd00:20::2"), (40000, 443)),
+        tcp(a6, ip("fd00:20::2"), (40000, 444)),
+        tcp(a4, ip("10.200.3.1"), (40000, 1)),
+        tcp(a4, ip("10.200.3.200"), (40000, 1)),
+        tcp(a4, ip("10.250.1.1"), (40000, 1004)),
+        tcp(a4, ip("10.250.1.1"), (40000, 1005)),
+        tcp(a4, ip("10.250.1.1"), (40000, 999)),
+        tcp(a4, ip("8.8.8.8"), (40000, 80)),
+        tcp(a6, ip("2606:4700::1111"), (40000, 80)),
+        tcp(a4, ip("198.18.0.1"), (40000, 80)),
+        tcp(a4, ip("100.97.0.6"), (40000, 443)),
+        tcp(a4, ip("100.97.0.6"), (40000, 22)),
+        tcp(a4, ip("100.97.0.7"), (40000, 443)),
+        tcp(ip("10.0.0.1"), ip("10.3.9.7"), (40000, 22)),
+    ];
+    for packet in &others {
+        let busy_fate = fate(&mut many, &mut busy, packet);
+        assert_eq!(
+            busy_fate,
+            linear(&filters, packet),
+            "{:?}",
+            addresses(packet)
+        );
+    }
+    // And back: replies come only from what some grant opens.
+    let replies = [
+        (tcp(ip("172.16.0.5"), a4, (443, 40000)), true),
+        (tcp(ip("172.17.0.6"), a4, (443, 40000)), true),
+        (tcp(ip("10.3.9.7"), a4, (22, 40000)), true),
+        (tcp(ip("10.3.9.7"), a4, (23, 40000)), false),
+        (tcp(ip("10.200.3.200"), a4, (1, 40000)), false),
+        (tcp(ip("8.8.8.8"), a4, (80, 40000)), true),
+        (tcp(ip("100.97.0.13"), a4, (443, 40000)), false),
+    ];
+    for (packet, passes) in replies {
+        assert_eq!(
+            many.send_to_client(&mut busy, &packet).is_some(),
+            passes,
+            "{:?}",
+            addresses(&packet)
+        );
+    }
+}
+
+#[test]
+fn one_message_revokes_many_grants() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let a4 = alice.v4;
+    let grants: Vec<SignedGrant> = (0..300)
+        .map(|i| {
+            let grant = sim.grant(&alice, &format!("10.0.{}.{}", i / 256, i % 256), &[]);
+            sim.install(&grant);
+            grant
+        })
+        .collect();
+    let gitlab = sim.dns_grant(
+        &alice,
+        "*.company.com",
+        "gitlab.company.com",
+        &["100.96.0.1"],
+        &[],
+    );
+    sim.install_dns(&gitlab, &["172.16.0.5"]);
+    // One grant still waits for its name: it goes too, and is never acknowledged.
+    let waiting = sim.dns_grant(
+        &alice,
+        "*.company.com",
+        "slow.company.com",
+        &["100.96.0.2"],
+        &[],
+    );
+    sim.gateway.handle_portal(
+        PortalToGateway::Grant {
+            grant: Box::new(waiting.clone()),
+        },
+        sim.now,
+    );
+    sim.events();
+    assert_eq!(
+        sim.send_from_client(&mut alice, &tcp(a4, ip("100.96.0.1"), (1, 443)))
+            .len(),
+        1
+    );
+    let mut revoked: Vec<String> = grants[..299].iter().map(|g| g.grant.id.clone()).collect();
+    revoked.push(gitlab.grant.id.clone());
+    revoked.push(waiting.grant.id.clone());
+    revoked.push("gr-unknown".to_owned());
+    sim.gateway
+        .handle_portal(PortalToGateway::RevokeMany { grant_ids: revoked }, sim.now);
+    let removed = sim
+        .events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Removed {
+                    why: Removal::Revoked,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(removed, 300);
+    assert_eq!(sim.gateway.grants(), [grants[299].grant.id.clone()]);
+    assert_eq!(sim.gateway.nat_flows(), 0);
+    sim.gateway.handle_resolved(
+        "slow.company.com",
+        Resolved::Addresses(vec![ip("172.16.0.9")]),
+        sim.now,
+    );
+    assert!(
+        sim.said_to_portal().is_empty(),
+        "a revoked grant is never acknowledged"
+    );
+    assert!(
+        sim.send_from_client(&mut alice, &tcp(a4, ip("10.0.0.0"), (1, 2)))
+            .is_empty()
+    );
+    assert_eq!(
+        sim.send_from_client(&mut alice, &tcp(a4, ip("10.0.1.43"), (1, 2)))
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_key_keeps_its_tunnel_addresses_while_it_holds_grants() {
+    let mut sim = Sim::new();
+    let alice = sim.client(2);
+    let first = sim.grant(&alice, "10.0.5.10", &[]);
+    sim.install(&first);
+    // The same key, other tunnel addresses: the portal never does this; refused.
+    let mut moved = sim.grant(&alice, "10.0.5.11", &[]).grant;
+    moved.client.tunnel_ipv4 = "100.64.0.77".parse().unwrap();
+    let moved = moved.sign(&sim.portal);
+    match sim.send_grant(&moved).as_slice() {
+        [GatewayMessage::Refused { reason, .. }] => {
+            assert!(
+                reason.contains("not those of this key's other grants"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Once its grants are gone, the key may come back with other addresses.
+    sim.gateway.handle_portal(
+        PortalToGateway::Revoke {
+            grant_id: first.grant.id.clone(),
+        },
+        sim.now,
+    );
+    sim.install(&moved);
 }
 
 #[test]

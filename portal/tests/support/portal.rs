@@ -27,6 +27,12 @@ impl TestPortal {
     /// A portal with accounts `acme` and `globex`, each on its own tree holding `policy`,
     /// and `extra` configuration lines (top-level keys) before the accounts.
     pub async fn start(policy: &str, extra: &str) -> TestPortal {
+        TestPortal::start_with_accounts(policy, extra, "").await
+    }
+
+    /// [`TestPortal::start`], with `settings` configuration lines (keys of `[[accounts]]`,
+    /// such as limits) in both accounts.
+    pub async fn start_with_accounts(policy: &str, extra: &str, settings: &str) -> TestPortal {
         let dir = tempfile::tempdir().expect("a temporary directory");
         for account in ["acme", "globex"] {
             std::fs::create_dir_all(dir.path().join(account)).expect("a policy dir");
@@ -35,8 +41,8 @@ impl TestPortal {
         }
         let text = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{extra}\n\
-             [[accounts]]\nslug = \"acme\"\npolicy = \"acme\"\n\n\
-             [[accounts]]\nslug = \"globex\"\npolicy = \"globex\"\n"
+             [[accounts]]\nslug = \"acme\"\npolicy = \"acme\"\n{settings}\n\n\
+             [[accounts]]\nslug = \"globex\"\npolicy = \"globex\"\n{settings}\n"
         );
         let config = Config::parse(&text, dir.path()).expect("a valid configuration");
         let offset = Arc::new(AtomicI64::new(0));

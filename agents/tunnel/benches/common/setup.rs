@@ -1,6 +1,7 @@
 //! What both packet benchmarks set up: a gateway core holding one client's DNS grant (tcp/443
 //! to `gitlab.company.com`, mapped address 100.96.0.1, resolved to 172.16.0.5) with the
-//! client's WireGuard session up, a bare boringtun pair for comparison, and the 1420-byte TCP
+//! client's WireGuard session up (optionally with thousands more grants of the same client
+//! installed before it, none of which the packets concern), a bare boringtun pair for comparison, and the 1420-byte TCP
 //! packets that go each way. Built the way `tests/gateway.rs` builds its simulation: grants
 //! signed with a real portal key, installed through `handle_portal`, resolved through
 //! `handle_resolved`, handshakes pumped through the same calls a driver makes.
@@ -47,6 +48,13 @@ pub struct Setup {
 /// The gateway and client, the handshake done with the client at `client_address`, and one
 /// packet through so the NAT flow exists.
 pub fn gateway_with_client(client_address: SocketAddr) -> Setup {
+    gateway_with_client_holding(client_address, 0)
+}
+
+/// [`gateway_with_client`], the client holding `others` more grants, installed before the DNS
+/// grant (so a gateway that walked a client's grants in order would meet every one of them
+/// first): IP grants for hosts in 10.0.0.0/8, tcp/22.
+pub fn gateway_with_client_holding(client_address: SocketAddr, others: usize) -> Setup {
     let portal = PortalSigningKey::from_seed([7; 32]);
     let now = Instant::now();
     let unix_ms = SystemTime::now()
@@ -71,6 +79,25 @@ pub fn gateway_with_client(client_address: SocketAddr) -> Setup {
         },
         now,
     );
+    for i in 0..others {
+        let host = format!("10.{}.{}.{}", i >> 16 & 0xff, i >> 8 & 0xff, i & 0xff);
+        let mut grant = dns_grant(&gateway, &portal, unix_ms / 1000, client_address).grant;
+        grant.id = format!("gr-other-{i}");
+        grant.resource = GrantedResource {
+            id: format!("host-{i}"),
+            address: host,
+            filter: Some(vec!["tcp/22".into()]),
+            except: Vec::new(),
+            dns: None,
+        };
+        gateway.handle_portal(
+            PortalToGateway::Grant {
+                grant: Box::new(grant.sign(&portal)),
+            },
+            now,
+        );
+    }
+    let _ = std::iter::from_fn(|| gateway.poll_event()).count();
     let signed = dns_grant(&gateway, &portal, unix_ms / 1000, client_address);
     let grant = signed.grant.clone();
     gateway.handle_portal(

@@ -234,9 +234,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                         Some(name) => format!("{} ({name})", f.resource_id),
                         None => f.resource_id.clone(),
                     };
+                    // Identical denials close together, and a grant handed out again, count
+                    // on one row: say how many, until when.
+                    let time = if f.count > 1 {
+                        format!("{} ({} times until {})", f.time, f.count, f.last_time)
+                    } else {
+                        f.time.to_string()
+                    };
                     println!(
-                        "{}\t{:?}\t{}\t{resource}\t{}\t{}",
-                        f.time,
+                        "{time}\t{:?}\t{}\t{resource}\t{}\t{}",
                         f.decision,
                         f.user,
                         f.rule_id.as_deref().unwrap_or("-"),
