@@ -265,18 +265,20 @@ fn set_mode(path: &Path, mode: u32) {
 
 #[tokio::test]
 async fn a_data_dir_or_store_file_open_to_others_is_refused_with_the_fix() {
-    let Fixture {
-        _dir,
-        data_dir,
-        store,
-    } = fixture().await;
-    store.close().await;
-    drop(store);
+    // The files are made here, not by a store: SQLite removes its log when a store's last
+    // connection closes, on a thread of its own, so a log written after `close` could vanish
+    // under the test.
+    let dir = TempDir::new().unwrap();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    set_mode(&data_dir, 0o700);
     // (path, too open a mode, the mode to give back, the chmod the message asks for)
     let database = data_dir.join(DATABASE_FILE);
     let log = data_dir.join(format!("{DATABASE_FILE}-wal"));
-    std::fs::write(&log, b"").unwrap();
-    set_mode(&log, 0o600);
+    for file in [&database, &log] {
+        std::fs::write(file, b"").unwrap();
+        set_mode(file, 0o600);
+    }
     let cases = [
         (&data_dir, 0o755, 0o700, "chmod 700"),
         (&data_dir, 0o710, 0o700, "chmod 700"),

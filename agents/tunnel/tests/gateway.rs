@@ -1484,7 +1484,10 @@ fn one_message_revokes_many_grants() {
     assert_eq!(sim.gateway.nat_flows(), 0);
     sim.gateway.handle_resolved(
         "slow.company.com",
-        Resolved::Addresses(vec![ip("172.16.0.9")]),
+        Resolved::Addresses {
+            addresses: vec![ip("172.16.0.9")],
+            ttl: Duration::from_secs(60),
+        },
         sim.now,
     );
     assert!(
