@@ -13,8 +13,9 @@
 //!   [`Event::Denied`] for the log) if policy says no. Later queries are answered from memory
 //!   with a short TTL. Its other queries (HTTPS, SVCB, MX, ...) get an empty answer and never
 //!   leave the machine.
-//! - PTR queries for mapped addresses answer the name; nothing under the mapped ranges is
-//!   ever forwarded.
+//! - PTR queries for mapped addresses answer the name, queries of other types about them an
+//!   empty answer (NXDOMAIN for an address nobody was given); nothing under the mapped ranges
+//!   is ever forwarded, whatever its type.
 //! - Unreadable queries get FORMERR when they carry an id, and silence otherwise; nothing
 //!   panics.
 //!

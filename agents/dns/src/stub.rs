@@ -182,17 +182,17 @@ impl Stub {
         let name = normalise(question.name());
         let qtype = question.query_type();
 
-        if qtype == RecordType::PTR
-            && let Some(address) = reverse_address(&name)
+        if let Some(address) = reverse_address(&name)
             && fz_proto::is_mapped_address(address)
         {
-            // The mapped ranges are ours alone: never ask an upstream about them.
+            // The mapped ranges are ours alone: never ask an upstream about them, whatever
+            // the type asked (which mapped address a program looks up is nobody else's).
             let target = self
                 .mapped
                 .name_of(address)
                 .and_then(|name| Name::from_ascii(format!("{name}.")).ok());
             let response = match target {
-                Some(target) => {
+                Some(target) if qtype == RecordType::PTR => {
                     let mut response = respond(&request, ResponseCode::NoError);
                     let record = Record::from_rdata(
                         question.name().clone(),
@@ -202,6 +202,8 @@ impl Stub {
                     response.add_answer(record);
                     response
                 }
+                // The name exists, with no record of the type asked.
+                Some(_) => respond(&request, ResponseCode::NoError),
                 None => respond(&request, ResponseCode::NXDomain),
             };
             return Handled::Answer(encode(response));

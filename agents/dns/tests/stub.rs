@@ -258,6 +258,11 @@ fn a_granted_name_is_answered_with_its_mapped_addresses_of_the_families_that_exi
         ),
         other => panic!("{other:?}"),
     }
+    // Other types about the mapped address stay home too: the name exists, without them.
+    for kind in [RecordType::A, RecordType::TXT, RecordType::ANY] {
+        let other = decoded(ask(&mut stub, 4, "1.0.96.100.in-addr.arpa", kind, now));
+        assert_eq!(summary(&other), (ResponseCode::NoError, vec![]), "{kind}");
+    }
 
     // A revoked grant makes the next query ask again, with the same addresses.
     stub.handle_revoked("gitlab.company.com");
@@ -370,6 +375,8 @@ fn other_record_types_of_resource_names_never_leave_the_machine() {
         now,
     ));
     assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
+    let unknown_a = decoded(ask(&mut stub, 2, "9.9.96.100.in-addr.arpa", RecordType::A, now));
+    assert_eq!(unknown_a.metadata.response_code, ResponseCode::NXDomain);
     let v6_reverse = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.1.1.1.1.1.2.0.2.0.0.d.f.ip6.arpa";
     let unknown_v6 = decoded(ask(&mut stub, 3, v6_reverse, RecordType::PTR, now));
     assert_eq!(unknown_v6.metadata.response_code, ResponseCode::NXDomain);

@@ -304,6 +304,15 @@ fn rewrite(packet: &mut [u8], view: &View, side: Side, new: IpAddr) {
     if let Some(offset) = checksum_at {
         update_checksum(packet, view.transport + offset, old_bytes, new_bytes);
     }
+    // For UDP a computed checksum of zero is sent as all ones (RFC 768): zero would mean "no
+    // checksum" over IPv4 and is invalid over IPv6 (RFC 8200, 8.1), where the receiver drops it.
+    if view.protocol == UDP
+        && checksum_at.is_some()
+        && let Some(field) = packet.get_mut(view.transport + 6..view.transport + 8)
+        && field == [0, 0]
+    {
+        field.copy_from_slice(&[0xff, 0xff]);
+    }
 }
 
 fn checksum(packet: &[u8], at: usize) -> u16 {
@@ -500,6 +509,36 @@ mod tests {
         assert_eq!(nat.flows(), 0);
         let mut late = packet("172.16.0.5", "100.64.0.2", UDP, (53, 5000));
         assert_eq!(nat.reply(&mut late, 2 * udp_timeout), Err(NatError::NoFlow));
+    }
+
+    #[test]
+    fn a_translated_udp_checksum_is_never_zero() {
+        // Every value of a two-byte payload, so that some reply's checksum after translation
+        // is the one a UDP sender writes as all ones; zero would mean "none" over IPv4 and be
+        // dropped over IPv6.
+        for (mapped, real, client) in [
+            ("100.96.0.1", "172.16.0.5", "100.64.0.2"),
+            ("fd00:2021:1111:8000::1", "2001:db8::5", "fd00:2021:1111::2"),
+        ] {
+            let mut nat = Nat::default();
+            nat.set_targets(ip(mapped), vec![ip(real)]);
+            let mut out = packet(client, mapped, UDP, (5000, 53));
+            assert_eq!(nat.outbound(&mut out, 0), Ok(ip(real)));
+            let transport = if ip(real).is_ipv4() { 20 } else { 40 };
+            for payload in 0..=u16::MAX {
+                let mut udp = build::ports(53, 5000);
+                udp.extend_from_slice(&payload.to_be_bytes());
+                let mut reply = build::ip(ip(real), ip(client), UDP, &udp);
+                fix_checksums(&mut reply);
+                if checksum(&reply, transport + 6) == 0 {
+                    // The sender's own zero: "no checksum" (IPv4), which stays as it is.
+                    continue;
+                }
+                assert_eq!(nat.reply(&mut reply, 0), Ok(ip(mapped)));
+                assert_ne!(checksum(&reply, transport + 6), 0, "payload {payload:#06x}");
+                assert!(valid(&reply), "payload {payload:#06x}: checksums after translation");
+            }
+        }
     }
 
     #[test]
