@@ -44,6 +44,11 @@
 //! The load generator runs on the same machine as the server; `--pin` puts the server on
 //! CPU 0 and the generator on CPU 1 (with `taskset`), otherwise they share both cores.
 //!
+//! With `--abuse LIST` it runs the abuse scenario instead (or after the phases above when
+//! `--concurrency` is given too): one abusive client (idle or slow connections, names that
+//! never resolve, a grant burst, identical requests, a flood of denials) beside the
+//! well-behaved clients, on a portal with the limits the product ships; see `load/abuse.rs`.
+//!
 //! Under `cargo test --all-targets` (no `--bench` argument) it does nothing.
 #![allow(
     clippy::print_stdout,
@@ -71,6 +76,10 @@ use fz_proto::{
 };
 use tokio::sync::Semaphore;
 
+#[path = "load/abuse.rs"]
+mod abuse;
+use abuse::{Abuse, AbuseOptions};
+
 const USAGE: &str = "\
 usage: cargo bench -p fz-portal --bench load -- [OPTIONS]
   --clients N          connected clients, two per user (default 10000)
@@ -85,7 +94,19 @@ usage: cargo bench -p fz-portal --bench load -- [OPTIONS]
   --client-verify      clients verify each grant too (gateways always do)
   --connect-parallel N connections opened at once (default 256)
   --log FILTER         the portal's RUST_LOG (default info)
-  --keep               keep the temporary directories (printed)";
+  --keep               keep the temporary directories (printed)
+abuse scenario (a portal of its own with the shipped limits; without `--concurrency` only
+this runs):
+  --abuse LIST         none, idle, idle-sources, slowloris, slowloris-sources, unresolved,
+                       grant-burst, grant-repeat, flood, or all: for each, a phase of the
+                       well-behaved clients alone and one beside the abuser
+  --abuse-concurrency N  well-behaved requests in flight (default 64)
+  --abuse-rate R       requests a second per well-behaved client, at most 5 (default 2)
+  --abuse-connections N  idle or slow connections the abuser holds at most (default 5000)
+  --abuse-open-rate N  connections it opens a second at most (default 1000)
+  --abuse-sources N    addresses of the `-sources` kinds, 127.0.0.2 and up (default 100)
+  --abuse-window N     requests a flooding client keeps outstanding (default 256)
+  --abuse-id-bytes N   length of the flood's ids and names (default 16384)";
 
 /// The argument that starts this binary as the echo server.
 const ECHO_SERVER: &str = "echo-server";
@@ -153,6 +174,7 @@ struct Options {
     connect_parallel: usize,
     log: String,
     keep: bool,
+    abuse: AbuseOptions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,8 +208,9 @@ impl Options {
             connect_parallel: 256,
             log: "info".to_owned(),
             keep: false,
+            abuse: AbuseOptions::default(),
         };
-        let mut concurrency = "16,64,256,1024".to_owned();
+        let mut concurrency = None;
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("`{arg}` needs a value"));
@@ -199,7 +222,7 @@ impl Options {
             match arg.as_str() {
                 "--clients" => options.clients = number(value()?)?,
                 "--gateways" => options.sites = number(value()?)?,
-                "--concurrency" => concurrency = value()?,
+                "--concurrency" => concurrency = Some(value()?),
                 "--warmup" => options.warmup = Duration::from_secs(number(value()?)? as u64),
                 "--duration" => options.duration = Duration::from_secs(number(value()?)? as u64),
                 "--targets" => {
@@ -229,13 +252,36 @@ impl Options {
                 "--connect-parallel" => options.connect_parallel = number(value()?)?.max(1),
                 "--log" => options.log = value()?,
                 "--keep" => options.keep = true,
+                "--abuse" => options.abuse.kinds = Abuse::parse_list(&value()?)?,
+                "--abuse-concurrency" => options.abuse.concurrency = number(value()?)?,
+                "--abuse-rate" => {
+                    let text = value()?;
+                    options.abuse.rate = text
+                        .parse()
+                        .map_err(|_| format!("`{text}` is not a number"))?;
+                }
+                "--abuse-connections" => options.abuse.connections = number(value()?)?,
+                "--abuse-open-rate" => options.abuse.open_rate = number(value()?)?,
+                "--abuse-sources" => options.abuse.sources = number(value()?)?,
+                "--abuse-window" => options.abuse.window = number(value()?)?,
+                "--abuse-id-bytes" => options.abuse.id_bytes = number(value()?)?,
                 other => return Err(format!("unknown option `{other}`")),
             }
         }
         if options.clients < 2 || options.sites == 0 {
             return Err("at least 2 clients and 1 gateway".to_owned());
         }
-        for item in concurrency.split(',') {
+        options.abuse.validate()?;
+        if !options.abuse.kinds.is_empty() && !options.portal {
+            return Err("`--abuse` runs against the portal: `--targets` must name it".to_owned());
+        }
+        // With `--abuse` alone, only the abuse scenario runs.
+        let concurrency = match concurrency {
+            Some(list) => list,
+            None if options.abuse.kinds.is_empty() => "16,64,256,1024".to_owned(),
+            None => String::new(),
+        };
+        for item in concurrency.split(',').filter(|i| !i.is_empty()) {
             let n = if item == "all" {
                 options.clients
             } else {
@@ -288,23 +334,35 @@ async fn run(options: Options) {
         model.users.len(),
         options.sites
     );
-    println!(
-        "load: closed loop, concurrency {:?}, {} s warm-up + {} s measured per phase",
-        options.concurrency,
-        options.warmup.as_secs(),
-        options.duration.as_secs()
-    );
-
     let mut results = Vec::new();
-    if options.portal {
-        for &store in &options.stores {
-            results.push(portal_target(&options, &model, &policy, store).await);
+    if !options.concurrency.is_empty() {
+        println!(
+            "load: closed loop, concurrency {:?}, {} s warm-up + {} s measured per phase",
+            options.concurrency,
+            options.warmup.as_secs(),
+            options.duration.as_secs()
+        );
+        if options.portal {
+            for &store in &options.stores {
+                results.push(portal_target(&options, &model, &policy, store).await);
+            }
+        }
+        if options.echo {
+            results.push(echo_target(&options, &model).await);
         }
     }
-    if options.echo {
-        results.push(echo_target(&options, &model).await);
+    let mut abused = Vec::new();
+    if !options.abuse.kinds.is_empty() {
+        for &store in &options.stores {
+            abused.push(abuse::abuse_target(&options, &policy, store).await);
+        }
     }
-    print_summary(&options, &results);
+    if !results.is_empty() {
+        print_summary(&options, &results);
+    }
+    if !abused.is_empty() {
+        abuse::print_abuse_summary(&options, &abused);
+    }
     if options.keep {
         let kept = work.keep();
         println!("kept {}", kept.display());
@@ -399,18 +457,7 @@ async fn portal_target(
         .arg("serve")
         .env("RUST_LOG", &options.log);
     let (server, line) = Server::spawn(command, &log, "fz-portal listening on ").await;
-    // "fz-portal listening on http://127.0.0.1:PORT (portal key KEY)"
-    let address: SocketAddr = line
-        .split("://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in `{line}`"));
-    let pinned: PortalPublicKey = line
-        .split("portal key ")
-        .nth(1)
-        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
-        .unwrap_or_else(|| panic!("no key in `{line}`"));
+    let (address, pinned) = portal_address(&line);
     println!("portal pid {} on {address}", server.pid());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_started_kib = server.rss_kib();
@@ -447,7 +494,7 @@ async fn portal_target(
 
     let started = Instant::now();
     let secrets_clients = Arc::new(secrets.clients);
-    let clients = connect_all(options, |index| {
+    let clients = connect_all(options.clients, options.connect_parallel, |index| {
         let secrets = secrets_clients.clone();
         async move {
             TestClient::connect(address, pinned, ACCOUNT, &secrets[index], client_key(index))
@@ -552,6 +599,23 @@ async fn portal_target(
         },
         phases,
     }
+}
+
+/// Where the portal listens and its key, from the line it prints when it is up:
+/// "fz-portal listening on http://127.0.0.1:PORT (portal key KEY)".
+fn portal_address(line: &str) -> (SocketAddr, PortalPublicKey) {
+    let address: SocketAddr = line
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{line}`"));
+    let pinned: PortalPublicKey = line
+        .split("portal key ")
+        .nth(1)
+        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no key in `{line}`"));
+    (address, pinned)
 }
 
 struct Secrets {
@@ -704,7 +768,7 @@ async fn echo_target(options: &Options, model: &Model) -> TargetResult {
         endpoints: vec!["198.51.100.7:51820".parse().expect("an address")],
     });
     let started = Instant::now();
-    let sockets = connect_all(options, |index| {
+    let sockets = connect_all(options.clients, options.connect_parallel, |index| {
         let hello = hello.clone();
         async move {
             let mut socket = agent::open(address, ACCOUNT, "client", "echo")
@@ -869,16 +933,16 @@ impl Agent {
     }
 }
 
-/// Opens `options.clients` connections, `connect_parallel` at a time, in index order.
-async fn connect_all<T, F, Fut>(options: &Options, connect: F) -> Vec<T>
+/// Opens `count` connections, `parallel` at a time, in index order.
+async fn connect_all<T, F, Fut>(count: usize, parallel: usize, connect: F) -> Vec<T>
 where
     T: Send + 'static,
     F: Fn(usize) -> Fut,
     Fut: Future<Output = T> + Send + 'static,
 {
-    let gate = Arc::new(Semaphore::new(options.connect_parallel));
-    let mut tasks = Vec::with_capacity(options.clients);
-    for index in 0..options.clients {
+    let gate = Arc::new(Semaphore::new(parallel.max(1)));
+    let mut tasks = Vec::with_capacity(count);
+    for index in 0..count {
         let gate = gate.clone();
         let connecting = connect(index);
         tasks.push(tokio::spawn(async move {
@@ -1322,24 +1386,27 @@ impl Server {
 
     /// CPU ticks of the process and of its threads, by thread name.
     fn cpu(&self) -> CpuSample {
-        let pid = self.pid();
-        let mut threads = BTreeMap::new();
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for task in tasks.flatten() {
-                let path = task.path();
-                let name = std::fs::read_to_string(path.join("comm"))
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned();
-                let ticks =
-                    stat_ticks(&std::fs::read_to_string(path.join("stat")).unwrap_or_default());
-                *threads.entry(thread_group(&name)).or_insert(0) += ticks;
-            }
+        cpu_sample(&self.pid().to_string())
+    }
+}
+
+/// CPU ticks of a process (`self` or a pid) and of its threads, by thread name.
+fn cpu_sample(pid: &str) -> CpuSample {
+    let mut threads = BTreeMap::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let path = task.path();
+            let name = std::fs::read_to_string(path.join("comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            let ticks = stat_ticks(&std::fs::read_to_string(path.join("stat")).unwrap_or_default());
+            *threads.entry(thread_group(&name)).or_insert(0) += ticks;
         }
-        CpuSample {
-            total: process_cpu(&pid.to_string()),
-            threads,
-        }
+    }
+    CpuSample {
+        total: process_cpu(pid),
+        threads,
     }
 }
 
