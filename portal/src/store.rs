@@ -32,7 +32,9 @@
 //! **Architecture Invariant:** a restart loses nothing and a crash leaves a consistent store:
 //! WAL journal with `synchronous = FULL`, and every write of more than one statement runs in
 //! one `BEGIN IMMEDIATE` transaction (immediate so that two writers queue on the busy timeout
-//! instead of failing on a lock upgrade).
+//! instead of failing on a lock upgrade). Within one process, writers take turns first come
+//! first served (`Store`'s `writes`), so that the busy handler's sleep-and-retry never starves
+//! one of them.
 //!
 //! **API Boundary:** error messages name the entity, never SQL, so [`StoreError`]'s `Display`
 //! may be shown to HTTP clients for [`StoreError::NotFound`], [`StoreError::Conflict`] and
@@ -96,6 +98,11 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Whose turn it is to write. SQLite takes one writer at a time, and its busy handler
+    /// makes the others sleep and retry, which starves a lone write (a client's hello) behind
+    /// a steady stream of batches; writers of this process queue here instead, first come
+    /// first served, and meet the busy handler only against other processes (admin commands).
+    writes: Arc<tokio::sync::Mutex<()>>,
     /// How many secrets [`Store::authenticate`] checked (see [`Store::token_checks`]).
     token_checks: Arc<AtomicU64>,
 }
@@ -416,6 +423,7 @@ impl Store {
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
         Ok(Store {
             pool,
+            writes: Arc::default(),
             token_checks: Arc::default(),
         })
     }
@@ -451,6 +459,7 @@ impl Store {
 
     /// Creates the account if it does not exist yet.
     pub async fn ensure_account(&self, slug: &str) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         sqlx::query("INSERT INTO accounts (slug) VALUES (?1) ON CONFLICT DO NOTHING")
             .bind(slug)
             .execute(&self.pool)
@@ -504,6 +513,7 @@ impl Store {
         token_id: &str,
         now: i64,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let revoked: Option<Option<i64>> = sqlx::query_scalar(
             "UPDATE tokens SET activated_at = coalesce(activated_at, ?3)
              WHERE account = ?1 AND id = ?2 RETURNING revoked_at",
@@ -539,7 +549,7 @@ impl Store {
         }
         let id = random_id("tok")?;
         let secret = new_secret()?;
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let (kind_text, site, user, provider) = match &kind {
             TokenKind::Client { user, provider } => {
                 let user = user.to_lowercase();
@@ -590,6 +600,7 @@ impl Store {
         token_id: &str,
         now: i64,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query(
             "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?3) WHERE account = ?1 AND id = ?2",
         )
@@ -686,7 +697,7 @@ impl Store {
     ) -> Result<ClientRecord, StoreError> {
         let public_key = canonical_key(public_key)?;
         let id = random_id("cli")?;
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let token = usable_token(&mut tx, account, token_id, now).await?;
         if token.kind != "client" {
             return Err(StoreError::Conflict {
@@ -779,6 +790,7 @@ impl Store {
         client_id: &str,
         verified: bool,
     ) -> Result<ClientRecord, StoreError> {
+        let _turn = self.write_turn().await;
         let row: Option<ClientRow> = sqlx::query_as(&format!(
             "UPDATE clients
              SET verified_key = CASE WHEN ?3 THEN public_key END,
@@ -845,7 +857,7 @@ impl Store {
         let endpoints_json = serde_json::to_string(endpoints)
             .map_err(|e| StoreError::Query(sqlx::Error::Encode(Box::new(e))))?;
         let id = random_id("gw")?;
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let token = usable_token(&mut tx, account, token_id, now).await?;
         let Some(site) = token.site.filter(|_| token.kind == "gateway") else {
             return Err(StoreError::Conflict {
@@ -889,6 +901,7 @@ impl Store {
         connected: bool,
         now: i64,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await?;
         set_gateway_connected(&mut conn, account, gateway_id, connected, now).await
     }
@@ -896,6 +909,7 @@ impl Store {
     /// Marks every gateway of every account disconnected, and returns how many were connected:
     /// for a portal starting up, which holds no connection yet.
     pub async fn mark_all_gateways_disconnected(&self) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query("UPDATE gateways SET connected = 0 WHERE connected = 1")
             .execute(&self.pool)
             .await?;
@@ -948,7 +962,7 @@ impl Store {
         if provider.is_empty() {
             return Err(StoreError::Invalid("identity provider"));
         }
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         insert_user(&mut tx, account, &email).await?;
         sqlx::query(
             "DELETE FROM group_memberships WHERE account = ?1 AND email = ?2 AND provider = ?3",
@@ -1001,6 +1015,7 @@ impl Store {
 
     /// Stores a grant. Its client and gateway must belong to its account.
     pub async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await?;
         insert_grants(&mut conn, &[grant]).await
     }
@@ -1040,7 +1055,7 @@ impl Store {
                 } => seen.push((account, gateway_id, *connected, *at)),
             }
         }
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         insert_grants(&mut tx, &grants).await?;
         for chunk in deletions.chunks(ROWS_PER_STATEMENT) {
             let mut delete =
@@ -1102,6 +1117,7 @@ impl Store {
         before: i64,
         limit: u32,
     ) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query(
             "DELETE FROM flows WHERE id IN (
                  SELECT id FROM flows
@@ -1119,6 +1135,7 @@ impl Store {
     /// Deletes a grant of `account`; false if there was none (it may have expired and been
     /// swept already).
     pub async fn delete_grant(&self, account: &str, grant_id: &str) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query("DELETE FROM grants WHERE account = ?1 AND id = ?2")
             .bind(account)
             .bind(grant_id)
@@ -1134,7 +1151,7 @@ impl Store {
         account: &str,
         grant_ids: &[String],
     ) -> Result<u64, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let mut deleted = 0;
         for id in grant_ids {
             deleted += sqlx::query("DELETE FROM grants WHERE account = ?1 AND id = ?2")
@@ -1168,6 +1185,7 @@ impl Store {
 
     /// Deletes the grants of every account expired at `now`, and returns how many.
     pub async fn delete_expired_grants(&self, now: i64) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query("DELETE FROM grants WHERE expires_at <= ?1")
             .bind(now)
             .execute(&self.pool)
@@ -1179,6 +1197,7 @@ impl Store {
 
     /// Appends a flow to the log.
     pub async fn record_flow(&self, flow: &NewFlow) -> Result<FlowRecord, StoreError> {
+        let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await?;
         insert_flow(&mut conn, flow).await
     }
@@ -1186,7 +1205,7 @@ impl Store {
     /// Appends several flows in one transaction (one disk sync for all: what a busy portal
     /// wants), all or none.
     pub async fn record_flows(&self, flows: &[NewFlow]) -> Result<Vec<FlowRecord>, StoreError> {
-        let mut tx = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let mut recorded = Vec::with_capacity(flows.len());
         for flow in flows {
             recorded.push(insert_flow(&mut tx, flow).await?);
@@ -1221,10 +1240,22 @@ impl Store {
         .await?)
     }
 
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// A write transaction, and this process's turn to write, which the caller holds until
+    /// the transaction is over.
+    async fn begin_write(&self) -> Result<(WriteTurn, Transaction<'static, Sqlite>), StoreError> {
+        let turn = self.write_turn().await;
+        Ok((turn, self.pool.begin_with("BEGIN IMMEDIATE").await?))
+    }
+
+    /// This process's turn to write, for a write of one statement.
+    async fn write_turn(&self) -> WriteTurn {
+        self.writes.clone().lock_owned().await
     }
 }
+
+/// A writer's turn (see [`Store`]'s `writes`): the next writer of this process waits until
+/// it is dropped.
+type WriteTurn = tokio::sync::OwnedMutexGuard<()>;
 
 const TOKEN_COLUMNS: &str = "id, account, kind, name, site, user_email, provider, created_at, \
                              expires_at, revoked_at, activated_at";

@@ -375,7 +375,13 @@ fn other_record_types_of_resource_names_never_leave_the_machine() {
         now,
     ));
     assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
-    let unknown_a = decoded(ask(&mut stub, 2, "9.9.96.100.in-addr.arpa", RecordType::A, now));
+    let unknown_a = decoded(ask(
+        &mut stub,
+        2,
+        "9.9.96.100.in-addr.arpa",
+        RecordType::A,
+        now,
+    ));
     assert_eq!(unknown_a.metadata.response_code, ResponseCode::NXDomain);
     let v6_reverse = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.1.1.1.1.1.2.0.2.0.0.d.f.ip6.arpa";
     let unknown_v6 = decoded(ask(&mut stub, 3, v6_reverse, RecordType::PTR, now));

@@ -536,7 +536,10 @@ mod tests {
                 }
                 assert_eq!(nat.reply(&mut reply, 0), Ok(ip(mapped)));
                 assert_ne!(checksum(&reply, transport + 6), 0, "payload {payload:#06x}");
-                assert!(valid(&reply), "payload {payload:#06x}: checksums after translation");
+                assert!(
+                    valid(&reply),
+                    "payload {payload:#06x}: checksums after translation"
+                );
             }
         }
     }
