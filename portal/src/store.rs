@@ -237,6 +237,8 @@ pub struct ClientRecord {
     /// The client's place in the tunnel network (see [`tunnel_addresses`]); `None` for a
     /// client that has not connected since the store learnt tunnel addresses.
     pub tunnel_index: Option<u32>,
+    /// When it last said hello (Unix seconds); `None` if not since the store kept this.
+    pub last_connected_at: Option<i64>,
 }
 
 impl ClientRecord {
@@ -719,10 +721,11 @@ impl Store {
         }
         let client: ClientRow = sqlx::query_as(&format!(
             "INSERT INTO clients (id, account, token_id, name, public_key, created_at,
-                                  tunnel_index)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                                  tunnel_index, last_connected_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)
              ON CONFLICT (token_id) DO UPDATE SET
                  public_key = excluded.public_key,
+                 last_connected_at = excluded.last_connected_at,
                  tunnel_index = coalesce(clients.tunnel_index, excluded.tunnel_index),
                  verified_seq = CASE
                      WHEN clients.verified_key IS NOT NULL
@@ -1011,6 +1014,24 @@ impl Store {
         .await?)
     }
 
+    /// Every identity-provider group membership of `account`'s users: (email, group).
+    pub async fn all_memberships(
+        &self,
+        account: &str,
+    ) -> Result<Vec<(String, IdpGroup)>, StoreError> {
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT email, provider, group_name FROM group_memberships
+             WHERE account = ?1 ORDER BY email, provider, group_name",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(email, provider, group)| (email, IdpGroup { provider, group }))
+            .collect())
+    }
+
     // ---- grants ----
 
     /// Stores a grant. Its client and gateway must belong to its account.
@@ -1263,8 +1284,8 @@ const TOKEN_COLUMNS: &str = "id, account, kind, name, site, user_email, provider
 /// What [`Store::authenticate`] compares a secret's hash with when no token has it: the shape
 /// of a stored hash, and no secret's (that would take a SHA-256 preimage of zeros).
 const DUMMY_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-const CLIENT_COLUMNS: &str =
-    "id, account, token_id, name, public_key, verified, verified_key, created_at, tunnel_index";
+const CLIENT_COLUMNS: &str = "id, account, token_id, name, public_key, verified, verified_key, created_at, tunnel_index, \
+     last_connected_at";
 const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
                                created_at, last_seen, connected";
 
@@ -1318,6 +1339,7 @@ struct ClientRow {
     verified_key: Option<String>,
     created_at: i64,
     tunnel_index: Option<i64>,
+    last_connected_at: Option<i64>,
 }
 
 impl ClientRow {
@@ -1336,6 +1358,7 @@ impl ClientRow {
             verified_key: self.verified_key,
             created_at: self.created_at,
             tunnel_index,
+            last_connected_at: self.last_connected_at,
         })
     }
 }

@@ -349,7 +349,7 @@ fn every_command_keeps_the_data_dir_and_its_files_to_the_portals_user() {
         .unwrap()
         .trim_start_matches("token ")
         .to_owned();
-    let commands: [&[&str]; 7] = [
+    let commands: [&[&str]; 9] = [
         &[
             "token",
             "create",
@@ -366,6 +366,8 @@ fn every_command_keeps_the_data_dir_and_its_files_to_the_portals_user() {
         &["verify", "--account", "acme", "cli_none"],
         &["gateways", "--account", "acme"],
         &["flows", "--account", "acme"],
+        &["clients", "--account", "acme"],
+        &["users", "--account", "acme"],
         &["public-key"],
     ];
     for args in commands {
@@ -407,7 +409,7 @@ fn a_data_dir_or_file_open_to_others_is_refused_by_every_command_with_the_fix() 
     assert!(created.status.success(), "{created:?}");
     assert!(portal(home.path(), &["public-key"]).status.success());
     let data = home.path().join("data");
-    let commands: [&[&str]; 8] = [
+    let commands: [&[&str]; 10] = [
         &["public-key"],
         &[
             "token",
@@ -424,6 +426,8 @@ fn a_data_dir_or_file_open_to_others_is_refused_by_every_command_with_the_fix() 
         &["verify", "--account", "acme", "cli_x"],
         &["gateways", "--account", "acme"],
         &["flows", "--account", "acme"],
+        &["clients", "--account", "acme"],
+        &["users", "--account", "acme"],
         &["serve"],
     ];
     // (what, how open, its private mode, the chmod the message asks for)
@@ -531,4 +535,143 @@ fn a_token_works_only_once_its_secret_is_printed() {
     .unwrap();
     assert!(json[0]["activated_at"].is_null(), "{json}");
     assert!(json[1]["activated_at"].is_i64(), "{json}");
+}
+
+/// The token id `token create` printed on its first line.
+fn created_token(output: &Output) -> String {
+    assert!(output.status.success(), "{output:?}");
+    stdout(output)
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("token ")
+        .to_owned()
+}
+
+#[test]
+fn clients_and_users_say_whose_devices_they_are_and_where_each_membership_comes_from() {
+    let home = home();
+    std::fs::write(
+        home.path().join("policies/access.fz"),
+        format!("{POLICY}group sre {{ idp okta \"SRE\" }}\nallow sre -> gitlab as sre-git\n"),
+    )
+    .unwrap();
+    let laptop = created_token(&portal(
+        home.path(),
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--client",
+            "laptop",
+            "--user",
+            "Alice@acme.example",
+            "--provider",
+            "okta",
+        ],
+    ));
+    created_token(&portal(
+        home.path(),
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--client",
+            "phone",
+            "--user",
+            "bob@acme.example",
+        ],
+    ));
+    // Alice's laptop connects once; Bob's IdP says he is in "SRE" and "Finance".
+    let connected_at = 1_780_000_000;
+    let client_id = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = fz_portal::store::Store::open(&home.path().join("data"))
+            .await
+            .unwrap();
+        let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let client = store
+            .register_client("acme", &laptop, key, connected_at)
+            .await
+            .unwrap();
+        store
+            .set_memberships(
+                "acme",
+                "bob@acme.example",
+                "okta",
+                &["SRE".to_owned(), "Finance".to_owned()],
+            )
+            .await
+            .unwrap();
+        store.close().await;
+        client.id
+    });
+
+    let verified = portal(home.path(), &["verify", "--account", "acme", &client_id]);
+    assert!(verified.status.success(), "{verified:?}");
+    let listed = stdout(&portal(home.path(), &["clients", "--account", "acme"]));
+    let lines: Vec<Vec<&str>> = listed.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "only a device that connected is a client: {listed}"
+    );
+    assert_eq!(
+        lines[0][1..],
+        [
+            "laptop",
+            "alice@acme.example via okta",
+            "verified",
+            "last connected 2026-05-28 20:26:40 UTC",
+            lines[0][5],
+        ],
+        "{listed}"
+    );
+    assert_eq!(lines[0][0], client_id);
+    assert!(lines[0][5].starts_with("token active until 20"), "{listed}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&portal(
+        home.path(),
+        &["clients", "--account", "acme", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(json[0]["last_connected_at"], connected_at, "{json}");
+    assert_eq!(json[0]["token_state"], "active", "{json}");
+
+    let users = stdout(&portal(home.path(), &["users", "--account", "acme"]));
+    assert_eq!(
+        users,
+        "alice@acme.example\t1 device (signed in via okta)\n\
+         \x20   group engineering\tlisted in the policy\n\
+         bob@acme.example\t1 device\n\
+         \x20   group sre\tokta group \"SRE\"\n\
+         \x20   (okta group \"Finance\": no group of the policy takes it in)\n",
+    );
+    let bob: serde_json::Value = serde_json::from_str(&stdout(&portal(
+        home.path(),
+        &[
+            "users",
+            "--account",
+            "acme",
+            "--user",
+            "BOB@acme.example",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(bob.as_array().unwrap().len(), 1, "{bob}");
+    assert_eq!(
+        bob[0]["groups"][0]["source"]["idp"],
+        serde_json::json!({"provider": "okta", "group": "SRE"}),
+        "{bob}"
+    );
+    let nobody = portal(
+        home.path(),
+        &["users", "--account", "acme", "--user", "eve@acme.example"],
+    );
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&nobody.stderr).contains("knows no user `eve@acme.example`"),
+        "{nobody:?}"
+    );
 }

@@ -2,6 +2,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 usage or configuration errors.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,10 @@ use fz_portal::broker::system_clock;
 use fz_portal::config::{AccountConfig, Config};
 use fz_portal::policy::PolicyEngine;
 use fz_portal::server::RunningPortal;
-use fz_portal::store::{Decision, FlowFilter, Store, TokenKind};
+use fz_portal::store::{
+    ClientRecord, Decision, FlowFilter, IdpGroup, Store, TokenKind, TokenRecord,
+};
+use serde::Serialize;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +52,26 @@ enum Command {
         /// Take the mark away.
         #[arg(long)]
         undo: bool,
+    },
+    /// List an account's client devices: whose they are, whether verified, when last
+    /// connected, and their token's expiry. The ids are what `verify` takes.
+    Clients {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List an account's users (those with a client token, those the policy lists, those an
+    /// identity provider put in a group) with their devices and groups, and where each group
+    /// membership comes from.
+    Users {
+        #[arg(long)]
+        account: String,
+        /// Only this user (email).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// List an account's gateways with their health.
     Gateways {
@@ -191,6 +215,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Clients { account, json } => clients(&config, &account, json).await,
+        Command::Users {
+            account,
+            user,
+            json,
+        } => users(&config, &account, user.as_deref(), json).await,
         Command::Gateways { account, json } => {
             let store = open_store(&config, &account).await?;
             let gateways = store.list_gateways(&account).await?;
@@ -201,7 +231,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     let health = if g.connected { "healthy" } else { "unhealthy" };
                     println!(
                         "{}\t{}\tsite {}\t{health}\tlast seen {}",
-                        g.id, g.name, g.site, g.last_seen
+                        g.id,
+                        g.name,
+                        g.site,
+                        date(g.last_seen)
                     );
                 }
             }
@@ -237,9 +270,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     // Identical denials close together, and a grant handed out again, count
                     // on one row: say how many, until when.
                     let time = if f.count > 1 {
-                        format!("{} ({} times until {})", f.time, f.count, f.last_time)
+                        format!(
+                            "{} ({} times until {})",
+                            date(f.time),
+                            f.count,
+                            date(f.last_time)
+                        )
                     } else {
-                        f.time.to_string()
+                        date(f.time)
                     };
                     println!(
                         "{time}\t{:?}\t{}\t{resource}\t{}\t{}",
@@ -332,16 +370,7 @@ async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&tokens)?);
             } else {
                 for t in &tokens {
-                    let state = if t.revoked_at.is_some() {
-                        "revoked"
-                    } else if t.activated_at.is_none() {
-                        // `token create` did not finish: its secret may never have been shown.
-                        "inactive"
-                    } else if t.expires_at <= now {
-                        "expired"
-                    } else {
-                        "active"
-                    };
+                    let state = token_state(t, now);
                     let kind = match &t.kind {
                         TokenKind::Client { user, provider } => format!(
                             "client of {user}{}",
@@ -354,13 +383,233 @@ async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
                     };
                     println!(
                         "{}\t{}\t{kind}\t{state}\texpires {}",
-                        t.id, t.name, t.expires_at
+                        t.id,
+                        t.name,
+                        date(t.expires_at)
                     );
                 }
             }
             Ok(())
         }
     }
+}
+
+/// What a token is good for at `now`.
+fn token_state(token: &TokenRecord, now: i64) -> &'static str {
+    if token.revoked_at.is_some() {
+        "revoked"
+    } else if token.activated_at.is_none() {
+        // `token create` did not finish: its secret may never have been shown.
+        "inactive"
+    } else if token.expires_at <= now {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+/// A client device as `fz-portal clients --json` shows it.
+#[derive(Debug, Serialize)]
+struct ClientView<'a> {
+    #[serde(flatten)]
+    client: &'a ClientRecord,
+    user: Option<&'a str>,
+    provider: Option<&'a str>,
+    token_expires_at: Option<i64>,
+    token_state: &'static str,
+}
+
+async fn clients(config: &Config, account: &str, json: bool) -> anyhow::Result<()> {
+    let now = now();
+    let store = open_store(config, account).await?;
+    let tokens = store.list_tokens(account).await?;
+    let clients = store.list_clients(account).await?;
+    let views: Vec<ClientView<'_>> = clients
+        .iter()
+        .map(|client| {
+            let token = tokens.iter().find(|t| t.id == client.token_id);
+            let (user, provider) = match token.map(|t| &t.kind) {
+                Some(TokenKind::Client { user, provider }) => {
+                    (Some(user.as_str()), provider.as_deref())
+                }
+                _ => (None, None),
+            };
+            ClientView {
+                client,
+                user,
+                provider,
+                token_expires_at: token.map(|t| t.expires_at),
+                token_state: token.map_or("gone", |t| token_state(t, now)),
+            }
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string(&views)?);
+        return Ok(());
+    }
+    for view in &views {
+        let client = view.client;
+        let mark = match (&client.verified_key, client.verified) {
+            (_, true) => "verified",
+            (Some(_), false) => "marked verified for a key it no longer holds",
+            (None, false) => "not verified",
+        };
+        let user = match (view.user, view.provider) {
+            (Some(user), Some(provider)) => format!("{user} via {provider}"),
+            (Some(user), None) => user.to_owned(),
+            (None, _) => "-".to_owned(),
+        };
+        let connected = client.last_connected_at.map_or_else(
+            || "never connected".to_owned(),
+            |t| format!("last connected {}", date(t)),
+        );
+        let token = match view.token_expires_at {
+            Some(expires) => format!("token {} until {}", view.token_state, date(expires)),
+            None => "token gone".to_owned(),
+        };
+        println!(
+            "{}\t{}\t{user}\t{mark}\t{connected}\t{token}",
+            client.id, client.name
+        );
+    }
+    Ok(())
+}
+
+/// A user as `fz-portal users` shows them.
+#[derive(Debug, Default, Serialize)]
+struct UserView {
+    email: String,
+    /// Client devices (one per client token) and the providers their tokens name.
+    devices: usize,
+    providers: BTreeSet<String>,
+    /// The policy's groups the user is in now, each with where the membership comes from.
+    groups: Vec<Membership>,
+    /// Groups an identity provider put the user in that no group of the policy takes in.
+    unbound_idp_groups: Vec<IdpGroup>,
+}
+
+#[derive(Debug, Serialize)]
+struct Membership {
+    group: String,
+    /// `policy` (listed in the group), or the identity provider's group that brings it.
+    source: MembershipSource,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum MembershipSource {
+    Policy,
+    Idp(IdpGroup),
+}
+
+async fn users(
+    config: &Config,
+    account: &str,
+    only: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let settings = account_config(config, account)?;
+    let store = open_store(config, account).await?;
+    let policy = PolicyEngine::open(&settings.policy)?;
+    let loaded = policy.current();
+    let table = loaded.table.table();
+    let mut users: BTreeMap<String, UserView> = BTreeMap::new();
+    for token in store.list_tokens(account).await? {
+        if let TokenKind::Client {
+            user: email,
+            provider,
+        } = &token.kind
+        {
+            let view = user_entry(&mut users, email);
+            view.devices += 1;
+            view.providers.extend(provider.clone());
+        }
+    }
+    for group in &table.groups {
+        for email in &group.members {
+            user_entry(&mut users, email).groups.push(Membership {
+                group: group.id.clone(),
+                source: MembershipSource::Policy,
+            });
+        }
+    }
+    for (email, idp_group) in store.all_memberships(account).await? {
+        let bound: Vec<&str> = table
+            .groups
+            .iter()
+            .filter(|g| {
+                g.idp
+                    .iter()
+                    .any(|b| b.provider == idp_group.provider && b.group == idp_group.group)
+            })
+            .map(|g| g.id.as_str())
+            .collect();
+        let view = user_entry(&mut users, &email);
+        if bound.is_empty() {
+            view.unbound_idp_groups.push(idp_group);
+            continue;
+        }
+        for group in bound {
+            view.groups.push(Membership {
+                group: group.to_owned(),
+                source: MembershipSource::Idp(idp_group.clone()),
+            });
+        }
+    }
+    let views: Vec<UserView> = users
+        .into_values()
+        .filter(|u| only.is_none_or(|email| u.email.eq_ignore_ascii_case(email)))
+        .collect();
+    if let Some(email) = only
+        && views.is_empty()
+    {
+        bail!("account `{account}` knows no user `{email}`");
+    }
+    if json {
+        println!("{}", serde_json::to_string(&views)?);
+        return Ok(());
+    }
+    for view in &views {
+        let providers = if view.providers.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = view.providers.iter().map(String::as_str).collect();
+            format!(" (signed in via {})", names.join(", "))
+        };
+        let plural = if view.devices == 1 { "" } else { "s" };
+        println!("{}\t{} device{plural}{providers}", view.email, view.devices);
+        for membership in &view.groups {
+            let source = match &membership.source {
+                MembershipSource::Policy => "listed in the policy".to_owned(),
+                MembershipSource::Idp(g) => format!("{} group \"{}\"", g.provider, g.group),
+            };
+            println!("    group {}\t{source}", membership.group);
+        }
+        for g in &view.unbound_idp_groups {
+            println!(
+                "    ({} group \"{}\": no group of the policy takes it in)",
+                g.provider, g.group
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The user of this email (in any case), added if new.
+fn user_entry<'a>(users: &'a mut BTreeMap<String, UserView>, email: &str) -> &'a mut UserView {
+    let email = email.to_lowercase();
+    users.entry(email.clone()).or_insert_with(|| UserView {
+        email,
+        ..UserView::default()
+    })
+}
+
+/// A Unix time as a date for people: `2026-12-06 01:55:02 UTC`.
+fn date(unix_seconds: i64) -> String {
+    chrono::DateTime::from_timestamp(unix_seconds, 0).map_or_else(
+        || format!("{unix_seconds} (Unix seconds)"),
+        |time| time.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    )
 }
 
 fn account_config<'a>(config: &'a Config, account: &str) -> anyhow::Result<&'a AccountConfig> {
