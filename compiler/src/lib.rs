@@ -120,10 +120,12 @@ fn no_rules(sources: &Sources) -> Diagnostic {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read `{path}`: {source}")]
+    /// The cause is part of the message and not a `source()`, so that a caller printing the
+    /// error with its chain (`fzc`, through anyhow) says it once.
+    #[error("cannot read `{path}`: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("`{0}` is not a directory")]
     NotADirectory(PathBuf),
@@ -137,7 +139,7 @@ pub enum LoadError {
 pub fn load_tree(dir: &Path) -> Result<Sources, LoadError> {
     let io = |path: &Path| {
         let path = path.to_owned();
-        move |source| LoadError::Io { path, source }
+        move |cause| LoadError::Io { path, cause }
     };
     if !std::fs::metadata(dir).map_err(io(dir))?.is_dir() {
         return Err(LoadError::NotADirectory(dir.to_owned()));

@@ -106,6 +106,12 @@ fn exit_codes() {
             run.stdout, run.stderr
         );
     }
+    // A tree that cannot be read says so once, with its cause once.
+    let missing = fzc(good.path(), &["check", "missing-dir"]);
+    assert_eq!(
+        missing.stderr.trim_end(),
+        "error: cannot read `missing-dir`: No such file or directory (os error 2)"
+    );
 }
 
 #[test]
