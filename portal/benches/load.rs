@@ -1053,16 +1053,7 @@ async fn load_phase(
     tally.from_ack.sort_unstable();
     let ticks = clock_ticks();
     let share = |before: u64, after: u64| after.saturating_sub(before) as f64 / ticks / seconds;
-    let mut threads: Vec<(String, f64)> = server_after
-        .threads
-        .iter()
-        .map(|(name, after)| {
-            let before = server_before.threads.get(name).copied().unwrap_or(0);
-            (name.clone(), share(before, *after))
-        })
-        .filter(|(_, cpu)| *cpu >= 0.005)
-        .collect();
-    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let threads = thread_shares(&server_before, &server_after, share);
     let in_force_after = in_force.as_mut().map(|n| {
         *n += tally.granted_total;
         *n
@@ -1388,6 +1379,26 @@ impl Server {
     fn cpu(&self) -> CpuSample {
         cpu_sample(&self.pid().to_string())
     }
+}
+
+/// Each thread group's share of a core between two samples of one process (`share` turns
+/// ticks before and after into it), busiest first; those under half a percent left out.
+fn thread_shares(
+    before: &CpuSample,
+    after: &CpuSample,
+    share: impl Fn(u64, u64) -> f64,
+) -> Vec<(String, f64)> {
+    let mut threads: Vec<(String, f64)> = after
+        .threads
+        .iter()
+        .map(|(name, ticks)| {
+            let earlier = before.threads.get(name).copied().unwrap_or(0);
+            (name.clone(), share(earlier, *ticks))
+        })
+        .filter(|(_, cpu)| *cpu >= 0.005)
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    threads
 }
 
 /// CPU ticks of a process (`self` or a pid) and of its threads, by thread name.

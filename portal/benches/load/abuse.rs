@@ -60,7 +60,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::{
     ACCOUNT, CpuSample, Model, Options, Server, StoreKind, Want, client_key, clock_ticks,
-    connect_all, cpu_sample, gateway_key, machine, ms, percentile, populate,
+    connect_all, cpu_sample, gateway_key, machine, ms, percentile, populate, thread_shares,
 };
 
 /// A well-behaved client asks for at most this many resources, half its grant cap, so that
@@ -876,16 +876,7 @@ async fn phase(
     );
     let generator_cpu =
         (share(generator_before.total, generator_after.total) - abuser_cpu).max(0.0);
-    let mut threads: Vec<(String, f64)> = server_after
-        .threads
-        .iter()
-        .map(|(name, after)| {
-            let before = server_before.threads.get(name).copied().unwrap_or(0);
-            (name.clone(), share(before, *after))
-        })
-        .filter(|(_, cpu)| *cpu >= 0.005)
-        .collect();
-    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let threads = thread_shares(&server_before, &server_after, share);
     let refusals = refusals_logged(context.log, log_offset);
     let phase = Phase {
         answers,
