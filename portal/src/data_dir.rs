@@ -24,14 +24,16 @@ pub const DIR_MODE: u32 = 0o700;
 pub const FILE_MODE: u32 = 0o600;
 
 /// The files the portal keeps in the data directory: the store, what SQLite keeps beside it,
-/// and the signing key with the temporary file it is written through.
-pub const FILES: [&str; 6] = [
+/// and the keys with the temporary files they are written through.
+pub const FILES: [&str; 8] = [
     crate::store::DATABASE_FILE,
     "portal.sqlite3-wal",
     "portal.sqlite3-shm",
     "portal.sqlite3-journal",
     crate::keys::FILE,
     crate::keys::TEMPORARY_FILE,
+    crate::keys::TOKEN_KEY_FILE,
+    crate::keys::TOKEN_KEY_TEMPORARY_FILE,
 ];
 
 /// Why the data directory cannot be used.

@@ -1,11 +1,14 @@
-//! The portal's Ed25519 signing key: made once from the OS's CSPRNG and kept in the data dir,
-//! readable by the portal's user alone. Agents pin its public half.
+//! The portal's keys, each made once from the OS's CSPRNG and kept in the data dir, readable by
+//! the portal's user alone: the Ed25519 signing key for grants (agents pin its public half) and
+//! the token key that authenticates token fragments (`credential`).
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use fz_proto::PortalSigningKey;
+
+use crate::credential::TokenKey;
 
 use crate::data_dir::{self, DataDirError};
 
@@ -15,6 +18,12 @@ pub const FILE: &str = "portal-signing.key";
 /// The file a new key is written to before it is renamed to [`FILE`].
 pub const TEMPORARY_FILE: &str = ".portal-signing.key.tmp";
 
+/// The token key's file in the data dir.
+pub const TOKEN_KEY_FILE: &str = "token.key";
+
+/// The file a new token key is written to before it is renamed to [`TOKEN_KEY_FILE`].
+pub const TOKEN_KEY_TEMPORARY_FILE: &str = ".token.key.tmp";
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read or write `{path}`: {source}")]
@@ -22,7 +31,7 @@ pub enum KeyFileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("`{0}` is not a signing key (32 bytes)")]
+    #[error("`{0}` is not a key (32 bytes)")]
     Damaged(PathBuf),
     /// The data dir cannot be made, or it (or a file in it, the key included) is open to
     /// group or others.
@@ -35,23 +44,29 @@ pub enum KeyFileError {
 /// Loads the signing key from `data_dir`, making one the first time (and the data dir, mode
 /// 0700, if it is missing). A data dir or key file open to group or others is refused.
 pub fn load_or_create(data_dir: &Path) -> Result<PortalSigningKey, KeyFileError> {
-    let path = data_dir.join(FILE);
+    seed(data_dir, FILE, TEMPORARY_FILE).map(PortalSigningKey::from_seed)
+}
+
+/// Loads the token key from `data_dir` as [`load_or_create`] does the signing key.
+pub fn load_or_create_token_key(data_dir: &Path) -> Result<TokenKey, KeyFileError> {
+    seed(data_dir, TOKEN_KEY_FILE, TOKEN_KEY_TEMPORARY_FILE).map(TokenKey::from_seed)
+}
+
+/// The 32 bytes kept in `file`, made (through `temporary`) the first time.
+fn seed(data_dir: &Path, file: &str, temporary: &str) -> Result<[u8; 32], KeyFileError> {
+    let path = data_dir.join(file);
     let io = |source| KeyFileError::Io {
         path: path.clone(),
         source,
     };
     data_dir::prepare(data_dir)?;
     match std::fs::read(&path) {
-        Ok(bytes) => {
-            let seed =
-                <[u8; 32]>::try_from(bytes).map_err(|_| KeyFileError::Damaged(path.clone()))?;
-            Ok(PortalSigningKey::from_seed(seed))
-        }
+        Ok(bytes) => <[u8; 32]>::try_from(bytes).map_err(|_| KeyFileError::Damaged(path.clone())),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(KeyFileError::Random)?;
             // Write beside it and rename: a crash never leaves a half key behind.
-            let temporary = data_dir.join(TEMPORARY_FILE);
+            let temporary = data_dir.join(temporary);
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -63,7 +78,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<PortalSigningKey, KeyFileError>
                 .and_then(|()| file.sync_all())
                 .map_err(io)?;
             std::fs::rename(&temporary, &path).map_err(io)?;
-            Ok(PortalSigningKey::from_seed(seed))
+            Ok(seed)
         }
         Err(error) => Err(io(error)),
     }

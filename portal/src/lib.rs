@@ -13,6 +13,7 @@ pub mod admission;
 pub mod agents;
 pub mod broker;
 pub mod config;
+pub mod credential;
 pub mod data_dir;
 pub mod geo;
 pub mod http;

@@ -4,9 +4,11 @@
 //! `portal/migrations/` embedded and applied by [`Store::open`].
 //!
 //! What it does not do: it never reads the clock (every method that needs the time takes `now`,
-//! Unix seconds), decides nothing about policy, signs nothing, pushes nothing, and keeps no
-//! token secret: a token's secret is handed out once by [`Store::create_token`] and only its
-//! SHA-256 is stored. Health of gateways beyond the `connected` flag and `last_seen` time is
+//! Unix seconds), decides nothing about policy, signs no grant, pushes nothing, and keeps no
+//! token: a token's fragment is handed out once by [`Store::create_token`] (or
+//! [`Store::create_signed_in_token`]) and only a salted hash of it, with the client's nonce,
+//! is stored (`credential`; the token key that authenticates fragments is read from the data
+//! dir). Health of gateways beyond the `connected` flag and `last_seen` time is
 //! the portal's business.
 //!
 //! The one secret it keeps is each grant in force's client–gateway preshared key, inside the
@@ -48,10 +50,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
@@ -60,14 +59,13 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 use subtle::ConstantTimeEq as _;
 
+use crate::credential::{self, IssueError, Label, TokenKey};
 use crate::data_dir::{self, DataDirError};
+use crate::keys::{self, KeyFileError};
 use crate::random;
 
 /// The database file's name inside the data dir.
 pub const DATABASE_FILE: &str = "portal.sqlite3";
-
-/// What every token secret starts with, so a leaked one is recognisable.
-pub const SECRET_PREFIX: &str = "fzt_";
 
 /// How long a writer waits for another one before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,6 +103,8 @@ pub struct Store {
     writes: Arc<tokio::sync::Mutex<()>>,
     /// How many secrets [`Store::authenticate`] checked (see [`Store::token_checks`]).
     token_checks: Arc<AtomicU64>,
+    /// Makes and reads token fragments (`credential`).
+    token_key: Arc<TokenKey>,
 }
 
 /// Why a store operation failed.
@@ -131,6 +131,9 @@ pub enum StoreError {
     /// The operating system's random number generator failed.
     #[error("the system random number generator failed: {0}")]
     Random(getrandom::Error),
+    /// The token key cannot be read or made.
+    #[error(transparent)]
+    TokenKey(#[from] KeyFileError),
     /// The entity does not exist in this account.
     #[error("{0} not found")]
     NotFound(Entity),
@@ -186,7 +189,8 @@ pub enum TokenKind {
 #[derive(Clone, PartialEq, Eq)]
 pub struct NewToken {
     pub id: String,
-    /// `fzt_` and 32 random bytes in unpadded base64url.
+    /// What is handed out: the fragment (`credential`), which for a token an admin made is the
+    /// whole token and for one made at a sign-in is the token less the client's nonce.
     pub secret: String,
 }
 
@@ -214,6 +218,9 @@ pub struct TokenRecord {
     /// When it became usable; `None` for a token made inactive whose maker never activated
     /// it (see [`Store::create_inactive_token`]), which is refused everywhere.
     pub activated_at: Option<i64>,
+    /// Made at the user's own sign-in ([`Store::create_signed_in_token`]); `false` for a token
+    /// an admin made (a gateway's, or a service account's client token).
+    pub signed_in: bool,
 }
 
 /// A registered client device.
@@ -423,10 +430,12 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open { path, source })?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        let token_key = keys::load_or_create_token_key(data_dir)?;
         Ok(Store {
             pool,
             writes: Arc::default(),
             token_checks: Arc::default(),
+            token_key: Arc::new(token_key),
         })
     }
 
@@ -477,8 +486,9 @@ impl Store {
 
     // ---- tokens ----
 
-    /// Creates a token, live at once, and returns its id and secret. Only the secret's SHA-256
-    /// is stored, so the secret cannot be shown again. `expires_at` must be after `now`.
+    /// Creates a token, live at once, and returns its id and secret (a fragment with no nonce:
+    /// `credential`). Only a salted hash of it is stored, so it cannot be shown again.
+    /// `expires_at` must be after `now`.
     pub async fn create_token(
         &self,
         account: &str,
@@ -487,7 +497,31 @@ impl Store {
         expires_at: i64,
         now: i64,
     ) -> Result<NewToken, StoreError> {
-        self.insert_token(account, kind, name, expires_at, now, Some(now))
+        let times = Lifetime {
+            now,
+            expires_at,
+            activated_at: Some(now),
+        };
+        self.insert_token(account, kind, name, times, None).await
+    }
+
+    /// Creates a token, live at once, for a client that signed in and drew `nonce`: the
+    /// returned secret is the fragment to hand back, and only `nonce ‖ fragment` is accepted.
+    pub async fn create_signed_in_token(
+        &self,
+        account: &str,
+        kind: TokenKind,
+        name: &str,
+        expires_at: i64,
+        now: i64,
+        nonce: &str,
+    ) -> Result<NewToken, StoreError> {
+        let times = Lifetime {
+            now,
+            expires_at,
+            activated_at: Some(now),
+        };
+        self.insert_token(account, kind, name, times, Some(nonce))
             .await
     }
 
@@ -503,8 +537,12 @@ impl Store {
         expires_at: i64,
         now: i64,
     ) -> Result<NewToken, StoreError> {
-        self.insert_token(account, kind, name, expires_at, now, None)
-            .await
+        let times = Lifetime {
+            now,
+            expires_at,
+            activated_at: None,
+        };
+        self.insert_token(account, kind, name, times, None).await
     }
 
     /// Activates a token of `account` made with [`Store::create_inactive_token`] (a token
@@ -540,9 +578,12 @@ impl Store {
         account: &str,
         kind: TokenKind,
         name: &str,
-        expires_at: i64,
-        now: i64,
-        activated_at: Option<i64>,
+        Lifetime {
+            now,
+            expires_at,
+            activated_at,
+        }: Lifetime,
+        nonce: Option<&str>,
     ) -> Result<NewToken, StoreError> {
         if expires_at <= now {
             return Err(StoreError::Invalid(
@@ -550,7 +591,18 @@ impl Store {
             ));
         }
         let id = random_id("tok")?;
-        let secret = new_secret()?;
+        let label = match kind {
+            TokenKind::Client { .. } => Label::Client,
+            TokenKind::Gateway { .. } => Label::Gateway,
+        };
+        let issued =
+            self.token_key
+                .issue(label, account, &id, nonce)
+                .map_err(|error| match error {
+                    IssueError::Random(error) => StoreError::Random(error),
+                    IssueError::Field(_) => StoreError::Invalid("account slug"),
+                    IssueError::Nonce => StoreError::Invalid("sign-in nonce"),
+                })?;
         let (_turn, mut tx) = self.begin_write().await?;
         let (kind_text, site, user, provider) = match &kind {
             TokenKind::Client { user, provider } => {
@@ -568,20 +620,22 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO tokens (id, account, kind, name, site, secret_hash, created_at, expires_at,
-                                 user_email, provider, activated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                 user_email, provider, activated_at, salt, made_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )
         .bind(&id)
         .bind(account)
         .bind(kind_text)
         .bind(name)
         .bind(site)
-        .bind(hash_secret(&secret))
+        .bind(&issued.hash)
         .bind(now)
         .bind(expires_at)
         .bind(user)
         .bind(provider)
         .bind(activated_at)
+        .bind(&issued.salt)
+        .bind(if nonce.is_some() { "sign-in" } else { "admin" })
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -591,7 +645,10 @@ impl Store {
             })
         })?;
         tx.commit().await?;
-        Ok(NewToken { id, secret })
+        Ok(NewToken {
+            id,
+            secret: issued.fragment,
+        })
     }
 
     /// Revokes a token of `account` (a second revocation keeps the first time). Grants made
@@ -617,34 +674,46 @@ impl Store {
         Ok(())
     }
 
-    /// The token whose secret this is, if it is active and neither revoked nor expired at
-    /// `now`.
+    /// The token whose text this is (`nonce ‖ fragment`, or the fragment alone for a token an
+    /// admin made), if it is active and neither revoked nor expired at `now`.
     ///
-    /// INVARIANT: every secret costs the same work, whatever its shape and whether a token
-    /// has it: hashed, looked up, and compared in constant time with the stored hash or, when
-    /// there is none, with a dummy one. Only then are the results read. So how long a refusal
-    /// takes says nothing about which tokens exist (and the broker does the same work for an
-    /// account that does not exist, so nor about which accounts do).
+    /// INVARIANT: every text costs the same work, whatever its shape and whether a token has
+    /// it: looked up by the account and id its fragment names (a dummy pair when the fragment's
+    /// MAC does not verify), hashed with the stored salt (or a dummy one), and compared in
+    /// constant time with the stored hash (or a dummy one). Only then are the results read. So
+    /// how long a refusal takes says nothing about which tokens exist (and the broker does the
+    /// same work for an account that does not exist, so nor about which accounts do).
     pub async fn authenticate(
         &self,
-        secret: &str,
+        text: &str,
         now: i64,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        let hash = hash_secret(secret);
+        let presented = self.token_key.read(text);
+        let (account, id) = presented.map_or(("", DUMMY_ID), |p| (p.account, p.id));
         let row: Option<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, secret_hash FROM tokens WHERE secret_hash = ?1"
+            "SELECT {TOKEN_COLUMNS}, secret_hash, salt FROM tokens WHERE account = ?1 AND id = ?2"
         ))
-        .bind(&hash)
+        .bind(account)
+        .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        // The lookup already matched when there is a row; the comparison keeps the decision
-        // free of timing differences should the lookup ever change (say, to a prefix index).
+        let salt = row
+            .as_ref()
+            .and_then(|r| r.salt.as_deref())
+            .unwrap_or(DUMMY_SALT);
+        let hash = match &presented {
+            Some(presented) => presented.hash(salt),
+            None => credential::stored_hash("", text, salt),
+        };
         let stored = row.as_ref().map_or(DUMMY_HASH, |r| r.secret_hash.as_str());
         let matches: bool = stored.as_bytes().ct_eq(hash.as_bytes()).into();
         self.token_checks.fetch_add(1, Ordering::Relaxed);
-        let Some(row) = row.filter(|_| matches && secret.starts_with(SECRET_PREFIX)) else {
+        let (Some(row), Some(presented)) = (row, presented) else {
             return Ok(None);
         };
+        if !matches || row.kind != presented.label.as_str() {
+            return Ok(None);
+        }
         let record = row.into_record()?;
         if record.activated_at.is_none() || record.revoked_at.is_some() || record.expires_at <= now
         {
@@ -673,7 +742,7 @@ impl Store {
     /// Every token of `account`, revoked and expired ones included, oldest first.
     pub async fn list_tokens(&self, account: &str) -> Result<Vec<TokenRecord>, StoreError> {
         let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, secret_hash FROM tokens WHERE account = ?1
+            "SELECT {TOKEN_COLUMNS}, secret_hash, salt FROM tokens WHERE account = ?1
              ORDER BY created_at, rowid"
         ))
         .bind(account)
@@ -1274,16 +1343,29 @@ impl Store {
     }
 }
 
+/// When a token is made, until when it may be used, and when it became usable (`None`:
+/// made inactive).
+struct Lifetime {
+    now: i64,
+    expires_at: i64,
+    activated_at: Option<i64>,
+}
+
 /// A writer's turn (see [`Store`]'s `writes`): the next writer of this process waits until
 /// it is dropped.
 type WriteTurn = tokio::sync::OwnedMutexGuard<()>;
 
 const TOKEN_COLUMNS: &str = "id, account, kind, name, site, user_email, provider, created_at, \
-                             expires_at, revoked_at, activated_at";
+                             expires_at, revoked_at, activated_at, made_by = 'sign-in' AS signed_in";
 
-/// What [`Store::authenticate`] compares a secret's hash with when no token has it: the shape
-/// of a stored hash, and no secret's (that would take a SHA-256 preimage of zeros).
+/// What [`Store::authenticate`] compares a token's hash with when no token has it: the shape
+/// of a stored hash, and no token's (that would take a SHA-256 preimage of zeros).
 const DUMMY_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The salt [`Store::authenticate`] hashes with when no token has the text's id.
+const DUMMY_SALT: &str = "00000000000000000000000000000000";
+/// The token id [`Store::authenticate`] looks up for text that is no token of this portal's:
+/// not the shape of any id the store makes, so the lookup finds nothing, at the usual cost.
+const DUMMY_ID: &str = "tok_-";
 const CLIENT_COLUMNS: &str = "id, account, token_id, name, public_key, verified, verified_key, created_at, tunnel_index, \
      last_connected_at";
 const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
@@ -1302,7 +1384,10 @@ struct TokenRow {
     expires_at: i64,
     revoked_at: Option<i64>,
     activated_at: Option<i64>,
+    signed_in: bool,
     secret_hash: String,
+    /// `NULL` for tokens made before tokens were salted: they were all revoked then.
+    salt: Option<String>,
 }
 
 impl TokenRow {
@@ -1324,6 +1409,7 @@ impl TokenRow {
             expires_at: self.expires_at,
             revoked_at: self.revoked_at,
             activated_at: self.activated_at,
+            signed_in: self.signed_in,
         })
     }
 }
@@ -1691,15 +1777,6 @@ fn canonical_key(text: &str) -> Result<String, StoreError> {
         .map_err(|_| StoreError::Invalid("public key: it must be 32 bytes in base64"))
 }
 
-fn new_secret() -> Result<String, StoreError> {
-    let bytes = random::bytes::<32>().map_err(StoreError::Random)?;
-    Ok(format!("{SECRET_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes)))
-}
-
 fn random_id(prefix: &str) -> Result<String, StoreError> {
     random::id(prefix).map_err(StoreError::Random)
-}
-
-fn hash_secret(secret: &str) -> String {
-    random::hex(&Sha256::digest(secret.as_bytes()))
 }

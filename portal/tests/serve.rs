@@ -134,7 +134,7 @@ fn tokens_survive_a_restart_and_stay_in_their_account() {
         .unwrap()
         .trim_start_matches("secret ")
         .to_owned();
-    assert!(secret.starts_with("fzt_"));
+    assert!(secret.starts_with("fz1.client.acme.tok_"), "{secret}");
 
     // A portal run in between (opening, migrating, closing the store) loses nothing.
     let (mut child, _) = serve(home.path());
@@ -516,7 +516,7 @@ fn a_token_works_only_once_its_secret_is_printed() {
         .unwrap()
         .trim_start_matches("secret ")
         .to_owned();
-    assert!(secret.starts_with("fzt_"));
+    assert!(secret.starts_with("fz1.gateway.acme.tok_"), "{secret}");
 
     // The first is listed as inactive, the second as active.
     let listed = stdout(&portal(
@@ -621,7 +621,7 @@ fn clients_and_users_say_whose_devices_they_are_and_where_each_membership_comes_
         lines[0][1..],
         [
             "laptop",
-            "alice@acme.example via okta",
+            "alice@acme.example via okta (service account)",
             "verified",
             "last connected 2026-05-28 20:26:40 UTC",
             lines[0][5],

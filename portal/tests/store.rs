@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use fz_portal::data_dir::DataDirError;
 use fz_portal::store::{
     ClientRecord, DATABASE_FILE, Decision, FlowFilter, GatewayRecord, GrantRecord, NewFlow,
@@ -176,6 +176,27 @@ fn all_flows(account: &str) -> FlowFilter {
         account: account.to_owned(),
         ..FlowFilter::default()
     }
+}
+
+/// A 32-byte sign-in nonce in unpadded base64url, as a client draws it.
+fn nonce(n: u8) -> String {
+    URL_SAFE_NO_PAD.encode([n; 32])
+}
+
+/// The stored hash and salt of a token, read through a separate connection (only once the
+/// store is closed or dropped: see `the_database_never_contains_a_secret`).
+async fn stored_hash_and_salt(data_dir: &Path, token_id: &str) -> (String, String) {
+    let options = SqliteConnectOptions::new()
+        .filename(data_dir.join(DATABASE_FILE))
+        .read_only(true);
+    let pool = SqlitePool::connect_with(options).await.unwrap();
+    let row = sqlx::query_as("SELECT secret_hash, salt FROM tokens WHERE id = ?1")
+        .bind(token_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    row
 }
 
 /// Everything in every table of the store file, read through a separate connection.
@@ -447,7 +468,11 @@ async fn a_restart_loses_nothing() {
 
 #[tokio::test]
 async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
-    let Fixture { _dir, store, .. } = fixture().await;
+    let Fixture {
+        _dir,
+        store,
+        data_dir,
+    } = fixture().await;
     let make = |account, kind, expires_at| {
         let store = store.clone();
         async move {
@@ -470,10 +495,7 @@ async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
     let mut last_changed = live.secret.clone();
     let last = last_changed.pop().unwrap();
     last_changed.push(if last == 'A' { 'B' } else { 'A' });
-    let hash: String = Sha256::digest(live.secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let (hash, _) = stored_hash_and_salt(&data_dir, &live.id).await;
 
     let yes = |token: &NewToken, account: &str, kind: &TokenKind| -> Authenticated {
         Some((token.id.clone(), account.to_owned(), kind.clone()))
@@ -517,13 +539,18 @@ async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
         ),
         ("last character changed", last_changed, NOW, None),
         (
-            "without its prefix",
-            secret["fzt_".len()..].to_owned(),
+            "with a nonce it was not made for",
+            format!("{}{secret}", nonce(1)),
             NOW,
             None,
         ),
-        ("with a second prefix", format!("fzt_{secret}"), NOW, None),
-        ("prefix only", "fzt_".to_owned(), NOW, None),
+        (
+            "cut short",
+            secret[..secret.len() - 1].to_owned(),
+            NOW,
+            None,
+        ),
+        ("the old form", format!("fzt_{}", "A".repeat(43)), NOW, None),
         ("empty", String::new(), NOW, None),
         ("the stored hash", hash, NOW, None),
         ("the token id", live.id.clone(), NOW, None),
@@ -533,6 +560,44 @@ async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
         let got = got.map(|t| (t.id, t.account, t.kind));
         assert_eq!(got, expected, "{case}");
     }
+}
+
+#[tokio::test]
+async fn a_signed_in_token_is_accepted_only_with_the_nonce_it_was_made_for() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let kind = TokenKind::Client {
+        user: "alice@example.com".to_owned(),
+        provider: Some("email".to_owned()),
+    };
+    let fragment = store
+        .create_signed_in_token(A, kind.clone(), "laptop", NOW + DAY, NOW, &nonce(1))
+        .await
+        .unwrap();
+    let found = store
+        .authenticate(&format!("{}{}", nonce(1), fragment.secret), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        found.map(|t| (t.id, t.kind)),
+        Some((fragment.id.clone(), kind))
+    );
+    // The fragment is what travels through the browser: alone, or with another nonce, it is
+    // worth nothing.
+    for (case, text) in [
+        ("the fragment alone", fragment.secret.clone()),
+        ("another nonce", format!("{}{}", nonce(2), fragment.secret)),
+        ("the nonce alone", nonce(1)),
+    ] {
+        let found = store.authenticate(&text, NOW).await.unwrap();
+        assert!(found.is_none(), "{case}");
+    }
+    // A nonce that is not 32 bytes of base64url makes no token.
+    let refused = store
+        .create_signed_in_token(A, client_kind(), "t", NOW + DAY, NOW, "short")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.to_string(), "invalid sign-in nonce");
+    assert_eq!(store.list_tokens(A).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -552,13 +617,18 @@ async fn every_secret_costs_one_check_whatever_it_is() {
         .await
         .unwrap();
     let unknown = format!("fzt_{}", "A".repeat(43));
-    // Found or not, well formed or not: hashed, looked up and compared once each.
+    let forged = fz_portal::credential::TokenKey::from_seed([9; 32])
+        .issue(fz_portal::credential::Label::Client, A, &live.id, None)
+        .unwrap()
+        .fragment;
+    // Found or not, well formed or not: looked up, hashed and compared once each.
     let cases = [
         ("live", live.secret.as_str(), true),
         ("unknown", unknown.as_str(), false),
+        ("made with another key", forged.as_str(), false),
         ("revoked", revoked.secret.as_str(), false),
         ("inactive", inactive.secret.as_str(), false),
-        ("without the prefix", &live.secret["fzt_".len()..], false),
+        ("without its first character", &live.secret[1..], false),
         ("empty", "", false),
     ];
     for (case, secret, accepted) in cases {
@@ -654,14 +724,21 @@ async fn secrets_look_right_and_differ() {
             .create_token(A, client_kind(), "t", NOW + DAY, NOW)
             .await
             .unwrap();
-        let body = token.secret.strip_prefix("fzt_").unwrap();
-        assert_eq!(body.len(), 43, "32 bytes in unpadded base64");
+        // `fz1.<kind>.<account>.<id>.<secret>.<mac>`: 32 random bytes and a MAC, each in
+        // unpadded base64url.
+        let fields: Vec<&str> = token.secret.split('.').collect();
+        assert_eq!(fields[..4], ["fz1", "client", A, token.id.as_str()]);
+        for random in &fields[4..] {
+            assert_eq!(random.len(), 43, "32 bytes in unpadded base64");
+            assert!(
+                random
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            );
+        }
+        assert_eq!(fields.len(), 6);
         assert!(
-            body.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        );
-        assert!(
-            !format!("{token:?}").contains(body),
+            !format!("{token:?}").contains(fields[4]),
             "Debug hides the secret"
         );
         secrets.push(token.secret);
@@ -700,16 +777,25 @@ async fn the_database_never_contains_a_secret() {
                 .any(|bytes| bytes.windows(needle.len()).any(|window| window == needle))
         };
         for secret in secrets {
-            let body = secret.strip_prefix("fzt_").unwrap();
-            assert!(!contain(secret.as_bytes()), "{phase}: secret found");
-            assert!(!contain(body.as_bytes()), "{phase}: secret body found");
-            // The search does find what is there: the hash.
-            let hash: String = Sha256::digest(secret.as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            assert!(contain(hash.as_bytes()), "{phase}: hash not found");
+            let random_part = secret.split('.').nth(4).unwrap();
+            let mac = secret.split('.').nth(5).unwrap();
+            assert!(!contain(secret.as_bytes()), "{phase}: token found");
+            assert!(
+                !contain(random_part.as_bytes()),
+                "{phase}: its secret found"
+            );
+            assert!(!contain(mac.as_bytes()), "{phase}: its MAC found");
         }
+    }
+    // The search does find what is there: the salted hash.
+    for (secret, id) in secrets
+        .iter()
+        .zip([&world.client_token.id, &world.gateway_token.id])
+    {
+        let (hash, salt) = stored_hash_and_salt(&data_dir, id).await;
+        assert_eq!(fz_portal::credential::stored_hash("", secret, &salt), hash);
+        let file = std::fs::read(data_dir.join(DATABASE_FILE)).unwrap();
+        assert!(file.windows(64).any(|window| window == hash.as_bytes()));
     }
     // The log, if sqlx has not finished closing a connection yet, is empty: it was truncated.
     match std::fs::read(data_dir.join(format!("{DATABASE_FILE}-wal"))) {
@@ -1298,12 +1384,15 @@ async fn marks_given_before_marks_had_keys_are_for_the_key_the_client_had() {
             ("cli_2", false, None)
         ]
     );
-    // And from now on the mark follows the key.
-    let moved = store
-        .register_client(A, "tok_1", &key(3), NOW + 1)
+    // Tokens of that time had the old form (unsalted `fzt_` secrets): the upgrade revoked them.
+    let tokens = store.list_tokens(A).await.unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.iter().all(|t| t.revoked_at.is_some()));
+    let refused = store
+        .register_client(A, "tok_1", &key(1), NOW + 1)
         .await
-        .unwrap();
-    assert!(!moved.verified);
+        .unwrap_err();
+    assert_eq!(refused.to_string(), "token is revoked");
 }
 
 #[tokio::test]

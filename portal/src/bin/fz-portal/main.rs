@@ -90,7 +90,9 @@ enum TokenCommand {
     Create {
         #[arg(long)]
         account: String,
-        /// A client token, for a device of this name; needs `--user`.
+        /// A client token for a service account (a device that cannot sign in: a build
+        /// machine, a server), named so; needs `--user`. People's devices get theirs by
+        /// signing in (`fz-client sign-in`).
         #[arg(
             long,
             conflicts_with = "gateway",
@@ -373,7 +375,12 @@ async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
                     let state = token_state(t, now);
                     let kind = match &t.kind {
                         TokenKind::Client { user, provider } => format!(
-                            "client of {user}{}",
+                            "{} of {user}{}",
+                            if t.signed_in {
+                                "client"
+                            } else {
+                                "service account client"
+                            },
                             provider
                                 .as_deref()
                                 .map(|p| format!(" via {p}"))
@@ -415,6 +422,8 @@ struct ClientView<'a> {
     client: &'a ClientRecord,
     user: Option<&'a str>,
     provider: Option<&'a str>,
+    /// Its token was made by an admin (`token create`), not at the user's sign-in.
+    service_account: bool,
     token_expires_at: Option<i64>,
     token_state: &'static str,
 }
@@ -438,6 +447,7 @@ async fn clients(config: &Config, account: &str, json: bool) -> anyhow::Result<(
                 client,
                 user,
                 provider,
+                service_account: token.is_some_and(|t| !t.signed_in),
                 token_expires_at: token.map(|t| t.expires_at),
                 token_state: token.map_or("gone", |t| token_state(t, now)),
             }
@@ -458,6 +468,11 @@ async fn clients(config: &Config, account: &str, json: bool) -> anyhow::Result<(
             (Some(user), Some(provider)) => format!("{user} via {provider}"),
             (Some(user), None) => user.to_owned(),
             (None, _) => "-".to_owned(),
+        };
+        let user = if view.service_account {
+            format!("{user} (service account)")
+        } else {
+            user
         };
         let connected = client.last_connected_at.map_or_else(
             || "never connected".to_owned(),
