@@ -105,7 +105,7 @@ async fn authenticate(
 }
 
 /// The client's address: the socket's peer, or what a trusted proxy says it is.
-fn source_address(
+pub(crate) fn source_address(
     peer: Option<SocketAddr>,
     headers: &HeaderMap,
     proxy: Option<&TrustedProxy>,

@@ -41,6 +41,19 @@
 //! requests_per_second = 10         # connection requests a client may make, on average...
 //! request_burst = 100              # ...and at once (a token bucket; denials count too)
 //! flow_retention_days = 90         # flows older than this are deleted
+//!
+//! [accounts.email]                 # sign-in with a one-time code sent by email (on by default)
+//! enabled = true
+//! token_lifetime_secs = 604800     # a client token from an email sign-in lasts this (7 days)
+//!
+//! [smtp]                           # where sign-in codes are mailed; without this section they
+//!                                  # are written to `<data_dir>/mail/` and the portal logs where
+//! host = "smtp.example.com"
+//! port = 587
+//! security = "starttls"            # "starttls", "tls" (port 465), or "none" (loopback only)
+//! from = "fz <fz@example.com>"
+//! username = "fz"                  # with `password_file`, log in
+//! password_file = "smtp-password"
 //! ```
 //! Relative paths are read against the configuration file's directory (the working directory
 //! for the defaults). Every problem is reported with what was wrong and where, before the
@@ -65,7 +78,65 @@ pub struct Config {
     pub gateway_heartbeat_interval: Duration,
     pub gateway_ack_timeout: Duration,
     pub connections: ConnectionLimits,
+    /// Where sign-in codes are mailed; `None`: written under the data dir.
+    pub smtp: Option<SmtpConfig>,
     pub accounts: Vec<AccountConfig>,
+}
+
+/// An SMTP server to send mail through.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    #[serde(default = "default_smtp_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub security: SmtpSecurity,
+    /// The sender, as `Name <address>` or an address.
+    pub from: String,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+fn default_smtp_port() -> u16 {
+    587
+}
+
+/// How the connection to the SMTP server is protected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    /// Plain, then STARTTLS, which must succeed before anything is sent.
+    #[default]
+    StartTls,
+    /// TLS from the start (submissions, port 465).
+    Tls,
+    /// None at all: only for a server on loopback.
+    None,
+}
+
+/// Sign-in with a one-time code sent by email.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmailSignIn {
+    pub enabled: bool,
+    /// The lifetime of a client token made at such a sign-in.
+    pub token_lifetime_secs: u64,
+}
+
+impl Default for EmailSignIn {
+    fn default() -> Self {
+        EmailSignIn {
+            enabled: true,
+            token_lifetime_secs: DEFAULT_TOKEN_LIFETIME_SECS,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmailSignInFile {
+    enabled: Option<bool>,
+    token_lifetime_secs: Option<u64>,
 }
 
 /// How long a connection may take to become an agent, and how many may be open. The caps left
@@ -136,7 +207,11 @@ pub struct AccountConfig {
     pub request_burst: u32,
     /// Flows are kept this long (by the time of their last occurrence), then deleted.
     pub flow_retention_days: u32,
+    pub email: EmailSignIn,
 }
+
+/// Paths the portal serves at its root, which no account slug may take.
+pub const RESERVED_SLUGS: [&str; 2] = ["api", "healthz"];
 
 /// Grants live at most 8 hours unless an account says otherwise.
 pub const DEFAULT_MAX_GRANT_LIFETIME_SECS: u64 = 8 * 3600;
@@ -196,6 +271,7 @@ struct ConfigFile {
     max_connections: Option<usize>,
     max_unauthenticated_connections: Option<usize>,
     max_unauthenticated_per_source: Option<usize>,
+    smtp: Option<SmtpConfig>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
 }
@@ -211,6 +287,7 @@ struct AccountFile {
     requests_per_second: Option<u32>,
     request_burst: Option<u32>,
     flow_retention_days: Option<u32>,
+    email: Option<EmailSignInFile>,
 }
 
 impl Config {
@@ -242,6 +319,7 @@ impl Config {
             gateway_heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS),
             gateway_ack_timeout: Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS),
             connections: ConnectionLimits::default(),
+            smtp: None,
             accounts: vec![AccountConfig {
                 slug: "default".to_owned(),
                 policy: PathBuf::from("policies"),
@@ -251,6 +329,7 @@ impl Config {
                 requests_per_second: DEFAULT_REQUESTS_PER_SECOND,
                 request_burst: DEFAULT_REQUEST_BURST,
                 flow_retention_days: DEFAULT_FLOW_RETENTION_DAYS,
+                email: EmailSignIn::default(),
             }],
         }
     }
@@ -328,6 +407,10 @@ impl Config {
                 max_unauthenticated_connections: file.max_unauthenticated_connections,
                 max_unauthenticated_per_source: file.max_unauthenticated_per_source,
             },
+            smtp: file.smtp.map(|smtp| SmtpConfig {
+                password_file: smtp.password_file.map(resolve),
+                ..smtp
+            }),
             accounts: file
                 .accounts
                 .into_iter()
@@ -350,6 +433,14 @@ impl Config {
                     flow_retention_days: a
                         .flow_retention_days
                         .unwrap_or(DEFAULT_FLOW_RETENTION_DAYS),
+                    email: a
+                        .email
+                        .map_or_else(EmailSignIn::default, |email| EmailSignIn {
+                            enabled: email.enabled.unwrap_or(true),
+                            token_lifetime_secs: email
+                                .token_lifetime_secs
+                                .unwrap_or(DEFAULT_TOKEN_LIFETIME_SECS),
+                        }),
                 })
                 .collect(),
         };
@@ -427,6 +518,21 @@ impl Config {
                 proxy.header
             ));
         }
+        if let Some(smtp) = &self.smtp {
+            if smtp.security == SmtpSecurity::None && !is_loopback_host(&smtp.host) {
+                return invalid(format!(
+                    "`[smtp] security = \"none\"` would send sign-in codes in the clear to `{}`; \
+                     use \"starttls\" or \"tls\" (\"none\" is for a server on loopback)",
+                    smtp.host
+                ));
+            }
+            if smtp.username.is_some() != smtp.password_file.is_some() {
+                return invalid(
+                    "`[smtp]` `username` and `password_file` go together: give both, or neither"
+                        .to_owned(),
+                );
+            }
+        }
         if self.accounts.is_empty() {
             return invalid("no `[[accounts]]`: the portal serves at least one account".to_owned());
         }
@@ -444,10 +550,20 @@ impl Config {
                     "account slug `{slug}` must be lowercase letters, digits and `-`"
                 ));
             }
+            // The sign-in page is `/{slug}`: a slug may not be one of the portal's own paths.
+            if RESERVED_SLUGS.contains(&slug.as_str()) {
+                return invalid(format!(
+                    "account slug `{slug}` is one of the portal's own paths ({})",
+                    RESERVED_SLUGS.join(", ")
+                ));
+            }
             if !seen.insert(slug) {
                 return invalid(format!("account `{slug}` is configured twice"));
             }
-            if account.max_grant_lifetime_secs == 0 || account.token_lifetime_secs == 0 {
+            if account.max_grant_lifetime_secs == 0
+                || account.token_lifetime_secs == 0
+                || account.email.token_lifetime_secs == 0
+            {
                 return invalid(format!(
                     "account `{slug}`: lifetimes must be at least one second"
                 ));
@@ -469,6 +585,16 @@ impl Config {
     pub fn account(&self, slug: &str) -> Option<&AccountConfig> {
         self.accounts.iter().find(|a| a.slug == slug)
     }
+}
+
+/// `localhost` or a loopback address.
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -507,6 +633,45 @@ mod tests {
             Config::defaults().validate().map_err(|e| e.to_string()),
             Ok(())
         );
+    }
+
+    #[test]
+    fn smtp_and_email_sign_in_settings() {
+        let account = "[[accounts]]\nslug = \"acme\"\npolicy = \"p\"\n";
+        let config = parse(&format!(
+            "[smtp]\nhost = \"smtp.example.com\"\nfrom = \"fz <fz@example.com>\"\n\
+             username = \"fz\"\npassword_file = \"smtp-password\"\n{account}\
+             [accounts.email]\ntoken_lifetime_secs = 3600\n"
+        ))
+        .unwrap();
+        let smtp = config.smtp.unwrap();
+        assert_eq!((smtp.port, smtp.security), (587, SmtpSecurity::StartTls));
+        assert_eq!(
+            smtp.password_file.as_deref(),
+            Some(Path::new("/etc/fz/smtp-password"))
+        );
+        let email = &config.accounts[0].email;
+        assert!(email.enabled);
+        assert_eq!(email.token_lifetime_secs, 3600);
+        assert_eq!(Config::defaults().smtp, None);
+        assert!(Config::defaults().accounts[0].email.enabled);
+
+        let cases = [
+            (
+                "[smtp]\nhost = \"smtp.example.com\"\nsecurity = \"none\"\nfrom = \"a@b\"\n",
+                "would send sign-in codes in the clear",
+            ),
+            (
+                "[smtp]\nhost = \"smtp.example.com\"\nfrom = \"a@b\"\nusername = \"fz\"\n",
+                "`username` and `password_file` go together",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = parse(&format!("{text}{account}")).unwrap_err();
+            assert!(error.contains(expected), "{error}");
+        }
+        let loopback = "[smtp]\nhost = \"127.0.0.1\"\nsecurity = \"none\"\nfrom = \"a@b\"\n";
+        assert!(parse(&format!("{loopback}{account}")).is_ok());
     }
 
     #[test]

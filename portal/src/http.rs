@@ -1,9 +1,9 @@
 //! HTTP: the router the portal serves and its shared state. `GET /healthz` here; the agents'
-//! WebSockets in `agents`.
+//! WebSockets in `agents`; the accounts' sign-in pages in `sign_in`.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::get;
 use axum::{Json, Router, middleware};
 use serde::Serialize;
@@ -11,12 +11,17 @@ use serde::Serialize;
 use crate::agents;
 use crate::broker::Broker;
 use crate::config::TrustedProxy;
+use crate::sign_in::{self, SignIn};
+
+/// The largest sign-in form accepted: an address or a code, and the CSRF token.
+const MAX_FORM_BYTES: usize = 4096;
 
 /// What every handler can reach.
 #[derive(Debug)]
 pub struct AppState {
     pub broker: Arc<Broker>,
     pub trusted_proxy: Option<TrustedProxy>,
+    pub sign_in: Arc<SignIn>,
 }
 
 /// The portal's routes.
@@ -28,6 +33,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             agents::require_token,
         ))
         .route("/healthz", get(healthz))
+        .route("/{account}", get(sign_in::start_page))
+        .route(
+            "/{account}/sign-in/email",
+            get(sign_in::code_page).post(sign_in::email_requested),
+        )
+        .route(
+            "/{account}/sign-in/email/code",
+            axum::routing::post(sign_in::code_entered),
+        )
+        .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(state)
 }
 

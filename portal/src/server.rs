@@ -5,8 +5,9 @@
 //! restart), the signing key, each account's policy engine with its file watcher, the
 //! group-committing writer, the broker with the grants the store holds, a task per account
 //! that decides every grant again when its policy changes, the sweeper (expired grants,
-//! revoked tokens, closed time windows, once a second; the store's checkpoint and flows past
-//! their retention, each minute), reloads on SIGHUP, and the listener (HTTP, or HTTPS when
+//! revoked tokens, closed time windows, once a second; the store's checkpoint, flows past
+//! their retention, expired sign-ins, codes and written mail, each minute), the sign-in pages'
+//! state and mailer, reloads on SIGHUP, and the listener (HTTP, or HTTPS when
 //! configured) with its connection caps sized from the open files limit.
 
 use std::collections::HashSet;
@@ -24,7 +25,9 @@ use crate::config::Config;
 use crate::geo::CountryDb;
 use crate::http::{AppState, router};
 use crate::listener::{Caps, Connections, Settings};
+use crate::mail::Mailer;
 use crate::policy::{PolicyEngine, Watcher};
+use crate::sign_in::SignIn;
 use crate::store::Store;
 use crate::writer::Writer;
 
@@ -106,7 +109,13 @@ impl RunningPortal {
                 }
             }));
         }
-        tasks.push(tokio::spawn(sweep(broker.clone(), store.clone())));
+        let mailer = Mailer::new(config.smtp.as_ref(), &config.data_dir)?;
+        let sign_in = Arc::new(SignIn::new(mailer, tls.is_some()));
+        tasks.push(tokio::spawn(sweep(
+            broker.clone(),
+            store.clone(),
+            sign_in.clone(),
+        )));
         // Listening starts here, before the portal says it is up, so a SIGHUP sent after that
         // never meets the default action (termination).
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -123,6 +132,7 @@ impl RunningPortal {
         let app = router(Arc::new(AppState {
             broker: broker.clone(),
             trusted_proxy: config.trusted_proxy.clone(),
+            sign_in: sign_in.clone(),
         }));
         let connections = Connections::new(connection_caps(config));
         let settings = Settings {
@@ -238,7 +248,7 @@ async fn reload_on_hangup(broker: Arc<Broker>, mut hangups: tokio::signal::unix:
 /// the store's log is checkpointed too, so deleted grants leave the files within a minute; and
 /// the flows past their account's retention are deleted, in bounded batches, going on at the
 /// next ticks while a backlog remains.
-async fn sweep(broker: Arc<Broker>, store: Store) {
+async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick decides everything again: grants restored from the store were decided
@@ -279,6 +289,10 @@ async fn sweep(broker: Arc<Broker>, store: Store) {
                 Err(error) => tracing::warn!(error = %error, "store checkpoint failed"),
             }
             prune = true;
+            sign_in.forget_expired(now);
+            if let Err(error) = store.prune_email_codes(now).await {
+                tracing::warn!(error = %error, "cannot delete expired sign-in codes");
+            }
         }
         if prune {
             prune = broker.prune_flows().await.1;

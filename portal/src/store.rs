@@ -1101,6 +1101,113 @@ impl Store {
             .collect())
     }
 
+    /// Whether `account` knows user `email` (lowercase): a token was made for them, or an
+    /// identity provider signed them in.
+    pub async fn knows_user(&self, account: &str, email: &str) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM users WHERE account = ?1 AND email = ?2")
+                .bind(account)
+                .bind(email)
+                .fetch_one(&self.pool)
+                .await
+                .map(|n: i64| n > 0)?,
+        )
+    }
+
+    // ---- email sign-in codes ----
+
+    /// Keeps the hash of a code just sent to `email` (lowercase) of `account`, valid until
+    /// `expires_at` for `attempts` tries. It replaces any code waiting for that address, so
+    /// the older one stops working. The user is recorded if new.
+    pub async fn put_email_code(
+        &self,
+        account: &str,
+        email: &str,
+        code_hash: &str,
+        (now, expires_at): (i64, i64),
+        attempts: u32,
+    ) -> Result<(), StoreError> {
+        let (_turn, mut tx) = self.begin_write().await?;
+        insert_user(&mut tx, account, email).await?;
+        sqlx::query(
+            "INSERT INTO email_codes (account, email, code_hash, created_at, expires_at,
+                                      attempts_left)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (account, email) DO UPDATE SET
+                 code_hash = excluded.code_hash, created_at = excluded.created_at,
+                 expires_at = excluded.expires_at, attempts_left = excluded.attempts_left",
+        )
+        .bind(account)
+        .bind(email)
+        .bind(code_hash)
+        .bind(now)
+        .bind(expires_at)
+        .bind(i64::from(attempts))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            on_constraint(e, |kind| match kind {
+                ErrorKind::CheckViolation => Some(StoreError::Invalid("email or code")),
+                _ => None,
+            })
+        })?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Spends one try at the code waiting for `email` of `account` and returns its hash to
+    /// check the try against, or `None` when no code waits (none was sent, it expired at
+    /// `now`, was used, or its tries are spent). The try is spent in the statement that reads
+    /// the hash, so tries made at once cannot spend more than there are.
+    pub async fn spend_email_code_try(
+        &self,
+        account: &str,
+        email: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let _turn = self.write_turn().await;
+        Ok(sqlx::query_scalar(
+            "UPDATE email_codes SET attempts_left = attempts_left - 1
+             WHERE account = ?1 AND email = ?2 AND attempts_left > 0 AND expires_at > ?3
+             RETURNING code_hash",
+        )
+        .bind(account)
+        .bind(email)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Uses up the code with this hash waiting for `email` of `account`: true for exactly one
+    /// caller, false when it was used, replaced or deleted meanwhile.
+    pub async fn use_email_code(
+        &self,
+        account: &str,
+        email: &str,
+        code_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
+        let done = sqlx::query(
+            "DELETE FROM email_codes WHERE account = ?1 AND email = ?2 AND code_hash = ?3",
+        )
+        .bind(account)
+        .bind(email)
+        .bind(code_hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes every code that expired at or before `now`; returns how many.
+    pub async fn prune_email_codes(&self, now: i64) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
+        let done = sqlx::query("DELETE FROM email_codes WHERE expires_at <= ?1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     // ---- grants ----
 
     /// Stores a grant. Its client and gateway must belong to its account.

@@ -10,7 +10,9 @@ use axum::http::{Request, StatusCode};
 use fz_portal::broker::{Account, Broker, BrokerParts, Timings, system_clock};
 use fz_portal::config::Config;
 use fz_portal::http::{AppState, router};
+use fz_portal::mail::Mailer;
 use fz_portal::policy::PolicyEngine;
+use fz_portal::sign_in::SignIn;
 use fz_portal::store::{Store, TokenKind};
 use fz_portal::writer::Writer;
 use fz_proto::PortalSigningKey;
@@ -74,6 +76,7 @@ async fn app() -> (tempfile::TempDir, Router, String, String, String, Store) {
     let app = router(Arc::new(AppState {
         broker,
         trusted_proxy: None,
+        sign_in: Arc::new(SignIn::new(Mailer::Files(dir.path().join("mail")), false)),
     }));
     (dir, app, hash, client.secret, gateway.secret, store)
 }

@@ -1888,3 +1888,66 @@ async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper() {
         std::collections::HashMap::from([(b.client.id, fz_proto::PublicKey([11; 32]))])
     );
 }
+
+#[tokio::test]
+async fn an_email_code_has_its_tries_its_lifetime_and_one_use() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let alice = "alice@example.com";
+    store
+        .put_email_code(A, alice, "hash-1", (NOW, NOW + 900), 3)
+        .await
+        .unwrap();
+    assert!(store.knows_user(A, alice).await.unwrap());
+    assert!(!store.knows_user(B, alice).await.unwrap());
+    // Three tries, each spent as it reads the hash; then none.
+    for _ in 0..3 {
+        let hash = store.spend_email_code_try(A, alice, NOW).await.unwrap();
+        assert_eq!(hash.as_deref(), Some("hash-1"));
+    }
+    assert_eq!(
+        store.spend_email_code_try(A, alice, NOW).await.unwrap(),
+        None
+    );
+
+    // A new code replaces the old one, tries and all; it works until it expires.
+    store
+        .put_email_code(A, alice, "hash-2", (NOW, NOW + 900), 3)
+        .await
+        .unwrap();
+    assert!(!store.use_email_code(A, alice, "hash-1").await.unwrap());
+    assert_eq!(
+        store
+            .spend_email_code_try(A, alice, NOW + 900)
+            .await
+            .unwrap(),
+        None,
+        "expired"
+    );
+    assert_eq!(
+        store
+            .spend_email_code_try(A, alice, NOW + 899)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("hash-2")
+    );
+    // Used once, it is gone; another account never sees it.
+    assert_eq!(
+        store.spend_email_code_try(B, alice, NOW).await.unwrap(),
+        None
+    );
+    assert!(store.use_email_code(A, alice, "hash-2").await.unwrap());
+    assert!(!store.use_email_code(A, alice, "hash-2").await.unwrap());
+    assert_eq!(
+        store.spend_email_code_try(A, alice, NOW).await.unwrap(),
+        None
+    );
+
+    // Expired codes are swept.
+    store
+        .put_email_code(A, "bob@example.com", "hash-3", (NOW, NOW + 900), 3)
+        .await
+        .unwrap();
+    assert_eq!(store.prune_email_codes(NOW + 899).await.unwrap(), 0);
+    assert_eq!(store.prune_email_codes(NOW + 900).await.unwrap(), 1);
+}

@@ -71,8 +71,14 @@ pub fn run_as_root<W>(
 
 /// Reports and marks a skipped root test.
 pub fn skip(test: &str, why: &str) {
+    skip_needing(test, "root", why);
+}
+
+/// Reports and marks a test skipped for want of `need` (root, or a program `.ci/run` installs
+/// as root), so that `.ci/run` fails on it just the same.
+pub fn skip_needing(test: &str, need: &str, why: &str) {
     // Straight to the process's stderr, past libtest's capture, so a passing run shows it too.
-    let _ = writeln!(std::io::stderr(), "SKIPPED (needs root): {test} — {why}");
+    let _ = writeln!(std::io::stderr(), "SKIPPED (needs {need}): {test} — {why}");
     let marker = marker(test);
     std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
     std::fs::write(marker, format!("{why}\n")).unwrap();
