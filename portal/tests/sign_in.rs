@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fz_host::testing::browser::{Browser, Page};
 use fz_portal::store::TokenKind;
-use support::browser::{Browser, Page};
 use support::portal::TestPortal;
 
 const POLICY: &str = r#"

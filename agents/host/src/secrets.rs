@@ -83,6 +83,42 @@ pub fn load_or_create_key(path: &Path) -> Result<[u8; 32], SecretError> {
     })
 }
 
+/// Writes `secret` (and a newline) to `path`, readable by its owner alone: to a new file
+/// beside it (0600), synced, then renamed over `path`, so a crash leaves the old secret or the
+/// new one, never half of one. A missing parent directory is made (0700).
+pub fn write_secret(path: &Path, secret: &str) -> Result<(), SecretError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let create_error = |source| SecretError::Create {
+        path: path.to_owned(),
+        error: source,
+    };
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .map_err(create_error)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = parent.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&temporary);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(create_error)?;
+    file.write_all(format!("{secret}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(create_error)?;
+    fs::rename(&temporary, path).map_err(create_error)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -3,8 +3,8 @@
 //! the agents' binaries in network namespaces, the namespaces ([`netns`]), the processes
 //! ([`process`]), the servers and probes ([`net`]), the gateway's metrics ([`metrics`]) and
 //! IP packets built by hand with their checksums ([`packet`]). Test agents that speak the
-//! portal's WebSocket protocol ([`agents`]) serve the portal's tests and the end-to-end
-//! harness alike.
+//! portal's WebSocket protocol ([`agents`]) and a minimal browser for the sign-in pages
+//! ([`browser`]) serve the portal's tests and the end-to-end harness alike.
 //!
 //! Without root a test prints `SKIPPED (needs root): <test> — <why>` and leaves a marker in
 //! `<target>/fz-root-skips/<test>`; `.ci/run` fails when any marker is there, so a CI that means
@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agents;
+pub mod browser;
 pub mod metrics;
 pub mod net;
 pub mod netns;

@@ -4,8 +4,6 @@
 
 // Each test binary compiles every helper module but uses only some of their functions.
 #[allow(dead_code)]
-pub mod browser;
-#[allow(dead_code)]
 pub mod mmdb;
 #[allow(dead_code)]
 pub mod portal;

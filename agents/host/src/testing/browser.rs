@@ -1,7 +1,8 @@
 //! A minimal browser for the sign-in pages: HTTP/1.1 over a real socket, one request per
 //! connection, a cookie jar (name → value, as `Set-Cookie` says), no redirects followed (the
-//! tests look at each `Location`). Enough to drive the forms as a person's browser would, and
-//! to forge what an attacker's would.
+//! tests look at each `Location`). Enough to drive the forms as a person's browser would, to
+//! forge what an attacker's would, and to follow the portal's last redirect to a client's
+//! loopback listener. (The sign-in is also driven through real Chromium: `tests/`.)
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -57,24 +58,47 @@ impl Browser {
         }
     }
 
+    /// Gets `path` from the portal.
     pub async fn get(&mut self, path: &str) -> Page {
-        self.request("GET", path, None).await
+        self.request(self.portal, "GET", path, None).await
+    }
+
+    /// Gets an absolute `http://address/path` URL, such as the `Location` the portal sends to
+    /// a client's loopback listener.
+    pub async fn visit(&mut self, url: &str) -> Page {
+        let rest = url
+            .strip_prefix("http://")
+            .unwrap_or_else(|| panic!("not an http URL: {url}"));
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let address: SocketAddr = authority
+            .parse()
+            .unwrap_or_else(|_| panic!("not an address: {authority}"));
+        self.request(
+            address,
+            "GET",
+            if path.is_empty() { "/" } else { path },
+            None,
+        )
+        .await
     }
 
     /// Posts a form, its fields URL-encoded.
     pub async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Page {
         let body = serde_urlencoded::to_string(fields).expect("a form");
-        self.request("POST", path, Some(body)).await
+        self.request(self.portal, "POST", path, Some(body)).await
     }
 
-    async fn request(&mut self, method: &str, path: &str, body: Option<String>) -> Page {
-        let mut stream = tokio::net::TcpStream::connect(self.portal)
+    async fn request(
+        &mut self,
+        to: SocketAddr,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Page {
+        let mut stream = tokio::net::TcpStream::connect(to)
             .await
-            .expect("the portal accepts");
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.portal
-        );
+            .unwrap_or_else(|e| panic!("{to} does not accept: {e}"));
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n");
         if !self.cookies.is_empty() {
             let jar: Vec<String> = self
                 .cookies

@@ -1,0 +1,294 @@
+//! `fz-client sign-in` against a real `fz-portal serve`: the client prints the sign-in URL and
+//! listens on loopback; a browser (the test's minimal one) signs in with an email code read from
+//! the portal's mail folder and follows the portal's last redirect to the client's listener;
+//! the client stores `nonce ‖ fragment`, which opens the portal's client socket, while the
+//! fragment the browser saw does not. And the client's side of the attacks: an answer with
+//! another state, or for another account, stores nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead as _, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fz_host::testing::agents::{TestClient, key};
+use fz_host::testing::browser::{Browser, Page};
+
+const POLICY: &str = r#"
+site hq
+resource gitlab { address "gitlab.acme.example"; site hq; ports tcp/443 }
+group engineering { members "alice@acme.example" }
+allow engineering -> gitlab as eng-git
+"#;
+
+/// A portal process on a loopback port, with its home (configuration, policy, data).
+struct Portal {
+    child: Child,
+    home: tempfile::TempDir,
+    address: std::net::SocketAddr,
+}
+
+impl Portal {
+    fn start() -> Portal {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir(home.path().join("policies")).unwrap();
+        std::fs::write(home.path().join("policies/access.fz"), POLICY).unwrap();
+        std::fs::write(
+            home.path().join("portal.toml"),
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
+             [[accounts]]\nslug = \"acme\"\npolicy = \"policies\"\n",
+        )
+        .unwrap();
+        let mut child = Command::new(fz_e2e::binaries::binary("fz-portal"))
+            .args(["--config", "portal.toml", "serve"])
+            .current_dir(home.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .parse()
+            .unwrap();
+        Portal {
+            child,
+            home,
+            address,
+        }
+    }
+
+    fn pinned(&self) -> fz_proto::PortalPublicKey {
+        let out = Command::new(fz_e2e::binaries::binary("fz-portal"))
+            .args(["--config", "portal.toml", "public-key"])
+            .current_dir(self.home.path())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The code in the newest mail the portal wrote, waiting (polling, with a deadline) for
+    /// one to be there.
+    async fn code(&self) -> String {
+        let folder = self.home.path().join("data/mail");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
+                .map(|e| e.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            files.sort();
+            if let Some(newest) = files.last() {
+                let mail = std::fs::read_to_string(newest).unwrap();
+                if let Some(code) = mail
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| l.len() == 9 && l.as_bytes()[4] == b'-')
+                {
+                    return code.to_owned();
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no mail came");
+            // A poll interval, not a synchronisation: the portal mails on its own task.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Portal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `fz-client sign-in` for account `acme` of `portal`, its token going to `token_file`; returns
+/// the process and the sign-in URL it printed.
+fn sign_in(portal: &Portal, token_file: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fz-client"))
+        .arg("sign-in")
+        .args(["--portal-url", &format!("ws://{}", portal.address)])
+        .args(["--account", "acme", "--no-browser", "--timeout-secs", "60"])
+        .arg("--token-file")
+        .arg(token_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let url = loop {
+        let mut line = String::new();
+        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix(&format!("http://{}", portal.address))
+        {
+            break url.to_owned();
+        }
+    };
+    // The rest of its output is read at its end.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (child, url)
+}
+
+/// Signs in through the pages as a person would, up to the portal's last redirect.
+async fn through_the_pages(portal: &Portal, browser: &mut Browser, link: &str) -> String {
+    let started = browser.get(link).await;
+    assert_eq!(started.status, 303, "{started:?}");
+    let page = browser.get("/acme").await;
+    let sent = browser
+        .post(
+            "/acme/sign-in/email",
+            &[("csrf", &page.csrf()), ("email", "alice@acme.example")],
+        )
+        .await;
+    assert_eq!(sent.status, 303);
+    let code_page = browser.get("/acme/sign-in/email").await;
+    let code = portal.code().await;
+    let done = browser
+        .post(
+            "/acme/sign-in/email/code",
+            &[("csrf", &code_page.csrf()), ("code", &code)],
+        )
+        .await;
+    assert_eq!(done.status, 303, "{done:?}");
+    done.location().to_owned()
+}
+
+fn stderr_of(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_client_signs_in_through_the_browser_and_its_token_opens_the_portal() {
+    let portal = Portal::start();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("fz/token");
+    let (client, link) = sign_in(&portal, &token_file);
+    let mut browser = Browser::new(portal.address);
+    let callback = through_the_pages(&portal, &mut browser, &link).await;
+    assert!(callback.starts_with("http://127.0.0.1:"), "{callback}");
+
+    // The browser follows the redirect to the client's listener, which says it is done.
+    let answered: Page = browser.visit(&callback).await;
+    assert_eq!(answered.status, 200, "{answered:?}");
+    assert!(
+        answered
+            .body
+            .contains("You are signed in to acme as alice@acme.example")
+    );
+    let (succeeded, stderr) = stderr_of(client);
+    assert!(succeeded, "{stderr}");
+
+    // The token is nonce ‖ fragment, readable by its owner alone.
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let dir_mode = std::fs::metadata(token_file.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dir_mode, 0o700);
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let query = callback.split_once('?').unwrap().1;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap();
+    let fragment = &pairs.iter().find(|(k, _)| k == "fragment").unwrap().1;
+    assert_eq!(token.len(), 43 + fragment.len());
+    assert!(token.ends_with(fragment.as_str()));
+
+    // It opens the client socket; the fragment the browser saw does not.
+    let pinned = portal.pinned();
+    let connected = TestClient::connect(portal.address, pinned, "acme", &token, key(1)).await;
+    assert!(connected.is_ok(), "{:?}", connected.err());
+    let refused = TestClient::connect(portal.address, pinned, "acme", fragment, key(2)).await;
+    assert_eq!(refused.err().map(|(status, _)| status), Some(401));
+
+    // The listener took one answer and is gone: a replayed callback finds nobody.
+    let port: u16 = callback
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    );
+}
+
+/// The `callback` and `state` of a sign-in URL the client printed.
+fn callback_and_state(link: &str) -> (String, String) {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(link.split_once('?').unwrap().1).unwrap();
+    let get = |key: &str| pairs.iter().find(|(k, _)| k == key).unwrap().1.clone();
+    (get("callback"), get("state"))
+}
+
+#[tokio::test]
+async fn an_answer_with_another_state_or_account_stores_nothing() {
+    let portal = Portal::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (first, first_link) = sign_in(&portal, &dir.path().join("first"));
+    let (second, second_link) = sign_in(&portal, &dir.path().join("second"));
+    let (first_callback, _) = callback_and_state(&first_link);
+    let (second_callback, second_state) = callback_and_state(&second_link);
+    let answer = |account: &str, state: &str| {
+        serde_urlencoded::to_string([
+            ("account", account),
+            ("fragment", "fz1.client.acme.tok_0.secret.mac"),
+            ("state", state),
+            ("user", "mallory@acme.example"),
+        ])
+        .unwrap()
+    };
+    let mut browser = Browser::new(portal.address);
+
+    // An answer made for another sign-in (an attacker's own, say, planted on this client).
+    let refused = browser
+        .visit(&format!(
+            "{first_callback}?{}",
+            answer("acme", &second_state)
+        ))
+        .await;
+    assert_eq!(refused.status, 400);
+    assert!(refused.body.contains("another `state`"), "{}", refused.body);
+    let (succeeded, stderr) = stderr_of(first);
+    assert!(!succeeded);
+    assert!(stderr.contains("nothing was stored"), "{stderr}");
+
+    // The right state, for another account.
+    let refused = browser
+        .visit(&format!(
+            "{second_callback}?{}",
+            answer("globex", &second_state)
+        ))
+        .await;
+    assert_eq!(refused.status, 400);
+    let (succeeded, stderr) = stderr_of(second);
+    assert!(!succeeded);
+    assert!(
+        stderr.contains("for account `globex`, not `acme`"),
+        "{stderr}"
+    );
+
+    assert!(!dir.path().join("first").exists());
+    assert!(!dir.path().join("second").exists());
+}
