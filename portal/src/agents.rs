@@ -176,6 +176,31 @@ pub async fn require_token(
     next.run(request).await
 }
 
+/// `POST /api/{account}/sign-out`: a client ends its own token (`fz-client sign-out`). The
+/// token is revoked at once, and its connections closed and its grants withdrawn before the
+/// answer, so the device loses access as it is told it signed out.
+pub async fn sign_out(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let token = match authenticate(&state.broker, &account, &headers).await {
+        Ok(token) => token,
+        Err(response) => return response,
+    };
+    if !matches!(token.kind, TokenKind::Client { .. }) {
+        return error(StatusCode::FORBIDDEN, "only a client token signs out");
+    }
+    match state.broker.sign_out(&token).await {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "revoked": token.id })),
+        )
+            .into_response(),
+        Err(other) => error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    }
+}
+
 /// `GET /api/{account}/{agent}`: the WebSocket of a client or a gateway, after
 /// [`require_token`].
 pub async fn connect(

@@ -1084,6 +1084,23 @@ impl Broker {
     }
 
     /// Closes the connections of these tokens and withdraws their grants.
+    /// A client signs out: its token is revoked, then its connections closed and its grants
+    /// withdrawn, as the sweeper would on seeing the revocation, only at once.
+    pub async fn sign_out(&self, token: &TokenRecord) -> Result<(), BrokerError> {
+        let now = now_i64(unix(self.now()));
+        self.store
+            .revoke_token(&token.account, &token.id, now)
+            .await
+            .map_err(|error| {
+                tracing::error!(error = %error, "cannot revoke a token at sign-out");
+                BrokerError::Unavailable
+            })?;
+        self.tokens_revoked(&HashSet::from([token.id.clone()]))
+            .await;
+        tracing::info!(account = %token.account, token = %token.id, "signed out");
+        Ok(())
+    }
+
     pub async fn tokens_revoked(&self, tokens: &HashSet<String>) -> usize {
         if tokens.is_empty() {
             return 0;

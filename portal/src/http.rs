@@ -32,6 +32,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             agents::require_token,
         ))
+        .route(
+            "/api/{account}/sign-out",
+            axum::routing::post(agents::sign_out),
+        )
         .route("/healthz", get(healthz))
         .route("/{account}", get(sign_in::start_page))
         .route(

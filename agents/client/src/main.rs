@@ -6,15 +6,24 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use fz_client::config::Args;
-use fz_client::sign_in::{self, SignInArgs};
+use fz_client::sign_in::{self, SignInArgs, SignOutArgs};
 
 fn main() -> ExitCode {
     fz_host::agent::init_logging();
-    let mut args = std::env::args_os();
-    if std::env::args_os().nth(1).is_some_and(|a| a == "sign-in") {
-        let program = args.next();
-        args.next();
-        return sign_in_main(SignInArgs::parse_from(program.into_iter().chain(args)));
+    // `sign-in` and `sign-out` are commands of their own; anything else runs the client.
+    let command = std::env::args_os().nth(1);
+    let rest = || {
+        std::env::args_os()
+            .take(1)
+            .chain(std::env::args_os().skip(2))
+    };
+    if command.as_ref().is_some_and(|c| c == "sign-in") {
+        let args = SignInArgs::parse_from(rest());
+        return once(|| async { sign_in::run(args, &mut std::io::stdout()).await.map(drop) });
+    }
+    if command.as_ref().is_some_and(|c| c == "sign-out") {
+        let args = SignOutArgs::parse_from(rest());
+        return once(|| async { sign_in::sign_out(args, &mut std::io::stdout()).await });
     }
     let config = match Args::parse().resolve() {
         Ok(config) => config,
@@ -26,7 +35,12 @@ fn main() -> ExitCode {
     fz_host::agent::run_until_signal(|shutdown| fz_client::driver::run(config, shutdown))
 }
 
-fn sign_in_main(args: SignInArgs) -> ExitCode {
+/// Runs one command to its end on a runtime of its own.
+fn once<F, Fut>(command: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(), sign_in::SignInError>>,
+{
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -37,8 +51,8 @@ fn sign_in_main(args: SignInArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sign_in::run(args, &mut std::io::stdout())) {
-        Ok(_) => ExitCode::SUCCESS,
+    match runtime.block_on(command()) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");
             ExitCode::FAILURE

@@ -10,7 +10,8 @@
 //! useless without the nonce.
 //!
 //! [`Attempt`] is the sans-IO core (drawing, the URL, reading the callback); [`run`] is the
-//! driver (the listener, the browser, the file).
+//! driver (the listener, the browser, the file). `fz-client sign-out` ([`sign_out`]) ends the
+//! token at the portal and deletes it here.
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -59,7 +60,28 @@ pub struct SignInArgs {
     pub timeout_secs: u64,
 }
 
-/// Why a sign-in did not end with a stored token.
+/// Sign out: the portal revokes this device's token (closing its connections and withdrawing
+/// its grants at once), and the token file is deleted.
+#[derive(Debug, clap::Parser)]
+#[command(name = "fz-client sign-out")]
+pub struct SignOutArgs {
+    /// The portal, as the agents reach it (`ws://host:port` or `wss://host:port`).
+    #[arg(long, visible_alias = "portal", env = "FZ_PORTAL_URL")]
+    pub portal_url: String,
+    /// The account (its slug).
+    #[arg(long, env = "FZ_ACCOUNT")]
+    pub account: String,
+    /// The token file `sign-in` wrote. Default: `$XDG_CONFIG_HOME/fz/token`, or
+    /// `~/.config/fz/token`.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for a `wss://` portal, beside the system's.
+    #[arg(long)]
+    pub portal_ca: Option<PathBuf>,
+}
+
+/// Why a sign-in did not end with a stored token, or a sign-out with the token revoked and
+/// deleted.
 #[derive(Debug, thiserror::Error)]
 pub enum SignInError {
     #[error("`--portal-url {0}` must start with ws://, wss://, http:// or https://")]
@@ -85,6 +107,48 @@ pub enum SignInError {
     Output(std::io::Error),
     #[error("no token file given and neither XDG_CONFIG_HOME nor HOME is set: give `--token-file`")]
     NoHome,
+    #[error("the portal did not revoke the token, which stays in `{path}`: {cause}")]
+    SignOut {
+        path: PathBuf,
+        cause: fz_link::LinkError,
+    },
+    #[error("the token was revoked, but `{path}` cannot be deleted: {cause}")]
+    Delete {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+}
+
+/// Signs out: the portal revokes the token, then the file is deleted. A token the portal
+/// refuses already (revoked, expired) is deleted too; one it could not be asked about is kept.
+pub async fn sign_out(args: SignOutArgs, out: &mut impl Write) -> Result<(), SignInError> {
+    let path = match args.token_file {
+        Some(path) => path,
+        None => default_token_file()?,
+    };
+    let token = fz_host::secrets::read_secret(&path)?;
+    let config = fz_link::PortalConfig {
+        url: args.portal_url,
+        account: args.account.clone(),
+        token,
+        ca_file: args.portal_ca,
+    };
+    let said = match fz_link::sign_out(&config).await {
+        Ok(()) => format!(
+            "Signed out of {}: the portal revoked this device's token.",
+            args.account
+        ),
+        Err(fz_link::LinkError::Answered { status: 401, .. }) => format!(
+            "The portal no longer takes this token (revoked or expired); signed out of {}.",
+            args.account
+        ),
+        Err(cause) => return Err(SignInError::SignOut { path, cause }),
+    };
+    std::fs::remove_file(&path).map_err(|cause| SignInError::Delete {
+        path: path.clone(),
+        cause,
+    })?;
+    writeln!(out, "{said} Deleted {}.", path.display()).map_err(SignInError::Output)
 }
 
 /// What a finished sign-in gives.

@@ -2,7 +2,7 @@
 //! listens on loopback; a browser (the test's minimal one) signs in with an email code read from
 //! the portal's mail folder and follows the portal's last redirect to the client's listener;
 //! the client stores `nonce ‖ fragment`, which opens the portal's client socket, while the
-//! fragment the browser saw does not. And the client's side of the attacks: an answer with
+//! fragment the browser saw does not; `fz-client sign-out` revokes it and closes that socket. And the client's side of the attacks: an answer with
 //! another state, or for another account, stores nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -216,8 +216,30 @@ async fn a_client_signs_in_through_the_browser_and_its_token_opens_the_portal() 
     // It opens the client socket; the fragment the browser saw does not.
     let pinned = portal.pinned();
     let connected = TestClient::connect(portal.address, pinned, "acme", &token, key(1)).await;
-    assert!(connected.is_ok(), "{:?}", connected.err());
+    let mut live = connected.unwrap_or_else(|e| panic!("{e:?}"));
     let refused = TestClient::connect(portal.address, pinned, "acme", fragment, key(2)).await;
+    assert_eq!(refused.err().map(|(status, _)| status), Some(401));
+
+    // Signing out revokes it at the portal, which closes the live connection at once, and
+    // deletes the file.
+    let signed_out = Command::new(env!("CARGO_BIN_EXE_fz-client"))
+        .arg("sign-out")
+        .args(["--portal-url", &format!("ws://{}", portal.address)])
+        .args(["--account", "acme", "--token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert!(signed_out.status.success(), "{signed_out:?}");
+    assert!(
+        String::from_utf8_lossy(&signed_out.stdout).contains("the portal revoked"),
+        "{signed_out:?}"
+    );
+    assert!(!token_file.exists());
+    assert!(
+        live.next().await.is_none(),
+        "the signed-out client is still connected"
+    );
+    let refused = TestClient::connect(portal.address, pinned, "acme", &token, key(1)).await;
     assert_eq!(refused.err().map(|(status, _)| status), Some(401));
 
     // The listener took one answer and is gone: a replayed callback finds nobody.

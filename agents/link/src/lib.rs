@@ -171,6 +171,73 @@ pub enum LinkError {
     Url(String),
     #[error("cannot read the CA file `{path}`: {message}")]
     CaFile { path: PathBuf, message: String },
+    #[error("cannot reach the portal: {0}")]
+    Unreachable(String),
+    #[error("the portal answered {status}: {body}")]
+    Answered { status: u16, body: String },
+}
+
+/// The longest answer [`sign_out`] reads.
+const MAX_ANSWER_BYTES: u64 = 64 * 1024;
+
+/// Ends the device's token at the portal (`POST /api/{account}/sign-out` with it as the
+/// bearer): revoked, its connections closed, its grants withdrawn. One request, over TLS when
+/// the URL is `wss://`, checked as the link checks the portal (system roots and `ca_file`).
+pub async fn sign_out(config: &PortalConfig) -> Result<(), LinkError> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let target = Target::parse_for(config, "sign-out")?;
+    let path = format!("/api/{}/sign-out", config.account);
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n",
+        target.host, config.token
+    );
+    let unreachable = |e: std::io::Error| LinkError::Unreachable(e.to_string());
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(unreachable)?;
+    let mut answer = Vec::new();
+    match &target.tls {
+        None => {
+            let mut tcp = tcp;
+            tcp.write_all(request.as_bytes())
+                .await
+                .map_err(unreachable)?;
+            tcp.take(MAX_ANSWER_BYTES)
+                .read_to_end(&mut answer)
+                .await
+                .map_err(unreachable)?;
+        }
+        Some(config) => {
+            let name = ServerName::try_from(target.host.clone())
+                .map_err(|e| LinkError::Unreachable(format!("`{}`: {e}", target.host)))?;
+            let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(unreachable)?;
+            tls.write_all(request.as_bytes())
+                .await
+                .map_err(unreachable)?;
+            tls.take(MAX_ANSWER_BYTES)
+                .read_to_end(&mut answer)
+                .await
+                .map_err(unreachable)?;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    let status: u16 = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| LinkError::Unreachable("the portal's answer is not HTTP".to_owned()))?;
+    if status == 200 {
+        return Ok(());
+    }
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Err(LinkError::Answered {
+        status,
+        body: body.chars().take(512).collect(),
+    })
 }
 
 /// The ends of a link the event loop holds.
@@ -200,6 +267,11 @@ struct Target {
 
 impl Target {
     fn parse<R: Role>(config: &PortalConfig) -> Result<Target, LinkError> {
+        Target::parse_for(config, R::PATH)
+    }
+
+    /// The target of `/api/{account}/{path}`.
+    fn parse_for(config: &PortalConfig, path: &str) -> Result<Target, LinkError> {
         let bad = || LinkError::Url(config.url.clone());
         let uri: Uri = config.url.parse().map_err(|_| bad())?;
         let secure = match uri.scheme_str() {
@@ -217,7 +289,7 @@ impl Target {
             .transpose()?;
         let base = config.url.trim_end_matches('/');
         Ok(Target {
-            request_url: format!("{base}/api/{}/{}", config.account, R::PATH),
+            request_url: format!("{base}/api/{}/{path}", config.account),
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
