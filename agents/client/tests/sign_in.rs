@@ -8,113 +8,16 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
+use fz_e2e::local::LocalPortal;
 use fz_host::testing::agents::{TestClient, key};
 use fz_host::testing::browser::{Browser, Page};
 
-const POLICY: &str = r#"
-site hq
-resource gitlab { address "gitlab.acme.example"; site hq; ports tcp/443 }
-group engineering { members "alice@acme.example" }
-allow engineering -> gitlab as eng-git
-"#;
-
-/// A portal process on a loopback port, with its home (configuration, policy, data).
-struct Portal {
-    child: Child,
-    home: tempfile::TempDir,
-    address: std::net::SocketAddr,
-}
-
-impl Portal {
-    fn start() -> Portal {
-        let home = tempfile::tempdir().unwrap();
-        std::fs::create_dir(home.path().join("policies")).unwrap();
-        std::fs::write(home.path().join("policies/access.fz"), POLICY).unwrap();
-        std::fs::write(
-            home.path().join("portal.toml"),
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n\
-             [[accounts]]\nslug = \"acme\"\npolicy = \"policies\"\n",
-        )
-        .unwrap();
-        let mut child = Command::new(fz_e2e::binaries::binary("fz-portal"))
-            .args(["--config", "portal.toml", "serve"])
-            .current_dir(home.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let address = line
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .parse()
-            .unwrap();
-        Portal {
-            child,
-            home,
-            address,
-        }
-    }
-
-    fn pinned(&self) -> fz_proto::PortalPublicKey {
-        let out = Command::new(fz_e2e::binaries::binary("fz-portal"))
-            .args(["--config", "portal.toml", "public-key"])
-            .current_dir(self.home.path())
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    /// The code in the newest mail the portal wrote, waiting (polling, with a deadline) for
-    /// one to be there.
-    async fn code(&self) -> String {
-        let folder = self.home.path().join("data/mail");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
-                .map(|e| e.flatten().map(|e| e.path()).collect())
-                .unwrap_or_default();
-            files.sort();
-            if let Some(newest) = files.last() {
-                let mail = std::fs::read_to_string(newest).unwrap();
-                if let Some(code) = mail
-                    .lines()
-                    .map(str::trim)
-                    .find(|l| l.len() == 9 && l.as_bytes()[4] == b'-')
-                {
-                    return code.to_owned();
-                }
-            }
-            assert!(tokio::time::Instant::now() < deadline, "no mail came");
-            // A poll interval, not a synchronisation: the portal mails on its own task.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Portal {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `fz-client sign-in` for account `acme` of `portal`, its token going to `token_file`; returns
 /// the process and the sign-in URL it printed.
-fn sign_in(portal: &Portal, token_file: &Path) -> (Child, String) {
+fn sign_in(portal: &LocalPortal, token_file: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fz-client"))
         .arg("sign-in")
         .args(["--portal-url", &format!("ws://{}", portal.address)])
@@ -142,7 +45,7 @@ fn sign_in(portal: &Portal, token_file: &Path) -> (Child, String) {
 }
 
 /// Signs in through the pages as a person would, up to the portal's last redirect.
-async fn through_the_pages(portal: &Portal, browser: &mut Browser, link: &str) -> String {
+async fn through_the_pages(portal: &LocalPortal, browser: &mut Browser, link: &str) -> String {
     let started = browser.get(link).await;
     assert_eq!(started.status, 303, "{started:?}");
     let page = browser.get("/acme").await;
@@ -154,7 +57,7 @@ async fn through_the_pages(portal: &Portal, browser: &mut Browser, link: &str) -
         .await;
     assert_eq!(sent.status, 303);
     let code_page = browser.get("/acme/sign-in/email").await;
-    let code = portal.code().await;
+    let code = portal.mailed_code(1).await;
     let done = browser
         .post(
             "/acme/sign-in/email/code",
@@ -175,7 +78,7 @@ fn stderr_of(child: Child) -> (bool, String) {
 
 #[tokio::test]
 async fn a_client_signs_in_through_the_browser_and_its_token_opens_the_portal() {
-    let portal = Portal::start();
+    let portal = LocalPortal::start("");
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("fz/token");
     let (client, link) = sign_in(&portal, &token_file);
@@ -266,7 +169,7 @@ fn callback_and_state(link: &str) -> (String, String) {
 
 #[tokio::test]
 async fn an_answer_with_another_state_or_account_stores_nothing() {
-    let portal = Portal::start();
+    let portal = LocalPortal::start("");
     let dir = tempfile::tempdir().unwrap();
     let (first, first_link) = sign_in(&portal, &dir.path().join("first"));
     let (second, second_link) = sign_in(&portal, &dir.path().join("second"));
