@@ -1070,6 +1070,79 @@ impl Broker {
         .await
     }
 
+    /// An identity provider signed `user` of `account` in again and named the groups they are
+    /// in now. Memberships from that provider it no longer names stop counting at once: every
+    /// grant of the user's live sessions that held one is decided again without it (and
+    /// withdrawn unless something else allows it; those kept are held for the session without
+    /// it from now on), and every live connection of the user that counted one is closed, so
+    /// that its next hello reads the new groups. Memberships it adds count from the user's next connection.
+    /// Returns how many grants were withdrawn.
+    pub async fn idp_groups_changed(
+        &self,
+        account: &str,
+        user: &str,
+        provider: &str,
+        groups: &[String],
+    ) -> usize {
+        let lost = |session: &ClientSession| {
+            session
+                .idp_groups
+                .iter()
+                .any(|(p, g)| p == provider && !groups.contains(g))
+        };
+        let affected: Vec<Arc<LiveGrant>> = self
+            .registry()
+            .grants()
+            .into_iter()
+            .filter(|g| g.account == account && g.session.user == user && lost(&g.session))
+            .collect();
+        let at = self.now();
+        let table = self.accounts.get(account).map(|a| a.policy.current());
+        let verified = self.store.verified_keys().await.ok();
+        let mut withdraw = Vec::new();
+        {
+            let mut registry = self.registry();
+            for grant in &affected {
+                let mut session = (*grant.session).clone();
+                session
+                    .idp_groups
+                    .retain(|(p, g)| p != provider || groups.contains(g));
+                let reduced = LiveGrant {
+                    session: Arc::new(session),
+                    ..(**grant).clone()
+                };
+                let still = match (&table, &verified) {
+                    (Some(policy), Some(verified)) => {
+                        let verified = verified
+                            .get(&grant.client_id)
+                            .is_some_and(|key| *key == grant.signed.grant.client.public_key);
+                        still_allowed(&policy.table, &reduced, verified, at).is_ok()
+                    }
+                    // Without the policy or the verified marks it cannot be decided: not kept.
+                    _ => false,
+                };
+                if still {
+                    registry.reassign(reduced);
+                } else {
+                    withdraw.push(grant.id.clone());
+                }
+            }
+            // Every live session of the user that counted a lost group, with grants or not.
+            for link in
+                registry.clients_where(|s| s.account == account && s.user == user && lost(s))
+            {
+                link.close();
+            }
+        }
+        let provider = provider.to_owned();
+        self.withdraw(&withdraw, |_| {
+            format!(
+                "the identity provider `{provider}` no longer puts the user in a group it needed"
+            )
+        })
+        .await
+    }
+
     /// Withdraws the grants whose expiry has come. Cheap: it visits only those.
     pub async fn expire(&self) -> usize {
         let now = unix(self.now());
@@ -1083,7 +1156,6 @@ impl Broker {
         self.now()
     }
 
-    /// Closes the connections of these tokens and withdraws their grants.
     /// A client signs out: its token is revoked, then its connections closed and its grants
     /// withdrawn, as the sweeper would on seeing the revocation, only at once.
     pub async fn sign_out(&self, token: &TokenRecord) -> Result<(), BrokerError> {
@@ -1101,6 +1173,7 @@ impl Broker {
         Ok(())
     }
 
+    /// Closes the connections of these tokens and withdraws their grants.
     pub async fn tokens_revoked(&self, tokens: &HashSet<String>) -> usize {
         if tokens.is_empty() {
             return 0;

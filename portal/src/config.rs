@@ -7,6 +7,8 @@
 //! tls_cert = "portal.crt"          # PEM certificate chain; with `tls_key`, serve HTTPS (rustls)
 //! tls_key = "portal.key"           # PEM private key (PKCS#8, PKCS#1 or SEC1)
 //! geoip_country_db = "GeoLite2-Country.mmdb"  # MaxMind-format database for `country` rules
+//! public_url = "https://portal.example.com" # how browsers reach the portal (OIDC redirects);
+//!                                  # default: http(s)://<listen>
 //! trusted_proxy_header = "x-forwarded-for"    # take the client address from this header...
 //! trusted_proxies = ["127.0.0.1/32", "::1/128"] # ...only when the peer is one of these
 //! gateway_heartbeat_interval_ms = 5000 # gateways heartbeat this often; 3 missed: unhealthy
@@ -46,6 +48,16 @@
 //! enabled = true
 //! token_lifetime_secs = 604800     # a client token from an email sign-in lasts this (7 days)
 //!
+//! [[accounts.oidc]]                # sign-in with an OpenID Connect provider (any number)
+//! id = "okta"                      # what policies call it: `provider okta`, `idp okta "SRE"`
+//! name = "Okta"                    # shown on its button (default: the id)
+//! issuer = "https://acme.okta.com" # discovery at <issuer>/.well-known/openid-configuration
+//! client_id = "0oa1b2c3"
+//! client_secret_file = "okta-secret" # the client secret, alone in a file
+//! scopes = ["openid", "email", "profile", "groups"] # default: openid, email, profile
+//! groups_claim = "groups"          # the claim (ID token, else UserInfo) listing the user's groups
+//! token_lifetime_secs = 604800     # a client token from this provider lasts this (7 days)
+//!
 //! [smtp]                           # where sign-in codes are mailed; without this section they
 //!                                  # are written to `<data_dir>/mail/` and the portal logs where
 //! host = "smtp.example.com"
@@ -80,6 +92,10 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// Where sign-in codes are mailed; `None`: written under the data dir.
     pub smtp: Option<SmtpConfig>,
+    /// How browsers reach the portal, without a trailing slash: identity providers send people
+    /// back to `<public_url>/<account>/sign-in/oidc/<provider>/callback`. `None`: the scheme
+    /// and the address the portal listens on.
+    pub public_url: Option<String>,
     pub accounts: Vec<AccountConfig>,
 }
 
@@ -130,6 +146,33 @@ impl Default for EmailSignIn {
             token_lifetime_secs: DEFAULT_TOKEN_LIFETIME_SECS,
         }
     }
+}
+
+/// An OpenID Connect provider people of an account sign in with.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's id: what a policy's `provider` condition and `idp` lines name.
+    pub id: String,
+    /// Shown on the sign-in page; the id when not given.
+    pub name: Option<String>,
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret_file: PathBuf,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// The claim that lists the user's groups; `None`: the provider brings no groups.
+    pub groups_claim: Option<String>,
+    #[serde(default = "default_token_lifetime")]
+    pub token_lifetime_secs: u64,
+}
+
+fn default_scopes() -> Vec<String> {
+    ["openid", "email", "profile"].map(str::to_owned).to_vec()
+}
+
+fn default_token_lifetime() -> u64 {
+    DEFAULT_TOKEN_LIFETIME_SECS
 }
 
 #[derive(Deserialize)]
@@ -208,6 +251,7 @@ pub struct AccountConfig {
     /// Flows are kept this long (by the time of their last occurrence), then deleted.
     pub flow_retention_days: u32,
     pub email: EmailSignIn,
+    pub oidc: Vec<OidcConfig>,
 }
 
 /// Paths the portal serves at its root, which no account slug may take.
@@ -272,6 +316,7 @@ struct ConfigFile {
     max_unauthenticated_connections: Option<usize>,
     max_unauthenticated_per_source: Option<usize>,
     smtp: Option<SmtpConfig>,
+    public_url: Option<String>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
 }
@@ -288,6 +333,8 @@ struct AccountFile {
     request_burst: Option<u32>,
     flow_retention_days: Option<u32>,
     email: Option<EmailSignInFile>,
+    #[serde(default)]
+    oidc: Vec<OidcConfig>,
 }
 
 impl Config {
@@ -320,6 +367,7 @@ impl Config {
             gateway_ack_timeout: Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS),
             connections: ConnectionLimits::default(),
             smtp: None,
+            public_url: None,
             accounts: vec![AccountConfig {
                 slug: "default".to_owned(),
                 policy: PathBuf::from("policies"),
@@ -330,6 +378,7 @@ impl Config {
                 request_burst: DEFAULT_REQUEST_BURST,
                 flow_retention_days: DEFAULT_FLOW_RETENTION_DAYS,
                 email: EmailSignIn::default(),
+                oidc: Vec::new(),
             }],
         }
     }
@@ -411,6 +460,9 @@ impl Config {
                 password_file: smtp.password_file.map(resolve),
                 ..smtp
             }),
+            public_url: file
+                .public_url
+                .map(|url| url.trim_end_matches('/').to_owned()),
             accounts: file
                 .accounts
                 .into_iter()
@@ -441,6 +493,14 @@ impl Config {
                                 .token_lifetime_secs
                                 .unwrap_or(DEFAULT_TOKEN_LIFETIME_SECS),
                         }),
+                    oidc: a
+                        .oidc
+                        .into_iter()
+                        .map(|oidc| OidcConfig {
+                            client_secret_file: resolve(oidc.client_secret_file),
+                            ..oidc
+                        })
+                        .collect(),
                 })
                 .collect(),
         };
@@ -533,6 +593,13 @@ impl Config {
                 );
             }
         }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return invalid(format!(
+                "`public_url = \"{url}\"` must be an http:// or https:// URL"
+            ));
+        }
         if self.accounts.is_empty() {
             return invalid("no `[[accounts]]`: the portal serves at least one account".to_owned());
         }
@@ -559,6 +626,50 @@ impl Config {
             }
             if !seen.insert(slug) {
                 return invalid(format!("account `{slug}` is configured twice"));
+            }
+            let mut providers = std::collections::BTreeSet::new();
+            for oidc in &account.oidc {
+                let id = &oidc.id;
+                let valid = !id.is_empty()
+                    && id.len() <= 63
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                if !valid || id == "email" {
+                    return invalid(format!(
+                        "account `{slug}`: OIDC provider id `{id}` must be lowercase letters, \
+                         digits and `-`, and not `email` (the email code's)"
+                    ));
+                }
+                if !providers.insert(id) {
+                    return invalid(format!(
+                        "account `{slug}`: OIDC provider `{id}` is configured twice"
+                    ));
+                }
+                let secure = oidc.issuer.starts_with("https://")
+                    || oidc
+                        .issuer
+                        .strip_prefix("http://")
+                        .map(|rest| rest.split(['/', ':']).next().unwrap_or(rest))
+                        .is_some_and(is_loopback_host);
+                if !secure {
+                    return invalid(format!(
+                        "account `{slug}`: OIDC provider `{id}`: `issuer = \"{}\"` must be an \
+                         https:// URL (http:// only on loopback)",
+                        oidc.issuer
+                    ));
+                }
+                if !oidc.scopes.iter().any(|s| s == "openid") {
+                    return invalid(format!(
+                        "account `{slug}`: OIDC provider `{id}`: `scopes` must include `openid`"
+                    ));
+                }
+                if oidc.token_lifetime_secs == 0 {
+                    return invalid(format!(
+                        "account `{slug}`: OIDC provider `{id}`: lifetimes must be at least \
+                         one second"
+                    ));
+                }
             }
             if account.max_grant_lifetime_secs == 0
                 || account.token_lifetime_secs == 0

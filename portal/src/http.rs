@@ -46,6 +46,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/{account}/sign-in/email/code",
             axum::routing::post(sign_in::code_entered),
         )
+        .route(
+            "/{account}/sign-in/oidc/{provider}",
+            get(sign_in::oidc_start),
+        )
+        .route(
+            "/{account}/sign-in/oidc/{provider}/callback",
+            get(sign_in::oidc_callback),
+        )
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         .with_state(state)
 }

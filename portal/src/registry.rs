@@ -240,6 +240,15 @@ impl<L> Registry<L> {
             .collect()
     }
 
+    /// Connected clients whose session `select` picks.
+    pub fn clients_where(&self, mut select: impl FnMut(&ClientSession) -> bool) -> Vec<&L> {
+        self.clients
+            .values()
+            .filter(|c| select(&c.session))
+            .map(|c| &c.link)
+            .collect()
+    }
+
     /// Connected clients whose token expired at `now`.
     pub fn clients_expired(&self, now: UnixTime) -> Vec<&L> {
         self.clients
@@ -335,6 +344,14 @@ impl<L> Registry<L> {
     }
 
     /// The grants in force, to decide them again without holding the registry.
+    /// Puts `grant` in place of the grant in force with its id (a session's groups changed,
+    /// the grant stays); nothing when no grant has that id.
+    pub fn reassign(&mut self, grant: LiveGrant) {
+        if let Some(held) = self.grants.get_mut(&grant.id) {
+            *held = Arc::new(grant);
+        }
+    }
+
     pub fn grants(&self) -> Vec<Arc<LiveGrant>> {
         self.grants.values().cloned().collect()
     }

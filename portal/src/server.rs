@@ -109,8 +109,22 @@ impl RunningPortal {
                 }
             }));
         }
+        // Bound now, so that the address people are sent back to is known (a configured
+        // port 0 is the kernel's pick); served below.
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let address = listener.local_addr()?;
+        let public_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("{}://{address}", RunningPortal::scheme(config)));
         let mailer = Mailer::new(config.smtp.as_ref(), &config.data_dir)?;
-        let sign_in = Arc::new(SignIn::new(mailer, tls.is_some()));
+        let sign_in = Arc::new(
+            SignIn::new(mailer, tls.is_some())
+                .with_providers(config, public_url)
+                .context("cannot set up the identity providers")?,
+        );
         tasks.push(tokio::spawn(sweep(
             broker.clone(),
             store.clone(),
@@ -125,10 +139,6 @@ impl RunningPortal {
             }
         }
 
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let address = listener.local_addr()?;
         let app = router(Arc::new(AppState {
             broker: broker.clone(),
             trusted_proxy: config.trusted_proxy.clone(),

@@ -21,6 +21,7 @@
 //! as one it knows, and the mail and its store write happen after the answer either way.
 
 pub mod code;
+pub mod oidc;
 pub mod page;
 pub mod pending;
 
@@ -41,7 +42,8 @@ use crate::broker::Account;
 use crate::http::AppState;
 use crate::limits::{Rate, RateLimiter};
 use crate::mail::{Mailer, Sent};
-use crate::store::TokenKind;
+use crate::store::{SignedIn, TokenKind};
+use oidc::Provider;
 use pending::{ClientRequest, Pending, PendingSignIns};
 
 /// The sign-in cookie's name.
@@ -84,6 +86,10 @@ pub struct SignIn {
     mailer: Mailer,
     /// Served over TLS: cookies are `Secure`.
     secure: bool,
+    /// Each account's OpenID Connect providers, by (account, provider id).
+    providers: HashMap<(String, String), Arc<Provider>>,
+    /// How browsers reach the portal (`Config::public_url`).
+    public_url: String,
 }
 
 impl SignIn {
@@ -94,7 +100,33 @@ impl SignIn {
             sends: Mutex::default(),
             mailer,
             secure,
+            providers: HashMap::new(),
+            public_url: String::new(),
         }
+    }
+
+    /// With the OpenID Connect providers of every account of `config` (their secrets read
+    /// now), which send people back to the portal at `public_url`.
+    pub fn with_providers(
+        mut self,
+        config: &crate::config::Config,
+        public_url: String,
+    ) -> Result<SignIn, oidc::OidcError> {
+        for account in &config.accounts {
+            for provider in &account.oidc {
+                self.providers.insert(
+                    (account.slug.clone(), provider.id.clone()),
+                    Arc::new(Provider::new(provider)?),
+                );
+            }
+        }
+        self.public_url = public_url;
+        Ok(self)
+    }
+
+    /// Where provider `id` of account `slug` sends people back.
+    fn redirect_url(&self, slug: &str, id: &str) -> String {
+        format!("{}/{slug}/sign-in/oidc/{id}/callback", self.public_url)
     }
 
     /// Forgets expired sign-ins and idle limits, and deletes written mail whose code has
@@ -249,7 +281,7 @@ pub async fn start_page(
             .map(|p| p.clone())
     });
     match pending {
-        Some(pending) => methods_page(account, &pending, None, StatusCode::OK),
+        Some(pending) => methods_page(sign_in, account, &pending, None, StatusCode::OK),
         None => html(
             StatusCode::OK,
             page::start_from_the_client(&slug, &portal_url(&headers, sign_in.secure)),
@@ -292,6 +324,7 @@ pub async fn email_requested(
     }
     let Some(email) = email_address(&form.email) else {
         return methods_page(
+            &sign_in,
             account,
             &pending,
             Some("That is not an email address."),
@@ -301,6 +334,7 @@ pub async fn email_requested(
     if let Err(wait) = lock(&sign_in.sends).take((slug.clone(), email.clone()), Instant::now()) {
         let minutes = wait.as_secs().div_ceil(60).max(1);
         return methods_page(
+            &sign_in,
             account,
             &pending,
             Some(&format!(
@@ -409,6 +443,13 @@ pub async fn code_page(
     }
 }
 
+/// A query with nothing but the anti-forgery token (a provider's button).
+#[derive(Debug, Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
 /// The code form. Fields a forged post leaves out are empty, and refused as wrong.
 #[derive(Debug, Deserialize)]
 pub struct CodeForm {
@@ -492,43 +533,255 @@ pub async fn code_entered(
             return unavailable(&slug);
         }
     }
-    // The sign-in ends here, whatever follows: its cookie and CSRF token are good no more.
-    if lock(&sign_in.pending).finish(&id).is_none() {
-        return expired(&slug);
-    }
-    let lifetime = i64::try_from(account.settings.email.token_lifetime_secs).unwrap_or(i64::MAX);
-    let kind = TokenKind::Client {
-        user: email.clone(),
-        provider: Some(EMAIL_PROVIDER.to_owned()),
+    let lifetime = account.settings.email.token_lifetime_secs;
+    let person = Person {
+        email: &email,
+        provider: EMAIL_PROVIDER,
+        identity: None,
+        token_lifetime_secs: lifetime,
     };
-    let token = store
+    finish(&app, &slug, &id, &pending, person, now).await
+}
+
+/// Who a sign-in proved the person to be.
+struct Person<'a> {
+    email: &'a str,
+    provider: &'a str,
+    /// (issuer, subject), for an OpenID Connect sign-in.
+    identity: Option<(&'a str, &'a str)>,
+    token_lifetime_secs: u64,
+}
+
+/// Ends sign-in `id`: the token for the client's nonce, and the browser sent to the client's
+/// handler with the fragment, the client's state, and who signed in.
+async fn finish(
+    app: &AppState,
+    slug: &str,
+    id: &str,
+    pending: &Pending,
+    person: Person<'_>,
+    now: i64,
+) -> Response {
+    // The sign-in ends here, whatever follows: its cookie and CSRF token are good no more.
+    if lock(&app.sign_in.pending).finish(id).is_none() {
+        return expired(slug);
+    }
+    let lifetime = i64::try_from(person.token_lifetime_secs).unwrap_or(i64::MAX);
+    let kind = TokenKind::Client {
+        user: person.email.to_owned(),
+        provider: Some(person.provider.to_owned()),
+    };
+    let token = app
+        .broker
+        .store()
         .create_signed_in_token(
-            &slug,
+            slug,
             kind,
             &pending.request.device,
-            now.saturating_add(lifetime),
-            now,
-            &pending.request.nonce,
+            (now.saturating_add(lifetime), now),
+            SignedIn {
+                nonce: &pending.request.nonce,
+                identity: person.identity,
+            },
         )
         .await;
     let token = match token {
         Ok(token) => token,
         Err(error) => {
             tracing::error!(%error, "cannot make a signed-in token");
-            return unavailable(&slug);
+            return unavailable(slug);
         }
     };
-    tracing::info!(account = %slug, token = %token.id, provider = EMAIL_PROVIDER, "signed in");
+    tracing::info!(account = %slug, token = %token.id, provider = person.provider, "signed in");
     let query = serde_urlencoded::to_string([
-        ("account", slug.as_str()),
+        ("account", slug),
         ("fragment", token.secret.as_str()),
         ("state", pending.request.state.as_str()),
-        ("user", email.as_str()),
+        ("user", person.email),
     ])
     .unwrap_or_default();
     let mut response = see_other(&format!("{}?{query}", pending.request.callback.url()));
-    set_cookie(&mut response, &cookie(&slug, "", sign_in.secure, false));
+    set_cookie(&mut response, &cookie(slug, "", app.sign_in.secure, false));
     response
+}
+
+/// `GET /{account}/sign-in/oidc/{provider}?csrf=…`: sends the person to the provider, with
+/// PKCE, a state and a nonce kept in the sign-in. (A link, with the anti-forgery token in its
+/// query: see `page::methods`.)
+pub async fn oidc_start(
+    State(app): State<Arc<AppState>>,
+    Path((slug, provider_id)): Path<(String, String)>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    axum::extract::Query(form): axum::extract::Query<CsrfForm>,
+) -> Response {
+    if app.broker.account(&slug).is_err() {
+        return no_account(&slug);
+    }
+    let sign_in = &app.sign_in;
+    let now = app.broker.clock().timestamp();
+    if let Err(refused) = sign_in.admit(source_of(&app, peer, &headers), &slug) {
+        return *refused;
+    }
+    let (id, _) = match checked_pending(sign_in, &headers, &slug, &form.csrf, now) {
+        Ok(found) => found,
+        Err(refused) => return *refused,
+    };
+    let Some(provider) = sign_in.providers.get(&(slug.clone(), provider_id.clone())) else {
+        return bad_request(&slug, "This account has no identity provider of that name.");
+    };
+    let started = provider
+        .start(&sign_in.redirect_url(&slug, &provider_id))
+        .await;
+    let (url, attempt) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            tracing::warn!(%error, account = %slug, provider = %provider_id, "cannot start an OIDC sign-in");
+            return provider_failed(&slug, &error);
+        }
+    };
+    match lock(&sign_in.pending).get_mut(&id, &slug, now) {
+        Some(pending) => pending.oidc = Some(attempt),
+        None => return expired(&slug),
+    }
+    see_other(&url)
+}
+
+/// What the provider sends the person back with.
+#[derive(Debug, Deserialize)]
+pub struct ProviderAnswer {
+    state: Option<String>,
+    code: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// `GET /{account}/sign-in/oidc/{provider}/callback`: the person is back from the provider.
+/// The state must be the one sent (compared in constant time) and is used up whatever
+/// happens next; the code is exchanged and the ID token checked; the groups claim replaces
+/// the person's memberships from this provider, and memberships it no longer names stop
+/// counting at once.
+pub async fn oidc_callback(
+    State(app): State<Arc<AppState>>,
+    Path((slug, provider_id)): Path<(String, String)>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    axum::extract::Query(answer): axum::extract::Query<ProviderAnswer>,
+) -> Response {
+    if app.broker.account(&slug).is_err() {
+        return no_account(&slug);
+    }
+    let sign_in = &app.sign_in;
+    let now = app.broker.clock().timestamp();
+    if let Err(refused) = sign_in.admit(source_of(&app, peer, &headers), &slug) {
+        return *refused;
+    }
+    let Some(id) = cookie_value(&headers) else {
+        return expired(&slug);
+    };
+    // The attempt is taken out: a second answer (a replay) finds none.
+    let found = lock(&sign_in.pending)
+        .get_mut(&id, &slug, now)
+        .map(|pending| {
+            let attempt = pending.oidc.take();
+            (pending.clone(), attempt)
+        });
+    let Some((pending, Some(attempt))) = found else {
+        return expired(&slug);
+    };
+    let state_matches = answer
+        .state
+        .as_deref()
+        .is_some_and(|state| bool::from(state.as_bytes().ct_eq(attempt.state.as_bytes())));
+    if attempt.provider != provider_id || !state_matches {
+        return bad_request(
+            &slug,
+            "The identity provider's answer does not belong to this sign-in (its state is \
+             wrong or missing). Start again from the fz client.",
+        );
+    }
+    if let Some(error) = answer.error {
+        let described = answer
+            .error_description
+            .map(|d| format!(" ({})", d.chars().take(256).collect::<String>()))
+            .unwrap_or_default();
+        return html(
+            StatusCode::UNAUTHORIZED,
+            page::message(
+                &slug,
+                "The identity provider did not sign you in",
+                &format!(
+                    "It said: {}{described}.",
+                    error.chars().take(64).collect::<String>()
+                ),
+            ),
+            None,
+        );
+    }
+    let Some(code) = answer.code.filter(|c| !c.is_empty() && c.len() <= 2048) else {
+        return bad_request(&slug, "The identity provider's answer has no code.");
+    };
+    let Some(provider) = sign_in.providers.get(&(slug.clone(), provider_id.clone())) else {
+        return bad_request(&slug, "This account has no identity provider of that name.");
+    };
+    let identity = match provider
+        .finish(&attempt, &code, &sign_in.redirect_url(&slug, &provider_id))
+        .await
+    {
+        Ok(identity) => identity,
+        Err(error) => {
+            tracing::warn!(%error, account = %slug, provider = %provider_id, "an OIDC sign-in was refused");
+            return provider_failed(&slug, &error);
+        }
+    };
+    let recorded = app
+        .broker
+        .store()
+        .record_identity(
+            &slug,
+            &provider_id,
+            (&identity.issuer, &identity.subject),
+            &identity.email,
+            identity.groups.as_deref(),
+            now,
+        )
+        .await;
+    if let Err(error) = recorded {
+        tracing::warn!(%error, account = %slug, provider = %provider_id, "an OIDC identity was refused");
+        return html(
+            StatusCode::FORBIDDEN,
+            page::message(
+                &slug,
+                "This sign-in cannot go on",
+                &format!("This {error}. Ask the account's administrator."),
+            ),
+            None,
+        );
+    }
+    if let Some(groups) = &identity.groups {
+        app.broker
+            .idp_groups_changed(&slug, &identity.email, &provider_id, groups)
+            .await;
+    }
+    let person = Person {
+        email: &identity.email,
+        provider: &provider_id,
+        identity: Some((&identity.issuer, &identity.subject)),
+        token_lifetime_secs: provider.config.token_lifetime_secs,
+    };
+    finish(&app, &slug, &id, &pending, person, now).await
+}
+
+fn provider_failed(slug: &str, error: &oidc::OidcError) -> Response {
+    html(
+        StatusCode::BAD_GATEWAY,
+        page::message(
+            slug,
+            "Signing in with the identity provider failed",
+            &error.to_string(),
+        ),
+        None,
+    )
 }
 
 /// The pending sign-in the request's cookie names, if the form's CSRF token is its own.
@@ -564,13 +817,26 @@ fn checked_pending(
 }
 
 fn methods_page(
+    sign_in: &SignIn,
     account: &Account,
     pending: &Pending,
     error: Option<&str>,
     status: StatusCode,
 ) -> Response {
+    let slug = &account.settings.slug;
     let methods = page::Methods {
         email: account.settings.email.enabled,
+        oidc: account
+            .settings
+            .oidc
+            .iter()
+            .filter(|p| {
+                sign_in
+                    .providers
+                    .contains_key(&(slug.clone(), p.id.clone()))
+            })
+            .map(|p| (p.id.clone(), p.name.clone().unwrap_or_else(|| p.id.clone())))
+            .collect(),
     };
     html(
         status,

@@ -221,6 +221,20 @@ pub struct TokenRecord {
     /// Made at the user's own sign-in ([`Store::create_signed_in_token`]); `false` for a token
     /// an admin made (a gateway's, or a service account's client token).
     pub signed_in: bool,
+    /// For a token made at an OpenID Connect sign-in: the person as the provider names them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+/// What a token made at a sign-in is bound to and speaks for, beyond its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedIn<'a> {
+    /// The nonce the client drew (`credential`): only `nonce ‖ fragment` is accepted.
+    pub nonce: &'a str,
+    /// The person as an OpenID Connect provider names them: (issuer, subject).
+    pub identity: Option<(&'a str, &'a str)>,
 }
 
 /// A registered client device.
@@ -505,23 +519,23 @@ impl Store {
         self.insert_token(account, kind, name, times, None).await
     }
 
-    /// Creates a token, live at once, for a client that signed in and drew `nonce`: the
-    /// returned secret is the fragment to hand back, and only `nonce ‖ fragment` is accepted.
+    /// Creates a token, live at once, for a client that signed in and drew `signed_in.nonce`:
+    /// the returned secret is the fragment to hand back, and only `nonce ‖ fragment` is
+    /// accepted.
     pub async fn create_signed_in_token(
         &self,
         account: &str,
         kind: TokenKind,
         name: &str,
-        expires_at: i64,
-        now: i64,
-        nonce: &str,
+        (expires_at, now): (i64, i64),
+        signed_in: SignedIn<'_>,
     ) -> Result<NewToken, StoreError> {
         let times = Lifetime {
             now,
             expires_at,
             activated_at: Some(now),
         };
-        self.insert_token(account, kind, name, times, Some(nonce))
+        self.insert_token(account, kind, name, times, Some(signed_in))
             .await
     }
 
@@ -583,8 +597,10 @@ impl Store {
             expires_at,
             activated_at,
         }: Lifetime,
-        nonce: Option<&str>,
+        signed_in: Option<SignedIn<'_>>,
     ) -> Result<NewToken, StoreError> {
+        let nonce = signed_in.map(|s| s.nonce);
+        let (issuer, subject) = signed_in.and_then(|s| s.identity).unzip();
         if expires_at <= now {
             return Err(StoreError::Invalid(
                 "token expiry: it must be in the future",
@@ -620,8 +636,9 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO tokens (id, account, kind, name, site, secret_hash, created_at, expires_at,
-                                 user_email, provider, activated_at, salt, made_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                 user_email, provider, activated_at, salt, made_by, issuer,
+                                 subject)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )
         .bind(&id)
         .bind(account)
@@ -636,6 +653,8 @@ impl Store {
         .bind(activated_at)
         .bind(&issued.salt)
         .bind(if nonce.is_some() { "sign-in" } else { "admin" })
+        .bind(issuer)
+        .bind(subject)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -1017,6 +1036,56 @@ impl Store {
 
     // ---- group memberships ----
 
+    /// Records that the person `identity` (issuer, subject) of OpenID Connect provider
+    /// `provider` signed in to `account` at `now` with the verified address `email`
+    /// (lowercase), and, when the provider named them, replaces their groups from it. One
+    /// transaction: a refusal leaves everything as it was.
+    ///
+    /// The first subject to bring an address holds it: another subject of the same issuer
+    /// bringing it is refused; the same subject bringing a new address moves to it.
+    pub async fn record_identity(
+        &self,
+        account: &str,
+        provider: &str,
+        (issuer, subject): (&str, &str),
+        email: &str,
+        groups: Option<&[String]>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (_turn, mut tx) = self.begin_write().await?;
+        insert_user(&mut tx, account, email).await?;
+        sqlx::query(
+            "INSERT INTO identities (account, provider, issuer, subject, email, first_seen,
+                                     last_seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (account, issuer, subject) DO UPDATE SET
+                 email = excluded.email, provider = excluded.provider, last_seen = excluded.last_seen",
+        )
+        .bind(account)
+        .bind(provider)
+        .bind(issuer)
+        .bind(subject)
+        .bind(email)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            on_constraint(e, |kind| match kind {
+                ErrorKind::UniqueViolation => Some(StoreError::Conflict {
+                    entity: Entity::Account,
+                    reason: "has this address bound to another person of this identity provider",
+                }),
+                ErrorKind::CheckViolation => Some(StoreError::Invalid("identity")),
+                _ => None,
+            })
+        })?;
+        if let Some(groups) = groups {
+            replace_memberships(&mut tx, account, email, provider, groups).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Replaces the groups `provider` says the user `email` (case-insensitive) of `account` is
     /// in, leaving what other providers said alone. One transaction: on any error (an empty
     /// group name, say) the previous groups stay.
@@ -1036,32 +1105,7 @@ impl Store {
         }
         let (_turn, mut tx) = self.begin_write().await?;
         insert_user(&mut tx, account, &email).await?;
-        sqlx::query(
-            "DELETE FROM group_memberships WHERE account = ?1 AND email = ?2 AND provider = ?3",
-        )
-        .bind(account)
-        .bind(&email)
-        .bind(provider)
-        .execute(&mut *tx)
-        .await?;
-        for group in groups {
-            sqlx::query(
-                "INSERT INTO group_memberships (account, email, provider, group_name)
-                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-            )
-            .bind(account)
-            .bind(&email)
-            .bind(provider)
-            .bind(group)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| {
-                on_constraint(e, |kind| match kind {
-                    ErrorKind::CheckViolation => Some(StoreError::Invalid("group name")),
-                    _ => None,
-                })
-            })?;
-        }
+        replace_memberships(&mut tx, account, &email, provider, groups).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1463,7 +1507,8 @@ struct Lifetime {
 type WriteTurn = tokio::sync::OwnedMutexGuard<()>;
 
 const TOKEN_COLUMNS: &str = "id, account, kind, name, site, user_email, provider, created_at, \
-                             expires_at, revoked_at, activated_at, made_by = 'sign-in' AS signed_in";
+                             expires_at, revoked_at, activated_at, made_by = 'sign-in' AS signed_in, \
+                             issuer, subject";
 
 /// What [`Store::authenticate`] compares a token's hash with when no token has it: the shape
 /// of a stored hash, and no token's (that would take a SHA-256 preimage of zeros).
@@ -1492,6 +1537,8 @@ struct TokenRow {
     revoked_at: Option<i64>,
     activated_at: Option<i64>,
     signed_in: bool,
+    issuer: Option<String>,
+    subject: Option<String>,
     secret_hash: String,
     /// `NULL` for tokens made before tokens were salted: they were all revoked then.
     salt: Option<String>,
@@ -1517,6 +1564,8 @@ impl TokenRow {
             revoked_at: self.revoked_at,
             activated_at: self.activated_at,
             signed_in: self.signed_in,
+            issuer: self.issuer,
+            subject: self.subject,
         })
     }
 }
@@ -1590,6 +1639,43 @@ impl GatewayRow {
 }
 
 /// Adds a user to an account unless it is there already.
+/// Replaces the groups `provider` says user `email` of `account` is in, inside `tx`.
+async fn replace_memberships(
+    tx: &mut Transaction<'static, Sqlite>,
+    account: &str,
+    email: &str,
+    provider: &str,
+    groups: &[String],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "DELETE FROM group_memberships WHERE account = ?1 AND email = ?2 AND provider = ?3",
+    )
+    .bind(account)
+    .bind(email)
+    .bind(provider)
+    .execute(&mut **tx)
+    .await?;
+    for group in groups {
+        sqlx::query(
+            "INSERT INTO group_memberships (account, email, provider, group_name)
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+        )
+        .bind(account)
+        .bind(email)
+        .bind(provider)
+        .bind(group)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| {
+            on_constraint(e, |kind| match kind {
+                ErrorKind::CheckViolation => Some(StoreError::Invalid("group name")),
+                _ => None,
+            })
+        })?;
+    }
+    Ok(())
+}
+
 async fn insert_user(
     tx: &mut Transaction<'static, Sqlite>,
     account: &str,

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use fz_portal::data_dir::DataDirError;
 use fz_portal::store::{
     ClientRecord, DATABASE_FILE, Decision, FlowFilter, GatewayRecord, GrantRecord, NewFlow,
-    NewToken, Store, StoreError, TokenKind, Write, tunnel_addresses,
+    NewToken, SignedIn, Store, StoreError, TokenKind, Write, tunnel_addresses,
 };
 use fz_portal::writer::Writer;
 use sha2::{Digest as _, Sha256};
@@ -570,7 +570,16 @@ async fn a_signed_in_token_is_accepted_only_with_the_nonce_it_was_made_for() {
         provider: Some("email".to_owned()),
     };
     let fragment = store
-        .create_signed_in_token(A, kind.clone(), "laptop", NOW + DAY, NOW, &nonce(1))
+        .create_signed_in_token(
+            A,
+            kind.clone(),
+            "laptop",
+            (NOW + DAY, NOW),
+            SignedIn {
+                nonce: &nonce(1),
+                identity: Some(("https://idp.example", "subject-1")),
+            },
+        )
         .await
         .unwrap();
     let found = store
@@ -593,7 +602,16 @@ async fn a_signed_in_token_is_accepted_only_with_the_nonce_it_was_made_for() {
     }
     // A nonce that is not 32 bytes of base64url makes no token.
     let refused = store
-        .create_signed_in_token(A, client_kind(), "t", NOW + DAY, NOW, "short")
+        .create_signed_in_token(
+            A,
+            client_kind(),
+            "t",
+            (NOW + DAY, NOW),
+            SignedIn {
+                nonce: "short",
+                identity: None,
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(refused.to_string(), "invalid sign-in nonce");
@@ -1950,4 +1968,89 @@ async fn an_email_code_has_its_tries_its_lifetime_and_one_use() {
         .unwrap();
     assert_eq!(store.prune_email_codes(NOW + 899).await.unwrap(), 0);
     assert_eq!(store.prune_email_codes(NOW + 900).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn an_identity_holds_its_address_and_brings_its_groups() {
+    let Fixture { _dir, store, .. } = fixture().await;
+    let issuer = "https://idp.example";
+    let groups = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+    store
+        .record_identity(
+            A,
+            "okta",
+            (issuer, "sub-alice"),
+            "alice@example.com",
+            Some(&groups(&["SRE", "Finance"])),
+            NOW,
+        )
+        .await
+        .unwrap();
+    let names = |found: Vec<fz_portal::store::IdpGroup>| {
+        found.into_iter().map(|g| g.group).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(store.memberships(A, "alice@example.com").await.unwrap()),
+        ["Finance", "SRE"]
+    );
+    // Another person of the same provider cannot take her address; nothing changes.
+    let taken = store
+        .record_identity(
+            A,
+            "okta",
+            (issuer, "sub-mallory"),
+            "alice@example.com",
+            Some(&groups(&[])),
+            NOW,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        taken.to_string().contains("bound to another person"),
+        "{taken}"
+    );
+    assert_eq!(
+        names(store.memberships(A, "alice@example.com").await.unwrap()),
+        ["Finance", "SRE"]
+    );
+    // She signs in again: her groups are what the provider says now; without a groups claim
+    // they are left alone.
+    store
+        .record_identity(
+            A,
+            "okta",
+            (issuer, "sub-alice"),
+            "alice@example.com",
+            Some(&groups(&["SRE"])),
+            NOW + 1,
+        )
+        .await
+        .unwrap();
+    store
+        .record_identity(
+            A,
+            "okta",
+            (issuer, "sub-alice"),
+            "alice@example.com",
+            None,
+            NOW + 2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        names(store.memberships(A, "alice@example.com").await.unwrap()),
+        ["SRE"]
+    );
+    // Another account is another world.
+    store
+        .record_identity(
+            B,
+            "okta",
+            (issuer, "sub-mallory"),
+            "alice@example.com",
+            None,
+            NOW,
+        )
+        .await
+        .unwrap();
 }

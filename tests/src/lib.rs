@@ -12,8 +12,9 @@
 //!   by hand through its own tunnel: what an attacker holding a user's token can do.
 //! - [`report`]: `target/e2e-report.json` and the summary the scenarios leave.
 //! - [`binaries`]: where the binaries under test are, built when missing.
-//! - [`local`]: a portal process on loopback, and [`chromium`]: a real headless browser driven
-//!   over the DevTools protocol, for the sign-in tests (no root needed: `tests/browser.rs`).
+//! - [`local`]: a portal process on loopback, [`chromium`]: a real headless browser driven over
+//!   the DevTools protocol, and [`idp`]: a real OpenID Connect provider, for the sign-in tests
+//!   (no root needed: `tests/browser.rs`).
 //!
 //! The scenarios themselves are in `tests/e2e.rs`. Everything here needs root (namespaces,
 //! TUN devices, nftables); without it the scenarios skip loudly and leave the marker `.ci/run`
@@ -24,6 +25,7 @@
 
 pub mod binaries;
 pub mod chromium;
+pub mod idp;
 pub mod local;
 pub mod report;
 pub mod rogue;

@@ -28,14 +28,30 @@ pub struct LocalPortal {
 impl LocalPortal {
     /// Starts a portal serving account `acme` on [`POLICY`], with `extra` configuration lines.
     pub fn start(extra: &str) -> LocalPortal {
+        LocalPortal::start_with(POLICY, "127.0.0.1:0", extra, "", &[])
+    }
+
+    /// Starts a portal listening on `listen`, serving account `acme` on `policy`, with `extra`
+    /// top-level configuration lines and `account` lines for the account (its `[[...oidc]]`
+    /// tables, say); files those name are read from the home, which `files` fills first.
+    pub fn start_with(
+        policy: &str,
+        listen: &str,
+        extra: &str,
+        account: &str,
+        files: &[(&str, &str)],
+    ) -> LocalPortal {
         let home = tempfile::tempdir().unwrap();
         std::fs::create_dir(home.path().join("policies")).unwrap();
-        std::fs::write(home.path().join("policies/access.fz"), POLICY).unwrap();
+        std::fs::write(home.path().join("policies/access.fz"), policy).unwrap();
+        for (name, contents) in files {
+            std::fs::write(home.path().join(name), contents).unwrap();
+        }
         std::fs::write(
             home.path().join("portal.toml"),
             format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{extra}\n\
-                 [[accounts]]\nslug = \"acme\"\npolicy = \"policies\"\n"
+                "listen = \"{listen}\"\ndata_dir = \"data\"\n{extra}\n\
+                 [[accounts]]\nslug = \"acme\"\npolicy = \"policies\"\n{account}\n"
             ),
         )
         .unwrap();

@@ -32,9 +32,10 @@ input[type=email],input[type=text]{width:100%;padding:.65rem .75rem;border:1px s
 border-radius:8px;font-size:1rem}\
 input:focus{outline:2px solid #6366f1;border-color:#6366f1}\
 input.code{font:600 1.4rem ui-monospace,monospace;letter-spacing:.2em;text-align:center}\
-button{width:100%;margin-top:.9rem;padding:.7rem;border:0;border-radius:8px;background:#4f46e5;\
-color:#fff;font-size:1rem;font-weight:600;cursor:pointer}\
-button:hover{background:#4338ca}\
+button,a.button{display:block;box-sizing:border-box;width:100%;margin-top:.9rem;padding:.7rem;\
+border:0;border-radius:8px;background:#4f46e5;color:#fff;font-size:1rem;font-weight:600;\
+cursor:pointer;text-align:center;text-decoration:none}\
+button:hover,a.button:hover{background:#4338ca}\
 .error{background:#fef2f2;color:#991b1b;border:1px solid #fecaca;padding:.6rem .75rem;\
 border-radius:8px;font-size:.95rem}\
 .method{margin-top:1.25rem}\
@@ -63,6 +64,8 @@ fn error_box(error: Option<&str>) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct Methods {
     pub email: bool,
+    /// OpenID Connect providers: (id, name shown).
+    pub oidc: Vec<(String, String)>,
 }
 
 /// The page a client's sign-in lands on: each method the account offers.
@@ -80,6 +83,22 @@ pub fn methods(
         device = escape(device),
         error = error_box(error),
     );
+    // A link, not a form: its answer redirects to the provider, and a form's redirect to an
+    // origin the page's `form-action` does not name is blocked (the provider's authorization
+    // endpoint is not known before discovery). The anti-forgery token rides in the query.
+    for (id, name) in &methods.oidc {
+        body.push_str(&format!(
+            "<p class=\"method\"><a class=\"button\" id=\"oidc-{id}\" \
+             href=\"/{account}/sign-in/oidc/{id}?csrf={csrf}\">Sign in with {name}</a></p>",
+            account = escape(account),
+            id = escape(id),
+            name = escape(name),
+            csrf = escape(csrf),
+        ));
+    }
+    if !methods.oidc.is_empty() && methods.email {
+        body.push_str("<p class=\"fine\" style=\"text-align:center\">or</p>");
+    }
     if methods.email {
         body.push_str(&format!(
             "<form class=\"method\" method=\"post\" action=\"/{account}/sign-in/email\">\
@@ -92,7 +111,7 @@ pub fn methods(
             csrf = escape(csrf),
         ));
     }
-    if !methods.email {
+    if !methods.email && methods.oidc.is_empty() {
         body.push_str(
             "<p class=\"error\">This account offers no way to sign in. Ask its administrator.</p>",
         );

@@ -14,6 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::credential;
 use crate::random;
+use crate::sign_in::oidc::OidcAttempt;
 
 /// A sign-in not finished within 15 minutes is forgotten (the code sent by email lives as
 /// long).
@@ -176,6 +177,8 @@ pub struct Pending {
     pub csrf: String,
     /// The address a code was sent to, once asked for.
     pub email: Option<String>,
+    /// The sign-in under way at an OpenID Connect provider, once the person was sent there.
+    pub oidc: Option<OidcAttempt>,
     pub started_at: i64,
     pub source: Option<IpAddr>,
 }
@@ -232,6 +235,7 @@ impl PendingSignIns {
                 request,
                 csrf: csrf.clone(),
                 email: None,
+                oidc: None,
                 started_at: now,
                 source,
             },
