@@ -6,7 +6,24 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use fz_client::config::Args;
+use std::io::Write as _;
+
+use fz_client::deep_link;
 use fz_client::sign_in::{self, SignInArgs, SignOutArgs};
+
+/// Hands a `fz://handle_client_sign_in_callback?…` link to the waiting `fz-client sign-in`
+/// (what the desktop runs for such a link once `install-url-handler` registered it).
+#[derive(Debug, clap::Parser)]
+#[command(name = "fz-client handle-url")]
+struct HandleUrlArgs {
+    url: String,
+}
+
+/// Makes this program the desktop's handler of `fz://` links: a `.desktop` entry and
+/// `xdg-mime`.
+#[derive(Debug, clap::Parser)]
+#[command(name = "fz-client install-url-handler")]
+struct InstallArgs {}
 
 fn main() -> ExitCode {
     fz_host::agent::init_logging();
@@ -24,6 +41,22 @@ fn main() -> ExitCode {
     if command.as_ref().is_some_and(|c| c == "sign-out") {
         let args = SignOutArgs::parse_from(rest());
         return once(|| async { sign_in::sign_out(args, &mut std::io::stdout()).await });
+    }
+    if command.as_ref().is_some_and(|c| c == "handle-url") {
+        let args = HandleUrlArgs::parse_from(rest());
+        return once(|| async {
+            deep_link::hand_over(&args.url).await?;
+            writeln!(std::io::stdout(), "ok: the sign-in took the link")
+                .map_err(sign_in::SignInError::Output)
+        });
+    }
+    if command.as_ref().is_some_and(|c| c == "install-url-handler") {
+        InstallArgs::parse_from(rest());
+        return once(|| async {
+            deep_link::install(&mut std::io::stdout())
+                .map(drop)
+                .map_err(Into::into)
+        });
     }
     let config = match Args::parse().resolve() {
         Ok(config) => config,

@@ -21,6 +21,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fz_host::secrets::{SecretError, write_secret};
+
+use crate::deep_link::{DEEP_LINK, DeepLinkError, Waiter};
 use subtle::ConstantTimeEq as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,6 +60,18 @@ pub struct SignInArgs {
     /// How long to wait for the sign-in to finish, in seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// How the browser hands the result back: to a listener on 127.0.0.1 (RFC 8252), or as
+    /// the deep link `fz://handle_client_sign_in_callback`, which the desktop opens with
+    /// `fz-client handle-url` once `fz-client install-url-handler` registered it.
+    #[arg(long, value_enum, default_value_t = CallbackKind::Loopback)]
+    pub callback: CallbackKind,
+}
+
+/// Where the portal sends a finished sign-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CallbackKind {
+    Loopback,
+    DeepLink,
 }
 
 /// Sign out: the portal revokes this device's token (closing its connections and withdrawing
@@ -117,6 +131,8 @@ pub enum SignInError {
         path: PathBuf,
         cause: std::io::Error,
     },
+    #[error(transparent)]
+    DeepLink(#[from] DeepLinkError),
 }
 
 /// Signs out: the portal revokes the token, then the file is deleted. A token the portal
@@ -311,11 +327,22 @@ pub async fn run(args: SignInArgs, out: &mut impl Write) -> Result<SignedIn, Sig
         None => default_token_file()?,
     };
     let attempt = Attempt::new(&args.account)?;
-    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        .await
-        .map_err(SignInError::Listen)?;
-    let port = listener.local_addr().map_err(SignInError::Listen)?.port();
-    let callback = format!("http://127.0.0.1:{port}{CALLBACK_PATH}");
+    let (waiting, callback) = match args.callback {
+        CallbackKind::Loopback => {
+            let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                .await
+                .map_err(SignInError::Listen)?;
+            let port = listener.local_addr().map_err(SignInError::Listen)?.port();
+            (
+                Waiting::Loopback(listener),
+                format!("http://127.0.0.1:{port}{CALLBACK_PATH}"),
+            )
+        }
+        CallbackKind::DeepLink => (
+            Waiting::DeepLink(Waiter::bind().await?),
+            DEEP_LINK.to_owned(),
+        ),
+    };
     let url = attempt.url(&portal, &callback, &device_name());
     let say =
         |out: &mut dyn Write, text: &str| writeln!(out, "{text}").map_err(SignInError::Output);
@@ -340,13 +367,16 @@ pub async fn run(args: SignInArgs, out: &mut impl Write) -> Result<SignedIn, Sig
         ),
     )?;
     out.flush().map_err(SignInError::Output)?;
-    let signed_in = tokio::time::timeout(
-        Duration::from_secs(args.timeout_secs),
-        answer(&listener, &attempt),
-    )
-    .await
-    .map_err(|_| SignInError::Timeout(args.timeout_secs))??;
-    drop(listener);
+    let answered = async {
+        match &waiting {
+            Waiting::Loopback(listener) => answer(listener, &attempt).await,
+            Waiting::DeepLink(waiter) => waiter.take(|query| attempt.finish(query)).await,
+        }
+    };
+    let signed_in = tokio::time::timeout(Duration::from_secs(args.timeout_secs), answered)
+        .await
+        .map_err(|_| SignInError::Timeout(args.timeout_secs))??;
+    drop(waiting);
     write_secret(&token_file, &signed_in.token)?;
     say(
         out,
@@ -358,6 +388,12 @@ pub async fn run(args: SignInArgs, out: &mut impl Write) -> Result<SignedIn, Sig
         ),
     )?;
     Ok(signed_in)
+}
+
+/// What a sign-in waits on for its answer.
+enum Waiting {
+    Loopback(TcpListener),
+    DeepLink(Waiter),
 }
 
 /// Waits for the one callback: other paths (a browser's favicon) get a 404 and the wait goes

@@ -18,12 +18,27 @@ use fz_host::testing::browser::{Browser, Page};
 /// `fz-client sign-in` for account `acme` of `portal`, its token going to `token_file`; returns
 /// the process and the sign-in URL it printed.
 fn sign_in(portal: &LocalPortal, token_file: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fz-client"))
+    sign_in_with(portal, token_file, &[], None)
+}
+
+/// [`sign_in`] with more arguments, and `XDG_RUNTIME_DIR` set to `runtime` when given.
+fn sign_in_with(
+    portal: &LocalPortal,
+    token_file: &Path,
+    extra: &[&str],
+    runtime: Option<&Path>,
+) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fz-client"));
+    if let Some(runtime) = runtime {
+        command.env("XDG_RUNTIME_DIR", runtime);
+    }
+    let mut child = command
         .arg("sign-in")
         .args(["--portal-url", &format!("ws://{}", portal.address)])
         .args(["--account", "acme", "--no-browser", "--timeout-secs", "60"])
         .arg("--token-file")
         .arg(token_file)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -216,4 +231,120 @@ async fn an_answer_with_another_state_or_account_stores_nothing() {
 
     assert!(!dir.path().join("first").exists());
     assert!(!dir.path().join("second").exists());
+}
+
+#[tokio::test]
+async fn the_deep_link_hands_the_answer_to_the_waiting_sign_in_over_a_private_socket() {
+    let portal = LocalPortal::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let token_file = dir.path().join("token");
+    let (child, link) = sign_in_with(
+        &portal,
+        &token_file,
+        &["--callback", "deep-link"],
+        Some(&runtime),
+    );
+    let (callback, _) = callback_and_state(&link);
+    assert_eq!(callback, "fz://handle_client_sign_in_callback");
+    let socket = runtime.join("fz-client/sign-in.sock");
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+
+    let mut browser = Browser::new(portal.address);
+    let deep_link = through_the_pages(&portal, &mut browser, &link).await;
+    assert!(
+        deep_link.starts_with("fz://handle_client_sign_in_callback?account=acme&fragment="),
+        "{deep_link}"
+    );
+    let handle = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fz-client"))
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .args(["handle-url", url])
+            .output()
+            .unwrap()
+    };
+    // A link that is not a sign-in's is not even handed over.
+    let foreign = handle("fz://something_else?x=1");
+    assert!(!foreign.status.success());
+    // The right one is taken, acknowledged, and ends the wait.
+    let handed = handle(&deep_link);
+    assert!(handed.status.success(), "{handed:?}");
+    assert!(String::from_utf8_lossy(&handed.stdout).contains("the sign-in took the link"));
+    let (succeeded, stderr) = stderr_of(child);
+    assert!(succeeded, "{stderr}");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert!(
+        token.trim().ends_with(
+            deep_link
+                .split("fragment=")
+                .nth(1)
+                .unwrap()
+                .split('&')
+                .next()
+                .unwrap()
+        )
+    );
+    assert!(!socket.exists(), "the socket outlived the sign-in");
+    // Nobody waits now: handing over again says so.
+    let late = handle(&deep_link);
+    assert!(!late.status.success());
+    assert!(
+        String::from_utf8_lossy(&late.stderr).contains("no `fz-client sign-in` is waiting"),
+        "{late:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_deep_link_with_another_state_is_refused_to_the_handler_and_stores_nothing() {
+    let portal = LocalPortal::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir(&runtime).unwrap();
+    let (child, _) = sign_in_with(
+        &portal,
+        &dir.path().join("token"),
+        &["--callback", "deep-link"],
+        Some(&runtime),
+    );
+    let forged = "fz://handle_client_sign_in_callback?account=acme&fragment=fz1.client.acme.tok_0.s.m&state=not-this-one&user=mallory%40acme.example";
+    let handed = Command::new(env!("CARGO_BIN_EXE_fz-client"))
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .args(["handle-url", forged])
+        .output()
+        .unwrap();
+    assert!(!handed.status.success());
+    assert!(
+        String::from_utf8_lossy(&handed.stderr).contains("another `state`"),
+        "{handed:?}"
+    );
+    let (succeeded, stderr) = stderr_of(child);
+    assert!(!succeeded);
+    assert!(stderr.contains("nothing was stored"), "{stderr}");
+    assert!(!dir.path().join("token").exists());
+}
+
+#[test]
+fn install_url_handler_writes_a_desktop_entry_for_fz_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fz-client"))
+        .arg("install-url-handler")
+        .env("XDG_DATA_HOME", dir.path())
+        .env("HOME", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let entry = std::fs::read_to_string(dir.path().join("applications/fz-client.desktop")).unwrap();
+    assert!(entry.contains("MimeType=x-scheme-handler/fz;"), "{entry}");
+    assert!(
+        entry.contains(&format!(
+            "Exec=\"{}\" handle-url %u",
+            env!("CARGO_BIN_EXE_fz-client")
+        )),
+        "{entry}"
+    );
 }
