@@ -378,6 +378,8 @@ pub async fn email_requested(
     tokio::spawn(async move {
         let store = broker.store();
         let known = listed || store.knows_user(&slug, &email).await.unwrap_or(false);
+        // A disabled user gets no code: the page said the same as for anyone.
+        let known = known && !store.is_disabled(&slug, &email).await.unwrap_or(true);
         if !known {
             tracing::info!(account = %slug, "a sign-in code was asked for an address the account does not know; none sent");
             return;
@@ -565,6 +567,25 @@ async fn finish(
     // The sign-in ends here, whatever follows: its cookie and CSRF token are good no more.
     if lock(&app.sign_in.pending).finish(id).is_none() {
         return expired(slug);
+    }
+    match app.broker.store().is_disabled(slug, person.email).await {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::info!(account = %slug, provider = person.provider, "a disabled user's sign-in was refused");
+            return html(
+                StatusCode::FORBIDDEN,
+                page::message(
+                    slug,
+                    "You cannot sign in",
+                    "An administrator of this account has disabled your user. Ask them.",
+                ),
+                None,
+            );
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot tell whether a user is disabled");
+            return unavailable(slug);
+        }
     }
     let lifetime = i64::try_from(person.token_lifetime_secs).unwrap_or(i64::MAX);
     let kind = TokenKind::Client {

@@ -153,6 +153,7 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entity {
     Account,
+    User,
     Token,
     Client,
     Gateway,
@@ -163,6 +164,7 @@ impl fmt::Display for Entity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Entity::Account => "account",
+            Entity::User => "user",
             Entity::Token => "token",
             Entity::Client => "client",
             Entity::Gateway => "gateway",
@@ -1156,6 +1158,69 @@ impl Store {
                 .await
                 .map(|n: i64| n > 0)?,
         )
+    }
+
+    /// Disables user `email` of `account` (a second time keeps the first time): every client
+    /// token of theirs is revoked, in the same transaction, and no sign-in makes them another
+    /// until [`Store::enable_user`]. Returns how many tokens were revoked now.
+    pub async fn disable_user(
+        &self,
+        account: &str,
+        email: &str,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let email = email.to_lowercase();
+        let (_turn, mut tx) = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE users SET disabled_at = coalesce(disabled_at, ?3)
+             WHERE account = ?1 AND email = ?2",
+        )
+        .bind(account)
+        .bind(&email)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(Entity::User));
+        }
+        let revoked = sqlx::query(
+            "UPDATE tokens SET revoked_at = ?3
+             WHERE account = ?1 AND user_email = ?2 AND kind = 'client' AND revoked_at IS NULL",
+        )
+        .bind(account)
+        .bind(&email)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(revoked.rows_affected())
+    }
+
+    /// Enables user `email` of `account` again: they may sign in. Tokens revoked when they were
+    /// disabled stay revoked.
+    pub async fn enable_user(&self, account: &str, email: &str) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
+        let done =
+            sqlx::query("UPDATE users SET disabled_at = NULL WHERE account = ?1 AND email = ?2")
+                .bind(account)
+                .bind(email.to_lowercase())
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(Entity::User));
+        }
+        Ok(())
+    }
+
+    /// Whether user `email` of `account` is disabled.
+    pub async fn is_disabled(&self, account: &str, email: &str) -> Result<bool, StoreError> {
+        let disabled: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT disabled_at FROM users WHERE account = ?1 AND email = ?2")
+                .bind(account)
+                .bind(email.to_lowercase())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(disabled.flatten().is_some())
     }
 
     // ---- email sign-in codes ----

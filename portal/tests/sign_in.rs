@@ -566,3 +566,85 @@ async fn the_code_goes_out_through_a_real_smtp_server() {
             .is_some()
     );
 }
+
+/// Signs `ALICE` in by email code in a new browser; returns `nonce ‖ fragment`.
+async fn signed_in_token(portal: &TestPortal, seed: u8, mails_before: usize) -> String {
+    let client = Client::new(seed);
+    let mut browser = Browser::new(portal.address());
+    let page = open(&mut browser, &client, "acme").await;
+    let code_page = ask_code(&mut browser, &page, ALICE).await;
+    let code = code_in_mail(portal, mails_before + 1).await;
+    let done = browser
+        .post(
+            "/acme/sign-in/email/code",
+            &[("csrf", &code_page.csrf()), ("code", &code)],
+        )
+        .await;
+    assert_eq!(done.status, 303, "{done:?}");
+    let query = callback_query(done.location(), &client);
+    format!("{}{}", client.nonce, query[1].1)
+}
+
+#[tokio::test]
+async fn disabling_a_user_disconnects_their_devices_and_refuses_their_sign_ins() {
+    use fz_host::testing::agents::{TestClient, key};
+    let portal = TestPortal::start(POLICY, "").await;
+    let token = signed_in_token(&portal, 1, 0).await;
+    let mut live = TestClient::connect(portal.address(), portal.pinned(), "acme", &token, key(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+
+    // A code asked for before the user is disabled...
+    let client = Client::new(2);
+    let mut browser = Browser::new(portal.address());
+    let page = open(&mut browser, &client, "acme").await;
+    let code_page = ask_code(&mut browser, &page, ALICE).await;
+    let code = code_in_mail(&portal, 2).await;
+
+    let now = portal.now().timestamp();
+    assert_eq!(
+        portal
+            .store()
+            .disable_user("acme", ALICE, now)
+            .await
+            .unwrap(),
+        1
+    );
+    // The sweeper sees the revocation and closes the device's connection.
+    assert!(
+        live.next().await.is_none(),
+        "the disabled user's device is still connected"
+    );
+    let refused =
+        TestClient::connect(portal.address(), portal.pinned(), "acme", &token, key(1)).await;
+    assert_eq!(refused.err().map(|(status, _)| status), Some(401));
+
+    // ...does not sign them in.
+    let done = browser
+        .post(
+            "/acme/sign-in/email/code",
+            &[("csrf", &code_page.csrf()), ("code", &code)],
+        )
+        .await;
+    assert_eq!(done.status, 403, "{done:?}");
+    assert!(
+        done.body.contains("has disabled your user"),
+        "{}",
+        done.body
+    );
+    let live_tokens = |tokens: Vec<fz_portal::store::TokenRecord>| {
+        tokens.iter().filter(|t| t.revoked_at.is_none()).count()
+    };
+    assert_eq!(
+        live_tokens(portal.store().list_tokens("acme").await.unwrap()),
+        0
+    );
+
+    // Enabled again, they sign in again.
+    portal.store().enable_user("acme", ALICE).await.unwrap();
+    signed_in_token(&portal, 3, 2).await;
+    assert_eq!(
+        live_tokens(portal.store().list_tokens("acme").await.unwrap()),
+        1
+    );
+}

@@ -53,6 +53,18 @@ enum Command {
         #[arg(long)]
         undo: bool,
     },
+    /// Disable a user: every client token of theirs is revoked (the portal disconnects their
+    /// devices and withdraws their grants within a second or two), and no sign-in gives them
+    /// another until `--undo`.
+    Disable {
+        #[arg(long)]
+        account: String,
+        /// The user's email.
+        user: String,
+        /// Enable them again (tokens revoked meanwhile stay revoked).
+        #[arg(long)]
+        undo: bool,
+    },
     /// List an account's client devices: whose they are, whether verified, when last
     /// connected, and their token's expiry. The ids are what `verify` takes.
     Clients {
@@ -214,6 +226,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 );
             } else {
                 println!("client {client} is no longer verified");
+            }
+            Ok(())
+        }
+        Command::Disable {
+            account,
+            user,
+            undo,
+        } => {
+            let store = open_store(&config, &account).await?;
+            if undo {
+                store.enable_user(&account, &user).await?;
+                println!("user {user} may sign in again");
+            } else {
+                let revoked = store.disable_user(&account, &user, now()).await?;
+                println!(
+                    "user {user} is disabled; {revoked} client token{} revoked",
+                    if revoked == 1 { "" } else { "s" }
+                );
             }
             Ok(())
         }
