@@ -16,8 +16,9 @@ use fz_proto::PortalPublicKey;
 pub struct Args {
     #[command(flatten)]
     pub portal: PortalArgs,
-    /// A file holding the client token (from `fz-portal token create --client`); it must not
-    /// be readable by group or others.
+    /// A file holding the client token (`fz-client sign-in` writes it; a service account's is
+    /// from `fz-portal token create --client`); it must not be readable by group or others.
+    /// When it does not exist yet, the client signs in first and writes it.
     #[arg(long)]
     pub token_file: PathBuf,
     /// The local UDP address WireGuard sends from.

@@ -1,13 +1,13 @@
 //! `fz-client`: parse the command line into a checked config, then run the event loop until
-//! SIGTERM or SIGINT; the host's resolver configuration comes back either way. `fz-client
-//! sign-in` gets the device its token through the browser instead, and exits.
+//! SIGTERM or SIGINT; the host's resolver configuration comes back either way. With no token
+//! at `--token-file` yet, it signs in first. `fz-client sign-in`, `sign-out`, `handle-url` and
+//! `install-url-handler` are commands of their own, which end.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use fz_client::config::Args;
-use std::io::Write as _;
-
 use fz_client::deep_link;
 use fz_client::sign_in::{self, SignInArgs, SignOutArgs};
 
@@ -58,7 +58,30 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         });
     }
-    let config = match Args::parse().resolve() {
+    let args = Args::parse();
+    if !args.token_file.exists() {
+        tracing::info!(
+            path = %args.token_file.display(),
+            "no token yet: signing in first (the URL to open follows)"
+        );
+        let sign_in = SignInArgs {
+            portal_url: args.portal.portal_url.clone(),
+            account: args.portal.account.clone(),
+            token_file: Some(args.token_file.clone()),
+            no_browser: false,
+            timeout_secs: sign_in::DEFAULT_TIMEOUT_SECS,
+            callback: sign_in::CallbackKind::Loopback,
+        };
+        let signed_in = once(|| async {
+            sign_in::run(sign_in, &mut std::io::stdout())
+                .await
+                .map(drop)
+        });
+        if signed_in != ExitCode::SUCCESS {
+            return signed_in;
+        }
+    }
+    let config = match args.resolve() {
         Ok(config) => config,
         Err(error) => {
             tracing::error!("{error}");

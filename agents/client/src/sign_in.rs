@@ -30,6 +30,9 @@ use tokio::net::{TcpListener, TcpStream};
 /// The keys of the portal's callback, each exactly once.
 pub const CALLBACK_KEYS: [&str; 4] = ["account", "fragment", "state", "user"];
 
+/// How long a sign-in waits for its answer unless told otherwise: time to read a mail.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
+
 /// The path the loopback listener answers.
 pub const CALLBACK_PATH: &str = "/callback";
 
@@ -58,7 +61,7 @@ pub struct SignInArgs {
     #[arg(long)]
     pub no_browser: bool,
     /// How long to wait for the sign-in to finish, in seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_SECS)]
     pub timeout_secs: u64,
     /// How the browser hands the result back: to a listener on 127.0.0.1 (RFC 8252), or as
     /// the deep link `fz://handle_client_sign_in_callback`, which the desktop opens with

@@ -348,3 +348,58 @@ fn install_url_handler_writes_a_desktop_entry_for_fz_links() {
         "{entry}"
     );
 }
+
+#[tokio::test]
+async fn a_client_started_without_a_token_signs_in_first() {
+    let portal = LocalPortal::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fz-client"))
+        .args(["--portal-url", &format!("ws://{}", portal.address)])
+        .args([
+            "--account",
+            "acme",
+            "--portal-key",
+            &portal.pinned().to_string(),
+        ])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--key-file")
+        .arg(dir.path().join("key"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--resolv-conf")
+        .arg(dir.path().join("resolv.conf"))
+        .env("PATH", "/nonexistent") // no xdg-open: it says to open the URL by hand
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let link = loop {
+        let mut line = String::new();
+        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix(&format!("http://{}", portal.address))
+        {
+            break url.to_owned();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let mut browser = Browser::new(portal.address);
+    let callback = through_the_pages(&portal, &mut browser, &link).await;
+    assert_eq!(browser.visit(&callback).await.status, 200);
+    // The token is written before the client goes on to start (which needs root for its TUN
+    // device: whether it gets that far does not matter here).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !token_file.exists() {
+        assert!(std::time::Instant::now() < deadline, "no token written");
+        // A poll interval: the client writes the file on its own time.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
