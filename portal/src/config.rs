@@ -57,6 +57,7 @@
 //! scopes = ["openid", "email", "profile", "groups"] # default: openid, email, profile
 //! groups_claim = "groups"          # the claim (ID token, else UserInfo) listing the user's groups
 //! token_lifetime_secs = 604800     # a client token from this provider lasts this (7 days)
+//! ca_file = "idp-ca.pem"           # extra CA certificates (PEM) to trust for it
 //!
 //! [smtp]                           # where sign-in codes are mailed; without this section they
 //!                                  # are written to `<data_dir>/mail/` and the portal logs where
@@ -165,6 +166,9 @@ pub struct OidcConfig {
     pub groups_claim: Option<String>,
     #[serde(default = "default_token_lifetime")]
     pub token_lifetime_secs: u64,
+    /// Extra CA certificates (PEM) to trust for this provider, beside the system's: a provider
+    /// behind a private CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_scopes() -> Vec<String> {
@@ -498,6 +502,7 @@ impl Config {
                         .into_iter()
                         .map(|oidc| OidcConfig {
                             client_secret_file: resolve(oidc.client_secret_file),
+                            ca_file: oidc.ca_file.map(resolve),
                             ..oidc
                         })
                         .collect(),

@@ -1,10 +1,12 @@
 // The identity provider the sign-in tests run: oidc-provider (a certified OpenID Connect
-// provider) with its development login pages, on 127.0.0.1. Test-only: no real keys, no
-// real users.
+// provider) with its development login pages, on 127.0.0.1 (or the host the settings name,
+// over https when they give a certificate). Test-only: no real keys, no real users.
 //
 //   node provider.mjs SETTINGS.json
 //
-// SETTINGS: {"port": 0, "clients": [{"client_id", "client_secret", "redirect_uris"}],
+// SETTINGS: {"host": "127.0.0.1", "port": 0,
+//            "tls": {"cert": "cert.pem", "key": "key.pem"},   (optional: serve https)
+//            "clients": [{"client_id", "client_secret", "redirect_uris"}],
 //            "users_file": "users.json"}
 // users.json: {"alice": {"email": "...", "email_verified": true, "groups": ["SRE"]}, ...}
 // read at every sign-in, so a test changes someone's groups by rewriting it. The login page
@@ -12,15 +14,23 @@
 // client. Once listening, it prints `listening on <issuer>` on stdout.
 
 import { readFileSync } from 'node:fs';
-import { createServer } from 'node:http';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import Provider from 'oidc-provider';
 
 const settings = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const users = () => JSON.parse(readFileSync(settings.users_file, 'utf8'));
 
-const server = createServer();
-server.listen(settings.port ?? 0, '127.0.0.1', () => {
-  const issuer = `http://127.0.0.1:${server.address().port}`;
+const host = settings.host ?? '127.0.0.1';
+const server = settings.tls
+  ? createHttpsServer({
+    cert: readFileSync(settings.tls.cert),
+    key: readFileSync(settings.tls.key),
+  })
+  : createHttpServer();
+server.listen(settings.port ?? 0, host, () => {
+  const scheme = settings.tls ? 'https' : 'http';
+  const issuer = `${scheme}://${host}:${server.address().port}`;
   const provider = new Provider(issuer, {
     clients: settings.clients.map((client) => ({
       grant_types: ['authorization_code'],

@@ -25,10 +25,22 @@ pub const CLIENT_ID: &str = "fz-portal";
 pub const CLIENT_SECRET: &str = "test-client-secret";
 
 impl TestIdp {
-    /// Starts the provider with the users `users` (JSON: id → claims) for a portal whose
-    /// callback is `redirect_uri`; `Err` says why it cannot run here (the test then skips
-    /// loudly).
+    /// Starts the provider on 127.0.0.1 with the users `users` (JSON: id → claims) for a
+    /// portal whose callback is `redirect_uri`; `Err` says why it cannot run here (the test
+    /// then skips loudly).
     pub fn start(redirect_uri: &str, users: &serde_json::Value) -> Result<TestIdp, String> {
+        TestIdp::start_on("127.0.0.1", None, redirect_uri, users)
+    }
+
+    /// [`TestIdp::start`] on `host`, over https with `tls` (a certificate and its key, PEM)
+    /// when given. Started on a thread inside a network namespace (`Netns::run`), it runs in
+    /// that namespace.
+    pub fn start_on(
+        host: &str,
+        tls: Option<(&str, &str)>,
+        redirect_uri: &str,
+        users: &serde_json::Value,
+    ) -> Result<TestIdp, String> {
         if !folder().join("node_modules/oidc-provider").exists() {
             return Err(format!(
                 "oidc-provider is not installed: npm ci --prefix {}",
@@ -38,8 +50,18 @@ impl TestIdp {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let idp = |path: &str| dir.path().join(path);
         std::fs::write(idp("users.json"), users.to_string()).map_err(|e| e.to_string())?;
+        let tls = match tls {
+            Some((cert, key)) => {
+                std::fs::write(idp("cert.pem"), cert).map_err(|e| e.to_string())?;
+                std::fs::write(idp("key.pem"), key).map_err(|e| e.to_string())?;
+                serde_json::json!({ "cert": idp("cert.pem"), "key": idp("key.pem") })
+            }
+            None => serde_json::Value::Null,
+        };
         let settings = serde_json::json!({
+            "host": host,
             "port": 0,
+            "tls": tls,
             "clients": [{
                 "client_id": CLIENT_ID,
                 "client_secret": CLIENT_SECRET,

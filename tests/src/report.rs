@@ -3,7 +3,8 @@
 //!
 //! ```json
 //! {"scenarios": [{"name": "...", "status": "pass", "detail": "..."}],
-//!  "figures": {"failover_seconds": 10.5, "connection_setup_ms": 41, "tunnel_throughput_ratio": 0.6}}
+//!  "figures": {"failover_seconds": 10.5, "connection_setup_ms": 41, "tunnel_throughput_ratio": 0.6,
+//!              "idp_group_removed_seconds": 0.5, "token_revoked_seconds": 1.2}}
 //! ```
 //!
 //! A figure no scenario measured (its scenario failed first) is `null`.
@@ -43,6 +44,11 @@ pub struct Figures {
     /// One TCP stream through the tunnel over the same transfer without fz, in the same
     /// topology.
     pub tunnel_throughput_ratio: Option<f64>,
+    /// From a sign-in at which the identity provider no longer names a group to the first
+    /// refusal of a resource only that group was allowed.
+    pub idp_group_removed_seconds: Option<f64>,
+    /// From `fz-portal token revoke` to the first refusal of the device's resource.
+    pub token_revoked_seconds: Option<f64>,
 }
 
 impl Report {
@@ -79,10 +85,14 @@ impl Report {
             None => "not measured".to_owned(),
         };
         text += &format!(
-            "figures: failover {}, connection setup {}, tunnel throughput {} of direct\n",
+            "figures: failover {}, connection setup {}, tunnel throughput {} of direct, access \
+             lost {} after an identity provider dropped the group and {} after a token \
+             revocation\n",
             figure(self.figures.failover_seconds, " s"),
             figure(self.figures.connection_setup_ms, " ms"),
             figure(self.figures.tunnel_throughput_ratio, "x"),
+            figure(self.figures.idp_group_removed_seconds, " s"),
+            figure(self.figures.token_revoked_seconds, " s"),
         );
         text
     }

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fz_host::testing::WAIT;
+use fz_host::testing::browser::{Browser, Page};
 use fz_host::testing::metrics::{Metrics, http_get, scrape, wait_metrics};
 use fz_host::testing::net::{greet, tcp_listener, try_greeting};
 use fz_host::testing::netns::{Netns, RemoveDir, bridge, etc_netns, link, port, unique_id};
@@ -44,11 +45,19 @@ use fz_host::testing::process::Process;
 use fz_proto::PortalPublicKey;
 
 use crate::binaries::binary;
+use crate::idp::{CLIENT_ID, CLIENT_SECRET, TestIdp};
 use crate::rogue::RogueClient;
 use crate::servers::{WebTls, serve_web};
 
 pub const ACCOUNT: &str = "acme";
 pub const USER: &str = "alice@acme.example";
+/// The person the world's identity provider signs in (`[[accounts.oidc]]` id
+/// [`IDP_PROVIDER`]): in no group of the policy but through the provider.
+pub const IDP_USER: &str = "dana@acme.example";
+/// The provider's id in the portal's configuration (what `idp` lines name).
+pub const IDP_PROVIDER: &str = "corp";
+/// Where the provider listens, in the portal's namespace: on the wan, over https.
+pub const IDP_HOST: &str = "198.18.0.1";
 /// A user in group `contractors`, not in `engineering`.
 pub const CONTRACTOR: &str = "bob@acme.example";
 pub const PORTAL_LISTEN: SocketAddr =
@@ -205,6 +214,11 @@ pub struct World {
     _etc: Vec<RemoveDir>,
     portal_config: PathBuf,
     portal_key: String,
+    /// The identity provider (oidc-provider under Node, in the portal's namespace), or why it
+    /// could not start here.
+    idp: Result<TestIdp, String>,
+    /// The CA certificate (PEM) the provider's certificate is under.
+    idp_ca: String,
     /// What makes this world's namespace names its own.
     id: String,
     dir: tempfile::TempDir,
@@ -214,13 +228,23 @@ pub struct World {
 /// the process, then its namespace and resolver file.
 #[derive(Debug)]
 pub struct ExtraClient {
-    pub process: Process,
+    /// Its `fz-client`, once started.
+    pub process: Option<Process>,
     pub ns: Netns,
     etc: RemoveDir,
     /// Names its token, key, state directory and log in the world's directory.
     pub name: String,
     /// Its client token file.
     pub token: PathBuf,
+}
+
+impl ExtraClient {
+    /// Its `fz-client`, which must have been started.
+    pub fn running(&self) -> &Process {
+        self.process
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}'s client was never started", self.name))
+    }
 }
 
 impl World {
@@ -323,12 +347,44 @@ impl World {
 
         std::fs::create_dir(dir.path().join("tree")).unwrap();
         std::fs::write(dir.path().join("tree/policy.fz"), tree_text("")).unwrap();
+        // The identity provider, on the wan over https under a CA of the world's own; the
+        // portal knows it when it could start (a scenario that needs it fails with the reason
+        // when it could not).
+        let (idp_ca, idp_cert, idp_key) = idp_certificate();
+        let redirect =
+            format!("http://{PORTAL_LISTEN}/{ACCOUNT}/sign-in/oidc/{IDP_PROVIDER}/callback");
+        let idp = portal_ns.run(|| {
+            TestIdp::start_on(
+                IDP_HOST,
+                Some((&idp_cert, &idp_key)),
+                &redirect,
+                &idp_users(&["SRE"]),
+            )
+        });
+        let provider = match &idp {
+            Ok(idp) => {
+                std::fs::write(dir.path().join("idp-ca.pem"), &idp_ca).unwrap();
+                let secret = dir.path().join("idp-secret");
+                std::fs::write(&secret, CLIENT_SECRET).unwrap();
+                std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+                format!(
+                    "\n[[accounts.oidc]]\nid = \"{IDP_PROVIDER}\"\nissuer = \"{}\"\n\
+                     client_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\n\
+                     ca_file = \"{}\"\nscopes = [\"openid\", \"email\", \"groups\"]\n\
+                     groups_claim = \"groups\"\n",
+                    idp.issuer,
+                    dir.path().join("idp-secret").display(),
+                    dir.path().join("idp-ca.pem").display(),
+                )
+            }
+            Err(_) => String::new(),
+        };
         let portal_config = dir.path().join("portal.toml");
         std::fs::write(
             &portal_config,
             format!(
                 "listen = \"{PORTAL_LISTEN}\"\nallow_plain_http = true\ndata_dir = \"{}\"\n\n\
-                 [[accounts]]\nslug = \"{ACCOUNT}\"\npolicy = \"{}\"\n",
+                 [[accounts]]\nslug = \"{ACCOUNT}\"\npolicy = \"{}\"\n{provider}",
                 dir.path().join("portal-data").display(),
                 dir.path().join("tree").display(),
             ),
@@ -374,6 +430,8 @@ impl World {
             _etc: etc,
             portal_config,
             portal_key,
+            idp,
+            idp_ca,
             id,
             dir,
         };
@@ -399,6 +457,16 @@ impl World {
     /// One more client host, `name`: a namespace on the wan at 198.18.0.`host` running
     /// `fz-client` with a token of its own (device `name`, the same user), once it is up.
     pub fn extra_client(&self, name: &str, host: u8) -> ExtraClient {
+        let mut extra = self.extra_host(name, host);
+        extra.token = self.client_token(name, USER);
+        self.start_again(&mut extra);
+        extra
+    }
+
+    /// One more client host, `name`, at 198.18.0.`host` on the wan, with nothing running yet:
+    /// its `token` is where a sign-in there is to put one ([`World::sign_in_at_provider`]),
+    /// and [`World::start_again`] starts its client.
+    pub fn extra_host(&self, name: &str, host: u8) -> ExtraClient {
         let ns = Netns::add(format!("fze-{}-{name}", self.id)).unwrap();
         port(
             &self.portal_ns,
@@ -410,39 +478,94 @@ impl World {
         ns.ip(&["route", "add", "default", "via", "198.18.0.1"])
             .unwrap();
         let etc = etc_netns(&ns, &format!("nameserver {UPSTREAM_DNS}\n"));
-        let token = self.client_token(name, USER);
-        let process = start_client(&ns, self.dir.path(), name, &token, &self.portal_key);
-        let extra = ExtraClient {
-            process,
+        ExtraClient {
+            process: None,
             ns,
             etc,
             name: name.to_owned(),
-            token,
-        };
-        Self::wait_up(&extra);
-        extra
+            token: self.dir.path().join(format!("{name}.token")),
+        }
     }
 
     /// Starts an extra client that was stopped again, with its token and key, and waits until
     /// it is up.
     pub fn start_again(&self, extra: &mut ExtraClient) {
-        extra.process = start_client(
+        let process = extra.process.insert(start_client(
             &extra.ns,
             self.dir.path(),
             &extra.name,
             &extra.token,
             &self.portal_key,
-        );
-        Self::wait_up(extra);
-    }
-
-    fn wait_up(extra: &ExtraClient) {
+        ));
         fz_host::testing::wait_for(
             &format!("{}'s resolver switch and routes", extra.name),
             WAIT,
-            |what| extra.process.assert_running(what),
+            |what| process.assert_running(what),
             || client_is_up(&extra.ns, extra.etc.path()).then_some(()),
         );
+    }
+
+    /// The identity provider, or why the world has none.
+    pub fn idp(&self) -> Result<&TestIdp, String> {
+        self.idp.as_ref().map_err(Clone::clone)
+    }
+
+    /// Makes the provider put [`IDP_USER`] in `groups` from their next sign-in.
+    pub fn set_idp_groups(&self, groups: &[&str]) -> Result<(), String> {
+        self.idp()?.set_users(&idp_users(groups));
+        Ok(())
+    }
+
+    /// `fz-client sign-in` on `host` as a person does it at the provider: the client draws
+    /// its nonce and listens on the host's loopback, a browser on the host (the minimal one of
+    /// `fz_host::testing::browser`, over https to the provider) opens the URL the client
+    /// printed, takes the provider's button, logs in as [`IDP_USER`] and follows the redirects
+    /// back to the client, which writes `host.token`.
+    pub fn sign_in_at_provider(&self, host: &ExtraClient) -> Result<(), String> {
+        self.idp()?;
+        let program = binary("fz-client");
+        let token = host.token.clone();
+        let mut child = host.ns.run(|| {
+            std::process::Command::new(&program)
+                .arg("sign-in")
+                .args(["--portal-url", &format!("ws://{PORTAL_LISTEN}")])
+                .args(["--account", ACCOUNT, "--no-browser", "--timeout-secs", "60"])
+                .arg("--token-file")
+                .arg(&token)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot run fz-client sign-in: {e}"))
+        })?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let url = loop {
+            let mut line = String::new();
+            let read =
+                std::io::BufRead::read_line(&mut stdout, &mut line).map_err(|e| e.to_string())?;
+            if read == 0 {
+                return Err("fz-client sign-in printed no URL".to_owned());
+            }
+            if line.trim().starts_with("http://") {
+                break line.trim().to_owned();
+            }
+        };
+        let ca = self.idp_ca.clone();
+        let browsed = host.ns.run(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?
+                .block_on(browse_provider_sign_in(&ca, &url))
+        });
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        browsed?;
+        if !out.status.success() {
+            return Err(format!(
+                "fz-client sign-in failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
     }
 
     /// A new client token for device `device` of `user`, in a file (mode 0600) of the
@@ -863,6 +986,108 @@ impl World {
     pub fn seconds(since: Instant) -> f64 {
         since.elapsed().as_secs_f64()
     }
+}
+
+// ---- the identity provider ----
+
+/// A CA of the world's own and the provider's certificate under it, for [`IDP_HOST`]: (CA
+/// certificate, certificate, key), PEM.
+fn idp_certificate() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fz e2e identity provider CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![IDP_HOST.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// The provider's one person, [`IDP_USER`], in `groups`.
+fn idp_users(groups: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "dana": { "email": IDP_USER, "email_verified": true, "groups": groups },
+    })
+}
+
+/// A browser's part of a sign-in at the provider, from the URL `fz-client sign-in` printed to
+/// the client's loopback listener saying it is done.
+async fn browse_provider_sign_in(ca: &str, url: &str) -> Result<(), String> {
+    let mut browser = Browser::trusting(PORTAL_LISTEN, ca);
+    let expect_redirect = |page: &Page, step: &str| -> Result<String, String> {
+        match (page.status, page.header("location")) {
+            (302 | 303, Some(location)) => Ok(location.to_owned()),
+            _ => Err(format!("{step}: {} {}", page.status, page.body)),
+        }
+    };
+    let started = browser.visit(url).await;
+    expect_redirect(&started, "the sign-in link")?;
+    let methods = browser.get(&format!("/{ACCOUNT}")).await;
+    let marker = format!("href=\"/{ACCOUNT}/sign-in/oidc/{IDP_PROVIDER}?csrf=");
+    let start = methods
+        .body
+        .find(&marker)
+        .ok_or_else(|| format!("no provider button: {}", methods.body))?
+        + "href=\"".len();
+    let end = start + methods.body[start..].find('"').unwrap_or(0);
+    let button = browser.get(&methods.body[start..end]).await;
+    let mut location = expect_redirect(&button, "the provider's button")?;
+    // The provider: its authorization endpoint sends to its login page, the login back to
+    // the endpoint, which sends to the portal.
+    let origin = location
+        .find("/auth")
+        .map(|i| location[..i].to_owned())
+        .ok_or_else(|| format!("not the provider: {location}"))?;
+    for _ in 0..6 {
+        if !location.starts_with(&origin) {
+            break;
+        }
+        let page = browser.visit(&location).await;
+        if page.status == 200 && page.body.contains("name=\"login\"") {
+            let action = page
+                .body
+                .split("action=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .ok_or("a login form without an action")?
+                .replace("&amp;", "&");
+            let target = if action.starts_with("http") {
+                action
+            } else {
+                format!("{origin}{action}")
+            };
+            let answer = browser
+                .post_to(
+                    &target,
+                    &[("prompt", "login"), ("login", "dana"), ("password", "any")],
+                )
+                .await;
+            location = expect_redirect(&answer, "the provider's login")?;
+        } else {
+            location = expect_redirect(&page, "the provider")?;
+        }
+        // The provider's redirects within itself are relative.
+        if location.starts_with('/') {
+            location = format!("{origin}{location}");
+        }
+    }
+    // The portal checks the provider's answer and sends to the client's listener.
+    let portal_answer = browser.visit(&location).await;
+    let to_client = expect_redirect(&portal_answer, "the portal's callback")?;
+    let done = browser.visit(&to_client).await;
+    if done.status != 200 {
+        return Err(format!(
+            "the client's listener: {} {}",
+            done.status, done.body
+        ));
+    }
+    Ok(())
 }
 
 // ---- the processes ----

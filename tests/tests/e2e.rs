@@ -19,11 +19,13 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::StaticSecret;
 use fz_e2e::report::{Report, Scenario, Status};
 use fz_e2e::world::{
-    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, GATEWAYS, LAB_WEB, SSH, UPSTREAM_DNS, USER, WEB,
-    World,
+    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, GATEWAYS, IDP_PROVIDER, IDP_USER, LAB_WEB, SSH,
+    UPSTREAM_DNS, USER, WEB, World,
 };
 use fz_host::testing::WAIT;
-use fz_host::testing::net::{REFUSAL, a_answers, a_query, connect_from, greeting, try_greeting};
+use fz_host::testing::net::{
+    REFUSAL, a_answers, a_query, cannot_connect, connect_from, greeting, try_greeting,
+};
 use fz_host::testing::packet::{self, RST, Segment};
 use fz_proto::{DnsMapping, SignedGrant};
 
@@ -49,6 +51,7 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("wildcard grant", wildcard_grant),
     ("site cannot open a connection", site_cannot_open),
     ("copied token", copied_token),
+    ("identity provider groups", identity_provider_groups),
     ("load balancing", load_balancing),
     ("time window", time_window),
     ("portal down", portal_down),
@@ -669,14 +672,14 @@ fn copied_token(world: &mut World, _: &mut Report) -> String {
         "allow engineering -> gitlab, docs as web\nallow engineering -> db when client verified as verified-db",
     );
     let mut laptop = world.extra_client("laptop-v", 90);
-    let device = ready_client_id(&laptop.process.log_text());
+    let device = ready_client_id(&laptop.running().log_text());
     let marked = world.admin(&["verify", "--account", ACCOUNT, &device]);
     assert!(
         marked.contains("is verified while it holds key"),
         "{marked}"
     );
     let reached = greeting(&laptop.ns, DB);
-    let status = laptop.process.terminate();
+    let status = laptop.running().terminate();
     assert!(status.success(), "the laptop exited with {status}");
 
     let mark = world.last_flow();
@@ -702,6 +705,75 @@ fn copied_token(world: &mut World, _: &mut Report) -> String {
     let again = greeting(&laptop.ns, DB);
     format!(
         "{device} verified: {reached:?}; its token with another key: {reason}; with its own key again: {again:?}"
+    )
+}
+
+/// A person signs in at the identity provider (oidc-provider, over https on the wan) from a
+/// host of their own, as `fz-client sign-in` and a browser do it: the provider's button, its
+/// login page, the redirects back to the client's loopback listener. Their token is their own
+/// sign-in's, not an admin's. The provider puts them in `SRE`, and `group sre { idp corp "SRE" }`
+/// is the only group allowed db: they reach db, and are refused lab-web, which only `finance`
+/// (`idp corp "Finance"`) may use. The provider moves them to Finance and they sign in again:
+/// db is refused within moments of that sign-in (the portal withdraws the grant and closes the
+/// session that counted SRE; the goal is 2 s) and lab-web answers. An admin revokes their
+/// token: lab-web is refused within moments too.
+fn identity_provider_groups(world: &mut World, report: &mut Report) -> String {
+    world.set_rules(&format!(
+        "group sre {{ idp {IDP_PROVIDER} \"SRE\" }}\ngroup finance {{ idp {IDP_PROVIDER} \"Finance\" }}\n\
+         allow sre -> db as sre-db\nallow finance -> lab-web as finance-lab"
+    ));
+    world
+        .set_idp_groups(&["SRE"])
+        .unwrap_or_else(|why| panic!("{why}"));
+    let mut host = world.extra_host("sso-laptop", 95);
+    world
+        .sign_in_at_provider(&host)
+        .unwrap_or_else(|why| panic!("the sign-in at the provider failed: {why}"));
+    world.start_again(&mut host);
+    let tokens = world.admin(&["token", "list", "--account", ACCOUNT]);
+    let token_id = tokens
+        .lines()
+        .find(|line| line.contains(&format!("client of {IDP_USER} via {IDP_PROVIDER}")))
+        .and_then(|line| line.split('\t').next())
+        .unwrap_or_else(|| panic!("no token of the sign-in's among {tokens}"))
+        .to_owned();
+    let reached = greeting(&host.ns, DB);
+    cannot_connect(&host.ns, LAB_WEB);
+
+    // The provider's word changes; it counts from the person's next sign-in.
+    world
+        .set_idp_groups(&["Finance"])
+        .unwrap_or_else(|why| panic!("{why}"));
+    world
+        .sign_in_at_provider(&host)
+        .unwrap_or_else(|why| panic!("the second sign-in failed: {why}"));
+    let moved = Instant::now();
+    let until_refused = |to: &str| {
+        world.wait_for("the connection to be refused", WAIT, |_| {
+            host.ns
+                .run(|| try_greeting(to, Duration::from_millis(500)))
+                .is_err()
+                .then_some(())
+        });
+    };
+    until_refused(DB);
+    let db_lost = World::seconds(moved);
+    let finance = world.wait_for("lab-web to answer the person in finance", WAIT, |_| {
+        host.ns
+            .run(|| try_greeting(LAB_WEB, Duration::from_millis(500)))
+            .ok()
+    });
+
+    let revoked = Instant::now();
+    world.admin(&["token", "revoke", "--account", ACCOUNT, &token_id]);
+    until_refused(LAB_WEB);
+    let lab_lost = World::seconds(revoked);
+    report.figures.idp_group_removed_seconds = Some(db_lost);
+    report.figures.token_revoked_seconds = Some(lab_lost);
+    format!(
+        "{IDP_USER} signed in at the provider; in SRE: db {reached:?}, lab-web refused; moved to \
+         Finance: db refused {db_lost:.2} s after the sign-in, lab-web {finance:?}; token \
+         revoked: lab-web refused after {lab_lost:.2} s (goal 2 s each)"
     )
 }
 

@@ -99,6 +99,8 @@ pub enum OidcError {
     },
     #[error("cannot make an HTTP client: {0}")]
     Client(String),
+    #[error("cannot use the CA file `{}`: {cause}", path.display())]
+    CaFile { path: PathBuf, cause: String },
     #[error("the identity provider's configuration cannot be read: {0}")]
     Discovery(String),
     #[error("the identity provider did not take the sign-in's code: {0}")]
@@ -127,7 +129,23 @@ impl Provider {
                 source,
             }
         })?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &config.ca_file {
+            let ca_error = |cause: String| OidcError::CaFile {
+                path: path.clone(),
+                cause,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+            let certificates =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_error(e.to_string()))?;
+            if certificates.is_empty() {
+                return Err(ca_error("no certificate in it".to_owned()));
+            }
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder
             .redirect(reqwest::redirect::Policy::none())
             .timeout(HTTP_TIMEOUT)
             // A connection per request: sign-ins are rare, and a pooled connection the

@@ -2,12 +2,15 @@
 //! connection, a cookie jar (name → value, as `Set-Cookie` says), no redirects followed (the
 //! tests look at each `Location`). Enough to drive the forms as a person's browser would, to
 //! forge what an attacker's would, and to follow the portal's last redirect to a client's
-//! loopback listener. (The sign-in is also driven through real Chromium: `tests/`.)
+//! loopback listener; and, given a CA to trust, to go through an identity provider's pages
+//! over https. (The sign-in is also driven through real Chromium: `tests/`.)
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// One answer.
 #[derive(Debug, Clone)]
@@ -44,10 +47,21 @@ impl Page {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Browser {
     pub portal: SocketAddr,
     pub cookies: BTreeMap<String, String>,
+    /// Whom https servers must prove to be (an IP address certificate under this CA).
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Browser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Browser")
+            .field("portal", &self.portal)
+            .field("cookies", &self.cookies)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Browser {
@@ -55,50 +69,75 @@ impl Browser {
         Browser {
             portal,
             cookies: BTreeMap::new(),
+            tls: None,
+        }
+    }
+
+    /// The same, trusting the CA certificate `ca_pem` (PEM) for https URLs.
+    pub fn trusting(portal: SocketAddr, ca_pem: &str) -> Browser {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots
+                .add(cert.expect("a PEM certificate"))
+                .expect("a CA certificate");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Browser {
+            tls: Some(Arc::new(config)),
+            ..Browser::new(portal)
         }
     }
 
     /// Gets `path` from the portal.
     pub async fn get(&mut self, path: &str) -> Page {
-        self.request(self.portal, "GET", path, None).await
+        let to = Target {
+            address: self.portal,
+            secure: false,
+        };
+        self.request(to, "GET", path, None).await
     }
 
-    /// Gets an absolute `http://address/path` URL, such as the `Location` the portal sends to
-    /// a client's loopback listener.
+    /// Gets an absolute `http(s)://address/path` URL, such as the `Location` the portal sends
+    /// to a client's loopback listener or to an identity provider.
     pub async fn visit(&mut self, url: &str) -> Page {
-        let rest = url
-            .strip_prefix("http://")
-            .unwrap_or_else(|| panic!("not an http URL: {url}"));
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        let address: SocketAddr = authority
-            .parse()
-            .unwrap_or_else(|_| panic!("not an address: {authority}"));
-        self.request(
-            address,
-            "GET",
-            if path.is_empty() { "/" } else { path },
-            None,
-        )
-        .await
+        let (to, path) = Target::of(url);
+        self.request(to, "GET", &path, None).await
     }
 
-    /// Posts a form, its fields URL-encoded.
+    /// Posts a form to the portal, its fields URL-encoded.
     pub async fn post(&mut self, path: &str, fields: &[(&str, &str)]) -> Page {
+        let url = format!("http://{}{path}", self.portal);
+        self.post_to(&url, fields).await
+    }
+
+    /// Posts a form to an absolute URL.
+    pub async fn post_to(&mut self, url: &str, fields: &[(&str, &str)]) -> Page {
         let body = serde_urlencoded::to_string(fields).expect("a form");
-        self.request(self.portal, "POST", path, Some(body)).await
+        let (to, path) = Target::of(url);
+        self.request(to, "POST", &path, Some(body)).await
     }
 
     async fn request(
         &mut self,
-        to: SocketAddr,
+        to: Target,
         method: &str,
         path: &str,
         body: Option<String>,
     ) -> Page {
-        let mut stream = tokio::net::TcpStream::connect(to)
+        let address = to.address;
+        let tcp = tokio::net::TcpStream::connect(address)
             .await
-            .unwrap_or_else(|e| panic!("{to} does not accept: {e}"));
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n");
+            .unwrap_or_else(|e| panic!("{address} does not accept: {e}"));
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
         if !self.cookies.is_empty() {
             let jar: Vec<String> = self
                 .cookies
@@ -115,15 +154,19 @@ impl Browser {
             ));
         }
         head.push_str("\r\n");
-        stream
-            .write_all(format!("{head}{body}").as_bytes())
-            .await
-            .expect("the request is sent");
-        let mut raw = Vec::new();
-        stream
-            .read_to_end(&mut raw)
-            .await
-            .expect("the answer is read");
+        let request = format!("{head}{body}");
+        let raw = if to.secure {
+            let config = self.tls.clone().expect("a CA to trust for https");
+            let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .unwrap_or_else(|e| panic!("TLS with {address}: {e}"));
+            exchange(&mut tls, &request).await
+        } else {
+            let mut tcp = tcp;
+            exchange(&mut tcp, &request).await
+        };
         let text = String::from_utf8(raw).expect("a UTF-8 answer");
         let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
         let mut lines = head.lines();
@@ -159,6 +202,46 @@ impl Browser {
             headers,
         }
     }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    address: SocketAddr,
+    secure: bool,
+}
+
+impl Target {
+    /// The target and path of an `http(s)://address/path` URL.
+    fn of(url: &str) -> (Target, String) {
+        let (secure, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            _ => panic!("not an http(s) URL: {url}"),
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let address: SocketAddr = authority
+            .parse()
+            .unwrap_or_else(|_| panic!("not an address: {authority}"));
+        let path = if path.is_empty() { "/" } else { path };
+        (Target { address, secure }, path.to_owned())
+    }
+}
+
+/// Sends `request` and reads the answer to the end (a server that closes without TLS's
+/// close_notify ends it too).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, request: &str) -> Vec<u8> {
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("the request is sent");
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(error) => panic!("the answer cannot be read: {error}"),
+    }
+    raw
 }
 
 /// The chunks of a chunked body, joined.
