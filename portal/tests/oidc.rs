@@ -5,8 +5,9 @@
 //! endpoint that answers at once, a token endpoint that checks PKCE, its keys) signs ES256 ID
 //! tokens that are wrong one way each: another nonce, another audience, another issuer,
 //! expired, signed with a key it does not publish, an address it does not call verified. Each
-//! is refused with a clear page and leaves no token; the good one passes. And the sign-in's own
-//! state: a provider answer with another state, or one replayed, is refused.
+//! is refused with a clear page and leaves no token; the good one passes. UserInfo gives the
+//! groups when the ID token has none, and is refused when it is about someone else. And the
+//! sign-in's own state: a provider answer with another state, or one replayed, is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -47,6 +48,10 @@ enum Lie {
     Expired,
     Key,
     Unverified,
+    /// Not a lie: the groups are only in UserInfo, not in the ID token.
+    GroupsInUserInfo,
+    /// UserInfo is about someone else than the ID token.
+    UserInfoOfAnother,
 }
 
 struct Liar {
@@ -82,6 +87,7 @@ async fn discovery(State(liar): State<Arc<Liar>>) -> Response {
         "authorization_endpoint": format!("{issuer}/auth"),
         "token_endpoint": format!("{issuer}/token"),
         "jwks_uri": format!("{issuer}/jwks"),
+        "userinfo_endpoint": format!("{issuer}/userinfo"),
         "response_types_supported": ["code"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["ES256"],
@@ -156,6 +162,10 @@ async fn token(
         "email_verified": lie != Lie::Unverified,
         "groups": ["SRE"],
     });
+    let mut claims = claims;
+    if matches!(lie, Lie::GroupsInUserInfo | Lie::UserInfoOfAnother) {
+        claims.as_object_mut().unwrap().remove("groups");
+    }
     let key = if lie == Lie::Key {
         &liar.other_key
     } else {
@@ -168,6 +178,20 @@ async fn token(
         "id_token": liar.jwt(&claims, key),
     }))
     .into_response()
+}
+
+/// UserInfo for the access token the token endpoint handed out.
+async fn userinfo(State(liar): State<Arc<Liar>>, headers: axum::http::HeaderMap) -> Response {
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if bearer != Some("Bearer an-access-token") {
+        return axum::http::StatusCode::UNAUTHORIZED.into_response();
+    }
+    let subject = if *liar.lie.lock().unwrap() == Lie::UserInfoOfAnother {
+        "person-2"
+    } else {
+        "person-1"
+    };
+    axum::Json(serde_json::json!({ "sub": subject, "groups": ["SRE", "Ops"] })).into_response()
 }
 
 async fn start_liar() -> Arc<Liar> {
@@ -185,6 +209,7 @@ async fn start_liar() -> Arc<Liar> {
         .route("/jwks", get(jwks))
         .route("/auth", get(authorize))
         .route("/token", post(token))
+        .route("/userinfo", get(userinfo))
         .with_state(liar.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     liar
@@ -320,4 +345,34 @@ async fn a_provider_answer_with_another_state_is_refused() {
     let late = browser.visit(callback).await;
     assert_eq!(late.status, 400);
     assert!(portal.store().list_tokens("acme").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn groups_come_from_userinfo_when_the_id_token_has_none_and_only_for_its_subject() {
+    let liar = start_liar().await;
+    let (portal, _secrets) = portal_for(&liar).await;
+    *liar.lie.lock().unwrap() = Lie::UserInfoOfAnother;
+    let mut browser = Browser::new(portal.address());
+    let (_, answer) = through_the_provider(&mut browser, 1).await;
+    assert_eq!(answer.status, 502, "{answer:?}");
+    assert!(
+        answer.body.contains("another person than the ID token"),
+        "{}",
+        answer.body
+    );
+    assert!(portal.store().list_tokens("acme").await.unwrap().is_empty());
+
+    *liar.lie.lock().unwrap() = Lie::GroupsInUserInfo;
+    let mut browser = Browser::new(portal.address());
+    let (_, answer) = through_the_provider(&mut browser, 2).await;
+    assert_eq!(answer.status, 303, "{answer:?}");
+    let groups: Vec<String> = portal
+        .store()
+        .memberships("acme", "alice@acme.example")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.group)
+        .collect();
+    assert_eq!(groups, ["Ops", "SRE"]);
 }
