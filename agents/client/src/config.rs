@@ -18,9 +18,12 @@ pub struct Args {
     pub portal: PortalArgs,
     /// A file holding the client token (`fz-client sign-in` writes it; a service account's is
     /// from `fz-portal token create --client`); it must not be readable by group or others.
-    /// When it does not exist yet, the client signs in first and writes it.
+    /// When it does not exist yet, the client signs in first and writes it. Default:
+    /// `$XDG_CONFIG_HOME/fz/token`, or `~/.config/fz/token`. A token in the environment
+    /// variable `FZ_TOKEN` (taken out of the environment at start, so nothing the client
+    /// starts inherits it) is used instead.
     #[arg(long)]
-    pub token_file: PathBuf,
+    pub token_file: Option<PathBuf>,
     /// The local UDP address WireGuard sends from.
     #[arg(long, default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
@@ -65,11 +68,32 @@ pub enum ConfigError {
         "the MTU {0} is outside 1280..=1500 (IPv6 needs 1280; the tunnel carries at most 1500)"
     )]
     Mtu(u16),
+    #[error("no `--token-file` and neither XDG_CONFIG_HOME nor HOME is set to find the default")]
+    NoTokenFile,
+    #[error("FZ_TOKEN is set but empty")]
+    EmptyTokenVariable,
 }
 
+/// The environment variable a headless machine may pass the token in.
+pub const TOKEN_VARIABLE: &str = "FZ_TOKEN";
+
 impl Args {
-    pub fn resolve(self) -> Result<Config, ConfigError> {
-        let token = read_secret(&self.token_file)?;
+    /// The token file: `--token-file`, or sign-in's default place.
+    pub fn token_file(&self) -> Result<PathBuf, ConfigError> {
+        match &self.token_file {
+            Some(path) => Ok(path.clone()),
+            None => crate::sign_in::default_token_file().map_err(|_| ConfigError::NoTokenFile),
+        }
+    }
+
+    /// The checked configuration, with the token from the environment (`from_environment`,
+    /// taken at start) or else from the token file.
+    pub fn resolve(self, from_environment: Option<String>) -> Result<Config, ConfigError> {
+        let token = match from_environment {
+            Some(token) if !token.trim().is_empty() => token.trim().to_owned(),
+            Some(_) => return Err(ConfigError::EmptyTokenVariable),
+            None => read_secret(&self.token_file()?)?,
+        };
         if !(1280..=1500).contains(&self.mtu) {
             return Err(ConfigError::Mtu(self.mtu));
         }
@@ -121,7 +145,7 @@ mod tests {
         ];
         let error = Args::try_parse_from(argv)
             .unwrap()
-            .resolve()
+            .resolve(None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -133,8 +157,19 @@ mod tests {
             "nothing made before the token is checked"
         );
         fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
-        let config = Args::try_parse_from(argv).unwrap().resolve().unwrap();
+        let config = Args::try_parse_from(argv).unwrap().resolve(None).unwrap();
         assert_eq!(config.portal.token, "fzt_secret");
         assert_eq!(config.portal.account, "acme");
+        // A token from the environment wins over the file; an empty one is refused.
+        let config = Args::try_parse_from(argv)
+            .unwrap()
+            .resolve(Some(" fz1.client.from-the-environment \n".to_owned()))
+            .unwrap();
+        assert_eq!(config.portal.token, "fz1.client.from-the-environment");
+        let error = Args::try_parse_from(argv)
+            .unwrap()
+            .resolve(Some(String::new()))
+            .unwrap_err();
+        assert_eq!(error.to_string(), "FZ_TOKEN is set but empty");
     }
 }

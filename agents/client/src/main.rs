@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use fz_client::config::Args;
+use fz_client::config::{Args, TOKEN_VARIABLE};
 use fz_client::deep_link;
 use fz_client::sign_in::{self, SignInArgs, SignOutArgs};
 
@@ -25,7 +25,19 @@ struct HandleUrlArgs {
 #[command(name = "fz-client install-url-handler")]
 struct InstallArgs {}
 
+/// Takes the token out of the environment, if it is there, so that nothing this process
+/// starts (a browser, `xdg-open`) inherits it.
+#[allow(unsafe_code)]
+fn take_token_from_environment() -> Option<String> {
+    let token = std::env::var(TOKEN_VARIABLE).ok()?;
+    // SAFETY: called first thing in `main`, before any thread exists (no runtime, no logging
+    // yet), so nothing reads the environment while it changes.
+    unsafe { std::env::remove_var(TOKEN_VARIABLE) };
+    Some(token)
+}
+
 fn main() -> ExitCode {
+    let token_from_environment = take_token_from_environment();
     fz_host::agent::init_logging();
     // `sign-in` and `sign-out` are commands of their own; anything else runs the client.
     let command = std::env::args_os().nth(1);
@@ -59,15 +71,22 @@ fn main() -> ExitCode {
         });
     }
     let args = Args::parse();
-    if !args.token_file.exists() {
+    let token_file = match args.token_file() {
+        Ok(path) => path,
+        Err(error) => {
+            tracing::error!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    if token_from_environment.is_none() && !token_file.exists() {
         tracing::info!(
-            path = %args.token_file.display(),
+            path = %token_file.display(),
             "no token yet: signing in first (the URL to open follows)"
         );
         let sign_in = SignInArgs {
             portal_url: args.portal.portal_url.clone(),
             account: args.portal.account.clone(),
-            token_file: Some(args.token_file.clone()),
+            token_file: Some(token_file),
             no_browser: false,
             timeout_secs: sign_in::DEFAULT_TIMEOUT_SECS,
             callback: sign_in::CallbackKind::Loopback,
@@ -81,7 +100,7 @@ fn main() -> ExitCode {
             return signed_in;
         }
     }
-    let config = match args.resolve() {
+    let config = match args.resolve(token_from_environment) {
         Ok(config) => config,
         Err(error) => {
             tracing::error!("{error}");

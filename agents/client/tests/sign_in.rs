@@ -403,3 +403,31 @@ async fn a_client_started_without_a_token_signs_in_first() {
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[test]
+fn a_token_in_the_environment_is_used_instead_of_signing_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |token: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fz-client"))
+            .args(["--portal-url", "ws://127.0.0.1:9", "--account", "acme"])
+            .args(["--portal-key", "not-a-key", "--token-file"])
+            .arg(dir.path().join("missing-token"))
+            .env("FZ_TOKEN", token)
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    // With the token given, the missing file starts no sign-in: the client goes straight on
+    // to its configuration, and stops at the bad key.
+    let out = run("fz1.client.acme.tok_0.secret.mac");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("`--portal-key`"), "{printed}");
+    assert!(!printed.contains("Sign in to"), "{printed}");
+    let out = run("");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FZ_TOKEN is set but empty"));
+}
