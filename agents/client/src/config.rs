@@ -70,7 +70,7 @@ pub enum ConfigError {
     Mtu(u16),
     #[error("no `--token-file` and neither XDG_CONFIG_HOME nor HOME is set to find the default")]
     NoTokenFile,
-    #[error("FZ_TOKEN is set but empty")]
+    #[error("the token given is empty (is FZ_TOKEN set to nothing?)")]
     EmptyTokenVariable,
 }
 
@@ -86,10 +86,10 @@ impl Args {
         }
     }
 
-    /// The checked configuration, with the token from the environment (`from_environment`,
-    /// taken at start) or else from the token file.
-    pub fn resolve(self, from_environment: Option<String>) -> Result<Config, ConfigError> {
-        let token = match from_environment {
+    /// The checked configuration, with `token` (from the environment or where sign-in stored
+    /// it) or else the one in the token file.
+    pub fn resolve(self, token: Option<String>) -> Result<Config, ConfigError> {
+        let token = match token {
             Some(token) if !token.trim().is_empty() => token.trim().to_owned(),
             Some(_) => return Err(ConfigError::EmptyTokenVariable),
             None => read_secret(&self.token_file()?)?,
@@ -170,6 +170,9 @@ mod tests {
             .unwrap()
             .resolve(Some(String::new()))
             .unwrap_err();
-        assert_eq!(error.to_string(), "FZ_TOKEN is set but empty");
+        assert_eq!(
+            error.to_string(),
+            "the token given is empty (is FZ_TOKEN set to nothing?)"
+        );
     }
 }

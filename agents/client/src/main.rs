@@ -10,6 +10,7 @@ use clap::Parser as _;
 use fz_client::config::{Args, TOKEN_VARIABLE};
 use fz_client::deep_link;
 use fz_client::sign_in::{self, SignInArgs, SignOutArgs};
+use fz_client::token_store;
 
 /// Hands a `fz://handle_client_sign_in_callback?…` link to the waiting `fz-client sign-in`
 /// (what the desktop runs for such a link once `install-url-handler` registered it).
@@ -71,36 +72,36 @@ fn main() -> ExitCode {
         });
     }
     let args = Args::parse();
-    let token_file = match args.token_file() {
-        Ok(path) => path,
-        Err(error) => {
-            tracing::error!("{error}");
-            return ExitCode::from(2);
-        }
+    // The token: from the environment, else where sign-in keeps it (the keyring or the file),
+    // else from a sign-in now.
+    let token = match token_from_environment {
+        Some(token) => token,
+        None => match stored_token(&args) {
+            Ok(Some(token)) => token,
+            Ok(None) => {
+                let signed_in = sign_in_first(&args);
+                if signed_in != ExitCode::SUCCESS {
+                    return signed_in;
+                }
+                match stored_token(&args) {
+                    Ok(Some(token)) => token,
+                    Ok(None) => {
+                        tracing::error!("the sign-in stored no token");
+                        return ExitCode::FAILURE;
+                    }
+                    Err(error) => {
+                        tracing::error!("{error}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!("{error}");
+                return ExitCode::from(2);
+            }
+        },
     };
-    if token_from_environment.is_none() && !token_file.exists() {
-        tracing::info!(
-            path = %token_file.display(),
-            "no token yet: signing in first (the URL to open follows)"
-        );
-        let sign_in = SignInArgs {
-            portal_url: args.portal.portal_url.clone(),
-            account: args.portal.account.clone(),
-            token_file: Some(token_file),
-            no_browser: false,
-            timeout_secs: sign_in::DEFAULT_TIMEOUT_SECS,
-            callback: sign_in::CallbackKind::Loopback,
-        };
-        let signed_in = once(|| async {
-            sign_in::run(sign_in, &mut std::io::stdout())
-                .await
-                .map(drop)
-        });
-        if signed_in != ExitCode::SUCCESS {
-            return signed_in;
-        }
-    }
-    let config = match args.resolve(token_from_environment) {
+    let config = match args.resolve(Some(token)) {
         Ok(config) => config,
         Err(error) => {
             tracing::error!("{error}");
@@ -108,6 +109,42 @@ fn main() -> ExitCode {
         }
     };
     fz_host::agent::run_until_signal(|shutdown| fz_client::driver::run(config, shutdown))
+}
+
+/// The token sign-in stored for this portal and account: in the keyring (unless
+/// `--token-file` names the one place to look), else in the token file; `None` when there is
+/// none yet.
+fn stored_token(args: &Args) -> Result<Option<String>, String> {
+    let file_only = args.token_file.is_some();
+    let file = args.token_file().map_err(|e| e.to_string())?;
+    let portal = sign_in::portal_http_url(&args.portal.portal_url).map_err(|e| e.to_string())?;
+    let name = token_store::entry_name(&portal, &args.portal.account);
+    match token_store::load(&name, &file, file_only) {
+        Ok(Some((token, place))) => {
+            tracing::info!(%place, "using the token sign-in stored");
+            Ok(Some(token))
+        }
+        Ok(None) => Ok(None),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// `fz-client sign-in` for the client's portal and account, before it starts.
+fn sign_in_first(args: &Args) -> ExitCode {
+    tracing::info!("no token yet: signing in first (the URL to open follows)");
+    let sign_in = SignInArgs {
+        portal_url: args.portal.portal_url.clone(),
+        account: args.portal.account.clone(),
+        token_file: args.token_file.clone(),
+        no_browser: false,
+        timeout_secs: sign_in::DEFAULT_TIMEOUT_SECS,
+        callback: sign_in::CallbackKind::Loopback,
+    };
+    once(|| async {
+        sign_in::run(sign_in, &mut std::io::stdout())
+            .await
+            .map(drop)
+    })
 }
 
 /// Runs one command to its end on a runtime of its own.

@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use fz_host::secrets::{SecretError, write_secret};
+use fz_host::secrets::SecretError;
 
 use crate::deep_link::{DEEP_LINK, DeepLinkError, Waiter};
+use crate::token_store;
 use subtle::ConstantTimeEq as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -53,8 +54,9 @@ pub struct SignInArgs {
     /// The account (its slug).
     #[arg(long, env = "FZ_ACCOUNT")]
     pub account: String,
-    /// Where the token is kept (mode 0600; the directory is made 0700). Default:
-    /// `$XDG_CONFIG_HOME/fz/token`, or `~/.config/fz/token`.
+    /// Keep the token in this file (mode 0600; the directory is made 0700) and nowhere else.
+    /// Without it, the token goes to the desktop keyring (the Secret Service), or, when none
+    /// answers, to `$XDG_CONFIG_HOME/fz/token` (or `~/.config/fz/token`).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// Only print the sign-in URL; do not try to open a browser.
@@ -88,8 +90,9 @@ pub struct SignOutArgs {
     /// The account (its slug).
     #[arg(long, env = "FZ_ACCOUNT")]
     pub account: String,
-    /// The token file `sign-in` wrote. Default: `$XDG_CONFIG_HOME/fz/token`, or
-    /// `~/.config/fz/token`.
+    /// The token file `sign-in` wrote, if it was given one. Without it, the token is looked
+    /// for in the desktop keyring, then at `$XDG_CONFIG_HOME/fz/token` (or
+    /// `~/.config/fz/token`).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// Extra CA certificates (PEM) to trust for a `wss://` portal, beside the system's.
@@ -124,15 +127,17 @@ pub enum SignInError {
     Output(std::io::Error),
     #[error("no token file given and neither XDG_CONFIG_HOME nor HOME is set: give `--token-file`")]
     NoHome,
-    #[error("the portal did not revoke the token, which stays in `{path}`: {cause}")]
+    #[error("the portal did not revoke the token, which stays in {place}: {cause}")]
     SignOut {
-        path: PathBuf,
+        place: token_store::Place,
         cause: fz_link::LinkError,
     },
-    #[error("the token was revoked, but `{path}` cannot be deleted: {cause}")]
+    #[error("no token to sign out with: none in the desktop keyring, nor at {0}")]
+    NotSignedIn(token_store::Place),
+    #[error("the token was revoked, but it cannot be deleted from {place}: {cause}")]
     Delete {
-        path: PathBuf,
-        cause: std::io::Error,
+        place: token_store::Place,
+        cause: String,
     },
     #[error(transparent)]
     DeepLink(#[from] DeepLinkError),
@@ -141,11 +146,21 @@ pub enum SignInError {
 /// Signs out: the portal revokes the token, then the file is deleted. A token the portal
 /// refuses already (revoked, expired) is deleted too; one it could not be asked about is kept.
 pub async fn sign_out(args: SignOutArgs, out: &mut impl Write) -> Result<(), SignInError> {
-    let path = match args.token_file {
+    let file_only = args.token_file.is_some();
+    let file = match args.token_file {
         Some(path) => path,
         None => default_token_file()?,
     };
-    let token = fz_host::secrets::read_secret(&path)?;
+    let name = token_store::entry_name(&portal_http_url(&args.portal_url)?, &args.account);
+    let loaded = {
+        let (name, file) = (name.clone(), file.clone());
+        tokio::task::spawn_blocking(move || token_store::load(&name, &file, file_only))
+            .await
+            .map_err(|e| SignInError::Output(std::io::Error::other(e)))??
+    };
+    let Some((token, place)) = loaded else {
+        return Err(SignInError::NotSignedIn(token_store::Place::File(file)));
+    };
     let config = fz_link::PortalConfig {
         url: args.portal_url,
         account: args.account.clone(),
@@ -161,13 +176,19 @@ pub async fn sign_out(args: SignOutArgs, out: &mut impl Write) -> Result<(), Sig
             "The portal no longer takes this token (revoked or expired); signed out of {}.",
             args.account
         ),
-        Err(cause) => return Err(SignInError::SignOut { path, cause }),
+        Err(cause) => return Err(SignInError::SignOut { place, cause }),
     };
-    std::fs::remove_file(&path).map_err(|cause| SignInError::Delete {
-        path: path.clone(),
+    let deleted = {
+        let place = place.clone();
+        tokio::task::spawn_blocking(move || token_store::delete(&place))
+            .await
+            .map_err(|e| SignInError::Output(std::io::Error::other(e)))?
+    };
+    deleted.map_err(|cause| SignInError::Delete {
+        place: place.clone(),
         cause,
     })?;
-    writeln!(out, "{said} Deleted {}.", path.display()).map_err(SignInError::Output)
+    writeln!(out, "{said} Deleted it from {place}.").map_err(SignInError::Output)
 }
 
 /// What a finished sign-in gives.
@@ -325,6 +346,7 @@ pub fn default_token_file() -> Result<PathBuf, SignInError> {
 /// token.
 pub async fn run(args: SignInArgs, out: &mut impl Write) -> Result<SignedIn, SignInError> {
     let portal = portal_http_url(&args.portal_url)?;
+    let file_only = args.token_file.is_some();
     let token_file = match args.token_file {
         Some(path) => path,
         None => default_token_file()?,
@@ -380,16 +402,26 @@ pub async fn run(args: SignInArgs, out: &mut impl Write) -> Result<SignedIn, Sig
         .await
         .map_err(|_| SignInError::Timeout(args.timeout_secs))??;
     drop(waiting);
-    write_secret(&token_file, &signed_in.token)?;
+    let name = token_store::entry_name(&portal, &args.account);
+    let stored = {
+        let token = signed_in.token.clone();
+        tokio::task::spawn_blocking(move || {
+            token_store::store(&name, &token, &token_file, file_only)
+        })
+        .await
+        .map_err(|e| SignInError::Output(std::io::Error::other(e)))??
+    };
+    let (place, no_keyring) = stored;
     say(
         out,
         &format!(
-            "Signed in to {} as {}. The token is in {} (readable by you alone).",
-            args.account,
-            signed_in.user,
-            token_file.display()
+            "Signed in to {} as {}. The token is in {place}.",
+            args.account, signed_in.user
         ),
     )?;
+    if let Some(why) = no_keyring {
+        say(out, &format!("(No desktop keyring answered: {why}.)"))?;
+    }
     Ok(signed_in)
 }
 

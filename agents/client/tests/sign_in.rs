@@ -429,5 +429,152 @@ fn a_token_in_the_environment_is_used_instead_of_signing_in() {
     assert!(printed.contains("`--portal-key`"), "{printed}");
     assert!(!printed.contains("Sign in to"), "{printed}");
     let out = run("");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("FZ_TOKEN is set but empty"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is FZ_TOKEN set to nothing?"));
+}
+
+/// `fz-client` with `args` in an environment of `home` alone: no D-Bus session unless
+/// `session` (a shell command line to run it in: `dbus-run-session -- sh -c …`).
+fn isolated(home: &Path, runtime: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fz-client"));
+    command
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", home)
+        .env("XDG_RUNTIME_DIR", runtime)
+        .env("PATH", "/nonexistent");
+    command
+}
+
+#[tokio::test]
+async fn without_a_keyring_the_token_goes_to_the_default_file_and_says_so() {
+    let portal = LocalPortal::start("");
+    let home = tempfile::tempdir().unwrap();
+    let runtime = tempfile::tempdir().unwrap();
+    let mut child = isolated(home.path(), runtime.path())
+        .arg("sign-in")
+        .args(["--portal-url", &format!("ws://{}", portal.address)])
+        .args(["--account", "acme", "--no-browser"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let link = loop {
+        let mut line = String::new();
+        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix(&format!("http://{}", portal.address))
+        {
+            break url.to_owned();
+        }
+    };
+    let mut browser = Browser::new(portal.address);
+    let callback = through_the_pages(&portal, &mut browser, &link).await;
+    assert_eq!(browser.visit(&callback).await.status, 200);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    let file = home.path().join(".config/fz/token");
+    assert!(
+        rest.contains(&format!(
+            "The token is in {} (readable by you alone)",
+            file.display()
+        )),
+        "{rest}"
+    );
+    assert!(rest.contains("(No desktop keyring answered:"), "{rest}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // Sign-out finds it there too, and deletes it.
+    let out = isolated(home.path(), runtime.path())
+        .arg("sign-out")
+        .args(["--portal-url", &format!("ws://{}", portal.address)])
+        .args(["--account", "acme"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!file.exists());
+}
+
+#[tokio::test]
+async fn with_a_desktop_keyring_the_token_lives_there_and_sign_out_deletes_it() {
+    let test = "sign_in::with_a_desktop_keyring_the_token_lives_there_and_sign_out_deletes_it";
+    let present = ["/usr/bin/dbus-run-session", "/usr/bin/gnome-keyring-daemon"]
+        .iter()
+        .all(|program| Path::new(program).exists());
+    if !present {
+        fz_host::testing::skip_needing(
+            test,
+            "gnome-keyring",
+            "a Secret Service is needed: apt install dbus gnome-keyring",
+        );
+        return;
+    }
+    let _ = std::fs::remove_file(fz_host::testing::marker(test));
+    let portal = LocalPortal::start("");
+    let home = tempfile::tempdir().unwrap();
+    let runtime = tempfile::tempdir().unwrap();
+    let portal_url = format!("ws://{}", portal.address);
+    // One D-Bus session with an unlocked keyring (gnome-keyring's, the Secret Service), in
+    // which the client signs in, then signs out.
+    let script = "printf test-password | gnome-keyring-daemon --unlock --components=secrets \
+                  >/dev/null && \"$0\" sign-in --portal-url \"$1\" --account acme --no-browser \
+                  && \"$0\" sign-out --portal-url \"$1\" --account acme";
+    let mut session = Command::new("/usr/bin/dbus-run-session")
+        .args([
+            "--",
+            "sh",
+            "-c",
+            script,
+            env!("CARGO_BIN_EXE_fz-client"),
+            &portal_url,
+        ])
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", home.path())
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(session.stdout.take().unwrap());
+    let link = loop {
+        let mut line = String::new();
+        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
+        if let Some(url) = line
+            .trim()
+            .strip_prefix(&format!("http://{}", portal.address))
+        {
+            break url.to_owned();
+        }
+    };
+    let mut browser = Browser::new(portal.address);
+    let callback = through_the_pages(&portal, &mut browser, &link).await;
+    assert_eq!(browser.visit(&callback).await.status, 200);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = session.wait().unwrap();
+    assert!(status.success(), "{rest}");
+    assert!(
+        rest.contains("The token is in the desktop keyring (Secret Service: service `fz-client`"),
+        "{rest}"
+    );
+    // The sign-out read it from the keyring (the portal took it: it revoked it) and deleted it.
+    assert!(
+        rest.contains("the portal revoked this device's token"),
+        "{rest}"
+    );
+    assert!(
+        rest.contains("Deleted it from the desktop keyring"),
+        "{rest}"
+    );
+    assert!(
+        !home.path().join(".config/fz/token").exists(),
+        "a file was written too"
+    );
+    let tokens = portal.admin(&["token", "list", "--account", "acme"]);
+    assert!(tokens.contains("revoked"), "{tokens}");
 }
