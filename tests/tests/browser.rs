@@ -34,25 +34,7 @@ async fn a_person_signs_in_by_email_code_in_chromium() {
     let portal = LocalPortal::start("");
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    let mut client = Command::new(binary("fz-client"))
-        .arg("sign-in")
-        .args(["--portal-url", &format!("ws://{}", portal.address)])
-        .args(["--account", "acme", "--no-browser", "--timeout-secs", "60"])
-        .arg("--token-file")
-        .arg(&token_file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(client.stdout.take().unwrap());
-    let url = loop {
-        let mut line = String::new();
-        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
-        let line = line.trim();
-        if line.starts_with("http://") {
-            break line.to_owned();
-        }
-    };
+    let (mut client, mut stdout, url) = client_sign_in(&portal, &token_file);
 
     chromium.open(&url).await.unwrap();
     let page = chromium

@@ -9,7 +9,7 @@
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 use fz_e2e::local::LocalPortal;
 use fz_host::testing::agents::{TestClient, key};
@@ -44,19 +44,24 @@ fn sign_in_with(
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let url = loop {
+    let url = printed_link(&mut stdout, &portal);
+    // The rest of its output is read at its end.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    (child, url)
+}
+
+/// The sign-in link (path and query) a client printed for `portal`.
+fn printed_link(stdout: &mut BufReader<ChildStdout>, portal: &LocalPortal) -> String {
+    loop {
         let mut line = String::new();
         assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
         if let Some(url) = line
             .trim()
             .strip_prefix(&format!("http://{}", portal.address))
         {
-            break url.to_owned();
+            return url.to_owned();
         }
-    };
-    // The rest of its output is read at its end.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    (child, url)
+    }
 }
 
 /// Signs in through the pages as a person would, up to the portal's last redirect.
@@ -376,16 +381,7 @@ async fn a_client_started_without_a_token_signs_in_first() {
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let link = loop {
-        let mut line = String::new();
-        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
-        if let Some(url) = line
-            .trim()
-            .strip_prefix(&format!("http://{}", portal.address))
-        {
-            break url.to_owned();
-        }
-    };
+    let link = printed_link(&mut stdout, &portal);
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let mut browser = Browser::new(portal.address);
     let callback = through_the_pages(&portal, &mut browser, &link).await;
@@ -459,16 +455,7 @@ async fn without_a_keyring_the_token_goes_to_the_default_file_and_says_so() {
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let link = loop {
-        let mut line = String::new();
-        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
-        if let Some(url) = line
-            .trim()
-            .strip_prefix(&format!("http://{}", portal.address))
-        {
-            break url.to_owned();
-        }
-    };
+    let link = printed_link(&mut stdout, &portal);
     let mut browser = Browser::new(portal.address);
     let callback = through_the_pages(&portal, &mut browser, &link).await;
     assert_eq!(browser.visit(&callback).await.status, 200);
@@ -541,16 +528,7 @@ async fn with_a_desktop_keyring_the_token_lives_there_and_sign_out_deletes_it() 
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(session.stdout.take().unwrap());
-    let link = loop {
-        let mut line = String::new();
-        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no URL printed");
-        if let Some(url) = line
-            .trim()
-            .strip_prefix(&format!("http://{}", portal.address))
-        {
-            break url.to_owned();
-        }
-    };
+    let link = printed_link(&mut stdout, &portal);
     let mut browser = Browser::new(portal.address);
     let callback = through_the_pages(&portal, &mut browser, &link).await;
     assert_eq!(browser.visit(&callback).await.status, 200);

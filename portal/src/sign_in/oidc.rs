@@ -15,8 +15,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, OAuth2TokenResponse,
-    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet,
+    EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier,
+    RedirectUrl, Scope, TokenResponse,
 };
 use serde_json::Value;
 
@@ -26,6 +27,17 @@ use crate::config::OidcConfig;
 /// provider that rotates its keys is followed within this; a token signed with a key not yet
 /// known makes the next sign-in fetch again at once.
 const METADATA_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A client made from discovered metadata: the authorization endpoint is known, the token
+/// and UserInfo endpoints may be.
+type ProviderClient = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
 
 /// How long one request to a provider may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,17 +191,25 @@ impl Provider {
         Ok(metadata)
     }
 
-    /// Where to send the person, and what to keep until they come back to `redirect`.
-    pub async fn start(&self, redirect: &str) -> Result<(String, OidcAttempt), OidcError> {
-        let metadata = self.metadata(false).await?;
+    /// The OAuth client the portal is to this provider, sending people back to `redirect`.
+    fn client(
+        &self,
+        metadata: CoreProviderMetadata,
+        redirect: &str,
+    ) -> Result<ProviderClient, OidcError> {
         let redirect = RedirectUrl::new(redirect.to_owned())
             .map_err(|e| OidcError::Discovery(e.to_string()))?;
-        let client = CoreClient::from_provider_metadata(
+        Ok(CoreClient::from_provider_metadata(
             metadata,
             ClientId::new(self.config.client_id.clone()),
             Some(self.secret.clone()),
         )
-        .set_redirect_uri(redirect);
+        .set_redirect_uri(redirect))
+    }
+
+    /// Where to send the person, and what to keep until they come back to `redirect`.
+    pub async fn start(&self, redirect: &str) -> Result<(String, OidcAttempt), OidcError> {
+        let client = self.client(self.metadata(false).await?, redirect)?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let mut request = client.authorize_url(
             CoreAuthenticationFlow::AuthorizationCode,
@@ -238,14 +258,7 @@ impl Provider {
     ) -> Result<Identity, OidcError> {
         let metadata = self.metadata(fresh).await?;
         let userinfo_url = metadata.userinfo_endpoint().map(|u| u.url().clone());
-        let redirect = RedirectUrl::new(redirect.to_owned())
-            .map_err(|e| OidcError::Discovery(e.to_string()))?;
-        let client = CoreClient::from_provider_metadata(
-            metadata,
-            ClientId::new(self.config.client_id.clone()),
-            Some(self.secret.clone()),
-        )
-        .set_redirect_uri(redirect);
+        let client = self.client(metadata, redirect)?;
         let response = client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| OidcError::Exchange(e.to_string()))?
