@@ -44,7 +44,7 @@ fn sign_in_with(
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let url = printed_link(&mut stdout, &portal);
+    let url = printed_link(&mut stdout, portal);
     // The rest of its output is read at its end.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     (child, url)
