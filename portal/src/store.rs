@@ -1212,6 +1212,17 @@ impl Store {
         Ok(())
     }
 
+    /// The users of `account` an admin disabled, with when, by address.
+    pub async fn disabled_users(&self, account: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT email, disabled_at FROM users
+             WHERE account = ?1 AND disabled_at IS NOT NULL ORDER BY email",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Whether user `email` of `account` is disabled.
     pub async fn is_disabled(&self, account: &str, email: &str) -> Result<bool, StoreError> {
         let disabled: Option<Option<i64>> =

@@ -674,4 +674,40 @@ fn clients_and_users_say_whose_devices_they_are_and_where_each_membership_comes_
         String::from_utf8_lossy(&nobody.stderr).contains("knows no user `eve@acme.example`"),
         "{nobody:?}"
     );
+
+    // Disabled, a user's tokens are revoked, and `users` says since when; `--undo` enables.
+    let disabled = portal(
+        home.path(),
+        &["disable", "--account", "acme", "bob@acme.example"],
+    );
+    assert!(disabled.status.success(), "{disabled:?}");
+    assert_eq!(
+        stdout(&disabled),
+        "user bob@acme.example is disabled; 1 client token revoked\n"
+    );
+    let bob = stdout(&portal(
+        home.path(),
+        &["users", "--account", "acme", "--user", "bob@acme.example"],
+    ));
+    assert!(
+        bob.starts_with("bob@acme.example\t1 device\tdisabled since 20"),
+        "{bob}"
+    );
+    let enabled = portal(
+        home.path(),
+        &["disable", "--account", "acme", "bob@acme.example", "--undo"],
+    );
+    assert_eq!(
+        stdout(&enabled),
+        "user bob@acme.example may sign in again\n"
+    );
+    let unknown = portal(
+        home.path(),
+        &["disable", "--account", "acme", "eve@acme.example"],
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("user not found"),
+        "{unknown:?}"
+    );
 }

@@ -531,6 +531,8 @@ struct UserView {
     groups: Vec<Membership>,
     /// Groups an identity provider put the user in that no group of the policy takes in.
     unbound_idp_groups: Vec<IdpGroup>,
+    /// When an admin disabled the user (`fz-portal disable`); `None`: enabled.
+    disabled_at: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -578,6 +580,9 @@ async fn users(
             });
         }
     }
+    for (email, disabled_at) in store.disabled_users(account).await? {
+        user_entry(&mut users, &email).disabled_at = Some(disabled_at);
+    }
     for (email, idp_group) in store.all_memberships(account).await? {
         let bound: Vec<&str> = table
             .groups
@@ -622,7 +627,14 @@ async fn users(
             format!(" (signed in via {})", names.join(", "))
         };
         let plural = if view.devices == 1 { "" } else { "s" };
-        println!("{}\t{} device{plural}{providers}", view.email, view.devices);
+        let disabled = view
+            .disabled_at
+            .map(|at| format!("\tdisabled since {}", date(at)))
+            .unwrap_or_default();
+        println!(
+            "{}\t{} device{plural}{providers}{disabled}",
+            view.email, view.devices
+        );
         for membership in &view.groups {
             let source = match &membership.source {
                 MembershipSource::Policy => "listed in the policy".to_owned(),
