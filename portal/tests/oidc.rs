@@ -52,6 +52,8 @@ enum Lie {
     GroupsInUserInfo,
     /// UserInfo is about someone else than the ID token.
     UserInfoOfAnother,
+    /// Not a lie: the provider rotated its keys, and publishes and signs with the new one.
+    Rotated,
 }
 
 struct Liar {
@@ -62,6 +64,9 @@ struct Liar {
     lie: Mutex<Lie>,
     /// What the last authorization request asked: its nonce and PKCE challenge.
     asked: Mutex<HashMap<String, String>>,
+    /// Whether the code the last authorization handed out was exchanged already: a code
+    /// works once, as at any provider.
+    code_used: Mutex<bool>,
 }
 
 fn key_pair() -> EcdsaKeyPair {
@@ -71,8 +76,18 @@ fn key_pair() -> EcdsaKeyPair {
 }
 
 impl Liar {
-    fn jwt(&self, claims: &serde_json::Value, key: &EcdsaKeyPair) -> String {
-        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#);
+    /// The key it publishes now, and its id.
+    fn published(&self) -> (&EcdsaKeyPair, &'static str) {
+        if *self.lie.lock().unwrap() == Lie::Rotated {
+            (&self.other_key, "k2")
+        } else {
+            (&self.key, "k1")
+        }
+    }
+
+    fn jwt(&self, claims: &serde_json::Value, key: &EcdsaKeyPair, kid: &str) -> String {
+        let header =
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"ES256","kid":"{kid}","typ":"JWT"}}"#));
         let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
         let signed = format!("{header}.{payload}");
         let signature = key.sign(&SystemRandom::new(), signed.as_bytes()).unwrap();
@@ -97,9 +112,10 @@ async fn discovery(State(liar): State<Arc<Liar>>) -> Response {
 }
 
 async fn jwks(State(liar): State<Arc<Liar>>) -> Response {
-    let point = liar.key.public_key().as_ref();
+    let (key, kid) = liar.published();
+    let point = key.public_key().as_ref();
     axum::Json(serde_json::json!({ "keys": [{
-        "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
         "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
         "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
     }]}))
@@ -114,6 +130,7 @@ async fn authorize(
     assert_eq!(query["code_challenge_method"], "S256", "PKCE S256 always");
     assert_eq!(query["client_id"], CLIENT_ID);
     *liar.asked.lock().unwrap() = query.clone();
+    *liar.code_used.lock().unwrap() = false;
     // The state is base64url: nothing in it needs escaping.
     let back = format!(
         "{}?code=the-code&state={}",
@@ -137,7 +154,8 @@ async fn token(
     let asked = liar.asked.lock().unwrap().clone();
     let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(form["code_verifier"].as_bytes()));
     let authorised = headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&basic);
-    if !authorised || form["code"] != "the-code" || challenge != asked["code_challenge"] {
+    let reused = std::mem::replace(&mut *liar.code_used.lock().unwrap(), true);
+    if !authorised || reused || form["code"] != "the-code" || challenge != asked["code_challenge"] {
         return (
             axum::http::StatusCode::BAD_REQUEST,
             axum::Json(serde_json::json!({ "error": "invalid_grant" })),
@@ -166,16 +184,16 @@ async fn token(
     if matches!(lie, Lie::GroupsInUserInfo | Lie::UserInfoOfAnother) {
         claims.as_object_mut().unwrap().remove("groups");
     }
-    let key = if lie == Lie::Key {
-        &liar.other_key
-    } else {
-        &liar.key
+    // `Key` signs with a key it does not publish, under the published key's id.
+    let (key, kid) = match lie {
+        Lie::Key => (&liar.other_key, "k1"),
+        _ => liar.published(),
     };
     axum::Json(serde_json::json!({
         "access_token": "an-access-token",
         "token_type": "Bearer",
         "expires_in": 300,
-        "id_token": liar.jwt(&claims, key),
+        "id_token": liar.jwt(&claims, key, kid),
     }))
     .into_response()
 }
@@ -203,6 +221,7 @@ async fn start_liar() -> Arc<Liar> {
         other_key: key_pair(),
         lie: Mutex::new(Lie::None),
         asked: Mutex::default(),
+        code_used: Mutex::default(),
     });
     let app = Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
@@ -375,4 +394,22 @@ async fn groups_come_from_userinfo_when_the_id_token_has_none_and_only_for_its_s
         .map(|g| g.group)
         .collect();
     assert_eq!(groups, ["Ops", "SRE"]);
+}
+
+#[tokio::test]
+async fn keys_the_provider_rotated_are_fetched_again_and_the_code_exchanged_once() {
+    let liar = start_liar().await;
+    let (portal, _secrets) = portal_for(&liar).await;
+    // A first sign-in: the portal caches the provider's metadata and its key.
+    let mut browser = Browser::new(portal.address());
+    let (_, answer) = through_the_provider(&mut browser, 1).await;
+    assert_eq!(answer.status, 303, "{answer:?}");
+    // The provider rotates its key: the next token is signed with a key the cache does not
+    // know. The portal fetches the keys again and checks the same token; the code it already
+    // exchanged is not exchanged again (the provider would refuse it).
+    *liar.lie.lock().unwrap() = Lie::Rotated;
+    let mut browser = Browser::new(portal.address());
+    let (_, answer) = through_the_provider(&mut browser, 2).await;
+    assert_eq!(answer.status, 303, "{answer:?}");
+    assert_eq!(portal.store().list_tokens("acme").await.unwrap().len(), 2);
 }

@@ -15,17 +15,17 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet,
-    EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier,
-    RedirectUrl, Scope, TokenResponse,
+    AuthorizationCode, ClaimsVerificationError, ClientId, ClientSecret, CsrfToken,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
 };
 use serde_json::Value;
 
 use crate::config::OidcConfig;
 
-/// How long discovered metadata (endpoints, keys) is used before it is fetched again. A
-/// provider that rotates its keys is followed within this; a token signed with a key not yet
-/// known makes the next sign-in fetch again at once.
+/// How long discovered metadata (endpoints, keys) is used before it is fetched again. An ID
+/// token signed with a key the cache does not know makes the portal fetch the keys again at
+/// once and check that same token again (the code behind it is never exchanged twice).
 const METADATA_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// A client made from discovered metadata: the authorization endpoint is known, the token
@@ -240,25 +240,10 @@ impl Provider {
         code: &str,
         redirect: &str,
     ) -> Result<Identity, OidcError> {
-        match self.finish_with(attempt, code, redirect, false).await {
-            // A key the cached metadata does not know: the provider may have rotated its keys.
-            Err(OidcError::IdToken(why)) if why.contains("key") => {
-                self.finish_with(attempt, code, redirect, true).await
-            }
-            other => other,
-        }
-    }
-
-    async fn finish_with(
-        &self,
-        attempt: &OidcAttempt,
-        code: &str,
-        redirect: &str,
-        fresh: bool,
-    ) -> Result<Identity, OidcError> {
-        let metadata = self.metadata(fresh).await?;
+        let metadata = self.metadata(false).await?;
         let userinfo_url = metadata.userinfo_endpoint().map(|u| u.url().clone());
         let client = self.client(metadata, redirect)?;
+        // The code is exchanged once: a provider takes it only once.
         let response = client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| OidcError::Exchange(e.to_string()))?
@@ -267,12 +252,20 @@ impl Provider {
             .await
             .map_err(|e| OidcError::Exchange(chain(&e)))?;
         let id_token = response.id_token().ok_or(OidcError::NoIdToken)?;
-        let claims = id_token
-            .claims(
-                &client.id_token_verifier(),
-                &Nonce::new(attempt.nonce.clone()),
-            )
-            .map_err(|e| OidcError::IdToken(chain(&e)))?;
+        let nonce = Nonce::new(attempt.nonce.clone());
+        let claims = match id_token.claims(&client.id_token_verifier(), &nonce) {
+            Ok(claims) => claims.clone(),
+            // Signed with a key the cached metadata does not know: the provider may have
+            // rotated its keys. Its keys are fetched again and the same token checked again.
+            Err(ClaimsVerificationError::SignatureVerification(_)) => {
+                let fresh = self.client(self.metadata(true).await?, redirect)?;
+                id_token
+                    .claims(&fresh.id_token_verifier(), &nonce)
+                    .map_err(|e| OidcError::IdToken(chain(&e)))?
+                    .clone()
+            }
+            Err(error) => return Err(OidcError::IdToken(chain(&error))),
+        };
         let issuer = claims.issuer().as_str().to_owned();
         let subject = claims.subject().as_str().to_owned();
         if subject.is_empty() || subject.len() > MAX_CLAIM_CHARS {
