@@ -139,11 +139,6 @@ impl SignIn {
         self.mailer.prune(lifetime);
     }
 
-    /// How many sign-ins are under way.
-    pub fn pending(&self) -> usize {
-        lock(&self.pending).len()
-    }
-
     /// Takes one request from `source`; `Err` is the refusal to send.
     fn admit(&self, source: Option<IpAddr>, account: &str) -> Result<(), Box<Response>> {
         let Some(source) = source else {
@@ -307,18 +302,16 @@ pub async fn email_requested(
     headers: HeaderMap,
     Form(form): Form<EmailForm>,
 ) -> Response {
-    let Ok(account) = app.broker.account(&slug) else {
-        return no_account(&slug);
-    };
-    let sign_in = app.sign_in.clone();
-    let now = app.broker.clock().timestamp();
-    if let Err(refused) = sign_in.admit(source_of(&app, peer, &headers), &slug) {
-        return *refused;
-    }
-    let (id, pending) = match checked_pending(&sign_in, &headers, &slug, &form.csrf, now) {
-        Ok(found) => found,
+    let Step {
+        account,
+        id,
+        pending,
+        now,
+    } = match form_step(&app, &slug, peer, &headers, &form.csrf) {
+        Ok(step) => step,
         Err(refused) => return *refused,
     };
+    let sign_in = app.sign_in.clone();
     if !account.settings.email.enabled {
         return bad_request(&slug, "This account does not offer sign-in by email.");
     }
@@ -469,16 +462,13 @@ pub async fn code_entered(
     headers: HeaderMap,
     Form(form): Form<CodeForm>,
 ) -> Response {
-    let Ok(account) = app.broker.account(&slug) else {
-        return no_account(&slug);
-    };
-    let sign_in = &app.sign_in;
-    let now = app.broker.clock().timestamp();
-    if let Err(refused) = sign_in.admit(source_of(&app, peer, &headers), &slug) {
-        return *refused;
-    }
-    let (id, pending) = match checked_pending(sign_in, &headers, &slug, &form.csrf, now) {
-        Ok(found) => found,
+    let Step {
+        account,
+        id,
+        pending,
+        now,
+    } = match form_step(&app, &slug, peer, &headers, &form.csrf) {
+        Ok(step) => step,
         Err(refused) => return *refused,
     };
     let Some(email) = pending.email.clone() else {
@@ -636,18 +626,11 @@ pub async fn oidc_start(
     headers: HeaderMap,
     axum::extract::Query(form): axum::extract::Query<CsrfForm>,
 ) -> Response {
-    if app.broker.account(&slug).is_err() {
-        return no_account(&slug);
-    }
-    let sign_in = &app.sign_in;
-    let now = app.broker.clock().timestamp();
-    if let Err(refused) = sign_in.admit(source_of(&app, peer, &headers), &slug) {
-        return *refused;
-    }
-    let (id, _) = match checked_pending(sign_in, &headers, &slug, &form.csrf, now) {
-        Ok(found) => found,
+    let Step { id, now, .. } = match form_step(&app, &slug, peer, &headers, &form.csrf) {
+        Ok(step) => step,
         Err(refused) => return *refused,
     };
+    let sign_in = &app.sign_in;
     let Some(provider) = sign_in.providers.get(&(slug.clone(), provider_id.clone())) else {
         return bad_request(&slug, "This account has no identity provider of that name.");
     };
@@ -803,6 +786,39 @@ fn provider_failed(slug: &str, error: &oidc::OidcError) -> Response {
         ),
         None,
     )
+}
+
+/// A step of a sign-in under way, as a form (or the provider's button) asks for it.
+struct Step<'a> {
+    account: &'a Account,
+    /// The sign-in's id (its cookie).
+    id: String,
+    pending: Pending,
+    now: i64,
+}
+
+/// What every step of a sign-in checks first: the account exists, the source is within its
+/// rate, and the request's cookie names a sign-in under way whose CSRF token it carries.
+fn form_step<'a>(
+    app: &'a AppState,
+    slug: &str,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<Step<'a>, Box<Response>> {
+    let account = app
+        .broker
+        .account(slug)
+        .map_err(|_| Box::new(no_account(slug)))?;
+    let now = app.broker.clock().timestamp();
+    app.sign_in.admit(source_of(app, peer, headers), slug)?;
+    let (id, pending) = checked_pending(&app.sign_in, headers, slug, csrf, now)?;
+    Ok(Step {
+        account,
+        id,
+        pending,
+        now,
+    })
 }
 
 /// The pending sign-in the request's cookie names, if the form's CSRF token is its own.

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::{UnixListener, UnixStream};
 
 /// The deep link the portal sends a finished sign-in to.
-pub const DEEP_LINK: &str = "fz://handle_client_sign_in_callback";
+pub use fz_proto::SIGN_IN_DEEP_LINK as DEEP_LINK;
 
 /// The longest URL handed over.
 const MAX_URL_BYTES: usize = 8 * 1024;

@@ -14,6 +14,10 @@ mod grant;
 mod key;
 mod message;
 
+/// Where the portal sends a finished client sign-in when the client asked for the deep link
+/// instead of its loopback listener: the one address both sides must agree on.
+pub const SIGN_IN_DEEP_LINK: &str = "fz://handle_client_sign_in_callback";
+
 pub use grant::{
     CLOCK_SKEW, ClientPeer, DnsMapping, GatewayPeer, Grant, GrantError, GrantedResource, Identity,
     SignedGrant, UnixTime, is_mapped_address,

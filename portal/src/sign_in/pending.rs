@@ -29,7 +29,7 @@ pub const MAX_PENDING: usize = 10_000;
 pub const MAX_PER_SOURCE: usize = 64;
 
 /// The deep link a client registers for itself (`fz-client install-url-handler`).
-pub const DEEP_LINK: &str = "fz://handle_client_sign_in_callback";
+pub use fz_proto::SIGN_IN_DEEP_LINK as DEEP_LINK;
 
 /// The path of a client's loopback listener.
 pub const LOOPBACK_PATH: &str = "/callback";
@@ -259,10 +259,6 @@ impl PendingSignIns {
     /// Forgets every sign-in that expired at `now`.
     pub fn forget_expired(&mut self, now: i64) {
         self.by_id.retain(|_, p| !expired(p, now));
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
