@@ -365,7 +365,11 @@ async fn client_connection(
     };
     tracing::debug!(account = %session.account, client = %session.client_id, "client connected");
     let in_flight = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
-    if send(&mut socket, &ready).await {
+    let mut ready_sent = send(&mut socket, &ready).await;
+    if ready_sent && let Some(relays) = broker.relay_credentials(&session.client_id) {
+        ready_sent = send(&mut socket, &PortalToClient::Relays { relays }).await;
+    }
+    if ready_sent {
         loop {
             tokio::select! {
                 frame = socket.recv() => match read::<ClientMessage>(frame) {
@@ -443,6 +447,11 @@ async fn gateway_connection(
         }
     };
     let mut ready_sent = send(&mut socket, &ready).await;
+    // The relays come before the grants, so that the gateway can reach a grant's client
+    // through them from the start.
+    if ready_sent && let Some(relays) = broker.relay_credentials(&gateway_id) {
+        ready_sent = send(&mut socket, &PortalToGateway::Relays { relays }).await;
+    }
     for grant in held {
         if !ready_sent {
             break;

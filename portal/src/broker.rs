@@ -36,7 +36,7 @@ use chrono::{DateTime, Utc};
 use fz_compiler::DecisionTable;
 use fz_proto::{
     ClientReady, DnsMapping, Grant, PortalSigningKey, PortalToClient, PortalToGateway,
-    PresharedKey, PublicKey, Resolution, ResourceView, SignedGrant, UnixTime, encode,
+    PresharedKey, PublicKey, Relay, Resolution, ResourceView, SignedGrant, UnixTime, encode,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -48,6 +48,7 @@ use crate::limits::{Occurrence, Rate, RateLimiter, Repeats};
 use crate::policy::PolicyEngine;
 use crate::random;
 use crate::registry::{ClientEntry, ClientSession, GatewayEntry, LiveGrant, Registry, deletions};
+use crate::relay::Relays;
 use crate::store::{
     self, Decision as FlowDecision, GrantRecord, NewFlow, Store, TokenRecord, Write,
 };
@@ -175,6 +176,7 @@ pub struct Broker {
     geo: Option<CountryDb>,
     timings: Timings,
     clock: Clock,
+    relays: Relays,
     registry: Mutex<Registry<Link>>,
     pending: Mutex<HashMap<String, PendingAck>>,
     /// Each client's request bucket, by (account, client id).
@@ -214,6 +216,7 @@ pub struct BrokerParts {
     pub geo: Option<CountryDb>,
     pub timings: Timings,
     pub clock: Clock,
+    pub relays: Relays,
 }
 
 impl Broker {
@@ -268,6 +271,7 @@ impl Broker {
             geo: parts.geo,
             timings: parts.timings,
             clock: parts.clock,
+            relays: parts.relays,
             registry: Mutex::new(registry),
             pending: Mutex::new(HashMap::new()),
             limiter: Mutex::new(RateLimiter::default()),
@@ -1154,6 +1158,35 @@ impl Broker {
     /// What the broker's clock says: the minute it reads is when time windows open and close.
     pub fn clock(&self) -> DateTime<Utc> {
         self.now()
+    }
+
+    /// The relays an agent (by its client or gateway id) may use, with credentials minted for
+    /// it now; `None` when the portal has no relays.
+    pub fn relay_credentials(&self, agent: &str) -> Option<Vec<Relay>> {
+        if self.relays.is_empty() {
+            return None;
+        }
+        Some(self.relays.credentials_for(agent, unix(self.now())))
+    }
+
+    /// Sends every connected agent new relay credentials before those it holds lapse.
+    pub fn refresh_relay_credentials(&self) {
+        let registry = self.registry();
+        for (id, link) in registry.client_links() {
+            if let Some(relays) = self.relay_credentials(id) {
+                link.send(&PortalToClient::Relays { relays });
+            }
+        }
+        for (id, link) in registry.gateway_links() {
+            if let Some(relays) = self.relay_credentials(id) {
+                link.send(&PortalToGateway::Relays { relays });
+            }
+        }
+    }
+
+    /// How often [`Broker::refresh_relay_credentials`] must run; `None` without relays.
+    pub fn relay_refresh_interval(&self) -> Option<Duration> {
+        (!self.relays.is_empty()).then(|| self.relays.refresh_interval())
     }
 
     /// A client signs out: its token is revoked, then its connections closed and its grants

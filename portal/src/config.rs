@@ -34,6 +34,14 @@
 //!                                  # trusted proxy names it; past it a connection is closed
 //!                                  # at once. Default: a quarter of the above, at most 64
 //!
+//! relay_credential_lifetime_secs = 43200 # TURN credentials minted for an agent last this
+//!                                  # (12 h); agents get new ones every half of it
+//!
+//! [[relays]]                       # TURN servers agents may relay through (any number):
+//!                                  # coturn with `use-auth-secret`, sharing a secret with us
+//! address = "203.0.113.5:3478"     # where agents reach it (UDP)
+//! secret_file = "relay-secret"     # its `static-auth-secret`, alone in a file
+//!
 //! [[accounts]]
 //! slug = "acme"
 //! policy = "policies"              # a policy tree, or a bundle written by `fzc compile`
@@ -97,7 +105,18 @@ pub struct Config {
     /// back to `<public_url>/<account>/sign-in/oidc/<provider>/callback`. `None`: the scheme
     /// and the address the portal listens on.
     pub public_url: Option<String>,
+    pub relays: Vec<RelayConfig>,
+    pub relay_credential_lifetime: Duration,
     pub accounts: Vec<AccountConfig>,
+}
+
+/// A TURN relay (`[[relays]]`): where agents reach it and the file holding the secret it
+/// shares with the portal (`crate::relay`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    pub address: SocketAddr,
+    pub secret_file: PathBuf,
 }
 
 /// An SMTP server to send mail through.
@@ -322,6 +341,9 @@ struct ConfigFile {
     smtp: Option<SmtpConfig>,
     public_url: Option<String>,
     #[serde(default)]
+    relays: Vec<RelayConfig>,
+    relay_credential_lifetime_secs: Option<u64>,
+    #[serde(default)]
     accounts: Vec<AccountFile>,
 }
 
@@ -372,6 +394,10 @@ impl Config {
             connections: ConnectionLimits::default(),
             smtp: None,
             public_url: None,
+            relays: Vec::new(),
+            relay_credential_lifetime: Duration::from_secs(
+                crate::relay::DEFAULT_CREDENTIAL_LIFETIME_SECS,
+            ),
             accounts: vec![AccountConfig {
                 slug: "default".to_owned(),
                 policy: PathBuf::from("policies"),
@@ -467,6 +493,17 @@ impl Config {
             public_url: file
                 .public_url
                 .map(|url| url.trim_end_matches('/').to_owned()),
+            relays: file
+                .relays
+                .into_iter()
+                .map(|relay| RelayConfig {
+                    secret_file: resolve(relay.secret_file),
+                    ..relay
+                })
+                .collect(),
+            relay_credential_lifetime: file
+                .relay_credential_lifetime_secs
+                .map_or(defaults.relay_credential_lifetime, Duration::from_secs),
             accounts: file
                 .accounts
                 .into_iter()
@@ -604,6 +641,25 @@ impl Config {
             return invalid(format!(
                 "`public_url = \"{url}\"` must be an http:// or https:// URL"
             ));
+        }
+        // Agents need their credentials to outlive a refresh (half the lifetime) by far.
+        if self.relay_credential_lifetime < Duration::from_secs(600) {
+            return invalid(format!(
+                "`relay_credential_lifetime_secs = {}` is too short: at least 600",
+                self.relay_credential_lifetime.as_secs()
+            ));
+        }
+        let mut relays = std::collections::BTreeSet::new();
+        for relay in &self.relays {
+            if relay.address.ip().is_unspecified() || relay.address.port() == 0 {
+                return invalid(format!(
+                    "relay `{}`: agents need an address and port to reach it",
+                    relay.address
+                ));
+            }
+            if !relays.insert(relay.address) {
+                return invalid(format!("relay `{}` is configured twice", relay.address));
+            }
         }
         if self.accounts.is_empty() {
             return invalid("no `[[accounts]]`: the portal serves at least one account".to_owned());
@@ -824,6 +880,25 @@ mod tests {
                 "`tls_cert` and `tls_key` go together",
             ),
             (
+                format!("relay_credential_lifetime_secs = 60\n{account}"),
+                "`relay_credential_lifetime_secs = 60` is too short",
+            ),
+            (
+                format!("[[relays]]\naddress = \"0.0.0.0:3478\"\nsecret_file = \"s\"\n{account}"),
+                "relay `0.0.0.0:3478`: agents need an address",
+            ),
+            (
+                format!(
+                    "[[relays]]\naddress = \"203.0.113.5:3478\"\nsecret_file = \"s\"\n\
+                     [[relays]]\naddress = \"203.0.113.5:3478\"\nsecret_file = \"t\"\n{account}"
+                ),
+                "relay `203.0.113.5:3478` is configured twice",
+            ),
+            (
+                format!("[[relays]]\naddress = \"203.0.113.5:3478\"\n{account}"),
+                "missing field `secret_file`",
+            ),
+            (
                 format!("trusted_proxies = [\"10.0.0.0/8\"]\n{account}"),
                 "`trusted_proxies` needs `trusted_proxy_header`",
             ),
@@ -894,6 +969,19 @@ mod tests {
                 key: PathBuf::from("/etc/fz/k.pem"),
             })
         );
+        let relayed = parse(&format!(
+            "relay_credential_lifetime_secs = 3600\n[[relays]]\naddress = \"203.0.113.5:3478\"\n\
+             secret_file = \"relay-secret\"\n{account}"
+        ))
+        .unwrap();
+        assert_eq!(
+            relayed.relays,
+            vec![RelayConfig {
+                address: "203.0.113.5:3478".parse().unwrap(),
+                secret_file: PathBuf::from("/etc/fz/relay-secret"),
+            }]
+        );
+        assert_eq!(relayed.relay_credential_lifetime, Duration::from_secs(3600));
     }
 
     #[test]

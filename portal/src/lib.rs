@@ -24,6 +24,7 @@ pub mod mail;
 pub mod policy;
 pub mod random;
 pub mod registry;
+pub mod relay;
 pub mod server;
 pub mod sign_in;
 pub mod store;

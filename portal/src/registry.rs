@@ -240,6 +240,16 @@ impl<L> Registry<L> {
             .collect()
     }
 
+    /// Every connected client's id and link.
+    pub fn client_links(&self) -> impl Iterator<Item = (&str, &L)> {
+        self.clients.iter().map(|(id, c)| (id.as_str(), &c.link))
+    }
+
+    /// Every connected gateway's id and link.
+    pub fn gateway_links(&self) -> impl Iterator<Item = (&str, &L)> {
+        self.gateways.iter().map(|(id, g)| (id.as_str(), &g.link))
+    }
+
     /// Connected clients whose session `select` picks.
     pub fn clients_where(&self, mut select: impl FnMut(&ClientSession) -> bool) -> Vec<&L> {
         self.clients

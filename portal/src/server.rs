@@ -27,6 +27,7 @@ use crate::http::{AppState, router};
 use crate::listener::{Caps, Connections, Settings};
 use crate::mail::Mailer;
 use crate::policy::{PolicyEngine, Watcher};
+use crate::relay::Relays;
 use crate::sign_in::SignIn;
 use crate::store::Store;
 use crate::writer::Writer;
@@ -83,6 +84,7 @@ impl RunningPortal {
                 policy,
             });
         }
+        let relays = Relays::load(&config.relays, config.relay_credential_lifetime)?;
         let writer = Writer::start(store.clone());
         let broker = Broker::start(BrokerParts {
             store: store.clone(),
@@ -95,6 +97,7 @@ impl RunningPortal {
                 ack_timeout: config.gateway_ack_timeout,
             },
             clock,
+            relays,
         })
         .await?;
 
@@ -125,6 +128,12 @@ impl RunningPortal {
                 .with_providers(config, public_url)
                 .context("cannot set up the identity providers")?,
         );
+        if let Some(interval) = broker.relay_refresh_interval() {
+            tasks.push(tokio::spawn(refresh_relay_credentials(
+                broker.clone(),
+                interval,
+            )));
+        }
         tasks.push(tokio::spawn(sweep(
             broker.clone(),
             store.clone(),
@@ -248,6 +257,18 @@ async fn reload_on_hangup(broker: Arc<Broker>, mut hangups: tokio::signal::unix:
                 }
             }
         }
+    }
+}
+
+/// Every half lifetime of the relay credentials, every connected agent gets new ones (those
+/// it got at `hello` are fresh, so the first tick, which is at once, is skipped).
+async fn refresh_relay_credentials(broker: Arc<Broker>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        broker.refresh_relay_credentials();
     }
 }
 

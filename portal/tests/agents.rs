@@ -1241,3 +1241,57 @@ async fn country_comes_from_the_database_and_a_trusted_proxy_header() {
     let mut unknown = connect("127.0.0.2", "192.0.2.1", 4).await;
     assert!(rejection(&unknown.request("germany", None).await).contains("did not hold"));
 }
+
+#[tokio::test]
+async fn each_agent_gets_relay_credentials_of_its_own_right_after_ready() {
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("relay-secret");
+    std::fs::write(&secret_file, "north-relay-secret\n").unwrap();
+    let portal = TestPortal::start(
+        POLICY,
+        &format!(
+            "relay_credential_lifetime_secs = 3600\n\
+             [[relays]]\naddress = \"203.0.113.5:3478\"\nsecret_file = {secret_file:?}\n"
+        ),
+    )
+    .await;
+    let mut gateway = portal.gateway("acme", "hq", 1).await;
+    let mut client = portal.client("acme", ALICE, 2).await;
+    let turn_password = |username: &str| {
+        use base64::Engine as _;
+        let key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+            b"north-relay-secret",
+        );
+        base64::engine::general_purpose::STANDARD
+            .encode(ring::hmac::sign(&key, username.as_bytes()))
+    };
+    let now = portal.now().timestamp() as u64;
+    let mut usernames = Vec::new();
+    let client_relays = match client.next().await {
+        Some(PortalToClient::Relays { relays }) => relays,
+        other => panic!("expected relays after ready, got {other:?}"),
+    };
+    let gateway_relays = match gateway.next().await {
+        Some(PortalToGateway::Relays { relays }) => relays,
+        other => panic!("expected relays after ready, got {other:?}"),
+    };
+    for (relays, agent) in [
+        (client_relays, client.ready.client_id.clone()),
+        (gateway_relays, gateway.id.clone()),
+    ] {
+        let [relay] = relays.as_slice() else {
+            panic!("one relay is configured: {relays:?}");
+        };
+        assert_eq!(relay.address, "203.0.113.5:3478".parse().unwrap());
+        // Good for the configured hour from now (give or take the test's own second).
+        assert!(
+            (now + 3600..=now + 3602).contains(&relay.expires_at),
+            "{relay:?}"
+        );
+        assert_eq!(relay.username, format!("{}:{agent}", relay.expires_at));
+        assert_eq!(relay.password, turn_password(&relay.username));
+        usernames.push(relay.username.clone());
+    }
+    assert_ne!(usernames[0], usernames[1]);
+}

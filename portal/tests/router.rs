@@ -70,6 +70,7 @@ async fn app() -> (tempfile::TempDir, Router, String, String, String, Store) {
             ack_timeout: std::time::Duration::from_secs(5),
         },
         clock: system_clock(),
+        relays: fz_portal::relay::Relays::none(),
     })
     .await
     .unwrap();

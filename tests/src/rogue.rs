@@ -95,6 +95,18 @@ impl RogueClient {
         &self.control.ready.client_id
     }
 
+    /// The relays the portal sent after `ready`, with the credentials it minted for this
+    /// device.
+    pub fn relays(&mut self) -> Vec<fz_proto::Relay> {
+        loop {
+            match self.runtime.block_on(self.control.next()) {
+                Some(PortalToClient::Relays { relays }) => return relays,
+                Some(_) => continue,
+                None => panic!("the portal closed the connection before sending relays"),
+            }
+        }
+    }
+
     /// The tunnel address the portal gave this device: the source of its packets.
     pub fn tunnel_ipv4(&self) -> Ipv4Addr {
         self.control.ready.tunnel_ipv4

@@ -10,6 +10,8 @@
 //!                                                  gw-c ns (site lab)                (company.com)
 //!                                                   eth0 198.18.0.13          lab ns
 //!                                                   eth1 192.168.50.1 ─────── eth0 192.168.50.10 :80 greeter
+//!                       relay ns (wan)
+//!                        eth0 198.18.0.3, coturn :3478/udp (the TURN relay)
 //! ```
 //!
 //! `──` is a veth pair; `wan-*` are ports of the bridge in the portal's namespace, `lan-*` of
@@ -65,6 +67,8 @@ pub const PORTAL_LISTEN: SocketAddr =
 /// The client's own resolver: everything that is no resource is asked here.
 pub const UPSTREAM_DNS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const CLIENT_WAN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// The TURN relay (coturn), in a namespace of its own on the wan.
+pub const RELAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3)), 3478);
 pub const WEB: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 5);
 pub const SITE_DNS: Ipv4Addr = Ipv4Addr::new(172, 16, 0, 53);
 pub const DB: &str = "10.0.5.10:5432";
@@ -101,7 +105,7 @@ group contractors { members "bob@acme.example" }
 "#;
 
 /// The commands the world needs besides the binaries under test.
-const TOOLS: [&str; 5] = ["ip", "nft", "dig", "curl", "dnsmasq"];
+const TOOLS: [&str; 6] = ["ip", "nft", "dig", "curl", "dnsmasq", "turnserver"];
 
 /// A command the world needs that this machine lacks, if any.
 pub fn missing_tool() -> Option<&'static str> {
@@ -205,12 +209,14 @@ pub struct World {
     pub client: Process,
     pub gateways: Vec<Gateway>,
     pub portal: Process,
+    pub relay: Process,
     _dns_servers: Vec<Process>,
     _runtime: tokio::runtime::Runtime,
     pub client_ns: Netns,
     pub portal_ns: Netns,
     pub hq_ns: Netns,
     _lab_ns: Netns,
+    _relay_ns: Netns,
     _etc: Vec<RemoveDir>,
     portal_config: PathBuf,
     portal_key: String,
@@ -219,6 +225,8 @@ pub struct World {
     idp: Result<TestIdp, String>,
     /// The CA certificate (PEM) the provider's certificate is under.
     idp_ca: String,
+    /// The secret the relay shares with the portal.
+    pub relay_secret: String,
     /// What makes this world's namespace names its own.
     id: String,
     dir: tempfile::TempDir,
@@ -259,6 +267,7 @@ impl World {
         let portal_ns = ns("portal")?;
         let hq_ns = ns("hq")?;
         let lab_ns = ns("lab")?;
+        let relay_ns = ns("relay")?;
         let gateway_ns: Vec<Netns> = GATEWAYS
             .iter()
             .map(|spec| ns(spec.name))
@@ -274,6 +283,16 @@ impl World {
             &format!("{CLIENT_WAN}/24"),
         );
         client_ns
+            .ip(&["route", "add", "default", "via", "198.18.0.1"])
+            .unwrap();
+        port(
+            &portal_ns,
+            "wan-relay",
+            &relay_ns,
+            "eth0",
+            &format!("{}/24", RELAY.ip()),
+        );
+        relay_ns
             .ip(&["route", "add", "default", "via", "198.18.0.1"])
             .unwrap();
         // hq's resource network: a bridge holding the servers' addresses.
@@ -379,13 +398,21 @@ impl World {
             }
             Err(_) => String::new(),
         };
+        let relay_secret = format!("relay-secret-{id}");
+        let relay = crate::relay::start_coturn(&relay_ns, dir.path(), RELAY, &relay_secret);
+        let relay_secret_file = dir.path().join("relay-secret");
+        std::fs::write(&relay_secret_file, &relay_secret).unwrap();
+        std::fs::set_permissions(&relay_secret_file, std::fs::Permissions::from_mode(0o600))
+            .unwrap();
         let portal_config = dir.path().join("portal.toml");
         std::fs::write(
             &portal_config,
             format!(
                 "listen = \"{PORTAL_LISTEN}\"\nallow_plain_http = true\ndata_dir = \"{}\"\n\n\
+                 [[relays]]\naddress = \"{RELAY}\"\nsecret_file = \"{}\"\n\n\
                  [[accounts]]\nslug = \"{ACCOUNT}\"\npolicy = \"{}\"\n{provider}",
                 dir.path().join("portal-data").display(),
+                relay_secret_file.display(),
                 dir.path().join("tree").display(),
             ),
         )
@@ -421,17 +448,20 @@ impl World {
             client,
             gateways,
             portal,
+            relay,
             _dns_servers: dns_servers,
             _runtime: runtime,
             client_ns,
             portal_ns,
             hq_ns,
             _lab_ns: lab_ns,
+            _relay_ns: relay_ns,
             _etc: etc,
             portal_config,
             portal_key,
             idp,
             idp_ca,
+            relay_secret,
             id,
             dir,
         };

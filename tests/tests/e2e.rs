@@ -17,10 +17,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::StaticSecret;
+use fz_e2e::relay::{allocate, credentials, unix_now};
 use fz_e2e::report::{Report, Scenario, Status};
 use fz_e2e::world::{
-    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, GATEWAYS, IDP_PROVIDER, IDP_USER, LAB_WEB, SSH,
-    UPSTREAM_DNS, USER, WEB, World,
+    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, GATEWAYS, IDP_PROVIDER, IDP_USER, LAB_WEB, RELAY,
+    SSH, UPSTREAM_DNS, USER, WEB, World,
 };
 use fz_host::testing::WAIT;
 use fz_host::testing::net::{
@@ -51,6 +52,7 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("wildcard grant", wildcard_grant),
     ("site cannot open a connection", site_cannot_open),
     ("copied token", copied_token),
+    ("relay credentials", relay_credentials),
     ("identity provider groups", identity_provider_groups),
     ("load balancing", load_balancing),
     ("time window", time_window),
@@ -667,6 +669,59 @@ fn site_cannot_open(world: &mut World, _: &mut Report) -> String {
 /// file is copied to a client of our own with a new key, which asks for db while the laptop
 /// is off: refused, `client verified` did not hold, and the flow log says so for that device.
 /// The laptop, back with its own key, reaches db again.
+/// The relay (coturn) takes the credentials the portal minted for a device, and nothing
+/// else: not a made-up password, not the password with another device's name or a later
+/// expiry, not credentials made with the right secret that have expired.
+fn relay_credentials(world: &mut World, _: &mut Report) -> String {
+    let token = world.client_token("laptop-r", USER);
+    let mut device = world.rogue(&token, StaticSecret::from([0x31; 32]));
+    let relays = device.relays();
+    let [relay] = relays.as_slice() else {
+        panic!("the world has one relay; the portal sent {relays:?}");
+    };
+    assert_eq!(relay.address, RELAY);
+    let (expiry, agent) = relay.username.split_once(':').unwrap();
+    assert_eq!(agent, device.client_id());
+    let expiry: u64 = expiry.parse().unwrap();
+    let client_ns = &world.client_ns;
+    let try_allocating = |username: &str, password: &str| {
+        client_ns.run(|| allocate(RELAY, username, password, Duration::from_secs(5)))
+    };
+    let relayed = try_allocating(&relay.username, &relay.password)
+        .unwrap_or_else(|error| panic!("the portal's credentials: {error}"));
+    assert_eq!(relayed.ip(), RELAY.ip(), "relayed from {relayed}");
+    let (expired_name, expired_password) = credentials(&world.relay_secret, agent, unix_now() - 60);
+    let refusals = [
+        (
+            "a made-up password",
+            relay.username.clone(),
+            "bm90IHRoZSBwYXNzd29yZA==".to_owned(),
+        ),
+        (
+            "another device's name",
+            format!("{expiry}:c_someone-else"),
+            relay.password.clone(),
+        ),
+        (
+            "a later expiry",
+            format!("{}:{agent}", expiry + 86_400),
+            relay.password.clone(),
+        ),
+        ("expired a minute ago", expired_name, expired_password),
+    ];
+    for (what, username, password) in &refusals {
+        let answer = try_allocating(username, password);
+        assert!(
+            answer.as_ref().is_err_and(|e| e.starts_with("refused")),
+            "{what}: {answer:?}"
+        );
+    }
+    format!(
+        "the portal's credentials for {agent} (until {expiry}) got {relayed}; refused: {}",
+        refusals.map(|(what, ..)| what).join(", ")
+    )
+}
+
 fn copied_token(world: &mut World, _: &mut Report) -> String {
     world.set_rules(
         "allow engineering -> gitlab, docs as web\nallow engineering -> db when client verified as verified-db",

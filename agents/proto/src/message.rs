@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::grant::{DnsMapping, SignedGrant};
+use crate::grant::{DnsMapping, SignedGrant, UnixTime};
 use crate::key::PublicKey;
 
 /// The protocol version this build speaks. Peers refuse messages of a newer version, so the
@@ -17,8 +17,9 @@ use crate::key::PublicKey;
 /// portal's messages (it gets no `ready`, so no grants: it fails closed) rather than miss
 /// some of them.
 ///
-/// Version 2 added [`PortalToGateway::RevokeMany`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 2 added [`PortalToGateway::RevokeMany`]; version 3 the relays
+/// ([`PortalToClient::Relays`], [`PortalToGateway::Relays`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// How long the portal waits for a gateway's answer to a grant (`ack` or `refused`) unless
 /// its configuration says otherwise. A gateway answers well inside it, also when a DNS
@@ -74,8 +75,25 @@ pub enum PortalToClient {
     /// tunnels may still work (only the control connection may have broken), so the client
     /// does not drop it for this alone; it only gives it less time to answer.
     GatewayDown { gateway_id: String },
+    /// The relays the client may use from now on, replacing those it was told before: sent
+    /// after `ready` and again before the credentials lapse.
+    Relays { relays: Vec<Relay> },
     /// A message the portal could not take; the connection stays open.
     Error { message: String },
+}
+
+/// A TURN relay an agent may allocate on, with credentials the portal minted for that agent
+/// alone in the TURN REST scheme (user name `expiry:agent`, password the base64 of an
+/// HMAC-SHA1 of it under the relay's shared secret): the relay checks them without asking
+/// anyone, and the agent never holds the secret. They stop working at `expires_at`; the portal
+/// sends new ones well before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Relay {
+    pub address: SocketAddr,
+    pub username: String,
+    pub password: String,
+    pub expires_at: UnixTime,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +174,10 @@ pub enum PortalToGateway {
     /// size limit of every message bounds what a gateway decodes.
     RevokeMany {
         grant_ids: Vec<String>,
+    },
+    /// The relays the gateway may use from now on, as [`PortalToClient::Relays`].
+    Relays {
+        relays: Vec<Relay>,
     },
     Error {
         message: String,
@@ -263,7 +285,7 @@ mod tests {
         ];
         for message in messages {
             let text = encode(&message);
-            assert!(text.starts_with("{\"v\":2,\"type\":"), "{text}");
+            assert!(text.starts_with("{\"v\":3,\"type\":"), "{text}");
             assert_eq!(decode::<ClientMessage>(text.as_bytes()), Ok(message));
         }
         let gateway = [
@@ -312,7 +334,7 @@ mod tests {
             encode(&PortalToGateway::RevokeMany {
                 grant_ids: vec!["gr_1".into()]
             }),
-            r#"{"v":2,"type":"revoke_many","grant_ids":["gr_1"]}"#
+            r#"{"v":3,"type":"revoke_many","grant_ids":["gr_1"]}"#
         );
         // A message of version 1 means what it meant.
         assert_eq!(
@@ -340,8 +362,8 @@ mod tests {
                 "the message is 262189 bytes; the limit is 262144",
             ),
             (
-                r#"{"v":3,"type":"request_access","resource":"x"}"#,
-                "the message is protocol version 3; this build speaks version 2",
+                r#"{"v":4,"type":"request_access","resource":"x"}"#,
+                "the message is protocol version 4; this build speaks version 3",
             ),
             (
                 r#"{"type":"request_access","resource":"x"}"#,

@@ -249,7 +249,9 @@ impl Client {
                     }
                 }
             }
-            PortalToClient::Error { .. } => {}
+            // Relays carry nothing yet: the tunnel reaches gateways on the endpoints its
+            // grants name.
+            PortalToClient::Relays { .. } | PortalToClient::Error { .. } => {}
         }
     }
 

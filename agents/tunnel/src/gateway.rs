@@ -416,6 +416,8 @@ impl Gateway {
             PortalToGateway::Grant { grant } => self.take_grant(*grant, now),
             PortalToGateway::Revoke { grant_id } => self.revoke(&[grant_id]),
             PortalToGateway::RevokeMany { grant_ids } => self.revoke(&grant_ids),
+            // Relays carry nothing yet: clients reach the gateway on its own endpoint.
+            PortalToGateway::Relays { .. } => {}
             PortalToGateway::Error { message } => {
                 self.events.push_back(Event::PortalError { message });
             }
