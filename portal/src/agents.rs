@@ -389,6 +389,11 @@ async fn client_connection(
                             drop(permit);
                         });
                     }
+                    Incoming::Message(ClientMessage::Candidates { gateway_id, candidates }) => {
+                        if let Err(message) = broker.client_candidates(&session, &gateway_id, candidates) {
+                            link.send(&PortalToClient::Error { message });
+                        }
+                    }
                     Incoming::Message(ClientMessage::Hello { .. }) => {
                         link.send(&PortalToClient::Error { message: "`hello` was already said".to_owned() });
                     }
@@ -506,6 +511,11 @@ async fn serve_gateway(
                     }
                     Incoming::Message(GatewayMessage::Refused { grant_id, reason }) => {
                         broker.gateway_answered(gateway_id, &grant_id, Err(reason));
+                    }
+                    Incoming::Message(GatewayMessage::Candidates { client_id, candidates }) => {
+                        if let Err(message) = broker.gateway_candidates(account, gateway_id, &client_id, candidates) {
+                            link.send(&PortalToGateway::Error { message });
+                        }
                     }
                     Incoming::Message(GatewayMessage::Hello { .. }) => {
                         link.send(&PortalToGateway::Error { message: "`hello` was already said".to_owned() });

@@ -1184,6 +1184,58 @@ impl Broker {
         }
     }
 
+    /// A client's ICE candidates for a gateway: forwarded only while a grant between the two
+    /// is in force or being made, so candidates never reach anyone who may not connect; and
+    /// only as fast as the client's requests (its bucket), so no client can flood a gateway.
+    pub fn client_candidates(
+        &self,
+        session: &ClientSession,
+        gateway_id: &str,
+        candidates: Vec<String>,
+    ) -> Result<(), String> {
+        check_candidates(&candidates)?;
+        self.take_request(session)?;
+        let registry = self.registry();
+        let gateway = registry
+            .gateway(gateway_id)
+            .filter(|g| g.account == session.account)
+            .filter(|_| registry.pair_key(&session.client_id, gateway_id).is_some())
+            .ok_or_else(|| {
+                format!(
+                    "no grant through gateway `{}`: its candidates are not yours to send",
+                    logged_id(gateway_id)
+                )
+            })?;
+        gateway.link.send(&PortalToGateway::Candidates {
+            client_id: session.client_id.clone(),
+            candidates,
+        });
+        Ok(())
+    }
+
+    /// A gateway's ICE candidates for a client, forwarded as a client's are: only while a
+    /// grant between the two is in force or being made.
+    pub fn gateway_candidates(
+        &self,
+        account: &str,
+        gateway_id: &str,
+        client_id: &str,
+        candidates: Vec<String>,
+    ) -> Result<(), String> {
+        check_candidates(&candidates)?;
+        let registry = self.registry();
+        let client = registry
+            .client(client_id)
+            .filter(|c| c.session.account == account)
+            .filter(|_| registry.pair_key(client_id, gateway_id).is_some())
+            .ok_or_else(|| format!("no grant for client `{}`", logged_id(client_id)))?;
+        client.link.send(&PortalToClient::Candidates {
+            gateway_id: gateway_id.to_owned(),
+            candidates,
+        });
+        Ok(())
+    }
+
     /// How often [`Broker::refresh_relay_credentials`] must run; `None` without relays.
     pub fn relay_refresh_interval(&self) -> Option<Duration> {
         (!self.relays.is_empty()).then(|| self.relays.refresh_interval())
@@ -1684,4 +1736,25 @@ fn unix(at: DateTime<Utc>) -> UnixTime {
 
 fn now_i64(now: UnixTime) -> i64 {
     i64::try_from(now).unwrap_or(i64::MAX)
+}
+
+/// Candidates within the protocol's bounds, or why not.
+fn check_candidates(candidates: &[String]) -> Result<(), String> {
+    if candidates.len() > fz_proto::MAX_CANDIDATES {
+        return Err(format!(
+            "{} candidates in one message; at most {}",
+            candidates.len(),
+            fz_proto::MAX_CANDIDATES
+        ));
+    }
+    if candidates
+        .iter()
+        .any(|c| c.len() > fz_proto::MAX_CANDIDATE_LENGTH)
+    {
+        return Err(format!(
+            "a candidate longer than {} characters",
+            fz_proto::MAX_CANDIDATE_LENGTH
+        ));
+    }
+    Ok(())
 }

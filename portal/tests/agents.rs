@@ -1295,3 +1295,111 @@ async fn each_agent_gets_relay_credentials_of_its_own_right_after_ready() {
     }
     assert_ne!(usernames[0], usernames[1]);
 }
+
+#[tokio::test]
+async fn candidates_pass_between_a_client_and_a_gateway_only_with_a_grant_between_them() {
+    let portal = TestPortal::start(POLICY, "").await;
+    let mut gateway = portal.gateway("acme", "hq", 1).await;
+    let mut alice = portal.client("acme", ALICE, 2).await;
+    let mut bob = portal.client("acme", BOB, 3).await;
+    let line = |port: u16| format!("candidate:1 1 udp 2130706431 198.51.100.7 {port} typ host");
+    let candidates = |gateway_id: &str, port: u16| {
+        encode(&fz_proto::ClientMessage::Candidates {
+            gateway_id: gateway_id.to_owned(),
+            candidates: vec![line(port)],
+        })
+    };
+
+    // Before any grant, neither side's candidates go anywhere.
+    send_text(&mut alice.socket, candidates(&gateway.id, 4000)).await;
+    match alice.next().await {
+        Some(PortalToClient::Error { message }) => {
+            assert!(message.starts_with("no grant through gateway"), "{message}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    gateway
+        .send(&GatewayMessage::Candidates {
+            client_id: alice.ready.client_id.clone(),
+            candidates: vec![line(5000)],
+        })
+        .await;
+    match gateway.next().await {
+        Some(PortalToGateway::Error { message }) => {
+            assert!(message.starts_with("no grant for client"), "{message}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    // While the grant is being made, the gateway's candidates reach the client (before the
+    // grant itself), and after it the client's reach the gateway.
+    send_text(
+        &mut alice.socket,
+        encode(&fz_proto::ClientMessage::RequestAccess {
+            resource: "db".into(),
+            dns: None,
+            avoid: vec![],
+        }),
+    )
+    .await;
+    let grant = match gateway.next().await {
+        Some(PortalToGateway::Grant { grant }) => grant,
+        other => panic!("expected the grant, got {other:?}"),
+    };
+    gateway
+        .send(&GatewayMessage::Candidates {
+            client_id: alice.ready.client_id.clone(),
+            candidates: vec![line(5000)],
+        })
+        .await;
+    gateway
+        .send(&GatewayMessage::Ack {
+            grant_id: grant.grant.id.clone(),
+            resolved: None,
+        })
+        .await;
+    assert_eq!(
+        alice.next().await,
+        Some(PortalToClient::Candidates {
+            gateway_id: gateway.id.clone(),
+            candidates: vec![line(5000)],
+        })
+    );
+    assert!(matches!(
+        alice.next().await,
+        Some(PortalToClient::Granted { .. })
+    ));
+    send_text(&mut alice.socket, candidates(&gateway.id, 4001)).await;
+    assert_eq!(
+        gateway.next().await,
+        Some(PortalToGateway::Candidates {
+            client_id: alice.ready.client_id.clone(),
+            candidates: vec![line(4001)],
+        })
+    );
+
+    // Bob holds no grant through it: his are refused, and too many at once are refused to
+    // anyone.
+    send_text(&mut bob.socket, candidates(&gateway.id, 4002)).await;
+    assert!(matches!(bob.next().await, Some(PortalToClient::Error { .. })));
+    let flood = encode(&fz_proto::ClientMessage::Candidates {
+        gateway_id: gateway.id.clone(),
+        candidates: (0..17).map(line).collect(),
+    });
+    send_text(&mut alice.socket, flood).await;
+    match alice.next().await {
+        Some(PortalToClient::Error { message }) => {
+            assert_eq!(message, "17 candidates in one message; at most 16");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // The gateway heard nothing of either.
+    send_text(&mut alice.socket, candidates(&gateway.id, 4003)).await;
+    assert_eq!(
+        gateway.next().await,
+        Some(PortalToGateway::Candidates {
+            client_id: alice.ready.client_id.clone(),
+            candidates: vec![line(4003)],
+        })
+    );
+}

@@ -90,11 +90,13 @@ async fn serve(
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
+    let host = host_candidates(&config.portal, udp.local_addr()?.port()).await;
     let mut core = Client::new(
         client::Config {
             private_key: config.private_key,
             portal_key: config.portal_key,
             seed: u32::from_le_bytes(seed),
+            host: host.clone(),
         },
         Instant::now(),
         unix_ms,
@@ -102,7 +104,7 @@ async fn serve(
     let mut service = DnsService::new(stub);
     let hello = ClientMessage::Hello {
         public_key: core.public_key(),
-        endpoints: Vec::new(),
+        endpoints: host,
     };
     let (to_portal, mut from_portal) = fz_link::spawn::<ClientRole>(config.portal, hello)?;
     tracing::info!(public_key = %core.public_key(), tun = tun.name(), "client up");
@@ -140,7 +142,7 @@ async fn serve(
                 let Some(received) = datagram.get(..length) else {
                     continue;
                 };
-                if let Some(answer) = core.handle_network(from, received, &mut sealed) {
+                if let Some(answer) = core.handle_network(from, received, &mut sealed, now) {
                     send(&udp, answer.destination, &answer.payload).await;
                 }
             }
@@ -281,5 +283,34 @@ fn act(
         Event::GatewayLost { gateway_id } => {
             tracing::warn!(gateway = %gateway_id, "gateway silent; asking for another");
         }
+        Event::Path {
+            gateway_id,
+            path,
+            relay,
+        } => match relay {
+            Some(relay) => {
+                tracing::info!(gateway = %gateway_id, remote = %path.remote(), %relay, "path: relayed");
+            }
+            None => tracing::info!(gateway = %gateway_id, remote = %path.remote(), "path: direct"),
+        },
     }
+}
+
+/// The WireGuard socket's address on the interface toward the portal: the host candidate
+/// gateways may reach it at (none when the portal's name does not resolve now; relays and
+/// the gateways' own candidates still find a way then).
+async fn host_candidates(portal: &fz_link::PortalConfig, port: u16) -> Vec<SocketAddr> {
+    let Ok((host, portal_port)) = fz_link::portal_host(portal) else {
+        return Vec::new();
+    };
+    let Ok(mut resolved) = tokio::net::lookup_host((host.as_str(), portal_port)).await else {
+        tracing::warn!(%host, "cannot resolve the portal's name for a host candidate");
+        return Vec::new();
+    };
+    resolved
+        .next()
+        .and_then(|portal| fz_host::local_address_toward(portal).ok())
+        .map(|ip| SocketAddr::new(ip, port))
+        .into_iter()
+        .collect()
 }

@@ -78,6 +78,7 @@ async fn serve(
             private_key: config.private_key,
             portal_key: config.portal_key,
             seed: u32::from_le_bytes(seed),
+            host: config.endpoints.clone(),
         },
         Instant::now(),
         unix_ms,
@@ -147,7 +148,7 @@ async fn serve(
                             tracing::debug!(%error, "the TUN device refused a packet");
                         }
                     }
-                    Some(Output::Network(to, bytes)) => send(&udp, to, bytes).await,
+                    Some(Output::Network(to, bytes)) => send(&udp, to, &bytes).await,
                     None => {}
                 }
             }
@@ -156,7 +157,7 @@ async fn serve(
                     continue;
                 };
                 match core.handle_tun(read, &mut sealed, now) {
-                    Some(Output::Network(to, bytes)) => send(&udp, to, bytes).await,
+                    Some(Output::Network(to, bytes)) => send(&udp, to, &bytes).await,
                     Some(Output::Tun(_)) | None => {}
                 }
             }
@@ -240,5 +241,18 @@ fn act(
             tracing::info!(grant = %grant_id, why = why.as_str(), "grant removed");
         }
         Event::PortalError { message } => tracing::warn!(%message, "the portal reported an error"),
+        Event::BadCandidate { client_id, error } => {
+            tracing::debug!(client = %client_id, %error, "a client's ICE candidate does not read");
+        }
+        Event::Path {
+            client_id,
+            path,
+            relay,
+        } => match relay {
+            Some(relay) => {
+                tracing::info!(client = %client_id, remote = %path.remote(), %relay, "path: relayed");
+            }
+            None => tracing::info!(client = %client_id, remote = %path.remote(), "path: direct"),
+        },
     }
 }

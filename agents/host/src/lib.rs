@@ -66,6 +66,20 @@ pub enum PlatformError {
     ResolverConfig(String),
 }
 
+/// The address of this host's interface that packets to `remote` leave from (the kernel's
+/// routing decision, read off a UDP socket connected to it: nothing is sent). An agent's
+/// WireGuard socket is reachable there from `remote`'s side: ICE's host candidate.
+pub fn local_address_toward(remote: std::net::SocketAddr) -> std::io::Result<std::net::IpAddr> {
+    let unspecified: std::net::SocketAddr = if remote.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(unspecified)?;
+    socket.connect(remote)?;
+    Ok(socket.local_addr()?.ip())
+}
+
 /// Runs `program args…`, feeding it `stdin` if given, and fails with its standard error when it
 /// exits non-zero.
 ///

@@ -257,6 +257,12 @@ pub fn spawn<R: Role>(config: PortalConfig, hello: R::Up) -> Result<Ends<R>, Lin
     Ok((to_portal, from_portal))
 }
 
+/// The portal's host name (or address) and port, as its URL gives them.
+pub fn portal_host(config: &PortalConfig) -> Result<(String, u16), LinkError> {
+    let target = Target::parse_for(config, "")?;
+    Ok((target.host, target.port))
+}
+
 /// A parsed portal address.
 struct Target {
     request_url: String,

@@ -18,7 +18,9 @@ use crate::key::PublicKey;
 /// some of them.
 ///
 /// Version 2 added [`PortalToGateway::RevokeMany`]; version 3 the relays
-/// ([`PortalToClient::Relays`], [`PortalToGateway::Relays`]).
+/// ([`PortalToClient::Relays`], [`PortalToGateway::Relays`]) and ICE candidates (`candidates`
+/// both ways, forwarded by the portal between a client and a gateway while a grant between
+/// them is in force).
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// How long the portal waits for a gateway's answer to a grant (`ack` or `refused`) unless
@@ -27,6 +29,11 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// A gateway that misses it fails that request only; it leaves service only when it misses
 /// its heartbeats or its connection closes.
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5_000;
+
+/// The most ICE candidates one `candidates` message carries, and the longest candidate line:
+/// an agent has a host, a server-reflexive and a relayed candidate per relay and family.
+pub const MAX_CANDIDATES: usize = 16;
+pub const MAX_CANDIDATE_LENGTH: usize = 256;
 
 /// The largest message either side accepts. A grant is well under 2 KiB; the largest message
 /// is the client's resource list.
@@ -51,6 +58,12 @@ pub enum ClientMessage {
         /// Gateways the client stopped hearing from: the portal picks another of the site.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         avoid: Vec<String>,
+    },
+    /// ICE candidates of this client for a gateway it holds a grant through (at most
+    /// [`MAX_CANDIDATES`] lines of at most [`MAX_CANDIDATE_LENGTH`] characters).
+    Candidates {
+        gateway_id: String,
+        candidates: Vec<String>,
     },
 }
 
@@ -78,6 +91,11 @@ pub enum PortalToClient {
     /// The relays the client may use from now on, replacing those it was told before: sent
     /// after `ready` and again before the credentials lapse.
     Relays { relays: Vec<Relay> },
+    /// ICE candidates of a gateway the client holds a grant through.
+    Candidates {
+        gateway_id: String,
+        candidates: Vec<String>,
+    },
     /// A message the portal could not take; the connection stays open.
     Error { message: String },
 }
@@ -146,6 +164,12 @@ pub enum GatewayMessage {
         grant_id: String,
         reason: String,
     },
+    /// ICE candidates of this gateway for a client it holds a grant of (bounded as the
+    /// client's).
+    Candidates {
+        client_id: String,
+        candidates: Vec<String>,
+    },
 }
 
 /// Portal to gateway.
@@ -178,6 +202,11 @@ pub enum PortalToGateway {
     /// The relays the gateway may use from now on, as [`PortalToClient::Relays`].
     Relays {
         relays: Vec<Relay>,
+    },
+    /// ICE candidates of a client the gateway holds a grant of.
+    Candidates {
+        client_id: String,
+        candidates: Vec<String>,
     },
     Error {
         message: String,

@@ -56,6 +56,11 @@ pub const BINDING_INTERVAL: Duration = Duration::from_secs(25);
 /// How long a node waits before asking a relay again for an allocation it lost or never got.
 pub const RELAY_RETRY: Duration = Duration::from_secs(2);
 
+/// The most peer addresses a node remembers as reached through a relay; past it, it forgets
+/// them all (replies go direct until the next relayed datagram), which only peers a
+/// connection gave permission to can cause.
+const MAX_ROUTES: usize = 4096;
+
 /// STUN's magic cookie, at bytes 4..8 of every STUN message (RFC 5389).
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 
@@ -92,6 +97,15 @@ pub enum Path {
         relay: SocketAddr,
         remote: SocketAddr,
     },
+}
+
+impl Path {
+    /// The peer's address on this path: where its datagrams come from, as WireGuard sees it.
+    pub fn remote(&self) -> SocketAddr {
+        match self {
+            Path::Direct { remote } | Path::Relayed { remote, .. } => *remote,
+        }
+    }
 }
 
 /// What a node has to say to its caller.
@@ -171,6 +185,9 @@ pub struct Node<K> {
     connections: HashMap<K, Connection>,
     /// Each connection by its local ICE user name fragment, which a peer's requests name.
     by_ufrag: HashMap<String, K>,
+    /// Peer addresses last heard from, or nominated, through a relay: datagrams to them go
+    /// back the same way ([`Node::path_to`]). Empty while every path is direct.
+    routes: HashMap<SocketAddr, Path>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event<K>>,
 }
@@ -194,6 +211,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
             relays: Vec::new(),
             connections: HashMap::new(),
             by_ufrag: HashMap::new(),
+            routes: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -306,6 +324,28 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
         Ok(())
     }
 
+    /// An address the peer of `connection` has (one it said at hello, say), as a host
+    /// candidate.
+    pub fn add_remote_address(&mut self, connection: &K, address: SocketAddr, now: Instant) {
+        if let Ok(candidate) = Candidate::host(address, "udp") {
+            let line = candidate.to_sdp_string();
+            // A line made from a valid candidate parses.
+            let _ = self.add_remote_candidate(connection, &line, now);
+        }
+    }
+
+    /// How to reach `remote`: back through the relay it was last heard from (or nominated
+    /// through), else directly.
+    pub fn path_to(&self, remote: SocketAddr) -> Path {
+        if self.routes.is_empty() {
+            return Path::Direct { remote };
+        }
+        self.routes
+            .get(&remote)
+            .copied()
+            .unwrap_or(Path::Direct { remote })
+    }
+
     /// The path `connection` sends by, once ICE nominated one.
     pub fn path(&self, connection: &K) -> Option<Path> {
         self.connections.get(connection)?.path
@@ -331,9 +371,26 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                 Received::Dropped
             };
         }
+        if !self.routes.is_empty() {
+            self.routes.remove(&from);
+        }
         Received::Data {
             path: Path::Direct { remote: from },
             payload: Cow::Borrowed(datagram),
+        }
+    }
+
+    fn remember_route(&mut self, path: Path) {
+        match path {
+            Path::Direct { remote } => {
+                self.routes.remove(&remote);
+            }
+            Path::Relayed { remote, .. } => {
+                if self.routes.len() >= MAX_ROUTES && !self.routes.contains_key(&remote) {
+                    self.routes.clear();
+                }
+                self.routes.insert(remote, path);
+            }
         }
     }
 
@@ -553,11 +610,13 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                 Received::Dropped
             };
         }
+        let path = Path::Relayed {
+            relay: server,
+            remote,
+        };
+        self.remember_route(path);
         Received::Data {
-            path: Path::Relayed {
-                relay: server,
-                remote,
-            },
+            path,
             payload: Cow::Owned(payload),
         }
     }
@@ -640,6 +699,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
     /// Moves what the ICE agents have to send and say into the node's queues.
     fn flush_ice(&mut self, now: Instant) {
         let mut relayed_sends = Vec::new();
+        let mut nominated = Vec::new();
         for (key, connection) in &mut self.connections {
             while let Some(transmit) = connection.agent.poll_transmit() {
                 let payload: Vec<u8> = transmit.contents.into();
@@ -684,6 +744,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                             };
                         if connection.path != Some(path) {
                             connection.path = Some(path);
+                            nominated.push(path);
                             self.events.push_back(Event::Nominated {
                                 connection: key.clone(),
                                 path,
@@ -699,6 +760,9 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                     _ => {}
                 }
             }
+        }
+        for path in nominated {
+            self.remember_route(path);
         }
         for (source, destination, payload) in relayed_sends {
             let Some(relay) = self.relays.iter().find(|r| r.relayed == Some(source)) else {

@@ -390,7 +390,7 @@ fn drive(
             true
         }
         Some(Output::Network(to, reply)) => {
-            let _ = socket.send_to(reply, to);
+            let _ = socket.send_to(&reply, to);
             false
         }
         None => false,

@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 
 use fz_address::{Address, AddressIndex};
 use fz_proto::{
-    ClientMessage, DnsMapping, Grant, Identity, PortalPublicKey, PortalToClient, PublicKey,
-    Resolution, ResourceView, SignedGrant,
+    ClientMessage, DnsMapping, Grant, Identity, MAX_CANDIDATE_LENGTH, MAX_CANDIDATES,
+    PortalPublicKey, PortalToClient, PublicKey, Resolution, ResourceView, SignedGrant,
 };
+use fz_traversal::{Event as TraversalEvent, Node, Path, Received, Role};
 
+use crate::ice::pair_credentials;
 use crate::icmp;
 use crate::packet::Packet;
 pub use crate::peer::Transmit;
@@ -49,7 +51,13 @@ pub struct Config {
     pub portal_key: PortalPublicKey,
     /// Where peer indices start; random in the driver, fixed in tests.
     pub seed: u32,
+    /// The socket's addresses gateways may reach directly: ICE's host candidates.
+    pub host: Vec<SocketAddr>,
 }
+
+/// Candidates of gateways the client holds no link to yet (they may come before the grant's
+/// answer): at most this many gateways, each with at most [`MAX_CANDIDATES`] lines.
+const MAX_EARLY_GATEWAYS: usize = 64;
 
 /// Something for the driver to do or log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +83,12 @@ pub enum Event {
     Refused { grant_id: String, reason: String },
     /// A gateway went silent while in use and was left.
     GatewayLost { gateway_id: String },
+    /// ICE chose how datagrams to a gateway travel: directly, or through `relay`.
+    Path {
+        gateway_id: String,
+        path: Path,
+        relay: Option<IpAddr>,
+    },
 }
 
 /// Counters for metrics.
@@ -138,6 +152,12 @@ struct Asking {
 #[derive(Debug)]
 pub struct Client {
     gatekeeper: Gatekeeper,
+    /// The socket's other traffic: relays, and ICE with each gateway a grant names.
+    traversal: Node<PublicKey>,
+    /// Candidates of gateways with no link yet, by gateway id.
+    early_candidates: HashMap<String, Vec<String>>,
+    /// The latest time an input brought: what datagrams sent from `poll_transmit` go at.
+    last_seen: Instant,
     portal_key: PortalPublicKey,
     client_id: Option<String>,
     resources: Vec<ResourceView>,
@@ -164,6 +184,9 @@ impl Client {
     pub fn new(config: Config, now: Instant, unix_ms: u64) -> Client {
         Client {
             gatekeeper: Gatekeeper::new(KeyPair::from_secret(config.private_key)),
+            traversal: Node::new(config.host, now),
+            early_candidates: HashMap::new(),
+            last_seen: now,
             portal_key: config.portal_key,
             client_id: None,
             resources: Vec::new(),
@@ -220,6 +243,7 @@ impl Client {
 
     /// A message from the portal.
     pub fn handle_portal(&mut self, message: PortalToClient, now: Instant) {
+        self.last_seen = now;
         match message {
             PortalToClient::Ready(ready) => {
                 self.client_id = Some(ready.client_id);
@@ -249,15 +273,133 @@ impl Client {
                     }
                 }
             }
-            // Relays carry nothing yet: the tunnel reaches gateways on the endpoints its
-            // grants name.
-            PortalToClient::Relays { .. } | PortalToClient::Error { .. } => {}
+            PortalToClient::Relays { relays } => self.traversal.set_relays(&relays, now),
+            PortalToClient::Candidates {
+                gateway_id,
+                candidates,
+            } => self.take_candidates(gateway_id, candidates, now),
+            PortalToClient::Error { .. } => {}
+        }
+        self.drain_traversal();
+    }
+
+    /// A gateway's ICE candidates: for its link, or kept (bounded) until the grant that
+    /// makes the link arrives.
+    fn take_candidates(&mut self, gateway_id: String, candidates: Vec<String>, now: Instant) {
+        let candidates = candidates
+            .into_iter()
+            .filter(|line| line.len() <= MAX_CANDIDATE_LENGTH)
+            .take(MAX_CANDIDATES);
+        let key = self
+            .links
+            .values()
+            .find(|l| l.gateway_id == gateway_id)
+            .map(|l| l.key);
+        match key {
+            Some(key) => {
+                for line in candidates {
+                    // A line that does not read is left out; ICE goes on with the others.
+                    let _ = self.traversal.add_remote_candidate(&key, &line, now);
+                }
+            }
+            None => {
+                if self.early_candidates.len() >= MAX_EARLY_GATEWAYS
+                    && !self.early_candidates.contains_key(&gateway_id)
+                {
+                    return;
+                }
+                let early = self.early_candidates.entry(gateway_id).or_default();
+                early.extend(candidates);
+                early.truncate(MAX_CANDIDATES);
+            }
+        }
+    }
+
+    /// What the traversal has to say: candidates go to the portal for their gateway, and a
+    /// nominated path becomes the link's endpoint.
+    fn drain_traversal(&mut self) {
+        while let Some(event) = self.traversal.poll_event() {
+            match event {
+                TraversalEvent::Candidate {
+                    connection,
+                    candidate,
+                } => {
+                    let Some(link) = self
+                        .link_by_key
+                        .get(&connection)
+                        .and_then(|i| self.links.get(i))
+                    else {
+                        continue;
+                    };
+                    self.events
+                        .push_back(Event::ToPortal(ClientMessage::Candidates {
+                            gateway_id: link.gateway_id.clone(),
+                            candidates: vec![candidate],
+                        }));
+                }
+                TraversalEvent::Nominated {
+                    connection,
+                    path,
+                    relay,
+                } => {
+                    let Some(link) = self
+                        .link_by_key
+                        .get(&connection)
+                        .and_then(|i| self.links.get_mut(i))
+                    else {
+                        continue;
+                    };
+                    link.endpoint = path.remote();
+                    self.events.push_back(Event::Path {
+                        gateway_id: link.gateway_id.clone(),
+                        path,
+                        relay,
+                    });
+                    // The first handshake may have gone where the gateway cannot hear it (its
+                    // host address, behind NAT): try again now, by the nominated path.
+                    let mut buffer = [0u8; crate::gateway::MAX_DATAGRAM];
+                    if let Some(bytes) = link.wireguard.initiate(&mut buffer) {
+                        self.transmits.push_back(Transmit {
+                            destination: link.endpoint,
+                            payload: bytes.to_vec(),
+                        });
+                    }
+                }
+                TraversalEvent::Disconnected { .. } => {}
+            }
+        }
+    }
+
+    /// A datagram for a gateway's address, sent the way ICE or the gateway's last datagram
+    /// says: through a relay when the path is relayed. `None` when the relay cannot carry it
+    /// (yet).
+    fn route(&mut self, transmit: Transmit, now: Instant) -> Option<Transmit> {
+        match self.traversal.path_to(transmit.destination) {
+            Path::Direct { .. } => Some(transmit),
+            path @ Path::Relayed { .. } => {
+                let relayed = self.traversal.send(path, &transmit.payload, now)?;
+                Some(Transmit {
+                    destination: relayed.destination,
+                    payload: relayed.payload,
+                })
+            }
         }
     }
 
     /// An IP packet from an application. It goes to its gateway (sealed into `buffer`, at
     /// least `crate::gateway::MAX_DATAGRAM` bytes), waits for the portal, or is refused.
     pub fn handle_tun(
+        &mut self,
+        packet: &[u8],
+        buffer: &mut [u8],
+        now: Instant,
+    ) -> Option<Transmit> {
+        self.last_seen = now;
+        let transmit = self.seal_for_gateway(packet, buffer, now)?;
+        self.route(transmit, now)
+    }
+
+    fn seal_for_gateway(
         &mut self,
         packet: &[u8],
         buffer: &mut [u8],
@@ -299,6 +441,30 @@ impl Client {
     /// A datagram from a gateway. What comes out for the application goes to
     /// [`Client::poll_tun`]; an answer to the gateway is returned.
     pub fn handle_network(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        buffer: &mut [u8],
+        now: Instant,
+    ) -> Option<Transmit> {
+        self.last_seen = now;
+        let (path, payload) = match self.traversal.handle_datagram(from, datagram, now) {
+            Received::Data { path, payload } => (path, payload),
+            Received::Handled => {
+                self.drain_traversal();
+                return None;
+            }
+            Received::Dropped => {
+                self.metrics.dropped += 1;
+                return None;
+            }
+        };
+        let answer = self.handle_wireguard(path.remote(), &payload, buffer)?;
+        self.route(answer, now)
+    }
+
+    /// A WireGuard datagram from `from` (the gateway's address, directly or at a relay).
+    fn handle_wireguard(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
@@ -358,6 +524,9 @@ impl Client {
     /// Time passed: grants expire, silent gateways are left, requests time out, WireGuard's
     /// timers run.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_seen = now;
+        self.traversal.handle_timeout(now);
+        self.drain_traversal();
         let unix = self.clock.unix(now);
         let expired: Vec<String> = self
             .held
@@ -397,12 +566,19 @@ impl Client {
     /// Datagrams that were not the direct answer to an input: packets that waited for a
     /// handshake, WireGuard's keepalives and retries.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if let Some(transmit) = self.transmits.pop_front() {
-            return Some(transmit);
+        if let Some(transmit) = self.traversal.poll_transmit() {
+            return Some(Transmit {
+                destination: transmit.destination,
+                payload: transmit.payload,
+            });
         }
-        self.flushing.next(&mut self.links, |link| {
-            (&mut link.wireguard, Some(link.endpoint))
-        })
+        let transmit = match self.transmits.pop_front() {
+            Some(transmit) => transmit,
+            None => self.flushing.next(&mut self.links, |link| {
+                (&mut link.wireguard, Some(link.endpoint))
+            })?,
+        };
+        self.route(transmit, self.last_seen)
     }
 
     /// IP packets for applications: what gateways delivered, and ICMP errors for refusals.
@@ -415,9 +591,13 @@ impl Client {
     }
 
     /// When to call [`Client::handle_timeout`] next.
-    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
-        (!self.links.is_empty() || !self.asking.is_empty() || !self.held.is_empty())
-            .then(|| now + TIMER_TICK)
+    pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
+        let tick = (!self.links.is_empty() || !self.asking.is_empty() || !self.held.is_empty())
+            .then(|| now + TIMER_TICK);
+        match (tick, self.traversal.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ---- grants ----
@@ -444,7 +624,7 @@ impl Client {
         {
             self.end(&previous, "replaced".to_owned());
         }
-        let link = self.link_for(&grant, endpoint);
+        let link = self.link_for(&grant, endpoint, now);
         let resource = grant.resource.id.clone();
         self.by_resource.insert(resource.clone(), grant.id.clone());
         let dns = grant.resource.dns.as_ref().map(|dns| {
@@ -481,7 +661,7 @@ impl Client {
 
     /// The link to the grant's gateway, made if there is none (or if the pair's preshared
     /// key changed, which means the portal began a new pair).
-    fn link_for(&mut self, grant: &Grant, endpoint: SocketAddr) -> u32 {
+    fn link_for(&mut self, grant: &Grant, endpoint: SocketAddr, now: Instant) -> u32 {
         let key = grant.gateway.public_key;
         let preshared_key = grant.preshared_key.0;
         if let Some(index) = self.link_by_key.get(&key).copied()
@@ -490,8 +670,9 @@ impl Client {
             if link.preshared_key != preshared_key {
                 link.wireguard = Peer::new(&self.gatekeeper, key.0, preshared_key, index);
                 link.preshared_key = preshared_key;
+                link.endpoint = endpoint;
+                self.connect(grant, now);
             }
-            link.endpoint = endpoint;
             return index;
         }
         let links = &self.links;
@@ -509,7 +690,28 @@ impl Client {
             },
         );
         self.link_by_key.insert(key, index);
+        self.connect(grant, now);
         index
+    }
+
+    /// Starts ICE with the grant's gateway (the client picks the pair), with the pair's
+    /// credentials, the addresses the gateway said it has, and candidates that came first.
+    fn connect(&mut self, grant: &Grant, now: Instant) {
+        let (client, gateway) = pair_credentials(&grant.preshared_key.0);
+        let key = grant.gateway.public_key;
+        self.traversal
+            .connect(key, Role::Controlling, &client, &gateway, now);
+        for address in &grant.gateway.endpoints {
+            self.traversal.add_remote_address(&key, *address, now);
+        }
+        for line in self
+            .early_candidates
+            .remove(&grant.gateway.id)
+            .unwrap_or_default()
+        {
+            let _ = self.traversal.add_remote_candidate(&key, &line, now);
+        }
+        self.drain_traversal();
     }
 
     /// Ends a grant: its routes go, and its link with its last grant.
@@ -529,6 +731,7 @@ impl Client {
         if !self.held.values().any(|h| h.link == held.link)
             && let Some(link) = self.links.remove(&held.link)
         {
+            self.traversal.disconnect(&link.key);
             self.link_by_key.remove(&link.key);
         }
         self.events.push_back(Event::Ended {

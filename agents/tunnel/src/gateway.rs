@@ -23,18 +23,21 @@
 //! installed only after it verifies against the pinned portal key, and it is gone (filter,
 //! NAT entries, and the peer with its last grant) the moment it is revoked or expires.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
 use fz_proto::{
-    GatewayMessage, Grant, Identity, PortalPublicKey, PortalToGateway, PublicKey, Resolution,
-    SignedGrant, UnixTime,
+    GatewayMessage, Grant, Identity, MAX_CANDIDATE_LENGTH, MAX_CANDIDATES, PortalPublicKey,
+    PortalToGateway, PublicKey, Resolution, SignedGrant, UnixTime,
 };
+use fz_traversal::{Event as TraversalEvent, Node, Path, Received, Role};
 
 use crate::filter::{Drop, GrantFilter};
 use crate::grants::{ClientGrants, Pass};
+use crate::ice::pair_credentials;
 use crate::nat::{Millis, Nat, NatError};
 use crate::packet::Packet;
 pub use crate::peer::Transmit;
@@ -62,6 +65,10 @@ pub const MAX_PACKET: usize = 1500;
 /// WireGuard's data message overhead: type, index, counter and tag.
 const WIREGUARD_OVERHEAD: usize = 32;
 
+/// What a relay adds to a datagram it carries: a TURN Send indication's header and
+/// attributes (a channel's is 4 bytes).
+pub const RELAY_OVERHEAD: usize = 36;
+
 /// The largest datagram the gateway sends; buffers passed in must be at least this long.
 pub const MAX_DATAGRAM: usize = MAX_PACKET + WIREGUARD_OVERHEAD;
 
@@ -70,8 +77,9 @@ pub const MAX_DATAGRAM: usize = MAX_PACKET + WIREGUARD_OVERHEAD;
 pub enum Output<'a> {
     /// Write this IP packet to the TUN device.
     Tun(&'a [u8]),
-    /// Send this datagram from the WireGuard port.
-    Network(SocketAddr, &'a [u8]),
+    /// Send this datagram from the WireGuard port: the caller's buffer, or (through a relay)
+    /// the datagram wrapped for it.
+    Network(SocketAddr, Cow<'a, [u8]>),
 }
 
 /// Something for the driver to do or log.
@@ -95,6 +103,14 @@ pub enum Event {
     Removed { grant_id: String, why: Removal },
     /// The portal reported an error about something this gateway sent.
     PortalError { message: String },
+    /// A candidate line a client sent that does not read; it was left out.
+    BadCandidate { client_id: String, error: String },
+    /// ICE chose how a client's datagrams travel: directly, or through `relay`.
+    Path {
+        client_id: String,
+        path: Path,
+        relay: Option<IpAddr>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +141,9 @@ pub struct Metrics {
     pub packets_from_clients: u64,
     pub packets_to_clients: u64,
     pub handshakes: u64,
+    /// WireGuard bytes (both ways) that went directly, and through a relay.
+    pub bytes_direct: u64,
+    pub bytes_relayed: u64,
     /// Cookie replies sent: under a handshake flood WireGuard answers a handshake whose MAC1
     /// is right (the sender knows the gateway's public key) with a cookie before anything
     /// looks at the sender's key, so these go to keys with and without a grant alike.
@@ -150,6 +169,9 @@ pub struct Config {
     pub portal_key: PortalPublicKey,
     /// Where peer indices start; random in the driver, fixed in tests.
     pub seed: u32,
+    /// The WireGuard socket's addresses that clients may reach directly: ICE's host
+    /// candidates. Behind NAT the gateway finds more through its relays.
+    pub host: Vec<SocketAddr>,
 }
 
 /// A client's WireGuard peer and what its grants allow.
@@ -160,7 +182,10 @@ struct ClientPeer {
     last_received: Option<Instant>,
     last_sent: Option<Instant>,
     key: PublicKey,
+    client_id: String,
     preshared_key: [u8; 32],
+    /// How ICE last said its datagrams travel, and the relay they go through.
+    path: Option<(Path, Option<IpAddr>)>,
     addresses: [IpAddr; 2],
     /// What its grants let through, filed by destination: a packet meets only the grants
     /// that open its destination, however many the client holds.
@@ -180,6 +205,8 @@ struct Installed {
 #[derive(Debug)]
 pub struct Gateway {
     gatekeeper: Gatekeeper,
+    /// The socket's other traffic: relays, and ICE with each client a grant names.
+    traversal: Node<PublicKey>,
     portal_key: PortalPublicKey,
     /// Known once the portal said `ready`; grants are addressed to it.
     gateway_id: Option<String>,
@@ -196,6 +223,8 @@ pub struct Gateway {
     indices: Indices,
     next_tick: Option<Instant>,
     last_rate_reset: Instant,
+    /// The latest time an input brought: what datagrams sent from `poll_transmit` go at.
+    last_seen: Instant,
     transmits: VecDeque<Transmit>,
     flushing: Flushing,
     events: VecDeque<Event>,
@@ -207,6 +236,7 @@ impl Gateway {
     pub fn new(config: Config, now: Instant, unix_ms: u64) -> Gateway {
         Gateway {
             gatekeeper: Gatekeeper::new(KeyPair::from_secret(config.private_key)),
+            traversal: Node::new(config.host, now),
             portal_key: config.portal_key,
             gateway_id: None,
             clock: Clock::new(now, unix_ms),
@@ -219,6 +249,7 @@ impl Gateway {
             indices: Indices::new(config.seed),
             next_tick: None,
             last_rate_reset: now,
+            last_seen: now,
             transmits: VecDeque::new(),
             flushing: Flushing::default(),
             events: VecDeque::new(),
@@ -261,6 +292,21 @@ impl Gateway {
         self.resolutions.cached()
     }
 
+    /// Clients whose datagrams ICE sends directly, and through a relay.
+    pub fn path_counts(&self) -> (usize, usize) {
+        let relayed = self
+            .peers
+            .values()
+            .filter(|p| p.path.is_some_and(|(_, relay)| relay.is_some()))
+            .count();
+        let direct = self
+            .peers
+            .values()
+            .filter(|p| p.path.is_some_and(|(_, relay)| relay.is_none()))
+            .count();
+        (direct, relayed)
+    }
+
     /// NAT flows across all clients.
     pub fn nat_flows(&self) -> usize {
         self.peers.values().map(|p| p.nat.flows()).sum()
@@ -271,6 +317,31 @@ impl Gateway {
     /// A datagram from the WireGuard port. `buffer` (at least [`MAX_DATAGRAM`] bytes) holds
     /// the answer.
     pub fn handle_network<'a>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        buffer: &'a mut [u8],
+        now: Instant,
+    ) -> Option<Output<'a>> {
+        self.last_seen = now;
+        let (path, payload) = match self.traversal.handle_datagram(from, datagram, now) {
+            Received::Data { path, payload } => (path, payload),
+            Received::Handled => {
+                self.drain_traversal();
+                return None;
+            }
+            Received::Dropped => {
+                self.metrics.drop(Drop::NotWireGuard);
+                return None;
+            }
+        };
+        self.count_bytes(path, payload.len());
+        let output = self.handle_wireguard(path.remote(), &payload, buffer, now)?;
+        self.route(output, now)
+    }
+
+    /// A WireGuard datagram from `from` (the peer's address, directly or at a relay).
+    fn handle_wireguard<'a>(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
@@ -298,7 +369,7 @@ impl Gateway {
                 self.metrics.cookie_replies += 1;
                 return buffer
                     .get(..length)
-                    .map(|cookie| Output::Network(from, cookie));
+                    .map(|cookie| Output::Network(from, Cow::Borrowed(cookie)));
             }
             Screened::Rejected(rejected) => {
                 self.metrics.drop(match rejected {
@@ -322,7 +393,7 @@ impl Gateway {
                 }
                 // A handshake answered: packets may have queued while it was under way.
                 self.flushing.mark(index);
-                Some(Output::Network(from, bytes))
+                Some(Output::Network(from, Cow::Borrowed(bytes)))
             }
             Action::Refused => {
                 self.metrics.drop(Drop::Decryption);
@@ -346,6 +417,17 @@ impl Gateway {
     /// An IP packet from the site (the TUN device). It is rewritten in place (the NAT) and
     /// sealed into `buffer` (at least [`MAX_DATAGRAM`] bytes).
     pub fn handle_tun<'a>(
+        &mut self,
+        packet: &mut [u8],
+        buffer: &'a mut [u8],
+        now: Instant,
+    ) -> Option<Output<'a>> {
+        self.last_seen = now;
+        let output = self.seal_for_client(packet, buffer, now)?;
+        self.route(output, now)
+    }
+
+    fn seal_for_client<'a>(
         &mut self,
         packet: &mut [u8],
         buffer: &'a mut [u8],
@@ -383,7 +465,7 @@ impl Gateway {
                 peer.last_sent = Some(now);
                 self.metrics.packets_to_clients += 1;
                 self.metrics.bytes_to_clients += packet.len() as u64;
-                Some(Output::Network(endpoint, bytes))
+                Some(Output::Network(endpoint, Cow::Borrowed(bytes)))
             }
             Action::Refused => {
                 self.metrics.drop(Drop::Decryption);
@@ -395,6 +477,7 @@ impl Gateway {
 
     /// A message from the portal.
     pub fn handle_portal(&mut self, message: PortalToGateway, now: Instant) {
+        self.last_seen = now;
         match message {
             PortalToGateway::Ready {
                 gateway_id, grants, ..
@@ -416,10 +499,36 @@ impl Gateway {
             PortalToGateway::Grant { grant } => self.take_grant(*grant, now),
             PortalToGateway::Revoke { grant_id } => self.revoke(&[grant_id]),
             PortalToGateway::RevokeMany { grant_ids } => self.revoke(&grant_ids),
-            // Relays carry nothing yet: clients reach the gateway on its own endpoint.
-            PortalToGateway::Relays { .. } => {}
+            PortalToGateway::Relays { relays } => self.traversal.set_relays(&relays, now),
+            PortalToGateway::Candidates {
+                client_id,
+                candidates,
+            } => self.take_candidates(&client_id, &candidates, now),
             PortalToGateway::Error { message } => {
                 self.events.push_back(Event::PortalError { message });
+            }
+        }
+        self.drain_traversal();
+    }
+
+    /// A client's ICE candidates, for its connection if a grant made one.
+    fn take_candidates(&mut self, client_id: &str, candidates: &[String], now: Instant) {
+        let Some(key) = self
+            .peers
+            .values()
+            .find(|p| p.client_id == client_id)
+            .map(|p| p.key)
+        else {
+            return;
+        };
+        for line in candidates.iter().take(MAX_CANDIDATES) {
+            if line.len() <= MAX_CANDIDATE_LENGTH
+                && let Err(error) = self.traversal.add_remote_candidate(&key, line, now)
+            {
+                self.events.push_back(Event::BadCandidate {
+                    client_id: client_id.to_owned(),
+                    error,
+                });
             }
         }
     }
@@ -439,6 +548,9 @@ impl Gateway {
     /// Time passed: resolutions past their deadline fail, grants expire, idle NAT flows end,
     /// WireGuard's timers run.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_seen = now;
+        self.traversal.handle_timeout(now);
+        self.drain_traversal();
         for (name, found, waiting) in self.resolutions.overdue(now) {
             for signed in waiting {
                 self.settle(&signed, &name, &found, now);
@@ -500,13 +612,111 @@ impl Gateway {
     /// The next datagram to send that was not a direct answer: packets that waited for a
     /// handshake, keepalives, handshake retries.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if let Some(transmit) = self.transmits.pop_front() {
-            return Some(transmit);
+        if let Some(transmit) = self.traversal.poll_transmit() {
+            return Some(Transmit {
+                destination: transmit.destination,
+                payload: transmit.payload,
+            });
         }
-        self.flushing.next(&mut self.peers, |peer| {
-            let endpoint = peer.wireguard.endpoint();
-            (&mut peer.wireguard, endpoint)
-        })
+        let transmit = match self.transmits.pop_front() {
+            Some(transmit) => transmit,
+            None => self.flushing.next(&mut self.peers, |peer| {
+                let endpoint = peer.wireguard.endpoint();
+                (&mut peer.wireguard, endpoint)
+            })?,
+        };
+        self.route_transmit(transmit)
+    }
+
+    /// A datagram for a client's address, sent the way it was last heard from: through its
+    /// relay when it came through one. `None` when the relay cannot carry it (yet).
+    fn route_transmit(&mut self, transmit: Transmit) -> Option<Transmit> {
+        // Only the caller's WireGuard datagrams come here, at the last instant seen.
+        let now = self.last_seen;
+        let path = self.traversal.path_to(transmit.destination);
+        self.count_bytes(path, transmit.payload.len());
+        match path {
+            Path::Direct { .. } => Some(transmit),
+            Path::Relayed { .. } => {
+                let relayed = self.traversal.send(path, &transmit.payload, now)?;
+                Some(Transmit {
+                    destination: relayed.destination,
+                    payload: relayed.payload,
+                })
+            }
+        }
+    }
+
+    /// An answer for the network, sent as [`Gateway::route_transmit`] sends.
+    fn route<'a>(&mut self, output: Output<'a>, now: Instant) -> Option<Output<'a>> {
+        let Output::Network(destination, bytes) = output else {
+            return Some(output);
+        };
+        let path = self.traversal.path_to(destination);
+        self.count_bytes(path, bytes.len());
+        match path {
+            Path::Direct { .. } => Some(Output::Network(destination, bytes)),
+            Path::Relayed { .. } => match self.traversal.send(path, &bytes, now) {
+                Some(relayed) => Some(Output::Network(
+                    relayed.destination,
+                    Cow::Owned(relayed.payload),
+                )),
+                None => {
+                    self.metrics.drop(Drop::NoEndpoint);
+                    None
+                }
+            },
+        }
+    }
+
+    fn count_bytes(&mut self, path: Path, length: usize) {
+        match path {
+            Path::Direct { .. } => self.metrics.bytes_direct += length as u64,
+            Path::Relayed { .. } => self.metrics.bytes_relayed += length as u64,
+        }
+    }
+
+    /// What the traversal has to say: candidates go to the portal for their client, paths
+    /// are remembered and told.
+    fn drain_traversal(&mut self) {
+        while let Some(event) = self.traversal.poll_event() {
+            let (key, event) = match event {
+                TraversalEvent::Candidate {
+                    connection,
+                    candidate,
+                } => (connection, Some(candidate)),
+                TraversalEvent::Nominated {
+                    connection,
+                    path,
+                    relay,
+                } => {
+                    if let Some(peer) = self
+                        .peer_by_key
+                        .get(&connection)
+                        .and_then(|i| self.peers.get_mut(i))
+                    {
+                        peer.path = Some((path, relay));
+                        self.events.push_back(Event::Path {
+                            client_id: peer.client_id.clone(),
+                            path,
+                            relay,
+                        });
+                    }
+                    continue;
+                }
+                TraversalEvent::Disconnected { .. } => continue,
+            };
+            let Some(peer) = self.peer_by_key.get(&key).and_then(|i| self.peers.get(i)) else {
+                continue;
+            };
+            if let Some(candidate) = event {
+                self.events
+                    .push_back(Event::ToPortal(GatewayMessage::Candidates {
+                        client_id: peer.client_id.clone(),
+                        candidates: vec![candidate],
+                    }));
+            }
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -516,7 +726,13 @@ impl Gateway {
     /// When to call [`Gateway::handle_timeout`] next: every 250 ms while any peer or grant
     /// exists, and at the deadline of each name being resolved; never while none of those is.
     pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
-        let deadline = self.resolutions.next_deadline();
+        let deadline = match (
+            self.resolutions.next_deadline(),
+            self.traversal.poll_timeout(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if self.peers.is_empty() && self.installed.is_empty() {
             return deadline;
         }
@@ -568,7 +784,7 @@ impl Gateway {
             return;
         }
         let Some(dns) = &signed.grant.resource.dns else {
-            self.install(&signed.grant, Vec::new(), None);
+            self.install(&signed.grant, Vec::new(), None, now);
             return;
         };
         let name = resolution::key(&dns.name);
@@ -606,7 +822,7 @@ impl Gateway {
                 return;
             }
         };
-        self.install(grant, real, Some(resolution));
+        self.install(grant, real, Some(resolution), now);
     }
 
     /// Whether a verified grant can sit beside those installed: its filter reads, its tunnel
@@ -668,7 +884,13 @@ impl Gateway {
         Ok(())
     }
 
-    fn install(&mut self, grant: &Grant, real: Vec<IpAddr>, resolved: Option<Resolution>) {
+    fn install(
+        &mut self,
+        grant: &Grant,
+        real: Vec<IpAddr>,
+        resolved: Option<Resolution>,
+        now: Instant,
+    ) {
         let filter = match GrantFilter::new(grant) {
             Ok(filter) => filter,
             Err(error) => {
@@ -688,7 +910,9 @@ impl Gateway {
                     last_received: None,
                     last_sent: None,
                     key,
+                    client_id: grant.client.id.clone(),
                     preshared_key,
+                    path: None,
                     addresses: [
                         IpAddr::V4(grant.client.tunnel_ipv4),
                         IpAddr::V6(grant.client.tunnel_ipv6),
@@ -701,6 +925,7 @@ impl Gateway {
                 }
                 self.peer_by_key.insert(key, index);
                 self.peers.insert(index, peer);
+                self.connect(grant, now);
                 index
             }
         };
@@ -712,7 +937,12 @@ impl Gateway {
             // a new key means a new pair: the client handshakes again with it.
             peer.wireguard = Peer::new(&self.gatekeeper, key.0, preshared_key, index);
             peer.preshared_key = preshared_key;
+            peer.path = None;
+            self.connect(grant, now);
         }
+        let Some(peer) = self.peers.get_mut(&index) else {
+            return;
+        };
         let name = grant.resource.dns.as_ref().map(|dns| {
             for address in &dns.mapped {
                 peer.nat.set_targets(*address, real.clone());
@@ -761,11 +991,26 @@ impl Gateway {
         if peer.grants.is_empty()
             && let Some(peer) = self.peers.remove(&installed.peer)
         {
+            // INVARIANT: ICE with a client lives as long as a grant names it.
+            self.traversal.disconnect(&peer.key);
             self.peer_by_key.remove(&peer.key);
             for address in peer.addresses {
                 self.peer_by_address.remove(&address);
             }
         }
+    }
+
+    /// Starts ICE with the grant's client, with the pair's credentials and the addresses the
+    /// client said it has; the rest of its candidates come through the portal.
+    fn connect(&mut self, grant: &Grant, now: Instant) {
+        let (client, gateway) = pair_credentials(&grant.preshared_key.0);
+        let key = grant.client.public_key;
+        self.traversal
+            .connect(key, Role::Controlled, &gateway, &client, now);
+        for address in &grant.client.endpoints {
+            self.traversal.add_remote_address(&key, *address, now);
+        }
+        self.drain_traversal();
     }
 
     fn ack(&mut self, grant_id: &str, resolved: Option<Resolution>) {

@@ -21,6 +21,7 @@ pub mod client;
 pub mod filter;
 pub mod gateway;
 mod grants;
+pub mod ice;
 pub mod icmp;
 pub mod nat;
 pub mod packet;

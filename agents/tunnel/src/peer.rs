@@ -227,6 +227,19 @@ impl Peer {
         }
     }
 
+    /// A handshake initiation to send now, unless a session is up: when the path to the
+    /// peer changed before the first handshake could get through, the next try need not
+    /// wait for WireGuard's retry timer.
+    pub fn initiate<'a>(&mut self, buffer: &'a mut [u8]) -> Option<&'a [u8]> {
+        if self.tunnel.time_since_last_handshake().is_some() {
+            return None;
+        }
+        match self.tunnel.format_handshake_initiation(buffer, true) {
+            TunnResult::WriteToNetwork(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
     /// The next packet queued while a handshake was under way, sealed, if any.
     pub fn next_queued<'a>(&mut self, buffer: &'a mut [u8]) -> Option<&'a [u8]> {
         if !self.queued {

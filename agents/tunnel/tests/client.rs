@@ -56,6 +56,9 @@ impl World {
                 private_key: [2; 32],
                 portal_key: portal.public_key(),
                 seed: 10,
+                // No host candidates: ICE stays idle and datagrams go to the grants'
+                // endpoints, as they do when a gateway is reachable directly.
+                host: Vec::new(),
             },
             now,
             START_UNIX * 1000,
@@ -80,6 +83,7 @@ impl World {
                         private_key: [50 + n; 32],
                         portal_key: portal.public_key(),
                         seed: 100 * u32::from(n),
+                        host: Vec::new(),
                     },
                     now,
                     START_UNIX * 1000,
@@ -194,7 +198,7 @@ impl World {
         let mut buffer = vec![0u8; MAX_DATAGRAM];
         let from = self.gateways[g].address;
         self.client
-            .handle_network(from, datagram, &mut buffer)
+            .handle_network(from, datagram, &mut buffer, self.now)
             .into_iter()
             .collect()
     }

@@ -67,6 +67,7 @@ impl Sim {
                 private_key: gateway_secret,
                 portal_key: portal.public_key(),
                 seed: 1000,
+                host: Vec::new(),
             },
             now,
             START_UNIX * 1000,
@@ -306,7 +307,7 @@ impl Sim {
         };
         assert_eq!(to, client.address);
         let mut out = vec![0u8; MAX_DATAGRAM];
-        match client.tunnel.decapsulate(None, datagram, &mut out) {
+        match client.tunnel.decapsulate(None, &datagram, &mut out) {
             TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
                 Some(packet.to_vec())
             }
@@ -1193,6 +1194,7 @@ fn grants_that_do_not_verify_or_fit_are_refused_with_the_reason() {
             private_key: [9; 32],
             portal_key: sim.portal.public_key(),
             seed: 0,
+            host: Vec::new(),
         },
         sim.now,
         START_UNIX * 1000,

@@ -171,6 +171,7 @@ impl Sim {
                 private_key: GATEWAY_SECRET,
                 portal_key: fixtures::portal_key(),
                 seed: 1000,
+                host: Vec::new(),
             },
             now,
             START_UNIX * 1000,
@@ -700,7 +701,10 @@ impl Sim {
                     );
                 }
                 Event::Resolve { name } => self.resolving.push(name),
-                Event::Refused { .. } | Event::PortalError { .. } => {}
+                Event::Refused { .. }
+                | Event::PortalError { .. }
+                | Event::BadCandidate { .. }
+                | Event::Path { .. } => {}
             }
         }
     }

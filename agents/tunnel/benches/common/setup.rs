@@ -67,6 +67,7 @@ pub fn gateway_with_client_holding(client_address: SocketAddr, others: usize) ->
             private_key: GATEWAY_SECRET,
             portal_key: portal.public_key(),
             seed: 1000,
+            host: Vec::new(),
         },
         now,
         unix_ms,
