@@ -1381,7 +1381,10 @@ async fn candidates_pass_between_a_client_and_a_gateway_only_with_a_grant_betwee
     // Bob holds no grant through it: his are refused, and too many at once are refused to
     // anyone.
     send_text(&mut bob.socket, candidates(&gateway.id, 4002)).await;
-    assert!(matches!(bob.next().await, Some(PortalToClient::Error { .. })));
+    assert!(matches!(
+        bob.next().await,
+        Some(PortalToClient::Error { .. })
+    ));
     let flood = encode(&fz_proto::ClientMessage::Candidates {
         gateway_id: gateway.id.clone(),
         candidates: (0..17).map(line).collect(),

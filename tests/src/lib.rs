@@ -10,6 +10,7 @@
 //! - [`servers`]: the servers at the sites, on the harness's tokio runtime.
 //! - [`rogue`]: a client that speaks the protocol with a key of its own and sends packets built
 //!   by hand through its own tunnel: what an attacker holding a user's token can do.
+//! - [`nat`]: NAT routers (easy and hard) between hosts and the wan.
 //! - [`relay`]: coturn as the world's TURN relay, and a TURN client that tries credentials on it.
 //! - [`report`]: `target/e2e-report.json` and the summary the scenarios leave.
 //! - [`binaries`]: where the binaries under test are, built when missing.
@@ -28,6 +29,7 @@ pub mod binaries;
 pub mod chromium;
 pub mod idp;
 pub mod local;
+pub mod nat;
 pub mod relay;
 pub mod report;
 pub mod rogue;

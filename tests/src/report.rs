@@ -4,7 +4,8 @@
 //! ```json
 //! {"scenarios": [{"name": "...", "status": "pass", "detail": "..."}],
 //!  "figures": {"failover_seconds": 10.5, "connection_setup_ms": 41, "tunnel_throughput_ratio": 0.6,
-//!              "idp_group_removed_seconds": 0.5, "token_revoked_seconds": 1.2}}
+//!              "idp_group_removed_seconds": 0.5, "token_revoked_seconds": 1.2,
+//!              "nat_setup_direct_ms": 40, "nat_setup_relayed_ms": 60, "nat_direct_share": 0.78}}
 //! ```
 //!
 //! A figure no scenario measured (its scenario failed first) is `null`.
@@ -49,6 +50,13 @@ pub struct Figures {
     pub idp_group_removed_seconds: Option<f64>,
     /// From `fz-portal token revoke` to the first refusal of the device's resource.
     pub token_revoked_seconds: Option<f64>,
+    /// The NAT matrix: the slowest first connection (from the client's first SYN to the
+    /// resource's greeting, the grant, ICE and the handshake included) of the cells whose path
+    /// ended direct, and of those through the relay.
+    pub nat_setup_direct_ms: Option<f64>,
+    pub nat_setup_relayed_ms: Option<f64>,
+    /// The share of the NAT matrix's cells whose path ended direct.
+    pub nat_direct_share: Option<f64>,
 }
 
 impl Report {
@@ -87,12 +95,15 @@ impl Report {
         text += &format!(
             "figures: failover {}, connection setup {}, tunnel throughput {} of direct, access \
              lost {} after an identity provider dropped the group and {} after a token \
-             revocation\n",
+             revocation; through NATs: setup {} direct, {} relayed, {} of cells direct\n",
             figure(self.figures.failover_seconds, " s"),
             figure(self.figures.connection_setup_ms, " ms"),
             figure(self.figures.tunnel_throughput_ratio, "x"),
             figure(self.figures.idp_group_removed_seconds, " s"),
             figure(self.figures.token_revoked_seconds, " s"),
+            figure(self.figures.nat_setup_direct_ms, " ms"),
+            figure(self.figures.nat_setup_relayed_ms, " ms"),
+            figure(self.figures.nat_direct_share, ""),
         );
         text
     }

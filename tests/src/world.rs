@@ -22,6 +22,11 @@
 //! with the address the connection came from, which is the masquerade of the gateway that
 //! carried it (`db 10.0.5.2` came through gw-b).
 //!
+//! The edge sites (`edge-open`, `edge-easy`, `edge-hard`) have no gateway until a scenario
+//! starts one ([`World::edge_gateway`]): on the wan, or behind an easy or a hard NAT router
+//! ([`crate::nat`]) with no way in, its resource's greeter behind it; clients may sit behind
+//! the same kinds of NAT ([`World::natted_client`]).
+//!
 //! Scenarios may add hosts: more clients on the wan ([`World::extra_client`]), a host on hq's
 //! resource network ([`World::site_host`]), and clients that keep none of the real client's
 //! manners ([`World::rogue`], a [`RogueClient`] signing in from the client's namespace).
@@ -48,6 +53,7 @@ use fz_proto::PortalPublicKey;
 
 use crate::binaries::binary;
 use crate::idp::{CLIENT_ID, CLIENT_SECRET, TestIdp};
+pub use crate::nat::Nat;
 use crate::rogue::RogueClient;
 use crate::servers::{WebTls, serve_web};
 
@@ -99,6 +105,13 @@ resource db       { address "10.0.5.0/24"; site hq; ports tcp/5432, icmp }
 resource corp-net { address "10.0.0.0/8"; site hq }
 resource egress   { address internet; site hq }
 resource lab-web  { address "192.168.50.0/24"; site lab; ports tcp/80 }
+
+site edge-open
+site edge-easy
+site edge-hard
+resource edge-open-web { address "192.168.70.10"; site edge-open; ports tcp/80 }
+resource edge-easy-web { address "192.168.71.10"; site edge-easy; ports tcp/80 }
+resource edge-hard-web { address "192.168.72.10"; site edge-hard; ports tcp/80 }
 
 group engineering { members "alice@acme.example" }
 group contractors { members "bob@acme.example" }
@@ -169,6 +182,27 @@ impl GatewaySpec {
     pub fn endpoint(&self) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.wan), WIREGUARD_PORT)
     }
+}
+
+/// The edge sites, each with one gateway behind a NAT of its own kind
+/// ([`World::edge_gateway`]) and one resource: a greeter at `192.168.{70 + index}.10:80`.
+pub const EDGES: [(&str, &str, Nat); 3] = [
+    ("gw-open", "edge-open", Nat::None),
+    ("gw-easy", "edge-easy", Nat::Easy),
+    ("gw-hard", "edge-hard", Nat::Hard),
+];
+
+/// A gateway of an edge site, the site's greeter host, and its NAT router.
+#[derive(Debug)]
+pub struct EdgeGateway {
+    pub process: Process,
+    pub name: &'static str,
+    pub nat: Nat,
+    /// Its resource's greeter, `address:port`.
+    pub resource: String,
+    pub ns: Netns,
+    pub site_host: Netns,
+    pub router: Option<Netns>,
 }
 
 /// A gateway's process and namespace.
@@ -244,6 +278,8 @@ pub struct ExtraClient {
     pub name: String,
     /// Its client token file.
     pub token: PathBuf,
+    /// The NAT router in front of it, if any.
+    pub router: Option<Netns>,
 }
 
 impl ExtraClient {
@@ -514,6 +550,102 @@ impl World {
             etc,
             name: name.to_owned(),
             token: self.dir.path().join(format!("{name}.token")),
+            router: None,
+        }
+    }
+
+    /// One more client host, `name`, behind `nat` (a router at 198.18.0.`40 + index` on the
+    /// wan, the host at 172.21.`index`.2 inside), running `fz-client` with a token of its own,
+    /// once it is up.
+    pub fn natted_client(&self, name: &str, nat: Nat, index: u8) -> ExtraClient {
+        let (router, ns) = crate::nat::host_behind(
+            &self.portal_ns,
+            &self.id,
+            name,
+            nat,
+            Ipv4Addr::new(198, 18, 0, 40 + index),
+            &format!("172.21.{index}"),
+            self.dir.path(),
+        );
+        let etc = etc_netns(&ns, &format!("nameserver {UPSTREAM_DNS}\n"));
+        let mut extra = ExtraClient {
+            process: None,
+            ns,
+            etc,
+            name: name.to_owned(),
+            token: self.client_token(name, USER),
+            router,
+        };
+        self.start_again(&mut extra);
+        extra
+    }
+
+    /// The gateway of edge site `EDGES[index]`, behind its NAT (a router at
+    /// 198.18.0.`30 + index` on the wan, the gateway at 172.20.`index`.2 inside, listening
+    /// there, with no way in from the wan), once it is connected to the portal. Its resource's
+    /// greeter answers behind it.
+    pub fn edge_gateway(&self, index: u8) -> EdgeGateway {
+        let (name, site, nat) = EDGES[usize::from(index)];
+        let wan = Ipv4Addr::new(198, 18, 0, 30 + index);
+        let (router, ns) = crate::nat::host_behind(
+            &self.portal_ns,
+            &self.id,
+            name,
+            nat,
+            wan,
+            &format!("172.20.{index}"),
+            self.dir.path(),
+        );
+        let listen = match router {
+            None => SocketAddr::new(IpAddr::V4(wan), WIREGUARD_PORT),
+            Some(_) => {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(172, 20, index, 2)), WIREGUARD_PORT)
+            }
+        };
+        let site_host = Netns::add(format!("fze-{}-{site}", self.id)).unwrap();
+        let lan = 70 + index;
+        link(
+            &ns,
+            "eth1",
+            &format!("192.168.{lan}.1/24"),
+            &site_host,
+            "eth0",
+            &format!("192.168.{lan}.10/24"),
+        );
+        let resource = format!("192.168.{lan}.10:80");
+        let listener = site_host.run(|| tcp_listener(resource.parse::<SocketAddr>().unwrap()));
+        {
+            let _guard = self._runtime.enter();
+            self._runtime.spawn(greet(listener, name));
+        }
+        let created = self.admin(&[
+            "token",
+            "create",
+            "--account",
+            ACCOUNT,
+            "--gateway",
+            name,
+            "--site",
+            site,
+        ]);
+        secret_file(self.dir.path(), &format!("{name}.token"), &created);
+        let process = start_gateway_at(name, &ns, self.dir.path(), &self.portal_key, listen);
+        wait_metrics(
+            &ns,
+            METRICS,
+            &format!("{name}'s portal connection"),
+            WAIT,
+            |what| process.assert_running(what),
+            |m| m.value("fz_gateway_portal_connected") == 1,
+        );
+        EdgeGateway {
+            process,
+            name,
+            nat,
+            resource,
+            ns,
+            site_host,
+            router,
         }
     }
 
@@ -1141,10 +1273,22 @@ fn start_portal(ns: &Netns, config: &Path, dir: &Path) -> Process {
 }
 
 fn start_gateway(spec: &GatewaySpec, ns: &Netns, dir: &Path, portal_key: &str) -> Process {
-    let token = dir.join(format!("{}.token", spec.name));
-    let key = dir.join(format!("{}.key", spec.name));
+    start_gateway_at(spec.name, ns, dir, portal_key, spec.endpoint())
+}
+
+/// `fz-gateway` `name` in `ns`, its WireGuard socket on `listen` (which is also the address it
+/// tells clients of: its host candidate).
+fn start_gateway_at(
+    name: &str,
+    ns: &Netns,
+    dir: &Path,
+    portal_key: &str,
+    listen: SocketAddr,
+) -> Process {
+    let token = dir.join(format!("{name}.token"));
+    let key = dir.join(format!("{name}.key"));
     Process::start(
-        spec.name,
+        name,
         ns,
         &binary("fz-gateway"),
         &[
@@ -1157,7 +1301,7 @@ fn start_gateway(spec: &GatewaySpec, ns: &Netns, dir: &Path, portal_key: &str) -
             "--portal-key",
             portal_key,
             "--listen",
-            &spec.endpoint().to_string(),
+            &listen.to_string(),
             "--tun",
             GATEWAY_TUN,
             "--key-file",
@@ -1166,7 +1310,7 @@ fn start_gateway(spec: &GatewaySpec, ns: &Netns, dir: &Path, portal_key: &str) -
             &METRICS.to_string(),
         ],
         "info,fz_gateway=debug,boringtun=debug",
-        dir.join(format!("{}.log", spec.name)),
+        dir.join(format!("{name}.log")),
     )
 }
 

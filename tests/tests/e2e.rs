@@ -17,11 +17,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::StaticSecret;
+use fz_e2e::nat::inbound_refused;
 use fz_e2e::relay::{allocate, credentials, unix_now};
 use fz_e2e::report::{Report, Scenario, Status};
 use fz_e2e::world::{
-    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, GATEWAYS, IDP_PROVIDER, IDP_USER, LAB_WEB, RELAY,
-    SSH, UPSTREAM_DNS, USER, WEB, World,
+    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, EdgeGateway, GATEWAYS, IDP_PROVIDER, IDP_USER,
+    LAB_WEB, Nat, RELAY, SSH, UPSTREAM_DNS, USER, WEB, World,
 };
 use fz_host::testing::WAIT;
 use fz_host::testing::net::{
@@ -53,6 +54,7 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("site cannot open a connection", site_cannot_open),
     ("copied token", copied_token),
     ("relay credentials", relay_credentials),
+    ("nat matrix", nat_matrix),
     ("identity provider groups", identity_provider_groups),
     ("load balancing", load_balancing),
     ("time window", time_window),
@@ -720,6 +722,88 @@ fn relay_credentials(world: &mut World, _: &mut Report) -> String {
         "the portal's credentials for {agent} (until {expiry}) got {relayed}; refused: {}",
         refusals.map(|(what, ..)| what).join(", ")
     )
+}
+
+/// Clients behind no NAT, an easy and a hard one reach a resource behind each of three
+/// gateways behind no NAT, an easy and a hard one (those two with no way in from the wan):
+/// data passes in every cell, and the path each ends on is what the NATs allow: direct unless
+/// both NATs are hard, when only the relay carries it. Nothing unasked-for got into a NAT'd
+/// gateway's network before its grant: its router let in only answers.
+fn nat_matrix(world: &mut World, report: &mut Report) -> String {
+    world.set_rules("allow engineering -> edge-open-web, edge-easy-web, edge-hard-web as edge");
+    let gateways: Vec<EdgeGateway> = (0..3).map(|index| world.edge_gateway(index)).collect();
+    let clients: Vec<(Nat, fz_e2e::world::ExtraClient)> = [Nat::None, Nat::Easy, Nat::Hard]
+        .into_iter()
+        .zip(0u8..)
+        .map(|(nat, index)| {
+            let name = format!("nat-{}", nat.name());
+            (nat, world.natted_client(&name, nat, index))
+        })
+        .collect();
+    let mut cells = Vec::new();
+    let (mut direct, mut direct_ms, mut relayed_ms) = (0, 0f64, 0f64);
+    for (client_nat, client) in &clients {
+        let client_id = ready_client_id(&client.running().log_text());
+        for gateway in &gateways {
+            let cell = format!("{}/{}", client_nat.name(), gateway.nat.name());
+            let started = Instant::now();
+            let answer = greeting(&client.ns, &gateway.resource);
+            let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+            assert!(
+                answer.starts_with(gateway.name),
+                "{cell}: the greeting came from elsewhere: {answer}"
+            );
+            let both_hard = *client_nat == Nat::Hard && gateway.nat == Nat::Hard;
+            let one_hard = *client_nat == Nat::Hard || gateway.nat == Nat::Hard;
+            // The relay may carry the first bytes; without a hard NAT, ICE must move the
+            // connection to a direct path soon after.
+            let path = world.wait_for(&format!("{cell}: the gateway's path"), WAIT, |_| {
+                path_of(&gateway.process.log_text(), &client_id)
+                    .filter(|path| one_hard || path == "direct")
+            });
+            if both_hard {
+                assert_eq!(path, "relayed", "{cell}: only the relay can carry it");
+                relayed_ms = relayed_ms.max(took_ms);
+            } else if path == "direct" {
+                direct += 1;
+                direct_ms = direct_ms.max(took_ms);
+            } else {
+                // One hard NAT: hole punching may or may not find a pair; the relay always does.
+                relayed_ms = relayed_ms.max(took_ms);
+            }
+            cells.push(format!("{cell} {path} {took_ms:.0} ms"));
+        }
+    }
+    let refused: Vec<String> = gateways
+        .iter()
+        .filter_map(|g| {
+            Some(format!(
+                "{} {}",
+                g.name,
+                inbound_refused(g.router.as_ref()?)
+            ))
+        })
+        .collect();
+    report.figures.nat_setup_direct_ms = Some(direct_ms);
+    report.figures.nat_setup_relayed_ms = Some(relayed_ms);
+    report.figures.nat_direct_share = Some(f64::from(direct) / cells.len() as f64);
+    format!(
+        "{} (client/gateway NAT, path, first connection); unasked-for datagrams the gateways' \
+         routers refused: {}",
+        cells.join(", "),
+        refused.join(", ")
+    )
+}
+
+/// The path a gateway's log last named for a client: `direct` or `relayed`.
+fn path_of(log: &str, client_id: &str) -> Option<String> {
+    log.lines()
+        .rev()
+        .filter(|line| line.contains(&format!("client={client_id}")))
+        .find_map(|line| {
+            let (_, rest) = line.split_once("path: ")?;
+            rest.split_whitespace().next().map(str::to_owned)
+        })
 }
 
 fn copied_token(world: &mut World, _: &mut Report) -> String {
