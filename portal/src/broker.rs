@@ -667,6 +667,7 @@ impl Broker {
         };
         // Gateways that let this request's grant go unanswered (they stay in service).
         let mut silent: Vec<String> = Vec::new();
+        let mut relaxed = false;
         loop {
             let gateway = {
                 let registry = self.registry();
@@ -677,6 +678,18 @@ impl Broker {
                     .map(|g| (g.peer.clone(), g.link.clone()))
             };
             let Some((gateway, link)) = gateway else {
+                // Every healthy gateway of the site is one the client left lately. It names
+                // them oldest first: one left a while ago may well be back (restarted), while
+                // the one left last is the likeliest still gone. Try the others again, once.
+                if !relaxed && silent.is_empty() && tried.len() == avoided && avoided > 1 {
+                    relaxed = true;
+                    tried = avoid[..avoid.len().min(MAX_AVOIDED)]
+                        .last()
+                        .into_iter()
+                        .cloned()
+                        .collect();
+                    continue;
+                }
                 let reason = if !silent.is_empty() {
                     format!(
                         "no gateway in site `{site}` answered in time: {} did not acknowledge the grant within {} ms",
@@ -687,7 +700,7 @@ impl Broker {
                             .join(", "),
                         self.timings.ack_timeout.as_millis()
                     )
-                } else if tried.len() == avoided && avoided > 0 {
+                } else if relaxed || (tried.len() == avoided && avoided > 0) {
                     format!(
                         "no healthy gateway in site `{site}` besides those the client could not reach"
                     )

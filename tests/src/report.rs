@@ -39,6 +39,10 @@ pub enum Status {
 pub struct Figures {
     /// From the kill of the gateway in use to the first answer through the other one.
     pub failover_seconds: Option<f64>,
+    /// The same from a hung gateway (SIGSTOP: nobody tells), and from a gateway killed and
+    /// started again at once (through either gateway).
+    pub failover_hung_seconds: Option<f64>,
+    pub failover_restart_seconds: Option<f64>,
     /// From an application's first DNS query for a resource name to the first byte of the
     /// resource's answer (curl's `time_starttransfer`, DNS included).
     pub connection_setup_ms: Option<f64>,
@@ -93,10 +97,12 @@ impl Report {
             None => "not measured".to_owned(),
         };
         text += &format!(
-            "figures: failover {}, connection setup {}, tunnel throughput {} of direct, access \
+            "figures: failover {} (hung {}, restarted {}), connection setup {}, tunnel throughput {} of direct, access \
              lost {} after an identity provider dropped the group and {} after a token \
              revocation; through NATs: setup {} direct, {} relayed, {} of cells direct\n",
             figure(self.figures.failover_seconds, " s"),
+            figure(self.figures.failover_hung_seconds, " s"),
+            figure(self.figures.failover_restart_seconds, " s"),
             figure(self.figures.connection_setup_ms, " ms"),
             figure(self.figures.tunnel_throughput_ratio, "x"),
             figure(self.figures.idp_group_removed_seconds, " s"),

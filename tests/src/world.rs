@@ -213,6 +213,17 @@ pub struct Gateway {
     pub ns: Netns,
 }
 
+/// How [`World::fail_over`] takes a gateway out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// SIGKILL: its connections close, and the portal tells the clients.
+    Crash,
+    /// SIGSTOP: its connections stay open and nobody tells anyone.
+    Hang,
+    /// SIGKILL and started again at once, with its key and token.
+    Restart,
+}
+
 /// A failover [`World::fail_over`] saw.
 #[derive(Debug)]
 pub struct Failover {
@@ -1009,16 +1020,25 @@ impl World {
         boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from(key))
     }
 
-    /// Kills the gateway of hq that carries the client's connections to `to` (a greeter behind
-    /// hq's gateways) as a crash would, and connects again and again until `to` answers
-    /// through the other one; fails if that takes longer than `limit`.
-    pub fn fail_over(&self, to: &str, limit: Duration) -> Failover {
+    /// Takes the gateway of hq that carries the client's connections to `to` (a greeter
+    /// behind hq's gateways) out as `outage` says, and connects again and again until `to`
+    /// answers: through the other gateway after a crash or a hang, through either after a
+    /// restart (the gateway is back by then); fails if that takes longer than `limit`. A hung
+    /// gateway is started again afterwards.
+    pub fn fail_over(&mut self, to: &str, limit: Duration, outage: Outage) -> Failover {
         let greeting = self.greeting(to);
         let address = greeting.split_whitespace().nth(1).unwrap_or_default();
         let dead = self.gateway_by_lan(address);
-        let alive = 1 - dead;
-        self.kill_gateway(dead);
+        let other = 1 - dead;
         let killed = Instant::now();
+        match outage {
+            Outage::Crash => self.kill_gateway(dead),
+            Outage::Hang => self.gateways[dead].process.freeze(),
+            Outage::Restart => {
+                self.kill_gateway(dead);
+                self.restart_gateway(dead);
+            }
+        }
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -1026,17 +1046,23 @@ impl World {
                 .client_ns
                 .run(|| try_greeting(to, Duration::from_millis(500)))
             {
+                let took = killed.elapsed();
                 let through = line.split_whitespace().nth(1).unwrap_or_default();
-                assert_eq!(
-                    self.gateway_by_lan(through),
-                    alive,
-                    "{to} answered through another gateway than {}: {line:?}",
-                    GATEWAYS[alive].name
+                let alive = self.gateway_by_lan(through);
+                assert!(
+                    alive == other || outage == Outage::Restart,
+                    "{to} answered through the {outage:?} gateway {}: {line:?}",
+                    GATEWAYS[dead].name
                 );
+                if outage == Outage::Hang {
+                    // The hung one holds its TUN device until it is gone.
+                    self.gateways[dead].process.terminate();
+                    self.restart_gateway(dead);
+                }
                 return Failover {
                     dead,
                     alive,
-                    took: killed.elapsed(),
+                    took,
                     attempts,
                 };
             }

@@ -22,7 +22,7 @@ use fz_e2e::relay::{allocate, credentials, unix_now};
 use fz_e2e::report::{Report, Scenario, Status};
 use fz_e2e::world::{
     ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, EdgeGateway, GATEWAYS, IDP_PROVIDER, IDP_USER,
-    LAB_WEB, Nat, RELAY, SSH, UPSTREAM_DNS, USER, WEB, World,
+    LAB_WEB, Nat, Outage, RELAY, SSH, UPSTREAM_DNS, USER, WEB, World,
 };
 use fz_host::testing::WAIT;
 use fz_host::testing::net::{
@@ -60,6 +60,8 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("time window", time_window),
     ("portal down", portal_down),
     ("failover", failover),
+    ("hung gateway", hung_gateway),
+    ("restarted gateway", restarted_gateway),
 ];
 
 fn main() -> ExitCode {
@@ -1037,12 +1039,13 @@ fn portal_down(world: &mut World, _: &mut Report) -> String {
     format!("db and gitlab kept working without the portal; after its restart: {lab:?}")
 }
 
-/// 7. The gateway carrying db dies: the client hears nothing from it for ten seconds, leaves
-///    it, and db answers through the other gateway of the site. The portal took the dead one
-///    out of service. The dead gateway is started again afterwards.
+/// 7. The gateway carrying db dies: the portal tells the client its connection closed, the
+///    client leaves it after four seconds without an answer, and db answers through the other
+///    gateway of the site. The portal took the dead one out of service. The dead gateway is
+///    started again afterwards.
 fn failover(world: &mut World, report: &mut Report) -> String {
     world.set_rules("allow engineering -> gitlab, docs, db as eng");
-    let failover = world.fail_over(DB, FAILOVER_LIMIT);
+    let failover = world.fail_over(DB, FAILOVER_LIMIT, Outage::Crash);
     report.figures.failover_seconds = Some(failover.took.as_secs_f64());
     let connected = world.gateways_connected();
     assert!(
@@ -1053,6 +1056,38 @@ fn failover(world: &mut World, report: &mut Report) -> String {
     world.restart_gateway(failover.dead);
     format!(
         "{} killed; db answered through {} after {:.2} s ({} attempts)",
+        GATEWAYS[failover.dead].name,
+        GATEWAYS[failover.alive].name,
+        failover.took.as_secs_f64(),
+        failover.attempts
+    )
+}
+
+/// The gateway carrying db hangs (SIGSTOP): its portal connection stays open and nobody
+/// tells the client, which leaves it after `SILENCE_LIMIT` without an answer; db answers
+/// through the other gateway. The hung one is started again afterwards.
+fn hung_gateway(world: &mut World, report: &mut Report) -> String {
+    world.set_rules("allow engineering -> gitlab, docs, db as eng");
+    let failover = world.fail_over(DB, FAILOVER_LIMIT, Outage::Hang);
+    report.figures.failover_hung_seconds = Some(failover.took.as_secs_f64());
+    format!(
+        "{} hung; db answered through {} after {:.2} s ({} attempts)",
+        GATEWAYS[failover.dead].name,
+        GATEWAYS[failover.alive].name,
+        failover.took.as_secs_f64(),
+        failover.attempts
+    )
+}
+
+/// The gateway carrying db crashes and is started again at once (the same key and token, a
+/// new process that knows no session): db answers again, through whichever gateway the
+/// portal gives the client when it leaves the silent session.
+fn restarted_gateway(world: &mut World, report: &mut Report) -> String {
+    world.set_rules("allow engineering -> gitlab, docs, db as eng");
+    let failover = world.fail_over(DB, FAILOVER_LIMIT, Outage::Restart);
+    report.figures.failover_restart_seconds = Some(failover.took.as_secs_f64());
+    format!(
+        "{} restarted; db answered through {} after {:.2} s ({} attempts)",
         GATEWAYS[failover.dead].name,
         GATEWAYS[failover.alive].name,
         failover.took.as_secs_f64(),

@@ -271,7 +271,7 @@ fn a_crashed_gateway_is_left_for_the_other() {
 }
 
 /// The gateway serving the client hangs (SIGSTOP): its connection to the portal stays open, so
-/// when the client leaves it after ten seconds of silence the portal still counts it in
+/// when the client leaves it after six seconds of silence the portal still counts it in
 /// service, and only the client's `avoid` steers the new grant to the other gateway. Later the
 /// portal takes the hung gateway out of service for its missed heartbeats.
 #[test]
@@ -471,7 +471,7 @@ const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 /// How long the failover test keeps trying, to measure a failover that is too slow.
 const FAILOVER_PATIENCE: Duration = Duration::from_secs(40);
 /// The gateways' heartbeat in the hang test: three missed (24 s) take a gateway out of service
-/// at the portal, 16 s after it hangs at the earliest, well after the client leaves it (10 s).
+/// at the portal, 16 s after it hangs at the earliest, well after the client leaves it (6 s).
 const HANG_HEARTBEAT: Duration = Duration::from_secs(8);
 
 const ACCOUNT: &str = "acme";

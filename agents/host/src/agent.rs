@@ -12,12 +12,18 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+/// The TURN and STUN crates trace every call they make at `info` (each poll with its return
+/// value, many times a second): quiet unless `RUST_LOG` names them.
+const QUIET: &str = "turn_client_proto=warn,stun_proto=warn,turn_types=warn,stun_types=warn";
+
 /// Logs to standard error at `RUST_LOG` (default `info`), with colour only on a terminal.
 pub fn init_logging() {
+    let asked = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    // A directive the user gives for one of these crates comes later and wins.
+    let filter = EnvFilter::try_new(format!("{QUIET},{asked}"))
+        .unwrap_or_else(|_| EnvFilter::new(format!("{QUIET},info")));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();

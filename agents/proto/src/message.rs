@@ -55,7 +55,8 @@ pub enum ClientMessage {
         resource: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         dns: Option<DnsMapping>,
-        /// Gateways the client stopped hearing from: the portal picks another of the site.
+        /// Gateways the client stopped hearing from, the one left last at the end: the portal
+        /// picks another of the site (or, when they are all the site has, one of the older).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         avoid: Vec<String>,
     },

@@ -30,8 +30,12 @@ use crate::packet::Packet;
 pub use crate::peer::Transmit;
 use crate::peer::{Action, Clock, Flushing, Gatekeeper, Indices, KeyPair, Peer, Screened};
 
-/// A gateway that has said nothing for this long while the client sends is given up.
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(10);
+/// A gateway that has said nothing for this long while the client sends is given up. A live
+/// gateway lets a sending client hear from it at least every two seconds (its liveness
+/// keepalive, `gateway::LIVENESS_INTERVAL`), so six seconds is three missed keepalives: time
+/// enough for a lost datagram or two, and what keeps a failover from a hung gateway, which
+/// nobody reports, inside the design's ten seconds.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(6);
 /// The same for a gateway the portal reported down: a live gateway answers a sending client
 /// within about two seconds (its liveness keepalive), so four seconds of silence after the
 /// portal's word are enough to leave it.
@@ -218,11 +222,13 @@ impl Client {
         &self.metrics
     }
 
-    /// Gateways left lately for silence, sorted: a request for access names them to avoid.
+    /// Gateways left lately for silence, the one left last at the end: a request for access
+    /// names them to avoid (and the portal, when they are all it has, tries the older ones).
     pub fn avoiding(&self) -> Vec<String> {
-        let mut avoid: Vec<String> = self.avoided.keys().cloned().collect();
+        let mut avoid: Vec<(&Instant, &String)> =
+            self.avoided.iter().map(|(id, since)| (since, id)).collect();
         avoid.sort();
-        avoid
+        avoid.into_iter().map(|(_, id)| id.clone()).collect()
     }
 
     /// The gateway (by id) each resource with a grant goes through, sorted by resource.

@@ -52,7 +52,7 @@ pub use crate::resolution::{RESOLVE_DEADLINE, Resolved};
 const TIMER_TICK_MS: u64 = 250;
 
 /// While a client sends, the gateway lets it hear something at least this often, so that
-/// the client can tell a live gateway from a dead one (it moves after 10 s of silence)
+/// the client can tell a live gateway from a dead one (it moves after 6 s of silence)
 /// even when the resource never answers.
 pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
 /// How long after a client's last packet it counts as sending.

@@ -13,7 +13,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use fz_e2e::binaries::binary;
-use fz_e2e::world::{DB, GATEWAYS, World};
+use fz_e2e::world::{DB, GATEWAYS, Outage, World};
 use fz_host::testing::WAIT;
 
 fn main() -> ExitCode {
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
          reach",
     );
     let started = Instant::now();
-    let world = match World::new() {
+    let mut world = match World::new() {
         Ok(world) => world,
         Err(why) => {
             println!("cannot build the world here: {why}");
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
     say(&format!("the portal's flow log: {}", newest_flow(&world)));
 
     step("Failover: kill the gateway that carries the client's connections to db");
-    let failover = world.fail_over(DB, Duration::from_secs(30));
+    let failover = world.fail_over(DB, Duration::from_secs(30), Outage::Crash);
     say(&format!(
         "{} killed; db answered through {} {:.2} s later ({} attempts); the portal shows:",
         GATEWAYS[failover.dead].name,
