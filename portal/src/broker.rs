@@ -667,7 +667,9 @@ impl Broker {
         };
         // Gateways that let this request's grant go unanswered (they stay in service).
         let mut silent: Vec<String> = Vec::new();
-        let mut relaxed = false;
+        // How far the client's `avoid` was relaxed: 0 not at all, 1 to the gateway it left
+        // last, 2 to nothing.
+        let mut relaxed = 0;
         loop {
             let gateway = {
                 let registry = self.registry();
@@ -680,14 +682,30 @@ impl Broker {
             let Some((gateway, link)) = gateway else {
                 // Every healthy gateway of the site is one the client left lately. It names
                 // them oldest first: one left a while ago may well be back (restarted), while
-                // the one left last is the likeliest still gone. Try the others again, once.
-                if !relaxed && silent.is_empty() && tried.len() == avoided && avoided > 1 {
-                    relaxed = true;
-                    tried = avoid[..avoid.len().min(MAX_AVOIDED)]
-                        .last()
-                        .into_iter()
-                        .cloned()
-                        .collect();
+                // the one left last is the likeliest still gone, so the others are tried
+                // again first. When that one is all the site has, it is tried too: the
+                // client may have lost only its path to it (a relay restarted, its NAT
+                // changed), and a gateway that is really gone fails the request by not
+                // acknowledging the grant.
+                let only_avoided_left = silent.is_empty()
+                    && avoided > 0
+                    && match relaxed {
+                        0 => tried.len() == avoided,
+                        1 => tried.len() == 1,
+                        _ => false,
+                    };
+                if only_avoided_left {
+                    if relaxed == 0 && avoided > 1 {
+                        relaxed = 1;
+                        tried = avoid[..avoid.len().min(MAX_AVOIDED)]
+                            .last()
+                            .into_iter()
+                            .cloned()
+                            .collect();
+                    } else {
+                        relaxed = 2;
+                        tried = HashSet::new();
+                    }
                     continue;
                 }
                 let reason = if !silent.is_empty() {
@@ -699,10 +717,6 @@ impl Broker {
                             .collect::<Vec<_>>()
                             .join(", "),
                         self.timings.ack_timeout.as_millis()
-                    )
-                } else if relaxed || (tried.len() == avoided && avoided > 0) {
-                    format!(
-                        "no healthy gateway in site `{site}` besides those the client could not reach"
                     )
                 } else if tried.is_empty() {
                     format!("no healthy gateway in site `{site}`")

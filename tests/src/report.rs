@@ -61,6 +61,8 @@ pub struct Figures {
     pub nat_setup_relayed_ms: Option<f64>,
     /// The share of the NAT matrix's cells whose path ended direct.
     pub nat_direct_share: Option<f64>,
+    /// From the relay's restart to the first answer again on a connection only it carries.
+    pub relay_restart_seconds: Option<f64>,
 }
 
 impl Report {
@@ -99,7 +101,8 @@ impl Report {
         text += &format!(
             "figures: failover {} (hung {}, restarted {}), connection setup {}, tunnel throughput {} of direct, access \
              lost {} after an identity provider dropped the group and {} after a token \
-             revocation; through NATs: setup {} direct, {} relayed, {} of cells direct\n",
+             revocation; through NATs: setup {} direct, {} relayed, {} of cells direct, back \
+             {} after a relay restart\n",
             figure(self.figures.failover_seconds, " s"),
             figure(self.figures.failover_hung_seconds, " s"),
             figure(self.figures.failover_restart_seconds, " s"),
@@ -110,6 +113,7 @@ impl Report {
             figure(self.figures.nat_setup_direct_ms, " ms"),
             figure(self.figures.nat_setup_relayed_ms, " ms"),
             figure(self.figures.nat_direct_share, ""),
+            figure(self.figures.relay_restart_seconds, " s"),
         );
         text
     }

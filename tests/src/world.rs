@@ -272,6 +272,9 @@ pub struct World {
     idp_ca: String,
     /// The secret the relay shares with the portal.
     pub relay_secret: String,
+    /// Edge gateways started so far: each gets wan and inside addresses of its own, so that
+    /// no NAT mapping or relay permission left by an earlier one can stand in for it.
+    edges_started: std::sync::atomic::AtomicU8,
     /// What makes this world's namespace names its own.
     id: String,
     dir: tempfile::TempDir,
@@ -509,6 +512,7 @@ impl World {
             idp,
             idp_ca,
             relay_secret,
+            edges_started: std::sync::atomic::AtomicU8::new(0),
             id,
             dir,
         };
@@ -591,27 +595,29 @@ impl World {
         extra
     }
 
-    /// The gateway of edge site `EDGES[index]`, behind its NAT (a router at
-    /// 198.18.0.`30 + index` on the wan, the gateway at 172.20.`index`.2 inside, listening
-    /// there, with no way in from the wan), once it is connected to the portal. Its resource's
-    /// greeter answers behind it.
-    pub fn edge_gateway(&self, index: u8) -> EdgeGateway {
-        let (name, site, nat) = EDGES[usize::from(index)];
-        let wan = Ipv4Addr::new(198, 18, 0, 30 + index);
+    /// A gateway `name` (its own key and token; [`EDGES`] names the usual ones) of edge site
+    /// `EDGES[index]`, behind its NAT (a router at 198.18.0.`30 + n` on the wan, the gateway
+    /// at 172.20.`n`.2 inside, listening there, with no way in from the wan; `n` counts the
+    /// edge gateways started), once it is connected to the portal. Its resource's greeter
+    /// answers behind it, with `name`.
+    pub fn edge_gateway(&self, index: u8, name: &'static str) -> EdgeGateway {
+        let (_, site, nat) = EDGES[usize::from(index)];
+        let n = self
+            .edges_started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let wan = Ipv4Addr::new(198, 18, 0, 30 + n);
         let (router, ns) = crate::nat::host_behind(
             &self.portal_ns,
             &self.id,
             name,
             nat,
             wan,
-            &format!("172.20.{index}"),
+            &format!("172.20.{n}"),
             self.dir.path(),
         );
         let listen = match router {
             None => SocketAddr::new(IpAddr::V4(wan), WIREGUARD_PORT),
-            Some(_) => {
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(172, 20, index, 2)), WIREGUARD_PORT)
-            }
+            Some(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::new(172, 20, n, 2)), WIREGUARD_PORT),
         };
         let site_host = Netns::add(format!("fze-{}-{site}", self.id)).unwrap();
         let lan = 70 + index;
@@ -1074,6 +1080,14 @@ impl World {
         }
     }
 
+    /// Stops the relay (coturn) and starts it again: it forgets every allocation,
+    /// permission and channel, and answers what it no longer knows with errors or not at all.
+    pub fn restart_relay(&mut self) {
+        self.relay.kill();
+        self.relay =
+            crate::relay::start_coturn(&self._relay_ns, self.dir.path(), RELAY, &self.relay_secret);
+    }
+
     /// Kills a gateway as a crash would (SIGKILL).
     pub fn kill_gateway(&self, gateway: usize) {
         self.gateways[gateway].process.kill();
@@ -1335,7 +1349,7 @@ fn start_gateway_at(
             "--metrics",
             &METRICS.to_string(),
         ],
-        "info,fz_gateway=debug,boringtun=debug",
+        "info,fz_gateway=debug,boringtun=debug,fz_traversal=debug",
         dir.join(format!("{name}.log")),
     )
 }
@@ -1374,7 +1388,7 @@ fn start_client(ns: &Netns, dir: &Path, name: &str, token: &Path, portal_key: &s
             "--resolv-conf",
             "/etc/resolv.conf",
         ],
-        "info,fz_client=debug,fz_dns=debug,boringtun=debug",
+        "info,fz_client=debug,fz_dns=debug,boringtun=debug,fz_traversal=debug",
         dir.join(format!("{name}.log")),
     )
 }

@@ -21,8 +21,8 @@ use fz_e2e::nat::inbound_refused;
 use fz_e2e::relay::{allocate, credentials, unix_now};
 use fz_e2e::report::{Report, Scenario, Status};
 use fz_e2e::world::{
-    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, EdgeGateway, GATEWAYS, IDP_PROVIDER, IDP_USER,
-    LAB_WEB, Nat, Outage, RELAY, SSH, UPSTREAM_DNS, USER, WEB, World,
+    ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, EDGES, EdgeGateway, GATEWAYS, IDP_PROVIDER,
+    IDP_USER, LAB_WEB, Nat, Outage, RELAY, SSH, UPSTREAM_DNS, USER, WEB, World,
 };
 use fz_host::testing::WAIT;
 use fz_host::testing::net::{
@@ -55,6 +55,7 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("copied token", copied_token),
     ("relay credentials", relay_credentials),
     ("nat matrix", nat_matrix),
+    ("relay restart", relay_restart),
     ("identity provider groups", identity_provider_groups),
     ("load balancing", load_balancing),
     ("time window", time_window),
@@ -733,7 +734,10 @@ fn relay_credentials(world: &mut World, _: &mut Report) -> String {
 /// gateway's network before its grant: its router let in only answers.
 fn nat_matrix(world: &mut World, report: &mut Report) -> String {
     world.set_rules("allow engineering -> edge-open-web, edge-easy-web, edge-hard-web as edge");
-    let gateways: Vec<EdgeGateway> = (0..3).map(|index| world.edge_gateway(index)).collect();
+    let gateways: Vec<EdgeGateway> = (0u8..)
+        .zip(EDGES)
+        .map(|(index, (name, ..))| world.edge_gateway(index, name))
+        .collect();
     let clients: Vec<(Nat, fz_e2e::world::ExtraClient)> = [Nat::None, Nat::Easy, Nat::Hard]
         .into_iter()
         .zip(0u8..)
@@ -794,6 +798,45 @@ fn nat_matrix(world: &mut World, report: &mut Report) -> String {
          routers refused: {}",
         cells.join(", "),
         refused.join(", ")
+    )
+}
+
+/// A client and a gateway both behind hard NATs, so only the relay carries them: the relay
+/// restarts (coturn killed and started again, every allocation gone) and the connection
+/// recovers: the client, hearing nothing, has ICE check again; each side that sent through
+/// its lost allocation and heard nothing allocates again and tells the other its new
+/// candidate.
+fn relay_restart(world: &mut World, report: &mut Report) -> String {
+    world.set_rules("allow engineering -> edge-hard-web as edge");
+    let gateway = world.edge_gateway(2, "gw-hard-r");
+    let client = world.natted_client("nat-hard-r", Nat::Hard, 3);
+    let client_id = ready_client_id(&client.running().log_text());
+    let first = greeting(&client.ns, &gateway.resource);
+    let path = world.wait_for("the gateway's path", WAIT, |_| {
+        path_of(&gateway.process.log_text(), &client_id)
+    });
+    assert_eq!(path, "relayed", "both NATs are hard");
+    world.restart_relay();
+    let restarted = Instant::now();
+    let mut attempts = 0;
+    let answer = loop {
+        attempts += 1;
+        if let Ok(answer) = client
+            .ns
+            .run(|| try_greeting(&gateway.resource, Duration::from_millis(500)))
+        {
+            break answer;
+        }
+        client.running().assert_running("the recovery");
+        assert!(
+            restarted.elapsed() < FAILOVER_LIMIT,
+            "no greeting within {FAILOVER_LIMIT:?} of the relay's restart ({attempts} attempts)"
+        );
+    };
+    let took = restarted.elapsed().as_secs_f64();
+    report.figures.relay_restart_seconds = Some(took);
+    format!(
+        "{first:?} relayed; the relay restarted; {answer:?} again after {took:.2} s ({attempts} attempts)"
     )
 }
 

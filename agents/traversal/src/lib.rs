@@ -53,6 +53,19 @@ use turn_client_proto::udp::TurnClientUdp;
 /// UDP (30 s is common), so the mapping the address names stays.
 pub const BINDING_INTERVAL: Duration = Duration::from_secs(25);
 
+/// How fast ICE gives a pair up: checks resent after 250 ms, doubling up to this, at most
+/// [`STUN_MAX_RETRANSMITS`] times, so a path that stops answering is given up about 5.5 s
+/// after its last answer (str0m's defaults, made for browsers, take about 21 s). That keeps
+/// the recovery from a relay restart or a roaming peer inside the design's ten seconds.
+pub const STUN_MAX_RTO: Duration = Duration::from_secs(1);
+pub const STUN_MAX_RETRANSMITS: usize = 6;
+
+/// A relay through which a node keeps sending but from which no peer's datagram has come
+/// for this long has most likely lost the allocation (it restarted: it drops what comes for
+/// an allocation it does not know, and says nothing); the node allocates again. A live peer
+/// answers well within it: a gateway lets a sending client hear from it every 2 s.
+pub const RELAY_SILENCE: Duration = Duration::from_secs(5);
+
 /// How long a node waits before asking a relay again for an allocation it lost or never got.
 pub const RELAY_RETRY: Duration = Duration::from_secs(2);
 
@@ -100,6 +113,13 @@ pub enum Path {
 }
 
 impl Path {
+    fn relay_server(&self) -> Option<SocketAddr> {
+        match self {
+            Path::Direct { .. } => None,
+            Path::Relayed { relay, .. } => Some(*relay),
+        }
+    }
+
     /// The peer's address on this path: where its datagrams come from, as WireGuard sees it.
     pub fn remote(&self) -> SocketAddr {
         match self {
@@ -159,6 +179,9 @@ struct Relay {
     binding: Option<TransactionId>,
     next_binding: Instant,
     retry_at: Option<Instant>,
+    /// When the node last sent through the allocation, and last heard a peer through it.
+    sent_at: Option<Instant>,
+    heard_at: Instant,
 }
 
 impl Debug for Relay {
@@ -241,6 +264,8 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                     binding: None,
                     next_binding: now,
                     retry_at: Some(now),
+                    sent_at: None,
+                    heard_at: now,
                 }),
             }
         }
@@ -268,6 +293,8 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
     ) {
         self.disconnect(&connection);
         let mut agent = IceAgent::new(local.to_ice());
+        agent.set_max_stun_rto(STUN_MAX_RTO);
+        agent.set_max_stun_retransmits(STUN_MAX_RETRANSMITS);
         agent.set_controlling(role == Role::Controlling);
         agent.set_remote_credentials(remote.to_ice());
         for candidate in self.local_candidates() {
@@ -284,6 +311,21 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
         self.connections
             .insert(connection, Connection { agent, path: None });
         self.flush_ice(now);
+    }
+
+    /// Says every local candidate of `connection` again ([`Event::Candidate`]): for a peer
+    /// that may have started over (a new grant for the pair, a restarted agent) and lost
+    /// what it heard.
+    pub fn announce(&mut self, connection: &K) {
+        let Some(entry) = self.connections.get(connection) else {
+            return;
+        };
+        for candidate in entry.agent.local_candidates() {
+            self.events.push_back(Event::Candidate {
+                connection: connection.clone(),
+                candidate: candidate.to_sdp_string(),
+            });
+        }
     }
 
     /// Ends ICE with a peer: its checks stop and its STUN goes unanswered.
@@ -346,6 +388,18 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
             .unwrap_or(Path::Direct { remote })
     }
 
+    /// The caller has heard nothing from the peer of `connection` for a while although it
+    /// sent: every pair is checked again now, from the candidates known now. ICE by itself
+    /// keeps a path it heard a check on lately for 15 s, however dead its data is (a relay
+    /// that restarted passes checks no more, but the last ones came recently).
+    pub fn recheck(&mut self, connection: &K, now: Instant) {
+        if let Some(entry) = self.connections.get_mut(connection) {
+            entry.agent.recreate_candidate_pairs();
+            entry.agent.handle_timeout(now);
+        }
+        self.flush_ice(now);
+    }
+
     /// The path `connection` sends by, once ICE nominated one.
     pub fn path(&self, connection: &K) -> Option<Path> {
         self.connections.get(connection)?.path
@@ -404,16 +458,17 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
             }),
             Path::Relayed { relay, remote } => {
                 let at = self.turn_time(now);
-                let client = self
-                    .relays
-                    .iter_mut()
-                    .find(|r| r.server == relay)?
-                    .client
-                    .as_mut()?;
-                let built = client
-                    .send_to(TransportType::Udp, remote, payload, at)
-                    .ok()??
-                    .build();
+                let relay = self.relays.iter_mut().find(|r| r.server == relay)?;
+                relay.sent_at = Some(now);
+                let client = relay.client.as_mut()?;
+                let built = match client.send_to(TransportType::Udp, remote, payload, at) {
+                    Ok(Some(built)) => built.build(),
+                    Ok(None) => return None,
+                    Err(error) => {
+                        tracing::debug!(relay = %relay.server, %remote, %error, "the relay cannot carry a datagram");
+                        return None;
+                    }
+                };
                 Some(Transmit {
                     destination: built.to,
                     payload: built.data,
@@ -424,6 +479,22 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
 
     /// Time passed: ICE checks and keepalives, relay refreshes and retries, binding requests.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let silent: Vec<SocketAddr> = self
+            .relays
+            .iter()
+            .filter(|r| {
+                r.relayed.is_some()
+                    && r.sent_at.is_some_and(|sent| {
+                        sent > r.heard_at
+                            && now.saturating_duration_since(r.heard_at) >= RELAY_SILENCE
+                            && now.saturating_duration_since(sent) < RELAY_SILENCE
+                    })
+            })
+            .map(|r| r.server)
+            .collect();
+        for relay in silent {
+            self.allocate_again(relay, now);
+        }
         for index in 0..self.relays.len() {
             let relay = &mut self.relays[index];
             if relay.client.is_none() && relay.retry_at.is_some_and(|at| at <= now) {
@@ -550,19 +621,27 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
 
     /// A relay's candidates went (its allocation was lost or replaced).
     fn forget_candidates(&mut self, relay: &Relay) {
-        let Some(base) = self.host_for(relay.server) else {
+        self.invalidate_relayed(relay.server, relay.relayed);
+    }
+
+    /// The relay at `index` has no allocation any more: its relayed candidate goes.
+    fn forget_relayed(&mut self, index: usize) {
+        let relayed = self.relays[index].relayed.take();
+        self.invalidate_relayed(self.relays[index].server, relayed);
+    }
+
+    fn invalidate_relayed(&mut self, server: SocketAddr, relayed: Option<SocketAddr>) {
+        let (Some(base), Some(relayed)) = (self.host_for(server), relayed) else {
             return;
         };
-        let gone: Vec<Candidate> = relay
-            .relayed
-            .and_then(|r| Candidate::relayed(r, base, "udp").ok())
-            .into_iter()
-            .collect();
+        let Ok(candidate) = Candidate::relayed(relayed, base, "udp") else {
+            return;
+        };
         for connection in self.connections.values_mut() {
-            for candidate in &gone {
-                connection.agent.invalidate_candidate(candidate);
-            }
+            connection.agent.invalidate_candidate(&candidate);
         }
+        self.routes
+            .retain(|_, path| path.relay_server() != Some(server));
     }
 
     fn handle_relayed<'a>(
@@ -600,6 +679,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
         };
         let remote = peer.peer;
         let payload = peer.data().to_vec();
+        self.relays[index].heard_at = now;
         let Some(relayed) = self.relays[index].relayed else {
             return Received::Dropped;
         };
@@ -700,6 +780,8 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
     fn flush_ice(&mut self, now: Instant) {
         let mut relayed_sends = Vec::new();
         let mut nominated = Vec::new();
+        let mut relays_suspect = false;
+        let mut recheck = Vec::new();
         for (key, connection) in &mut self.connections {
             while let Some(transmit) = connection.agent.poll_transmit() {
                 let payload: Vec<u8> = transmit.contents.into();
@@ -756,6 +838,14 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                         self.events.push_back(Event::Disconnected {
                             connection: key.clone(),
                         });
+                        // Every pair failed. A relay that restarted forgets allocations
+                        // without a word, and a path through either side's allocation dies
+                        // with it: the node allocates again on every relay (its new relayed
+                        // candidates go to its peers), and the pairs ICE gave up are checked
+                        // again, so a path that comes back is found.
+                        relays_suspect = true;
+                        connection.path = None;
+                        recheck.push(key.clone());
                     }
                     _ => {}
                 }
@@ -763,6 +853,18 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
         }
         for path in nominated {
             self.remember_route(path);
+        }
+        if relays_suspect {
+            let servers: Vec<SocketAddr> = self.relays.iter().map(|r| r.server).collect();
+            for relay in servers {
+                self.allocate_again(relay, now);
+            }
+        }
+        for key in recheck {
+            if let Some(connection) = self.connections.get_mut(&key) {
+                connection.agent.recreate_candidate_pairs();
+                connection.agent.handle_timeout(now);
+            }
         }
         for (source, destination, payload) in relayed_sends {
             let Some(relay) = self.relays.iter().find(|r| r.relayed == Some(source)) else {
@@ -797,6 +899,8 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                 match event {
                     TurnEvent::AllocationCreated(TransportType::Udp, relayed) => {
                         relay.relayed = Some(relayed);
+                        relay.heard_at = now;
+                        relay.sent_at = None;
                         created.push(index);
                     }
                     TurnEvent::AllocationCreateFailed(_) => {
@@ -816,20 +920,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
             .filter(|&i| self.relays[i].client.is_none() && self.relays[i].relayed.is_some())
             .collect();
         for index in lost {
-            let relay = &self.relays[index];
-            let snapshot = Relay {
-                server: relay.server,
-                username: String::new(),
-                password: String::new(),
-                client: None,
-                relayed: relay.relayed,
-                reflexive: None,
-                binding: None,
-                next_binding: now,
-                retry_at: None,
-            };
-            self.forget_candidates(&snapshot);
-            self.relays[index].relayed = None;
+            self.forget_relayed(index);
         }
         for index in created {
             let Some(base) = self.host_for(self.relays[index].server) else {
@@ -861,6 +952,21 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                 self.add_local_candidate(candidate, now);
             }
         }
+    }
+
+    /// Drops the allocation on `relay` (its relayed candidate goes) and asks for a new one
+    /// at once: what a relay that restarted needs, since it forgot the old one.
+    fn allocate_again(&mut self, relay: SocketAddr, now: Instant) {
+        let Some(index) = self.relays.iter().position(|r| r.server == relay) else {
+            return;
+        };
+        if self.relays[index].client.is_none() {
+            return;
+        }
+        tracing::info!(%relay, "the relay's allocation seems lost; allocating again");
+        self.relays[index].client = None;
+        self.relays[index].retry_at = Some(now);
+        self.forget_relayed(index);
     }
 
     fn drain_turn(&mut self, client: &mut TurnClientUdp, now: Instant) {

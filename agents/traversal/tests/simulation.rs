@@ -23,6 +23,9 @@ const GATEWAY_INSIDE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 
 const CLIENT_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const GATEWAY_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const LATENCY: Duration = Duration::from_millis(15);
+/// What the client's tunnel waits, hearing nothing back, before it asks ICE to check again
+/// (`fz_tunnel::client::RECHECK_AFTER`).
+const RECHECK_AFTER: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Nat {
@@ -184,10 +187,7 @@ impl World {
             Router::new(client_nat, CLIENT_PUBLIC, CLIENT_INSIDE),
             Router::new(gateway_nat, GATEWAY_PUBLIC, GATEWAY_INSIDE),
         ];
-        let mut relay = TurnServer::new(TransportType::Udp, RELAY, "fz.test".to_owned());
-        for user in ["client", "gateway"] {
-            relay.add_user(user.to_owned(), format!("{user}-turn-password"));
-        }
+        let relay = fresh_relay();
         let relays = |user: &str| {
             vec![fz_proto::Relay {
                 address: RELAY,
@@ -435,16 +435,28 @@ impl World {
         }
     }
 
-    /// Pings the gateway every 100 ms for `duration`; how many came back.
+    /// Pings the gateway every 100 ms for `duration`; how many came back. As the client's
+    /// tunnel does, it asks for every pair to be checked again once the gateway has been
+    /// silent for [`RECHECK_AFTER`] while it sent.
     fn ping_for(&mut self, duration: Duration) -> (usize, usize) {
         let before = self.received[0].len();
         let mut sent = 0;
         let rounds = duration.as_millis() / 100;
+        let mut heard = (self.received[0].len(), self.now);
+        let mut rechecked = false;
         for round in 0..rounds {
             if self.client_sends(format!("ping {round}").as_bytes()) {
                 sent += 1;
             }
             self.run_for(Duration::from_millis(100));
+            if self.received[0].len() > heard.0 {
+                heard = (self.received[0].len(), self.now);
+                rechecked = false;
+            } else if !rechecked && self.now.duration_since(heard.1) >= RECHECK_AFTER {
+                let now = self.now;
+                self.client.recheck(&"gateway", now);
+                rechecked = true;
+            }
         }
         self.run_for(LATENCY * 8);
         (sent, self.received[0].len() - before)
@@ -456,6 +468,15 @@ impl World {
             .last()
             .expect("the client nominated a path")
     }
+}
+
+/// A relay that knows both parties' credentials and nothing else.
+fn fresh_relay() -> TurnServer {
+    let mut relay = TurnServer::new(TransportType::Udp, RELAY, "fz.test".to_owned());
+    for user in ["client", "gateway"] {
+        relay.add_user(user.to_owned(), format!("{user}-turn-password"));
+    }
+    relay
 }
 
 fn connected(client_nat: Nat, gateway_nat: Nat) -> World {
@@ -591,4 +612,34 @@ fn the_gateway_says_nothing_to_anyone_before_a_connection_exists() {
     assert_eq!(world.to_peers[1], 0);
     assert!(world.client.path(&"gateway").is_none());
     assert!(world.received[1].is_empty());
+}
+
+#[test]
+fn a_relay_that_restarts_loses_nothing_for_long() {
+    let mut world = connected(Nat::Hard, Nat::Hard);
+    assert_eq!(world.ping_for(Duration::from_secs(1)), (10, 10));
+    // The relay restarts: every allocation, permission and channel it held is gone, and it
+    // answers what it no longer knows with errors or not at all.
+    world.relay = fresh_relay();
+    let before = world.received[0].len();
+    let (sent, _) = world.ping_for(Duration::from_secs(15));
+    let answered: Vec<usize> = (before..world.received[0].len()).collect();
+    assert_eq!(sent, 150);
+    // ICE sees every pair fail, the nodes allocate again, trickle their new relayed
+    // candidates and check the new pairs: answers come again, and keep coming.
+    let last_ten = world.received[0]
+        .iter()
+        .rev()
+        .take(10)
+        .map(|(payload, _)| String::from_utf8_lossy(payload).into_owned())
+        .collect::<Vec<_>>();
+    assert!(
+        answered.len() >= 50,
+        "only {} of 150 pings came back after the relay restarted; last: {last_ten:?}",
+        answered.len()
+    );
+    assert!(
+        last_ten.contains(&"ping 149".to_owned()) || last_ten.contains(&"ping 148".to_owned()),
+        "the last pings did not come back: {last_ten:?}"
+    );
 }

@@ -36,6 +36,10 @@ use crate::peer::{Action, Clock, Flushing, Gatekeeper, Indices, KeyPair, Peer, S
 /// enough for a lost datagram or two, and what keeps a failover from a hung gateway, which
 /// nobody reports, inside the design's ten seconds.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(6);
+/// A gateway that has said nothing for this long while the client sends makes the client
+/// ask ICE to check every path to it again: a relay that restarted, or a NAT that forgot
+/// the mapping, leaves ICE holding a dead path for up to 15 s otherwise.
+pub const RECHECK_AFTER: Duration = Duration::from_secs(3);
 /// The same for a gateway the portal reported down: a live gateway answers a sending client
 /// within about two seconds (its liveness keepalive), so four seconds of silence after the
 /// portal's word are enough to leave it.
@@ -125,6 +129,8 @@ struct Link {
     /// The portal said the gateway lost its connection; cleared by anything heard. While set,
     /// [`REPORTED_DOWN_LIMIT`] of silence means the gateway is gone.
     reported_down: bool,
+    /// ICE was asked to check again during this silence ([`RECHECK_AFTER`]).
+    rechecked: bool,
 }
 
 impl Link {
@@ -132,6 +138,7 @@ impl Link {
     fn heard(&mut self) {
         self.awaiting_since = None;
         self.reported_down = false;
+        self.rechecked = false;
     }
 
     /// Whether the gateway has been silent too long while the client waited for it.
@@ -552,6 +559,23 @@ impl Client {
         for index in silent {
             self.leave(index, now);
         }
+        let quiet: Vec<PublicKey> = self
+            .links
+            .values_mut()
+            .filter(|l| {
+                !l.rechecked
+                    && l.awaiting_since
+                        .is_some_and(|since| now.saturating_duration_since(since) >= RECHECK_AFTER)
+            })
+            .map(|l| {
+                l.rechecked = true;
+                l.key
+            })
+            .collect();
+        for key in quiet {
+            self.traversal.recheck(&key, now);
+        }
+        self.drain_traversal();
         self.asking
             .retain(|_, asking| now.saturating_duration_since(asking.since) < ASK_TIMEOUT);
         self.avoided
@@ -678,6 +702,11 @@ impl Client {
                 link.preshared_key = preshared_key;
                 link.endpoint = endpoint;
                 self.connect(grant, now);
+            } else {
+                // The gateway may have started over (restarted): it hears this side's
+                // candidates again with every grant.
+                self.traversal.announce(&key);
+                self.drain_traversal();
             }
             return index;
         }
@@ -693,6 +722,7 @@ impl Client {
                 endpoint,
                 awaiting_since: None,
                 reported_down: false,
+                rechecked: false,
             },
         );
         self.link_by_key.insert(key, index);

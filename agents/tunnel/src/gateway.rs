@@ -900,8 +900,7 @@ impl Gateway {
         };
         let key = grant.client.public_key;
         let preshared_key = grant.preshared_key.0;
-        let index = match self.peer_by_key.get(&key) {
-            Some(index) => *index,
+        let index = match self.peer_by_key.get(&key).copied() {
             None => {
                 let peers = &self.peers;
                 let index = self.indices.fresh(|i| peers.contains_key(&i));
@@ -926,6 +925,13 @@ impl Gateway {
                 self.peer_by_key.insert(key, index);
                 self.peers.insert(index, peer);
                 self.connect(grant, now);
+                index
+            }
+            Some(index) => {
+                // The client may have started over (left this gateway and come back, or
+                // restarted): it hears this side's candidates again with every grant.
+                self.traversal.announce(&key);
+                self.drain_traversal();
                 index
             }
         };
