@@ -63,6 +63,9 @@ pub struct Figures {
     pub nat_direct_share: Option<f64>,
     /// From the relay's restart to the first answer again on a connection only it carries.
     pub relay_restart_seconds: Option<f64>,
+    /// From a client's move to another address to the first answer again through a gateway
+    /// behind NAT.
+    pub roaming_seconds: Option<f64>,
 }
 
 impl Report {
@@ -102,7 +105,7 @@ impl Report {
             "figures: failover {} (hung {}, restarted {}), connection setup {}, tunnel throughput {} of direct, access \
              lost {} after an identity provider dropped the group and {} after a token \
              revocation; through NATs: setup {} direct, {} relayed, {} of cells direct, back \
-             {} after a relay restart\n",
+             {} after a relay restart, {} after a client moved\n",
             figure(self.figures.failover_seconds, " s"),
             figure(self.figures.failover_hung_seconds, " s"),
             figure(self.figures.failover_restart_seconds, " s"),
@@ -114,6 +117,7 @@ impl Report {
             figure(self.figures.nat_setup_relayed_ms, " ms"),
             figure(self.figures.nat_direct_share, ""),
             figure(self.figures.relay_restart_seconds, " s"),
+            figure(self.figures.roaming_seconds, " s"),
         );
         text
     }

@@ -56,6 +56,7 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("relay credentials", relay_credentials),
     ("nat matrix", nat_matrix),
     ("relay restart", relay_restart),
+    ("roaming client", roaming_client),
     ("identity provider groups", identity_provider_groups),
     ("load balancing", load_balancing),
     ("time window", time_window),
@@ -837,6 +838,52 @@ fn relay_restart(world: &mut World, report: &mut Report) -> String {
     report.figures.relay_restart_seconds = Some(took);
     format!(
         "{first:?} relayed; the relay restarted; {answer:?} again after {took:.2} s ({attempts} attempts)"
+    )
+}
+
+/// A client on the wan, using a resource behind a gateway behind an easy NAT (reached by
+/// hole punching), moves to another address: its old path and relay allocation are dead, its
+/// portal connection too. It hears nothing, has ICE check again, allocates again, tells the
+/// gateway its new candidates, and the resource answers again.
+fn roaming_client(world: &mut World, report: &mut Report) -> String {
+    world.set_rules("allow engineering -> edge-easy-web as edge");
+    let gateway = world.edge_gateway(1, "gw-easy-r");
+    let client = world.natted_client("roamer", Nat::None, 4);
+    let first = greeting(&client.ns, &gateway.resource);
+    let old = "198.18.0.44/24";
+    let new = "198.18.0.54/24";
+    client
+        .ns
+        .ip(&["address", "del", old, "dev", "eth0"])
+        .unwrap();
+    client
+        .ns
+        .ip(&["address", "add", new, "dev", "eth0"])
+        .unwrap();
+    client
+        .ns
+        .ip(&["route", "replace", "default", "via", "198.18.0.1"])
+        .unwrap();
+    let moved = Instant::now();
+    let mut attempts = 0;
+    let answer = loop {
+        attempts += 1;
+        if let Ok(answer) = client
+            .ns
+            .run(|| try_greeting(&gateway.resource, Duration::from_millis(500)))
+        {
+            break answer;
+        }
+        client.running().assert_running("the roaming");
+        assert!(
+            moved.elapsed() < FAILOVER_LIMIT,
+            "no greeting within {FAILOVER_LIMIT:?} of the move ({attempts} attempts)"
+        );
+    };
+    let took = moved.elapsed().as_secs_f64();
+    report.figures.roaming_seconds = Some(took);
+    format!(
+        "{first:?}; moved from {old} to {new}; {answer:?} again after {took:.2} s ({attempts} attempts)"
     )
 }
 

@@ -1,6 +1,7 @@
 //! An agent's WebSocket to the portal: connect (ws or wss) with the agent's token, say
-//! `hello`, wait for `ready`, heartbeat if the portal asks for it, pass messages both ways,
-//! and when the connection drops, connect again with jittered exponential backoff. A token
+//! `hello`, wait for `ready`, heartbeat if the portal asks for it, ping it to know it is
+//! there, pass messages both ways, and when the connection drops (or the portal goes silent),
+//! connect again with jittered exponential backoff. A token
 //! the portal refuses (401, 403) stops it: no retry would help.
 //!
 //! It runs as its own task and speaks to the agent's event loop through channels, so a slow
@@ -35,6 +36,12 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the portal has to answer `hello`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an agent pings the portal (a WebSocket ping, which the portal answers by
+/// itself), and how long it lets the portal say nothing at all before it takes the
+/// connection for dead and connects again. A connection whose address went away (the
+/// laptop moved to another network) fails no write and gets no error; only this finds it.
+const LIVENESS_PING: Duration = Duration::from_secs(2);
+const LIVENESS_LIMIT: Duration = Duration::from_secs(6);
 
 /// What one kind of agent says and hears over its link.
 pub trait Role: Send + 'static {
@@ -498,6 +505,10 @@ async fn session<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut liveness =
+        tokio::time::interval_at(tokio::time::Instant::now() + LIVENESS_PING, LIVENESS_PING);
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
     if events.send(LinkEvent::Message(ready)).await.is_err() {
         return Ended::Stop;
     }
@@ -506,6 +517,17 @@ async fn session<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
     *backoff = FIRST_BACKOFF;
     loop {
         tokio::select! {
+            _ = liveness.tick() => {
+                if heard.elapsed() >= LIVENESS_LIMIT {
+                    return Ended::Retry(format!(
+                        "the portal said nothing for {} s",
+                        LIVENESS_LIMIT.as_secs()
+                    ));
+                }
+                if let Err(error) = socket.send(Message::Ping(Vec::new().into())).await {
+                    return Ended::Retry(format!("cannot ping the portal: {error}"));
+                }
+            }
             _ = heartbeat.tick() => {
                 let Some(message) = &heartbeat_message else { continue };
                 if let Err(error) = socket.send(Message::Text(encode(message).into())).await {
@@ -518,9 +540,12 @@ async fn session<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
                     return Ended::Retry(format!("cannot send to the portal: {error}"));
                 }
             }
-            incoming = next_message::<R, S>(&mut socket) => match incoming {
+            incoming = next_frame::<R, S>(&mut socket) => match incoming {
                 Ok(message) => {
-                    if events.send(LinkEvent::Message(message)).await.is_err() {
+                    heard = tokio::time::Instant::now();
+                    if let Some(message) = message
+                        && events.send(LinkEvent::Message(message)).await.is_err()
+                    {
                         return Ended::Stop;
                     }
                 }
@@ -536,22 +561,31 @@ async fn next_message<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut WebSocketStream<S>,
 ) -> Result<R::Down, String> {
     loop {
-        match socket.next().await {
-            Some(Ok(Message::Text(text))) => match decode::<R::Down>(text.as_bytes()) {
-                Ok(message) => return Ok(message),
-                Err(error) => {
-                    tracing::warn!(%error, "a message from the portal was not understood")
-                }
-            },
-            Some(Ok(Message::Close(frame))) => {
-                return Err(match frame {
-                    Some(frame) => format!("the portal closed the connection: {}", frame.reason),
-                    None => "the portal closed the connection".to_owned(),
-                });
-            }
-            Some(Ok(_)) => {}
-            Some(Err(error)) => return Err(format!("the connection failed: {error}")),
-            None => return Err("the portal closed the connection".to_owned()),
+        if let Some(message) = next_frame::<R, S>(socket).await? {
+            return Ok(message);
         }
+    }
+}
+
+/// The next frame from the portal: a message, or `None` for anything else that shows the
+/// portal is there (a pong, a ping, a message this build does not understand).
+async fn next_frame<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+) -> Result<Option<R::Down>, String> {
+    match socket.next().await {
+        Some(Ok(Message::Text(text))) => match decode::<R::Down>(text.as_bytes()) {
+            Ok(message) => Ok(Some(message)),
+            Err(error) => {
+                tracing::warn!(%error, "a message from the portal was not understood");
+                Ok(None)
+            }
+        },
+        Some(Ok(Message::Close(frame))) => Err(match frame {
+            Some(frame) => format!("the portal closed the connection: {}", frame.reason),
+            None => "the portal closed the connection".to_owned(),
+        }),
+        Some(Ok(_)) => Ok(None),
+        Some(Err(error)) => Err(format!("the connection failed: {error}")),
+        None => Err("the portal closed the connection".to_owned()),
     }
 }

@@ -274,3 +274,28 @@ async fn a_bad_portal_url_is_an_error_before_anything_starts() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_portal_that_goes_silent_is_left_and_connected_to_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_to_portal, mut events) = fz_link::spawn::<GatewayRole>(config(port), hello()).unwrap();
+    let mut socket = accept(&listener).await.unwrap();
+    assert_eq!(receive(&mut socket).await, hello());
+    // A long heartbeat: nothing but the link's own pings would show the portal is there.
+    say(&mut socket, &ready(60_000)).await;
+    assert!(matches!(
+        events.recv().await.unwrap(),
+        LinkEvent::Message(PortalToGateway::Ready { .. })
+    ));
+    // The portal reads nothing more (a WebSocket answers pings as it reads), so the link's
+    // pings go unanswered: as a connection whose address went away looks from the agent.
+    match events.recv().await.unwrap() {
+        LinkEvent::Down(reason) => assert_eq!(reason, "the portal said nothing for 6 s"),
+        other => panic!("expected the link down, got {other:?}"),
+    }
+    // It connects again at once (its backoff starts afresh after a `ready`).
+    let mut again = accept(&listener).await.unwrap();
+    assert_eq!(receive(&mut again).await, hello());
+    drop(socket);
+}

@@ -65,6 +65,13 @@ pub const STUN_MAX_RETRANSMITS: usize = 6;
 /// an allocation it does not know, and says nothing); the node allocates again. A live peer
 /// answers well within it: a gateway lets a sending client hear from it every 2 s.
 pub const RELAY_SILENCE: Duration = Duration::from_secs(5);
+/// Each allocation made again for silence doubles the silence the next one needs, up to
+/// this: a peer that is gone for good costs a new allocation a minute, not one every 5 s.
+const MAX_RELAY_SILENCE: Duration = Duration::from_secs(60);
+
+/// How long a node gives a relay to take the deletion of an allocation in before it asks for
+/// a new one from the same address and port.
+const DELETION_SETTLES: Duration = Duration::from_millis(500);
 
 /// How long a node waits before asking a relay again for an allocation it lost or never got.
 pub const RELAY_RETRY: Duration = Duration::from_secs(2);
@@ -182,6 +189,9 @@ struct Relay {
     /// When the node last sent through the allocation, and last heard a peer through it.
     sent_at: Option<Instant>,
     heard_at: Instant,
+    /// How much silence makes the allocation suspect now ([`RELAY_SILENCE`], doubled by
+    /// each suspicion that heard nothing after).
+    silence_limit: Duration,
 }
 
 impl Debug for Relay {
@@ -266,6 +276,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                     retry_at: Some(now),
                     sent_at: None,
                     heard_at: now,
+                    silence_limit: RELAY_SILENCE,
                 }),
             }
         }
@@ -481,16 +492,19 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
     pub fn handle_timeout(&mut self, now: Instant) {
         let silent: Vec<SocketAddr> = self
             .relays
-            .iter()
+            .iter_mut()
             .filter(|r| {
                 r.relayed.is_some()
                     && r.sent_at.is_some_and(|sent| {
                         sent > r.heard_at
-                            && now.saturating_duration_since(r.heard_at) >= RELAY_SILENCE
+                            && now.saturating_duration_since(r.heard_at) >= r.silence_limit
                             && now.saturating_duration_since(sent) < RELAY_SILENCE
                     })
             })
-            .map(|r| r.server)
+            .map(|r| {
+                r.silence_limit = (r.silence_limit * 2).min(MAX_RELAY_SILENCE);
+                r.server
+            })
             .collect();
         for relay in silent {
             self.allocate_again(relay, now);
@@ -680,6 +694,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
         let remote = peer.peer;
         let payload = peer.data().to_vec();
         self.relays[index].heard_at = now;
+        self.relays[index].silence_limit = RELAY_SILENCE;
         let Some(relayed) = self.relays[index].relayed else {
             return Received::Dropped;
         };
@@ -960,12 +975,18 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
         let Some(index) = self.relays.iter().position(|r| r.server == relay) else {
             return;
         };
-        if self.relays[index].client.is_none() {
+        let Some(mut old) = self.relays[index].client.take() else {
             return;
-        }
+        };
         tracing::info!(%relay, "the relay's allocation seems lost; allocating again");
-        self.relays[index].client = None;
-        self.relays[index].retry_at = Some(now);
+        // Deleted first: a relay that still has it (only the path to it broke) would refuse
+        // a new allocation from the same address and port while the old one lives.
+        let _ = old.delete(self.turn_time(now));
+        self.drain_turn(&mut old, now);
+        // The new allocation waits for the deletion to be through: on one address and port
+        // the relay keeps one nonce, and an answer to the deletion would change it under the
+        // new allocation's feet.
+        self.relays[index].retry_at = Some(now + DELETION_SETTLES);
         self.forget_relayed(index);
     }
 

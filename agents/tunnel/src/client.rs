@@ -268,6 +268,25 @@ impl Client {
                     .collect();
                 self.index = AddressIndex::new(parsed.iter().map(|(a, i)| (a, *i)));
                 self.resources = ready.resources;
+                // Back after the portal connection broke: what was said meanwhile went
+                // nowhere. Every gateway hears this side's candidates again, and resources
+                // still waiting for an answer are asked for again (sorted, so the order is
+                // the same on every run).
+                let keys: Vec<PublicKey> = self.links.values().map(|l| l.key).collect();
+                for key in keys {
+                    self.traversal.announce(&key);
+                }
+                let mut waiting: Vec<String> = self.asking.keys().cloned().collect();
+                waiting.sort();
+                let avoid = self.avoiding();
+                for resource in waiting {
+                    self.events
+                        .push_back(Event::ToPortal(ClientMessage::RequestAccess {
+                            resource,
+                            dns: None,
+                            avoid: avoid.clone(),
+                        }));
+                }
             }
             PortalToClient::Granted { grant, resolved } => self.take_grant(*grant, resolved, now),
             PortalToClient::Rejected { resource, reason } => {

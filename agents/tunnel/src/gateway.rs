@@ -495,6 +495,12 @@ impl Gateway {
                 }
                 self.resolutions
                     .retain_waiting(|g| in_force.contains(&g.grant.id));
+                // Back after the portal connection broke: candidates said meanwhile went
+                // nowhere, so every client hears them again.
+                let keys: Vec<PublicKey> = self.peers.values().map(|p| p.key).collect();
+                for key in keys {
+                    self.traversal.announce(&key);
+                }
             }
             PortalToGateway::Grant { grant } => self.take_grant(*grant, now),
             PortalToGateway::Revoke { grant_id } => self.revoke(&[grant_id]),
