@@ -61,6 +61,9 @@ pub struct Figures {
     pub nat_setup_relayed_ms: Option<f64>,
     /// The share of the NAT matrix's cells whose path ended direct.
     pub nat_direct_share: Option<f64>,
+    /// One TCP stream through a tunnel only the relay carries (both NATs hard), over one
+    /// through a tunnel that goes directly (no NAT), in the same world.
+    pub relay_throughput_ratio: Option<f64>,
     /// From the relay's restart to the first answer again on a connection only it carries.
     pub relay_restart_seconds: Option<f64>,
     /// From a client's move to another address to the first answer again through a gateway
@@ -105,7 +108,7 @@ impl Report {
             "figures: failover {} (hung {}, restarted {}), connection setup {}, tunnel throughput {} of direct, access \
              lost {} after an identity provider dropped the group and {} after a token \
              revocation; through NATs: setup {} direct, {} relayed, {} of cells direct, back \
-             {} after a relay restart, {} after a client moved\n",
+             {} after a relay restart, {} after a client moved; relayed tunnel {} of direct\n",
             figure(self.figures.failover_seconds, " s"),
             figure(self.figures.failover_hung_seconds, " s"),
             figure(self.figures.failover_restart_seconds, " s"),
@@ -118,6 +121,7 @@ impl Report {
             figure(self.figures.nat_direct_share, ""),
             figure(self.figures.relay_restart_seconds, " s"),
             figure(self.figures.roaming_seconds, " s"),
+            figure(self.figures.relay_throughput_ratio, "x"),
         );
         text
     }

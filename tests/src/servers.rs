@@ -132,3 +132,57 @@ async fn read_request_path(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> 
     let mut words = head.split_whitespace();
     (words.next() == Some("GET")).then(|| words.next().unwrap_or("/").to_owned())
 }
+
+/// What an edge site's bulk server ([`pour`]) sends on every connection.
+pub const POUR_BYTES: usize = 16 << 20;
+
+/// The port of an edge site's bulk server.
+pub const POUR_PORT: u16 = 9000;
+
+/// Sends [`POUR_BYTES`] bytes to everyone who connects, then closes: a throughput figure
+/// through whatever path lies between.
+pub async fn pour(listener: std::net::TcpListener) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let chunk = vec![0u8; 64 << 10];
+            let mut left = POUR_BYTES;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if stream.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Connects from the calling thread's namespace to a [`pour`] server at `to` and reads all
+/// it sends: bytes per second from the connection's start.
+pub fn drink(to: std::net::SocketAddr) -> std::io::Result<f64> {
+    use std::io::Read as _;
+    let started = std::time::Instant::now();
+    let mut stream = std::net::TcpStream::connect_timeout(&to, WAIT)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut total = 0usize;
+    loop {
+        match stream.read(&mut buffer)? {
+            0 => break,
+            n => total += n,
+        }
+    }
+    if total != POUR_BYTES {
+        return Err(std::io::Error::other(format!(
+            "{total} of {POUR_BYTES} bytes came"
+        )));
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}

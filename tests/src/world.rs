@@ -109,9 +109,9 @@ resource lab-web  { address "192.168.50.0/24"; site lab; ports tcp/80 }
 site edge-open
 site edge-easy
 site edge-hard
-resource edge-open-web { address "192.168.70.10"; site edge-open; ports tcp/80 }
-resource edge-easy-web { address "192.168.71.10"; site edge-easy; ports tcp/80 }
-resource edge-hard-web { address "192.168.72.10"; site edge-hard; ports tcp/80 }
+resource edge-open-web { address "192.168.70.10"; site edge-open; ports tcp/80, tcp/9000 }
+resource edge-easy-web { address "192.168.71.10"; site edge-easy; ports tcp/80, tcp/9000 }
+resource edge-hard-web { address "192.168.72.10"; site edge-hard; ports tcp/80, tcp/9000 }
 
 group engineering { members "alice@acme.example" }
 group contractors { members "bob@acme.example" }
@@ -200,6 +200,8 @@ pub struct EdgeGateway {
     pub nat: Nat,
     /// Its resource's greeter, `address:port`.
     pub resource: String,
+    /// Its resource's bulk server ([`crate::servers::pour`]).
+    pub bulk: SocketAddr,
     pub ns: Netns,
     pub site_host: Netns,
     pub router: Option<Netns>,
@@ -630,10 +632,20 @@ impl World {
             &format!("192.168.{lan}.10/24"),
         );
         let resource = format!("192.168.{lan}.10:80");
-        let listener = site_host.run(|| tcp_listener(resource.parse::<SocketAddr>().unwrap()));
+        let bulk = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(192, 168, lan, 10)),
+            crate::servers::POUR_PORT,
+        );
+        let (listener, bulk_listener) = site_host.run(|| {
+            (
+                tcp_listener(resource.parse::<SocketAddr>().unwrap()),
+                tcp_listener(bulk),
+            )
+        });
         {
             let _guard = self._runtime.enter();
             self._runtime.spawn(greet(listener, name));
+            self._runtime.spawn(crate::servers::pour(bulk_listener));
         }
         let created = self.admin(&[
             "token",
@@ -660,6 +672,7 @@ impl World {
             name,
             nat,
             resource,
+            bulk,
             ns,
             site_host,
             router,

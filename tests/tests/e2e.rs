@@ -791,14 +791,31 @@ fn nat_matrix(world: &mut World, report: &mut Report) -> String {
             ))
         })
         .collect();
+    // Throughput of a tunnel that only the relay carries, against one that goes directly,
+    // on the same world.
+    let direct_speed = clients[0]
+        .1
+        .ns
+        .run(|| fz_e2e::servers::drink(gateways[0].bulk))
+        .unwrap_or_else(|error| panic!("no bulk transfer none/none: {error}"));
+    let relayed_speed = clients[2]
+        .1
+        .ns
+        .run(|| fz_e2e::servers::drink(gateways[2].bulk))
+        .unwrap_or_else(|error| panic!("no bulk transfer hard/hard: {error}"));
+    let ratio = relayed_speed / direct_speed;
+    report.figures.relay_throughput_ratio = Some(ratio);
     report.figures.nat_setup_direct_ms = Some(direct_ms);
     report.figures.nat_setup_relayed_ms = Some(relayed_ms);
     report.figures.nat_direct_share = Some(f64::from(direct) / cells.len() as f64);
     format!(
         "{} (client/gateway NAT, path, first connection); unasked-for datagrams the gateways' \
-         routers refused: {}",
+         routers refused: {}; tunnel throughput {:.0} Mbit/s direct, {:.0} Mbit/s relayed \
+         ({ratio:.2}x)",
         cells.join(", "),
-        refused.join(", ")
+        refused.join(", "),
+        direct_speed * 8.0 / 1e6,
+        relayed_speed * 8.0 / 1e6,
     )
 }
 

@@ -3,7 +3,7 @@
 //! `GET /metrics` renders the latest one as text.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::Router;
 use axum::extract::State;
@@ -28,6 +28,10 @@ pub struct Snapshot {
     pub packets_from_clients: u64,
     pub packets_to_clients: u64,
     pub portal_connected: bool,
+    /// Each client with a path, and the relay it goes through (`None`: direct).
+    pub paths: Vec<(String, Option<IpAddr>)>,
+    pub bytes_direct: u64,
+    pub bytes_relayed: u64,
 }
 
 impl Snapshot {
@@ -48,6 +52,9 @@ impl Snapshot {
             packets_from_clients: metrics.packets_from_clients,
             packets_to_clients: metrics.packets_to_clients,
             portal_connected,
+            paths: gateway.paths(),
+            bytes_direct: metrics.bytes_direct,
+            bytes_relayed: metrics.bytes_relayed,
         }
     }
 
@@ -134,7 +141,56 @@ impl Snapshot {
                 "# HELP fz_gateway_{name} {help}\n# TYPE fz_gateway_{name} {kind}\nfz_gateway_{name} {value}"
             );
         }
+        self.render_paths(&mut out);
         out
+    }
+
+    /// How clients' datagrams travel: per client, by kind, and the share of bytes that went
+    /// directly.
+    fn render_paths(&self, out: &mut String) {
+        let relayed = self.paths.iter().filter(|(_, r)| r.is_some()).count();
+        let _ = writeln!(
+            out,
+            "# HELP fz_gateway_clients Clients with a path, by how their datagrams travel.\n\
+             # TYPE fz_gateway_clients gauge\n\
+             fz_gateway_clients{{path=\"direct\"}} {}\n\
+             fz_gateway_clients{{path=\"relayed\"}} {relayed}",
+            self.paths.len() - relayed
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fz_gateway_client_path The path of each client's datagrams, and the relay.\n\
+             # TYPE fz_gateway_client_path gauge"
+        );
+        for (client, relay) in &self.paths {
+            let _ = match relay {
+                Some(relay) => writeln!(
+                    out,
+                    "fz_gateway_client_path{{client=\"{client}\",path=\"relayed\",relay=\"{relay}\"}} 1"
+                ),
+                None => writeln!(
+                    out,
+                    "fz_gateway_client_path{{client=\"{client}\",path=\"direct\"}} 1"
+                ),
+            };
+        }
+        let total = self.bytes_direct + self.bytes_relayed;
+        let share = if total == 0 {
+            0.0
+        } else {
+            self.bytes_direct as f64 / total as f64
+        };
+        let _ = writeln!(
+            out,
+            "# HELP fz_gateway_wireguard_bytes_total WireGuard bytes to and from clients, by path.\n\
+             # TYPE fz_gateway_wireguard_bytes_total counter\n\
+             fz_gateway_wireguard_bytes_total{{path=\"direct\"}} {}\n\
+             fz_gateway_wireguard_bytes_total{{path=\"relayed\"}} {}\n\
+             # HELP fz_gateway_direct_bytes_ratio The share of WireGuard bytes that went directly.\n\
+             # TYPE fz_gateway_direct_bytes_ratio gauge\n\
+             fz_gateway_direct_bytes_ratio {share}",
+            self.bytes_direct, self.bytes_relayed
+        );
     }
 }
 
@@ -182,6 +238,33 @@ mod tests {
             "# TYPE fz_gateway_handshakes_total counter",
             "fz_gateway_cookie_replies_total 4",
             "# TYPE fz_gateway_cookie_replies_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn renders_each_clients_path_and_the_direct_share() {
+        let snapshot = Snapshot {
+            paths: vec![
+                ("cli_a".to_owned(), None),
+                ("cli_b".to_owned(), Some("198.18.0.3".parse().unwrap())),
+            ],
+            bytes_direct: 300,
+            bytes_relayed: 100,
+            ..Snapshot::default()
+        };
+        let text = snapshot.render();
+        for line in [
+            "fz_gateway_clients{path=\"direct\"} 1",
+            "fz_gateway_clients{path=\"relayed\"} 1",
+            "fz_gateway_client_path{client=\"cli_a\",path=\"direct\"} 1",
+            "fz_gateway_client_path{client=\"cli_b\",path=\"relayed\",relay=\"198.18.0.3\"} 1",
+            "fz_gateway_wireguard_bytes_total{path=\"relayed\"} 100",
+            "fz_gateway_direct_bytes_ratio 0.75",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -292,19 +292,16 @@ impl Gateway {
         self.resolutions.cached()
     }
 
-    /// Clients whose datagrams ICE sends directly, and through a relay.
-    pub fn path_counts(&self) -> (usize, usize) {
-        let relayed = self
+    /// Each client with a nominated path: its id and the relay its datagrams go through
+    /// (`None`: directly), sorted by client.
+    pub fn paths(&self) -> Vec<(String, Option<IpAddr>)> {
+        let mut paths: Vec<(String, Option<IpAddr>)> = self
             .peers
             .values()
-            .filter(|p| p.path.is_some_and(|(_, relay)| relay.is_some()))
-            .count();
-        let direct = self
-            .peers
-            .values()
-            .filter(|p| p.path.is_some_and(|(_, relay)| relay.is_none()))
-            .count();
-        (direct, relayed)
+            .filter_map(|p| Some((p.client_id.clone(), p.path?.1)))
+            .collect();
+        paths.sort();
+        paths
     }
 
     /// NAT flows across all clients.
