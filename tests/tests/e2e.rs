@@ -834,24 +834,10 @@ fn relay_restart(world: &mut World, report: &mut Report) -> String {
         path_of(&gateway.process.log_text(), &client_id)
     });
     assert_eq!(path, "relayed", "both NATs are hard");
-    world.restart_relay();
     let restarted = Instant::now();
-    let mut attempts = 0;
-    let answer = loop {
-        attempts += 1;
-        if let Ok(answer) = client
-            .ns
-            .run(|| try_greeting(&gateway.resource, Duration::from_millis(500)))
-        {
-            break answer;
-        }
-        client.running().assert_running("the recovery");
-        assert!(
-            restarted.elapsed() < FAILOVER_LIMIT,
-            "no greeting within {FAILOVER_LIMIT:?} of the relay's restart ({attempts} attempts)"
-        );
-    };
-    let took = restarted.elapsed().as_secs_f64();
+    world.restart_relay();
+    let (answer, took, attempts) =
+        greeting_again(&client, &gateway.resource, restarted, "the relay's restart");
     report.figures.relay_restart_seconds = Some(took);
     format!(
         "{first:?} relayed; the relay restarted; {answer:?} again after {took:.2} s ({attempts} attempts)"
@@ -881,27 +867,38 @@ fn roaming_client(world: &mut World, report: &mut Report) -> String {
         .ns
         .ip(&["route", "replace", "default", "via", "198.18.0.1"])
         .unwrap();
-    let moved = Instant::now();
-    let mut attempts = 0;
-    let answer = loop {
-        attempts += 1;
-        if let Ok(answer) = client
-            .ns
-            .run(|| try_greeting(&gateway.resource, Duration::from_millis(500)))
-        {
-            break answer;
-        }
-        client.running().assert_running("the roaming");
-        assert!(
-            moved.elapsed() < FAILOVER_LIMIT,
-            "no greeting within {FAILOVER_LIMIT:?} of the move ({attempts} attempts)"
-        );
-    };
-    let took = moved.elapsed().as_secs_f64();
+    let (answer, took, attempts) =
+        greeting_again(&client, &gateway.resource, Instant::now(), "the move");
     report.figures.roaming_seconds = Some(took);
     format!(
         "{first:?}; moved from {old} to {new}; {answer:?} again after {took:.2} s ({attempts} attempts)"
     )
+}
+
+/// Connects from `client`'s host to `to` again and again (half a second each) until it
+/// answers: the answer, the seconds since `since` (`what` happened then) and the attempts.
+/// Fails past [`FAILOVER_LIMIT`], or if the client exits.
+fn greeting_again(
+    client: &fz_e2e::world::ExtraClient,
+    to: &str,
+    since: Instant,
+    what: &str,
+) -> (String, f64, u32) {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        if let Ok(answer) = client
+            .ns
+            .run(|| try_greeting(to, Duration::from_millis(500)))
+        {
+            return (answer, since.elapsed().as_secs_f64(), attempts);
+        }
+        client.running().assert_running(what);
+        assert!(
+            since.elapsed() < FAILOVER_LIMIT,
+            "no greeting within {FAILOVER_LIMIT:?} of {what} ({attempts} attempts)"
+        );
+    }
 }
 
 /// The path a gateway's log last named for a client: `direct` or `relayed`.

@@ -408,13 +408,7 @@ impl Client {
     fn route(&mut self, transmit: Transmit, now: Instant) -> Option<Transmit> {
         match self.traversal.path_to(transmit.destination) {
             Path::Direct { .. } => Some(transmit),
-            path @ Path::Relayed { .. } => {
-                let relayed = self.traversal.send(path, &transmit.payload, now)?;
-                Some(Transmit {
-                    destination: relayed.destination,
-                    payload: relayed.payload,
-                })
-            }
+            path @ Path::Relayed { .. } => self.traversal.send(path, &transmit.payload, now),
         }
     }
 
@@ -616,10 +610,7 @@ impl Client {
     /// handshake, WireGuard's keepalives and retries.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if let Some(transmit) = self.traversal.poll_transmit() {
-            return Some(Transmit {
-                destination: transmit.destination,
-                payload: transmit.payload,
-            });
+            return Some(transmit);
         }
         let transmit = match self.transmits.pop_front() {
             Some(transmit) => transmit,

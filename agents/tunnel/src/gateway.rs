@@ -616,10 +616,7 @@ impl Gateway {
     /// handshake, keepalives, handshake retries.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if let Some(transmit) = self.traversal.poll_transmit() {
-            return Some(Transmit {
-                destination: transmit.destination,
-                payload: transmit.payload,
-            });
+            return Some(transmit);
         }
         let transmit = match self.transmits.pop_front() {
             Some(transmit) => transmit,
@@ -640,13 +637,7 @@ impl Gateway {
         self.count_bytes(path, transmit.payload.len());
         match path {
             Path::Direct { .. } => Some(transmit),
-            Path::Relayed { .. } => {
-                let relayed = self.traversal.send(path, &transmit.payload, now)?;
-                Some(Transmit {
-                    destination: relayed.destination,
-                    payload: relayed.payload,
-                })
-            }
+            Path::Relayed { .. } => self.traversal.send(path, &transmit.payload, now),
         }
     }
 

@@ -276,12 +276,9 @@ impl fmt::Debug for Peer {
     }
 }
 
-/// A datagram to send that was not the direct answer to an input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    pub destination: SocketAddr,
-    pub payload: Vec<u8>,
-}
+/// A datagram to send that was not the direct answer to an input: the traversal's own type,
+/// so that what it sends and what WireGuard sends leave the same way.
+pub use fz_traversal::Transmit;
 
 /// Hands out peer indices: 24 bits, since boringtun keeps the low 8 bits of a session index
 /// for itself; from a seed, skipping those in use.
