@@ -791,6 +791,31 @@ fn nat_matrix(world: &mut World, report: &mut Report) -> String {
             ))
         })
         .collect();
+    // What the gateways' metrics say of the paths (published each second): gw-open's
+    // clients all direct, gw-hard's relayed at least for the client behind the other hard
+    // NAT, with bytes through the relay.
+    let count = |m: &fz_host::testing::metrics::Metrics, path: &str| {
+        m.value(&format!("fz_gateway_clients{{path=\"{path}\"}}"))
+    };
+    let paths = |gateway: &EdgeGateway,
+                 holds: &dyn Fn(&fz_host::testing::metrics::Metrics) -> bool| {
+        fz_host::testing::metrics::wait_metrics(
+            &gateway.ns,
+            fz_e2e::world::METRICS,
+            &format!("{}'s clients by path", gateway.name),
+            WAIT,
+            |what| gateway.process.assert_running(what),
+            holds,
+        )
+    };
+    paths(&gateways[0], &|m| {
+        count(m, "direct") == 3 && count(m, "relayed") == 0
+    });
+    paths(&gateways[2], &|m| {
+        count(m, "direct") + count(m, "relayed") == 3
+            && count(m, "relayed") >= 1
+            && m.value("fz_gateway_wireguard_bytes_total{path=\"relayed\"}") > 0
+    });
     // Throughput of a tunnel that only the relay carries, against one that goes directly,
     // on the same world.
     let direct_speed = clients[0]
