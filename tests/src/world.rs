@@ -202,6 +202,8 @@ pub struct EdgeGateway {
     pub resource: String,
     /// Its resource's bulk server ([`crate::servers::pour`]).
     pub bulk: SocketAddr,
+    /// Its address on the wan: its NAT router's, or its own without NAT.
+    pub wan: Ipv4Addr,
     pub ns: Netns,
     pub site_host: Netns,
     pub router: Option<Netns>,
@@ -673,6 +675,7 @@ impl World {
             nat,
             resource,
             bulk,
+            wan,
             ns,
             site_host,
             router,

@@ -747,6 +747,42 @@ fn nat_matrix(world: &mut World, report: &mut Report) -> String {
             (nat, world.natted_client(&name, nat, index))
         })
         .collect();
+    // Before any grant names a client, what the wan sends a NAT'd gateway gets nowhere: a
+    // handshake and junk to its public address and WireGuard port are refused by its router,
+    // and the gateway hears nothing of them.
+    for gateway in &gateways {
+        let Some(router) = &gateway.router else {
+            continue;
+        };
+        let before = inbound_refused(router);
+        let heard = |gateway: &EdgeGateway| {
+            let m = gateway
+                .ns
+                .run(|| fz_host::testing::metrics::scrape(fz_e2e::world::METRICS))
+                .unwrap();
+            m.dropped("not_wireguard") + m.dropped("unknown_key") + m.dropped("bad_mac")
+        };
+        let heard_before = heard(gateway);
+        let target = SocketAddr::new(IpAddr::V4(gateway.wan), fz_e2e::world::WIREGUARD_PORT);
+        clients[0].1.ns.run(|| {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let mut initiation = vec![1u8, 0, 0, 0];
+            initiation.resize(148, 0x5a);
+            socket.send_to(&initiation, target).unwrap();
+            socket.send_to(b"anyone there?", target).unwrap();
+        });
+        world.wait_for(
+            &format!("{}'s router to refuse both", gateway.name),
+            WAIT,
+            |_| (inbound_refused(router) >= before + 2).then_some(()),
+        );
+        assert_eq!(
+            heard(gateway),
+            heard_before,
+            "{} heard the wan",
+            gateway.name
+        );
+    }
     let mut cells = Vec::new();
     let (mut direct, mut direct_ms, mut relayed_ms) = (0, 0f64, 0f64);
     for (client_nat, client) in &clients {
