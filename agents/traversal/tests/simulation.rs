@@ -162,6 +162,9 @@ struct World {
     to_peers: [usize; 2],
     /// Drops one datagram in `loss` (0: none), counted by a fixed rule so runs repeat.
     loss: u64,
+    /// When set, datagrams take from one to seven times [`LATENCY`] by a fixed rule, so
+    /// that later ones overtake earlier ones.
+    reorder: bool,
     /// Candidates on their way through the "portal", to whom.
     signalling: Vec<(Party, String)>,
     /// Paths as each side's node nominated them, in order, with the relay each goes through.
@@ -212,6 +215,7 @@ impl World {
             sent: 0,
             to_peers: [0, 0],
             loss: 0,
+            reorder: false,
             signalling: Vec::new(),
             nominated: [Vec::new(), Vec::new()],
             received: [Vec::new(), Vec::new()],
@@ -259,10 +263,13 @@ impl World {
         if self.loss > 0 && self.sent.is_multiple_of(self.loss) {
             return;
         }
-        self.flights.insert(
-            (self.now + LATENCY, self.sent),
-            Flight { from, to, payload },
-        );
+        let delay = if self.reorder {
+            LATENCY * u32::try_from(1 + (self.sent * 5) % 7).unwrap()
+        } else {
+            LATENCY
+        };
+        self.flights
+            .insert((self.now + delay, self.sent), Flight { from, to, payload });
     }
 
     /// Moves every node's and the relay's output onto the network, and signalling along.
@@ -565,6 +572,24 @@ fn with_lost_datagrams_ice_still_finds_the_direct_path() {
     assert_eq!(sent, 20);
     // Every fifth datagram is lost, pings and answers alike.
     assert!(answered >= 12, "{answered} of 20 came back");
+}
+
+#[test]
+fn with_datagrams_overtaking_each_other_every_path_still_works() {
+    for (client, gateway) in [(Nat::Easy, Nat::Easy), (Nat::Hard, Nat::Hard)] {
+        let mut world = World::new(client, gateway);
+        world.reorder = true;
+        world.run_for(Duration::from_secs(1));
+        world.connect();
+        world.run_for(Duration::from_secs(3));
+        let (sent, answered) = world.ping_for(Duration::from_secs(2));
+        assert_eq!(sent, 20, "{client:?}/{gateway:?}: {:?}", world.nominated);
+        assert_eq!(
+            answered, 20,
+            "{client:?}/{gateway:?}: {:?}",
+            world.nominated
+        );
+    }
 }
 
 #[test]
