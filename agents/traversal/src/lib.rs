@@ -367,9 +367,8 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
         for relay in &mut self.relays {
             if let Some(client) = relay.client.as_mut()
                 && relay.relayed.is_some()
-                && !client.have_permission(TransportType::Udp, address.ip())
             {
-                let _ = client.create_permission(TransportType::Udp, address.ip(), at);
+                open_to(client, address, at);
             }
         }
         self.flush_turn(now);
@@ -805,7 +804,16 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                         destination: transmit.destination,
                         payload,
                     });
-                } else {
+                } else if !connection
+                    .agent
+                    .remote_candidates()
+                    .any(|c| c.addr() == transmit.destination && c.kind() == CandidateKind::Relayed)
+                {
+                    // From a relay to a relay is never checked, so never chosen: wherever both
+                    // sides have an allocation, the way from this socket to the peer's relayed
+                    // address works too (the peer's allocation lets this side's public address
+                    // in), through one relay instead of two; and paths through two
+                    // allocations of one coturn proved unreliable under test.
                     relayed_sends.push((transmit.source, transmit.destination, payload));
                 }
             }
@@ -952,9 +960,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                 .collect();
             if let Some(client) = self.relays[index].client.as_mut() {
                 for remote in remotes {
-                    if !client.have_permission(TransportType::Udp, remote.ip()) {
-                        let _ = client.create_permission(TransportType::Udp, remote.ip(), at);
-                    }
+                    open_to(client, remote, at);
                 }
                 while let Some(transmit) = client.poll_transmit(at) {
                     self.transmits.push_back(Transmit {
@@ -998,6 +1004,17 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
                 payload: transmit.data.as_ref().to_vec(),
             });
         }
+    }
+}
+
+/// Lets `remote` reach this node through the allocation, and this node it: a channel where
+/// one can be bound (4 bytes of header a datagram instead of a Send indication's 36, and the
+/// relay forwards it without reading STUN), else a permission for its address.
+fn open_to(client: &mut TurnClientUdp, remote: SocketAddr, at: turn_client_proto::stun::Instant) {
+    if client.bind_channel(TransportType::Udp, remote, at).is_err()
+        && !client.have_permission(TransportType::Udp, remote.ip())
+    {
+        let _ = client.create_permission(TransportType::Udp, remote.ip(), at);
     }
 }
 

