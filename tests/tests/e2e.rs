@@ -1209,8 +1209,7 @@ fn portal_down(world: &mut World, _: &mut Report) -> String {
 ///    gateway of the site. The portal took the dead one out of service. The dead gateway is
 ///    started again afterwards.
 fn failover(world: &mut World, report: &mut Report) -> String {
-    world.set_rules("allow engineering -> gitlab, docs, db as eng");
-    let failover = world.fail_over(DB, FAILOVER_LIMIT, Outage::Crash);
+    let (failover, detail) = fail_over_db(world, Outage::Crash, "killed");
     report.figures.failover_seconds = Some(failover.took.as_secs_f64());
     let connected = world.gateways_connected();
     assert!(
@@ -1219,45 +1218,44 @@ fn failover(world: &mut World, report: &mut Report) -> String {
     );
     assert!(connected[failover.alive]);
     world.restart_gateway(failover.dead);
-    format!(
-        "{} killed; db answered through {} after {:.2} s ({} attempts)",
-        GATEWAYS[failover.dead].name,
-        GATEWAYS[failover.alive].name,
-        failover.took.as_secs_f64(),
-        failover.attempts
-    )
+    detail
 }
 
 /// The gateway carrying db hangs (SIGSTOP): its portal connection stays open and nobody
 /// tells the client, which leaves it after `SILENCE_LIMIT` without an answer; db answers
 /// through the other gateway. The hung one is started again afterwards.
 fn hung_gateway(world: &mut World, report: &mut Report) -> String {
-    world.set_rules("allow engineering -> gitlab, docs, db as eng");
-    let failover = world.fail_over(DB, FAILOVER_LIMIT, Outage::Hang);
+    let (failover, detail) = fail_over_db(world, Outage::Hang, "hung");
     report.figures.failover_hung_seconds = Some(failover.took.as_secs_f64());
-    format!(
-        "{} hung; db answered through {} after {:.2} s ({} attempts)",
-        GATEWAYS[failover.dead].name,
-        GATEWAYS[failover.alive].name,
-        failover.took.as_secs_f64(),
-        failover.attempts
-    )
+    detail
 }
 
 /// The gateway carrying db crashes and is started again at once (the same key and token, a
 /// new process that knows no session): db answers again, through whichever gateway the
 /// portal gives the client when it leaves the silent session.
 fn restarted_gateway(world: &mut World, report: &mut Report) -> String {
-    world.set_rules("allow engineering -> gitlab, docs, db as eng");
-    let failover = world.fail_over(DB, FAILOVER_LIMIT, Outage::Restart);
+    let (failover, detail) = fail_over_db(world, Outage::Restart, "restarted");
     report.figures.failover_restart_seconds = Some(failover.took.as_secs_f64());
-    format!(
-        "{} restarted; db answered through {} after {:.2} s ({} attempts)",
+    detail
+}
+
+/// Takes the gateway carrying db out as `outage` says and waits for db through a gateway
+/// again: what happened, and the scenario's line (`what` the gateway was).
+fn fail_over_db(
+    world: &mut World,
+    outage: Outage,
+    what: &str,
+) -> (fz_e2e::world::Failover, String) {
+    world.set_rules("allow engineering -> gitlab, docs, db as eng");
+    let failover = world.fail_over(DB, FAILOVER_LIMIT, outage);
+    let detail = format!(
+        "{} {what}; db answered through {} after {:.2} s ({} attempts)",
         GATEWAYS[failover.dead].name,
         GATEWAYS[failover.alive].name,
         failover.took.as_secs_f64(),
         failover.attempts
-    )
+    );
+    (failover, detail)
 }
 
 // ---- helpers ----
