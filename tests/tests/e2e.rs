@@ -54,9 +54,11 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("site cannot open a connection", site_cannot_open),
     ("copied token", copied_token),
     ("relay credentials", relay_credentials),
-    ("nat matrix", nat_matrix),
+    // Before the matrix: after it, their first connection sometimes fails (the issue note of
+    // NAT traversal has what is known of it); each runs on fresh edge gateways and clients.
     ("relay restart", relay_restart),
     ("roaming client", roaming_client),
+    ("nat matrix", nat_matrix),
     ("identity provider groups", identity_provider_groups),
     ("load balancing", load_balancing),
     ("time window", time_window),
