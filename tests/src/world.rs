@@ -624,20 +624,18 @@ impl World {
             Some(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::new(172, 20, n, 2)), WIREGUARD_PORT),
         };
         let site_host = Netns::add(format!("fze-{}-{site}", self.id)).unwrap();
-        let lan = 70 + index;
+        let address = edge_resource(usize::from(index));
+        let lan = address.octets()[2];
         link(
             &ns,
             "eth1",
             &format!("192.168.{lan}.1/24"),
             &site_host,
             "eth0",
-            &format!("192.168.{lan}.10/24"),
+            &format!("{address}/24"),
         );
-        let resource = format!("192.168.{lan}.10:80");
-        let bulk = SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::new(192, 168, lan, 10)),
-            crate::servers::POUR_PORT,
-        );
+        let resource = format!("{address}:80");
+        let bulk = SocketAddr::new(IpAddr::V4(address), crate::servers::POUR_PORT);
         let (listener, bulk_listener) = site_host.run(|| {
             (
                 tcp_listener(resource.parse::<SocketAddr>().unwrap()),
@@ -696,7 +694,13 @@ impl World {
             &format!("{}'s resolver switch and routes", extra.name),
             WAIT,
             |what| process.assert_running(what),
-            || client_is_up(&extra.ns, extra.etc.path()).then_some(()),
+            || {
+                // The client says `ready` once its routes are in (and the harness reads its
+                // id from that line).
+                (client_is_up(&extra.ns, extra.etc.path())
+                    && process.log_text().contains("the portal says ready"))
+                .then_some(())
+            },
         );
     }
 
@@ -1372,12 +1376,25 @@ fn start_gateway_at(
 
 /// Whether the client in `ns` is up: the resolver (`etc/resolv.conf`) asks its sentinel, and
 /// the routes of the account's resources lead into its TUN device.
+/// The address of edge site `EDGES[index]`'s resource (its greeter), on the site's network
+/// 192.168.`70 + index`.0/24 (the declarations say the same).
+fn edge_resource(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 70 + index as u8, 10)
+}
+
 fn client_is_up(ns: &Netns, etc: &Path) -> bool {
     let resolv = std::fs::read_to_string(etc.join("resolv.conf")).unwrap_or_default();
     let routes = ns
         .ip(&["-4", "route", "show", "dev", CLIENT_TUN])
         .unwrap_or_default();
-    resolv.contains(SENTINEL) && routes.contains("10.0.5.0/24") && routes.contains("100.96.0.0/11")
+    // The edge sites' resources too: a connection opened before its route is in leaves from
+    // eth0's address and keeps it, and the gateway drops all it sends.
+    let edges =
+        (0..EDGES.len()).all(|index| routes.contains(&format!("{} ", edge_resource(index))));
+    resolv.contains(SENTINEL)
+        && routes.contains("10.0.5.0/24")
+        && routes.contains("100.96.0.0/11")
+        && edges
 }
 
 /// `fz-client` in `ns`; `name` names its key, state directory and log in `dir`.

@@ -54,11 +54,9 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("site cannot open a connection", site_cannot_open),
     ("copied token", copied_token),
     ("relay credentials", relay_credentials),
-    // Before the matrix: after it, their first connection sometimes fails (the issue note of
-    // NAT traversal has what is known of it); each runs on fresh edge gateways and clients.
+    ("nat matrix", nat_matrix),
     ("relay restart", relay_restart),
     ("roaming client", roaming_client),
-    ("nat matrix", nat_matrix),
     ("identity provider groups", identity_provider_groups),
     ("load balancing", load_balancing),
     ("time window", time_window),

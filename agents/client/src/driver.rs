@@ -156,13 +156,15 @@ async fn serve(
             }
             Input::Portal(LinkEvent::Message(message)) => {
                 if let PortalToClient::Ready(ready) = &message {
-                    tracing::info!(client = %ready.client_id, "the portal says ready");
                     set_up_tunnel(
                         tun,
                         ready.tunnel_ipv4.into(),
                         ready.tunnel_ipv6.into(),
                         &ready.resources,
                     )?;
+                    // Said once the routes are in: a connection opened before then would
+                    // leave from another interface's address, which no gateway accepts.
+                    tracing::info!(client = %ready.client_id, "the portal says ready");
                     let unreadable = service.stub_mut().set_resources(ready.resources.clone());
                     for address in unreadable {
                         tracing::warn!(%address, "a resource address this client cannot read");

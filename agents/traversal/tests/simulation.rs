@@ -15,7 +15,10 @@ use fz_traversal::{Credentials, Event, Node, Path, Received, Role};
 use turn_server_proto::api::{TurnServerApi, TurnServerPollRet};
 use turn_server_proto::server::TurnServer;
 use turn_server_proto::stun::agent::Transmit as TurnTransmit;
+use turn_server_proto::types::attribute::XorPeerAddress;
+use turn_server_proto::types::message::CHANNEL_BIND;
 use turn_server_proto::types::stun::TransportType;
+use turn_server_proto::types::stun::message::{Message, MessageClass, TransactionId};
 
 const RELAY: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 3478);
 const CLIENT_INSIDE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 51820);
@@ -171,6 +174,9 @@ struct World {
     nominated: [Vec<(Path, Option<IpAddr>)>; 2],
     /// The caller's datagrams each side received, with the path they came by.
     received: [Vec<(Vec<u8>, Path)>; 2],
+    /// Each channel binding asked of the relay: from which node's address, for which peer,
+    /// in which transaction (a retransmission keeps its transaction).
+    channel_binds: Vec<(SocketAddr, SocketAddr, TransactionId)>,
 }
 
 const CLIENT_CREDENTIALS: (&str, &str) = ("cufrag", "client-ice-password-0123");
@@ -219,6 +225,7 @@ impl World {
             signalling: Vec::new(),
             nominated: [Vec::new(), Vec::new()],
             received: [Vec::new(), Vec::new()],
+            channel_binds: Vec::new(),
         }
     }
 
@@ -342,6 +349,15 @@ impl World {
     /// WireGuard answers where it last heard from).
     fn deliver(&mut self, flight: Flight) {
         if flight.to.ip() == RELAY.ip() {
+            if let Ok(message) = Message::from_bytes(&flight.payload)
+                && message.method() == CHANNEL_BIND
+                && message.has_class(MessageClass::Request)
+                && let Ok(peer) = message.attribute::<XorPeerAddress>()
+            {
+                let peer = peer.addr(message.transaction_id());
+                self.channel_binds
+                    .push((flight.from, peer, message.transaction_id()));
+            }
             let at = turn_server_proto::stun::Instant::from_nanos(
                 i64::try_from(self.now.duration_since(self.origin).as_nanos()).unwrap(),
             );
@@ -536,6 +552,16 @@ fn behind_hard_nats_the_path_goes_through_the_relay() {
         Path::Relayed { relay, .. } => *relay == RELAY,
         Path::Direct { remote } => remote.ip() == RELAY.ip(),
     }));
+    // Each peer address got one channel on each allocation, asked for once: a second
+    // binding for one peer is one the relay refuses.
+    let mut asked = world.channel_binds.clone();
+    asked.sort();
+    asked.dedup();
+    let mut peers: Vec<_> = asked.iter().map(|(from, peer, _)| (*from, *peer)).collect();
+    peers.sort();
+    peers.dedup();
+    assert!(!peers.is_empty());
+    assert_eq!(peers.len(), asked.len(), "{asked:?}");
 }
 
 #[test]
