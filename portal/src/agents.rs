@@ -36,6 +36,7 @@ use crate::broker::{Broker, BrokerError, Link, LinkReceiver, cut};
 use crate::config::{DEFAULT_HELLO_TIMEOUT_MS, TrustedProxy};
 use crate::http::AppState;
 use crate::listener::{Busy, Slot};
+use crate::registry::ConnectionPath;
 use crate::store::{TokenKind, TokenRecord};
 
 /// Frames beyond this close the connection; messages between this and
@@ -516,6 +517,10 @@ async fn serve_gateway(
                         if let Err(message) = broker.gateway_candidates(account, gateway_id, &client_id, candidates) {
                             link.send(&PortalToGateway::Error { message });
                         }
+                    }
+                    Incoming::Message(GatewayMessage::Path { client_id, path, relay }) => {
+                        let path = ConnectionPath { kind: path, relay };
+                        broker.gateway_path(account, gateway_id, &client_id, path).await;
                     }
                     Incoming::Message(GatewayMessage::Hello { .. }) => {
                         link.send(&PortalToGateway::Error { message: "`hello` was already said".to_owned() });

@@ -47,7 +47,9 @@ use crate::geo::CountryDb;
 use crate::limits::{Occurrence, Rate, RateLimiter, Repeats};
 use crate::policy::PolicyEngine;
 use crate::random;
-use crate::registry::{ClientEntry, ClientSession, GatewayEntry, LiveGrant, Registry, deletions};
+use crate::registry::{
+    ClientEntry, ClientSession, ConnectionPath, GatewayEntry, LiveGrant, Registry, deletions,
+};
 use crate::relay::Relays;
 use crate::store::{
     self, Decision as FlowDecision, GrantRecord, NewFlow, Store, TokenRecord, Write,
@@ -793,13 +795,24 @@ impl Broker {
                 detail: serde_json::to_string(&detail).ok(),
             };
             let reason = table.rule_notes(&decision.rules).join("; ");
-            let writes = vec![
+            let mut writes = vec![
                 Write::InsertGrant(record),
                 Write::Flow(NewFlow {
                     grant_id: Some(signed.grant.id.clone()),
                     ..flow(FlowDecision::Allow, Some(rule.clone()), reason)
                 }),
             ];
+            // A pair already connected (the grant adds a resource to it) travels as before.
+            let known_path = self.registry().pair_path(&session.client_id, &gateway.id);
+            if let Some(path) = known_path {
+                writes.push(Write::FlowPath {
+                    account: session.account.clone(),
+                    grant_id: signed.grant.id.clone(),
+                    issued_at: now_i64(now),
+                    path: path.kind,
+                    relay: path.relay,
+                });
+            }
             if let Err(error) = self.writer.submit(writes).await {
                 // The gateway holds a grant the store does not: take it back.
                 tracing::error!(error = %error, "cannot store a grant; withdrawing it");
@@ -1261,6 +1274,37 @@ impl Broker {
             candidates,
         });
         Ok(())
+    }
+
+    /// A gateway says how a client's datagrams reach it now: the flows of the grants in force
+    /// between them record it. Ignored for a client the gateway holds no grant of (its last
+    /// grant may have just ended). A gateway that says it over and over only slows itself:
+    /// its connection waits for each write.
+    pub async fn gateway_path(
+        &self,
+        account: &str,
+        gateway_id: &str,
+        client_id: &str,
+        path: ConnectionPath,
+    ) {
+        let grants = self
+            .registry()
+            .set_pair_path(account, client_id, gateway_id, path);
+        let writes: Vec<Write> = grants
+            .into_iter()
+            .map(|(grant_id, issued_at)| Write::FlowPath {
+                account: account.to_owned(),
+                grant_id,
+                issued_at: now_i64(issued_at),
+                path: path.kind,
+                relay: path.relay,
+            })
+            .collect();
+        if !writes.is_empty()
+            && let Err(error) = self.writer.submit(writes).await
+        {
+            tracing::warn!(error = %error, gateway = %gateway_id, "cannot record a connection's path");
+        }
     }
 
     /// How often [`Broker::refresh_relay_credentials`] must run; `None` without relays.

@@ -10,9 +10,10 @@
 //! asked for; accounts never see each other's gateways, sessions or grants.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use fz_proto::{GatewayPeer, PresharedKey, Resolution, SignedGrant, UnixTime};
+use fz_proto::{GatewayPeer, PathKind, PresharedKey, Resolution, SignedGrant, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use crate::store::Write;
@@ -49,7 +50,7 @@ pub struct ClientSession {
     pub provider: Option<String>,
     /// Groups as identity providers named them (provider, group).
     pub idp_groups: Vec<(String, String)>,
-    pub source: Option<std::net::IpAddr>,
+    pub source: Option<IpAddr>,
     pub country: Option<String>,
     pub peer: fz_proto::ClientPeer,
 }
@@ -108,6 +109,15 @@ struct Pair {
     key: PresharedKey,
     in_force: usize,
     reserved: usize,
+    /// How the pair's datagrams travel, as the gateway last said.
+    path: Option<ConnectionPath>,
+}
+
+/// How a client–gateway pair's datagrams travel: directly, or through the relay at `relay`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionPath {
+    pub kind: PathKind,
+    pub relay: Option<IpAddr>,
 }
 
 impl<L> Default for Registry<L> {
@@ -288,6 +298,7 @@ impl<L> Registry<L> {
                 key: grant.signed.grant.preshared_key.clone(),
                 in_force: 0,
                 reserved: 0,
+                path: None,
             })
             .in_force += 1;
         if let Some(old) = self.grants.insert(grant.id.clone(), Arc::new(grant)) {
@@ -301,6 +312,43 @@ impl<L> Registry<L> {
         self.pairs
             .get(&(client_id.to_owned(), gateway_id.to_owned()))
             .map(|pair| pair.key.clone())
+    }
+
+    /// How the pair's datagrams travel, once its gateway said.
+    pub fn pair_path(&self, client_id: &str, gateway_id: &str) -> Option<ConnectionPath> {
+        self.pairs
+            .get(&(client_id.to_owned(), gateway_id.to_owned()))?
+            .path
+    }
+
+    /// The gateway says how the pair's datagrams travel now: the grants in force between the
+    /// pair of `account` (id and issue time), whose flows record it, if the path changed;
+    /// none if it did not, or if the pair has no grant.
+    pub fn set_pair_path(
+        &mut self,
+        account: &str,
+        client_id: &str,
+        gateway_id: &str,
+        path: ConnectionPath,
+    ) -> Vec<(String, UnixTime)> {
+        let Some(pair) = self
+            .pairs
+            .get_mut(&(client_id.to_owned(), gateway_id.to_owned()))
+        else {
+            return Vec::new();
+        };
+        if pair.path == Some(path) {
+            return Vec::new();
+        }
+        pair.path = Some(path);
+        self.by_client
+            .get(&(account.to_owned(), client_id.to_owned()))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.grants.get(id))
+            .filter(|grant| grant.gateway_id == gateway_id)
+            .map(|grant| (grant.id.clone(), grant.signed.grant.issued_at))
+            .collect()
     }
 
     /// The key a grant being made for the pair carries: the pair's, or `fresh` when the pair
@@ -319,6 +367,7 @@ impl<L> Registry<L> {
                 key: fresh,
                 in_force: 0,
                 reserved: 0,
+                path: None,
             });
         pair.reserved += 1;
         pair.key.clone()

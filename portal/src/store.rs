@@ -43,13 +43,14 @@
 //! [`StoreError::Invalid`]; the other variants carry their cause as `source()` for logs.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use fz_proto::PathKind;
 use serde::Serialize;
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
@@ -317,6 +318,15 @@ pub enum Write {
         flow: NewFlow,
         at: i64,
     },
+    /// How the connection of a grant's pair travels now (`path` and the relay, if any), on the
+    /// allow row that made the grant (the row of `account` at `issued_at` naming `grant_id`).
+    FlowPath {
+        account: String,
+        grant_id: String,
+        issued_at: i64,
+        path: PathKind,
+        relay: Option<IpAddr>,
+    },
     /// As [`Store::set_gateway_connected`].
     GatewaySeen {
         account: String,
@@ -402,6 +412,10 @@ pub struct FlowRecord {
     pub last_time: i64,
     /// The grant an allow made.
     pub grant_id: Option<String>,
+    /// How the grant's connection traveled, as its gateway last said: `direct` or `relayed`
+    /// (through `relay`). `None` for denials, and until the gateway says.
+    pub path: Option<String>,
+    pub relay: Option<String>,
 }
 
 /// Which flows [`Store::flows`] returns: those of `account` that match every filter given.
@@ -1352,6 +1366,7 @@ impl Store {
         let mut again: std::collections::HashMap<Again<'_>, (i64, i64)> =
             std::collections::HashMap::new();
         let mut seen = Vec::new();
+        let mut paths = Vec::new();
         for write in writes {
             match write {
                 Write::InsertGrant(grant) => grants.push(grant),
@@ -1370,6 +1385,13 @@ impl Store {
                     connected,
                     at,
                 } => seen.push((account, gateway_id, *connected, *at)),
+                Write::FlowPath {
+                    account,
+                    grant_id,
+                    issued_at,
+                    path,
+                    relay,
+                } => paths.push((account, grant_id, *issued_at, *path, *relay)),
             }
         }
         let (_turn, mut tx) = self.begin_write().await?;
@@ -1420,6 +1442,20 @@ impl Store {
         }
         for (account, gateway_id, connected, at) in seen {
             set_gateway_connected(&mut tx, account, gateway_id, connected, at).await?;
+        }
+        // After the inserts: a grant's path may come in the batch that records the grant.
+        for (account, grant_id, issued_at, path, relay) in paths {
+            sqlx::query(
+                "UPDATE flows SET path = ?4, relay = ?5
+                 WHERE account = ?1 AND time = ?2 AND grant_id = ?3",
+            )
+            .bind(account)
+            .bind(issued_at)
+            .bind(grant_id)
+            .bind(path.as_str())
+            .bind(relay.map(|r| r.to_string()))
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1535,9 +1571,8 @@ impl Store {
     pub async fn flows(&self, filter: &FlowFilter) -> Result<Vec<FlowRecord>, StoreError> {
         // A negative limit is no limit to SQLite.
         let limit = filter.limit.map_or(-1, i64::from);
-        Ok(sqlx::query_as(
-            "SELECT id, account, time, user_email, client_id, resource_id, name, decision,
-                    rule_id, bundle_hash, reason, count, last_time, grant_id
+        Ok(sqlx::query_as(&format!(
+            "SELECT {FLOW_COLUMNS}
              FROM flows
              WHERE account = ?1
                AND (?2 IS NULL OR user_email = ?2)
@@ -1545,8 +1580,8 @@ impl Store {
                AND (?4 IS NULL OR decision = ?4)
                AND (?5 IS NULL OR last_time >= ?5)
              ORDER BY time DESC, id DESC
-             LIMIT ?6",
-        )
+             LIMIT ?6"
+        ))
         .bind(&filter.account)
         .bind(filter.user.as_deref().map(str::to_lowercase))
         .bind(filter.resource.as_deref())
@@ -1596,6 +1631,9 @@ const DUMMY_SALT: &str = "00000000000000000000000000000000";
 const DUMMY_ID: &str = "tok_-";
 const CLIENT_COLUMNS: &str = "id, account, token_id, name, public_key, verified, verified_key, created_at, tunnel_index, \
      last_connected_at";
+const FLOW_COLUMNS: &str = "id, account, time, user_email, client_id, resource_id, name, \
+                            decision, rule_id, bundle_hash, reason, count, last_time, grant_id, \
+                            path, relay";
 const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
                                created_at, last_seen, connected";
 
@@ -1912,13 +1950,12 @@ async fn insert_flow(
     conn: &mut sqlx::SqliteConnection,
     flow: &NewFlow,
 ) -> Result<FlowRecord, StoreError> {
-    sqlx::query_as(
+    sqlx::query_as(&format!(
         "INSERT INTO flows (account, time, user_email, client_id, resource_id, name, decision,
                             rule_id, bundle_hash, reason, last_time, grant_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?2, ?11)
-         RETURNING id, account, time, user_email, client_id, resource_id, name, decision,
-                   rule_id, bundle_hash, reason, count, last_time, grant_id",
-    )
+         RETURNING {FLOW_COLUMNS}"
+    ))
     .bind(&flow.account)
     .bind(flow.time)
     .bind(flow.user.to_lowercase())

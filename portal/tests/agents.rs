@@ -1416,3 +1416,138 @@ async fn candidates_pass_between_a_client_and_a_gateway_only_with_a_grant_betwee
         })
     );
 }
+
+/// Asks for `resource` as `client`, and has `gateway` take the grant: the grant's id.
+async fn granted_through(
+    client: &mut TestClient,
+    gateway: &mut TestGateway,
+    resource: &str,
+) -> String {
+    let dns = (resource == "gitlab").then(gitlab_name).flatten();
+    send_text(
+        &mut client.socket,
+        encode(&fz_proto::ClientMessage::RequestAccess {
+            resource: resource.into(),
+            dns,
+            avoid: vec![],
+        }),
+    )
+    .await;
+    let grant = match gateway.next().await {
+        Some(PortalToGateway::Grant { grant }) => grant,
+        other => panic!("expected the grant of {resource}, got {other:?}"),
+    };
+    gateway
+        .send(&GatewayMessage::Ack {
+            grant_id: grant.grant.id.clone(),
+            resolved: grant.grant.resource.dns.as_ref().map(|_| RESOLVED),
+        })
+        .await;
+    loop {
+        match client.next().await {
+            Some(PortalToClient::Granted { .. }) => return grant.grant.id,
+            Some(PortalToClient::Candidates { .. } | PortalToClient::Relays { .. }) => {}
+            other => panic!("expected the grant of {resource}, got {other:?}"),
+        }
+    }
+}
+
+/// Waits until the portal handled every message `gateway` sent before: it answers a second
+/// `hello` with an error, in order.
+async fn handled(gateway: &mut TestGateway) {
+    gateway
+        .send(&GatewayMessage::Hello {
+            public_key: key(9),
+            endpoints: vec![],
+        })
+        .await;
+    match gateway.next().await {
+        Some(PortalToGateway::Error { message }) => assert!(message.contains("hello"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_flow_log_says_how_each_grants_connection_travels_as_its_gateway_says() {
+    use fz_proto::PathKind;
+    let portal = TestPortal::start(POLICY, "").await;
+    let mut gateway = portal.gateway("acme", "hq", 1).await;
+    let mut stranger = portal.gateway("globex", "hq", 2).await;
+    let mut alice = portal.client("acme", ALICE, 3).await;
+    let bob = portal.client("acme", BOB, 4).await;
+    let path = |client_id: &str, path: PathKind, relay: Option<&str>| GatewayMessage::Path {
+        client_id: client_id.to_owned(),
+        path,
+        relay: relay.map(|r| r.parse().unwrap()),
+    };
+    let paths = || async {
+        let mut rows: Vec<(String, Option<String>, Option<String>)> = portal
+            .store()
+            .flows(&flows("acme"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.grant_id.unwrap_or_default(), f.path, f.relay))
+            .collect();
+        rows.sort();
+        rows
+    };
+
+    let db = granted_through(&mut alice, &mut gateway, "db").await;
+    assert_eq!(paths().await, [(db.clone(), None, None)], "not said yet");
+    gateway
+        .send(&path(
+            &alice.ready.client_id,
+            PathKind::Relayed,
+            Some("198.51.100.9"),
+        ))
+        .await;
+    handled(&mut gateway).await;
+    let relayed = (Some("relayed".to_owned()), Some("198.51.100.9".to_owned()));
+    assert_eq!(
+        paths().await,
+        [(db.clone(), relayed.0.clone(), relayed.1.clone())]
+    );
+
+    // A second grant of the pair travels the same way from its first row on.
+    let gitlab = granted_through(&mut alice, &mut gateway, "gitlab").await;
+    let mut expected = vec![
+        (db.clone(), relayed.0.clone(), relayed.1.clone()),
+        (gitlab.clone(), relayed.0.clone(), relayed.1.clone()),
+    ];
+    expected.sort();
+    assert_eq!(paths().await, expected);
+
+    // The pair moves to a direct path: both rows say so.
+    gateway
+        .send(&path(&alice.ready.client_id, PathKind::Direct, None))
+        .await;
+    handled(&mut gateway).await;
+    let direct = |rows: Vec<(String, Option<String>, Option<String>)>| {
+        rows.iter()
+            .all(|(_, path, relay)| path.as_deref() == Some("direct") && relay.is_none())
+    };
+    assert!(direct(paths().await), "{:?}", paths().await);
+
+    // Nobody else writes on them: not a gateway of another account naming alice, nor this
+    // gateway naming a client it holds no grant of.
+    stranger
+        .send(&path(
+            &alice.ready.client_id,
+            PathKind::Relayed,
+            Some("203.0.113.66"),
+        ))
+        .await;
+    handled(&mut stranger).await;
+    gateway
+        .send(&path(
+            &bob.ready.client_id,
+            PathKind::Relayed,
+            Some("203.0.113.66"),
+        ))
+        .await;
+    handled(&mut gateway).await;
+    let rows = paths().await;
+    assert_eq!(rows.len(), 2);
+    assert!(direct(rows), "{:?}", paths().await);
+}

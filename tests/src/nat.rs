@@ -130,3 +130,49 @@ pub fn inbound_refused(router: &Netns) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+/// Makes `router` drop every datagram between its host and the wan but those to and from
+/// `relay`, until [`unblock_direct`]: the host's peers can reach it only through the relay.
+/// A table of its own, in front of the NAT's, so that lifting it leaves the NAT as it was.
+pub fn block_direct(router: &Netns, relay: Ipv4Addr) {
+    let relay = relay.to_string();
+    for command in [
+        vec!["add", "table", "ip", "fz_test_block"],
+        vec![
+            "add",
+            "chain",
+            "ip",
+            "fz_test_block",
+            "forward",
+            "{ type filter hook forward priority filter - 1 ; policy accept ; }",
+        ],
+        vec![
+            "add",
+            "rule",
+            "ip",
+            "fz_test_block",
+            "forward",
+            "meta",
+            "l4proto",
+            "udp",
+            "ip",
+            "saddr",
+            "!=",
+            &relay,
+            "ip",
+            "daddr",
+            "!=",
+            &relay,
+            "drop",
+        ],
+    ] {
+        router.exec("nft", &command).unwrap();
+    }
+}
+
+/// Lets direct datagrams through `router` again ([`block_direct`]).
+pub fn unblock_direct(router: &Netns) {
+    router
+        .exec("nft", &["delete", "table", "ip", "fz_test_block"])
+        .unwrap();
+}

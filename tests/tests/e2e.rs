@@ -57,6 +57,7 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("nat matrix", nat_matrix),
     ("relay restart", relay_restart),
     ("roaming client", roaming_client),
+    ("relay first", relay_first),
     ("identity provider groups", identity_provider_groups),
     ("load balancing", load_balancing),
     ("time window", time_window),
@@ -933,6 +934,100 @@ fn roaming_client(world: &mut World, report: &mut Report) -> String {
     report.figures.roaming_seconds = Some(took);
     format!(
         "{first:?}; moved from {old} to {new}; {answer:?} again after {took:.2} s ({attempts} attempts)"
+    )
+}
+
+/// Relay first, then direct: a client and a gateway behind easy NATs, whose direct datagrams
+/// the gateway's router drops at first, so that the relay carries the connection's first
+/// bytes. A long transfer starts; the router lets direct datagrams through again; ICE's
+/// checks of the direct pairs (still under way) get through, the client nominates the direct
+/// pair, both sides move to it without a new connection, and the transfer completes, every
+/// byte of it, the rest of it directly.
+fn relay_first(world: &mut World, _: &mut Report) -> String {
+    use std::io::Read as _;
+    world.set_rules("allow engineering -> edge-easy-web as edge");
+    let gateway = world.edge_gateway(1, "gw-easy-f");
+    let router = gateway.router.as_ref().expect("an easy NAT has a router");
+    let IpAddr::V4(relay) = RELAY.ip() else {
+        unreachable!("the relay is on the IPv4 wan")
+    };
+    fz_e2e::nat::block_direct(router, relay);
+    let client = world.natted_client("first", Nat::Easy, 5);
+    let client_id = ready_client_id(&client.running().log_text());
+    let bulk = gateway.bulk;
+    let mut stream = client
+        .ns
+        .run(|| TcpStream::connect_timeout(&bulk, WAIT))
+        .unwrap_or_else(|error| panic!("no connection to {bulk}: {error}"));
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut received = stream.read(&mut buffer).unwrap();
+    assert!(received > 0, "{bulk} closed at once");
+    let first_path = world.wait_for("the gateway's first path", WAIT, |_| {
+        path_of(&gateway.process.log_text(), &client_id)
+    });
+    assert_eq!(
+        first_path, "relayed",
+        "the first bytes came while only the relay could carry them"
+    );
+    // The portal's flow log says so too, on the grant's row.
+    let logged_path = |wanted: &'static str| {
+        world.wait_for(&format!("the flow log's path: {wanted}"), WAIT, |world| {
+            world
+                .flows()
+                .into_iter()
+                .find(|f| f["client_id"] == client_id.as_str() && f["decision"] == "allow")
+                .filter(|f| f["path"] == wanted)
+                .map(|f| f["relay"].as_str().map(str::to_owned))
+        })
+    };
+    assert_eq!(logged_path("relayed"), Some(relay.to_string()));
+    let metrics = || {
+        gateway
+            .ns
+            .run(|| fz_host::testing::metrics::scrape(fz_e2e::world::METRICS))
+            .unwrap()
+    };
+    let direct_bytes = "fz_gateway_wireguard_bytes_total{path=\"direct\"}";
+    let direct_before = metrics().value(direct_bytes);
+    fz_e2e::nat::unblock_direct(router);
+    let lifted = Instant::now();
+    world.wait_for("the connection's move to a direct path", WAIT, |_| {
+        path_of(&gateway.process.log_text(), &client_id).filter(|path| path == "direct")
+    });
+    let moved = lifted.elapsed().as_secs_f64();
+    assert_eq!(
+        logged_path("direct"),
+        None,
+        "a direct path goes through no relay"
+    );
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => received += n,
+            Err(error) => panic!("the transfer broke after {received} bytes: {error}"),
+        }
+    }
+    assert_eq!(
+        received,
+        fz_e2e::servers::POUR_BYTES,
+        "bytes of the transfer"
+    );
+    // The rest went directly: at least a megabyte more on the gateway's direct path (its
+    // metrics are published each second).
+    fz_host::testing::metrics::wait_metrics(
+        &gateway.ns,
+        fz_e2e::world::METRICS,
+        "direct bytes after the move",
+        WAIT,
+        |what| gateway.process.assert_running(what),
+        |m| m.value(direct_bytes) >= direct_before + (1 << 20),
+    );
+    format!(
+        "{} MiB from gw-easy-f: the first bytes relayed (direct datagrams dropped); direct \
+         again {moved:.2} s after the drop ended, the transfer went on and completed; the flow \
+         log said relayed via {relay}, then direct",
+        received >> 20
     )
 }
 

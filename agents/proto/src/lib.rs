@@ -25,6 +25,6 @@ pub use grant::{
 pub use key::{KeyError, PortalPublicKey, PortalSigningKey, PresharedKey, PublicKey};
 pub use message::{
     ClientMessage, ClientReady, DEFAULT_ACK_TIMEOUT_MS, GatewayMessage, MAX_CANDIDATE_LENGTH,
-    MAX_CANDIDATES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, PortalToClient, PortalToGateway,
+    MAX_CANDIDATES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, PathKind, PortalToClient, PortalToGateway,
     ProtoError, Relay, Resolution, ResourceView, decode, encode,
 };

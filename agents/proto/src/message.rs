@@ -4,7 +4,7 @@
 //! Decoding checks the size first, then the version, then the shape, so an oversized or
 //! newer-version message gets its own clear error instead of a parse failure.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -20,8 +20,8 @@ use crate::key::PublicKey;
 /// Version 2 added [`PortalToGateway::RevokeMany`]; version 3 the relays
 /// ([`PortalToClient::Relays`], [`PortalToGateway::Relays`]) and ICE candidates (`candidates`
 /// both ways, forwarded by the portal between a client and a gateway while a grant between
-/// them is in force).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// them is in force); version 4 the gateway's [`GatewayMessage::Path`] of each client.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// How long the portal waits for a gateway's answer to a grant (`ack` or `refused`) unless
 /// its configuration says otherwise. A gateway answers well inside it, also when a DNS
@@ -171,6 +171,32 @@ pub enum GatewayMessage {
         client_id: String,
         candidates: Vec<String>,
     },
+    /// How a client's datagrams reach this gateway now (said each time ICE picks a path):
+    /// the portal's flow log records it on the pair's grants.
+    Path {
+        client_id: String,
+        path: PathKind,
+        /// The relay the path goes through, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relay: Option<IpAddr>,
+    },
+}
+
+/// Whether a connection goes from one agent's socket to the other's, or through a relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    Direct,
+    Relayed,
+}
+
+impl PathKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::Relayed => "relayed",
+        }
+    }
 }
 
 /// Portal to gateway.
@@ -315,7 +341,7 @@ mod tests {
         ];
         for message in messages {
             let text = encode(&message);
-            assert!(text.starts_with("{\"v\":3,\"type\":"), "{text}");
+            assert!(text.starts_with("{\"v\":4,\"type\":"), "{text}");
             assert_eq!(decode::<ClientMessage>(text.as_bytes()), Ok(message));
         }
         let gateway = [
@@ -364,7 +390,18 @@ mod tests {
             encode(&PortalToGateway::RevokeMany {
                 grant_ids: vec!["gr_1".into()]
             }),
-            r#"{"v":3,"type":"revoke_many","grant_ids":["gr_1"]}"#
+            r#"{"v":4,"type":"revoke_many","grant_ids":["gr_1"]}"#
+        );
+        // A gateway's word on a client's path, as the portal reads it.
+        assert_eq!(
+            decode::<GatewayMessage>(
+                br#"{"v":4,"type":"path","client_id":"cli_1","path":"relayed","relay":"198.51.100.9"}"#
+            ),
+            Ok(GatewayMessage::Path {
+                client_id: "cli_1".into(),
+                path: PathKind::Relayed,
+                relay: Some("198.51.100.9".parse().unwrap()),
+            })
         );
         // A message of version 1 means what it meant.
         assert_eq!(
@@ -392,8 +429,8 @@ mod tests {
                 "the message is 262189 bytes; the limit is 262144",
             ),
             (
-                r#"{"v":4,"type":"request_access","resource":"x"}"#,
-                "the message is protocol version 4; this build speaks version 3",
+                r#"{"v":5,"type":"request_access","resource":"x"}"#,
+                "the message is protocol version 5; this build speaks version 4",
             ),
             (
                 r#"{"type":"request_access","resource":"x"}"#,

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
 use fz_proto::{
-    GatewayMessage, Grant, Identity, MAX_CANDIDATE_LENGTH, MAX_CANDIDATES, PortalPublicKey,
-    PortalToGateway, PublicKey, Resolution, SignedGrant, UnixTime,
+    GatewayMessage, Grant, Identity, MAX_CANDIDATE_LENGTH, MAX_CANDIDATES, PathKind,
+    PortalPublicKey, PortalToGateway, PublicKey, Resolution, SignedGrant, UnixTime,
 };
 use fz_traversal::{Event as TraversalEvent, Node, Path, Received, Role};
 
@@ -690,6 +690,18 @@ impl Gateway {
                         .and_then(|i| self.peers.get_mut(i))
                     {
                         peer.path = Some((path, relay));
+                        // Through a relay when either side's allocation carries it: this
+                        // side's (a relayed path) or the client's (a direct path to it).
+                        let kind = if relay.is_some() {
+                            PathKind::Relayed
+                        } else {
+                            PathKind::Direct
+                        };
+                        self.events.push_back(Event::ToPortal(GatewayMessage::Path {
+                            client_id: peer.client_id.clone(),
+                            path: kind,
+                            relay,
+                        }));
                         self.events.push_back(Event::Path {
                             client_id: peer.client_id.clone(),
                             path,

@@ -311,8 +311,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     } else {
                         date(f.time)
                     };
+                    // How a grant's connection travels, once its gateway said.
+                    let path = match (&f.path, &f.relay) {
+                        (Some(path), Some(relay)) => format!("{path} via {relay}"),
+                        (Some(path), None) => path.clone(),
+                        (None, _) => "-".to_owned(),
+                    };
                     println!(
-                        "{time}\t{:?}\t{}\t{resource}\t{}\t{}",
+                        "{time}\t{:?}\t{}\t{resource}\t{}\t{}\t{path}",
                         f.decision,
                         f.user,
                         f.rule_id.as_deref().unwrap_or("-"),
