@@ -43,7 +43,7 @@ cleanup() {
     jobs -p | xargs -r kill 2>/dev/null
     wait 2>/dev/null
     for ns in "$CLIENT" "$GATEWAY" "$HOST"; do ip netns del "$ns" 2>/dev/null; done
-    rm -f /var/run/wireguard/wg[cg][12].sock
+    rm -f /var/run/wireguard/fzb[cg][12].sock
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -123,7 +123,7 @@ measure() {
 # configured; their process ids in TUNNEL_PIDS. (Not printed for a `$(...)`: that subshell's
 # exit would run the cleanup trap.)
 tunnel_up() {
-    local kind="$1" client_if="wgc$2" gateway_if="wgg$2"
+    local kind="$1" client_if="fzbc$2" gateway_if="fzbg$2"
     local client_key gateway_key
     client_key=$(wg genkey); gateway_key=$(wg genkey)
     for side in client gateway; do
@@ -167,7 +167,7 @@ tunnel_up() {
 # The processes `ip netns exec` started are the devices themselves (it execs).
 tunnel_down() {
     local index="$1"
-    for ifname in "wgc$index" "wgg$index"; do
+    for ifname in "fzbc$index" "fzbg$index"; do
         kill "$(cat "$WORK/$ifname.pid")" 2>/dev/null || true
     done
     wait 2>/dev/null || true

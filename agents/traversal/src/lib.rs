@@ -940,17 +940,14 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
     fn flush_turn(&mut self, now: Instant) {
         let at = self.turn_time(now);
         let mut created = Vec::new();
-        for (index, relay) in self.relays.iter_mut().enumerate() {
+        for index in 0..self.relays.len() {
+            let Some(closed) = self.poll_relay(index, at) else {
+                continue;
+            };
+            let relay = &mut self.relays[index];
             let Some(client) = relay.client.as_mut() else {
                 continue;
             };
-            let closed = matches!(client.poll(at), TurnPollRet::Closed);
-            while let Some(transmit) = client.poll_transmit(at) {
-                self.transmits.push_back(Transmit {
-                    destination: transmit.to,
-                    payload: transmit.data.as_ref().to_vec(),
-                });
-            }
             while let Some(event) = client.poll_event() {
                 match event {
                     TurnEvent::AllocationCreated(TransportType::Udp, relayed) => {
@@ -972,6 +969,7 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
             if closed {
                 tracing::info!(relay = %relay.server, "the relay allocation ended; asking again");
                 relay.client = None;
+                relay.wake_at = None;
                 relay.retry_at = Some(now + RELAY_RETRY);
             }
         }
@@ -998,25 +996,29 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
             for remote in remotes {
                 self.relays[index].open_to(remote, at);
             }
+            // The channel bindings go out, and their retransmissions count in the wake time.
+            self.poll_relay(index, at);
             if let Ok(candidate) = Candidate::relayed(relayed, base, "udp") {
                 self.add_local_candidate(candidate, now);
             }
         }
-        // What opening channels queued, and when each client wants its next poll, asked at
-        // `now` (a poll at another time would act on timers early).
-        for relay in &mut self.relays {
-            let Some(client) = relay.client.as_mut() else {
-                relay.wake_at = None;
-                continue;
-            };
-            relay.wake_at = relay_time(self.epoch, client.poll(at));
-            while let Some(transmit) = client.poll_transmit(at) {
-                self.transmits.push_back(Transmit {
-                    destination: transmit.to,
-                    payload: transmit.data.as_ref().to_vec(),
-                });
-            }
-        }
+    }
+
+    /// Polls the TURN client of relay `index` at `at` (only ever at the present: a poll at
+    /// another time acts on its timers early): what it has to send is queued, and when it
+    /// wants the next poll is kept for [`Node::poll_timeout`]. Whether the allocation closed;
+    /// `None` without a client.
+    fn poll_relay(&mut self, index: usize, at: turn_client_proto::stun::Instant) -> Option<bool> {
+        let relay = &mut self.relays[index];
+        let Some(client) = relay.client.as_mut() else {
+            relay.wake_at = None;
+            return None;
+        };
+        let answer = client.poll(at);
+        let closed = matches!(answer, TurnPollRet::Closed);
+        relay.wake_at = relay_time(self.epoch, answer);
+        queue_transmits(client, at, &mut self.transmits);
+        Some(closed)
     }
 
     /// Drops the allocation on `relay` (its relayed candidate goes) and asks for a new one
@@ -1041,13 +1043,21 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
     }
 
     fn drain_turn(&mut self, client: &mut TurnClientUdp, now: Instant) {
-        let at = self.turn_time(now);
-        while let Some(transmit) = client.poll_transmit(at) {
-            self.transmits.push_back(Transmit {
-                destination: transmit.to,
-                payload: transmit.data.as_ref().to_vec(),
-            });
-        }
+        queue_transmits(client, self.turn_time(now), &mut self.transmits);
+    }
+}
+
+/// What a TURN client has to send, into `queue`.
+fn queue_transmits(
+    client: &mut TurnClientUdp,
+    at: turn_client_proto::stun::Instant,
+    queue: &mut VecDeque<Transmit>,
+) {
+    while let Some(transmit) = client.poll_transmit(at) {
+        queue.push_back(Transmit {
+            destination: transmit.to,
+            payload: transmit.data.as_ref().to_vec(),
+        });
     }
 }
 
