@@ -1369,7 +1369,7 @@ fn start_gateway_at(
             "--metrics",
             &METRICS.to_string(),
         ],
-        "info,fz_gateway=debug,boringtun=debug,fz_traversal=debug",
+        "info,fz_gateway=debug,fz_host=debug,boringtun=debug,fz_traversal=debug",
         dir.join(format!("{name}.log")),
     )
 }
@@ -1421,7 +1421,7 @@ fn start_client(ns: &Netns, dir: &Path, name: &str, token: &Path, portal_key: &s
             "--resolv-conf",
             "/etc/resolv.conf",
         ],
-        "info,fz_client=debug,fz_dns=debug,boringtun=debug,fz_traversal=debug",
+        "info,fz_client=debug,fz_dns=debug,fz_host=debug,boringtun=debug,fz_traversal=debug",
         dir.join(format!("{name}.log")),
     )
 }

@@ -3,6 +3,10 @@
 //! set of inputs ([`Input`]). The portal link, the DNS sockets and upstream exchanges run as
 //! tasks of their own and come back as inputs.
 //!
+//! Packets move in batches, as in the gateway's loop: one input is everything one read of the
+//! socket or the device brought, the core takes each in order, and its outputs are queued and
+//! written with as few system calls as the kernel allows.
+//!
 //! Set-up order matters for the host: the TUN device, the sentinel addresses and the DNS
 //! sockets first, and only then the resolver switched to them; at exit the resolver comes
 //! back first (also when the loop fails).
@@ -18,17 +22,19 @@ use fz_host::resolv::{self, ResolverSwitch};
 use fz_host::tun::{Cidr, Tun};
 use fz_link::{ClientRole, LinkEvent};
 use fz_proto::{ClientMessage, PortalToClient, ResourceView};
+use fz_tunnel::Output;
 use fz_tunnel::client::{self, Client, Event};
 use fz_tunnel::gateway::MAX_DATAGRAM;
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use fz_host::agent::{send, sleep_until};
+use fz_host::agent::sleep_until;
+use fz_host::tun::WriteBatch;
+use fz_host::udp::{RecvBatch, SendQueue, Udp};
 
 use crate::config::Config;
 use crate::dns::{self, DnsQuery, DnsService};
 
-/// Buffers large enough for any datagram or packet the kernel hands over.
+/// Room for any datagram the core seals or opens.
 const BUFFER: usize = 65_536;
 
 /// The mapped ranges the DNS stub hands out; packets to them go through the tunnel.
@@ -37,8 +43,10 @@ const MAPPED_V6: (&str, u8) = ("fd00:2021:1111:8000::", 107);
 
 #[derive(Debug)]
 enum Input {
-    Network(SocketAddr, usize),
-    Tun(usize),
+    /// Datagrams, in the receive batch.
+    Network,
+    /// Packets, in the TUN read batch.
+    Tun,
     Portal(LinkEvent<PortalToClient>),
     Dns(DnsQuery),
     Timeout,
@@ -81,9 +89,7 @@ async fn serve(
     queries: &mut mpsc::Receiver<DnsQuery>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let udp = UdpSocket::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot bind {}", config.listen))?;
+    let udp = Udp::bind(config.listen).with_context(|| format!("cannot bind {}", config.listen))?;
     let mut seed = [0u8; 4];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let unix_ms = SystemTime::now()
@@ -108,9 +114,11 @@ async fn serve(
     };
     let (to_portal, mut from_portal) = fz_link::spawn::<ClientRole>(config.portal, hello)?;
     tracing::info!(public_key = %core.public_key(), tun = tun.name(), "client up");
-    let mut datagram = vec![0u8; BUFFER];
-    let mut packet = vec![0u8; BUFFER];
+    let mut datagrams = RecvBatch::default();
+    let mut packets = tun.read_batch();
     let mut sealed = vec![0u8; MAX_DATAGRAM.max(BUFFER)];
+    let mut to_network = SendQueue::default();
+    let mut to_tun = WriteBatch::default();
     tokio::pin!(shutdown);
 
     loop {
@@ -120,14 +128,17 @@ async fn serve(
             .flatten()
             .min();
         let input = tokio::select! {
-            received = udp.recv_from(&mut datagram) => match received {
-                Ok((length, from)) => Input::Network(from, length),
+            received = udp.recv(&mut datagrams) => match received {
+                Ok(()) => Input::Network,
                 Err(error) => {
                     tracing::debug!(%error, "UDP receive failed");
                     continue;
                 }
             },
-            read = tun.recv(&mut packet) => Input::Tun(read.context("the TUN device failed")?),
+            read = tun.recv(&mut packets) => {
+                read.context("the TUN device failed")?;
+                Input::Tun
+            }
             event = from_portal.recv() => match event {
                 Some(event) => Input::Portal(event),
                 None => anyhow::bail!("the portal link stopped"),
@@ -138,20 +149,29 @@ async fn serve(
         };
         let now = Instant::now();
         match input {
-            Input::Network(from, length) => {
-                let Some(received) = datagram.get(..length) else {
-                    continue;
-                };
-                if let Some(answer) = core.handle_network(from, received, &mut sealed, now) {
-                    send(&udp, answer.destination, &answer.payload).await;
+            Input::Network => {
+                for (from, datagram) in datagrams.datagrams() {
+                    match core.handle_network(from, datagram, &mut sealed, now) {
+                        Some(Output::Tun(packet)) => {
+                            to_tun.push(packet);
+                            if to_tun.is_full() {
+                                tun.send(&mut to_tun)
+                                    .await
+                                    .context("the TUN device failed")?;
+                            }
+                        }
+                        Some(Output::Network(to, bytes)) => to_network.push(to, &bytes),
+                        None => {}
+                    }
                 }
             }
-            Input::Tun(length) => {
-                let Some(read) = packet.get(..length) else {
-                    continue;
-                };
-                if let Some(transmit) = core.handle_tun(read, &mut sealed, now) {
-                    send(&udp, transmit.destination, &transmit.payload).await;
+            Input::Tun => {
+                for packet in packets.packets_mut() {
+                    if let Some(Output::Network(to, bytes)) =
+                        core.handle_tun(packet, &mut sealed, now)
+                    {
+                        to_network.push(to, &bytes);
+                    }
                 }
             }
             Input::Portal(LinkEvent::Message(message)) => {
@@ -187,13 +207,17 @@ async fn serve(
             }
         }
         while let Some(transmit) = core.poll_transmit() {
-            send(&udp, transmit.destination, &transmit.payload).await;
+            to_network.push(transmit.destination, &transmit.payload);
         }
         while let Some(packet) = core.poll_tun() {
-            if let Err(error) = tun.send(&packet).await {
-                tracing::debug!(%error, "the TUN device refused a packet");
-            }
+            to_tun.push(&packet);
         }
+        // A refused datagram or packet is logged and the rest go; only a device that is gone
+        // stops the client.
+        udp.send(&mut to_network).await;
+        tun.send(&mut to_tun)
+            .await
+            .context("the TUN device failed")?;
         while let Some(event) = core.poll_event() {
             act(event, &to_portal, &mut service, now);
         }

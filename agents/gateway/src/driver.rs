@@ -3,40 +3,48 @@
 //! input it drains the core's outputs in the core's order: datagrams, then events, then the
 //! next timeout.
 //!
+//! Packets move in batches: one input is everything one read of the socket or the device
+//! brought (many datagrams, or the packets of one segment the kernel left whole), the core
+//! takes them one by one in that order, and what it gives back is queued and written with as
+//! few system calls as the kernel allows (UDP GSO runs, coalesced TUN writes). The core decides
+//! every packet as before; batching only changes how many cross the kernel boundary at once,
+//! and never their order.
+//!
 //! The portal link and name resolution run as tasks of their own and come back as inputs,
 //! so neither can hold up packets.
 
-use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use fz_proto::{GatewayMessage, PortalToGateway};
-use fz_tunnel::gateway::{self, Event, Gateway, Output, Resolved};
-use tokio::net::UdpSocket;
+use fz_tunnel::Output;
+use fz_tunnel::gateway::{self, Event, Gateway, Resolved};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use fz_host::agent::{send, sleep_until};
+use fz_host::agent::sleep_until;
 
 use crate::metrics::{self, Snapshot};
 use fz_host::firewall::{self, Masquerade};
 use fz_host::resolve::{LOOKUP_BUDGET, LookupFailure, Resolver};
-use fz_host::tun::Tun;
+use fz_host::tun::{Tun, WriteBatch};
+use fz_host::udp::{RecvBatch, SendQueue, Udp};
 use fz_link::{GatewayRole, LinkEvent};
 
 // The resolver gives up on a name before the core stops waiting for it, so a slow name ends
 // with the resolver's own reason, and the core's deadline is only the bound that holds anyway.
 const _: () = assert!(LOOKUP_BUDGET.as_millis() < gateway::RESOLVE_DEADLINE.as_millis());
 
-/// Buffers large enough for any datagram or packet the kernel hands over; the core drops
-/// what it cannot carry.
+/// Room for any datagram the core seals or opens; it drops what it cannot carry.
 const BUFFER: usize = 65_536;
 
 /// What the event loop waits for.
 #[derive(Debug)]
 enum Input {
-    Network(SocketAddr, usize),
-    Tun(usize),
+    /// Datagrams, in the receive batch.
+    Network,
+    /// Packets, in the TUN read batch.
+    Tun,
     Portal(LinkEvent<PortalToGateway>),
     Resolved(String, Resolved),
     Timeout,
@@ -63,9 +71,8 @@ async fn serve(
     tun: &Tun,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let udp = UdpSocket::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let udp =
+        Udp::bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let resolver = Resolver::from_system_conf()?;
     let mut seed = [0u8; 4];
     getrandom::fill(&mut seed).context("no randomness for peer indices")?;
@@ -103,16 +110,18 @@ async fn serve(
     let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel();
     let mut publish = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut portal_connected = false;
-    let mut datagram = vec![0u8; BUFFER];
-    let mut packet = vec![0u8; BUFFER];
+    let mut datagrams = RecvBatch::default();
+    let mut packets = tun.read_batch();
     let mut sealed = vec![0u8; BUFFER];
+    let mut to_network = SendQueue::default();
+    let mut to_tun = WriteBatch::default();
     tokio::pin!(shutdown);
 
     loop {
         let deadline = core.poll_timeout(Instant::now());
         let input = tokio::select! {
-            received = udp.recv_from(&mut datagram) => match received {
-                Ok((length, from)) => Input::Network(from, length),
+            received = udp.recv(&mut datagrams) => match received {
+                Ok(()) => Input::Network,
                 Err(error) => {
                     // An ICMP error for an earlier send surfaces here; it is not fatal.
                     tracing::debug!(%error, "UDP receive failed");
@@ -121,7 +130,10 @@ async fn serve(
             },
             // A read error means the device is gone (deleted, or the driver failed): nothing
             // more can be forwarded, so the gateway stops and says why.
-            read = tun.recv(&mut packet) => Input::Tun(read.context("the TUN device failed")?),
+            read = tun.recv(&mut packets) => {
+                read.context("the TUN device failed")?;
+                Input::Tun
+            }
             event = from_portal.recv() => match event {
                 Some(event) => Input::Portal(event),
                 None => anyhow::bail!("the portal link stopped"),
@@ -134,31 +146,30 @@ async fn serve(
         let now = Instant::now();
         // Anything but a packet may change grants, peers or the portal's state: metrics show
         // it at once rather than at the next second.
-        let control = !matches!(input, Input::Network(..) | Input::Tun(_));
+        let control = !matches!(input, Input::Network | Input::Tun);
         match input {
-            Input::Network(from, length) => {
-                let Some(received) = datagram.get(..length) else {
-                    continue;
-                };
-                match core.handle_network(from, received, &mut sealed, now) {
-                    Some(Output::Tun(bytes)) => {
-                        // The kernel may refuse one packet (no buffer, no route); the next may
-                        // go, so one refusal never stops the gateway.
-                        if let Err(error) = tun.send(bytes).await {
-                            tracing::debug!(%error, "the TUN device refused a packet");
+            Input::Network => {
+                for (from, datagram) in datagrams.datagrams() {
+                    match core.handle_network(from, datagram, &mut sealed, now) {
+                        Some(Output::Tun(packet)) => {
+                            to_tun.push(packet);
+                            if to_tun.is_full() {
+                                tun.send(&mut to_tun)
+                                    .await
+                                    .context("the TUN device failed")?;
+                            }
                         }
+                        Some(Output::Network(to, bytes)) => to_network.push(to, &bytes),
+                        None => {}
                     }
-                    Some(Output::Network(to, bytes)) => send(&udp, to, &bytes).await,
-                    None => {}
                 }
             }
-            Input::Tun(length) => {
-                let Some(read) = packet.get_mut(..length) else {
-                    continue;
-                };
-                match core.handle_tun(read, &mut sealed, now) {
-                    Some(Output::Network(to, bytes)) => send(&udp, to, &bytes).await,
-                    Some(Output::Tun(_)) | None => {}
+            Input::Tun => {
+                for packet in packets.packets_mut() {
+                    match core.handle_tun(packet, &mut sealed, now) {
+                        Some(Output::Network(to, bytes)) => to_network.push(to, &bytes),
+                        Some(Output::Tun(_)) | None => {}
+                    }
                 }
             }
             Input::Portal(LinkEvent::Message(message)) => {
@@ -184,8 +195,14 @@ async fn serve(
             }
         }
         while let Some(transmit) = core.poll_transmit() {
-            send(&udp, transmit.destination, &transmit.payload).await;
+            to_network.push(transmit.destination, &transmit.payload);
         }
+        // The kernel may refuse a datagram or a packet (no buffer, no route); the rest still
+        // go, so one refusal never stops the gateway. Only a device that is gone does.
+        udp.send(&mut to_network).await;
+        tun.send(&mut to_tun)
+            .await
+            .context("the TUN device failed")?;
         while let Some(event) = core.poll_event() {
             act(event, &to_portal, &resolver, &resolved_tx);
         }

@@ -45,7 +45,7 @@ use fz_host::testing::net::{greet, serve_dns, tcp_listener, udp_socket};
 use fz_host::testing::netns::{Netns, RemoveDir, etc_netns, link, unique_id};
 use fz_host::testing::process::Process;
 use fz_host::testing::{WAIT, cidr};
-use fz_host::tun::Tun;
+use fz_host::tun::{Tun, WriteBatch};
 use fz_proto::{
     ClientPeer, DnsMapping, GatewayMessage, GatewayPeer, Grant, GrantedResource, PortalSigningKey,
     PortalToGateway, PresharedKey, PublicKey, Resolution, SignedGrant,
@@ -579,18 +579,17 @@ impl Lab {
         // Out: the kernel's packets, sealed, to the gateway.
         let (out_tun, out_udp, out_tunnel) = (tun.clone(), udp.clone(), tunnel.clone());
         self.runtime.spawn(async move {
-            let (mut packet, mut sealed) = (vec![0u8; 2048], vec![0u8; 2048]);
-            while let Ok(len) = out_tun.recv(&mut packet).await {
-                let datagram = match out_tunnel
-                    .lock()
-                    .unwrap()
-                    .encapsulate(&packet[..len], &mut sealed)
-                {
-                    TunnResult::WriteToNetwork(bytes) => Some(bytes.to_vec()),
-                    _ => None,
-                };
-                if let Some(datagram) = datagram {
-                    let _ = out_udp.send_to(&datagram, GATEWAY_UNDERLAY).await;
+            let (mut packets, mut sealed) = (out_tun.read_batch(), vec![0u8; 2048]);
+            while out_tun.recv(&mut packets).await.is_ok() {
+                for packet in packets.packets_mut() {
+                    let datagram = match out_tunnel.lock().unwrap().encapsulate(packet, &mut sealed)
+                    {
+                        TunnResult::WriteToNetwork(bytes) => Some(bytes.to_vec()),
+                        _ => None,
+                    };
+                    if let Some(datagram) = datagram {
+                        let _ = out_udp.send_to(&datagram, GATEWAY_UNDERLAY).await;
+                    }
                 }
             }
         });
@@ -623,9 +622,11 @@ impl Lab {
                 for bytes in to_gateway {
                     let _ = in_udp.send_to(&bytes, GATEWAY_UNDERLAY).await;
                 }
+                let mut batch = WriteBatch::default();
                 for packet in to_kernel {
-                    let _ = in_tun.send(&packet).await;
+                    batch.push(&packet);
                 }
+                let _ = in_tun.send(&mut batch).await;
             }
         });
         // WireGuard's timers: handshake retries, keepalives, rekeying.

@@ -1,14 +1,11 @@
 //! What both agents' binaries and event loops share: logging to standard error, a runtime
-//! that runs the loop until SIGTERM or SIGINT, a deadline that may be none, and a UDP send
-//! whose failure is only logged.
+//! that runs the loop until SIGTERM or SIGINT, and a deadline that may be none.
 
 use std::future::Future;
 use std::io::IsTerminal as _;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -76,12 +73,5 @@ pub async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Sends a datagram; a failure (no route, a full buffer) is logged, the next one may go.
-pub async fn send(udp: &UdpSocket, to: SocketAddr, bytes: &[u8]) {
-    if let Err(error) = udp.send_to(bytes, to).await {
-        tracing::debug!(%error, "UDP send failed");
     }
 }

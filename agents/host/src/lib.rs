@@ -22,6 +22,7 @@ pub mod secrets;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tun;
+pub mod udp;
 
 use std::io::Write as _;
 use std::process::{Command, ExitStatus, Stdio};

@@ -19,9 +19,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use fz_host::firewall::{self, Masquerade};
-use fz_host::testing::packet::{parse_udp, udp};
+use fz_host::testing::packet::{parse_udp, transport_checksum_valid, udp};
 use fz_host::testing::{cidr, ip, nft, skip};
-use fz_host::tun::{self, Tun};
+use fz_host::tun::{self, Tun, WriteBatch};
+use fz_host::udp::{SendQueue, Udp};
 use tokio::net::UdpSocket;
 
 const TUN_V4: &str = "198.18.0.1/24";
@@ -70,7 +71,7 @@ fn tun_carries_udp_both_ways_through_the_kernel() {
 
             // In: a packet written to the device reaches the socket, as one from a client
             // reaches a resource.
-            device.send(&udp(peer, server, b"ping")).await.unwrap();
+            write(&device, &udp(peer, server, b"ping")).await;
             let mut buf = [0; 64];
             let (len, from) = bounded(socket.recv_from(&mut buf)).await.unwrap();
             assert_eq!((&buf[..len], from), (&b"ping"[..], peer));
@@ -81,6 +82,65 @@ fn tun_carries_udp_both_ways_through_the_kernel() {
             assert_eq!((src, payload.as_slice()), (server, &b"pong"[..]));
         }
     });
+}
+
+/// The batched paths both ways. Out: a run of equal datagrams sent with one UDP GSO call to a
+/// peer behind the device reaches the device as one segment (USO) or as separate packets, and
+/// reads back as the datagrams, in order, with valid checksums. In: a batch of packets of one
+/// flow written at once (which the device may coalesce) reaches the local socket as the same
+/// datagrams, in order.
+#[test]
+fn tun_batches_carry_runs_of_datagrams_whole_and_in_order() {
+    as_root(
+        "tun_batches_carry_runs_of_datagrams_whole_and_in_order",
+        || async {
+            let device = Tun::create(&tun_name('e'), tun::DEFAULT_MTU).unwrap();
+            device.add_address(cidr(TUN_V4)).unwrap();
+            device.add_address(cidr(TUN_V6)).unwrap();
+            let datagrams: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1000]).collect();
+
+            for (local, peer) in [(TUN_V4, PEER_V4), (TUN_V6, PEER_V6)] {
+                let local = cidr(local).address();
+                let peer = SocketAddr::new(peer.parse().unwrap(), 40000);
+
+                let socket = Udp::bind(SocketAddr::new(local, 0)).unwrap();
+                let mut queue = SendQueue::default();
+                for datagram in &datagrams {
+                    queue.push(peer, datagram);
+                }
+                socket.send(&mut queue).await;
+                assert!(queue.is_empty());
+                let mut payloads = Vec::new();
+                let mut batch = device.read_batch();
+                while payloads.len() < datagrams.len() {
+                    bounded(device.recv(&mut batch)).await.unwrap();
+                    for packet in batch.packets_mut() {
+                        if let Some((_, to, payload)) = parse_udp(packet)
+                            && to == peer
+                        {
+                            assert!(transport_checksum_valid(packet), "bad checksum");
+                            payloads.push(payload.to_vec());
+                        }
+                    }
+                }
+                assert_eq!(payloads, datagrams, "out of the device");
+
+                let receiver = UdpSocket::bind(SocketAddr::new(local, 0)).await.unwrap();
+                let server = receiver.local_addr().unwrap();
+                let mut batch = WriteBatch::default();
+                for datagram in &datagrams {
+                    batch.push(&udp(peer, server, datagram));
+                }
+                device.send(&mut batch).await.unwrap();
+                assert!(batch.is_empty());
+                let mut buf = vec![0; 2048];
+                for datagram in &datagrams {
+                    let (len, from) = bounded(receiver.recv_from(&mut buf)).await.unwrap();
+                    assert_eq!((&buf[..len], from), (datagram.as_slice(), peer), "into it");
+                }
+            }
+        },
+    );
 }
 
 #[test]
@@ -215,14 +275,12 @@ fn masquerade_rewrites_client_traffic_and_brings_replies_back() {
                 let resource: SocketAddr = resource.parse().unwrap();
                 let gateway: IpAddr = gateway.parse().unwrap();
 
-                gw.send(&udp(client, resource, b"query")).await.unwrap();
+                write(&gw, &udp(client, resource, b"query")).await;
                 let (masqueraded, payload) = next_udp_to(&lan, resource).await;
                 assert_eq!(masqueraded.ip(), gateway, "not masqueraded");
                 assert_eq!(payload, b"query");
 
-                lan.send(&udp(resource, masqueraded, b"rows"))
-                    .await
-                    .unwrap();
+                write(&lan, &udp(resource, masqueraded, b"rows")).await;
                 let (from, payload) = next_udp_to(&gw, client).await;
                 assert_eq!((from, payload.as_slice()), (resource, &b"rows"[..]));
 
@@ -230,12 +288,8 @@ fn masquerade_rewrites_client_traffic_and_brings_replies_back() {
                 // after it comes through the same path, so when the reply is out of `gw`, the
                 // unsolicited packet would have been too.
                 let opened_by_site = SocketAddr::new(client.ip(), 40001);
-                lan.send(&udp(resource, opened_by_site, b"hello"))
-                    .await
-                    .unwrap();
-                lan.send(&udp(resource, masqueraded, b"marker"))
-                    .await
-                    .unwrap();
+                write(&lan, &udp(resource, opened_by_site, b"hello")).await;
+                write(&lan, &udp(resource, masqueraded, b"marker")).await;
                 let seen = udp_until(&gw, client).await;
                 assert!(
                     !seen.iter().any(|(_, to, _)| *to == opened_by_site),
@@ -295,35 +349,35 @@ async fn bounded<T>(future: impl Future<Output = T>) -> T {
         .expect("nothing came within 10 s")
 }
 
+/// Writes one packet into the device.
+async fn write(device: &Tun, packet: &[u8]) {
+    let mut batch = WriteBatch::default();
+    batch.push(packet);
+    device.send(&mut batch).await.unwrap();
+}
+
 /// Reads the device until a UDP packet to `to` comes, and returns its source and payload.
 /// Other packets (IPv6 router solicitations, MLD reports) are the kernel's own and skipped.
 async fn next_udp_to(device: &Tun, to: SocketAddr) -> (SocketAddr, Vec<u8>) {
-    bounded(async {
-        let mut buf = vec![0; 2048];
-        loop {
-            let len = device.recv(&mut buf).await.unwrap();
-            if let Some((src, dst, payload)) = parse_udp(&buf[..len])
-                && dst == to
-            {
-                return (src, payload.to_vec());
-            }
-        }
-    })
-    .await
+    let (src, _, payload) = udp_until(device, to).await.pop().unwrap();
+    (src, payload)
 }
 
 /// Every UDP packet read from the device, `(source, destination, payload)`, up to and
-/// including the first one to `to`.
+/// including the first one to `to`. Each must carry a valid checksum.
 async fn udp_until(device: &Tun, to: SocketAddr) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
     bounded(async {
         let mut seen = Vec::new();
-        let mut buf = vec![0; 2048];
+        let mut batch = device.read_batch();
         loop {
-            let len = device.recv(&mut buf).await.unwrap();
-            if let Some((src, dst, payload)) = parse_udp(&buf[..len]) {
-                seen.push((src, dst, payload.to_vec()));
-                if dst == to {
-                    return seen;
+            device.recv(&mut batch).await.unwrap();
+            for packet in batch.packets_mut() {
+                if let Some((src, dst, payload)) = parse_udp(packet) {
+                    assert!(transport_checksum_valid(packet), "bad checksum: {packet:?}");
+                    seen.push((src, dst, payload.to_vec()));
+                    if dst == to {
+                        return seen;
+                    }
                 }
             }
         }

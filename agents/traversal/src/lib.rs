@@ -497,6 +497,26 @@ impl<K: Clone + Eq + Hash + Debug> Node<K> {
         }
     }
 
+    /// The caller's datagram for `remote` as it is to leave the socket, by the path
+    /// [`Node::path_to`] gives: itself when direct (borrowed, never copied), wrapped for the
+    /// relay when relayed; `None` when the relay cannot carry it (yet). The path comes back too,
+    /// for the caller's byte counts.
+    pub fn route<'a>(
+        &mut self,
+        remote: SocketAddr,
+        datagram: Cow<'a, [u8]>,
+        now: Instant,
+    ) -> Option<(Path, SocketAddr, Cow<'a, [u8]>)> {
+        let path = self.path_to(remote);
+        match path {
+            Path::Direct { .. } => Some((path, remote, datagram)),
+            Path::Relayed { .. } => {
+                let relayed = self.send(path, &datagram, now)?;
+                Some((path, relayed.destination, Cow::Owned(relayed.payload)))
+            }
+        }
+    }
+
     /// The caller's datagram sent by `path`; `None` when the path's relay has no allocation
     /// (any more) or no permission for the peer yet.
     pub fn send(&mut self, path: Path, payload: &[u8], now: Instant) -> Option<Transmit> {

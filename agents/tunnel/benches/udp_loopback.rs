@@ -44,7 +44,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
-use fz_tunnel::gateway::{Gateway, MAX_DATAGRAM, Output};
+use fz_tunnel::Output;
+use fz_tunnel::gateway::{Gateway, MAX_DATAGRAM};
 use nix::errno::Errno;
 use nix::sys::socket::sockopt::UdpGroSegment;
 use nix::sys::socket::{

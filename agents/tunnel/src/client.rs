@@ -13,6 +13,7 @@
 //! pinned portal key and covers its destination; a packet from a gateway reaches an
 //! application only if it comes from a resource a grant through that gateway covers.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use fz_proto::{
 };
 use fz_traversal::{Event as TraversalEvent, Node, Path, Received, Role};
 
+use crate::Output;
 use crate::ice::pair_credentials;
 use crate::icmp;
 use crate::packet::Packet;
@@ -405,32 +407,33 @@ impl Client {
     /// A datagram for a gateway's address, sent the way ICE or the gateway's last datagram
     /// says: through a relay when the path is relayed. `None` when the relay cannot carry it
     /// (yet).
-    fn route(&mut self, transmit: Transmit, now: Instant) -> Option<Transmit> {
-        match self.traversal.path_to(transmit.destination) {
-            Path::Direct { .. } => Some(transmit),
-            path @ Path::Relayed { .. } => self.traversal.send(path, &transmit.payload, now),
-        }
+    fn route<'a>(&mut self, output: Output<'a>, now: Instant) -> Option<Output<'a>> {
+        let Output::Network(destination, bytes) = output else {
+            return Some(output);
+        };
+        let (_, destination, bytes) = self.traversal.route(destination, bytes, now)?;
+        Some(Output::Network(destination, bytes))
     }
 
     /// An IP packet from an application. It goes to its gateway (sealed into `buffer`, at
     /// least `crate::gateway::MAX_DATAGRAM` bytes), waits for the portal, or is refused.
-    pub fn handle_tun(
+    pub fn handle_tun<'a>(
         &mut self,
         packet: &[u8],
-        buffer: &mut [u8],
+        buffer: &'a mut [u8],
         now: Instant,
-    ) -> Option<Transmit> {
+    ) -> Option<Output<'a>> {
         self.last_seen = now;
-        let transmit = self.seal_for_gateway(packet, buffer, now)?;
-        self.route(transmit, now)
+        let (destination, sealed) = self.seal_for_gateway(packet, buffer, now)?;
+        self.route(Output::Network(destination, Cow::Borrowed(sealed)), now)
     }
 
-    fn seal_for_gateway(
+    fn seal_for_gateway<'a>(
         &mut self,
         packet: &[u8],
-        buffer: &mut [u8],
+        buffer: &'a mut [u8],
         now: Instant,
-    ) -> Option<Transmit> {
+    ) -> Option<(SocketAddr, &'a [u8])> {
         let Ok(parsed) = Packet::parse(packet) else {
             self.metrics.dropped += 1;
             return None;
@@ -455,24 +458,21 @@ impl Client {
             Action::Send(bytes) => {
                 link.awaiting_since.get_or_insert(now);
                 self.metrics.packets_sent += 1;
-                Some(Transmit {
-                    destination,
-                    payload: bytes.to_vec(),
-                })
+                Some((destination, bytes))
             }
             _ => None,
         }
     }
 
-    /// A datagram from a gateway. What comes out for the application goes to
-    /// [`Client::poll_tun`]; an answer to the gateway is returned.
-    pub fn handle_network(
+    /// A datagram from a gateway: a packet for the application ([`Output::Tun`]), an answer
+    /// to the gateway, or nothing.
+    pub fn handle_network<'a>(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
-        buffer: &mut [u8],
+        buffer: &'a mut [u8],
         now: Instant,
-    ) -> Option<Transmit> {
+    ) -> Option<Output<'a>> {
         self.last_seen = now;
         let (path, payload) = match self.traversal.handle_datagram(from, datagram, now) {
             Received::Data { path, payload } => (path, payload),
@@ -485,17 +485,17 @@ impl Client {
                 return None;
             }
         };
-        let answer = self.handle_wireguard(path.remote(), &payload, buffer)?;
-        self.route(answer, now)
+        let output = self.handle_wireguard(path.remote(), &payload, buffer)?;
+        self.route(output, now)
     }
 
     /// A WireGuard datagram from `from` (the gateway's address, directly or at a relay).
-    fn handle_wireguard(
+    fn handle_wireguard<'a>(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
-        buffer: &mut [u8],
-    ) -> Option<Transmit> {
+        buffer: &'a mut [u8],
+    ) -> Option<Output<'a>> {
         if datagram.len() > buffer.len() {
             self.metrics.dropped += 1;
             return None;
@@ -504,10 +504,9 @@ impl Client {
             Screened::ForPeer(index) => index,
             Screened::Initiation { initiator } => *self.link_by_key.get(&PublicKey(initiator))?,
             Screened::Cookie(length) => {
-                return Some(Transmit {
-                    destination: from,
-                    payload: buffer.get(..length)?.to_vec(),
-                });
+                return buffer
+                    .get(..length)
+                    .map(|cookie| Output::Network(from, Cow::Borrowed(cookie)));
             }
             Screened::Rejected(_) => {
                 self.metrics.dropped += 1;
@@ -523,10 +522,7 @@ impl Client {
             Action::Send(bytes) => {
                 link.heard();
                 self.flushing.mark(index);
-                Some(Transmit {
-                    destination: from,
-                    payload: bytes.to_vec(),
-                })
+                Some(Output::Network(from, Cow::Borrowed(bytes)))
             }
             Action::Received(packet) => {
                 link.heard();
@@ -534,11 +530,11 @@ impl Client {
                     Packet::parse(packet).is_ok_and(|p| self.covered_by_link(index, p.source));
                 if from_granted {
                     self.metrics.packets_received += 1;
-                    self.to_tun.push_back(packet.to_vec());
+                    Some(Output::Tun(packet))
                 } else {
                     self.metrics.dropped += 1;
+                    None
                 }
-                None
             }
             Action::Refused => {
                 self.metrics.dropped += 1;
@@ -618,10 +614,21 @@ impl Client {
                 (&mut link.wireguard, Some(link.endpoint))
             })?,
         };
-        self.route(transmit, self.last_seen)
+        let now = self.last_seen;
+        match self.route(
+            Output::Network(transmit.destination, transmit.payload.into()),
+            now,
+        )? {
+            Output::Network(destination, payload) => Some(Transmit {
+                destination,
+                payload: payload.into_owned(),
+            }),
+            Output::Tun(_) => None,
+        }
     }
 
-    /// IP packets for applications: what gateways delivered, and ICMP errors for refusals.
+    /// IP packets for applications that were not the direct answer to an input: ICMP errors
+    /// for refusals.
     pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
         self.to_tun.pop_front()
     }
@@ -693,8 +700,12 @@ impl Client {
             .unwrap_or_default();
         let mut buffer = [0u8; crate::gateway::MAX_DATAGRAM];
         for packet in queued {
-            if let Some(transmit) = self.handle_tun(&packet, &mut buffer, now) {
-                self.transmits.push_back(transmit);
+            // Routed (through a relay, if need be) when it leaves by `poll_transmit`.
+            if let Some((destination, sealed)) = self.seal_for_gateway(&packet, &mut buffer, now) {
+                self.transmits.push_back(Transmit {
+                    destination,
+                    payload: sealed.to_vec(),
+                });
             }
         }
     }

@@ -35,6 +35,7 @@ use fz_proto::{
 };
 use fz_traversal::{Event as TraversalEvent, Node, Path, Received, Role};
 
+use crate::Output;
 use crate::filter::{Drop, GrantFilter};
 use crate::grants::{ClientGrants, Pass};
 use crate::ice::pair_credentials;
@@ -71,16 +72,6 @@ pub const RELAY_OVERHEAD: usize = 36;
 
 /// The largest datagram the gateway sends; buffers passed in must be at least this long.
 pub const MAX_DATAGRAM: usize = MAX_PACKET + WIREGUARD_OVERHEAD;
-
-/// What the driver does with the answer to a datagram or packet.
-#[derive(Debug)]
-pub enum Output<'a> {
-    /// Write this IP packet to the TUN device.
-    Tun(&'a [u8]),
-    /// Send this datagram from the WireGuard port: the caller's buffer, or (through a relay)
-    /// the datagram wrapped for it.
-    Network(SocketAddr, Cow<'a, [u8]>),
-}
 
 /// Something for the driver to do or log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -633,34 +624,30 @@ impl Gateway {
     fn route_transmit(&mut self, transmit: Transmit) -> Option<Transmit> {
         // Only the caller's WireGuard datagrams come here, at the last instant seen.
         let now = self.last_seen;
-        let path = self.traversal.path_to(transmit.destination);
-        self.count_bytes(path, transmit.payload.len());
-        match path {
-            Path::Direct { .. } => Some(transmit),
-            Path::Relayed { .. } => self.traversal.send(path, &transmit.payload, now),
+        match self.route(
+            Output::Network(transmit.destination, transmit.payload.into()),
+            now,
+        )? {
+            Output::Network(destination, payload) => Some(Transmit {
+                destination,
+                payload: payload.into_owned(),
+            }),
+            Output::Tun(_) => None,
         }
     }
 
-    /// An answer for the network, sent as [`Gateway::route_transmit`] sends.
+    /// An answer for the network, sent by the path ICE chose: as it is, or through a relay.
     fn route<'a>(&mut self, output: Output<'a>, now: Instant) -> Option<Output<'a>> {
         let Output::Network(destination, bytes) = output else {
             return Some(output);
         };
-        let path = self.traversal.path_to(destination);
-        self.count_bytes(path, bytes.len());
-        match path {
-            Path::Direct { .. } => Some(Output::Network(destination, bytes)),
-            Path::Relayed { .. } => match self.traversal.send(path, &bytes, now) {
-                Some(relayed) => Some(Output::Network(
-                    relayed.destination,
-                    Cow::Owned(relayed.payload),
-                )),
-                None => {
-                    self.metrics.drop(Drop::NoEndpoint);
-                    None
-                }
-            },
-        }
+        let length = bytes.len();
+        let Some((path, destination, bytes)) = self.traversal.route(destination, bytes, now) else {
+            self.metrics.drop(Drop::NoEndpoint);
+            return None;
+        };
+        self.count_bytes(path, length);
+        Some(Output::Network(destination, bytes))
     }
 
     fn count_bytes(&mut self, path: Path, length: usize) {

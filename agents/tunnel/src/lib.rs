@@ -29,3 +29,17 @@ pub mod peer;
 pub mod resolution;
 
 pub use filter::Drop;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+/// What a core gives back for one datagram or packet: at most one thing for the driver to
+/// write, in the driver's buffer where it can be.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Write this IP packet to the TUN device.
+    Tun(&'a [u8]),
+    /// Send this datagram from the WireGuard port: the caller's buffer, or (through a relay)
+    /// the datagram wrapped for it.
+    Network(SocketAddr, Cow<'a, [u8]>),
+}

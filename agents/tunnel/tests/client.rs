@@ -10,8 +10,9 @@ use fz_proto::{
     ClientMessage, ClientPeer, ClientReady, GatewayPeer, Grant, GrantedResource, PortalSigningKey,
     PortalToClient, PortalToGateway, PresharedKey, ResourceView, SignedGrant,
 };
+use fz_tunnel::Output;
 use fz_tunnel::client::{self, Client, Event, REPORTED_DOWN_LIMIT, SILENCE_LIMIT};
-use fz_tunnel::gateway::{self, Gateway, MAX_DATAGRAM, Output};
+use fz_tunnel::gateway::{self, Gateway, MAX_DATAGRAM};
 use fz_tunnel::packet::{Packet, build};
 
 const START_UNIX: u64 = 1_800_000_000;
@@ -174,7 +175,8 @@ impl World {
     fn app_sends(&mut self, packet: &[u8]) {
         let mut buffer = vec![0u8; MAX_DATAGRAM];
         let first = self.client.handle_tun(packet, &mut buffer, self.now);
-        self.pump(first.into_iter().collect());
+        let first = self.take(first);
+        self.pump(first);
     }
 
     /// A packet from the site to the client, through gateway `g`.
@@ -197,10 +199,26 @@ impl World {
         self.last_heard[g] = Some(self.now);
         let mut buffer = vec![0u8; MAX_DATAGRAM];
         let from = self.gateways[g].address;
-        self.client
-            .handle_network(from, datagram, &mut buffer, self.now)
-            .into_iter()
-            .collect()
+        let output = self
+            .client
+            .handle_network(from, datagram, &mut buffer, self.now);
+        self.take(output)
+    }
+
+    /// What the client gave back for one input: a packet for the application is delivered,
+    /// a datagram for a gateway returned.
+    fn take(&mut self, output: Option<Output<'_>>) -> Vec<client::Transmit> {
+        match output {
+            Some(Output::Tun(packet)) => {
+                self.delivered.push(packet.to_vec());
+                Vec::new()
+            }
+            Some(Output::Network(destination, payload)) => vec![client::Transmit {
+                destination,
+                payload: payload.into_owned(),
+            }],
+            None => Vec::new(),
+        }
     }
 
     /// Moves datagrams both ways until nobody has anything to say.
@@ -507,8 +525,14 @@ fn a_gateway_can_only_deliver_what_its_grants_cover_and_bad_grants_are_refused()
         panic!("the gateway sealed the packet")
     };
     let datagram = datagram.to_vec();
+    let delivered = world.delivered.len();
     world.deliver_to_client(0, &datagram);
     assert!(world.client.poll_tun().is_none());
+    assert_eq!(
+        world.delivered.len(),
+        delivered,
+        "a forged packet reached the application"
+    );
     assert_eq!(world.client.metrics().dropped, before + 1);
 
     // A grant signed by another key is refused and routes nothing.

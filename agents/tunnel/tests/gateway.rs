@@ -13,9 +13,10 @@ use fz_proto::{
     PortalToGateway, PresharedKey, PublicKey, Resolution, SignedGrant,
 };
 use fz_tunnel::Drop;
+use fz_tunnel::Output;
 use fz_tunnel::filter::GrantFilter;
 use fz_tunnel::gateway::{
-    Config, Event, Gateway, MAX_DATAGRAM, Output, RESOLVE_DEADLINE, Removal, Resolved,
+    Config, Event, Gateway, MAX_DATAGRAM, RESOLVE_DEADLINE, Removal, Resolved,
 };
 use fz_tunnel::packet::build;
 

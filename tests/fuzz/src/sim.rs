@@ -29,7 +29,8 @@ use fz_proto::{
     GatewayMessage, Grant, Identity, PortalToGateway, PublicKey, SignedGrant, UnixTime,
 };
 use fz_tunnel::filter::GrantFilter;
-use fz_tunnel::gateway::{Config, Event, Gateway, MAX_DATAGRAM, Output, Resolved};
+use fz_tunnel::Output;
+use fz_tunnel::gateway::{Config, Event, Gateway, MAX_DATAGRAM, Resolved};
 use fz_tunnel::packet::Packet;
 
 use crate::fixtures::{self, DeviceSpec, GATEWAY_ID, GATEWAY_SECRET, START_UNIX};

@@ -112,6 +112,33 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
     !(u16::try_from(sum).unwrap())
 }
 
+/// Whether the UDP or TCP checksum of `packet` (IPv4 or IPv6) holds, as the receiving
+/// kernel would check it.
+pub fn transport_checksum_valid(packet: &[u8]) -> bool {
+    let Some((src, dst, protocol, transport)) = split(packet) else {
+        return false;
+    };
+    let Ok(length) = u32::try_from(transport.len()) else {
+        return false;
+    };
+    let pseudo = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut pseudo = [s.octets(), d.octets()].concat();
+            pseudo.extend_from_slice(&[0, protocol]);
+            pseudo.extend_from_slice(&u16::try_from(length).unwrap_or(0).to_be_bytes());
+            pseudo
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut pseudo = [s.octets(), d.octets()].concat();
+            pseudo.extend_from_slice(&length.to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, protocol]);
+            pseudo
+        }
+        _ => return false,
+    };
+    checksum(&[&pseudo, transport]) == 0
+}
+
 /// `transport` (a UDP or TCP header and its data) behind an IP header, with both checksums.
 fn ip(src: IpAddr, dst: IpAddr, protocol: u8, mut transport: Vec<u8>) -> Vec<u8> {
     let length = u16::try_from(transport.len()).unwrap();
@@ -216,6 +243,18 @@ mod tests {
 
     /// A receiver sums header (IPv4) and pseudo-header with the transport, checksum included,
     /// and must get 0.
+    #[test]
+    fn built_packets_have_valid_transport_checksums_and_a_flipped_bit_breaks_them() {
+        for addresses in PAIRS {
+            let (src, dst) = pair(addresses);
+            let mut datagram = udp(src, dst, b"hello");
+            assert!(transport_checksum_valid(&datagram));
+            let last = datagram.len() - 1;
+            datagram[last] ^= 1;
+            assert!(!transport_checksum_valid(&datagram));
+        }
+    }
+
     #[test]
     fn checksums_verify() {
         // RFC 1071's example: the words 0001 f203 f4f5 f6f7 sum to ddf2, complemented 220d.

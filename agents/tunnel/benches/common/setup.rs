@@ -15,7 +15,8 @@ use fz_proto::{
     ClientPeer, DnsMapping, GatewayPeer, Grant, GrantedResource, PortalSigningKey, PortalToGateway,
     PresharedKey, PublicKey, SignedGrant,
 };
-use fz_tunnel::gateway::{Config, Event, Gateway, MAX_DATAGRAM, Output, Resolved};
+use fz_tunnel::Output;
+use fz_tunnel::gateway::{Config, Event, Gateway, MAX_DATAGRAM, Resolved};
 use fz_tunnel::packet::build;
 
 /// The size of every IP packet: the default TUN MTU.
