@@ -1,47 +1,94 @@
 #!/usr/bin/env bash
-# The userspace WireGuard anchors of the data-plane benchmark (issue 17), run by hand, never by
-# CI: wireguard-go and boringtun's own device (boringtun-cli) between the same three network
-# namespaces, beside the direct path, with iperf3:
+# The data-plane benchmark of issue 17, run by hand, never by CI: fz's own tunnel beside its
+# userspace WireGuard anchors, wireguard-go and boringtun's own device (boringtun-cli), and the
+# direct path, between the same three network namespaces, with iperf3:
 #
 #   client (10.201.1.1) --veth-- gateway (10.201.1.2 | 10.201.2.1) --veth-- host (10.201.2.2)
 #
-# Direct: the client routes the host's network through the gateway's namespace. Through a
-# tunnel: the client's tunnel address is 10.202.0.1, the gateway's 10.202.0.2, and the client
+# Direct: the client routes the host's network through the gateway's namespace. Through an
+# anchor: the client's tunnel address is 10.202.0.1, the gateway's 10.202.0.2, and the client
 # routes the host (10.201.2.2/32) into the tunnel; the gateway forwards to the host, and the
 # host's answers come back to 10.202.0.0/24 through the gateway (no NAT).
 #
-# Each measurement: iperf3 TCP with one stream and with four, and UDP at a fixed rate with the
-# loss iperf3 reports; for the tunnels, CPU seconds (user + system, both ends) per gigabyte
-# carried. fz's own tunnel joins this run next (`fz` column), on the same topology.
+# Through fz: fz-portal runs in the gateway's namespace on 10.201.1.2:8080 (the client reaches
+# it over its veth); fz-gateway listens on 10.201.1.2:51820 for site `bench`, and fz-client,
+# granted resource 10.201.2.0/24 (all ports) by policy, routes that network into its TUN
+# device from its tunnel address (100.64.0.0/11); the gateway masquerades toward the host, as
+# it does toward any resource. The portal takes no part once the grant is in force.
+#
+# Each measurement: iperf3 TCP with one stream and with four, and UDP sent at a fixed rate: the
+# rate the host received, the loss iperf3 reports and the datagrams the host received out of
+# order within their flow (the receiver's count, from iperf3's server); for the tunnels, CPU
+# seconds (user + system, both ends: for fz the two agents, not the portal) per gigabyte
+# carried. Then each tunnel's ratios to the direct path, and fz's to each anchor.
 #
 # Usage: sudo tests/benches/tunnel_anchors.sh [seconds per test, default 10]
-# Needs: iperf3, wireguard-go, wg (wireguard-tools), python3; boringtun-cli on PATH or in
-# $BORINGTUN_CLI (`cargo install boringtun-cli --locked`).
+# Environment: ONLY (a comma- or space-separated choice of direct, wireguard-go,
+# boringtun-cli and fz; default all four), UDP_RATE (default 500M), BORINGTUN_CLI,
+# FZ_BIN_DIR (fz-portal, fz-gateway and fz-client; default target/release of the repository
+# this script is in: `cargo build --release -p fz-portal -p fz-gateway -p fz-client`).
+# Needs: iperf3, python3, ip; for the anchors wireguard-go and wg (wireguard-tools), and
+# boringtun-cli on PATH or in $BORINGTUN_CLI (`cargo install boringtun-cli --locked`); for fz
+# nft (the gateway's masquerade).
 set -euo pipefail
 
 SECONDS_PER_TEST="${1:-10}"
 UDP_RATE="${UDP_RATE:-500M}"
+ONLY="${ONLY:-direct wireguard-go boringtun-cli fz}"
+ONLY="${ONLY//,/ }"
 BORINGTUN_CLI="${BORINGTUN_CLI:-$(command -v boringtun-cli || true)}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+FZ_BIN_DIR="${FZ_BIN_DIR:-$REPO/target/release}"
 PREFIX="fzbench-$$"
 CLIENT="$PREFIX-client"
 GATEWAY="$PREFIX-gw"
 HOST="$PREFIX-host"
-WORK="$(mktemp -d)"
 # wireguard-go refuses to run where the kernel has WireGuard unless told this.
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 
-for tool in iperf3 wireguard-go wg python3 ip; do
-    command -v "$tool" >/dev/null || { echo "tunnel_anchors: $tool is missing" >&2; exit 2; }
+die() { echo "tunnel_anchors: $*" >&2; exit 2; }
+
+for row in $ONLY; do
+    case "$row" in
+        direct | wireguard-go | boringtun-cli | fz) ;;
+        *) die "ONLY names no row \`$row\` (direct, wireguard-go, boringtun-cli, fz)" ;;
+    esac
 done
-[ -x "$BORINGTUN_CLI" ] || { echo "tunnel_anchors: boringtun-cli is missing (set BORINGTUN_CLI)" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || { echo "tunnel_anchors: needs root (network namespaces)" >&2; exit 2; }
+chosen() { [[ " $ONLY " == *" $1 "* ]]; }
+
+needed=(iperf3 python3 ip)
+if chosen wireguard-go || chosen boringtun-cli; then needed+=(wg); fi
+if chosen wireguard-go; then needed+=(wireguard-go); fi
+if chosen fz; then needed+=(nft); fi
+for tool in "${needed[@]}"; do
+    command -v "$tool" >/dev/null || die "$tool is missing"
+done
+if chosen boringtun-cli; then
+    [ -x "$BORINGTUN_CLI" ] ||
+        die "boringtun-cli is missing (set BORINGTUN_CLI, or leave it out with ONLY)"
+fi
+if chosen fz; then
+    for binary in fz-portal fz-gateway fz-client; do
+        [ -x "$FZ_BIN_DIR/$binary" ] || die "$FZ_BIN_DIR/$binary is missing (set FZ_BIN_DIR," \
+            "or \`cargo build --release -p fz-portal -p fz-gateway -p fz-client\`)"
+    done
+fi
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces)"
 
 in_ns() { local ns="$1"; shift; ip netns exec "$ns" "$@"; }
 
+# Made only now, so that a refusal above leaves nothing behind.
+WORK="$(mktemp -d)"
+
 cleanup() {
     set +e
+    # SIGTERM: fz-client puts its resolver file back and fz-gateway takes its masquerade out
+    # on the way down (the namespaces go anyway).
     jobs -p | xargs -r kill 2>/dev/null
     wait 2>/dev/null
+    # The iperf3 server daemonised, so it is no job of ours, and deleting its namespace does
+    # not stop it.
+    [ -s "$WORK/iperf3.pid" ] && kill "$(cat "$WORK/iperf3.pid")" 2>/dev/null
     for ns in "$CLIENT" "$GATEWAY" "$HOST"; do ip netns del "$ns" 2>/dev/null; done
     rm -f /var/run/wireguard/fzb[cg][12].sock
     rm -rf "$WORK"
@@ -65,7 +112,9 @@ in_ns "$GATEWAY" ip link set g1 up
 in_ns "$HOST" ip link set h0 up
 in_ns "$GATEWAY" sysctl -q -w net.ipv4.ip_forward=1
 in_ns "$HOST" ip route add default via 10.201.2.1
-in_ns "$HOST" iperf3 --server --daemon --pidfile "$WORK/iperf3.pid" >/dev/null
+# --json: the server's own account of each test (the receiver's out-of-order count), which
+# the client fetches with --get-server-output; the daemon's output goes nowhere.
+in_ns "$HOST" iperf3 --server --daemon --json --pidfile "$WORK/iperf3.pid" >/dev/null
 
 # ---- measuring ----
 
@@ -83,39 +132,50 @@ EOF
 }
 
 # iperf3 from the client to the host: "bits/s bytes" (TCP, `streams` streams) or
-# "bits/s bytes loss%" (UDP at UDP_RATE).
+# "bits/s bytes loss% out-of-order datagrams" (UDP at UDP_RATE). For UDP the rate and bytes
+# are those the host received, since every path sends at UDP_RATE; the sender never sees
+# reordering: the count is the host's, per stream, summed.
 iperf() {
     local mode="$1" streams="$2"
-    local args=(--client 10.201.2.2 --time "$SECONDS_PER_TEST" --json --parallel "$streams")
-    [ "$mode" = udp ] && args+=(--udp --bitrate "$UDP_RATE" --length 1300)
+    local args=(--client 10.201.2.2 --time "$SECONDS_PER_TEST" --json --parallel "$streams"
+        --connect-timeout 10000)
+    [ "$mode" = udp ] && args+=(--udp --bitrate "$UDP_RATE" --length 1300 --get-server-output)
     in_ns "$CLIENT" iperf3 "${args[@]}" | python3 -c '
 import json, sys
-end = json.load(sys.stdin)["end"]
+result = json.load(sys.stdin)
+end = result["end"]
 if sys.argv[1] == "udp":
-    s = end["sum"]
-    print(s["bits_per_second"], s["bytes"], s["lost_percent"])
+    s = end["sum_received"]
+    host = result["server_output_json"]["end"]
+    reordered = sum(stream["udp"]["out_of_order"] for stream in host["streams"])
+    print(s["bits_per_second"], s["bytes"], s["lost_percent"], reordered)
 else:
     s = end["sum_received"]
     print(s["bits_per_second"], s["bytes"])' "$mode"
 }
 
-declare -A RESULT
+# One line per test: label, test, CPU seconds of the tunnel's processes (- for none), then
+# iperf's figures.
+RESULTS="$WORK/results"
+: >"$RESULTS"
 
 # Runs the three tests; `label` names the row, pids (if any) are the tunnel's processes.
 measure() {
     local label="$1"; shift
-    local pids=("$@") before after one four udp
+    local pids=("$@") before after figures cpu
     for test in tcp1 tcp4 udp; do
         [ ${#pids[@]} -gt 0 ] && before=$(cpu_seconds "${pids[@]}")
         case "$test" in
-            tcp1) one=$(iperf tcp 1); RESULT[$label,tcp1]="$one" ;;
-            tcp4) four=$(iperf tcp 4); RESULT[$label,tcp4]="$four" ;;
-            udp) udp=$(iperf udp 1); RESULT[$label,udp]="$udp" ;;
+            tcp1) figures=$(iperf tcp 1) ;;
+            tcp4) figures=$(iperf tcp 4) ;;
+            udp) figures=$(iperf udp 1) ;;
         esac
+        cpu=-
         if [ ${#pids[@]} -gt 0 ]; then
             after=$(cpu_seconds "${pids[@]}")
-            RESULT[$label,$test,cpu]=$(python3 -c "print($after - $before)")
+            cpu=$(python3 -c "print($after - $before)")
         fi
+        echo "$label $test $cpu $figures" >>"$RESULTS"
     done
 }
 
@@ -174,38 +234,203 @@ tunnel_down() {
     in_ns "$CLIENT" ip route del 10.201.2.2/32 2>/dev/null || true
 }
 
+# ---- fz ----
+
+FZ="$WORK/fz"
+FZ_PORTAL_URL="ws://10.201.1.2:8080"
+FZ_ACCOUNT=bench
+FZ_USER="bench@fz.example"
+
+# Waits until the log `name` (in $FZ) has a line containing `text`, polling within a
+# deadline; fails with the log at once if the process `pid` has exited. Every fz process
+# says in its log when it is ready, so nothing here waits by sleeping a guessed time.
+wait_log() {
+    local name="$1" pid="$2" text="$3"
+    for _ in $(seq 600); do
+        grep -qsF -- "$text" "$FZ/$name.log" && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    grep -qsF -- "$text" "$FZ/$name.log" && return 0
+    echo "tunnel_anchors: $name never said \`$text\`; its log:" >&2
+    cat "$FZ/$name.log" >&2
+    exit 1
+}
+
+# `fz-portal <args> --config …`: an admin command on the portal's store, beside the running
+# portal as an operator would run it.
+fz_admin() { "$FZ_BIN_DIR/fz-portal" "$@" --config "$FZ/portal.toml"; }
+
+# The secret `fz-portal token create` prints, into `file`, mode 0600: the agents refuse a
+# token file others can read.
+token_file() {
+    local file="$1"; shift
+    local created
+    created=$(fz_admin token create --account "$FZ_ACCOUNT" "$@" 2>&1) ||
+        die "fz-portal token create $*: $created"
+    (umask 077; sed -n 's/^secret //p' <<<"$created" >"$file")
+    [ -s "$file" ] || die "no secret in: $created"
+}
+
+# The portal, fz-gateway and fz-client as the end-to-end world (tests/src/world.rs) starts
+# them, with a policy that grants the client's user the host's network, and the grant in
+# force; the agents' process ids in FZ_PIDS. (Not for a `$(...)`, as tunnel_up.)
+fz_up() {
+    mkdir -p "$FZ/tree"
+    cat >"$FZ/tree/bench.fz" <<EOF
+site bench
+# No ports: every protocol and port, so iperf3's TCP and UDP alike.
+resource bench-host { address "10.201.2.0/24"; site bench }
+group benchers { members "$FZ_USER" }
+allow benchers -> bench-host as bench
+EOF
+    cat >"$FZ/portal.toml" <<EOF
+listen = "10.201.1.2:8080"
+allow_plain_http = true
+data_dir = "$FZ/portal-data"
+
+[[accounts]]
+slug = "$FZ_ACCOUNT"
+policy = "$FZ/tree"
+EOF
+    # The client points this file at its DNS stub and back at exit; it needs a nameserver to
+    # pass other names on to, and must never be the host's /etc/resolv.conf.
+    echo "nameserver 10.201.1.2" >"$FZ/resolv.conf"
+    # The direct route goes: were fz's own missing, the tests must fail, not pass directly.
+    in_ns "$CLIENT" ip route del 10.201.2.0/24 via 10.201.1.2 2>/dev/null || true
+
+    RUST_LOG=info ip netns exec "$GATEWAY" "$FZ_BIN_DIR/fz-portal" serve \
+        --config "$FZ/portal.toml" >"$FZ/portal.log" 2>&1 &
+    local portal=$!
+    wait_log portal "$portal" "fz-portal listening on"
+    local portal_key
+    portal_key=$(fz_admin public-key)
+    token_file "$FZ/gateway.token" --gateway bench-gw --site bench
+    token_file "$FZ/client.token" --client bench-client --user "$FZ_USER"
+
+    RUST_LOG=info ip netns exec "$GATEWAY" "$FZ_BIN_DIR/fz-gateway" \
+        --portal-url "$FZ_PORTAL_URL" --account "$FZ_ACCOUNT" \
+        --token-file "$FZ/gateway.token" --portal-key "$portal_key" \
+        --listen 10.201.1.2:51820 --tun fzbg3 --key-file "$FZ/gateway.key" \
+        --metrics 127.0.0.1:9101 >"$FZ/gateway.log" 2>&1 &
+    local gateway=$!
+    wait_log gateway "$gateway" "gateway up"
+    wait_log gateway "$gateway" "the portal says ready"
+
+    RUST_LOG=info ip netns exec "$CLIENT" "$FZ_BIN_DIR/fz-client" \
+        --portal-url "$FZ_PORTAL_URL" --account "$FZ_ACCOUNT" \
+        --token-file "$FZ/client.token" --portal-key "$portal_key" \
+        --tun fzbc3 --key-file "$FZ/client.key" --state-dir "$FZ/client-state" \
+        --resolv-conf "$FZ/resolv.conf" >"$FZ/client.log" 2>&1 &
+    local client=$!
+    # Said once its routes are in.
+    wait_log client "$client" "the portal says ready"
+    local route
+    route=$(in_ns "$CLIENT" ip route get 10.201.2.2)
+    [[ "$route" == *" dev fzbc3 "* ]] || die "fz-client routes 10.201.2.2 elsewhere: $route"
+
+    # The grant: the client asks on the first packet to the resource (and holds it until the
+    # tunnel is up), so a short run opens it and is not counted.
+    in_ns "$CLIENT" iperf3 --client 10.201.2.2 --time 1 --connect-timeout 10000 >/dev/null || {
+        echo "tunnel_anchors: nothing passed through fz; the logs:" >&2
+        tail -n 30 "$FZ/client.log" "$FZ/gateway.log" "$FZ/portal.log" >&2
+        exit 1
+    }
+    wait_log client "$client" "access granted"
+    wait_log client "$client" "path: direct"
+    wait_log gateway "$gateway" "grant in force"
+    FZ_PIDS=("$client" "$gateway")
+    FZ_PORTAL_PID=$portal
+}
+
+# What fz-gateway counted (it publishes its metrics each second): the WireGuard bytes it
+# carried, which say the figures above went through fz, and what it dropped and why.
+fz_gateway_counts() {
+    in_ns "$GATEWAY" python3 -c '
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9101/metrics", timeout=5).read().decode()
+lines = [line for line in text.splitlines()
+         if line.startswith(("fz_gateway_wireguard_bytes", "fz_gateway_dropped_packets"))
+         and not line.endswith(" 0")]
+print("fz-gateway counted:", "; ".join(lines) or "nothing")' >&2 || true
+}
+
+# SIGTERM, client first: it puts the resolver file back; the gateway takes its masquerade out.
+fz_down() {
+    kill "${FZ_PIDS[0]}" 2>/dev/null || true
+    wait "${FZ_PIDS[0]}" 2>/dev/null || true
+    kill "${FZ_PIDS[1]}" "$FZ_PORTAL_PID" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+
+# ---- the runs ----
+
 in_ns "$CLIENT" ip route add 10.201.2.0/24 via 10.201.1.2
-echo "direct ..." >&2
-measure direct
-echo "wireguard-go ..." >&2
-tunnel_up go 1
-measure wireguard-go "${TUNNEL_PIDS[@]}"
-tunnel_down 1
-echo "boringtun-cli ..." >&2
-tunnel_up boringtun 2
-measure boringtun-cli "${TUNNEL_PIDS[@]}"
-tunnel_down 2
+if chosen direct; then
+    echo "direct ..." >&2
+    measure direct
+fi
+if chosen wireguard-go; then
+    echo "wireguard-go ..." >&2
+    tunnel_up go 1
+    measure wireguard-go "${TUNNEL_PIDS[@]}"
+    tunnel_down 1
+fi
+if chosen boringtun-cli; then
+    echo "boringtun-cli ..." >&2
+    tunnel_up boringtun 2
+    measure boringtun-cli "${TUNNEL_PIDS[@]}"
+    tunnel_down 2
+fi
+if chosen fz; then
+    echo "fz ..." >&2
+    fz_up
+    measure fz "${FZ_PIDS[@]}"
+    fz_gateway_counts
+    fz_down
+fi
 
 # ---- report ----
-python3 - "$SECONDS_PER_TEST" "$UDP_RATE" <<EOF
+python3 - "$SECONDS_PER_TEST" "$UDP_RATE" "$RESULTS" <<'EOF'
 import sys
-seconds, rate = sys.argv[1], sys.argv[2]
-rows = {
-$(for label in direct wireguard-go boringtun-cli; do
-    for test in tcp1 tcp4 udp; do
-        echo "    ('$label', '$test'): '${RESULT[$label,$test]}',"
-        echo "    ('$label', '$test', 'cpu'): '${RESULT[$label,$test,cpu]:-}',"
-    done
-done)
-}
-print(f"{seconds} s per test; UDP at {rate}bit/s, 1300-byte datagrams")
-print(f"{'path':<15}{'TCP 1 stream':>16}{'TCP 4 streams':>16}{'UDP':>16}{'UDP loss':>10}{'CPU s/GB (TCP 1)':>18}")
-for label in ("direct", "wireguard-go", "boringtun-cli"):
-    one = rows[(label, "tcp1")].split()
-    four = rows[(label, "tcp4")].split()
-    udp = rows[(label, "udp")].split()
-    cpu = rows[(label, "tcp1", "cpu")]
-    per_gb = f"{float(cpu) / (int(one[1]) / 1e9):.2f}" if cpu else "-"
-    print(f"{label:<15}{float(one[0])/1e9:>12.2f} Gb/s{float(four[0])/1e9:>11.2f} Gb/s"
-          f"{float(udp[0])/1e9:>11.2f} Gb/s{float(udp[2]):>9.2f}%{per_gb:>18}")
+seconds, rate, results = sys.argv[1], sys.argv[2], sys.argv[3]
+rows = {}
+for line in open(results):
+    label, test, cpu, *figures = line.split()
+    rows[label, test] = [float(f) for f in figures]
+    rows[label, test, "cpu"] = None if cpu == "-" else float(cpu)
+order = [label for label in ("direct", "wireguard-go", "boringtun-cli", "fz")
+         if (label, "tcp1") in rows]
+
+def per_gb(label, test):
+    cpu = rows[label, test, "cpu"]
+    return None if cpu is None else cpu / (rows[label, test][1] / 1e9)
+
+print(f"{seconds} s per test; UDP sent at {rate}bit/s, 1300-byte datagrams;"
+      " CPU: both ends of the tunnel")
+print(f"{'path':<15}{'TCP 1 stream':>16}{'TCP 4 streams':>16}{'UDP received':>16}{'UDP loss':>10}"
+      f"{'UDP reordered':>15}{'CPU s/GB (TCP 1)':>18}{'(TCP 4)':>9}")
+for label in order:
+    one, four, udp = rows[label, "tcp1"], rows[label, "tcp4"], rows[label, "udp"]
+    cpu1, cpu4 = per_gb(label, "tcp1"), per_gb(label, "tcp4")
+    print(f"{label:<15}{one[0]/1e9:>11.2f} Gb/s{four[0]/1e9:>11.2f} Gb/s"
+          f"{udp[0]/1e9:>11.2f} Gb/s{udp[2]:>9.2f}%{int(udp[3]):>15d}"
+          f"{'-' if cpu1 is None else f'{cpu1:.2f}':>18}"
+          f"{'-' if cpu4 is None else f'{cpu4:.2f}':>9}")
+
+# Throughput ratios are higher-is-better; CPU per GB lower-is-better.
+pairs = [(a, b) for a in order for b in order
+         if a != b and a != "direct" and (b == "direct" or a == "fz")]
+if pairs:
+    print()
+    print(f"{'ratio':<28}{'TCP 1 stream':>14}{'TCP 4 streams':>15}{'UDP received':>14}"
+          f"{'CPU s/GB (TCP 1)':>18}{'(TCP 4)':>9}")
+for a, b in pairs:
+    def ratio(test):
+        return f"{rows[a, test][0] / rows[b, test][0]:.2f}x"
+    def cpu_ratio(test):
+        x, y = per_gb(a, test), per_gb(b, test)
+        return "-" if x is None or y is None else f"{x / y:.2f}x"
+    print(f"{a + ' / ' + b:<28}{ratio('tcp1'):>14}{ratio('tcp4'):>15}{ratio('udp'):>14}"
+          f"{cpu_ratio('tcp1'):>18}{cpu_ratio('tcp4'):>9}")
 EOF

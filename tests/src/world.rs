@@ -259,7 +259,8 @@ pub struct World {
     pub gateways: Vec<Gateway>,
     pub portal: Process,
     pub relay: Process,
-    _dns_servers: Vec<Process>,
+    /// The upstream resolver on the wan, then site hq's.
+    dns_servers: Vec<Process>,
     _runtime: tokio::runtime::Runtime,
     pub client_ns: Netns,
     pub portal_ns: Netns,
@@ -298,6 +299,8 @@ pub struct ExtraClient {
     pub token: PathBuf,
     /// The NAT router in front of it, if any.
     pub router: Option<Netns>,
+    /// Whether its client runs with `--full-tunnel`.
+    pub full_tunnel: bool,
 }
 
 impl ExtraClient {
@@ -497,13 +500,20 @@ impl World {
             gateways.push(Gateway { spec, process, ns });
         }
         let client_token = client_token(&portal_ns, &portal_config, dir.path(), "laptop", USER);
-        let client = start_client(&client_ns, dir.path(), "client", &client_token, &portal_key);
+        let client = start_client(
+            &client_ns,
+            dir.path(),
+            "client",
+            &client_token,
+            &portal_key,
+            &[],
+        );
         let world = World {
             client,
             gateways,
             portal,
             relay,
-            _dns_servers: dns_servers,
+            dns_servers,
             _runtime: runtime,
             client_ns,
             portal_ns,
@@ -570,6 +580,7 @@ impl World {
             name: name.to_owned(),
             token: self.dir.path().join(format!("{name}.token")),
             router: None,
+            full_tunnel: false,
         }
     }
 
@@ -577,6 +588,13 @@ impl World {
     /// wan, the host at 172.21.`index`.2 inside), running `fz-client` with a token of its own,
     /// once it is up.
     pub fn natted_client(&self, name: &str, nat: Nat, index: u8) -> ExtraClient {
+        let mut extra = self.natted_host(name, nat, index);
+        self.start_again(&mut extra);
+        extra
+    }
+
+    /// The host of [`World::natted_client`], with its token but nothing running yet.
+    pub fn natted_host(&self, name: &str, nat: Nat, index: u8) -> ExtraClient {
         let (router, ns) = crate::nat::host_behind(
             &self.portal_ns,
             &self.id,
@@ -587,16 +605,22 @@ impl World {
             self.dir.path(),
         );
         let etc = etc_netns(&ns, &format!("nameserver {UPSTREAM_DNS}\n"));
-        let mut extra = ExtraClient {
+        ExtraClient {
             process: None,
             ns,
             etc,
             name: name.to_owned(),
             token: self.client_token(name, USER),
             router,
-        };
-        self.start_again(&mut extra);
-        extra
+            full_tunnel: false,
+        }
+    }
+
+    /// Serves `<name> <the peer's address>` on `address` (a TCP listener made in `ns`).
+    pub fn greeter(&self, ns: &Netns, address: &str, name: &'static str) {
+        let listener = ns.run(|| tcp_listener(address.parse::<SocketAddr>().unwrap()));
+        let _guard = self._runtime.enter();
+        self._runtime.spawn(greet(listener, name));
     }
 
     /// A gateway `name` (its own key and token; [`EDGES`] names the usual ones) of edge site
@@ -683,12 +707,18 @@ impl World {
     /// Starts an extra client that was stopped again, with its token and key, and waits until
     /// it is up.
     pub fn start_again(&self, extra: &mut ExtraClient) {
+        let options: &[&str] = if extra.full_tunnel {
+            &["--full-tunnel"]
+        } else {
+            &[]
+        };
         let process = extra.process.insert(start_client(
             &extra.ns,
             self.dir.path(),
             &extra.name,
             &extra.token,
             &self.portal_key,
+            options,
         ));
         fz_host::testing::wait_for(
             &format!("{}'s resolver switch and routes", extra.name),
@@ -798,6 +828,14 @@ impl World {
         let ns = Netns::add(format!("fze-{}-{name}", self.id)).unwrap();
         port(&self.hq_ns, &format!("lan-{name}"), &ns, "eth0", address);
         ns
+    }
+
+    /// What the upstream resolver on the wan logged: each query with the address it came from.
+    pub fn upstream_dns_log(&self) -> String {
+        self.dns_servers
+            .first()
+            .map(Process::log_text)
+            .unwrap_or_default()
     }
 
     // ---- the policy ----
@@ -1397,30 +1435,43 @@ fn client_is_up(ns: &Netns, etc: &Path) -> bool {
         && edges
 }
 
-/// `fz-client` in `ns`; `name` names its key, state directory and log in `dir`.
-fn start_client(ns: &Netns, dir: &Path, name: &str, token: &Path, portal_key: &str) -> Process {
+/// `fz-client` in `ns` with `options` added; `name` names its key, state directory and log in
+/// `dir`.
+fn start_client(
+    ns: &Netns,
+    dir: &Path,
+    name: &str,
+    token: &Path,
+    portal_key: &str,
+    options: &[&str],
+) -> Process {
+    let key = dir.join(format!("{name}.key"));
+    let state = dir.join(format!("{name}-state"));
+    let portal_url = format!("ws://{PORTAL_LISTEN}");
+    let mut args = vec![
+        "--portal-url",
+        &portal_url,
+        "--account",
+        ACCOUNT,
+        "--token-file",
+        token.to_str().unwrap(),
+        "--portal-key",
+        portal_key,
+        "--tun",
+        CLIENT_TUN,
+        "--key-file",
+        key.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--resolv-conf",
+        "/etc/resolv.conf",
+    ];
+    args.extend_from_slice(options);
     Process::start(
         &format!("fz-client ({name})"),
         ns,
         &binary("fz-client"),
-        &[
-            "--portal-url",
-            &format!("ws://{PORTAL_LISTEN}"),
-            "--account",
-            ACCOUNT,
-            "--token-file",
-            token.to_str().unwrap(),
-            "--portal-key",
-            portal_key,
-            "--tun",
-            CLIENT_TUN,
-            "--key-file",
-            dir.join(format!("{name}.key")).to_str().unwrap(),
-            "--state-dir",
-            dir.join(format!("{name}-state")).to_str().unwrap(),
-            "--resolv-conf",
-            "/etc/resolv.conf",
-        ],
+        &args,
         "info,fz_client=debug,fz_dns=debug,fz_host=debug,boringtun=debug,fz_traversal=debug",
         dir.join(format!("{name}.log")),
     )

@@ -49,6 +49,7 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("tunnel throughput", tunnel_throughput),
     ("policy change", policy_change),
     ("internet grant", internet_grant),
+    ("full tunnel", full_tunnel),
     ("broad grant", broad_grant),
     ("wildcard grant", wildcard_grant),
     ("site cannot open a connection", site_cannot_open),
@@ -502,6 +503,103 @@ fn internet_grant(world: &mut World, _: &mut Report) -> String {
     format!(
         "db refused ({refusal}); through egress at {}: www.example.org -> 192.0.2.80 from {UPSTREAM_DNS}, a SYN to {DB} dropped, no answer",
         GATEWAYS[serving].name
+    )
+}
+
+/// A host with a public address behind hq, which only the gateways route to.
+const INTERNET_HOST: &str = "203.0.113.80:80";
+
+/// `internet` through a client's full tunnel. A laptop behind an easy NAT (so that the portal,
+/// the relay and the gateways are all beyond its default route, which the tunnel takes over)
+/// cannot reach [`INTERNET_HOST`]. It runs `fz-client --full-tunnel` and policy grants
+/// `egress`: the host answers, and saw the connection come from a gateway's address; a name no
+/// resource matches is asked through the tunnel too (the upstream resolver logs the query from
+/// a gateway). Policy then withdraws `egress`: the laptop's rules are gone at once, its own
+/// default route is still there, and the host is out of reach again.
+fn full_tunnel(world: &mut World, _: &mut Report) -> String {
+    world.set_rules(
+        "allow engineering -> gitlab, docs, db as eng\nallow engineering -> egress as net",
+    );
+    let host = world.site_host("inet", "203.0.113.80/24");
+    // Its answers go back to the gateways' addresses on the same bridge.
+    host.ip(&["route", "add", "172.16.0.0/16", "dev", "eth0"])
+        .unwrap();
+    for gateway in &world.gateways {
+        if gateway.spec.name != "gw-c" {
+            gateway
+                .ns
+                .ip(&["route", "replace", "203.0.113.0/24", "dev", "eth1"])
+                .unwrap();
+        }
+    }
+    world.greeter(&host, INTERNET_HOST, "inet");
+
+    let mut laptop = world.natted_host("full", Nat::Easy, 6);
+    cannot_connect(&laptop.ns, INTERNET_HOST);
+    laptop.full_tunnel = true;
+    world.start_again(&mut laptop);
+    let up = Instant::now();
+    world.wait_for("the laptop's full tunnel", WAIT, |_| {
+        laptop
+            .running()
+            .log_text()
+            .contains("full tunnel up")
+            .then_some(())
+    });
+    let seen = greeting(&laptop.ns, INTERNET_HOST);
+    let from = seen.strip_prefix("inet ").unwrap_or_default();
+    assert!(
+        GATEWAYS[..2]
+            .iter()
+            .any(|g| g.lan_address("172.16.") == from),
+        "the host saw {seen:?}, not a gateway of hq"
+    );
+    let took = World::seconds(up);
+
+    // DNS for a name no resource matches: through the tunnel, out of a gateway.
+    let asked = laptop
+        .ns
+        .exec(
+            "dig",
+            &["+short", "+time=5", "+tries=1", "www.example.org", "A"],
+        )
+        .unwrap();
+    assert_eq!(asked.trim(), "192.0.2.80");
+    let log = world.upstream_dns_log();
+    let query = log
+        .lines()
+        .rev()
+        .find(|line| line.contains("query[A] www.example.org from"))
+        .unwrap_or_else(|| panic!("the upstream resolver logged no query:\n{log}"));
+    assert!(
+        GATEWAYS[..2]
+            .iter()
+            .any(|g| query.ends_with(&format!("from {}", g.wan))),
+        "the query did not come from a gateway: {query}"
+    );
+
+    // Withdrawn: the host's own routes again.
+    world.set_rules("allow engineering -> gitlab, docs, db as eng");
+    let withdrawn = Instant::now();
+    world.wait_for("the laptop's full tunnel to go", WAIT, |_| {
+        laptop
+            .running()
+            .log_text()
+            .contains("full tunnel down")
+            .then_some(())
+    });
+    let down = World::seconds(withdrawn);
+    let rules = laptop.ns.ip(&["rule", "show"]).unwrap();
+    assert!(!rules.contains("51820"), "rules left: {rules}");
+    let routes = laptop.ns.ip(&["route", "show", "default"]).unwrap();
+    assert!(
+        routes.contains("via 172.21.6.1"),
+        "the laptop's own default route: {routes}"
+    );
+    cannot_connect(&laptop.ns, INTERNET_HOST);
+    format!(
+        "{INTERNET_HOST} answered {took:.2} s after the client was up, from {from}; \
+         www.example.org asked {query:?}; routes back {down:.2} s after egress was withdrawn"
     )
 }
 

@@ -42,6 +42,12 @@ pub struct Args {
     /// Where the client keeps the original resolver configuration while it runs.
     #[arg(long, default_value = "/var/lib/fz-client")]
     pub state_dir: PathBuf,
+    /// Ask for the account's `internet` resource as soon as the portal lists it, and while
+    /// policy grants it, send everything no other resource covers through its gateway (and
+    /// DNS for names no resource matches too). The host's own routes come back the moment the
+    /// grant is refused or revoked.
+    #[arg(long, env = "FZ_FULL_TUNNEL")]
+    pub full_tunnel: bool,
 }
 
 /// Everything the client needs, checked.
@@ -55,6 +61,7 @@ pub struct Config {
     pub private_key: [u8; 32],
     pub resolv_conf: PathBuf,
     pub resolv_backup: PathBuf,
+    pub full_tunnel: bool,
 }
 
 /// Why the client cannot start with what it was given.
@@ -109,6 +116,7 @@ impl Args {
             private_key,
             resolv_backup: self.state_dir.join("resolv.conf.original"),
             resolv_conf: self.resolv_conf,
+            full_tunnel: self.full_tunnel,
         })
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use fz_address::Address;
 use fz_dns::Stub;
+use fz_host::full_tunnel::{self, FullTunnel};
 use fz_host::resolv::{self, ResolverSwitch};
 use fz_host::tun::{Cidr, Tun};
 use fz_link::{ClientRole, LinkEvent};
@@ -57,6 +58,8 @@ enum Input {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let upstreams = resolv::upstreams(&config.resolv_conf, &config.resolv_backup)?;
     let stub = Stub::new(&upstreams);
+    // Rules a crashed run left would send the host's traffic into a table that is gone.
+    FullTunnel::clear();
     let tun = Tun::create(&config.tun, config.mtu)?;
     let (queries, mut incoming_queries) = mpsc::channel(1024);
     let mut sentinels = Vec::new();
@@ -75,7 +78,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         upstreams = upstreams.len(),
         "the host's resolver now asks fz-client"
     );
-    let outcome = serve(config, &tun, stub, &mut incoming_queries, shutdown).await;
+    // DNS for names no resource matches goes through a full tunnel too: to the resolvers an
+    // `internet` grant can reach (public addresses; a resolver on a private network stays
+    // where it is, as the gateway could not reach it).
+    let resolvers: Vec<IpAddr> = upstreams
+        .iter()
+        .map(SocketAddr::ip)
+        .filter(|ip| fz_address::is_public(*ip))
+        .collect();
+    let outcome = serve(
+        config,
+        &tun,
+        stub,
+        &resolvers,
+        &mut incoming_queries,
+        shutdown,
+    )
+    .await;
     if let Err(error) = switch.restore() {
         tracing::error!(%error, "cannot restore the resolver configuration");
     }
@@ -83,13 +102,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 }
 
 async fn serve(
-    config: Config,
+    mut config: Config,
     tun: &Tun,
     stub: Stub,
+    resolvers: &[IpAddr],
     queries: &mut mpsc::Receiver<DnsQuery>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let udp = Udp::bind(config.listen).with_context(|| format!("cannot bind {}", config.listen))?;
+    let udp = Udp::bind(config.listen).with_context(|| format!("cannot bind {}", config.listen))?; // The client's own traffic never enters its full tunnel: the WireGuard socket and the
+    // portal link carry the mark its routing rules let through.
+    udp.mark().context("cannot mark the WireGuard socket")?;
+    config.portal.socket_mark = Some(full_tunnel::MARK);
+
     let mut seed = [0u8; 4];
     getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let unix_ms = SystemTime::now()
@@ -103,6 +127,7 @@ async fn serve(
             portal_key: config.portal_key,
             seed: u32::from_le_bytes(seed),
             host: host.clone(),
+            full_tunnel: config.full_tunnel,
         },
         Instant::now(),
         unix_ms,
@@ -119,6 +144,9 @@ async fn serve(
     let mut sealed = vec![0u8; MAX_DATAGRAM.max(BUFFER)];
     let mut to_network = SendQueue::default();
     let mut to_tun = WriteBatch::default();
+    // The tunnel addresses `ready` gave, and the full tunnel while an `internet` grant holds.
+    let mut tunnel_addresses = None;
+    let mut full: Option<FullTunnel> = None;
     tokio::pin!(shutdown);
 
     loop {
@@ -176,12 +204,9 @@ async fn serve(
             }
             Input::Portal(LinkEvent::Message(message)) => {
                 if let PortalToClient::Ready(ready) = &message {
-                    set_up_tunnel(
-                        tun,
-                        ready.tunnel_ipv4.into(),
-                        ready.tunnel_ipv6.into(),
-                        &ready.resources,
-                    )?;
+                    let addresses = (ready.tunnel_ipv4.into(), ready.tunnel_ipv6.into());
+                    set_up_tunnel(tun, addresses.0, addresses.1, &ready.resources)?;
+                    tunnel_addresses = Some(addresses);
                     // Said once the routes are in: a connection opened before then would
                     // leave from another interface's address, which no gateway accepts.
                     tracing::info!(client = %ready.client_id, "the portal says ready");
@@ -219,7 +244,27 @@ async fn serve(
             .await
             .context("the TUN device failed")?;
         while let Some(event) = core.poll_event() {
-            act(event, &to_portal, &mut service, now);
+            match event {
+                Event::FullTunnel { on: true } if full.is_none() => {
+                    let Some((v4, v6)) = tunnel_addresses else {
+                        continue;
+                    };
+                    match FullTunnel::install(tun, v4, v6, resolvers) {
+                        Ok(installed) => full = Some(installed),
+                        // The host keeps its own routes: nothing leaks, the internet is only
+                        // not reached through the gateway.
+                        Err(error) => {
+                            tracing::error!(%error, "cannot route everything into the tunnel")
+                        }
+                    }
+                }
+                Event::FullTunnel { on: false } => {
+                    if let Some(installed) = full.take() {
+                        installed.remove();
+                    }
+                }
+                event => act(event, &to_portal, &mut service, now),
+            }
         }
         while let Some(event) = service.poll_event() {
             match event {
@@ -309,6 +354,8 @@ fn act(
         Event::GatewayLost { gateway_id } => {
             tracing::warn!(gateway = %gateway_id, "gateway silent; asking for another");
         }
+        // Carried out by the loop, which holds the routes.
+        Event::FullTunnel { .. } => {}
         Event::Path {
             gateway_id,
             path,

@@ -166,6 +166,7 @@ pub async fn sign_out(args: SignOutArgs, out: &mut impl Write) -> Result<(), Sig
         account: args.account.clone(),
         token,
         ca_file: args.portal_ca,
+        socket_mark: None,
     };
     let said = match fz_link::sign_out(&config).await {
         Ok(()) => format!(

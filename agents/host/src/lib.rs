@@ -1,6 +1,7 @@
 //! What an fz agent changes on, and asks of, its Linux host: TUN devices with their addresses
 //! and routes ([`tun::Tun`]), the gateway's nftables masquerade and IP forwarding
-//! ([`firewall::Masquerade`], [`firewall::enable_forwarding`]), and the host's own DNS
+//! ([`firewall::Masquerade`], [`firewall::enable_forwarding`]), the client's full tunnel for
+//! an `internet` grant ([`full_tunnel::FullTunnel`]), and the host's own DNS
 //! resolver ([`resolve::Resolver`]), the client's switch of that resolver to its DNS stub
 //! ([`resolv::ResolverSwitch`]), and the secrets an agent keeps in files ([`secrets`]).
 //! Both agents' drivers build on it, and on what their binaries share ([`agent`]).
@@ -16,6 +17,7 @@
 
 pub mod agent;
 pub mod firewall;
+pub mod full_tunnel;
 pub mod resolv;
 pub mod resolve;
 pub mod secrets;
@@ -60,6 +62,11 @@ pub enum PlatformError {
     },
     #[error("could not enable forwarding in `{path}`: {error}")]
     Forwarding {
+        path: &'static str,
+        error: std::io::Error,
+    },
+    #[error("could not write `{path}`: {error}")]
+    Sysctl {
         path: &'static str,
         error: std::io::Error,
     },

@@ -318,6 +318,10 @@ const EBADFD: i32 = nix::errno::Errno::EBADFD as i32;
 /// The largest read: a whole segment the kernel left unsplit (IP's 64 KiB).
 const MAX_READ: usize = 65_535;
 
+/// What each buffer of a [`WriteBatch`] can grow to without moving: the room tun-rs asks for
+/// before it appends a packet to a coalesced segment (a header of room on each side of it).
+const WRITE_CAPACITY: usize = 2 * VIRTIO_NET_HDR_LEN + MAX_READ;
+
 /// Each packet's buffer holds at least this much, whatever the MTU.
 const MIN_PACKET_BUFFER: usize = 1_500;
 
@@ -379,7 +383,10 @@ impl WriteBatch {
     /// Adds a copy of `packet`.
     pub fn push(&mut self, packet: &[u8]) {
         if self.packets.len() == self.count {
-            self.packets.push(Vec::new());
+            // Coalescing appends the flow's later packets to its first one in place, and only
+            // where the buffer already has the room: each gets room for a whole segment. The
+            // pages are touched only as far as packets are written.
+            self.packets.push(Vec::with_capacity(WRITE_CAPACITY));
         }
         if let Some(buffer) = self.packets.get_mut(self.count) {
             buffer.clear();
@@ -494,6 +501,60 @@ mod tests {
         assert_eq!(error.to_string(), "invalid prefix length 33 for `10.0.0.1`");
         assert!(Cidr::new("::1".parse().unwrap(), 129).is_err());
         assert!(Cidr::new("::1".parse().unwrap(), 128).is_ok());
+    }
+
+    /// One TCP segment of a bulk flow from 100.64.0.1:40000 to 10.0.5.10:5432: `index`
+    /// of a run, 1368 bytes of data each, with its checksums.
+    fn segment(index: u16) -> Vec<u8> {
+        use crate::testing::packet::checksum;
+        let (src, dst) = ([100, 64, 0, 1], [10, 0, 5, 10]);
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&5432u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&(u32::from(index) * 1368).to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x10; // ACK
+        tcp[14..16].copy_from_slice(&512u16.to_be_bytes());
+        tcp.extend_from_slice(&[0x5a; 1368]);
+        let length = u16::try_from(tcp.len()).unwrap();
+        let pseudo = [&src[..], &dst[..], &[0, 6], &length.to_be_bytes()].concat();
+        let sum = checksum(&[&pseudo, &tcp]);
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+        let mut packet = vec![0x45, 0];
+        packet.extend_from_slice(&(20 + length).to_be_bytes());
+        packet.extend_from_slice(&(100 + index).to_be_bytes());
+        packet.extend_from_slice(&[0x40, 0, 64, 6, 0, 0]);
+        packet.extend_from_slice(&src);
+        packet.extend_from_slice(&dst);
+        let sum = checksum(&[&packet]);
+        packet[10..12].copy_from_slice(&sum.to_be_bytes());
+        packet.extend_from_slice(&tcp);
+        packet
+    }
+
+    /// The point of the write batch: consecutive segments of one flow leave as one. tun-rs
+    /// appends them to the first in place only where that buffer has the room, so without it
+    /// every packet would still be written alone (as it was at first: a fifth of the speed).
+    #[test]
+    fn a_written_flow_is_coalesced_into_one_segment() {
+        let mut batch = WriteBatch::default();
+        for index in 0..8 {
+            batch.push(&segment(index));
+        }
+        let WriteBatch {
+            packets,
+            count,
+            gro,
+            ..
+        } = &mut batch;
+        gro.apply_gro(&mut packets[..*count], VIRTIO_NET_HDR_LEN, false)
+            .unwrap();
+        let lengths: Vec<usize> = packets.iter().map(Vec::len).collect();
+        assert_eq!(
+            lengths[0],
+            VIRTIO_NET_HDR_LEN + 40 + 8 * 1368,
+            "{lengths:?}"
+        );
     }
 
     #[test]

@@ -65,6 +65,11 @@ impl Udp {
         Ok(Udp { socket, state })
     }
 
+    /// Marks the socket so that a full tunnel never carries it ([`crate::full_tunnel::mark`]).
+    pub fn mark(&self) -> io::Result<()> {
+        crate::full_tunnel::mark(&self.socket)
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }

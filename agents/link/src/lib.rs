@@ -112,6 +112,9 @@ pub struct PortalConfig {
     pub token: String,
     /// Extra CA certificates (PEM) to trust for wss, beside the system's.
     pub ca_file: Option<PathBuf>,
+    /// A firewall mark for the connection's socket: the client's, so that its full tunnel
+    /// (policy routing on the mark) never carries the link itself.
+    pub socket_mark: Option<u32>,
 }
 
 impl fmt::Debug for PortalConfig {
@@ -120,6 +123,7 @@ impl fmt::Debug for PortalConfig {
             .field("url", &self.url)
             .field("account", &self.account)
             .field("ca_file", &self.ca_file)
+            .field("socket_mark", &self.socket_mark)
             .finish_non_exhaustive()
     }
 }
@@ -155,6 +159,7 @@ impl PortalArgs {
             account: self.account,
             token,
             ca_file: self.portal_ca,
+            socket_mark: None,
         };
         Ok((config, key))
     }
@@ -276,6 +281,7 @@ struct Target {
     host: String,
     port: u16,
     tls: Option<Arc<rustls::ClientConfig>>,
+    mark: Option<u32>,
 }
 
 impl Target {
@@ -309,6 +315,7 @@ impl Target {
                 .to_owned(),
             port,
             tls,
+            mark: config.socket_mark,
         })
     }
 }
@@ -421,6 +428,27 @@ fn jittered(backoff: Duration) -> Duration {
     backoff.mul_f64(fraction)
 }
 
+/// A TCP connection to the portal, from a socket with the target's mark if it has one.
+async fn open(target: &Target) -> std::io::Result<TcpStream> {
+    let Some(mark) = target.mark else {
+        return TcpStream::connect((target.host.as_str(), target.port)).await;
+    };
+    let mut failure = std::io::Error::other("the portal's name has no address");
+    for address in tokio::net::lookup_host((target.host.as_str(), target.port)).await? {
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)?;
+        match socket.connect(address).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => failure = error,
+        }
+    }
+    Err(failure)
+}
+
 async fn connect(target: &Target, token: &str) -> Result<Connected, Ended> {
     let mut request = target
         .request_url
@@ -430,7 +458,7 @@ async fn connect(target: &Target, token: &str) -> Result<Connected, Ended> {
     let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| Ended::Refused("the token has characters a header cannot carry".into()))?;
     request.headers_mut().insert("authorization", bearer);
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+    let tcp = open(target)
         .await
         .map_err(|e| Ended::Retry(format!("cannot reach {}:{}: {e}", target.host, target.port)))?;
     let _ = tcp.set_nodelay(true);

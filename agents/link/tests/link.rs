@@ -20,6 +20,7 @@ fn config(port: u16) -> PortalConfig {
         account: "acme".into(),
         token: TOKEN.into(),
         ca_file: None,
+        socket_mark: None,
     }
 }
 

@@ -63,6 +63,9 @@ pub struct Config {
     pub seed: u32,
     /// The socket's addresses gateways may reach directly: ICE's host candidates.
     pub host: Vec<SocketAddr>,
+    /// Ask for the `internet` resource as soon as the portal lists one, for a full tunnel
+    /// ([`Event::FullTunnel`]).
+    pub full_tunnel: bool,
 }
 
 /// Candidates of gateways the client holds no link to yet (they may come before the grant's
@@ -93,6 +96,10 @@ pub enum Event {
     Refused { grant_id: String, reason: String },
     /// A gateway went silent while in use and was left.
     GatewayLost { gateway_id: String },
+    /// Whether everything without a more specific route should go into the tunnel: on while
+    /// the client holds a grant of the `internet` resource (or asks again for one it held),
+    /// off once that is refused or revoked, or the resource is gone from the portal's list.
+    FullTunnel { on: bool },
     /// ICE chose how datagrams to a gateway travel: directly, or through `relay`.
     Path {
         gateway_id: String,
@@ -183,6 +190,10 @@ pub struct Client {
     link_by_key: HashMap<PublicKey, u32>,
     asking: HashMap<String, Asking>,
     avoided: HashMap<String, Instant>,
+    /// Whether to ask for the `internet` resource at once ([`Config::full_tunnel`]).
+    wants_full_tunnel: bool,
+    /// What the driver was last told with [`Event::FullTunnel`].
+    full_tunnel: bool,
     indices: Indices,
     clock: Clock,
     flushing: Flushing,
@@ -211,6 +222,8 @@ impl Client {
             link_by_key: HashMap::new(),
             asking: HashMap::new(),
             avoided: HashMap::new(),
+            wants_full_tunnel: config.full_tunnel,
+            full_tunnel: false,
             indices: Indices::new(config.seed),
             clock: Clock::new(now, unix_ms),
             flushing: Flushing::default(),
@@ -270,6 +283,19 @@ impl Client {
                     .collect();
                 self.index = AddressIndex::new(parsed.iter().map(|(a, i)| (a, *i)));
                 self.resources = ready.resources;
+                // A full tunnel asks for the `internet` resource at once, not on a first
+                // packet: only its grant puts in the routes that bring packets for it here.
+                match self.internet_resource().filter(|_| self.wants_full_tunnel) {
+                    Some(internet) => {
+                        if !self.by_resource.contains_key(&internet) {
+                            self.asking.entry(internet).or_insert(Asking {
+                                since: now,
+                                queued: Vec::new(),
+                            });
+                        }
+                    }
+                    None => self.set_full_tunnel(false),
+                }
                 // Back after the portal connection broke: what was said meanwhile went
                 // nowhere. Every gateway hears this side's candidates again, and resources
                 // still waiting for an answer are asked for again (sorted, so the order is
@@ -297,9 +323,22 @@ impl Client {
                         self.prohibit(&packet);
                     }
                 }
+                if self.internet_resource().as_ref() == Some(&resource) {
+                    self.set_full_tunnel(false);
+                }
                 self.events.push_back(Event::Rejected { resource, reason });
             }
-            PortalToClient::Revoked { grant_id, reason } => self.end(&grant_id, reason),
+            PortalToClient::Revoked { grant_id, reason } => {
+                // A revoked `internet` grant gives the host its routes back at once; one that
+                // expired or lost its gateway keeps them while the next packet asks again.
+                let internet = self.internet_resource();
+                if let Some(held) = self.held.get(&grant_id)
+                    && internet.as_ref() == Some(&held.grant.resource.id)
+                {
+                    self.set_full_tunnel(false);
+                }
+                self.end(&grant_id, reason);
+            }
             PortalToClient::GatewayDown { gateway_id } => {
                 for link in self.links.values_mut() {
                     if link.gateway_id == gateway_id {
@@ -691,6 +730,9 @@ impl Client {
             resource: resource.clone(),
             dns,
         });
+        if self.internet_resource().as_ref() == Some(&resource) {
+            self.set_full_tunnel(true);
+        }
         self.held.insert(grant.id.clone(), Held { grant, link });
         // Packets that waited for this grant go now (the first starts the handshake).
         let queued = self
@@ -848,13 +890,23 @@ impl Client {
 
     /// The IP or CIDR resource that serves `ip` (DNS resources are reached through mapped
     /// addresses, `internet` is not routed here).
+    /// The `internet` resource of the portal's list, if it has one.
+    fn internet_resource(&self) -> Option<String> {
+        self.resources
+            .iter()
+            .find(|r| r.address == "internet")
+            .map(|r| r.id.clone())
+    }
+
+    fn set_full_tunnel(&mut self, on: bool) {
+        if self.full_tunnel != on {
+            self.full_tunnel = on;
+            self.events.push_back(Event::FullTunnel { on });
+        }
+    }
+
     fn ip_resource(&mut self, ip: IpAddr) -> Option<String> {
-        let Some(resource) = self
-            .index
-            .lookup_ip(ip)
-            .and_then(|i| self.resources.get(i))
-            .filter(|r| r.address != "internet")
-        else {
+        let Some(resource) = self.index.lookup_ip(ip).and_then(|i| self.resources.get(i)) else {
             self.metrics.dropped += 1;
             return None;
         };

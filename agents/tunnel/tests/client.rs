@@ -50,6 +50,12 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::with(false, Vec::new())
+    }
+
+    /// A world whose client has the full-tunnel option as given, and `more` resources in the
+    /// portal's list beside `db`.
+    fn with(full_tunnel: bool, more: Vec<ResourceView>) -> World {
         let now = Instant::now();
         let portal = PortalSigningKey::from_seed([7; 32]);
         let mut client = Client::new(
@@ -60,19 +66,22 @@ impl World {
                 // No host candidates: ICE stays idle and datagrams go to the grants'
                 // endpoints, as they do when a gateway is reachable directly.
                 host: Vec::new(),
+                full_tunnel,
             },
             now,
             START_UNIX * 1000,
         );
+        let mut resources = vec![ResourceView {
+            id: "db".into(),
+            address: "10.0.5.0/24".into(),
+        }];
+        resources.extend(more);
         client.handle_portal(
             PortalToClient::Ready(Box::new(ClientReady {
                 client_id: CLIENT_ID.into(),
                 tunnel_ipv4: "100.64.0.2".parse().unwrap(),
                 tunnel_ipv6: "fd00:2021:1111::2".parse().unwrap(),
-                resources: vec![ResourceView {
-                    id: "db".into(),
-                    address: "10.0.5.0/24".into(),
-                }],
+                resources,
             })),
             now,
         );
@@ -304,6 +313,27 @@ impl World {
     }
 }
 
+fn full_tunnel_events(world: &World) -> Vec<bool> {
+    world
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::FullTunnel { on } => Some(*on),
+            _ => None,
+        })
+        .collect()
+}
+
+fn internet_requests(world: &World) -> usize {
+    world
+        .requests
+        .iter()
+        .filter(
+            |r| matches!(r, ClientMessage::RequestAccess { resource, .. } if resource == "egress"),
+        )
+        .count()
+}
+
 fn to_db(port: u16) -> Vec<u8> {
     build::ip(
         ip("100.64.0.2"),
@@ -343,6 +373,85 @@ fn the_first_packet_asks_and_waits_and_goes_once_granted() {
         world.client.gateways_in_use(),
         [("db".into(), "gw-a".into())]
     );
+}
+
+/// `internet` in the portal's list: a client with the full-tunnel option asks for it at once
+/// and is told to route everything in once granted; public addresses then go to the grant's
+/// gateway. A grant that expires keeps the routes (the next packet asks again); a revoked one
+/// gives them back at once, as does a refusal. Without the option nothing is asked.
+#[test]
+fn a_full_tunnel_asks_for_internet_at_once_and_follows_its_grant() {
+    let egress = || ResourceView {
+        id: "egress".into(),
+        address: "internet".into(),
+    };
+    let mut world = World::with(false, vec![egress()]);
+    world.pump(Vec::new());
+    assert_eq!(internet_requests(&world), 0);
+    assert!(full_tunnel_events(&world).is_empty());
+
+    let mut world = World::with(true, vec![egress()]);
+    world.pump(Vec::new());
+    assert_eq!(
+        world.requests,
+        [ClientMessage::RequestAccess {
+            resource: "egress".into(),
+            dns: None,
+            avoid: vec![],
+        }]
+    );
+    assert!(
+        full_tunnel_events(&world).is_empty(),
+        "nothing before the grant"
+    );
+    let grant = world.grant_via(1, "egress", "internet");
+    assert_eq!(full_tunnel_events(&world), [true]);
+    let public = |port| {
+        build::ip(
+            ip("100.64.0.2"),
+            ip("192.0.2.80"),
+            6,
+            &build::ports(port, 443),
+        )
+    };
+    world.app_sends(&public(40000));
+    assert_eq!(world.gateways[1].forwarded, [public(40000)]);
+    // db is its own resource, not the internet's.
+    world.app_sends(&to_db(40000));
+    assert!(world.gateways[1].forwarded.len() == 1);
+
+    // Revoked: the routes go at once.
+    world.client.handle_portal(
+        PortalToClient::Revoked {
+            grant_id: grant.grant.id.clone(),
+            reason: "the policy no longer allows it".into(),
+        },
+        world.now,
+    );
+    world.pump(Vec::new());
+    assert_eq!(full_tunnel_events(&world), [true, false]);
+
+    // Granted again, then expired: the routes stay, and the next public packet asks again.
+    world.grant_via(0, "egress", "internet");
+    assert_eq!(full_tunnel_events(&world), [true, false, true]);
+    world.now += Duration::from_secs(3601);
+    world.client.handle_timeout(world.now);
+    world.pump(Vec::new());
+    assert_eq!(full_tunnel_events(&world), [true, false, true]);
+    let asked = internet_requests(&world);
+    world.app_sends(&public(40001));
+    assert_eq!(internet_requests(&world), asked + 1);
+
+    // Refused this time: off.
+    world.client.handle_portal(
+        PortalToClient::Rejected {
+            resource: "egress".into(),
+            reason: "no allow rule applies".into(),
+        },
+        world.now,
+    );
+    world.pump(Vec::new());
+    assert_eq!(full_tunnel_events(&world), [true, false, true, false]);
 }
 
 #[test]
