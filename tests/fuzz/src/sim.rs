@@ -28,8 +28,8 @@ use boringtun::x25519::{PublicKey as X25519Public, StaticSecret};
 use fz_proto::{
     GatewayMessage, Grant, Identity, PortalToGateway, PublicKey, SignedGrant, UnixTime,
 };
-use fz_tunnel::filter::GrantFilter;
 use fz_tunnel::Output;
+use fz_tunnel::filter::GrantFilter;
 use fz_tunnel::gateway::{Config, Event, Gateway, MAX_DATAGRAM, Resolved};
 use fz_tunnel::packet::Packet;
 
