@@ -262,6 +262,15 @@ impl Gateway {
         self.peers.len()
     }
 
+    /// Peers holding WireGuard state now (a session, or a handshake under way); the others are
+    /// idle and cost only their grants.
+    pub fn active_peer_count(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| p.wireguard.is_active())
+            .count()
+    }
+
     pub fn grant_count(&self) -> usize {
         self.installed.len()
     }

@@ -147,6 +147,9 @@ pub enum Action<'a> {
     Refused,
 }
 
+/// The first byte of a WireGuard handshake initiation (message type 1).
+const HANDSHAKE_INITIATION: u8 = 1;
+
 /// Whether a datagram boringtun wrote is a cookie reply (WireGuard message type 3): what the
 /// gatekeeper, or a peer's own pass through the shared rate limiter, answers a handshake
 /// instead of a handshake response when the port is under load.
@@ -155,8 +158,21 @@ pub(crate) fn is_cookie_reply(datagram: &[u8]) -> bool {
 }
 
 /// One WireGuard peer.
+///
+/// boringtun's `Tunn` keeps its eight session slots inline, each with a replay window: about
+/// 11 KiB whether a session is up or not. A gateway holds a peer for every client with a
+/// grant, most of them idle, so the `Tunn` is made when the first datagram or packet needs it
+/// and dropped once its sessions have expired for good (WireGuard's 540 s without a
+/// handshake); an idle peer then costs what its grants cost. Nothing is lost with it: a
+/// session that expired must be made anew by a handshake anyway.
 pub struct Peer {
-    tunnel: Tunn,
+    tunnel: Option<Box<Tunn>>,
+    /// What the `Tunn` is made from.
+    secret: StaticSecret,
+    remote: X25519Public,
+    preshared_key: [u8; 32],
+    index: u32,
+    limiter: Arc<RateLimiter>,
     /// Where the peer last sent an authenticated message from (WireGuard roaming).
     endpoint: Option<SocketAddr>,
     /// Whether queued packets wait to go out since a handshake completed.
@@ -173,17 +189,43 @@ impl Peer {
         index: u32,
     ) -> Peer {
         Peer {
-            tunnel: Tunn::new(
-                gatekeeper.keys.secret.clone(),
-                X25519Public::from(remote),
-                Some(preshared_key),
-                None,
-                index,
-                Some(gatekeeper.limiter.clone()),
-            ),
+            tunnel: None,
+            secret: gatekeeper.keys.secret.clone(),
+            remote: X25519Public::from(remote),
+            preshared_key,
+            index,
+            limiter: gatekeeper.limiter.clone(),
             endpoint: None,
             queued: false,
         }
+    }
+
+    /// The `Tunn`, made now if there is none.
+    fn tunnel(&mut self) -> &mut Tunn {
+        let Peer {
+            tunnel,
+            secret,
+            remote,
+            preshared_key,
+            index,
+            limiter,
+            ..
+        } = self;
+        tunnel.get_or_insert_with(|| {
+            Box::new(Tunn::new(
+                secret.clone(),
+                *remote,
+                Some(*preshared_key),
+                None,
+                *index,
+                Some(limiter.clone()),
+            ))
+        })
+    }
+
+    /// Whether the peer holds WireGuard state now (a session, or a handshake under way).
+    pub fn is_active(&self) -> bool {
+        self.tunnel.is_some()
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
@@ -197,7 +239,12 @@ impl Peer {
         datagram: &[u8],
         buffer: &'a mut [u8],
     ) -> Action<'a> {
-        let result = self.tunnel.decapsulate(Some(from.ip()), datagram, buffer);
+        // Only a handshake initiation may start WireGuard state; anything else for a peer
+        // without it belongs to no session (and would otherwise make one anyone can fill).
+        if self.tunnel.is_none() && datagram.first() != Some(&HANDSHAKE_INITIATION) {
+            return Action::Refused;
+        }
+        let result = self.tunnel().decapsulate(Some(from.ip()), datagram, buffer);
         match result {
             TunnResult::Done => {
                 self.endpoint = Some(from);
@@ -220,7 +267,7 @@ impl Peer {
     /// Puts an IP packet into the tunnel. Without a session, boringtun queues the packet and
     /// starts a handshake (a `Send` of the initiation).
     pub fn encapsulate<'a>(&mut self, packet: &[u8], buffer: &'a mut [u8]) -> Action<'a> {
-        match self.tunnel.encapsulate(packet, buffer) {
+        match self.tunnel().encapsulate(packet, buffer) {
             TunnResult::WriteToNetwork(bytes) => Action::Send(bytes),
             TunnResult::Err(_) => Action::Refused,
             _ => Action::Nothing,
@@ -231,10 +278,11 @@ impl Peer {
     /// peer changed before the first handshake could get through, the next try need not
     /// wait for WireGuard's retry timer.
     pub fn initiate<'a>(&mut self, buffer: &'a mut [u8]) -> Option<&'a [u8]> {
-        if self.tunnel.time_since_last_handshake().is_some() {
+        let tunnel = self.tunnel();
+        if tunnel.time_since_last_handshake().is_some() {
             return None;
         }
-        match self.tunnel.format_handshake_initiation(buffer, true) {
+        match tunnel.format_handshake_initiation(buffer, true) {
             TunnResult::WriteToNetwork(bytes) => Some(bytes),
             _ => None,
         }
@@ -245,7 +293,8 @@ impl Peer {
         if !self.queued {
             return None;
         }
-        match self.tunnel.decapsulate(None, &[], buffer) {
+        let tunnel = self.tunnel.as_mut()?;
+        match tunnel.decapsulate(None, &[], buffer) {
             TunnResult::WriteToNetwork(bytes) => Some(bytes),
             _ => {
                 self.queued = false;
@@ -255,12 +304,15 @@ impl Peer {
     }
 
     /// Runs WireGuard's timers: a keepalive or handshake retry to send, if one is due.
-    /// A session expired for good is not an error here: the peer stays until its grants end.
+    /// A session expired for good is not an error here: the peer stays until its grants end,
+    /// without its `Tunn` until it is needed again.
     pub fn update_timers<'a>(&mut self, buffer: &'a mut [u8]) -> Option<&'a [u8]> {
-        match self.tunnel.update_timers(buffer) {
+        let tunnel = self.tunnel.as_mut()?;
+        match tunnel.update_timers(buffer) {
             TunnResult::WriteToNetwork(bytes) => Some(bytes),
             TunnResult::Err(WireGuardError::ConnectionExpired) => {
                 self.endpoint = None;
+                self.tunnel = None;
                 None
             }
             _ => None,

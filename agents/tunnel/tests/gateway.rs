@@ -387,6 +387,43 @@ fn a_client_key_gets_a_handshake_only_while_it_holds_a_grant() {
     assert_eq!(sim.send_to_client(&mut alice, &reply), Some(reply.clone()));
 }
 
+/// A peer with a grant holds no WireGuard state until its client's handshake initiation
+/// comes: an idle client costs the gateway its grant only. A data message for it before then
+/// (a guessed index, a forged message) is refused and makes no state either.
+#[test]
+fn an_idle_peer_holds_no_wireguard_state_until_its_client_initiates() {
+    let mut sim = Sim::new();
+    let mut alice = sim.client(2);
+    let grant = sim.grant(&alice, "10.0.5.10", &["tcp/5432"]);
+    sim.install(&grant);
+    assert_eq!(
+        (sim.gateway.peer_count(), sim.gateway.active_peer_count()),
+        (1, 0)
+    );
+
+    // A data message for each of the first 2,048 peer indices (the gateway hands them out
+    // from its seed, 1000): refused, nothing made.
+    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    for index in 0..2048u32 {
+        let mut forged = vec![4, 0, 0, 0];
+        forged.extend_from_slice(&(index << 8).to_le_bytes());
+        forged.extend_from_slice(&[0; 8 + 16 + 32]);
+        assert!(
+            sim.gateway
+                .handle_network(alice.address, &forged, &mut buffer, sim.now)
+                .is_none()
+        );
+    }
+    assert_eq!(sim.gateway.active_peer_count(), 0);
+
+    let packet = tcp(alice.v4, ip("10.0.5.10"), (40000, 5432));
+    assert_eq!(
+        sim.send_from_client(&mut alice, &packet),
+        std::slice::from_ref(&packet)
+    );
+    assert_eq!(sim.gateway.active_peer_count(), 1);
+}
+
 #[test]
 fn the_filter_passes_exactly_what_the_grant_names() {
     let mut sim = Sim::new();
