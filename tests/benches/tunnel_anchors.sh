@@ -22,9 +22,28 @@
 # seconds (user + system, both ends: for fz the two agents, not the portal) per gigabyte
 # carried. Then each tunnel's ratios to the direct path, and fz's to each anchor.
 #
+# With CLIENTS=N, issue 17's many-client goal too (aggregate TCP throughput of 8 concurrent
+# clients at least 0.9x a single client's, through one gateway): after the fz row, its client
+# leaves and N more fz-clients join the same gateway and portal, each in a namespace of its own
+#
+#   client i (10.201.3.i) --veth-- bridge fzbr in the gateway's namespace (10.201.3.254)
+#
+# reaching the portal and fz-gateway at 10.201.1.2 through that bridge (a host route: nothing
+# but fz's own route leads them to the host's network), each with its own token (client
+# bench-client-<i>, the same user, so the same policy), key, state, resolver file and TUN
+# device fzbm<i>. Once every one has its grant, all N run one TCP stream each at once for the
+# test's duration, client i to its own iperf3 server on the host (port 5300+i). Reported
+# after the table: each client's rate, their sum, the sum over the fz row's single-client
+# TCP 1-stream rate from the same run, how evenly the clients shared, and CPU seconds (the
+# gateway and all N clients) per gigabyte beside the single client's, split into the
+# gateway's and the clients' (on one machine the N clients and their iperf3s share its cores
+# with the gateway), with the share of one core the gateway's event loop kept busy. The
+# direct path and the anchors never touch 10.201.3.0/24.
+#
 # Usage: sudo tests/benches/tunnel_anchors.sh [seconds per test, default 10]
 # Environment: ONLY (a comma- or space-separated choice of direct, wireguard-go,
-# boringtun-cli and fz; default all four), UDP_RATE (default 500M), BORINGTUN_CLI,
+# boringtun-cli and fz; default all four), CLIENTS (unset: no many-client run; else a count
+# from 1 to 200, and ONLY must include fz), UDP_RATE (default 500M), BORINGTUN_CLI,
 # FZ_BIN_DIR (fz-portal, fz-gateway and fz-client; default target/release of the repository
 # this script is in: `cargo build --release -p fz-portal -p fz-gateway -p fz-client`).
 # Needs: iperf3, python3, ip; for the anchors wireguard-go and wg (wireguard-tools), and
@@ -36,6 +55,7 @@ SECONDS_PER_TEST="${1:-10}"
 UDP_RATE="${UDP_RATE:-500M}"
 ONLY="${ONLY:-direct wireguard-go boringtun-cli fz}"
 ONLY="${ONLY//,/ }"
+CLIENTS="${CLIENTS:-}"
 BORINGTUN_CLI="${BORINGTUN_CLI:-$(command -v boringtun-cli || true)}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 FZ_BIN_DIR="${FZ_BIN_DIR:-$REPO/target/release}"
@@ -43,6 +63,9 @@ PREFIX="fzbench-$$"
 CLIENT="$PREFIX-client"
 GATEWAY="$PREFIX-gw"
 HOST="$PREFIX-host"
+# The many-client run's namespaces (none without CLIENTS), named now so that the cleanup
+# knows them whatever point a failure reaches.
+MANY=()
 # wireguard-go refuses to run where the kernel has WireGuard unless told this.
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 
@@ -55,6 +78,14 @@ for row in $ONLY; do
     esac
 done
 chosen() { [[ " $ONLY " == *" $1 "* ]]; }
+if [ -n "$CLIENTS" ]; then
+    # 200: the clients' addresses 10.201.3.1-200 and iperf3 ports 5301-5500 stay clear of
+    # the bridge's 10.201.3.254 and of iperf3's own 5201.
+    [[ "$CLIENTS" =~ ^[1-9][0-9]*$ ]] && [ "$CLIENTS" -le 200 ] ||
+        die "CLIENTS is a count of clients from 1 to 200, not \`$CLIENTS\`"
+    chosen fz || die "CLIENTS measures fz beside its single client: ONLY must include fz"
+    for i in $(seq "$CLIENTS"); do MANY+=("$PREFIX-c$i"); done
+fi
 
 needed=(iperf3 python3 ip)
 if chosen wireguard-go || chosen boringtun-cli; then needed+=(wg); fi
@@ -88,8 +119,25 @@ cleanup() {
     wait 2>/dev/null
     # The iperf3 server daemonised, so it is no job of ours, and deleting its namespace does
     # not stop it.
-    [ -s "$WORK/iperf3.pid" ] && kill "$(cat "$WORK/iperf3.pid")" 2>/dev/null
-    for ns in "$CLIENT" "$GATEWAY" "$HOST"; do ip netns del "$ns" 2>/dev/null; done
+    # The many-client run's servers (iperf3-<i>.pid) likewise. SIGTERM only asks; waited
+    # for within a bound (no `wait`: not our children), so none outlives the script. A zombie
+    # counts as gone: it holds nothing, and only its parent (init) can reap it.
+    local daemons=() pidfile pid
+    for pidfile in "$WORK"/iperf3*.pid; do
+        [ -s "$pidfile" ] && daemons+=("$(cat "$pidfile")")
+    done
+    if [ ${#daemons[@]} -gt 0 ]; then
+        kill "${daemons[@]}" 2>/dev/null
+        for _ in $(seq 100); do
+            for pid in "${daemons[@]}"; do
+                [[ "$(ps -o stat= -p "$pid")" =~ ^[^Z] ]] && break
+                pid=
+            done
+            [ -z "$pid" ] && break
+            sleep 0.05
+        done
+    fi
+    for ns in "$CLIENT" "$GATEWAY" "$HOST" "${MANY[@]}"; do ip netns del "$ns" 2>/dev/null; done
     rm -f /var/run/wireguard/fzb[cg][12].sock
     rm -rf "$WORK"
 }
@@ -115,6 +163,29 @@ in_ns "$HOST" ip route add default via 10.201.2.1
 # --json: the server's own account of each test (the receiver's out-of-order count), which
 # the client fetches with --get-server-output; the daemon's output goes nowhere.
 in_ns "$HOST" iperf3 --server --daemon --json --pidfile "$WORK/iperf3.pid" >/dev/null
+
+# The many-client run's own network: a bridge in the gateway's namespace, apart from c0/g0, so
+# the direct path and the anchors are measured over exactly what they were without CLIENTS.
+# The clients get no route to the host's network, only to the portal and gateway's address:
+# were fz's routes missing, their tests would fail instead of passing directly.
+if [ -n "$CLIENTS" ]; then
+    in_ns "$GATEWAY" ip link add fzbr type bridge
+    in_ns "$GATEWAY" ip addr add 10.201.3.254/24 dev fzbr
+    in_ns "$GATEWAY" ip link set fzbr up
+    for i in $(seq "$CLIENTS"); do
+        ns="$PREFIX-c$i"
+        ip netns add "$ns"
+        in_ns "$ns" ip link set lo up
+        ip link add c0 netns "$ns" type veth peer name "gm$i" netns "$GATEWAY"
+        in_ns "$GATEWAY" ip link set "gm$i" master fzbr up
+        in_ns "$ns" ip addr add "10.201.3.$i/24" dev c0
+        in_ns "$ns" ip link set c0 up
+        in_ns "$ns" ip route add 10.201.1.2/32 via 10.201.3.254
+        # One server per client: an iperf3 server runs one test at a time.
+        in_ns "$HOST" iperf3 --server --daemon --port $((5300 + i)) \
+            --pidfile "$WORK/iperf3-$i.pid" >/dev/null
+    done
+fi
 
 # ---- measuring ----
 
@@ -158,13 +229,22 @@ else:
 # iperf's figures.
 RESULTS="$WORK/results"
 : >"$RESULTS"
+# And for the tunnels, one line per test: label, test, wall seconds, then the CPU seconds of
+# each process in the order given (for fz: client, gateway); the many-client report sets the
+# gateway's share of the single client's cost beside its own.
+CPU_EACH="$WORK/cpu-each"
+: >"$CPU_EACH"
 
 # Runs the three tests; `label` names the row, pids (if any) are the tunnel's processes.
 measure() {
     local label="$1"; shift
-    local pids=("$@") before after figures cpu
+    local pids=("$@") before after figures cpu started each pid index
     for test in tcp1 tcp4 udp; do
-        [ ${#pids[@]} -gt 0 ] && before=$(cpu_seconds "${pids[@]}")
+        if [ ${#pids[@]} -gt 0 ]; then
+            before=()
+            for pid in "${pids[@]}"; do before+=("$(cpu_seconds "$pid")"); done
+            started=$(date +%s.%N)
+        fi
         case "$test" in
             tcp1) figures=$(iperf tcp 1) ;;
             tcp4) figures=$(iperf tcp 4) ;;
@@ -172,8 +252,14 @@ measure() {
         esac
         cpu=-
         if [ ${#pids[@]} -gt 0 ]; then
-            after=$(cpu_seconds "${pids[@]}")
-            cpu=$(python3 -c "print($after - $before)")
+            each="$(python3 -c "import time; print(time.time() - $started)")"
+            cpu=0
+            for index in "${!pids[@]}"; do
+                after=$(cpu_seconds "${pids[index]}")
+                each+=" $(python3 -c "print($after - ${before[index]})")"
+                cpu=$(python3 -c "print($cpu + $after - ${before[index]})")
+            done
+            echo "$label $test $each" >>"$CPU_EACH"
         fi
         echo "$label $test $cpu $figures" >>"$RESULTS"
     done
@@ -355,6 +441,114 @@ lines = [line for line in text.splitlines()
 print("fz-gateway counted:", "; ".join(lines) or "nothing")' >&2 || true
 }
 
+# The many-client run's clients, as fz_up starts its one, all in their namespaces at once (as
+# many devices coming up together would), each waited for in turn until its grant is in force
+# at both ends; their process ids in MANY_PIDS. Needs fz_up's portal and gateway running.
+fz_many_up() {
+    local portal_key i ns route granted grant
+    portal_key=$(fz_admin public-key)
+    MANY_PIDS=()
+    for i in $(seq "$CLIENTS"); do
+        ns="$PREFIX-c$i"
+        token_file "$FZ/client-$i.token" --client "bench-client-$i" --user "$FZ_USER"
+        echo "nameserver 10.201.3.254" >"$FZ/resolv-$i.conf"
+        RUST_LOG=info ip netns exec "$ns" "$FZ_BIN_DIR/fz-client" \
+            --portal-url "$FZ_PORTAL_URL" --account "$FZ_ACCOUNT" \
+            --token-file "$FZ/client-$i.token" --portal-key "$portal_key" \
+            --tun "fzbm$i" --key-file "$FZ/client-$i.key" --state-dir "$FZ/client-$i-state" \
+            --resolv-conf "$FZ/resolv-$i.conf" >"$FZ/client-$i.log" 2>&1 &
+        MANY_PIDS+=("$!")
+    done
+    for i in $(seq "$CLIENTS"); do
+        ns="$PREFIX-c$i"
+        local client="${MANY_PIDS[i - 1]}"
+        wait_log "client-$i" "$client" "the portal says ready"
+        route=$(in_ns "$ns" ip route get 10.201.2.2)
+        [[ "$route" == *" dev fzbm$i "* ]] ||
+            die "fz-client $i routes 10.201.2.2 elsewhere: $route"
+        # The warm-up, as the single client's: its first packet asks for the grant.
+        in_ns "$ns" iperf3 --client 10.201.2.2 --port $((5300 + i)) --time 1 \
+            --connect-timeout 10000 >/dev/null || {
+            echo "tunnel_anchors: nothing passed through fz from client $i; the logs:" >&2
+            tail -n 30 "$FZ/client-$i.log" "$FZ/gateway.log" "$FZ/portal.log" >&2
+            exit 1
+        }
+        wait_log "client-$i" "$client" "access granted"
+        wait_log "client-$i" "$client" "path: direct"
+        # The gateway logs every client's grant alike; the grant's id tells this one's apart.
+        granted=$(grep -F -m1 "access granted" "$FZ/client-$i.log")
+        grant=$(sed -n 's/.*access granted grant=\([^ ]*\).*/\1/p' <<<"$granted")
+        [ -n "$grant" ] || die "no grant id in client $i's line: $granted"
+        wait_log gateway "${FZ_PIDS[1]}" "grant in force grant=$grant "
+    done
+}
+
+# All the many-client run's clients at once, one TCP stream each to its own server, for the
+# test's duration: a line per client "many <i> bits/s bytes retransmits" in $RESULTS, and
+# "many cpu <seconds> <gateway's seconds> <wall seconds>" (CPU: the gateway and all the
+# clients, over the whole run).
+measure_many() {
+    local pids=() i before after gateway_before gateway_after started wall
+    before=$(cpu_seconds "${FZ_PIDS[1]}" "${MANY_PIDS[@]}")
+    gateway_before=$(cpu_seconds "${FZ_PIDS[1]}")
+    started=$(date +%s.%N)
+    # Each iperf3 is started without a subshell of ours (that would run the cleanup trap on
+    # its exit) and its JSON kept apart, to be read once all are done.
+    for i in $(seq "$CLIENTS"); do
+        ip netns exec "$PREFIX-c$i" iperf3 --client 10.201.2.2 --port $((5300 + i)) \
+            --time "$SECONDS_PER_TEST" --json --connect-timeout 10000 \
+            >"$WORK/many-$i.json" 2>&1 &
+        pids+=("$!")
+    done
+    local failed=()
+    for i in $(seq "$CLIENTS"); do
+        wait "${pids[i - 1]}" || failed+=("$i")
+    done
+    gateway_after=$(cpu_seconds "${FZ_PIDS[1]}")
+    after=$(cpu_seconds "${FZ_PIDS[1]}" "${MANY_PIDS[@]}")
+    wall=$(python3 -c "import time; print(time.time() - $started)")
+    if [ ${#failed[@]} -gt 0 ]; then
+        for i in "${failed[@]}"; do
+            echo "tunnel_anchors: iperf3 from client $i failed:" >&2
+            cat "$WORK/many-$i.json" >&2
+            tail -n 20 "$FZ/client-$i.log" >&2
+        done
+        exit 1
+    fi
+    for i in $(seq "$CLIENTS"); do
+        python3 -c '
+import json, sys
+end = json.load(open(sys.argv[1]))["end"]
+print("many", sys.argv[2], end["sum_received"]["bits_per_second"], end["sum_received"]["bytes"],
+      end["sum_sent"].get("retransmits", 0))' "$WORK/many-$i.json" "$i" >>"$RESULTS"
+    done
+    echo "many cpu $(python3 -c "print($after - $before, $gateway_after - $gateway_before)")" \
+        "$wall" >>"$RESULTS"
+}
+
+# Datagrams the kernel dropped for want of socket receive buffer, summed over the namespaces
+# given (/proc/net/snmp is per namespace): loss that fz-gateway's own counters cannot see.
+udp_buffer_drops() {
+    local ns total=0 drops
+    for ns in "$@"; do
+        drops=$(in_ns "$ns" awk '$1 == "Udp:" && $2 ~ /^[0-9]/ { print $6 }' /proc/net/snmp)
+        total=$((total + drops))
+    done
+    echo "$total"
+}
+
+# SIGTERM to every client of the many-client run; each puts its resolver file back.
+fz_many_down() {
+    kill "${MANY_PIDS[@]}" 2>/dev/null || true
+    for pid in "${MANY_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+
+# The single client alone, so that the many-client run has the gateway to itself.
+fz_client_down() {
+    kill "${FZ_PIDS[0]}" 2>/dev/null || true
+    wait "${FZ_PIDS[0]}" 2>/dev/null || true
+}
+
 # SIGTERM, client first: it puts the resolver file back; the gateway takes its masquerade out.
 fz_down() {
     kill "${FZ_PIDS[0]}" 2>/dev/null || true
@@ -387,6 +581,19 @@ if chosen fz; then
     fz_up
     measure fz "${FZ_PIDS[@]}"
     fz_gateway_counts
+    if [ -n "$CLIENTS" ]; then
+        echo "fz, $CLIENTS clients at once ..." >&2
+        fz_client_down
+        fz_many_up
+        gateway_drops=$(udp_buffer_drops "$GATEWAY"); client_drops=$(udp_buffer_drops "${MANY[@]}")
+        measure_many
+        echo "UDP datagrams dropped for want of receive buffer during the $CLIENTS-client run:" \
+            "gateway $(($(udp_buffer_drops "$GATEWAY") - gateway_drops))," \
+            "clients $(($(udp_buffer_drops "${MANY[@]}") - client_drops))" >&2
+        # The gateway's counters run on from the fz row's: these are both runs together.
+        fz_gateway_counts
+        fz_many_down
+    fi
     fz_down
 fi
 
@@ -397,6 +604,8 @@ seconds, rate, results = sys.argv[1], sys.argv[2], sys.argv[3]
 rows = {}
 for line in open(results):
     label, test, cpu, *figures = line.split()
+    if label == "many":
+        continue
     rows[label, test] = [float(f) for f in figures]
     rows[label, test, "cpu"] = None if cpu == "-" else float(cpu)
 order = [label for label in ("direct", "wireguard-go", "boringtun-cli", "fz")
@@ -434,3 +643,60 @@ for a, b in pairs:
     print(f"{a + ' / ' + b:<28}{ratio('tcp1'):>14}{ratio('tcp4'):>15}{ratio('udp'):>14}"
           f"{cpu_ratio('tcp1'):>18}{cpu_ratio('tcp4'):>9}")
 EOF
+
+if [ -n "$CLIENTS" ]; then
+    python3 - "$SECONDS_PER_TEST" "$CLIENTS" "$RESULTS" "$CPU_EACH" <<'EOF'
+import sys
+seconds, count, results, cpu_each = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+clients, cpu, single = {}, None, None
+for line in open(cpu_each):
+    label, test, wall, *each = line.split()
+    if (label, test) == ("fz", "tcp1"):
+        single_wall, single_gateway = float(wall), float(each[1])  # fz_up: client, gateway
+for line in open(results):
+    label, test, *rest = line.split()
+    if label == "many" and test == "cpu":
+        cpu, gateway, wall = (float(f) for f in rest)
+    elif label == "many":
+        clients[int(test)] = [float(f) for f in rest]
+    elif (label, test) == ("fz", "tcp1"):
+        single = [float(f) for f in rest]  # CPU seconds, bits/s, bytes
+rates = [clients[i][0] for i in sorted(clients)]
+total_rate = sum(rates)
+total_bytes = sum(clients[i][1] for i in clients)
+mean = total_rate / len(rates)
+# Jain's fairness index: 1 when all clients got the same rate, 1/N when one got everything.
+jain = total_rate ** 2 / (len(rates) * sum(r * r for r in rates))
+
+print()
+print(f"fz, {count} clients at once through one gateway: TCP, 1 stream each, {seconds} s;"
+      " CPU: the gateway and all the clients")
+print(f"{'client':<18}{'TCP 1 stream':>16}{'share':>8}{'retransmits':>13}")
+for i in sorted(clients):
+    rate, _, retransmits = clients[i]
+    print(f"{'bench-client-' + str(i):<18}{rate/1e9:>11.2f} Gb/s{rate/total_rate:>7.1%}"
+          f"{int(retransmits):>13d}")
+print(f"fairness: slowest / fastest {min(rates)/max(rates):.2f},"
+      f" slowest / mean {min(rates)/mean:.2f}, Jain's index {jain:.3f}")
+
+# CPU per gigabyte: all the agents, the gateway alone, the clients alone; and the share of
+# one core the gateway used over the test's wall time (its event loop is one thread).
+many = [total_rate, cpu, gateway, cpu - gateway, total_bytes, wall]
+one = [single[1], single[0], single_gateway, single[0] - single_gateway, single[2], single_wall]
+def figures(row):
+    rate, every, gw, cl, carried, wall = row
+    gb = carried / 1e9
+    return [rate / 1e9, every / gb, gw / gb, cl / gb, gw / wall]
+
+print()
+print(f"{'':<28}{'TCP 1 stream':>16}{'CPU s/GB':>10}{'gateway':>9}{'clients':>9}"
+      f"{'gateway busy':>14}")
+for name, row in ((f"aggregate of {count}", many), ("single client (fz row)", one)):
+    rate, every, gw, cl, busy = figures(row)
+    print(f"{name:<28}{rate:>11.2f} Gb/s{every:>10.2f}{gw:>9.2f}{cl:>9.2f}{busy:>13.0%}")
+ratios = [a / b for a, b in zip(figures(many), figures(one))]
+print(f"{'aggregate / single':<28}{ratios[0]:>15.2f}x"
+      + "".join(f"{r:>{w - 1}.2f}x" for r, w in zip(ratios[1:], (10, 9, 9, 14))))
+print(f"issue 17's goal, aggregate at least 0.90x single: {'met' if ratios[0] >= 0.9 else 'NOT met'}")
+EOF
+fi

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 pub struct Snapshot {
     pub dropped: Vec<(Drop, u64)>,
     pub peers: usize,
+    pub active_peers: usize,
     pub grants: usize,
     pub nat_flows: usize,
     pub handshakes: u64,
@@ -43,6 +44,7 @@ impl Snapshot {
                 .map(|reason| (*reason, metrics.dropped(*reason)))
                 .collect(),
             peers: gateway.peer_count(),
+            active_peers: gateway.active_peer_count(),
             grants: gateway.grant_count(),
             nat_flows: gateway.nat_flows(),
             handshakes: metrics.handshakes,
@@ -73,12 +75,18 @@ impl Snapshot {
                 reason.as_str()
             );
         }
-        let families: [(&str, &str, &str, String); 10] = [
+        let families: [(&str, &str, &str, String); 11] = [
             (
                 "peers",
                 "gauge",
                 "WireGuard peers (clients with a grant).",
                 self.peers.to_string(),
+            ),
+            (
+                "peers_active",
+                "gauge",
+                "Peers holding WireGuard state (a session or a handshake); the rest are idle.",
+                self.active_peers.to_string(),
             ),
             (
                 "grants",
@@ -225,6 +233,7 @@ mod tests {
         let snapshot = Snapshot {
             dropped: vec![(Drop::UnknownKey, 3), (Drop::PortNotGranted, 0)],
             peers: 2,
+            active_peers: 1,
             cookie_replies: 4,
             portal_connected: true,
             ..Snapshot::default()
@@ -234,6 +243,7 @@ mod tests {
             "fz_gateway_dropped_packets_total{reason=\"unknown_key\"} 3",
             "fz_gateway_dropped_packets_total{reason=\"port_not_granted\"} 0",
             "fz_gateway_peers 2",
+            "fz_gateway_peers_active 1",
             "fz_gateway_portal_connected 1",
             "# TYPE fz_gateway_handshakes_total counter",
             "fz_gateway_cookie_replies_total 4",

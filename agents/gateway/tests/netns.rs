@@ -88,6 +88,7 @@ fn a_gateway_answers_no_key_without_a_grant() {
         });
         assert_eq!(seen.value("fz_gateway_handshakes_total"), 0);
         assert_eq!(seen.value("fz_gateway_peers"), 0);
+        assert_eq!(seen.value("fz_gateway_peers_active"), 0);
         // The gateway handled all three (the counters say so) and answers in the same step
         // as it drops, so any answer would be here by now.
         socket.set_nonblocking(true).unwrap();
@@ -118,7 +119,9 @@ fn a_gateway_answers_no_key_without_a_grant() {
             "the answer is no handshake response the client accepts: {answer:?}"
         );
         lab.wait_metrics("the handshake counted", |m| {
-            m.value("fz_gateway_handshakes_total") >= 1 && m.value("fz_gateway_peers") == 1
+            m.value("fz_gateway_handshakes_total") >= 1
+                && m.value("fz_gateway_peers") == 1
+                && m.value("fz_gateway_peers_active") == 1
         });
     });
 }
