@@ -186,11 +186,45 @@ impl Chromium {
                     .evaluate("document.body ? document.body.innerText : ''")
                     .await
                     .unwrap_or_default();
-                return Err(format!("the page never said {text:?}; it says {body}"));
+                return Err(format!(
+                    "the page never said {text:?}; it says {body} ({})",
+                    self.whereabouts().await
+                ));
             }
             // A poll interval: the page changes on its own (a form's answer, a redirect).
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Where the page is and which cookies the browser holds (names, domains, paths and
+    /// expiry, not values): what a failed wait needs to tell a lost sign-in from a slow one.
+    async fn whereabouts(&mut self) -> String {
+        let url = self.evaluate("location.href").await.unwrap_or_default();
+        let cookies = self
+            .command("Storage.getCookies", json!({}))
+            .await
+            .map(|result| {
+                result["cookies"]
+                    .as_array()
+                    .map(|all| {
+                        all.iter()
+                            .map(|c| {
+                                let text = |key: &str| c[key].as_str().unwrap_or("?").to_owned();
+                                format!(
+                                    "{} for {}{} until {}",
+                                    text("name"),
+                                    text("domain"),
+                                    text("path"),
+                                    c["expires"]
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_else(|error| format!("unknown: {error}"));
+        format!("at {url}; cookies: [{cookies}]")
     }
 
     /// Types `value` into the field `selector`, as keystrokes would (focus, then insert).
