@@ -654,16 +654,7 @@ impl Client {
             })?,
         };
         let now = self.last_seen;
-        match self.route(
-            Output::Network(transmit.destination, transmit.payload.into()),
-            now,
-        )? {
-            Output::Network(destination, payload) => Some(Transmit {
-                destination,
-                payload: payload.into_owned(),
-            }),
-            Output::Tun(_) => None,
-        }
+        self.route(Output::queued(transmit), now)?.into_transmit()
     }
 
     /// IP packets for applications that were not the direct answer to an input: ICMP errors

@@ -633,16 +633,7 @@ impl Gateway {
     fn route_transmit(&mut self, transmit: Transmit) -> Option<Transmit> {
         // Only the caller's WireGuard datagrams come here, at the last instant seen.
         let now = self.last_seen;
-        match self.route(
-            Output::Network(transmit.destination, transmit.payload.into()),
-            now,
-        )? {
-            Output::Network(destination, payload) => Some(Transmit {
-                destination,
-                payload: payload.into_owned(),
-            }),
-            Output::Tun(_) => None,
-        }
+        self.route(Output::queued(transmit), now)?.into_transmit()
     }
 
     /// An answer for the network, sent by the path ICE chose: as it is, or through a relay.

@@ -43,3 +43,21 @@ pub enum Output<'a> {
     /// the datagram wrapped for it.
     Network(SocketAddr, Cow<'a, [u8]>),
 }
+
+impl Output<'_> {
+    /// A datagram the core queued, as an output to route.
+    pub(crate) fn queued(transmit: peer::Transmit) -> Output<'static> {
+        Output::Network(transmit.destination, Cow::Owned(transmit.payload))
+    }
+
+    /// The datagram to queue again once routed; `None` for a packet.
+    pub(crate) fn into_transmit(self) -> Option<peer::Transmit> {
+        match self {
+            Output::Network(destination, payload) => Some(peer::Transmit {
+                destination,
+                payload: payload.into_owned(),
+            }),
+            Output::Tun(_) => None,
+        }
+    }
+}
