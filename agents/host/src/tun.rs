@@ -396,10 +396,6 @@ impl WriteBatch {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }

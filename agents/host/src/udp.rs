@@ -132,13 +132,6 @@ impl Udp {
         queue.used = 0;
     }
 
-    /// Sends one datagram now; a failure is logged.
-    pub async fn send_to(&self, destination: SocketAddr, datagram: &[u8]) {
-        if let Err(error) = self.send_one(destination, datagram, None).await {
-            tracing::debug!(%error, to = %destination, "UDP send failed");
-        }
-    }
-
     async fn send_one(
         &self,
         destination: SocketAddr,
@@ -325,7 +318,8 @@ impl SendQueue {
     }
 
     /// How many datagrams are queued.
-    pub fn datagrams(&self) -> usize {
+    #[cfg(test)]
+    fn datagrams(&self) -> usize {
         self.runs.iter().take(self.used).map(|r| r.segments).sum()
     }
 
