@@ -16,8 +16,13 @@
 //! sender lays 32 equal-sized datagrams end to end and sends them with one `sendmsg` carrying
 //! a `UDP_SEGMENT` control message, and the receiver, with `UDP_GRO` on, gets them back as one
 //! coalesced buffer from one `recvmsg`, its `UDP_GRO` control message giving the segment size,
-//! and splits it. All through nix, no unsafe code. The six phases run five rounds,
-//! interleaved; the table gives the round with the median arrival rate of each.
+//! and splits it. All through nix, no unsafe code. The last two phases use the agents' own
+//! socket, `fz_host::udp`, as the drivers do (quinn-udp underneath): the sender queues 64
+//! datagrams in a `SendQueue`, which one `Udp::send` hands over as one GSO run, and the
+//! receiver's `Udp::recv` takes up to 16 coalesced buffers in one `recvmmsg`, split by
+//! `RecvBatch::datagrams`; each side on a single-threaded tokio runtime of its own, as in the
+//! agents. The eight phases run five rounds, interleaved; the table gives the round with the
+//! median arrival rate of each.
 //! Goals: tunnelled at least 0.6x plain one packet per syscall, and at least 1.0x the plain
 //! unbatched rate with batched IO.
 //!
@@ -44,6 +49,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
+use fz_host::udp::{RecvBatch, SendQueue, Udp};
 use fz_tunnel::Output;
 use fz_tunnel::gateway::{Gateway, MAX_DATAGRAM};
 use nix::errno::Errno;
@@ -56,6 +62,8 @@ use setup::PACKET;
 
 /// Datagrams per `sendmmsg`/`recvmmsg`, and segments per GSO send.
 const BATCH: usize = 32;
+/// Datagrams the agents' socket is given per send: one GSO run, as many as Linux takes.
+const RUN: usize = 64;
 /// Room for any datagram in a receive slot.
 const SLOT: usize = 2048;
 /// Room for any coalesced GRO buffer: the kernel caps one at an IP packet's 64 KiB.
@@ -97,6 +105,8 @@ fn main() {
         (Path::Tunnelled, Io::Batched),
         (Path::Plain, Io::Segmented),
         (Path::Tunnelled, Io::Segmented),
+        (Path::Plain, Io::Agents),
+        (Path::Tunnelled, Io::Agents),
     ];
     let mut results: Vec<Vec<Outcome>> = vec![Vec::new(); phases.len()];
     println!(
@@ -149,12 +159,14 @@ fn main() {
         tunnelled_batched,
         plain_segmented,
         tunnelled_segmented,
+        plain_agents,
+        tunnelled_agents,
     ] = medians
         .iter()
         .map(Outcome::arrived_per_second)
         .collect::<Vec<_>>()[..]
     else {
-        unreachable!("six phases");
+        unreachable!("eight phases");
     };
     println!();
     println!(
@@ -176,6 +188,14 @@ fn main() {
     println!(
         "tunnelled GSO/GRO / plain GSO/GRO:                {:.3}x",
         tunnelled_segmented / plain_segmented
+    );
+    println!(
+        "tunnelled agents' socket / plain, 1 per syscall:  {:.3}x",
+        tunnelled_agents / plain
+    );
+    println!(
+        "tunnelled agents' socket / plain agents' socket:  {:.3}x",
+        tunnelled_agents / plain_agents
     );
 }
 
@@ -200,6 +220,9 @@ enum Io {
     /// UDP GSO and GRO: one `sendmsg` of [`BATCH`] equal segments, one `recvmsg` per
     /// coalesced buffer.
     Segmented,
+    /// The agents' socket (`fz_host::udp`): GSO runs of [`RUN`] from a `SendQueue`, and
+    /// `recvmmsg` of up to 16 coalesced buffers.
+    Agents,
 }
 
 fn label(path: Path, io: Io) -> String {
@@ -211,6 +234,7 @@ fn label(path: Path, io: Io) -> String {
         Io::Single => "1 per syscall".to_owned(),
         Io::Batched => format!("batches of {BATCH}"),
         Io::Segmented => format!("GSO/GRO of {BATCH}"),
+        Io::Agents => "agents' socket".to_owned(),
     };
     format!("{path}, {io}")
 }
@@ -301,6 +325,9 @@ fn run_phase(path: Path, io: Io, tunnel: &mut Tunnel, timing: &Timing) -> Outcom
         socket.set_read_timeout(Some(TIMEOUT)).expect("a timeout");
         socket.set_write_timeout(Some(TIMEOUT)).expect("a timeout");
     }
+    // Only the phases on the agents' socket use these, each on its thread's runtime.
+    let (agents_receiver, agents_sender) = (AgentSocket::bind(), AgentSocket::bind());
+    let agents_destination = agents_receiver.udp.local_addr().expect("an address");
     if matches!(io, Io::Segmented) {
         // Before the sender starts: without it the kernel splits each GSO send back into
         // datagrams on delivery, and the receiver would see them one by one.
@@ -331,6 +358,7 @@ fn run_phase(path: Path, io: Io, tunnel: &mut Tunnel, timing: &Timing) -> Outcom
                 Io::Single => receive_single(&receiver, &state, deadline, &mut hand_on),
                 Io::Batched => receive_batched(&receiver, &state, deadline, &mut hand_on),
                 Io::Segmented => receive_coalesced(&receiver, &state, deadline, &mut hand_on),
+                Io::Agents => receive_agents(&agents_receiver, &state, deadline, &mut hand_on),
             }
         });
         let sending = std::thread::Builder::new().name("sender".into());
@@ -347,6 +375,13 @@ fn run_phase(path: Path, io: Io, tunnel: &mut Tunnel, timing: &Timing) -> Outcom
                 Io::Single => send_single(&sender, &state, deadline, &mut seal),
                 Io::Batched => send_batched(&sender, &state, deadline, &mut seal),
                 Io::Segmented => send_segmented(&sender, &state, deadline, &mut seal),
+                Io::Agents => send_agents(
+                    &agents_sender,
+                    agents_destination,
+                    &state,
+                    deadline,
+                    &mut seal,
+                ),
             }
         });
         let (receiving, sending) = (
@@ -781,6 +816,97 @@ fn send_segmented(
             break;
         }
     }
+    counts.used = window.used;
+    counts
+}
+
+/// The agents' socket and the single-threaded runtime that drives it, as in an agent.
+struct AgentSocket {
+    runtime: tokio::runtime::Runtime,
+    udp: Udp,
+}
+
+impl AgentSocket {
+    fn bind() -> AgentSocket {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let udp = {
+            let _inside = runtime.enter();
+            Udp::bind("127.0.0.1:0".parse().expect("an address")).expect("the agents' socket")
+        };
+        AgentSocket { runtime, udp }
+    }
+}
+
+/// `Udp::recv` as the drivers call it, each datagram of the batch handed on in order.
+fn receive_agents(
+    socket: &AgentSocket,
+    state: &AtomicU8,
+    deadline: Instant,
+    hand_on: &mut dyn FnMut(SocketAddr, &[u8], Instant) -> bool,
+) -> Received {
+    let mut window = Window::new(state, deadline);
+    let mut counts = Received::default();
+    let mut batch = RecvBatch::default();
+    socket.runtime.block_on(async {
+        while let Some(state) = window.poll() {
+            match tokio::time::timeout(TIMEOUT, socket.udp.recv(&mut batch)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if is_transient(&e) => continue,
+                Ok(Err(e)) => panic!("receiving: {e}"),
+                Err(_) if !window.past_deadline() => continue,
+                Err(_) => break,
+            }
+            let now = Instant::now();
+            if state == COUNTING {
+                counts.calls += 1;
+            }
+            for (from, datagram) in batch.datagrams() {
+                let delivered = hand_on(from, datagram, now);
+                if state == COUNTING {
+                    count(&mut counts, delivered);
+                }
+            }
+            if now > deadline {
+                break;
+            }
+        }
+    });
+    counts.used = window.used;
+    counts
+}
+
+/// [`RUN`] datagrams queued as the drivers queue the core's outputs, and one `Udp::send`.
+/// The socket logs what the kernel refuses rather than returning it, so only loss shows it.
+fn send_agents(
+    socket: &AgentSocket,
+    destination: SocketAddr,
+    state: &AtomicU8,
+    deadline: Instant,
+    seal: &mut dyn FnMut(&mut [u8]) -> usize,
+) -> Sent {
+    let mut window = Window::new(state, deadline);
+    let mut counts = Sent::default();
+    let mut slot = setup::to_resource();
+    slot.resize(SLOT, 0);
+    let mut queue = SendQueue::default();
+    socket.runtime.block_on(async {
+        while let Some(state) = window.poll() {
+            for _ in 0..RUN {
+                let length = seal(&mut slot);
+                queue.push(destination, &slot[..length]);
+            }
+            socket.udp.send(&mut queue).await;
+            if state == COUNTING {
+                counts.packets += RUN as u64;
+            }
+            if window.past_deadline() {
+                break;
+            }
+        }
+    });
     counts.used = window.used;
     counts
 }
