@@ -458,14 +458,30 @@ fn cedar_network(text: &Node<String>) -> Result<String, Diagnostic> {
         .parse::<Network>()
         .map_or_else(|_| text.node.clone(), |n| n.to_string());
     if canonical.contains(':') && canonical.contains('.') {
+        let help = match ipv4_inside(&canonical) {
+            Some(ipv4) => format!("write the IPv4 range it stands for, `{ipv4}`"),
+            None => "write the range as IPv4".to_owned(),
+        };
         return Err(not_in_cedar(
             text,
             &format!("`{canonical}` cannot be written in Cedar"),
             "Cedar refuses IPv4 inside IPv6",
-            "write the range as IPv4, or as IPv6 in hexadecimal groups",
+            &help,
         ));
     }
     Ok(canonical)
+}
+
+/// The IPv4 range an IPv4-mapped IPv6 range (`::ffff:192.0.2.0/120`) stands for
+/// (`192.0.2.0/24`), when its prefix keeps the mapping whole.
+fn ipv4_inside(network: &str) -> Option<String> {
+    let (address, length) = network.split_once('/').unwrap_or((network, "128"));
+    let ipv4 = address
+        .parse::<std::net::Ipv6Addr>()
+        .ok()?
+        .to_ipv4_mapped()?;
+    let length = length.parse::<u8>().ok()?.checked_sub(96)?;
+    Some(format!("{ipv4}/{length}"))
 }
 
 fn not_in_cedar<T>(at: &Node<T>, message: &str, label: &str, help: &str) -> Diagnostic {

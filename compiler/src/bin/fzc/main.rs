@@ -2,6 +2,7 @@
 //! scripts: 0 success, 1 errors in the tree or failing tests, 2 usage or IO errors.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod explain;
 mod query;
 mod render;
 
@@ -11,8 +12,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use explain::Explanation;
 use fz_compiler::{Bundle, Checked, DecisionTable};
-use render::{Format, Renderer};
+use render::{Format, Renderer, ReportFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,7 +38,11 @@ enum Command {
         #[arg(long)]
         deny_warnings: bool,
         #[arg(long, value_enum, default_value = "human")]
-        format: Format,
+        format: ReportFormat,
+        /// Where the language reference (docs/language.md) is published: SARIF rules then link
+        /// to their code's section there.
+        #[arg(long, value_name = "URL")]
+        docs_url: Option<String>,
     },
     /// Write the decision table bundle of a tree that passes `check`.
     Compile {
@@ -60,6 +66,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
     },
+    /// Explain a diagnostic code (`E019`): what it means, an example, the fix. Without a code,
+    /// list them all.
+    Explain { code: Option<String> },
     /// Write the `.fz` rules of a tree that passes `check` as Cedar policies.
     Export {
         #[arg(default_value = "policies")]
@@ -139,9 +148,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             deny_warnings,
             format,
+            docs_url,
         } => {
             let checked = check(&dir)?;
-            print!("{}", report(&checked, &dir, format));
+            print!("{}", report(&checked, &dir, format, docs_url.as_deref()));
             let failed = checked.has_errors() || (deny_warnings && !checked.diagnostics.is_empty());
             Ok(if failed {
                 ExitCode::from(TREE_ERRORS)
@@ -193,6 +203,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Query(args) => run_query(args),
+        Command::Explain { code: None } => {
+            for explanation in explain::all() {
+                println!("{}  {}", explanation.code, explanation.title);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain { code: Some(code) } => match Explanation::of(&code) {
+            Some(explanation) => {
+                println!("{}", explanation.text);
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!(
+                    "error: `{code}` is not a diagnostic code; `fzc explain` lists them (E001 to E022, W001 to W006)"
+                );
+                Ok(ExitCode::from(USAGE_OR_IO))
+            }
+        },
         Command::Schema {
             dir,
             cedar: _,
@@ -231,7 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Reports why a tree (or its export) was refused, on standard error; the exit code to return.
 fn refuse(checked: &Checked, dir: &Path, format: Format, outcome: &str) -> ExitCode {
-    eprint!("{}", report(checked, dir, format));
+    eprint!("{}", report(checked, dir, format.into(), None));
     if format == Format::Human {
         eprintln!("error: `{}` has errors; {outcome}", dir.display());
     }
@@ -248,14 +276,28 @@ fn display(dir: &Path) -> String {
 }
 
 /// The report of `check` (and of a refused `compile`).
-fn report(checked: &Checked, dir: &Path, format: Format) -> String {
+fn report(checked: &Checked, dir: &Path, format: ReportFormat, docs_url: Option<&str>) -> String {
     let root = display(dir);
     let renderer = Renderer {
         sources: &checked.sources,
         root: &root,
     };
     match format {
-        Format::Json => {
+        ReportFormat::Sarif => {
+            let log = renderer.sarif(&checked.diagnostics, docs_url);
+            format!("{log:#}\n")
+        }
+        ReportFormat::Github => {
+            // The commands annotate; the summary is a plain line of the job's log.
+            let mut out: String = checked
+                .diagnostics
+                .iter()
+                .map(|d| renderer.github(d))
+                .collect();
+            out += &summary(checked, &root);
+            out
+        }
+        ReportFormat::Json => {
             let diagnostics: Vec<_> = checked
                 .diagnostics
                 .iter()
@@ -267,43 +309,48 @@ fn report(checked: &Checked, dir: &Path, format: Format) -> String {
             });
             format!("{report}\n")
         }
-        Format::Human => {
+        ReportFormat::Human => {
             let mut out = String::new();
             for diagnostic in &checked.diagnostics {
                 out += &renderer.human(diagnostic);
                 out += "\n";
             }
-            let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
-            let warnings = checked.diagnostics.len() - errors;
-            let summary = match &checked.table {
-                Some(table) => format!(
-                    "{} {}, {} {}; tests and invariants: {} passed, {} failed",
-                    table.resources.len(),
-                    plural(table.resources.len(), "resource"),
-                    table.rules.len(),
-                    plural(table.rules.len(), "rule"),
-                    checked.tests.passed,
-                    checked.tests.failed
-                ),
-                None if checked.tests.failed > 0 => {
-                    format!(
-                        "tests and invariants: {} passed, {} failed",
-                        checked.tests.passed, checked.tests.failed
-                    )
-                }
-                None => "tests not run".to_owned(),
-            };
-            out += &format!(
-                "{}: {} {} checked, {summary}; {errors} {}, {warnings} {}\n",
-                root,
-                checked.sources.len(),
-                plural(checked.sources.len(), "file"),
-                plural(errors, "error"),
-                plural(warnings, "warning")
-            );
+            out += &summary(checked, &root);
             out
         }
     }
+}
+
+/// The last line of a human report: what was checked and what was found.
+fn summary(checked: &Checked, root: &str) -> String {
+    let errors = checked.diagnostics.iter().filter(|d| d.is_error()).count();
+    let warnings = checked.diagnostics.len() - errors;
+    let found = match &checked.table {
+        Some(table) => format!(
+            "{} {}, {} {}; tests and invariants: {} passed, {} failed",
+            table.resources.len(),
+            plural(table.resources.len(), "resource"),
+            table.rules.len(),
+            plural(table.rules.len(), "rule"),
+            checked.tests.passed,
+            checked.tests.failed
+        ),
+        None if checked.tests.failed > 0 => {
+            format!(
+                "tests and invariants: {} passed, {} failed",
+                checked.tests.passed, checked.tests.failed
+            )
+        }
+        None => "tests not run".to_owned(),
+    };
+    format!(
+        "{}: {} {} checked, {found}; {errors} {}, {warnings} {}\n",
+        root,
+        checked.sources.len(),
+        plural(checked.sources.len(), "file"),
+        plural(errors, "error"),
+        plural(warnings, "warning")
+    )
 }
 
 fn plural(n: usize, word: &str) -> String {
