@@ -29,7 +29,7 @@ use fz_lang::{Code, Diagnostic, FileId, Loc, SourceFile, Sources, Span};
 pub use bundle::{Bundle, BundleError};
 pub use decide::{Decision, DecisionTable, Reason, Request};
 pub use table::Table;
-pub use verify::TestReport;
+pub use verify::{Outcome, OutcomeKind, TestReport, UnexercisedRule};
 
 /// What checking a tree found.
 #[derive(Debug)]

@@ -43,6 +43,7 @@ pub struct Locations {
 
 #[derive(Debug)]
 pub struct PolicyTest {
+    pub loc: Loc,
     pub name: String,
     pub expectations: Vec<Expectation>,
 }
@@ -930,6 +931,7 @@ impl Resolver<'_> {
             }
         }
         PolicyTest {
+            loc: test.loc,
             name: test.node.name.node.clone(),
             expectations,
         }

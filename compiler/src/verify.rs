@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use fz_lang::ast::Quantifier;
-use fz_lang::{Code, Diagnostic};
+use fz_lang::{Code, Diagnostic, Loc};
 
 use crate::condition::{Condition, Context, TimeCondition};
 use crate::decide::DecisionTable;
@@ -28,10 +28,51 @@ use crate::timeline;
 
 /// Tests and invariants that held and that did not. A test counts once, however many
 /// expectations it has.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TestReport {
     pub passed: usize,
     pub failed: usize,
+    /// Every test, then every invariant, each in the order of the tree's files and lines.
+    pub outcomes: Vec<Outcome>,
+    /// How many rules the table has.
+    pub rules: usize,
+    /// The rules that decided no test expectation, in the table's order. A test exercises a
+    /// rule when the rule is why one of its requests was allowed or denied (one `fzc query`
+    /// would name); invariants prove properties of the whole table and exercise no rule in
+    /// particular.
+    pub unexercised: Vec<UnexercisedRule>,
+}
+
+/// A rule no test expectation rests on: its id, and where it was written (`path:line`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnexercisedRule {
+    pub id: String,
+    pub origin: String,
+}
+
+/// How one test or invariant came out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub kind: OutcomeKind,
+    /// A test's name; an invariant as written (`never contractors -> prod-db`).
+    pub name: String,
+    pub loc: Loc,
+    pub passed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutcomeKind {
+    Test,
+    Invariant,
+}
+
+impl OutcomeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Test => "test",
+            OutcomeKind::Invariant => "invariant",
+        }
+    }
 }
 
 /// Stands for every user the tree does not name, in counterexamples.
@@ -43,10 +84,12 @@ pub fn run(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> TestReport {
     let mut report = TestReport::default();
+    let mut exercised: HashSet<RuleIdx> = HashSet::new();
     for test in &resolved.tests {
         let mut failed = false;
         for expectation in &test.expectations {
             let decision = decisions.decide(&expectation.request);
+            exercised.extend(decision.rules.iter().copied());
             if decision.effect == expectation.effect {
                 continue;
             }
@@ -70,23 +113,55 @@ pub fn run(
             }
             diagnostics.push(diagnostic);
         }
-        if failed {
-            report.failed += 1
-        } else {
-            report.passed += 1
-        }
+        report.record(OutcomeKind::Test, &test.name, test.loc, !failed);
     }
     let mut cache = InstantCache::default();
     for invariant in &resolved.invariants {
-        match counterexample(invariant, decisions, &mut cache) {
-            None => report.passed += 1,
-            Some(found) => {
-                report.failed += 1;
-                diagnostics.push(found.diagnostic(invariant, decisions));
-            }
+        let found = counterexample(invariant, decisions, &mut cache);
+        if let Some(found) = &found {
+            diagnostics.push(found.diagnostic(invariant, decisions));
         }
+        report.record(
+            OutcomeKind::Invariant,
+            &invariant.text,
+            invariant.loc,
+            found.is_none(),
+        );
     }
+    let rules = &decisions.table().rules;
+    report.rules = rules.len();
+    report.unexercised = (0..)
+        .zip(rules)
+        .filter(|(index, _)| !exercised.contains(index))
+        .map(|(_, rule)| UnexercisedRule {
+            id: rule.id.clone(),
+            origin: rule.origin.clone(),
+        })
+        .collect();
+    report.outcomes.sort_by_key(|o| {
+        (
+            o.kind == OutcomeKind::Invariant,
+            o.loc.file,
+            o.loc.span.start,
+        )
+    });
     report
+}
+
+impl TestReport {
+    fn record(&mut self, kind: OutcomeKind, name: &str, loc: Loc, passed: bool) {
+        if passed {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+        self.outcomes.push(Outcome {
+            kind,
+            name: name.to_owned(),
+            loc,
+            passed,
+        });
+    }
 }
 
 fn past_tense(effect: Effect) -> &'static str {

@@ -323,3 +323,133 @@ fn examples(section: &str) -> Vec<(&'static str, &str)> {
     }
     files
 }
+
+/// Three rules: an allow and a deny that the test exercises, and an allow it does not.
+const COVERED_IN_PART: &str = r#"
+site hq
+resource gitlab { address "gitlab.company.com"; site hq; ports tcp/443 }
+resource wiki { address "wiki.company.com"; site hq }
+group engineering { members "alice@company.com", "bob@company.com" }
+group contractors { members "carol@vendor.com" }
+allow engineering, contractors -> gitlab as code
+deny contractors -> gitlab when country not in DE as contractors-from-germany
+allow engineering -> wiki as eng-wiki
+
+test "code review" {
+  expect allow "alice@company.com" -> gitlab tcp/443
+  expect deny "carol@vendor.com" -> gitlab tcp/443 country FR
+}
+assert never contractors -> wiki
+"#;
+
+#[test]
+fn test_lists_each_test_and_invariant_and_what_no_test_exercises() {
+    let dir = tree(&[("policy.fz", COVERED_IN_PART)]);
+    let run = fzc(dir.path(), &["test", "."]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.stdout,
+        "pass  test \"code review\"  (policy.fz:11)\n\
+         pass  invariant `never contractors -> wiki`  (policy.fz:15)\n\
+         coverage: 2 of 3 rules decide a test expectation (66.6%)\n  \
+         no test exercises `eng-wiki` (policy.fz:9)\n\
+         .: 1 test, 1 invariant: 2 passed, 0 failed\n"
+    );
+
+    let run = fzc(dir.path(), &["test", ".", "--format", "json"]);
+    assert_eq!(run.code, 0);
+    let report = json(&run);
+    assert_eq!(
+        report["tests"],
+        serde_json::json!([
+            { "kind": "test", "name": "code review", "file": "policy.fz", "line": 11, "column": 1, "passed": true },
+            { "kind": "invariant", "name": "never contractors -> wiki", "file": "policy.fz", "line": 15, "column": 1, "passed": true },
+        ])
+    );
+    assert_eq!(
+        report["coverage"],
+        serde_json::json!({
+            "rules": 3, "exercised": 2, "percent": 66.6, "minimum_met": true,
+            "unexercised": [{ "rule": "eng-wiki", "origin": "policy.fz:9" }],
+        })
+    );
+}
+
+#[test]
+fn min_coverage_fails_a_tree_whose_tests_exercise_too_few_rules() {
+    let dir = tree(&[("policy.fz", COVERED_IN_PART)]);
+    // Two of three is 66.67%: compared exactly, not as the rounded figure shown.
+    let run = fzc(dir.path(), &["test", ".", "--min-coverage", "66.6"]);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    let run = fzc(dir.path(), &["test", ".", "--min-coverage", "67"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stdout
+            .ends_with("error: the tests exercise 66.6% of the rules, below --min-coverage 67\n"),
+        "{}",
+        run.stdout
+    );
+    let run = fzc(
+        dir.path(),
+        &["test", ".", "--format", "json", "--min-coverage", "67%"],
+    );
+    assert_eq!(run.code, 1);
+    assert_eq!(json(&run)["coverage"]["minimum_met"], false);
+
+    for wrong in ["101", "-1", "most"] {
+        let run = fzc(dir.path(), &["test", ".", "--min-coverage", wrong]);
+        assert_eq!(run.code, 2, "--min-coverage {wrong}: {}", run.stderr);
+    }
+}
+
+#[test]
+fn a_failing_test_is_listed_with_why() {
+    let failing = COVERED_IN_PART.replace(
+        "expect deny \"carol@vendor.com\" -> gitlab tcp/443 country FR",
+        "expect deny \"carol@vendor.com\" -> gitlab tcp/443 country DE",
+    );
+    let dir = tree(&[("policy.fz", &failing)]);
+    let run = fzc(dir.path(), &["test", "."]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stdout
+            .starts_with("FAIL  test \"code review\"  (policy.fz:11)\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("error[E018]: test \"code review\""),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(": 1 passed, 1 failed\n"),
+        "{}",
+        run.stdout
+    );
+
+    let run = fzc(dir.path(), &["test", ".", "--format", "json"]);
+    let report = json(&run);
+    assert_eq!(
+        (report["passed"].clone(), report["failed"].clone()),
+        (1.into(), 1.into())
+    );
+    assert_eq!(report["tests"][0]["passed"], false);
+    assert_eq!(report["diagnostics"][0]["code"], "E018");
+}
+
+#[test]
+fn test_on_a_broken_tree_reports_its_errors_and_runs_nothing() {
+    let dir = tree(&[("rules.fz", UNKNOWN_GROUP)]);
+    let run = fzc(dir.path(), &["test", "."]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("error[E004]"), "{}", run.stderr);
+    assert!(run.stderr.contains("tests not run"), "{}", run.stderr);
+
+    let run = fzc(dir.path(), &["test", ".", "--format", "json"]);
+    assert_eq!(run.code, 1);
+    let report = json(&run);
+    assert_eq!(report["tests"], serde_json::json!([]));
+    assert_eq!(report["coverage"], serde_json::Value::Null);
+    assert_eq!(report["diagnostics"][0]["code"], "E004");
+}

@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod explain;
+mod outcomes;
 mod query;
 mod render;
 
@@ -43,6 +44,17 @@ enum Command {
         /// to their code's section there.
         #[arg(long, value_name = "URL")]
         docs_url: Option<String>,
+    },
+    /// Run a tree's tests and invariants, list each with its outcome, and name the rules no
+    /// test exercises.
+    Test {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Fail unless the tests exercise at least this share of the rules, in percent.
+        #[arg(long, value_name = "PERCENT")]
+        min_coverage: Option<outcomes::MinCoverage>,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
     },
     /// Write the decision table bundle of a tree that passes `check`.
     Compile {
@@ -203,6 +215,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Query(args) => run_query(args),
+        Command::Test {
+            dir,
+            min_coverage,
+            format,
+        } => {
+            let checked = check(&dir)?;
+            let root = display(&dir);
+            let renderer = Renderer {
+                sources: &checked.sources,
+                root: &root,
+            };
+            let ran = outcomes::ran(&checked);
+            match format {
+                Format::Json => print!("{}", outcomes::json(&checked, &renderer, min_coverage)),
+                Format::Human if ran => {
+                    print!("{}", outcomes::human(&checked, &renderer, min_coverage));
+                }
+                Format::Human => return Ok(refuse(&checked, &dir, format, "tests not run")),
+            }
+            let passed = ran
+                && checked.tests.failed == 0
+                && outcomes::Coverage::of(&checked.tests).reaches(min_coverage);
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(TREE_ERRORS)
+            })
+        }
         Command::Explain { code: None } => {
             for explanation in explain::all() {
                 println!("{}  {}", explanation.code, explanation.title);

@@ -54,7 +54,8 @@ pub struct Renderer<'a> {
 }
 
 impl Renderer<'_> {
-    fn path(&self, relative: &str) -> String {
+    /// A path in the tree as the user would open it.
+    pub fn path(&self, relative: &str) -> String {
         if self.root.is_empty() || self.root == "." {
             relative.to_owned()
         } else {
