@@ -9,18 +9,21 @@
 //!
 //! Entry points: [`parse_file`] (text to [`ast::PolicyFile`] plus diagnostics),
 //! [`parse_cedar_file`] (the same for a `.cedar` file: each `permit`/`forbid` becomes an
-//! `allow`/`deny` rule, and what a decision table cannot hold is an `E017`), [`Sources`],
-//! [`Diagnostic`] and its stable [`Code`]s.
+//! `allow`/`deny` rule, and what a decision table cannot hold is an `E017`), [`format_file`]
+//! (a `.fz` file in canonical layout, for `fzc fmt`), [`Sources`], [`Diagnostic`] and its
+//! stable [`Code`]s.
 
 pub mod ast;
 mod cedar;
 mod diagnostic;
+mod format;
 mod parse;
 mod source;
 mod suggest;
 
 pub use cedar::parse_cedar_file;
 pub use diagnostic::{Code, Diagnostic, Severity};
+pub use format::format_file;
 pub use parse::parse_file;
 pub use source::{FileId, Loc, Node, SourceFile, Sources, Span};
 pub use suggest::did_you_mean;

@@ -155,50 +155,6 @@ fn starts_statement(line: &str) -> bool {
     })
 }
 
-/// Comments dropped, runs of whitespace collapsed to one space, strings kept as written.
-fn normalize(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut in_comment = false;
-    let mut pending_space = false;
-    for c in text.chars() {
-        if in_comment {
-            if c == '\n' {
-                in_comment = false;
-                pending_space = true;
-            }
-            continue;
-        }
-        if in_string {
-            out.push(c);
-            match (escaped, c) {
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => escaped = false,
-            }
-            continue;
-        }
-        if c == '#' {
-            in_comment = true;
-            continue;
-        }
-        if c.is_whitespace() {
-            pending_space = true;
-            continue;
-        }
-        if pending_space && !out.is_empty() {
-            out.push(' ');
-        }
-        pending_space = false;
-        if c == '"' {
-            in_string = true;
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// Turns pest pairs of one statement into syntax nodes, with spans made file-relative.
 struct Builder {
     file: FileId,
@@ -442,7 +398,8 @@ impl Builder {
                 _ => {}
             }
         }
-        decl.normalized_text = normalize(rule_text.get(..text_end).unwrap_or(rule_text));
+        decl.normalized_text =
+            crate::format::normalize(rule_text.get(..text_end).unwrap_or(rule_text));
         Node::new(decl, loc)
     }
 
@@ -1331,14 +1288,5 @@ mod tests {
         assert_eq!(scan.close, Some(text.find(" }  tail").unwrap_or(0) + 1));
         let scan = scan_block("{ a\n b # c\n", 1);
         assert_eq!((scan.close, scan.content_end), (None, 6));
-    }
-
-    #[test]
-    fn normalizes_rule_text() {
-        assert_eq!(normalize("allow  a ->\tb # note\n"), "allow a -> b");
-        assert_eq!(
-            normalize("allow user \"x  y\" -> b"),
-            "allow user \"x  y\" -> b"
-        );
     }
 }

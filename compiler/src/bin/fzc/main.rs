@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod explain;
+mod fmt;
 mod outcomes;
 mod query;
 mod render;
@@ -55,6 +56,16 @@ enum Command {
         min_coverage: Option<outcomes::MinCoverage>,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
+    },
+    /// Rewrite `.fz` files in the canonical layout (comments kept, no statement moved to
+    /// another line); with `--check`, only list those that are not in it.
+    Fmt {
+        /// Trees (every `.fz` file below) or files.
+        #[arg(default_value = "policies")]
+        paths: Vec<PathBuf>,
+        /// Change nothing; exit 1 if any file would change.
+        #[arg(long)]
+        check: bool,
     },
     /// Write the decision table bundle of a tree that passes `check`.
     Compile {
@@ -215,6 +226,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Query(args) => run_query(args),
+        Command::Fmt { paths, check } => {
+            let outcome = fmt::run(&paths, check)?;
+            if check && !outcome.changed.is_empty() {
+                let count = outcome.changed.len();
+                eprintln!(
+                    "{count} {} not in the canonical layout; `fzc fmt` rewrites {}",
+                    plural(count, "file"),
+                    if count == 1 { "it" } else { "them" }
+                );
+            }
+            let failed = outcome.unparsed > 0 || (check && !outcome.changed.is_empty());
+            Ok(if failed {
+                ExitCode::from(TREE_ERRORS)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Test {
             dir,
             min_coverage,
@@ -403,7 +431,7 @@ fn plural(n: usize, word: &str) -> String {
 
 /// Writes to a temporary file beside the target and renames it over, so a reader never sees a
 /// half-written bundle.
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
