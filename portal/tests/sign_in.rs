@@ -57,10 +57,13 @@ fn mail_dir(portal: &TestPortal) -> PathBuf {
     portal.config.data_dir.join("mail")
 }
 
+/// The messages written so far, in the order sent (a message being written has a hidden name
+/// until it is whole).
 fn mails(portal: &TestPortal) -> Vec<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(mail_dir(portal))
         .map(|entries| entries.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
+    files.retain(|f| f.extension().is_some_and(|e| e == "eml"));
     files.sort();
     files
         .iter()

@@ -130,6 +130,8 @@ fn mails(folder: &Path) -> Vec<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
         .map(|entries| entries.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
+    // A message being written has a hidden name until it is whole.
+    files.retain(|f| f.extension().is_some_and(|e| e == "eml"));
     files.sort();
     files
         .iter()
