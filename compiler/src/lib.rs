@@ -6,7 +6,8 @@
 //! [`load_tree`]; rendering diagnostics belongs to the binary.
 //!
 //! Entry points: [`load_tree`] then [`check`] (every diagnostic, test results, the table when
-//! there are no errors); [`Bundle`] to write and read tables; [`DecisionTable::decide`].
+//! there are no errors); [`Bundle`] to write and read tables; [`DecisionTable::decide`];
+//! [`lsp::Server`], the language server's core without IO.
 
 mod analysis;
 pub mod bundle;
@@ -14,6 +15,7 @@ pub mod cedar;
 pub mod condition;
 mod country;
 pub mod decide;
+pub mod lsp;
 mod resolve;
 pub mod table;
 pub mod timeline;

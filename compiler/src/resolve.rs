@@ -87,15 +87,16 @@ struct Resolver<'a> {
     names: HashMap<String, (Kind, Loc)>,
 }
 
+/// What a declared name names. Sites, resources and groups share one namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Site,
     Resource,
     Group,
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Site => "site",
             Kind::Resource => "resource",

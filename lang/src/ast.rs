@@ -118,8 +118,8 @@ pub struct RuleDecl {
     pub conditions: Vec<Node<Condition>>,
     /// The `as NAME` of the rule.
     pub name: Option<Node<String>>,
-    /// The rule's text with comments dropped and whitespace collapsed: the input of the
-    /// derived rule id, so the id survives reformatting and unrelated edits.
+    /// The rule's text on one line, with comments dropped and the spacing `fzc fmt` gives it:
+    /// the input of the derived rule id, so the id survives formatting and unrelated edits.
     pub normalized_text: String,
 }
 

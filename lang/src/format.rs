@@ -76,12 +76,21 @@ impl Token<'_> {
 /// The tokens of one line, each with whether whitespace stood before it. The line parsed, so
 /// strings are closed on it.
 fn lex(line: &str) -> Vec<(Token<'_>, bool)> {
+    lex_at(line)
+        .into_iter()
+        .map(|(token, spaced, _)| (token, spaced))
+        .collect()
+}
+
+/// [`lex`], with each token's byte offset in the line.
+fn lex_at(line: &str) -> Vec<(Token<'_>, bool, usize)> {
     let mut tokens = Vec::new();
     let mut rest = line;
     loop {
         let trimmed = rest.trim_start_matches([' ', '\t']);
         let spaced = trimmed.len() < rest.len();
         rest = trimmed;
+        let at = line.len() - rest.len();
         let Some(first) = rest.chars().next() else {
             break;
         };
@@ -107,7 +116,7 @@ fn lex(line: &str) -> Vec<(Token<'_>, bool)> {
                 (Token::Word(&rest[..length]), length)
             }
         };
-        tokens.push((token, spaced));
+        tokens.push((token, spaced, at));
         rest = &rest[length..];
     }
     tokens
@@ -125,6 +134,22 @@ fn string_length(text: &str) -> usize {
         }
     }
     text.len()
+}
+
+/// The words of a text outside strings and comments (names, keywords, ports, times), each
+/// with its byte offset: what an editor's "find references" and "go to definition" look at.
+pub fn words(text: &str) -> Vec<(usize, &str)> {
+    let mut words = Vec::new();
+    let mut line_start = 0;
+    for line in text.split('\n') {
+        for (token, _, at) in lex_at(line) {
+            if let Token::Word(word) = token {
+                words.push((line_start + at, word));
+            }
+        }
+        line_start += line.len() + 1;
+    }
+    words
 }
 
 /// Every token of a text with its line, for the check that formatting moved nothing but

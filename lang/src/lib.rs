@@ -23,7 +23,7 @@ mod suggest;
 
 pub use cedar::parse_cedar_file;
 pub use diagnostic::{Code, Diagnostic, Severity};
-pub use format::format_file;
+pub use format::{format_file, words};
 pub use parse::parse_file;
 pub use source::{FileId, Loc, Node, SourceFile, Sources, Span};
 pub use suggest::did_you_mean;

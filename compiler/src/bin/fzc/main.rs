@@ -4,6 +4,7 @@
 
 mod explain;
 mod fmt;
+mod lsp;
 mod outcomes;
 mod query;
 mod render;
@@ -67,6 +68,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Serve the Language Server Protocol on standard input and output, for editors.
+    Lsp,
     /// Write the decision table bundle of a tree that passes `check`.
     Compile {
         #[arg(default_value = "policies")]
@@ -226,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Query(args) => run_query(args),
+        Command::Lsp => Ok(ExitCode::from(lsp::serve()?)),
         Command::Fmt { paths, check } => {
             let outcome = fmt::run(&paths, check)?;
             if check && !outcome.changed.is_empty() {
