@@ -1265,6 +1265,9 @@ async fn each_agent_gets_relay_credentials_of_its_own_right_after_ready() {
         ),
     )
     .await;
+    // The credentials are made when each agent is ready: between these two readings of the
+    // portal's clock (in whole seconds, so a second may turn between them).
+    let before = portal.now().timestamp() as u64;
     let mut gateway = portal.gateway("acme", "hq", 1).await;
     let mut client = portal.client("acme", ALICE, 2).await;
     let turn_password = |username: &str| {
@@ -1276,7 +1279,6 @@ async fn each_agent_gets_relay_credentials_of_its_own_right_after_ready() {
         base64::engine::general_purpose::STANDARD
             .encode(ring::hmac::sign(&key, username.as_bytes()))
     };
-    let now = portal.now().timestamp() as u64;
     let mut usernames = Vec::new();
     let client_relays = match client.next().await {
         Some(PortalToClient::Relays { relays }) => relays,
@@ -1286,6 +1288,7 @@ async fn each_agent_gets_relay_credentials_of_its_own_right_after_ready() {
         Some(PortalToGateway::Relays { relays }) => relays,
         other => panic!("expected relays after ready, got {other:?}"),
     };
+    let after = portal.now().timestamp() as u64;
     for (relays, agent) in [
         (client_relays, client.ready.client_id.clone()),
         (gateway_relays, gateway.id.clone()),
@@ -1294,10 +1297,10 @@ async fn each_agent_gets_relay_credentials_of_its_own_right_after_ready() {
             panic!("one relay is configured: {relays:?}");
         };
         assert_eq!(relay.address, "203.0.113.5:3478".parse().unwrap());
-        // Good for the configured hour from now (give or take the test's own second).
+        // Good for the configured hour from when it was made.
         assert!(
-            (now + 3600..=now + 3602).contains(&relay.expires_at),
-            "{relay:?}"
+            (before + 3600..=after + 3600).contains(&relay.expires_at),
+            "{relay:?} not within [{before}, {after}] + 3600"
         );
         assert_eq!(relay.username, format!("{}:{agent}", relay.expires_at));
         assert_eq!(relay.password, turn_password(&relay.username));
