@@ -75,7 +75,9 @@ pub struct Server {
     open: BTreeMap<String, String>,
     /// Files whose last published diagnostics were not empty.
     published: BTreeSet<String>,
-    declarations: BTreeMap<String, Declaration>,
+    /// The tree's declarations, worked out when a request needs them and forgotten at the next
+    /// change (an edit's diagnostics do not wait for them).
+    declarations: Option<BTreeMap<String, Declaration>>,
     table: Option<Table>,
     shut_down: bool,
 }
@@ -197,10 +199,10 @@ impl Server {
     /// diagnostics (an empty list for a file that had some and has none now).
     fn check(&mut self) -> Vec<Value> {
         let sources = self.sources();
-        self.declarations = declarations(&sources);
-        let checked = crate::check(sources);
-        if let Some(table) = &checked.table {
-            self.table = Some(table.clone());
+        self.declarations = None;
+        let mut checked = crate::check(sources);
+        if let Some(table) = checked.table.take() {
+            self.table = Some(table);
         }
         let mut by_file: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         for diagnostic in &checked.diagnostics {
@@ -255,11 +257,17 @@ impl Server {
         })
     }
 
-    fn definition(&self, params: &Value) -> Value {
+    fn declarations(&mut self) -> &BTreeMap<String, Declaration> {
+        let sources = self.sources();
+        self.declarations
+            .get_or_insert_with(|| declarations(&sources))
+    }
+
+    fn definition(&mut self, params: &Value) -> Value {
         let Some((name, _)) = self.name_at(params) else {
             return Value::Null;
         };
-        let Some(declaration) = self.declarations.get(&name) else {
+        let Some(declaration) = self.declarations().get(&name).cloned() else {
             return Value::Null;
         };
         let text = self.text(&declaration.file).unwrap_or_default();
@@ -267,11 +275,11 @@ impl Server {
     }
 
     /// Every word equal to the name, in every file of the tree (the declaration too).
-    fn references(&self, params: &Value) -> Value {
+    fn references(&mut self, params: &Value) -> Value {
         let Some((name, _)) = self.name_at(params) else {
             return json!([]);
         };
-        if !self.declarations.contains_key(&name) {
+        if !self.declarations().contains_key(&name) {
             return json!([]);
         }
         let mut locations = Vec::new();
@@ -288,22 +296,22 @@ impl Server {
         Value::Array(locations)
     }
 
-    fn hover(&self, params: &Value) -> Value {
+    fn hover(&mut self, params: &Value) -> Value {
         let Some((name, _)) = self.name_at(params) else {
             return Value::Null;
         };
-        let Some(declaration) = self.declarations.get(&name) else {
+        let Some(kind) = self.declarations().get(&name).map(|d| d.kind) else {
             return Value::Null;
         };
-        let mut text = format!("**{} `{name}`**", declaration.kind.as_str());
+        let mut text = format!("**{} `{name}`**", kind.as_str());
         if let Some(table) = &self.table {
-            text += &describe(table, declaration.kind, &name);
+            text += &describe(table, kind, &name);
         }
         json!({ "contents": { "kind": "markdown", "value": text } })
     }
 
-    fn completion(&self) -> Value {
-        let names = self.declarations.iter().map(|(name, declaration)| {
+    fn completion(&mut self) -> Value {
+        let names = self.declarations().iter().map(|(name, declaration)| {
             json!({
                 "label": name,
                 "kind": completion_kind(declaration.kind),
