@@ -6,7 +6,8 @@
 //! [`load_tree`]; rendering diagnostics belongs to the binary.
 //!
 //! Entry points: [`load_tree`] then [`check`] (every diagnostic, test results, the table when
-//! there are no errors); [`Bundle`] to write and read tables; [`DecisionTable::decide`];
+//! there are no errors), or [`check_incrementally`] with a [`ParseCache`] for a tree that
+//! changes a file at a time; [`Bundle`] to write and read tables; [`DecisionTable::decide`];
 //! [`lsp::Server`], the language server's core without IO.
 
 mod analysis;
@@ -24,6 +25,7 @@ mod verify;
 /// Addresses live in their own crate so the agents can match names without the compiler.
 pub use fz_address as address;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use fz_lang::{Code, Diagnostic, FileId, Loc, SourceFile, Sources, Span};
@@ -53,20 +55,59 @@ impl Checked {
 /// Parses, resolves and analyses every file, then runs the tests and invariants when the tree
 /// has no errors so far.
 pub fn check(sources: Sources) -> Checked {
+    check_incrementally(sources, &mut ParseCache::default())
+}
+
+/// Files parsed by earlier checks of a tree that changes a file at a time (the language
+/// server's): a file whose path, place in the tree and text are the same is not parsed again.
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    files: HashMap<String, Parsed>,
+}
+
+#[derive(Debug)]
+struct Parsed {
+    id: FileId,
+    text: String,
+    ast: fz_lang::ast::PolicyFile,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// [`check`], taking each file's syntax tree from `cache` where its text has not changed, and
+/// leaving the cache holding the tree's files as they are now.
+pub fn check_incrementally(sources: Sources, cache: &mut ParseCache) -> Checked {
     let mut diagnostics = Vec::new();
-    let files: Vec<_> = sources
+    let parsed: Vec<(String, Parsed)> = sources
         .iter()
         .map(|(id, file)| {
-            let (ast, found) = if file.path.ends_with(".cedar") {
-                fz_lang::parse_cedar_file(id, &file.text)
-            } else {
-                fz_lang::parse_file(id, &file.text)
+            let entry = match cache.files.remove(&file.path) {
+                Some(entry) if entry.id == id && entry.text == file.text => entry,
+                _ => {
+                    let (ast, diagnostics) = if file.path.ends_with(".cedar") {
+                        fz_lang::parse_cedar_file(id, &file.text)
+                    } else {
+                        fz_lang::parse_file(id, &file.text)
+                    };
+                    Parsed {
+                        id,
+                        text: file.text.clone(),
+                        ast,
+                        diagnostics,
+                    }
+                }
             };
-            diagnostics.extend(found);
-            ast
+            (file.path.clone(), entry)
         })
         .collect();
-    let resolved = resolve::resolve(&sources, &files, &mut diagnostics);
+    for (_, entry) in &parsed {
+        diagnostics.extend(entry.diagnostics.iter().cloned());
+    }
+    let resolved = {
+        let files: Vec<&fz_lang::ast::PolicyFile> =
+            parsed.iter().map(|(_, entry)| &entry.ast).collect();
+        resolve::resolve(&sources, &files, &mut diagnostics)
+    };
+    cache.files = parsed.into_iter().collect();
     // Only a tree that is otherwise sound is said to have no rules: a rule lost to a syntax
     // error is not a missing rule.
     if resolved.table.rules.is_empty() && !diagnostics.iter().any(Diagnostic::is_error) {
@@ -169,4 +210,56 @@ pub fn load_tree(dir: &Path) -> Result<Sources, LoadError> {
         }
     }
     Ok(Sources::new(files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(files: &[(&str, &str)]) -> Sources {
+        Sources::new(
+            files
+                .iter()
+                .map(|(path, text)| SourceFile::new(*path, *text))
+                .collect(),
+        )
+    }
+
+    /// What a check found, to compare two checks of one tree.
+    fn found(checked: &Checked) -> (Vec<(Code, Loc, String)>, Option<Table>) {
+        let diagnostics = checked
+            .diagnostics
+            .iter()
+            .map(|d| (d.code, d.loc, d.message.clone()))
+            .collect();
+        (diagnostics, checked.table.clone())
+    }
+
+    #[test]
+    fn an_incremental_check_finds_what_a_full_one_does() {
+        let declarations = "site hq\nresource r { address \"r.company.com\"; site hq }\n\
+                            group g { members \"a@company.com\" }\n";
+        let steps: [&[(&str, &str)]; 4] = [
+            &[("a.fz", declarations), ("b.fz", "allow g -> r\n")],
+            &[("a.fz", declarations), ("b.fz", "allow gg -> r\n")],
+            // A file added before the others moves their place in the tree.
+            &[
+                ("0.fz", "site eu\n"),
+                ("a.fz", declarations),
+                ("b.fz", "allow gg -> r\n"),
+            ],
+            &[
+                ("0.fz", "site eu\n"),
+                ("a.fz", declarations),
+                ("b.fz", "allow g -> r\n"),
+            ],
+        ];
+        let mut cache = ParseCache::default();
+        for files in steps {
+            let incremental = check_incrementally(tree(files), &mut cache);
+            let full = check(tree(files));
+            assert_eq!(found(&incremental), found(&full), "{files:?}");
+            assert_eq!(cache.files.len(), files.len());
+        }
+    }
 }

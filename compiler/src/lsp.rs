@@ -78,6 +78,8 @@ pub struct Server {
     /// The tree's declarations, worked out when a request needs them and forgotten at the next
     /// change (an edit's diagnostics do not wait for them).
     declarations: Option<BTreeMap<String, Declaration>>,
+    /// Syntax trees of the files as last checked: an edit parses only the file it changed.
+    parsed: crate::ParseCache,
     table: Option<Table>,
     shut_down: bool,
 }
@@ -200,7 +202,7 @@ impl Server {
     fn check(&mut self) -> Vec<Value> {
         let sources = self.sources();
         self.declarations = None;
-        let mut checked = crate::check(sources);
+        let mut checked = crate::check_incrementally(sources, &mut self.parsed);
         if let Some(table) = checked.table.take() {
             self.table = Some(table);
         }

@@ -69,7 +69,7 @@ pub struct Invariant {
 /// Resolves every parsed file. Diagnostics are appended to `diagnostics`.
 pub fn resolve(
     sources: &Sources,
-    files: &[ast::PolicyFile],
+    files: &[&ast::PolicyFile],
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Resolved {
     let mut resolver = Resolver {
@@ -113,7 +113,7 @@ struct Indexes {
 }
 
 impl Resolver<'_> {
-    fn run(&mut self, files: &[ast::PolicyFile]) -> Resolved {
+    fn run(&mut self, files: &[&ast::PolicyFile]) -> Resolved {
         let statements: Vec<&Statement> = files.iter().flat_map(|f| &f.statements).collect();
         let mut sites = BTreeMap::new();
         let mut groups = BTreeMap::new();
