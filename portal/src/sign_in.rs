@@ -271,9 +271,15 @@ pub async fn start_page(
         };
     }
     let pending = cookie_value(&headers).and_then(|id| {
-        lock(&sign_in.pending)
-            .get_mut(&id, &slug, now)
-            .map(|p| p.clone())
+        match lock(&sign_in.pending).lookup(&id, &slug, now) {
+            Ok(pending) => Some(pending.clone()),
+            Err(missing) => {
+                // A browser that carries a sign-in cookie the portal no longer knows: an old
+                // tab, or a sign-in that ended. Logged, since it also shows a lost sign-in.
+                tracing::info!(account = %slug, ?missing, "a sign-in cookie names no pending sign-in");
+                None
+            }
+        }
     });
     match pending {
         Some(pending) => methods_page(sign_in, account, &pending, None, StatusCode::OK),

@@ -59,7 +59,7 @@ impl LocalPortal {
             .args(["--config", "portal.toml", "serve"])
             .current_dir(home.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(home.path().join("portal.log")).unwrap())
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -119,9 +119,16 @@ impl LocalPortal {
 }
 
 impl Drop for LocalPortal {
+    /// Stops the portal; when a test is failing, shows what the portal logged, which the
+    /// failure alone may not explain.
+    #[allow(clippy::print_stderr)] // into the failing test's captured output, on purpose
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.home.path().join("portal.log"));
+            eprintln!("--- the portal's log ---\n{}", log.unwrap_or_default());
+        }
     }
 }
 

@@ -245,10 +245,27 @@ impl PendingSignIns {
 
     /// The sign-in `id` of `account`, unless it expired at `now` (then it is forgotten).
     pub fn get_mut(&mut self, id: &str, account: &str, now: i64) -> Option<&mut Pending> {
-        if self.by_id.get(id).is_some_and(|p| expired(p, now)) {
+        self.lookup(id, account, now).ok()
+    }
+
+    /// [`PendingSignIns::get_mut`], saying why there is none, for the log.
+    pub fn lookup(&mut self, id: &str, account: &str, now: i64) -> Result<&mut Pending, Missing> {
+        if let Some(pending) = self.by_id.get(id)
+            && expired(pending, now)
+        {
+            let missing = if now < pending.started_at {
+                Missing::StartedLater
+            } else {
+                Missing::Expired
+            };
             self.by_id.remove(id);
+            return Err(missing);
         }
-        self.by_id.get_mut(id).filter(|p| p.account == account)
+        match self.by_id.get_mut(id) {
+            Some(pending) if pending.account == account => Ok(pending),
+            Some(_) => Err(Missing::OtherAccount),
+            None => Err(Missing::Unknown),
+        }
     }
 
     /// Ends the sign-in `id`: it can be used no more.
@@ -264,6 +281,19 @@ impl PendingSignIns {
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
+}
+
+/// Why a sign-in id names no pending sign-in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// Never started here, finished, or forgotten.
+    Unknown,
+    /// Older than [`LIFETIME_SECS`].
+    Expired,
+    /// Started after `now`: the clock went back.
+    StartedLater,
+    /// Started for another account.
+    OtherAccount,
 }
 
 fn expired(pending: &Pending, now: i64) -> bool {
@@ -369,6 +399,35 @@ mod tests {
         assert_eq!(
             ClientRequest::from_query(&without("name")).unwrap().device,
             "device"
+        );
+    }
+
+    #[test]
+    fn a_missing_sign_in_says_why() {
+        let mut table = PendingSignIns::default();
+        let request = ClientRequest::from_query(&good()).unwrap();
+        let (id, _) = table.start("acme", request.clone(), None, 1_000).unwrap();
+        assert_eq!(
+            table.lookup(&id, "other", 1_000).err(),
+            Some(Missing::OtherAccount)
+        );
+        assert_eq!(
+            table.lookup("nope", "acme", 1_000).err(),
+            Some(Missing::Unknown)
+        );
+        assert_eq!(
+            table.lookup(&id, "acme", 999).err(),
+            Some(Missing::StartedLater)
+        );
+        assert_eq!(
+            table.lookup(&id, "acme", 1_000).err(),
+            Some(Missing::Unknown),
+            "forgotten"
+        );
+        let (id, _) = table.start("acme", request, None, 1_000).unwrap();
+        assert_eq!(
+            table.lookup(&id, "acme", 1_000 + LIFETIME_SECS).err(),
+            Some(Missing::Expired)
         );
     }
 
