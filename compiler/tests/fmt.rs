@@ -186,6 +186,35 @@ fn check_lists_what_would_change_and_changes_nothing() {
     assert_eq!((run.code, run.stdout.as_str()), (0, ""));
 }
 
+/// A rewritten file keeps its permissions, and a symbolic link stays a link to the file it
+/// names, which is what gets rewritten.
+#[test]
+fn a_rewritten_file_keeps_its_mode_and_its_link() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let messy = "site  hq\n";
+    let dir = tree(&[("private.fz", messy), ("elsewhere/target.fz", messy)]);
+    let private = dir.path().join("private.fz");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.path().join("linked.fz");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere/target.fz"), &link).unwrap();
+
+    let run = fzc(dir.path(), &["fmt", "private.fz", "linked.fz"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read_to_string(&private).unwrap(), "site hq\n");
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("elsewhere/target.fz")).unwrap(),
+        "site hq\n"
+    );
+}
+
 #[test]
 fn a_file_that_does_not_parse_is_reported_and_left_alone() {
     let broken = "site hq\nallow eng gitlab   \n";

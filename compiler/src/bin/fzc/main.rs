@@ -436,16 +436,32 @@ fn plural(n: usize, word: &str) -> String {
 /// Writes to a temporary file beside the target and renames it over, so a reader never sees a
 /// half-written bundle.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    // An existing file keeps what it was: written through a symbolic link to its target, and
+    // with its permissions (a policy file kept private stays private).
+    let existing = std::fs::canonicalize(path).ok();
+    let path = existing.as_deref().unwrap_or(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "bundle".to_owned());
     let temporary = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&temporary, bytes)
-        .with_context(|| format!("cannot write `{}`", temporary.display()))?;
-    std::fs::rename(&temporary, path)
-        .with_context(|| format!("cannot write `{}`", path.display()))?;
-    Ok(())
+    let written = std::fs::write(&temporary, bytes)
+        .with_context(|| format!("cannot write `{}`", temporary.display()))
+        .and_then(|()| match existing.as_deref().map(std::fs::metadata) {
+            Some(Ok(metadata)) => std::fs::set_permissions(&temporary, metadata.permissions())
+                .with_context(|| {
+                    format!("cannot set the permissions of `{}`", temporary.display())
+                }),
+            _ => Ok(()),
+        })
+        .and_then(|()| {
+            std::fs::rename(&temporary, path)
+                .with_context(|| format!("cannot write `{}`", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
 }
 
 fn run_query(args: QueryArgs) -> anyhow::Result<ExitCode> {
