@@ -119,7 +119,7 @@ struct Cached {
 
 /// The form a name is resolved and remembered in: lower case, without the final dot, so that
 /// spellings of one name share one resolution and one answer.
-pub(crate) fn key(name: &str) -> String {
+pub fn key(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 

@@ -732,7 +732,13 @@ impl Sim {
             panic!("grant `{grant_id}` was installed though its filter does not read: {error}");
         }
         if let Some(dns) = &grant.resource.dns {
-            let real = self.answers.get(&dns.name).cloned().unwrap_or_default();
+            // Answers are kept under the name as the gateway asks for it (lower case, no final
+            // dot), which a grant's name need not be written in.
+            let real = self
+                .answers
+                .get(&fz_tunnel::resolution::key(&dns.name))
+                .cloned()
+                .unwrap_or_default();
             for mapped in &dns.mapped {
                 self.reals
                     .entry((grant.client.public_key, *mapped))
