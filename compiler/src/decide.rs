@@ -42,7 +42,7 @@ pub struct Decision {
     pub rules: Vec<RuleIdx>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// Allow rules apply and no deny rule does.
     Allowed,
@@ -239,6 +239,11 @@ impl DecisionTable {
 
     pub fn group_index(&self, id: &str) -> Option<GroupIdx> {
         self.groups.get(id).copied()
+    }
+
+    /// The user of that email (lowercase) in the table's list of named users.
+    pub fn user_index(&self, email: &str) -> Option<UserIdx> {
+        self.users.get(email).map(|user| user.index)
     }
 
     /// The resource that serves a DNS name, most specific first.

@@ -16,6 +16,7 @@ pub mod cedar;
 pub mod condition;
 mod country;
 pub mod decide;
+pub mod diff;
 pub mod lsp;
 mod resolve;
 pub mod table;

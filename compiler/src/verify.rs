@@ -76,7 +76,7 @@ impl OutcomeKind {
 }
 
 /// Stands for every user the tree does not name, in counterexamples.
-const UNNAMED_USER: &str = "unnamed-user@example.invalid";
+pub(crate) const UNNAMED_USER: &str = "unnamed-user@example.invalid";
 
 pub fn run(
     resolved: &Resolved,
@@ -301,7 +301,7 @@ fn counterexample(
                 last: p.first,
                 ..*p
             });
-        let contexts = representative_contexts(entry, table, cache);
+        let contexts = representative_contexts(&conditions_of(entry, table), cache);
         let candidates = candidates_for(entry, invariant, table, &everybody);
         for &allow in &entry.allow {
             let rule = table.rules.get(allow as usize)?;
@@ -434,26 +434,29 @@ fn with(groups: &[GroupIdx], group: GroupIdx) -> Vec<GroupIdx> {
     groups
 }
 
-/// One context per region of the facts the resource's rules test, plus missing facts.
-fn representative_contexts(
-    resource: &Resource,
-    table: &Table,
-    cache: &mut InstantCache,
-) -> Vec<Context> {
-    let conditions: Vec<&Condition> = resource
+/// The conditions of every rule that reaches a resource.
+pub(crate) fn conditions_of<'a>(resource: &Resource, table: &'a Table) -> Vec<&'a Condition> {
+    resource
         .allow
         .iter()
         .chain(&resource.deny)
         .filter_map(|r| table.rules.get(*r as usize))
         .flat_map(|r| &r.conditions)
-        .collect();
+        .collect()
+}
 
+/// One context per region of the facts `conditions` test, plus missing facts: every
+/// combination of their truth values that some request can meet is met by one of these.
+pub(crate) fn representative_contexts(
+    conditions: &[&Condition],
+    cache: &mut InstantCache,
+) -> Vec<Context> {
     let mut times: Vec<TimeCondition> = Vec::new();
     let mut countries: Vec<Option<String>> = vec![None];
     let mut sources = vec![None];
     let mut providers: Vec<Option<String>> = vec![None];
     let mut verified = vec![false];
-    for condition in &conditions {
+    for condition in conditions {
         match condition {
             Condition::Time(time) => {
                 if !times.contains(time) {
@@ -532,7 +535,7 @@ fn unnamed<const N: usize>(codes: &[String], spare: [&str; N]) -> String {
 /// ([`timeline::representatives`]), kept per set: resources whose rules test the same windows
 /// share them, and every invariant about a resource asks again.
 #[derive(Debug, Default)]
-struct InstantCache(HashMap<Vec<TimeCondition>, Vec<DateTime<Utc>>>);
+pub(crate) struct InstantCache(HashMap<Vec<TimeCondition>, Vec<DateTime<Utc>>>);
 
 impl InstantCache {
     fn of(&mut self, conditions: Vec<TimeCondition>) -> &[DateTime<Utc>] {

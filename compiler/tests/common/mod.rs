@@ -2,6 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod random_tree;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

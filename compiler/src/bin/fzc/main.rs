@@ -2,8 +2,10 @@
 //! scripts: 0 success, 1 errors in the tree or failing tests, 2 usage or IO errors.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod diff;
 mod explain;
 mod fmt;
+mod git;
 mod lsp;
 mod outcomes;
 mod query;
@@ -82,6 +84,24 @@ enum Command {
     },
     /// Decide requests against a tree (or a compiled bundle) and name the rules that decided.
     Query(QueryArgs),
+    /// Who gains or loses access to what between two trees: every request the two decision
+    /// tables decide differently, with the rules responsible on each side.
+    Diff {
+        /// The tree before: a directory, or with `--git` a revision.
+        old: String,
+        /// The tree after: a directory, or with `--git` a revision.
+        new: String,
+        /// With `--git`: the tree's directory in the repository.
+        dir: Option<PathBuf>,
+        /// Read both trees from git revisions (`fzc diff --git main HEAD policies`).
+        #[arg(long)]
+        git: bool,
+        #[arg(long, value_enum, default_value = "human")]
+        format: diff::DiffFormat,
+        /// Exit 1 when access is gained, lost, or either.
+        #[arg(long, value_enum, value_name = "WHAT")]
+        fail_on: Option<diff::FailOn>,
+    },
     /// Print the Cedar schema of a tree that passes `check`, for Cedar's own validator.
     Schema {
         #[arg(default_value = "policies")]
@@ -229,6 +249,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Query(args) => run_query(args),
+        Command::Diff {
+            old,
+            new,
+            dir,
+            git,
+            format,
+            fail_on,
+        } => run_diff(diff::sources(git, old, new, dir)?, format, fail_on),
         Command::Lsp => Ok(ExitCode::from(lsp::serve()?)),
         Command::Fmt { paths, check } => {
             let outcome = fmt::run(&paths, check)?;
@@ -462,6 +490,47 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> 
         let _ = std::fs::remove_file(&temporary);
     }
     written
+}
+
+fn run_diff(
+    sides: [diff::TreeSource; 2],
+    format: diff::DiffFormat,
+    fail_on: Option<diff::FailOn>,
+) -> anyhow::Result<ExitCode> {
+    // The two trees are checked at once: on a large tree that halves the wait on two cores.
+    let checked = std::thread::scope(|scope| {
+        let running = sides
+            .each_ref()
+            .map(|side| scope.spawn(move || side.load().map(fz_compiler::check)));
+        running.map(|thread| thread.join())
+    });
+    let mut tables = [None, None];
+    for ((side, checked), table) in sides.iter().zip(checked).zip(&mut tables) {
+        let checked =
+            checked.map_err(|_| anyhow::anyhow!("checking `{}` failed", side.label()))??;
+        match checked.table {
+            Some(checked) => *table = Some(checked),
+            // A tree that is not there (a revision before the policies existed) allows nothing.
+            None if checked.sources.is_empty() => *table = Some(fz_compiler::Table::default()),
+            None => {
+                let label = side.label();
+                eprint!(
+                    "{}",
+                    report(&checked, Path::new(&label), ReportFormat::Human, None)
+                );
+                eprintln!("error: `{label}` has errors; no diff made");
+            }
+        }
+    }
+    let [Some(old), Some(new)] = tables else {
+        return Ok(ExitCode::from(TREE_ERRORS));
+    };
+    let access = fz_compiler::diff::diff(&DecisionTable::new(old), &DecisionTable::new(new));
+    print!("{}", diff::render(&access, format));
+    Ok(match fail_on {
+        Some(fail_on) if fail_on.hit(&access) => ExitCode::from(TREE_ERRORS),
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 fn run_query(args: QueryArgs) -> anyhow::Result<ExitCode> {
