@@ -81,6 +81,9 @@ pub struct Server {
     /// Syntax trees of the files as last checked: an edit parses only the file it changed.
     parsed: crate::ParseCache,
     table: Option<Table>,
+    /// The tree as it is now has been checked and its diagnostics published: opening a file
+    /// unchanged, or an edit that changes nothing, needs no check.
+    checked: bool,
     shut_down: bool,
 }
 
@@ -116,10 +119,13 @@ impl Server {
                 self.shut_down = true;
                 Some(Ok(Value::Null))
             }
+            // The client is ready: the whole tree's diagnostics, before any file is opened,
+            // so that opening one (unchanged) costs nothing.
+            "initialized" => return self.check_if_changed(),
             "textDocument/didOpen" => {
                 let document = &params["textDocument"];
                 self.set_text(document["uri"].as_str(), document["text"].as_str());
-                return self.check();
+                return self.check_if_changed();
             }
             "textDocument/didChange" => {
                 // Full synchronisation: the last change is the whole text.
@@ -128,13 +134,16 @@ impl Server {
                     .and_then(|changes| changes.last())
                     .and_then(|change| change["text"].as_str());
                 self.set_text(params["textDocument"]["uri"].as_str(), text);
-                return self.check();
+                return self.check_if_changed();
             }
             "textDocument/didClose" => {
-                if let Some(path) = self.path(params["textDocument"]["uri"].as_str()) {
-                    self.open.remove(&path);
+                if let Some(path) = self.path(params["textDocument"]["uri"].as_str())
+                    && let Some(text) = self.open.remove(&path)
+                    && self.disk.get(&path) != Some(&text)
+                {
+                    self.checked = false;
                 }
-                return self.check();
+                return self.check_if_changed();
             }
             "textDocument/definition" => Some(Ok(self.definition(params))),
             "textDocument/references" => Some(Ok(self.references(params))),
@@ -174,7 +183,19 @@ impl Server {
 
     fn set_text(&mut self, uri: Option<&str>, text: Option<&str>) {
         if let (Some(path), Some(text)) = (self.path(uri), text) {
+            let current = self.open.get(&path).or_else(|| self.disk.get(&path));
+            if current.map(String::as_str) != Some(text) {
+                self.checked = false;
+            }
             self.open.insert(path, text.to_owned());
+        }
+    }
+
+    fn check_if_changed(&mut self) -> Vec<Value> {
+        if self.checked {
+            Vec::new()
+        } else {
+            self.check()
         }
     }
 
@@ -200,6 +221,7 @@ impl Server {
     /// Checks the tree, remembers its declarations and table, and publishes every file's
     /// diagnostics (an empty list for a file that had some and has none now).
     fn check(&mut self) -> Vec<Value> {
+        self.checked = true;
         let sources = self.sources();
         self.declarations = None;
         let mut checked = crate::check_incrementally(sources, &mut self.parsed);

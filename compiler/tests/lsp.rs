@@ -251,3 +251,82 @@ fn exit_without_shutdown_is_an_error_and_bad_json_is_answered() {
     session.notify("exit", Value::Null);
     assert_eq!(session.child.wait().unwrap().code(), Some(1));
 }
+
+/// The VS Code extension (compiler/editors/vscode) is a manifest and a few lines of glue; VS
+/// Code itself is not on the test machine. What can drift is checked here: it claims `.fz`
+/// files for the language `fz`, its entry point and language configuration exist and parse,
+/// and it starts `fzc lsp` for documents of that language.
+#[test]
+fn the_vs_code_extension_starts_fzc_lsp_for_fz_files() {
+    let dir = common::repo().join("compiler/editors/vscode");
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect(name);
+    let manifest: Value = serde_json::from_str(&read("package.json")).expect("package.json");
+    let language = &manifest["contributes"]["languages"][0];
+    assert_eq!(language["id"], "fz");
+    assert_eq!(language["extensions"], json!([".fz"]));
+    let configuration = language["configuration"].as_str().expect("configuration");
+    let configuration: Value =
+        serde_json::from_str(&read(configuration)).expect("language configuration");
+    assert_eq!(configuration["comments"]["lineComment"], "#");
+    assert_eq!(
+        manifest["contributes"]["configuration"]["properties"]["fz.fzcPath"]["default"],
+        "fzc"
+    );
+    let main = read(manifest["main"].as_str().expect("main"));
+    assert!(
+        main.contains(r#"{ command: fzc, args: ["lsp"] }"#),
+        "{main}"
+    );
+    assert!(main.contains(r#"language: "fz""#), "{main}");
+    assert!(
+        manifest["dependencies"]["vscode-languageclient"].is_string(),
+        "{manifest}"
+    );
+}
+
+/// The tree is checked once the client says it is ready, so its diagnostics are there before
+/// any file is opened; opening a file as it is on disk then costs no check (the first edit
+/// after it is not kept waiting), and the edit that fixes it clears them.
+#[test]
+fn the_tree_is_checked_when_the_client_is_ready_and_opening_a_file_unchanged_checks_nothing() {
+    let broken = "allow engineerng -> gitlab\n";
+    let repository = tree(&[
+        ("policies/declarations.fz", DECLARATIONS),
+        ("policies/rules.fz", broken),
+    ]);
+    let root = repository.path().canonicalize().unwrap();
+    let mut session = Session::start(&root);
+    let rules = format!("file://{}/policies/rules.fz", root.display());
+    let diagnostics = session.diagnostics_for(&rules);
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:#?}");
+    assert_eq!(diagnostics[0]["code"], "E004");
+
+    session.notify(
+        "textDocument/didOpen",
+        json!({ "textDocument": { "uri": rules, "languageId": "fz", "version": 1, "text": broken } }),
+    );
+    // Requests are answered in order: whatever the open published comes before this reply.
+    session.next_id += 1;
+    let id = session.next_id;
+    session.send(
+        &json!({ "jsonrpc": "2.0", "id": id, "method": "textDocument/completion",
+                          "params": position(&rules, 0, 0) }),
+    );
+    loop {
+        let message = session.next();
+        assert_ne!(
+            message["method"], "textDocument/publishDiagnostics",
+            "opening an unchanged file checked the tree again: {message}"
+        );
+        if message["id"] == id {
+            break;
+        }
+    }
+
+    session.notify(
+        "textDocument/didChange",
+        json!({ "textDocument": { "uri": rules, "version": 2 },
+                "contentChanges": [{ "text": "allow engineering -> gitlab\n" }] }),
+    );
+    assert_eq!(session.diagnostics_for(&rules), Vec::<Value>::new());
+}
