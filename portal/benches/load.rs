@@ -70,6 +70,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::response::Response;
 use fz_host::testing::agents::{self as agent, Socket, TestClient, TestGateway};
+use fz_portal::data_dir::Creation;
 use fz_portal::store::{Store, TokenKind};
 use fz_proto::{
     ClientMessage, DnsMapping, PortalPublicKey, PortalToClient, PortalToGateway, PublicKey, encode,
@@ -639,7 +640,9 @@ async fn populate(data: &Path, model: &Model, kind: StoreKind) -> Secrets {
     let dir = staging
         .as_ref()
         .map_or_else(|| data.to_owned(), |s| s.path().join("data"));
-    let store = Store::open(&dir).await.expect("the store opens");
+    let store = Store::open(&dir, Creation::Allowed)
+        .await
+        .expect("the store opens");
     store.ensure_account(ACCOUNT).await.expect("an account");
     let now = chrono::Utc::now().timestamp();
     let expires = now + 2 * 86_400;

@@ -28,6 +28,8 @@ slug = "default"
 policy = "policies"
 TOML
 cd "$home"
+# The admin commands make no keys or store of their own: `init` does.
+"$portal" --config portal.toml init >/dev/null
 for i in $(seq 1 "$count"); do
     "$portal" --config portal.toml token create --account default --client "d$i" --user "known$i@acme.example" >/dev/null 2>&1
 done

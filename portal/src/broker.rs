@@ -45,6 +45,7 @@ use crate::admission::{self, Admission, MAX_LOGGED_NAME};
 use crate::config::AccountConfig;
 use crate::geo::CountryDb;
 use crate::limits::{Occurrence, Rate, RateLimiter, Repeats};
+use crate::metrics::{Metrics, Outcome};
 use crate::policy::PolicyEngine;
 use crate::random;
 use crate::registry::{
@@ -187,6 +188,7 @@ pub struct Broker {
     repeats: Mutex<Repeats>,
     /// What clients are being granted right now (see [`Broker::turn`]).
     deciding: Mutex<HashMap<Asked, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Broker {
@@ -279,6 +281,7 @@ impl Broker {
             limiter: Mutex::new(RateLimiter::default()),
             repeats: Mutex::new(Repeats::default()),
             deciding: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
         }))
     }
 
@@ -288,6 +291,19 @@ impl Broker {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Clients and gateways connected now.
+    pub fn agents_connected(&self) -> (usize, usize) {
+        let registry = self.registry();
+        (
+            registry.client_links().count(),
+            registry.gateway_links().count(),
+        )
     }
 
     pub fn accounts(&self) -> impl Iterator<Item = &Account> {
@@ -475,10 +491,16 @@ impl Broker {
         dns: Option<DnsMapping>,
         avoid: &[String],
     ) -> PortalToClient {
+        let started = Instant::now();
         let answer = match self.take_request(session) {
             Ok(()) => self.authorise(session, resource, dns, avoid).await,
             Err(reason) => Err(reason),
         };
+        let outcome = match answer {
+            Ok(_) => Outcome::Granted,
+            Err(_) => Outcome::Rejected,
+        };
+        self.metrics.request_answered(outcome, started.elapsed());
         match answer {
             Ok((signed, resolved)) => PortalToClient::Granted {
                 grant: Box::new(signed),

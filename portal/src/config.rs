@@ -95,6 +95,8 @@ pub struct Config {
     /// Serve HTTPS with these files; plain HTTP without.
     pub tls: Option<TlsFiles>,
     pub geoip_country_db: Option<PathBuf>,
+    /// Where Prometheus metrics are served (`/metrics`); none by default.
+    pub metrics_listen: Option<SocketAddr>,
     pub trusted_proxy: Option<TrustedProxy>,
     pub gateway_heartbeat_interval: Duration,
     pub gateway_ack_timeout: Duration,
@@ -328,6 +330,7 @@ struct ConfigFile {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     geoip_country_db: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
     trusted_proxy_header: Option<String>,
     trusted_proxies: Option<Vec<Network>>,
     gateway_heartbeat_interval_ms: Option<u64>,
@@ -388,6 +391,7 @@ impl Config {
             allow_plain_http: false,
             tls: None,
             geoip_country_db: None,
+            metrics_listen: None,
             trusted_proxy: None,
             gateway_heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS),
             gateway_ack_timeout: Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS),
@@ -466,6 +470,7 @@ impl Config {
             allow_plain_http: file.allow_plain_http,
             tls,
             geoip_country_db: file.geoip_country_db.map(resolve),
+            metrics_listen: file.metrics_listen,
             trusted_proxy,
             gateway_heartbeat_interval: millis(
                 file.gateway_heartbeat_interval_ms,

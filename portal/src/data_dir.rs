@@ -53,6 +53,15 @@ pub enum DataDirError {
         #[source]
         source: std::io::Error,
     },
+    /// An admin command found no data directory, key or store: only `serve` and `init` make
+    /// them, so that a mistyped `data_dir` or `--config` never starts a second portal's worth
+    /// of keys nobody pins.
+    #[error(
+        "`{}` does not exist: `fz-portal init` (or `fz-portal serve`) makes the portal's data \
+         directory, keys and store; is `data_dir` in the config the portal serves with?",
+        .0.display()
+    )]
+    Missing(PathBuf),
     /// Group or others may read, write or enter it.
     #[error(
         "`{path}` is open to group or others (mode {mode:04o}); the portal keeps secrets \
@@ -67,15 +76,26 @@ pub enum DataDirError {
     },
 }
 
+/// Whether an entry may make what it finds missing in the data directory: `serve` and `init`
+/// may; the admin commands (and `public-key`) only use what is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Creation {
+    Allowed,
+    Refused,
+}
+
 /// Makes the data directory (mode 0700, and 0700 for each parent it has to make) if it is
-/// missing; refuses it, or any of the portal's [`FILES`] in it, when group or others may use
-/// it.
-pub fn prepare(data_dir: &Path) -> Result<(), DataDirError> {
+/// missing and `creation` allows; refuses it, or any of the portal's [`FILES`] in it, when
+/// group or others may use it.
+pub fn prepare(data_dir: &Path, creation: Creation) -> Result<(), DataDirError> {
     match std::fs::metadata(data_dir) {
         Ok(metadata) if !metadata.is_dir() => {
             return Err(DataDirError::NotADirectory(data_dir.to_owned()));
         }
         Ok(metadata) => check_mode(data_dir, metadata.permissions().mode(), DIR_MODE)?,
+        Err(error) if error.kind() == ErrorKind::NotFound && creation == Creation::Refused => {
+            return Err(DataDirError::Missing(data_dir.to_owned()));
+        }
         Err(error) if error.kind() == ErrorKind::NotFound => DirBuilder::new()
             .recursive(true)
             .mode(DIR_MODE)
@@ -152,22 +172,22 @@ mod tests {
     fn a_missing_directory_is_made_private_with_its_parents() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("var").join("data");
-        prepare(&data).unwrap();
+        prepare(&data, Creation::Allowed).unwrap();
         assert_eq!(mode(&data), 0o700);
         assert_eq!(mode(&dir.path().join("var")), 0o700);
         create_private_file(&data.join("f")).unwrap();
         assert_eq!(mode(&data.join("f")), 0o600);
-        prepare(&data).unwrap();
+        prepare(&data, Creation::Allowed).unwrap();
     }
 
     #[test]
     fn an_open_directory_or_file_is_refused_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        prepare(&data).unwrap();
+        prepare(&data, Creation::Allowed).unwrap();
         for wide in [0o755, 0o750, 0o701] {
             std::fs::set_permissions(&data, std::fs::Permissions::from_mode(wide)).unwrap();
-            let error = prepare(&data).unwrap_err().to_string();
+            let error = prepare(&data, Creation::Allowed).unwrap_err().to_string();
             let path = data.display();
             assert!(error.contains(&format!("`{path}`")), "{error}");
             assert!(error.contains(&format!("mode {wide:04o}")), "{error}");
@@ -178,14 +198,14 @@ mod tests {
             let file = data.join(name);
             std::fs::write(&file, b"").unwrap();
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
-            let error = prepare(&data).unwrap_err().to_string();
+            let error = prepare(&data, Creation::Allowed).unwrap_err().to_string();
             assert!(
                 error.contains(&format!("`chmod 600 {}`", file.display())),
                 "{error}"
             );
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
-        prepare(&data).unwrap();
+        prepare(&data, Creation::Allowed).unwrap();
         // Files that are not the portal's are not its business.
         std::fs::write(data.join("notes.txt"), b"").unwrap();
         std::fs::set_permissions(
@@ -193,7 +213,7 @@ mod tests {
             std::fs::Permissions::from_mode(0o644),
         )
         .unwrap();
-        prepare(&data).unwrap();
+        prepare(&data, Creation::Allowed).unwrap();
     }
 
     #[test]
@@ -202,7 +222,7 @@ mod tests {
         let file = dir.path().join("data");
         std::fs::write(&file, b"").unwrap();
         assert!(matches!(
-            prepare(&file),
+            prepare(&file, Creation::Allowed),
             Err(DataDirError::NotADirectory(_))
         ));
     }

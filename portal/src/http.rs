@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router, middleware};
 use serde::Serialize;
@@ -60,29 +61,107 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 #[derive(Serialize)]
 struct Health {
+    /// `ok`; `degraded` while an account's last policy reload failed (the portal serves on its
+    /// last good table); `unavailable` when the database does not answer (with status 503,
+    /// so a load balancer sends agents to another replica).
     status: &'static str,
+    database: DatabaseHealth,
     accounts: Vec<AccountHealth>,
+}
+
+#[derive(Serialize)]
+struct DatabaseHealth {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 #[derive(Serialize)]
 struct AccountHealth {
     slug: String,
     bundle_hash: String,
+    policy: PolicyHealth,
 }
 
-/// Liveness and the policy each account runs on.
-async fn healthz(State(state): State<Arc<AppState>>) -> Json<Health> {
+#[derive(Serialize)]
+struct PolicyHealth {
+    /// `ok`, or `reload_failed` while the latest reload failed.
+    status: &'static str,
+    reloads_failed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// How long `/healthz` waits for the database before it calls it unavailable: a probe must
+/// answer within its own timeout, typically a few seconds.
+const DATABASE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Liveness: whether the database answers, and per account the policy it runs on and whether
+/// its latest reload failed.
+async fn healthz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Health>) {
+    let database = match tokio::time::timeout(DATABASE_PATIENCE, state.broker.store().ping()).await
+    {
+        Ok(Ok(())) => DatabaseHealth {
+            status: "ok",
+            error: None,
+        },
+        Ok(Err(error)) => DatabaseHealth {
+            status: "unavailable",
+            error: Some(error_chain(&error)),
+        },
+        Err(_) => DatabaseHealth {
+            status: "unavailable",
+            error: Some(format!(
+                "no answer within {} s",
+                DATABASE_PATIENCE.as_secs()
+            )),
+        },
+    };
     let mut accounts: Vec<AccountHealth> = state
         .broker
         .accounts()
-        .map(|a| AccountHealth {
-            slug: a.settings.slug.clone(),
-            bundle_hash: a.policy.current().bundle_hash.clone(),
+        .map(|a| {
+            let reloads = a.policy.reload_status().borrow().clone();
+            AccountHealth {
+                slug: a.settings.slug.clone(),
+                bundle_hash: a.policy.current().bundle_hash.clone(),
+                policy: PolicyHealth {
+                    status: if reloads.last_error.is_some() {
+                        "reload_failed"
+                    } else {
+                        "ok"
+                    },
+                    reloads_failed: reloads.failed,
+                    error: reloads.last_error,
+                },
+            }
         })
         .collect();
     accounts.sort_by(|a, b| a.slug.cmp(&b.slug));
-    Json(Health {
-        status: "ok",
-        accounts,
-    })
+    let (code, status) = if database.error.is_some() {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    } else if accounts.iter().any(|a| a.policy.error.is_some()) {
+        (StatusCode::OK, "degraded")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    (
+        code,
+        Json(Health {
+            status,
+            database,
+            accounts,
+        }),
+    )
+}
+
+/// An error and its causes, on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
 }

@@ -10,7 +10,7 @@ use fz_proto::PortalSigningKey;
 
 use crate::credential::TokenKey;
 
-use crate::data_dir::{self, DataDirError};
+use crate::data_dir::{self, Creation, DataDirError};
 
 /// The key's file in the data dir.
 pub const FILE: &str = "portal-signing.key";
@@ -41,27 +41,39 @@ pub enum KeyFileError {
     Random(getrandom::Error),
 }
 
-/// Loads the signing key from `data_dir`, making one the first time (and the data dir, mode
-/// 0700, if it is missing). A data dir or key file open to group or others is refused.
-pub fn load_or_create(data_dir: &Path) -> Result<PortalSigningKey, KeyFileError> {
-    seed(data_dir, FILE, TEMPORARY_FILE).map(PortalSigningKey::from_seed)
+/// Loads the signing key from `data_dir`, making one the first time when `creation` allows
+/// (and the data dir, mode 0700, if it is missing); otherwise a missing key is an error that
+/// says how to make one. A data dir or key file open to group or others is refused.
+pub fn load(data_dir: &Path, creation: Creation) -> Result<PortalSigningKey, KeyFileError> {
+    seed(data_dir, FILE, TEMPORARY_FILE, creation).map(PortalSigningKey::from_seed)
 }
 
-/// Loads the token key from `data_dir` as [`load_or_create`] does the signing key.
-pub fn load_or_create_token_key(data_dir: &Path) -> Result<TokenKey, KeyFileError> {
-    seed(data_dir, TOKEN_KEY_FILE, TOKEN_KEY_TEMPORARY_FILE).map(TokenKey::from_seed)
+/// Loads the token key from `data_dir` as [`load`] does the signing key.
+pub fn load_token_key(data_dir: &Path, creation: Creation) -> Result<TokenKey, KeyFileError> {
+    seed(data_dir, TOKEN_KEY_FILE, TOKEN_KEY_TEMPORARY_FILE, creation).map(TokenKey::from_seed)
 }
 
-/// The 32 bytes kept in `file`, made (through `temporary`) the first time.
-fn seed(data_dir: &Path, file: &str, temporary: &str) -> Result<[u8; 32], KeyFileError> {
+/// The 32 bytes kept in `file`, made (through `temporary`) the first time if `creation`
+/// allows.
+fn seed(
+    data_dir: &Path,
+    file: &str,
+    temporary: &str,
+    creation: Creation,
+) -> Result<[u8; 32], KeyFileError> {
     let path = data_dir.join(file);
     let io = |source| KeyFileError::Io {
         path: path.clone(),
         source,
     };
-    data_dir::prepare(data_dir)?;
+    data_dir::prepare(data_dir, creation)?;
     match std::fs::read(&path) {
         Ok(bytes) => <[u8; 32]>::try_from(bytes).map_err(|_| KeyFileError::Damaged(path.clone())),
+        Err(error)
+            if error.kind() == std::io::ErrorKind::NotFound && creation == Creation::Refused =>
+        {
+            Err(KeyFileError::DataDir(DataDirError::Missing(path)))
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(KeyFileError::Random)?;
@@ -94,22 +106,22 @@ mod tests {
     fn made_once_kept_private_and_the_same_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let first = load_or_create(&data).unwrap().public_key();
+        let first = load(&data, Creation::Allowed).unwrap().public_key();
         let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&data.join(FILE)), 0o600);
         assert_eq!(mode(&data), 0o700);
-        assert_eq!(load_or_create(&data).unwrap().public_key(), first);
+        assert_eq!(load(&data, Creation::Allowed).unwrap().public_key(), first);
     }
 
     #[test]
     fn a_damaged_or_exposed_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        load_or_create(&data).unwrap();
+        load(&data, Creation::Allowed).unwrap();
         let path = data.join(FILE);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
-            load_or_create(&data),
+            load(&data, Creation::Allowed),
             Err(KeyFileError::DataDir(DataDirError::Exposed {
                 mode: 0o644,
                 ..
@@ -118,7 +130,7 @@ mod tests {
         std::fs::write(&path, b"short").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(matches!(
-            load_or_create(&data),
+            load(&data, Creation::Allowed),
             Err(KeyFileError::Damaged(_))
         ));
     }

@@ -21,6 +21,7 @@ pub mod keys;
 pub mod limits;
 pub mod listener;
 pub mod mail;
+pub mod metrics;
 pub mod policy;
 pub mod random;
 pub mod registry;

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::{Account, Broker, BrokerParts, Clock, Timings};
 use crate::config::Config;
+use crate::data_dir::Creation;
 use crate::geo::CountryDb;
 use crate::http::{AppState, router};
 use crate::listener::{Caps, Connections, Settings};
@@ -44,6 +45,8 @@ const REVOCATION_LOOKBACK_SECS: i64 = 120;
 #[allow(missing_debug_implementations)] // tasks and watchers have nothing to show
 pub struct RunningPortal {
     pub address: SocketAddr,
+    /// Where `/metrics` is served, when `metrics_listen` is set.
+    pub metrics_address: Option<SocketAddr>,
     pub public_key: PortalPublicKey,
     pub broker: Arc<Broker>,
     /// The listener's connections: caps, counts and refusals.
@@ -57,9 +60,9 @@ pub struct RunningPortal {
 impl RunningPortal {
     /// Starts every part of the portal and serves on `config.listen`.
     pub async fn start(config: &Config, clock: Clock) -> anyhow::Result<RunningPortal> {
-        let store = Store::open(&config.data_dir).await?;
+        let store = Store::open(&config.data_dir, Creation::Allowed).await?;
         store.mark_all_gateways_disconnected().await?;
-        let key = crate::keys::load_or_create(&config.data_dir)?;
+        let key = crate::keys::load(&config.data_dir, Creation::Allowed)?;
         let public_key = key.public_key();
         let geo = match &config.geoip_country_db {
             Some(path) => Some(CountryDb::open(path)?),
@@ -148,6 +151,22 @@ impl RunningPortal {
             }
         }
 
+        let metrics_address = match config.metrics_listen {
+            Some(listen) => {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {listen}"))?;
+                let address = listener.local_addr()?;
+                let app = crate::metrics::router(broker.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(error) = axum::serve(listener, app).await {
+                        tracing::error!(%error, "the metrics listener failed");
+                    }
+                }));
+                Some(address)
+            }
+            None => None,
+        };
         let app = router(Arc::new(AppState {
             broker: broker.clone(),
             trusted_proxy: config.trusted_proxy.clone(),
@@ -174,6 +193,7 @@ impl RunningPortal {
         });
         Ok(RunningPortal {
             address,
+            metrics_address,
             public_key,
             broker,
             connections,

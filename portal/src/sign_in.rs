@@ -896,7 +896,7 @@ fn methods_page(
 
 /// An address as typed, trimmed and lowercased, if it looks like one: one `@` with something
 /// on each side, no spaces or controls, at most 254 characters.
-fn email_address(typed: &str) -> Option<String> {
+pub fn email_address(typed: &str) -> Option<String> {
     let email = typed.trim().to_lowercase();
     let (local, domain) = email.split_once('@')?;
     let plausible = email.len() <= MAX_EMAIL_CHARS

@@ -61,7 +61,7 @@ use sqlx::{QueryBuilder, Sqlite, Transaction};
 use subtle::ConstantTimeEq as _;
 
 use crate::credential::{self, IssueError, Label, TokenKey};
-use crate::data_dir::{self, DataDirError};
+use crate::data_dir::{self, Creation, DataDirError};
 use crate::keys::{self, KeyFileError};
 use crate::random;
 
@@ -438,14 +438,21 @@ impl Store {
     /// SQLite file beside it that group or others may use is refused (`data_dir::prepare`);
     /// the database file is made 0600, and SQLite gives the files it keeps beside it the same
     /// mode.
-    pub async fn open(data_dir: &Path) -> Result<Store, StoreError> {
+    ///
+    /// With [`Creation::Refused`] (the admin commands) nothing is made: a data dir, database
+    /// file or token key that is not there is an error saying how to make them.
+    pub async fn open(data_dir: &Path, creation: Creation) -> Result<Store, StoreError> {
         let path = data_dir.join(DATABASE_FILE);
         // A few metadata calls, once per start or admin command: not worth a blocking task.
-        data_dir::prepare(data_dir)?;
-        data_dir::create_private_file(&path)?;
+        data_dir::prepare(data_dir, creation)?;
+        match creation {
+            Creation::Allowed => data_dir::create_private_file(&path)?,
+            Creation::Refused if !path.exists() => Err(DataDirError::Missing(path.clone()))?,
+            Creation::Refused => {}
+        }
         let options = SqliteConnectOptions::new()
             .filename(&path)
-            .create_if_missing(true)
+            .create_if_missing(creation == Creation::Allowed)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
@@ -460,13 +467,19 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open { path, source })?;
         MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
-        let token_key = keys::load_or_create_token_key(data_dir)?;
+        let token_key = keys::load_token_key(data_dir, creation)?;
         Ok(Store {
             pool,
             writes: Arc::default(),
             token_checks: Arc::default(),
             token_key: Arc::new(token_key),
         })
+    }
+
+    /// Whether the database answers a trivial query (`/healthz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     /// Folds the write-ahead log into the database file and empties the log, so that what was

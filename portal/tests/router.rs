@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use fz_portal::broker::{Account, Broker, BrokerParts, Timings, system_clock};
 use fz_portal::config::Config;
+use fz_portal::data_dir::Creation;
 use fz_portal::http::{AppState, router};
 use fz_portal::mail::Mailer;
 use fz_portal::policy::PolicyEngine;
@@ -31,7 +32,9 @@ async fn app() -> (tempfile::TempDir, Router, String, String, String, Store) {
     .unwrap();
     let policy = Arc::new(PolicyEngine::open(dir.path()).unwrap());
     let hash = policy.current().bundle_hash.clone();
-    let store = Store::open(&dir.path().join("data")).await.unwrap();
+    let store = Store::open(&dir.path().join("data"), Creation::Allowed)
+        .await
+        .unwrap();
     store.ensure_account("acme").await.unwrap();
     let now = chrono::Utc::now().timestamp();
     let client = store
@@ -107,7 +110,15 @@ async fn healthz_names_each_accounts_bundle_and_unknown_paths_are_404() {
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         body,
-        serde_json::json!({ "status": "ok", "accounts": [{ "slug": "acme", "bundle_hash": hash }] })
+        serde_json::json!({
+            "status": "ok",
+            "database": { "status": "ok" },
+            "accounts": [{
+                "slug": "acme",
+                "bundle_hash": hash,
+                "policy": { "status": "ok", "reloads_failed": 0 },
+            }],
+        })
     );
     assert_eq!(call(&app, "/admin", None).await.0, StatusCode::NOT_FOUND);
 }

@@ -15,7 +15,16 @@ allow engineering -> gitlab as eng-git
 "#;
 
 /// A portal home: a policy tree and a configuration file listening on a free loopback port.
+/// A portal's home (config and policy) after `fz-portal init`, as an operator sets one up.
 fn home() -> tempfile::TempDir {
+    let home = uninitialised_home();
+    let init = portal(home.path(), &["init"]);
+    assert!(init.status.success(), "{init:?}");
+    home
+}
+
+/// A portal's home before anything made its data directory.
+fn uninitialised_home() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     std::fs::write(dir.path().join("policies/access.fz"), POLICY).unwrap();
@@ -327,10 +336,11 @@ fn every_command_keeps_the_data_dir_and_its_files_to_the_portals_user() {
     let home = home();
     let public_key = portal(home.path(), &["public-key"]);
     assert!(public_key.status.success(), "{public_key:?}");
-    assert_eq!(
-        assert_private(home.path(), "public-key"),
-        ["portal-signing.key"]
-    );
+    // SQLite's `-wal` and `-shm` may still be there if its last connection closed late.
+    let names = assert_private(home.path(), "init, public-key");
+    for name in ["portal-signing.key", "portal.sqlite3", "token.key"] {
+        assert!(names.contains(&name.to_owned()), "{names:?}");
+    }
     let client = &[
         "token",
         "create",
@@ -587,9 +597,12 @@ fn clients_and_users_say_whose_devices_they_are_and_where_each_membership_comes_
     // Alice's laptop connects once; Bob's IdP says he is in "SRE" and "Finance".
     let connected_at = 1_780_000_000;
     let client_id = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let store = fz_portal::store::Store::open(&home.path().join("data"))
-            .await
-            .unwrap();
+        let store = fz_portal::store::Store::open(
+            &home.path().join("data"),
+            fz_portal::data_dir::Creation::Refused,
+        )
+        .await
+        .unwrap();
         let key = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
         let client = store
             .register_client("acme", &laptop, key, connected_at)
@@ -710,4 +723,134 @@ fn clients_and_users_say_whose_devices_they_are_and_where_each_membership_comes_
         String::from_utf8_lossy(&unknown.stderr).contains("user not found"),
         "{unknown:?}"
     );
+}
+
+/// Only `init` and `serve` make the data directory, keys and store: `public-key` and the admin
+/// commands, run with a mistyped `data_dir` or before the portal was set up, say so and make
+/// nothing (a key nobody pins, a store nobody serves).
+#[test]
+fn admin_commands_make_no_key_or_store_of_their_own() {
+    let home = uninitialised_home();
+    let commands: [&[&str]; 4] = [
+        &["public-key"],
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--gateway",
+            "gw",
+            "--site",
+            "hq",
+        ],
+        &["token", "list", "--account", "acme"],
+        &["flows", "--account", "acme"],
+    ];
+    for args in commands {
+        let output = portal(home.path(), args);
+        assert!(!output.status.success(), "{args:?}: {output:?}");
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            error.contains("does not exist: `fz-portal init` (or `fz-portal serve`) makes the portal's data directory, keys and store"),
+            "{args:?}: {error}"
+        );
+        assert!(
+            !home.path().join("data").exists(),
+            "{args:?} made the data directory"
+        );
+    }
+    // A data directory without its store (made by hand, or another program's) is no better.
+    std::fs::create_dir(home.path().join("data")).unwrap();
+    std::fs::set_permissions(
+        home.path().join("data"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let listed = portal(home.path(), &["token", "list", "--account", "acme"]);
+    assert!(!listed.status.success(), "{listed:?}");
+    assert_eq!(
+        std::fs::read_dir(home.path().join("data")).unwrap().count(),
+        0
+    );
+
+    // `init` makes them, once: a second run keeps the key agents pin.
+    let first = portal(home.path(), &["init"]);
+    assert!(first.status.success(), "{first:?}");
+    let key = portal(home.path(), &["public-key"]);
+    assert!(
+        stdout(&first).contains(stdout(&key).trim()),
+        "{first:?} {key:?}"
+    );
+    let again = portal(home.path(), &["init"]);
+    assert_eq!(stdout(&again), stdout(&first));
+}
+
+#[test]
+fn a_service_account_token_needs_an_email_address() {
+    let home = home();
+    for bad in [
+        "ci",
+        "ci@",
+        "@acme.example",
+        "c i@acme.example",
+        "ci@acme.example, x@y.z",
+    ] {
+        let output = portal(
+            home.path(),
+            &[
+                "token",
+                "create",
+                "--account",
+                "acme",
+                "--client",
+                "build",
+                "--user",
+                bad,
+            ],
+        );
+        assert!(!output.status.success(), "{bad}: {output:?}");
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(error.contains("is not an email address"), "{bad}: {error}");
+    }
+    let listed = portal(
+        home.path(),
+        &["token", "list", "--account", "acme", "--json"],
+    );
+    assert_eq!(stdout(&listed).trim(), "[]");
+    // Stored as sign-in stores an address: trimmed and in lower case.
+    let created = portal(
+        home.path(),
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--client",
+            "build",
+            "--user",
+            " CI@Acme.Example ",
+        ],
+    );
+    assert!(created.status.success(), "{created:?}");
+    let listed = portal(
+        home.path(),
+        &["token", "list", "--account", "acme", "--json"],
+    );
+    assert!(
+        stdout(&listed).contains("\"ci@acme.example\""),
+        "{listed:?}"
+    );
+}
+
+/// The example configuration docs/deploy.md installs is one the portal accepts.
+#[test]
+fn the_example_configuration_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/portal.toml");
+    let config = fz_portal::config::Config::load(&example).unwrap();
+    assert_eq!(config.data_dir, Path::new("/var/lib/fz-portal"));
+    assert_eq!(config.accounts.len(), 1);
+    assert_eq!(config.accounts[0].oidc.len(), 1);
+    assert_eq!(config.relays.len(), 1);
+    assert!(config.tls.is_some() && config.smtp.is_some());
+    assert_eq!(config.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
 }

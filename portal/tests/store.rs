@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use fz_portal::data_dir::Creation;
 use fz_portal::data_dir::DataDirError;
 use fz_portal::store::{
     ClientRecord, DATABASE_FILE, Decision, FlowFilter, GatewayRecord, GrantRecord, NewFlow,
@@ -34,7 +35,7 @@ struct Fixture {
 async fn fixture() -> Fixture {
     let dir = TempDir::new().unwrap();
     let data_dir = dir.path().join("var").join("fz-portal");
-    let store = Store::open(&data_dir).await.unwrap();
+    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
     store.ensure_account(A).await.unwrap();
     store.ensure_account(B).await.unwrap();
     Fixture {
@@ -238,7 +239,7 @@ async fn snapshot(data_dir: &Path) -> Vec<(String, String)> {
 async fn open_creates_the_data_dir_and_opens_again() {
     let dir = TempDir::new().unwrap();
     let data_dir = dir.path().join("a").join("b");
-    let store = Store::open(&data_dir).await.unwrap();
+    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
     assert!(data_dir.join(DATABASE_FILE).is_file());
     // The directories it made, the database and the files SQLite keeps beside it are the
     // portal's user's alone, whatever the umask (the test's is usually 022).
@@ -251,7 +252,7 @@ async fn open_creates_the_data_dir_and_opens_again() {
     }
     store.close().await;
     // Migrations already applied are skipped.
-    let store = Store::open(&data_dir).await.unwrap();
+    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
     store.ensure_account(A).await.unwrap();
     store.ensure_account(A).await.unwrap();
 }
@@ -261,12 +262,14 @@ async fn open_fails_clearly_when_the_data_dir_is_a_file() {
     let dir = TempDir::new().unwrap();
     let file = dir.path().join("data");
     std::fs::write(&file, b"not a directory").unwrap();
-    let error = Store::open(&file).await.unwrap_err();
+    let error = Store::open(&file, Creation::Allowed).await.unwrap_err();
     assert!(
         matches!(error, StoreError::DataDir(DataDirError::NotADirectory(_))),
         "{error:?}"
     );
-    let below = Store::open(&file.join("data")).await.unwrap_err();
+    let below = Store::open(&file.join("data"), Creation::Allowed)
+        .await
+        .unwrap_err();
     assert!(
         matches!(below, StoreError::DataDir(DataDirError::Io { .. })),
         "{below:?}"
@@ -309,7 +312,10 @@ async fn a_data_dir_or_store_file_open_to_others_is_refused_with_the_fix() {
     ];
     for (path, open, private, chmod) in cases {
         set_mode(path, open);
-        let error = Store::open(&data_dir).await.unwrap_err().to_string();
+        let error = Store::open(&data_dir, Creation::Allowed)
+            .await
+            .unwrap_err()
+            .to_string();
         let shown = path.display();
         for needed in [
             format!("`{shown}`"),
@@ -320,7 +326,11 @@ async fn a_data_dir_or_store_file_open_to_others_is_refused_with_the_fix() {
         }
         set_mode(path, private);
     }
-    Store::open(&data_dir).await.unwrap().close().await;
+    Store::open(&data_dir, Creation::Allowed)
+        .await
+        .unwrap()
+        .close()
+        .await;
 }
 
 #[tokio::test]
@@ -360,7 +370,7 @@ async fn a_withdrawn_grants_preshared_key_is_gone_from_the_files_after_a_checkpo
         "the search finds a stored key"
     );
     // ... the other lives in the log only.
-    let store = Store::open(&data_dir).await.unwrap();
+    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
     let (recent, recent_key) = grant("recent");
     store.insert_grant(&recent).await.unwrap();
 
@@ -434,7 +444,7 @@ async fn a_restart_loses_nothing() {
     // Drop without closing: whatever was committed must already be on disk.
     drop(store);
 
-    let store = Store::open(&data_dir).await.unwrap();
+    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
     let after = (
         store.list_tokens(A).await.unwrap(),
         store.list_clients(A).await.unwrap(),
@@ -671,7 +681,7 @@ async fn a_token_made_inactive_is_refused_until_activated_even_across_a_restart(
     // The maker dies here, before or after showing the secret: the token stays unusable.
     store.close().await;
     drop(store);
-    let store = Store::open(&data_dir).await.unwrap();
+    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
     assert!(
         store
             .authenticate(&token.secret, NOW)
@@ -1388,7 +1398,7 @@ async fn marks_given_before_marks_had_keys_are_for_the_key_the_client_had() {
     }
     pool.close().await;
 
-    let store = Store::open(&data_dir).await.unwrap();
+    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
     let clients = store.list_clients(A).await.unwrap();
     let marks: Vec<(&str, bool, Option<&str>)> = clients
         .iter()

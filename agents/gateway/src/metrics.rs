@@ -1,9 +1,10 @@
 //! Prometheus metrics: the event loop publishes a [`Snapshot`] of the core's counters after
 //! every change to grants, peers or the portal link and once a second for the packet counters;
-//! `GET /metrics` renders the latest one as text.
+//! `GET /metrics` renders the latest one, through a prometheus-client collector, as
+//! OpenMetrics text.
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
@@ -12,6 +13,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use fz_tunnel::Drop;
 use fz_tunnel::gateway::Gateway;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 /// The counters and gauges as the event loop saw them last.
@@ -60,146 +67,199 @@ impl Snapshot {
         }
     }
 
-    /// The Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP fz_gateway_dropped_packets_total Packets and datagrams dropped, by reason.\n\
-             # TYPE fz_gateway_dropped_packets_total counter"
-        );
-        for (reason, count) in &self.dropped {
-            let _ = writeln!(
-                out,
-                "fz_gateway_dropped_packets_total{{reason=\"{}\"}} {count}",
-                reason.as_str()
-            );
-        }
-        let families: [(&str, &str, &str, String); 11] = [
+    /// Every metric of the snapshot, in the registry's encoder: its counters and gauges as
+    /// constants (the event loop keeps the counts; a scrape only reads them).
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        counters(
+            encoder,
+            "dropped_packets",
+            "Packets and datagrams dropped, by reason",
+            self.dropped
+                .iter()
+                .map(|(reason, count)| (vec![("reason", reason.as_str().to_owned())], *count)),
+        )?;
+        let gauges: [(&str, &str, usize); 4] = [
             (
                 "peers",
-                "gauge",
-                "WireGuard peers (clients with a grant).",
-                self.peers.to_string(),
+                "WireGuard peers (clients with a grant)",
+                self.peers,
             ),
             (
                 "peers_active",
-                "gauge",
-                "Peers holding WireGuard state (a session or a handshake); the rest are idle.",
-                self.active_peers.to_string(),
+                "Peers holding WireGuard state (a session or a handshake); the rest are idle",
+                self.active_peers,
+            ),
+            ("grants", "Grants in force", self.grants),
+            ("nat_flows", "NAT flows to DNS resources", self.nat_flows),
+        ];
+        for (name, help, value) in gauges {
+            gauge(encoder, name, help, [(Vec::new(), whole(value))])?;
+        }
+        let totals: [(&str, &str, u64); 6] = [
+            ("handshakes", "Handshakes answered", self.handshakes),
+            (
+                "cookie_replies",
+                "Cookie replies sent under a handshake flood, to keys with or without a grant",
+                self.cookie_replies,
             ),
             (
-                "grants",
-                "gauge",
-                "Grants in force.",
-                self.grants.to_string(),
+                "bytes_from_clients",
+                "IP bytes from clients to the site",
+                self.bytes_from_clients,
             ),
             (
-                "nat_flows",
-                "gauge",
-                "NAT flows to DNS resources.",
-                self.nat_flows.to_string(),
+                "bytes_to_clients",
+                "IP bytes from the site to clients",
+                self.bytes_to_clients,
             ),
             (
-                "handshakes_total",
-                "counter",
-                "Handshakes answered.",
-                self.handshakes.to_string(),
+                "packets_from_clients",
+                "IP packets from clients to the site",
+                self.packets_from_clients,
             ),
             (
-                "cookie_replies_total",
-                "counter",
-                "Cookie replies sent under a handshake flood, to keys with or without a grant.",
-                self.cookie_replies.to_string(),
-            ),
-            (
-                "bytes_from_clients_total",
-                "counter",
-                "IP bytes from clients to the site.",
-                self.bytes_from_clients.to_string(),
-            ),
-            (
-                "bytes_to_clients_total",
-                "counter",
-                "IP bytes from the site to clients.",
-                self.bytes_to_clients.to_string(),
-            ),
-            (
-                "packets_from_clients_total",
-                "counter",
-                "IP packets from clients to the site.",
-                self.packets_from_clients.to_string(),
-            ),
-            (
-                "packets_to_clients_total",
-                "counter",
-                "IP packets from the site to clients.",
-                self.packets_to_clients.to_string(),
-            ),
-            (
-                "portal_connected",
-                "gauge",
-                "1 while the portal connection is up.",
-                u8::from(self.portal_connected).to_string(),
+                "packets_to_clients",
+                "IP packets from the site to clients",
+                self.packets_to_clients,
             ),
         ];
-        for (name, kind, help, value) in families {
-            let _ = writeln!(
-                out,
-                "# HELP fz_gateway_{name} {help}\n# TYPE fz_gateway_{name} {kind}\nfz_gateway_{name} {value}"
-            );
+        for (name, help, value) in totals {
+            counters(encoder, name, help, [(Vec::new(), value)])?;
         }
-        self.render_paths(&mut out);
-        out
+        gauge(
+            encoder,
+            "portal_connected",
+            "1 while the portal connection is up",
+            [(Vec::new(), i64::from(self.portal_connected))],
+        )?;
+        self.encode_paths(encoder)
     }
 
     /// How clients' datagrams travel: per client, by kind, and the share of bytes that went
     /// directly.
-    fn render_paths(&self, out: &mut String) {
+    fn encode_paths(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let relayed = self.paths.iter().filter(|(_, r)| r.is_some()).count();
-        let _ = writeln!(
-            out,
-            "# HELP fz_gateway_clients Clients with a path, by how their datagrams travel.\n\
-             # TYPE fz_gateway_clients gauge\n\
-             fz_gateway_clients{{path=\"direct\"}} {}\n\
-             fz_gateway_clients{{path=\"relayed\"}} {relayed}",
-            self.paths.len() - relayed
-        );
-        let _ = writeln!(
-            out,
-            "# HELP fz_gateway_client_path The path of each client's datagrams, and the relay.\n\
-             # TYPE fz_gateway_client_path gauge"
-        );
-        for (client, relay) in &self.paths {
-            let _ = match relay {
-                Some(relay) => writeln!(
-                    out,
-                    "fz_gateway_client_path{{client=\"{client}\",path=\"relayed\",relay=\"{relay}\"}} 1"
-                ),
-                None => writeln!(
-                    out,
-                    "fz_gateway_client_path{{client=\"{client}\",path=\"direct\"}} 1"
-                ),
-            };
-        }
+        let path = |kind: &str| vec![("path", kind.to_owned())];
+        gauge(
+            encoder,
+            "clients",
+            "Clients with a path, by how their datagrams travel",
+            [
+                (path("direct"), whole(self.paths.len() - relayed)),
+                (path("relayed"), whole(relayed)),
+            ],
+        )?;
+        gauge(
+            encoder,
+            "client_path",
+            "The path of each client's datagrams, and the relay",
+            self.paths.iter().map(|(client, relay)| {
+                let mut labels = vec![("client", client.clone())];
+                match relay {
+                    Some(relay) => {
+                        labels.push(("path", "relayed".to_owned()));
+                        labels.push(("relay", relay.to_string()));
+                    }
+                    None => labels.push(("path", "direct".to_owned())),
+                }
+                (labels, 1)
+            }),
+        )?;
+        counters(
+            encoder,
+            "wireguard_bytes",
+            "WireGuard bytes to and from clients, by path",
+            [
+                (path("direct"), self.bytes_direct),
+                (path("relayed"), self.bytes_relayed),
+            ],
+        )?;
         let total = self.bytes_direct + self.bytes_relayed;
         let share = if total == 0 {
             0.0
         } else {
             self.bytes_direct as f64 / total as f64
         };
-        let _ = writeln!(
-            out,
-            "# HELP fz_gateway_wireguard_bytes_total WireGuard bytes to and from clients, by path.\n\
-             # TYPE fz_gateway_wireguard_bytes_total counter\n\
-             fz_gateway_wireguard_bytes_total{{path=\"direct\"}} {}\n\
-             fz_gateway_wireguard_bytes_total{{path=\"relayed\"}} {}\n\
-             # HELP fz_gateway_direct_bytes_ratio The share of WireGuard bytes that went directly.\n\
-             # TYPE fz_gateway_direct_bytes_ratio gauge\n\
-             fz_gateway_direct_bytes_ratio {share}",
-            self.bytes_direct, self.bytes_relayed
-        );
+        let ratio = ConstGauge::new(share);
+        let metric = encoder.encode_descriptor(
+            "direct_bytes_ratio",
+            "The share of WireGuard bytes that went directly",
+            None,
+            ratio.metric_type(),
+        )?;
+        ratio.encode(metric)
     }
+}
+
+/// Labels of one sample, as (name, value) pairs; none for a metric without labels.
+type Labels = Vec<(&'static str, String)>;
+
+fn whole(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A counter family: `fz_gateway_<name>_total` with a sample per label set (one sample, when
+/// it has no labels).
+fn counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        // A metric without labels has its one sample, written as `name value`.
+        if labels.is_empty() {
+            return ConstCounter::new(value).encode(metric);
+        }
+        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A gauge family: `fz_gateway_<name>` with a sample per label set (one sample, when it has no
+/// labels).
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, i64)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            return ConstGauge::new(value).encode(metric);
+        }
+        ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// The latest snapshot, read at each scrape.
+#[derive(Debug)]
+struct Latest(watch::Receiver<Snapshot>);
+
+impl Collector for Latest {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let snapshot = self.0.borrow().clone();
+        snapshot.encode(&mut encoder)
+    }
+}
+
+/// The registry of the gateway's metrics (prefix `fz_gateway`), read from `snapshots`.
+fn registry(snapshots: watch::Receiver<Snapshot>) -> Registry {
+    let mut registry = Registry::with_prefix("fz_gateway");
+    registry.register_collector(Box::new(Latest(snapshots)));
+    registry
+}
+
+/// The OpenMetrics text exposition of `registry`.
+fn render(registry: &Registry) -> String {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        text.clear();
+    }
+    text
 }
 
 /// Serves `GET /metrics` on `address` until the process ends.
@@ -210,7 +270,7 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(address).await?;
     let router = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(snapshots);
+        .with_state(Arc::new(registry(snapshots)));
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, router).await {
             tracing::error!(%error, "the metrics server stopped");
@@ -219,9 +279,14 @@ pub async fn serve(
     Ok(())
 }
 
-async fn metrics(State(snapshots): State<watch::Receiver<Snapshot>>) -> impl IntoResponse {
-    let text = snapshots.borrow().render();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+async fn metrics(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        render(&registry),
+    )
 }
 
 #[cfg(test)]
@@ -238,16 +303,17 @@ mod tests {
             portal_connected: true,
             ..Snapshot::default()
         };
-        let text = snapshot.render();
+        let (_publisher, snapshots) = watch::channel(snapshot);
+        let text = render(&registry(snapshots));
         for line in [
             "fz_gateway_dropped_packets_total{reason=\"unknown_key\"} 3",
             "fz_gateway_dropped_packets_total{reason=\"port_not_granted\"} 0",
             "fz_gateway_peers 2",
             "fz_gateway_peers_active 1",
             "fz_gateway_portal_connected 1",
-            "# TYPE fz_gateway_handshakes_total counter",
+            "# TYPE fz_gateway_handshakes counter",
             "fz_gateway_cookie_replies_total 4",
-            "# TYPE fz_gateway_cookie_replies_total counter",
+            "# TYPE fz_gateway_cookie_replies counter",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -267,7 +333,8 @@ mod tests {
             bytes_relayed: 100,
             ..Snapshot::default()
         };
-        let text = snapshot.render();
+        let (_publisher, snapshots) = watch::channel(snapshot);
+        let text = render(&registry(snapshots));
         for line in [
             "fz_gateway_clients{path=\"direct\"} 1",
             "fz_gateway_clients{path=\"relayed\"} 1",

@@ -833,7 +833,7 @@ impl Sim {
                     return false;
                 }
                 match (&g.resource.dns, original) {
-                    (None, Some(original)) => original == packet,
+                    (None, Some(original)) => as_ip_says(original) == packet,
                     (Some(_), Some(original)) => Packet::parse(original).is_ok_and(|o| {
                         self.reals
                             .get(&(key, parsed.source))
@@ -853,6 +853,22 @@ impl Sim {
 
 /// The sim itself: what a granted device sends reaches the site and the answers come back,
 /// so the targets' oracles are not vacuous.
+/// A packet as its IP header says it is: bytes past the total length (IPv4) or the payload
+/// length (IPv6) are not part of it, and WireGuard, which carries packets padded, delivers
+/// them without those.
+fn as_ip_says(packet: &[u8]) -> &[u8] {
+    let length = match packet.first().map(|b| b >> 4) {
+        Some(4) => packet
+            .get(2..4)
+            .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))),
+        Some(6) => packet
+            .get(4..6)
+            .map(|l| 40 + usize::from(u16::from_be_bytes([l[0], l[1]]))),
+        _ => None,
+    };
+    length.and_then(|n| packet.get(..n)).unwrap_or(packet)
+}
+
 #[cfg(test)]
 mod tests {
     use fz_tunnel::packet::build;

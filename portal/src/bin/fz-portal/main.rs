@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use fz_portal::broker::system_clock;
 use fz_portal::config::{AccountConfig, Config};
+use fz_portal::data_dir::Creation;
 use fz_portal::policy::PolicyEngine;
 use fz_portal::server::RunningPortal;
 use fz_portal::store::{
@@ -38,6 +39,10 @@ struct Cli {
 enum Command {
     /// Serve HTTP and the agents' WebSockets.
     Serve,
+    /// Make the data directory, the portal's keys and its store, unless they are there (then
+    /// nothing changes), and print the public key agents pin. `serve` does the same at start;
+    /// the other commands never make any of them.
+    Init,
     /// Print the portal's public key, which agents pin.
     PublicKey,
     /// Create, revoke and list client and gateway tokens.
@@ -206,8 +211,23 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(config).await,
+        Command::Init => {
+            // Keys first: a store is of no use without the token key that authenticates its
+            // tokens, and the signing key is what agents will pin.
+            let key = fz_portal::keys::load(&config.data_dir, Creation::Allowed)?;
+            Store::open(&config.data_dir, Creation::Allowed)
+                .await?
+                .close()
+                .await;
+            println!(
+                "{} holds the portal's keys and store; portal key {}",
+                config.data_dir.display(),
+                key.public_key()
+            );
+            Ok(())
+        }
         Command::PublicKey => {
-            let key = fz_portal::keys::load_or_create(&config.data_dir)?;
+            let key = fz_portal::keys::load(&config.data_dir, Creation::Refused)?;
             println!("{}", key.public_key());
             Ok(())
         }
@@ -346,7 +366,14 @@ async fn token(command: TokenCommand, config: &Config) -> anyhow::Result<()> {
             let store = open_store(config, &account).await?;
             let (kind, name) = match (client, gateway, site) {
                 (Some(name), None, _) => {
-                    let user = user.context("a client token needs `--user EMAIL`")?;
+                    let typed = user.context("a client token needs `--user EMAIL`")?;
+                    // Stored as sign-in stores it (trimmed, lowercase), so that decisions and
+                    // `disable` find the same user.
+                    let user = fz_portal::sign_in::email_address(&typed).with_context(|| {
+                        format!(
+                            "`--user {typed}` is not an email address such as `ci@acme.example`"
+                        )
+                    })?;
                     (TokenKind::Client { user, provider }, name)
                 }
                 (None, Some(name), Some(site)) => {
@@ -684,7 +711,7 @@ fn account_config<'a>(config: &'a Config, account: &str) -> anyhow::Result<&'a A
 /// The store, for an account the configuration names.
 async fn open_store(config: &Config, account: &str) -> anyhow::Result<Store> {
     account_config(config, account)?;
-    let store = Store::open(&config.data_dir).await?;
+    let store = Store::open(&config.data_dir, Creation::Refused).await?;
     store.ensure_account(account).await?;
     Ok(store)
 }
