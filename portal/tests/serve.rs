@@ -852,5 +852,8 @@ fn the_example_configuration_is_valid() {
     assert_eq!(config.accounts[0].oidc.len(), 1);
     assert_eq!(config.relays.len(), 1);
     assert!(config.tls.is_some() && config.smtp.is_some());
-    assert_eq!(config.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+    assert_eq!(
+        config.metrics_listen,
+        Some("127.0.0.1:9100".parse().unwrap())
+    );
 }

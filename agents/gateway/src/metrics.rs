@@ -198,39 +198,56 @@ fn whole(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// A counter family: `fz_gateway_<name>_total` with a sample per label set (one sample, when
-/// it has no labels).
+/// A counter family: `fz_gateway_<name>_total` with a sample per label set.
 fn counters(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: impl IntoIterator<Item = (Labels, u64)>,
 ) -> std::fmt::Result {
-    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, value) in samples {
-        // A metric without labels has its one sample, written as `name value`.
-        if labels.is_empty() {
-            return ConstCounter::new(value).encode(metric);
-        }
-        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
-    }
-    Ok(())
+    family(
+        encoder,
+        name,
+        help,
+        MetricType::Counter,
+        samples,
+        ConstCounter::new,
+    )
 }
 
-/// A gauge family: `fz_gateway_<name>` with a sample per label set (one sample, when it has no
-/// labels).
+/// A gauge family: `fz_gateway_<name>` with a sample per label set.
 fn gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: impl IntoIterator<Item = (Labels, i64)>,
 ) -> std::fmt::Result {
-    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    family(
+        encoder,
+        name,
+        help,
+        MetricType::Gauge,
+        samples,
+        ConstGauge::new,
+    )
+}
+
+/// A family of `kind` with a sample per label set, each made by `metric` from its value; a
+/// family without labels has one sample, written as `name value`.
+fn family<V, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels, V)>,
+    metric: impl Fn(V) -> M,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
     for (labels, value) in samples {
         if labels.is_empty() {
-            return ConstGauge::new(value).encode(metric);
+            return metric(value).encode(family);
         }
-        ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+        metric(value).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
