@@ -31,9 +31,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, Uri};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-/// The first wait after a failed connection, and the longest.
-const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long the portal has to answer `hello`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an agent pings the portal (a WebSocket ping, which the portal answers by
@@ -381,7 +378,7 @@ async fn run<R: Role>(
     mut outgoing: mpsc::UnboundedReceiver<R::Up>,
     events: mpsc::Sender<LinkEvent<R::Down>>,
 ) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::default();
     loop {
         let ended = match connect(&target, &token).await {
             Ok(connected) => {
@@ -397,9 +394,10 @@ async fn run<R: Role>(
             }
             Err(ended) => ended,
         };
+        let wait = backoff.wait(random_fraction());
         match ended {
             Ended::Retry(reason) => {
-                tracing::warn!(%reason, retry_in_ms = backoff.as_millis() as u64, "portal connection down");
+                tracing::warn!(%reason, retry_in_ms = wait.as_millis() as u64, "portal connection down");
                 if events.send(LinkEvent::Down(reason)).await.is_err() {
                     return;
                 }
@@ -412,20 +410,46 @@ async fn run<R: Role>(
         }
         // Messages queued while down would answer a connection that no longer exists.
         while outgoing.try_recv().is_ok() {}
-        tokio::time::sleep(jittered(backoff)).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(wait).await;
     }
 }
 
-/// Between half and all of `backoff`, so that gateways that lost the portal together do not
-/// all come back in the same instant.
-fn jittered(backoff: Duration) -> Duration {
-    let mut byte = [0u8; 1];
-    let fraction = match getrandom::fill(&mut byte) {
-        Ok(()) => 0.5 + f64::from(byte[0]) / 510.0,
-        Err(_) => 1.0,
-    };
-    backoff.mul_f64(fraction)
+/// When to connect again after a connection (or its hello) failed: from 0.5 s, each failure
+/// half as long again as the last, at most 60 s, and each wait jittered by ±50%, so that the
+/// agents of a portal that went away (thousands, after a restart) do not all come back in the
+/// same instant. A connection that got as far as `ready` starts it afresh.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const FACTOR: f64 = 1.5;
+    const MAX: Duration = Duration::from_secs(60);
+
+    /// The wait before the next attempt, `fraction` (in `0..1`) placing it between half and
+    /// one and a half times the current step; the step then grows.
+    fn wait(&mut self, fraction: f64) -> Duration {
+        let wait = self.next.mul_f64(0.5 + fraction.clamp(0.0, 1.0));
+        self.next = self.next.mul_f64(Self::FACTOR).min(Self::MAX);
+        wait
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+}
+
+/// A fraction in `0..1` from the system's random source (the middle, if it fails).
+fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 2];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => f64::from(u16::from_le_bytes(bytes)) / 65_536.0,
+        Err(_) => 0.5,
+    }
 }
 
 /// A TCP connection to the portal, from a socket with the target's mark if it has one.
@@ -509,7 +533,7 @@ async fn session<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
     hello: &R::Up,
     outgoing: &mut mpsc::UnboundedReceiver<R::Up>,
     events: &mpsc::Sender<LinkEvent<R::Down>>,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> Ended {
     if let Err(error) = socket.send(Message::Text(encode(hello).into())).await {
         return Ended::Retry(format!("cannot say hello: {error}"));
@@ -542,7 +566,7 @@ async fn session<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
     }
     // A connection that got as far as `ready` counts as healthy: the next failure starts
     // the backoff afresh.
-    *backoff = FIRST_BACKOFF;
+    *backoff = Backoff::default();
     loop {
         tokio::select! {
             _ = liveness.tick() => {
@@ -615,5 +639,37 @@ async fn next_frame<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
         Some(Ok(_)) => Ok(None),
         Some(Err(error)) => Err(format!("the connection failed: {error}")),
         None => Err("the portal closed the connection".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_by_half_from_half_a_second_to_a_minute_with_half_of_it_as_jitter() {
+        let mut backoff = Backoff::default();
+        // Unjittered (the middle of the range), the steps themselves.
+        let steps: Vec<Duration> = (0..16).map(|_| backoff.wait(0.5)).collect();
+        assert_eq!(steps[0], Duration::from_millis(500));
+        assert_eq!(steps[1], Duration::from_millis(750));
+        assert_eq!(steps[2], Duration::from_micros(1_125_000));
+        assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+        assert!(steps[11] < Backoff::MAX, "{steps:?}");
+        assert_eq!(steps[12..], [Backoff::MAX; 4]);
+        // At the ends of the jitter: half and one and a half times the step.
+        assert_eq!(Backoff::default().wait(0.0), Duration::from_millis(250));
+        assert_eq!(Backoff::default().wait(1.0), Duration::from_millis(750));
+        assert_eq!(backoff.wait(1.0), Duration::from_secs(90));
+        // A fraction out of range is clamped, never a longer wait.
+        assert_eq!(Backoff::default().wait(7.0), Duration::from_millis(750));
+    }
+
+    #[test]
+    fn random_fractions_stay_in_range() {
+        for _ in 0..1000 {
+            let fraction = random_fraction();
+            assert!((0.0..1.0).contains(&fraction), "{fraction}");
+        }
     }
 }
