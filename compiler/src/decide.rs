@@ -42,7 +42,7 @@ pub struct Decision {
     pub rules: Vec<RuleIdx>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reason {
     /// Allow rules apply and no deny rule does.
     Allowed,

@@ -19,7 +19,7 @@
 //! Each region decided differently becomes a [`Delta`] with a witness request, so every request
 //! decided differently lies in some delta, and each delta holds a request decided differently.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -81,7 +81,7 @@ pub struct Shape {
     pub ports: Option<Vec<PortRange>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Direction {
     Gain,
     Loss,
@@ -109,13 +109,13 @@ pub struct Delta {
 }
 
 /// How one table decides a delta's witness, and the rules that decided it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SideDecision {
     pub reason: Reason,
     pub rules: Vec<RuleRef>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RuleRef {
     pub id: String,
     /// `path:line`.
@@ -124,13 +124,13 @@ pub struct RuleRef {
 
 /// A condition of [`ResourceDiff::conditions`] and how it turns out: any of `truths`
 /// (sorted; never every value the condition can take, which would say nothing).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Literal {
     pub condition: usize,
     pub truths: Vec<Truth>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Truth {
     Holds,
     Fails,
@@ -479,7 +479,7 @@ struct Region {
 }
 
 /// What a delta line is before its contexts are gathered into `when`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct LineKey {
     direction: Direction,
     claims_any: Vec<Vec<String>>,
@@ -519,7 +519,7 @@ impl Search<'_, '_> {
         // on each side: the contexts are sorted by that pattern (a handful of them), and the
         // regions worked out once per pattern, with its first context for the witnesses.
         let mut patterns: Vec<(Context, BTreeSet<Vec<Truth>>)> = Vec::new();
-        let mut pattern_of: HashMap<Vec<bool>, usize> = HashMap::new();
+        let mut pattern_of: FxHashMap<Vec<bool>, usize> = FxHashMap::default();
         for context in contexts {
             let truths: Vec<Truth> = self
                 .conditions
