@@ -3,6 +3,10 @@
 //! ```toml
 //! listen = "127.0.0.1:8080"        # where HTTP and the agents' WebSockets are served
 //! data_dir = "data"                # the SQLite store and the portal's signing key
+//! database_url = "postgres://fz@db.internal/fz" # keep the store in PostgreSQL instead of
+//!                                  # `<data_dir>/portal.sqlite3`: what replicas share (a
+//!                                  # password may be in the URL, or in ~/.pgpass or
+//!                                  # PGPASSWORD); the keys stay in `data_dir`
 //! allow_plain_http = false         # plain HTTP beyond loopback needs this set
 //! tls_cert = "portal.crt"          # PEM certificate chain; with `tls_key`, serve HTTPS (rustls)
 //! tls_key = "portal.key"           # PEM private key (PKCS#8, PKCS#1 or SEC1)
@@ -85,12 +89,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fz_compiler::address::Network;
+
+use crate::store::Database;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where the store keeps its rows: the SQLite file in `data_dir`, or PostgreSQL.
+    pub database: Database,
     pub allow_plain_http: bool,
     /// Serve HTTPS with these files; plain HTTP without.
     pub tls: Option<TlsFiles>,
@@ -325,6 +333,7 @@ pub enum ConfigError {
 struct ConfigFile {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    database_url: Option<String>,
     #[serde(default)]
     allow_plain_http: bool,
     tls_cert: Option<PathBuf>,
@@ -388,6 +397,7 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("data"),
+            database: Database::Sqlite,
             allow_plain_http: false,
             tls: None,
             geoip_country_db: None,
@@ -462,11 +472,25 @@ impl Config {
             }
             (None, None) => None,
         };
+        let database = match file.database_url {
+            None => Database::Sqlite,
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Database::Postgres(url)
+            }
+            Some(_) => {
+                return Err(ConfigError::Invalid(
+                    "`database_url` must be a PostgreSQL URL (`postgres://…`); leave it out for \
+                     the SQLite file in `data_dir`"
+                        .to_owned(),
+                ));
+            }
+        };
         let millis =
             |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
         let config = Config {
             listen: file.listen.unwrap_or(defaults.listen),
             data_dir: resolve(file.data_dir.unwrap_or(defaults.data_dir)),
+            database,
             allow_plain_http: file.allow_plain_http,
             tls,
             geoip_country_db: file.geoip_country_db.map(resolve),
@@ -987,6 +1011,21 @@ mod tests {
             }]
         );
         assert_eq!(relayed.relay_credential_lifetime, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn the_store_is_sqlite_unless_a_postgres_url_is_given_which_debug_never_shows() {
+        let account = "[[accounts]]\nslug = \"acme\"\npolicy = \"p\"\n";
+        assert_eq!(parse(account).unwrap().database, Database::Sqlite);
+        let url = "postgres://fz:hunter2@db.internal:5433/fz";
+        let config = parse(&format!("database_url = \"{url}\"\n{account}")).unwrap();
+        assert_eq!(config.database, Database::Postgres(url.to_owned()));
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let error = parse(&format!("database_url = \"sqlite://x\"\n{account}")).unwrap_err();
+        assert!(
+            error.to_string().contains("must be a PostgreSQL URL"),
+            "{error}"
+        );
     }
 
     #[test]

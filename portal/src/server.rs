@@ -60,7 +60,7 @@ pub struct RunningPortal {
 impl RunningPortal {
     /// Starts every part of the portal and serves on `config.listen`.
     pub async fn start(config: &Config, clock: Clock) -> anyhow::Result<RunningPortal> {
-        let store = Store::open(&config.data_dir, Creation::Allowed).await?;
+        let store = Store::open_in(&config.data_dir, &config.database, Creation::Allowed).await?;
         store.mark_all_gateways_disconnected().await?;
         let key = crate::keys::load(&config.data_dir, Creation::Allowed)?;
         let public_key = key.public_key();

@@ -1,7 +1,10 @@
 //! The portal's state store: accounts, users and the groups identity providers say they are in,
 //! client and gateway tokens, registered clients and gateways, active grants and the flow log,
-//! kept in one SQLite file (`portal.sqlite3`) in the data dir through sqlx, with the schema in
-//! `portal/migrations/` embedded and applied by [`Store::open`].
+//! kept in one SQLite file (`portal.sqlite3`) in the data dir, the embedded default, or in a
+//! PostgreSQL database ([`Database`]), through sqlx's any-driver: one text of each query serves
+//! both (placeholders `$N`, flags as 0/1 integers), and the dialects differ only in how a store
+//! is opened, how a write transaction begins and what a checkpoint does. Each backend's schema
+//! is in `portal/migrations/<backend>/`, embedded and applied by [`Store::open_in`].
 //!
 //! What it does not do: it never reads the clock (every method that needs the time takes `now`,
 //! Unix seconds), decides nothing about policy, signs no grant, pushes nothing, and keeps no
@@ -34,7 +37,9 @@
 //! **Architecture Invariant:** a restart loses nothing and a crash leaves a consistent store:
 //! WAL journal with `synchronous = FULL`, and every write of more than one statement runs in
 //! one `BEGIN IMMEDIATE` transaction (immediate so that two writers queue on the busy timeout
-//! instead of failing on a lock upgrade). Within one process, writers take turns first come
+//! instead of failing on a lock upgrade). On PostgreSQL such a transaction takes one advisory
+//! lock first (`POSTGRES_WRITE_LOCK`), so writers of every replica take turns as SQLite's
+//! do. Within one process, writers take turns first come
 //! first served (`Store`'s `writes`), so that the busy handler's sleep-and-retry never starves
 //! one of them.
 //!
@@ -52,12 +57,11 @@ use std::time::Duration;
 
 use fz_proto::PathKind;
 use serde::Serialize;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{QueryBuilder, Sqlite, Transaction};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions as _, Executor as _, Transaction};
 use subtle::ConstantTimeEq as _;
 
 use crate::credential::{self, IssueError, Label, TokenKey};
@@ -67,9 +71,6 @@ use crate::random;
 
 /// The database file's name inside the data dir.
 pub const DATABASE_FILE: &str = "portal.sqlite3";
-
-/// How long a writer waits for another one before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Client tunnel addresses come from 100.64.0.0/11: 2^21 addresses, less the network's first
 /// and last.
@@ -88,15 +89,68 @@ pub fn tunnel_addresses(index: u32) -> (Ipv4Addr, Ipv6Addr) {
 /// limit of 32,766 bound parameters.
 pub const ROWS_PER_STATEMENT: usize = 500;
 
-/// SQLite has one writer at a time; a few connections let reads run beside it.
+/// Connections per store. SQLite has one writer at a time and a few connections let reads
+/// run beside it; on PostgreSQL it is what one replica may take of the server's
+/// `max_connections`, so that many replicas, each reconnecting its agents at once, stay within
+/// the server's budget.
 const MAX_CONNECTIONS: u32 = 8;
 
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+/// How long a query waits for a free connection before it fails.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The portal's state: a handle on a pool of connections to one SQLite file. Cheap to clone.
+/// Each backend's schema: the same tables, columns and constraints (the store's queries are
+/// one text for both), written in each one's dialect.
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// What every SQLite connection is set to (see the module doc for why). `busy_timeout`: a
+/// writer waits this long (10 s) for one in another process (an admin command) before giving
+/// up. `secure_delete`: deleted rows are overwritten with zeros, not left in free space, so a
+/// withdrawn grant's preshared key does not stay in the file (the log keeps it until the next
+/// checkpoint: see [`Store::checkpoint`]).
+const SQLITE_SETTINGS: &str = "PRAGMA foreign_keys = ON;
+     PRAGMA journal_mode = WAL;
+     PRAGMA synchronous = FULL;
+     PRAGMA busy_timeout = 10000;
+     PRAGMA secure_delete = ON;";
+
+/// The PostgreSQL advisory lock every write transaction takes first: writers of all replicas
+/// take turns, as SQLite's do, so that a transaction that reads before it writes (the next
+/// tunnel index, the next verified-mark number) sees every write committed before it.
+const POSTGRES_WRITE_LOCK: i64 = 0x667a_7374_6f72_6521;
+
+/// Where the store keeps its rows.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// One SQLite file in the data dir ([`DATABASE_FILE`]): the embedded default.
+    Sqlite,
+    /// A PostgreSQL database (a `postgres://` URL), which any number of portal replicas share.
+    Postgres(String),
+}
+
+impl fmt::Debug for Database {
+    /// Never the URL: it may hold a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Database::Sqlite => "Sqlite",
+            Database::Postgres(_) => "Postgres(..)",
+        })
+    }
+}
+
+/// Which dialect a store's database speaks, where the two differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The portal's state: a handle on a pool of connections to one SQLite file or one PostgreSQL
+/// database. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
     /// Whose turn it is to write. SQLite takes one writer at a time, and its busy handler
     /// makes the others sleep and retry, which starves a lone write (a client's hello) behind
     /// a steady stream of batches; writers of this process queue here instead, first come
@@ -122,6 +176,19 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The PostgreSQL database could not be reached, or refused us.
+    #[error("cannot connect to the store's PostgreSQL database `{server}`")]
+    Connect {
+        /// Host, port and database, without user or password.
+        server: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The PostgreSQL database has no store yet, and this command may not make one.
+    #[error(
+        "the PostgreSQL database `{0}` holds no fz store: `fz-portal init` (or `fz-portal serve`) makes it"
+    )]
+    Uninitialized(String),
     /// The schema could not be brought up to date (or the file is from a newer portal).
     #[error("cannot bring the store's schema up to date")]
     Migrate(#[source] sqlx::migrate::MigrateError),
@@ -362,12 +429,47 @@ pub struct GrantRecord {
 }
 
 /// What the policy decided for a connection request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
-#[sqlx(rename_all = "lowercase")]
 pub enum Decision {
     Allow,
     Deny,
+}
+
+impl Decision {
+    /// How the flow log writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        }
+    }
+}
+
+// Stored as its text (`decision` is checked to be one of the two in both schemas).
+impl sqlx::Type<Any> for Decision {
+    fn type_info() -> sqlx::any::AnyTypeInfo {
+        <str as sqlx::Type<Any>>::type_info()
+    }
+}
+
+impl<'q> sqlx::Encode<'q, Any> for Decision {
+    fn encode_by_ref(
+        &self,
+        buffer: &mut <Any as sqlx::Database>::ArgumentBuffer<'q>,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<'q, Any>>::encode_by_ref(&self.as_str(), buffer)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Any> for Decision {
+    fn decode(value: sqlx::any::AnyValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        match <&str as sqlx::Decode<'r, Any>>::decode(value)? {
+            "allow" => Ok(Decision::Allow),
+            "deny" => Ok(Decision::Deny),
+            other => Err(format!("`{other}` is no decision").into()),
+        }
+    }
 }
 
 /// A flow to record: one decision on one connection request.
@@ -442,34 +544,35 @@ impl Store {
     /// With [`Creation::Refused`] (the admin commands) nothing is made: a data dir, database
     /// file or token key that is not there is an error saying how to make them.
     pub async fn open(data_dir: &Path, creation: Creation) -> Result<Store, StoreError> {
-        let path = data_dir.join(DATABASE_FILE);
+        Store::open_in(data_dir, &Database::Sqlite, creation).await
+    }
+
+    /// Opens the store in `database`, as [`Store::open`] does; the data dir holds the token key
+    /// (and, for [`Database::Sqlite`], the database file). A PostgreSQL database gets the
+    /// store's schema (or the migrations it lacks) unless `creation` is
+    /// [`Creation::Refused`] and it has none yet; replicas that start together take turns at
+    /// it (sqlx's migration lock).
+    pub async fn open_in(
+        data_dir: &Path,
+        database: &Database,
+        creation: Creation,
+    ) -> Result<Store, StoreError> {
         // A few metadata calls, once per start or admin command: not worth a blocking task.
         data_dir::prepare(data_dir, creation)?;
-        match creation {
-            Creation::Allowed => data_dir::create_private_file(&path)?,
-            Creation::Refused if !path.exists() => Err(DataDirError::Missing(path.clone()))?,
-            Creation::Refused => {}
-        }
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(creation == Creation::Allowed)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            // Deleted rows are overwritten with zeros, not left in free space: a withdrawn
-            // grant's preshared key does not stay in the file (the log keeps it until the
-            // next checkpoint: see `checkpoint`).
-            .pragma("secure_delete", "ON")
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Open { path, source })?;
-        MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        sqlx::any::install_default_drivers();
+        let (pool, backend) = match database {
+            Database::Sqlite => (open_sqlite(data_dir, creation).await?, Backend::Sqlite),
+            Database::Postgres(url) => (open_postgres(url, creation).await?, Backend::Postgres),
+        };
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATOR,
+            Backend::Postgres => &POSTGRES_MIGRATOR,
+        };
+        migrator.run(&pool).await.map_err(StoreError::Migrate)?;
         let token_key = keys::load_token_key(data_dir, creation)?;
         Ok(Store {
             pool,
+            backend,
             writes: Arc::default(),
             token_checks: Arc::default(),
             token_key: Arc::new(token_key),
@@ -487,7 +590,13 @@ impl Store {
     /// more: `secure_delete` has zeroed it in the database's pages, and the log, which still
     /// held the pages as they were, is cut to nothing. Returns whether it completed: a reader
     /// in the way for longer than the busy timeout leaves the log for the next time.
+    ///
+    /// PostgreSQL keeps no such file of ours (its own log and dead rows are the server's,
+    /// reclaimed by its vacuum), so there it does nothing and returns true.
     pub async fn checkpoint(&self) -> Result<bool, StoreError> {
+        if self.backend == Backend::Postgres {
+            return Ok(true);
+        }
         let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&self.pool)
             .await?;
@@ -514,7 +623,7 @@ impl Store {
     /// Creates the account if it does not exist yet.
     pub async fn ensure_account(&self, slug: &str) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        sqlx::query("INSERT INTO accounts (slug) VALUES (?1) ON CONFLICT DO NOTHING")
+        sqlx::query("INSERT INTO accounts (slug) VALUES ($1) ON CONFLICT DO NOTHING")
             .bind(slug)
             .execute(&self.pool)
             .await
@@ -598,8 +707,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
         let revoked: Option<Option<i64>> = sqlx::query_scalar(
-            "UPDATE tokens SET activated_at = coalesce(activated_at, ?3)
-             WHERE account = ?1 AND id = ?2 RETURNING revoked_at",
+            "UPDATE tokens SET activated_at = coalesce(activated_at, $3)
+             WHERE account = $1 AND id = $2 RETURNING revoked_at",
         )
         .bind(account)
         .bind(token_id)
@@ -667,7 +776,7 @@ impl Store {
             "INSERT INTO tokens (id, account, kind, name, site, secret_hash, created_at, expires_at,
                                  user_email, provider, activated_at, salt, made_by, issuer,
                                  subject)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(&id)
         .bind(account)
@@ -709,7 +818,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
         let done = sqlx::query(
-            "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?3) WHERE account = ?1 AND id = ?2",
+            "UPDATE tokens SET revoked_at = coalesce(revoked_at, $3) WHERE account = $1 AND id = $2",
         )
         .bind(account)
         .bind(token_id)
@@ -739,7 +848,7 @@ impl Store {
         let presented = self.token_key.read(text);
         let (account, id) = presented.map_or(("", DUMMY_ID), |p| (p.account, p.id));
         let row: Option<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, secret_hash, salt FROM tokens WHERE account = ?1 AND id = ?2"
+            "SELECT {TOKEN_COLUMNS}, secret_hash, salt FROM tokens WHERE account = $1 AND id = $2"
         ))
         .bind(account)
         .bind(id)
@@ -780,7 +889,7 @@ impl Store {
     /// polls to close their connections and withdraw their grants.
     pub async fn tokens_revoked_since(&self, since: i64) -> Result<Vec<String>, StoreError> {
         Ok(
-            sqlx::query_scalar("SELECT id FROM tokens WHERE revoked_at >= ?1 ORDER BY revoked_at")
+            sqlx::query_scalar("SELECT id FROM tokens WHERE revoked_at >= $1 ORDER BY revoked_at")
                 .bind(since)
                 .fetch_all(&self.pool)
                 .await?,
@@ -790,7 +899,7 @@ impl Store {
     /// Every token of `account`, revoked and expired ones included, oldest first.
     pub async fn list_tokens(&self, account: &str) -> Result<Vec<TokenRecord>, StoreError> {
         let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS}, secret_hash, salt FROM tokens WHERE account = ?1
+            "SELECT {TOKEN_COLUMNS}, secret_hash, salt FROM tokens WHERE account = $1
              ORDER BY created_at, rowid"
         ))
         .bind(account)
@@ -825,7 +934,7 @@ impl Store {
             });
         }
         let last: Option<i64> =
-            sqlx::query_scalar("SELECT max(tunnel_index) FROM clients WHERE account = ?1")
+            sqlx::query_scalar("SELECT max(tunnel_index) FROM clients WHERE account = $1")
                 .bind(account)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -839,7 +948,7 @@ impl Store {
         let client: ClientRow = sqlx::query_as(&format!(
             "INSERT INTO clients (id, account, token_id, name, public_key, created_at,
                                   tunnel_index, last_connected_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $6)
              ON CONFLICT (token_id) DO UPDATE SET
                  public_key = excluded.public_key,
                  last_connected_at = excluded.last_connected_at,
@@ -874,7 +983,7 @@ impl Store {
         seen: i64,
     ) -> Result<(Vec<String>, i64), StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT id, verified_seq FROM clients WHERE verified_seq > ?1 ORDER BY verified_seq",
+            "SELECT id, verified_seq FROM clients WHERE verified_seq > $1 ORDER BY verified_seq",
         )
         .bind(seen)
         .fetch_all(&self.pool)
@@ -910,19 +1019,22 @@ impl Store {
         client_id: &str,
         verified: bool,
     ) -> Result<ClientRecord, StoreError> {
-        let _turn = self.write_turn().await;
+        // A transaction, though one statement: the next change number is read from what the
+        // writers before committed, and on PostgreSQL only the write lock orders them.
+        let (_turn, mut tx) = self.begin_write().await?;
         let row: Option<ClientRow> = sqlx::query_as(&format!(
             "UPDATE clients
-             SET verified_key = CASE WHEN ?3 THEN public_key END,
+             SET verified_key = CASE WHEN $3 = 1 THEN public_key END,
                  verified_seq = (SELECT max(verified_seq) FROM clients) + 1
-             WHERE account = ?1 AND id = ?2
+             WHERE account = $1 AND id = $2
              RETURNING {CLIENT_COLUMNS}"
         ))
         .bind(account)
         .bind(client_id)
-        .bind(verified)
-        .fetch_optional(&self.pool)
+        .bind(i64::from(verified))
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         let Some(row) = row else {
             return Err(StoreError::NotFound(Entity::Client));
         };
@@ -936,7 +1048,7 @@ impl Store {
         client_id: &str,
     ) -> Result<Option<ClientRecord>, StoreError> {
         let row: Option<ClientRow> = sqlx::query_as(&format!(
-            "SELECT {CLIENT_COLUMNS} FROM clients WHERE account = ?1 AND id = ?2"
+            "SELECT {CLIENT_COLUMNS} FROM clients WHERE account = $1 AND id = $2"
         ))
         .bind(account)
         .bind(client_id)
@@ -948,7 +1060,7 @@ impl Store {
     /// Every client of `account`, oldest first.
     pub async fn list_clients(&self, account: &str) -> Result<Vec<ClientRecord>, StoreError> {
         let rows: Vec<ClientRow> = sqlx::query_as(&format!(
-            "SELECT {CLIENT_COLUMNS} FROM clients WHERE account = ?1 ORDER BY created_at, rowid"
+            "SELECT {CLIENT_COLUMNS} FROM clients WHERE account = $1 ORDER BY created_at, rowid"
         ))
         .bind(account)
         .fetch_all(&self.pool)
@@ -989,7 +1101,7 @@ impl Store {
             "INSERT INTO gateways
                  (id, account, site, token_id, name, public_key, endpoints, created_at, last_seen,
                   connected)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 1)
              ON CONFLICT (token_id) DO UPDATE SET
                  public_key = excluded.public_key,
                  endpoints = excluded.endpoints,
@@ -1043,7 +1155,7 @@ impl Store {
         gateway_id: &str,
     ) -> Result<Option<GatewayRecord>, StoreError> {
         let row: Option<GatewayRow> = sqlx::query_as(&format!(
-            "SELECT {GATEWAY_COLUMNS} FROM gateways WHERE account = ?1 AND id = ?2"
+            "SELECT {GATEWAY_COLUMNS} FROM gateways WHERE account = $1 AND id = $2"
         ))
         .bind(account)
         .bind(gateway_id)
@@ -1055,7 +1167,7 @@ impl Store {
     /// Every gateway of `account`, by site, then name, then id.
     pub async fn list_gateways(&self, account: &str) -> Result<Vec<GatewayRecord>, StoreError> {
         let rows: Vec<GatewayRow> = sqlx::query_as(&format!(
-            "SELECT {GATEWAY_COLUMNS} FROM gateways WHERE account = ?1 ORDER BY site, name, id"
+            "SELECT {GATEWAY_COLUMNS} FROM gateways WHERE account = $1 ORDER BY site, name, id"
         ))
         .bind(account)
         .fetch_all(&self.pool)
@@ -1086,7 +1198,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO identities (account, provider, issuer, subject, email, first_seen,
                                      last_seen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             VALUES ($1, $2, $3, $4, $5, $6, $6)
              ON CONFLICT (account, issuer, subject) DO UPDATE SET
                  email = excluded.email, provider = excluded.provider, last_seen = excluded.last_seen",
         )
@@ -1148,7 +1260,7 @@ impl Store {
     ) -> Result<Vec<IdpGroup>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT provider, group_name FROM group_memberships
-             WHERE account = ?1 AND email = ?2 ORDER BY provider, group_name",
+             WHERE account = $1 AND email = $2 ORDER BY provider, group_name",
         )
         .bind(account)
         .bind(email.to_lowercase())
@@ -1163,7 +1275,7 @@ impl Store {
     ) -> Result<Vec<(String, IdpGroup)>, StoreError> {
         let rows: Vec<(String, String, String)> = sqlx::query_as(
             "SELECT email, provider, group_name FROM group_memberships
-             WHERE account = ?1 ORDER BY email, provider, group_name",
+             WHERE account = $1 ORDER BY email, provider, group_name",
         )
         .bind(account)
         .fetch_all(&self.pool)
@@ -1178,7 +1290,7 @@ impl Store {
     /// identity provider signed them in.
     pub async fn knows_user(&self, account: &str, email: &str) -> Result<bool, StoreError> {
         Ok(
-            sqlx::query_scalar("SELECT count(*) FROM users WHERE account = ?1 AND email = ?2")
+            sqlx::query_scalar("SELECT count(*) FROM users WHERE account = $1 AND email = $2")
                 .bind(account)
                 .bind(email)
                 .fetch_one(&self.pool)
@@ -1199,8 +1311,8 @@ impl Store {
         let email = email.to_lowercase();
         let (_turn, mut tx) = self.begin_write().await?;
         let done = sqlx::query(
-            "UPDATE users SET disabled_at = coalesce(disabled_at, ?3)
-             WHERE account = ?1 AND email = ?2",
+            "UPDATE users SET disabled_at = coalesce(disabled_at, $3)
+             WHERE account = $1 AND email = $2",
         )
         .bind(account)
         .bind(&email)
@@ -1211,8 +1323,8 @@ impl Store {
             return Err(StoreError::NotFound(Entity::User));
         }
         let revoked = sqlx::query(
-            "UPDATE tokens SET revoked_at = ?3
-             WHERE account = ?1 AND user_email = ?2 AND kind = 'client' AND revoked_at IS NULL",
+            "UPDATE tokens SET revoked_at = $3
+             WHERE account = $1 AND user_email = $2 AND kind = 'client' AND revoked_at IS NULL",
         )
         .bind(account)
         .bind(&email)
@@ -1228,7 +1340,7 @@ impl Store {
     pub async fn enable_user(&self, account: &str, email: &str) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
         let done =
-            sqlx::query("UPDATE users SET disabled_at = NULL WHERE account = ?1 AND email = ?2")
+            sqlx::query("UPDATE users SET disabled_at = NULL WHERE account = $1 AND email = $2")
                 .bind(account)
                 .bind(email.to_lowercase())
                 .execute(&self.pool)
@@ -1243,7 +1355,7 @@ impl Store {
     pub async fn disabled_users(&self, account: &str) -> Result<Vec<(String, i64)>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT email, disabled_at FROM users
-             WHERE account = ?1 AND disabled_at IS NOT NULL ORDER BY email",
+             WHERE account = $1 AND disabled_at IS NOT NULL ORDER BY email",
         )
         .bind(account)
         .fetch_all(&self.pool)
@@ -1253,7 +1365,7 @@ impl Store {
     /// Whether user `email` of `account` is disabled.
     pub async fn is_disabled(&self, account: &str, email: &str) -> Result<bool, StoreError> {
         let disabled: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT disabled_at FROM users WHERE account = ?1 AND email = ?2")
+            sqlx::query_scalar("SELECT disabled_at FROM users WHERE account = $1 AND email = $2")
                 .bind(account)
                 .bind(email.to_lowercase())
                 .fetch_optional(&self.pool)
@@ -1279,7 +1391,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO email_codes (account, email, code_hash, created_at, expires_at,
                                       attempts_left)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (account, email) DO UPDATE SET
                  code_hash = excluded.code_hash, created_at = excluded.created_at,
                  expires_at = excluded.expires_at, attempts_left = excluded.attempts_left",
@@ -1315,7 +1427,7 @@ impl Store {
         let _turn = self.write_turn().await;
         Ok(sqlx::query_scalar(
             "UPDATE email_codes SET attempts_left = attempts_left - 1
-             WHERE account = ?1 AND email = ?2 AND attempts_left > 0 AND expires_at > ?3
+             WHERE account = $1 AND email = $2 AND attempts_left > 0 AND expires_at > $3
              RETURNING code_hash",
         )
         .bind(account)
@@ -1335,7 +1447,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let _turn = self.write_turn().await;
         let done = sqlx::query(
-            "DELETE FROM email_codes WHERE account = ?1 AND email = ?2 AND code_hash = ?3",
+            "DELETE FROM email_codes WHERE account = $1 AND email = $2 AND code_hash = $3",
         )
         .bind(account)
         .bind(email)
@@ -1348,7 +1460,7 @@ impl Store {
     /// Deletes every code that expired at or before `now`; returns how many.
     pub async fn prune_email_codes(&self, now: i64) -> Result<u64, StoreError> {
         let _turn = self.write_turn().await;
-        let done = sqlx::query("DELETE FROM email_codes WHERE expires_at <= ?1")
+        let done = sqlx::query("DELETE FROM email_codes WHERE expires_at <= $1")
             .bind(now)
             .execute(&self.pool)
             .await?;
@@ -1361,7 +1473,10 @@ impl Store {
     pub async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await?;
-        insert_grants(&mut conn, &[grant]).await
+        match insert_grants(&mut conn, &[grant]).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self.grant_refusal(error, &[grant]).await),
+        }
     }
 
     /// Applies writes in one transaction, all or none: one disk sync for many, which is how
@@ -1408,42 +1523,47 @@ impl Store {
             }
         }
         let (_turn, mut tx) = self.begin_write().await?;
-        insert_grants(&mut tx, &grants).await?;
+        if let Err(error) = insert_grants(&mut tx, &grants).await {
+            // Asked outside the transaction, which PostgreSQL refuses to use after an error.
+            tx.rollback().await?;
+            return Err(self.grant_refusal(error, &grants).await);
+        }
         for chunk in deletions.chunks(ROWS_PER_STATEMENT) {
-            let mut delete =
-                QueryBuilder::<Sqlite>::new("DELETE FROM grants WHERE (account, id) IN (");
-            let mut list = delete.separated(", ");
+            let sql = format!(
+                "DELETE FROM grants WHERE (account, id) IN ({})",
+                placeholder_rows(chunk.len(), 2)
+            );
+            let mut delete = sqlx::query(&sql);
             for (account, id) in chunk {
-                list.push("(")
-                    .push_bind_unseparated(*account)
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(*id)
-                    .push_unseparated(")");
+                delete = delete.bind(*account).bind(*id);
             }
-            delete.push(")");
-            delete.build().execute(&mut *tx).await?;
+            delete.execute(&mut *tx).await?;
         }
         for chunk in flows.chunks(ROWS_PER_STATEMENT) {
-            let mut insert = QueryBuilder::<Sqlite>::new(
+            let sql = format!(
                 "INSERT INTO flows (account, time, user_email, client_id, resource_id, name,
                                     decision, rule_id, bundle_hash, reason, last_time,
-                                    grant_id) ",
+                                    grant_id)
+                 VALUES {}",
+                placeholder_rows(chunk.len(), 12)
             );
-            insert.push_values(chunk, |mut row, flow| {
-                row.push_bind(&flow.account)
-                    .push_bind(flow.time)
-                    .push_bind(flow.user.to_lowercase())
-                    .push_bind(&flow.client_id)
-                    .push_bind(&flow.resource_id)
-                    .push_bind(flow.name.as_deref())
-                    .push_bind(flow.decision)
-                    .push_bind(flow.rule_id.as_deref())
-                    .push_bind(&flow.bundle_hash)
-                    .push_bind(&flow.reason)
-                    .push_bind(flow.time)
-                    .push_bind(flow.grant_id.as_deref());
-            });
-            insert.build().execute(&mut *tx).await.map_err(|e| {
+            let mut insert = sqlx::query(&sql);
+            for flow in chunk {
+                insert = insert
+                    .bind(&flow.account)
+                    .bind(flow.time)
+                    .bind(flow.user.to_lowercase())
+                    .bind(&flow.client_id)
+                    .bind(&flow.resource_id)
+                    .bind(flow.name.as_deref())
+                    .bind(flow.decision)
+                    .bind(flow.rule_id.as_deref())
+                    .bind(&flow.bundle_hash)
+                    .bind(&flow.reason)
+                    .bind(flow.time)
+                    .bind(flow.grant_id.as_deref());
+            }
+            insert.execute(&mut *tx).await.map_err(|e| {
                 on_constraint(e, |kind| match kind {
                     ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
                     _ => None,
@@ -1459,8 +1579,8 @@ impl Store {
         // After the inserts: a grant's path may come in the batch that records the grant.
         for (account, grant_id, issued_at, path, relay) in paths {
             sqlx::query(
-                "UPDATE flows SET path = ?4, relay = ?5
-                 WHERE account = ?1 AND time = ?2 AND grant_id = ?3",
+                "UPDATE flows SET path = $4, relay = $5
+                 WHERE account = $1 AND time = $2 AND grant_id = $3",
             )
             .bind(account)
             .bind(issued_at)
@@ -1487,8 +1607,8 @@ impl Store {
         let done = sqlx::query(
             "DELETE FROM flows WHERE id IN (
                  SELECT id FROM flows
-                 WHERE account = ?1 AND time < ?2 AND last_time < ?2
-                 ORDER BY time, id LIMIT ?3)",
+                 WHERE account = $1 AND time < $2 AND last_time < $2
+                 ORDER BY time, id LIMIT $3)",
         )
         .bind(account)
         .bind(before)
@@ -1502,7 +1622,7 @@ impl Store {
     /// swept already).
     pub async fn delete_grant(&self, account: &str, grant_id: &str) -> Result<bool, StoreError> {
         let _turn = self.write_turn().await;
-        let done = sqlx::query("DELETE FROM grants WHERE account = ?1 AND id = ?2")
+        let done = sqlx::query("DELETE FROM grants WHERE account = $1 AND id = $2")
             .bind(account)
             .bind(grant_id)
             .execute(&self.pool)
@@ -1520,7 +1640,7 @@ impl Store {
         let (_turn, mut tx) = self.begin_write().await?;
         let mut deleted = 0;
         for id in grant_ids {
-            deleted += sqlx::query("DELETE FROM grants WHERE account = ?1 AND id = ?2")
+            deleted += sqlx::query("DELETE FROM grants WHERE account = $1 AND id = $2")
                 .bind(account)
                 .bind(id)
                 .execute(&mut *tx)
@@ -1541,7 +1661,7 @@ impl Store {
         Ok(sqlx::query_as(
             "SELECT id, account, client_id, gateway_id, resource_id, rule_id, bundle_hash,
                     issued_at, expires_at, detail
-             FROM grants WHERE account = ?1 AND expires_at > ?2 ORDER BY issued_at, rowid",
+             FROM grants WHERE account = $1 AND expires_at > $2 ORDER BY issued_at, rowid",
         )
         .bind(account)
         .bind(now)
@@ -1552,7 +1672,7 @@ impl Store {
     /// Deletes the grants of every account expired at `now`, and returns how many.
     pub async fn delete_expired_grants(&self, now: i64) -> Result<u64, StoreError> {
         let _turn = self.write_turn().await;
-        let done = sqlx::query("DELETE FROM grants WHERE expires_at <= ?1")
+        let done = sqlx::query("DELETE FROM grants WHERE expires_at <= $1")
             .bind(now)
             .execute(&self.pool)
             .await?;
@@ -1582,18 +1702,17 @@ impl Store {
 
     /// The flows that match `filter`, newest first.
     pub async fn flows(&self, filter: &FlowFilter) -> Result<Vec<FlowRecord>, StoreError> {
-        // A negative limit is no limit to SQLite.
-        let limit = filter.limit.map_or(-1, i64::from);
+        let limit = filter.limit.map_or(i64::MAX, i64::from);
         Ok(sqlx::query_as(&format!(
             "SELECT {FLOW_COLUMNS}
              FROM flows
-             WHERE account = ?1
-               AND (?2 IS NULL OR user_email = ?2)
-               AND (?3 IS NULL OR resource_id = ?3)
-               AND (?4 IS NULL OR decision = ?4)
-               AND (?5 IS NULL OR last_time >= ?5)
+             WHERE account = $1
+               AND ($2 IS NULL OR user_email = $2)
+               AND ($3 IS NULL OR resource_id = $3)
+               AND ($4 IS NULL OR decision = $4)
+               AND ($5 IS NULL OR last_time >= $5)
              ORDER BY time DESC, id DESC
-             LIMIT ?6"
+             LIMIT $6"
         ))
         .bind(&filter.account)
         .bind(filter.user.as_deref().map(str::to_lowercase))
@@ -1605,11 +1724,55 @@ impl Store {
         .await?)
     }
 
+    /// Why [`insert_grants`] refused `grants`: for a single grant, what is wrong with it (it
+    /// exists, it expires before it is issued, which side is missing); for several, only that
+    /// the batch failed.
+    async fn grant_refusal(&self, error: sqlx::Error, grants: &[&GrantRecord]) -> StoreError {
+        let [grant] = grants else {
+            return StoreError::Query(error);
+        };
+        match error.as_database_error().map(|e| e.kind()) {
+            Some(ErrorKind::UniqueViolation) => StoreError::Conflict {
+                entity: Entity::Grant,
+                reason: "already exists",
+            },
+            Some(ErrorKind::CheckViolation) => {
+                StoreError::Invalid("grant expiry: it is before its issue time")
+            }
+            // The composite foreign keys refused it: say which side is missing.
+            Some(ErrorKind::ForeignKeyViolation) => {
+                let client: Result<Option<i64>, _> =
+                    sqlx::query_scalar("SELECT 1 FROM clients WHERE account = $1 AND id = $2")
+                        .bind(&grant.account)
+                        .bind(&grant.client_id)
+                        .fetch_optional(&self.pool)
+                        .await;
+                match client {
+                    Ok(None) => StoreError::NotFound(Entity::Client),
+                    Ok(Some(_)) => StoreError::NotFound(Entity::Gateway),
+                    Err(error) => StoreError::Query(error),
+                }
+            }
+            _ => StoreError::Query(error),
+        }
+    }
+
     /// A write transaction, and this process's turn to write, which the caller holds until
     /// the transaction is over.
-    async fn begin_write(&self) -> Result<(WriteTurn, Transaction<'static, Sqlite>), StoreError> {
+    async fn begin_write(&self) -> Result<(WriteTurn, Transaction<'static, Any>), StoreError> {
         let turn = self.write_turn().await;
-        Ok((turn, self.pool.begin_with("BEGIN IMMEDIATE").await?))
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(POSTGRES_WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                tx
+            }
+        };
+        Ok((turn, tx))
     }
 
     /// This process's turn to write, for a write of one statement.
@@ -1631,7 +1794,7 @@ struct Lifetime {
 type WriteTurn = tokio::sync::OwnedMutexGuard<()>;
 
 const TOKEN_COLUMNS: &str = "id, account, kind, name, site, user_email, provider, created_at, \
-                             expires_at, revoked_at, activated_at, made_by = 'sign-in' AS signed_in, \
+                             expires_at, revoked_at, activated_at, CASE WHEN made_by = 'sign-in' THEN 1 ELSE 0 END AS signed_in, \
                              issuer, subject";
 
 /// What [`Store::authenticate`] compares a token's hash with when no token has it: the shape
@@ -1650,6 +1813,9 @@ const FLOW_COLUMNS: &str = "id, account, time, user_email, client_id, resource_i
 const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
                                created_at, last_seen, connected";
 
+// Rows as the store reads them. Flags are integers, 0 or 1, in both dialects (SQLite has no
+// booleans, and one text of each query serves both), made `bool` in the records.
+
 #[derive(sqlx::FromRow)]
 struct TokenRow {
     id: String,
@@ -1663,7 +1829,7 @@ struct TokenRow {
     expires_at: i64,
     revoked_at: Option<i64>,
     activated_at: Option<i64>,
-    signed_in: bool,
+    signed_in: i64,
     issuer: Option<String>,
     subject: Option<String>,
     secret_hash: String,
@@ -1690,7 +1856,7 @@ impl TokenRow {
             expires_at: self.expires_at,
             revoked_at: self.revoked_at,
             activated_at: self.activated_at,
-            signed_in: self.signed_in,
+            signed_in: self.signed_in != 0,
             issuer: self.issuer,
             subject: self.subject,
         })
@@ -1704,7 +1870,7 @@ struct ClientRow {
     token_id: String,
     name: String,
     public_key: String,
-    verified: bool,
+    verified: i64,
     verified_key: Option<String>,
     created_at: i64,
     tunnel_index: Option<i64>,
@@ -1723,7 +1889,7 @@ impl ClientRow {
             token_id: self.token_id,
             name: self.name,
             public_key: self.public_key,
-            verified: self.verified,
+            verified: self.verified != 0,
             verified_key: self.verified_key,
             created_at: self.created_at,
             tunnel_index,
@@ -1743,7 +1909,7 @@ struct GatewayRow {
     endpoints: String,
     created_at: i64,
     last_seen: i64,
-    connected: bool,
+    connected: i64,
 }
 
 impl GatewayRow {
@@ -1760,7 +1926,7 @@ impl GatewayRow {
             endpoints,
             created_at: self.created_at,
             last_seen: self.last_seen,
-            connected: self.connected,
+            connected: self.connected != 0,
         })
     }
 }
@@ -1768,14 +1934,14 @@ impl GatewayRow {
 /// Adds a user to an account unless it is there already.
 /// Replaces the groups `provider` says user `email` of `account` is in, inside `tx`.
 async fn replace_memberships(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Transaction<'static, Any>,
     account: &str,
     email: &str,
     provider: &str,
     groups: &[String],
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "DELETE FROM group_memberships WHERE account = ?1 AND email = ?2 AND provider = ?3",
+        "DELETE FROM group_memberships WHERE account = $1 AND email = $2 AND provider = $3",
     )
     .bind(account)
     .bind(email)
@@ -1785,7 +1951,7 @@ async fn replace_memberships(
     for group in groups {
         sqlx::query(
             "INSERT INTO group_memberships (account, email, provider, group_name)
-             VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
         .bind(account)
         .bind(email)
@@ -1804,11 +1970,11 @@ async fn replace_memberships(
 }
 
 async fn insert_user(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Transaction<'static, Any>,
     account: &str,
     email: &str,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO users (account, email) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+    sqlx::query("INSERT INTO users (account, email) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(account)
         .bind(email)
         .execute(&mut **tx)
@@ -1836,14 +2002,14 @@ struct TokenUse {
 /// The token `token_id` of `account`, if it is active and neither revoked nor expired at
 /// `now`.
 async fn usable_token(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut Transaction<'static, Any>,
     account: &str,
     token_id: &str,
     now: i64,
 ) -> Result<TokenUse, StoreError> {
     let token: Option<TokenUse> = sqlx::query_as(
         "SELECT kind, name, site, expires_at, revoked_at, activated_at FROM tokens
-         WHERE account = ?1 AND id = ?2",
+         WHERE account = $1 AND id = $2",
     )
     .bind(account)
     .bind(token_id)
@@ -1874,7 +2040,7 @@ async fn usable_token(
 }
 
 async fn set_gateway_connected(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut AnyConnection,
     account: &str,
     gateway_id: &str,
     connected: bool,
@@ -1882,12 +2048,12 @@ async fn set_gateway_connected(
 ) -> Result<(), StoreError> {
     let done = sqlx::query(
         "UPDATE gateways
-         SET connected = ?3, last_seen = CASE WHEN ?3 THEN ?4 ELSE last_seen END
-         WHERE account = ?1 AND id = ?2",
+         SET connected = $3, last_seen = CASE WHEN $3 = 1 THEN $4 ELSE last_seen END
+         WHERE account = $1 AND id = $2",
     )
     .bind(account)
     .bind(gateway_id)
-    .bind(connected)
+    .bind(i64::from(connected))
     .bind(now)
     .execute(conn)
     .await?;
@@ -1897,76 +2063,43 @@ async fn set_gateway_connected(
     Ok(())
 }
 
-/// Inserts grants, [`ROWS_PER_STATEMENT`] to a statement. When a single grant is refused, the
-/// error says why (it exists, it expires before it is issued, which side is missing); for
-/// several, only that the batch failed.
+/// Inserts grants, [`ROWS_PER_STATEMENT`] to a statement ([`Store::grant_refusal`] says why
+/// they were refused).
 async fn insert_grants(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut AnyConnection,
     grants: &[&GrantRecord],
-) -> Result<(), StoreError> {
-    let mut result = Ok(());
+) -> Result<(), sqlx::Error> {
     for chunk in grants.chunks(ROWS_PER_STATEMENT) {
-        let mut insert = QueryBuilder::<Sqlite>::new(
+        let sql = format!(
             "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
-                                 bundle_hash, issued_at, expires_at, detail) ",
+                                 bundle_hash, issued_at, expires_at, detail)
+             VALUES {}",
+            placeholder_rows(chunk.len(), 10)
         );
-        insert.push_values(chunk, |mut row, grant| {
-            row.push_bind(&grant.id)
-                .push_bind(&grant.account)
-                .push_bind(&grant.client_id)
-                .push_bind(&grant.gateway_id)
-                .push_bind(&grant.resource_id)
-                .push_bind(&grant.rule_id)
-                .push_bind(&grant.bundle_hash)
-                .push_bind(grant.issued_at)
-                .push_bind(grant.expires_at)
-                .push_bind(grant.detail.as_deref());
-        });
-        result = insert.build().execute(&mut *conn).await.map(drop);
-        if result.is_err() {
-            break;
+        let mut insert = sqlx::query(&sql);
+        for grant in chunk {
+            insert = insert
+                .bind(&grant.id)
+                .bind(&grant.account)
+                .bind(&grant.client_id)
+                .bind(&grant.gateway_id)
+                .bind(&grant.resource_id)
+                .bind(&grant.rule_id)
+                .bind(&grant.bundle_hash)
+                .bind(grant.issued_at)
+                .bind(grant.expires_at)
+                .bind(grant.detail.as_deref());
         }
+        insert.execute(&mut *conn).await?;
     }
-    let Err(error) = result else {
-        return Ok(());
-    };
-    let [grant] = grants else {
-        return Err(StoreError::Query(error));
-    };
-    match error.as_database_error().map(|e| e.kind()) {
-        Some(ErrorKind::UniqueViolation) => Err(StoreError::Conflict {
-            entity: Entity::Grant,
-            reason: "already exists",
-        }),
-        Some(ErrorKind::CheckViolation) => Err(StoreError::Invalid(
-            "grant expiry: it is before its issue time",
-        )),
-        // The composite foreign keys refused it: say which side is missing.
-        Some(ErrorKind::ForeignKeyViolation) => {
-            let client: Option<i64> =
-                sqlx::query_scalar("SELECT 1 FROM clients WHERE account = ?1 AND id = ?2")
-                    .bind(&grant.account)
-                    .bind(&grant.client_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            Err(StoreError::NotFound(if client.is_none() {
-                Entity::Client
-            } else {
-                Entity::Gateway
-            }))
-        }
-        _ => Err(StoreError::Query(error)),
-    }
+    Ok(())
 }
 
-async fn insert_flow(
-    conn: &mut sqlx::SqliteConnection,
-    flow: &NewFlow,
-) -> Result<FlowRecord, StoreError> {
+async fn insert_flow(conn: &mut AnyConnection, flow: &NewFlow) -> Result<FlowRecord, StoreError> {
     sqlx::query_as(&format!(
         "INSERT INTO flows (account, time, user_email, client_id, resource_id, name, decision,
                             rule_id, bundle_hash, reason, last_time, grant_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?2, ?11)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $2, $11)
          RETURNING {FLOW_COLUMNS}"
     ))
     .bind(&flow.account)
@@ -2015,7 +2148,7 @@ fn count<'a>(
 /// that is not there (it was pruned, or its insert failed) is left so: occurrences are counted,
 /// never made up into rows.
 async fn count_again(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut AnyConnection,
     row: Again<'_>,
     n: i64,
     at: i64,
@@ -2023,9 +2156,10 @@ async fn count_again(
     match row {
         Again::Grant(account, grant_id, issued_at) => {
             sqlx::query(
-                "UPDATE flows SET count = count + ?4, last_time = max(last_time, ?5)
+                "UPDATE flows SET count = count + $4,
+                                  last_time = CASE WHEN last_time > $5 THEN last_time ELSE $5 END
                  WHERE id = (SELECT max(id) FROM flows
-                             WHERE account = ?1 AND time = ?2 AND grant_id = ?3)",
+                             WHERE account = $1 AND time = $2 AND grant_id = $3)",
             )
             .bind(account)
             .bind(issued_at)
@@ -2037,11 +2171,14 @@ async fn count_again(
         }
         Again::Denial(flow) => {
             sqlx::query(
-                "UPDATE flows SET count = count + ?9, last_time = max(last_time, ?10)
+                "UPDATE flows SET count = count + $9,
+                                  last_time = CASE WHEN last_time > $10 THEN last_time ELSE $10 END
                  WHERE id = (SELECT max(id) FROM flows
-                             WHERE account = ?1 AND time = ?2 AND client_id = ?3
-                               AND resource_id = ?4 AND name IS ?5 AND decision = 'deny'
-                               AND reason = ?6 AND rule_id IS ?7 AND bundle_hash = ?8
+                             WHERE account = $1 AND time = $2 AND client_id = $3
+                               AND resource_id = $4 AND name IS NOT DISTINCT FROM $5
+                               AND decision = 'deny'
+                               AND reason = $6 AND rule_id IS NOT DISTINCT FROM $7
+                               AND bundle_hash = $8
                                AND grant_id IS NULL)",
             )
             .bind(&flow.account)
@@ -2059,6 +2196,110 @@ async fn count_again(
         }
     }
     Ok(())
+}
+
+/// A pool on the store's SQLite file in `data_dir`, made (0600) when `creation` allows.
+async fn open_sqlite(data_dir: &Path, creation: Creation) -> Result<AnyPool, StoreError> {
+    let path = data_dir.join(DATABASE_FILE);
+    match creation {
+        Creation::Allowed => data_dir::create_private_file(&path)?,
+        Creation::Refused if !path.exists() => Err(DataDirError::Missing(path.clone()))?,
+        Creation::Refused => {}
+    }
+    let open_error = |source| StoreError::Open {
+        path: path.clone(),
+        source,
+    };
+    // The any-driver takes a URL, which holds only UTF-8: a lossy one would open another file.
+    if path.to_str().is_none() {
+        return Err(open_error(sqlx::Error::Configuration(
+            "the path is not UTF-8".into(),
+        )));
+    }
+    let url = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(creation == Creation::Allowed)
+        .to_url_lossy();
+    let options = AnyConnectOptions::from_url(&url).map_err(open_error)?;
+    AnyPoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                connection.execute(SQLITE_SETTINGS).await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .map_err(open_error)
+}
+
+/// A pool on the PostgreSQL database at `url`; with [`Creation::Refused`], only one that holds
+/// a store already.
+async fn open_postgres(url: &str, creation: Creation) -> Result<AnyPool, StoreError> {
+    let server = postgres_server_name(url);
+    let connect_error = |source| StoreError::Connect {
+        server: server.clone(),
+        source,
+    };
+    let options = url
+        .parse::<url::Url>()
+        .map_err(|error| connect_error(sqlx::Error::Configuration(error.into())))
+        .and_then(|url| AnyConnectOptions::from_url(&url).map_err(connect_error))?;
+    let pool = AnyPoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(connect_error)?;
+    if creation == Creation::Refused {
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM information_schema.tables
+             WHERE table_schema = current_schema() AND table_name = 'accounts'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if tables == 0 {
+            pool.close().await;
+            return Err(StoreError::Uninitialized(server));
+        }
+    }
+    Ok(pool)
+}
+
+/// `host:port/database` of a PostgreSQL URL, for messages: never its user or password.
+fn postgres_server_name(url: &str) -> String {
+    match url.parse::<url::Url>() {
+        Ok(url) => format!(
+            "{}:{}{}",
+            url.host_str().unwrap_or("localhost"),
+            url.port().unwrap_or(5432),
+            url.path()
+        ),
+        Err(_) => "(an unreadable URL)".to_owned(),
+    }
+}
+
+/// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters each: how a statement of many
+/// rows is written in both dialects (the any-driver leaves placeholders as they are written).
+fn placeholder_rows(rows: usize, columns: usize) -> String {
+    let mut text = String::with_capacity(rows * columns * 6);
+    for row in 0..rows {
+        if row > 0 {
+            text.push_str(", ");
+        }
+        text.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                text.push_str(", ");
+            }
+            text.push('$');
+            text.push_str(&(row * columns + column + 1).to_string());
+        }
+        text.push(')');
+    }
+    text
 }
 
 /// Turns a constraint violation into the error `map` gives for its kind; anything else (and

@@ -9,8 +9,10 @@ use std::collections::HashSet;
 use fz_host::testing::agents::{
     Origin, PATIENCE, RESOLVED, TestClient, TestGateway, key, next_text, open, send_text,
 };
+use fz_portal::store::Database;
 use fz_portal::store::{Decision, FlowFilter};
 use fz_proto::{DnsMapping, GatewayMessage, PortalToClient, PortalToGateway, encode};
+use support::backends::config_line;
 use support::portal::{TestPortal, today_at};
 
 const POLICY: &str = r#"
@@ -74,9 +76,10 @@ async fn next_seen(
         .expect("the gateway still serves")
 }
 
-#[tokio::test]
-async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_reason() {
-    let portal = TestPortal::start(POLICY, "").await;
+async fn an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_reason(
+    database: Database,
+) {
+    let portal = TestPortal::start(POLICY, &config_line(&database)).await;
     let gateway = portal.gateway("acme", "hq", 200).await;
     let gateway_id = gateway.id.clone();
     let mut seen = gateway.serve();
@@ -313,9 +316,10 @@ async fn dns_resources_take_a_name_inside_the_pattern_and_mapped_addresses() {
     );
 }
 
-#[tokio::test]
-async fn a_policy_change_withdraws_grants_it_no_longer_allows_and_a_bad_one_changes_nothing() {
-    let portal = TestPortal::start(POLICY, "").await;
+async fn a_policy_change_withdraws_grants_it_no_longer_allows_and_a_bad_one_changes_nothing(
+    database: Database,
+) {
+    let portal = TestPortal::start(POLICY, &config_line(&database)).await;
     let mut seen = portal.gateway("acme", "hq", 200).await.serve();
     let mut lab = portal.gateway("acme", "lab", 201).await.serve();
     let mut alice = portal.client("acme", ALICE, 1).await;
@@ -432,9 +436,8 @@ async fn a_resource_that_changes_address_or_site_takes_its_grants_with_it() {
     }
 }
 
-#[tokio::test]
-async fn a_revoked_token_loses_its_grants_and_its_connection() {
-    let portal = TestPortal::start(POLICY, "").await;
+async fn a_revoked_token_loses_its_grants_and_its_connection(database: Database) {
+    let portal = TestPortal::start(POLICY, &config_line(&database)).await;
     let mut seen = portal.gateway("acme", "hq", 200).await.serve();
     let (token_id, secret) = portal.client_token("acme", ALICE).await;
     let mut alice = TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(1))
@@ -1039,9 +1042,8 @@ async fn tokens_open_only_their_own_accounts_agent_socket() {
     assert!(open(address, "acme", "client", &client).await.is_ok());
 }
 
-#[tokio::test]
-async fn accounts_never_meet() {
-    let portal = TestPortal::start(POLICY, "").await;
+async fn accounts_never_meet(database: Database) {
+    let portal = TestPortal::start(POLICY, &config_line(&database)).await;
     let acme_gateway = portal.gateway("acme", "hq", 200).await;
     let mut acme_seen = acme_gateway.serve();
     // globex has the same policy text, but no gateway: its grants cannot use acme's.
@@ -1086,9 +1088,8 @@ async fn accounts_never_meet() {
     );
 }
 
-#[tokio::test]
-async fn a_restart_keeps_tokens_gateways_flows_and_grants_in_force() {
-    let mut portal = TestPortal::start(POLICY, "").await;
+async fn a_restart_keeps_tokens_gateways_flows_and_grants_in_force(database: Database) {
+    let mut portal = TestPortal::start(POLICY, &config_line(&database)).await;
     let (_, gateway_secret) = portal.gateway_token("acme", "lab").await;
     let (_, client_secret) = portal.client_token("acme", ALICE).await;
     let gateway = TestGateway::connect(
@@ -1470,10 +1471,11 @@ async fn handled(gateway: &mut TestGateway) {
     }
 }
 
-#[tokio::test]
-async fn the_flow_log_says_how_each_grants_connection_travels_as_its_gateway_says() {
+async fn the_flow_log_says_how_each_grants_connection_travels_as_its_gateway_says(
+    database: Database,
+) {
     use fz_proto::PathKind;
-    let portal = TestPortal::start(POLICY, "").await;
+    let portal = TestPortal::start(POLICY, &config_line(&database)).await;
     let mut gateway = portal.gateway("acme", "hq", 1).await;
     let mut stranger = portal.gateway("globex", "hq", 2).await;
     let mut alice = portal.client("acme", ALICE, 3).await;
@@ -1554,3 +1556,14 @@ async fn the_flow_log_says_how_each_grants_connection_travels_as_its_gateway_say
     assert_eq!(rows.len(), 2);
     assert!(direct(rows), "{:?}", paths().await);
 }
+
+// The agents' protocol end to end on each store backend: grants, withdrawals, revocation,
+// accounts, a restart, the flow log.
+on_both_backends!("agents":
+    an_allowed_request_gets_a_grant_both_agents_verify_and_a_denied_one_a_reason,
+    a_policy_change_withdraws_grants_it_no_longer_allows_and_a_bad_one_changes_nothing,
+    a_revoked_token_loses_its_grants_and_its_connection,
+    accounts_never_meet,
+    a_restart_keeps_tokens_gateways_flows_and_grants_in_force,
+    the_flow_log_says_how_each_grants_connection_travels_as_its_gateway_says,
+);

@@ -857,3 +857,62 @@ fn the_example_configuration_is_valid() {
         Some("127.0.0.1:9100".parse().unwrap())
     );
 }
+
+#[test]
+fn on_postgres_init_makes_the_store_there_and_every_command_and_serve_use_it() {
+    const TEST: &str =
+        "serve::on_postgres_init_makes_the_store_there_and_every_command_and_serve_use_it";
+    let server = match fz_host::testing::postgres::server() {
+        Ok(server) => server,
+        Err(why) => return fz_host::testing::skip_needing(TEST, "PostgreSQL", &why),
+    };
+    let home = uninitialised_home();
+    let config = home.path().join("portal.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let url = server.database();
+    std::fs::write(&config, format!("database_url = \"{url}\"\n{text}")).unwrap();
+
+    let init = portal(home.path(), &["init"]);
+    assert!(init.status.success(), "{init:?}");
+    assert!(
+        stdout(&init).contains("holds the portal's keys (its store is in PostgreSQL)"),
+        "{init:?}"
+    );
+    let created = portal(
+        home.path(),
+        &[
+            "token",
+            "create",
+            "--account",
+            "acme",
+            "--client",
+            "ci",
+            "--user",
+            "ci@acme.example",
+        ],
+    );
+    assert!(created.status.success(), "{created:?}");
+    assert!(!home.path().join("data/portal.sqlite3").exists());
+
+    // Two `serve` on the one database start side by side, each healthy.
+    let (mut first, first_address) = serve(home.path());
+    let (mut second, second_address) = serve(home.path());
+    let health = [
+        get(&first_address, "/healthz"),
+        get(&second_address, "/healthz"),
+    ];
+    for child in [&mut first, &mut second] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    for response in health {
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains("\"status\":\"ok\""), "{response}");
+    }
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&portal(
+        home.path(),
+        &["token", "list", "--account", "acme", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(listed[0]["user"], "ci@acme.example", "{listed}");
+}

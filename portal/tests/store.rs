@@ -1,5 +1,10 @@
-//! The store against real SQLite files in a temporary directory.
+//! The store against real SQLite files in a temporary directory and against a real
+//! PostgreSQL server (`fz_host::testing::postgres`): the store's test-suite runs on both
+//! backends (`on_both_backends!` at the end), and what only one has (SQLite's files, its
+//! migrations' history) is tested on that one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
 
 use std::path::{Path, PathBuf};
 
@@ -8,11 +13,12 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use fz_portal::data_dir::Creation;
 use fz_portal::data_dir::DataDirError;
 use fz_portal::store::{
-    ClientRecord, DATABASE_FILE, Decision, FlowFilter, GatewayRecord, GrantRecord, NewFlow,
-    NewToken, SignedIn, Store, StoreError, TokenKind, Write, tunnel_addresses,
+    ClientRecord, DATABASE_FILE, Database, Decision, FlowFilter, GatewayRecord, GrantRecord,
+    NewFlow, NewToken, SignedIn, Store, StoreError, TokenKind, Write, tunnel_addresses,
 };
 use fz_portal::writer::Writer;
 use sha2::{Digest as _, Sha256};
+use sqlx::ConnectOptions as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use tempfile::TempDir;
 
@@ -24,25 +30,44 @@ const B: &str = "globex";
 /// What `authenticate` found: token id, account, kind.
 type Authenticated = Option<(String, String, TokenKind)>;
 
-/// A store in a fresh temporary data dir (below a folder that does not exist yet), with
-/// accounts `A` and `B`.
+/// A store in a fresh temporary data dir (below a folder that does not exist yet) and a fresh
+/// database, with accounts `A` and `B`.
 struct Fixture {
     _dir: TempDir,
     data_dir: PathBuf,
+    database: Database,
     store: Store,
 }
 
-async fn fixture() -> Fixture {
+async fn fixture(database: Database) -> Fixture {
     let dir = TempDir::new().unwrap();
     let data_dir = dir.path().join("var").join("fz-portal");
-    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
+    let store = Store::open_in(&data_dir, &database, Creation::Allowed)
+        .await
+        .unwrap();
     store.ensure_account(A).await.unwrap();
     store.ensure_account(B).await.unwrap();
     Fixture {
         _dir: dir,
         data_dir,
+        database,
         store,
     }
+}
+
+/// A connection pool of our own on the fixture's database, beside the store's: read-only on
+/// SQLite (where the store must be closed or dropped first, see
+/// `the_database_never_contains_a_secret`).
+async fn side_pool(data_dir: &Path, database: &Database) -> sqlx::AnyPool {
+    let url = match database {
+        Database::Sqlite => SqliteConnectOptions::new()
+            .filename(data_dir.join(DATABASE_FILE))
+            .read_only(true)
+            .to_url_lossy()
+            .to_string(),
+        Database::Postgres(url) => url.clone(),
+    };
+    sqlx::AnyPool::connect(&url).await.unwrap()
 }
 
 /// Group names from every provider, sorted, without duplicates.
@@ -186,12 +211,13 @@ fn nonce(n: u8) -> String {
 
 /// The stored hash and salt of a token, read through a separate connection (only once the
 /// store is closed or dropped: see `the_database_never_contains_a_secret`).
-async fn stored_hash_and_salt(data_dir: &Path, token_id: &str) -> (String, String) {
-    let options = SqliteConnectOptions::new()
-        .filename(data_dir.join(DATABASE_FILE))
-        .read_only(true);
-    let pool = SqlitePool::connect_with(options).await.unwrap();
-    let row = sqlx::query_as("SELECT secret_hash, salt FROM tokens WHERE id = ?1")
+async fn stored_hash_and_salt(
+    data_dir: &Path,
+    database: &Database,
+    token_id: &str,
+) -> (String, String) {
+    let pool = side_pool(data_dir, database).await;
+    let row = sqlx::query_as("SELECT secret_hash, salt FROM tokens WHERE id = $1")
         .bind(token_id)
         .fetch_one(&pool)
         .await
@@ -200,35 +226,45 @@ async fn stored_hash_and_salt(data_dir: &Path, token_id: &str) -> (String, Strin
     row
 }
 
-/// Everything in every table of the store file, read through a separate connection.
-async fn snapshot(data_dir: &Path) -> Vec<(String, String)> {
-    let options = SqliteConnectOptions::new()
-        .filename(data_dir.join(DATABASE_FILE))
-        .read_only(true);
-    let pool = SqlitePool::connect_with(options).await.unwrap();
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'
-         ORDER BY name",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+/// Everything in every table of the store, read through a separate connection: each table's
+/// rows as one JSON text, in a fixed order.
+async fn snapshot(data_dir: &Path, database: &Database) -> Vec<(String, String)> {
+    let pool = side_pool(data_dir, database).await;
+    let tables = match database {
+        Database::Sqlite => {
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'
+             ORDER BY name"
+        }
+        Database::Postgres(_) => {
+            "SELECT CAST(table_name AS TEXT) FROM information_schema.tables
+             WHERE table_schema = current_schema() ORDER BY table_name"
+        }
+    };
+    let tables: Vec<String> = sqlx::query_scalar(tables).fetch_all(&pool).await.unwrap();
     let mut snapshot = Vec::new();
     for table in tables {
-        let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?1)")
-            .bind(&table)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        let quoted: Vec<String> = columns.iter().map(|c| format!("quote(\"{c}\")")).collect();
-        let rows: String = sqlx::query_scalar(&format!(
-            "SELECT coalesce(json_group_array(json_array({})), '[]')
-             FROM (SELECT * FROM \"{table}\" ORDER BY rowid)",
-            quoted.join(", ")
-        ))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        let rows = match database {
+            Database::Sqlite => {
+                let columns: Vec<String> =
+                    sqlx::query_scalar("SELECT name FROM pragma_table_info($1)")
+                        .bind(&table)
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap();
+                let quoted: Vec<String> =
+                    columns.iter().map(|c| format!("quote(\"{c}\")")).collect();
+                format!(
+                    "SELECT coalesce(json_group_array(json_array({})), '[]')
+                     FROM (SELECT * FROM \"{table}\" ORDER BY rowid)",
+                    quoted.join(", ")
+                )
+            }
+            Database::Postgres(_) => format!(
+                "SELECT coalesce(CAST(json_agg(t ORDER BY CAST(t AS TEXT)) AS TEXT), '[]')
+                 FROM \"{table}\" t"
+            ),
+        };
+        let rows: String = sqlx::query_scalar(&rows).fetch_one(&pool).await.unwrap();
         snapshot.push((table, rows));
     }
     pool.close().await;
@@ -338,8 +374,9 @@ async fn a_withdrawn_grants_preshared_key_is_gone_from_the_files_after_a_checkpo
     let Fixture {
         _dir,
         data_dir,
+        database: _,
         store,
-    } = fixture().await;
+    } = fixture(Database::Sqlite).await;
     let world = populate(&store, A, 1).await;
     // The detail as the broker writes it holds the signed grant with the pair's key.
     let grant = |id: &str| {
@@ -407,13 +444,13 @@ async fn a_withdrawn_grants_preshared_key_is_gone_from_the_files_after_a_checkpo
     }
 }
 
-#[tokio::test]
-async fn a_restart_loses_nothing() {
+async fn a_restart_loses_nothing(database: Database) {
     let Fixture {
         _dir,
         data_dir,
+        database,
         store,
-    } = fixture().await;
+    } = fixture(database).await;
     let world = populate(&store, A, 1).await;
     store
         .set_client_verified(A, &world.client.id, true)
@@ -444,7 +481,9 @@ async fn a_restart_loses_nothing() {
     // Drop without closing: whatever was committed must already be on disk.
     drop(store);
 
-    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
+    let store = Store::open_in(&data_dir, &database, Creation::Allowed)
+        .await
+        .unwrap();
     let after = (
         store.list_tokens(A).await.unwrap(),
         store.list_clients(A).await.unwrap(),
@@ -476,13 +515,13 @@ async fn a_restart_loses_nothing() {
     );
 }
 
-#[tokio::test]
-async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
+async fn authenticate_accepts_only_a_live_token_with_its_exact_secret(database: Database) {
     let Fixture {
         _dir,
         store,
         data_dir,
-    } = fixture().await;
+        database,
+    } = fixture(database).await;
     let make = |account, kind, expires_at| {
         let store = store.clone();
         async move {
@@ -505,7 +544,7 @@ async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
     let mut last_changed = live.secret.clone();
     let last = last_changed.pop().unwrap();
     last_changed.push(if last == 'A' { 'B' } else { 'A' });
-    let (hash, _) = stored_hash_and_salt(&data_dir, &live.id).await;
+    let (hash, _) = stored_hash_and_salt(&data_dir, &database, &live.id).await;
 
     let yes = |token: &NewToken, account: &str, kind: &TokenKind| -> Authenticated {
         Some((token.id.clone(), account.to_owned(), kind.clone()))
@@ -572,9 +611,8 @@ async fn authenticate_accepts_only_a_live_token_with_its_exact_secret() {
     }
 }
 
-#[tokio::test]
-async fn a_signed_in_token_is_accepted_only_with_the_nonce_it_was_made_for() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn a_signed_in_token_is_accepted_only_with_the_nonce_it_was_made_for(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let kind = TokenKind::Client {
         user: "alice@example.com".to_owned(),
         provider: Some("email".to_owned()),
@@ -628,9 +666,8 @@ async fn a_signed_in_token_is_accepted_only_with_the_nonce_it_was_made_for() {
     assert_eq!(store.list_tokens(A).await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn every_secret_costs_one_check_whatever_it_is() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn every_secret_costs_one_check_whatever_it_is(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let live = store
         .create_token(A, client_kind(), "t", NOW + DAY, NOW)
         .await
@@ -667,13 +704,15 @@ async fn every_secret_costs_one_check_whatever_it_is() {
     }
 }
 
-#[tokio::test]
-async fn a_token_made_inactive_is_refused_until_activated_even_across_a_restart() {
+async fn a_token_made_inactive_is_refused_until_activated_even_across_a_restart(
+    database: Database,
+) {
     let Fixture {
         _dir,
         data_dir,
+        database,
         store,
-    } = fixture().await;
+    } = fixture(database).await;
     let token = store
         .create_inactive_token(A, client_kind(), "laptop", NOW + DAY, NOW)
         .await
@@ -681,7 +720,9 @@ async fn a_token_made_inactive_is_refused_until_activated_even_across_a_restart(
     // The maker dies here, before or after showing the secret: the token stays unusable.
     store.close().await;
     drop(store);
-    let store = Store::open(&data_dir, Creation::Allowed).await.unwrap();
+    let store = Store::open_in(&data_dir, &database, Creation::Allowed)
+        .await
+        .unwrap();
     assert!(
         store
             .authenticate(&token.secret, NOW)
@@ -743,9 +784,8 @@ async fn a_token_made_inactive_is_refused_until_activated_even_across_a_restart(
     assert_eq!(live.activated_at, Some(NOW));
 }
 
-#[tokio::test]
-async fn secrets_look_right_and_differ() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn secrets_look_right_and_differ(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let mut secrets = Vec::new();
     for _ in 0..20 {
         let token = store
@@ -781,8 +821,9 @@ async fn the_database_never_contains_a_secret() {
     let Fixture {
         _dir,
         data_dir,
+        database: _,
         store,
-    } = fixture().await;
+    } = fixture(Database::Sqlite).await;
     let world = populate(&store, A, 1).await;
     let secrets = [&world.client_token.secret, &world.gateway_token.secret];
     for secret in secrets {
@@ -820,7 +861,7 @@ async fn the_database_never_contains_a_secret() {
         .iter()
         .zip([&world.client_token.id, &world.gateway_token.id])
     {
-        let (hash, salt) = stored_hash_and_salt(&data_dir, id).await;
+        let (hash, salt) = stored_hash_and_salt(&data_dir, &Database::Sqlite, id).await;
         assert_eq!(fz_portal::credential::stored_hash("", secret, &salt), hash);
         let file = std::fs::read(data_dir.join(DATABASE_FILE)).unwrap();
         assert!(file.windows(64).any(|window| window == hash.as_bytes()));
@@ -832,9 +873,8 @@ async fn the_database_never_contains_a_secret() {
     }
 }
 
-#[tokio::test]
-async fn accounts_are_isolated() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn accounts_are_isolated(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let a = populate(&store, A, 1).await;
     let b = populate(&store, B, 11).await;
     let not_found = |r: Result<(), StoreError>| match r {
@@ -1098,14 +1138,14 @@ impl BadWrite {
     }
 }
 
-#[tokio::test]
-async fn a_failed_write_leaves_nothing_behind() {
+async fn a_failed_write_leaves_nothing_behind(database: Database) {
     use BadWrite::*;
     let Fixture {
         _dir,
         data_dir,
+        database,
         store,
-    } = fixture().await;
+    } = fixture(database).await;
     let a = populate(&store, A, 1).await;
     populate(&store, B, 11).await;
     let spare_client_token = store
@@ -1176,11 +1216,11 @@ async fn a_failed_write_leaves_nothing_behind() {
         (FlowInUnknownAccount, "account not found"),
     ];
     for (case, message) in cases {
-        let before = snapshot(&data_dir).await;
+        let before = snapshot(&data_dir, &database).await;
         let error = case.run(&store, &scene).await.unwrap_err();
         assert_eq!(error.to_string(), message, "{case:?}");
         assert_eq!(
-            snapshot(&data_dir).await,
+            snapshot(&data_dir, &database).await,
             before,
             "{case:?} wrote something"
         );
@@ -1192,9 +1232,8 @@ async fn a_failed_write_leaves_nothing_behind() {
     );
 }
 
-#[tokio::test]
-async fn memberships_are_replaced_per_provider() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn memberships_are_replaced_per_provider(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let groups = |names: &[&str]| names.iter().map(|g| (*g).to_owned()).collect::<Vec<_>>();
     // (email as the provider wrote it, provider, groups it says, alice's groups afterwards)
     let steps: &[(&str, &str, &[&str], &[&str])] = &[
@@ -1252,9 +1291,8 @@ async fn memberships_are_replaced_per_provider() {
     );
 }
 
-#[tokio::test]
-async fn a_client_registers_once_per_token_and_its_mark_stays_with_its_key() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn a_client_registers_once_per_token_and_its_mark_stays_with_its_key(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let token = store
         .create_token(A, client_kind(), "alice's laptop", NOW + DAY, NOW)
         .await
@@ -1345,7 +1383,7 @@ async fn marks_given_before_marks_had_keys_are_for_the_key_the_client_had() {
     let dir = TempDir::new().unwrap();
     let migrations = dir.path().join("migrations");
     std::fs::create_dir(&migrations).unwrap();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
     for name in ["0001_store.sql", "0002_client_identity.sql"] {
         std::fs::copy(source.join(name), migrations.join(name)).unwrap();
     }
@@ -1423,9 +1461,8 @@ async fn marks_given_before_marks_had_keys_are_for_the_key_the_client_had() {
     assert_eq!(refused.to_string(), "token is revoked");
 }
 
-#[tokio::test]
-async fn a_gateway_takes_its_site_from_its_token_and_tracks_its_connection() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn a_gateway_takes_its_site_from_its_token_and_tracks_its_connection(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let kind = |site: &str| TokenKind::Gateway {
         site: site.to_owned(),
     };
@@ -1502,9 +1539,8 @@ async fn a_gateway_takes_its_site_from_its_token_and_tracks_its_connection() {
     );
 }
 
-#[tokio::test]
-async fn grants_expire_and_are_deleted() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn grants_expire_and_are_deleted(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let a = populate(&store, A, 1).await;
     let b = populate(&store, B, 11).await;
     let grant = |id: &str, world: &World, expires_at: i64| GrantRecord {
@@ -1564,9 +1600,8 @@ async fn grants_expire_and_are_deleted() {
     );
 }
 
-#[tokio::test]
-async fn flows_filter_and_come_newest_first() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn flows_filter_and_come_newest_first(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     // Recorded out of time order, with ties on time.
     let recorded = store
         .record_flows(&[
@@ -1698,9 +1733,8 @@ async fn flows_filter_and_come_newest_first() {
     }
 }
 
-#[tokio::test]
-async fn records_serialize_as_flat_json() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn records_serialize_as_flat_json(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let world = populate(&store, A, 1).await;
     let tokens = store.list_tokens(A).await.unwrap();
     let json = serde_json::to_value(&tokens).unwrap();
@@ -1715,12 +1749,21 @@ async fn records_serialize_as_flat_json() {
     assert_eq!(flows[0]["user"], "alice@example.com");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writers_all_get_through() {
-    let Fixture { _dir, store, .. } = fixture().await;
+/// Writers of two stores on one database (two portal replicas, or a portal and an admin
+/// command), each with tasks on two threads.
+async fn concurrent_writers_all_get_through(database: Database) {
+    let Fixture {
+        _dir,
+        data_dir,
+        database,
+        store,
+    } = fixture(database).await;
+    let other = Store::open_in(&data_dir, &database, Creation::Allowed)
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..32u8 {
-        let store = store.clone();
+        let store = if i % 2 == 0 { &store } else { &other }.clone();
         tasks.push(tokio::spawn(async move {
             let token = store
                 .create_token(A, client_kind(), "t", NOW + DAY, NOW)
@@ -1739,7 +1782,10 @@ async fn concurrent_writers_all_get_through() {
     for task in tasks {
         task.await.unwrap().unwrap();
     }
-    assert_eq!(store.list_clients(A).await.unwrap().len(), 32);
+    let clients = store.list_clients(A).await.unwrap();
+    let tunnel_indices: std::collections::BTreeSet<_> =
+        clients.iter().map(|c| c.tunnel_index).collect();
+    assert_eq!((clients.len(), tunnel_indices.len()), (32, 32));
     assert_eq!(
         store
             .memberships(A, "alice@example.com")
@@ -1751,9 +1797,10 @@ async fn concurrent_writers_all_get_through() {
     assert_eq!(store.flows(&all_flows(A)).await.unwrap().len(), 32);
 }
 
-#[tokio::test]
-async fn a_batch_is_written_whole_or_not_at_all_and_the_writer_keeps_good_writes() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn a_batch_is_written_whole_or_not_at_all_and_the_writer_keeps_good_writes(
+    database: Database,
+) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let a = populate(&store, A, 1).await;
     let good = Write::Flow(flow(
         A,
@@ -1798,9 +1845,10 @@ async fn a_batch_is_written_whole_or_not_at_all_and_the_writer_keeps_good_writes
     );
 }
 
-#[tokio::test]
-async fn clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user(
+    database: Database,
+) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let mut addresses = std::collections::HashSet::new();
     for seed in 1..=3u8 {
         let token = store
@@ -1865,9 +1913,8 @@ async fn clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user
     assert_eq!(nobody.unwrap_err().to_string(), "invalid email");
 }
 
-#[tokio::test]
-async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let a = populate(&store, A, 1).await;
     let b = populate(&store, B, 11).await;
     assert!(store.tokens_revoked_since(NOW).await.unwrap().is_empty());
@@ -1917,9 +1964,8 @@ async fn revoked_tokens_and_verified_devices_are_visible_to_the_sweeper() {
     );
 }
 
-#[tokio::test]
-async fn an_email_code_has_its_tries_its_lifetime_and_one_use() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn an_email_code_has_its_tries_its_lifetime_and_one_use(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let alice = "alice@example.com";
     store
         .put_email_code(A, alice, "hash-1", (NOW, NOW + 900), 3)
@@ -1980,9 +2026,8 @@ async fn an_email_code_has_its_tries_its_lifetime_and_one_use() {
     assert_eq!(store.prune_email_codes(NOW + 900).await.unwrap(), 1);
 }
 
-#[tokio::test]
-async fn an_identity_holds_its_address_and_brings_its_groups() {
-    let Fixture { _dir, store, .. } = fixture().await;
+async fn an_identity_holds_its_address_and_brings_its_groups(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
     let issuer = "https://idp.example";
     let groups = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
     store
@@ -2064,3 +2109,87 @@ async fn an_identity_holds_its_address_and_brings_its_groups() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn postgres_admin_commands_refuse_a_database_without_a_store_and_replicas_make_it_once() {
+    let Some(database) = support::backends::postgres(
+        "store::postgres_admin_commands_refuse_a_database_without_a_store_and_replicas_make_it_once",
+    ) else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let data_dir = dir.path().join("data");
+    // The token key must be there for an admin command to get as far as the database.
+    Store::open(&data_dir, Creation::Allowed).await.unwrap();
+    let error = Store::open_in(&data_dir, &database, Creation::Refused)
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("holds no fz store: `fz-portal init`"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("postgres@"),
+        "the URL's user leaked: {message}"
+    );
+
+    // Three replicas starting at once: one makes the schema, the others wait and find it.
+    let open = || Store::open_in(&data_dir, &database, Creation::Allowed);
+    let (a, b, c) = tokio::join!(open(), open(), open());
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    a.ensure_account(A).await.unwrap();
+    let token = b
+        .create_token(A, client_kind(), "laptop", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let seen = c.authenticate(&token.secret, NOW).await.unwrap().unwrap();
+    assert_eq!(seen.id, token.id);
+    Store::open_in(&data_dir, &database, Creation::Refused)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn postgres_that_cannot_be_reached_is_named_without_its_password() {
+    let dir = TempDir::new().unwrap();
+    let data_dir = dir.path().join("data");
+    // A port nothing listens on: bound, then let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let database = Database::Postgres(format!("postgres://fz:hunter2@127.0.0.1:{port}/fz"));
+    let error = Store::open_in(&data_dir, &database, Creation::Allowed)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!("cannot connect to the store's PostgreSQL database `127.0.0.1:{port}/fz`")
+    );
+    assert!(!format!("{error:?} {database:?}").contains("hunter2"));
+}
+
+on_both_backends!("store":
+    a_restart_loses_nothing,
+    authenticate_accepts_only_a_live_token_with_its_exact_secret,
+    a_signed_in_token_is_accepted_only_with_the_nonce_it_was_made_for,
+    every_secret_costs_one_check_whatever_it_is,
+    a_token_made_inactive_is_refused_until_activated_even_across_a_restart,
+    secrets_look_right_and_differ,
+    accounts_are_isolated,
+    a_failed_write_leaves_nothing_behind,
+    memberships_are_replaced_per_provider,
+    a_client_registers_once_per_token_and_its_mark_stays_with_its_key,
+    a_gateway_takes_its_site_from_its_token_and_tracks_its_connection,
+    grants_expire_and_are_deleted,
+    flows_filter_and_come_newest_first,
+    records_serialize_as_flat_json,
+    concurrent_writers_all_get_through,
+    a_batch_is_written_whole_or_not_at_all_and_the_writer_keeps_good_writes,
+    clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user,
+    revoked_tokens_and_verified_devices_are_visible_to_the_sweeper,
+    an_email_code_has_its_tries_its_lifetime_and_one_use,
+    an_identity_holds_its_address_and_brings_its_groups,
+);

@@ -2,7 +2,8 @@
 //! iproute2's `ip` and nftables' `nft`, and waiting with a deadline; and for the tests that run
 //! the agents' binaries in network namespaces, the namespaces ([`netns`]), the processes
 //! ([`process`]), the servers and probes ([`net`]), the gateway's metrics ([`metrics`]) and
-//! IP packets built by hand with their checksums ([`packet`]). Test agents that speak the
+//! IP packets built by hand with their checksums ([`packet`]), and a PostgreSQL server
+//! ([`postgres`]). Test agents that speak the
 //! portal's WebSocket protocol ([`agents`]) and a minimal browser for the sign-in pages
 //! ([`browser`]) serve the portal's tests and the end-to-end harness alike.
 //!
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod net;
 pub mod netns;
 pub mod packet;
+pub mod postgres;
 pub mod process;
 
 use std::io::Write as _;

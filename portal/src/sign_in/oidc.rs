@@ -327,7 +327,7 @@ impl Provider {
     /// UserInfo for the access token; its `sub` must be the ID token's.
     async fn userinfo(
         &self,
-        url: openidconnect::url::Url,
+        url: url::Url,
         access_token: &str,
         subject: &str,
     ) -> Result<serde_json::Map<String, Value>, OidcError> {

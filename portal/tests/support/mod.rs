@@ -4,6 +4,8 @@
 
 // Each test binary compiles every helper module but uses only some of their functions.
 #[allow(dead_code)]
+pub mod backends;
+#[allow(dead_code)]
 pub mod mmdb;
 #[allow(dead_code)]
 pub mod portal;

@@ -16,7 +16,7 @@ use fz_portal::data_dir::Creation;
 use fz_portal::policy::PolicyEngine;
 use fz_portal::server::RunningPortal;
 use fz_portal::store::{
-    ClientRecord, Decision, FlowFilter, IdpGroup, Store, TokenKind, TokenRecord,
+    ClientRecord, Database, Decision, FlowFilter, IdpGroup, Store, TokenKind, TokenRecord,
 };
 use serde::Serialize;
 
@@ -215,12 +215,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             // Keys first: a store is of no use without the token key that authenticates its
             // tokens, and the signing key is what agents will pin.
             let key = fz_portal::keys::load(&config.data_dir, Creation::Allowed)?;
-            Store::open(&config.data_dir, Creation::Allowed)
+            Store::open_in(&config.data_dir, &config.database, Creation::Allowed)
                 .await?
                 .close()
                 .await;
+            let store = match config.database {
+                Database::Sqlite => "and store",
+                Database::Postgres(_) => "(its store is in PostgreSQL)",
+            };
             println!(
-                "{} holds the portal's keys and store; portal key {}",
+                "{} holds the portal's keys {store}; portal key {}",
                 config.data_dir.display(),
                 key.public_key()
             );
@@ -711,7 +715,7 @@ fn account_config<'a>(config: &'a Config, account: &str) -> anyhow::Result<&'a A
 /// The store, for an account the configuration names.
 async fn open_store(config: &Config, account: &str) -> anyhow::Result<Store> {
     account_config(config, account)?;
-    let store = Store::open(&config.data_dir, Creation::Refused).await?;
+    let store = Store::open_in(&config.data_dir, &config.database, Creation::Refused).await?;
     store.ensure_account(account).await?;
     Ok(store)
 }
