@@ -6,7 +6,10 @@
 //! database_url = "postgres://fz@db.internal/fz" # keep the store in PostgreSQL instead of
 //!                                  # `<data_dir>/portal.sqlite3`: what replicas share (a
 //!                                  # password may be in the URL, or in ~/.pgpass or
-//!                                  # PGPASSWORD); the keys stay in `data_dir`
+//!                                  # PGPASSWORD)
+//! signing_key_file = "/etc/fz/portal-signing.key" # the keys replicas share, made once by
+//! token_key_file = "/etc/fz/token.key"            # `fz-portal init` and copied (0600);
+//!                                  # never made when named. Default: in `data_dir`
 //! allow_plain_http = false         # plain HTTP beyond loopback needs this set
 //! tls_cert = "portal.crt"          # PEM certificate chain; with `tls_key`, serve HTTPS (rustls)
 //! tls_key = "portal.key"           # PEM private key (PKCS#8, PKCS#1 or SEC1)
@@ -90,6 +93,7 @@ use std::time::Duration;
 
 use fz_compiler::address::Network;
 
+use crate::keys::KeyFiles;
 use crate::store::Database;
 use serde::Deserialize;
 
@@ -99,6 +103,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Where the store keeps its rows: the SQLite file in `data_dir`, or PostgreSQL.
     pub database: Database,
+    /// Key files shared with other replicas, instead of the data dir's.
+    pub key_files: KeyFiles,
     pub allow_plain_http: bool,
     /// Serve HTTPS with these files; plain HTTP without.
     pub tls: Option<TlsFiles>,
@@ -334,6 +340,8 @@ struct ConfigFile {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
+    signing_key_file: Option<PathBuf>,
+    token_key_file: Option<PathBuf>,
     #[serde(default)]
     allow_plain_http: bool,
     tls_cert: Option<PathBuf>,
@@ -398,6 +406,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("data"),
             database: Database::Sqlite,
+            key_files: KeyFiles::default(),
             allow_plain_http: false,
             tls: None,
             geoip_country_db: None,
@@ -491,6 +500,10 @@ impl Config {
             listen: file.listen.unwrap_or(defaults.listen),
             data_dir: resolve(file.data_dir.unwrap_or(defaults.data_dir)),
             database,
+            key_files: KeyFiles {
+                signing: file.signing_key_file.map(&resolve),
+                token: file.token_key_file.map(&resolve),
+            },
             allow_plain_http: file.allow_plain_http,
             tls,
             geoip_country_db: file.geoip_country_db.map(resolve),

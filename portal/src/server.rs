@@ -60,9 +60,15 @@ pub struct RunningPortal {
 impl RunningPortal {
     /// Starts every part of the portal and serves on `config.listen`.
     pub async fn start(config: &Config, clock: Clock) -> anyhow::Result<RunningPortal> {
-        let store = Store::open_in(&config.data_dir, &config.database, Creation::Allowed).await?;
+        let store = Store::open_in(
+            &config.data_dir,
+            &config.database,
+            &config.key_files,
+            Creation::Allowed,
+        )
+        .await?;
         store.mark_all_gateways_disconnected().await?;
-        let key = crate::keys::load(&config.data_dir, Creation::Allowed)?;
+        let key = crate::keys::load(&config.data_dir, &config.key_files, Creation::Allowed)?;
         let public_key = key.public_key();
         let geo = match &config.geoip_country_db {
             Some(path) => Some(CountryDb::open(path)?),

@@ -66,7 +66,7 @@ use subtle::ConstantTimeEq as _;
 
 use crate::credential::{self, IssueError, Label, TokenKey};
 use crate::data_dir::{self, Creation, DataDirError};
-use crate::keys::{self, KeyFileError};
+use crate::keys::{self, KeyFileError, KeyFiles};
 use crate::random;
 
 /// The database file's name inside the data dir.
@@ -544,17 +544,18 @@ impl Store {
     /// With [`Creation::Refused`] (the admin commands) nothing is made: a data dir, database
     /// file or token key that is not there is an error saying how to make them.
     pub async fn open(data_dir: &Path, creation: Creation) -> Result<Store, StoreError> {
-        Store::open_in(data_dir, &Database::Sqlite, creation).await
+        Store::open_in(data_dir, &Database::Sqlite, &KeyFiles::default(), creation).await
     }
 
-    /// Opens the store in `database`, as [`Store::open`] does; the data dir holds the token key
-    /// (and, for [`Database::Sqlite`], the database file). A PostgreSQL database gets the
+    /// Opens the store in `database`, as [`Store::open`] does, with the token key `keys` name
+    /// (or the data dir's). The data dir holds, for [`Database::Sqlite`], the database file. A PostgreSQL database gets the
     /// store's schema (or the migrations it lacks) unless `creation` is
     /// [`Creation::Refused`] and it has none yet; replicas that start together take turns at
     /// it (sqlx's migration lock).
     pub async fn open_in(
         data_dir: &Path,
         database: &Database,
+        keys: &KeyFiles,
         creation: Creation,
     ) -> Result<Store, StoreError> {
         // A few metadata calls, once per start or admin command: not worth a blocking task.
@@ -569,7 +570,7 @@ impl Store {
             Backend::Postgres => &POSTGRES_MIGRATOR,
         };
         migrator.run(&pool).await.map_err(StoreError::Migrate)?;
-        let token_key = keys::load_token_key(data_dir, creation)?;
+        let token_key = keys::load_token_key(data_dir, keys, creation)?;
         Ok(Store {
             pool,
             backend,

@@ -39,12 +39,17 @@ fn uninitialised_home() -> tempfile::TempDir {
 /// The portal binary with the configuration of `home`, started with the umask most systems
 /// give (022), so that only the portal's own care keeps its files private.
 fn command(home: &Path) -> Command {
+    command_with(&home.join("portal.toml"))
+}
+
+/// [`command`] with the configuration file `config`.
+fn command_with(config: &Path) -> Command {
     let mut command = Command::new("sh");
     command
         .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
         .arg(env!("CARGO_BIN_EXE_fz-portal"))
         .arg("--config")
-        .arg(home.join("portal.toml"));
+        .arg(config);
     command
 }
 
@@ -63,7 +68,12 @@ fn serve(home: &Path) -> (Child, String) {
 
 /// Starts `serve` with its log (stderr) going to `logs`.
 fn serve_with_logs(home: &Path, logs: Stdio) -> (Child, String) {
-    let mut child = command(home)
+    serve_command(command(home), logs)
+}
+
+/// Starts `portal` (a [`command`]) as `serve`, with its log going to `logs`.
+fn serve_command(mut portal: Command, logs: Stdio) -> (Child, String) {
+    let mut child = portal
         .arg("serve")
         .stdout(Stdio::piped())
         .stderr(logs)
@@ -894,9 +904,26 @@ fn on_postgres_init_makes_the_store_there_and_every_command_and_serve_use_it() {
     assert!(created.status.success(), "{created:?}");
     assert!(!home.path().join("data/portal.sqlite3").exists());
 
-    // Two `serve` on the one database start side by side, each healthy.
+    // A second replica on the one database, with a data dir of its own and the keys the
+    // first made: both serve side by side, healthy, signing with the one key.
+    let replica = home.path().join("replica.toml");
+    std::fs::write(
+        &replica,
+        format!(
+            "data_dir = \"replica-data\"\nsigning_key_file = \"data/portal-signing.key\"\n\
+             token_key_file = \"data/token.key\"\ndatabase_url = \"{url}\"\n\
+             {}",
+            text.replace("data_dir = \"data\"\n", "")
+        ),
+    )
+    .unwrap();
+    let key = |portal: &mut Command| stdout(&portal.arg("public-key").output().unwrap());
+    assert_eq!(
+        key(&mut command(home.path())),
+        key(&mut command_with(&replica))
+    );
     let (mut first, first_address) = serve(home.path());
-    let (mut second, second_address) = serve(home.path());
+    let (mut second, second_address) = serve_command(command_with(&replica), Stdio::null());
     let health = [
         get(&first_address, "/healthz"),
         get(&second_address, "/healthz"),
@@ -915,4 +942,6 @@ fn on_postgres_init_makes_the_store_there_and_every_command_and_serve_use_it() {
     )))
     .unwrap();
     assert_eq!(listed[0]["user"], "ci@acme.example", "{listed}");
+    assert!(!home.path().join("replica-data/portal-signing.key").exists());
+    assert!(!home.path().join("replica-data/token.key").exists());
 }

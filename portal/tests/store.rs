@@ -12,6 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use fz_portal::data_dir::Creation;
 use fz_portal::data_dir::DataDirError;
+use fz_portal::keys::KeyFiles;
 use fz_portal::store::{
     ClientRecord, DATABASE_FILE, Database, Decision, FlowFilter, GatewayRecord, GrantRecord,
     NewFlow, NewToken, SignedIn, Store, StoreError, TokenKind, Write, tunnel_addresses,
@@ -42,9 +43,14 @@ struct Fixture {
 async fn fixture(database: Database) -> Fixture {
     let dir = TempDir::new().unwrap();
     let data_dir = dir.path().join("var").join("fz-portal");
-    let store = Store::open_in(&data_dir, &database, Creation::Allowed)
-        .await
-        .unwrap();
+    let store = Store::open_in(
+        &data_dir,
+        &database,
+        &KeyFiles::default(),
+        Creation::Allowed,
+    )
+    .await
+    .unwrap();
     store.ensure_account(A).await.unwrap();
     store.ensure_account(B).await.unwrap();
     Fixture {
@@ -481,9 +487,14 @@ async fn a_restart_loses_nothing(database: Database) {
     // Drop without closing: whatever was committed must already be on disk.
     drop(store);
 
-    let store = Store::open_in(&data_dir, &database, Creation::Allowed)
-        .await
-        .unwrap();
+    let store = Store::open_in(
+        &data_dir,
+        &database,
+        &KeyFiles::default(),
+        Creation::Allowed,
+    )
+    .await
+    .unwrap();
     let after = (
         store.list_tokens(A).await.unwrap(),
         store.list_clients(A).await.unwrap(),
@@ -720,9 +731,14 @@ async fn a_token_made_inactive_is_refused_until_activated_even_across_a_restart(
     // The maker dies here, before or after showing the secret: the token stays unusable.
     store.close().await;
     drop(store);
-    let store = Store::open_in(&data_dir, &database, Creation::Allowed)
-        .await
-        .unwrap();
+    let store = Store::open_in(
+        &data_dir,
+        &database,
+        &KeyFiles::default(),
+        Creation::Allowed,
+    )
+    .await
+    .unwrap();
     assert!(
         store
             .authenticate(&token.secret, NOW)
@@ -1758,9 +1774,14 @@ async fn concurrent_writers_all_get_through(database: Database) {
         database,
         store,
     } = fixture(database).await;
-    let other = Store::open_in(&data_dir, &database, Creation::Allowed)
-        .await
-        .unwrap();
+    let other = Store::open_in(
+        &data_dir,
+        &database,
+        &KeyFiles::default(),
+        Creation::Allowed,
+    )
+    .await
+    .unwrap();
     let mut tasks = Vec::new();
     for i in 0..32u8 {
         let store = if i % 2 == 0 { &store } else { &other }.clone();
@@ -2121,9 +2142,14 @@ async fn postgres_admin_commands_refuse_a_database_without_a_store_and_replicas_
     let data_dir = dir.path().join("data");
     // The token key must be there for an admin command to get as far as the database.
     Store::open(&data_dir, Creation::Allowed).await.unwrap();
-    let error = Store::open_in(&data_dir, &database, Creation::Refused)
-        .await
-        .unwrap_err();
+    let error = Store::open_in(
+        &data_dir,
+        &database,
+        &KeyFiles::default(),
+        Creation::Refused,
+    )
+    .await
+    .unwrap_err();
     let message = error.to_string();
     assert!(
         message.contains("holds no fz store: `fz-portal init`"),
@@ -2134,9 +2160,19 @@ async fn postgres_admin_commands_refuse_a_database_without_a_store_and_replicas_
         "the URL's user leaked: {message}"
     );
 
-    // Three replicas starting at once: one makes the schema, the others wait and find it.
-    let open = || Store::open_in(&data_dir, &database, Creation::Allowed);
-    let (a, b, c) = tokio::join!(open(), open(), open());
+    // Three replicas starting at once, each with a data dir of its own and the token key it
+    // was given: one makes the schema, the others wait and find it; a token made through one
+    // is good at another.
+    let shared = KeyFiles {
+        signing: None,
+        token: Some(data_dir.join(fz_portal::keys::TOKEN_KEY_FILE)),
+    };
+    let replicas = [1, 2, 3].map(|n| dir.path().join(format!("replica-{n}")));
+    let (a, b, c) = tokio::join!(
+        Store::open_in(&replicas[0], &database, &shared, Creation::Allowed),
+        Store::open_in(&replicas[1], &database, &shared, Creation::Allowed),
+        Store::open_in(&replicas[2], &database, &shared, Creation::Allowed),
+    );
     let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
     a.ensure_account(A).await.unwrap();
     let token = b
@@ -2145,9 +2181,14 @@ async fn postgres_admin_commands_refuse_a_database_without_a_store_and_replicas_
         .unwrap();
     let seen = c.authenticate(&token.secret, NOW).await.unwrap().unwrap();
     assert_eq!(seen.id, token.id);
-    Store::open_in(&data_dir, &database, Creation::Refused)
-        .await
-        .unwrap();
+    Store::open_in(
+        &data_dir,
+        &database,
+        &KeyFiles::default(),
+        Creation::Refused,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -2161,9 +2202,14 @@ async fn postgres_that_cannot_be_reached_is_named_without_its_password() {
         .unwrap()
         .port();
     let database = Database::Postgres(format!("postgres://fz:hunter2@127.0.0.1:{port}/fz"));
-    let error = Store::open_in(&data_dir, &database, Creation::Allowed)
-        .await
-        .unwrap_err();
+    let error = Store::open_in(
+        &data_dir,
+        &database,
+        &KeyFiles::default(),
+        Creation::Allowed,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(
         error.to_string(),
         format!("cannot connect to the store's PostgreSQL database `127.0.0.1:{port}/fz`")

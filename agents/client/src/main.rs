@@ -117,8 +117,8 @@ fn main() -> ExitCode {
 fn stored_token(args: &Args) -> Result<Option<String>, String> {
     let file_only = args.token_file.is_some();
     let file = args.token_file().map_err(|e| e.to_string())?;
-    let portal = sign_in::portal_http_url(&args.portal.portal_url).map_err(|e| e.to_string())?;
-    let name = token_store::entry_name(&portal, &args.portal.account);
+    let name = sign_in::token_entry(&args.portal.portal_url, &args.portal.account)
+        .map_err(|e| e.to_string())?;
     match token_store::load(&name, &file, file_only) {
         Ok(Some((token, place))) => {
             tracing::info!(%place, "using the token sign-in stored");
@@ -133,7 +133,8 @@ fn stored_token(args: &Args) -> Result<Option<String>, String> {
 fn sign_in_first(args: &Args) -> ExitCode {
     tracing::info!("no token yet: signing in first (the URL to open follows)");
     let sign_in = SignInArgs {
-        portal_url: args.portal.portal_url.clone(),
+        // The first URL: the one whose name the token is stored under (`token_entry`).
+        portal_url: args.portal.portal_url.first().cloned().unwrap_or_default(),
         account: args.portal.account.clone(),
         token_file: args.token_file.clone(),
         no_browser: false,

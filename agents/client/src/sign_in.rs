@@ -84,9 +84,16 @@ pub enum CallbackKind {
 #[derive(Debug, clap::Parser)]
 #[command(name = "fz-client sign-out")]
 pub struct SignOutArgs {
-    /// The portal, as the agents reach it (`ws://host:port` or `wss://host:port`).
-    #[arg(long, visible_alias = "portal", env = "FZ_PORTAL_URL")]
-    pub portal_url: String,
+    /// The portal, as the agents reach it (`ws://host:port` or `wss://host:port`); each of its
+    /// replicas, comma-separated, as the client is given them.
+    #[arg(
+        long,
+        visible_alias = "portal",
+        env = "FZ_PORTAL_URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub portal_url: Vec<String>,
     /// The account (its slug).
     #[arg(long, env = "FZ_ACCOUNT")]
     pub account: String,
@@ -151,7 +158,7 @@ pub async fn sign_out(args: SignOutArgs, out: &mut impl Write) -> Result<(), Sig
         Some(path) => path,
         None => default_token_file()?,
     };
-    let name = token_store::entry_name(&portal_http_url(&args.portal_url)?, &args.account);
+    let name = token_entry(&args.portal_url, &args.account)?;
     let loaded = {
         let (name, file) = (name.clone(), file.clone());
         tokio::task::spawn_blocking(move || token_store::load(&name, &file, file_only))
@@ -162,7 +169,7 @@ pub async fn sign_out(args: SignOutArgs, out: &mut impl Write) -> Result<(), Sig
         return Err(SignInError::NotSignedIn(token_store::Place::File(file)));
     };
     let config = fz_link::PortalConfig {
-        url: args.portal_url,
+        urls: args.portal_url,
         account: args.account.clone(),
         token,
         ca_file: args.portal_ca,
@@ -299,6 +306,16 @@ impl Attempt {
             user: user.chars().take(254).collect(),
         })
     }
+}
+
+/// The keyring entry of the token for `account` at a portal of these URLs: named by the first,
+/// so a client given several replicas signs in at the first (see the client's `sign_in_first`)
+/// and finds the token under the same name whichever replica it then connects to.
+pub fn token_entry(portal_urls: &[String], account: &str) -> Result<String, SignInError> {
+    let first = portal_urls
+        .first()
+        .ok_or_else(|| SignInError::PortalUrl(String::new()))?;
+    Ok(token_store::entry_name(&portal_http_url(first)?, account))
 }
 
 /// The portal's address as a browser reaches it: `ws` becomes `http`, `wss` `https`.

@@ -141,6 +141,31 @@ mod tests {
     }
 
     #[test]
+    fn the_portals_replicas_come_comma_separated_or_flag_by_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("private.key");
+        let key = key_file.to_str().unwrap();
+        let common = ["--listen", "10.0.0.1:51820", "--key-file", key];
+        let listed = [
+            &common[..],
+            &["--portal-url", "wss://p2.acme.example,wss://p3:8443"],
+        ];
+        let repeated = [&common[..], &["--portal-url", "wss://p2.acme.example"]];
+        let repeated = [&repeated.concat()[..], &["--portal-url", "wss://p3:8443"]];
+        for extra in [listed.concat(), repeated.concat()] {
+            let config = args(&extra).resolve(Some("secret".into())).unwrap();
+            assert_eq!(
+                config.portal.urls,
+                [
+                    "ws://127.0.0.1:8080",
+                    "wss://p2.acme.example",
+                    "wss://p3:8443"
+                ]
+            );
+        }
+    }
+
+    #[test]
     fn a_key_is_made_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("state/private.key");

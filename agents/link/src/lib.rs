@@ -4,6 +4,10 @@
 //! connect again with jittered exponential backoff. A token
 //! the portal refuses (401, 403) stops it: no retry would help.
 //!
+//! The portal may be several replicas, each at a URL of the list the agent is given: every
+//! attempt picks one at random, never the one that just failed, so that the agents of a lost
+//! replica spread over the others.
+//!
 //! It runs as its own task and speaks to the agent's event loop through channels, so a slow
 //! or absent portal never holds up packets: tunnels keep forwarding while it is away. What
 //! differs between the client and the gateway (their messages, the socket's path, the
@@ -102,8 +106,9 @@ impl Role for ClientRole {
 /// Where the portal is and how to prove who we are.
 #[derive(Clone)]
 pub struct PortalConfig {
-    /// `ws://host:port` or `wss://host:port`, without a path.
-    pub url: String,
+    /// The portal's replicas (one or more), each `ws://host:port` or `wss://host:port`,
+    /// without a path.
+    pub urls: Vec<String>,
     pub account: String,
     /// The agent token's secret.
     pub token: String,
@@ -117,7 +122,7 @@ pub struct PortalConfig {
 impl fmt::Debug for PortalConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PortalConfig")
-            .field("url", &self.url)
+            .field("urls", &self.urls)
             .field("account", &self.account)
             .field("ca_file", &self.ca_file)
             .field("socket_mark", &self.socket_mark)
@@ -129,9 +134,11 @@ impl fmt::Debug for PortalConfig {
 /// agents' command lines include them (`#[command(flatten)]`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct PortalArgs {
-    /// The portal, as `ws://host:port` or `wss://host:port`.
-    #[arg(long, env = "FZ_PORTAL_URL")]
-    pub portal_url: String,
+    /// The portal, as `ws://host:port` or `wss://host:port`; for a portal of several
+    /// replicas, each of them, comma-separated or the flag repeated (each connection picks
+    /// one at random).
+    #[arg(long, env = "FZ_PORTAL_URL", value_delimiter = ',', required = true)]
+    pub portal_url: Vec<String>,
     /// The account (its slug).
     #[arg(long, env = "FZ_ACCOUNT")]
     pub account: String,
@@ -152,7 +159,7 @@ impl PortalArgs {
             .parse()
             .map_err(|e: fz_proto::KeyError| format!("`--portal-key`: {e}"))?;
         let config = PortalConfig {
-            url: self.portal_url,
+            urls: self.portal_url,
             account: self.account,
             token,
             ca_file: self.portal_ca,
@@ -178,6 +185,8 @@ pub enum LinkEvent<M> {
 pub enum LinkError {
     #[error("the portal URL `{0}` is not `ws://host[:port]` or `wss://host[:port]`")]
     Url(String),
+    #[error("no portal URL was given")]
+    NoUrl,
     #[error("cannot read the CA file `{path}`: {message}")]
     CaFile { path: PathBuf, message: String },
     #[error("cannot reach the portal: {0}")]
@@ -192,9 +201,23 @@ const MAX_ANSWER_BYTES: u64 = 64 * 1024;
 /// Ends the device's token at the portal (`POST /api/{account}/sign-out` with it as the
 /// bearer): revoked, its connections closed, its grants withdrawn. One request, over TLS when
 /// the URL is `wss://`, checked as the link checks the portal (system roots and `ca_file`).
+///
+/// Of several replicas, each is asked in random order until one answers.
 pub async fn sign_out(config: &PortalConfig) -> Result<(), LinkError> {
+    let mut targets = Target::parse_all(config, "sign-out")?;
+    let mut failure = LinkError::NoUrl;
+    while !targets.is_empty() {
+        let target = targets.swap_remove(pick(targets.len(), None, random_fraction()));
+        match sign_out_at(config, &target).await {
+            Err(error @ LinkError::Unreachable(_)) => failure = error,
+            answered => return answered,
+        }
+    }
+    Err(failure)
+}
+
+async fn sign_out_at(config: &PortalConfig, target: &Target) -> Result<(), LinkError> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let target = Target::parse_for(config, "sign-out")?;
     let path = format!("/api/{}/sign-out", config.account);
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
@@ -259,17 +282,33 @@ pub type Ends<R> = (
 /// and are dropped while not (the portal sends what is in force again on reconnect, and the
 /// agent answers again). `hello` is said on every connection.
 pub fn spawn<R: Role>(config: PortalConfig, hello: R::Up) -> Result<Ends<R>, LinkError> {
-    let target = Target::parse::<R>(&config)?;
+    let targets = Target::parse_all(&config, R::PATH)?;
     let (to_portal, outgoing) = mpsc::unbounded_channel();
     let (events, from_portal) = mpsc::channel(256);
-    tokio::spawn(run::<R>(target, config.token, hello, outgoing, events));
+    tokio::spawn(run::<R>(targets, config.token, hello, outgoing, events));
     Ok((to_portal, from_portal))
 }
 
-/// The portal's host name (or address) and port, as its URL gives them.
+/// The host name (or address) and port of the portal's first URL.
 pub fn portal_host(config: &PortalConfig) -> Result<(String, u16), LinkError> {
-    let target = Target::parse_for(config, "")?;
+    let url = config.urls.first().ok_or(LinkError::NoUrl)?;
+    let target = Target::parse_for(config, url, "")?;
     Ok((target.host, target.port))
+}
+
+/// Which of `count` replicas to try next, `fraction` (in `0..1`) choosing at random among
+/// them all but `failed` (the one whose connection just failed), when there is another.
+fn pick(count: usize, failed: Option<usize>, fraction: f64) -> usize {
+    let others = match failed {
+        Some(failed) if failed < count && count > 1 => count - 1,
+        _ => count,
+    };
+    // `fraction` < 1, so this is below `others`; `min` only guards a rounding surprise.
+    let chosen = ((fraction.clamp(0.0, 1.0) * others as f64) as usize).min(others - 1);
+    match failed {
+        Some(failed) if others < count && chosen >= failed => chosen + 1,
+        _ => chosen,
+    }
 }
 
 /// A parsed portal address.
@@ -282,14 +321,23 @@ struct Target {
 }
 
 impl Target {
-    fn parse<R: Role>(config: &PortalConfig) -> Result<Target, LinkError> {
-        Target::parse_for(config, R::PATH)
+    /// The target of `/api/{account}/{path}` at each of the portal's URLs: all of them good, or
+    /// an error naming the first that is not.
+    fn parse_all(config: &PortalConfig, path: &str) -> Result<Vec<Target>, LinkError> {
+        if config.urls.is_empty() {
+            return Err(LinkError::NoUrl);
+        }
+        config
+            .urls
+            .iter()
+            .map(|url| Target::parse_for(config, url, path))
+            .collect()
     }
 
-    /// The target of `/api/{account}/{path}`.
-    fn parse_for(config: &PortalConfig, path: &str) -> Result<Target, LinkError> {
-        let bad = || LinkError::Url(config.url.clone());
-        let uri: Uri = config.url.parse().map_err(|_| bad())?;
+    /// The target of `/api/{account}/{path}` at `url`.
+    fn parse_for(config: &PortalConfig, url: &str, path: &str) -> Result<Target, LinkError> {
+        let bad = || LinkError::Url(url.to_owned());
+        let uri: Uri = url.parse().map_err(|_| bad())?;
         let secure = match uri.scheme_str() {
             Some("ws") => false,
             Some("wss") => true,
@@ -303,7 +351,7 @@ impl Target {
         let tls = secure
             .then(|| tls_config(config.ca_file.as_ref()))
             .transpose()?;
-        let base = config.url.trim_end_matches('/');
+        let base = url.trim_end_matches('/');
         Ok(Target {
             request_url: format!("{base}/api/{}/{path}", config.account),
             host: host
@@ -372,15 +420,18 @@ enum Ended {
 }
 
 async fn run<R: Role>(
-    target: Target,
+    targets: Vec<Target>,
     token: String,
     hello: R::Up,
     mut outgoing: mpsc::UnboundedReceiver<R::Up>,
     events: mpsc::Sender<LinkEvent<R::Down>>,
 ) {
     let mut backoff = Backoff::default();
+    let mut failed = None;
     loop {
-        let ended = match connect(&target, &token).await {
+        let chosen = pick(targets.len(), failed, random_fraction());
+        let target = &targets[chosen];
+        let ended = match connect(target, &token).await {
             Ok(connected) => {
                 tracing::info!(portal = %target.request_url, "connected to the portal");
                 match connected {
@@ -395,6 +446,7 @@ async fn run<R: Role>(
             Err(ended) => ended,
         };
         let wait = backoff.wait(random_fraction());
+        failed = Some(chosen);
         match ended {
             Ended::Retry(reason) => {
                 tracing::warn!(%reason, retry_in_ms = wait.as_millis() as u64, "portal connection down");
@@ -663,6 +715,22 @@ mod tests {
         assert_eq!(backoff.wait(1.0), Duration::from_secs(90));
         // A fraction out of range is clamped, never a longer wait.
         assert_eq!(Backoff::default().wait(7.0), Duration::from_millis(750));
+    }
+
+    #[test]
+    fn each_attempt_picks_any_replica_but_the_one_that_just_failed() {
+        let fractions = [0.0, 0.2, 0.34, 0.5, 0.67, 0.9, 0.999_99];
+        let picks = |count, failed| -> Vec<usize> {
+            fractions.iter().map(|f| pick(count, failed, *f)).collect()
+        };
+        assert_eq!(picks(1, None), [0; 7]);
+        // A lone portal is tried again: there is no other.
+        assert_eq!(picks(1, Some(0)), [0; 7]);
+        assert_eq!(picks(3, None), [0, 0, 1, 1, 2, 2, 2]);
+        assert_eq!(picks(3, Some(0)), [1, 1, 1, 2, 2, 2, 2]);
+        assert_eq!(picks(3, Some(1)), [0, 0, 0, 2, 2, 2, 2]);
+        assert_eq!(picks(3, Some(2)), [0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(picks(2, Some(1)), [0; 7]);
     }
 
     #[test]

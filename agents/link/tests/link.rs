@@ -16,7 +16,7 @@ const TOKEN: &str = "fzt_secret";
 
 fn config(port: u16) -> PortalConfig {
     PortalConfig {
-        url: format!("ws://127.0.0.1:{port}"),
+        urls: vec![format!("ws://127.0.0.1:{port}")],
         account: "acme".into(),
         token: TOKEN.into(),
         ca_file: None,
@@ -225,7 +225,7 @@ async fn over_wss_the_link_trusts_the_ca_it_is_given_and_no_other() {
 
     // Pinned CA: the handshake completes and the portal hears hello.
     let mut trusted = config(port);
-    trusted.url = format!("wss://localhost:{port}");
+    trusted.urls = vec![format!("wss://localhost:{port}")];
     trusted.ca_file = Some(ca_file);
     let (_to_portal, mut events) = fz_link::spawn::<GatewayRole>(trusted.clone(), hello()).unwrap();
     let (tcp, _) = listener.accept().await.unwrap();
@@ -265,7 +265,8 @@ async fn over_wss_the_link_trusts_the_ca_it_is_given_and_no_other() {
 async fn a_bad_portal_url_is_an_error_before_anything_starts() {
     for url in ["http://portal:80", "ws://portal:80/api", "portal", "wss://"] {
         let mut bad = config(1);
-        bad.url = url.into();
+        // A bad URL anywhere in the list, even after a good one.
+        bad.urls.push(url.into());
         let error = fz_link::spawn::<GatewayRole>(bad, hello())
             .unwrap_err()
             .to_string();
@@ -274,6 +275,53 @@ async fn a_bad_portal_url_is_an_error_before_anything_starts() {
             format!("the portal URL `{url}` is not `ws://host[:port]` or `wss://host[:port]`")
         );
     }
+}
+
+#[tokio::test]
+async fn of_several_replicas_the_link_reaches_one_that_answers_and_moves_on_when_it_goes() {
+    // Three replicas: one that refuses connections (gone), two that answer. An attempt that
+    // failed is never followed by one at the same replica, so the link finds one that
+    // answers, and when that one goes, the other.
+    let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone_port = gone.local_addr().unwrap().port();
+    drop(gone);
+    let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut replicas = config(gone_port);
+    for listener in [&first, &second] {
+        let port = listener.local_addr().unwrap().port();
+        replicas.urls.push(format!("ws://127.0.0.1:{port}"));
+    }
+    let (_to_portal, mut events) = fz_link::spawn::<GatewayRole>(replicas, hello()).unwrap();
+
+    // Whichever answering replica it reached first, it says hello there.
+    let (mut socket, served_by_first) = tokio::select! {
+        socket = accept(&first) => (socket.unwrap(), true),
+        socket = accept(&second) => (socket.unwrap(), false),
+    };
+    assert_eq!(receive(&mut socket).await, hello());
+    say(&mut socket, &ready(60_000)).await;
+    loop {
+        match events.recv().await.unwrap() {
+            LinkEvent::Message(PortalToGateway::Ready { .. }) => break,
+            // The gone replica, if it was tried first.
+            LinkEvent::Down(_) => continue,
+            other => panic!("expected ready, got {other:?}"),
+        }
+    }
+    // That replica goes away, listener and all: the link comes back at the other one (after
+    // the first gone one, perhaps, and the one that just went).
+    let other = if served_by_first {
+        drop(first);
+        second
+    } else {
+        drop(second);
+        first
+    };
+    drop(socket);
+    assert!(matches!(events.recv().await.unwrap(), LinkEvent::Down(_)));
+    let mut socket = accept(&other).await.unwrap();
+    assert_eq!(receive(&mut socket).await, hello());
 }
 
 #[tokio::test]

@@ -214,11 +214,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Init => {
             // Keys first: a store is of no use without the token key that authenticates its
             // tokens, and the signing key is what agents will pin.
-            let key = fz_portal::keys::load(&config.data_dir, Creation::Allowed)?;
-            Store::open_in(&config.data_dir, &config.database, Creation::Allowed)
-                .await?
-                .close()
-                .await;
+            let key =
+                fz_portal::keys::load(&config.data_dir, &config.key_files, Creation::Allowed)?;
+            Store::open_in(
+                &config.data_dir,
+                &config.database,
+                &config.key_files,
+                Creation::Allowed,
+            )
+            .await?
+            .close()
+            .await;
             let store = match config.database {
                 Database::Sqlite => "and store",
                 Database::Postgres(_) => "(its store is in PostgreSQL)",
@@ -231,7 +237,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::PublicKey => {
-            let key = fz_portal::keys::load(&config.data_dir, Creation::Refused)?;
+            let key =
+                fz_portal::keys::load(&config.data_dir, &config.key_files, Creation::Refused)?;
             println!("{}", key.public_key());
             Ok(())
         }
@@ -715,7 +722,13 @@ fn account_config<'a>(config: &'a Config, account: &str) -> anyhow::Result<&'a A
 /// The store, for an account the configuration names.
 async fn open_store(config: &Config, account: &str) -> anyhow::Result<Store> {
     account_config(config, account)?;
-    let store = Store::open_in(&config.data_dir, &config.database, Creation::Refused).await?;
+    let store = Store::open_in(
+        &config.data_dir,
+        &config.database,
+        &config.key_files,
+        Creation::Refused,
+    )
+    .await?;
     store.ensure_account(account).await?;
     Ok(store)
 }
