@@ -71,7 +71,8 @@ use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::response::Response;
 use fz_host::testing::agents::{self as agent, Socket, TestClient, TestGateway};
 use fz_portal::data_dir::Creation;
-use fz_portal::store::{Store, TokenKind};
+use fz_portal::keys::KeyFiles;
+use fz_portal::store::{Database, Store, TokenKind};
 use fz_proto::{
     ClientMessage, DnsMapping, PortalPublicKey, PortalToClient, PortalToGateway, PublicKey, encode,
 };
@@ -90,7 +91,9 @@ usage: cargo bench -p fz-portal --bench load -- [OPTIONS]
   --warmup SECS        before measuring, per phase (default 2)
   --duration SECS      measured, per phase (default 10)
   --targets LIST       portal, echo (default portal,echo)
-  --store LIST         where the portal's data dir is: disk, shm (default disk,shm)
+  --store LIST         where the portal's store is: disk, shm (its SQLite file in a data dir
+                       there), postgres (a PostgreSQL server the bench starts; needs
+                       Debian's postgresql) (default disk,shm)
   --pin                server on CPU 0, load generator on CPU 1 (taskset)
   --client-verify      clients verify each grant too (gateways always do)
   --connect-parallel N connections opened at once (default 256)
@@ -182,6 +185,9 @@ struct Options {
 enum StoreKind {
     Disk,
     Shm,
+    /// A fresh database on a PostgreSQL server of the bench's own (`fz_host::testing::
+    /// postgres`: its files on disk, synchronous commits), the data dir (keys) on disk.
+    Postgres,
 }
 
 impl StoreKind {
@@ -189,7 +195,35 @@ impl StoreKind {
         match self {
             StoreKind::Disk => "disk",
             StoreKind::Shm => "shm",
+            StoreKind::Postgres => "postgres",
         }
+    }
+
+    /// A data directory's parent (`prefix…`, on tmpfs for `shm`) and the database.
+    fn prepare(self, prefix: &str) -> (tempfile::TempDir, Database) {
+        let builder = tempfile::Builder::new().prefix(prefix).clone();
+        let base = match self {
+            StoreKind::Shm => builder.tempdir_in("/dev/shm"),
+            StoreKind::Disk | StoreKind::Postgres => builder.tempdir(),
+        }
+        .expect("a data directory");
+        let database = match self {
+            StoreKind::Postgres => {
+                let server = fz_host::testing::postgres::server()
+                    .unwrap_or_else(|why| panic!("no PostgreSQL for the bench: {why}"));
+                Database::Postgres(server.database())
+            }
+            StoreKind::Disk | StoreKind::Shm => Database::Sqlite,
+        };
+        (base, database)
+    }
+}
+
+/// The configuration line that keeps the portal's store in `database` (none for SQLite).
+fn database_line(database: &Database) -> String {
+    match database {
+        Database::Sqlite => String::new(),
+        Database::Postgres(url) => format!("database_url = \"{url}\"\n"),
     }
 }
 
@@ -244,6 +278,7 @@ impl Options {
                         .map(|s| match s {
                             "disk" => Ok(StoreKind::Disk),
                             "shm" => Ok(StoreKind::Shm),
+                            "postgres" => Ok(StoreKind::Postgres),
                             other => Err(format!("unknown store `{other}`")),
                         })
                         .collect::<Result<_, _>>()?;
@@ -413,16 +448,10 @@ async fn portal_target(
 ) -> TargetResult {
     let name = format!("portal ({})", store_kind.name());
     println!("\n== {name}");
-    let base = match store_kind {
-        StoreKind::Disk => tempfile::Builder::new().prefix("fz-load-data-").tempdir(),
-        StoreKind::Shm => tempfile::Builder::new()
-            .prefix("fz-load-data-")
-            .tempdir_in("/dev/shm"),
-    }
-    .expect("a data directory");
+    let (base, database) = store_kind.prepare("fz-load-data-");
     let data = base.path().join("data");
     let started = Instant::now();
-    let secrets = populate(&data, model, store_kind).await;
+    let secrets = populate(&data, &database, model, store_kind).await;
     println!(
         "store: {} client and {} gateway tokens, {} users' memberships written in {:.1} s ({})",
         secrets.clients.len(),
@@ -435,7 +464,7 @@ async fn portal_target(
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}\
              # The generator shares the machine: give the gateways time before they count as silent.\n\
              gateway_ack_timeout_ms = 30000\n\
              # Every client connects from 127.0.0.1, `--connect-parallel` of them at once.\n\
@@ -446,6 +475,7 @@ async fn portal_target(
              max_grants_per_client = 100000\nrequests_per_second = 100000\n\
              request_burst = 100000\n",
             data.display(),
+            database_line(&database),
             policy.display()
         ),
     )
@@ -626,10 +656,11 @@ struct Secrets {
 
 /// Creates the account, the tokens and the memberships through the store. Every write is a
 /// transaction with `synchronous = FULL`; for a data dir on disk they are made on tmpfs and
-/// the file is copied, so the setup does not wait for thousands of disk syncs.
-async fn populate(data: &Path, model: &Model, kind: StoreKind) -> Secrets {
+/// the file is copied, so the setup does not wait for thousands of disk syncs (PostgreSQL's
+/// database is written where it is).
+async fn populate(data: &Path, database: &Database, model: &Model, kind: StoreKind) -> Secrets {
     let staging = match kind {
-        StoreKind::Shm => None,
+        StoreKind::Shm | StoreKind::Postgres => None,
         StoreKind::Disk => Some(
             tempfile::Builder::new()
                 .prefix("fz-load-staging-")
@@ -640,7 +671,7 @@ async fn populate(data: &Path, model: &Model, kind: StoreKind) -> Secrets {
     let dir = staging
         .as_ref()
         .map_or_else(|| data.to_owned(), |s| s.path().join("data"));
-    let store = Store::open(&dir, Creation::Allowed)
+    let store = Store::open_in(&dir, database, &KeyFiles::default(), Creation::Allowed)
         .await
         .expect("the store opens");
     store.ensure_account(ACCOUNT).await.expect("an account");

@@ -173,6 +173,9 @@ struct PendingAck {
 
 pub struct Broker {
     store: Store,
+    /// This process among the replicas on one database: the origin of the cluster events it
+    /// writes, so that it skips its own.
+    replica: String,
     writer: Writer,
     key: PortalSigningKey,
     accounts: HashMap<String, Account>,
@@ -263,8 +266,10 @@ impl Broker {
                 ));
             }
         }
+        let replica = random::id("rep").map_err(store::StoreError::Random)?;
         Ok(Arc::new(Broker {
             store: parts.store,
+            replica,
             writer: parts.writer,
             key: parts.key,
             accounts: parts
@@ -402,13 +407,14 @@ impl Broker {
             ));
         };
         let now = unix(self.now());
-        let client = self
+        let (client, announced) = self
             .store
-            .register_client(
+            .connect_client(
                 &token.account,
                 &token.id,
                 &public_key.to_string(),
                 now_i64(now),
+                &self.replica,
             )
             .await
             .map_err(refusal)?;
@@ -459,6 +465,7 @@ impl Broker {
             let replaced = registry.client_connected(ClientEntry {
                 session: session.clone(),
                 connection,
+                announced,
                 link,
                 gateway_by_site: HashMap::new(),
             });
@@ -474,6 +481,32 @@ impl Broker {
             resources,
         }));
         Ok((session, connection, ready))
+    }
+
+    /// What other replicas said (cluster events, oldest first): a session of a client of ours
+    /// that started after ours, elsewhere, ends ours (one live session per device). Events of
+    /// this replica's own are skipped; an event read twice changes nothing the second time.
+    pub fn cluster_events(&self, events: &[store::ClusterEvent]) {
+        for event in events.iter().filter(|e| e.origin != self.replica) {
+            match event.kind {
+                store::ClusterEventKind::ClientConnected => {
+                    let mut registry = self.registry();
+                    let older = registry.client(&event.subject).filter(|entry| {
+                        entry.session.account == event.account && entry.announced < event.id
+                    });
+                    let Some(older) = older else { continue };
+                    let connection = older.connection;
+                    older.link.close();
+                    registry.client_gone(&event.subject, connection);
+                    tracing::info!(
+                        account = %event.account,
+                        client = %event.subject,
+                        replica = %event.origin,
+                        "client session closed: the device connected to another replica"
+                    );
+                }
+            }
+        }
     }
 
     pub fn client_closed(&self, client_id: &str, connection: u64) {

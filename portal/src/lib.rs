@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod agents;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod credential;
 pub mod data_dir;

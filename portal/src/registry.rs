@@ -34,6 +34,9 @@ pub struct GatewayEntry<L> {
 pub struct ClientEntry<L> {
     pub session: Arc<ClientSession>,
     pub connection: u64,
+    /// The number of the cluster event that announced this session to the other replicas:
+    /// a session announced later, on any replica, ends this one.
+    pub announced: i64,
     pub link: L,
     /// The gateway this client uses in each site, so it keeps using it.
     pub gateway_by_site: HashMap<String, String>,
@@ -597,6 +600,7 @@ mod tests {
         r.client_connected(ClientEntry {
             session: session("acme", "c"),
             connection: 9,
+            announced: 0,
             link: "c",
             gateway_by_site: HashMap::from([("hq".to_owned(), "gw-2".to_owned())]),
         });

@@ -7,7 +7,8 @@
 //! that decides every grant again when its policy changes, the sweeper (expired grants,
 //! revoked tokens, closed time windows, once a second; the store's checkpoint, flows past
 //! their retention, expired sign-ins, codes and written mail, each minute), the sign-in pages'
-//! state and mailer, reloads on SIGHUP, and the listener (HTTP, or HTTPS when
+//! state and mailer, reloads on SIGHUP, the reader of the other replicas' events (`cluster`),
+//! and the listener (HTTP, or HTTPS when
 //! configured) with its connection caps sized from the open files limit.
 
 use std::collections::HashSet;
@@ -147,6 +148,11 @@ impl RunningPortal {
             broker.clone(),
             store.clone(),
             sign_in.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::cluster::follow(
+            broker.clone(),
+            store.clone(),
+            config.database.clone(),
         )));
         // Listening starts here, before the portal says it is up, so a SIGHUP sent after that
         // never meets the default action (termination).

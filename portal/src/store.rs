@@ -91,8 +91,8 @@ pub const ROWS_PER_STATEMENT: usize = 500;
 
 /// Connections per store. SQLite has one writer at a time and a few connections let reads
 /// run beside it; on PostgreSQL it is what one replica may take of the server's
-/// `max_connections`, so that many replicas, each reconnecting its agents at once, stay within
-/// the server's budget.
+/// `max_connections` (with one more that listens: `cluster`), so that many replicas, each
+/// reconnecting its agents at once, stay within the server's budget.
 const MAX_CONNECTIONS: u32 = 8;
 
 /// How long a query waits for a free connection before it fails.
@@ -426,6 +426,45 @@ pub struct GrantRecord {
     /// What the portal needs to decide the grant again and send it again (JSON); the store
     /// keeps it without reading it.
     pub detail: Option<String>,
+}
+
+/// The PostgreSQL channel a cluster event's write notifies (a hint: readers read the table).
+pub const CLUSTER_CHANNEL: &str = "fz_cluster_events";
+
+/// What one portal replica told the others (`cluster_events`), in the order written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterEvent {
+    /// Its number: later events have larger ones.
+    pub id: i64,
+    pub account: String,
+    pub kind: ClusterEventKind,
+    /// The client (or gateway) it is about.
+    pub subject: String,
+    /// The replica that wrote it.
+    pub origin: String,
+    pub time: i64,
+}
+
+/// What a cluster event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterEventKind {
+    /// A session of client `subject` started on replica `origin`: an older one elsewhere ends.
+    ClientConnected,
+}
+
+impl ClusterEventKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ClusterEventKind::ClientConnected => "client-connected",
+        }
+    }
+
+    fn parse(text: &str) -> Option<ClusterEventKind> {
+        match text {
+            "client-connected" => Some(ClusterEventKind::ClientConnected),
+            _ => None,
+        }
+    }
 }
 
 /// What the policy decided for a connection request.
@@ -924,6 +963,36 @@ impl Store {
         public_key: &str,
         now: i64,
     ) -> Result<ClientRecord, StoreError> {
+        self.register(account, token_id, public_key, now, None)
+            .await
+            .map(|(client, _)| client)
+    }
+
+    /// Registers the client as [`Store::register_client`] does, for a session of it starting
+    /// on replica `origin`, and in the same transaction tells the other replicas
+    /// ([`ClusterEventKind::ClientConnected`]); returns the client and the event's number.
+    pub async fn connect_client(
+        &self,
+        account: &str,
+        token_id: &str,
+        public_key: &str,
+        now: i64,
+        origin: &str,
+    ) -> Result<(ClientRecord, i64), StoreError> {
+        let (client, event) = self
+            .register(account, token_id, public_key, now, Some(origin))
+            .await?;
+        Ok((client, event.unwrap_or(0)))
+    }
+
+    async fn register(
+        &self,
+        account: &str,
+        token_id: &str,
+        public_key: &str,
+        now: i64,
+        origin: Option<&str>,
+    ) -> Result<(ClientRecord, Option<i64>), StoreError> {
         let public_key = canonical_key(public_key)?;
         let id = random_id("cli")?;
         let (_turn, mut tx) = self.begin_write().await?;
@@ -972,8 +1041,100 @@ impl Store {
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| on_constraint(e, key_taken(Entity::Client)))?;
+        let event = match origin {
+            Some(origin) => {
+                let event = ClusterEventKind::ClientConnected;
+                Some(
+                    self.announce(&mut tx, account, event, &client.id, origin, now)
+                        .await?,
+                )
+            }
+            None => None,
+        };
         tx.commit().await?;
-        client.into_record()
+        Ok((client.into_record()?, event))
+    }
+
+    // ---- what replicas tell each other ----
+
+    /// Writes a cluster event in `tx` (the transaction of the change it tells of) and, on
+    /// PostgreSQL, wakes the other replicas' readers when it commits; returns its number.
+    async fn announce(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        account: &str,
+        kind: ClusterEventKind,
+        subject: &str,
+        origin: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let id = sqlx::query_scalar(
+            "INSERT INTO cluster_events (account, kind, subject, origin, time)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(account)
+        .bind(kind.as_str())
+        .bind(subject)
+        .bind(origin)
+        .bind(now)
+        .fetch_one(&mut **tx)
+        .await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query(&format!("NOTIFY {CLUSTER_CHANNEL}"))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(id)
+    }
+
+    /// The number of the newest cluster event (0 when there is none): where a replica that
+    /// starts begins to read.
+    pub async fn latest_cluster_event(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM cluster_events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Up to `limit` cluster events after number `after`, oldest first.
+    pub async fn cluster_events_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<ClusterEvent>, StoreError> {
+        let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT id, account, kind, subject, origin, time FROM cluster_events
+             WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(id, account, kind, subject, origin, time)| {
+                let kind = ClusterEventKind::parse(&kind)
+                    .ok_or_else(|| corrupt("a cluster event of an unknown kind"))?;
+                Ok(ClusterEvent {
+                    id,
+                    account,
+                    kind,
+                    subject,
+                    origin,
+                    time,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes the cluster events written before `before`; returns how many.
+    pub async fn prune_cluster_events(&self, before: i64) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
+        let done = sqlx::query("DELETE FROM cluster_events WHERE time < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// The clients of every account whose verified mark changed after change number `seen`,

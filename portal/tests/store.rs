@@ -2131,6 +2131,77 @@ async fn an_identity_holds_its_address_and_brings_its_groups(database: Database)
         .unwrap();
 }
 
+async fn a_client_session_is_announced_to_other_replicas_with_its_registration(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
+    let token = store
+        .create_token(A, client_kind(), "laptop", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let start = store.latest_cluster_event().await.unwrap();
+    let (client, first) = store
+        .connect_client(A, &token.id, &key(1), NOW, "rep_a")
+        .await
+        .unwrap();
+    let (again, second) = store
+        .connect_client(A, &token.id, &key(1), NOW + 1, "rep_b")
+        .await
+        .unwrap();
+    assert_eq!(again.id, client.id);
+    assert!(start < first && first < second, "{start} {first} {second}");
+    assert_eq!(store.latest_cluster_event().await.unwrap(), second);
+
+    let events = store.cluster_events_after(start, 10).await.unwrap();
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e.id,
+                e.account.as_str(),
+                e.kind,
+                e.subject.as_str(),
+                e.origin.as_str(),
+            )
+        })
+        .collect();
+    let kind = fz_portal::store::ClusterEventKind::ClientConnected;
+    assert_eq!(
+        seen,
+        [
+            (first, A, kind, client.id.as_str(), "rep_a"),
+            (second, A, kind, client.id.as_str(), "rep_b"),
+        ]
+    );
+    // Read from a position, a page at a time.
+    let after_first = store.cluster_events_after(first, 10).await.unwrap();
+    assert_eq!(
+        after_first.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [second]
+    );
+    assert_eq!(store.cluster_events_after(start, 1).await.unwrap().len(), 1);
+
+    // A registration refused announces nothing: the event is in its transaction.
+    store.revoke_token(A, &token.id, NOW + 2).await.unwrap();
+    store
+        .connect_client(A, &token.id, &key(1), NOW + 3, "rep_a")
+        .await
+        .unwrap_err();
+    assert_eq!(store.latest_cluster_event().await.unwrap(), second);
+    // Plain registration (admin tools, tests) announces nothing either.
+    let other = store
+        .create_token(A, client_kind(), "phone", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    store
+        .register_client(A, &other.id, &key(2), NOW + 3)
+        .await
+        .unwrap();
+    assert_eq!(store.latest_cluster_event().await.unwrap(), second);
+
+    assert_eq!(store.prune_cluster_events(NOW + 1).await.unwrap(), 1);
+    let left = store.cluster_events_after(start, 10).await.unwrap();
+    assert_eq!(left.iter().map(|e| e.id).collect::<Vec<_>>(), [second]);
+}
+
 #[tokio::test]
 async fn postgres_admin_commands_refuse_a_database_without_a_store_and_replicas_make_it_once() {
     let Some(database) = support::backends::postgres(
@@ -2238,4 +2309,5 @@ on_both_backends!("store":
     revoked_tokens_and_verified_devices_are_visible_to_the_sweeper,
     an_email_code_has_its_tries_its_lifetime_and_one_use,
     an_identity_holds_its_address_and_brings_its_groups,
+    a_client_session_is_announced_to_other_replicas_with_its_registration,
 );

@@ -433,23 +433,18 @@ pub(crate) async fn abuse_target(
     // first 40 tokens are administrators' devices (every site), which the abusers need.
     let extra = Abuse::ALL.len() + NEWCOMERS;
     let model = Model::new(extra + options.clients, options.sites);
-    let base = match store_kind {
-        StoreKind::Disk => tempfile::Builder::new().prefix("fz-abuse-data-").tempdir(),
-        StoreKind::Shm => tempfile::Builder::new()
-            .prefix("fz-abuse-data-")
-            .tempdir_in("/dev/shm"),
-    }
-    .expect("a data directory");
+    let (base, database) = store_kind.prepare("fz-abuse-data-");
     let data = base.path().join("data");
-    let secrets = populate(&data, &model, store_kind).await;
+    let secrets = populate(&data, &database, &model, store_kind).await;
     let config = base.path().join("portal.toml");
     // Nothing but what must be said: every limit is the product's default.
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[[accounts]]\nslug = \"{ACCOUNT}\"\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}\n[[accounts]]\nslug = \"{ACCOUNT}\"\n\
              policy = \"{}\"\n",
             data.display(),
+            super::database_line(&database),
             policy.display()
         ),
     )

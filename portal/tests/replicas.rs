@@ -1,0 +1,90 @@
+//! Several portal replicas on one PostgreSQL database (a real server the tests start,
+//! `fz_host::testing::postgres`): each a `RunningPortal` with a data dir of its own and the
+//! keys the first one made, as `docs/deploy.md` sets replicas up.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
+
+mod support;
+
+use fz_host::testing::agents::{TestClient, key};
+use fz_proto::PortalToClient;
+use support::backends::config_line;
+use support::portal::TestPortal;
+
+const POLICY: &str = r#"
+site hq
+resource gitlab { address "gitlab.acme.example"; site hq; ports tcp/443 }
+group engineering { members "alice@acme.example" }
+allow engineering -> gitlab as eng-git
+"#;
+
+const ALICE: &str = "alice@acme.example";
+
+/// `count` replicas on one fresh database, the later ones given the first one's key files;
+/// `None` (the test reported skipped) where there is no PostgreSQL.
+async fn replicas(test: &str, count: usize) -> Option<Vec<TestPortal>> {
+    let database = support::backends::postgres(test)?;
+    let line = config_line(&database);
+    let first = TestPortal::start(POLICY, &line).await;
+    let data = first.dir.path().join("data");
+    let keys = format!(
+        "signing_key_file = \"{}\"\ntoken_key_file = \"{}\"\n",
+        data.join(fz_portal::keys::FILE).display(),
+        data.join(fz_portal::keys::TOKEN_KEY_FILE).display()
+    );
+    let mut replicas = vec![first];
+    for _ in 1..count {
+        replicas.push(TestPortal::start(POLICY, &format!("{line}\n{keys}")).await);
+    }
+    Some(replicas)
+}
+
+/// Reads until the portal closes the connection; panics if something else than the close,
+/// the relays' credentials or the like comes first for longer than the agents' patience.
+async fn closed(client: &mut TestClient) {
+    while let Some(message) = client.next().await {
+        assert!(
+            !matches!(message, PortalToClient::Granted { .. }),
+            "a closed session got a grant: {message:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_has_one_live_session_across_replicas_the_newest() {
+    let Some(replicas) = replicas(
+        "replicas::a_device_has_one_live_session_across_replicas_the_newest",
+        2,
+    )
+    .await
+    else {
+        return;
+    };
+    let [first, second] = &replicas[..] else {
+        unreachable!()
+    };
+    assert_eq!(first.pinned(), second.pinned(), "the replicas sign alike");
+    let (_, secret) = first.client_token("acme", ALICE).await;
+    let connect = |portal: &TestPortal| {
+        TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(1))
+    };
+
+    // The device connects to the first replica, then (another network, a restart) to the
+    // second: the first closes the older session; the newer one is served.
+    let mut older = connect(first).await.unwrap();
+    let mut newer = connect(second).await.unwrap();
+    closed(&mut older).await;
+    let answer = newer.request("gitlab", None).await;
+    assert!(
+        matches!(answer, PortalToClient::Rejected { .. }),
+        "the newer session answers (no gateway yet): {answer:?}"
+    );
+
+    // Back to the first: now the second closes its session.
+    let mut newest = connect(first).await.unwrap();
+    closed(&mut newer).await;
+    let answer = newest.request("gitlab", None).await;
+    assert!(
+        matches!(answer, PortalToClient::Rejected { .. }),
+        "{answer:?}"
+    );
+}
