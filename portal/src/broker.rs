@@ -1585,6 +1585,11 @@ impl Broker {
     }
 
     /// Closes every agent connection (the portal is stopping).
+    /// Every connected agent's link, clients and gateways.
+    pub fn agent_links(&self) -> Vec<Link> {
+        self.registry().links().into_iter().cloned().collect()
+    }
+
     pub fn close_all(&self) {
         for link in self.registry().links() {
             link.close();

@@ -22,6 +22,10 @@
 //! gateway_ack_timeout_ms = 5000    # a gateway that does not answer a grant in time fails that
 //!                                  # request (the next gateway is tried for IP resources); it
 //!                                  # stays in service while it heartbeats
+//! drain_period_ms = 30000          # at SIGTERM, after it stops accepting, the portal closes
+//!                                  # its agents' connections a batch at a time over this
+//!                                  # long, so that they come back to the other replicas
+//!                                  # spread out, not at once (default 0: all at once)
 //!
 //! # Connections: every one is unauthenticated until its agent's `hello`. The three caps
 //! # default to shares of the open files limit at start (raised to the hard limit first).
@@ -114,6 +118,8 @@ pub struct Config {
     pub trusted_proxy: Option<TrustedProxy>,
     pub gateway_heartbeat_interval: Duration,
     pub gateway_ack_timeout: Duration,
+    /// At a stop, how long the agents' connections take to close, a batch at a time.
+    pub drain_period: Duration,
     pub connections: ConnectionLimits,
     /// Where sign-in codes are mailed; `None`: written under the data dir.
     pub smtp: Option<SmtpConfig>,
@@ -352,6 +358,7 @@ struct ConfigFile {
     trusted_proxies: Option<Vec<Network>>,
     gateway_heartbeat_interval_ms: Option<u64>,
     gateway_ack_timeout_ms: Option<u64>,
+    drain_period_ms: Option<u64>,
     tls_handshake_timeout_ms: Option<u64>,
     header_read_timeout_ms: Option<u64>,
     hello_timeout_ms: Option<u64>,
@@ -414,6 +421,7 @@ impl Config {
             trusted_proxy: None,
             gateway_heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS),
             gateway_ack_timeout: Duration::from_millis(DEFAULT_ACK_TIMEOUT_MS),
+            drain_period: Duration::ZERO,
             connections: ConnectionLimits::default(),
             smtp: None,
             public_url: None,
@@ -514,6 +522,7 @@ impl Config {
                 defaults.gateway_heartbeat_interval,
             ),
             gateway_ack_timeout: millis(file.gateway_ack_timeout_ms, defaults.gateway_ack_timeout),
+            drain_period: millis(file.drain_period_ms, defaults.drain_period),
             connections: ConnectionLimits {
                 tls_handshake_timeout: millis(
                     file.tls_handshake_timeout_ms,

@@ -48,6 +48,8 @@ pub struct RunningPortal {
     pub address: SocketAddr,
     /// Where `/metrics` is served, when `metrics_listen` is set.
     pub metrics_address: Option<SocketAddr>,
+    /// How long [`RunningPortal::stop`] takes to close the agents' connections.
+    drain_period: Duration,
     pub public_key: PortalPublicKey,
     pub broker: Arc<Broker>,
     /// The listener's connections: caps, counts and refusals.
@@ -206,6 +208,7 @@ impl RunningPortal {
         Ok(RunningPortal {
             address,
             metrics_address,
+            drain_period: config.drain_period,
             public_key,
             broker,
             connections,
@@ -225,10 +228,12 @@ impl RunningPortal {
         }
     }
 
-    /// Stops accepting, lets open requests finish, and closes the store.
+    /// Stops accepting, closes the agents' connections (spread over the drain period: see
+    /// [`drain`]), lets open requests finish, and closes the store.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
         // Upgraded WebSockets live outside the HTTP server's shutdown: close them here.
+        drain(&self.broker, self.drain_period).await;
         self.broker.close_all();
         let served = self.server.await;
         for task in &self.tasks {
@@ -236,6 +241,39 @@ impl RunningPortal {
         }
         self.broker.store().close().await;
         served.context("the server task failed")?
+    }
+}
+
+/// The most batches a second [`drain`] closes.
+const DRAIN_BATCHES_PER_SECOND: u128 = 10;
+
+/// Closes every agent's connection a batch at a time, the batches spread evenly over `period`
+/// (at most ten a second), so that agents leaving a replica that stops come back to the
+/// others spread out rather than all at once; with no period, all at once.
+async fn drain(broker: &Broker, period: Duration) {
+    let links = broker.agent_links();
+    if period.is_zero() || links.is_empty() {
+        return;
+    }
+    let most = usize::try_from(period.as_millis() * DRAIN_BATCHES_PER_SECOND / 1000)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    let size = links.len().div_ceil(links.len().min(most));
+    let batches = links.len().div_ceil(size);
+    let pause = period / u32::try_from(batches).unwrap_or(u32::MAX);
+    tracing::info!(
+        agents = links.len(),
+        batches,
+        period_ms = period.as_millis() as u64,
+        "draining: closing the agents' connections a batch at a time"
+    );
+    for (n, batch) in links.chunks(size).enumerate() {
+        if n > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        for link in batch {
+            link.close();
+        }
     }
 }
 

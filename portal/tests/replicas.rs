@@ -1,6 +1,7 @@
 //! Several portal replicas on one PostgreSQL database (a real server the tests start,
 //! `fz_host::testing::postgres`): each a `RunningPortal` with a data dir of its own and the
-//! keys the first one made, as `docs/deploy.md` sets replicas up.
+//! keys the first one made, as `docs/deploy.md` sets replicas up; and a replica that stops,
+//! draining its agents.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 mod support;
@@ -87,4 +88,41 @@ async fn a_device_has_one_live_session_across_replicas_the_newest() {
         matches!(answer, PortalToClient::Rejected { .. }),
         "{answer:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_stops_accepting_then_closes_its_agents_a_batch_at_a_time() {
+    // Two agents over four seconds: two batches, two seconds apart.
+    let mut portal = TestPortal::start(POLICY, "drain_period_ms = 4000").await;
+    let (address, pinned) = (portal.address(), portal.pinned());
+    let (_, alice) = portal.client_token("acme", ALICE).await;
+    let (_, bob) = portal.client_token("acme", "bob@acme.example").await;
+    let mut alices = TestClient::connect(address, pinned, "acme", &alice, key(1))
+        .await
+        .unwrap();
+    let mut bobs = TestClient::connect(address, pinned, "acme", &bob, key(2))
+        .await
+        .unwrap();
+    let running = portal.running.take().unwrap();
+    let stopping = tokio::spawn(running.stop());
+
+    // One of them is closed first; the other is still served meanwhile, though nobody new
+    // gets in.
+    let mut still_open = tokio::select! {
+        () = closed(&mut alices) => bobs,
+        () = closed(&mut bobs) => alices,
+    };
+    let answer = still_open.request("gitlab", None).await;
+    assert!(
+        matches!(answer, PortalToClient::Rejected { .. }),
+        "the agent of the second batch is served until its turn: {answer:?}"
+    );
+    assert!(
+        TestClient::connect(address, pinned, "acme", &alice, key(1))
+            .await
+            .is_err(),
+        "a stopping replica accepts nobody"
+    );
+    closed(&mut still_open).await;
+    stopping.await.unwrap().unwrap();
 }
