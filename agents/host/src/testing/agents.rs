@@ -184,24 +184,31 @@ impl TestClient {
         dns: Option<DnsMapping>,
         avoid: &[&str],
     ) -> PortalToClient {
-        send_text(
-            &mut self.socket,
-            encode(&ClientMessage::RequestAccess {
-                resource: resource.to_owned(),
-                dns,
-                avoid: avoid.iter().map(|g| (*g).to_owned()).collect(),
-            }),
-        )
-        .await;
+        self.try_request(resource, dns, avoid)
+            .await
+            .unwrap_or_else(|| panic!("the portal closed the connection instead of answering"))
+    }
+
+    /// [`TestClient::request_avoiding`], giving `None` when the portal closes the connection
+    /// before it answers (a test that kills the portal).
+    pub async fn try_request(
+        &mut self,
+        resource: &str,
+        dns: Option<DnsMapping>,
+        avoid: &[&str],
+    ) -> Option<PortalToClient> {
+        let request = encode(&ClientMessage::RequestAccess {
+            resource: resource.to_owned(),
+            dns,
+            avoid: avoid.iter().map(|g| (*g).to_owned()).collect(),
+        });
+        self.socket.send(Message::Text(request.into())).await.ok()?;
         loop {
-            match self.next().await {
-                Some(
-                    answer @ (PortalToClient::Granted { .. } | PortalToClient::Rejected { .. }),
-                ) => {
-                    return answer;
+            match self.next().await? {
+                answer @ (PortalToClient::Granted { .. } | PortalToClient::Rejected { .. }) => {
+                    return Some(answer);
                 }
-                Some(_) => continue,
-                None => panic!("the portal closed the connection instead of answering"),
+                _ => continue,
             }
         }
     }
