@@ -266,10 +266,9 @@ impl Broker {
                 ));
             }
         }
-        let replica = random::id("rep").map_err(store::StoreError::Random)?;
         Ok(Arc::new(Broker {
+            replica: parts.store.replica().to_owned(),
             store: parts.store,
-            replica,
             writer: parts.writer,
             key: parts.key,
             accounts: parts
@@ -414,7 +413,6 @@ impl Broker {
                 &token.id,
                 &public_key.to_string(),
                 now_i64(now),
-                &self.replica,
             )
             .await
             .map_err(refusal)?;
@@ -484,29 +482,58 @@ impl Broker {
     }
 
     /// What other replicas said (cluster events, oldest first): a session of a client of ours
-    /// that started after ours, elsewhere, ends ours (one live session per device). Events of
-    /// this replica's own are skipped; an event read twice changes nothing the second time.
-    pub fn cluster_events(&self, events: &[store::ClusterEvent]) {
+    /// that started after ours, elsewhere, ends ours (one live session per device); a user's
+    /// groups named anew by a sign-in elsewhere have their grants here decided again. Events
+    /// of this replica's own are skipped (it acted when it wrote them); an event read twice
+    /// changes nothing the second time.
+    pub async fn cluster_events(&self, events: &[store::ClusterEvent]) {
         for event in events.iter().filter(|e| e.origin != self.replica) {
             match event.kind {
-                store::ClusterEventKind::ClientConnected => {
-                    let mut registry = self.registry();
-                    let older = registry.client(&event.subject).filter(|entry| {
-                        entry.session.account == event.account && entry.announced < event.id
-                    });
-                    let Some(older) = older else { continue };
-                    let connection = older.connection;
-                    older.link.close();
-                    registry.client_gone(&event.subject, connection);
-                    tracing::info!(
-                        account = %event.account,
-                        client = %event.subject,
-                        replica = %event.origin,
-                        "client session closed: the device connected to another replica"
-                    );
+                store::ClusterEventKind::ClientConnected => self.session_moved(event),
+                store::ClusterEventKind::MembershipsChanged => {
+                    let Some(provider) = &event.detail else {
+                        continue;
+                    };
+                    let groups: Vec<String> = match self
+                        .store
+                        .memberships(&event.account, &event.subject)
+                        .await
+                    {
+                        Ok(memberships) => memberships
+                            .into_iter()
+                            .filter(|m| &m.provider == provider)
+                            .map(|m| m.group)
+                            .collect(),
+                        Err(error) => {
+                            tracing::warn!(%error, user = %event.subject, "cannot read the groups a sign-in elsewhere named");
+                            continue;
+                        }
+                    };
+                    self.idp_groups_changed(&event.account, &event.subject, provider, &groups)
+                        .await;
                 }
             }
         }
+    }
+
+    /// A session of `event.subject` started elsewhere after ours: ours ends.
+    fn session_moved(&self, event: &store::ClusterEvent) {
+        let mut registry = self.registry();
+        let older = registry
+            .client(&event.subject)
+            .filter(|entry| entry.session.account == event.account && entry.announced < event.id);
+        let Some(older) = older else {
+            return;
+        };
+        let connection = older.connection;
+        older.link.close();
+        registry.client_gone(&event.subject, connection);
+        tracing::info!(
+            account = %event.account,
+            client = %event.subject,
+            replica = %event.origin,
+            "client session closed: the device connected to another replica"
+        );
     }
 
     pub fn client_closed(&self, client_id: &str, connection: u64) {

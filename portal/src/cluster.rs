@@ -1,8 +1,10 @@
 //! What the replicas on one database tell each other: the cluster events the store keeps
 //! (`cluster_events`, written in the transaction of the change they tell of), read by every
 //! replica in order from where it started and applied by its broker
-//! ([`Broker::cluster_events`]). Today they say one thing: a client's session started on some
-//! replica, so an older one of the same device, anywhere, ends.
+//! ([`Broker::cluster_events`]). Today they say two things: a client's session started on
+//! some replica, so an older one of the same device, anywhere, ends; and an identity provider
+//! named a user's groups anew at a sign-in, so that user's grants are decided again wherever
+//! their devices are connected.
 //!
 //! On PostgreSQL a `LISTEN` on the store's channel wakes the reader as soon as an event
 //! commits; a tick each second reads anyway, so a notification missed while the listening
@@ -101,7 +103,7 @@ async fn read(broker: &Broker, store: &Store, mut position: i64) -> i64 {
                     return position;
                 };
                 position = last.id;
-                broker.cluster_events(&events);
+                broker.cluster_events(&events).await;
                 if events.len() < PAGE as usize {
                     return position;
                 }

@@ -151,6 +151,8 @@ enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// This process among those on one database: the origin of the cluster events it writes.
+    replica: Arc<str>,
     /// Whose turn it is to write. SQLite takes one writer at a time, and its busy handler
     /// makes the others sleep and retry, which starves a lone write (a client's hello) behind
     /// a steady stream of batches; writers of this process queue here instead, first come
@@ -438,8 +440,10 @@ pub struct ClusterEvent {
     pub id: i64,
     pub account: String,
     pub kind: ClusterEventKind,
-    /// The client (or gateway) it is about.
+    /// Who it is about: a client's id, a user's address.
     pub subject: String,
+    /// What more its kind says (`MembershipsChanged`: the identity provider).
+    pub detail: Option<String>,
     /// The replica that wrote it.
     pub origin: String,
     pub time: i64,
@@ -450,18 +454,23 @@ pub struct ClusterEvent {
 pub enum ClusterEventKind {
     /// A session of client `subject` started on replica `origin`: an older one elsewhere ends.
     ClientConnected,
+    /// Identity provider `detail` named the groups of user `subject` anew: their grants are
+    /// decided again wherever their devices are.
+    MembershipsChanged,
 }
 
 impl ClusterEventKind {
     fn as_str(self) -> &'static str {
         match self {
             ClusterEventKind::ClientConnected => "client-connected",
+            ClusterEventKind::MembershipsChanged => "memberships-changed",
         }
     }
 
     fn parse(text: &str) -> Option<ClusterEventKind> {
         match text {
             "client-connected" => Some(ClusterEventKind::ClientConnected),
+            "memberships-changed" => Some(ClusterEventKind::MembershipsChanged),
             _ => None,
         }
     }
@@ -613,10 +622,17 @@ impl Store {
         Ok(Store {
             pool,
             backend,
+            replica: random_id("rep")?.into(),
             writes: Arc::default(),
             token_checks: Arc::default(),
             token_key: Arc::new(token_key),
         })
+    }
+
+    /// This process's name among the replicas on its database (random, made at open): the
+    /// origin of the cluster events it writes.
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// Whether the database answers a trivial query (`/healthz`).
@@ -963,13 +979,13 @@ impl Store {
         public_key: &str,
         now: i64,
     ) -> Result<ClientRecord, StoreError> {
-        self.register(account, token_id, public_key, now, None)
+        self.register(account, token_id, public_key, now, false)
             .await
             .map(|(client, _)| client)
     }
 
     /// Registers the client as [`Store::register_client`] does, for a session of it starting
-    /// on replica `origin`, and in the same transaction tells the other replicas
+    /// on this replica, and in the same transaction tells the other replicas
     /// ([`ClusterEventKind::ClientConnected`]); returns the client and the event's number.
     pub async fn connect_client(
         &self,
@@ -977,10 +993,9 @@ impl Store {
         token_id: &str,
         public_key: &str,
         now: i64,
-        origin: &str,
     ) -> Result<(ClientRecord, i64), StoreError> {
         let (client, event) = self
-            .register(account, token_id, public_key, now, Some(origin))
+            .register(account, token_id, public_key, now, true)
             .await?;
         Ok((client, event.unwrap_or(0)))
     }
@@ -991,7 +1006,7 @@ impl Store {
         token_id: &str,
         public_key: &str,
         now: i64,
-        origin: Option<&str>,
+        announce: bool,
     ) -> Result<(ClientRecord, Option<i64>), StoreError> {
         let public_key = canonical_key(public_key)?;
         let id = random_id("cli")?;
@@ -1041,15 +1056,15 @@ impl Store {
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| on_constraint(e, key_taken(Entity::Client)))?;
-        let event = match origin {
-            Some(origin) => {
-                let event = ClusterEventKind::ClientConnected;
-                Some(
-                    self.announce(&mut tx, account, event, &client.id, origin, now)
-                        .await?,
-                )
-            }
-            None => None,
+        let event = if announce {
+            let connected = ClusterEventKind::ClientConnected;
+            let subject = (client.id.as_str(), None);
+            Some(
+                self.announce(&mut tx, account, connected, subject, now)
+                    .await?,
+            )
+        } else {
+            None
         };
         tx.commit().await?;
         Ok((client.into_record()?, event))
@@ -1059,23 +1074,25 @@ impl Store {
 
     /// Writes a cluster event in `tx` (the transaction of the change it tells of) and, on
     /// PostgreSQL, wakes the other replicas' readers when it commits; returns its number.
+    /// The event is about `subject`, with `detail` when its kind needs more; its origin is
+    /// this store's [`Store::replica`].
     async fn announce(
         &self,
         tx: &mut Transaction<'static, Any>,
         account: &str,
         kind: ClusterEventKind,
-        subject: &str,
-        origin: &str,
+        (subject, detail): (&str, Option<&str>),
         now: i64,
     ) -> Result<i64, StoreError> {
         let id = sqlx::query_scalar(
-            "INSERT INTO cluster_events (account, kind, subject, origin, time)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            "INSERT INTO cluster_events (account, kind, subject, detail, origin, time)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
         .bind(account)
         .bind(kind.as_str())
         .bind(subject)
-        .bind(origin)
+        .bind(detail)
+        .bind(self.replica.as_ref())
         .bind(now)
         .fetch_one(&mut **tx)
         .await?;
@@ -1103,8 +1120,8 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> Result<Vec<ClusterEvent>, StoreError> {
-        let rows: Vec<(i64, String, String, String, String, i64)> = sqlx::query_as(
-            "SELECT id, account, kind, subject, origin, time FROM cluster_events
+        let rows: Vec<ClusterEventRow> = sqlx::query_as(
+            "SELECT id, account, kind, subject, detail, origin, time FROM cluster_events
              WHERE id > $1 ORDER BY id LIMIT $2",
         )
         .bind(after)
@@ -1112,16 +1129,17 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(id, account, kind, subject, origin, time)| {
-                let kind = ClusterEventKind::parse(&kind)
+            .map(|row| {
+                let kind = ClusterEventKind::parse(&row.kind)
                     .ok_or_else(|| corrupt("a cluster event of an unknown kind"))?;
                 Ok(ClusterEvent {
-                    id,
-                    account,
+                    id: row.id,
+                    account: row.account,
                     kind,
-                    subject,
-                    origin,
-                    time,
+                    subject: row.subject,
+                    detail: row.detail,
+                    origin: row.origin,
+                    time: row.time,
                 })
             })
             .collect()
@@ -1384,6 +1402,9 @@ impl Store {
         })?;
         if let Some(groups) = groups {
             replace_memberships(&mut tx, account, email, provider, groups).await?;
+            let changed = ClusterEventKind::MembershipsChanged;
+            self.announce(&mut tx, account, changed, (email, Some(provider)), now)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -2148,6 +2169,18 @@ async fn insert_user(
             })
         })?;
     Ok(())
+}
+
+/// A cluster event as stored (see [`ClusterEvent`]).
+#[derive(sqlx::FromRow)]
+struct ClusterEventRow {
+    id: i64,
+    account: String,
+    kind: String,
+    subject: String,
+    detail: Option<String>,
+    origin: String,
+    time: i64,
 }
 
 /// What [`usable_token`] needs of a token.

@@ -6,16 +6,19 @@
 
 mod support;
 
-use fz_host::testing::agents::{TestClient, key};
-use fz_proto::PortalToClient;
+use fz_host::testing::agents::{PATIENCE, TestClient, TestGateway, key};
+use fz_proto::{PortalToClient, PortalToGateway};
 use support::backends::config_line;
 use support::portal::TestPortal;
 
 const POLICY: &str = r#"
 site hq
 resource gitlab { address "gitlab.acme.example"; site hq; ports tcp/443 }
+resource db { address "10.0.5.0/24"; site hq; ports tcp/5432 }
 group engineering { members "alice@acme.example" }
+group dba { idp okta "DBA" }
 allow engineering -> gitlab as eng-git
+allow dba -> db as dba-db
 "#;
 
 const ALICE: &str = "alice@acme.example";
@@ -88,6 +91,67 @@ async fn a_device_has_one_live_session_across_replicas_the_newest() {
         matches!(answer, PortalToClient::Rejected { .. }),
         "{answer:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another() {
+    let Some(replicas) = replicas(
+        "replicas::a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another",
+        2,
+    )
+    .await
+    else {
+        return;
+    };
+    let [first, second] = &replicas[..] else {
+        unreachable!()
+    };
+    let identity = ("https://okta.example", "alice-1");
+    let sign_in = |groups: &'static [&'static str]| {
+        let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+        async move {
+            first
+                .store()
+                .record_identity("acme", "okta", identity, ALICE, Some(&groups), 1)
+                .await
+                .unwrap();
+        }
+    };
+    sign_in(&["DBA"]).await;
+    // Alice's device and the gateway are on the second replica; she holds the database.
+    let (_, gateway_secret) = second.gateway_token("acme", "hq").await;
+    let gateway = TestGateway::connect(
+        second.address(),
+        second.pinned(),
+        "acme",
+        &gateway_secret,
+        key(200),
+    )
+    .await
+    .unwrap();
+    let mut seen = gateway.serve();
+    let (_, secret) = second.client_token("acme", ALICE).await;
+    let mut client =
+        TestClient::connect(second.address(), second.pinned(), "acme", &secret, key(1))
+            .await
+            .unwrap();
+    let grant = client.grant("db", None).await;
+
+    // She signs in again through the first replica, and Okta no longer lists DBA: the second
+    // replica withdraws her grant from its gateway.
+    sign_in(&[]).await;
+    let revoked = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match seen.recv().await.expect("the gateway stays connected") {
+                PortalToGateway::Revoke { grant_id } => break vec![grant_id],
+                PortalToGateway::RevokeMany { grant_ids } => break grant_ids,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the other replica withdraws the grant within the agents' patience");
+    assert_eq!(revoked, [grant.grant.id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

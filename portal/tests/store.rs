@@ -2139,11 +2139,11 @@ async fn a_client_session_is_announced_to_other_replicas_with_its_registration(d
         .unwrap();
     let start = store.latest_cluster_event().await.unwrap();
     let (client, first) = store
-        .connect_client(A, &token.id, &key(1), NOW, "rep_a")
+        .connect_client(A, &token.id, &key(1), NOW)
         .await
         .unwrap();
     let (again, second) = store
-        .connect_client(A, &token.id, &key(1), NOW + 1, "rep_b")
+        .connect_client(A, &token.id, &key(1), NOW + 1)
         .await
         .unwrap();
     assert_eq!(again.id, client.id);
@@ -2164,11 +2164,13 @@ async fn a_client_session_is_announced_to_other_replicas_with_its_registration(d
         })
         .collect();
     let kind = fz_portal::store::ClusterEventKind::ClientConnected;
+    let origin = store.replica();
+    assert!(origin.starts_with("rep_"), "{origin}");
     assert_eq!(
         seen,
         [
-            (first, A, kind, client.id.as_str(), "rep_a"),
-            (second, A, kind, client.id.as_str(), "rep_b"),
+            (first, A, kind, client.id.as_str(), origin),
+            (second, A, kind, client.id.as_str(), origin),
         ]
     );
     // Read from a position, a page at a time.
@@ -2182,7 +2184,7 @@ async fn a_client_session_is_announced_to_other_replicas_with_its_registration(d
     // A registration refused announces nothing: the event is in its transaction.
     store.revoke_token(A, &token.id, NOW + 2).await.unwrap();
     store
-        .connect_client(A, &token.id, &key(1), NOW + 3, "rep_a")
+        .connect_client(A, &token.id, &key(1), NOW + 3)
         .await
         .unwrap_err();
     assert_eq!(store.latest_cluster_event().await.unwrap(), second);
@@ -2197,9 +2199,41 @@ async fn a_client_session_is_announced_to_other_replicas_with_its_registration(d
         .unwrap();
     assert_eq!(store.latest_cluster_event().await.unwrap(), second);
 
+    // A sign-in that names the user's groups tells the other replicas which provider did; one
+    // that names none (the provider has no groups claim) changes nothing and tells nothing.
+    let identity = ("https://idp.example", "alice-1");
+    let groups = ["eng".to_owned()];
+    store
+        .record_identity(
+            A,
+            "okta",
+            identity,
+            "alice@example.com",
+            Some(&groups),
+            NOW + 4,
+        )
+        .await
+        .unwrap();
+    let changed = store.cluster_events_after(second, 10).await.unwrap();
+    let changed: Vec<_> = changed
+        .iter()
+        .map(|e| (e.kind, e.subject.as_str(), e.detail.as_deref()))
+        .collect();
+    let kind = fz_portal::store::ClusterEventKind::MembershipsChanged;
+    assert_eq!(changed, [(kind, "alice@example.com", Some("okta"))]);
+    let latest = store.latest_cluster_event().await.unwrap();
+    store
+        .record_identity(A, "okta", identity, "alice@example.com", None, NOW + 5)
+        .await
+        .unwrap();
+    assert_eq!(store.latest_cluster_event().await.unwrap(), latest);
+
     assert_eq!(store.prune_cluster_events(NOW + 1).await.unwrap(), 1);
-    let left = store.cluster_events_after(start, 10).await.unwrap();
-    assert_eq!(left.iter().map(|e| e.id).collect::<Vec<_>>(), [second]);
+    let left = store.cluster_events_after(start, 2).await.unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [second, latest]
+    );
 }
 
 #[tokio::test]

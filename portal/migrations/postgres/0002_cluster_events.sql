@@ -4,8 +4,10 @@
 CREATE TABLE cluster_events (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('client-connected')),
+    kind TEXT NOT NULL CHECK (kind IN ('client-connected', 'memberships-changed')),
     subject TEXT NOT NULL,
+    -- What more the kind needs (`memberships-changed`: the identity provider).
+    detail TEXT,
     origin TEXT NOT NULL,
     time BIGINT NOT NULL
 );

@@ -7,12 +7,16 @@
 -- `kind`:
 --   `client-connected`: client `subject` said hello to replica `origin`; any other replica
 --   holding an older connection of it closes that one (one live session per device).
+--   `memberships-changed`: identity provider `detail` named user `subject`'s groups anew (a
+--   sign-in); every other replica decides that user's grants again.
 -- Rows older than a day are deleted: a replica that was away longer starts from the newest.
 CREATE TABLE cluster_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     account TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('client-connected')),
+    kind TEXT NOT NULL CHECK (kind IN ('client-connected', 'memberships-changed')),
     subject TEXT NOT NULL,
+    -- What more the kind needs (`memberships-changed`: the identity provider).
+    detail TEXT,
     origin TEXT NOT NULL,
     time INTEGER NOT NULL
 ) STRICT;
