@@ -266,6 +266,7 @@ impl Broker {
                 ));
             }
         }
+        let metrics = Metrics::new(parts.writer.commits());
         Ok(Arc::new(Broker {
             replica: parts.store.replica().to_owned(),
             store: parts.store,
@@ -285,7 +286,7 @@ impl Broker {
             limiter: Mutex::new(RateLimiter::default()),
             repeats: Mutex::new(Repeats::default()),
             deciding: Mutex::new(HashMap::new()),
-            metrics: Metrics::default(),
+            metrics,
         }))
     }
 

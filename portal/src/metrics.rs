@@ -5,7 +5,8 @@
 //! Events are counted where they happen ([`Metrics::request_answered`], called by the broker
 //! for every resource request); what is a state rather than an event (agents connected,
 //! grants in force, reload failures, how fast the database answers) is read from the broker
-//! when a scrape comes ([`Metrics::render`]).
+//! when a scrape comes ([`Metrics::render`]). The writer times each commit of the store
+//! itself, into a histogram registered here.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -86,8 +87,16 @@ pub struct Metrics {
     database_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+/// The histogram of the store's commits of the writer's batches ([`crate::writer::Writer`]
+/// observes it; [`Metrics::new`] registers it): from 0.1 ms to about 3 s, a disk sync each.
+pub fn commit_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+impl Metrics {
+    /// The registry, with the writer's commit histogram (`commits`, made by
+    /// [`commit_histogram`]) in it.
+    pub fn new(commits: Histogram) -> Self {
         let mut registry = Registry::with_prefix("fz_portal");
         let requests = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -125,6 +134,11 @@ impl Default for Metrics {
             "How long the database took to answer a trivial query at the last scrape",
             database_seconds.clone(),
         );
+        registry.register(
+            "store_commit_seconds",
+            "How long the store took to commit each batch of grants, flows and withdrawals (the durable write every grant's answer waits for)",
+            commits,
+        );
         Metrics {
             registry,
             requests,
@@ -135,9 +149,7 @@ impl Default for Metrics {
             database_seconds,
         }
     }
-}
 
-impl Metrics {
     /// Counts a resource request and how long its answer took.
     pub fn request_answered(&self, outcome: Outcome, took: Duration) {
         let labels = OutcomeLabels { outcome };

@@ -5,6 +5,9 @@
 //! Each caller waits for its own write to be durable before it answers anyone: batching
 //! changes throughput, never what a caller may assume after `submit` returns `Ok`.
 
+use std::time::Instant;
+
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{Store, StoreError, Write};
@@ -16,6 +19,8 @@ const MAX_BATCH: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct Writer {
     queue: mpsc::UnboundedSender<Queued>,
+    /// How long each batch's commit took (`fz_portal_store_commit_seconds`).
+    commits: Histogram,
 }
 
 type Queued = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
@@ -33,8 +38,14 @@ impl Writer {
     /// Starts the writer task on the current runtime. It ends when every handle is dropped.
     pub fn start(store: Store) -> Writer {
         let (queue, incoming) = mpsc::unbounded_channel();
-        tokio::spawn(run(store, incoming));
-        Writer { queue }
+        let commits = crate::metrics::commit_histogram();
+        tokio::spawn(run(store, incoming, commits.clone()));
+        Writer { queue, commits }
+    }
+
+    /// The histogram of its commits' durations, for the metrics' registry.
+    pub fn commits(&self) -> Histogram {
+        self.commits.clone()
     }
 
     /// Writes these together (all or none); the future is ready once they are committed.
@@ -58,7 +69,7 @@ impl Writer {
     }
 }
 
-async fn run(store: Store, mut incoming: mpsc::UnboundedReceiver<Queued>) {
+async fn run(store: Store, mut incoming: mpsc::UnboundedReceiver<Queued>, commits: Histogram) {
     let mut batch: Vec<Queued> = Vec::new();
     while let Some(first) = incoming.recv().await {
         batch.push(first);
@@ -73,7 +84,10 @@ async fn run(store: Store, mut incoming: mpsc::UnboundedReceiver<Queued>) {
             }
         }
         let writes: Vec<Write> = batch.iter().flat_map(|(w, _)| w.iter().cloned()).collect();
-        match store.apply(&writes).await {
+        let started = Instant::now();
+        let applied = store.apply(&writes).await;
+        commits.observe(started.elapsed().as_secs_f64());
+        match applied {
             Ok(()) => {
                 for (_, done) in batch.drain(..) {
                     let _ = done.send(Ok(()));

@@ -101,9 +101,9 @@ fn sample(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
-/// `/metrics` (on its own listener) counts requests by outcome with their latency, and reads
-/// agents connected, grants in force, reload failures and the database's answer time when
-/// scraped.
+/// `/metrics` (on its own listener) counts requests by outcome with their latency, times the
+/// store's commits, and reads agents connected, grants in force, reload failures and the
+/// database's answer time when scraped.
 #[tokio::test]
 async fn metrics_count_requests_agents_grants_and_reload_failures() {
     let portal = TestPortal::start(AGENTS_POLICY, "metrics_listen = \"127.0.0.1:0\"").await;
@@ -114,6 +114,7 @@ async fn metrics_count_requests_agents_grants_and_reload_failures() {
     );
     assert_eq!(sample(&text, "fz_portal_grants_in_force"), 0.0);
     assert!(sample(&text, "fz_portal_database_ping_seconds") >= 0.0);
+    let commits_before = sample(&text, "fz_portal_store_commit_seconds_count");
     // The metrics are not on the public port.
     let public = reqwest::get(format!("http://{}/metrics", portal.address()))
         .await
@@ -158,6 +159,8 @@ async fn metrics_count_requests_agents_grants_and_reload_failures() {
         ),
         1.0
     );
+    // The grant and its flow, and the denial's flow, were committed and timed.
+    assert!(sample(&text, "fz_portal_store_commit_seconds_count") > commits_before);
     assert!(
         sample(
             &text,
