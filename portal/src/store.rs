@@ -61,7 +61,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions as _, Executor as _, Transaction};
+use sqlx::{
+    Any, AnyConnection, AnyPool, ConnectOptions as _, Executor as _, FromRow as _, Transaction,
+};
 use subtle::ConstantTimeEq as _;
 
 use crate::credential::{self, IssueError, Label, TokenKey};
@@ -1724,27 +1726,12 @@ impl Store {
         }
         for chunk in flows.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "INSERT INTO flows (account, time, user_email, client_id, resource_id, name,
-                                    decision, rule_id, bundle_hash, reason, last_time,
-                                    grant_id)
-                 VALUES {}",
-                placeholder_rows(chunk.len(), 12)
+                "{INSERT_FLOWS} {}",
+                placeholder_rows(chunk.len(), FLOW_INSERT_ARITY)
             );
             let mut insert = sqlx::query(&sql);
             for flow in chunk {
-                insert = insert
-                    .bind(&flow.account)
-                    .bind(flow.time)
-                    .bind(flow.user.to_lowercase())
-                    .bind(&flow.client_id)
-                    .bind(&flow.resource_id)
-                    .bind(flow.name.as_deref())
-                    .bind(flow.decision)
-                    .bind(flow.rule_id.as_deref())
-                    .bind(&flow.bundle_hash)
-                    .bind(&flow.reason)
-                    .bind(flow.time)
-                    .bind(flow.grant_id.as_deref());
+                insert = bind_flow(insert, flow);
             }
             insert.execute(&mut *tx).await.map_err(|e| {
                 on_constraint(e, |kind| match kind {
@@ -2291,31 +2278,47 @@ async fn insert_grants(
 }
 
 async fn insert_flow(conn: &mut AnyConnection, flow: &NewFlow) -> Result<FlowRecord, StoreError> {
-    sqlx::query_as(&format!(
-        "INSERT INTO flows (account, time, user_email, client_id, resource_id, name, decision,
-                            rule_id, bundle_hash, reason, last_time, grant_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $2, $11)
-         RETURNING {FLOW_COLUMNS}"
-    ))
-    .bind(&flow.account)
-    .bind(flow.time)
-    .bind(flow.user.to_lowercase())
-    .bind(&flow.client_id)
-    .bind(&flow.resource_id)
-    .bind(flow.name.as_deref())
-    .bind(flow.decision)
-    .bind(flow.rule_id.as_deref())
-    .bind(&flow.bundle_hash)
-    .bind(&flow.reason)
-    .bind(flow.grant_id.as_deref())
-    .fetch_one(conn)
-    .await
-    .map_err(|e| {
-        on_constraint(e, |kind| match kind {
-            ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
-            _ => None,
-        })
-    })
+    let sql = format!(
+        "{INSERT_FLOWS} {} RETURNING {FLOW_COLUMNS}",
+        placeholder_rows(1, FLOW_INSERT_ARITY)
+    );
+    let row = bind_flow(sqlx::query(&sql), flow)
+        .fetch_one(conn)
+        .await
+        .map_err(|e| {
+            on_constraint(e, |kind| match kind {
+                ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
+                _ => None,
+            })
+        })?;
+    Ok(FlowRecord::from_row(&row)?)
+}
+
+/// The start of a flow row's insert, the values of its [`FLOW_INSERT_ARITY`] columns to
+/// follow, bound by [`bind_flow`]; a new row's last occurrence is its first.
+const INSERT_FLOWS: &str = "INSERT INTO flows (account, time, user_email, client_id, resource_id, \
+                            name, decision, rule_id, bundle_hash, reason, last_time, grant_id) \
+                            VALUES";
+const FLOW_INSERT_ARITY: usize = 12;
+
+/// Binds a new flow's values, in [`INSERT_FLOWS`]'s order.
+fn bind_flow<'q>(
+    query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    flow: &'q NewFlow,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    query
+        .bind(&flow.account)
+        .bind(flow.time)
+        .bind(flow.user.to_lowercase())
+        .bind(&flow.client_id)
+        .bind(&flow.resource_id)
+        .bind(flow.name.as_deref())
+        .bind(flow.decision)
+        .bind(flow.rule_id.as_deref())
+        .bind(&flow.bundle_hash)
+        .bind(&flow.reason)
+        .bind(flow.time)
+        .bind(flow.grant_id.as_deref())
 }
 
 /// A row that happened again (see [`Write::GrantReused`], [`Write::DenialRepeated`]).

@@ -43,14 +43,7 @@ struct Fixture {
 async fn fixture(database: Database) -> Fixture {
     let dir = TempDir::new().unwrap();
     let data_dir = dir.path().join("var").join("fz-portal");
-    let store = Store::open_in(
-        &data_dir,
-        &database,
-        &KeyFiles::default(),
-        Creation::Allowed,
-    )
-    .await
-    .unwrap();
+    let store = open(&data_dir, &database).await;
     store.ensure_account(A).await.unwrap();
     store.ensure_account(B).await.unwrap();
     Fixture {
@@ -59,6 +52,13 @@ async fn fixture(database: Database) -> Fixture {
         database,
         store,
     }
+}
+
+/// The store in `data_dir` and `database` (again: a restart, or a second replica).
+async fn open(data_dir: &Path, database: &Database) -> Store {
+    Store::open_in(data_dir, database, &KeyFiles::default(), Creation::Allowed)
+        .await
+        .unwrap()
 }
 
 /// A connection pool of our own on the fixture's database, beside the store's: read-only on
@@ -487,14 +487,7 @@ async fn a_restart_loses_nothing(database: Database) {
     // Drop without closing: whatever was committed must already be on disk.
     drop(store);
 
-    let store = Store::open_in(
-        &data_dir,
-        &database,
-        &KeyFiles::default(),
-        Creation::Allowed,
-    )
-    .await
-    .unwrap();
+    let store = open(&data_dir, &database).await;
     let after = (
         store.list_tokens(A).await.unwrap(),
         store.list_clients(A).await.unwrap(),
@@ -731,14 +724,7 @@ async fn a_token_made_inactive_is_refused_until_activated_even_across_a_restart(
     // The maker dies here, before or after showing the secret: the token stays unusable.
     store.close().await;
     drop(store);
-    let store = Store::open_in(
-        &data_dir,
-        &database,
-        &KeyFiles::default(),
-        Creation::Allowed,
-    )
-    .await
-    .unwrap();
+    let store = open(&data_dir, &database).await;
     assert!(
         store
             .authenticate(&token.secret, NOW)
@@ -1774,14 +1760,7 @@ async fn concurrent_writers_all_get_through(database: Database) {
         database,
         store,
     } = fixture(database).await;
-    let other = Store::open_in(
-        &data_dir,
-        &database,
-        &KeyFiles::default(),
-        Creation::Allowed,
-    )
-    .await
-    .unwrap();
+    let other = open(&data_dir, &database).await;
     let mut tasks = Vec::new();
     for i in 0..32u8 {
         let store = if i % 2 == 0 { &store } else { &other }.clone();
