@@ -491,6 +491,7 @@ impl Broker {
         for event in events.iter().filter(|e| e.origin != self.replica) {
             match event.kind {
                 store::ClusterEventKind::ClientConnected => self.session_moved(event),
+                store::ClusterEventKind::GatewayConnected => self.gateway_moved(event),
                 store::ClusterEventKind::MembershipsChanged => {
                     let Some(provider) = &event.detail else {
                         continue;
@@ -515,6 +516,37 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// Gateway `event.subject` connected elsewhere after it connected here: our connection of
+    /// it is stale (a replica learns of a dead TCP connection only from missed heartbeats), so
+    /// it is dropped and closed. Nothing is written: the store's `connected` is the new
+    /// replica's to keep, and the gateway's clients here are not told it is down, since it
+    /// is not and their tunnels to it run on.
+    fn gateway_moved(&self, event: &store::ClusterEvent) {
+        let connection = {
+            let mut registry = self.registry();
+            let older = registry
+                .gateway(&event.subject)
+                .filter(|entry| entry.account == event.account && entry.announced < event.id);
+            let Some(older) = older else {
+                return;
+            };
+            let connection = older.connection;
+            older.link.close();
+            registry.gateway_gone(&event.subject, connection);
+            connection
+        };
+        // Grants waiting for its acknowledgement here will not get it: their requests fail
+        // over as for a gateway that went away.
+        self.pending().retain(|_, p| p.gateway_id != event.subject);
+        tracing::info!(
+            account = %event.account,
+            gateway = %event.subject,
+            connection,
+            replica = %event.origin,
+            "gateway connection dropped: the gateway connected to another replica"
+        );
     }
 
     /// A session of `event.subject` started elsewhere after ours: ours ends.
@@ -1005,9 +1037,9 @@ impl Broker {
         };
         let now = now_i64(unix(self.now()));
         let texts: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
-        let record = self
+        let (record, announced) = self
             .store
-            .register_gateway(
+            .connect_gateway(
                 &token.account,
                 &token.id,
                 &public_key.to_string(),
@@ -1029,6 +1061,7 @@ impl Broker {
                     endpoints,
                 },
                 connection,
+                announced,
                 link,
             });
             if let Some(old) = replaced {

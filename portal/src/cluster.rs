@@ -1,8 +1,9 @@
 //! What the replicas on one database tell each other: the cluster events the store keeps
 //! (`cluster_events`, written in the transaction of the change they tell of), read by every
 //! replica in order from where it started and applied by its broker
-//! ([`Broker::cluster_events`]). Today they say two things: a client's session started on
-//! some replica, so an older one of the same device, anywhere, ends; and an identity provider
+//! ([`Broker::cluster_events`]). Today they say three things: a client's session started on
+//! some replica, so an older one of the same device, anywhere, ends; a gateway connected to
+//! some replica, so a stale connection of it elsewhere is dropped; and an identity provider
 //! named a user's groups anew at a sign-in, so that user's grants are decided again wherever
 //! their devices are connected.
 //!

@@ -26,6 +26,9 @@ pub struct GatewayEntry<L> {
     pub token_id: String,
     pub peer: GatewayPeer,
     pub connection: u64,
+    /// The number of the cluster event that announced this connection (see
+    /// [`ClientEntry::announced`]).
+    pub announced: i64,
     pub link: L,
 }
 
@@ -525,6 +528,7 @@ mod tests {
                 endpoints: Vec::new(),
             },
             connection,
+            announced: 0,
             link: "gw",
         }
     }

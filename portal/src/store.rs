@@ -442,7 +442,7 @@ pub struct ClusterEvent {
     pub id: i64,
     pub account: String,
     pub kind: ClusterEventKind,
-    /// Who it is about: a client's id, a user's address.
+    /// Who it is about: a client's or gateway's id, a user's address.
     pub subject: String,
     /// What more its kind says (`MembershipsChanged`: the identity provider).
     pub detail: Option<String>,
@@ -459,6 +459,9 @@ pub enum ClusterEventKind {
     /// Identity provider `detail` named the groups of user `subject` anew: their grants are
     /// decided again wherever their devices are.
     MembershipsChanged,
+    /// Gateway `subject` connected to replica `origin`: an older connection of it elsewhere
+    /// (one its replica has not seen end yet) is dropped there.
+    GatewayConnected,
 }
 
 impl ClusterEventKind {
@@ -466,6 +469,7 @@ impl ClusterEventKind {
         match self {
             ClusterEventKind::ClientConnected => "client-connected",
             ClusterEventKind::MembershipsChanged => "memberships-changed",
+            ClusterEventKind::GatewayConnected => "gateway-connected",
         }
     }
 
@@ -473,6 +477,7 @@ impl ClusterEventKind {
         match text {
             "client-connected" => Some(ClusterEventKind::ClientConnected),
             "memberships-changed" => Some(ClusterEventKind::MembershipsChanged),
+            "gateway-connected" => Some(ClusterEventKind::GatewayConnected),
             _ => None,
         }
     }
@@ -1264,6 +1269,38 @@ impl Store {
         endpoints: &[String],
         now: i64,
     ) -> Result<GatewayRecord, StoreError> {
+        let gateway = (public_key, endpoints);
+        self.register_gateway_announcing(account, token_id, gateway, now, false)
+            .await
+            .map(|(gateway, _)| gateway)
+    }
+
+    /// Registers the gateway as [`Store::register_gateway`] does, for a connection of it on
+    /// this replica, and in the same transaction tells the other replicas
+    /// ([`ClusterEventKind::GatewayConnected`]); returns the gateway and the event's number.
+    pub async fn connect_gateway(
+        &self,
+        account: &str,
+        token_id: &str,
+        public_key: &str,
+        endpoints: &[String],
+        now: i64,
+    ) -> Result<(GatewayRecord, i64), StoreError> {
+        let gateway = (public_key, endpoints);
+        let (gateway, event) = self
+            .register_gateway_announcing(account, token_id, gateway, now, true)
+            .await?;
+        Ok((gateway, event.unwrap_or(0)))
+    }
+
+    async fn register_gateway_announcing(
+        &self,
+        account: &str,
+        token_id: &str,
+        (public_key, endpoints): (&str, &[String]),
+        now: i64,
+        announce: bool,
+    ) -> Result<(GatewayRecord, Option<i64>), StoreError> {
         let public_key = canonical_key(public_key)?;
         if endpoints.iter().any(|e| e.parse::<SocketAddr>().is_err()) {
             return Err(StoreError::Invalid("endpoint: it must be a socket address"));
@@ -1302,8 +1339,18 @@ impl Store {
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| on_constraint(e, key_taken(Entity::Gateway)))?;
+        let event = if announce {
+            let connected = ClusterEventKind::GatewayConnected;
+            let subject = (row.id.as_str(), None);
+            Some(
+                self.announce(&mut tx, account, connected, subject, now)
+                    .await?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
-        row.into_record()
+        Ok((row.into_record()?, event))
     }
 
     /// Records that a gateway of `account` connected (or sent a heartbeat: `last_seen`

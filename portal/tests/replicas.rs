@@ -94,6 +94,42 @@ async fn a_device_has_one_live_session_across_replicas_the_newest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_reconnects_to_another_replica_leaves_no_stale_connection_behind() {
+    let Some(replicas) = replicas(
+        "replicas::a_gateway_that_reconnects_to_another_replica_leaves_no_stale_connection_behind",
+        2,
+    )
+    .await
+    else {
+        return;
+    };
+    let [first, second] = &replicas[..] else {
+        unreachable!()
+    };
+    let (_, secret) = first.gateway_token("acme", "hq").await;
+    let connect = |portal: &TestPortal| {
+        TestGateway::connect(portal.address(), portal.pinned(), "acme", &secret, key(200))
+    };
+    let mut stale = connect(first).await.unwrap();
+    // Its first connection went quiet (the way a dead path looks); it connects to the second
+    // replica, and the first drops the connection it still held.
+    let _serving = connect(second).await.unwrap().serve();
+    while stale.next().await.is_some() {}
+    let gateway = second
+        .store()
+        .gateway("acme", &stale.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        gateway.connected,
+        "the first replica marked it disconnected"
+    );
+    assert_eq!(first.running().broker.agents_connected(), (0, 0));
+    assert_eq!(second.running().broker.agents_connected(), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another() {
     let Some(replicas) = replicas(
         "replicas::a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another",

@@ -2207,6 +2207,31 @@ async fn a_client_session_is_announced_to_other_replicas_with_its_registration(d
         .unwrap();
     assert_eq!(store.latest_cluster_event().await.unwrap(), latest);
 
+    // A gateway's connection is told of too; a plain registration is not.
+    let site = TokenKind::Gateway {
+        site: "hq".to_owned(),
+    };
+    let gateway_token = store
+        .create_token(A, site, "gw", NOW + DAY, NOW)
+        .await
+        .unwrap();
+    let (gateway, connected) = store
+        .connect_gateway(A, &gateway_token.id, &key(3), &[], NOW + 6)
+        .await
+        .unwrap();
+    let told = store.cluster_events_after(latest, 10).await.unwrap();
+    let told: Vec<_> = told
+        .iter()
+        .map(|e| (e.id, e.kind, e.subject.as_str()))
+        .collect();
+    let kind = fz_portal::store::ClusterEventKind::GatewayConnected;
+    assert_eq!(told, [(connected, kind, gateway.id.as_str())]);
+    store
+        .register_gateway(A, &gateway_token.id, &key(3), &[], NOW + 7)
+        .await
+        .unwrap();
+    assert_eq!(store.latest_cluster_event().await.unwrap(), connected);
+
     assert_eq!(store.prune_cluster_events(NOW + 1).await.unwrap(), 1);
     let left = store.cluster_events_after(start, 2).await.unwrap();
     assert_eq!(

@@ -4,7 +4,7 @@
 CREATE TABLE cluster_events (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('client-connected', 'memberships-changed')),
+    kind TEXT NOT NULL CHECK (kind IN ('client-connected', 'memberships-changed', 'gateway-connected')),
     subject TEXT NOT NULL,
     -- What more the kind needs (`memberships-changed`: the identity provider).
     detail TEXT,

@@ -9,11 +9,13 @@
 --   holding an older connection of it closes that one (one live session per device).
 --   `memberships-changed`: identity provider `detail` named user `subject`'s groups anew (a
 --   sign-in); every other replica decides that user's grants again.
+--   `gateway-connected`: gateway `subject` said hello to replica `origin`; any other replica
+--   still holding an older connection of it drops that one.
 -- Rows older than a day are deleted: a replica that was away longer starts from the newest.
 CREATE TABLE cluster_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     account TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('client-connected', 'memberships-changed')),
+    kind TEXT NOT NULL CHECK (kind IN ('client-connected', 'memberships-changed', 'gateway-connected')),
     subject TEXT NOT NULL,
     -- What more the kind needs (`memberships-changed`: the identity provider).
     detail TEXT,
