@@ -6,7 +6,8 @@
 //! database_url = "postgres://fz@db.internal/fz" # keep the store in PostgreSQL instead of
 //!                                  # `<data_dir>/portal.sqlite3`: what replicas share (a
 //!                                  # password may be in the URL, or in ~/.pgpass or
-//!                                  # PGPASSWORD)
+//!                                  # PGPASSWORD; TLS: `?sslmode=verify-full`,
+//!                                  # `&sslrootcert=FILE` for a private CA)
 //! signing_key_file = "/etc/fz/portal-signing.key" # the keys replicas share, made once by
 //! token_key_file = "/etc/fz/token.key"            # `fz-portal init` and copied (0600);
 //!                                  # never made when named. Default: in `data_dir`

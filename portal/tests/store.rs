@@ -2349,3 +2349,61 @@ on_both_backends!("store":
     an_identity_holds_its_address_and_brings_its_groups,
     a_client_session_is_announced_to_other_replicas_with_its_registration,
 );
+
+#[tokio::test]
+async fn postgres_over_tls_is_encrypted_and_checks_the_servers_certificate() {
+    const TEST: &str = "store::postgres_over_tls_is_encrypted_and_checks_the_servers_certificate";
+    let certified = |names: Vec<String>| rcgen::generate_simple_self_signed(names).unwrap();
+    let server_pki = certified(vec!["localhost".into(), "127.0.0.1".into()]);
+    let server = match fz_host::testing::postgres::server_with_tls(
+        "tls",
+        &server_pki.cert.pem(),
+        &server_pki.signing_key.serialize_pem(),
+    ) {
+        Ok(server) => server,
+        Err(why) => return fz_host::testing::skip_needing(TEST, "PostgreSQL", &why),
+    };
+    let dir = TempDir::new().unwrap();
+    let trusted = dir.path().join("server-ca.pem");
+    std::fs::write(&trusted, server_pki.cert.pem()).unwrap();
+    let stranger = dir.path().join("other-ca.pem");
+    let other = certified(vec!["127.0.0.1".into()]);
+    std::fs::write(&stranger, other.cert.pem()).unwrap();
+    let url = server.database();
+    let with_root = |root: &Path| {
+        Database::Postgres(format!(
+            "{url}?sslmode=verify-full&sslrootcert={}",
+            root.display()
+        ))
+    };
+
+    // The server's certificate checks out against the root it was given: the store works,
+    // and its connections are encrypted.
+    let database = with_root(&trusted);
+    let store = open(&dir.path().join("data"), &database).await;
+    store.ensure_account(A).await.unwrap();
+    let Database::Postgres(verified) = &database else {
+        unreachable!()
+    };
+    let pool = sqlx::AnyPool::connect(verified).await.unwrap();
+    let encrypted: bool =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(encrypted);
+    pool.close().await;
+    store.close().await;
+
+    // Against another root the server is refused, and the error names it, not the URL.
+    let refused = Store::open_in(
+        &dir.path().join("data"),
+        &with_root(&stranger),
+        &KeyFiles::default(),
+        Creation::Allowed,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(refused, StoreError::Connect { .. }), "{refused:?}");
+    assert!(!refused.to_string().contains("sslrootcert"), "{refused}");
+}

@@ -4,9 +4,10 @@
 //!
 //! It is started at first use and stops when the test process ends, however it ends: a small
 //! shell watches a pipe only this process holds, and when the pipe closes (the process exited,
-//! or was killed) it stops the server and deletes its directory. Run as root, the server runs
+//! or was killed) it stops the server and deletes its directory. [`server_with_tls`] starts
+//! one more, speaking TLS, which stops the same way or when dropped. Run as root, the server runs
 //! as the `postgres` user, since PostgreSQL refuses to run as root. Its log is
-//! `$TMPDIR/fz-postgres-<pid>/server.log` while it runs.
+//! `$TMPDIR/fz-postgres-<pid>-<name>/server.log` while it runs.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -34,7 +35,17 @@ pub struct Postgres {
 /// user to run it as.
 pub fn server() -> Result<&'static Postgres, String> {
     static SERVER: OnceLock<Result<Postgres, String>> = OnceLock::new();
-    SERVER.get_or_init(start).as_ref().map_err(Clone::clone)
+    SERVER
+        .get_or_init(|| start("shared", None))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A server of its own that speaks TLS (`ssl = on`) with this certificate chain and private
+/// key (PEM), for tests of the portal's encrypted connections; it stops when dropped, or when
+/// the process ends.
+pub fn server_with_tls(name: &str, cert_pem: &str, key_pem: &str) -> Result<Postgres, String> {
+    start(name, Some((cert_pem, key_pem)))
 }
 
 impl Postgres {
@@ -81,14 +92,16 @@ fn command(bin: &Path, program: &str, user: Option<(u32, u32)>) -> Command {
     command
 }
 
-fn start() -> Result<Postgres, String> {
+/// Starts a server in `$TMPDIR/fz-postgres-<pid>-<name>`, with TLS when given its certificate
+/// chain and key.
+fn start(name: &str, tls: Option<(&str, &str)>) -> Result<Postgres, String> {
     let bin = binaries()?;
     let user = if super::not_root().is_none() {
         Some(postgres_user()?)
     } else {
         None
     };
-    let dir = std::env::temp_dir().join(format!("fz-postgres-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("fz-postgres-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
     if let Some((uid, gid)) = user {
@@ -108,24 +121,48 @@ fn start() -> Result<Postgres, String> {
             String::from_utf8_lossy(&initdb.stderr)
         ));
     }
+    let mut settings = Vec::new();
+    if let Some((cert, key)) = tls {
+        for (file, pem) in [("server.crt", cert), ("server.key", key)] {
+            let path = dir.join(file);
+            std::fs::write(&path, pem).map_err(|e| format!("cannot write {file}: {e}"))?;
+            // PostgreSQL refuses a key others may read, or one not its user's.
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| format!("cannot restrict {file}: {e}"))?;
+            if let Some((uid, gid)) = user {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|e| format!("cannot give {file} to postgres: {e}"))?;
+            }
+            settings.push(format!(
+                "ssl_{}_file={}",
+                if file == "server.crt" { "cert" } else { "key" },
+                path.display()
+            ));
+        }
+        settings.push("ssl=on".to_owned());
+    }
     let port = free_port()?;
     // The watcher: starts the server, waits for its own standard input to close, then stops
     // the server (fast shutdown) and deletes the directory.
     let script = r#"
-        "$1/postgres" -D "$2/data" -p "$3" -c listen_addresses=127.0.0.1 \
-            -c unix_socket_directories="$2" -c max_connections=300 \
-            </dev/null 2>"$2/server.log" &
+        bin=$1 dir=$2 port=$3
+        shift 3
+        for setting in "$@"; do set -- "$@" -c "$setting"; shift; done
+        "$bin/postgres" -D "$dir/data" -p "$port" -c listen_addresses=127.0.0.1 \
+            -c unix_socket_directories="$dir" -c max_connections=300 "$@" \
+            </dev/null 2>"$dir/server.log" &
         server=$!
         cat >/dev/null
         kill -INT "$server"
         wait "$server"
-        rm -rf "$2"
+        rm -rf "$dir"
     "#;
     let mut watcher = command(Path::new("/bin"), "sh", user)
         .args(["-c", script, "fz-postgres"])
         .arg(&bin)
         .arg(&dir)
         .arg(port.to_string())
+        .args(&settings)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
