@@ -487,8 +487,14 @@ impl Broker {
     /// groups named anew by a sign-in elsewhere have their grants here decided again. Events
     /// of this replica's own are skipped (it acted when it wrote them); an event read twice
     /// changes nothing the second time.
-    pub async fn cluster_events(&self, events: &[store::ClusterEvent]) {
-        for event in events.iter().filter(|e| e.origin != self.replica) {
+    ///
+    /// Returns how many of `events` were applied, in order: fewer than all when the store
+    /// could not be read for one, which is then to be given again (with those after it).
+    pub async fn cluster_events(&self, events: &[store::ClusterEvent]) -> usize {
+        for (applied, event) in events.iter().enumerate() {
+            if event.origin == self.replica {
+                continue;
+            }
             match event.kind {
                 store::ClusterEventKind::ClientConnected => self.session_moved(event),
                 store::ClusterEventKind::GatewayConnected => self.gateway_moved(event),
@@ -507,8 +513,8 @@ impl Broker {
                             .map(|m| m.group)
                             .collect(),
                         Err(error) => {
-                            tracing::warn!(%error, user = %event.subject, "cannot read the groups a sign-in elsewhere named");
-                            continue;
+                            tracing::warn!(%error, user = %event.subject, "cannot read the groups a sign-in elsewhere named; trying again");
+                            return applied;
                         }
                     };
                     self.idp_groups_changed(&event.account, &event.subject, provider, &groups)
@@ -516,6 +522,7 @@ impl Broker {
                 }
             }
         }
+        events.len()
     }
 
     /// Gateway `event.subject` connected elsewhere after it connected here: our connection of

@@ -100,12 +100,12 @@ async fn read(broker: &Broker, store: &Store, mut position: i64) -> i64 {
     loop {
         match store.cluster_events_after(position, PAGE).await {
             Ok(events) => {
-                let Some(last) = events.last() else {
-                    return position;
-                };
-                position = last.id;
-                broker.cluster_events(&events).await;
-                if events.len() < PAGE as usize {
+                let applied = broker.cluster_events(&events).await;
+                if let Some(last) = applied.checked_sub(1).and_then(|i| events.get(i)) {
+                    position = last.id;
+                }
+                // Done, or one could not be applied now: the next tick reads it again.
+                if applied < events.len() || events.len() < PAGE as usize {
                     return position;
                 }
             }
