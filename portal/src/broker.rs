@@ -242,28 +242,16 @@ impl Broker {
         }
         let mut registry = Registry::default();
         for account in &parts.accounts {
-            let slug = &account.settings.slug;
             let policy = account.policy.current();
-            for record in parts.store.active_grants(slug, now_i64(now)).await? {
-                let detail = record
-                    .detail
-                    .as_deref()
-                    .and_then(|d| serde_json::from_str::<GrantDetail>(d).ok());
-                let Some(detail) = detail else {
-                    tracing::warn!(grant = %record.id, "a stored grant lacks its detail; it runs to its expiry undecided");
-                    continue;
-                };
-                let site = policy
-                    .table
-                    .resource_index(&record.resource_id)
-                    .and_then(|r| admission::site_of(&policy.table, r));
-                // A resource gone from the policy leaves no site: the first sweep withdraws it.
-                registry.grant_added(live_grant(
-                    &detail.signed,
-                    Arc::new(detail.session.into_owned()),
-                    site.unwrap_or_default(),
-                    detail.resolved,
-                ));
+            let stored = parts
+                .store
+                .active_grants(&account.settings.slug, now_i64(now));
+            for grant in stored
+                .await?
+                .iter()
+                .filter_map(|r| restored(r, &policy.table))
+            {
+                registry.grant_added(grant);
             }
         }
         let metrics = Metrics::new(parts.writer.commits());
@@ -1077,8 +1065,28 @@ impl Broker {
             connection
         };
         tracing::info!(account = %token.account, gateway = %record.id, %site, "gateway in service");
-        // A gateway that comes back (its connection dropped, or the portal restarted) gets the
-        // grants it holds again, so both sides agree on what is in force.
+        // A gateway that comes back (its connection dropped, the portal restarted, or it
+        // moved here from another replica) gets the grants it holds again, as the store has
+        // them, so both sides agree on what is in force. Grants another replica made join this
+        // one's registry: from now on it decides them again and withdraws them from the
+        // gateway it serves.
+        let stored = self
+            .store
+            .active_grants_of_gateway(&token.account, &record.id, now)
+            .await
+            .map_err(refusal)?;
+        {
+            let policy = self.account(&token.account)?.policy.current();
+            let mut registry = self.registry();
+            let known: HashSet<String> = registry
+                .grants_where(|g| g.gateway_id == record.id)
+                .into_iter()
+                .collect();
+            let missing = stored.iter().filter(|r| !known.contains(&r.id));
+            for grant in missing.filter_map(|r| restored(r, &policy.table)) {
+                registry.grant_added(grant);
+            }
+        }
         let held = self.registry().grants_where(|g| g.gateway_id == record.id);
         let resend: Vec<Arc<SignedGrant>> = {
             let registry = self.registry();
@@ -1856,6 +1864,29 @@ impl Drop for GrantSlot<'_> {
             .registry()
             .grant_made(&self.account, &self.client_id);
     }
+}
+
+/// A stored grant in force again, as the registry keeps it; `None` (logged) for one stored
+/// without its detail, which runs to its expiry undecided.
+fn restored(record: &GrantRecord, table: &DecisionTable) -> Option<LiveGrant> {
+    let detail = record
+        .detail
+        .as_deref()
+        .and_then(|d| serde_json::from_str::<GrantDetail>(d).ok());
+    let Some(detail) = detail else {
+        tracing::warn!(grant = %record.id, "a stored grant lacks its detail; it runs to its expiry undecided");
+        return None;
+    };
+    // A resource gone from the policy leaves no site: the first sweep withdraws it.
+    let site = table
+        .resource_index(&record.resource_id)
+        .and_then(|r| admission::site_of(table, r));
+    Some(live_grant(
+        &detail.signed,
+        Arc::new(detail.session.into_owned()),
+        site.unwrap_or_default(),
+        detail.resolved,
+    ))
 }
 
 fn live_grant(

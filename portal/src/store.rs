@@ -1886,6 +1886,27 @@ impl Store {
         .await?)
     }
 
+    /// The grants of `account` through gateway `gateway_id` not expired at `now`, oldest
+    /// first: what a gateway that connects is told it holds, whichever replica made them.
+    pub async fn active_grants_of_gateway(
+        &self,
+        account: &str,
+        gateway_id: &str,
+        now: i64,
+    ) -> Result<Vec<GrantRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, account, client_id, gateway_id, resource_id, rule_id, bundle_hash,
+                    issued_at, expires_at, detail
+             FROM grants WHERE account = $1 AND gateway_id = $2 AND expires_at > $3
+             ORDER BY issued_at, rowid",
+        )
+        .bind(account)
+        .bind(gateway_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Deletes the grants of every account expired at `now`, and returns how many.
     pub async fn delete_expired_grants(&self, now: i64) -> Result<u64, StoreError> {
         let _turn = self.write_turn().await;

@@ -15,9 +15,10 @@ const POLICY: &str = r#"
 site hq
 resource gitlab { address "gitlab.acme.example"; site hq; ports tcp/443 }
 resource db { address "10.0.5.0/24"; site hq; ports tcp/5432 }
+resource builds { address "10.0.7.0/24"; site hq; ports tcp/443 }
 group engineering { members "alice@acme.example" }
 group dba { idp okta "DBA" }
-allow engineering -> gitlab as eng-git
+allow engineering -> gitlab, builds as eng-git
 allow dba -> db as dba-db
 "#;
 
@@ -127,6 +128,63 @@ async fn a_gateway_that_reconnects_to_another_replica_leaves_no_stale_connection
     );
     assert_eq!(first.running().broker.agents_connected(), (0, 0));
     assert_eq!(second.running().broker.agents_connected(), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_moves_to_another_replica_keeps_its_grants_and_their_withdrawals() {
+    let Some(replicas) = replicas(
+        "replicas::a_gateway_that_moves_to_another_replica_keeps_its_grants_and_their_withdrawals",
+        2,
+    )
+    .await
+    else {
+        return;
+    };
+    let [first, second] = &replicas[..] else {
+        unreachable!()
+    };
+    let (_, gateway_secret) = first.gateway_token("acme", "hq").await;
+    let connect = |portal: &TestPortal| {
+        TestGateway::connect(
+            portal.address(),
+            portal.pinned(),
+            "acme",
+            &gateway_secret,
+            key(200),
+        )
+    };
+    let _first_serving = connect(first).await.unwrap().serve();
+    let (token_id, secret) = first.client_token("acme", ALICE).await;
+    let mut client = TestClient::connect(first.address(), first.pinned(), "acme", &secret, key(1))
+        .await
+        .unwrap();
+    let grant = client.grant("builds", None).await;
+
+    // The gateway moves to the second replica (its first went away), which made no grant:
+    // it is told it holds the one the first made, so it keeps it.
+    let moved = connect(second).await.unwrap();
+    assert_eq!(moved.held, std::slice::from_ref(&grant.grant.id));
+    let mut seen = moved.serve();
+
+    // The grant is the second replica's to withdraw now: revoking Alice's token (by an admin,
+    // in the store) reaches the gateway through it.
+    first
+        .store()
+        .revoke_token("acme", &token_id, chrono::Utc::now().timestamp())
+        .await
+        .unwrap();
+    let revoked = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match seen.recv().await.expect("the gateway stays connected") {
+                PortalToGateway::Revoke { grant_id } => break vec![grant_id],
+                PortalToGateway::RevokeMany { grant_ids } => break grant_ids,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the second replica withdraws the grant within the agents' patience");
+    assert_eq!(revoked, [grant.grant.id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
