@@ -986,7 +986,7 @@ impl Store {
         public_key: &str,
         now: i64,
     ) -> Result<ClientRecord, StoreError> {
-        self.register(account, token_id, public_key, now, false)
+        self.register_client_announcing(account, token_id, public_key, now, false)
             .await
             .map(|(client, _)| client)
     }
@@ -1002,12 +1002,12 @@ impl Store {
         now: i64,
     ) -> Result<(ClientRecord, i64), StoreError> {
         let (client, event) = self
-            .register(account, token_id, public_key, now, true)
+            .register_client_announcing(account, token_id, public_key, now, true)
             .await?;
         Ok((client, event.unwrap_or(0)))
     }
 
-    async fn register(
+    async fn register_client_announcing(
         &self,
         account: &str,
         token_id: &str,

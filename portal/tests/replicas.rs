@@ -24,9 +24,9 @@ allow dba -> db as dba-db
 
 const ALICE: &str = "alice@acme.example";
 
-/// `count` replicas on one fresh database, the later ones given the first one's key files;
-/// `None` (the test reported skipped) where there is no PostgreSQL.
-async fn replicas(test: &str, count: usize) -> Option<Vec<TestPortal>> {
+/// Two replicas on one fresh database, the second given the first one's key files; `None`
+/// (the test reported skipped) where there is no PostgreSQL.
+async fn two_replicas(test: &str) -> Option<[TestPortal; 2]> {
     let database = support::backends::postgres(test)?;
     let line = config_line(&database);
     let first = TestPortal::start(POLICY, &line).await;
@@ -36,11 +36,8 @@ async fn replicas(test: &str, count: usize) -> Option<Vec<TestPortal>> {
         data.join(fz_portal::keys::FILE).display(),
         data.join(fz_portal::keys::TOKEN_KEY_FILE).display()
     );
-    let mut replicas = vec![first];
-    for _ in 1..count {
-        replicas.push(TestPortal::start(POLICY, &format!("{line}\n{keys}")).await);
-    }
-    Some(replicas)
+    let second = TestPortal::start(POLICY, &format!("{line}\n{keys}")).await;
+    Some([first, second])
 }
 
 /// Reads until the portal closes the connection; panics if something else than the close,
@@ -56,17 +53,12 @@ async fn closed(client: &mut TestClient) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_has_one_live_session_across_replicas_the_newest() {
-    let Some(replicas) = replicas(
-        "replicas::a_device_has_one_live_session_across_replicas_the_newest",
-        2,
-    )
-    .await
+    let Some([first, second]) =
+        two_replicas("replicas::a_device_has_one_live_session_across_replicas_the_newest").await
     else {
         return;
     };
-    let [first, second] = &replicas[..] else {
-        unreachable!()
-    };
+    let (first, second) = (&first, &second);
     assert_eq!(first.pinned(), second.pinned(), "the replicas sign alike");
     let (_, secret) = first.client_token("acme", ALICE).await;
     let connect = |portal: &TestPortal| {
@@ -96,17 +88,14 @@ async fn a_device_has_one_live_session_across_replicas_the_newest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_reconnects_to_another_replica_leaves_no_stale_connection_behind() {
-    let Some(replicas) = replicas(
+    let Some([first, second]) = two_replicas(
         "replicas::a_gateway_that_reconnects_to_another_replica_leaves_no_stale_connection_behind",
-        2,
     )
     .await
     else {
         return;
     };
-    let [first, second] = &replicas[..] else {
-        unreachable!()
-    };
+    let (first, second) = (&first, &second);
     let (_, secret) = first.gateway_token("acme", "hq").await;
     let connect = |portal: &TestPortal| {
         TestGateway::connect(portal.address(), portal.pinned(), "acme", &secret, key(200))
@@ -132,17 +121,14 @@ async fn a_gateway_that_reconnects_to_another_replica_leaves_no_stale_connection
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_moves_to_another_replica_keeps_its_grants_and_their_withdrawals() {
-    let Some(replicas) = replicas(
+    let Some([first, second]) = two_replicas(
         "replicas::a_gateway_that_moves_to_another_replica_keeps_its_grants_and_their_withdrawals",
-        2,
     )
     .await
     else {
         return;
     };
-    let [first, second] = &replicas[..] else {
-        unreachable!()
-    };
+    let (first, second) = (&first, &second);
     let (_, gateway_secret) = first.gateway_token("acme", "hq").await;
     let connect = |portal: &TestPortal| {
         TestGateway::connect(
@@ -189,17 +175,14 @@ async fn a_gateway_that_moves_to_another_replica_keeps_its_grants_and_their_with
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another() {
-    let Some(replicas) = replicas(
+    let Some([first, second]) = two_replicas(
         "replicas::a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another",
-        2,
     )
     .await
     else {
         return;
     };
-    let [first, second] = &replicas[..] else {
-        unreachable!()
-    };
+    let (first, second) = (&first, &second);
     let identity = ("https://okta.example", "alice-1");
     let sign_in = |groups: &'static [&'static str]| {
         let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();

@@ -61,6 +61,13 @@ async fn open(data_dir: &Path, database: &Database) -> Store {
         .unwrap()
 }
 
+/// Why the store in `data_dir` and `database` does not open.
+async fn open_failure(data_dir: &Path, database: &Database, creation: Creation) -> StoreError {
+    Store::open_in(data_dir, database, &KeyFiles::default(), creation)
+        .await
+        .unwrap_err()
+}
+
 /// A connection pool of our own on the fixture's database, beside the store's: read-only on
 /// SQLite (where the store must be closed or dropped first, see
 /// `the_database_never_contains_a_secret`).
@@ -2251,14 +2258,7 @@ async fn postgres_admin_commands_refuse_a_database_without_a_store_and_replicas_
     let data_dir = dir.path().join("data");
     // The token key must be there for an admin command to get as far as the database.
     Store::open(&data_dir, Creation::Allowed).await.unwrap();
-    let error = Store::open_in(
-        &data_dir,
-        &database,
-        &KeyFiles::default(),
-        Creation::Refused,
-    )
-    .await
-    .unwrap_err();
+    let error = open_failure(&data_dir, &database, Creation::Refused).await;
     let message = error.to_string();
     assert!(
         message.contains("holds no fz store: `fz-portal init`"),
@@ -2311,14 +2311,7 @@ async fn postgres_that_cannot_be_reached_is_named_without_its_password() {
         .unwrap()
         .port();
     let database = Database::Postgres(format!("postgres://fz:hunter2@127.0.0.1:{port}/fz"));
-    let error = Store::open_in(
-        &data_dir,
-        &database,
-        &KeyFiles::default(),
-        Creation::Allowed,
-    )
-    .await
-    .unwrap_err();
+    let error = open_failure(&data_dir, &database, Creation::Allowed).await;
     assert_eq!(
         error.to_string(),
         format!("cannot connect to the store's PostgreSQL database `127.0.0.1:{port}/fz`")
@@ -2396,14 +2389,12 @@ async fn postgres_over_tls_is_encrypted_and_checks_the_servers_certificate() {
     store.close().await;
 
     // Against another root the server is refused, and the error names it, not the URL.
-    let refused = Store::open_in(
+    let refused = open_failure(
         &dir.path().join("data"),
         &with_root(&stranger),
-        &KeyFiles::default(),
         Creation::Allowed,
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(matches!(refused, StoreError::Connect { .. }), "{refused:?}");
     assert!(!refused.to_string().contains("sslrootcert"), "{refused}");
 }
