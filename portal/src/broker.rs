@@ -57,6 +57,10 @@ use crate::store::{
 };
 use crate::writer::Writer;
 
+mod replicas;
+
+use replicas::{Candidates, Elsewhere, Route};
+
 /// The clock the broker reads; tests move it.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
@@ -165,10 +169,11 @@ struct GrantDetail<'a> {
 /// or refused and why.
 type AckOutcome = Result<Option<Resolution>, String>;
 
+/// A grant sent to a gateway (here or through another replica), waiting for its answer.
 #[derive(Debug)]
 struct PendingAck {
     gateway_id: String,
-    answer: oneshot::Sender<AckOutcome>,
+    answer: oneshot::Sender<Result<Option<Resolution>, GatewayAnswer>>,
 }
 
 pub struct Broker {
@@ -470,100 +475,6 @@ impl Broker {
         Ok((session, connection, ready))
     }
 
-    /// What other replicas said (cluster events, oldest first): a session of a client of ours
-    /// that started after ours, elsewhere, ends ours (one live session per device); a user's
-    /// groups named anew by a sign-in elsewhere have their grants here decided again. Events
-    /// of this replica's own are skipped (it acted when it wrote them); an event read twice
-    /// changes nothing the second time.
-    ///
-    /// Returns how many of `events` were applied, in order: fewer than all when the store
-    /// could not be read for one, which is then to be given again (with those after it).
-    pub async fn cluster_events(&self, events: &[store::ClusterEvent]) -> usize {
-        for (applied, event) in events.iter().enumerate() {
-            if event.origin == self.replica {
-                continue;
-            }
-            match event.kind {
-                store::ClusterEventKind::ClientConnected => self.session_moved(event),
-                store::ClusterEventKind::GatewayConnected => self.gateway_moved(event),
-                store::ClusterEventKind::MembershipsChanged => {
-                    let Some(provider) = &event.detail else {
-                        continue;
-                    };
-                    let groups: Vec<String> = match self
-                        .store
-                        .memberships(&event.account, &event.subject)
-                        .await
-                    {
-                        Ok(memberships) => memberships
-                            .into_iter()
-                            .filter(|m| &m.provider == provider)
-                            .map(|m| m.group)
-                            .collect(),
-                        Err(error) => {
-                            tracing::warn!(%error, user = %event.subject, "cannot read the groups a sign-in elsewhere named; trying again");
-                            return applied;
-                        }
-                    };
-                    self.idp_groups_changed(&event.account, &event.subject, provider, &groups)
-                        .await;
-                }
-            }
-        }
-        events.len()
-    }
-
-    /// Gateway `event.subject` connected elsewhere after it connected here: our connection of
-    /// it is stale (a replica learns of a dead TCP connection only from missed heartbeats), so
-    /// it is dropped and closed. Nothing is written: the store's `connected` is the new
-    /// replica's to keep, and the gateway's clients here are not told it is down, since it
-    /// is not and their tunnels to it run on.
-    fn gateway_moved(&self, event: &store::ClusterEvent) {
-        let connection = {
-            let mut registry = self.registry();
-            let older = registry
-                .gateway(&event.subject)
-                .filter(|entry| entry.account == event.account && entry.announced < event.id);
-            let Some(older) = older else {
-                return;
-            };
-            let connection = older.connection;
-            older.link.close();
-            registry.gateway_gone(&event.subject, connection);
-            connection
-        };
-        // Grants waiting for its acknowledgement here will not get it: their requests fail
-        // over as for a gateway that went away.
-        self.pending().retain(|_, p| p.gateway_id != event.subject);
-        tracing::info!(
-            account = %event.account,
-            gateway = %event.subject,
-            connection,
-            replica = %event.origin,
-            "gateway connection dropped: the gateway connected to another replica"
-        );
-    }
-
-    /// A session of `event.subject` started elsewhere after ours: ours ends.
-    fn session_moved(&self, event: &store::ClusterEvent) {
-        let mut registry = self.registry();
-        let older = registry
-            .client(&event.subject)
-            .filter(|entry| entry.session.account == event.account && entry.announced < event.id);
-        let Some(older) = older else {
-            return;
-        };
-        let connection = older.connection;
-        older.link.close();
-        registry.client_gone(&event.subject, connection);
-        tracing::info!(
-            account = %event.account,
-            client = %event.subject,
-            replica = %event.origin,
-            "client session closed: the device connected to another replica"
-        );
-    }
-
     pub fn client_closed(&self, client_id: &str, connection: u64) {
         self.registry().client_gone(client_id, connection);
     }
@@ -783,15 +694,23 @@ impl Broker {
         // last, 2 to nothing.
         let mut relaxed = 0;
         loop {
-            let gateway = {
+            // A gateway connected here first; one on another replica when none here will do.
+            let here = {
                 let registry = self.registry();
                 registry
                     .select_gateway(&session.account, &site, &session.client_id, &tried, |n| {
                         random::index(n).unwrap_or(0)
                     })
-                    .map(|g| (g.peer.clone(), g.link.clone()))
+                    .map(|g| (g.peer.clone(), Route::Here(g.link.clone())))
             };
-            let Some((gateway, link)) = gateway else {
+            let gateway = match here {
+                Some(here) => Some(here),
+                None => {
+                    self.gateway_elsewhere(&session.account, &site, &tried)
+                        .await
+                }
+            };
+            let Some((gateway, route)) = gateway else {
                 // Every healthy gateway of the site is one the client left lately. It names
                 // them oldest first: one left a while ago may well be back (restarted), while
                 // the one left last is the likeliest still gone, so the others are tried
@@ -857,7 +776,11 @@ impl Broker {
                 expires_at,
             };
             let signed = grant.sign(&self.key);
-            let resolved = match self.push_to_gateway(&gateway.id, &link, &signed).await {
+            let answer = match &route {
+                Route::Here(link) => self.push_to_gateway(&gateway.id, link, &signed).await,
+                Route::Replica(replica) => self.offer_to_replica(replica, &signed, session).await,
+            };
+            let resolved = match answer {
                 Ok(resolved) => resolved,
                 Err(GatewayAnswer::Refused(reason)) => {
                     let reason = cut(&reason, MAX_REASON);
@@ -926,11 +849,19 @@ impl Broker {
             if let Err(error) = self.writer.submit(writes).await {
                 // The gateway holds a grant the store does not: take it back.
                 tracing::error!(error = %error, "cannot store a grant; withdrawing it");
-                let revoke = PortalToGateway::Revoke {
-                    grant_id: signed.grant.id.clone(),
-                };
-                link.send_waiting(&revoke, self.timings.heartbeat_timeout())
-                    .await;
+                match &route {
+                    Route::Here(link) => {
+                        let revoke = PortalToGateway::Revoke {
+                            grant_id: signed.grant.id.clone(),
+                        };
+                        link.send_waiting(&revoke, self.timings.heartbeat_timeout())
+                            .await;
+                    }
+                    Route::Replica(_) => {
+                        self.take_back_elsewhere(&signed, "the portal could not store it")
+                            .await;
+                    }
+                }
                 return Err(BrokerError::Unavailable.to_string());
             }
             let grant_id = signed.grant.id.clone();
@@ -992,8 +923,7 @@ impl Broker {
         let outcome = tokio::time::timeout(left, answered).await;
         self.pending().remove(&signed.grant.id);
         match outcome {
-            Ok(Ok(Ok(resolved))) => Ok(resolved),
-            Ok(Ok(Err(reason))) => Err(GatewayAnswer::Refused(reason)),
+            Ok(Ok(answer)) => answer,
             // The gateway's connection closed and dropped the sender; when it comes back, its
             // `ready` does not list the grant, so it drops whatever it made of it.
             Ok(Err(_)) => Err(GatewayAnswer::Gone),
@@ -1133,7 +1063,7 @@ impl Broker {
             .is_some_and(|p| p.gateway_id == gateway_id)
             && let Some(p) = pending.remove(grant_id)
         {
-            let _ = p.answer.send(outcome);
+            let _ = p.answer.send(outcome.map_err(GatewayAnswer::Refused));
         }
     }
 
@@ -1367,20 +1297,29 @@ impl Broker {
         check_candidates(&candidates)?;
         self.take_request(session)?;
         let registry = self.registry();
-        let gateway = registry
+        // A pair is only ever made for a grant of the client's own account.
+        if registry.pair_key(&session.client_id, gateway_id).is_none() {
+            return Err(format!(
+                "no grant through gateway `{}`: its candidates are not yours to send",
+                logged_id(gateway_id)
+            ));
+        }
+        match registry
             .gateway(gateway_id)
             .filter(|g| g.account == session.account)
-            .filter(|_| registry.pair_key(&session.client_id, gateway_id).is_some())
-            .ok_or_else(|| {
-                format!(
-                    "no grant through gateway `{}`: its candidates are not yours to send",
-                    logged_id(gateway_id)
-                )
-            })?;
-        gateway.link.send(&PortalToGateway::Candidates {
-            client_id: session.client_id.clone(),
-            candidates,
-        });
+        {
+            Some(gateway) => gateway.link.send(&PortalToGateway::Candidates {
+                client_id: session.client_id.clone(),
+                candidates,
+            }),
+            None => {
+                let from = Candidates::Client {
+                    client_id: session.client_id.clone(),
+                    candidates,
+                };
+                self.candidates_elsewhere(&session.account, gateway_id, from);
+            }
+        }
         Ok(())
     }
 
@@ -1395,15 +1334,26 @@ impl Broker {
     ) -> Result<(), String> {
         check_candidates(&candidates)?;
         let registry = self.registry();
-        let client = registry
+        // The gateway's own pairs: a pair is only ever made for a grant of its account.
+        if registry.pair_key(client_id, gateway_id).is_none() {
+            return Err(format!("no grant for client `{}`", logged_id(client_id)));
+        }
+        match registry
             .client(client_id)
             .filter(|c| c.session.account == account)
-            .filter(|_| registry.pair_key(client_id, gateway_id).is_some())
-            .ok_or_else(|| format!("no grant for client `{}`", logged_id(client_id)))?;
-        client.link.send(&PortalToClient::Candidates {
-            gateway_id: gateway_id.to_owned(),
-            candidates,
-        });
+        {
+            Some(client) => client.link.send(&PortalToClient::Candidates {
+                gateway_id: gateway_id.to_owned(),
+                candidates,
+            }),
+            None => {
+                let from = Candidates::Gateway {
+                    gateway_id: gateway_id.to_owned(),
+                    candidates,
+                };
+                self.candidates_elsewhere(account, client_id, from);
+            }
+        }
         Ok(())
     }
 
@@ -1499,26 +1449,30 @@ impl Broker {
         }
         // Out of force first (no new decision can lean on them), then out of the store, then
         // the agents are told: whoever hears of a revocation can rely on the store having it.
+        // Agents connected to other replicas are told by those, through an event committed
+        // with the deletions.
         let withdrawn: Vec<Arc<LiveGrant>> = self.registry().withdraw(ids);
-        let writes = deletions(&withdrawn);
-        if let Err(error) = self.writer.submit(writes).await {
-            tracing::error!(error = %error, "cannot delete withdrawn grants from the store");
-        }
         let mut to_gateways: HashMap<String, (Link, Vec<String>)> = HashMap::new();
         let mut to_clients: HashMap<String, (Link, Vec<PortalToClient>)> = HashMap::new();
+        let mut elsewhere = Elsewhere::default();
         {
             let registry = self.registry();
             for grant in &withdrawn {
                 let why = reason(&grant.id);
                 tracing::info!(account = %grant.account, grant = %grant.id, client = %grant.client_id, reason = %why, "grant withdrawn");
-                if let Some(gateway) = registry.gateway(&grant.gateway_id) {
+                let gateway = registry.gateway(&grant.gateway_id);
+                let client = registry.client(&grant.client_id);
+                if gateway.is_none() || client.is_none() {
+                    elsewhere.add(grant, why.clone());
+                }
+                if let Some(gateway) = gateway {
                     to_gateways
                         .entry(grant.gateway_id.clone())
                         .or_insert_with(|| (gateway.link.clone(), Vec::new()))
                         .1
                         .push(grant.id.clone());
                 }
-                if let Some(client) = registry.client(&grant.client_id) {
+                if let Some(client) = client {
                     to_clients
                         .entry(grant.client_id.clone())
                         .or_insert_with(|| (client.link.clone(), Vec::new()))
@@ -1530,6 +1484,21 @@ impl Broker {
                 }
             }
         }
+        let mut writes = deletions(&withdrawn);
+        writes.extend(elsewhere.announcements(now_i64(unix(self.now()))));
+        if let Err(error) = self.writer.submit(writes).await {
+            tracing::error!(error = %error, "cannot delete withdrawn grants from the store");
+        }
+        self.tell(to_gateways, to_clients).await;
+        withdrawn.len()
+    }
+
+    /// Sends withdrawals to the gateways and clients connected here: see [`Broker::withdraw`].
+    async fn tell(
+        &self,
+        to_gateways: HashMap<String, (Link, Vec<String>)>,
+        to_clients: HashMap<String, (Link, Vec<PortalToClient>)>,
+    ) {
         let patience = self.timings.heartbeat_timeout();
         let mut sending = tokio::task::JoinSet::new();
         for (link, ids) in to_gateways.into_values() {
@@ -1561,7 +1530,6 @@ impl Broker {
             });
         }
         while sending.join_next().await.is_some() {}
-        withdrawn.len()
     }
 
     /// Deletes the flows each account keeps no longer (`flow_retention_days`, by the time of
@@ -1678,6 +1646,10 @@ impl Broker {
     }
 }
 
+/// Why a grant sent to a gateway is not in force: it refused it (and why), it did not answer
+/// in time, or its connection went away first.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum GatewayAnswer {
     Refused(String),
     Silent,

@@ -1,11 +1,12 @@
 //! What the replicas on one database tell each other: the cluster events the store keeps
 //! (`cluster_events`, written in the transaction of the change they tell of), read by every
 //! replica in order from where it started and applied by its broker
-//! ([`Broker::cluster_events`]). Today they say three things: a client's session started on
-//! some replica, so an older one of the same device, anywhere, ends; a gateway connected to
-//! some replica, so a stale connection of it elsewhere is dropped; and an identity provider
-//! named a user's groups anew at a sign-in, so that user's grants are decided again wherever
-//! their devices are connected.
+//! ([`Broker::cluster_events`]). They say that a client's session started on some replica, so
+//! an older one of the same device, anywhere, ends; that a gateway connected to some replica,
+//! so a stale connection of it elsewhere is dropped; that an identity provider named a user's
+//! groups anew at a sign-in, so that user's grants are decided again wherever their devices
+//! are connected; and they carry grants, their answers, withdrawals and ICE candidates between
+//! a client and a gateway connected to different replicas (`broker/replicas.rs`).
 //!
 //! On PostgreSQL a `LISTEN` on the store's channel wakes the reader as soon as an event
 //! commits; a tick each second reads anyway, so a notification missed while the listening
@@ -96,7 +97,7 @@ async fn listen(url: &str) -> Option<PgListener> {
 }
 
 /// Applies the events after `position`, page by page; returns the new position.
-async fn read(broker: &Broker, store: &Store, mut position: i64) -> i64 {
+async fn read(broker: &Arc<Broker>, store: &Store, mut position: i64) -> i64 {
     loop {
         match store.cluster_events_after(position, PAGE).await {
             Ok(events) => {

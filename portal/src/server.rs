@@ -31,7 +31,7 @@ use crate::mail::Mailer;
 use crate::policy::{PolicyEngine, Watcher};
 use crate::relay::Relays;
 use crate::sign_in::SignIn;
-use crate::store::Store;
+use crate::store::{Database, Store};
 use crate::writer::Writer;
 
 /// How often the sweeper runs. Grants expire and tokens are revoked at second granularity.
@@ -70,7 +70,19 @@ impl RunningPortal {
             Creation::Allowed,
         )
         .await?;
-        store.mark_all_gateways_disconnected().await?;
+        let timings = Timings {
+            heartbeat_interval: config.gateway_heartbeat_interval,
+            ack_timeout: config.gateway_ack_timeout,
+        };
+        // On SQLite this process is the only one serving, and holds no connection yet; on a
+        // shared database, gateways not heard from for a heartbeat timeout are on no replica.
+        let shared = matches!(config.database, Database::Postgres(_));
+        let silent_since = if shared {
+            lost_gateways_before(&timings, clock())
+        } else {
+            i64::MAX
+        };
+        store.mark_lost_gateways_disconnected(silent_since).await?;
         let key = crate::keys::load(&config.data_dir, &config.key_files, Creation::Allowed)?;
         let public_key = key.public_key();
         let geo = match &config.geoip_country_db {
@@ -104,10 +116,7 @@ impl RunningPortal {
             key,
             accounts,
             geo,
-            timings: Timings {
-                heartbeat_interval: config.gateway_heartbeat_interval,
-                ack_timeout: config.gateway_ack_timeout,
-            },
+            timings,
             clock,
             relays,
         })
@@ -150,6 +159,7 @@ impl RunningPortal {
             broker.clone(),
             store.clone(),
             sign_in.clone(),
+            shared,
         )));
         tasks.push(tokio::spawn(crate::cluster::follow(
             broker.clone(),
@@ -238,6 +248,10 @@ impl RunningPortal {
         let served = self.server.await;
         for task in &self.tasks {
             task.abort();
+        }
+        // Its gateways' connections are gone whether or not each handler recorded it yet.
+        if let Err(error) = self.broker.store().release_gateways().await {
+            tracing::warn!(%error, "cannot mark this replica's gateways disconnected");
         }
         self.broker.store().close().await;
         served.context("the server task failed")?
@@ -349,7 +363,15 @@ async fn refresh_relay_credentials(broker: Arc<Broker>, interval: Duration) {
 /// the store's log is checkpointed too, so deleted grants leave the files within a minute; and
 /// the flows past their account's retention are deleted, in bounded batches, going on at the
 /// next ticks while a backlog remains.
-async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>) {
+/// When a gateway must have been heard from last, at `now`, to count as on a live replica.
+fn lost_gateways_before(timings: &Timings, now: chrono::DateTime<chrono::Utc>) -> i64 {
+    let silent = i64::try_from(timings.heartbeat_timeout().as_secs()).unwrap_or(i64::MAX);
+    now.timestamp().saturating_sub(silent)
+}
+
+/// `shared`: the store is a database other replicas use too, whose gateways' marks are left
+/// connected when a replica dies without stopping.
+async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>, shared: bool) {
     let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick decides everything again: grants restored from the store were decided
@@ -390,6 +412,12 @@ async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>) {
                 Err(error) => tracing::warn!(error = %error, "store checkpoint failed"),
             }
             prune = true;
+            if shared {
+                let silent_since = lost_gateways_before(&broker.timings(), broker.clock());
+                if let Err(error) = store.mark_lost_gateways_disconnected(silent_since).await {
+                    tracing::warn!(%error, "cannot mark the gateways of lost replicas disconnected");
+                }
+            }
             sign_in.forget_expired(now);
             if let Err(error) = store.prune_email_codes(now).await {
                 tracing::warn!(error = %error, "cannot delete expired sign-in codes");

@@ -363,6 +363,8 @@ pub struct GatewayRecord {
     /// When the portal last heard from it (registration or `set_gateway_connected(.., true, ..)`).
     pub last_seen: i64,
     pub connected: bool,
+    /// The replica ([`Store::replica`]) whose connection it is on, or was on last.
+    pub replica: Option<String>,
 }
 
 /// One write of a batch (see [`Store::apply`]).
@@ -403,6 +405,15 @@ pub enum Write {
         account: String,
         gateway_id: String,
         connected: bool,
+        at: i64,
+    },
+    /// A cluster event for the other replicas, committed with the writes of its batch (after
+    /// them: an event about a grant is read only once the grant's rows are there).
+    Announce {
+        account: String,
+        kind: ClusterEventKind,
+        subject: String,
+        detail: String,
         at: i64,
     },
 }
@@ -462,6 +473,17 @@ pub enum ClusterEventKind {
     /// Gateway `subject` connected to replica `origin`: an older connection of it elsewhere
     /// (one its replica has not seen end yet) is dropped there.
     GatewayConnected,
+    /// A grant for gateway `subject`, decided on replica `origin` (`detail`: what the broker
+    /// needs to send it): the replica holding the gateway's connection sends it there and
+    /// answers with [`ClusterEventKind::GrantAnswered`].
+    GrantOffered,
+    /// The gateway's answer to grant `subject` (`detail`), for the replica that offered it.
+    GrantAnswered,
+    /// Grants taken out of force on replica `origin` (`detail`: which, whose, and why): the
+    /// replicas holding their clients' or gateways' connections tell those agents.
+    GrantsWithdrawn,
+    /// ICE candidates (`detail`) for agent `subject` from its peer on replica `origin`.
+    Candidates,
 }
 
 impl ClusterEventKind {
@@ -470,6 +492,10 @@ impl ClusterEventKind {
             ClusterEventKind::ClientConnected => "client-connected",
             ClusterEventKind::MembershipsChanged => "memberships-changed",
             ClusterEventKind::GatewayConnected => "gateway-connected",
+            ClusterEventKind::GrantOffered => "grant-offered",
+            ClusterEventKind::GrantAnswered => "grant-answered",
+            ClusterEventKind::GrantsWithdrawn => "grants-withdrawn",
+            ClusterEventKind::Candidates => "candidates",
         }
     }
 
@@ -478,6 +504,10 @@ impl ClusterEventKind {
             "client-connected" => Some(ClusterEventKind::ClientConnected),
             "memberships-changed" => Some(ClusterEventKind::MembershipsChanged),
             "gateway-connected" => Some(ClusterEventKind::GatewayConnected),
+            "grant-offered" => Some(ClusterEventKind::GrantOffered),
+            "grant-answered" => Some(ClusterEventKind::GrantAnswered),
+            "grants-withdrawn" => Some(ClusterEventKind::GrantsWithdrawn),
+            "candidates" => Some(ClusterEventKind::Candidates),
             _ => None,
         }
     }
@@ -1088,10 +1118,24 @@ impl Store {
         tx: &mut Transaction<'static, Any>,
         account: &str,
         kind: ClusterEventKind,
+        about: (&str, Option<&str>),
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let id = self.insert_event(tx, account, kind, about, now).await?;
+        self.notify(tx).await?;
+        Ok(id)
+    }
+
+    /// Writes a cluster event in `tx`, without waking anyone ([`Store::notify`] does).
+    async fn insert_event(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        account: &str,
+        kind: ClusterEventKind,
         (subject, detail): (&str, Option<&str>),
         now: i64,
     ) -> Result<i64, StoreError> {
-        let id = sqlx::query_scalar(
+        Ok(sqlx::query_scalar(
             "INSERT INTO cluster_events (account, kind, subject, detail, origin, time)
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
@@ -1102,13 +1146,18 @@ impl Store {
         .bind(self.replica.as_ref())
         .bind(now)
         .fetch_one(&mut **tx)
-        .await?;
+        .await?)
+    }
+
+    /// On PostgreSQL, wakes the other replicas' readers when `tx` commits (once however many
+    /// events it wrote: the readers read the table, not the notification).
+    async fn notify(&self, tx: &mut Transaction<'static, Any>) -> Result<(), StoreError> {
         if self.backend == Backend::Postgres {
             sqlx::query(&format!("NOTIFY {CLUSTER_CHANNEL}"))
                 .execute(&mut **tx)
                 .await?;
         }
-        Ok(id)
+        Ok(())
     }
 
     /// The number of the newest cluster event (0 when there is none): where a replica that
@@ -1319,13 +1368,14 @@ impl Store {
         let row: GatewayRow = sqlx::query_as(&format!(
             "INSERT INTO gateways
                  (id, account, site, token_id, name, public_key, endpoints, created_at, last_seen,
-                  connected)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 1)
+                  connected, replica)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 1, $9)
              ON CONFLICT (token_id) DO UPDATE SET
                  public_key = excluded.public_key,
                  endpoints = excluded.endpoints,
                  last_seen = excluded.last_seen,
-                 connected = 1
+                 connected = 1,
+                 replica = excluded.replica
              RETURNING {GATEWAY_COLUMNS}"
         ))
         .bind(&id)
@@ -1336,6 +1386,7 @@ impl Store {
         .bind(&public_key)
         .bind(&endpoints_json)
         .bind(now)
+        .bind(self.replica.as_ref())
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| on_constraint(e, key_taken(Entity::Gateway)))?;
@@ -1353,8 +1404,11 @@ impl Store {
         Ok((row.into_record()?, event))
     }
 
-    /// Records that a gateway of `account` connected (or sent a heartbeat: `last_seen`
-    /// becomes `now`) or disconnected (`last_seen` is left at the last time it was heard).
+    /// Records that a gateway of `account` is connected to this replica (or sent it a
+    /// heartbeat: `last_seen` becomes `now`), or that its connection to this replica ended
+    /// (`last_seen` is left at the last time it was heard). An end is recorded only while the
+    /// gateway is this replica's: one that connected to another replica meanwhile stays
+    /// connected.
     pub async fn set_gateway_connected(
         &self,
         account: &str,
@@ -1364,17 +1418,65 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await?;
-        set_gateway_connected(&mut conn, account, gateway_id, connected, now).await
+        let seen = GatewaySeen {
+            account,
+            gateway_id,
+            connected,
+            now,
+            replica: &self.replica,
+        };
+        set_gateway_connected(&mut conn, seen).await
     }
 
-    /// Marks every gateway of every account disconnected, and returns how many were connected:
-    /// for a portal starting up, which holds no connection yet.
-    pub async fn mark_all_gateways_disconnected(&self) -> Result<u64, StoreError> {
+    /// Marks disconnected the gateways marked connected but not heard from since
+    /// `silent_since`, and returns how many: a live replica writes each of its gateways'
+    /// heartbeats, so these are on no live replica (one killed, or the process before this one).
+    pub async fn mark_lost_gateways_disconnected(
+        &self,
+        silent_since: i64,
+    ) -> Result<u64, StoreError> {
         let _turn = self.write_turn().await;
-        let done = sqlx::query("UPDATE gateways SET connected = 0 WHERE connected = 1")
-            .execute(&self.pool)
-            .await?;
+        let done =
+            sqlx::query("UPDATE gateways SET connected = 0 WHERE connected = 1 AND last_seen < $1")
+                .bind(silent_since)
+                .execute(&self.pool)
+                .await?;
         Ok(done.rows_affected())
+    }
+
+    /// Marks disconnected the gateways whose connections are this replica's, which is
+    /// stopping; returns how many.
+    pub async fn release_gateways(&self) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
+        let done =
+            sqlx::query("UPDATE gateways SET connected = 0 WHERE connected = 1 AND replica = $1")
+                .bind(self.replica.as_ref())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// The gateways of `account` in `site` connected to other replicas and heard from since
+    /// `heard_since`: where a grant goes when this replica holds no gateway of the site.
+    pub async fn gateways_elsewhere(
+        &self,
+        account: &str,
+        site: &str,
+        heard_since: i64,
+    ) -> Result<Vec<GatewayRecord>, StoreError> {
+        let rows: Vec<GatewayRow> = sqlx::query_as(&format!(
+            "SELECT {GATEWAY_COLUMNS} FROM gateways
+             WHERE account = $1 AND site = $2 AND connected = 1 AND last_seen >= $3
+               AND replica IS NOT NULL AND replica <> $4
+             ORDER BY id"
+        ))
+        .bind(account)
+        .bind(site)
+        .bind(heard_since)
+        .bind(self.replica.as_ref())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(GatewayRow::into_record).collect()
     }
 
     /// A gateway of `account`.
@@ -1727,6 +1829,7 @@ impl Store {
             std::collections::HashMap::new();
         let mut seen = Vec::new();
         let mut paths = Vec::new();
+        let mut events = Vec::new();
         for write in writes {
             match write {
                 Write::InsertGrant(grant) => grants.push(grant),
@@ -1752,6 +1855,13 @@ impl Store {
                     path,
                     relay,
                 } => paths.push((account, grant_id, *issued_at, *path, *relay)),
+                Write::Announce {
+                    account,
+                    kind,
+                    subject,
+                    detail,
+                    at,
+                } => events.push((account, *kind, subject, detail, *at)),
             }
         }
         let (_turn, mut tx) = self.begin_write().await?;
@@ -1791,7 +1901,14 @@ impl Store {
             count_again(&mut tx, row, n, at).await?;
         }
         for (account, gateway_id, connected, at) in seen {
-            set_gateway_connected(&mut tx, account, gateway_id, connected, at).await?;
+            let seen = GatewaySeen {
+                account,
+                gateway_id,
+                connected,
+                now: at,
+                replica: &self.replica,
+            };
+            set_gateway_connected(&mut tx, seen).await?;
         }
         // After the inserts: a grant's path may come in the batch that records the grant.
         for (account, grant_id, issued_at, path, relay) in paths {
@@ -1806,6 +1923,13 @@ impl Store {
             .bind(relay.map(|r| r.to_string()))
             .execute(&mut *tx)
             .await?;
+        }
+        for &(account, kind, subject, detail, at) in &events {
+            self.insert_event(&mut tx, account, kind, (subject, Some(detail)), at)
+                .await?;
+        }
+        if !events.is_empty() {
+            self.notify(&mut tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -2049,7 +2173,7 @@ const FLOW_COLUMNS: &str = "id, account, time, user_email, client_id, resource_i
                             decision, rule_id, bundle_hash, reason, count, last_time, grant_id, \
                             path, relay";
 const GATEWAY_COLUMNS: &str = "id, account, site, token_id, name, public_key, endpoints, \
-                               created_at, last_seen, connected";
+                               created_at, last_seen, connected, replica";
 
 // Rows as the store reads them. Flags are integers, 0 or 1, in both dialects (SQLite has no
 // booleans, and one text of each query serves both), made `bool` in the records.
@@ -2148,6 +2272,7 @@ struct GatewayRow {
     created_at: i64,
     last_seen: i64,
     connected: i64,
+    replica: Option<String>,
 }
 
 impl GatewayRow {
@@ -2165,6 +2290,7 @@ impl GatewayRow {
             created_at: self.created_at,
             last_seen: self.last_seen,
             connected: self.connected != 0,
+            replica: self.replica,
         })
     }
 }
@@ -2289,26 +2415,54 @@ async fn usable_token(
     Ok(token)
 }
 
-async fn set_gateway_connected(
-    conn: &mut AnyConnection,
-    account: &str,
-    gateway_id: &str,
+/// What [`Store::set_gateway_connected`] records.
+struct GatewaySeen<'a> {
+    account: &'a str,
+    gateway_id: &'a str,
     connected: bool,
     now: i64,
+    /// The replica recording it.
+    replica: &'a str,
+}
+
+async fn set_gateway_connected(
+    conn: &mut AnyConnection,
+    seen: GatewaySeen<'_>,
 ) -> Result<(), StoreError> {
-    let done = sqlx::query(
-        "UPDATE gateways
-         SET connected = $3, last_seen = CASE WHEN $3 = 1 THEN $4 ELSE last_seen END
-         WHERE account = $1 AND id = $2",
-    )
-    .bind(account)
-    .bind(gateway_id)
-    .bind(i64::from(connected))
-    .bind(now)
-    .execute(conn)
-    .await?;
+    let done = if seen.connected {
+        sqlx::query(
+            "UPDATE gateways SET connected = 1, last_seen = $3, replica = $4
+             WHERE account = $1 AND id = $2",
+        )
+        .bind(seen.account)
+        .bind(seen.gateway_id)
+        .bind(seen.now)
+        .bind(seen.replica)
+        .execute(&mut *conn)
+        .await?
+    } else {
+        // The gateway's connection to another replica is not this one's to end; a row left
+        // by a portal from before replicas were recorded is.
+        sqlx::query(
+            "UPDATE gateways SET connected = 0
+             WHERE account = $1 AND id = $2 AND (replica = $3 OR replica IS NULL)",
+        )
+        .bind(seen.account)
+        .bind(seen.gateway_id)
+        .bind(seen.replica)
+        .execute(&mut *conn)
+        .await?
+    };
     if done.rows_affected() == 0 {
-        return Err(StoreError::NotFound(Entity::Gateway));
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM gateways WHERE account = $1 AND id = $2")
+                .bind(seen.account)
+                .bind(seen.gateway_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(Entity::Gateway));
+        }
     }
     Ok(())
 }

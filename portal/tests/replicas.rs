@@ -6,8 +6,8 @@
 
 mod support;
 
-use fz_host::testing::agents::{PATIENCE, TestClient, TestGateway, key};
-use fz_proto::{PortalToClient, PortalToGateway};
+use fz_host::testing::agents::{PATIENCE, TestClient, TestGateway, key, send_text};
+use fz_proto::{ClientMessage, GatewayMessage, PortalToClient, PortalToGateway, encode};
 use support::backends::config_line;
 use support::portal::TestPortal;
 
@@ -229,6 +229,154 @@ async fn a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another
     .await
     .expect("the other replica withdraws the grant within the agents' patience");
     assert_eq!(revoked, [grant.grant.id]);
+}
+
+/// The policy without `builds` for engineering: what withdraws a grant of it.
+fn policy_without_builds() -> String {
+    POLICY.replace("gitlab, builds as eng-git", "gitlab as eng-git")
+}
+
+/// An ICE candidate line on `port`.
+fn candidate(port: u16) -> String {
+    format!("candidate:1 1 udp 2130706431 198.51.100.7 {port} typ host")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_for_a_gateway_on_another_replica_goes_through_it_and_so_do_candidates_and_withdrawals()
+ {
+    let Some([first, second]) = two_replicas(
+        "replicas::a_grant_for_a_gateway_on_another_replica_goes_through_it_and_so_do_candidates_and_withdrawals",
+    )
+    .await
+    else {
+        return;
+    };
+    let (first, second) = (&first, &second);
+    // The site's only gateway is on the second replica; Alice's device on the first.
+    let mut gateway = second.gateway("acme", "hq", 200).await;
+    let mut alice = first.client("acme", ALICE, 1).await;
+    let client_id = alice.ready.client_id.clone();
+    let request = ClientMessage::RequestAccess {
+        resource: "builds".into(),
+        dns: None,
+        avoid: vec![],
+    };
+    send_text(&mut alice.socket, encode(&request)).await;
+
+    // The first replica decides; the grant reaches the gateway through the second, and the
+    // gateway's candidates (sent while the grant is being made) and its acknowledgement come
+    // back the same way.
+    let offered = match gateway.next().await {
+        Some(PortalToGateway::Grant { grant }) => grant,
+        other => panic!("expected the grant through the second replica, got {other:?}"),
+    };
+    gateway
+        .verify(&offered)
+        .expect("the first replica signed it");
+    assert_eq!(offered.grant.client.id, client_id);
+    gateway
+        .send(&GatewayMessage::Candidates {
+            client_id: client_id.clone(),
+            candidates: vec![candidate(5000)],
+        })
+        .await;
+    gateway
+        .send(&GatewayMessage::Ack {
+            grant_id: offered.grant.id.clone(),
+            resolved: None,
+        })
+        .await;
+    let (mut granted, mut candidates) = (None, None);
+    while granted.is_none() || candidates.is_none() {
+        match alice.next().await {
+            Some(PortalToClient::Granted { grant, .. }) => granted = Some(grant),
+            Some(PortalToClient::Candidates {
+                gateway_id,
+                candidates: lines,
+            }) => candidates = Some((gateway_id, lines)),
+            other => panic!("expected the grant and the gateway's candidates, got {other:?}"),
+        }
+    }
+    assert_eq!(granted.unwrap().grant.id, offered.grant.id);
+    assert_eq!(
+        candidates,
+        Some((gateway.id.clone(), vec![candidate(5000)]))
+    );
+    let stored = first
+        .store()
+        .active_grants_of_gateway("acme", &gateway.id, chrono::Utc::now().timestamp())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.iter().map(|g| &g.id).collect::<Vec<_>>(),
+        [&offered.grant.id],
+        "the acknowledged grant is stored"
+    );
+
+    // Alice's candidates reach the gateway through the second replica.
+    let mine = ClientMessage::Candidates {
+        gateway_id: gateway.id.clone(),
+        candidates: vec![candidate(4001)],
+    };
+    send_text(&mut alice.socket, encode(&mine)).await;
+    assert_eq!(
+        gateway.next().await,
+        Some(PortalToGateway::Candidates {
+            client_id: client_id.clone(),
+            candidates: vec![candidate(4001)],
+        })
+    );
+
+    // Only the first replica's policy stops allowing builds: it withdraws the grant, and the
+    // gateway hears it through the second (whose own policy still allows it).
+    first.write_policy("acme", &policy_without_builds());
+    assert_eq!(
+        gateway.next().await,
+        Some(PortalToGateway::Revoke {
+            grant_id: offered.grant.id.clone()
+        })
+    );
+    match alice.next().await {
+        Some(PortalToClient::Revoked { grant_id, .. }) => assert_eq!(grant_id, offered.grant.id),
+        other => panic!("expected the revocation, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_reaches_a_client_that_moved_to_another_replica() {
+    let Some([first, second]) =
+        two_replicas("replicas::a_withdrawal_reaches_a_client_that_moved_to_another_replica").await
+    else {
+        return;
+    };
+    let (first, second) = (&first, &second);
+    let mut seen = first.gateway("acme", "hq", 200).await.serve();
+    let (_, secret) = first.client_token("acme", ALICE).await;
+    let connect = |portal: &TestPortal| {
+        TestClient::connect(portal.address(), portal.pinned(), "acme", &secret, key(1))
+    };
+    let mut older = connect(first).await.unwrap();
+    let grant = older.grant("builds", None).await;
+
+    // The device moves to the second replica; its grant stays with the first, which made it.
+    let mut moved = connect(second).await.unwrap();
+    closed(&mut older).await;
+    first.write_policy("acme", &policy_without_builds());
+    match moved.next().await {
+        Some(PortalToClient::Revoked { grant_id, .. }) => assert_eq!(grant_id, grant.grant.id),
+        other => panic!("expected the revocation through the second replica, got {other:?}"),
+    }
+    let revoked = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match seen.recv().await.expect("the gateway stays connected") {
+                PortalToGateway::Revoke { grant_id } => break grant_id,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the gateway hears of it too");
+    assert_eq!(revoked, grant.grant.id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1537,7 +1537,13 @@ async fn a_gateway_takes_its_site_from_its_token_and_tracks_its_connection(datab
         .map(|g| g.site)
         .collect();
     assert_eq!(sites, ["hq", "lab"]);
-    assert_eq!(store.mark_all_gateways_disconnected().await.unwrap(), 2);
+    // Each connection is this replica's; a gateway not heard from since a moment is on no
+    // live replica, and a replica that stops lets go of its own.
+    assert_eq!(again.replica.as_deref(), Some(store.replica()));
+    let lost = store.mark_lost_gateways_disconnected(NOW + 50).await;
+    assert_eq!(lost.unwrap(), 1);
+    assert!(store.gateway(A, &gw.id).await.unwrap().unwrap().connected);
+    assert_eq!(store.release_gateways().await.unwrap(), 1);
     assert!(
         store
             .list_gateways(A)
