@@ -12,6 +12,7 @@
 //!   by hand through its own tunnel: what an attacker holding a user's token can do.
 //! - [`nat`]: NAT routers (easy and hard) between hosts and the wan.
 //! - [`relay`]: coturn as the world's TURN relay, and a TURN client that tries credentials on it.
+//! - [`replicas`]: three portal replicas on one PostgreSQL, for the scenario of a replica lost.
 //! - [`report`]: `target/e2e-report.json` and the summary the scenarios leave.
 //! - [`binaries`]: where the binaries under test are, built when missing.
 //! - [`local`]: a portal process on loopback, [`chromium`]: a real headless browser driven over
@@ -31,6 +32,7 @@ pub mod idp;
 pub mod local;
 pub mod nat;
 pub mod relay;
+pub mod replicas;
 pub mod report;
 pub mod rogue;
 pub mod servers;

@@ -69,6 +69,13 @@ pub struct Figures {
     /// From a client's move to another address to the first answer again through a gateway
     /// behind NAT.
     pub roaming_seconds: Option<f64>,
+    /// Three portal replicas: from the `kill -9` of the replica holding a gateway's connection
+    /// to the gateway in service on another.
+    pub replica_rehome_seconds: Option<f64>,
+    /// From a client's request to its grant (p99 of a probe's), through a replica the gateway
+    /// is not connected to, and through the one it is.
+    pub cross_replica_grant_p99_ms: Option<f64>,
+    pub same_replica_grant_p99_ms: Option<f64>,
 }
 
 impl Report {

@@ -250,6 +250,18 @@ pub struct Fetched {
     pub speed: f64,
 }
 
+/// The portal agents connect to: the world's own, or replicas a scenario runs
+/// ([`crate::replicas::Replicas`]).
+#[derive(Debug, Clone)]
+pub struct PortalAt {
+    /// What `--portal-url` says: one URL, or several, comma-separated.
+    pub urls: String,
+    /// The grant-signing public key agents pin.
+    pub key: String,
+    /// The `portal.toml` its admin commands read.
+    pub config: PathBuf,
+}
+
 /// The whole topology. Fields drop in order: the client first (it restores its resolver while
 /// its namespace is there), the gateways, the portal, the DNS servers, the runtime with the
 /// other servers, then the namespaces and files.
@@ -301,6 +313,8 @@ pub struct ExtraClient {
     pub router: Option<Netns>,
     /// Whether its client runs with `--full-tunnel`.
     pub full_tunnel: bool,
+    /// The portal its client connects to.
+    pub portal: PortalAt,
 }
 
 impl ExtraClient {
@@ -496,18 +510,21 @@ impl World {
                 ],
             );
             secret_file(dir.path(), &format!("{}.token", spec.name), &created);
-            let process = start_gateway(&spec, &ns, dir.path(), &portal_key);
+            let at = PortalAt {
+                urls: format!("ws://{PORTAL_LISTEN}"),
+                key: portal_key.clone(),
+                config: portal_config.clone(),
+            };
+            let process = start_gateway(&spec, &ns, dir.path(), &at);
             gateways.push(Gateway { spec, process, ns });
         }
         let client_token = client_token(&portal_ns, &portal_config, dir.path(), "laptop", USER);
-        let client = start_client(
-            &client_ns,
-            dir.path(),
-            "client",
-            &client_token,
-            &portal_key,
-            &[],
-        );
+        let at = PortalAt {
+            urls: format!("ws://{PORTAL_LISTEN}"),
+            key: portal_key.clone(),
+            config: portal_config.clone(),
+        };
+        let client = start_client(&client_ns, dir.path(), "client", &client_token, &at, &[]);
         let world = World {
             client,
             gateways,
@@ -552,8 +569,14 @@ impl World {
     /// One more client host, `name`: a namespace on the wan at 198.18.0.`host` running
     /// `fz-client` with a token of its own (device `name`, the same user), once it is up.
     pub fn extra_client(&self, name: &str, host: u8) -> ExtraClient {
+        self.extra_client_of(name, host, &self.portal_at())
+    }
+
+    /// [`World::extra_client`], its client connecting to `portal` with a token `portal` made.
+    pub fn extra_client_of(&self, name: &str, host: u8, portal: &PortalAt) -> ExtraClient {
         let mut extra = self.extra_host(name, host);
-        extra.token = self.client_token(name, USER);
+        extra.token = client_token(&self.portal_ns, &portal.config, self.dir.path(), name, USER);
+        extra.portal = portal.clone();
         self.start_again(&mut extra);
         extra
     }
@@ -581,6 +604,7 @@ impl World {
             token: self.dir.path().join(format!("{name}.token")),
             router: None,
             full_tunnel: false,
+            portal: self.portal_at(),
         }
     }
 
@@ -613,6 +637,7 @@ impl World {
             token: self.client_token(name, USER),
             router,
             full_tunnel: false,
+            portal: self.portal_at(),
         }
     }
 
@@ -629,6 +654,11 @@ impl World {
     /// edge gateways started), once it is connected to the portal. Its resource's greeter
     /// answers behind it, with `name`.
     pub fn edge_gateway(&self, index: u8, name: &'static str) -> EdgeGateway {
+        self.edge_gateway_of(index, name, &self.portal_at())
+    }
+
+    /// [`World::edge_gateway`], connecting to `portal` with a token `portal` made.
+    pub fn edge_gateway_of(&self, index: u8, name: &'static str, portal: &PortalAt) -> EdgeGateway {
         let (_, site, nat) = EDGES[usize::from(index)];
         let n = self
             .edges_started
@@ -671,18 +701,22 @@ impl World {
             self._runtime.spawn(greet(listener, name));
             self._runtime.spawn(crate::servers::pour(bulk_listener));
         }
-        let created = self.admin(&[
-            "token",
-            "create",
-            "--account",
-            ACCOUNT,
-            "--gateway",
-            name,
-            "--site",
-            site,
-        ]);
+        let created = admin(
+            &self.portal_ns,
+            &portal.config,
+            &[
+                "token",
+                "create",
+                "--account",
+                ACCOUNT,
+                "--gateway",
+                name,
+                "--site",
+                site,
+            ],
+        );
         secret_file(self.dir.path(), &format!("{name}.token"), &created);
-        let process = start_gateway_at(name, &ns, self.dir.path(), &self.portal_key, listen);
+        let process = start_gateway_at(name, &ns, self.dir.path(), portal, listen);
         wait_metrics(
             &ns,
             METRICS,
@@ -717,7 +751,7 @@ impl World {
             self.dir.path(),
             &extra.name,
             &extra.token,
-            &self.portal_key,
+            &extra.portal,
             options,
         ));
         fz_host::testing::wait_for(
@@ -957,6 +991,20 @@ impl World {
 
     // ---- the portal ----
 
+    /// The world's own portal, as agents connect to it.
+    pub fn portal_at(&self) -> PortalAt {
+        PortalAt {
+            urls: format!("ws://{PORTAL_LISTEN}"),
+            key: self.portal_key.clone(),
+            config: self.portal_config.clone(),
+        }
+    }
+
+    /// A directory of the world's own, for what a scenario keeps (deleted with the world).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// `fz-portal <args> --config …` in the portal's namespace; its standard output.
     pub fn admin(&self, args: &[&str]) -> String {
         admin(&self.portal_ns, &self.portal_config, args)
@@ -1153,8 +1201,9 @@ impl World {
 
     /// Starts a stopped gateway again with its key and token, and waits for its portal link.
     pub fn restart_gateway(&mut self, gateway: usize) {
+        let portal = self.portal_at();
         let gw = &mut self.gateways[gateway];
-        gw.process = start_gateway(&gw.spec, &gw.ns, self.dir.path(), &self.portal_key);
+        gw.process = start_gateway(&gw.spec, &gw.ns, self.dir.path(), &portal);
         self.wait_metrics(gateway, "the portal connection after a restart", |m| {
             m.value("fz_gateway_portal_connected") == 1
         });
@@ -1370,8 +1419,8 @@ fn start_portal(ns: &Netns, config: &Path, dir: &Path) -> Process {
     portal
 }
 
-fn start_gateway(spec: &GatewaySpec, ns: &Netns, dir: &Path, portal_key: &str) -> Process {
-    start_gateway_at(spec.name, ns, dir, portal_key, spec.endpoint())
+fn start_gateway(spec: &GatewaySpec, ns: &Netns, dir: &Path, portal: &PortalAt) -> Process {
+    start_gateway_at(spec.name, ns, dir, portal, spec.endpoint())
 }
 
 /// `fz-gateway` `name` in `ns`, its WireGuard socket on `listen` (which is also the address it
@@ -1380,7 +1429,7 @@ fn start_gateway_at(
     name: &str,
     ns: &Netns,
     dir: &Path,
-    portal_key: &str,
+    portal: &PortalAt,
     listen: SocketAddr,
 ) -> Process {
     let token = dir.join(format!("{name}.token"));
@@ -1391,13 +1440,13 @@ fn start_gateway_at(
         &binary("fz-gateway"),
         &[
             "--portal-url",
-            &format!("ws://{PORTAL_LISTEN}"),
+            &portal.urls,
             "--account",
             ACCOUNT,
             "--token-file",
             token.to_str().unwrap(),
             "--portal-key",
-            portal_key,
+            &portal.key,
             "--listen",
             &listen.to_string(),
             "--tun",
@@ -1442,21 +1491,20 @@ fn start_client(
     dir: &Path,
     name: &str,
     token: &Path,
-    portal_key: &str,
+    portal: &PortalAt,
     options: &[&str],
 ) -> Process {
     let key = dir.join(format!("{name}.key"));
     let state = dir.join(format!("{name}-state"));
-    let portal_url = format!("ws://{PORTAL_LISTEN}");
     let mut args = vec![
         "--portal-url",
-        &portal_url,
+        &portal.urls,
         "--account",
         ACCOUNT,
         "--token-file",
         token.to_str().unwrap(),
         "--portal-key",
-        portal_key,
+        &portal.key,
         "--tun",
         CLIENT_TUN,
         "--key-file",

@@ -19,6 +19,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::StaticSecret;
 use fz_e2e::nat::inbound_refused;
 use fz_e2e::relay::{allocate, credentials, unix_now};
+use fz_e2e::replicas::{REPLICAS, Replicas};
 use fz_e2e::report::{Report, Scenario, Status};
 use fz_e2e::world::{
     ACCOUNT, BUILD, CLIENT_WAN, CONTRACTOR, DB, EDGES, EdgeGateway, GATEWAYS, IDP_PROVIDER,
@@ -29,7 +30,7 @@ use fz_host::testing::net::{
     REFUSAL, a_answers, a_query, cannot_connect, connect_from, greeting, try_greeting,
 };
 use fz_host::testing::packet::{self, RST, Segment};
-use fz_proto::{DnsMapping, SignedGrant};
+use fz_proto::{DnsMapping, PortalToClient, SignedGrant};
 
 /// The run's name for its skip marker.
 const RUN: &str = "fz-e2e";
@@ -66,6 +67,7 @@ const SCENARIOS: &[(&str, Check)] = &[
     ("failover", failover),
     ("hung gateway", hung_gateway),
     ("restarted gateway", restarted_gateway),
+    ("portal replicas", portal_replicas),
 ];
 
 fn main() -> ExitCode {
@@ -1454,6 +1456,216 @@ fn fail_over_db(
 // ---- helpers ----
 
 /// The gateway a grant names, as an index of [`GATEWAYS`].
+/// Three portal replicas on one PostgreSQL (`fz_e2e::replicas`). A client connected to the
+/// first reaches a resource through a gateway connected to one of the others: the grant
+/// crosses replicas. The gateway's replica is killed (`kill -9`): the tunnel goes on carrying
+/// connections, the gateway re-homes to the replica left, and every replica is then restarted
+/// in turn (each drains), the tunnel working after each. Revoking the client's token on the
+/// first replica still reaches the gateway, wherever it is now. Grants are timed from a probe
+/// client's request to its grant, through the first replica (the gateway elsewhere) and
+/// through the gateway's own.
+fn portal_replicas(world: &mut World, report: &mut Report) -> String {
+    world.set_rules("allow engineering -> edge-open-web as edge");
+    let mut replicas = Replicas::start(world).unwrap_or_else(|why| panic!("{why}"));
+    let gateway = world.edge_gateway_of(0, "gw-rep", &replicas.at(&[1, 2]));
+    let client = world.extra_client_of("rlaptop", 130, &replicas.at(&[0]));
+    let holding = || -> Vec<usize> {
+        (1..REPLICAS)
+            .filter(|index| {
+                let log = replicas.process(*index).log_text();
+                log.matches("gateway in service").count() > 0
+            })
+            .collect()
+    };
+    let home = match holding()[..] {
+        [home] => home,
+        ref other => panic!("the gateway is in service on replicas {other:?}"),
+    };
+    let first = greeting(&client.ns, &gateway.resource);
+
+    let probes = 30;
+    let mut cross = grant_round_trips(world, &replicas, 0, ("probe-cross", 100), probes);
+    let mut same = grant_round_trips(world, &replicas, home, ("probe-same", 140), probes);
+    let cross_p99 = percentile(&mut cross, 0.99);
+    let same_p99 = percentile(&mut same, 0.99);
+    report.figures.cross_replica_grant_p99_ms = Some(cross_p99);
+    report.figures.same_replica_grant_p99_ms = Some(same_p99);
+
+    // The gateway's replica dies: the tunnel does not need it.
+    let killed = Instant::now();
+    replicas.kill(home);
+    let during = greeting(&client.ns, &gateway.resource);
+    let other = 3 - home;
+    world.wait_for("the gateway to re-home to the replica left", WAIT, |_| {
+        let log = replicas.process(other).log_text();
+        log.contains("gateway in service").then_some(())
+    });
+    let rehome = World::seconds(killed);
+    report.figures.replica_rehome_seconds = Some(rehome);
+    let after = greeting(&client.ns, &gateway.resource);
+
+    // A rolling restart of every replica (the killed one simply starts again), each next one
+    // once the agents it held are connected again, as an operator would go.
+    for index in 0..REPLICAS {
+        let agents = [gateway.process.log_text(), client.running().log_text()];
+        let held: Vec<usize> = agents
+            .iter()
+            .map(|log| log.matches(READY).count())
+            .collect();
+        let holding: Vec<bool> = agents
+            .iter()
+            .map(|log| connected_to(log) == Some(replicas.address(index)))
+            .collect();
+        replicas.restart(world, index);
+        world.wait_for("the agents of the restarted replica back", WAIT, |_| {
+            let logs = [gateway.process.log_text(), client.running().log_text()];
+            logs.iter()
+                .zip(&held)
+                .zip(&holding)
+                .all(|((log, before), moved)| {
+                    !moved || (log.matches(READY).count() > *before && connected_to(log).is_some())
+                })
+                .then_some(())
+        });
+        assert_eq!(
+            greeting(&client.ns, &gateway.resource),
+            first,
+            "the tunnel after replica {index}'s restart"
+        );
+    }
+    let mut again = grant_round_trips(world, &replicas, 0, ("probe-after", 180), 3);
+    let again_p99 = percentile(&mut again, 0.99);
+
+    // Revocation on the first replica reaches the gateway on whichever it is now.
+    let tokens = admin_at(
+        world,
+        &replicas,
+        0,
+        &["token", "list", "--account", ACCOUNT],
+    );
+    let token_id = tokens
+        .lines()
+        .find(|line| line.contains("rlaptop"))
+        .and_then(|line| line.split('\t').next())
+        .unwrap_or_else(|| panic!("no token of rlaptop among {tokens}"))
+        .to_owned();
+    let revoked = Instant::now();
+    admin_at(
+        world,
+        &replicas,
+        0,
+        &["token", "revoke", "--account", ACCOUNT, &token_id],
+    );
+    world.wait_for(
+        "the revoked device's connection to be refused",
+        WAIT,
+        |_| {
+            client
+                .ns
+                .run(|| try_greeting(&gateway.resource, Duration::from_millis(500)))
+                .is_err()
+                .then_some(())
+        },
+    );
+    let refused = World::seconds(revoked);
+    format!(
+        "{first:?} through replica {home} for a client on replica 0; grants p99 {cross_p99:.1} ms \
+         across replicas, {same_p99:.1} ms on the gateway's own ({probes} each); replica {home} \
+         killed: {during:?} at once, the gateway re-homed to replica {other} in {rehome:.2} s, \
+         {after:?}; every replica restarted in turn, the tunnel up after each, a grant across \
+         in {again_p99:.1} ms; the token revoked on replica 0: refused after {refused:.2} s"
+    )
+}
+
+/// What an agent logs when the portal said `ready`.
+const READY: &str = "the portal says ready";
+
+/// The portal an agent's log says it is connected to now: the last it connected to, unless
+/// the connection went down after its last `ready`.
+fn connected_to(log: &str) -> Option<SocketAddr> {
+    if log.rfind(READY) <= log.rfind("portal connection down") {
+        return None;
+    }
+    let line = log
+        .lines()
+        .rev()
+        .find(|line| line.contains("connected to the portal"))?;
+    let url = line.split("portal=ws://").nth(1)?;
+    url.split('/').next()?.parse().ok()
+}
+
+/// `fz-portal <args>` with replica `index`'s configuration.
+fn admin_at(world: &World, replicas: &Replicas, index: usize, args: &[&str]) -> String {
+    fz_e2e::world::admin(&world.portal_ns, &replicas.at(&[index]).config, args)
+}
+
+/// Times `count` grants of `edge-open-web` to a probe client (a token of device `device`)
+/// connected to replica `index`, from the request to the grant, in milliseconds. Each comes
+/// with a WireGuard key of its own (`key(first_seed + n)`; a key is one device's in an
+/// account), so each is a new grant: a grant in force is only handed out again to its key.
+fn grant_round_trips(
+    world: &World,
+    replicas: &Replicas,
+    index: usize,
+    (device, first_seed): (&str, u8),
+    count: u8,
+) -> Vec<f64> {
+    let created = admin_at(
+        world,
+        replicas,
+        index,
+        &[
+            "token",
+            "create",
+            "--account",
+            ACCOUNT,
+            "--client",
+            device,
+            "--user",
+            USER,
+        ],
+    );
+    let secret = created
+        .lines()
+        .find_map(|line| line.strip_prefix("secret "))
+        .unwrap_or_else(|| panic!("no secret in {created:?}"))
+        .to_owned();
+    let pinned = replicas.key.parse().unwrap();
+    let address = replicas.address(index);
+    world.portal_ns.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut took = Vec::new();
+            for seed in 0..count {
+                let key = fz_host::testing::agents::key(first_seed.wrapping_add(seed));
+                let mut probe = fz_host::testing::agents::TestClient::connect(
+                    address, pinned, ACCOUNT, &secret, key,
+                )
+                .await
+                .unwrap_or_else(|error| panic!("the probe cannot connect: {error:?}"));
+                let asked = Instant::now();
+                match probe.request("edge-open-web", None).await {
+                    PortalToClient::Granted { .. } => {
+                        took.push(asked.elapsed().as_secs_f64() * 1e3)
+                    }
+                    other => panic!("the probe's request through replica {index}: {other:?}"),
+                }
+            }
+            took
+        })
+    })
+}
+
+/// The `share` percentile of `samples` (nearest rank).
+fn percentile(samples: &mut [f64], share: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let rank = (share * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
 fn gateway_of(grant: &SignedGrant) -> usize {
     let endpoints = &grant.grant.gateway.endpoints;
     GATEWAYS
