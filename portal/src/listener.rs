@@ -371,7 +371,14 @@ pub async fn serve(
 async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
-            Ok(accepted) => return accepted,
+            Ok((stream, peer)) => {
+                // Each message (a grant, its answer) is one small write that someone waits
+                // for: Nagle's algorithm would hold it for the peer's delayed ACK.
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot set TCP_NODELAY");
+                }
+                return (stream, peer);
+            }
             Err(error) if is_connection_error(&error) => {}
             Err(error) => {
                 tracing::error!(%error, "accept failed");

@@ -83,6 +83,12 @@ impl RunningPortal {
             i64::MAX
         };
         store.mark_lost_gateways_disconnected(silent_since).await?;
+        if shared {
+            tracing::info!(
+                replica = store.replica(),
+                "serving as one replica of a shared store"
+            );
+        }
         let key = crate::keys::load(&config.data_dir, &config.key_files, Creation::Allowed)?;
         let public_key = key.public_key();
         let geo = match &config.geoip_country_db {

@@ -852,6 +852,22 @@ fn a_service_account_token_needs_an_email_address() {
     );
 }
 
+/// The example configuration of one replica among several is one the portal accepts.
+#[test]
+fn the_example_replica_configuration_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/replica.toml");
+    let config = fz_portal::config::Config::load(&example).unwrap();
+    assert!(matches!(
+        config.database,
+        fz_portal::store::Database::Postgres(_)
+    ));
+    assert_eq!(
+        config.key_files.signing.as_deref(),
+        Some(Path::new("/etc/fz/keys/portal-signing.key"))
+    );
+    assert_eq!(config.drain_period, std::time::Duration::from_secs(30));
+}
+
 /// The example configuration docs/deploy.md installs is one the portal accepts.
 #[test]
 fn the_example_configuration_is_valid() {

@@ -5,7 +5,8 @@
 //! {"scenarios": [{"name": "...", "status": "pass", "detail": "..."}],
 //!  "figures": {"failover_seconds": 10.5, "connection_setup_ms": 41, "tunnel_throughput_ratio": 0.6,
 //!              "idp_group_removed_seconds": 0.5, "token_revoked_seconds": 1.2,
-//!              "nat_setup_direct_ms": 40, "nat_setup_relayed_ms": 60, "nat_direct_share": 0.78}}
+//!              "nat_setup_direct_ms": 40, "nat_setup_relayed_ms": 60, "nat_direct_share": 0.78,
+//!              "replica_rehome_seconds": 0.4, "cross_replica_grant_p99_ms": 90, ...}}
 //! ```
 //!
 //! A figure no scenario measured (its scenario failed first) is `null`.
@@ -115,7 +116,9 @@ impl Report {
             "figures: failover {} (hung {}, restarted {}), connection setup {}, tunnel throughput {} of direct, access \
              lost {} after an identity provider dropped the group and {} after a token \
              revocation; through NATs: setup {} direct, {} relayed, {} of cells direct, back \
-             {} after a relay restart, {} after a client moved; relayed tunnel {} of direct\n",
+             {} after a relay restart, {} after a client moved; relayed tunnel {} of direct; \
+             portal replicas: a gateway re-homed {} after its replica's kill, grants p99 {} across \
+             replicas, {} on the gateway's own\n",
             figure(self.figures.failover_seconds, " s"),
             figure(self.figures.failover_hung_seconds, " s"),
             figure(self.figures.failover_restart_seconds, " s"),
@@ -129,6 +132,9 @@ impl Report {
             figure(self.figures.relay_restart_seconds, " s"),
             figure(self.figures.roaming_seconds, " s"),
             figure(self.figures.relay_throughput_ratio, "x"),
+            figure(self.figures.replica_rehome_seconds, " s"),
+            figure(self.figures.cross_replica_grant_p99_ms, " ms"),
+            figure(self.figures.same_replica_grant_p99_ms, " ms"),
         );
         text
     }

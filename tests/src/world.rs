@@ -1615,12 +1615,17 @@ fn client_token(ns: &Netns, config: &Path, dir: &Path, device: &str, user: &str)
     secret_file(dir, &format!("{device}.token"), &created)
 }
 
-/// Writes the secret that `fz-portal token create` printed into `dir/name`, mode 0600.
-pub fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
-    let secret = created
+/// The secret `fz-portal token create` printed (its `secret …` line).
+pub fn secret_of(created: &str) -> &str {
+    created
         .lines()
         .find_map(|line| line.strip_prefix("secret "))
-        .unwrap_or_else(|| panic!("no secret in {created:?}"));
+        .unwrap_or_else(|| panic!("no secret in {created:?}"))
+}
+
+/// Writes the secret that `fz-portal token create` printed into `dir/name`, mode 0600.
+pub fn secret_file(dir: &Path, name: &str, created: &str) -> PathBuf {
+    let secret = secret_of(created);
     let path = dir.join(name);
     std::fs::write(&path, format!("{secret}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();

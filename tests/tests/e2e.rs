@@ -1625,11 +1625,7 @@ fn grant_round_trips(
             USER,
         ],
     );
-    let secret = created
-        .lines()
-        .find_map(|line| line.strip_prefix("secret "))
-        .unwrap_or_else(|| panic!("no secret in {created:?}"))
-        .to_owned();
+    let secret = fz_e2e::world::secret_of(&created).to_owned();
     let pinned = replicas.key.parse().unwrap();
     let address = replicas.address(index);
     world.portal_ns.run(|| {

@@ -290,8 +290,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&gateways)?);
             } else {
+                // On a shared database, which replica holds each connection (as its log names
+                // it at start).
+                let shared = matches!(config.database, Database::Postgres(_));
                 for g in &gateways {
-                    let health = if g.connected { "healthy" } else { "unhealthy" };
+                    let health = match (g.connected, &g.replica) {
+                        (true, Some(replica)) if shared => format!("healthy on {replica}"),
+                        (true, _) => "healthy".to_owned(),
+                        (false, _) => "unhealthy".to_owned(),
+                    };
                     println!(
                         "{}\t{}\tsite {}\t{health}\tlast seen {}",
                         g.id,
