@@ -94,6 +94,9 @@ usage: cargo bench -p fz-portal --bench load -- [OPTIONS]
   --store LIST         where the portal's store is: disk, shm (its SQLite file in a data dir
                        there), postgres (a PostgreSQL server the bench starts; needs
                        Debian's postgresql) (default disk,shm)
+  --replicas N         1, or 2 with `--store postgres`: a second portal on the same database,
+                       the gateways connected to it and the clients to the first, so every
+                       grant crosses replicas (default 1)
   --pin                server on CPU 0, load generator on CPU 1 (taskset)
   --client-verify      clients verify each grant too (gateways always do)
   --connect-parallel N connections opened at once (default 256)
@@ -173,6 +176,8 @@ struct Options {
     portal: bool,
     echo: bool,
     stores: Vec<StoreKind>,
+    /// Portals on the one database: 2 puts the gateways on a second one.
+    replicas: usize,
     pin: bool,
     client_verify: bool,
     connect_parallel: usize,
@@ -238,6 +243,7 @@ impl Options {
             portal: true,
             echo: true,
             stores: vec![StoreKind::Disk, StoreKind::Shm],
+            replicas: 1,
             pin: false,
             client_verify: false,
             connect_parallel: 256,
@@ -283,6 +289,12 @@ impl Options {
                         })
                         .collect::<Result<_, _>>()?;
                 }
+                "--replicas" => {
+                    options.replicas = number(value()?)?;
+                    if !(1..=2).contains(&options.replicas) {
+                        return Err("--replicas is 1 or 2".to_owned());
+                    }
+                }
                 "--pin" => options.pin = true,
                 "--client-verify" => options.client_verify = true,
                 "--connect-parallel" => options.connect_parallel = number(value()?)?.max(1),
@@ -306,6 +318,9 @@ impl Options {
         }
         if options.clients < 2 || options.sites == 0 {
             return Err("at least 2 clients and 1 gateway".to_owned());
+        }
+        if options.replicas > 1 && options.stores != [StoreKind::Postgres] {
+            return Err("`--replicas 2` shares one database: `--store postgres` alone".to_owned());
         }
         options.abuse.validate()?;
         if !options.abuse.kinds.is_empty() && !options.portal {
@@ -446,7 +461,10 @@ async fn portal_target(
     policy: &Path,
     store_kind: StoreKind,
 ) -> TargetResult {
-    let name = format!("portal ({})", store_kind.name());
+    let name = match options.replicas {
+        1 => format!("portal ({})", store_kind.name()),
+        _ => format!("portal ({}, two replicas)", store_kind.name()),
+    };
     println!("\n== {name}");
     let (base, database) = store_kind.prepare("fz-load-data-");
     let data = base.path().join("data");
@@ -461,10 +479,9 @@ async fn portal_target(
         data.display()
     );
     let config = base.path().join("portal.toml");
-    std::fs::write(
-        &config,
+    let settings = |data_dir: &Path, keys: &str| {
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}\
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}{keys}\
              # The generator shares the machine: give the gateways time before they count as silent.\n\
              gateway_ack_timeout_ms = 30000\n\
              # Every client connects from 127.0.0.1, `--connect-parallel` of them at once.\n\
@@ -474,31 +491,58 @@ async fn portal_target(
              # one client, sets the pace.\n\
              max_grants_per_client = 100000\nrequests_per_second = 100000\n\
              request_burst = 100000\n",
-            data.display(),
+            data_dir.display(),
             database_line(&database),
             policy.display()
-        ),
-    )
-    .expect("a configuration file");
+        )
+    };
+    std::fs::write(&config, settings(&data, "")).expect("a configuration file");
     let log = base.path().join("portal.log");
-    let mut command = server_command(options, env!("CARGO_BIN_EXE_fz-portal"));
-    command
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .env("RUST_LOG", &options.log);
-    let (server, line) = Server::spawn(command, &log, "fz-portal listening on ").await;
+    let serve = |config: &Path| {
+        let mut command = server_command(options, env!("CARGO_BIN_EXE_fz-portal"));
+        command
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env("RUST_LOG", &options.log);
+        command
+    };
+    let listening = "fz-portal listening on ";
+    let (server, line) = Server::spawn(serve(&config), &log, listening).await;
     let (address, pinned) = portal_address(&line);
     println!("portal pid {} on {address}", server.pid());
+    // The second replica: its own data dir, the first one's keys, the gateways' portal.
+    let second = if options.replicas > 1 {
+        let keys = format!(
+            "signing_key_file = \"{}\"\ntoken_key_file = \"{}\"\n",
+            data.join(fz_portal::keys::FILE).display(),
+            data.join(fz_portal::keys::TOKEN_KEY_FILE).display()
+        );
+        let config = base.path().join("replica.toml");
+        std::fs::write(&config, settings(&base.path().join("replica"), &keys))
+            .expect("a configuration file");
+        let log = base.path().join("replica.log");
+        let (second, line) = Server::spawn(serve(&config), &log, listening).await;
+        let (address, _) = portal_address(&line);
+        println!(
+            "second replica pid {} on {address}: the gateways' portal",
+            second.pid()
+        );
+        Some((second, address))
+    } else {
+        None
+    };
+    let gateway_address = second.as_ref().map_or(address, |(_, address)| *address);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_started_kib = server.rss_kib();
 
     let acks: Acks = Arc::default();
     let mut gateways = Vec::new();
     for (site, secret) in secrets.gateways.iter().enumerate() {
-        let gateway = TestGateway::connect(address, pinned, ACCOUNT, secret, gateway_key(site))
-            .await
-            .unwrap_or_else(|e| panic!("gateway of site {site} cannot connect: {e:?}"));
+        let gateway =
+            TestGateway::connect(gateway_address, pinned, ACCOUNT, secret, gateway_key(site))
+                .await
+                .unwrap_or_else(|e| panic!("gateway of site {site} cannot connect: {e:?}"));
         gateways.push(gateway.id.clone());
         // The gateway passes on each message after it has verified and acknowledged it: note
         // when, so each answer's latency splits at the acknowledgement.
@@ -525,15 +569,19 @@ async fn portal_target(
 
     let started = Instant::now();
     let secrets_clients = Arc::new(secrets.clients);
-    let clients = connect_all(options.clients, options.connect_parallel, |index| {
-        let secrets = secrets_clients.clone();
-        async move {
-            TestClient::connect(address, pinned, ACCOUNT, &secrets[index], client_key(index))
-                .await
-                .unwrap_or_else(|e| panic!("client {index} cannot connect: {e:?}"))
-        }
-    })
-    .await;
+    // Every client, `--connect-parallel` at a time, to the portal at `address`.
+    let connect_clients = |address: SocketAddr| {
+        let secrets_clients = secrets_clients.clone();
+        connect_all(options.clients, options.connect_parallel, move |index| {
+            let secrets = secrets_clients.clone();
+            async move {
+                TestClient::connect(address, pinned, ACCOUNT, &secrets[index], client_key(index))
+                    .await
+                    .unwrap_or_else(|e| panic!("client {index} cannot connect: {e:?}"))
+            }
+        })
+    };
+    let clients = connect_clients(address).await;
     let connect_secs = started.elapsed().as_secs_f64();
     // Let the allocator and the connection tasks settle before reading the RSS.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -592,11 +640,14 @@ async fn portal_target(
     let mut in_force = Some(1);
     let mut phases = Vec::new();
     for &concurrency in &options.concurrency {
+        let servers: Vec<&Server> = std::iter::once(&server)
+            .chain(second.as_ref().map(|(second, _)| second))
+            .collect();
         let (back, phase) = load_phase(
             options,
             agents,
             concurrency,
-            &server,
+            &servers,
             &mut in_force,
             Some(&acks),
         )
@@ -616,6 +667,22 @@ async fn portal_target(
     }
     drop(agents);
     drop(server);
+    // The clients' replica is lost (killed, as a machine that dies): every client connects to
+    // the replica left at once, `--connect-parallel` at a time, as a reconnection storm.
+    if let Some((second, second_address)) = &second {
+        let started = Instant::now();
+        let reconnected = connect_clients(*second_address).await;
+        let took = started.elapsed().as_secs_f64();
+        println!(
+            "storm: the clients' replica killed; {} clients connected again to the other in \
+             {took:.1} s ({:.0}/s); its RSS {} KiB; each replica holds at most {} database \
+             connections",
+            reconnected.len(),
+            reconnected.len() as f64 / took,
+            second.rss_kib(),
+            fz_portal::store::MAX_CONNECTIONS + 1
+        );
+    }
     if options.keep {
         println!("kept {}", base.keep().display());
     }
@@ -837,8 +904,15 @@ async fn echo_target(options: &Options, model: &Model) -> TargetResult {
     let mut in_force = None;
     let mut phases = Vec::new();
     for &concurrency in &options.concurrency {
-        let (back, phase) =
-            load_phase(options, agents, concurrency, &server, &mut in_force, None).await;
+        let (back, phase) = load_phase(
+            options,
+            agents,
+            concurrency,
+            &[&server],
+            &mut in_force,
+            None,
+        )
+        .await;
         agents = back;
         print_phase(&phase);
         phases.push(phase);
@@ -1039,11 +1113,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Runs `concurrency` workers over all the agents for the warm-up and the measured window.
+/// The CPU of `servers` is summed (the first one's threads are listed).
 async fn load_phase(
     options: &Options,
     agents: Vec<Agent>,
     concurrency: usize,
-    server: &Server,
+    servers: &[&Server],
     in_force: &mut Option<u64>,
     acks: Option<&Acks>,
 ) -> (Vec<Agent>, Phase) {
@@ -1068,12 +1143,14 @@ async fn load_phase(
         })
         .collect();
     tokio::time::sleep_until(measure_from).await;
-    let server_before = server.cpu();
+    let server_before = servers[0].cpu();
+    let others_before: u64 = servers[1..].iter().map(|s| s.cpu().total).sum();
     let generator_before = process_cpu("self");
     let wall_before = Instant::now();
     tokio::time::sleep_until(end).await;
     let seconds = wall_before.elapsed().as_secs_f64();
-    let server_after = server.cpu();
+    let server_after = servers[0].cpu();
+    let others_after: u64 = servers[1..].iter().map(|s| s.cpu().total).sum();
     let generator_after = process_cpu("self");
     let mut agents = Vec::new();
     let mut tally = Tally::default();
@@ -1096,10 +1173,13 @@ async fn load_phase(
         concurrency,
         tally,
         seconds: options.duration.as_secs_f64(),
-        server_cpu: share(server_before.total, server_after.total),
+        server_cpu: share(
+            server_before.total + others_before,
+            server_after.total + others_after,
+        ),
         generator_cpu: share(generator_before, generator_after),
         threads,
-        rss_after_kib: server.rss_kib(),
+        rss_after_kib: servers[0].rss_kib(),
         in_force_after,
     };
     (agents, phase)

@@ -415,11 +415,12 @@ impl Broker {
         };
         // Grants name the device's key; a device that comes back with another key cannot use
         // them, and nobody else may.
-        let stale = self.registry().grants_where(|g| {
-            g.account == token.account
-                && g.client_id == client.id
-                && g.signed.grant.client.public_key != public_key
-        });
+        let stale: Vec<String> = self
+            .registry()
+            .client_grants(&token.account, &client.id)
+            .filter(|g| g.signed.grant.client.public_key != public_key)
+            .map(|g| g.id.clone())
+            .collect();
         self.withdraw(&stale, |_| "the device's WireGuard key changed".to_owned())
             .await;
         let (tunnel_ipv4, tunnel_ipv6) = store::tunnel_addresses(index);
@@ -659,6 +660,23 @@ impl Broker {
                     .map(|d| (d.name.clone(), d.mapped.clone())),
             ))
             .await;
+        // A grant through a gateway on another replica may be handed out again while that
+        // gateway is in service there; the store says so, asked only for a client that holds
+        // such a grant in the site.
+        let holds_remote = {
+            let registry = self.registry();
+            registry
+                .grant_of_client(&session.account, &session.client_id, |g| {
+                    g.site == site && registry.gateway(&g.gateway_id).is_none()
+                })
+                .is_some()
+        };
+        let elsewhere: HashSet<String> = if holds_remote {
+            let gateways = self.gateways_elsewhere(&session.account, &site).await;
+            gateways.into_iter().map(|(peer, _)| peer.id).collect()
+        } else {
+            HashSet::new()
+        };
         let again = Again {
             granted: &granted,
             site: &site,
@@ -667,6 +685,7 @@ impl Broker {
             expires_at,
             now,
             avoid: &tried,
+            elsewhere: &elsewhere,
         };
         if let Some(grant) = self.grant_to_hand_out_again(session, &again) {
             let reused = Write::GrantReused {
@@ -1590,7 +1609,8 @@ impl Broker {
     /// later than a new grant would, and not within a minute unless a new one would too (the
     /// client would only have to ask again). A DNS grant also needs what its name resolved
     /// to, to tell the client. Of several, one through the gateway the client uses in the
-    /// site (where a new grant would go) comes first.
+    /// site (where a new grant would go) comes first. A gateway on another replica counts as
+    /// in service when the store says it is (`again.elsewhere`).
     fn grant_to_hand_out_again(
         &self,
         session: &Arc<ClientSession>,
@@ -1610,9 +1630,10 @@ impl Broker {
                 && g.expires_at > again.now
                 && (grant.resource.dns.is_none() || g.resolved.is_some())
                 && !again.avoid.contains(&g.gateway_id)
-                && registry
+                && (registry
                     .gateway(&g.gateway_id)
                     .is_some_and(|gw| gw.account == session.account)
+                    || again.elsewhere.contains(&g.gateway_id))
         };
         // Through the gateway the client uses in the site, if it holds one there, as a new
         // grant would go; else through any.
@@ -1771,6 +1792,8 @@ struct Again<'a> {
     expires_at: UnixTime,
     now: UnixTime,
     avoid: &'a HashSet<String>,
+    /// Gateways of the site in service on other replicas.
+    elsewhere: &'a HashSet<String>,
 }
 
 /// What a client asked for: account, client id, resource id, and a DNS resource's name and

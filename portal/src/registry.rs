@@ -457,13 +457,25 @@ impl<L> Registry<L> {
         client_id: &str,
         mut select: impl FnMut(&LiveGrant) -> bool,
     ) -> Option<Arc<LiveGrant>> {
-        let client = (account.to_owned(), client_id.to_owned());
-        self.by_client
-            .get(&client)?
-            .iter()
-            .filter_map(|id| self.grants.get(id))
+        self.client_grants(account, client_id)
             .find(|g| select(g))
             .cloned()
+    }
+
+    /// The grants in force of a client of `account`, found through its index (not a visit of
+    /// every grant: a hello asks this, and thousands of hellos come at once after a replica
+    /// is lost).
+    pub fn client_grants(
+        &self,
+        account: &str,
+        client_id: &str,
+    ) -> impl Iterator<Item = &Arc<LiveGrant>> {
+        let client = (account.to_owned(), client_id.to_owned());
+        self.by_client
+            .get(&client)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.grants.get(id))
     }
 
     /// Counts a grant being made for the client, if it holds (in force and being made) fewer

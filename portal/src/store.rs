@@ -95,7 +95,7 @@ pub const ROWS_PER_STATEMENT: usize = 500;
 /// run beside it; on PostgreSQL it is what one replica may take of the server's
 /// `max_connections` (with one more that listens: `cluster`), so that many replicas, each
 /// reconnecting its agents at once, stay within the server's budget.
-const MAX_CONNECTIONS: u32 = 8;
+pub const MAX_CONNECTIONS: u32 = 8;
 
 /// How long a query waits for a free connection before it fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1897,8 +1897,17 @@ impl Store {
                 })
             })?;
         }
+        let mut reused = Vec::new();
         for (row, (n, at)) in again {
-            count_again(&mut tx, row, n, at).await?;
+            match row {
+                Again::Grant(account, grant_id, issued_at) => {
+                    reused.push((account, grant_id, issued_at, n, at));
+                }
+                Again::Denial(flow) => count_denial_again(&mut tx, flow, n, at).await?,
+            }
+        }
+        for chunk in reused.chunks(ROWS_PER_STATEMENT) {
+            count_grants_again(&mut tx, chunk).await?;
         }
         for (account, gateway_id, connected, at) in seen {
             let seen = GatewaySeen {
@@ -2562,59 +2571,70 @@ fn count<'a>(
     *last = (*last).max(at);
 }
 
-/// Adds `n` occurrences to a row, the last at `at`. The row is found through
+/// Adds occurrences to the allow rows of reused grants: for each (account, grant id, the
+/// grant's issue time, `n`, `at`), `n` more, the last at `at`, in one statement (found through
+/// `flows_by_grant`). A row that is not there (pruned, or its insert failed) is left so:
+/// occurrences are counted, never made up into rows.
+async fn count_grants_again(
+    conn: &mut AnyConnection,
+    rows: &[(&str, &str, i64, i64, i64)],
+) -> Result<(), StoreError> {
+    // `VALUES` names its columns column1, column2, … in both dialects.
+    let sql = format!(
+        "UPDATE flows SET count = flows.count + v.column4,
+                          last_time = CASE WHEN flows.last_time > v.column5
+                                           THEN flows.last_time ELSE v.column5 END
+         FROM (VALUES {}) AS v
+         WHERE flows.account = v.column1 AND flows.grant_id = v.column2
+           AND flows.time = v.column3",
+        placeholder_rows(rows.len(), 5)
+    );
+    let mut update = sqlx::query(&sql);
+    for &(account, grant_id, issued_at, n, at) in rows {
+        update = update
+            .bind(account)
+            .bind(grant_id)
+            .bind(issued_at)
+            .bind(n)
+            .bind(at);
+    }
+    update.execute(conn).await?;
+    Ok(())
+}
+
+/// Adds `n` occurrences to a denial's row, the last at `at`. The row is found through
 /// `flows_by_account_time` (account and time first); should two rows match (a denial counted
 /// in memory by a portal that restarted within the same second), the newer one counts. A row
-/// that is not there (it was pruned, or its insert failed) is left so: occurrences are counted,
-/// never made up into rows.
-async fn count_again(
+/// that is not there (it was pruned, or its insert failed) is left so.
+async fn count_denial_again(
     conn: &mut AnyConnection,
-    row: Again<'_>,
+    flow: &NewFlow,
     n: i64,
     at: i64,
 ) -> Result<(), StoreError> {
-    match row {
-        Again::Grant(account, grant_id, issued_at) => {
-            sqlx::query(
-                "UPDATE flows SET count = count + $4,
-                                  last_time = CASE WHEN last_time > $5 THEN last_time ELSE $5 END
-                 WHERE id = (SELECT max(id) FROM flows
-                             WHERE account = $1 AND time = $2 AND grant_id = $3)",
-            )
-            .bind(account)
-            .bind(issued_at)
-            .bind(grant_id)
-            .bind(n)
-            .bind(at)
-            .execute(conn)
-            .await?;
-        }
-        Again::Denial(flow) => {
-            sqlx::query(
-                "UPDATE flows SET count = count + $9,
-                                  last_time = CASE WHEN last_time > $10 THEN last_time ELSE $10 END
-                 WHERE id = (SELECT max(id) FROM flows
-                             WHERE account = $1 AND time = $2 AND client_id = $3
-                               AND resource_id = $4 AND name IS NOT DISTINCT FROM $5
-                               AND decision = 'deny'
-                               AND reason = $6 AND rule_id IS NOT DISTINCT FROM $7
-                               AND bundle_hash = $8
-                               AND grant_id IS NULL)",
-            )
-            .bind(&flow.account)
-            .bind(flow.time)
-            .bind(&flow.client_id)
-            .bind(&flow.resource_id)
-            .bind(flow.name.as_deref())
-            .bind(&flow.reason)
-            .bind(flow.rule_id.as_deref())
-            .bind(&flow.bundle_hash)
-            .bind(n)
-            .bind(at)
-            .execute(conn)
-            .await?;
-        }
-    }
+    sqlx::query(
+        "UPDATE flows SET count = count + $9,
+                          last_time = CASE WHEN last_time > $10 THEN last_time ELSE $10 END
+         WHERE id = (SELECT max(id) FROM flows
+                     WHERE account = $1 AND time = $2 AND client_id = $3
+                       AND resource_id = $4 AND name IS NOT DISTINCT FROM $5
+                       AND decision = 'deny'
+                       AND reason = $6 AND rule_id IS NOT DISTINCT FROM $7
+                       AND bundle_hash = $8
+                       AND grant_id IS NULL)",
+    )
+    .bind(&flow.account)
+    .bind(flow.time)
+    .bind(&flow.client_id)
+    .bind(&flow.resource_id)
+    .bind(flow.name.as_deref())
+    .bind(&flow.reason)
+    .bind(flow.rule_id.as_deref())
+    .bind(&flow.bundle_hash)
+    .bind(n)
+    .bind(at)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -313,6 +313,14 @@ async fn a_grant_for_a_gateway_on_another_replica_goes_through_it_and_so_do_cand
         "the acknowledged grant is stored"
     );
 
+    // Asked again, the grant in force through the other replica's gateway is handed out
+    // again: no second grant reaches the gateway (its next message is Alice's candidates).
+    send_text(&mut alice.socket, encode(&request)).await;
+    match alice.next().await {
+        Some(PortalToClient::Granted { grant, .. }) => assert_eq!(grant.grant.id, offered.grant.id),
+        other => panic!("expected the same grant again, got {other:?}"),
+    }
+
     // Alice's candidates reach the gateway through the second replica.
     let mine = ClientMessage::Candidates {
         gateway_id: gateway.id.clone(),

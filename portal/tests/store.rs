@@ -1810,6 +1810,53 @@ async fn concurrent_writers_all_get_through(database: Database) {
     assert_eq!(store.flows(&all_flows(A)).await.unwrap().len(), 32);
 }
 
+/// Grants handed out again count on the allow row that made each, however many arrive in one
+/// batch and for however many grants; another grant's row, made in the same second, is left.
+async fn reused_grants_count_on_the_rows_that_made_them(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
+    let allow = |grant: &str| {
+        Write::Flow(NewFlow {
+            grant_id: Some(grant.to_owned()),
+            ..flow(A, NOW, "alice@example.com", grant, true, "allowed")
+        })
+    };
+    store
+        .apply(&[allow("gr-1"), allow("gr-2"), allow("gr-3")])
+        .await
+        .unwrap();
+    let reused = |grant: &str, at: i64| Write::GrantReused {
+        account: A.to_owned(),
+        grant_id: grant.to_owned(),
+        issued_at: NOW,
+        at,
+    };
+    store
+        .apply(&[
+            reused("gr-1", NOW + 5),
+            reused("gr-2", NOW + 7),
+            reused("gr-1", NOW + 9),
+        ])
+        .await
+        .unwrap();
+    store.apply(&[reused("gr-1", NOW + 8)]).await.unwrap();
+    let mut counted: Vec<(String, i64, i64)> = store
+        .flows(&all_flows(A))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.grant_id.unwrap_or_default(), f.count, f.last_time))
+        .collect();
+    counted.sort();
+    assert_eq!(
+        counted,
+        [
+            ("gr-1".to_owned(), 4, NOW + 9),
+            ("gr-2".to_owned(), 2, NOW + 7),
+            ("gr-3".to_owned(), 1, NOW),
+        ]
+    );
+}
+
 async fn a_batch_is_written_whole_or_not_at_all_and_the_writer_keeps_good_writes(
     database: Database,
 ) {
@@ -2342,6 +2389,7 @@ on_both_backends!("store":
     records_serialize_as_flat_json,
     concurrent_writers_all_get_through,
     a_batch_is_written_whole_or_not_at_all_and_the_writer_keeps_good_writes,
+    reused_grants_count_on_the_rows_that_made_them,
     clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user,
     revoked_tokens_and_verified_devices_are_visible_to_the_sweeper,
     an_email_code_has_its_tries_its_lifetime_and_one_use,

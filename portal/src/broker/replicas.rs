@@ -18,7 +18,7 @@
 //! agents ignore (a revocation of a grant they do not hold, candidates they already tried).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,8 +239,25 @@ impl Broker {
         &self,
         account: &str,
         site: &str,
-        tried: &std::collections::HashSet<String>,
+        tried: &HashSet<String>,
     ) -> Option<(GatewayPeer, Route)> {
+        let usable: Vec<(GatewayPeer, Route)> = self
+            .gateways_elsewhere(account, site)
+            .await
+            .into_iter()
+            .filter(|(peer, _)| !tried.contains(&peer.id))
+            .collect();
+        let index = random::index(usable.len()).ok()?;
+        usable.into_iter().nth(index)
+    }
+
+    /// The gateways of `site` other replicas hold and have heard from within a heartbeat
+    /// timeout, with the way to each; none when the store cannot say.
+    pub(super) async fn gateways_elsewhere(
+        &self,
+        account: &str,
+        site: &str,
+    ) -> Vec<(GatewayPeer, Route)> {
         let timeout = i64::try_from(self.timings.heartbeat_timeout().as_secs()).unwrap_or(i64::MAX);
         let heard_since = now_i64(unix(self.now())).saturating_sub(timeout);
         let found = match self
@@ -251,12 +268,11 @@ impl Broker {
             Ok(found) => found,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the gateways of other replicas");
-                return None;
+                return Vec::new();
             }
         };
-        let usable: Vec<(GatewayPeer, Route)> = found
+        found
             .into_iter()
-            .filter(|g| !tried.contains(&g.id))
             .filter_map(|g| {
                 let public_key: PublicKey = g.public_key.parse().ok()?;
                 let endpoints = g.endpoints.iter().filter_map(|e| e.parse().ok()).collect();
@@ -267,9 +283,7 @@ impl Broker {
                 };
                 Some((peer, Route::Replica(g.replica?)))
             })
-            .collect();
-        let index = random::index(usable.len()).ok()?;
-        usable.into_iter().nth(index)
+            .collect()
     }
 
     // ---- a grant through another replica ----

@@ -70,6 +70,8 @@ pub async fn open_with(
         .connect(portal)
         .await
         .map_err(|e| (0, e.to_string()))?;
+    // As the real agents' links do: each message is a small write someone waits for.
+    stream.set_nodelay(true).map_err(|e| (0, e.to_string()))?;
     match tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await {
         Ok((socket, _)) => Ok(socket),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
