@@ -1315,13 +1315,16 @@ impl Broker {
     ) -> Result<(), String> {
         check_candidates(&candidates)?;
         self.take_request(session)?;
+        let not_yours = || {
+            format!(
+                "no grant through gateway `{}`: its candidates are not yours to send",
+                logged_id(gateway_id)
+            )
+        };
         let registry = self.registry();
         // A pair is only ever made for a grant of the client's own account.
         if registry.pair_key(&session.client_id, gateway_id).is_none() {
-            return Err(format!(
-                "no grant through gateway `{}`: its candidates are not yours to send",
-                logged_id(gateway_id)
-            ));
+            return Err(not_yours());
         }
         match registry
             .gateway(gateway_id)
@@ -1336,7 +1339,9 @@ impl Broker {
                     client_id: session.client_id.clone(),
                     candidates,
                 };
-                self.candidates_elsewhere(&session.account, gateway_id, from);
+                if !self.candidates_elsewhere(&session.account, gateway_id, from) {
+                    return Err(not_yours());
+                }
             }
         }
         Ok(())
@@ -1352,10 +1357,11 @@ impl Broker {
         candidates: Vec<String>,
     ) -> Result<(), String> {
         check_candidates(&candidates)?;
+        let no_grant = || format!("no grant for client `{}`", logged_id(client_id));
         let registry = self.registry();
         // The gateway's own pairs: a pair is only ever made for a grant of its account.
         if registry.pair_key(client_id, gateway_id).is_none() {
-            return Err(format!("no grant for client `{}`", logged_id(client_id)));
+            return Err(no_grant());
         }
         match registry
             .client(client_id)
@@ -1370,7 +1376,9 @@ impl Broker {
                     gateway_id: gateway_id.to_owned(),
                     candidates,
                 };
-                self.candidates_elsewhere(account, client_id, from);
+                if !self.candidates_elsewhere(account, client_id, from) {
+                    return Err(no_grant());
+                }
             }
         }
         Ok(())
@@ -1481,7 +1489,7 @@ impl Broker {
                 tracing::info!(account = %grant.account, grant = %grant.id, client = %grant.client_id, reason = %why, "grant withdrawn");
                 let gateway = registry.gateway(&grant.gateway_id);
                 let client = registry.client(&grant.client_id);
-                if gateway.is_none() || client.is_none() {
+                if (gateway.is_none() || client.is_none()) && self.store.shared() {
                     elsewhere.add(grant, why.clone());
                 }
                 if let Some(gateway) = gateway {

@@ -672,6 +672,12 @@ impl Store {
         &self.replica
     }
 
+    /// Whether other replicas may share this store (PostgreSQL): on SQLite one process
+    /// serves the file, and events meant for agents on other replicas have no reader.
+    pub fn shared(&self) -> bool {
+        self.backend == Backend::Postgres
+    }
+
     /// Whether the database answers a trivial query (`/healthz`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

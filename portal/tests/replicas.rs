@@ -40,6 +40,23 @@ async fn two_replicas(test: &str) -> Option<[TestPortal; 2]> {
     Some([first, second])
 }
 
+/// The grant ids of the next revocation a serving gateway is sent (`revoke` or
+/// `revoke_many`), skipping other messages; `None` if none comes within the agents' patience.
+async fn revocation(
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<PortalToGateway>,
+) -> Option<Vec<String>> {
+    let next = async {
+        loop {
+            match seen.recv().await.expect("the gateway stays connected") {
+                PortalToGateway::Revoke { grant_id } => break vec![grant_id],
+                PortalToGateway::RevokeMany { grant_ids } => break grant_ids,
+                _ => continue,
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, next).await.ok()
+}
+
 /// Reads until the portal closes the connection; panics if something else than the close,
 /// the relays' credentials or the like comes first for longer than the agents' patience.
 async fn closed(client: &mut TestClient) {
@@ -159,17 +176,9 @@ async fn a_gateway_that_moves_to_another_replica_keeps_its_grants_and_their_with
         .revoke_token("acme", &token_id, chrono::Utc::now().timestamp())
         .await
         .unwrap();
-    let revoked = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match seen.recv().await.expect("the gateway stays connected") {
-                PortalToGateway::Revoke { grant_id } => break vec![grant_id],
-                PortalToGateway::RevokeMany { grant_ids } => break grant_ids,
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("the second replica withdraws the grant within the agents' patience");
+    let revoked = revocation(&mut seen)
+        .await
+        .expect("the second replica withdraws the grant within the agents' patience");
     assert_eq!(revoked, [grant.grant.id]);
 }
 
@@ -217,17 +226,9 @@ async fn a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another
     // She signs in again through the first replica, and Okta no longer lists DBA: the second
     // replica withdraws her grant from its gateway.
     sign_in(&[]).await;
-    let revoked = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match seen.recv().await.expect("the gateway stays connected") {
-                PortalToGateway::Revoke { grant_id } => break vec![grant_id],
-                PortalToGateway::RevokeMany { grant_ids } => break grant_ids,
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("the other replica withdraws the grant within the agents' patience");
+    let revoked = revocation(&mut seen)
+        .await
+        .expect("the other replica withdraws the grant within the agents' patience");
     assert_eq!(revoked, [grant.grant.id]);
 }
 
@@ -374,17 +375,10 @@ async fn a_withdrawal_reaches_a_client_that_moved_to_another_replica() {
         Some(PortalToClient::Revoked { grant_id, .. }) => assert_eq!(grant_id, grant.grant.id),
         other => panic!("expected the revocation through the second replica, got {other:?}"),
     }
-    let revoked = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match seen.recv().await.expect("the gateway stays connected") {
-                PortalToGateway::Revoke { grant_id } => break grant_id,
-                _ => continue,
-            }
-        }
-    })
-    .await
-    .expect("the gateway hears of it too");
-    assert_eq!(revoked, grant.grant.id);
+    let revoked = revocation(&mut seen)
+        .await
+        .expect("the gateway hears of it too");
+    assert_eq!(revoked, [grant.grant.id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1598,7 +1598,13 @@ pub fn admin(ns: &Netns, config: &Path, args: &[&str]) -> String {
 /// `fz-portal token create --client <device> --user <user>`, its secret written to
 /// `dir/<device>.token`.
 fn client_token(ns: &Netns, config: &Path, dir: &Path, device: &str, user: &str) -> PathBuf {
-    let created = admin(
+    let created = create_client_token(ns, config, device, user);
+    secret_file(dir, &format!("{device}.token"), &created)
+}
+
+/// `fz-portal token create` of a client token for `device` of `user`; what it printed.
+pub fn create_client_token(ns: &Netns, config: &Path, device: &str, user: &str) -> String {
+    admin(
         ns,
         config,
         &[
@@ -1611,8 +1617,7 @@ fn client_token(ns: &Netns, config: &Path, dir: &Path, device: &str, user: &str)
             "--user",
             user,
         ],
-    );
-    secret_file(dir, &format!("{device}.token"), &created)
+    )
 }
 
 /// The secret `fz-portal token create` printed (its `secret …` line).

@@ -1610,21 +1610,8 @@ fn grant_round_trips(
     (device, first_seed): (&str, u8),
     count: u8,
 ) -> Vec<f64> {
-    let created = admin_at(
-        world,
-        replicas,
-        index,
-        &[
-            "token",
-            "create",
-            "--account",
-            ACCOUNT,
-            "--client",
-            device,
-            "--user",
-            USER,
-        ],
-    );
+    let config = replicas.at(&[index]).config;
+    let created = fz_e2e::world::create_client_token(&world.portal_ns, &config, device, USER);
     let secret = fz_e2e::world::secret_of(&created).to_owned();
     let pinned = replicas.key.parse().unwrap();
     let address = replicas.address(index);

@@ -510,10 +510,19 @@ impl Broker {
 
     // ---- candidates ----
 
-    /// Sends candidates to an agent on another replica.
-    pub(super) fn candidates_elsewhere(&self, account: &str, to: &str, candidates: Candidates) {
+    /// Sends candidates to an agent on another replica. False on a store no other replica
+    /// shares: the agent is connected nowhere then.
+    pub(super) fn candidates_elsewhere(
+        &self,
+        account: &str,
+        to: &str,
+        candidates: Candidates,
+    ) -> bool {
+        if !self.store.shared() {
+            return false;
+        }
         let Ok(detail) = serde_json::to_string(&candidates) else {
-            return;
+            return false;
         };
         let sent = self.writer.submit(vec![Write::Announce {
             account: account.to_owned(),
@@ -527,6 +536,7 @@ impl Broker {
                 tracing::warn!(%error, "cannot send candidates to another replica");
             }
         });
+        true
     }
 
     /// Candidates from an agent on another replica (which checked that a grant joins the two)
