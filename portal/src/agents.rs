@@ -499,13 +499,19 @@ async fn serve_gateway(
 ) {
     let silence = broker.timings().heartbeat_timeout();
     let mut deadline = tokio::time::Instant::now() + silence;
+    // The last heartbeat's write. It is not waited for here, so the acknowledgements read
+    // after a heartbeat do not wait on a commit; and there is one at a time, so a gateway
+    // that heartbeats faster than the store commits cannot queue writes without end.
+    let mut heartbeat_recorded: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             frame = socket.recv() => {
                 deadline = tokio::time::Instant::now() + silence;
                 match read::<GatewayMessage>(frame) {
                     Incoming::Message(GatewayMessage::Heartbeat) => {
-                        broker.gateway_heartbeat(account, gateway_id).await;
+                        if heartbeat_recorded.as_ref().is_none_or(|h| h.is_finished()) {
+                            heartbeat_recorded = Some(tokio::spawn(broker.gateway_heartbeat(account, gateway_id)));
+                        }
                     }
                     Incoming::Message(GatewayMessage::Ack { grant_id, resolved }) => {
                         broker.gateway_answered(gateway_id, &grant_id, Ok(resolved));

@@ -691,7 +691,6 @@ impl Broker {
             let reused = Write::GrantReused {
                 account: session.account.clone(),
                 grant_id: grant.id.clone(),
-                issued_at: now_i64(grant.signed.grant.issued_at),
                 at: now_i64(now),
             };
             if let Err(error) = self.writer.submit(vec![reused]).await {
@@ -1055,8 +1054,13 @@ impl Broker {
         Ok((record.id, connection, ready, resend))
     }
 
-    /// A heartbeat: the gateway is alive.
-    pub async fn gateway_heartbeat(&self, account: &str, gateway_id: &str) {
+    /// A heartbeat: the gateway is alive. Its time is queued for the store when this is
+    /// called; the future is ready once it is committed (or failed, which it logs).
+    pub fn gateway_heartbeat(
+        &self,
+        account: &str,
+        gateway_id: &str,
+    ) -> impl Future<Output = ()> + Send + use<> {
         let now = now_i64(unix(self.now()));
         // A heartbeat from a connection the registry has replaced or dropped records the
         // time, not a connection.
@@ -1067,8 +1071,12 @@ impl Broker {
             connected,
             at: now,
         };
-        if let Err(error) = self.writer.submit(vec![seen]).await {
-            tracing::warn!(error = %error, gateway = %gateway_id, "cannot record a heartbeat");
+        let committed = self.writer.submit(vec![seen]);
+        let gateway_id = gateway_id.to_owned();
+        async move {
+            if let Err(error) = committed.await {
+                tracing::warn!(error = %error, gateway = %gateway_id, "cannot record a heartbeat");
+            }
         }
     }
 
@@ -1626,9 +1634,12 @@ impl Broker {
     ) -> Option<Arc<LiveGrant>> {
         let soon = again.now.saturating_add(REUSE_MIN_LEFT_SECS);
         let registry = self.registry();
+        // The cheap tests first: most of a client's grants are for other resources, and its
+        // grants usually share the session's `Arc`.
         let usable = |g: &LiveGrant| {
             let grant = &g.signed.grant;
-            *g.session == **session
+            g.resource_id == again.granted.id
+                && (Arc::ptr_eq(&g.session, session) || *g.session == **session)
                 && grant.resource == *again.granted
                 && g.site == again.site
                 && grant.rule == again.rule

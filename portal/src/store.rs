@@ -91,8 +91,9 @@ pub fn tunnel_addresses(index: u32) -> (Ipv4Addr, Ipv6Addr) {
 /// limit of 32,766 bound parameters.
 pub const ROWS_PER_STATEMENT: usize = 500;
 
-/// Connections per store. SQLite has one writer at a time and a few connections let reads
-/// run beside it; on PostgreSQL it is what one replica may take of the server's
+/// Connections per store: one for transactions ([`Store`]'s `transactions`) and the rest for
+/// reads and single-statement writes. SQLite has one writer at a time and a few connections
+/// let reads run beside it; on PostgreSQL it is what one replica may take of the server's
 /// `max_connections` (with one more that listens: `cluster`), so that many replicas, each
 /// reconnecting its agents at once, stay within the server's budget.
 pub const MAX_CONNECTIONS: u32 = 8;
@@ -151,7 +152,12 @@ enum Backend {
 /// database. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// For reads and single-statement writes.
     pool: AnyPool,
+    /// One connection, for the writes of more than one statement ([`Store::begin_write`]):
+    /// the writer's batches, which take their turn one after another anyway, never wait for
+    /// a connection behind the reads of a busy portal.
+    transactions: AnyPool,
     backend: Backend,
     /// This process among those on one database: the origin of the cluster events it writes.
     replica: Arc<str>,
@@ -377,11 +383,11 @@ pub enum Write {
     },
     Flow(NewFlow),
     /// A grant handed out again: one more occurrence of the allow flow that made it (the row
-    /// of `account` at the grant's `issued_at` naming `grant_id`), the last at `at`.
+    /// of `account` naming `grant_id`: only the flow that made a grant names it), the last at
+    /// `at`.
     GrantReused {
         account: String,
         grant_id: String,
-        issued_at: i64,
         at: i64,
     },
     /// A denial identical to one recorded before: one more occurrence of `flow`'s row (the
@@ -646,7 +652,7 @@ impl Store {
         // A few metadata calls, once per start or admin command: not worth a blocking task.
         data_dir::prepare(data_dir, creation)?;
         sqlx::any::install_default_drivers();
-        let (pool, backend) = match database {
+        let ((pool, transactions), backend) = match database {
             Database::Sqlite => (open_sqlite(data_dir, creation).await?, Backend::Sqlite),
             Database::Postgres(url) => (open_postgres(url, creation).await?, Backend::Postgres),
         };
@@ -658,6 +664,7 @@ impl Store {
         let token_key = keys::load_token_key(data_dir, keys, creation)?;
         Ok(Store {
             pool,
+            transactions,
             backend,
             replica: random_id("rep")?.into(),
             writes: Arc::default(),
@@ -716,6 +723,7 @@ impl Store {
             Ok(false) => tracing::warn!("store: final checkpoint did not complete"),
             Err(error) => tracing::warn!(%error, "store: final checkpoint failed"),
         }
+        self.transactions.close().await;
         self.pool.close().await;
     }
 
@@ -1813,7 +1821,7 @@ impl Store {
     pub async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await?;
-        match insert_grants(&mut conn, &[grant]).await {
+        match insert_grants(&mut conn, self.backend, &[grant]).await {
             Ok(()) => Ok(()),
             Err(error) => Err(self.grant_refusal(error, &[grant]).await),
         }
@@ -1844,9 +1852,8 @@ impl Store {
                 Write::GrantReused {
                     account,
                     grant_id,
-                    issued_at,
                     at,
-                } => count(&mut again, Again::Grant(account, grant_id, *issued_at), *at),
+                } => count(&mut again, Again::Grant(account, grant_id), *at),
                 Write::DenialRepeated { flow, at } => count(&mut again, Again::Denial(flow), *at),
                 Write::GatewaySeen {
                     account,
@@ -1871,7 +1878,7 @@ impl Store {
             }
         }
         let (_turn, mut tx) = self.begin_write().await?;
-        if let Err(error) = insert_grants(&mut tx, &grants).await {
+        if let Err(error) = insert_grants(&mut tx, self.backend, &grants).await {
             // Asked outside the transaction, which PostgreSQL refuses to use after an error.
             tx.rollback().await?;
             return Err(self.grant_refusal(error, &grants).await);
@@ -1879,7 +1886,7 @@ impl Store {
         for chunk in deletions.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "DELETE FROM grants WHERE (account, id) IN ({})",
-                placeholder_rows(chunk.len(), 2)
+                self.backend.placeholder_rows(chunk.len(), 2)
             );
             let mut delete = sqlx::query(&sql);
             for (account, id) in chunk {
@@ -1890,7 +1897,8 @@ impl Store {
         for chunk in flows.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "{INSERT_FLOWS} {}",
-                placeholder_rows(chunk.len(), FLOW_INSERT_ARITY)
+                self.backend
+                    .placeholder_rows(chunk.len(), FLOW_INSERT_ARITY)
             );
             let mut insert = sqlx::query(&sql);
             for flow in chunk {
@@ -1906,14 +1914,12 @@ impl Store {
         let mut reused = Vec::new();
         for (row, (n, at)) in again {
             match row {
-                Again::Grant(account, grant_id, issued_at) => {
-                    reused.push((account, grant_id, issued_at, n, at));
-                }
+                Again::Grant(account, grant_id) => reused.push((account, grant_id, n, at)),
                 Again::Denial(flow) => count_denial_again(&mut tx, flow, n, at).await?,
             }
         }
         for chunk in reused.chunks(ROWS_PER_STATEMENT) {
-            count_grants_again(&mut tx, chunk).await?;
+            count_grants_again(&mut tx, self.backend, chunk).await?;
         }
         for (account, gateway_id, connected, at) in seen {
             let seen = GatewaySeen {
@@ -2062,7 +2068,7 @@ impl Store {
     pub async fn record_flow(&self, flow: &NewFlow) -> Result<FlowRecord, StoreError> {
         let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await?;
-        insert_flow(&mut conn, flow).await
+        insert_flow(&mut conn, self.backend, flow).await
     }
 
     /// Appends several flows in one transaction (one disk sync for all: what a busy portal
@@ -2071,7 +2077,7 @@ impl Store {
         let (_turn, mut tx) = self.begin_write().await?;
         let mut recorded = Vec::with_capacity(flows.len());
         for flow in flows {
-            recorded.push(insert_flow(&mut tx, flow).await?);
+            recorded.push(insert_flow(&mut tx, self.backend, flow).await?);
         }
         tx.commit().await?;
         Ok(recorded)
@@ -2139,9 +2145,9 @@ impl Store {
     async fn begin_write(&self) -> Result<(WriteTurn, Transaction<'static, Any>), StoreError> {
         let turn = self.write_turn().await;
         let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Sqlite => self.transactions.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.transactions.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(POSTGRES_WRITE_LOCK)
                     .execute(&mut *tx)
@@ -2486,6 +2492,7 @@ async fn set_gateway_connected(
 /// they were refused).
 async fn insert_grants(
     conn: &mut AnyConnection,
+    backend: Backend,
     grants: &[&GrantRecord],
 ) -> Result<(), sqlx::Error> {
     for chunk in grants.chunks(ROWS_PER_STATEMENT) {
@@ -2493,7 +2500,7 @@ async fn insert_grants(
             "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
                                  bundle_hash, issued_at, expires_at, detail)
              VALUES {}",
-            placeholder_rows(chunk.len(), 10)
+            backend.placeholder_rows(chunk.len(), 10)
         );
         let mut insert = sqlx::query(&sql);
         for grant in chunk {
@@ -2514,10 +2521,14 @@ async fn insert_grants(
     Ok(())
 }
 
-async fn insert_flow(conn: &mut AnyConnection, flow: &NewFlow) -> Result<FlowRecord, StoreError> {
+async fn insert_flow(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    flow: &NewFlow,
+) -> Result<FlowRecord, StoreError> {
     let sql = format!(
         "{INSERT_FLOWS} {} RETURNING {FLOW_COLUMNS}",
-        placeholder_rows(1, FLOW_INSERT_ARITY)
+        backend.placeholder_rows(1, FLOW_INSERT_ARITY)
     );
     let row = bind_flow(sqlx::query(&sql), flow)
         .fetch_one(conn)
@@ -2561,8 +2572,8 @@ fn bind_flow<'q>(
 /// A row that happened again (see [`Write::GrantReused`], [`Write::DenialRepeated`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Again<'a> {
-    /// Account, grant id, the grant's issue time.
-    Grant(&'a str, &'a str, i64),
+    /// Account, grant id.
+    Grant(&'a str, &'a str),
     Denial(&'a NewFlow),
 }
 
@@ -2577,32 +2588,32 @@ fn count<'a>(
     *last = (*last).max(at);
 }
 
-/// Adds occurrences to the allow rows of reused grants: for each (account, grant id, the
-/// grant's issue time, `n`, `at`), `n` more, the last at `at`, in one statement (found through
-/// `flows_by_grant`). A row that is not there (pruned, or its insert failed) is left so:
-/// occurrences are counted, never made up into rows.
+/// Adds occurrences to the allow rows of reused grants: for each (account, grant id, `n`,
+/// `at`), `n` more, the last at `at`, in one statement (found through `flows_by_grant`). A row
+/// that is not there (pruned, or its insert failed) is left so: occurrences are counted, never
+/// made up into rows.
+///
+/// The row is matched by grant alone, not also by its time: with the time in the join,
+/// PostgreSQL, whose statistics lag a flow log that grows by thousands of rows a second, took
+/// `flows_by_account_time` for as selective and scanned every row of each grant's second
+/// (measured under the load bench: 40 to 80 ms for a batch's 70 reused grants).
 async fn count_grants_again(
     conn: &mut AnyConnection,
-    rows: &[(&str, &str, i64, i64, i64)],
+    backend: Backend,
+    rows: &[(&str, &str, i64, i64)],
 ) -> Result<(), StoreError> {
     // `VALUES` names its columns column1, column2, … in both dialects.
     let sql = format!(
-        "UPDATE flows SET count = flows.count + v.column4,
-                          last_time = CASE WHEN flows.last_time > v.column5
-                                           THEN flows.last_time ELSE v.column5 END
+        "UPDATE flows SET count = flows.count + v.column3,
+                          last_time = CASE WHEN flows.last_time > v.column4
+                                           THEN flows.last_time ELSE v.column4 END
          FROM (VALUES {}) AS v
-         WHERE flows.account = v.column1 AND flows.grant_id = v.column2
-           AND flows.time = v.column3",
-        placeholder_rows(rows.len(), 5)
+         WHERE flows.account = v.column1 AND flows.grant_id = v.column2",
+        backend.placeholder_rows(rows.len(), 4)
     );
     let mut update = sqlx::query(&sql);
-    for &(account, grant_id, issued_at, n, at) in rows {
-        update = update
-            .bind(account)
-            .bind(grant_id)
-            .bind(issued_at)
-            .bind(n)
-            .bind(at);
+    for &(account, grant_id, n, at) in rows {
+        update = update.bind(account).bind(grant_id).bind(n).bind(at);
     }
     update.execute(conn).await?;
     Ok(())
@@ -2645,7 +2656,12 @@ async fn count_denial_again(
 }
 
 /// A pool on the store's SQLite file in `data_dir`, made (0600) when `creation` allows.
-async fn open_sqlite(data_dir: &Path, creation: Creation) -> Result<AnyPool, StoreError> {
+/// The pools on the SQLite file in `data_dir`: one for reads, one of a single connection for
+/// transactions (see [`Store`]).
+async fn open_sqlite(
+    data_dir: &Path,
+    creation: Creation,
+) -> Result<(AnyPool, AnyPool), StoreError> {
     let path = data_dir.join(DATABASE_FILE);
     match creation {
         Creation::Allowed => data_dir::create_private_file(&path)?,
@@ -2667,23 +2683,27 @@ async fn open_sqlite(data_dir: &Path, creation: Creation) -> Result<AnyPool, Sto
         .create_if_missing(creation == Creation::Allowed)
         .to_url_lossy();
     let options = AnyConnectOptions::from_url(&url).map_err(open_error)?;
-    AnyPoolOptions::new()
-        .max_connections(MAX_CONNECTIONS)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .after_connect(|connection, _| {
-            Box::pin(async move {
-                connection.execute(SQLITE_SETTINGS).await?;
-                Ok(())
+    let connect = |connections| {
+        AnyPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|connection, _| {
+                Box::pin(async move {
+                    connection.execute(SQLITE_SETTINGS).await?;
+                    Ok(())
+                })
             })
-        })
-        .connect_with(options)
-        .await
-        .map_err(open_error)
+            .connect_with(options.clone())
+    };
+    let reads = connect(MAX_CONNECTIONS - 1).await.map_err(open_error)?;
+    let transactions = connect(1).await.map_err(open_error)?;
+    Ok((reads, transactions))
 }
 
-/// A pool on the PostgreSQL database at `url`; with [`Creation::Refused`], only one that holds
-/// a store already.
-async fn open_postgres(url: &str, creation: Creation) -> Result<AnyPool, StoreError> {
+/// The pools on the PostgreSQL database at `url` (for reads, and one connection for
+/// transactions: see [`Store`]); with [`Creation::Refused`], only on one that holds a store
+/// already.
+async fn open_postgres(url: &str, creation: Creation) -> Result<(AnyPool, AnyPool), StoreError> {
     let server = postgres_server_name(url);
     let connect_error = |source| StoreError::Connect {
         server: server.clone(),
@@ -2694,9 +2714,9 @@ async fn open_postgres(url: &str, creation: Creation) -> Result<AnyPool, StoreEr
         .map_err(|error| connect_error(sqlx::Error::Configuration(error.into())))
         .and_then(|url| AnyConnectOptions::from_url(&url).map_err(connect_error))?;
     let pool = AnyPoolOptions::new()
-        .max_connections(MAX_CONNECTIONS)
+        .max_connections(MAX_CONNECTIONS - 1)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
         .map_err(connect_error)?;
     if creation == Creation::Refused {
@@ -2711,7 +2731,25 @@ async fn open_postgres(url: &str, creation: Creation) -> Result<AnyPool, StoreEr
             return Err(StoreError::Uninitialized(server));
         }
     }
-    Ok(pool)
+    // The transactions' statements touch rows by key, in tables that grow faster under load
+    // than autoanalyze follows: a plan PostgreSQL cached while `flows` was small joins a
+    // batch's reused grants to it by scanning it whole (measured: 45 ms against 3 ms for 100
+    // grants at 200,000 rows). Planned each time, they see the table's size as it is.
+    let transactions = AnyPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                connection
+                    .execute("SET plan_cache_mode = force_custom_plan")
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .map_err(connect_error)?;
+    Ok((pool, transactions))
 }
 
 /// `host:port/database` of a PostgreSQL URL, for messages: never its user or password.
@@ -2729,23 +2767,35 @@ fn postgres_server_name(url: &str) -> String {
 
 /// `($1, $2), ($3, $4)` for `rows` rows of `columns` parameters each: how a statement of many
 /// rows is written in both dialects (the any-driver leaves placeholders as they are written).
-fn placeholder_rows(rows: usize, columns: usize) -> String {
-    let mut text = String::with_capacity(rows * columns * 6);
-    for row in 0..rows {
-        if row > 0 {
-            text.push_str(", ");
-        }
-        text.push('(');
-        for column in 0..columns {
-            if column > 0 {
+impl Backend {
+    /// `rows` rows of `columns` placeholders, numbered in order from the statement's first:
+    /// `($1, $2), ($3, $4)` on PostgreSQL, `(?, ?), (?, ?)` on SQLite. SQLite takes `$1` as a
+    /// name and looks each one up among those before it, by string, when it prepares the
+    /// statement and again when sqlx binds it: quadratic in the placeholders, which made a
+    /// batch's multi-row inserts half of the portal's CPU under load. Plain `?` is counted.
+    fn placeholder_rows(self, rows: usize, columns: usize) -> String {
+        let mut text = String::with_capacity(rows * columns * 6);
+        for row in 0..rows {
+            if row > 0 {
                 text.push_str(", ");
             }
-            text.push('$');
-            text.push_str(&(row * columns + column + 1).to_string());
+            text.push('(');
+            for column in 0..columns {
+                if column > 0 {
+                    text.push_str(", ");
+                }
+                match self {
+                    Backend::Sqlite => text.push('?'),
+                    Backend::Postgres => {
+                        text.push('$');
+                        text.push_str(&(row * columns + column + 1).to_string());
+                    }
+                }
+            }
+            text.push(')');
         }
-        text.push(')');
+        text
     }
-    text
 }
 
 /// Turns a constraint violation into the error `map` gives for its kind; anything else (and
@@ -2785,4 +2835,22 @@ fn canonical_key(text: &str) -> Result<String, StoreError> {
 
 fn random_id(prefix: &str) -> Result<String, StoreError> {
     random::id(prefix).map_err(StoreError::Random)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backend;
+
+    #[test]
+    fn placeholders_are_numbered_on_postgres_and_positional_on_sqlite() {
+        assert_eq!(
+            Backend::Postgres.placeholder_rows(2, 3),
+            "($1, $2, $3), ($4, $5, $6)"
+        );
+        assert_eq!(
+            Backend::Sqlite.placeholder_rows(2, 3),
+            "(?, ?, ?), (?, ?, ?)"
+        );
+        assert_eq!(Backend::Sqlite.placeholder_rows(1, 1), "(?)");
+    }
 }

@@ -1827,7 +1827,6 @@ async fn reused_grants_count_on_the_rows_that_made_them(database: Database) {
     let reused = |grant: &str, at: i64| Write::GrantReused {
         account: A.to_owned(),
         grant_id: grant.to_owned(),
-        issued_at: NOW,
         at,
     };
     store
