@@ -1,8 +1,9 @@
-//! The portal killed (SIGKILL) in the middle of a burst of grants, on each store backend: the
-//! real `fz-portal serve` as a child process, a gateway that acknowledges every grant, and
-//! clients asking for every resource at once. After it starts again, every grant a client was
-//! told of is in the store with its flow, the gateway that reconnects is given exactly the
-//! grants the store holds for it (it drops the rest), and SQLite's file is intact.
+//! The portal killed (SIGKILL) in the middle of a burst of grants and of sign-ins, on each
+//! store backend: the real `fz-portal serve` as a child process, a gateway that acknowledges
+//! every grant, clients asking for every resource at once, and users finishing email-code
+//! sign-ins. After it starts again, every grant a client was told of is in the store with its
+//! flow, every token a sign-in handed out authenticates, the gateway that reconnects is given
+//! exactly the grants the store holds for it (it drops the rest), and SQLite's file is intact.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 mod support;
@@ -12,6 +13,11 @@ use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fz_host::testing::browser::Browser;
 
 use fz_host::testing::agents::{TestClient, TestGateway, key};
 use fz_portal::data_dir::Creation;
@@ -22,6 +28,9 @@ use support::backends::config_line;
 
 const RESOURCES: usize = 8;
 const CLIENTS: usize = 8;
+/// Sign-ins finished during the burst: each takes five requests, and the portal allows one
+/// source address 30 at once.
+const SIGN_INS: usize = 4;
 const ACCOUNT: &str = "acme";
 
 fn policy() -> String {
@@ -64,6 +73,102 @@ fn serve(home: &Path) -> (Child, SocketAddr, PortalPublicKey) {
         .unwrap()
         .trim_end_matches([')', '\n']);
     (child, address.parse().unwrap(), key.parse().unwrap())
+}
+
+/// A sign-in by email code brought up to its last step: the browser with its cookie, the code
+/// page's form token, the mailed code, and the nonce that, before the fragment the portal
+/// hands out, makes the token's secret.
+struct SignIn {
+    browser: Browser,
+    csrf: String,
+    code: String,
+    nonce: String,
+}
+
+impl SignIn {
+    /// Opens the client's sign-in link as `email` and asks for a code, as a browser does;
+    /// then reads the code from the mail the portal wrote under `data/mail`.
+    async fn start(address: SocketAddr, data: &Path, email: &str, seed: u8) -> SignIn {
+        let nonce = URL_SAFE_NO_PAD.encode([seed; 32]);
+        let query = serde_urlencoded::to_string([
+            ("as", "client"),
+            ("nonce", nonce.as_str()),
+            (
+                "state",
+                &URL_SAFE_NO_PAD.encode([seed.wrapping_add(100); 32]),
+            ),
+            ("callback", "http://127.0.0.1:49152/callback"),
+        ])
+        .unwrap();
+        let mut browser = Browser::new(address);
+        let started = browser.get(&format!("/{ACCOUNT}?{query}")).await;
+        assert_eq!(started.status, 303, "{started:?}");
+        let page = browser.get(&format!("/{ACCOUNT}")).await;
+        let sent = browser
+            .post(
+                &format!("/{ACCOUNT}/sign-in/email"),
+                &[("csrf", &page.csrf()), ("email", email)],
+            )
+            .await;
+        assert_eq!(sent.status, 303, "{sent:?}");
+        let code_page = browser.get(&format!("/{ACCOUNT}/sign-in/email")).await;
+        assert_eq!(code_page.status, 200, "{code_page:?}");
+        SignIn {
+            browser,
+            csrf: code_page.csrf(),
+            code: mailed_code(&data.join("mail"), email).await,
+            nonce,
+        }
+    }
+
+    /// Sends the code: the token's secret once the portal handed it out, `None` when the
+    /// portal went away first.
+    async fn finish(mut self) -> Option<String> {
+        let done = self
+            .browser
+            .try_post(
+                &format!("/{ACCOUNT}/sign-in/email/code"),
+                &[("csrf", &self.csrf), ("code", &self.code)],
+            )
+            .await
+            .ok()?;
+        assert_eq!(done.status, 303, "{done:?}");
+        let query = done.location().split_once('?').unwrap().1.to_owned();
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&query).unwrap();
+        let fragment = &pairs.iter().find(|(k, _)| k == "fragment").unwrap().1;
+        Some(format!("{}{fragment}", self.nonce))
+    }
+}
+
+/// The code mailed to `email`, once its mail is written (polled, with a deadline: the portal
+/// writes it on a task of its own after answering).
+async fn mailed_code(mail: &Path, email: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mails = std::fs::read_dir(mail)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let code = mails
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "eml"))
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .filter(|m| m.contains(&format!("To: {email}")))
+            .find_map(|m| {
+                m.lines()
+                    .map(str::trim)
+                    .find(|l| l.len() == 9 && l.as_bytes()[4] == b'-')
+                    .map(str::to_owned)
+            });
+        if let Some(code) = code {
+            return code;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no mail for {email}"
+        );
+        // A poll interval, not a synchronisation: the mail is written on its own task.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn a_portal_killed_mid_burst_loses_no_grant_it_gave(database: Database) {
@@ -109,6 +214,29 @@ async fn a_portal_killed_mid_burst_loses_no_grant_it_gave(database: Database) {
         .unwrap();
     let gateway_id = gateway.id.clone();
     let _acknowledging = gateway.serve();
+    // Users sign in: half finish before the burst, the rest during it, where the kill may cut
+    // them off. Every token handed out must be there after the restart.
+    let mut sign_ins = Vec::new();
+    for (s, seed) in (0..SIGN_INS).zip(100u8..) {
+        let email = format!("user{s}@acme.example");
+        sign_ins.push(SignIn::start(address, &data, &email, seed).await);
+    }
+    let late_sign_ins = sign_ins.split_off(SIGN_INS / 2);
+    let mut signed_in = Vec::new();
+    for sign_in in sign_ins {
+        signed_in.push(sign_in.finish().await.expect("the portal is up"));
+    }
+    let (token_told, mut tokens_heard) = tokio::sync::mpsc::unbounded_channel();
+    let mut finishing = Vec::new();
+    for sign_in in late_sign_ins {
+        let told = token_told.clone();
+        finishing.push(tokio::spawn(async move {
+            if let Some(secret) = sign_in.finish().await {
+                let _ = told.send(secret);
+            }
+        }));
+    }
+    drop(token_told);
     let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
     let mut burst = Vec::new();
     for (c, secret) in client_secrets.iter().enumerate() {
@@ -137,11 +265,14 @@ async fn a_portal_killed_mid_burst_loses_no_grant_it_gave(database: Database) {
     }
     portal.kill().unwrap();
     portal.wait().unwrap();
-    for task in burst {
+    for task in burst.into_iter().chain(finishing) {
         task.await.unwrap();
     }
     while let Some(grant) = heard.recv().await {
         given.insert(grant);
+    }
+    while let Some(secret) = tokens_heard.recv().await {
+        signed_in.push(secret);
     }
     assert!(
         given.len() < CLIENTS * RESOURCES,
@@ -163,6 +294,13 @@ async fn a_portal_killed_mid_burst_loses_no_grant_it_gave(database: Database) {
         .collect();
     let missing: Vec<_> = given.difference(&stored).collect();
     assert!(missing.is_empty(), "grants given but lost: {missing:?}");
+    for secret in &signed_in {
+        let token = store.authenticate(secret, now).await.unwrap();
+        assert!(
+            token.is_some_and(|t| t.signed_in),
+            "a token handed out by a sign-in was lost"
+        );
+    }
     let flows = store
         .flows(&FlowFilter {
             account: ACCOUNT.to_owned(),

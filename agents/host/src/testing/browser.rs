@@ -125,6 +125,17 @@ impl Browser {
         self.request(to, "POST", &path, Some(body)).await
     }
 
+    /// Posts a form to the portal; what went wrong when no answer came (a portal killed on
+    /// purpose, in a crash test), instead of a panic.
+    pub async fn try_post(&mut self, path: &str, fields: &[(&str, &str)]) -> Result<Page, String> {
+        let body = serde_urlencoded::to_string(fields).expect("a form");
+        let to = Target {
+            address: self.portal,
+            secure: false,
+        };
+        self.try_request(to, "POST", path, Some(body)).await
+    }
+
     async fn request(
         &mut self,
         to: Target,
@@ -132,10 +143,22 @@ impl Browser {
         path: &str,
         body: Option<String>,
     ) -> Page {
+        self.try_request(to, method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn try_request(
+        &mut self,
+        to: Target,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Page, String> {
         let address = to.address;
         let tcp = tokio::net::TcpStream::connect(address)
             .await
-            .unwrap_or_else(|e| panic!("{address} does not accept: {e}"));
+            .map_err(|e| format!("{address} does not accept: {e}"))?;
         let mut head =
             format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
         if !self.cookies.is_empty() {
@@ -162,19 +185,21 @@ impl Browser {
                 .connect(name, tcp)
                 .await
                 .unwrap_or_else(|e| panic!("TLS with {address}: {e}"));
-            exchange(&mut tls, &request).await
+            exchange(&mut tls, &request).await?
         } else {
             let mut tcp = tcp;
-            exchange(&mut tcp, &request).await
+            exchange(&mut tcp, &request).await?
         };
-        let text = String::from_utf8(raw).expect("a UTF-8 answer");
-        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        let text = String::from_utf8(raw).map_err(|_| "not a UTF-8 answer")?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or("an answer without a head and a body")?;
         let mut lines = head.lines();
         let status: u16 = lines
             .next()
             .and_then(|l| l.split(' ').nth(1))
             .and_then(|s| s.parse().ok())
-            .expect("a status line");
+            .ok_or("an answer without a status line")?;
         let headers: Vec<(String, String)> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -192,7 +217,7 @@ impl Browser {
         let chunked = headers
             .iter()
             .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-        Page {
+        Ok(Page {
             status,
             body: if chunked {
                 dechunk(body)
@@ -200,7 +225,7 @@ impl Browser {
                 body.to_owned()
             },
             headers,
-        }
+        })
     }
 }
 
@@ -230,18 +255,21 @@ impl Target {
 
 /// Sends `request` and reads the answer to the end (a server that closes without TLS's
 /// close_notify ends it too).
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, request: &str) -> Vec<u8> {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: &str,
+) -> Result<Vec<u8>, String> {
     stream
         .write_all(request.as_bytes())
         .await
-        .expect("the request is sent");
+        .map_err(|e| format!("the request cannot be sent: {e}"))?;
     let mut raw = Vec::new();
     match stream.read_to_end(&mut raw).await {
         Ok(_) => {}
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-        Err(error) => panic!("the answer cannot be read: {error}"),
+        Err(error) => return Err(format!("the answer cannot be read: {error}")),
     }
-    raw
+    Ok(raw)
 }
 
 /// The chunks of a chunked body, joined.
