@@ -159,7 +159,10 @@ impl Timings {
 #[derive(Debug, Serialize, Deserialize)]
 struct GrantDetail<'a> {
     signed: Cow<'a, SignedGrant>,
-    session: Cow<'a, ClientSession>,
+    /// The session, in grants stored before sessions were stored once for all the grants
+    /// that name them (`GrantRecord::session`); never written now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session: Option<Cow<'a, ClientSession>>,
     /// What the gateway said the name resolved to, to hand the grant out again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     resolved: Option<Resolution>,
@@ -246,6 +249,7 @@ impl Broker {
             );
         }
         let mut registry = Registry::default();
+        let mut sessions = RestoredSessions::new();
         for account in &parts.accounts {
             let policy = account.policy.current();
             let stored = parts
@@ -254,7 +258,7 @@ impl Broker {
             for grant in stored
                 .await?
                 .iter()
-                .filter_map(|r| restored(r, &policy.table))
+                .filter_map(|r| restored(r, &policy.table, &mut sessions))
             {
                 registry.grant_added(grant);
             }
@@ -830,9 +834,10 @@ impl Broker {
             };
             let detail = GrantDetail {
                 signed: Cow::Borrowed(&signed),
-                session: Cow::Borrowed(session.as_ref()),
+                session: None,
                 resolved,
             };
+            let (session_id, session_json) = stored_session(session);
             let record = GrantRecord {
                 id: signed.grant.id.clone(),
                 account: session.account.clone(),
@@ -844,6 +849,8 @@ impl Broker {
                 issued_at: now_i64(now),
                 expires_at: now_i64(expires_at),
                 detail: serde_json::to_string(&detail).ok(),
+                session_id,
+                session: session_json,
             };
             let reason = table.rule_notes(&decision.rules).join("; ");
             let mut writes = vec![
@@ -1031,7 +1038,8 @@ impl Broker {
                 .into_iter()
                 .collect();
             let missing = stored.iter().filter(|r| !known.contains(&r.id));
-            for grant in missing.filter_map(|r| restored(r, &policy.table)) {
+            let mut sessions = RestoredSessions::new();
+            for grant in missing.filter_map(|r| restored(r, &policy.table, &mut sessions)) {
                 registry.grant_added(grant);
             }
         }
@@ -1880,15 +1888,40 @@ impl Drop for GrantSlot<'_> {
     }
 }
 
+/// How a grant's session is stored (`GrantRecord::session`): its id, a hash of its JSON, so
+/// that the grants of one session name one row, and the JSON.
+fn stored_session(session: &ClientSession) -> (Option<String>, Option<String>) {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let Ok(json) = serde_json::to_string(session) else {
+        return (None, None);
+    };
+    let digest = sha2::Sha256::digest(json.as_bytes());
+    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..18]);
+    (Some(format!("ses_{id}")), Some(json))
+}
+
+/// The sessions of grants restored together, by id: their grants share one `Arc`.
+type RestoredSessions = HashMap<String, Arc<ClientSession>>;
+
 /// A stored grant in force again, as the registry keeps it; `None` (logged) for one stored
-/// without its detail, which runs to its expiry undecided.
-fn restored(record: &GrantRecord, table: &DecisionTable) -> Option<LiveGrant> {
+/// without its detail or its session, which runs to its expiry undecided.
+fn restored(
+    record: &GrantRecord,
+    table: &DecisionTable,
+    sessions: &mut RestoredSessions,
+) -> Option<LiveGrant> {
     let detail = record
         .detail
         .as_deref()
         .and_then(|d| serde_json::from_str::<GrantDetail>(d).ok());
-    let Some(detail) = detail else {
-        tracing::warn!(grant = %record.id, "a stored grant lacks its detail; it runs to its expiry undecided");
+    let inline = detail.as_ref().and_then(|d| d.session.as_ref());
+    let session = match inline {
+        Some(inline) => Some(Arc::new(inline.clone().into_owned())),
+        None => stored_once(record, sessions),
+    };
+    let (Some(detail), Some(session)) = (detail, session) else {
+        tracing::warn!(grant = %record.id, "a stored grant lacks its detail or its session; it runs to its expiry undecided");
         return None;
     };
     // A resource gone from the policy leaves no site: the first sweep withdraws it.
@@ -1897,10 +1930,25 @@ fn restored(record: &GrantRecord, table: &DecisionTable) -> Option<LiveGrant> {
         .and_then(|r| admission::site_of(table, r));
     Some(live_grant(
         &detail.signed,
-        Arc::new(detail.session.into_owned()),
+        session,
         site.unwrap_or_default(),
         detail.resolved,
     ))
+}
+
+/// The session a stored grant names (`GrantRecord::session`), shared with the grants restored
+/// beside it.
+fn stored_once(
+    record: &GrantRecord,
+    sessions: &mut RestoredSessions,
+) -> Option<Arc<ClientSession>> {
+    let (id, json) = (record.session_id.as_ref()?, record.session.as_ref()?);
+    if let Some(shared) = sessions.get(id) {
+        return Some(shared.clone());
+    }
+    let session = Arc::new(serde_json::from_str::<ClientSession>(json).ok()?);
+    sessions.insert(id.clone(), session.clone());
+    Some(session)
 }
 
 fn live_grant(
@@ -2001,4 +2049,80 @@ fn check_candidates(candidates: &[String]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::tests::{session, signed};
+
+    fn record(
+        id: &str,
+        detail: &GrantDetail<'_>,
+        stored: (Option<String>, Option<String>),
+    ) -> GrantRecord {
+        GrantRecord {
+            id: id.to_owned(),
+            account: "acme".to_owned(),
+            client_id: "c".to_owned(),
+            gateway_id: "gw".to_owned(),
+            resource_id: "db".to_owned(),
+            rule_id: "r".to_owned(),
+            bundle_hash: "h".to_owned(),
+            issued_at: 0,
+            expires_at: 100,
+            detail: serde_json::to_string(detail).ok(),
+            session_id: stored.0,
+            session: stored.1,
+        }
+    }
+
+    /// Grants stored with their session inside `detail` (before sessions were stored once)
+    /// and grants naming a stored session are both restored; the grants of one stored session
+    /// share it; a grant whose session is in neither place is not restored.
+    #[test]
+    fn grants_are_restored_with_their_session_inline_or_stored_once() {
+        let table = DecisionTable::new(fz_compiler::table::Table::default());
+        let alice = session("acme", "c");
+        let (first, second, old) = (signed("g1", 100), signed("g2", 100), signed("g0", 100));
+        let detail = |signed| GrantDetail {
+            signed: Cow::Owned(signed),
+            session: None,
+            resolved: None,
+        };
+        let inline = GrantDetail {
+            session: Some(Cow::Borrowed(alice.as_ref())),
+            ..detail(old)
+        };
+        let mut sessions = RestoredSessions::new();
+
+        let before = restored(&record("g0", &inline, (None, None)), &table, &mut sessions);
+        assert_eq!(before.map(|g| g.session), Some(alice.clone()));
+
+        let stored = stored_session(&alice);
+        let one = restored(
+            &record("g1", &detail(first), stored.clone()),
+            &table,
+            &mut sessions,
+        )
+        .expect("restored");
+        let two = restored(
+            &record("g2", &detail(second.clone()), stored),
+            &table,
+            &mut sessions,
+        )
+        .expect("restored");
+        assert_eq!(one.session, alice);
+        assert!(
+            Arc::ptr_eq(&one.session, &two.session),
+            "one session, shared"
+        );
+
+        let lost = restored(
+            &record("g3", &detail(second), (None, None)),
+            &table,
+            &mut sessions,
+        );
+        assert_eq!(lost, None);
+    }
 }

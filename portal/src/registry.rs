@@ -525,7 +525,7 @@ pub fn deletions(withdrawn: &[Arc<LiveGrant>]) -> Vec<Write> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fz_proto::PublicKey;
 
@@ -545,7 +545,7 @@ mod tests {
         }
     }
 
-    fn session(account: &str, client: &str) -> Arc<ClientSession> {
+    pub(crate) fn session(account: &str, client: &str) -> Arc<ClientSession> {
         Arc::new(ClientSession {
             account: account.into(),
             client_id: client.into(),
@@ -746,7 +746,7 @@ mod tests {
         );
     }
 
-    fn signed(id: &str, expires_at: UnixTime) -> SignedGrant {
+    pub(crate) fn signed(id: &str, expires_at: UnixTime) -> SignedGrant {
         fz_proto::Grant {
             id: id.into(),
             account: "acme".into(),

@@ -425,6 +425,11 @@ async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>, shared: 
                 }
             }
             sign_in.forget_expired(now);
+            // Sessions are stored once for the grants that name them: once those are gone
+            // (withdrawn, expired), so is the session.
+            if let Err(error) = store.delete_unused_sessions().await {
+                tracing::warn!(error = %error, "cannot delete the sessions of ended grants");
+            }
             if let Err(error) = store.prune_email_codes(now).await {
                 tracing::warn!(error = %error, "cannot delete expired sign-in codes");
             }

@@ -447,7 +447,21 @@ pub struct GrantRecord {
     /// What the portal needs to decide the grant again and send it again (JSON); the store
     /// keeps it without reading it.
     pub detail: Option<String>,
+    /// The session the grant was decided for, named by an id its maker chose (the same for
+    /// the same session) and stored once for every grant that names it (`client_sessions`).
+    /// Written when both are given; `None` for grants whose `detail` holds their session.
+    pub session_id: Option<String>,
+    /// The session's JSON, read back with the grant.
+    pub session: Option<String>,
 }
+
+/// The columns of a [`GrantRecord`], read from `grants g` joined to its session `s`.
+const GRANT_COLUMNS: &str = "g.id, g.account, g.client_id, g.gateway_id, g.resource_id, \
+     g.rule_id, g.bundle_hash, g.issued_at, g.expires_at, g.detail, g.session_id, \
+     s.detail AS session";
+/// Grants with their sessions: `FROM` this, in a [`GRANT_COLUMNS`] query.
+const GRANTS_WITH_SESSIONS: &str =
+    "grants g LEFT JOIN client_sessions s ON s.account = g.account AND s.id = g.session_id";
 
 /// The PostgreSQL channel a cluster event's write notifies (a hint: readers read the table).
 pub const CLUSTER_CHANNEL: &str = "fz_cluster_events";
@@ -1819,12 +1833,13 @@ impl Store {
 
     /// Stores a grant. Its client and gateway must belong to its account.
     pub async fn insert_grant(&self, grant: &GrantRecord) -> Result<(), StoreError> {
-        let _turn = self.write_turn().await;
-        let mut conn = self.pool.acquire().await?;
-        match insert_grants(&mut conn, self.backend, &[grant]).await {
-            Ok(()) => Ok(()),
-            Err(error) => Err(self.grant_refusal(error, &[grant]).await),
+        let (_turn, mut tx) = self.begin_write().await?;
+        if let Err(error) = insert_grants(&mut tx, self.backend, &[grant]).await {
+            tx.rollback().await?;
+            return Err(self.grant_refusal(error, &[grant]).await);
         }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Applies writes in one transaction, all or none: one disk sync for many, which is how
@@ -2020,11 +2035,10 @@ impl Store {
         account: &str,
         now: i64,
     ) -> Result<Vec<GrantRecord>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, account, client_id, gateway_id, resource_id, rule_id, bundle_hash,
-                    issued_at, expires_at, detail
-             FROM grants WHERE account = $1 AND expires_at > $2 ORDER BY issued_at, rowid",
-        )
+        Ok(sqlx::query_as(&format!(
+            "SELECT {GRANT_COLUMNS} FROM {GRANTS_WITH_SESSIONS}
+             WHERE g.account = $1 AND g.expires_at > $2 ORDER BY g.issued_at, g.rowid"
+        ))
         .bind(account)
         .bind(now)
         .fetch_all(&self.pool)
@@ -2039,12 +2053,11 @@ impl Store {
         gateway_id: &str,
         now: i64,
     ) -> Result<Vec<GrantRecord>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, account, client_id, gateway_id, resource_id, rule_id, bundle_hash,
-                    issued_at, expires_at, detail
-             FROM grants WHERE account = $1 AND gateway_id = $2 AND expires_at > $3
-             ORDER BY issued_at, rowid",
-        )
+        Ok(sqlx::query_as(&format!(
+            "SELECT {GRANT_COLUMNS} FROM {GRANTS_WITH_SESSIONS}
+             WHERE g.account = $1 AND g.gateway_id = $2 AND g.expires_at > $3
+             ORDER BY g.issued_at, g.rowid"
+        ))
         .bind(account)
         .bind(gateway_id)
         .bind(now)
@@ -2059,6 +2072,24 @@ impl Store {
             .bind(now)
             .execute(&self.pool)
             .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes the sessions no grant names any more (their grants were withdrawn or expired),
+    /// and returns how many. In a write transaction, so that it comes wholly before or after
+    /// a batch that inserts a grant with its session, on this replica or another.
+    pub async fn delete_unused_sessions(&self) -> Result<u64, StoreError> {
+        let (_turn, mut tx) = self.begin_write().await?;
+        let done = sqlx::query(
+            "DELETE FROM client_sessions WHERE NOT EXISTS (
+                 SELECT 1 FROM grants g
+                 WHERE g.account = client_sessions.account
+                   AND g.client_id = client_sessions.client_id
+                   AND g.session_id = client_sessions.id)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -2488,19 +2519,41 @@ async fn set_gateway_connected(
     Ok(())
 }
 
-/// Inserts grants, [`ROWS_PER_STATEMENT`] to a statement ([`Store::grant_refusal`] says why
-/// they were refused).
+/// Inserts grants and, first, the sessions they name (each once, and not again if it is
+/// stored already), [`ROWS_PER_STATEMENT`] to a statement ([`Store::grant_refusal`] says why
+/// they were refused). The caller's transaction makes it all or nothing.
 async fn insert_grants(
     conn: &mut AnyConnection,
     backend: Backend,
     grants: &[&GrantRecord],
 ) -> Result<(), sqlx::Error> {
+    let mut sessions: Vec<(&str, &str, &str, &str)> = Vec::new();
+    let mut named = std::collections::HashSet::new();
+    for grant in grants {
+        if let (Some(id), Some(detail)) = (&grant.session_id, &grant.session)
+            && named.insert((grant.account.as_str(), id.as_str()))
+        {
+            sessions.push((&grant.account, id, &grant.client_id, detail));
+        }
+    }
+    for chunk in sessions.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO client_sessions (account, id, client_id, detail) VALUES {}
+             ON CONFLICT DO NOTHING",
+            backend.placeholder_rows(chunk.len(), 4)
+        );
+        let mut insert = sqlx::query(&sql);
+        for &(account, id, client_id, detail) in chunk {
+            insert = insert.bind(account).bind(id).bind(client_id).bind(detail);
+        }
+        insert.execute(&mut *conn).await?;
+    }
     for chunk in grants.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO grants (id, account, client_id, gateway_id, resource_id, rule_id,
-                                 bundle_hash, issued_at, expires_at, detail)
+                                 bundle_hash, issued_at, expires_at, detail, session_id)
              VALUES {}",
-            backend.placeholder_rows(chunk.len(), 10)
+            backend.placeholder_rows(chunk.len(), 11)
         );
         let mut insert = sqlx::query(&sql);
         for grant in chunk {
@@ -2514,7 +2567,8 @@ async fn insert_grants(
                 .bind(&grant.bundle_hash)
                 .bind(grant.issued_at)
                 .bind(grant.expires_at)
-                .bind(grant.detail.as_deref());
+                .bind(grant.detail.as_deref())
+                .bind(grant.session_id.as_deref());
         }
         insert.execute(&mut *conn).await?;
     }

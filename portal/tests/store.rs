@@ -156,6 +156,9 @@ async fn populate(store: &Store, account: &'static str, seed: u8) -> World {
         issued_at: NOW + 3,
         expires_at: NOW + 3 + 3600,
         detail: Some(r#"{"kept":"as written"}"#.to_owned()),
+        // The same id in every account: a session is the account's own.
+        session_id: Some("ses-1".to_owned()),
+        session: Some(format!(r#"{{"account":"{account}"}}"#)),
     };
     store.insert_grant(&grant).await.unwrap();
     store
@@ -1812,6 +1815,77 @@ async fn concurrent_writers_all_get_through(database: Database) {
 
 /// Grants handed out again count on the allow row that made each, however many arrive in one
 /// batch and for however many grants; another grant's row, made in the same second, is left.
+/// A session is one row for all the grants that name it, written again with a grant when it
+/// is gone, read back with each grant, and deleted by the sweeper with the last grant that
+/// names it; each account has its own.
+async fn a_session_is_stored_once_for_its_grants_and_goes_with_the_last(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
+    let a = populate(&store, A, 1).await;
+    let b = populate(&store, B, 11).await;
+    let grant = |id: &str| GrantRecord {
+        id: id.to_owned(),
+        ..a.grant.clone()
+    };
+    store
+        .apply(&[
+            Write::InsertGrant(grant("a1")),
+            Write::InsertGrant(grant("a2")),
+        ])
+        .await
+        .unwrap();
+    let sessions = |account: &'static str| {
+        let store = store.clone();
+        async move {
+            let mut read: Vec<(String, Option<String>, Option<String>)> = store
+                .active_grants(account, NOW)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|g| (g.id, g.session_id, g.session))
+                .collect();
+            read.sort();
+            read
+        }
+    };
+    let ours = (Some("ses-1".to_owned()), a.grant.session.clone());
+    let expected: Vec<_> = ["a1", "a2", "grant-acme"]
+        .map(|id| (id.to_owned(), ours.0.clone(), ours.1.clone()))
+        .into();
+    assert_eq!(sessions(A).await, expected);
+    assert_eq!(
+        sessions(B).await,
+        [(
+            "grant-globex".to_owned(),
+            Some("ses-1".to_owned()),
+            b.grant.session.clone()
+        )]
+    );
+    assert_eq!(store.delete_unused_sessions().await.unwrap(), 0);
+
+    for id in ["a1", "a2"] {
+        assert!(store.delete_grant(A, id).await.unwrap());
+    }
+    assert_eq!(
+        store.delete_unused_sessions().await.unwrap(),
+        0,
+        "one grant names it"
+    );
+    assert!(store.delete_grant(A, "grant-acme").await.unwrap());
+    assert_eq!(
+        store.delete_unused_sessions().await.unwrap(),
+        1,
+        "one row, for three grants"
+    );
+    assert_eq!(sessions(B).await.len(), 1, "the other account's stays");
+
+    // A grant of the session made after it was swept writes it again.
+    store.insert_grant(&grant("a3")).await.unwrap();
+    assert_eq!(
+        sessions(A).await,
+        [("a3".to_owned(), ours.0.clone(), ours.1.clone())]
+    );
+}
+
 async fn reused_grants_count_on_the_rows_that_made_them(database: Database) {
     let Fixture { _dir, store, .. } = fixture(database).await;
     let allow = |grant: &str| {
@@ -2389,6 +2463,7 @@ on_both_backends!("store":
     concurrent_writers_all_get_through,
     a_batch_is_written_whole_or_not_at_all_and_the_writer_keeps_good_writes,
     reused_grants_count_on_the_rows_that_made_them,
+    a_session_is_stored_once_for_its_grants_and_goes_with_the_last,
     clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user,
     revoked_tokens_and_verified_devices_are_visible_to_the_sweeper,
     an_email_code_has_its_tries_its_lifetime_and_one_use,
