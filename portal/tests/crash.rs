@@ -45,8 +45,27 @@ fn policy() -> String {
     policy
 }
 
+/// A running `fz-portal serve`, killed when dropped too, so that a failing assertion leaves
+/// no portal behind.
+struct Portal(Child);
+
+impl Portal {
+    /// SIGKILL, and waits for it to be gone.
+    fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Portal {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `fz-portal serve` in `home`; its address and key, from the line it prints.
-fn serve(home: &Path) -> (Child, SocketAddr, PortalPublicKey) {
+fn serve(home: &Path) -> (Portal, SocketAddr, PortalPublicKey) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fz-portal"))
         .arg("--config")
         .arg(home.join("portal.toml"))
@@ -72,7 +91,11 @@ fn serve(home: &Path) -> (Child, SocketAddr, PortalPublicKey) {
         .nth(1)
         .unwrap()
         .trim_end_matches([')', '\n']);
-    (child, address.parse().unwrap(), key.parse().unwrap())
+    (
+        Portal(child),
+        address.parse().unwrap(),
+        key.parse().unwrap(),
+    )
 }
 
 /// A sign-in by email code brought up to its last step: the browser with its cookie, the code
@@ -263,8 +286,7 @@ async fn a_portal_killed_mid_burst_loses_no_grant_it_gave(database: Database) {
     while given.len() < CLIENTS * RESOURCES / 2 {
         given.insert(heard.recv().await.expect("the burst goes on"));
     }
-    portal.kill().unwrap();
-    portal.wait().unwrap();
+    portal.kill();
     for task in burst.into_iter().chain(finishing) {
         task.await.unwrap();
     }
@@ -351,8 +373,7 @@ async fn a_portal_killed_mid_burst_loses_no_grant_it_gave(database: Database) {
         pool.close().await;
     }
     store.close().await;
-    portal.kill().unwrap();
-    portal.wait().unwrap();
+    portal.kill();
 }
 
 on_both_backends!("crash": a_portal_killed_mid_burst_loses_no_grant_it_gave);
