@@ -424,7 +424,13 @@ async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>, shared: 
                     tracing::warn!(%error, "cannot mark the gateways of lost replicas disconnected");
                 }
             }
-            sign_in.forget_expired(now);
+            sign_in.forget_expired();
+            if let Err(error) = store
+                .prune_sign_ins(now, crate::sign_in::pending::LIFETIME_SECS)
+                .await
+            {
+                tracing::warn!(error = %error, "cannot delete expired sign-ins");
+            }
             // Sessions are stored once for the grants that name them: once those are gone
             // (withdrawn, expired), so is the session.
             if let Err(error) = store.delete_unused_sessions().await {

@@ -42,9 +42,9 @@ use crate::broker::Account;
 use crate::http::AppState;
 use crate::limits::{Rate, RateLimiter};
 use crate::mail::{Mailer, Sent};
-use crate::store::{SignedIn, TokenKind};
-use oidc::Provider;
-use pending::{ClientRequest, Pending, PendingSignIns};
+use crate::store::{SignedIn, StoreError, TokenKind};
+use oidc::{OidcAttempt, Provider};
+use pending::{ClientRequest, Pending, id_hash};
 
 /// The sign-in cookie's name.
 pub const COOKIE: &str = "fz_sign_in";
@@ -77,10 +77,10 @@ const MAX_REMEMBERED: usize = 100_000;
 /// The longest email address (RFC 5321's path limit).
 const MAX_EMAIL_CHARS: usize = 254;
 
-/// The sign-in side of the portal: sign-ins under way, limits, and where mail goes.
+/// The sign-in side of the portal: limits, providers, and where mail goes. The sign-ins under
+/// way are in the store, so that any replica can take their next step.
 #[derive(Debug)]
 pub struct SignIn {
-    pending: Mutex<PendingSignIns>,
     sources: Mutex<RateLimiter<IpAddr>>,
     sends: Mutex<SendLimits>,
     mailer: Mailer,
@@ -95,7 +95,6 @@ pub struct SignIn {
 impl SignIn {
     pub fn new(mailer: Mailer, secure: bool) -> SignIn {
         SignIn {
-            pending: Mutex::default(),
             sources: Mutex::default(),
             sends: Mutex::default(),
             mailer,
@@ -129,10 +128,9 @@ impl SignIn {
         format!("{}/{slug}/sign-in/oidc/{id}/callback", self.public_url)
     }
 
-    /// Forgets expired sign-ins and idle limits, and deletes written mail whose code has
-    /// expired: the sweeper calls it.
-    pub fn forget_expired(&self, now: i64) {
-        lock(&self.pending).forget_expired(now);
+    /// Forgets idle limits, and deletes written mail whose code has expired: the sweeper
+    /// calls it.
+    pub fn forget_expired(&self) {
         lock(&self.sources).forget_idle(Instant::now());
         lock(&self.sends).forget_idle(Instant::now());
         let lifetime = Duration::from_secs(CODE_LIFETIME_SECS.unsigned_abs());
@@ -256,31 +254,45 @@ pub async fn start_page(
                 );
             }
         };
-        let started = lock(&sign_in.pending).start(&slug, request, source, now);
+        let Some(id) = pending::new_id() else {
+            tracing::error!("the system random number generator failed: no sign-in id");
+            return unavailable(&slug);
+        };
+        let record = Pending::record(&slug, &request, source, now);
+        let started = app
+            .broker
+            .store()
+            .start_sign_in(
+                &id_hash(&id),
+                &record,
+                pending::LIFETIME_SECS,
+                pending::admit,
+            )
+            .await;
         return match started {
-            Ok((id, _csrf)) => {
+            Ok(Ok(())) => {
                 let mut response = see_other(&format!("/{slug}"));
                 set_cookie(&mut response, &cookie(&slug, &id, sign_in.secure, true));
                 response
             }
-            Err(refused) => html(
+            Ok(Err(refused)) => html(
                 StatusCode::SERVICE_UNAVAILABLE,
                 page::message(&slug, "Try again later", &refused.to_string()),
                 None,
             ),
+            Err(error) => {
+                tracing::error!(%error, "cannot keep a sign-in");
+                unavailable(&slug)
+            }
         };
     }
-    let pending = cookie_value(&headers).and_then(|id| {
-        match lock(&sign_in.pending).lookup(&id, &slug, now) {
-            Ok(pending) => Some(pending.clone()),
-            Err(missing) => {
-                // A browser that carries a sign-in cookie the portal no longer knows: an old
-                // tab, or a sign-in that ended. Logged, since it also shows a lost sign-in.
-                tracing::info!(account = %slug, ?missing, "a sign-in cookie names no pending sign-in");
-                None
-            }
-        }
-    });
+    let pending = match cookie_value(&headers) {
+        Some(id) => match find_pending(&app, &id, &slug, now).await {
+            Ok(pending) => pending,
+            Err(_) => return unavailable(&slug),
+        },
+        None => None,
+    };
     match pending {
         Some(pending) => methods_page(sign_in, account, &pending, None, StatusCode::OK),
         None => html(
@@ -313,7 +325,7 @@ pub async fn email_requested(
         id,
         pending,
         now,
-    } = match form_step(&app, &slug, peer, &headers, &form.csrf) {
+    } = match form_step(&app, &slug, peer, &headers, &form.csrf).await {
         Ok(step) => step,
         Err(refused) => return *refused,
     };
@@ -362,8 +374,19 @@ pub async fn email_requested(
             return unavailable(&slug);
         }
     };
-    if let Some(pending) = lock(&sign_in.pending).get_mut(&id, &slug, now) {
-        pending.email = Some(email.clone());
+    // The code form shows the address, on whichever replica the browser asks next.
+    match app
+        .broker
+        .store()
+        .set_sign_in_email(&slug, &id_hash(&id), &email)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return expired(&slug),
+        Err(error) => {
+            tracing::error!(%error, "cannot keep a sign-in's address");
+            return unavailable(&slug);
+        }
     }
     let listed = account
         .policy
@@ -423,11 +446,13 @@ pub async fn code_page(
         return no_account(&slug);
     }
     let now = app.broker.clock().timestamp();
-    let pending = cookie_value(&headers).and_then(|id| {
-        lock(&app.sign_in.pending)
-            .get_mut(&id, &slug, now)
-            .map(|p| p.clone())
-    });
+    let pending = match cookie_value(&headers) {
+        Some(id) => match find_pending(&app, &id, &slug, now).await {
+            Ok(pending) => pending,
+            Err(_) => return unavailable(&slug),
+        },
+        None => None,
+    };
     match pending {
         Some(Pending {
             email: Some(email),
@@ -473,7 +498,7 @@ pub async fn code_entered(
         id,
         pending,
         now,
-    } = match form_step(&app, &slug, peer, &headers, &form.csrf) {
+    } = match form_step(&app, &slug, peer, &headers, &form.csrf).await {
         Ok(step) => step,
         Err(refused) => return *refused,
     };
@@ -560,9 +585,15 @@ async fn finish(
     person: Person<'_>,
     now: i64,
 ) -> Response {
-    // The sign-in ends here, whatever follows: its cookie and CSRF token are good no more.
-    if lock(&app.sign_in.pending).finish(id).is_none() {
-        return expired(slug);
+    // The sign-in ends here, whatever follows: its cookie and CSRF token are good no more,
+    // on every replica, and only one of two steps racing to end it goes on.
+    match app.broker.store().end_sign_in(&id_hash(id)).await {
+        Ok(true) => {}
+        Ok(false) => return expired(slug),
+        Err(error) => {
+            tracing::error!(%error, "cannot end a sign-in");
+            return unavailable(slug);
+        }
     }
     match app.broker.store().is_disabled(slug, person.email).await {
         Ok(false) => {}
@@ -632,7 +663,7 @@ pub async fn oidc_start(
     headers: HeaderMap,
     axum::extract::Query(form): axum::extract::Query<CsrfForm>,
 ) -> Response {
-    let Step { id, now, .. } = match form_step(&app, &slug, peer, &headers, &form.csrf) {
+    let Step { id, .. } = match form_step(&app, &slug, peer, &headers, &form.csrf).await {
         Ok(step) => step,
         Err(refused) => return *refused,
     };
@@ -640,21 +671,30 @@ pub async fn oidc_start(
     let Some(provider) = sign_in.providers.get(&(slug.clone(), provider_id.clone())) else {
         return bad_request(&slug, "This account has no identity provider of that name.");
     };
-    let started = provider
-        .start(&sign_in.redirect_url(&slug, &provider_id))
+    // A new trip, whose state, nonce and verifier differ from any trip before it.
+    let opened = app
+        .broker
+        .store()
+        .open_oidc_attempt(&slug, &id_hash(&id), &provider_id)
         .await;
-    let (url, attempt) = match started {
-        Ok(started) => started,
+    let attempt = match opened {
+        Ok(Some(number)) => OidcAttempt::derived(&id, &provider_id, number),
+        Ok(None) => return expired(&slug),
         Err(error) => {
-            tracing::warn!(%error, account = %slug, provider = %provider_id, "cannot start an OIDC sign-in");
-            return provider_failed(&slug, &error);
+            tracing::error!(%error, "cannot keep a sign-in's trip to its provider");
+            return unavailable(&slug);
         }
     };
-    match lock(&sign_in.pending).get_mut(&id, &slug, now) {
-        Some(pending) => pending.oidc = Some(attempt),
-        None => return expired(&slug),
+    let started = provider
+        .start(&sign_in.redirect_url(&slug, &provider_id), &attempt)
+        .await;
+    match started {
+        Ok(url) => see_other(&url),
+        Err(error) => {
+            tracing::warn!(%error, account = %slug, provider = %provider_id, "cannot start an OIDC sign-in");
+            provider_failed(&slug, &error)
+        }
     }
-    see_other(&url)
 }
 
 /// What the provider sends the person back with.
@@ -689,15 +729,24 @@ pub async fn oidc_callback(
     let Some(id) = cookie_value(&headers) else {
         return expired(&slug);
     };
-    // The attempt is taken out: a second answer (a replay) finds none.
-    let found = lock(&sign_in.pending)
-        .get_mut(&id, &slug, now)
-        .map(|pending| {
-            let attempt = pending.oidc.take();
-            (pending.clone(), attempt)
-        });
-    let Some((pending, Some(attempt))) = found else {
-        return expired(&slug);
+    let pending = match find_pending(&app, &id, &slug, now).await {
+        Ok(Some(pending)) => pending,
+        Ok(None) => return expired(&slug),
+        Err(_) => return unavailable(&slug),
+    };
+    // The trip is taken: a second answer (a replay) finds none.
+    let attempt = match app
+        .broker
+        .store()
+        .take_oidc_attempt(&slug, &id_hash(&id))
+        .await
+    {
+        Ok(Some((provider, number))) => OidcAttempt::derived(&id, &provider, number),
+        Ok(None) => return expired(&slug),
+        Err(error) => {
+            tracing::error!(%error, "cannot take a sign-in's trip to its provider");
+            return unavailable(&slug);
+        }
     };
     let state_matches = answer
         .state
@@ -805,7 +854,7 @@ struct Step<'a> {
 
 /// What every step of a sign-in checks first: the account exists, the source is within its
 /// rate, and the request's cookie names a sign-in under way whose CSRF token it carries.
-fn form_step<'a>(
+async fn form_step<'a>(
     app: &'a AppState,
     slug: &str,
     peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
@@ -818,7 +867,7 @@ fn form_step<'a>(
         .map_err(|_| Box::new(no_account(slug)))?;
     let now = app.broker.clock().timestamp();
     app.sign_in.admit(source_of(app, peer, headers), slug)?;
-    let (id, pending) = checked_pending(&app.sign_in, headers, slug, csrf, now)?;
+    let (id, pending) = checked_pending(app, headers, slug, csrf, now).await?;
     Ok(Step {
         account,
         id,
@@ -828,8 +877,8 @@ fn form_step<'a>(
 }
 
 /// The pending sign-in the request's cookie names, if the form's CSRF token is its own.
-fn checked_pending(
-    sign_in: &SignIn,
+async fn checked_pending(
+    app: &AppState,
     headers: &HeaderMap,
     slug: &str,
     csrf: &str,
@@ -838,11 +887,10 @@ fn checked_pending(
     let Some(id) = cookie_value(headers) else {
         return Err(Box::new(expired(slug)));
     };
-    let pending = lock(&sign_in.pending)
-        .get_mut(&id, slug, now)
-        .map(|p| p.clone());
-    let Some(pending) = pending else {
-        return Err(Box::new(expired(slug)));
+    let pending = match find_pending(app, &id, slug, now).await {
+        Ok(Some(pending)) => pending,
+        Ok(None) => return Err(Box::new(expired(slug))),
+        Err(_) => return Err(Box::new(unavailable(slug))),
     };
     if !bool::from(pending.csrf.as_bytes().ct_eq(csrf.as_bytes())) {
         return Err(Box::new(html(
@@ -857,6 +905,31 @@ fn checked_pending(
         )));
     }
     Ok((id, pending))
+}
+
+/// The sign-in of account `slug` that cookie `id` names, as the store keeps it; `None` when
+/// there is none (why is logged); `Err` (logged) when the store cannot say.
+async fn find_pending(
+    app: &AppState,
+    id: &str,
+    slug: &str,
+    now: i64,
+) -> Result<Option<Pending>, StoreError> {
+    let record = app
+        .broker
+        .store()
+        .sign_in(&id_hash(id))
+        .await
+        .inspect_err(|error| tracing::error!(%error, "cannot read a sign-in"))?;
+    match Pending::read(id, record, slug, now) {
+        Ok(pending) => Ok(Some(pending)),
+        Err(missing) => {
+            // A browser that carries a sign-in cookie the portal no longer knows: an old tab,
+            // or a sign-in that ended. Logged, since it also shows a lost sign-in.
+            tracing::info!(account = %slug, ?missing, "a sign-in cookie names no pending sign-in");
+            Ok(None)
+        }
+    }
 }
 
 fn methods_page(

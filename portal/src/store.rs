@@ -424,6 +424,31 @@ pub enum Write {
     },
 }
 
+/// A sign-in under way as the store keeps it: what the client asked for, and how far the
+/// person got (`sign_in::pending` makes sense of it).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SignInRecord {
+    pub account: String,
+    pub nonce: String,
+    pub state: String,
+    /// The client's handler, as its URL.
+    pub callback: String,
+    pub device: String,
+    /// The address a code was asked for.
+    pub email: Option<String>,
+    pub started_at: i64,
+    /// The address the first page was asked from.
+    pub source: Option<String>,
+}
+
+/// How many sign-ins are under way when one more starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignInsUnderWay {
+    pub in_all: u64,
+    /// From the new one's source address (0 when it has none).
+    pub from_source: u64,
+}
+
 /// A group an identity provider says a user is in, under the provider's name for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct IdpGroup {
@@ -1823,6 +1848,172 @@ impl Store {
     pub async fn prune_email_codes(&self, now: i64) -> Result<u64, StoreError> {
         let _turn = self.write_turn().await;
         let done = sqlx::query("DELETE FROM email_codes WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    // ---- sign-ins under way ----
+
+    /// Starts a sign-in, found later by `id_hash` (the SHA-256 of its cookie), if `admit`
+    /// accepts the sign-ins already under way: those that started within `lifetime_secs` of
+    /// `sign_in.started_at`, in all and from the same source. Counting and inserting are one
+    /// write transaction, so concurrent starts on any replica cannot pass the bounds together.
+    pub async fn start_sign_in<E>(
+        &self,
+        id_hash: &str,
+        sign_in: &SignInRecord,
+        lifetime_secs: i64,
+        admit: impl FnOnce(SignInsUnderWay) -> Result<(), E>,
+    ) -> Result<Result<(), E>, StoreError> {
+        let now = sign_in.started_at;
+        let since = now.saturating_sub(lifetime_secs);
+        let (_turn, mut tx) = self.begin_write().await?;
+        let in_all: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sign_ins WHERE started_at > $1 AND started_at <= $2",
+        )
+        .bind(since)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let from_source: i64 = match &sign_in.source {
+            Some(source) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM sign_ins
+                     WHERE source = $1 AND started_at > $2 AND started_at <= $3",
+                )
+                .bind(source)
+                .bind(since)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?
+            }
+            None => 0,
+        };
+        let under_way = SignInsUnderWay {
+            in_all: in_all.unsigned_abs(),
+            from_source: from_source.unsigned_abs(),
+        };
+        if let Err(refused) = admit(under_way) {
+            return Ok(Err(refused));
+        }
+        sqlx::query(
+            "INSERT INTO sign_ins (id_hash, account, nonce, state, callback, device, started_at,
+                                   source)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id_hash)
+        .bind(&sign_in.account)
+        .bind(&sign_in.nonce)
+        .bind(&sign_in.state)
+        .bind(&sign_in.callback)
+        .bind(&sign_in.device)
+        .bind(now)
+        .bind(&sign_in.source)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            on_constraint(e, |kind| match kind {
+                ErrorKind::ForeignKeyViolation => Some(StoreError::NotFound(Entity::Account)),
+                ErrorKind::UniqueViolation | ErrorKind::CheckViolation => {
+                    Some(StoreError::Invalid("sign-in id"))
+                }
+                _ => None,
+            })
+        })?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// The sign-in whose cookie hashes to `id_hash`, expired or not (the caller tells).
+    pub async fn sign_in(&self, id_hash: &str) -> Result<Option<SignInRecord>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT account, nonce, state, callback, device, email, started_at, source
+             FROM sign_ins WHERE id_hash = $1",
+        )
+        .bind(id_hash)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Records the address sign-in `id_hash` of `account` asked a code for; false if there is
+    /// no such sign-in (it ended meanwhile).
+    pub async fn set_sign_in_email(
+        &self,
+        account: &str,
+        id_hash: &str,
+        email: &str,
+    ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
+        let done =
+            sqlx::query("UPDATE sign_ins SET email = $1 WHERE id_hash = $2 AND account = $3")
+                .bind(email)
+                .bind(id_hash)
+                .bind(account)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Opens a new trip of sign-in `id_hash` of `account` to `provider`, replacing any trip
+    /// before it, and returns its number; `None` if there is no such sign-in.
+    pub async fn open_oidc_attempt(
+        &self,
+        account: &str,
+        id_hash: &str,
+        provider: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let _turn = self.write_turn().await;
+        Ok(sqlx::query_scalar(
+            "UPDATE sign_ins
+             SET oidc_provider = $1, oidc_attempt = oidc_attempt + 1, oidc_open = 1
+             WHERE id_hash = $2 AND account = $3
+             RETURNING oidc_attempt",
+        )
+        .bind(provider)
+        .bind(id_hash)
+        .bind(account)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Takes the open trip of sign-in `id_hash` of `account` to a provider: its provider and
+    /// number, for exactly one caller (a second answer, a replay, finds none).
+    pub async fn take_oidc_attempt(
+        &self,
+        account: &str,
+        id_hash: &str,
+    ) -> Result<Option<(String, i64)>, StoreError> {
+        let _turn = self.write_turn().await;
+        let taken: Option<(Option<String>, i64)> = sqlx::query_as(
+            "UPDATE sign_ins SET oidc_open = 0
+             WHERE id_hash = $1 AND account = $2 AND oidc_open = 1
+             RETURNING oidc_provider, oidc_attempt",
+        )
+        .bind(id_hash)
+        .bind(account)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(taken.and_then(|(provider, attempt)| Some((provider?, attempt))))
+    }
+
+    /// Ends sign-in `id_hash`: true for exactly one caller.
+    pub async fn end_sign_in(&self, id_hash: &str) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
+        let done = sqlx::query("DELETE FROM sign_ins WHERE id_hash = $1")
+            .bind(id_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Deletes every sign-in that did not start within `lifetime_secs` before `now` (or
+    /// started after it: the clock went back); returns how many.
+    pub async fn prune_sign_ins(&self, now: i64, lifetime_secs: i64) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
+        let done = sqlx::query("DELETE FROM sign_ins WHERE started_at <= $1 OR started_at > $2")
+            .bind(now.saturating_sub(lifetime_secs))
             .bind(now)
             .execute(&self.pool)
             .await?;

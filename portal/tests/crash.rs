@@ -13,7 +13,6 @@ use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,6 +24,7 @@ use fz_portal::keys::KeyFiles;
 use fz_portal::store::{Database, FlowFilter, Store, TokenKind};
 use fz_proto::{PortalPublicKey, PortalToClient};
 use support::backends::config_line;
+use support::mail::mailed_code;
 
 const RESOURCES: usize = 8;
 const CLIENTS: usize = 8;
@@ -160,37 +160,6 @@ impl SignIn {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&query).unwrap();
         let fragment = &pairs.iter().find(|(k, _)| k == "fragment").unwrap().1;
         Some(format!("{}{fragment}", self.nonce))
-    }
-}
-
-/// The code mailed to `email`, once its mail is written (polled, with a deadline: the portal
-/// writes it on a task of its own after answering).
-async fn mailed_code(mail: &Path, email: &str) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mails = std::fs::read_dir(mail)
-            .map(|entries| entries.flatten().map(|e| e.path()).collect::<Vec<_>>())
-            .unwrap_or_default();
-        let code = mails
-            .iter()
-            .filter(|f| f.extension().is_some_and(|e| e == "eml"))
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .filter(|m| m.contains(&format!("To: {email}")))
-            .find_map(|m| {
-                m.lines()
-                    .map(str::trim)
-                    .find(|l| l.len() == 9 && l.as_bytes()[4] == b'-')
-                    .map(str::to_owned)
-            });
-        if let Some(code) = code {
-            return code;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no mail for {email}"
-        );
-        // A poll interval, not a synchronisation: the mail is written on its own task.
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -6,9 +6,13 @@
 
 mod support;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fz_host::testing::agents::{PATIENCE, TestClient, TestGateway, key, send_text};
+use fz_host::testing::browser::Browser;
 use fz_proto::{ClientMessage, GatewayMessage, PortalToClient, PortalToGateway, encode};
 use support::backends::config_line;
+use support::mail::mailed_code;
 use support::portal::TestPortal;
 
 const POLICY: &str = r#"
@@ -230,6 +234,80 @@ async fn a_sign_in_on_one_replica_that_drops_a_group_withdraws_grants_on_another
         .await
         .expect("the other replica withdraws the grant within the agents' patience");
     assert_eq!(revoked, [grant.grant.id]);
+}
+
+/// A browser on `portal` that carries `from`'s cookies: the same browser, sent to another
+/// replica by a load balancer that is not sticky.
+fn moved(from: &Browser, portal: &TestPortal) -> Browser {
+    let mut browser = Browser::new(portal.address());
+    browser.cookies = from.cookies.clone();
+    browser
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_started_on_one_replica_goes_on_and_ends_on_another() {
+    let Some([first, second]) =
+        two_replicas("replicas::a_sign_in_started_on_one_replica_goes_on_and_ends_on_another")
+            .await
+    else {
+        return;
+    };
+    let nonce = URL_SAFE_NO_PAD.encode([7u8; 32]);
+    let state = URL_SAFE_NO_PAD.encode([8u8; 32]);
+    let link = serde_urlencoded::to_string([
+        ("as", "client"),
+        ("nonce", nonce.as_str()),
+        ("state", state.as_str()),
+        ("callback", "http://127.0.0.1:49152/callback"),
+    ])
+    .unwrap();
+    // The client's link opens on the first replica; every later step lands on the other one
+    // than the step before.
+    let mut on_first = Browser::new(first.address());
+    let started = on_first.get(&format!("/acme?{link}")).await;
+    assert_eq!(started.status, 303, "{started:?}");
+    let mut on_second = moved(&on_first, &second);
+    let methods = on_second.get("/acme").await;
+    assert_eq!(methods.status, 200, "{methods:?}");
+    let sent = on_first
+        .post(
+            "/acme/sign-in/email",
+            &[("csrf", &methods.csrf()), ("email", ALICE)],
+        )
+        .await;
+    assert_eq!(sent.status, 303, "{sent:?}");
+    let code_page = on_second.get("/acme/sign-in/email").await;
+    assert_eq!(code_page.status, 200, "{code_page:?}");
+    assert!(code_page.body.contains(ALICE), "{}", code_page.body);
+    // The code was mailed by the replica that was asked for it.
+    let code = mailed_code(&first.config.data_dir.join("mail"), ALICE).await;
+    let form = [("csrf", code_page.csrf()), ("code", code.clone())];
+    let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut replay = moved(&on_second, &first);
+    let done = on_second.post("/acme/sign-in/email/code", &form).await;
+    assert_eq!(done.status, 303, "{done:?}");
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(done.location().split_once('?').unwrap().1).unwrap();
+    let fragment = &query.iter().find(|(k, _)| k == "fragment").unwrap().1;
+    let now = first.now().timestamp();
+    let token = first
+        .store()
+        .authenticate(&format!("{nonce}{fragment}"), now)
+        .await
+        .unwrap()
+        .expect("the token the second replica made works on the first");
+    assert_eq!(token.account, "acme");
+
+    // The sign-in ended on every replica: the same form sent to the first is refused, and
+    // makes no second token.
+    let replayed = replay.post("/acme/sign-in/email/code", &form).await;
+    assert_eq!(replayed.status, 400, "{replayed:?}");
+    assert!(
+        replayed.body.contains("This sign-in has ended"),
+        "{}",
+        replayed.body
+    );
+    assert_eq!(first.store().list_tokens("acme").await.unwrap().len(), 1);
 }
 
 /// The policy without `builds` for engineering: what withdraws a grant of it.

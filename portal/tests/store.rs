@@ -15,7 +15,8 @@ use fz_portal::data_dir::DataDirError;
 use fz_portal::keys::KeyFiles;
 use fz_portal::store::{
     ClientRecord, DATABASE_FILE, Database, Decision, FlowFilter, GatewayRecord, GrantRecord,
-    NewFlow, NewToken, SignedIn, Store, StoreError, TokenKind, Write, tunnel_addresses,
+    NewFlow, NewToken, SignInRecord, SignedIn, Store, StoreError, TokenKind, Write,
+    tunnel_addresses,
 };
 use fz_portal::writer::Writer;
 use sha2::{Digest as _, Sha256};
@@ -2159,6 +2160,144 @@ async fn an_email_code_has_its_tries_its_lifetime_and_one_use(database: Database
     assert_eq!(store.prune_email_codes(NOW + 900).await.unwrap(), 1);
 }
 
+/// A sign-in as the sign-in pages start it, from `source`.
+fn sign_in_record(account: &str, source: Option<&str>, started_at: i64) -> SignInRecord {
+    SignInRecord {
+        account: account.to_owned(),
+        nonce: URL_SAFE_NO_PAD.encode([1u8; 32]),
+        state: URL_SAFE_NO_PAD.encode([2u8; 32]),
+        callback: "http://127.0.0.1:49152/callback".to_owned(),
+        device: "laptop".to_owned(),
+        email: None,
+        started_at,
+        source: source.map(str::to_owned),
+    }
+}
+
+/// A hash the store finds a sign-in by (any 64 hex digits do).
+fn sign_in_hash(n: u32) -> String {
+    format!("{n:064x}")
+}
+
+async fn sign_ins_are_bounded_and_each_step_happens_once(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
+    const LIFETIME: i64 = 900;
+    // `admit` sees what is under way: in all, and from the new one's source.
+    let mut seen = Vec::new();
+    for n in 0..3 {
+        let record = sign_in_record(A, Some("192.0.2.1"), NOW + n);
+        let started = store
+            .start_sign_in(&sign_in_hash(n as u32), &record, LIFETIME, |under_way| {
+                seen.push((under_way.in_all, under_way.from_source));
+                Ok::<(), ()>(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(started, Ok(()));
+    }
+    let elsewhere = sign_in_record(B, Some("192.0.2.2"), NOW + 3);
+    let refused = store
+        .start_sign_in(&sign_in_hash(3), &elsewhere, LIFETIME, |under_way| {
+            seen.push((under_way.in_all, under_way.from_source));
+            Err("full")
+        })
+        .await
+        .unwrap();
+    assert_eq!(refused, Err("full"));
+    assert_eq!(seen, [(0, 0), (1, 1), (2, 2), (3, 0)]);
+    assert_eq!(
+        store.sign_in(&sign_in_hash(3)).await.unwrap(),
+        None,
+        "refused: not kept"
+    );
+    // Expired ones no longer count.
+    let later = sign_in_record(A, Some("192.0.2.1"), NOW + 1 + LIFETIME);
+    store
+        .start_sign_in(&sign_in_hash(4), &later, LIFETIME, |under_way| {
+            assert_eq!((under_way.in_all, under_way.from_source), (1, 1));
+            Ok::<(), ()>(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    // A hash is one sign-in; an account the store does not know has none.
+    let again = store
+        .start_sign_in(&sign_in_hash(4), &later, LIFETIME, |_| Ok::<(), ()>(()))
+        .await;
+    assert!(matches!(again, Err(StoreError::Invalid(_))), "{again:?}");
+    let nowhere = sign_in_record("initech", None, NOW);
+    let refused = store
+        .start_sign_in(&sign_in_hash(5), &nowhere, LIFETIME, |_| Ok::<(), ()>(()))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::NotFound(_))),
+        "{refused:?}"
+    );
+
+    // Read back as started; the address is its account's to set.
+    let first = sign_in_hash(0);
+    assert_eq!(
+        store.sign_in(&first).await.unwrap(),
+        Some(sign_in_record(A, Some("192.0.2.1"), NOW))
+    );
+    assert!(
+        !store
+            .set_sign_in_email(B, &first, "mallory@example.com")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .set_sign_in_email(A, &first, "alice@example.com")
+            .await
+            .unwrap()
+    );
+    let kept = store.sign_in(&first).await.unwrap().unwrap();
+    assert_eq!(kept.email.as_deref(), Some("alice@example.com"));
+
+    // Each trip to a provider has a new number; the open one is taken once.
+    assert_eq!(store.take_oidc_attempt(A, &first).await.unwrap(), None);
+    assert_eq!(
+        store.open_oidc_attempt(B, &first, "okta").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.open_oidc_attempt(A, &first, "okta").await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store.open_oidc_attempt(A, &first, "google").await.unwrap(),
+        Some(2)
+    );
+    assert_eq!(store.take_oidc_attempt(B, &first).await.unwrap(), None);
+    assert_eq!(
+        store.take_oidc_attempt(A, &first).await.unwrap(),
+        Some(("google".to_owned(), 2))
+    );
+    assert_eq!(
+        store.take_oidc_attempt(A, &first).await.unwrap(),
+        None,
+        "a replay"
+    );
+
+    // A sign-in ends once.
+    assert!(store.end_sign_in(&first).await.unwrap());
+    assert!(!store.end_sign_in(&first).await.unwrap());
+    assert_eq!(store.sign_in(&first).await.unwrap(), None);
+
+    // The sweeper deletes what expired (and what started after now: the clock went back).
+    assert_eq!(
+        store
+            .prune_sign_ins(NOW + 1 + LIFETIME, LIFETIME)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.sign_in(&sign_in_hash(1)).await.unwrap().is_none());
+    assert!(store.sign_in(&sign_in_hash(2)).await.unwrap().is_some());
+    assert_eq!(store.prune_sign_ins(NOW + 1, LIFETIME).await.unwrap(), 2);
+}
+
 async fn an_identity_holds_its_address_and_brings_its_groups(database: Database) {
     let Fixture { _dir, store, .. } = fixture(database).await;
     let issuer = "https://idp.example";
@@ -2467,6 +2606,7 @@ on_both_backends!("store":
     clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user,
     revoked_tokens_and_verified_devices_are_visible_to_the_sweeper,
     an_email_code_has_its_tries_its_lifetime_and_one_use,
+    sign_ins_are_bounded_and_each_step_happens_once,
     an_identity_holds_its_address_and_brings_its_groups,
     a_client_session_is_announced_to_other_replicas_with_its_registration,
 );

@@ -22,6 +22,7 @@ use openidconnect::{
 use serde_json::Value;
 
 use crate::config::OidcConfig;
+use crate::sign_in::pending;
 
 /// How long discovered metadata (endpoints, keys) is used before it is fetched again. An ID
 /// token signed with a key the cache does not know makes the portal fetch the keys again at
@@ -70,7 +71,7 @@ impl std::fmt::Debug for Provider {
     }
 }
 
-/// What a sign-in with a provider keeps between sending the person there and their return.
+/// One trip of a sign-in to a provider: what is sent there and checked on the person's return.
 #[derive(Clone, PartialEq, Eq)]
 pub struct OidcAttempt {
     pub provider: String,
@@ -78,6 +79,20 @@ pub struct OidcAttempt {
     pub state: String,
     nonce: String,
     verifier: String,
+}
+
+impl OidcAttempt {
+    /// Trip `number` of sign-in `sign_in_id` (its cookie) to `provider`: its state, nonce and
+    /// PKCE verifier are derived from the cookie (`pending::derived`, 43 characters of
+    /// base64url, as RFC 7636 allows a verifier), so the store keeps only the trip's number.
+    pub fn derived(sign_in_id: &str, provider: &str, number: i64) -> OidcAttempt {
+        OidcAttempt {
+            provider: provider.to_owned(),
+            state: pending::derived(sign_in_id, "oidc-state", number),
+            nonce: pending::derived(sign_in_id, "oidc-nonce", number),
+            verifier: pending::derived(sign_in_id, "oidc-pkce-verifier", number),
+        }
+    }
 }
 
 impl std::fmt::Debug for OidcAttempt {
@@ -207,29 +222,25 @@ impl Provider {
         .set_redirect_uri(redirect))
     }
 
-    /// Where to send the person, and what to keep until they come back to `redirect`.
-    pub async fn start(&self, redirect: &str) -> Result<(String, OidcAttempt), OidcError> {
+    /// Where to send the person on `attempt`, to come back to `redirect`.
+    pub async fn start(&self, redirect: &str, attempt: &OidcAttempt) -> Result<String, OidcError> {
         let client = self.client(self.metadata(false).await?, redirect)?;
-        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let challenge = PkceCodeChallenge::from_code_verifier_sha256(&PkceCodeVerifier::new(
+            attempt.verifier.clone(),
+        ));
+        let state = CsrfToken::new(attempt.state.clone());
+        let nonce = Nonce::new(attempt.nonce.clone());
         let mut request = client.authorize_url(
             CoreAuthenticationFlow::AuthorizationCode,
-            CsrfToken::new_random,
-            Nonce::new_random,
+            move || state,
+            move || nonce,
         );
         // `openid` is always asked for by the crate.
         for scope in self.config.scopes.iter().filter(|s| *s != "openid") {
             request = request.add_scope(Scope::new(scope.clone()));
         }
-        let (url, state, nonce) = request.set_pkce_challenge(challenge).url();
-        Ok((
-            url.to_string(),
-            OidcAttempt {
-                provider: self.config.id.clone(),
-                state: state.secret().clone(),
-                nonce: nonce.secret().clone(),
-                verifier: verifier.secret().clone(),
-            },
-        ))
+        let (url, _, _) = request.set_pkce_challenge(challenge).url();
+        Ok(url.to_string())
     }
 
     /// Exchanges the code the person came back with (with the PKCE verifier), checks the ID

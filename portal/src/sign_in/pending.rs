@@ -1,10 +1,15 @@
 //! Sign-ins under way: what a client asked for when it opened the account's sign-in page (its
 //! nonce, its state and where to send the result), kept from then until the person has proven
-//! who they are, for at most [`LIFETIME_SECS`]. Sans-IO: no clock (`now` is Unix seconds
-//! passed in), no sockets; ids come from the operating system's generator.
+//! who they are, for at most [`LIFETIME_SECS`]. The store keeps them (`sign_ins`), so that any
+//! replica can take a sign-in's next step; this module decides what a kept one means. Sans-IO:
+//! no clock (`now` is Unix seconds passed in), no sockets; ids come from the operating
+//! system's generator.
 //!
-//! Bounded: at most [`MAX_PENDING`] in all and [`MAX_PER_SOURCE`] per source address; a full
-//! table first forgets what has expired, then refuses.
+//! A sign-in is found by the hash of its cookie ([`id_hash`]), and the values a browser must
+//! present besides it (the CSRF token, the OpenID Connect state, nonce and PKCE verifier) are
+//! [`derived`] from the cookie at each step, never stored: a copy of the store cannot act for
+//! a browser. Bounded: at most [`MAX_PENDING`] under way in all and [`MAX_PER_SOURCE`] per
+//! source address ([`admit`]); the sweeper deletes expired ones.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -12,9 +17,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+use sha2::{Digest as _, Sha256};
+
 use crate::credential;
 use crate::random;
-use crate::sign_in::oidc::OidcAttempt;
+use crate::store::{SignInRecord, SignInsUnderWay};
 
 /// A sign-in not finished within 15 minutes is forgotten (the code sent by email lives as
 /// long).
@@ -177,10 +184,76 @@ pub struct Pending {
     pub csrf: String,
     /// The address a code was sent to, once asked for.
     pub email: Option<String>,
-    /// The sign-in under way at an OpenID Connect provider, once the person was sent there.
-    pub oidc: Option<OidcAttempt>,
     pub started_at: i64,
     pub source: Option<IpAddr>,
+}
+
+impl Pending {
+    /// What the store keeps of a sign-in `account` starts at `now` for `request`.
+    pub fn record(
+        account: &str,
+        request: &ClientRequest,
+        source: Option<IpAddr>,
+        now: i64,
+    ) -> SignInRecord {
+        SignInRecord {
+            account: account.to_owned(),
+            nonce: request.nonce.clone(),
+            state: request.state.clone(),
+            callback: request.callback.url(),
+            device: request.device.clone(),
+            email: None,
+            started_at: now,
+            source: source.map(|ip| ip.to_string()),
+        }
+    }
+
+    /// The sign-in of `account` whose cookie is `id`, from what the store keeps under its
+    /// hash, unless there is none, it expired at `now`, or it is another account's.
+    pub fn read(
+        id: &str,
+        record: Option<SignInRecord>,
+        account: &str,
+        now: i64,
+    ) -> Result<Pending, Missing> {
+        let record = record.ok_or(Missing::Unknown)?;
+        if now < record.started_at {
+            return Err(Missing::StartedLater);
+        }
+        if now.saturating_sub(record.started_at) >= LIFETIME_SECS {
+            return Err(Missing::Expired);
+        }
+        if record.account != account {
+            return Err(Missing::OtherAccount);
+        }
+        // Only this module writes the record, from a request it read: one it cannot read
+        // again is damaged, and names no sign-in.
+        let callback = Callback::parse(&record.callback).map_err(|_| Missing::Unknown)?;
+        Ok(Pending {
+            account: record.account,
+            request: ClientRequest {
+                nonce: record.nonce,
+                state: record.state,
+                callback,
+                device: record.device,
+            },
+            csrf: derived(id, "csrf", 0),
+            email: record.email,
+            started_at: record.started_at,
+            source: record.source.and_then(|s| s.parse().ok()),
+        })
+    }
+}
+
+/// Whether one more sign-in may start, with these under way.
+pub fn admit(under_way: SignInsUnderWay) -> Result<(), Refused> {
+    if under_way.in_all >= MAX_PENDING as u64 {
+        return Err(Refused::Full);
+    }
+    if under_way.from_source >= MAX_PER_SOURCE as u64 {
+        return Err(Refused::Source);
+    }
+    Ok(())
 }
 
 /// Why a sign-in cannot start.
@@ -190,103 +263,12 @@ pub enum Refused {
     Source,
     #[error("too many sign-ins are under way; try again in a few minutes")]
     Full,
-    #[error("the system random number generator failed")]
-    Random,
-}
-
-/// The sign-ins under way, by id (the value of the browser's sign-in cookie).
-#[derive(Debug, Default)]
-pub struct PendingSignIns {
-    by_id: HashMap<String, Pending>,
-}
-
-impl PendingSignIns {
-    /// Starts a sign-in and returns its id (32 random bytes, base64url) and anti-forgery
-    /// token.
-    pub fn start(
-        &mut self,
-        account: &str,
-        request: ClientRequest,
-        source: Option<IpAddr>,
-        now: i64,
-    ) -> Result<(String, String), Refused> {
-        if self.by_id.len() >= MAX_PENDING {
-            self.forget_expired(now);
-            if self.by_id.len() >= MAX_PENDING {
-                return Err(Refused::Full);
-            }
-        }
-        if source.is_some() {
-            let from_source = self
-                .by_id
-                .values()
-                .filter(|p| p.source == source && !expired(p, now))
-                .count();
-            if from_source >= MAX_PER_SOURCE {
-                return Err(Refused::Source);
-            }
-        }
-        let id = token().ok_or(Refused::Random)?;
-        let csrf = token().ok_or(Refused::Random)?;
-        self.by_id.insert(
-            id.clone(),
-            Pending {
-                account: account.to_owned(),
-                request,
-                csrf: csrf.clone(),
-                email: None,
-                oidc: None,
-                started_at: now,
-                source,
-            },
-        );
-        Ok((id, csrf))
-    }
-
-    /// The sign-in `id` of `account`, unless it expired at `now` (then it is forgotten).
-    pub fn get_mut(&mut self, id: &str, account: &str, now: i64) -> Option<&mut Pending> {
-        self.lookup(id, account, now).ok()
-    }
-
-    /// [`PendingSignIns::get_mut`], saying why there is none, for the log.
-    pub fn lookup(&mut self, id: &str, account: &str, now: i64) -> Result<&mut Pending, Missing> {
-        if let Some(pending) = self.by_id.get(id)
-            && expired(pending, now)
-        {
-            let missing = if now < pending.started_at {
-                Missing::StartedLater
-            } else {
-                Missing::Expired
-            };
-            self.by_id.remove(id);
-            return Err(missing);
-        }
-        match self.by_id.get_mut(id) {
-            Some(pending) if pending.account == account => Ok(pending),
-            Some(_) => Err(Missing::OtherAccount),
-            None => Err(Missing::Unknown),
-        }
-    }
-
-    /// Ends the sign-in `id`: it can be used no more.
-    pub fn finish(&mut self, id: &str) -> Option<Pending> {
-        self.by_id.remove(id)
-    }
-
-    /// Forgets every sign-in that expired at `now`.
-    pub fn forget_expired(&mut self, now: i64) {
-        self.by_id.retain(|_, p| !expired(p, now));
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
 }
 
 /// Why a sign-in id names no pending sign-in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Missing {
-    /// Never started here, finished, or forgotten.
+    /// Never started, finished, or forgotten.
     Unknown,
     /// Older than [`LIFETIME_SECS`].
     Expired,
@@ -296,15 +278,32 @@ pub enum Missing {
     OtherAccount,
 }
 
-fn expired(pending: &Pending, now: i64) -> bool {
-    now.saturating_sub(pending.started_at) >= LIFETIME_SECS || now < pending.started_at
-}
-
-/// 32 random bytes in unpadded base64url.
-fn token() -> Option<String> {
+/// A new sign-in's id: the value of the browser's sign-in cookie, 32 random bytes in
+/// unpadded base64url; `None` if the operating system's generator failed.
+pub fn new_id() -> Option<String> {
     random::bytes::<32>()
         .ok()
         .map(|bytes| URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// What the store finds sign-in `id` by: its SHA-256, in hex, so that a copy of the store
+/// holds no cookie a browser could present.
+pub fn id_hash(id: &str) -> String {
+    random::hex(&Sha256::digest(id.as_bytes()))
+}
+
+/// A value only the holder of cookie `id` can compute, for one `purpose` (and trip `number`
+/// to a provider): SHA-256 over both, in unpadded base64url (43 characters). It is computed
+/// again at each step instead of stored, and tells nothing of `id` or of the values for
+/// other purposes.
+pub fn derived(id: &str, purpose: &str, number: i64) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"fz sign-in\0");
+    hasher.update(purpose.as_bytes());
+    hasher.update([0]);
+    hasher.update(number.to_be_bytes());
+    hasher.update(id.as_bytes());
+    URL_SAFE_NO_PAD.encode(hasher.finalize())
 }
 
 fn cut(text: &str, max: usize) -> String {
@@ -404,68 +403,75 @@ mod tests {
 
     #[test]
     fn a_missing_sign_in_says_why() {
-        let mut table = PendingSignIns::default();
         let request = ClientRequest::from_query(&good()).unwrap();
-        let (id, _) = table.start("acme", request.clone(), None, 1_000).unwrap();
+        let record = || Some(Pending::record("acme", &request, None, 1_000));
+        let id = new_id().unwrap();
+        let read = |record, account, now| Pending::read(&id, record, account, now).err();
+        assert_eq!(read(None, "acme", 1_000), Some(Missing::Unknown));
+        assert_eq!(read(record(), "other", 1_000), Some(Missing::OtherAccount));
+        assert_eq!(read(record(), "acme", 999), Some(Missing::StartedLater));
         assert_eq!(
-            table.lookup(&id, "other", 1_000).err(),
-            Some(Missing::OtherAccount)
-        );
-        assert_eq!(
-            table.lookup("nope", "acme", 1_000).err(),
-            Some(Missing::Unknown)
-        );
-        assert_eq!(
-            table.lookup(&id, "acme", 999).err(),
-            Some(Missing::StartedLater)
-        );
-        assert_eq!(
-            table.lookup(&id, "acme", 1_000).err(),
-            Some(Missing::Unknown),
-            "forgotten"
-        );
-        let (id, _) = table.start("acme", request, None, 1_000).unwrap();
-        assert_eq!(
-            table.lookup(&id, "acme", 1_000 + LIFETIME_SECS).err(),
+            read(record(), "acme", 1_000 + LIFETIME_SECS),
             Some(Missing::Expired)
         );
+        assert_eq!(read(record(), "acme", 1_000 + LIFETIME_SECS - 1), None);
+        let mut damaged = record().unwrap();
+        damaged.callback = "https://evil.example/callback".to_owned();
+        assert_eq!(read(Some(damaged), "acme", 1_000), Some(Missing::Unknown));
     }
 
     #[test]
-    fn sign_ins_expire_and_are_bounded_per_source() {
-        let mut table = PendingSignIns::default();
+    fn a_kept_sign_in_reads_back_as_it_started() {
         let request = ClientRequest::from_query(&good()).unwrap();
         let source = Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
-        let (id, csrf) = table.start("acme", request.clone(), source, 1_000).unwrap();
-        assert_eq!(id.len(), 43);
-        assert_ne!(id, csrf);
-        assert!(table.get_mut(&id, "other", 1_000).is_none());
-        assert!(
-            table
-                .get_mut(&id, "acme", 1_000 + LIFETIME_SECS - 1)
-                .is_some()
-        );
-        assert!(table.get_mut(&id, "acme", 1_000 + LIFETIME_SECS).is_none());
-        assert!(table.is_empty());
+        let id = new_id().unwrap();
+        let mut record = Pending::record("acme", &request, source, 1_000);
+        record.email = Some("alice@acme.example".to_owned());
+        let pending = Pending::read(&id, Some(record), "acme", 1_000).unwrap();
+        assert_eq!(pending.request, request);
+        assert_eq!(pending.source, source);
+        assert_eq!(pending.email.as_deref(), Some("alice@acme.example"));
+        assert_eq!(pending.csrf, derived(&id, "csrf", 0));
+    }
 
-        for _ in 0..MAX_PER_SOURCE {
-            table.start("acme", request.clone(), source, 2_000).unwrap();
+    #[test]
+    fn derived_values_belong_to_one_cookie_and_one_purpose() {
+        let id = new_id().unwrap();
+        let other = new_id().unwrap();
+        assert_eq!(id.len(), 43);
+        assert_ne!(id, other);
+        assert_eq!(id_hash(&id).len(), 64);
+        assert_ne!(id_hash(&id), id_hash(&other));
+        let values = [
+            derived(&id, "csrf", 0),
+            derived(&other, "csrf", 0),
+            derived(&id, "oidc-state", 1),
+            derived(&id, "oidc-state", 2),
+            derived(&id, "oidc-nonce", 1),
+        ];
+        for (i, a) in values.iter().enumerate() {
+            assert_eq!(a.len(), 43);
+            assert_ne!(a, &id);
+            assert!(!id_hash(&id).contains(a.as_str()));
+            for b in &values[i + 1..] {
+                assert_ne!(a, b);
+            }
         }
+        assert_eq!(derived(&id, "csrf", 0), derived(&id, "csrf", 0));
+    }
+
+    #[test]
+    fn sign_ins_are_bounded_in_all_and_per_source() {
+        let under_way = |in_all: usize, from_source: usize| SignInsUnderWay {
+            in_all: in_all as u64,
+            from_source: from_source as u64,
+        };
+        assert_eq!(admit(under_way(0, 0)), Ok(()));
         assert_eq!(
-            table.start("acme", request.clone(), source, 2_000),
-            Err(Refused::Source)
+            admit(under_way(MAX_PENDING - 1, MAX_PER_SOURCE - 1)),
+            Ok(())
         );
-        let elsewhere = Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)));
-        let (id, _) = table
-            .start("acme", request.clone(), elsewhere, 2_000)
-            .unwrap();
-        assert!(table.finish(&id).is_some());
-        assert!(table.finish(&id).is_none());
-        // Expired ones make room again.
-        assert!(
-            table
-                .start("acme", request, source, 2_000 + LIFETIME_SECS)
-                .is_ok()
-        );
+        assert_eq!(admit(under_way(10, MAX_PER_SOURCE)), Err(Refused::Source));
+        assert_eq!(admit(under_way(MAX_PENDING, 0)), Err(Refused::Full));
     }
 }

@@ -6,6 +6,8 @@
 #[allow(dead_code)]
 pub mod backends;
 #[allow(dead_code)]
+pub mod mail;
+#[allow(dead_code)]
 pub mod mmdb;
 #[allow(dead_code)]
 pub mod portal;
