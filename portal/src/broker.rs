@@ -53,7 +53,8 @@ use crate::registry::{
 };
 use crate::relay::Relays;
 use crate::store::{
-    self, Decision as FlowDecision, GrantRecord, NewFlow, Store, TokenRecord, Write,
+    self, ClusterEventKind, Decision as FlowDecision, GrantRecord, NewFlow, Store, TokenRecord,
+    Write,
 };
 use crate::writer::Writer;
 
@@ -1109,14 +1110,42 @@ impl Broker {
         }
         // Grants waiting for it will not be acknowledged: let their requests try another.
         self.pending().retain(|_, p| p.gateway_id != gateway_id);
-        // Its clients hear of it, so that one that hears nothing from it either leaves it
-        // in seconds; its grants stay, as its tunnels may outlive its connection to us.
+        self.tell_gateway_down(account, gateway_id);
+        // Marked disconnected and, for replicas whose clients hold its grants, announced in
+        // the same transaction: a replica that reads the notice reads the mark with it (or a
+        // newer connection's), so it can tell whether the gateway came back meanwhile.
+        let at = now_i64(unix(self.now()));
+        let mut writes = vec![Write::GatewaySeen {
+            account: account.to_owned(),
+            gateway_id: gateway_id.to_owned(),
+            connected: false,
+            at,
+        }];
+        if self.store.shared() {
+            writes.push(Write::Announce {
+                account: account.to_owned(),
+                kind: ClusterEventKind::GatewayDown,
+                subject: gateway_id.to_owned(),
+                detail: String::new(),
+                at,
+            });
+        }
+        if let Err(error) = self.writer.submit(writes).await {
+            tracing::warn!(error = %error, gateway = %gateway_id, "cannot record gateway health");
+        }
+        tracing::info!(%account, gateway = %gateway_id, "gateway out of service");
+    }
+
+    /// Tells the clients connected here that hold grants of `gateway_id` (of `account`) that
+    /// it is out of service, so that one that hears nothing from it either leaves it in
+    /// seconds; its grants stay, as its tunnels may outlive its connection to us.
+    fn tell_gateway_down(&self, account: &str, gateway_id: &str) {
         let clients: Vec<Link> = {
             let registry = self.registry();
             let holding: HashSet<String> = registry
                 .grants()
                 .iter()
-                .filter(|g| g.gateway_id == gateway_id)
+                .filter(|g| g.gateway_id == gateway_id && g.account == account)
                 .map(|g| g.client_id.clone())
                 .collect();
             holding
@@ -1129,19 +1158,6 @@ impl Broker {
             link.send(&PortalToClient::GatewayDown {
                 gateway_id: gateway_id.to_owned(),
             });
-        }
-        self.record_health(account, gateway_id, false).await;
-        tracing::info!(%account, gateway = %gateway_id, "gateway out of service");
-    }
-
-    async fn record_health(&self, account: &str, gateway_id: &str, healthy: bool) {
-        let now = now_i64(unix(self.now()));
-        if let Err(error) = self
-            .store
-            .set_gateway_connected(account, gateway_id, healthy, now)
-            .await
-        {
-            tracing::warn!(error = %error, gateway = %gateway_id, "cannot record gateway health");
         }
     }
 

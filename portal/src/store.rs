@@ -529,6 +529,10 @@ pub enum ClusterEventKind {
     GrantsWithdrawn,
     /// ICE candidates (`detail`) for agent `subject` from its peer on replica `origin`.
     Candidates,
+    /// Gateway `subject`'s connection to replica `origin` ended (the store's mark written in
+    /// the same transaction): replicas whose clients hold its grants tell them, unless it is
+    /// connected again by the time they read it.
+    GatewayDown,
 }
 
 impl ClusterEventKind {
@@ -541,6 +545,7 @@ impl ClusterEventKind {
             ClusterEventKind::GrantAnswered => "grant-answered",
             ClusterEventKind::GrantsWithdrawn => "grants-withdrawn",
             ClusterEventKind::Candidates => "candidates",
+            ClusterEventKind::GatewayDown => "gateway-down",
         }
     }
 
@@ -553,6 +558,7 @@ impl ClusterEventKind {
             "grant-answered" => Some(ClusterEventKind::GrantAnswered),
             "grants-withdrawn" => Some(ClusterEventKind::GrantsWithdrawn),
             "candidates" => Some(ClusterEventKind::Candidates),
+            "gateway-down" => Some(ClusterEventKind::GatewayDown),
             _ => None,
         }
     }

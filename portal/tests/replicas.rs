@@ -430,6 +430,61 @@ async fn a_grant_for_a_gateway_on_another_replica_goes_through_it_and_so_do_cand
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_lost_by_one_replica_is_reported_to_its_clients_on_another() {
+    let Some([first, second]) = two_replicas(
+        "replicas::a_gateway_lost_by_one_replica_is_reported_to_its_clients_on_another",
+    )
+    .await
+    else {
+        return;
+    };
+    // The gateway is on the second replica; Alice's device, with a grant of it, on the first.
+    let mut gateway = second.gateway("acme", "hq", 200).await;
+    let gateway_id = gateway.id.clone();
+    let mut alice = first.client("acme", ALICE, 1).await;
+    let acknowledged = async {
+        match gateway.next().await {
+            Some(PortalToGateway::Grant { grant }) => {
+                let ack = GatewayMessage::Ack {
+                    grant_id: grant.grant.id.clone(),
+                    resolved: None,
+                };
+                gateway.send(&ack).await;
+            }
+            other => panic!("expected the grant through the second replica, got {other:?}"),
+        }
+    };
+    let (grant, ()) = tokio::join!(alice.grant("builds", None), acknowledged);
+
+    // The gateway's connection ends: the first replica tells Alice, and keeps her grant (its
+    // tunnel may outlive the gateway's connection to the portal).
+    drop(gateway);
+    loop {
+        match alice.next().await {
+            Some(PortalToClient::GatewayDown { gateway_id: down }) => {
+                assert_eq!(down, gateway_id);
+                break;
+            }
+            Some(PortalToClient::Revoked { .. }) => panic!("the grant was withdrawn"),
+            Some(_) => continue,
+            None => panic!("the first replica closed Alice's session"),
+        }
+    }
+    let stored = first.store().gateway("acme", &gateway_id).await.unwrap();
+    assert!(!stored.unwrap().connected, "marked disconnected");
+    let now = chrono::Utc::now().timestamp();
+    let in_force = first
+        .store()
+        .active_grants_of_gateway("acme", &gateway_id, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        in_force.iter().map(|g| &g.id).collect::<Vec<_>>(),
+        [&grant.grant.id]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawal_reaches_a_client_that_moved_to_another_replica() {
     let Some([first, second]) =
         two_replicas("replicas::a_withdrawal_reaches_a_client_that_moved_to_another_replica").await

@@ -12,7 +12,8 @@
 //!   a grant of a gateway that re-homed there), and *answers*;
 //! - a withdrawal of grants whose gateway or client is connected elsewhere is announced; the
 //!   replicas holding those connections tell them and drop their own copies;
-//! - ICE candidates go to the peer's replica the same way.
+//! - ICE candidates go to the peer's replica the same way;
+//! - a gateway's lost connection is announced, for the clients of its grants elsewhere.
 //!
 //! Nothing here writes what it reads back: an event read twice sends a message twice, which
 //! agents ignore (a revocation of a grant they do not hold, candidates they already tried).
@@ -134,9 +135,10 @@ impl Broker {
     /// What other replicas said (cluster events, oldest first): a session of a client of ours
     /// that started after ours, elsewhere, ends ours (one live session per device); a user's
     /// groups named anew by a sign-in elsewhere have their grants here decided again; grants,
-    /// their answers, withdrawals and candidates for agents connected here reach them. Events
-    /// of this replica's own are skipped (it acted when it wrote them); an event read twice
-    /// changes nothing the second time.
+    /// their answers, withdrawals and candidates for agents connected here reach them, and so
+    /// does the loss of a gateway whose grants clients here hold. Events of this replica's own
+    /// are skipped (it acted when it wrote them); an event read twice changes nothing the
+    /// second time.
     ///
     /// Returns how many of `events` were applied, in order: fewer than all when the store
     /// could not be read for one, which is then to be given again (with those after it).
@@ -174,6 +176,11 @@ impl Broker {
                 ClusterEventKind::GrantAnswered => self.answered_elsewhere(event),
                 ClusterEventKind::GrantsWithdrawn => self.withdrawn_elsewhere(event).await,
                 ClusterEventKind::Candidates => self.candidates_from_elsewhere(event),
+                ClusterEventKind::GatewayDown => {
+                    if !self.gateway_down_elsewhere(event).await {
+                        return applied;
+                    }
+                }
             }
         }
         events.len()
@@ -506,6 +513,30 @@ impl Broker {
             }
         }
         self.tell(to_gateways, to_clients).await;
+    }
+
+    /// Gateway `event.subject` lost its connection to another replica: the clients here that
+    /// hold its grants are told, as that replica told its own, unless the gateway is
+    /// connected again (here, or anywhere by the store's mark, which the event's replica wrote
+    /// with it and a newer connection overwrites). False when the store could not be read:
+    /// the event is to be given again.
+    async fn gateway_down_elsewhere(&self, event: &store::ClusterEvent) -> bool {
+        let here = self
+            .registry()
+            .gateway(&event.subject)
+            .is_some_and(|gateway| gateway.account == event.account);
+        if here {
+            return true;
+        }
+        match self.store.gateway(&event.account, &event.subject).await {
+            Ok(Some(gateway)) if gateway.connected => {}
+            Ok(_) => self.tell_gateway_down(&event.account, &event.subject),
+            Err(error) => {
+                tracing::warn!(%error, gateway = %event.subject, "cannot read whether a gateway lost elsewhere is back; trying again");
+                return false;
+            }
+        }
+        true
     }
 
     // ---- candidates ----
