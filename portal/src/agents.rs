@@ -366,7 +366,15 @@ async fn client_connection(
     };
     tracing::debug!(account = %session.account, client = %session.client_id, "client connected");
     let in_flight = Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
-    let mut ready_sent = send(&mut socket, &ready).await;
+    // In pages, each sent (and so flushed) before the next: the connection's send buffer keeps
+    // the size of its largest frame for as long as it is open, and an account's whole list
+    // of resources in one frame would make every idle client hold it.
+    let mut ready_sent = true;
+    for page in ready.into_pages() {
+        if ready_sent {
+            ready_sent = send(&mut socket, &page).await;
+        }
+    }
     if ready_sent && let Some(relays) = broker.relay_credentials(&session.client_id) {
         ready_sent = send(&mut socket, &PortalToClient::Relays { relays }).await;
     }

@@ -396,7 +396,7 @@ impl Broker {
         endpoints: Vec<std::net::SocketAddr>,
         source: Option<std::net::IpAddr>,
         link: Link,
-    ) -> Result<(Arc<ClientSession>, u64, PortalToClient), BrokerError> {
+    ) -> Result<(Arc<ClientSession>, u64, ClientReady), BrokerError> {
         let account = self.account(&token.account)?;
         check_endpoints(&endpoints)?;
         let store::TokenKind::Client { user, provider } = &token.kind else {
@@ -472,12 +472,13 @@ impl Broker {
             }
             connection
         };
-        let ready = PortalToClient::Ready(Box::new(ClientReady {
+        let ready = ClientReady {
             client_id: client.id,
             tunnel_ipv4,
             tunnel_ipv6,
             resources,
-        }));
+            more: false,
+        };
         Ok((session, connection, ready))
     }
 

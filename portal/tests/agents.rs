@@ -11,7 +11,10 @@ use fz_host::testing::agents::{
 };
 use fz_portal::store::Database;
 use fz_portal::store::{Decision, FlowFilter};
-use fz_proto::{DnsMapping, GatewayMessage, PortalToClient, PortalToGateway, encode};
+use fz_proto::{
+    ClientMessage, DnsMapping, GatewayMessage, PortalToClient, PortalToGateway,
+    RESOURCE_PAGE_BYTES, decode, encode,
+};
 use support::backends::config_line;
 use support::portal::{TestPortal, today_at};
 
@@ -613,7 +616,7 @@ async fn a_grant_acknowledged_after_its_session_ended_is_withdrawn_at_once() {
         .unwrap();
     send_text(
         &mut alice.socket,
-        encode(&fz_proto::ClientMessage::RequestAccess {
+        encode(&ClientMessage::RequestAccess {
             resource: "db".to_owned(),
             dns: None,
             avoid: vec![],
@@ -944,7 +947,7 @@ async fn bad_messages_get_errors_and_the_connection_and_others_keep_working() {
         ),
         (oversized, "the limit is 262144"),
         (
-            encode(&fz_proto::ClientMessage::Hello {
+            encode(&ClientMessage::Hello {
                 public_key: key(1),
                 endpoints: vec![],
             }),
@@ -984,7 +987,7 @@ async fn bad_messages_get_errors_and_the_connection_and_others_keep_working() {
         .collect();
     send_text(
         &mut crowded,
-        encode(&fz_proto::ClientMessage::Hello {
+        encode(&ClientMessage::Hello {
             public_key: key(7),
             endpoints,
         }),
@@ -1318,7 +1321,7 @@ async fn candidates_pass_between_a_client_and_a_gateway_only_with_a_grant_betwee
     let mut bob = portal.client("acme", BOB, 3).await;
     let line = |port: u16| format!("candidate:1 1 udp 2130706431 198.51.100.7 {port} typ host");
     let candidates = |gateway_id: &str, port: u16| {
-        encode(&fz_proto::ClientMessage::Candidates {
+        encode(&ClientMessage::Candidates {
             gateway_id: gateway_id.to_owned(),
             candidates: vec![line(port)],
         })
@@ -1349,7 +1352,7 @@ async fn candidates_pass_between_a_client_and_a_gateway_only_with_a_grant_betwee
     // grant itself), and after it the client's reach the gateway.
     send_text(
         &mut alice.socket,
-        encode(&fz_proto::ClientMessage::RequestAccess {
+        encode(&ClientMessage::RequestAccess {
             resource: "db".into(),
             dns: None,
             avoid: vec![],
@@ -1399,7 +1402,7 @@ async fn candidates_pass_between_a_client_and_a_gateway_only_with_a_grant_betwee
         bob.next().await,
         Some(PortalToClient::Error { .. })
     ));
-    let flood = encode(&fz_proto::ClientMessage::Candidates {
+    let flood = encode(&ClientMessage::Candidates {
         gateway_id: gateway.id.clone(),
         candidates: (0..17).map(line).collect(),
     });
@@ -1430,7 +1433,7 @@ async fn granted_through(
     let dns = (resource == "gitlab").then(gitlab_name).flatten();
     send_text(
         &mut client.socket,
-        encode(&fz_proto::ClientMessage::RequestAccess {
+        encode(&ClientMessage::RequestAccess {
             resource: resource.into(),
             dns,
             avoid: vec![],
@@ -1567,3 +1570,57 @@ on_both_backends!("agents":
     a_restart_keeps_tokens_gateways_flows_and_grants_in_force,
     the_flow_log_says_how_each_grants_connection_travels_as_its_gateway_says,
 );
+
+#[tokio::test]
+async fn a_long_list_of_resources_comes_in_small_pages_and_whole() {
+    let resources: String = (0..300)
+        .map(|i| {
+            format!(
+                "resource r{i:03} {{ address \"10.{}.{}.0/24\"; site hq }}\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let policy = format!(
+        "site hq\n{resources}group engineering {{ members \"{ALICE}\" }}\n\
+         allow engineering -> r000 as eng\n"
+    );
+    let portal = TestPortal::start(&policy, "").await;
+    let (_, secret) = portal.client_token("acme", ALICE).await;
+    let mut socket = open(portal.address(), "acme", "client", &secret)
+        .await
+        .unwrap();
+    let hello = ClientMessage::Hello {
+        public_key: key(1),
+        endpoints: vec![],
+    };
+    send_text(&mut socket, encode(&hello)).await;
+    let (mut ids, mut frames) = (Vec::new(), Vec::new());
+    loop {
+        let text = next_text(&mut socket).await.unwrap();
+        frames.push(text.len());
+        let (page, more) = match decode::<PortalToClient>(text.as_bytes()).unwrap() {
+            PortalToClient::Ready(ready) if frames.len() == 1 => (ready.resources, ready.more),
+            PortalToClient::Resources { resources, more } if frames.len() > 1 => (resources, more),
+            other => panic!("expected the next page of ready, got {other:?}"),
+        };
+        ids.extend(page.into_iter().map(|r| r.id));
+        if !more {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..300).map(|i| format!("r{i:03}")).collect();
+    assert_eq!(ids, expected, "every resource once, in order");
+    // No frame much larger than a page: what each idle connection's send buffer keeps.
+    assert!(frames.len() >= 6, "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .all(|&bytes| bytes < RESOURCE_PAGE_BYTES + 256),
+        "{frames:?}"
+    );
+    // The test client, like the real one's link, puts the pages back together.
+    let alice = portal.client("acme", ALICE, 2).await;
+    assert_eq!(alice.ready.resources.len(), 300);
+}

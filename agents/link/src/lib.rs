@@ -55,6 +55,14 @@ pub trait Role: Send + 'static {
     /// If `message` is `ready`: what to send how often from now on (`None`: nothing).
     /// `Err` if it is not `ready`, with the portal's error text if it is an error.
     fn ready(message: &Self::Down) -> Result<Option<(Duration, Self::Up)>, Option<String>>;
+    /// Whether more pages of `ready` follow it.
+    fn more_pages(_ready: &Self::Down) -> bool {
+        false
+    }
+    /// Takes `page`, the next page of `ready`, into it; gives back what came instead.
+    fn take_page(_ready: &mut Self::Down, page: Self::Down) -> Result<(), Self::Down> {
+        Err(page)
+    }
 }
 
 /// The gateway: heartbeats at the interval the portal's `ready` names.
@@ -99,6 +107,17 @@ impl Role for ClientRole {
             PortalToClient::Ready(_) => Ok(None),
             PortalToClient::Error { message } => Err(Some(message.clone())),
             _ => Err(None),
+        }
+    }
+
+    fn more_pages(ready: &PortalToClient) -> bool {
+        matches!(ready, PortalToClient::Ready(ready) if ready.more)
+    }
+
+    fn take_page(ready: &mut PortalToClient, page: PortalToClient) -> Result<(), PortalToClient> {
+        match ready {
+            PortalToClient::Ready(ready) => ready.take_page(page),
+            _ => Err(page),
         }
     }
 }
@@ -590,7 +609,7 @@ async fn session<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(error) = socket.send(Message::Text(encode(hello).into())).await {
         return Ended::Retry(format!("cannot say hello: {error}"));
     }
-    let ready = match tokio::time::timeout(READY_TIMEOUT, next_message::<R, S>(&mut socket)).await {
+    let ready = match tokio::time::timeout(READY_TIMEOUT, whole_ready::<R, S>(&mut socket)).await {
         Ok(Ok(ready)) => ready,
         Ok(Err(reason)) => return Ended::Retry(reason),
         Err(_) => return Ended::Retry("the portal did not answer hello".to_owned()),
@@ -657,6 +676,20 @@ async fn session<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
             },
         }
     }
+}
+
+/// The portal's answer to hello, with the pages that follow it put back into it: the rest of
+/// the session sees one `ready`.
+async fn whole_ready<R: Role, S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+) -> Result<R::Down, String> {
+    let mut ready = next_message::<R, S>(socket).await?;
+    while R::more_pages(&ready) {
+        let page = next_message::<R, S>(socket).await?;
+        R::take_page(&mut ready, page)
+            .map_err(|other| format!("expected the next page of ready, got {other:?}"))?;
+    }
+    Ok(ready)
 }
 
 /// The next message from the portal; a message that does not decode is logged and skipped

@@ -1,5 +1,5 @@
 //! The portal link (as a gateway's) against a WebSocket server on loopback: it says hello with the
-//! bearer token, passes `ready` and later messages on, heartbeats, sends what it is given,
+//! bearer token, passes `ready` (a client's put together from its pages) and later messages on, heartbeats, sends what it is given,
 //! comes back after the server drops it, and gives up only when the token is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
@@ -152,18 +152,32 @@ async fn a_client_link_uses_the_client_socket_and_passes_ready_on() {
         }
     };
     assert_eq!(said, hello);
-    let ready = fz_proto::PortalToClient::Ready(Box::new(fz_proto::ClientReady {
+    // A ready with more resources than a page holds, sent in pages as the portal sends it:
+    // the client hears one ready with all of them.
+    let ready = fz_proto::ClientReady {
         client_id: "c-1".into(),
         tunnel_ipv4: "100.64.0.2".parse().unwrap(),
         tunnel_ipv6: "fd00:2021:1111::2".parse().unwrap(),
-        resources: vec![],
-    }));
-    socket
-        .send(Message::Text(encode(&ready).into()))
-        .await
-        .unwrap();
+        resources: (0..200)
+            .map(|i| fz_proto::ResourceView {
+                id: format!("resource-{i}"),
+                address: format!("10.{}.{}.0/24", i / 256, i % 256),
+            })
+            .collect(),
+        more: false,
+    };
+    let pages = ready.clone().into_pages();
+    assert!(pages.len() > 2);
+    for page in &pages {
+        socket
+            .send(Message::Text(encode(page).into()))
+            .await
+            .unwrap();
+    }
     match events.recv().await.unwrap() {
-        LinkEvent::Message(message) => assert_eq!(message, ready),
+        LinkEvent::Message(message) => {
+            assert_eq!(message, fz_proto::PortalToClient::Ready(Box::new(ready)));
+        }
         other => panic!("expected ready, got {other:?}"),
     }
     // The first thing the client says after ready is what its loop sends: no heartbeat.

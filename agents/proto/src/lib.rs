@@ -26,5 +26,5 @@ pub use key::{KeyError, PortalPublicKey, PortalSigningKey, PresharedKey, PublicK
 pub use message::{
     ClientMessage, ClientReady, DEFAULT_ACK_TIMEOUT_MS, GatewayMessage, MAX_CANDIDATE_LENGTH,
     MAX_CANDIDATES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, PathKind, PortalToClient, PortalToGateway,
-    ProtoError, Relay, Resolution, ResourceView, decode, encode,
+    ProtoError, RESOURCE_PAGE_BYTES, Relay, Resolution, ResourceView, decode, encode,
 };

@@ -20,8 +20,9 @@ use crate::key::PublicKey;
 /// Version 2 added [`PortalToGateway::RevokeMany`]; version 3 the relays
 /// ([`PortalToClient::Relays`], [`PortalToGateway::Relays`]) and ICE candidates (`candidates`
 /// both ways, forwarded by the portal between a client and a gateway while a grant between
-/// them is in force); version 4 the gateway's [`GatewayMessage::Path`] of each client.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// them is in force); version 4 the gateway's [`GatewayMessage::Path`] of each client;
+/// version 5 a client's `ready` in pages ([`ClientReady::more`], [`PortalToClient::Resources`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// How long the portal waits for a gateway's answer to a grant (`ack` or `refused`) unless
 /// its configuration says otherwise. A gateway answers well inside it, also when a DNS
@@ -72,8 +73,15 @@ pub enum ClientMessage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PortalToClient {
-    /// Answer to `hello`: who the client is and the resources it may ask for.
+    /// Answer to `hello`: who the client is and the resources it may ask for (the first page
+    /// of them, when `more` says pages follow).
     Ready(Box<ClientReady>),
+    /// The next page of the resources of the `ready` just sent; `more` says whether another
+    /// follows. Sent only between a `ready` with `more` and the page without.
+    Resources {
+        resources: Vec<ResourceView>,
+        more: bool,
+    },
     Granted {
         grant: Box<SignedGrant>,
         /// For a DNS resource: what the gateway found when it resolved the name, so the
@@ -122,6 +130,66 @@ pub struct ClientReady {
     pub tunnel_ipv4: Ipv4Addr,
     pub tunnel_ipv6: Ipv6Addr,
     pub resources: Vec<ResourceView>,
+    /// More resources follow in `resources` messages. The portal sends a long list in pages
+    /// of at most [`RESOURCE_PAGE_BYTES`], because a WebSocket connection keeps a send buffer
+    /// the size of the largest frame it ever sent, for as long as it is open.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+}
+
+/// About the most bytes of resources one page of a `ready` carries (one resource more when a
+/// single one is larger).
+pub const RESOURCE_PAGE_BYTES: usize = 2048;
+
+impl ClientReady {
+    /// The messages that say `self`: a `ready` with as many resources as fit in
+    /// [`RESOURCE_PAGE_BYTES`], then `resources` pages, each `more` but the last.
+    pub fn into_pages(mut self) -> Vec<PortalToClient> {
+        let resources = std::mem::take(&mut self.resources);
+        let mut pages: Vec<Vec<ResourceView>> = Vec::new();
+        let mut bytes = 0;
+        for resource in resources {
+            // The JSON of one resource: its two strings and about 30 bytes around them.
+            let size = resource.id.len() + resource.address.len() + 30;
+            match pages.last_mut() {
+                Some(page) if bytes + size <= RESOURCE_PAGE_BYTES => {
+                    bytes += size;
+                    page.push(resource);
+                }
+                _ => {
+                    bytes = size;
+                    pages.push(vec![resource]);
+                }
+            }
+        }
+        let count = pages.len();
+        let mut pages = pages.into_iter();
+        self.resources = pages.next().unwrap_or_default();
+        self.more = count > 1;
+        let mut messages = vec![PortalToClient::Ready(Box::new(self))];
+        messages.extend(
+            pages
+                .enumerate()
+                .map(|(i, resources)| PortalToClient::Resources {
+                    resources,
+                    more: i + 2 < count,
+                }),
+        );
+        messages
+    }
+
+    /// Takes `message`, the next page of this `ready`, while [`ClientReady::more`] says one is
+    /// to come; gives it back when it is not a page.
+    pub fn take_page(&mut self, message: PortalToClient) -> Result<(), PortalToClient> {
+        match message {
+            PortalToClient::Resources { resources, more } if self.more => {
+                self.resources.extend(resources);
+                self.more = more;
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
 }
 
 /// What a client knows of a resource before it asks for it: enough for its DNS stub and its
@@ -341,7 +409,7 @@ mod tests {
         ];
         for message in messages {
             let text = encode(&message);
-            assert!(text.starts_with("{\"v\":4,\"type\":"), "{text}");
+            assert!(text.starts_with("{\"v\":5,\"type\":"), "{text}");
             assert_eq!(decode::<ClientMessage>(text.as_bytes()), Ok(message));
         }
         let gateway = [
@@ -390,12 +458,12 @@ mod tests {
             encode(&PortalToGateway::RevokeMany {
                 grant_ids: vec!["gr_1".into()]
             }),
-            r#"{"v":4,"type":"revoke_many","grant_ids":["gr_1"]}"#
+            r#"{"v":5,"type":"revoke_many","grant_ids":["gr_1"]}"#
         );
         // A gateway's word on a client's path, as the portal reads it.
         assert_eq!(
             decode::<GatewayMessage>(
-                br#"{"v":4,"type":"path","client_id":"cli_1","path":"relayed","relay":"198.51.100.9"}"#
+                br#"{"v":5,"type":"path","client_id":"cli_1","path":"relayed","relay":"198.51.100.9"}"#
             ),
             Ok(GatewayMessage::Path {
                 client_id: "cli_1".into(),
@@ -417,6 +485,74 @@ mod tests {
         assert!(encode(&batch).len() < MAX_MESSAGE_BYTES / 3);
     }
 
+    fn ready_with(count: usize) -> ClientReady {
+        ClientReady {
+            client_id: "cli_1".into(),
+            tunnel_ipv4: "100.64.0.1".parse().unwrap(),
+            tunnel_ipv6: "fd00::1".parse().unwrap(),
+            resources: (0..count)
+                .map(|i| ResourceView {
+                    id: format!("resource-{i}"),
+                    address: format!("service-{i}.internal.acme.example"),
+                })
+                .collect(),
+            more: false,
+        }
+    }
+
+    #[test]
+    fn a_long_ready_goes_in_small_pages_and_comes_back_whole() {
+        let whole = ready_with(500);
+        let pages = whole.clone().into_pages();
+        assert!(pages.len() > 10, "{} pages", pages.len());
+        let mut frames = pages.iter().map(encode);
+        let mut assembled = match decode(frames.next().unwrap().as_bytes()) {
+            Ok(PortalToClient::Ready(ready)) => *ready,
+            other => panic!("the first page is the ready: {other:?}"),
+        };
+        assert!(assembled.more);
+        for (i, frame) in frames.enumerate() {
+            // Each frame is about a page: what the connection's send buffer keeps.
+            assert!(frame.len() < RESOURCE_PAGE_BYTES + 128, "{}", frame.len());
+            let page = decode::<PortalToClient>(frame.as_bytes()).unwrap();
+            let last = i + 2 == pages.len();
+            assert!(matches!(&page, PortalToClient::Resources { more, .. } if *more != last));
+            assembled.take_page(page).unwrap();
+        }
+        assert_eq!(
+            assembled, whole,
+            "every resource, in order, and no more to come"
+        );
+        // A page when none is to come, or another message in their place, is given back.
+        let page = PortalToClient::Resources {
+            resources: vec![],
+            more: false,
+        };
+        assert_eq!(assembled.take_page(page.clone()), Err(page));
+        let mut waiting = ready_with(500).into_pages().remove(0);
+        let PortalToClient::Ready(waiting) = &mut waiting else {
+            unreachable!()
+        };
+        let other = PortalToClient::GatewayDown {
+            gateway_id: "gw".into(),
+        };
+        assert_eq!(waiting.take_page(other.clone()), Err(other));
+    }
+
+    #[test]
+    fn a_short_ready_is_one_message_without_more() {
+        let pages = ready_with(3).into_pages();
+        assert_eq!(pages.len(), 1);
+        let text = encode(&pages[0]);
+        assert!(!text.contains("more"), "{text}");
+        assert_eq!(
+            decode::<PortalToClient>(text.as_bytes()),
+            Ok(PortalToClient::Ready(Box::new(ready_with(3))))
+        );
+        let empty = ready_with(0).into_pages();
+        assert_eq!(empty, [PortalToClient::Ready(Box::new(ready_with(0)))]);
+    }
+
     #[test]
     fn bad_messages_get_clear_errors() {
         let oversized = format!(
@@ -429,8 +565,8 @@ mod tests {
                 "the message is 262189 bytes; the limit is 262144",
             ),
             (
-                r#"{"v":5,"type":"request_access","resource":"x"}"#,
-                "the message is protocol version 5; this build speaks version 4",
+                r#"{"v":6,"type":"request_access","resource":"x"}"#,
+                "the message is protocol version 6; this build speaks version 5",
             ),
             (
                 r#"{"type":"request_access","resource":"x"}"#,

@@ -351,7 +351,8 @@ impl Client {
                 gateway_id,
                 candidates,
             } => self.take_candidates(gateway_id, candidates, now),
-            PortalToClient::Error { .. } => {}
+            // The link puts a `ready`'s pages back into it before it gets here.
+            PortalToClient::Resources { .. } | PortalToClient::Error { .. } => {}
         }
         self.drain_traversal();
     }

@@ -82,6 +82,7 @@ impl World {
                 tunnel_ipv4: "100.64.0.2".parse().unwrap(),
                 tunnel_ipv6: "fd00:2021:1111::2".parse().unwrap(),
                 resources,
+                more: false,
             })),
             now,
         );

@@ -171,6 +171,7 @@ fn messages() -> Vec<(&'static str, String)> {
                         address: "10.0.5.0/24".into(),
                     },
                 ],
+                more: false,
             }))),
         ),
         (

@@ -159,15 +159,27 @@ impl TestClient {
             }),
         )
         .await;
-        match next_message::<PortalToClient>(&mut socket).await {
-            Some(PortalToClient::Ready(ready)) => Ok(TestClient {
-                socket,
-                ready: *ready,
-                public_key,
-                pinned,
-            }),
-            other => Err((101, format!("expected ready, got {other:?}"))),
+        let mut ready = match next_message::<PortalToClient>(&mut socket).await {
+            Some(PortalToClient::Ready(ready)) => *ready,
+            other => return Err((101, format!("expected ready, got {other:?}"))),
+        };
+        // Its pages, as the real client's link takes them.
+        while ready.more {
+            let page = next_message::<PortalToClient>(&mut socket).await;
+            let taken = page.map(|page| ready.take_page(page));
+            if let Some(Err(_)) | None = taken {
+                return Err((
+                    101,
+                    format!("expected the next page of ready, got {taken:?}"),
+                ));
+            }
         }
+        Ok(TestClient {
+            socket,
+            ready,
+            public_key,
+            pinned,
+        })
     }
 
     pub async fn next(&mut self) -> Option<PortalToClient> {
