@@ -868,7 +868,6 @@ impl Broker {
                 writes.push(Write::FlowPath {
                     account: session.account.clone(),
                     grant_id: signed.grant.id.clone(),
-                    issued_at: now_i64(now),
                     path: path.kind,
                     relay: path.relay,
                 });
@@ -1433,10 +1432,9 @@ impl Broker {
             .set_pair_path(account, client_id, gateway_id, path);
         let writes: Vec<Write> = grants
             .into_iter()
-            .map(|(grant_id, issued_at)| Write::FlowPath {
+            .map(|grant_id| Write::FlowPath {
                 account: account.to_owned(),
                 grant_id,
-                issued_at: now_i64(issued_at),
                 path: path.kind,
                 relay: path.relay,
             })

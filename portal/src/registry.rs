@@ -336,7 +336,7 @@ impl<L> Registry<L> {
         client_id: &str,
         gateway_id: &str,
         path: ConnectionPath,
-    ) -> Vec<(String, UnixTime)> {
+    ) -> Vec<String> {
         let Some(pair) = self
             .pairs
             .get_mut(&(client_id.to_owned(), gateway_id.to_owned()))
@@ -353,7 +353,7 @@ impl<L> Registry<L> {
             .flatten()
             .filter_map(|id| self.grants.get(id))
             .filter(|grant| grant.gateway_id == gateway_id)
-            .map(|grant| (grant.id.clone(), grant.signed.grant.issued_at))
+            .map(|grant| grant.id.clone())
             .collect()
     }
 

@@ -398,11 +398,11 @@ pub enum Write {
         at: i64,
     },
     /// How the connection of a grant's pair travels now (`path` and the relay, if any), on the
-    /// allow row that made the grant (the row of `account` at `issued_at` naming `grant_id`).
+    /// allow row that made the grant (the only row of `account` that names `grant_id`, found
+    /// through `flows_by_grant`, as [`Write::GrantReused`] finds it).
     FlowPath {
         account: String,
         grant_id: String,
-        issued_at: i64,
         path: PathKind,
         relay: Option<IpAddr>,
     },
@@ -2076,10 +2076,9 @@ impl Store {
                 Write::FlowPath {
                     account,
                     grant_id,
-                    issued_at,
                     path,
                     relay,
-                } => paths.push((account, grant_id, *issued_at, *path, *relay)),
+                } => paths.push((account, grant_id, *path, *relay)),
                 Write::Announce {
                     account,
                     kind,
@@ -2144,13 +2143,11 @@ impl Store {
             set_gateway_connected(&mut tx, seen).await?;
         }
         // After the inserts: a grant's path may come in the batch that records the grant.
-        for (account, grant_id, issued_at, path, relay) in paths {
+        for (account, grant_id, path, relay) in paths {
             sqlx::query(
-                "UPDATE flows SET path = $4, relay = $5
-                 WHERE account = $1 AND time = $2 AND grant_id = $3",
+                "UPDATE flows SET path = $3, relay = $4 WHERE account = $1 AND grant_id = $2",
             )
             .bind(account)
-            .bind(issued_at)
             .bind(grant_id)
             .bind(path.as_str())
             .bind(relay.map(|r| r.to_string()))
