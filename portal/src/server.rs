@@ -5,11 +5,11 @@
 //! restart), the signing key, each account's policy engine with its file watcher, the
 //! group-committing writer, the broker with the grants the store holds, a task per account
 //! that decides every grant again when its policy changes, the sweeper (expired grants,
-//! revoked tokens, closed time windows, once a second; the store's checkpoint, flows past
-//! their retention, expired sign-ins, codes and written mail, each minute), the sign-in pages'
-//! state and mailer, reloads on SIGHUP, the reader of the other replicas' events (`cluster`),
-//! and the listener (HTTP, or HTTPS when
-//! configured) with its connection caps sized from the open files limit.
+//! revoked tokens, closed time windows, the store's log folded into its file, once a second;
+//! the store's checkpoint, flows past their retention, expired sign-ins, codes and written
+//! mail, each minute), the sign-in pages' state and mailer, reloads on SIGHUP, the reader of
+//! the other replicas' events (`cluster`), and the listener (HTTP, or HTTPS when configured)
+//! with its connection caps sized from the open files limit.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -362,8 +362,9 @@ async fn refresh_relay_credentials(broker: Arc<Broker>, interval: Duration) {
     }
 }
 
-/// Once a second: withdraw expired grants, close sessions whose token expired, and withdraw
-/// everything of tokens an admin revoked. Every grant is decided again when the clock enters a
+/// Once a second: withdraw expired grants, close sessions whose token expired, withdraw
+/// everything of tokens an admin revoked, and fold the store's log into its file (the writer
+/// leaves it to this: `Store::fold_log`). Every grant is decided again when the clock enters a
 /// new minute (time windows open and close on minutes, so a deny window that opens ends the
 /// grants it covers), and a device's grants when its verified mark changes. Each new minute
 /// the store's log is checkpointed too, so deleted grants leave the files within a minute; and
@@ -406,6 +407,9 @@ async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>, shared: 
         }
         broker.close_expired_sessions();
         broker.expire().await;
+        if let Err(error) = store.fold_log().await {
+            tracing::warn!(error = %error, "cannot fold the store's log into its file");
+        }
         let this_minute = broker.clock().timestamp().div_euclid(60);
         if this_minute != minute {
             minute = this_minute;

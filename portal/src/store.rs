@@ -117,6 +117,12 @@ const SQLITE_SETTINGS: &str = "PRAGMA foreign_keys = ON;
      PRAGMA busy_timeout = 10000;
      PRAGMA secure_delete = ON;";
 
+/// What the transactions' connection adds on SQLite: it never copies the log into the database
+/// file itself. SQLite's default does it in the commit that takes the log past 1,000 pages, so
+/// that commit, and every answer waiting on its batch, waits for the copy and the file's sync;
+/// [`Store::fold_log`] does it beside the writer instead.
+const SQLITE_WRITER_SETTINGS: &str = "PRAGMA wal_autocheckpoint = 0;";
+
 /// The PostgreSQL advisory lock every write transaction takes first: writers of all replicas
 /// take turns, as SQLite's do, so that a transaction that reads before it writes (the next
 /// tunnel index, the next verified-mark number) sees every write committed before it.
@@ -752,6 +758,20 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(busy == 0)
+    }
+
+    /// Copies what the write-ahead log holds into the database file, as far as readers allow,
+    /// without holding up the writer (SQLite's passive checkpoint, on a reading connection):
+    /// the transactions' connection leaves this to the sweeper, once a second, so that no
+    /// commit waits for it (`SQLITE_WRITER_SETTINGS`). The log grows by at most what a second
+    /// writes; [`Store::checkpoint`] empties it. PostgreSQL: nothing.
+    pub async fn fold_log(&self) -> Result<(), StoreError> {
+        if self.backend == Backend::Sqlite {
+            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Folds the write-ahead log into the database file, then closes the connections. Not
@@ -2931,20 +2951,25 @@ async fn open_sqlite(
         .create_if_missing(creation == Creation::Allowed)
         .to_url_lossy();
     let options = AnyConnectOptions::from_url(&url).map_err(open_error)?;
-    let connect = |connections| {
+    let connect = |connections, writer: bool| {
         AnyPoolOptions::new()
             .max_connections(connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(|connection, _| {
+            .after_connect(move |connection, _| {
                 Box::pin(async move {
                     connection.execute(SQLITE_SETTINGS).await?;
+                    if writer {
+                        connection.execute(SQLITE_WRITER_SETTINGS).await?;
+                    }
                     Ok(())
                 })
             })
             .connect_with(options.clone())
     };
-    let reads = connect(MAX_CONNECTIONS - 1).await.map_err(open_error)?;
-    let transactions = connect(1).await.map_err(open_error)?;
+    let reads = connect(MAX_CONNECTIONS - 1, false)
+        .await
+        .map_err(open_error)?;
+    let transactions = connect(1, true).await.map_err(open_error)?;
     Ok((reads, transactions))
 }
 

@@ -387,6 +387,32 @@ async fn a_data_dir_or_store_file_open_to_others_is_refused_with_the_fix() {
 }
 
 #[tokio::test]
+async fn on_sqlite_no_commit_copies_the_log_into_the_file_fold_log_does() {
+    let Fixture {
+        _dir,
+        data_dir,
+        database: _,
+        store,
+    } = fixture(Database::Sqlite).await;
+    let file = data_dir.join(DATABASE_FILE);
+    let size = || std::fs::metadata(&file).unwrap().len();
+    let before = size();
+    // More than the 1,000 pages of log past which SQLite's default has the committing
+    // connection copy the log into the file: a row of a page each, a commit each.
+    let page = "h".repeat(4_000);
+    for n in 0..1_200 {
+        let email = format!("user-{n}@example.com");
+        store
+            .put_email_code(A, &email, &page, (NOW, NOW + 900), 3)
+            .await
+            .unwrap();
+    }
+    assert_eq!(size(), before, "a commit copied the log into the file");
+    store.fold_log().await.unwrap();
+    assert!(size() > before + 1_200 * 4_000, "{} after {before}", size());
+}
+
+#[tokio::test]
 async fn a_withdrawn_grants_preshared_key_is_gone_from_the_files_after_a_checkpoint() {
     let Fixture {
         _dir,
