@@ -443,6 +443,10 @@ async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>, shared: 
             if let Err(error) = store.prune_email_codes(now).await {
                 tracing::warn!(error = %error, "cannot delete expired sign-in codes");
             }
+            let window = crate::sign_in::SEND_LIMIT.window_secs;
+            if let Err(error) = store.prune_code_sends(now - window).await {
+                tracing::warn!(error = %error, "cannot delete the counts of codes sent");
+            }
         }
         if prune {
             prune = broker.prune_flows().await.1;

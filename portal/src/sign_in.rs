@@ -25,7 +25,7 @@ pub mod oidc;
 pub mod page;
 pub mod pending;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ use crate::broker::Account;
 use crate::http::AppState;
 use crate::limits::{Rate, RateLimiter};
 use crate::mail::{Mailer, Sent};
-use crate::store::{SignedIn, StoreError, TokenKind};
+use crate::store::{SendLimit, SignedIn, StoreError, TokenKind};
 use oidc::{OidcAttempt, Provider};
 use pending::{ClientRequest, Pending, id_hash};
 
@@ -58,10 +58,14 @@ pub const CODE_ATTEMPTS: u32 = 3;
 /// How long a code works.
 pub const CODE_LIFETIME_SECS: i64 = pending::LIFETIME_SECS;
 
-/// Codes sent to one address within [`SEND_WINDOW`]; more are refused, whether or not the
-/// account knows the address.
-pub const SENDS_PER_WINDOW: usize = 3;
-pub const SEND_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Codes sent to one address within five minutes; more are refused, whether or not the
+/// account knows the address. Counted in the store, so across replicas; at most
+/// `max_counted` sends are counted at once (about 100 bytes each).
+pub const SEND_LIMIT: SendLimit = SendLimit {
+    per_window: 3,
+    window_secs: 5 * 60,
+    max_counted: 100_000,
+};
 
 /// Sign-in requests (pages opened, forms sent) per source address: 30 at once, then one every
 /// two seconds.
@@ -82,7 +86,6 @@ const MAX_EMAIL_CHARS: usize = 254;
 #[derive(Debug)]
 pub struct SignIn {
     sources: Mutex<RateLimiter<IpAddr>>,
-    sends: Mutex<SendLimits>,
     mailer: Mailer,
     /// Served over TLS: cookies are `Secure`.
     secure: bool,
@@ -96,7 +99,6 @@ impl SignIn {
     pub fn new(mailer: Mailer, secure: bool) -> SignIn {
         SignIn {
             sources: Mutex::default(),
-            sends: Mutex::default(),
             mailer,
             secure,
             providers: HashMap::new(),
@@ -132,7 +134,6 @@ impl SignIn {
     /// calls it.
     pub fn forget_expired(&self) {
         lock(&self.sources).forget_idle(Instant::now());
-        lock(&self.sends).forget_idle(Instant::now());
         let lifetime = Duration::from_secs(CODE_LIFETIME_SECS.unsigned_abs());
         self.mailer.prune(lifetime);
     }
@@ -166,45 +167,6 @@ impl SignIn {
                 None,
             ))),
         }
-    }
-}
-
-/// Codes sent per address (account, email) in the last [`SEND_WINDOW`].
-#[derive(Debug, Default)]
-struct SendLimits {
-    sent: HashMap<(String, String), VecDeque<Instant>>,
-}
-
-impl SendLimits {
-    /// Counts one send to `key` at `now`, or says how long until one is allowed.
-    fn take(&mut self, key: (String, String), now: Instant) -> Result<(), Duration> {
-        if self.sent.len() >= MAX_REMEMBERED && !self.sent.contains_key(&key) {
-            self.forget_idle(now);
-            if self.sent.len() >= MAX_REMEMBERED {
-                return Err(SEND_WINDOW);
-            }
-        }
-        let times = self.sent.entry(key).or_default();
-        while times
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= SEND_WINDOW)
-        {
-            times.pop_front();
-        }
-        if times.len() >= SENDS_PER_WINDOW {
-            let oldest = times.front().copied().unwrap_or(now);
-            return Err(SEND_WINDOW.saturating_sub(now.saturating_duration_since(oldest)));
-        }
-        times.push_back(now);
-        Ok(())
-    }
-
-    fn forget_idle(&mut self, now: Instant) {
-        self.sent.retain(|_, times| {
-            times
-                .back()
-                .is_some_and(|t| now.saturating_duration_since(*t) < SEND_WINDOW)
-        });
     }
 }
 
@@ -342,8 +304,20 @@ pub async fn email_requested(
             StatusCode::BAD_REQUEST,
         );
     };
-    if let Err(wait) = lock(&sign_in.sends).take((slug.clone(), email.clone()), Instant::now()) {
-        let minutes = wait.as_secs().div_ceil(60).max(1);
+    let counted = app
+        .broker
+        .store()
+        .count_code_send(&slug, &email, now, SEND_LIMIT)
+        .await;
+    let wait = match counted {
+        Ok(counted) => counted.err(),
+        Err(error) => {
+            tracing::error!(%error, "cannot count a sign-in code sent");
+            return unavailable(&slug);
+        }
+    };
+    if let Some(wait) = wait {
+        let minutes = wait.unsigned_abs().div_ceil(60).max(1);
         return methods_page(
             &sign_in,
             account,
@@ -1149,21 +1123,6 @@ mod tests {
         ] {
             assert_eq!(email_address(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn codes_per_address_are_limited_known_or_not() {
-        let mut limits = SendLimits::default();
-        let start = Instant::now();
-        let key = || ("acme".to_owned(), "anyone@example.com".to_owned());
-        for _ in 0..SENDS_PER_WINDOW {
-            limits.take(key(), start).unwrap();
-        }
-        let wait = limits.take(key(), start).unwrap_err();
-        assert_eq!(wait, SEND_WINDOW);
-        assert!(limits.take(key(), start + SEND_WINDOW).is_ok());
-        limits.forget_idle(start + SEND_WINDOW * 3);
-        assert!(limits.sent.is_empty());
     }
 
     #[test]

@@ -447,6 +447,15 @@ pub struct SignInRecord {
     pub source: Option<String>,
 }
 
+/// How many codes one address may be sent ([`Store::count_code_send`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendLimit {
+    pub per_window: u32,
+    pub window_secs: i64,
+    /// The most sends counted at once, across addresses and accounts.
+    pub max_counted: u64,
+}
+
 /// How many sign-ins are under way when one more starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignInsUnderWay {
@@ -1868,6 +1877,67 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Counts a code sent to `email` of `account` at `now`, unless `limit.per_window` were
+    /// counted in the `limit.window_secs` before (on whichever replica); then returns how many
+    /// seconds until the oldest of them leaves the window. Refused for a whole window too when
+    /// the store counts `limit.max_counted` sends in all, so the table stays bounded whatever
+    /// addresses are asked for. Counting and inserting are one write transaction, so replicas
+    /// cannot pass the limit together.
+    pub async fn count_code_send(
+        &self,
+        account: &str,
+        email: &str,
+        now: i64,
+        limit: SendLimit,
+    ) -> Result<Result<(), i64>, StoreError> {
+        let window_start = now.saturating_sub(limit.window_secs);
+        let (_turn, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "DELETE FROM email_code_sends WHERE account = $1 AND email = $2 AND sent_at <= $3",
+        )
+        .bind(account)
+        .bind(email)
+        .bind(window_start)
+        .execute(&mut *tx)
+        .await?;
+        let (sent, oldest): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(min(sent_at), 0) FROM email_code_sends
+             WHERE account = $1 AND email = $2",
+        )
+        .bind(account)
+        .bind(email)
+        .fetch_one(&mut *tx)
+        .await?;
+        if sent >= i64::from(limit.per_window) {
+            let wait = oldest.saturating_add(limit.window_secs).saturating_sub(now);
+            return Ok(Err(wait.max(1)));
+        }
+        let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM email_code_sends")
+            .fetch_one(&mut *tx)
+            .await?;
+        if counted.unsigned_abs() >= limit.max_counted {
+            return Ok(Err(limit.window_secs));
+        }
+        sqlx::query("INSERT INTO email_code_sends (account, email, sent_at) VALUES ($1, $2, $3)")
+            .bind(account)
+            .bind(email)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// Deletes the counted sends at or before `before`, of every address; returns how many.
+    pub async fn prune_code_sends(&self, before: i64) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
+        let done = sqlx::query("DELETE FROM email_code_sends WHERE sent_at <= $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Deletes every code that expired at or before `now`; returns how many.

@@ -244,6 +244,52 @@ fn moved(from: &Browser, portal: &TestPortal) -> Browser {
     browser
 }
 
+/// A browser that opened, on `portal`, the sign-in link of a client whose nonce is 32 bytes
+/// of `seed`.
+async fn signing_in(portal: &TestPortal, seed: u8) -> Browser {
+    let link = serde_urlencoded::to_string([
+        ("as", "client"),
+        ("nonce", &URL_SAFE_NO_PAD.encode([seed; 32])),
+        ("state", &URL_SAFE_NO_PAD.encode([seed.wrapping_add(1); 32])),
+        ("callback", "http://127.0.0.1:49152/callback"),
+    ])
+    .unwrap();
+    let mut browser = Browser::new(portal.address());
+    let started = browser.get(&format!("/acme?{link}")).await;
+    assert_eq!(started.status, 303, "{started:?}");
+    browser
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_sent_to_an_address_are_limited_across_replicas() {
+    let Some(replicas) =
+        two_replicas("replicas::codes_sent_to_an_address_are_limited_across_replicas").await
+    else {
+        return;
+    };
+    // Three codes in five minutes, asked on alternate replicas; the fourth is refused on
+    // either.
+    for (n, replica) in [0, 1, 0, 1].into_iter().enumerate() {
+        let mut browser = signing_in(&replicas[replica], 20 + n as u8).await;
+        let methods = browser.get("/acme").await;
+        let sent = browser
+            .post(
+                "/acme/sign-in/email",
+                &[("csrf", &methods.csrf()), ("email", ALICE)],
+            )
+            .await;
+        if n < 3 {
+            assert_eq!(sent.status, 303, "code {n}: {sent:?}");
+        } else {
+            assert_eq!(sent.status, 429, "code {n}: {sent:?}");
+            assert!(
+                sent.body
+                    .contains("Too many codes were sent to that address")
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sign_in_started_on_one_replica_goes_on_and_ends_on_another() {
     let Some([first, second]) =
@@ -253,19 +299,9 @@ async fn a_sign_in_started_on_one_replica_goes_on_and_ends_on_another() {
         return;
     };
     let nonce = URL_SAFE_NO_PAD.encode([7u8; 32]);
-    let state = URL_SAFE_NO_PAD.encode([8u8; 32]);
-    let link = serde_urlencoded::to_string([
-        ("as", "client"),
-        ("nonce", nonce.as_str()),
-        ("state", state.as_str()),
-        ("callback", "http://127.0.0.1:49152/callback"),
-    ])
-    .unwrap();
     // The client's link opens on the first replica; every later step lands on the other one
     // than the step before.
-    let mut on_first = Browser::new(first.address());
-    let started = on_first.get(&format!("/acme?{link}")).await;
-    assert_eq!(started.status, 303, "{started:?}");
+    let mut on_first = signing_in(&first, 7).await;
     let mut on_second = moved(&on_first, &second);
     let methods = on_second.get("/acme").await;
     assert_eq!(methods.status, 200, "{methods:?}");

@@ -15,7 +15,7 @@ use fz_portal::data_dir::DataDirError;
 use fz_portal::keys::KeyFiles;
 use fz_portal::store::{
     ClientRecord, DATABASE_FILE, Database, Decision, FlowFilter, GatewayRecord, GrantRecord,
-    NewFlow, NewToken, SignInRecord, SignedIn, Store, StoreError, TokenKind, Write,
+    NewFlow, NewToken, SendLimit, SignInRecord, SignedIn, Store, StoreError, TokenKind, Write,
     tunnel_addresses,
 };
 use fz_portal::writer::Writer;
@@ -2324,6 +2324,71 @@ async fn sign_ins_are_bounded_and_each_step_happens_once(database: Database) {
     assert_eq!(store.prune_sign_ins(NOW + 1, LIFETIME).await.unwrap(), 2);
 }
 
+async fn codes_sent_to_an_address_are_counted_and_limited(database: Database) {
+    let Fixture { _dir, store, .. } = fixture(database).await;
+    let limit = SendLimit {
+        per_window: 3,
+        window_secs: 300,
+        max_counted: 5,
+    };
+    let alice = "alice@example.com";
+    for at in [NOW, NOW + 10, NOW + 20] {
+        assert_eq!(
+            store.count_code_send(A, alice, at, limit).await.unwrap(),
+            Ok(())
+        );
+    }
+    // The fourth waits until the first leaves the window; the address of another account, or
+    // another address, does not.
+    assert_eq!(
+        store
+            .count_code_send(A, alice, NOW + 100, limit)
+            .await
+            .unwrap(),
+        Err(200)
+    );
+    assert_eq!(
+        store
+            .count_code_send(B, alice, NOW + 100, limit)
+            .await
+            .unwrap(),
+        Ok(())
+    );
+    assert_eq!(
+        store
+            .count_code_send(A, alice, NOW + 300, limit)
+            .await
+            .unwrap(),
+        Ok(())
+    );
+    // Five counted in all (the first left the window as the last was counted): full for a
+    // whole window, whatever the address.
+    let bob = "bob@example.com";
+    assert_eq!(
+        store
+            .count_code_send(A, bob, NOW + 300, limit)
+            .await
+            .unwrap(),
+        Ok(())
+    );
+    assert_eq!(
+        store
+            .count_code_send(A, bob, NOW + 300, limit)
+            .await
+            .unwrap(),
+        Err(300)
+    );
+    // The sweeper deletes what left the window.
+    assert_eq!(store.prune_code_sends(NOW + 20).await.unwrap(), 2);
+    assert_eq!(
+        store
+            .count_code_send(A, bob, NOW + 301, limit)
+            .await
+            .unwrap(),
+        Ok(())
+    );
+}
+
 async fn an_identity_holds_its_address_and_brings_its_groups(database: Database) {
     let Fixture { _dir, store, .. } = fixture(database).await;
     let issuer = "https://idp.example";
@@ -2632,6 +2697,7 @@ on_both_backends!("store":
     clients_get_stable_distinct_tunnel_addresses_and_tokens_name_their_user,
     revoked_tokens_and_verified_devices_are_visible_to_the_sweeper,
     an_email_code_has_its_tries_its_lifetime_and_one_use,
+    codes_sent_to_an_address_are_counted_and_limited,
     sign_ins_are_bounded_and_each_step_happens_once,
     an_identity_holds_its_address_and_brings_its_groups,
     a_client_session_is_announced_to_other_replicas_with_its_registration,
