@@ -74,8 +74,8 @@ const SOURCE_RATE: Rate = Rate {
     burst: 30,
 };
 
-/// Addresses remembered by each limiter at once; past it, the idle are forgotten first, and
-/// if none is, the request is refused.
+/// Source addresses the request limiter remembers at once; past it, the idle are forgotten
+/// first, and if none is, the request is refused.
 const MAX_REMEMBERED: usize = 100_000;
 
 /// The longest email address (RFC 5321's path limit).
