@@ -371,8 +371,9 @@ async fn client_connection(
     // of resources in one frame would make every idle client hold it.
     let mut ready_sent = true;
     for page in ready.into_pages() {
-        if ready_sent {
-            ready_sent = send(&mut socket, &page).await;
+        ready_sent = send(&mut socket, &page).await;
+        if !ready_sent {
+            break;
         }
     }
     if ready_sent && let Some(relays) = broker.relay_credentials(&session.client_id) {
