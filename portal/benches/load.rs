@@ -101,6 +101,8 @@ usage: cargo bench -p fz-portal --bench load -- [OPTIONS]
   --client-verify      clients verify each grant too (gateways always do)
   --connect-parallel N connections opened at once (default 256)
   --log FILTER         the portal's RUST_LOG (default info)
+  --portal-binary PATH run this fz-portal instead of the one cargo built, to compare two
+                       builds under one run's conditions (default: cargo's)
   --keep               keep the temporary directories (printed)
 abuse scenario (a portal of its own with the shipped limits; without `--concurrency` only
 this runs):
@@ -182,6 +184,8 @@ struct Options {
     client_verify: bool,
     connect_parallel: usize,
     log: String,
+    /// The `fz-portal` to start: cargo's build unless `--portal-binary` names another.
+    portal_binary: PathBuf,
     keep: bool,
     abuse: AbuseOptions,
 }
@@ -248,6 +252,7 @@ impl Options {
             client_verify: false,
             connect_parallel: 256,
             log: "info".to_owned(),
+            portal_binary: PathBuf::from(env!("CARGO_BIN_EXE_fz-portal")),
             keep: false,
             abuse: AbuseOptions::default(),
         };
@@ -298,6 +303,7 @@ impl Options {
                 "--pin" => options.pin = true,
                 "--client-verify" => options.client_verify = true,
                 "--connect-parallel" => options.connect_parallel = number(value()?)?.max(1),
+                "--portal-binary" => options.portal_binary = PathBuf::from(value()?),
                 "--log" => options.log = value()?,
                 "--keep" => options.keep = true,
                 "--abuse" => options.abuse.kinds = Abuse::parse_list(&value()?)?,
@@ -499,7 +505,7 @@ async fn portal_target(
     std::fs::write(&config, settings(&data, "")).expect("a configuration file");
     let log = base.path().join("portal.log");
     let serve = |config: &Path| {
-        let mut command = server_command(options, env!("CARGO_BIN_EXE_fz-portal"));
+        let mut command = server_command(options, &options.portal_binary);
         command
             .arg("--config")
             .arg(config)
@@ -844,7 +850,7 @@ async fn echo_target(options: &Options, model: &Model) -> TargetResult {
         .expect("a temporary directory");
     let log = base.path().join("echo.log");
     let exe = std::env::current_exe().expect("this binary's path");
-    let mut command = server_command(options, exe.to_str().expect("a UTF-8 path"));
+    let mut command = server_command(options, &exe);
     command.arg(ECHO_SERVER);
     let (server, line) = Server::spawn(command, &log, "echo-server listening on ").await;
     let address: SocketAddr = line
@@ -1417,10 +1423,10 @@ fn ms(d: Duration) -> String {
 
 // ---- the server processes ----
 
-fn server_command(options: &Options, program: &str) -> Command {
+fn server_command(options: &Options, program: impl AsRef<std::ffi::OsStr>) -> Command {
     if options.pin {
         let mut command = Command::new("taskset");
-        command.args(["-c", SERVER_CPU, program]);
+        command.args(["-c", SERVER_CPU]).arg(program);
         command
     } else {
         Command::new(program)

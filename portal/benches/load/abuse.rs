@@ -450,7 +450,7 @@ pub(crate) async fn abuse_target(
     )
     .expect("a configuration file");
     let log = base.path().join("portal.log");
-    let mut command = super::server_command(options, env!("CARGO_BIN_EXE_fz-portal"));
+    let mut command = super::server_command(options, &options.portal_binary);
     command
         .arg("--config")
         .arg(&config)
