@@ -788,7 +788,7 @@ impl Broker {
             let reservation = PairReservation::new(self, &session.client_id, &gateway.id, fresh);
             let preshared_key = reservation.key.clone();
             let grant = Grant {
-                id: random::id("gr").map_err(|_| BrokerError::Unavailable.to_string())?,
+                id: random::ordered_id("gr").map_err(|_| BrokerError::Unavailable.to_string())?,
                 account: session.account.clone(),
                 client: session.peer.clone(),
                 gateway: gateway.clone(),
@@ -1683,12 +1683,18 @@ impl Broker {
             .client(&session.client_id)
             .filter(|c| c.session.account == session.account)
             .and_then(|c| c.gateway_by_site.get(again.site));
-        let (account, client) = (&session.account, &session.client_id);
-        sticky
-            .and_then(|gateway| {
-                registry.grant_of_client(account, client, |g| g.gateway_id == *gateway && usable(g))
-            })
-            .or_else(|| registry.grant_of_client(account, client, usable))
+        // One visit of the client's grants: the first usable one through that gateway, else
+        // the first usable one.
+        let mut through_another = None;
+        for grant in registry.client_grants(&session.account, &session.client_id) {
+            if usable(grant) {
+                if sticky.is_none_or(|gateway| grant.gateway_id == *gateway) {
+                    return Some(grant.clone());
+                }
+                through_another.get_or_insert_with(|| grant.clone());
+            }
+        }
+        through_another
     }
 
     /// Closes every agent connection (the portal is stopping).

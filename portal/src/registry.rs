@@ -91,9 +91,10 @@ pub struct Registry<L> {
     grants: HashMap<String, Arc<LiveGrant>>,
     /// The grants by expiry, so that finding the expired ones does not visit the others.
     expiring: BTreeSet<(UnixTime, String)>,
-    /// The grants of each client (account, client id), so that counting them or finding one
-    /// to hand out again does not visit the others.
-    by_client: HashMap<(String, String), HashSet<String>>,
+    /// The grants of each client (account, client id) by id, so that counting them or finding
+    /// one to hand out again does not visit the others. INVARIANT: the same `Arc`s as in
+    /// `grants`, so a visit of a client's grants looks none up.
+    by_client: HashMap<(String, String), HashMap<String, Arc<LiveGrant>>>,
     /// Grants being made for each client (account, client id): decided, not yet in force.
     making: HashMap<(String, String), usize>,
     /// The preshared key of each client–gateway pair with grants in force or being made.
@@ -294,10 +295,6 @@ impl<L> Registry<L> {
                 .insert(grant.site.clone(), grant.gateway_id.clone());
         }
         self.expiring.insert((grant.expires_at, grant.id.clone()));
-        self.by_client
-            .entry((grant.account.clone(), grant.client_id.clone()))
-            .or_default()
-            .insert(grant.id.clone());
         self.pairs
             .entry((grant.client_id.clone(), grant.gateway_id.clone()))
             .or_insert_with(|| Pair {
@@ -307,7 +304,12 @@ impl<L> Registry<L> {
                 path: None,
             })
             .in_force += 1;
-        if let Some(old) = self.grants.insert(grant.id.clone(), Arc::new(grant)) {
+        let grant = Arc::new(grant);
+        self.by_client
+            .entry((grant.account.clone(), grant.client_id.clone()))
+            .or_default()
+            .insert(grant.id.clone(), grant.clone());
+        if let Some(old) = self.grants.insert(grant.id.clone(), grant) {
             self.pair_released(&old);
         }
     }
@@ -350,8 +352,7 @@ impl<L> Registry<L> {
         self.by_client
             .get(&(account.to_owned(), client_id.to_owned()))
             .into_iter()
-            .flatten()
-            .filter_map(|id| self.grants.get(id))
+            .flat_map(HashMap::values)
             .filter(|grant| grant.gateway_id == gateway_id)
             .map(|grant| grant.id.clone())
             .collect()
@@ -413,7 +414,14 @@ impl<L> Registry<L> {
     /// the grant stays); nothing when no grant has that id.
     pub fn reassign(&mut self, grant: LiveGrant) {
         if let Some(held) = self.grants.get_mut(&grant.id) {
-            *held = Arc::new(grant);
+            let grant = Arc::new(grant);
+            if let Some(of_client) = self
+                .by_client
+                .get_mut(&(grant.account.clone(), grant.client_id.clone()))
+            {
+                of_client.insert(grant.id.clone(), grant.clone());
+            }
+            *held = grant;
         }
     }
 
@@ -446,7 +454,7 @@ impl<L> Registry<L> {
     /// How many grants a client of `account` holds in force or has being made.
     pub fn grants_of_client(&self, account: &str, client_id: &str) -> usize {
         let client = (account.to_owned(), client_id.to_owned());
-        let in_force = self.by_client.get(&client).map_or(0, HashSet::len);
+        let in_force = self.by_client.get(&client).map_or(0, HashMap::len);
         in_force + self.making.get(&client).copied().unwrap_or(0)
     }
 
@@ -474,8 +482,7 @@ impl<L> Registry<L> {
         self.by_client
             .get(&client)
             .into_iter()
-            .flatten()
-            .filter_map(|id| self.grants.get(id))
+            .flat_map(HashMap::values)
     }
 
     /// Counts a grant being made for the client, if it holds (in force and being made) fewer
@@ -702,6 +709,18 @@ pub(crate) mod tests {
                 .is_some()
         );
         assert!(r.grant_of_client("globex", "c", |_| true).is_none());
+        // A grant put in place of another (its session lost a group) is the one the client's
+        // grants show, not the one it replaced.
+        let held = r.grant_of_client("acme", "c", |_| true).unwrap();
+        let mut fewer_groups = (*held.session).clone();
+        fewer_groups.user = "bob@acme.example".into();
+        r.reassign(LiveGrant {
+            session: Arc::new(fewer_groups),
+            ..(*held).clone()
+        });
+        let shown = r.grant_of_client("acme", "c", |_| true).unwrap();
+        assert_eq!(shown.session.user, "bob@acme.example");
+        assert_eq!(r.grants_of_client("acme", "c"), 1);
         assert!(r.making_grant("acme", "c", 2));
         assert!(!r.making_grant("acme", "c", 2));
         r.grant_made("acme", "c");

@@ -310,8 +310,8 @@ pub enum PortalToGateway {
 
 impl PortalToGateway {
     /// The most grant ids the portal puts in one [`PortalToGateway::RevokeMany`]. A grant id
-    /// is 27 characters (`gr_` and 24 hex digits), so 2,048 of them make about 60 KiB, a
-    /// quarter of [`MAX_MESSAGE_BYTES`].
+    /// is 35 characters (`gr_` and 32 hex digits), so 2,048 of them make about 78 KiB, under a
+    /// third of [`MAX_MESSAGE_BYTES`].
     pub const MAX_REVOKED: usize = 2048;
 }
 
@@ -480,7 +480,7 @@ mod tests {
         );
         // The largest batch the portal sends fits a message with room to spare.
         let batch = PortalToGateway::RevokeMany {
-            grant_ids: vec![format!("gr_{}", "0".repeat(24)); PortalToGateway::MAX_REVOKED],
+            grant_ids: vec![format!("gr_{}", "0".repeat(32)); PortalToGateway::MAX_REVOKED],
         };
         assert!(encode(&batch).len() < MAX_MESSAGE_BYTES / 3);
     }
