@@ -451,6 +451,45 @@ struct Phase {
     rss_after_kib: u64,
     /// Grants the portal holds after the phase (each one stays in force for hours).
     in_force_after: Option<u64>,
+    /// The store's commits in the measured window, from the portal's `/metrics`.
+    commits: Option<Commits>,
+}
+
+/// The portal's commit histogram (`fz_portal_store_commit_seconds`): how many, and their
+/// summed wall time.
+#[derive(Debug, Clone, Copy)]
+struct Commits {
+    count: u64,
+    seconds: f64,
+}
+
+impl Commits {
+    /// Read from the portal's `/metrics` at `address`; none when it cannot be read.
+    async fn read(address: SocketAddr) -> Option<Commits> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let request =
+            format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Some(Commits {
+            count: value("fz_portal_store_commit_seconds_count")? as u64,
+            seconds: value("fz_portal_store_commit_seconds_sum")?,
+        })
+    }
+
+    fn since(self, before: Commits) -> Commits {
+        Commits {
+            count: self.count.saturating_sub(before.count),
+            seconds: self.seconds - before.seconds,
+        }
+    }
 }
 
 impl Phase {
@@ -485,9 +524,13 @@ async fn portal_target(
         data.display()
     );
     let config = base.path().join("portal.toml");
-    let settings = |data_dir: &Path, keys: &str| {
+    // The first replica's `/metrics`, on a port free a moment ago, for the store's commits.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port");
+    let settings = |data_dir: &Path, keys: &str, metrics: &str| {
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}{keys}\
+            "listen = \"127.0.0.1:0\"\n{metrics}data_dir = \"{}\"\n{}{keys}\
              # The generator shares the machine: give the gateways time before they count as silent.\n\
              gateway_ack_timeout_ms = 30000\n\
              # Every client connects from 127.0.0.1, `--connect-parallel` of them at once.\n\
@@ -502,7 +545,8 @@ async fn portal_target(
             policy.display()
         )
     };
-    std::fs::write(&config, settings(&data, "")).expect("a configuration file");
+    let metrics_line = format!("metrics_listen = \"{metrics}\"\n");
+    std::fs::write(&config, settings(&data, "", &metrics_line)).expect("a configuration file");
     let log = base.path().join("portal.log");
     let serve = |config: &Path| {
         let mut command = server_command(options, &options.portal_binary);
@@ -525,7 +569,7 @@ async fn portal_target(
             data.join(fz_portal::keys::TOKEN_KEY_FILE).display()
         );
         let config = base.path().join("replica.toml");
-        std::fs::write(&config, settings(&base.path().join("replica"), &keys))
+        std::fs::write(&config, settings(&base.path().join("replica"), &keys, ""))
             .expect("a configuration file");
         let log = base.path().join("replica.log");
         let (second, line) = Server::spawn(serve(&config), &log, listening).await;
@@ -656,6 +700,7 @@ async fn portal_target(
             &servers,
             &mut in_force,
             Some(&acks),
+            Some(metrics),
         )
         .await;
         agents = back;
@@ -917,6 +962,7 @@ async fn echo_target(options: &Options, model: &Model) -> TargetResult {
             &[&server],
             &mut in_force,
             None,
+            None,
         )
         .await;
         agents = back;
@@ -1119,7 +1165,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Runs `concurrency` workers over all the agents for the warm-up and the measured window.
-/// The CPU of `servers` is summed (the first one's threads are listed).
+/// The CPU of `servers` is summed (the first one's threads are listed); the store's commits
+/// are read from `metrics`, the first one's `/metrics`, when given.
 async fn load_phase(
     options: &Options,
     agents: Vec<Agent>,
@@ -1127,6 +1174,7 @@ async fn load_phase(
     servers: &[&Server],
     in_force: &mut Option<u64>,
     acks: Option<&Acks>,
+    metrics: Option<SocketAddr>,
 ) -> (Vec<Agent>, Phase) {
     let mut shares: Vec<Vec<Agent>> = (0..concurrency).map(|_| Vec::new()).collect();
     for (index, agent) in agents.into_iter().enumerate() {
@@ -1149,6 +1197,10 @@ async fn load_phase(
         })
         .collect();
     tokio::time::sleep_until(measure_from).await;
+    let commits_before = match metrics {
+        Some(address) => Commits::read(address).await,
+        None => None,
+    };
     let server_before = servers[0].cpu();
     let others_before: u64 = servers[1..].iter().map(|s| s.cpu().total).sum();
     let generator_before = process_cpu("self");
@@ -1158,6 +1210,10 @@ async fn load_phase(
     let server_after = servers[0].cpu();
     let others_after: u64 = servers[1..].iter().map(|s| s.cpu().total).sum();
     let generator_after = process_cpu("self");
+    let commits = match (metrics, commits_before) {
+        (Some(address), Some(before)) => Commits::read(address).await.map(|c| c.since(before)),
+        _ => None,
+    };
     let mut agents = Vec::new();
     let mut tally = Tally::default();
     for worker in workers {
@@ -1187,6 +1243,7 @@ async fn load_phase(
         threads,
         rss_after_kib: servers[0].rss_kib(),
         in_force_after,
+        commits,
     };
     (agents, phase)
 }
@@ -1281,6 +1338,16 @@ fn print_phase(phase: &Phase) {
         println!(
             "    server CPU per answer: {:.1} µs",
             phase.server_cpu * phase.seconds * 1e6 / phase.tally.ok as f64
+        );
+    }
+    if let Some(commits) = phase.commits.filter(|c| c.count > 0) {
+        println!(
+            "    store: {:.0} commits/s of {:.0} answers each on average, {:.1} ms each on \
+             average (busy {:.0}% of the window)",
+            commits.count as f64 / phase.seconds,
+            phase.tally.ok as f64 / commits.count as f64,
+            commits.seconds * 1e3 / commits.count as f64,
+            commits.seconds * 100.0 / phase.seconds,
         );
     }
     if !t.to_ack.is_empty() {
