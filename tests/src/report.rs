@@ -77,6 +77,11 @@ pub struct Figures {
     /// is not connected to, and through the one it is.
     pub cross_replica_grant_p99_ms: Option<f64>,
     pub same_replica_grant_p99_ms: Option<f64>,
+    /// Three portal replicas: from `token revoke` on one to the device's tunnel refused through
+    /// a gateway on whichever replica holds it (the goal is 2 s), and how much of that the
+    /// admin command itself took.
+    pub replica_token_revoked_seconds: Option<f64>,
+    pub replica_revoke_command_seconds: Option<f64>,
 }
 
 impl Report {
@@ -118,7 +123,8 @@ impl Report {
              revocation; through NATs: setup {} direct, {} relayed, {} of cells direct, back \
              {} after a relay restart, {} after a client moved; relayed tunnel {} of direct; \
              portal replicas: a gateway re-homed {} after its replica's kill, grants p99 {} across \
-             replicas, {} on the gateway's own\n",
+             replicas, {} on the gateway's own, a token revoked on one refused after {} (the \
+             command took {})\n",
             figure(self.figures.failover_seconds, " s"),
             figure(self.figures.failover_hung_seconds, " s"),
             figure(self.figures.failover_restart_seconds, " s"),
@@ -135,6 +141,8 @@ impl Report {
             figure(self.figures.replica_rehome_seconds, " s"),
             figure(self.figures.cross_replica_grant_p99_ms, " ms"),
             figure(self.figures.same_replica_grant_p99_ms, " ms"),
+            figure(self.figures.replica_token_revoked_seconds, " s"),
+            figure(self.figures.replica_revoke_command_seconds, " s"),
         );
         text
     }

@@ -1556,6 +1556,7 @@ fn portal_replicas(world: &mut World, report: &mut Report) -> String {
         0,
         &["token", "revoke", "--account", ACCOUNT, &token_id],
     );
+    let command = World::seconds(revoked);
     world.wait_for(
         "the revoked device's connection to be refused",
         WAIT,
@@ -1568,12 +1569,15 @@ fn portal_replicas(world: &mut World, report: &mut Report) -> String {
         },
     );
     let refused = World::seconds(revoked);
+    report.figures.replica_token_revoked_seconds = Some(refused);
+    report.figures.replica_revoke_command_seconds = Some(command);
     format!(
         "{first:?} through replica {home} for a client on replica 0; grants p99 {cross_p99:.1} ms \
          across replicas, {same_p99:.1} ms on the gateway's own ({probes} each); replica {home} \
          killed: {during:?} at once, the gateway re-homed to replica {other} in {rehome:.2} s, \
          {after:?}; every replica restarted in turn, the tunnel up after each, a grant across \
-         in {again_p99:.1} ms; the token revoked on replica 0: refused after {refused:.2} s"
+         in {again_p99:.1} ms; the token revoked on replica 0: refused after {refused:.2} s (the \
+         command took {command:.2} s)"
     )
 }
 
