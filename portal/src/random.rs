@@ -82,7 +82,7 @@ mod tests {
         unique.sort();
         unique.dedup();
         assert_eq!(unique.len(), ids.len(), "ids repeat");
-        // Sorted by their millisecond; within one, the random part orders them.
+        // In order of their millisecond (ids of one millisecond may come in either order).
         for pair in ids.windows(2) {
             assert!(
                 pair[0][..15] <= pair[1][..15],
