@@ -129,12 +129,16 @@ pub fn a_answers(id: u16, response: &[u8]) -> Option<Vec<Ipv4Addr>> {
     Some(addresses)
 }
 
-/// Connects to `to` (within `patience`) and reads the server's first line (within [`WAIT`]).
-/// Run inside a namespace.
+/// Connects to `to` and reads the server's first line, each within `patience`. Run inside a
+/// namespace.
+///
+/// The read is bounded by `patience` as well as the connect: a tunnel taken away between the
+/// two (a grant withdrawn just after the handshake) leaves the greeting undelivered, and a
+/// loop timing a refusal must see that attempt fail within its patience, not after [`WAIT`].
 pub fn try_greeting(to: &str, patience: Duration) -> std::io::Result<String> {
     let to: SocketAddr = to.parse().unwrap();
     let stream = TcpStream::connect_timeout(&to, patience)?;
-    stream.set_read_timeout(Some(WAIT))?;
+    stream.set_read_timeout(Some(patience))?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     if line.is_empty() {
