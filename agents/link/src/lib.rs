@@ -44,6 +44,18 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const LIVENESS_PING: Duration = Duration::from_secs(2);
 const LIVENESS_LIMIT: Duration = Duration::from_secs(6);
 
+/// How much an agent's WebSocket reads from its TCP stream at a time. tungstenite's default
+/// is 128 KiB, and it zero-fills the whole window before every read: 128 KiB written per
+/// message received, when a grant is 1 KiB. 16 KiB takes the largest message (a page of
+/// `ready`, a `revoke_many`) in a few reads.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// The WebSocket settings of an agent's link to the portal; the test agents use them too, so
+/// that the load bench's clients and gateways cost what the real ones do.
+pub fn websocket_config() -> tungstenite::protocol::WebSocketConfig {
+    tungstenite::protocol::WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES)
+}
+
 /// What one kind of agent says and hears over its link.
 pub trait Role: Send + 'static {
     /// Agent to portal.
@@ -575,7 +587,9 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     request: tungstenite::handshake::client::Request,
     stream: S,
 ) -> Result<WebSocketStream<S>, Ended> {
-    match tokio_tungstenite::client_async(request, stream).await {
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(websocket_config()))
+        .await
+    {
         Ok((socket, _)) => Ok(socket),
         Err(tungstenite::Error::Http(response))
             if matches!(

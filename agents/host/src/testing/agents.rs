@@ -72,7 +72,13 @@ pub async fn open_with(
         .map_err(|e| (0, e.to_string()))?;
     // As the real agents' links do: each message is a small write someone waits for.
     stream.set_nodelay(true).map_err(|e| (0, e.to_string()))?;
-    match tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await {
+    match tokio_tungstenite::client_async_with_config(
+        request,
+        MaybeTlsStream::Plain(stream),
+        Some(fz_link::websocket_config()),
+    )
+    .await
+    {
         Ok((socket, _)) => Ok(socket),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
