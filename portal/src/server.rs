@@ -5,11 +5,11 @@
 //! restart), the signing key, each account's policy engine with its file watcher, the
 //! group-committing writer, the broker with the grants the store holds, a task per account
 //! that decides every grant again when its policy changes, the sweeper (expired grants,
-//! revoked tokens, closed time windows, the store's log folded into its file, once a second;
-//! the store's checkpoint, flows past their retention, expired sign-ins, codes and written
-//! mail, each minute), the sign-in pages' state and mailer, reloads on SIGHUP, the reader of
-//! the other replicas' events (`cluster`), and the listener (HTTP, or HTTPS when configured)
-//! with its connection caps sized from the open files limit.
+//! revoked tokens, closed time windows, once a second; the store's checkpoint, flows past
+//! their retention, expired sign-ins, codes and written mail, each minute), on SQLite the
+//! store's log folded into its file each second, the sign-in pages' state and mailer, reloads
+//! on SIGHUP, the reader of the other replicas' events (`cluster`), and the listener (HTTP,
+//! or HTTPS when configured) with its connection caps sized from the open files limit.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -167,6 +167,9 @@ impl RunningPortal {
             sign_in.clone(),
             shared,
         )));
+        if !shared {
+            tasks.push(tokio::spawn(fold_log(store.clone())));
+        }
         tasks.push(tokio::spawn(crate::cluster::follow(
             broker.clone(),
             store.clone(),
@@ -362,20 +365,34 @@ async fn refresh_relay_credentials(broker: Arc<Broker>, interval: Duration) {
     }
 }
 
-/// Once a second: withdraw expired grants, close sessions whose token expired, withdraw
-/// everything of tokens an admin revoked, and fold the store's log into its file (the writer
-/// leaves it to this: `Store::fold_log`). Every grant is decided again when the clock enters a
-/// new minute (time windows open and close on minutes, so a deny window that opens ends the
-/// grants it covers), and a device's grants when its verified mark changes. Each new minute
-/// the store's log is checkpointed too, so deleted grants leave the files within a minute; and
-/// the flows past their account's retention are deleted, in bounded batches, going on at the
-/// next ticks while a backlog remains.
+/// Once a second, on SQLite, folds the store's log into its file (the writer leaves it to
+/// this: `Store::fold_log`). A task of its own, not the sweeper's: the fold waits for readers
+/// to leave the log, and revocations must not wait with it.
+async fn fold_log(store: Store) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = store.fold_log().await {
+            tracing::warn!(error = %error, "cannot fold the store's log into its file");
+        }
+    }
+}
+
 /// When a gateway must have been heard from last, at `now`, to count as on a live replica.
 fn lost_gateways_before(timings: &Timings, now: chrono::DateTime<chrono::Utc>) -> i64 {
     let silent = i64::try_from(timings.heartbeat_timeout().as_secs()).unwrap_or(i64::MAX);
     now.timestamp().saturating_sub(silent)
 }
 
+/// Once a second: withdraw expired grants, close sessions whose token expired, and withdraw
+/// everything of tokens an admin revoked. Every grant is decided again when the clock enters a
+/// new minute (time windows open and close on minutes, so a deny window that opens ends the
+/// grants it covers), and a device's grants when its verified mark changes. Each new minute
+/// the store's log is checkpointed too, so deleted grants leave the files within a minute; and
+/// the flows past their account's retention are deleted, in bounded batches, going on at the
+/// next ticks while a backlog remains.
+///
 /// `shared`: the store is a database other replicas use too, whose gateways' marks are left
 /// connected when a replica dies without stopping.
 async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>, shared: bool) {
@@ -407,9 +424,6 @@ async fn sweep(broker: Arc<Broker>, store: Store, sign_in: Arc<SignIn>, shared: 
         }
         broker.close_expired_sessions();
         broker.expire().await;
-        if let Err(error) = store.fold_log().await {
-            tracing::warn!(error = %error, "cannot fold the store's log into its file");
-        }
         let this_minute = broker.clock().timestamp().div_euclid(60);
         if this_minute != minute {
             minute = this_minute;

@@ -412,6 +412,49 @@ async fn on_sqlite_no_commit_copies_the_log_into_the_file_fold_log_does() {
     assert!(size() > before + 1_200 * 4_000, "{} after {before}", size());
 }
 
+/// Once folded, the log starts over from its beginning even while the writer goes on
+/// committing: a writer that never pauses (the portal's under load) never finds the log wholly
+/// copied by a fold beside it, and would append to it for the whole minute between the
+/// checkpoints that empty it, hundreds of megabytes, each write into new space the kernel must
+/// allocate and zero first.
+#[tokio::test]
+async fn on_sqlite_the_log_starts_over_once_folded_while_commits_go_on() {
+    const ROUND: usize = 200;
+    const ROUNDS: usize = 8;
+    let Fixture {
+        _dir,
+        data_dir,
+        database: _,
+        store,
+    } = fixture(Database::Sqlite).await;
+    let log = data_dir.join(format!("{DATABASE_FILE}-wal"));
+    let size = || std::fs::metadata(&log).unwrap().len();
+    let page = "h".repeat(4_000);
+    let mut first_round = 0;
+    for round in 0..ROUNDS {
+        // A round's commits, a page of row each, with the fold running beside them.
+        let writes = async {
+            for n in 0..ROUND {
+                let email = format!("user-{round}-{n}@example.com");
+                store
+                    .put_email_code(A, &email, &page, (NOW, NOW + 900), 3)
+                    .await
+                    .unwrap();
+            }
+        };
+        let (_, folded) = tokio::join!(writes, store.fold_log());
+        folded.unwrap();
+        if round == 0 {
+            first_round = size();
+        }
+    }
+    assert!(
+        size() < 2 * first_round,
+        "the log grew from {first_round} bytes after the first round to {} after {ROUNDS}",
+        size()
+    );
+}
+
 #[tokio::test]
 async fn a_withdrawn_grants_preshared_key_is_gone_from_the_files_after_a_checkpoint() {
     let Fixture {
