@@ -106,16 +106,23 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// What every SQLite connection is set to (see the module doc for why). `busy_timeout`: a
-/// writer waits this long (10 s) for one in another process (an admin command) before giving
-/// up. `secure_delete`: deleted rows are overwritten with zeros, not left in free space, so a
-/// withdrawn grant's preshared key does not stay in the file (the log keeps it until the next
-/// checkpoint: see [`Store::checkpoint`]).
+/// What every SQLite connection is set to (see the module doc for why), with
+/// [`SQLITE_BUSY_TIMEOUT`]. `secure_delete`: deleted rows are overwritten with zeros, not left
+/// in free space, so a withdrawn grant's preshared key does not stay in the file (the log keeps
+/// it until the next checkpoint: see [`Store::checkpoint`]).
 const SQLITE_SETTINGS: &str = "PRAGMA foreign_keys = ON;
      PRAGMA journal_mode = WAL;
      PRAGMA synchronous = FULL;
-     PRAGMA busy_timeout = 10000;
      PRAGMA secure_delete = ON;";
+
+/// How long a writer waits for one in another process (an admin command) before giving up.
+const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 10000;";
+
+/// How long a checkpoint that empties the log or starts it over waits, instead: it holds off
+/// this process's writer for as long as it waits (for the writer's commit, then for readers to
+/// leave the log), and one reader slow to leave must not stall every grant for 10 s. A
+/// checkpoint that runs out of patience is simply tried again later.
+const SQLITE_CHECKPOINT_PATIENCE: &str = "PRAGMA busy_timeout = 50;";
 
 /// What the transactions' connection adds on SQLite: it never copies the log into the database
 /// file itself. SQLite's default does it in the commit that takes the log past 1,000 pages, so
@@ -755,7 +762,8 @@ impl Store {
     /// deleted before it (a withdrawn grant with its preshared key) is in neither file any
     /// more: `secure_delete` has zeroed it in the database's pages, and the log, which still
     /// held the pages as they were, is cut to nothing. Returns whether it completed: a reader
-    /// in the way for longer than the busy timeout leaves the log for the next time.
+    /// in the way for longer than [`SQLITE_CHECKPOINT_PATIENCE`] leaves the log for the next
+    /// time.
     ///
     /// PostgreSQL keeps no such file of ours (its own log and dead rows are the server's,
     /// reclaimed by its vacuum), so there it does nothing and returns true.
@@ -763,9 +771,23 @@ impl Store {
         if self.backend == Backend::Postgres {
             return Ok(true);
         }
-        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
-            .fetch_one(&self.pool)
-            .await?;
+        self.checkpoint_holding_writers("PRAGMA wal_checkpoint(TRUNCATE)")
+            .await
+    }
+
+    /// Runs `checkpoint`, a checkpoint that holds off writers (`TRUNCATE`, `RESTART`), on a
+    /// connection whose busy handler gives up after [`SQLITE_CHECKPOINT_PATIENCE`]; returns
+    /// whether it completed. The connection gets its usual patience back, or leaves the pool.
+    async fn checkpoint_holding_writers(&self, checkpoint: &str) -> Result<bool, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        connection.execute(SQLITE_CHECKPOINT_PATIENCE).await?;
+        let done: Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as(checkpoint).fetch_one(&mut *connection).await;
+        if let Err(error) = connection.execute(SQLITE_BUSY_TIMEOUT).await {
+            drop(connection.detach());
+            return Err(error.into());
+        }
+        let (busy, _, _) = done?;
         Ok(busy == 0)
     }
 
@@ -775,8 +797,8 @@ impl Store {
     /// bulk of it (`SQLITE_WRITER_SETTINGS`). First a passive checkpoint on a reading
     /// connection copies what the log holds now, beside the writer. Then a restarting one
     /// copies what was committed meanwhile, with the writer held off for that short tail, and
-    /// waits for readers to leave the log, so that the next commit writes from the log's
-    /// beginning again. Without the second step a writer that never pauses never finds the log
+    /// waits for readers to leave the log (for at most [`SQLITE_CHECKPOINT_PATIENCE`]), so
+    /// that the next commit writes from the log's beginning again. Without the second step a writer that never pauses never finds the log
     /// wholly copied and appends to it until the minute's [`Store::checkpoint`]: hundreds of
     /// megabytes under load, each write into new space in the file, which the kernel
     /// allocates and zero-fills first. So the log file stays at about a second of writes.
@@ -787,8 +809,7 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?;
             if busy == 0 {
-                sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-                    .execute(&self.pool)
+                self.checkpoint_holding_writers("PRAGMA wal_checkpoint(RESTART)")
                     .await?;
             }
         }
@@ -3005,9 +3026,8 @@ async fn count_denial_again(
     Ok(())
 }
 
-/// A pool on the store's SQLite file in `data_dir`, made (0600) when `creation` allows.
-/// The pools on the SQLite file in `data_dir`: one for reads, one of a single connection for
-/// transactions (see [`Store`]).
+/// The pools on the store's SQLite file in `data_dir`, made (0600) when `creation` allows:
+/// one for reads, one of a single connection for transactions (see [`Store`]).
 async fn open_sqlite(
     data_dir: &Path,
     creation: Creation,
@@ -3040,6 +3060,7 @@ async fn open_sqlite(
             .after_connect(move |connection, _| {
                 Box::pin(async move {
                     connection.execute(SQLITE_SETTINGS).await?;
+                    connection.execute(SQLITE_BUSY_TIMEOUT).await?;
                     if writer {
                         connection.execute(SQLITE_WRITER_SETTINGS).await?;
                     }
