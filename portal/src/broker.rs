@@ -668,8 +668,9 @@ impl Broker {
             .await;
         // A grant through a gateway on another replica may be handed out again while that
         // gateway is in service there; the store says so, asked only for a client that holds
-        // such a grant in the site.
-        let holds_remote = {
+        // such a grant in the site. A store no other replica shares has no such gateway, and
+        // the walk over the client's grants is skipped.
+        let holds_remote = self.store.shared() && {
             let registry = self.registry();
             registry
                 .grant_of_client(&session.account, &session.client_id, |g| {
