@@ -72,7 +72,7 @@ use axum::response::Response;
 use fz_host::testing::agents::{self as agent, Socket, TestClient, TestGateway};
 use fz_portal::data_dir::Creation;
 use fz_portal::keys::KeyFiles;
-use fz_portal::store::{Database, Store, TokenKind};
+use fz_portal::store::{DATABASE_FILE, Database, Store, TokenKind};
 use fz_proto::{
     ClientMessage, DnsMapping, PortalPublicKey, PortalToClient, PortalToGateway, PublicKey, encode,
 };
@@ -835,6 +835,11 @@ async fn populate(data: &Path, database: &Database, model: &Model, kind: StoreKi
             .await
             .expect("memberships");
     }
+    // Everything in the database file and the log emptied, so the log and its index need
+    // not be copied: the last connection may still be closing, and deleting them, after
+    // `close` returns.
+    let folded = store.checkpoint().await.expect("a checkpoint");
+    assert!(folded, "the staged store's log could not be emptied");
     store.close().await;
     if staging.is_some() {
         // The portal refuses a data directory open to group or others.
@@ -843,8 +848,18 @@ async fn populate(data: &Path, database: &Database, model: &Model, kind: StoreKi
             .mode(0o700)
             .create(data)
             .expect("the data directory");
+        let log_files = [
+            format!("{DATABASE_FILE}-wal"),
+            format!("{DATABASE_FILE}-shm"),
+        ];
         for entry in std::fs::read_dir(&dir).expect("the staged store") {
             let entry = entry.expect("a staged file");
+            if log_files
+                .iter()
+                .any(|log| entry.file_name() == log.as_str())
+            {
+                continue;
+            }
             std::fs::copy(entry.path(), data.join(entry.file_name())).expect("a copy");
         }
     }
