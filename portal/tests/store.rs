@@ -398,18 +398,24 @@ async fn on_sqlite_no_commit_copies_the_log_into_the_file_fold_log_does() {
     let size = || std::fs::metadata(&file).unwrap().len();
     let before = size();
     // More than the 1,000 pages of log past which SQLite's default has the committing
-    // connection copy the log into the file: a row of a page each, a commit each.
+    // connection copy the log into the file.
+    commit_page_rows(&store, "all", 1_200).await;
+    assert_eq!(size(), before, "a commit copied the log into the file");
+    store.fold_log().await.unwrap();
+    assert!(size() > before + 1_200 * 4_000, "{} after {before}", size());
+}
+
+/// Commits `count` rows of about a page each (sign-in codes of users named by `batch`), one
+/// commit each.
+async fn commit_page_rows(store: &Store, batch: &str, count: usize) {
     let page = "h".repeat(4_000);
-    for n in 0..1_200 {
-        let email = format!("user-{n}@example.com");
+    for n in 0..count {
+        let email = format!("user-{batch}-{n}@example.com");
         store
             .put_email_code(A, &email, &page, (NOW, NOW + 900), 3)
             .await
             .unwrap();
     }
-    assert_eq!(size(), before, "a commit copied the log into the file");
-    store.fold_log().await.unwrap();
-    assert!(size() > before + 1_200 * 4_000, "{} after {before}", size());
 }
 
 /// Once folded, the log starts over from its beginning even while the writer goes on
@@ -429,20 +435,11 @@ async fn on_sqlite_the_log_starts_over_once_folded_while_commits_go_on() {
     } = fixture(Database::Sqlite).await;
     let log = data_dir.join(format!("{DATABASE_FILE}-wal"));
     let size = || std::fs::metadata(&log).unwrap().len();
-    let page = "h".repeat(4_000);
     let mut first_round = 0;
     for round in 0..ROUNDS {
-        // A round's commits, a page of row each, with the fold running beside them.
-        let writes = async {
-            for n in 0..ROUND {
-                let email = format!("user-{round}-{n}@example.com");
-                store
-                    .put_email_code(A, &email, &page, (NOW, NOW + 900), 3)
-                    .await
-                    .unwrap();
-            }
-        };
-        let (_, folded) = tokio::join!(writes, store.fold_log());
+        // A round's commits with the fold running beside them.
+        let batch = round.to_string();
+        let (_, folded) = tokio::join!(commit_page_rows(&store, &batch, ROUND), store.fold_log());
         folded.unwrap();
         if round == 0 {
             first_round = size();
