@@ -466,13 +466,8 @@ struct Commits {
 impl Commits {
     /// Read from the portal's `/metrics` at `address`; none when it cannot be read.
     async fn read(address: SocketAddr) -> Option<Commits> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-        let request =
-            format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
+        let scrape = move || fz_host::testing::metrics::http_get(address, "/metrics");
+        let text = tokio::task::spawn_blocking(scrape).await.ok()?.ok()?;
         let value = |name: &str| {
             text.lines()
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))

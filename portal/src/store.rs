@@ -793,16 +793,16 @@ impl Store {
 
     /// Copies what the write-ahead log holds into the database file and has the log start over
     /// from its beginning, holding up the writer as little as it can: the transactions'
-    /// connection leaves this to the sweeper, once a second, so that no commit waits for the
-    /// bulk of it (`SQLITE_WRITER_SETTINGS`). First a passive checkpoint on a reading
-    /// connection copies what the log holds now, beside the writer. Then a restarting one
-    /// copies what was committed meanwhile, with the writer held off for that short tail, and
-    /// waits for readers to leave the log (for at most [`SQLITE_CHECKPOINT_PATIENCE`]), so
-    /// that the next commit writes from the log's beginning again. Without the second step a writer that never pauses never finds the log
-    /// wholly copied and appends to it until the minute's [`Store::checkpoint`]: hundreds of
-    /// megabytes under load, each write into new space in the file, which the kernel
-    /// allocates and zero-fills first. So the log file stays at about a second of writes.
-    /// PostgreSQL: nothing.
+    /// connection leaves this to a task of the server's, once a second, so that no commit
+    /// waits for the bulk of it (`SQLITE_WRITER_SETTINGS`). First a passive checkpoint on a
+    /// reading connection copies what the log holds now, beside the writer. Then a restarting
+    /// one copies what was committed meanwhile, with the writer held off for that short tail,
+    /// and waits for readers to leave the log (for at most [`SQLITE_CHECKPOINT_PATIENCE`]), so
+    /// that the next commit writes from the log's beginning again. Without the second step a
+    /// writer that never pauses never finds the log wholly copied and appends to it until the
+    /// minute's [`Store::checkpoint`]: hundreds of megabytes under load, each write into new
+    /// space in the file, which the kernel allocates and zero-fills first. So the log file
+    /// stays at about a second of writes. PostgreSQL: nothing.
     pub async fn fold_log(&self) -> Result<(), StoreError> {
         if self.backend == Backend::Sqlite {
             let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
