@@ -118,10 +118,12 @@ const SQLITE_SETTINGS: &str = "PRAGMA foreign_keys = ON;
 /// How long a writer waits for one in another process (an admin command) before giving up.
 const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 10000;";
 
-/// How long a checkpoint that empties the log or starts it over waits, instead: it holds off
-/// this process's writer for as long as it waits (for the writer's commit, then for readers to
-/// leave the log), and one reader slow to leave must not stall every grant for 10 s. A
-/// checkpoint that runs out of patience is simply tried again later.
+/// How long the fold's restarting checkpoint ([`Store::fold_log`]) waits, instead: it holds
+/// off this process's writer for as long as it waits (for the writer's commit, then for
+/// readers to leave the log), and one reader slow to leave must not stall every grant for
+/// 10 s. A restart that runs out of patience is simply tried again at the next fold. The
+/// checkpoint that empties the log ([`Store::checkpoint`]) waits as long as any writer: what
+/// it removes from the files (withdrawn grants' keys) must not be put off by a busy moment.
 const SQLITE_CHECKPOINT_PATIENCE: &str = "PRAGMA busy_timeout = 50;";
 
 /// What the transactions' connection adds on SQLite: it never copies the log into the database
@@ -762,8 +764,7 @@ impl Store {
     /// deleted before it (a withdrawn grant with its preshared key) is in neither file any
     /// more: `secure_delete` has zeroed it in the database's pages, and the log, which still
     /// held the pages as they were, is cut to nothing. Returns whether it completed: a reader
-    /// in the way for longer than [`SQLITE_CHECKPOINT_PATIENCE`] leaves the log for the next
-    /// time.
+    /// in the way for longer than the busy timeout leaves the log for the next time.
     ///
     /// PostgreSQL keeps no such file of ours (its own log and dead rows are the server's,
     /// reclaimed by its vacuum), so there it does nothing and returns true.
@@ -771,24 +772,25 @@ impl Store {
         if self.backend == Backend::Postgres {
             return Ok(true);
         }
-        self.checkpoint_holding_writers("PRAGMA wal_checkpoint(TRUNCATE)")
-            .await
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(busy == 0)
     }
 
-    /// Runs `checkpoint`, a checkpoint that holds off writers (`TRUNCATE`, `RESTART`), on a
-    /// connection whose busy handler gives up after [`SQLITE_CHECKPOINT_PATIENCE`]; returns
-    /// whether it completed. The connection gets its usual patience back, or leaves the pool.
-    async fn checkpoint_holding_writers(&self, checkpoint: &str) -> Result<bool, StoreError> {
+    /// The fold's second step: a restarting checkpoint on a connection whose busy handler
+    /// gives up after [`SQLITE_CHECKPOINT_PATIENCE`]. The connection gets its usual patience
+    /// back, or leaves the pool.
+    async fn restart_log(&self) -> Result<(), StoreError> {
         let mut connection = self.pool.acquire().await?;
         connection.execute(SQLITE_CHECKPOINT_PATIENCE).await?;
-        let done: Result<(i64, i64, i64), sqlx::Error> =
-            sqlx::query_as(checkpoint).fetch_one(&mut *connection).await;
+        let restarted = connection.execute("PRAGMA wal_checkpoint(RESTART)").await;
         if let Err(error) = connection.execute(SQLITE_BUSY_TIMEOUT).await {
             drop(connection.detach());
             return Err(error.into());
         }
-        let (busy, _, _) = done?;
-        Ok(busy == 0)
+        restarted?;
+        Ok(())
     }
 
     /// Copies what the write-ahead log holds into the database file and has the log start over
@@ -809,8 +811,7 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?;
             if busy == 0 {
-                self.checkpoint_holding_writers("PRAGMA wal_checkpoint(RESTART)")
-                    .await?;
+                self.restart_log().await?;
             }
         }
         Ok(())
