@@ -382,7 +382,7 @@ fn start_stub(upstream: SocketAddr) -> Server {
             };
             let now = Instant::now();
             match query {
-                Some(query) => service.handle_query(query, now),
+                Some(query) => service.handle_queries(query, &mut incoming, now),
                 None => service.stub_mut().handle_timeout(now),
             }
             while let Some(event) = service.poll_event() {

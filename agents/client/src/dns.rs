@@ -8,6 +8,12 @@
 //! TCP connection's task writes its answers in order. A query whose answer never comes (the
 //! stub dropped it, the upstream is silent) simply gets none, as a DNS server's silence.
 //!
+//! Under load, UDP goes in batches ([`fz_host::datagrams`]): the front reads up to
+//! [`BATCH`] queries per system call, the loop takes what is queued in one go
+//! ([`DnsService::handle_queries`]) and sends that batch's forwarded queries, and its answers,
+//! a system call per batch; an upstream socket's answers go back the same way. Each query and
+//! answer is its own datagram, so the system calls are most of a pass-through's cost.
+//!
 //! Pass-through over UDP goes through one connected socket per upstream ([`UdpExchange`])
 //! rather than a socket per query: a socket's set-up and tear-down cost more than the query.
 //! Each forwarded query gets a fresh random id on the wire, its own id back in the answer,
@@ -25,6 +31,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fz_dns::{Event, Handled, QueryId, Stub};
+use fz_host::datagrams::{self, BATCH, Inbox};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
@@ -37,7 +44,8 @@ pub const QUERIES_PER_SOCKET: u32 = 1024;
 const ID_DRAWS: usize = 16;
 /// How long a TCP client may take to send its query.
 const TCP_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest DNS message over UDP the stub takes or forwards (EDNS allows up to 64 KiB).
+/// The largest DNS message over UDP the stub forwards back from an upstream (EDNS allows up to
+/// 64 KiB). A query is at most [`datagrams::SLOT_BYTES`]: a question is a name and two numbers.
 const MAX_MESSAGE: usize = 65_535;
 /// The DNS header's length: the question starts after it.
 const HEADER: usize = 12;
@@ -63,7 +71,7 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// Sends the answer. A UDP answer that the socket cannot take now is lost, as it would be
+    /// Sends the answer now; [`Answers`] sends many at once. A UDP answer that the socket cannot take now is lost, as it would be
     /// on the network; the application asks again. (UDP sends go through a `std` handle of
     /// the socket: tokio's `try_send_to` refuses until the runtime has seen the socket
     /// writable, which a socket that only ever sends this way may never be.)
@@ -104,25 +112,63 @@ async fn serve_udp(sentinel: IpAddr, socket: UdpSocket, queries: mpsc::Sender<Dn
             return;
         }
     };
-    let mut buffer = vec![0u8; MAX_MESSAGE];
+    let mut inbox = Inbox::default();
     loop {
-        let Ok((length, from)) = socket.recv_from(&mut buffer).await else {
+        if let Err(error) = inbox.recv(&socket).await {
+            tracing::debug!(%error, "a DNS socket's read failed");
             continue;
-        };
-        let Some(bytes) = buffer.get(..length) else {
-            continue;
-        };
-        let query = DnsQuery {
-            sentinel,
-            bytes: bytes.to_vec(),
-            reply: Reply::Udp {
-                socket: sender.clone(),
-                to: from,
-            },
-        };
-        if queries.send(query).await.is_err() {
-            return;
         }
+        for (from, bytes) in inbox.datagrams() {
+            let query = DnsQuery {
+                sentinel,
+                bytes: bytes.to_vec(),
+                reply: Reply::Udp {
+                    socket: sender.clone(),
+                    to: from,
+                },
+            };
+            if queries.send(query).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// UDP answers gathered to leave together: a system call per socket and [`BATCH`] answers
+/// rather than one per answer. TCP answers go to their connection's task at once.
+#[derive(Debug, Default)]
+struct Answers {
+    udp: Vec<(Arc<std::net::UdpSocket>, SocketAddr, Vec<u8>)>,
+}
+
+impl Answers {
+    fn push(&mut self, reply: Reply, answer: Vec<u8>) {
+        match reply {
+            Reply::Udp { socket, to } => self.udp.push((socket, to, answer)),
+            tcp @ Reply::Tcp(_) => tcp.send(&answer),
+        }
+    }
+
+    /// Sends what was gathered, each run of answers for one socket in as few calls as may be.
+    fn send(&mut self) {
+        let mut rest = self.udp.as_slice();
+        while let Some((socket, _, _)) = rest.first() {
+            let run = rest
+                .iter()
+                .position(|(other, _, _)| !Arc::ptr_eq(other, socket))
+                .unwrap_or(rest.len());
+            let (same_socket, after) = rest.split_at(run);
+            let datagrams: Vec<(Option<SocketAddr>, &[u8])> = same_socket
+                .iter()
+                .map(|(_, to, answer)| (Some(*to), answer.as_slice()))
+                .collect();
+            let refused = datagrams::send_all(socket.as_ref(), &datagrams);
+            if refused > 0 {
+                tracing::debug!(refused, "DNS answers the socket would not take");
+            }
+            rest = after;
+        }
+        self.udp.clear();
     }
 }
 
@@ -236,12 +282,21 @@ impl Upstreams {
                 }
             },
         };
-        in_service.exchange.send(&mut self.ids, query, reply, now);
+        in_service.exchange.queue(&mut self.ids, query, reply, now);
         in_service.queries += 1;
         if in_service.queries >= QUERIES_PER_SOCKET {
-            // The next query opens a fresh socket; this one answers what it has in flight.
+            // The next query opens a fresh socket; this one sends what it has queued and
+            // answers what it has in flight.
+            in_service.exchange.send_queued();
             in_service.exchange.retire();
             self.in_service.remove(&upstream);
+        }
+    }
+
+    /// Sends the queries queued since the last call, a system call per upstream.
+    fn send_queued(&self) {
+        for in_service in self.in_service.values() {
+            in_service.exchange.send_queued();
         }
     }
 }
@@ -260,8 +315,10 @@ struct UdpExchange {
 #[derive(Debug, Default)]
 struct InFlight {
     by_wire_id: HashMap<u16, Waiting>,
-    /// Wire ids in the order sent, which is the order of their deadlines.
+    /// Wire ids in the order queued, which is the order of their deadlines.
     deadlines: VecDeque<(Instant, u16)>,
+    /// Wire ids queued and not yet sent.
+    unsent: Vec<u16>,
 }
 
 #[derive(Debug)]
@@ -302,7 +359,8 @@ impl UdpExchange {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn send(&self, ids: &mut RandomIds, mut query: Vec<u8>, reply: Reply, now: Instant) {
+    /// Takes a query in flight with a fresh wire id; [`UdpExchange::send_queued`] sends it.
+    fn queue(&self, ids: &mut RandomIds, mut query: Vec<u8>, reply: Reply, now: Instant) {
         let mut in_flight = self.in_flight();
         in_flight.expire(now);
         let (Some(question_end), Some(id)) = (question_end(&query), query.get_mut(..2)) else {
@@ -319,12 +377,9 @@ impl UdpExchange {
         };
         let original_id = [id[0], id[1]];
         id.copy_from_slice(&wire_id.to_be_bytes());
-        if let Err(error) = self.sender.send(&query) {
-            tracing::debug!(%error, "cannot send a query to an upstream");
-            return;
-        }
         let deadline = now + UPSTREAM_TIMEOUT;
         in_flight.deadlines.push_back((deadline, wire_id));
+        in_flight.unsent.push(wire_id);
         in_flight.by_wire_id.insert(
             wire_id,
             Waiting {
@@ -337,20 +392,52 @@ impl UdpExchange {
         );
     }
 
+    /// Sends the queued queries. One the kernel refuses is not retried: it expires unanswered,
+    /// as a query lost on the network would, and the application asks again.
+    fn send_queued(&self) {
+        let mut in_flight = self.in_flight();
+        if in_flight.unsent.is_empty() {
+            return;
+        }
+        let unsent = std::mem::take(&mut in_flight.unsent);
+        let queries: Vec<(Option<SocketAddr>, &[u8])> = unsent
+            .iter()
+            .filter_map(|wire_id| in_flight.by_wire_id.get(wire_id))
+            .map(|waiting| (None, waiting.query.as_slice()))
+            .collect();
+        let refused = datagrams::send_all(&self.sender, &queries);
+        if refused > 0 {
+            tracing::debug!(refused, "queries an upstream socket would not take");
+        }
+        drop(queries);
+        // The list's allocation is kept for the next batch.
+        in_flight.unsent = unsent;
+        in_flight.unsent.clear();
+    }
+
     fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
     }
 
-    /// Reads answers until the socket is retired and has nothing in flight.
+    /// Reads answers until the socket is retired and has nothing in flight. What is there
+    /// when the socket wakes (up to [`BATCH`]) goes back to the applications together.
     async fn read_answers(self: Arc<UdpExchange>) {
+        // Answers may be up to 64 KiB, so they are read one at a time into one buffer (a
+        // batch of such slots would be megabytes); the sends back are the batch.
         let mut buffer = vec![0u8; MAX_MESSAGE];
+        let mut answers = Answers::default();
         loop {
             // The timeout lets a retired socket whose queries went unanswered see them expire.
             match tokio::time::timeout(UPSTREAM_TIMEOUT, self.socket.recv(&mut buffer)).await {
                 Ok(Ok(length)) => {
-                    if let Some(answer) = buffer.get_mut(..length) {
-                        self.answer(answer);
+                    self.answer(&mut buffer, length, &mut answers);
+                    for _ in 1..BATCH {
+                        let Ok(length) = self.socket.try_recv(&mut buffer) else {
+                            break;
+                        };
+                        self.answer(&mut buffer, length, &mut answers);
                     }
+                    answers.send();
                 }
                 // An upstream's ICMP error shows up here once; its queries just expire.
                 Ok(Err(error)) => tracing::debug!(%error, "an upstream socket"),
@@ -364,7 +451,12 @@ impl UdpExchange {
         }
     }
 
-    fn answer(&self, answer: &mut [u8]) {
+    /// Matches an answer (`length` bytes of `buffer`) to its query and gathers it for the
+    /// application.
+    fn answer(&self, buffer: &mut [u8], length: usize, answers: &mut Answers) {
+        let Some(answer) = buffer.get_mut(..length) else {
+            return;
+        };
         let Some(&[high, low]) = answer.get(..2) else {
             return;
         };
@@ -386,7 +478,7 @@ impl UdpExchange {
         if let Some(id) = answer.get_mut(..2) {
             id.copy_from_slice(&waiting.original_id);
         }
-        waiting.reply.send(answer);
+        answers.push(waiting.reply, answer.to_vec());
     }
 }
 
@@ -468,6 +560,7 @@ pub struct DnsService {
     waiting: HashMap<QueryId, Reply>,
     next_query: QueryId,
     upstreams: Upstreams,
+    answers: Answers,
 }
 
 impl DnsService {
@@ -477,6 +570,7 @@ impl DnsService {
             waiting: HashMap::new(),
             next_query: 0,
             upstreams: Upstreams::default(),
+            answers: Answers::default(),
         }
     }
 
@@ -488,15 +582,34 @@ impl DnsService {
         &mut self.stub
     }
 
-    /// A query from a socket: answered now, held, dropped, or passed to its upstream.
-    pub fn handle_query(&mut self, query: DnsQuery, now: Instant) {
+    /// `first` and the queries queued behind it (up to [`BATCH`] in all), each answered, held,
+    /// dropped or passed to its upstream; then the batch's answers and forwarded queries are
+    /// sent, a system call per socket.
+    pub fn handle_queries(
+        &mut self,
+        first: DnsQuery,
+        queued: &mut mpsc::Receiver<DnsQuery>,
+        now: Instant,
+    ) {
+        self.handle_query(first, now);
+        for _ in 1..BATCH {
+            let Ok(query) = queued.try_recv() else {
+                break;
+            };
+            self.handle_query(query, now);
+        }
+        self.answers.send();
+        self.upstreams.send_queued();
+    }
+
+    fn handle_query(&mut self, query: DnsQuery, now: Instant) {
         self.next_query += 1;
         let id = self.next_query;
         match self
             .stub
             .handle_query(id, query.sentinel, &query.bytes, now)
         {
-            Handled::Answer(bytes) => query.reply.send(&bytes),
+            Handled::Answer(bytes) => self.answers.push(query.reply, bytes),
             Handled::Forward(upstream) => {
                 self.upstreams
                     .forward(upstream, query.bytes, query.reply, now);

@@ -221,7 +221,7 @@ async fn serve(
                 tracing::warn!(%reason, "portal away; tunnels that are up keep working");
             }
             Input::Portal(LinkEvent::Refused(reason)) => anyhow::bail!("{reason}"),
-            Input::Dns(query) => service.handle_query(query, now),
+            Input::Dns(query) => service.handle_queries(query, queries, now),
             Input::Timeout => {
                 core.handle_timeout(now);
                 service.stub_mut().handle_timeout(now);

@@ -2,12 +2,13 @@
 //! and the test standing in for the portal: pass-through over UDP and TCP, a resource name
 //! answered with its mapped addresses once access is granted, PTR for a mapped address, and
 //! HTTPS kept local. Beside it, the pooled upstream sockets pass-through goes over: answers
-//! that do not match a query in flight are dropped, and sockets are retired and replaced.
+//! that do not match a query in flight are dropped, and sockets are retired and replaced; and
+//! a burst from several applications, read, forwarded and answered in batches.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test that cannot set up fails loudly
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fz_client::dns::{self, DnsService};
 use fz_dns::{Event, Stub};
@@ -83,7 +84,7 @@ async fn client_dns(upstream: SocketAddr) -> SocketAddr {
         .unwrap();
     tokio::spawn(async move {
         while let Some(query) = incoming.recv().await {
-            service.handle_query(query, Instant::now());
+            service.handle_queries(query, &mut incoming, Instant::now());
             while let Some(event) = service.poll_event() {
                 if let Event::RequestAccess { dns, .. } = event {
                     service.stub_mut().handle_granted(
@@ -245,4 +246,57 @@ async fn pass_through_moves_to_a_fresh_upstream_socket_and_answers_everything() 
         "a fresh socket (port) after every {} queries",
         dns::QUERIES_PER_SOCKET
     );
+}
+
+#[tokio::test]
+async fn a_burst_from_several_applications_is_answered_to_each_in_full() {
+    let server = client_dns(upstream().await).await;
+    let mut applications = Vec::new();
+    for _ in 0..4 {
+        applications.push(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+    }
+    let mut buffer = vec![0; 4096];
+    // Rounds of 32 queries from each application before any answer is read, so that the
+    // front reads them in batches and the answers leave in batches, to several senders; half
+    // pass through, half are the resource's, answered by the stub itself.
+    for round in 0..8u16 {
+        for application in &applications {
+            for index in 0..32u16 {
+                let name = if index.is_multiple_of(2) {
+                    "www.example.org"
+                } else {
+                    "gitlab.company.com"
+                };
+                let id = round * 100 + index;
+                application.send_to(&query(id, name), server).await.unwrap();
+            }
+        }
+        for application in &applications {
+            let mut answered = std::collections::BTreeSet::new();
+            for _ in 0..32 {
+                // A query left unsent or an answer sent elsewhere fails here, not hangs.
+                let length =
+                    tokio::time::timeout(Duration::from_secs(5), application.recv(&mut buffer))
+                        .await
+                        .expect("every query of the burst is answered")
+                        .unwrap();
+                let answer = Message::from_vec(&buffer[..length]).unwrap();
+                // The upstream's one address, or the resource's four mapped ones.
+                let (name, records) = if answer.metadata.id.is_multiple_of(2) {
+                    ("www.example.org.", 1)
+                } else {
+                    ("gitlab.company.com.", 4)
+                };
+                assert_eq!(answer.queries[0].name().to_ascii(), name);
+                assert_eq!(answer.answers.len(), records, "{answer:?}");
+                answered.insert(answer.metadata.id);
+            }
+            let sent: std::collections::BTreeSet<u16> =
+                (0..32).map(|index| round * 100 + index).collect();
+            assert_eq!(
+                answered, sent,
+                "each application gets its own answers, all of them"
+            );
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //! ([`firewall::Masquerade`], [`firewall::enable_forwarding`]), the client's full tunnel for
 //! an `internet` grant ([`full_tunnel::FullTunnel`]), and the host's own DNS
 //! resolver ([`resolve::Resolver`]), the client's switch of that resolver to its DNS stub
-//! ([`resolv::ResolverSwitch`]), and the secrets an agent keeps in files ([`secrets`]).
+//! ([`resolv::ResolverSwitch`]), and the secrets an agent keeps in files ([`secrets`]). Its
+//! sockets read and write in batches: [`udp`] for the WireGuard socket's bulk transfers,
+//! [`datagrams`] for small datagrams to many peers (the DNS front).
 //! Both agents' drivers build on it, and on what their binaries share ([`agent`]).
 //!
 //! No protocol logic lives here: no WireGuard, no grants, no packet filter. It needs
@@ -16,6 +18,7 @@
 //! With the `testing` feature, [`testing`] holds what tests that need root share.
 
 pub mod agent;
+pub mod datagrams;
 pub mod firewall;
 pub mod full_tunnel;
 pub mod resolv;
