@@ -21,6 +21,11 @@
 //!   id) and from then on only copies it and puts the query's id in, so the upstream costs
 //!   little more than its two syscalls and the direct figure is its socket's rate, not
 //!   hickory's.
+//! - **the bare forwarder**, the floor of pass-through: the stub's batched UDP path (the
+//!   front's `recvmmsg`, one connected upstream socket, `sendmmsg` both ways, through
+//!   `fz_host::datagrams`) on a current-thread runtime of its own, with no DNS in it: ids
+//!   swapped through a table, nothing parsed or checked. Whatever the stub does, its
+//!   pass-through costs at least this; the gap between the two is the stub's own work.
 //! - **the echo**, the ceiling: a current-thread tokio runtime on one thread, one tokio
 //!   `UdpSocket`, `recv_from` then `send_to` of the same bytes with the QR bit set. dnsperf
 //!   takes any datagram with an outstanding query's id from the right socket as its answer and
@@ -39,7 +44,7 @@
 //! real losses (at the highest rate, dnsperf's time limit would count the queries still in
 //! flight as lost). Targets: the echo; the stub with resource names (`host<i>.corp.example`
 //! and `gitlab.company.com`); the stub with pass-through names (`www<i>.example.org`); the
-//! upstream directly with the same pass-through names. Type A, dnsperf's defaults (RD set, no
+//! upstream directly with the same pass-through names; the bare forwarder with them too. Type A, dnsperf's defaults (RD set, no
 //! EDNS).
 //!
 //! dnsperf's `-q` (outstanding queries) is 150, not more: at its start dnsperf sends up to `-q`
@@ -85,6 +90,7 @@ use std::time::{Duration, Instant};
 
 use fz_client::dns::{self, DnsService};
 use fz_dns::{Event, Stub};
+use fz_host::datagrams::{self, Inbox};
 use fz_proto::{Resolution, ResourceView};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
@@ -149,12 +155,14 @@ fn main() {
     let upstream = Upstream::start(settings.upstream_threads, settings.names);
     let stub = start_stub(upstream.address);
     let echo = start_echo();
+    let forwarder = start_forwarder(upstream.address);
     if let Some((server_cpu, _)) = &settings.pin {
         for tid in stub
             .threads
             .iter()
             .chain(&upstream.threads)
             .chain(&echo.threads)
+            .chain(&forwarder.threads)
         {
             tid.pin(server_cpu);
         }
@@ -170,15 +178,24 @@ fn main() {
     let resource_file = write_queries(directory.path(), "resources.txt", &resource_names);
     let pass_file = write_queries(directory.path(), "pass.txt", &pass_names);
 
-    warm_up(&stub, &echo, upstream.address, &resource_names, &pass_names);
+    warm_up(
+        &stub,
+        &echo,
+        &forwarder,
+        upstream.address,
+        &resource_names,
+        &pass_names,
+    );
 
     if let Ok(seconds) = std::env::var("FZ_BENCH_SERVE") {
         // For profiling by hand: the servers stay up, names granted, and dnsperf is yours.
         println!(
-            "serving for {seconds} s: stub {}, upstream {}, echo {}; queries in {} (pid {})",
+            "serving for {seconds} s: stub {}, upstream {}, echo {}, forwarder {}; queries in {} \
+             (pid {})",
             stub.address,
             upstream.address,
             echo.address,
+            forwarder.address,
             directory.path().display(),
             std::process::id(),
         );
@@ -218,10 +235,21 @@ fn main() {
         Target {
             label: "upstream directly",
             address: upstream.address,
-            file: pass_file,
+            file: pass_file.clone(),
             names: pass_names.len(),
             groups: vec![("upstream", upstream.threads.clone())],
             ports: vec![upstream.address.port()],
+        },
+        Target {
+            label: "bare forwarder (floor)",
+            address: forwarder.address,
+            file: pass_file,
+            names: pass_names.len(),
+            groups: vec![
+                ("forwarder", forwarder.threads.clone()),
+                ("upstream", upstream.threads.clone()),
+            ],
+            ports: vec![forwarder.address.port(), upstream.address.port()],
         },
     ];
 
@@ -401,6 +429,60 @@ fn start_stub(upstream: SocketAddr) -> Server {
     })
 }
 
+/// The floor of pass-through: the stub's batched UDP path with no DNS in it. A query's id is
+/// swapped for a counter's on the way up and back on the way down; nothing else is read.
+fn start_forwarder(upstream: SocketAddr) -> Server {
+    on_own_runtime("forwarder", move |bound| async move {
+        let front = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let to_upstream = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        to_upstream.connect(upstream).await.unwrap();
+        bound.send(front.local_addr().unwrap()).unwrap();
+        // By wire id: who asked, and with which id.
+        let mut asked: Vec<Option<(SocketAddr, [u8; 2])>> = vec![None; 1 << 16];
+        let mut wire_id = 0u16;
+        let (mut queries, mut answers) = (Inbox::default(), Inbox::default());
+        let mut out: Vec<(Option<SocketAddr>, Vec<u8>)> = Vec::new();
+        loop {
+            let towards = tokio::select! {
+                Ok(()) = queries.recv(&front) => {
+                    for (from, query) in queries.datagrams() {
+                        let Some(&[high, low]) = query.get(..2) else { continue };
+                        wire_id = wire_id.wrapping_add(1);
+                        asked[usize::from(wire_id)] = Some((from, [high, low]));
+                        let mut query = query.to_vec();
+                        query[..2].copy_from_slice(&wire_id.to_be_bytes());
+                        out.push((None, query));
+                    }
+                    &to_upstream
+                }
+                Ok(()) = answers.recv(&to_upstream) => {
+                    for (_, answer) in answers.datagrams() {
+                        let Some(&[high, low]) = answer.get(..2) else { continue };
+                        let Some((to, id)) = asked[usize::from(u16::from_be_bytes([high, low]))].take()
+                        else {
+                            continue;
+                        };
+                        let mut answer = answer.to_vec();
+                        answer[..2].copy_from_slice(&id);
+                        out.push((Some(to), answer));
+                    }
+                    &front
+                }
+            };
+            let batch: Vec<(Option<SocketAddr>, &[u8])> = out
+                .iter()
+                .map(|(to, bytes)| (*to, bytes.as_slice()))
+                .collect();
+            datagrams::send_all(towards, &batch);
+            out.clear();
+        }
+    })
+}
+
 /// The ceiling: every datagram straight back with QR set, from one tokio socket on one thread.
 fn start_echo() -> Server {
     on_own_runtime("echo", |bound| async move {
@@ -561,6 +643,7 @@ fn ask(socket: &std::net::UdpSocket, server: SocketAddr, name: &str, id: u16) ->
 fn warm_up(
     stub: &Server,
     echo: &Server,
+    forwarder: &Server,
     upstream: SocketAddr,
     resource_names: &[String],
     pass_names: &[String],
@@ -587,7 +670,11 @@ fn warm_up(
             "{name}: not four mapped addresses: {answer:?}"
         );
     }
-    for (server, label) in [(stub.address, "the stub"), (upstream, "the upstream")] {
+    for (server, label) in [
+        (stub.address, "the stub"),
+        (upstream, "the upstream"),
+        (forwarder.address, "the bare forwarder"),
+    ] {
         let answer = Message::from_vec(&ask(&socket, server, &pass_names[1], 7)).unwrap();
         assert!(
             matches!(answer.answers.as_slice(), [record] if record.data == RData::A(A(upstream_address(1)))),
@@ -881,7 +968,7 @@ fn print_table(targets: &[Target], rounds: &[Vec<Run>], highest: &[Run], half: &
             half.other_drops,
         );
     }
-    let [echo, resources, pass, direct] = highest else {
+    let [echo, resources, pass, direct, forwarder] = highest else {
         return;
     };
     let ratios = |a: usize, b: usize| -> String {
@@ -909,6 +996,18 @@ fn print_table(targets: &[Target], rounds: &[Vec<Run>], highest: &[Run], half: &
         pass.qps,
         direct.qps,
         ratios(2, 3)
+    );
+    println!(
+        "bare forwarder / direct: {:.3}x of the medians ({:.0} against {:.0} q/s); each round: {}",
+        forwarder.qps / direct.qps,
+        forwarder.qps,
+        direct.qps,
+        ratios(4, 3)
+    );
+    println!(
+        "pass-through / bare forwarder: {:.3}x of the medians; each round: {}",
+        pass.qps / forwarder.qps,
+        ratios(2, 4)
     );
     println!();
     println!(

@@ -11,8 +11,11 @@
 //! Under load, UDP goes in batches ([`fz_host::datagrams`]): the front reads up to
 //! [`BATCH`] queries per system call, the loop takes what is queued in one go
 //! ([`DnsService::handle_queries`]) and sends that batch's forwarded queries, and its answers,
-//! a system call per batch; an upstream socket's answers go back the same way. Each query and
-//! answer is its own datagram, so the system calls are most of a pass-through's cost.
+//! a system call per batch; an upstream socket's answers are read and sent back the same way.
+//! Each query and answer is its own datagram, so the system calls are most of a pass-through's
+//! cost. A forwarded query offers to take at most a receive slot back (its EDNS payload size
+//! is capped at 4 KiB); a longer answer comes truncated, and the application
+//! asks over TCP.
 //!
 //! Pass-through over UDP goes through one connected socket per upstream ([`UdpExchange`])
 //! rather than a socket per query: a socket's set-up and tear-down cost more than the query.
@@ -44,11 +47,14 @@ pub const QUERIES_PER_SOCKET: u32 = 1024;
 const ID_DRAWS: usize = 16;
 /// How long a TCP client may take to send its query.
 const TCP_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest DNS message over UDP the stub forwards back from an upstream (EDNS allows up to
-/// 64 KiB). A query is at most [`datagrams::SLOT_BYTES`]: a question is a name and two numbers.
-const MAX_MESSAGE: usize = 65_535;
 /// The DNS header's length: the question starts after it.
 const HEADER: usize = 12;
+/// The type of EDNS's pseudo-record, whose class is the UDP payload size its sender takes.
+const OPT: u16 = 41;
+/// The largest UDP payload a forwarded query offers to take back: what a receive slot holds
+/// ([`datagrams::SLOT_BYTES`]). Queries themselves are smaller still: a name and two numbers.
+const UDP_PAYLOAD_CAP: u16 = 4096;
+const _: () = assert!(UDP_PAYLOAD_CAP as usize == datagrams::SLOT_BYTES);
 
 /// A query from an application, on its way to the event loop.
 #[derive(Debug)]
@@ -363,8 +369,12 @@ impl UdpExchange {
     fn queue(&self, ids: &mut RandomIds, mut query: Vec<u8>, reply: Reply, now: Instant) {
         let mut in_flight = self.in_flight();
         in_flight.expire(now);
-        let (Some(question_end), Some(id)) = (question_end(&query), query.get_mut(..2)) else {
+        let Some(question_end) = question_end(&query) else {
             tracing::debug!("a pass-through query without a whole question is dropped");
+            return;
+        };
+        cap_udp_payload(&mut query, question_end);
+        let Some(id) = query.get_mut(..2) else {
             return;
         };
         // An id drawn again while in flight (one in 65,536 per query in flight) is drawn anew.
@@ -420,22 +430,18 @@ impl UdpExchange {
     }
 
     /// Reads answers until the socket is retired and has nothing in flight. What is there
-    /// when the socket wakes (up to [`BATCH`]) goes back to the applications together.
+    /// when the socket wakes (up to [`BATCH`]) is read, and goes back to the applications,
+    /// together. No answer is larger than a receive slot: the queries said so
+    /// ([`cap_udp_payload`]); one that is anyway is dropped, and its query expires.
     async fn read_answers(self: Arc<UdpExchange>) {
-        // Answers may be up to 64 KiB, so they are read one at a time into one buffer (a
-        // batch of such slots would be megabytes); the sends back are the batch.
-        let mut buffer = vec![0u8; MAX_MESSAGE];
+        let mut inbox = Inbox::default();
         let mut answers = Answers::default();
         loop {
             // The timeout lets a retired socket whose queries went unanswered see them expire.
-            match tokio::time::timeout(UPSTREAM_TIMEOUT, self.socket.recv(&mut buffer)).await {
-                Ok(Ok(length)) => {
-                    self.answer(&mut buffer, length, &mut answers);
-                    for _ in 1..BATCH {
-                        let Ok(length) = self.socket.try_recv(&mut buffer) else {
-                            break;
-                        };
-                        self.answer(&mut buffer, length, &mut answers);
+            match tokio::time::timeout(UPSTREAM_TIMEOUT, inbox.recv(&self.socket)).await {
+                Ok(Ok(())) => {
+                    for (_, answer) in inbox.datagrams() {
+                        self.answer(answer, &mut answers);
                     }
                     answers.send();
                 }
@@ -451,12 +457,8 @@ impl UdpExchange {
         }
     }
 
-    /// Matches an answer (`length` bytes of `buffer`) to its query and gathers it for the
-    /// application.
-    fn answer(&self, buffer: &mut [u8], length: usize, answers: &mut Answers) {
-        let Some(answer) = buffer.get_mut(..length) else {
-            return;
-        };
+    /// Matches an answer to its query and gathers it for the application.
+    fn answer(&self, answer: &[u8], answers: &mut Answers) {
         let Some(&[high, low]) = answer.get(..2) else {
             return;
         };
@@ -475,10 +477,11 @@ impl UdpExchange {
             return;
         };
         drop(in_flight);
+        let mut answer = answer.to_vec();
         if let Some(id) = answer.get_mut(..2) {
             id.copy_from_slice(&waiting.original_id);
         }
-        answers.push(waiting.reply, answer.to_vec());
+        answers.push(waiting.reply, answer);
     }
 }
 
@@ -501,28 +504,81 @@ impl InFlight {
     }
 }
 
-/// Where the question section of a DNS message ends, or `None` when it is not whole. Names
-/// in a query's question are written out in full; a compression pointer ends a name too.
+/// Where the question section of a DNS message ends, or `None` when it is not whole.
 fn question_end(message: &[u8]) -> Option<usize> {
-    let count = u16::from_be_bytes([*message.get(4)?, *message.get(5)?]);
     let mut at = HEADER;
-    for _ in 0..count {
-        loop {
-            let length = *message.get(at)?;
-            if length == 0 {
-                at += 1;
-                break;
-            }
-            if length & 0xC0 == 0xC0 {
-                at += 2;
-                break;
-            }
-            at += 1 + usize::from(length);
-        }
+    for _ in 0..section_count(message, 4)? {
         // Type and class.
-        at += 4;
+        at = name_end(message, at)? + 4;
     }
     (at <= message.len()).then_some(at)
+}
+
+/// The count of records in a section, from the header field at `offset`.
+fn section_count(message: &[u8], offset: usize) -> Option<usize> {
+    let count = message.get(offset..offset + 2)?;
+    Some(usize::from(u16::from_be_bytes([count[0], count[1]])))
+}
+
+/// Where the name that starts at `at` ends. Names in a query are written out in full; a
+/// compression pointer ends a name too.
+fn name_end(message: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let length = *message.get(at)?;
+        if length == 0 {
+            return Some(at + 1);
+        }
+        if length & 0xC0 == 0xC0 {
+            return Some(at + 2);
+        }
+        at += 1 + usize::from(length);
+    }
+}
+
+/// Caps the UDP payload size that a query's EDNS record (OPT) offers at [`UDP_PAYLOAD_CAP`],
+/// so that no answer comes back larger than the stub reads. An upstream with more to say sets
+/// TC, and the application asks again over TCP, which has no such limit. A query whose
+/// records cannot be read goes as it is: its answer is at most what it offered, and the
+/// upstream's answer to a malformed query is an error.
+fn cap_udp_payload(query: &mut [u8], question_end: usize) {
+    let (Some(answers), Some(authorities), Some(additionals)) = (
+        section_count(query, 6),
+        section_count(query, 8),
+        section_count(query, 10),
+    ) else {
+        return;
+    };
+    let mut at = question_end;
+    for index in 0..answers + authorities + additionals {
+        // Type, class, TTL and the data's length follow the name.
+        let Some(fixed_at) = name_end(query, at) else {
+            return;
+        };
+        let Some(
+            &[
+                type_high,
+                type_low,
+                class_high,
+                class_low,
+                _,
+                _,
+                _,
+                _,
+                length_high,
+                length_low,
+            ],
+        ) = query.get(fixed_at..fixed_at + 10)
+        else {
+            return;
+        };
+        if index >= answers + authorities && u16::from_be_bytes([type_high, type_low]) == OPT {
+            let offered = u16::from_be_bytes([class_high, class_low]);
+            if let Some(class) = query.get_mut(fixed_at + 2..fixed_at + 4) {
+                class.copy_from_slice(&offered.min(UDP_PAYLOAD_CAP).to_be_bytes());
+            }
+        }
+        at = fixed_at + 10 + usize::from(u16::from_be_bytes([length_high, length_low]));
+    }
 }
 
 /// Random 16-bit ids, drawn from the system's generator a batch at a time.
@@ -633,6 +689,64 @@ impl DnsService {
                 }
                 other => return Some(other),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::{Edns, Message, Query};
+    use hickory_proto::rr::RecordType;
+
+    use super::*;
+
+    /// A query for `www.example.org` (A), with EDNS offering `payload` when there is one.
+    fn query(payload: Option<u16>) -> Vec<u8> {
+        let mut query = Message::query();
+        query.add_query(Query::query(
+            "www.example.org.".parse().unwrap(),
+            RecordType::A,
+        ));
+        if let Some(payload) = payload {
+            let mut edns = Edns::new();
+            edns.set_max_payload(payload);
+            query.set_edns(edns);
+        }
+        query.to_vec().unwrap()
+    }
+
+    fn capped(mut bytes: Vec<u8>) -> Vec<u8> {
+        let end = question_end(&bytes).unwrap();
+        cap_udp_payload(&mut bytes, end);
+        bytes
+    }
+
+    #[test]
+    fn a_query_offering_more_than_a_slot_offers_a_slot() {
+        let forwarded = Message::from_vec(&capped(query(Some(65_535)))).unwrap();
+        let edns = forwarded.edns.expect("EDNS stays");
+        assert_eq!(edns.max_payload(), UDP_PAYLOAD_CAP);
+        assert_eq!(
+            forwarded.queries,
+            Message::from_vec(&query(None)).unwrap().queries
+        );
+    }
+
+    #[test]
+    fn a_query_offering_less_or_nothing_goes_unchanged() {
+        for bytes in [query(Some(1232)), query(Some(UDP_PAYLOAD_CAP)), query(None)] {
+            assert_eq!(capped(bytes.clone()), bytes);
+        }
+    }
+
+    #[test]
+    fn a_query_whose_records_are_cut_short_goes_unchanged() {
+        let whole = query(Some(65_535));
+        let end = question_end(&whole).unwrap();
+        for length in end..whole.len() {
+            let mut cut = whole[..length].to_vec();
+            cap_udp_payload(&mut cut, end);
+            assert_eq!(cut, whole[..length], "cut at {length}");
         }
     }
 }
