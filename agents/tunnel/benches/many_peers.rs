@@ -13,7 +13,12 @@
 //!    and after every client's handshake is done and its first packet through (active peers).
 //!    The second figure includes the simulated clients' own sessions, so it is an upper bound.
 //! 2. **handshakes**: how long the core takes to complete the 1,000 handshakes, one by one.
-//! 3. **a flood of initiations**: 20,000 handshake initiations from keys no grant names (made
+//! 3. **throughput with many clients at once**: the gateway core's rate opening, filtering and
+//!    delivering full-sized TCP packets from one client, then from eight whose packets are
+//!    interleaved one by one (each packet a different peer's session from the one before),
+//!    alternated twice; only the gateway's calls are timed, not the simulated clients'
+//!    sealing. Issue 17's goal: the eight clients' aggregate at least 0.9x one client's.
+//! 4. **a flood of initiations**: 20,000 handshake initiations from keys no grant names (made
 //!    by strangers who know the gateway's public key, so their MAC1 is right), all within one
 //!    second of the gateway's clock: how many the rate limiter answered with a cookie reply
 //!    instead of a look at the key, and what each cost. Then a client with a grant, caught in
@@ -38,6 +43,15 @@ use fz_tunnel::packet::build;
 
 const PEERS: usize = 1_000;
 const FLOOD: usize = 20_000;
+/// TCP payload per packet in the throughput runs: a 1,400-byte IPv4 packet, as a tunnel with
+/// a 1,420-byte MTU carries.
+const PAYLOAD: usize = 1_360;
+/// Packets per throughput run, whether from one client or from several.
+const RUN_PACKETS: usize = 262_144;
+/// Packets sealed by the clients, then handed to the gateway, at a time.
+const RUN_BATCH: usize = 1_024;
+/// The clients sending at once in the many-client runs.
+const CONCURRENT: usize = 8;
 const GATEWAY_SECRET: [u8; 32] = [9; 32];
 
 /// One simulated client: its tunnel, its address on the underlay, its tunnel address.
@@ -68,9 +82,19 @@ impl SimClient {
 
     /// A packet from this client to the database port of 10.0.5.10.
     fn packet(&self) -> Vec<u8> {
+        self.segment(0x02, 0) // SYN
+    }
+
+    /// A full-sized segment of the same connection's data.
+    fn data_packet(&self) -> Vec<u8> {
+        self.segment(0x18, PAYLOAD) // PSH, ACK
+    }
+
+    fn segment(&self, flags: u8, payload: usize) -> Vec<u8> {
         let mut segment = build::ports(40000, 5432);
         segment[12] = 5 << 4;
-        segment[13] = 0x02; // SYN
+        segment[13] = flags;
+        segment.resize(segment.len() + payload, 0xab);
         build::ip(
             IpAddr::V4(self.v4),
             IpAddr::V4(Ipv4Addr::new(10, 0, 5, 10)),
@@ -172,6 +196,49 @@ fn pump(gateway: &mut Gateway, client: &mut SimClient, first: Vec<u8>, now: Inst
         }
     }
     delivered
+}
+
+/// The gateway core's time to open, filter and deliver [`RUN_PACKETS`] packets from the first
+/// `senders` clients, their packets interleaved one by one. The clients seal a batch before
+/// the gateway takes it, untimed.
+fn gateway_time(
+    gateway: &mut Gateway,
+    clients: &mut [SimClient],
+    senders: usize,
+    now: Instant,
+) -> Duration {
+    let mut sealed = vec![0u8; MAX_DATAGRAM];
+    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    let packets: Vec<Vec<u8>> = clients[..senders]
+        .iter()
+        .map(SimClient::data_packet)
+        .collect();
+    let mut batch: Vec<(SocketAddr, Vec<u8>)> = Vec::with_capacity(RUN_BATCH);
+    let mut spent = Duration::ZERO;
+    let mut delivered = 0;
+    for start in (0..RUN_PACKETS).step_by(RUN_BATCH) {
+        batch.clear();
+        for index in start..start + RUN_BATCH {
+            let sender = index % senders;
+            let client = &mut clients[sender];
+            let TunnResult::WriteToNetwork(datagram) =
+                client.tunnel.encapsulate(&packets[sender], &mut sealed)
+            else {
+                panic!("client {sender} did not seal its packet")
+            };
+            batch.push((client.address, datagram.to_vec()));
+        }
+        let started = Instant::now();
+        for (from, datagram) in &batch {
+            if let Some(Output::Tun(_)) = gateway.handle_network(*from, datagram, &mut buffer, now)
+            {
+                delivered += 1;
+            }
+        }
+        spent += started.elapsed();
+    }
+    assert_eq!(delivered, RUN_PACKETS, "every packet through the gateway");
+    spent
 }
 
 fn main() {
@@ -282,7 +349,35 @@ fn main() {
         size_of::<Tunn>() as f64 / 1024.0
     );
 
-    // 3. The flood, within one second of the gateway's clock. The rate limiter's budget is
+    // 3. Throughput: one client, then eight at once, alternated twice.
+    let rate = |spent: Duration| RUN_PACKETS as f64 / spent.as_secs_f64();
+    let gbits = |spent: Duration| rate(spent) * (PAYLOAD * 8) as f64 / 1e9;
+    println!(
+        "  throughput through one gateway core ({RUN_PACKETS} packets of {PAYLOAD} bytes of TCP \
+         payload per run, opened, filtered and delivered; the clients' sealing not timed):"
+    );
+    let (mut single_total, mut many_total) = (Duration::ZERO, Duration::ZERO);
+    for round in 1..=2 {
+        let single = gateway_time(&mut gateway, &mut clients, 1, now);
+        let many = gateway_time(&mut gateway, &mut clients, CONCURRENT, now);
+        println!(
+            "    round {round}: one client {:.0} packets/s ({:.2} Gbit/s of payload); \
+             {CONCURRENT} clients at once {:.0} packets/s ({:.2} Gbit/s): {:.3}x",
+            rate(single),
+            gbits(single),
+            rate(many),
+            gbits(many),
+            rate(many) / rate(single)
+        );
+        single_total += single;
+        many_total += many;
+    }
+    println!(
+        "    aggregate of {CONCURRENT} clients / one client: {:.3}x over both rounds; goal >= 0.9x",
+        single_total.as_secs_f64() / many_total.as_secs_f64()
+    );
+
+    // 4. The flood, within one second of the gateway's clock. The rate limiter's budget is
     // also per second of real time (boringtun resets it at most once a second of its own
     // clock), so the handshakes above must be a second behind us.
     std::thread::sleep(Duration::from_millis(1100));
