@@ -126,6 +126,11 @@ const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 10000;";
 /// it removes from the files (withdrawn grants' keys) must not be put off by a busy moment.
 const SQLITE_CHECKPOINT_PATIENCE: &str = "PRAGMA busy_timeout = 50;";
 
+/// How long [`Store::checkpoint`] goes on trying while another checkpoint is in its way, and
+/// how often it tries.
+const CHECKPOINT_PATIENCE: Duration = Duration::from_secs(10);
+const CHECKPOINT_RETRY: Duration = Duration::from_millis(10);
+
 /// What the transactions' connection adds on SQLite: it never copies the log into the database
 /// file itself. SQLite's default does it in the commit that takes the log past 1,000 pages, so
 /// that commit, and every answer waiting on its batch, waits for the copy and the file's sync;
@@ -766,16 +771,31 @@ impl Store {
     /// held the pages as they were, is cut to nothing. Returns whether it completed: a reader
     /// in the way for longer than the busy timeout leaves the log for the next time.
     ///
+    /// Another connection's checkpoint (the fold's, each second, perhaps still running on its
+    /// connection's thread after its task was stopped) holds SQLite's checkpointer lock, and a
+    /// truncating checkpoint that meets it is refused at once, without the busy handler's
+    /// wait. So a refusal is tried again, every `CHECKPOINT_RETRY`, until
+    /// `CHECKPOINT_PATIENCE` has passed: a fold is over in well under that.
+    ///
     /// PostgreSQL keeps no such file of ours (its own log and dead rows are the server's,
     /// reclaimed by its vacuum), so there it does nothing and returns true.
     pub async fn checkpoint(&self) -> Result<bool, StoreError> {
         if self.backend == Backend::Postgres {
             return Ok(true);
         }
-        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(busy == 0)
+        let deadline = tokio::time::Instant::now() + CHECKPOINT_PATIENCE;
+        loop {
+            let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&self.pool)
+                .await?;
+            if busy == 0 {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(CHECKPOINT_RETRY).await;
+        }
     }
 
     /// The fold's second step: a restarting checkpoint on a connection whose busy handler
