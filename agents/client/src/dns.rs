@@ -14,8 +14,7 @@
 //! a system call per batch; an upstream socket's answers are read and sent back the same way.
 //! Each query and answer is its own datagram, so the system calls are most of a pass-through's
 //! cost. A forwarded query offers to take at most a receive slot back (its EDNS payload size
-//! is capped at 4 KiB); a longer answer comes truncated, and the application
-//! asks over TCP.
+//! is capped at 4 KiB); a longer answer comes truncated, and the application asks over TCP.
 //!
 //! Pass-through over UDP goes through one connected socket per upstream ([`UdpExchange`])
 //! rather than a socket per query: a socket's set-up and tear-down cost more than the query.
@@ -77,10 +76,11 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// Sends the answer now; [`Answers`] sends many at once. A UDP answer that the socket cannot take now is lost, as it would be
-    /// on the network; the application asks again. (UDP sends go through a `std` handle of
-    /// the socket: tokio's `try_send_to` refuses until the runtime has seen the socket
-    /// writable, which a socket that only ever sends this way may never be.)
+    /// Sends the answer now (`Answers` sends many at once). A UDP answer that the socket cannot
+    /// take now is lost, as it would be on the network; the application asks again. (UDP sends
+    /// go through a `std` handle of the socket: tokio's `try_send_to` refuses until the runtime
+    /// has seen the socket writable, which a socket that only ever sends this way may never
+    /// be.)
     pub fn send(self, answer: &[u8]) {
         match self {
             Reply::Udp { socket, to } => {

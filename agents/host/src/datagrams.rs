@@ -165,12 +165,18 @@ mod tests {
         socket
     }
 
-    #[tokio::test]
-    async fn one_read_takes_every_queued_datagram_with_its_sender() {
-        let receiver = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+    /// The socket an [`Inbox`] reads, on loopback, and its address.
+    async fn receiver() -> (tokio::net::UdpSocket, SocketAddr) {
+        let socket = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .unwrap();
-        let to = receiver.local_addr().unwrap();
+        let address = socket.local_addr().unwrap();
+        (socket, address)
+    }
+
+    #[tokio::test]
+    async fn one_read_takes_every_queued_datagram_with_its_sender() {
+        let (receiver, to) = receiver().await;
         let (first, second) = (local(), local());
         first.send_to(b"one", to).unwrap();
         second.send_to(b"two", to).unwrap();
@@ -192,10 +198,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_datagram_too_large_for_a_slot_is_dropped_and_the_next_kept() {
-        let receiver = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .unwrap();
-        let to = receiver.local_addr().unwrap();
+        let (receiver, to) = receiver().await;
         let sender = local();
         sender.send_to(&[7; SLOT_BYTES + 1], to).unwrap();
         sender.send_to(b"after", to).unwrap();
