@@ -2232,7 +2232,7 @@ impl Store {
                 } => events.push((account, *kind, subject, detail, *at)),
             }
         }
-        let (_turn, mut tx) = self.begin_write().await?;
+        let (_turn, mut tx) = self.begin_write_planned(Planning::Cached).await?;
         if let Err(error) = insert_grants(&mut tx, self.backend, &grants).await {
             // Asked outside the transaction, which PostgreSQL refuses to use after an error.
             tx.rollback().await?;
@@ -2243,7 +2243,7 @@ impl Store {
                 "DELETE FROM grants WHERE (account, id) IN ({})",
                 self.backend.placeholder_rows(chunk.len(), 2)
             );
-            let mut delete = sqlx::query(&sql);
+            let mut delete = planned_each_time(sqlx::query(&sql), self.backend);
             for (account, id) in chunk {
                 delete = delete.bind(*account).bind(*id);
             }
@@ -2270,7 +2270,9 @@ impl Store {
         for (row, (n, at)) in again {
             match row {
                 Again::Grant(account, grant_id) => reused.push((account, grant_id, n, at)),
-                Again::Denial(flow) => count_denial_again(&mut tx, flow, n, at).await?,
+                Again::Denial(flow) => {
+                    count_denial_again(&mut tx, self.backend, flow, n, at).await?
+                }
             }
         }
         for chunk in reused.chunks(ROWS_PER_STATEMENT) {
@@ -2288,8 +2290,11 @@ impl Store {
         }
         // After the inserts: a grant's path may come in the batch that records the grant.
         for (account, grant_id, path, relay) in paths {
-            sqlx::query(
-                "UPDATE flows SET path = $3, relay = $4 WHERE account = $1 AND grant_id = $2",
+            planned_each_time(
+                sqlx::query(
+                    "UPDATE flows SET path = $3, relay = $4 WHERE account = $1 AND grant_id = $2",
+                ),
+                self.backend,
             )
             .bind(account)
             .bind(grant_id)
@@ -2512,12 +2517,28 @@ impl Store {
     /// A write transaction, and this process's turn to write, which the caller holds until
     /// the transaction is over.
     async fn begin_write(&self) -> Result<(WriteTurn, Transaction<'static, Any>), StoreError> {
+        self.begin_write_planned(Planning::EachTime).await
+    }
+
+    /// [`Store::begin_write`], with its statements planned as `planning` says.
+    async fn begin_write_planned(
+        &self,
+        planning: Planning,
+    ) -> Result<(WriteTurn, Transaction<'static, Any>), StoreError> {
         let turn = self.write_turn().await;
         let tx = match self.backend {
             Backend::Sqlite => self.transactions.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => {
                 let mut tx = self.transactions.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                // The setting rides on the lock's round trip, and ends with the transaction.
+                let lock = match planning {
+                    Planning::EachTime => "SELECT pg_advisory_xact_lock($1)",
+                    Planning::Cached => {
+                        "SELECT pg_advisory_xact_lock($1), \
+                         set_config('plan_cache_mode', 'auto', true)"
+                    }
+                };
+                sqlx::query(lock)
                     .bind(POSTGRES_WRITE_LOCK)
                     .execute(&mut *tx)
                     .await?;
@@ -2544,6 +2565,33 @@ struct Lifetime {
 /// A writer's turn (see [`Store`]'s `writes`): the next writer of this process waits until
 /// it is dropped.
 type WriteTurn = tokio::sync::OwnedMutexGuard<()>;
+
+/// How PostgreSQL plans the statements of a write transaction (`plan_cache_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Planning {
+    /// Each statement planned for its parameters and its tables' sizes as they are now: the
+    /// setting of the transactions' connection (see `open_postgres`).
+    EachTime,
+    /// Plans PostgreSQL has cached may be used again: for the group commit, whose inserts run
+    /// a foreign-key check for every row, each an internal query that planning each time made
+    /// a quarter of the database's CPU under the load bench. The statements of such a
+    /// transaction whose plan depends on a table's size are sent through
+    /// [`planned_each_time`], so only the inserts' checks, which look up one key, reuse a
+    /// plan.
+    Cached,
+}
+
+/// A statement of the any-driver, with its arguments.
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+
+/// `query`, planned by PostgreSQL for its parameters and its tables' current sizes every
+/// time it runs, whatever `plan_cache_mode` says: sent unprepared, since PostgreSQL plans
+/// an unnamed statement afresh each time it is bound. A plan cached while a table was small
+/// scans it whole once it has grown. SQLite's plans do not depend on sizes, so there it
+/// stays prepared.
+fn planned_each_time(query: AnyQuery<'_>, backend: Backend) -> AnyQuery<'_> {
+    query.persistent(backend == Backend::Sqlite)
+}
 
 const TOKEN_COLUMNS: &str = "id, account, kind, name, site, user_email, provider, created_at, \
                              expires_at, revoked_at, activated_at, CASE WHEN made_by = 'sign-in' THEN 1 ELSE 0 END AS signed_in, \
@@ -2942,10 +2990,7 @@ const INSERT_FLOWS: &str = "INSERT INTO flows (account, time, user_email, client
 const FLOW_INSERT_ARITY: usize = 12;
 
 /// Binds a new flow's values, in [`INSERT_FLOWS`]'s order.
-fn bind_flow<'q>(
-    query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
-    flow: &'q NewFlow,
-) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+fn bind_flow<'q>(query: AnyQuery<'q>, flow: &'q NewFlow) -> AnyQuery<'q> {
     query
         .bind(&flow.account)
         .bind(flow.time)
@@ -3003,7 +3048,7 @@ async fn count_grants_again(
          WHERE flows.account = v.column1 AND flows.grant_id = v.column2",
         backend.placeholder_rows(rows.len(), 4)
     );
-    let mut update = sqlx::query(&sql);
+    let mut update = planned_each_time(sqlx::query(&sql), backend);
     for &(account, grant_id, n, at) in rows {
         update = update.bind(account).bind(grant_id).bind(n).bind(at);
     }
@@ -3017,11 +3062,12 @@ async fn count_grants_again(
 /// that is not there (it was pruned, or its insert failed) is left so.
 async fn count_denial_again(
     conn: &mut AnyConnection,
+    backend: Backend,
     flow: &NewFlow,
     n: i64,
     at: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let update = sqlx::query(
         "UPDATE flows SET count = count + $9,
                           last_time = CASE WHEN last_time > $10 THEN last_time ELSE $10 END
          WHERE id = (SELECT max(id) FROM flows
@@ -3031,19 +3077,20 @@ async fn count_denial_again(
                        AND reason = $6 AND rule_id IS NOT DISTINCT FROM $7
                        AND bundle_hash = $8
                        AND grant_id IS NULL)",
-    )
-    .bind(&flow.account)
-    .bind(flow.time)
-    .bind(&flow.client_id)
-    .bind(&flow.resource_id)
-    .bind(flow.name.as_deref())
-    .bind(&flow.reason)
-    .bind(flow.rule_id.as_deref())
-    .bind(&flow.bundle_hash)
-    .bind(n)
-    .bind(at)
-    .execute(conn)
-    .await?;
+    );
+    planned_each_time(update, backend)
+        .bind(&flow.account)
+        .bind(flow.time)
+        .bind(&flow.client_id)
+        .bind(&flow.resource_id)
+        .bind(flow.name.as_deref())
+        .bind(&flow.reason)
+        .bind(flow.rule_id.as_deref())
+        .bind(&flow.bundle_hash)
+        .bind(n)
+        .bind(at)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -3131,7 +3178,9 @@ async fn open_postgres(url: &str, creation: Creation) -> Result<(AnyPool, AnyPoo
     // The transactions' statements touch rows by key, in tables that grow faster under load
     // than autoanalyze follows: a plan PostgreSQL cached while `flows` was small joins a
     // batch's reused grants to it by scanning it whole (measured: 45 ms against 3 ms for 100
-    // grants at 200,000 rows). Planned each time, they see the table's size as it is.
+    // grants at 200,000 rows). Planned each time, they see the table's size as it is. The group
+    // commit alone lets PostgreSQL reuse plans, for its inserts' foreign-key checks
+    // (`Planning::Cached`).
     let transactions = AnyPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(ACQUIRE_TIMEOUT)
