@@ -447,6 +447,8 @@ struct Phase {
     seconds: f64,
     server_cpu: f64,
     generator_cpu: f64,
+    /// The PostgreSQL server's, postmaster and backends (none on SQLite).
+    database_cpu: Option<f64>,
     threads: Vec<(String, f64)>,
     rss_after_kib: u64,
     /// Grants the portal holds after the phase (each one stays in force for hours).
@@ -688,14 +690,18 @@ async fn portal_target(
         let servers: Vec<&Server> = std::iter::once(&server)
             .chain(second.as_ref().map(|(second, _)| second))
             .collect();
+        let watch = Watch {
+            acks: &acks,
+            metrics,
+            database: database_port(&database),
+        };
         let (back, phase) = load_phase(
             options,
             agents,
             concurrency,
             &servers,
             &mut in_force,
-            Some(&acks),
-            Some(metrics),
+            Some(watch),
         )
         .await;
         agents = back;
@@ -972,7 +978,6 @@ async fn echo_target(options: &Options, model: &Model) -> TargetResult {
             &[&server],
             &mut in_force,
             None,
-            None,
         )
         .await;
         agents = back;
@@ -1174,18 +1179,32 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
+/// What a phase reads about portals beyond their processes.
+#[derive(Clone, Copy)]
+struct Watch<'a> {
+    /// When each grant reached its gateway.
+    acks: &'a Acks,
+    /// The first portal's `/metrics`, for the store's commits.
+    metrics: SocketAddr,
+    /// The port of the PostgreSQL server the store is on, for its CPU; none on SQLite.
+    database: Option<u16>,
+}
+
 /// Runs `concurrency` workers over all the agents for the warm-up and the measured window.
-/// The CPU of `servers` is summed (the first one's threads are listed); the store's commits
-/// are read from `metrics`, the first one's `/metrics`, when given.
+/// The CPU of `servers` is summed (the first one's threads are listed); with a `watch`, the
+/// split at the gateways' acknowledgements, the store's commits and the database's CPU are
+/// measured too.
 async fn load_phase(
     options: &Options,
     agents: Vec<Agent>,
     concurrency: usize,
     servers: &[&Server],
     in_force: &mut Option<u64>,
-    acks: Option<&Acks>,
-    metrics: Option<SocketAddr>,
+    watch: Option<Watch<'_>>,
 ) -> (Vec<Agent>, Phase) {
+    let acks = watch.map(|w| w.acks);
+    let metrics = watch.map(|w| w.metrics);
+    let database = watch.and_then(|w| w.database);
     let mut shares: Vec<Vec<Agent>> = (0..concurrency).map(|_| Vec::new()).collect();
     for (index, agent) in agents.into_iter().enumerate() {
         shares[index % concurrency].push(agent);
@@ -1214,12 +1233,14 @@ async fn load_phase(
     let server_before = servers[0].cpu();
     let others_before: u64 = servers[1..].iter().map(|s| s.cpu().total).sum();
     let generator_before = process_cpu("self");
+    let database_before = database.map(database_cpu);
     let wall_before = Instant::now();
     tokio::time::sleep_until(end).await;
     let seconds = wall_before.elapsed().as_secs_f64();
     let server_after = servers[0].cpu();
     let others_after: u64 = servers[1..].iter().map(|s| s.cpu().total).sum();
     let generator_after = process_cpu("self");
+    let database_after = database.map(database_cpu);
     let commits = match (metrics, commits_before) {
         (Some(address), Some(before)) => Commits::read(address).await.map(|c| c.since(before)),
         _ => None,
@@ -1250,6 +1271,9 @@ async fn load_phase(
             server_after.total + others_after,
         ),
         generator_cpu: share(generator_before, generator_after),
+        database_cpu: database_before
+            .zip(database_after)
+            .map(|(before, after)| share(before, after)),
         threads,
         rss_after_kib: servers[0].rss_kib(),
         in_force_after,
@@ -1345,10 +1369,19 @@ fn print_phase(phase: &Phase) {
         phase.rss_after_kib,
     );
     if phase.tally.ok > 0 {
+        let per_answer = |cpu: f64| cpu * phase.seconds * 1e6 / phase.tally.ok as f64;
         println!(
             "    server CPU per answer: {:.1} µs",
-            phase.server_cpu * phase.seconds * 1e6 / phase.tally.ok as f64
+            per_answer(phase.server_cpu)
         );
+        if let Some(database) = phase.database_cpu {
+            println!(
+                "    database CPU: {:.0}% of a core, {:.1} µs per answer (with the server's, {:.1} µs)",
+                database * 100.0,
+                per_answer(database),
+                per_answer(database + phase.server_cpu)
+            );
+        }
     }
     if let Some(commits) = phase.commits.filter(|c| c.count > 0) {
         println!(
@@ -1630,6 +1663,51 @@ fn thread_group(name: &str) -> String {
     name.trim_end_matches(|c: char| c.is_ascii_digit())
         .trim_end_matches('-')
         .to_owned()
+}
+
+/// The port of the PostgreSQL server `database` is on; none for SQLite.
+fn database_port(database: &Database) -> Option<u16> {
+    match database {
+        Database::Sqlite => None,
+        Database::Postgres(url) => url::Url::parse(url).ok()?.port(),
+    }
+}
+
+/// CPU ticks of the PostgreSQL server listening on `port`: its postmaster (the `postgres`
+/// process started with `-p port`) and the processes it forked (backends and workers) that
+/// are running now. A backend that ended takes its ticks with it, so a phase reads the
+/// connections that stay open through it: the portal's pools.
+fn database_cpu(port: u16) -> u64 {
+    let port = port.to_string();
+    let pids: Vec<String> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let is_postmaster = |pid: &String| {
+        let line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = line.split(|&b| b == 0).collect();
+        args.first()
+            .is_some_and(|program| program.ends_with(b"/postgres"))
+            && args
+                .windows(2)
+                .any(|pair| pair[0] == b"-p" && pair[1] == port.as_bytes())
+    };
+    let Some(postmaster) = pids.iter().find(|pid| is_postmaster(pid)) else {
+        return 0;
+    };
+    let forked = pids.iter().filter(|pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The parent's pid is the second field after the name, which may hold spaces.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            == Some(postmaster.as_str())
+    });
+    process_cpu(postmaster) + forked.map(|pid| process_cpu(pid)).sum::<u64>()
 }
 
 /// utime + stime of a process, in clock ticks.
