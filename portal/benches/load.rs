@@ -25,7 +25,7 @@
 //!
 //! Each phase also prints where the time goes without a profiler: the CPU the server's
 //! threads used (tokio workers, sqlx's SQLite threads) and the generator's, server CPU per
-//! answer, and each answer's latency split where its gateway acknowledged the grant (request
+//! answer (on PostgreSQL, the database's CPU beside it), and each answer's latency split where its gateway acknowledged the grant (request
 //! to acknowledgement; acknowledgement to the client holding the grant, which is the store
 //! write and the answer). With `--store disk,shm` the portal runs twice, its data dir on disk
 //! and on tmpfs, to show what disk syncs cost.
