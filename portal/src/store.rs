@@ -2574,10 +2574,10 @@ enum Planning {
     EachTime,
     /// Plans PostgreSQL has cached may be used again: for the group commit, whose inserts run
     /// a foreign-key check for every row, each an internal query that planning each time made
-    /// a quarter of the database's CPU under the load bench. The statements of such a
-    /// transaction whose plan depends on a table's size are sent through
-    /// [`planned_each_time`], so only the inserts' checks, which look up one key, reuse a
-    /// plan.
+    /// over a quarter of the database's CPU under the load bench. The statements of such a
+    /// transaction that find rows in the tables that grow under load (grants, flows) are sent
+    /// through [`planned_each_time`]; the rest, which reuse their plans, insert or look up one
+    /// row by its key (the inserts' checks, a gateway's row).
     Cached,
 }
 
