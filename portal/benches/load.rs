@@ -25,9 +25,9 @@
 //!
 //! Each phase also prints where the time goes without a profiler: the CPU the server's
 //! threads used (tokio workers, sqlx's SQLite threads) and the generator's, server CPU per
-//! answer (on PostgreSQL, the database's CPU beside it), and each answer's latency split where its gateway acknowledged the grant (request
-//! to acknowledgement; acknowledgement to the client holding the grant, which is the store
-//! write and the answer). With `--store disk,shm` the portal runs twice, its data dir on disk
+//! answer (on PostgreSQL, the database's CPU beside it), and each answer's latency split
+//! where its gateway acknowledged the grant (request to acknowledgement; acknowledgement to
+//! the client holding the grant, which is the store write and the answer). With `--store disk,shm` the portal runs twice, its data dir on disk
 //! and on tmpfs, to show what disk syncs cost.
 //!
 //! A client's first request for each resource makes a grant that stays in force for hours;
@@ -1700,14 +1700,14 @@ fn database_cpu(port: u16) -> u64 {
     let Some(postmaster) = pids.iter().find(|pid| is_postmaster(pid)) else {
         return 0;
     };
-    let forked = pids.iter().filter(|pid| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // The parent's pid is the second field after the name, which may hold spaces.
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            == Some(postmaster.as_str())
-    });
-    process_cpu(postmaster) + forked.map(|pid| process_cpu(pid)).sum::<u64>()
+    let parent = postmaster.parse().ok();
+    let forked: u64 = pids
+        .iter()
+        .map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+        .filter(|stat| stat_field(stat, 4) == parent)
+        .map(|stat| stat_ticks(&stat))
+        .sum();
+    process_cpu(postmaster) + forked
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -1715,21 +1715,17 @@ fn process_cpu(pid: &str) -> u64 {
     stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
 }
 
-/// utime + stime from a `/proc/.../stat` line (fields 14 and 15; the name in parentheses
-/// may hold spaces).
+/// utime + stime from a `/proc/.../stat` line (fields 14 and 15).
 fn stat_ticks(stat: &str) -> u64 {
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    stat_field(stat, 14).unwrap_or(0) + stat_field(stat, 15).unwrap_or(0)
+}
+
+/// Numeric field `n` of a `/proc/.../stat` line, numbered from 1 as proc(5) does; from 3 on,
+/// since the name in parentheses (field 2) may hold spaces.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
     // `rest` starts at field 3 (state).
-    let field = |n: usize| {
-        fields
-            .get(n - 3)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(14) + field(15)
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 fn clock_ticks() -> f64 {

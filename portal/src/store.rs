@@ -2567,7 +2567,7 @@ struct Lifetime {
 type WriteTurn = tokio::sync::OwnedMutexGuard<()>;
 
 /// How PostgreSQL plans the statements of a write transaction (`plan_cache_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Planning {
     /// Each statement planned for its parameters and its tables' sizes as they are now: the
     /// setting of the transactions' connection (see `open_postgres`).

@@ -446,11 +446,10 @@ async fn on_sqlite_the_log_starts_over_once_folded_while_commits_go_on() {
         }
     }
     // Without the restart the log grows by a round's worth every round, to eight times the
-    // first. With it the log stays under two rounds, save where a fold's restart ran out of
-    // patience (a commit held the writer's lock past it, as a slow disk sync does on a busy
-    // machine) and the round after it appended: each such miss adds one round, and a run
-    // that missed none did not leave the first round's size. Half the rounds tells the two
-    // apart with room for a few misses.
+    // first. With it the log stays near the first round's size, plus one round for each fold
+    // whose restart ran out of patience (a commit held the writer's lock past it, as a slow
+    // disk sync does on a busy machine), after which the next round appended. Half the
+    // rounds tells the two apart with room for a few such misses.
     assert!(
         size() < (ROUNDS as u64 / 2) * first_round,
         "the log grew from {first_round} bytes after the first round to {} after {ROUNDS}",
